@@ -1,0 +1,225 @@
+"""Connect to the configured scheduler, or start a LocalCluster, and say why."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import config_value, seconds_value
+from pipeline.errors import SchedulerUnreachable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Connection:
+    """A connected client and how it was obtained (reported in ``build --json``)."""
+
+    client: Any  # distributed.Client
+    kind: str  # "remote" | "local"
+    address: str
+    reason: str
+    dashboard: str
+    cluster: Any = None  # the LocalCluster we own, closed with the client
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "kind": self.kind,
+            "address": self.address,
+            "reason": self.reason,
+            "dashboard": self.dashboard,
+        }
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to look for a scheduler, and which setting named it."""
+
+    address: str | None
+    scheduler_file: str | None
+    source: str  # e.g. "--scheduler", "env IMGINDEX_SCHEDULER"
+
+
+def resolve_target(
+    scheduler: str | None = None, scheduler_file: str | None = None
+) -> Target:
+    """Pick the scheduler setting that wins: flag, file flag, env, then dask config."""
+    if scheduler:
+        return Target(scheduler, None, "--scheduler")
+    if scheduler_file:
+        return Target(None, scheduler_file, "--scheduler-file")
+    for var in ("IMGINDEX_SCHEDULER", "DASK_SCHEDULER_ADDRESS"):
+        if os.environ.get(var):
+            return Target(os.environ[var], None, f"env {var}")
+    if config_value(None, "imgindex.scheduler"):
+        return Target(
+            config_value(None, "imgindex.scheduler"), None, "imgindex.scheduler"
+        )
+    if config_value(None, "imgindex.scheduler-file"):
+        return Target(
+            None,
+            config_value(None, "imgindex.scheduler-file"),
+            "imgindex.scheduler-file",
+        )
+    return Target(None, None, "")
+
+
+def probe_scheduler(address: str, timeout: float) -> dict | str:
+    """Ask ``address`` for its identity under a hard deadline.
+
+    ``Client(addr, timeout=t)`` bounds only the TCP connect; a non-Dask
+    listener can hang the handshake forever (DASK-NOTES.md), so one RPC is
+    sent under ``asyncio.wait_for`` first.
+
+    Returns
+    -------
+    dict or str
+        The scheduler's identity, or a short reason it could not be used.
+    """
+    from distributed.comm import connect
+
+    async def identity() -> dict:
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    try:
+        ident = asyncio.run(asyncio.wait_for(identity(), timeout))
+    except (TimeoutError, asyncio.TimeoutError):
+        return f"timed out after {timeout:g} s"
+    except (OSError, MemoryError, ValueError, TypeError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        return f"not reachable ({text[:200]})"
+    if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
+        return "answered, but is not a Dask scheduler"
+    return ident
+
+
+def read_scheduler_file(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return json.load(f)["address"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def connect(
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    fallback: bool | None = None,
+    timeout: float | str | None = None,
+    worker_wait: float | str | None = None,
+) -> Connection:
+    """Return a client on the configured scheduler, or on a new LocalCluster.
+
+    Parameters
+    ----------
+    scheduler, scheduler_file
+        Override the configured scheduler (see :func:`resolve_target`).
+    fallback
+        Start a LocalCluster when the scheduler cannot be used (default
+        ``imgindex.fallback``). When False that is an error instead.
+    timeout
+        Deadline for reaching the scheduler (default ``imgindex.connect-timeout``).
+    worker_wait
+        How long to wait for a scheduler with no workers to get one
+        (default ``imgindex.worker-wait``).
+
+    Raises
+    ------
+    SchedulerUnreachable
+        If the scheduler cannot be used and fallback is off.
+    """
+    fallback = bool(config_value(fallback, "imgindex.fallback"))
+    timeout = seconds_value(timeout, "imgindex.connect-timeout")
+    worker_wait = seconds_value(worker_wait, "imgindex.worker-wait")
+    target = resolve_target(scheduler, scheduler_file)
+    if target.address is None and target.scheduler_file is None:
+        return start_local("local: no scheduler configured")
+
+    address = target.address
+    if target.scheduler_file is not None:
+        address = read_scheduler_file(target.scheduler_file)
+        if address is None:
+            problem = f"scheduler file {target.scheduler_file} is missing or unreadable"
+            return _fall_back(problem, target, fallback)
+    ident = probe_scheduler(address, timeout)
+    if isinstance(ident, str):
+        return _fall_back(f"{address}: {ident}", target, fallback)
+
+    from distributed import Client
+
+    client = Client(address, timeout=timeout, set_as_default=False)
+    n = len(client.scheduler_info()["workers"])
+    if n == 0:
+        logger.warning(
+            "scheduler %s has no workers; waiting up to %g s", address, worker_wait
+        )
+        try:
+            client.wait_for_workers(1, timeout=worker_wait)
+        except TimeoutError:
+            client.close()
+            return _fall_back(
+                f"{address}: no workers after {worker_wait:g} s", target, fallback
+            )
+        n = len(client.scheduler_info()["workers"])
+    reason = f"remote {address}: {n} worker{'s' if n != 1 else ''}"
+    logger.info("using %s", reason)
+    return Connection(client, "remote", address, reason, client.dashboard_link or "")
+
+
+def _fall_back(problem: str, target: Target, fallback: bool) -> Connection:
+    if not fallback:
+        raise SchedulerUnreachable(
+            f"cannot use the scheduler from {target.source}: {problem}; start "
+            "`dask scheduler` and `dask worker`, fix the address, or drop --no-fallback"
+        )
+    reason = f"local: {problem}"
+    # Loud on purpose: an explicit address that silently became a LocalCluster
+    # would run a whole build on an HPC login node.
+    logger.warning(
+        "falling back to a LocalCluster (%s from %s)", problem, target.source
+    )
+    return start_local(reason)
+
+
+def start_local(reason: str) -> Connection:
+    """Start a LocalCluster of worker processes sized to this machine."""
+    from distributed import Client, LocalCluster
+
+    n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
+    cluster = LocalCluster(
+        n_workers=int(n_workers),
+        threads_per_worker=int(config_value(None, "imgindex.local.threads-per-worker")),
+        processes=True,
+        memory_limit=config_value(None, "imgindex.local.memory-limit"),
+        dashboard_address=config_value(None, "imgindex.local.dashboard-address"),
+    )
+    client = Client(cluster, set_as_default=False)
+    logger.info("using %s (%d workers)", reason, int(n_workers))
+    return Connection(
+        client,
+        "local",
+        cluster.scheduler_address,
+        reason,
+        client.dashboard_link or "",
+        cluster,
+    )

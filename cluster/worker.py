@@ -1,0 +1,67 @@
+"""Per-worker set-up: malloc tuning, torch threads, and the model loaded once."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from pipeline.embed import ModelSpec
+from pipeline.models import get_model
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "imgindex-worker-setup"
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc() -> bool:
+    """Undo the Nanny's MALLOC_TRIM_THRESHOLD_=65536 for this process.
+
+    That setting freezes glibc's mmap threshold, so every large tensor is
+    mmapped, freed, trimmed and faulted in again: torch inference ran ~3x
+    slower inside Dask workers (DASK-NOTES.md, finding 1). mallopt works
+    however the worker was started, unlike the YAML environment setting.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to undo
+        return False
+    ok = libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    ok &= libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    return bool(ok)
+
+
+class WorkerSetup(WorkerPlugin):
+    """Runs on every worker, including ones that join or restart later."""
+
+    idempotent = True
+
+    def __init__(self, spec: ModelSpec, torch_threads: int = 1):
+        self.spec = spec
+        self.torch_threads = torch_threads
+
+    def setup(self, worker: Any) -> None:
+        import torch
+
+        tune_malloc()
+        # Threads per worker x torch threads must not exceed the cores.
+        torch.set_num_threads(max(1, self.torch_threads))
+        get_model(self.spec.name, self.spec.device)
+        logger.info("imgindex: %s loaded on %s", self.spec.name, worker.address)
+
+
+def setup_workers(
+    client: Any, spec: ModelSpec, torch_threads: int | None = None
+) -> None:
+    """Register :class:`WorkerSetup` on ``client``'s cluster (current and future workers)."""
+    from pipeline.config import config_value
+
+    threads = int(config_value(torch_threads, "imgindex.torch-threads"))
+    client.register_plugin(
+        WorkerSetup(spec, threads), name=f"{PLUGIN_NAME}-{spec.name}-{spec.device}"
+    )

@@ -1,0 +1,419 @@
+"""The ``imgindex`` command line: thin Click commands over pipeline/ and cluster/.
+
+Nothing heavy is imported at module level: this module is also a ``dask_cli``
+entry point, loaded by every ``dask scheduler`` / ``dask worker`` start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+
+class _ImgindexGroup(click.Group):
+    """Turn library errors into one ``Error: ...`` line instead of a traceback."""
+
+    def invoke(self, ctx):
+        from pipeline.errors import ImgindexError
+
+        try:
+            return super().invoke(ctx)
+        except ImgindexError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(
+    cls=_ImgindexGroup, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.version_option(package_name="imgindex")
+@click.option(
+    "-v", "--verbose", count=True, help="Log progress (-v) or debug detail (-vv)."
+)
+def cli(verbose: int) -> None:
+    """Build and search FAISS similarity indexes of image folders on a Dask cluster."""
+    _configure_logging(verbose)
+
+
+def _configure_logging(verbose: int) -> None:
+    import dask.config
+
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("pipeline", "cluster"):
+        log = logging.getLogger(name)
+        log.setLevel(level)
+        if not log.handlers:
+            log.addHandler(handler)
+        log.propagate = False
+    if verbose < 2:
+        # Dask's start-up chatter would bury our output. distributed is not
+        # imported yet, so this reaches its logging set-up; worker processes
+        # read the environment variable.
+        dask.config.set({"logging.distributed": "warning"})
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+
+def _scheduler_options(f):
+    f = click.option(
+        "--no-fallback",
+        is_flag=True,
+        default=None,
+        help="Fail instead of starting a LocalCluster when the scheduler "
+        "cannot be used.",
+    )(f)
+    f = click.option(
+        "--scheduler-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Scheduler file written by `dask scheduler --scheduler-file`.",
+    )(f)
+    f = click.option(
+        "--scheduler",
+        envvar="IMGINDEX_SCHEDULER",
+        default=None,
+        metavar="ADDR",
+        help="Scheduler address, e.g. tcp://node1:8786 [env IMGINDEX_SCHEDULER].",
+    )(f)
+    return f
+
+
+def _connect(scheduler, scheduler_file, no_fallback):
+    from cluster.connect import connect
+
+    if scheduler and scheduler_file:
+        raise click.BadParameter(
+            "give either --scheduler or --scheduler-file, not both",
+            param_hint="--scheduler",
+        )
+    return connect(scheduler, scheduler_file, fallback=False if no_fallback else None)
+
+
+@cli.command()
+@click.argument("datasets", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Root folder; each dataset's index goes to OUT/<dataset name>/.",
+)
+@_scheduler_options
+@click.option("--model", default=None, help="Embedding model [imgindex.model].")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="Where workers run the model [imgindex.device].",
+)
+@click.option(
+    "--partition-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per task [imgindex.partition-size].",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per forward pass [imgindex.batch-size].",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Retries of a failing task [imgindex.retries].",
+)
+@click.option(
+    "--task-timeout",
+    default=None,
+    metavar="DURATION",
+    help="Fail a partition running longer, e.g. 300s [imgindex.task-timeout].",
+)
+@click.option(
+    "--rebuild", is_flag=True, help="Ignore existing indexes and checkpoints."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON summary on stdout."
+)
+def build(
+    datasets,
+    out,
+    scheduler,
+    scheduler_file,
+    no_fallback,
+    model,
+    device,
+    partition_size,
+    batch_size,
+    retries,
+    task_timeout,
+    rebuild,
+    as_json,
+):
+    """Embed the images under each DATASET folder and write OUT/<name>/."""
+    from cluster.worker import setup_workers
+    from pipeline.build import default_spec, run_build
+    from pipeline.discover import check_dataset
+    from pipeline.errors import ImgindexError
+    from pipeline.models import get_model
+
+    started = time.perf_counter()
+    roots = [check_dataset(d) for d in datasets]
+    names = [r.resolve().name for r in roots]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise click.BadParameter(
+            f"two datasets share the folder name {sorted(dupes)[0]!r}, so their indexes "
+            "would collide under --out; rename or link one",
+            param_hint="DATASETS",
+        )
+    _check_writable(out)
+    spec = default_spec(model, device, batch_size)
+    get_model(spec.name, "cpu")  # fail fast, here, on an unknown or missing model
+
+    conn = _connect(scheduler, scheduler_file, no_fallback)
+    with conn:
+        err = click.get_text_stream("stderr")
+        click.echo(f"cluster: {conn.reason}", err=True)
+        if conn.dashboard:
+            click.echo(f"dashboard: {conn.dashboard}", err=True)
+        setup_workers(conn.client, spec)
+        summaries, errors = [], []
+        for root in roots:
+            bar = _ProgressBar(root.resolve().name, err)
+            try:
+                s = run_build(
+                    conn.client,
+                    root,
+                    out,
+                    spec=spec,
+                    partition_size=partition_size,
+                    rebuild=rebuild,
+                    retries=retries,
+                    task_timeout=task_timeout,
+                    progress=bar.update,
+                )
+                summaries.append(s.to_json())
+            except ImgindexError as e:
+                errors.append(str(e))
+                summaries.append(
+                    {
+                        "name": root.resolve().name,
+                        "source": str(root.resolve()),
+                        "error": str(e),
+                    }
+                )
+            finally:
+                bar.close()
+        report = {
+            "cluster": conn.to_json(),
+            "datasets": summaries,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_build_report(report)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise click.ClickException(errors[0] + more)
+
+
+class _ProgressBar:
+    """A click progress bar on stderr, created once the total is known."""
+
+    def __init__(self, label: str, stream):
+        self.label = label
+        self.stream = stream
+        self.bar = None
+        self.shown = 0
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(
+                length=max(total, 1),
+                label=self.label,
+                file=self.stream,
+                show_pos=True,
+                show_eta=True,
+            )
+            self.bar.__enter__()
+        self.bar.update(done - self.shown)
+        self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _check_writable(out: Path) -> None:
+    from pipeline.errors import ImgindexError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".imgindex-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ImgindexError(
+            f"output folder {str(out)!r} is not writable: {e.strerror}"
+        ) from None
+
+
+def _print_build_report(report: dict) -> None:
+    for d in report["datasets"]:
+        if "error" in d:
+            click.echo(f"{d['name']}: FAILED: {d['error']}")
+            continue
+        click.echo(
+            f"{d['name']}: {d['indexed']} indexed ({d['embedded']} embedded, "
+            f"{len(d['failed'])} failed; added {d['added']}, updated {d['updated']}, "
+            f"removed {d['removed']}, unchanged {d['unchanged']}) in {d['seconds']:.1f} s, "
+            f"{d['images_per_second']:.1f} images/s -> {d['index']}"
+        )
+        if d["resumed_partitions"]:
+            click.echo(
+                f"  resumed {d['resumed_partitions']} of {d['partitions']} partitions "
+                "from an interrupted build"
+            )
+        for f in d["failed"][:10]:
+            click.echo(f"  skipped {f['path']}: {f['reason']}")
+        if len(d["failed"]) > 10:
+            click.echo(f"  ... and {len(d['failed']) - 10} more (see `imgindex info`)")
+    c = report["cluster"]
+    click.echo(
+        f"cluster: {c['reason']}"
+        + (f", dashboard {c['dashboard']}" if c["dashboard"] else "")
+    )
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-k",
+    "k",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Results per query.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list per query.")
+def search(index_dir, images, k, as_json):
+    """Find the images in INDEX_DIR most similar to each query IMAGE."""
+    from pipeline.search import Searcher
+
+    searcher = Searcher(index_dir)
+    results = searcher.search_images(list(images), k)
+    if as_json:
+        click.echo(
+            json.dumps([[h.to_json() for h in hits] for hits in results], indent=2)
+        )
+        return
+    for query, hits in zip(images, results, strict=True):
+        click.echo(f"{query}:")
+        for h in hits:
+            click.echo(f"  {h.rank:3d}  {h.score:.4f}  {h.path}")
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(index_dir, as_json):
+    """Describe the index in INDEX_DIR: model, size, failures."""
+    from pipeline.store import read_index_dir
+
+    stored = read_index_dir(index_dir)
+    m = stored.meta
+    report = {
+        "name": m["name"],
+        "source": m["source"],
+        "model": m["model"],
+        "dim": m["dim"],
+        "metric": m["metric"],
+        "index_key": m.get("index_key"),
+        "count": m["count"],
+        "failed": len(stored.failures),
+        "created": m["created"],
+        "updated": m.get("updated"),
+        "imgindex_version": m["imgindex_version"],
+        "failures": [{"path": f.path, "reason": f.reason} for f in stored.failures],
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for key in (
+        "name",
+        "source",
+        "model",
+        "dim",
+        "metric",
+        "index_key",
+        "count",
+        "failed",
+        "created",
+        "updated",
+        "imgindex_version",
+    ):
+        click.echo(f"{key:17} {report[key]}")
+    for f in stored.failures[:20]:
+        click.echo(f"  failed {f.path}: {f.reason}")
+    if len(stored.failures) > 20:
+        click.echo(f"  ... and {len(stored.failures) - 20} more (--json lists all)")
+
+
+@cli.command()
+@_scheduler_options
+@click.option("--model", default=None, help="Model to test-embed [imgindex.model].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
+    """Check the cluster: reachable, workers, versions, a timed test embedding."""
+    from cluster.worker import setup_workers
+    from pipeline.build import default_spec
+    from pipeline.doctor import check_cluster
+
+    spec = default_spec(model)
+    if (scheduler or scheduler_file) and no_fallback is None:
+        no_fallback = True  # doctor reports on the cluster asked for, not a stand-in
+    conn = _connect(scheduler, scheduler_file, no_fallback)
+    with conn:
+        setup_workers(conn.client, spec)
+        report = {"cluster": conn.to_json(), **check_cluster(conn.client, spec)}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        c = report["cluster"]
+        click.echo(f"cluster:   {c['reason']}")
+        click.echo(f"dashboard: {c['dashboard'] or '-'}")
+        for w in report["workers"]:
+            if w["ok"]:
+                click.echo(
+                    f"  ok    {w['address']}: {w['threads']} threads, "
+                    f"{_gib(w['memory_limit'])} memory, {w['device']}, model load "
+                    f"{w['load_seconds']:.2f} s, test embedding {w['embed_seconds'] * 1000:.0f} ms"
+                )
+            else:
+                click.echo(f"  FAIL  {w['address']}: {w.get('error', 'bad embedding')}")
+        for pkg, where in report["mismatched_packages"].items():
+            click.echo(f"  version mismatch: {pkg}: {where}")
+    if not report["ok"]:
+        raise click.ClickException("cluster is not healthy (see above)")
+
+
+def _gib(n) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "unlimited"
+
+
+def main() -> None:
+    cli(prog_name="imgindex")
+
+
+if __name__ == "__main__":
+    main()

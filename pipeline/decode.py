@@ -1,0 +1,127 @@
+"""Read one image file into the model's input pixels, or raise DecodeError."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Our own header-based check (below) replaces Pillow's global bomb limit: it is
+# per call, configurable, and never emits a warning that tests or workers would
+# have to filter from several threads at once.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_WHITE = (255, 255, 255)
+
+
+def decode_image(
+    path: str | os.PathLike,
+    resize: int = 256,
+    crop: int = 224,
+    max_pixels: int = 89_478_485,
+) -> np.ndarray:
+    """Decode ``path`` into a ``crop`` x ``crop`` x 3 uint8 RGB array.
+
+    The shorter side is scaled to ``resize`` and the centre ``crop`` square
+    kept; EXIF orientation is applied first, transparency is composited on
+    white, 16-bit and float images are rescaled rather than clipped, and JPEGs
+    are decoded at reduced size (draft mode) when that still covers ``resize``.
+
+    Raises
+    ------
+    DecodeError
+        With a one-line reason, for anything that is not a usable image.
+    """
+    from pipeline.errors import DecodeError
+
+    spath = os.fspath(path)
+    try:
+        with Image.open(spath) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DecodeError(
+                    spath,
+                    f"image is {w}x{h} = {w * h} pixels, over the limit of "
+                    f"{max_pixels} (imgindex.max-image-pixels); not decoded",
+                )
+            if w < 1 or h < 1:
+                raise DecodeError(spath, f"image has no pixels ({w}x{h})")
+            if im.format == "JPEG":
+                # draft() keeps both sides >= the size asked for, so the
+                # shorter side still covers `resize` after EXIF rotation.
+                im.draft("RGB", (resize, resize))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = to_rgb(im)
+    except DecodeError:
+        raise
+    except FileNotFoundError:
+        raise DecodeError(spath, "file not found (deleted after discovery?)") from None
+    except PermissionError:
+        raise DecodeError(spath, "permission denied") from None
+    except IsADirectoryError:
+        raise DecodeError(spath, "is a directory, not an image file") from None
+    except UnidentifiedImageError:
+        size = _size_or_none(spath)
+        reason = "empty file (0 bytes)" if size == 0 else "not an image Pillow can read"
+        raise DecodeError(spath, reason) from None
+    except (OSError, ValueError, SyntaxError, MemoryError, EOFError) as e:
+        raise DecodeError(spath, _one_line(e)) from None
+    return center_crop(rgb, resize, crop)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB without clipping or black backgrounds."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        lo, hi = (0.0, 65535.0) if im.mode.startswith("I;16") else _range(arr)
+        arr = np.clip((arr - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255)
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode != "RGB":
+        return im.convert("RGB")
+    return im
+
+
+def center_crop(im: Image.Image, resize: int, crop: int) -> np.ndarray:
+    """Scale the shorter side to ``resize`` and cut the centre ``crop`` square.
+
+    Done as one resampling of the crop box, which is cheaper than resizing the
+    whole image and then cropping, and gives the same pixels.
+    """
+    w, h = im.size
+    side = min(w, h) * crop / resize
+    left = (w - side) / 2
+    top = (h - side) / 2
+    box = (left, top, left + side, top + side)
+    out = im.resize((crop, crop), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _range(arr: np.ndarray) -> tuple[float, float]:
+    if arr.size == 0:
+        return 0.0, 1.0
+    return float(arr.min()), float(arr.max())
+
+
+def _size_or_none(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        text = f"{errno.errorcode.get(e.errno, 'OSError')}: {e.strerror}"
+    else:
+        text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return " ".join(text.split())

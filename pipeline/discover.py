@@ -1,0 +1,129 @@
+"""Walk a dataset folder into image records (path, size, mtime); no pixels are read."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import DatasetError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+)
+_ID_MASK = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image file of a dataset; ``path`` is relative to the dataset root."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def id(self) -> int:
+        return image_id(self.path)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An image that was not indexed, with a one-line reason."""
+
+    path: str
+    reason: str
+
+
+def image_id(relpath: str) -> int:
+    """Stable non-negative int64 id of an image, from its dataset-relative path.
+
+    Ids depend on the path alone, so an incremental or resumed build gives an
+    image the same id as a fresh build. Collisions are checked when indexing.
+    """
+    digest = hashlib.blake2b(os.fsencode(relpath), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _ID_MASK
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def check_dataset(root: str | os.PathLike) -> Path:
+    """Return ``root`` as a Path, or raise DatasetError if it is not a readable folder."""
+    path = Path(root)
+    if not path.exists():
+        raise DatasetError(f"dataset folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise DatasetError(f"dataset {str(path)!r} is not a folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DatasetError(f"dataset folder {str(path)!r} is not readable")
+    return path
+
+
+def discover_images(
+    root: str | os.PathLike, failures: list[Failure] | None = None
+) -> Iterator[ImageRecord]:
+    """Yield the image files under ``root`` in a stable (sorted) order.
+
+    Parameters
+    ----------
+    root
+        Dataset folder, walked recursively. Symbolic links to files are
+        followed; links to folders are not (they can loop).
+    failures
+        If given, files that look like images but cannot be used (broken
+        links, unreadable folders) are appended here instead of vanishing.
+
+    Raises
+    ------
+    DatasetError
+        If ``root`` is not a readable folder.
+    """
+    base = check_dataset(root)
+    yield from _walk(str(base), "", failures)
+
+
+def _walk(base: str, rel: str, failures: list[Failure] | None) -> Iterator[ImageRecord]:
+    folder = os.path.join(base, rel) if rel else base
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        if failures is not None and rel:
+            failures.append(Failure(rel, f"folder not readable: {e.strerror}"))
+        return
+    for entry in entries:
+        relpath = f"{rel}/{entry.name}" if rel else entry.name
+        if entry.is_dir(follow_symlinks=False):
+            # A folder named like an image is still a folder: walk it.
+            yield from _walk(base, relpath, failures)
+            continue
+        if not is_image_name(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=True)
+        except OSError as e:
+            if failures is not None:
+                reason = (
+                    "broken symbolic link"
+                    if entry.is_symlink()
+                    else f"cannot stat: {e.strerror}"
+                )
+                failures.append(Failure(relpath, reason))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        yield ImageRecord(relpath, st.st_size, st.st_mtime_ns)
+
+
+def partition_records(
+    records: list[ImageRecord], size: int
+) -> list[tuple[ImageRecord, ...]]:
+    """Split records into consecutive partitions of at most ``size`` images."""
+    if size < 1:
+        raise ValueError(f"partition size must be >= 1, got {size}")
+    return [tuple(records[i : i + size]) for i in range(0, len(records), size)]

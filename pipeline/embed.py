@@ -1,0 +1,154 @@
+"""Turn image files into L2-normalised float32 vectors; the task run by workers."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.decode import decode_image
+from pipeline.discover import Failure, image_id
+from pipeline.errors import DecodeError
+from pipeline.models import LoadedModel, get_model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What client and workers must agree on; travels with every task.
+
+    Workers never read these from their own config: a remote worker's YAML may
+    differ from the client's.
+    """
+
+    name: str = "efficientnet-lite0"
+    device: str = "auto"
+    batch_size: int = 1
+    max_pixels: int = 89_478_485
+
+
+@dataclass
+class PartitionResult:
+    """What one task sends back: vectors of the good images, failures of the rest."""
+
+    ids: np.ndarray  # int64 [n]
+    paths: list[str]  # dataset-relative, aligned with ids
+    vectors: np.ndarray  # float32 [n, d], L2-normalised
+    failures: list[Failure]
+    worker: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Embedder:
+    """A loaded model plus its preprocessing: pixels in, unit vectors out."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.model: LoadedModel = get_model(spec.name, spec.device)
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    def decode(self, path: str) -> np.ndarray:
+        pre = self.model.preprocess
+        return decode_image(path, pre.resize, pre.crop, self.spec.max_pixels)
+
+    def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Embed uint8 HxWx3 crops; returns float32 [n, dim] with unit rows."""
+        import torch
+
+        if not pixels:
+            return np.zeros((0, self.dim), np.float32)
+        pre = self.model.preprocess
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
+        mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+        std = torch.tensor(pre.std).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        if self.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out = self.model.forward(x.to(self.model.device)).float().cpu().numpy()
+        return normalize_rows(out)
+
+
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    """L2-normalise rows in float32 (zero rows stay zero)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def embed_partition(
+    root: str, relpaths: Sequence[str], spec: ModelSpec
+) -> PartitionResult:
+    """Embed the images ``root/relpath``: the Dask task, one per partition.
+
+    A bad image becomes a Failure row and never fails the task; only a broken
+    model or environment raises (and is retried by Dask).
+    """
+    embedder = Embedder(spec)
+    meter = _meter()
+    ids: list[int] = []
+    paths: list[str] = []
+    chunks: list[np.ndarray] = []
+    failures: list[Failure] = []
+    batch: list[np.ndarray] = []
+    timings = {"decode": 0.0, "model": 0.0}
+
+    def flush() -> None:
+        t = time.perf_counter()
+        with meter("model"):
+            chunks.append(embedder.embed_pixels(batch))
+        timings["model"] += time.perf_counter() - t
+        batch.clear()
+
+    for rel in relpaths:
+        t = time.perf_counter()
+        try:
+            with meter("decode"):
+                pixels = embedder.decode(os.path.join(root, rel))
+        except DecodeError as e:
+            failures.append(Failure(rel, e.reason))
+            continue
+        finally:
+            timings["decode"] += time.perf_counter() - t
+        batch.append(pixels)
+        ids.append(image_id(rel))
+        paths.append(rel)
+        if len(batch) >= spec.batch_size:
+            flush()
+    if batch:
+        flush()
+    vectors = (
+        np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float32)
+    )
+    return PartitionResult(
+        ids=np.asarray(ids, dtype=np.int64),
+        paths=paths,
+        vectors=vectors,
+        failures=failures,
+        worker=_worker_address(),
+        timings=timings,
+    )
+
+
+def _meter():
+    """Dask's fine-performance-metrics meter, so the dashboard splits decode/model."""
+    try:
+        from distributed.metrics import context_meter
+    except ImportError:  # plain process without distributed
+        return lambda label: nullcontext()
+    return lambda label: context_meter.meter(label)
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return "client"
