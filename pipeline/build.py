@@ -20,8 +20,7 @@ from pipeline import __version__
 from pipeline.checkpoint import (
     checkpoint_dir,
     clear_checkpoints,
-    load_partition,
-    partition_key,
+    load_partitions,
     save_partition,
 )
 from pipeline.config import config_value, seconds_value
@@ -155,8 +154,17 @@ def run_build(
         ckdir = checkpoint_dir(dest)
         if rebuild:
             clear_checkpoints(ckdir)
-        partitions = partition_records(plan.to_embed, partition_size)
-        summary.partitions = len(partitions)
+        wanted = {r.path: r for r in plan.to_embed}
+        resumed = load_partitions(ckdir, spec, wanted)
+        done_paths = {r.path for records, _ in resumed for r in records}
+        remaining = [r for r in plan.to_embed if r.path not in done_paths]
+        summary.resumed_partitions = len(resumed)
+        if resumed:
+            logger.info(
+                "%s: resuming; %d images already embedded by an interrupted build",
+                name,
+                len(done_paths),
+            )
 
         t = time.perf_counter()
         runner = _PartitionRunner(
@@ -165,15 +173,18 @@ def run_build(
             str(root),
             spec,
             ckdir,
-            retries,
-            timeout,
-            per_thread,
-            progress,
+            retries=retries,
+            timeout=timeout,
+            per_thread=per_thread,
+            progress=progress,
             total=len(plan.to_embed),
+            done=len(done_paths),
         )
-        results = runner.run(partitions)
+        size = runner.partition_size(len(remaining), partition_size)
+        partitions = partition_records(remaining, size)
+        summary.partitions = len(partitions) + len(resumed)
+        results = [result for _, result in resumed] + runner.run(partitions)
         stages["embed"] = time.perf_counter() - t
-        summary.resumed_partitions = runner.resumed
 
         t = time.perf_counter()
         manifest, ids, vectors, failures = _assemble(plan, results, spec)
@@ -354,16 +365,18 @@ class _PartitionRunner:
 
     def __init__(
         self,
-        client,
-        name,
-        root,
-        spec,
-        ckdir,
-        retries,
-        timeout,
-        per_thread,
-        progress,
-        total,
+        client: Client,
+        name: str,
+        root: str,
+        spec: ModelSpec,
+        ckdir: Path,
+        *,
+        retries: int,
+        timeout: float,
+        per_thread: int,
+        progress: ProgressCallback | None,
+        total: int,
+        done: int,
     ):
         self.client = client
         self.name = _safe_name(name)
@@ -375,8 +388,7 @@ class _PartitionRunner:
         self.per_thread = per_thread
         self.progress = progress or (lambda done, total: None)
         self.total = total
-        self.done = 0
-        self.resumed = 0
+        self.done = done
         self.run_id = uuid.uuid4().hex[:8]
         self._n_submitted = 0
 
@@ -384,21 +396,10 @@ class _PartitionRunner:
         from distributed import as_completed
 
         results: list[PartitionResult] = []
-        pending: list[tuple[ImageRecord, ...]] = []
-        for part in partitions:
-            saved = load_partition(self.ckdir, partition_key(self.spec, part))
-            if saved is not None:
-                results.append(saved)
-                self.resumed += 1
-                self._advance(len(part))
-            else:
-                pending.append(part)
-        if self.resumed:
-            logger.info("%s: resumed %d finished partitions", self.name, self.resumed)
-        if not pending:
+        self.progress(self.done, self.total)
+        if not partitions:
             return results
-
-        queue = list(reversed(pending))
+        queue = list(reversed(partitions))
         parts_of: dict[str, tuple[ImageRecord, ...]] = {}
         ac = as_completed(loop=self.client.loop)
         watchdog = _Watchdog(self.client, self.timeout, parts_of)
@@ -418,7 +419,7 @@ class _PartitionRunner:
                 result = self._collect(fut, part, watchdog, queue)
                 del fut
                 if result is not None:
-                    save_partition(self.ckdir, partition_key(self.spec, part), result)
+                    save_partition(self.ckdir, self.spec, part, result)
                     results.append(result)
                     self._advance(len(part))
                 while queue and ac.count() < self._window():
@@ -479,9 +480,16 @@ class _PartitionRunner:
             pure=False,
         )
 
+    def partition_size(self, n_images: int, largest: int) -> int:
+        """Cut small jobs finer so every worker thread gets work (2 tasks each)."""
+        per_task = -(-n_images // (2 * self._threads()))
+        return max(1, min(largest, per_task))
+
+    def _threads(self) -> int:
+        return sum(self.client.nthreads().values()) or 1
+
     def _window(self) -> int:
-        threads = sum(self.client.nthreads().values()) or 1
-        return max(2, threads * self.per_thread)
+        return max(2, self._threads() * self.per_thread)
 
     def _advance(self, n: int) -> None:
         self.done += n

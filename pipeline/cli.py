@@ -29,7 +29,9 @@ class _ImgindexGroup(click.Group):
 
 
 @click.group(
-    cls=_ImgindexGroup, context_settings={"help_option_names": ["-h", "--help"]}
+    name="imgindex",
+    cls=_ImgindexGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.version_option(package_name="imgindex")
 @click.option(
@@ -49,8 +51,7 @@ def _configure_logging(verbose: int) -> None:
     for name in ("pipeline", "cluster"):
         log = logging.getLogger(name)
         log.setLevel(level)
-        if not log.handlers:
-            log.addHandler(handler)
+        log.handlers = [handler]  # replace, so repeated in-process runs don't stack
         log.propagate = False
     if verbose < 2:
         # Dask's start-up chatter would bury our output. distributed is not
@@ -180,7 +181,7 @@ def build(
 
     conn = _connect(scheduler, scheduler_file, no_fallback)
     with conn:
-        err = click.get_text_stream("stderr")
+        err = sys.stderr
         click.echo(f"cluster: {conn.reason}", err=True)
         if conn.dashboard:
             click.echo(f"dashboard: {conn.dashboard}", err=True)

@@ -63,16 +63,22 @@ class Embedder:
 
         if not pixels:
             return np.zeros((0, self.dim), np.float32)
+        with torch.inference_mode():
+            out = self.model.forward(self.input_tensor(pixels))
+        return normalize_rows(out.float().cpu().numpy())
+
+    def input_tensor(self, pixels: Sequence[np.ndarray]):
+        """Stack uint8 HxWx3 crops into the normalised NCHW batch the model takes."""
+        import torch
+
         pre = self.model.preprocess
         x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
-        mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-        std = torch.tensor(pre.std).view(1, 3, 1, 1)
-        x = (x - mean) / std
+        x = (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(
+            1, 3, 1, 1
+        )
         if self.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            out = self.model.forward(x.to(self.model.device)).float().cpu().numpy()
-        return normalize_rows(out)
+        return x.to(self.model.device)
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:

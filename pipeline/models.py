@@ -38,6 +38,9 @@ class LoadedModel:
     device: str
     dim: int
     channels_last: bool = False
+    # Maps pooled features to class logits, where the model has a head
+    # (used to check that weights and preprocessing are wired right).
+    classify: Callable | None = None
 
 
 _LOADERS: dict[str, Callable[[str, str], LoadedModel]] = {}
@@ -149,7 +152,9 @@ def _load_efficientnet_lite0(name: str, device: str) -> LoadedModel:
         feats = net.extract_features(x)
         return feats.mean(dim=(2, 3))
 
-    return LoadedModel(name, forward, Preprocess(), device, 0, channels_last=True)
+    return LoadedModel(
+        name, forward, Preprocess(), device, 0, channels_last=True, classify=net._fc
+    )
 
 
 @loader("torchvision")

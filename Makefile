@@ -1,0 +1,33 @@
+# Everything a fresh machine needs: `make demo` and `make test` set themselves up.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch, pinned: a bare `torch` pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test bench lint clean
+
+$(BIN)/imgindex: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test,dev]"
+	touch $@
+
+demo: $(BIN)/imgindex
+	$(BIN)/python demo/make_data.py demo-data
+	$(BIN)/imgindex build demo-data/photos demo-data/synthetic --out demo-index
+	$(BIN)/imgindex info demo-index/photos
+	$(BIN)/imgindex search demo-index/photos demo-data/queries/*.jpg -k 3
+
+test: $(BIN)/imgindex
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/imgindex
+	$(BIN)/python bench/throughput.py
+
+lint: $(BIN)/imgindex
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf demo-data demo-index bench-data .pytest_cache

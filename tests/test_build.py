@@ -1,0 +1,170 @@
+"""End-to-end builds on a real (in-process) LocalCluster with real image files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import copy_tree, crop_query, write_bad_files
+from pipeline.build import run_build
+from pipeline.errors import DatasetError, IndexDirError, IndexLocked
+from pipeline.search import Searcher
+from pipeline.store import lock_index, read_index_dir
+
+
+@pytest.fixture(scope="module")
+def built(client, photo_sets, tmp_path_factory):
+    """Both photo sets built once into one output root."""
+    tmp = tmp_path_factory.mktemp("built")
+    roots = {
+        name: copy_tree(paths, tmp / "data" / name)
+        for name, paths in photo_sets.items()
+    }
+    out = tmp / "indexes"
+    summaries = {name: run_build(client, root, out) for name, root in roots.items()}
+    return roots, out, summaries
+
+
+def test_two_datasets_give_two_complete_indexes(built, photo_sets):
+    roots, out, summaries = built
+    for name, paths in photo_sets.items():
+        stored = read_index_dir(out / name)
+        assert stored.meta["count"] == len(paths) == stored.index.ntotal
+        assert stored.meta["model"] == "efficientnet-lite0"
+        assert stored.meta["dim"] == 1280 and stored.meta["metric"] == "cosine"
+        assert sorted(r.path for r in stored.manifest) == sorted(p.name for p in paths)
+        assert summaries[name].indexed == summaries[name].embedded == len(paths)
+        assert summaries[name].failed == []
+    assert sum(len(p) for p in photo_sets.values()) >= 60
+
+
+def test_both_workers_took_part(built):
+    _, _, summaries = built
+    workers = set()
+    for s in summaries.values():
+        workers |= set(s.workers)
+    assert len(workers) == 2
+
+
+def test_near_duplicate_query_finds_its_source_first(built, tmp_path):
+    roots, out, _ = built
+    searcher = Searcher(out / "beach")
+    for i in (0, 7, 23):
+        src = roots["beach"] / f"img{i:05d}.jpg"
+        query = crop_query(src, tmp_path / f"q{i}.jpg")
+        hits = searcher.search_images([query], k=5)[0]
+        assert hits[0].path == str(src)
+        assert hits[0].score > 0.7
+        assert hits[0].score > hits[1].score
+
+
+def test_vectors_in_index_match_a_direct_embedding(built):
+    from pipeline.embed import Embedder, ModelSpec
+
+    roots, out, _ = built
+    stored = read_index_dir(out / "forest")
+    rec = stored.manifest[3]
+    embedder = Embedder(ModelSpec(device="cpu"))
+    direct = embedder.embed_pixels([embedder.decode(str(roots["forest"] / rec.path))])[
+        0
+    ]
+    np.testing.assert_allclose(stored.index.reconstruct(rec.id), direct, atol=1e-4)
+
+
+def test_bad_files_are_skipped_and_reported(client, dataset, tmp_path):
+    expected = write_bad_files(dataset)
+    n_good = len(list(dataset.glob("img*.jpg"))) + 1  # + good_ref.jpg
+    summary = run_build(client, dataset, tmp_path / "out", partition_size=8)
+    reasons = {f["path"]: f["reason"] for f in summary.failed}
+    assert set(reasons) == set(expected)
+    for name, fragment in expected.items():
+        assert fragment in reasons[name], (name, reasons[name])
+    assert summary.indexed == n_good
+    stored = read_index_dir(tmp_path / "out" / "beach")
+    assert {f.path for f in stored.failures} == set(expected)
+
+
+def test_incremental_rebuild_embeds_only_changes(client, dataset, tmp_path):
+    out = tmp_path / "out"
+    first = run_build(client, dataset, out)
+    before = read_index_dir(out / "beach")
+    keep = before.manifest[5]
+
+    (dataset / "img00001.jpg").unlink()
+    changed = dataset / "img00002.jpg"
+    changed.write_bytes((dataset / "img00003.jpg").read_bytes())
+    new = dataset / "sub" / "new.jpg"
+    new.parent.mkdir()
+    new.write_bytes((dataset / "img00004.jpg").read_bytes())
+
+    second = run_build(client, dataset, out)
+    assert (second.added, second.updated, second.removed) == (1, 1, 1)
+    assert second.unchanged == first.indexed - 2
+    assert second.embedded == 2
+    after = read_index_dir(out / "beach")
+    assert after.index.ntotal == first.indexed
+    np.testing.assert_array_equal(
+        after.index.reconstruct(keep.id), before.index.reconstruct(keep.id)
+    )
+    # img00002 now holds img00003's bytes, so it must have been re-embedded.
+    np.testing.assert_allclose(
+        vector_of(after, "img00002.jpg"), vector_of(after, "img00003.jpg"), atol=1e-5
+    )
+    assert "img00001.jpg" not in {r.path for r in after.manifest}
+
+    third = run_build(client, dataset, out, rebuild=True)
+    assert third.embedded == third.indexed == first.indexed
+
+
+def vector_of(stored, path: str) -> np.ndarray:
+    (rec,) = [r for r in stored.manifest if r.path == path]
+    return stored.index.reconstruct(rec.id)
+
+
+def test_empty_and_missing_datasets_are_errors(client, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="contains no image files"):
+        run_build(client, tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(DatasetError, match="does not exist"):
+        run_build(client, tmp_path / "missing", tmp_path / "out")
+    assert not (tmp_path / "out" / "empty").exists()
+
+
+def test_existing_index_of_another_model_is_left_alone(client, dataset, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    run_build(client, dataset, out)
+    meta_path = out / "beach" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"] = "timm:resnet50"
+    meta_path.write_text(json.dumps(meta))
+    before = sorted(os.listdir(out / "beach"))
+    with pytest.raises(
+        IndexDirError, match="built with model 'timm:resnet50'.*--rebuild"
+    ):
+        run_build(client, dataset, out)
+    assert sorted(os.listdir(out / "beach")) == before
+    assert json.loads(meta_path.read_text())["model"] == "timm:resnet50"
+
+
+def test_a_second_build_of_the_same_index_is_refused(client, dataset, tmp_path):
+    out = tmp_path / "out"
+    with lock_index(out / "beach"):
+        with pytest.raises(IndexLocked, match="another build .* is writing the index"):
+            run_build(client, dataset, out)
+
+
+def test_index_dir_is_replaced_whole(client, dataset, tmp_path: Path):
+    out = tmp_path / "out"
+    run_build(client, dataset, out)
+    run_build(client, dataset, out, rebuild=True)
+    leftovers = [
+        p.name
+        for p in out.iterdir()
+        if p.name.startswith(".beach.") and not p.name.endswith(".lock")
+    ]
+    assert leftovers == []

@@ -1,0 +1,181 @@
+"""The command line, driven through Click's CliRunner against real clusters."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import dask.config
+import pytest
+from click.testing import CliRunner
+
+from conftest import copy_tree, crop_query, write_bad_files
+from pipeline.cli import cli
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def remote_build(process_cluster, photo_sets, tmp_path_factory):
+    """`imgindex build --json` of both sets on worker processes (tasks pickle)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    beach = copy_tree(photo_sets["beach"], tmp / "beach")
+    write_bad_files(beach / "bad")
+    forest = copy_tree(photo_sets["forest"], tmp / "forest")
+    out = tmp / "out"
+    result = invoke(
+        "build",
+        beach,
+        forest,
+        "--out",
+        out,
+        "--json",
+        "--scheduler",
+        process_cluster.scheduler_address,
+    )
+    return result, {"beach": beach, "forest": forest}, out
+
+
+def test_build_json_summary(remote_build, process_cluster):
+    result, roots, out = remote_build
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["cluster"]["kind"] == "remote"
+    assert report["cluster"]["address"] == process_cluster.scheduler_address
+    assert report["cluster"]["dashboard"].startswith("http://")
+    by_name = {d["name"]: d for d in report["datasets"]}
+    assert by_name["beach"]["indexed"] == 36 + 1  # + bad/good_ref.jpg
+    assert by_name["forest"]["indexed"] == by_name["forest"]["embedded"] == 28
+    assert {f["path"] for f in by_name["beach"]["failed"]} == {
+        "bad/" + n
+        for n in (
+            "empty.jpg",
+            "truncated.jpg",
+            "random.jpg",
+            "text.png",
+            "broken_link.jpg",
+        )
+    }
+    assert by_name["beach"]["index"] == str(out / "beach")
+    assert by_name["beach"]["images_per_second"] > 0
+    assert len(by_name["beach"]["workers"]) == 2  # both worker processes embedded
+    assert "dashboard: http://" in result.stderr
+
+
+def test_search_json_ranks_the_source_first(remote_build, tmp_path):
+    _, roots, out = remote_build
+    src = roots["forest"] / "img00011.jpg"
+    query = crop_query(src, tmp_path / "query.jpg")
+    result = invoke("search", out / "forest", query, "-k", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    (hits,) = json.loads(result.stdout)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert hits[0]["path"] == str(src)
+    assert hits[0]["score"] > hits[1]["score"] >= hits[2]["score"]
+
+
+def test_search_text_output(remote_build):
+    _, roots, out = remote_build
+    result = invoke(
+        "search", out / "forest", roots["forest"] / "img00002.jpg", "-k", "2"
+    )
+    assert result.exit_code == 0
+    assert str(roots["forest"] / "img00002.jpg") in result.stdout.splitlines()[1]
+
+
+def test_info_json_counts(remote_build):
+    _, _, out = remote_build
+    result = invoke("info", out / "beach", "--json")
+    info = json.loads(result.stdout)
+    assert (info["count"], info["failed"], info["dim"]) == (37, 5, 1280)
+    assert info["model"] == "efficientnet-lite0" and info["metric"] == "cosine"
+    assert info["imgindex_version"]
+
+
+def test_unreadable_query_is_one_line(remote_build, tmp_path):
+    _, _, out = remote_build
+    bad = tmp_path / "q.jpg"
+    bad.write_text("nope")
+    result = invoke("search", out / "forest", bad)
+    assert result.exit_code == 1
+    assert str(bad) in one_error_line(result)
+
+
+def test_info_on_a_non_index_is_one_line(tmp_path):
+    result = invoke("info", tmp_path)
+    assert result.exit_code == 1
+    assert "not an imgindex index directory" in one_error_line(result)
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+    result = invoke("build", tmp_path / "nope", "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "does not exist" in one_error_line(result)
+
+
+def test_both_scheduler_options_is_a_usage_error(tmp_path):
+    result = invoke(
+        "build",
+        tmp_path,
+        "--out",
+        tmp_path / "o",
+        "--scheduler",
+        "tcp://a:1",
+        "--scheduler-file",
+        "s.json",
+    )
+    assert result.exit_code == 2
+    assert "--scheduler" in result.stderr
+
+
+def unreachable() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_no_fallback_fails_with_one_line_and_writes_nothing(dataset, tmp_path):
+    address = unreachable()
+    out = tmp_path / "out"
+    result = invoke(
+        "build", dataset, "--out", out, "--scheduler", address, "--no-fallback"
+    )
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert address in line and "--no-fallback" in line
+    assert not (out / "beach").exists()
+
+
+@pytest.mark.slow
+def test_unreachable_scheduler_falls_back_to_local(dataset, tmp_path):
+    address = unreachable()
+    with dask.config.set(
+        {"imgindex.local.n-workers": 1, "imgindex.connect-timeout": "1s"}
+    ):
+        result = invoke(
+            "build",
+            dataset,
+            "--out",
+            tmp_path / "out",
+            "--scheduler",
+            address,
+            "--json",
+        )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["cluster"]["kind"] == "local"
+    # A refused connect is retried by distributed until the deadline, so
+    # either wording is right; both must name the address.
+    assert report["cluster"]["reason"].startswith(f"local: {address}: ")
+    assert report["datasets"][0]["indexed"] == 36
+    assert "falling back to a LocalCluster" in result.stderr

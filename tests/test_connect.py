@@ -1,0 +1,130 @@
+"""Scheduler selection, reachability probing and the LocalCluster fallback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import dask.config
+import pytest
+
+from cluster.connect import connect, probe_scheduler, resolve_target
+from pipeline.errors import SchedulerUnreachable
+
+
+def closed_port_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+def silent_listener():
+    """Accepts connections and never answers: hangs a bare Client forever."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    conns = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(server.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    server.close()
+
+
+@pytest.fixture
+def one_local_worker():
+    with dask.config.set({"imgindex.local.n-workers": 1}):
+        yield
+
+
+def test_precedence_flag_file_env_config(monkeypatch):
+    monkeypatch.delenv("IMGINDEX_SCHEDULER", raising=False)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    assert resolve_target().source == ""
+    with dask.config.set({"imgindex.scheduler": "tcp://cfg:1"}):
+        assert resolve_target().address == "tcp://cfg:1"
+        monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://dask-env:1")
+        assert resolve_target().address == "tcp://dask-env:1"
+        monkeypatch.setenv("IMGINDEX_SCHEDULER", "tcp://env:1")
+        assert resolve_target().source == "env IMGINDEX_SCHEDULER"
+        assert resolve_target(scheduler_file="s.json").source == "--scheduler-file"
+        assert resolve_target("tcp://flag:1", "s.json").address == "tcp://flag:1"
+
+
+def test_probe_gives_up_on_a_silent_listener_within_the_timeout(silent_listener):
+    started = time.monotonic()
+    result = probe_scheduler(silent_listener, 1.0)
+    assert result == "timed out after 1 s"
+    assert time.monotonic() - started < 5
+
+
+def test_probe_reports_a_closed_port():
+    result = probe_scheduler(closed_port_address(), 1.0)
+    assert result.startswith(("not reachable", "timed out"))
+
+
+def test_probe_identifies_a_real_scheduler(process_cluster):
+    ident = probe_scheduler(process_cluster.scheduler_address, 3.0)
+    assert ident["type"] == "Scheduler" and len(ident["workers"]) == 2
+
+
+def test_remote_scheduler_is_used_and_described(process_cluster):
+    with connect(process_cluster.scheduler_address, timeout=3) as conn:
+        assert conn.kind == "remote"
+        assert conn.reason == f"remote {process_cluster.scheduler_address}: 2 workers"
+        assert conn.dashboard.startswith("http://")
+
+
+def test_scheduler_file_is_read(process_cluster, tmp_path):
+    sf = tmp_path / "scheduler.json"
+    sf.write_text(json.dumps({"address": process_cluster.scheduler_address}))
+    with connect(scheduler_file=str(sf), timeout=3) as conn:
+        assert conn.kind == "remote"
+
+
+@pytest.mark.slow
+def test_unreachable_scheduler_falls_back_and_says_why(one_local_worker, caplog):
+    address = closed_port_address()
+    with caplog.at_level("WARNING", logger="cluster"):
+        with connect(address, timeout=1) as conn:
+            assert conn.kind == "local"
+            assert conn.reason.startswith(f"local: {address}: ")
+            assert conn.client.submit(sum, [1, 2]).result() == 3
+    assert "falling back to a LocalCluster" in caplog.text
+
+
+def test_no_fallback_makes_it_an_error(silent_listener):
+    with pytest.raises(
+        SchedulerUnreachable, match="timed out after 1 s.*--no-fallback"
+    ):
+        connect(silent_listener, timeout=1, fallback=False)
+
+
+def test_missing_scheduler_file_is_an_error_without_fallback(tmp_path):
+    with pytest.raises(SchedulerUnreachable, match="scheduler file .* missing"):
+        connect(scheduler_file=str(tmp_path / "none.json"), fallback=False)
+
+
+@pytest.mark.slow
+def test_no_scheduler_configured_starts_a_local_cluster(one_local_worker, monkeypatch):
+    monkeypatch.delenv("IMGINDEX_SCHEDULER", raising=False)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    with connect() as conn:
+        assert (conn.kind, conn.reason) == ("local", "local: no scheduler configured")
+        assert len(conn.client.nthreads()) == 1

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.discover import (
+    Failure,
+    discover_images,
+    image_id,
+    partition_records,
+)
+from pipeline.errors import DatasetError
+
+
+def test_recursive_case_insensitive_sorted(tmp_path: Path):
+    for rel in ["b/2.JPG", "a.png", "b/1.jpeg", "c/d/e.WebP", "notes.txt", "x.jpg.bak"]:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "folder.jpg" / "inside.jpg").write_bytes(b"x")
+    paths = [r.path for r in discover_images(tmp_path)]
+    assert paths == [
+        "a.png",
+        "b/1.jpeg",
+        "b/2.JPG",
+        "c/d/e.WebP",
+        "folder.jpg/inside.jpg",
+    ]
+
+
+def test_records_carry_size_and_mtime(tmp_path: Path):
+    (tmp_path / "a.jpg").write_bytes(b"12345")
+    (rec,) = discover_images(tmp_path)
+    assert rec.size == 5
+    assert rec.mtime_ns == (tmp_path / "a.jpg").stat().st_mtime_ns
+
+
+def test_ids_are_stable_and_path_derived(tmp_path: Path):
+    (tmp_path / "a.jpg").write_bytes(b"1")
+    (rec,) = discover_images(tmp_path)
+    assert rec.id == image_id("a.jpg")
+    assert 0 <= rec.id < 2**63
+    assert image_id("a.jpg") != image_id("b.jpg")
+
+
+def test_broken_symlink_is_reported(tmp_path: Path):
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "gone.jpg")
+    failures: list[Failure] = []
+    assert list(discover_images(tmp_path, failures)) == []
+    assert failures == [Failure("link.jpg", "broken symbolic link")]
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        list(discover_images(tmp_path / "nope"))
+
+
+def test_partitions_cover_everything_once(tmp_path: Path):
+    for i in range(10):
+        (tmp_path / f"{i}.jpg").write_bytes(b"x")
+    records = list(discover_images(tmp_path))
+    parts = partition_records(records, 4)
+    assert [len(p) for p in parts] == [4, 4, 2]
+    assert [r for p in parts for r in p] == records
