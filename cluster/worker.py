@@ -58,7 +58,7 @@ class WorkerSetup(WorkerPlugin):
 def setup_workers(
     client: Any, spec: ModelSpec, torch_threads: int | None = None
 ) -> None:
-    """Register :class:`WorkerSetup` on ``client``'s cluster (current and future workers)."""
+    """Register :class:`WorkerSetup` on every current and future worker."""
     from pipeline.config import config_value
 
     threads = int(config_value(torch_threads, "imgindex.torch-threads"))

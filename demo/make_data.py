@@ -1,4 +1,4 @@
-"""Write the demo image sets: real photos (scikit-image) and synthetic ones, plus queries.
+"""Write the demo images: real photos (scikit-image), synthetic ones, and queries.
 
 Usage: python demo/make_data.py DEMO_DIR
 """

@@ -538,7 +538,7 @@ class _Watchdog:
                     and seconds > self.limit
                 ):
                     logger.warning(
-                        "task %s ran %.0f s > %.0f s on %s; failing it and restarting the worker",
+                        "task %s ran %.0f s > %.0f s on %s; failing it",
                         key,
                         seconds,
                         self.limit,

@@ -171,7 +171,8 @@ def build(
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise click.BadParameter(
-            f"two datasets share the folder name {sorted(dupes)[0]!r}, so their indexes "
+            f"two datasets share the folder name {sorted(dupes)[0]!r}, so their "
+            "indexes "
             "would collide under --out; rename or link one",
             param_hint="DATASETS",
         )
@@ -276,7 +277,8 @@ def _print_build_report(report: dict) -> None:
         click.echo(
             f"{d['name']}: {d['indexed']} indexed ({d['embedded']} embedded, "
             f"{len(d['failed'])} failed; added {d['added']}, updated {d['updated']}, "
-            f"removed {d['removed']}, unchanged {d['unchanged']}) in {d['seconds']:.1f} s, "
+            f"removed {d['removed']}, unchanged {d['unchanged']}) "
+            f"in {d['seconds']:.1f} s, "
             f"{d['images_per_second']:.1f} images/s -> {d['index']}"
         )
         if d["resumed_partitions"]:
@@ -398,7 +400,8 @@ def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
                 click.echo(
                     f"  ok    {w['address']}: {w['threads']} threads, "
                     f"{_gib(w['memory_limit'])} memory, {w['device']}, model load "
-                    f"{w['load_seconds']:.2f} s, test embedding {w['embed_seconds'] * 1000:.0f} ms"
+                    f"{w['load_seconds']:.2f} s, test embedding "
+                    f"{w['embed_seconds'] * 1000:.0f} ms"
                 )
             else:
                 click.echo(f"  FAIL  {w['address']}: {w.get('error', 'bad embedding')}")

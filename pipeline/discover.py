@@ -53,7 +53,7 @@ def is_image_name(name: str) -> bool:
 
 
 def check_dataset(root: str | os.PathLike) -> Path:
-    """Return ``root`` as a Path, or raise DatasetError if it is not a readable folder."""
+    """Return ``root`` as a Path; raise DatasetError unless it is a readable folder."""
     path = Path(root)
     if not path.exists():
         raise DatasetError(f"dataset folder {str(path)!r} does not exist")

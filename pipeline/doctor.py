@@ -1,4 +1,4 @@
-"""Health checks of a cluster for imgindex: versions, workers, a timed test embedding."""
+"""Cluster health checks: versions, workers, a timed test embedding on each."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def probe_embedding(spec: ModelSpec) -> dict[str, Any]:
-    """Embed one synthetic image where this runs; the task doctor sends to each worker."""
+    """Embed one synthetic image here: the task doctor sends to every worker."""
     import torch
 
     from pipeline import __version__

@@ -1,4 +1,4 @@
-"""FAISS indexes: which kind to build (policy) apart from the FAISS calls (mechanism)."""
+"""FAISS indexes: which kind to build (policy), apart from the FAISS calls."""
 
 from __future__ import annotations
 

@@ -31,8 +31,9 @@ class Searcher:
         self.embedder = Embedder(ModelSpec(name=meta["model"], device=device))
         if self.embedder.dim != meta["dim"]:
             raise ImgindexError(
-                f"model {meta['model']!r} gives {self.embedder.dim}-d vectors but the index "
-                f"holds {meta['dim']}-d ones; rebuild it with `imgindex build --rebuild`"
+                f"model {meta['model']!r} gives {self.embedder.dim}-d vectors but the "
+                f"index holds {meta['dim']}-d ones; rebuild it with "
+                "`imgindex build --rebuild`"
             )
         self.root = Path(meta["source"])
         self.paths = self.stored.paths_by_id()

@@ -73,13 +73,15 @@ def read_index_dir(path: str | os.PathLike) -> StoredIndex:
         ]
     except FileNotFoundError as e:
         raise IndexDirError(
-            f"{str(p)!r} is not an imgindex index directory (missing {Path(e.filename).name})"
+            f"{str(p)!r} is not an imgindex index directory "
+            f"(missing {Path(e.filename).name})"
         ) from None
     except (OSError, ValueError, KeyError) as e:
         raise IndexDirError(f"index directory {str(p)!r} is unreadable: {e}") from None
     if meta.get("format") != FORMAT_VERSION:
         raise IndexDirError(
-            f"index directory {str(p)!r} has format {meta.get('format')!r}; this imgindex "
+            f"index directory {str(p)!r} has format {meta.get('format')!r}; "
+            "this imgindex "
             f"reads format {FORMAT_VERSION}: rebuild it with `imgindex build --rebuild`"
         )
     return StoredIndex(p, meta, manifest, failures)

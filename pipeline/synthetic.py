@@ -1,4 +1,4 @@
-"""Generate photo-like test images (gradients, shapes, texture) for demos, tests and bench.
+"""Photo-like test images (gradients, shapes, texture) for demos, tests and bench.
 
 Run as ``python -m pipeline.synthetic OUT N [--seed S]``.
 """
@@ -60,7 +60,7 @@ def write_photos(
     max_side: int = 1000,
     prefix: str = "img",
 ) -> list[Path]:
-    """Write ``n`` JPEGs of ``min_side``-``max_side`` px into ``folder``; returns their paths."""
+    """Write ``n`` JPEGs, sides ``min_side``-``max_side`` px, into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -20,7 +20,8 @@ def test_cli_module_imports_nothing_heavy():
 
     code = (
         "import sys, pipeline.cli; "
-        "heavy = [m for m in ('torch', 'faiss', 'distributed', 'PIL') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'faiss', 'distributed', 'PIL') "
+        "if m in sys.modules]; "
         "print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
