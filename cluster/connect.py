@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import config_value, seconds_value
-from pipeline.errors import SchedulerUnreachable
+from pipeline.errors import InvalidSchedulerAddress, SchedulerUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,32 @@ def resolve_target(
             "imgindex.scheduler-file",
         )
     return Target(None, None, "")
+
+
+def check_address(address: str, source: str) -> None:
+    """Reject a malformed address outright: a typo is not a reason to fall back.
+
+    Raises
+    ------
+    InvalidSchedulerAddress
+        Naming the address and the setting it came from.
+    """
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import backends
+
+    try:
+        scheme, loc = parse_address(address, strict=False)
+        if scheme not in backends:
+            raise ValueError(scheme)
+        if scheme in ("tcp", "tls", "ucx"):
+            host, port = parse_host_port(loc)
+            if not host or not port:
+                raise ValueError(address)
+    except (ValueError, TypeError):
+        raise InvalidSchedulerAddress(
+            f"invalid scheduler address {address!r} from {source}; "
+            "expected tcp://HOST:PORT, e.g. tcp://node1:8786"
+        ) from None
 
 
 def probe_scheduler(address: str, timeout: float) -> dict | str:
@@ -156,6 +182,8 @@ def connect(
         return start_local("local: no scheduler configured")
 
     address = target.address
+    if address is not None:
+        check_address(address, target.source)
     if target.scheduler_file is not None:
         address = read_scheduler_file(target.scheduler_file)
         if address is None:

@@ -1,12 +1,9 @@
-"""Build one dataset's index on a Dask cluster: the only caller of client.submit."""
+"""Build one dataset's index: plan what to embed, dispatch it, assemble, write."""
 
 from __future__ import annotations
 
 import logging
-import re
-import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,7 +28,8 @@ from pipeline.discover import (
     discover_images,
     partition_records,
 )
-from pipeline.embed import ModelSpec, PartitionResult, embed_partition
+from pipeline.dispatch import DispatchSettings, PartitionDispatcher
+from pipeline.embed import ModelSpec, PartitionResult
 from pipeline.errors import BuildFailed, DatasetError, IndexDirError
 from pipeline.index import build_index, choose_index_key, reconstruct
 from pipeline.models import get_model
@@ -130,12 +128,19 @@ def run_build(
     started = time.perf_counter()
     spec = spec or default_spec()
     partition_size = int(config_value(partition_size, "imgindex.partition-size"))
-    retries = int(config_value(retries, "imgindex.retries"))
-    timeout = seconds_value(task_timeout, "imgindex.task-timeout")
-    per_thread = int(config_value(tasks_per_thread, "imgindex.tasks-per-thread"))
+    settings = DispatchSettings(
+        retries=int(config_value(retries, "imgindex.retries")),
+        timeout=seconds_value(task_timeout, "imgindex.task-timeout"),
+        tasks_per_thread=int(
+            config_value(tasks_per_thread, "imgindex.tasks-per-thread")
+        ),
+    )
 
     root = check_dataset(dataset).resolve()
     name = root.name
+    # Loaded here too: its dim and preprocessing go into meta.json, and an
+    # unknown model fails before any task is sent.
+    model = get_model(spec.name, "cpu")
     dest = Path(out).resolve() / name
     summary = BuildSummary(name=name, source=str(root), index=str(dest))
     stages = summary.stage_seconds
@@ -167,28 +172,25 @@ def run_build(
             )
 
         t = time.perf_counter()
-        runner = _PartitionRunner(
-            client,
-            name,
-            str(root),
-            spec,
-            ckdir,
-            retries=retries,
-            timeout=timeout,
-            per_thread=per_thread,
-            progress=progress,
-            total=len(plan.to_embed),
-            done=len(done_paths),
+        tracker = _Progress(progress, len(plan.to_embed), len(done_paths))
+
+        def on_result(part, result) -> None:
+            save_partition(ckdir, spec, part, result)
+            tracker.advance(len(part))
+
+        dispatcher = PartitionDispatcher(
+            client, name, str(root), spec, settings, on_result
         )
-        size = runner.partition_size(len(remaining), partition_size)
+        size = dispatcher.partition_size(len(remaining), partition_size)
         partitions = partition_records(remaining, size)
         summary.partitions = len(partitions) + len(resumed)
-        results = [result for _, result in resumed] + runner.run(partitions)
+        tracker.advance(0)
+        results = [result for _, result in resumed] + dispatcher.run(partitions)
         stages["embed"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        manifest, ids, vectors, failures = _assemble(plan, results, spec)
-        dim = vectors.shape[1]
+        manifest, ids, vectors, failures = _assemble(plan, results, model.dim)
+        dim = model.dim
         index = build_index(ids, vectors, choose_index_key(len(ids), dim))
         stages["index"] = time.perf_counter() - t
 
@@ -198,7 +200,7 @@ def run_build(
             "name": name,
             "source": str(root),
             "model": spec.name,
-            "preprocess": asdict(get_model(spec.name, "cpu").preprocess),
+            "preprocess": asdict(model.preprocess),
             "dim": int(dim),
             "metric": "cosine",
             "index_key": choose_index_key(len(ids), dim),
@@ -310,37 +312,33 @@ def _drop_id_collisions(
     return unique
 
 
-def _assemble(plan: _Plan, results: Sequence[PartitionResult], spec: ModelSpec):
+def _assemble(plan: _Plan, results: Sequence[PartitionResult], dim: int):
+    """Merge kept and new vectors into path order; gather every failure."""
+    embedded = [r for r in results if len(r.ids)]
+    for r in embedded:
+        if r.vectors.shape[1] != dim:
+            raise BuildFailed(
+                f"a worker returned {r.vectors.shape[1]}-d vectors, expected {dim}; "
+                "its model differs from the client's: run `imgindex doctor`"
+            )
+    kept_ids = np.array([r.id for r in plan.kept], dtype=np.int64)
+    kept_vecs = (
+        reconstruct(plan.previous.index, kept_ids)
+        if plan.kept
+        else np.zeros((0, dim), np.float32)
+    )
+    ids = np.concatenate([kept_ids, *(r.ids for r in embedded)])
+    vectors = np.concatenate([kept_vecs, *(r.vectors for r in embedded)])
+    paths = [r.path for r in plan.kept] + [p for r in embedded for p in r.paths]
+
+    order = np.argsort(np.array(paths, dtype=object), kind="stable")
     by_path = {r.path: r for r in plan.records}
-    new_ids = [r.ids for r in results]
-    new_vecs = [r.vectors for r in results]
-    new_paths = [p for r in results for p in r.paths]
+    manifest = [by_path[paths[i]] for i in order]
     failures = list(plan.discovery_failures)
     for r in results:
         failures.extend(r.failures)
-
-    if plan.kept:
-        kept_ids = np.array([r.id for r in plan.kept], dtype=np.int64)
-        kept_vecs = reconstruct(plan.previous.index, kept_ids)
-    else:
-        dim = _result_dim(results, spec)
-        kept_ids = np.zeros(0, np.int64)
-        kept_vecs = np.zeros((0, dim), np.float32)
-    ids = np.concatenate([kept_ids, *new_ids])
-    vectors = np.concatenate([kept_vecs, *new_vecs]) if len(ids) else kept_vecs
-    paths = [r.path for r in plan.kept] + new_paths
-
-    order = np.argsort(np.array(paths, dtype=object), kind="stable") if paths else []
-    ids, vectors = ids[order], vectors[order]
-    manifest = [by_path[paths[i]] for i in order]
     failures.sort(key=lambda f: f.path)
-    return manifest, ids, vectors, failures
-
-
-def _result_dim(results: Sequence[PartitionResult], spec: ModelSpec) -> int:
-    for r in results:
-        return r.vectors.shape[1]
-    return get_model(spec.name, "cpu").dim
+    return manifest, ids[order], vectors[order], failures
 
 
 def _count_by_worker(results: Sequence[PartitionResult]):
@@ -349,217 +347,13 @@ def _count_by_worker(results: Sequence[PartitionResult]):
             yield from [r.worker] * len(r.ids)
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.]+", "_", name)[:40] or "dataset"
-
-
-class _PartitionRunner:
-    """Submit partitions through a bounded window and stream results back.
-
-    Results are checkpointed and released as they arrive, so worker memory
-    holds at most the window and a crash loses at most the partitions in
-    flight. A worker dying mid-partition is handled by Dask (the task is
-    rescheduled); if one partition keeps killing workers it is bisected until
-    the image responsible is isolated and reported.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        name: str,
-        root: str,
-        spec: ModelSpec,
-        ckdir: Path,
-        *,
-        retries: int,
-        timeout: float,
-        per_thread: int,
-        progress: ProgressCallback | None,
-        total: int,
-        done: int,
-    ):
-        self.client = client
-        self.name = _safe_name(name)
-        self.root = root
-        self.spec = spec
-        self.ckdir = ckdir
-        self.retries = retries
-        self.timeout = timeout
-        self.per_thread = per_thread
-        self.progress = progress or (lambda done, total: None)
+class _Progress:
+    def __init__(self, callback: ProgressCallback | None, total: int, done: int):
+        self.callback = callback
         self.total = total
         self.done = done
-        self.run_id = uuid.uuid4().hex[:8]
-        self._n_submitted = 0
 
-    def run(self, partitions: list[tuple[ImageRecord, ...]]) -> list[PartitionResult]:
-        from distributed import as_completed
-
-        results: list[PartitionResult] = []
-        self.progress(self.done, self.total)
-        if not partitions:
-            return results
-        queue = list(reversed(partitions))
-        parts_of: dict[str, tuple[ImageRecord, ...]] = {}
-        ac = as_completed(loop=self.client.loop)
-        watchdog = _Watchdog(self.client, self.timeout, parts_of)
-
-        def submit_next() -> None:
-            part = queue.pop()
-            fut = self._submit(part)
-            parts_of[fut.key] = part
-            ac.add(fut)
-
-        for _ in range(min(len(queue), self._window())):
-            submit_next()
-        watchdog.start()
-        try:
-            for fut in ac:
-                part = parts_of.pop(fut.key)
-                result = self._collect(fut, part, watchdog, queue)
-                del fut
-                if result is not None:
-                    save_partition(self.ckdir, self.spec, part, result)
-                    results.append(result)
-                    self._advance(len(part))
-                while queue and ac.count() < self._window():
-                    submit_next()
-        finally:
-            watchdog.stop()
-        return results
-
-    def _collect(self, fut, part, watchdog, queue) -> PartitionResult | None:
-        from distributed import KilledWorker
-
-        if fut.status == "finished":
-            return fut.result()
-        if fut.key in watchdog.timed_out:
-            reason = (
-                f"partition timed out after {self.timeout:g} s (imgindex.task-timeout)"
-            )
-            return self._failed_partition(part, reason)
-        exc = fut.exception() if fut.status == "error" else None
-        if isinstance(exc, KilledWorker):
-            if len(part) == 1:
-                reason = "worker process died while decoding or embedding this image"
-                return self._failed_partition(part, reason)
-            mid = len(part) // 2
-            logger.warning(
-                "%s: partition of %d images killed workers; splitting it",
-                self.name,
-                len(part),
-            )
-            queue.extend([part[mid:], part[:mid]])
-            return None
-        raise BuildFailed(
-            f"embedding task for {self.name} failed after {self.retries} retries: "
-            f"{type(exc).__name__ if exc else fut.status}: {exc}; "
-            "check the workers' logs and run `imgindex doctor`"
-        )
-
-    def _failed_partition(self, part, reason: str) -> PartitionResult:
-        dim = get_model(self.spec.name, "cpu").dim
-        return PartitionResult(
-            ids=np.zeros(0, np.int64),
-            paths=[],
-            vectors=np.zeros((0, dim), np.float32),
-            failures=[Failure(r.path, reason) for r in part],
-            worker="",
-        )
-
-    def _submit(self, part: tuple[ImageRecord, ...]):
-        key = f"embed[{self.name}]-{self._n_submitted:05d}-{self.run_id}"
-        self._n_submitted += 1
-        return self.client.submit(
-            embed_partition,
-            self.root,
-            [r.path for r in part],
-            self.spec,
-            key=key,
-            retries=self.retries,
-            pure=False,
-        )
-
-    def partition_size(self, n_images: int, largest: int) -> int:
-        """Cut small jobs finer so every worker thread gets work (2 tasks each)."""
-        per_task = -(-n_images // (2 * self._threads()))
-        return max(1, min(largest, per_task))
-
-    def _threads(self) -> int:
-        return sum(self.client.nthreads().values()) or 1
-
-    def _window(self) -> int:
-        return max(2, self._threads() * self.per_thread)
-
-    def _advance(self, n: int) -> None:
+    def advance(self, n: int) -> None:
         self.done += n
-        self.progress(self.done, self.total)
-
-
-class _Watchdog:
-    """Fail partitions that run past the time limit (Dask has no task timeout).
-
-    Dask cannot interrupt a running thread, so the worker running a hung task
-    is restarted after the task is cancelled; its other tasks are rescheduled.
-    """
-
-    POLL_SECONDS = 2.0
-
-    def __init__(self, client, limit: float, parts_of: dict):
-        self.client = client
-        self.limit = limit
-        self.parts_of = parts_of
-        self.timed_out: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, name="imgindex-watchdog", daemon=True
-        )
-
-    def start(self) -> None:
-        if self.limit > 0:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.POLL_SECONDS):
-            try:
-                running = self.client.run_on_scheduler(_executing_tasks)
-            except Exception as e:  # scheduler briefly unreachable: try next tick
-                logger.debug("watchdog poll failed: %s", e)
-                continue
-            for key, (address, seconds) in running.items():
-                if (
-                    key in self.parts_of
-                    and key not in self.timed_out
-                    and seconds > self.limit
-                ):
-                    logger.warning(
-                        "task %s ran %.0f s > %.0f s on %s; failing it",
-                        key,
-                        seconds,
-                        self.limit,
-                        address,
-                    )
-                    self.timed_out.add(key)
-                    self._kill(key, address)
-
-    def _kill(self, key: str, address: str) -> None:
-        from distributed import Future
-
-        try:
-            self.client.cancel([Future(key, self.client)], force=True)
-            self.client.restart_workers([address], raise_for_error=False)
-        except Exception as e:
-            logger.warning("could not restart worker %s: %s", address, e)
-
-
-def _executing_tasks(dask_scheduler=None) -> dict[str, tuple[str, float]]:
-    return {
-        ts.key: (ws.address, float(duration))
-        for ws in dask_scheduler.workers.values()
-        for ts, duration in ws.executing.items()
-    }
+        if self.callback is not None:
+            self.callback(self.done, self.total)

@@ -116,6 +116,10 @@ def _walk(base: str, rel: str, failures: list[Failure] | None) -> Iterator[Image
                 failures.append(Failure(relpath, reason))
             continue
         if not stat.S_ISREG(st.st_mode):
+            # A FIFO or device named like an image would block or mislead a
+            # worker's read; report it rather than open it.
+            if failures is not None:
+                failures.append(Failure(relpath, "not a regular file"))
             continue
         yield ImageRecord(relpath, st.st_size, st.st_mtime_ns)
 

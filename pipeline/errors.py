@@ -38,3 +38,7 @@ class SchedulerUnreachable(ImgindexError):
 
 class BuildFailed(ImgindexError):
     """The cluster could not finish a build (for example all workers lost)."""
+
+
+class InvalidSchedulerAddress(ImgindexError):
+    """A scheduler address that cannot be parsed (never a reason to fall back)."""

@@ -93,16 +93,31 @@ def load_model(name: str, device: str) -> LoadedModel:
         If the name is unknown, or its package or weights are not installed.
     """
     family = name.split(":", 1)[0]
-    load = _LOADERS.get(family)
+    load = _LOADERS.get(family) or _entry_point_loader(family)
     if load is None:
         known = ", ".join(sorted(_LOADERS))
         raise ModelUnavailable(
             f"unknown model {name!r}; known families: {known} "
-            "(plug-ins are written family:variant, e.g. timm:resnet50)"
+            "(plug-ins are written family:variant, e.g. timm:resnet50; other "
+            "packages add families through the 'imgindex.models' entry-point group)"
         )
     model = load(name, device)
     model.dim = _probe_dim(model)
     return model
+
+
+def _entry_point_loader(family: str) -> Callable[[str, str], LoadedModel] | None:
+    """A loader that another package registers under the ``imgindex.models`` group.
+
+    The entry point names the family and points at ``loader(name, device) ->
+    LoadedModel``; it must be installed on the client and every worker.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="imgindex.models", name=family):
+        _LOADERS[family] = ep.load()
+        return _LOADERS[family]
+    return None
 
 
 def _probe_dim(model: LoadedModel) -> int:

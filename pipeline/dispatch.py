@@ -1,0 +1,254 @@
+"""Send partitions to the cluster and stream results back: the only caller of submit.
+
+Partitions go out through a bounded window (a few per worker thread), so
+neither the scheduler nor worker memory ever holds the whole job, and each
+result is handed to the caller and released as soon as it arrives.
+
+What can go wrong, and what happens:
+- a bad image: a Failure row inside a normal result (see embed.py);
+- a task raises (a flaky file system, a worker short of memory): Dask retries
+  it ``retries`` times, then the build fails with the task's error;
+- a worker process dies: Dask reschedules its tasks on other workers; if the
+  same partition keeps killing workers (KilledWorker), it is split in two and
+  each half resubmitted, until the one image responsible is isolated and
+  reported; its partition-mates are still indexed;
+- a task hangs: Dask has no task timeout (dask/distributed#391), so a watchdog
+  cancels partitions running past the limit, restarts their worker, and splits
+  them the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.discover import Failure, ImageRecord
+from pipeline.embed import ModelSpec, PartitionResult, embed_partition
+from pipeline.errors import BuildFailed
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+Partition = Sequence[ImageRecord]
+ResultCallback = Callable[[Partition, PartitionResult], None]
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    retries: int = 3  # retries of a task that raised
+    timeout: float = 300.0  # seconds a partition may run; <= 0: no limit
+    tasks_per_thread: int = 3  # partitions in flight per worker thread
+
+
+class PartitionDispatcher:
+    """Run ``embed_partition`` over partitions of one dataset on ``client``.
+
+    Parameters
+    ----------
+    client
+        A connected client.
+    label
+        Dataset name, used in task keys so the dashboard shows one progress
+        bar per dataset (``embed[<label>]-<n>-<run id>``).
+    root
+        Absolute dataset folder, as workers will see it.
+    spec
+        Model settings sent with every task.
+    settings
+        Retries, time limit and window size.
+    on_result
+        Called with each finished partition and its result, in arrival order.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        label: str,
+        root: str,
+        spec: ModelSpec,
+        settings: DispatchSettings,
+        on_result: ResultCallback,
+    ):
+        self.client = client
+        self.label = re.sub(r"[^A-Za-z0-9_.]+", "_", label)[:40] or "dataset"
+        self.root = root
+        self.spec = spec
+        self.settings = settings
+        self.on_result = on_result
+        self.run_id = uuid.uuid4().hex[:8]
+        self._n_submitted = 0
+
+    def threads(self) -> int:
+        return sum(self.client.nthreads().values()) or 1
+
+    def partition_size(self, n_images: int, largest: int) -> int:
+        """Cut small jobs finer so that every worker thread gets work (2 tasks each)."""
+        per_task = -(-n_images // (2 * self.threads()))
+        return max(1, min(largest, per_task))
+
+    def run(self, partitions: Sequence[Partition]) -> list[PartitionResult]:
+        """Embed every partition; returns the results in arrival order.
+
+        Raises
+        ------
+        BuildFailed
+            If a task keeps raising after its retries.
+        """
+        from distributed import as_completed
+
+        results: list[PartitionResult] = []
+        queue = list(reversed(partitions))
+        in_flight: dict[str, Partition] = {}
+        ac = as_completed(loop=self.client.loop)
+        watchdog = _Watchdog(self.client, self.settings.timeout, in_flight)
+
+        def fill() -> None:
+            window = max(2, self.threads() * self.settings.tasks_per_thread)
+            while queue and ac.count() < window:
+                part = queue.pop()
+                fut = self._submit(part)
+                in_flight[fut.key] = part
+                ac.add(fut)
+
+        fill()
+        watchdog.start()
+        try:
+            for fut in ac:
+                part = in_flight.pop(fut.key)
+                result = self._outcome(fut, part, watchdog.timed_out, queue)
+                del fut  # release the result on the worker
+                if result is not None:
+                    self.on_result(part, result)
+                    results.append(result)
+                fill()
+        finally:
+            watchdog.stop()
+        return results
+
+    def _outcome(self, fut, part: Partition, timed_out: set, queue: list):
+        from distributed import KilledWorker
+
+        if fut.status == "finished":
+            return fut.result()
+        exc = fut.exception() if fut.status == "error" else None
+        if fut.key in timed_out:
+            reason = (
+                f"timed out after {self.settings.timeout:g} s "
+                "(imgindex.task-timeout) while decoding or embedding this image"
+            )
+        elif isinstance(exc, KilledWorker):
+            reason = "worker process died while decoding or embedding this image"
+        else:
+            raise BuildFailed(
+                f"an embedding task of {self.label} failed after "
+                f"{self.settings.retries} retries: {type(exc).__name__}: {exc}; "
+                "check the workers' logs, or run `imgindex doctor`"
+            )
+        if len(part) == 1:
+            logger.warning("%s: %s: %s", self.label, part[0].path, reason)
+            return self._failed(part, reason)
+        mid = len(part) // 2
+        logger.warning(
+            "%s: a partition of %d images %s; splitting it to find the image",
+            self.label,
+            len(part),
+            "timed out" if fut.key in timed_out else "killed its workers",
+        )
+        queue.extend([part[mid:], part[:mid]])
+        return None
+
+    def _failed(self, part: Partition, reason: str) -> PartitionResult:
+        return PartitionResult(
+            ids=np.zeros(0, np.int64),
+            paths=[],
+            vectors=np.zeros((0, 0), np.float32),
+            failures=[Failure(r.path, reason) for r in part],
+            worker="",
+        )
+
+    def _submit(self, part: Partition):
+        key = f"embed[{self.label}]-{self._n_submitted:05d}-{self.run_id}"
+        self._n_submitted += 1
+        return self.client.submit(
+            embed_partition,
+            self.root,
+            [r.path for r in part],
+            self.spec,
+            key=key,
+            retries=self.settings.retries,
+            pure=False,
+        )
+
+
+class _Watchdog(threading.Thread):
+    """Cancel partitions running past the limit and restart their workers.
+
+    Dask cannot interrupt a running thread; restarting the worker process is
+    the only way to get its slot back.
+    """
+
+    def __init__(self, client, limit: float, in_flight: dict):
+        super().__init__(name="imgindex-watchdog", daemon=True)
+        self.client = client
+        self.limit = limit
+        self.in_flight = in_flight
+        self.timed_out: set[str] = set()
+        self._stopped = threading.Event()
+        self._poll = min(2.0, max(0.2, limit / 4))
+
+    def start(self) -> None:
+        if self.limit > 0:
+            super().start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.is_alive():
+            self.join(timeout=10)
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._poll):
+            try:
+                running = self.client.run_on_scheduler(_executing_tasks)
+            except Exception as e:  # scheduler busy or reconnecting: next tick
+                logger.debug("watchdog poll failed: %s", e)
+                continue
+            for key, (address, seconds) in running.items():
+                if seconds > self.limit and key in self.in_flight:
+                    if key not in self.timed_out:
+                        self._expire(key, address, seconds)
+
+    def _expire(self, key: str, address: str, seconds: float) -> None:
+        from distributed import Future
+
+        logger.warning(
+            "task %s ran %.0f s (limit %g s) on %s; cancelling it and restarting "
+            "that worker",
+            key,
+            seconds,
+            self.limit,
+            address,
+        )
+        self.timed_out.add(key)
+        try:
+            self.client.cancel([Future(key, self.client)], force=True)
+            self.client.restart_workers([address], raise_for_error=False)
+        except Exception as e:  # e.g. an in-process worker, which has no nanny
+            logger.warning("could not restart worker %s: %s", address, e)
+
+
+def _executing_tasks(dask_scheduler=None) -> dict[str, tuple[str, float]]:
+    """Run on the scheduler: key -> (worker, seconds running) of executing tasks."""
+    return {
+        ts.key: (ws.address, float(duration))
+        for ws in dask_scheduler.workers.values()
+        for ts, duration in ws.executing.items()
+    }
