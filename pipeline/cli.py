@@ -102,7 +102,7 @@ def _connect(scheduler, scheduler_file, no_fallback):
     "--out",
     "-o",
     required=True,
-    type=click.Path(path_type=Path, file_okay=False),
+    type=click.Path(path_type=Path),
     help="Root folder; each dataset's index goes to OUT/<dataset name>/.",
 )
 @_scheduler_options
@@ -287,7 +287,7 @@ def _print_build_report(report: dict) -> None:
                 "from an interrupted build"
             )
         for f in d["failed"][:10]:
-            click.echo(f"  skipped {f['path']}: {f['reason']}")
+            click.echo(f"  skipped {_shown(f['path'])}: {f['reason']}")
         if len(d["failed"]) > 10:
             click.echo(f"  ... and {len(d['failed']) - 10} more (see `imgindex info`)")
     c = report["cluster"]
@@ -323,7 +323,7 @@ def search(index_dir, images, k, as_json):
     for query, hits in zip(images, results, strict=True):
         click.echo(f"{query}:")
         for h in hits:
-            click.echo(f"  {h.rank:3d}  {h.score:.4f}  {h.path}")
+            click.echo(f"  {h.rank:3d}  {h.score:.4f}  {_shown(h.path)}")
 
 
 @cli.command()
@@ -367,7 +367,7 @@ def info(index_dir, as_json):
     ):
         click.echo(f"{key:17} {report[key]}")
     for f in stored.failures[:20]:
-        click.echo(f"  failed {f.path}: {f.reason}")
+        click.echo(f"  failed {_shown(f.path)}: {f.reason}")
     if len(stored.failures) > 20:
         click.echo(f"  ... and {len(stored.failures) - 20} more (--json lists all)")
 
@@ -409,6 +409,11 @@ def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
             click.echo(f"  version mismatch: {pkg}: {where}")
     if not report["ok"]:
         raise click.ClickException("cluster is not healthy (see above)")
+
+
+def _shown(path: str) -> str:
+    """A path printable on any terminal: undecodable bytes shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _gib(n) -> str:

@@ -1,0 +1,61 @@
+"""Model plug-ins that misbehave on purpose, registered through the real loader API.
+
+Each is a tiny 6-d model (channel means and deviations) that behaves normally
+except on an all-white image, the trigger: ``test-crash`` kills the worker
+process, ``test-hang`` never returns. ``test-flaky:N`` fails its first N loads
+in a process. Worker processes learn them through :class:`RegisterFaultModels`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import torch
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from pipeline.models import LoadedModel, Preprocess, loader
+
+_loads: Counter = Counter()
+
+
+def _has_white_image(x: torch.Tensor) -> bool:
+    # Input is (pixel - 127) / 128, so white is ~0.99 everywhere.
+    return bool((x.flatten(1).min(dim=1).values > 0.98).any())
+
+
+def _tiny(name: str, device: str, on_white) -> LoadedModel:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if _has_white_image(x):
+            on_white()
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3)) + 1e-3], dim=1)
+
+    return LoadedModel(name, forward, Preprocess(), device, 0)
+
+
+@loader("test-crash")
+def _crash(name: str, device: str) -> LoadedModel:
+    return _tiny(name, device, lambda: os._exit(70))
+
+
+@loader("test-hang")
+def _hang(name: str, device: str) -> LoadedModel:
+    return _tiny(name, device, lambda: time.sleep(3600))
+
+
+@loader("test-flaky")
+def _flaky(name: str, device: str) -> LoadedModel:
+    _loads[name] += 1
+    if _loads[name] <= int(name.split(":")[1]):
+        raise RuntimeError(f"transient failure {_loads[name]} loading {name}")
+    return _tiny(name, device, lambda: None)
+
+
+class RegisterFaultModels(WorkerPlugin):
+    """Unpickling this on a worker imports this module, registering the loaders."""
+
+    idempotent = True
+
+    def setup(self, worker) -> None:
+        pass
