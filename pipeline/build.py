@@ -65,6 +65,7 @@ class BuildSummary:
     unchanged: int = 0
     partitions: int = 0
     resumed_partitions: int = 0
+    resumed_images: int = 0
     workers: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -164,6 +165,7 @@ def run_build(
         done_paths = {r.path for records, _ in resumed for r in records}
         remaining = [r for r in plan.to_embed if r.path not in done_paths]
         summary.resumed_partitions = len(resumed)
+        summary.resumed_images = len(done_paths)
         if resumed:
             logger.info(
                 "%s: resuming; %d images already embedded by an interrupted build",
@@ -185,7 +187,8 @@ def run_build(
         partitions = partition_records(remaining, size)
         summary.partitions = len(partitions) + len(resumed)
         tracker.advance(0)
-        results = [result for _, result in resumed] + dispatcher.run(partitions)
+        new_results = dispatcher.run(partitions)
+        results = [result for _, result in resumed] + new_results
         stages["embed"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -214,11 +217,14 @@ def run_build(
         clear_checkpoints(ckdir)
         stages["write"] = time.perf_counter() - t
 
-    embedded = sum(len(r.ids) for r in results)
+    embedded = sum(len(r.ids) for r in new_results)
     summary.indexed = int(index.ntotal)
     summary.embedded = embedded
     summary.failed = [{"path": f.path, "reason": f.reason} for f in failures]
-    summary.workers = dict(Counter(_count_by_worker(results)))
+    by_worker: Counter = Counter()
+    for r in new_results:
+        by_worker[r.worker] += len(r.ids)
+    summary.workers = {w: n for w, n in by_worker.items() if n}
     summary.seconds = round(time.perf_counter() - started, 3)
     attempted = len(plan.to_embed)
     summary.images_per_second = (
@@ -339,12 +345,6 @@ def _assemble(plan: _Plan, results: Sequence[PartitionResult], dim: int):
         failures.extend(r.failures)
     failures.sort(key=lambda f: f.path)
     return manifest, ids[order], vectors[order], failures
-
-
-def _count_by_worker(results: Sequence[PartitionResult]):
-    for r in results:
-        if len(r.ids):
-            yield from [r.worker] * len(r.ids)
 
 
 class _Progress:

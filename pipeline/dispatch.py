@@ -204,6 +204,7 @@ class _Watchdog(threading.Thread):
         self.timed_out: set[str] = set()
         self._stopped = threading.Event()
         self._poll = min(2.0, max(0.2, limit / 4))
+        self._executing = _executing_tasks_fn()
 
     def start(self) -> None:
         if self.limit > 0:
@@ -217,7 +218,7 @@ class _Watchdog(threading.Thread):
     def run(self) -> None:
         while not self._stopped.wait(self._poll):
             try:
-                running = self.client.run_on_scheduler(_executing_tasks)
+                running = self.client.run_on_scheduler(self._executing)
             except Exception as e:  # scheduler busy or reconnecting: next tick
                 logger.debug("watchdog poll failed: %s", e)
                 continue
@@ -245,10 +246,18 @@ class _Watchdog(threading.Thread):
             logger.warning("could not restart worker %s: %s", address, e)
 
 
-def _executing_tasks(dask_scheduler=None) -> dict[str, tuple[str, float]]:
-    """Run on the scheduler: key -> (worker, seconds running) of executing tasks."""
-    return {
-        ts.key: (ws.address, float(duration))
-        for ws in dask_scheduler.workers.values()
-        for ts, duration in ws.executing.items()
-    }
+def _executing_tasks_fn():
+    """The function the watchdog runs on the scheduler.
+
+    Made here, as a closure, so that cloudpickle sends it by value: the
+    scheduler process need not have imgindex installed.
+    """
+
+    def executing(dask_scheduler=None) -> dict[str, tuple[str, float]]:
+        return {
+            ts.key: (ws.address, float(duration))
+            for ws in dask_scheduler.workers.values()
+            for ts, duration in ws.executing.items()
+        }
+
+    return executing

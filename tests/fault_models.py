@@ -3,7 +3,8 @@
 Each is a tiny 6-d model (channel means and deviations) that behaves normally
 except on an all-white image, the trigger: ``test-crash`` kills the worker
 process, ``test-hang`` never returns. ``test-flaky:N`` fails its first N loads
-in a process. Worker processes learn them through :class:`RegisterFaultModels`.
+in a process's workers. Worker processes learn them through
+:class:`RegisterFaultModels`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def _hang(name: str, device: str) -> LoadedModel:
 
 @loader("test-flaky")
 def _flaky(name: str, device: str) -> LoadedModel:
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:  # on the client: load normally
+        return _tiny(name, device, lambda: None)
     _loads[name] += 1
     if _loads[name] <= int(name.split(":")[1]):
         raise RuntimeError(f"transient failure {_loads[name]} loading {name}")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_bad_files
 from PIL import Image
 
+from conftest import write_bad_files
 from pipeline.build import run_build
 from pipeline.embed import Embedder, ModelSpec, embed_partition
 from pipeline.store import read_index_dir

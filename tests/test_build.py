@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_tree, crop_query, write_bad_files
 
+from conftest import copy_tree, crop_query, write_bad_files
 from pipeline.build import run_build
 from pipeline.errors import DatasetError, IndexDirError, IndexLocked
 from pipeline.search import Searcher

@@ -8,8 +8,8 @@ import socket
 import dask.config
 import pytest
 from click.testing import CliRunner
-from conftest import copy_tree, crop_query, write_bad_files
 
+from conftest import copy_tree, crop_query, write_bad_files
 from pipeline.cli import cli
 
 

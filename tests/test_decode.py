@@ -2,9 +2,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_bad_files
 from PIL import Image
 
+from conftest import write_bad_files
 from pipeline.decode import decode_image
 from pipeline.errors import DecodeError
 
