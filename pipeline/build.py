@@ -83,7 +83,8 @@ class _Plan:
     added: int
     updated: int
     removed: int
-    discovery_failures: list[Failure]
+    known_failures: list[Failure]  # found while planning: no task needed
+    unchanged: int
     previous: StoredIndex | None
 
 
@@ -155,7 +156,7 @@ def run_build(
             plan.updated,
             plan.removed,
         )
-        summary.unchanged = len(plan.kept)
+        summary.unchanged = plan.unchanged
 
         ckdir = checkpoint_dir(dest)
         if rebuild:
@@ -192,7 +193,9 @@ def run_build(
         stages["embed"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        manifest, ids, vectors, failures = _assemble(plan, results, model.dim)
+        manifest, ids, vectors, failures, failed_records = _assemble(
+            plan, results, model.dim
+        )
         dim = model.dim
         index = build_index(ids, vectors, choose_index_key(len(ids), dim))
         stages["index"] = time.perf_counter() - t
@@ -213,7 +216,7 @@ def run_build(
             "updated": now,
             "imgindex_version": __version__,
         }
-        write_index_dir(dest, index, manifest, meta, failures)
+        write_index_dir(dest, index, manifest, meta, failures, failed_records)
         clear_checkpoints(ckdir)
         stages["write"] = time.perf_counter() - t
 
@@ -272,26 +275,31 @@ def _plan(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> _Plan:
                 "choose another --out or remove it"
             )
     old = {r.path: r for r in previous.manifest} if previous else {}
-    kept, to_embed = [], []
+    old_bad = previous.failed_records if previous else {}
+    old_reasons = {f.path: f for f in previous.failures} if previous else {}
+    kept, to_embed, known_bad = [], [], []
     updated = 0
     for r in records:
-        before = old.get(r.path)
-        if before is not None and before == r:
+        if old.get(r.path) == r:
             kept.append(r)
+        elif old_bad.get(r.path) == r:
+            # Failed before and unchanged since: it would fail again.
+            known_bad.append(old_reasons[r.path])
         else:
             to_embed.append(r)
-            updated += before is not None
+            updated += r.path in old or r.path in old_bad
     seen = {r.path for r in records}
     removed = sum(1 for p in old if p not in seen)
     return _Plan(
-        records,
-        kept,
-        to_embed,
-        len(to_embed) - updated,
-        updated,
-        removed,
-        discovery_failures,
-        previous,
+        records=records,
+        kept=kept,
+        to_embed=to_embed,
+        added=len(to_embed) - updated,
+        updated=updated,
+        removed=removed,
+        known_failures=discovery_failures + known_bad,
+        unchanged=len(kept) + len(known_bad),
+        previous=previous,
     )
 
 
@@ -340,11 +348,12 @@ def _assemble(plan: _Plan, results: Sequence[PartitionResult], dim: int):
     order = np.argsort(np.array(paths, dtype=object), kind="stable")
     by_path = {r.path: r for r in plan.records}
     manifest = [by_path[paths[i]] for i in order]
-    failures = list(plan.discovery_failures)
+    failures = list(plan.known_failures)
     for r in results:
         failures.extend(r.failures)
     failures.sort(key=lambda f: f.path)
-    return manifest, ids[order], vectors[order], failures
+    failed_records = {f.path: by_path[f.path] for f in failures if f.path in by_path}
+    return manifest, ids[order], vectors[order], failures, failed_records
 
 
 class _Progress:

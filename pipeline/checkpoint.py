@@ -51,7 +51,7 @@ def save_partition(
         "spec": spec_key(spec),
         "records": rows,
         "paths": result.paths,
-        "failures": [[f.path, f.reason] for f in result.failures],
+        "failures": [[f.path, f.reason, f.transient] for f in result.failures],
         "worker": result.worker,
         "timings": result.timings,
     }
@@ -97,7 +97,7 @@ def _load(path: Path) -> tuple[dict, PartitionResult] | None:
                 ids=data["ids"],
                 paths=info["paths"],
                 vectors=data["vectors"],
-                failures=[Failure(p, r) for p, r in info["failures"]],
+                failures=[Failure(*row) for row in info["failures"]],
                 worker=info["worker"],
                 timings=info["timings"],
             )

@@ -36,6 +36,9 @@ class Failure:
 
     path: str
     reason: str
+    # A cluster problem (time-out, dead worker) rather than the file itself:
+    # the next build tries the file again even if it has not changed.
+    transient: bool = False
 
 
 def image_id(relpath: str) -> int:

@@ -171,7 +171,7 @@ class PartitionDispatcher:
             ids=np.zeros(0, np.int64),
             paths=[],
             vectors=np.zeros((0, 0), np.float32),
-            failures=[Failure(r.path, reason) for r in part],
+            failures=[Failure(r.path, reason, transient=True) for r in part],
             worker="",
         )
 

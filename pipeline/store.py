@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class StoredIndex:
     meta: dict[str, Any]
     manifest: list[ImageRecord]
     failures: list[Failure]
+    # The files behind non-transient failures, as they were when they failed.
+    failed_records: dict[str, ImageRecord] = field(default_factory=dict)
     _index: Any = None
 
     @property
@@ -68,9 +70,15 @@ def read_index_dir(path: str | os.PathLike) -> StoredIndex:
             ImageRecord(row["path"], row["size"], row["mtime_ns"])
             for row in _read_jsonl(p / MANIFEST_FILE)
         ]
+        rows = list(_read_jsonl(p / FAILURES_FILE))
         failures = [
-            Failure(r["path"], r["reason"]) for r in _read_jsonl(p / FAILURES_FILE)
+            Failure(r["path"], r["reason"], r.get("transient", False)) for r in rows
         ]
+        failed_records = {
+            r["path"]: ImageRecord(r["path"], r["size"], r["mtime_ns"])
+            for r in rows
+            if "size" in r and not r.get("transient", False)
+        }
     except FileNotFoundError as e:
         raise IndexDirError(
             f"{str(p)!r} is not an imgindex index directory "
@@ -84,7 +92,7 @@ def read_index_dir(path: str | os.PathLike) -> StoredIndex:
             "this imgindex "
             f"reads format {FORMAT_VERSION}: rebuild it with `imgindex build --rebuild`"
         )
-    return StoredIndex(p, meta, manifest, failures)
+    return StoredIndex(p, meta, manifest, failures, failed_records)
 
 
 def write_index_dir(
@@ -93,6 +101,7 @@ def write_index_dir(
     manifest: list[ImageRecord],
     meta: dict[str, Any],
     failures: list[Failure],
+    failed_records: dict[str, ImageRecord] | None = None,
 ) -> Path:
     """Write a complete index directory at ``dest``, replacing any old one whole.
 
@@ -114,7 +123,7 @@ def write_index_dir(
         )
         _write_jsonl(
             tmp / FAILURES_FILE,
-            ({"path": f.path, "reason": f.reason} for f in failures),
+            (_failure_row(f, (failed_records or {}).get(f.path)) for f in failures),
         )
         (tmp / META_FILE).write_text(
             json.dumps({**meta, "format": FORMAT_VERSION}, indent=2)
@@ -127,6 +136,15 @@ def write_index_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _failure_row(failure: Failure, record: ImageRecord | None) -> dict:
+    row: dict[str, Any] = {"path": failure.path, "reason": failure.reason}
+    if failure.transient:
+        row["transient"] = True
+    if record is not None:
+        row.update(size=record.size, mtime_ns=record.mtime_ns)
+    return row
 
 
 def _swap_into_place(tmp: Path, dest: Path) -> None:

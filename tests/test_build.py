@@ -168,3 +168,22 @@ def test_index_dir_is_replaced_whole(client, dataset, tmp_path: Path):
         if p.name.startswith(".beach.") and not p.name.endswith(".lock")
     ]
     assert leftovers == []
+
+
+def test_unchanged_bad_files_are_not_retried_but_still_reported(
+    client, dataset, tmp_path
+):
+    out = tmp_path / "out"
+    (dataset / "broken.jpg").write_bytes(b"not a jpeg")
+    first = run_build(client, dataset, out)
+    assert [f["path"] for f in first.failed] == ["broken.jpg"]
+
+    again = run_build(client, dataset, out)
+    assert (again.added, again.updated, again.embedded) == (0, 0, 0)
+    assert again.unchanged == first.indexed + 1
+    assert [f["path"] for f in again.failed] == ["broken.jpg"]
+
+    (dataset / "broken.jpg").write_bytes((dataset / "img00000.jpg").read_bytes())
+    fixed = run_build(client, dataset, out)
+    assert (fixed.updated, fixed.embedded, fixed.failed) == (1, 1, [])
+    assert fixed.indexed == first.indexed + 1
