@@ -85,14 +85,18 @@ def _scheduler_options(f):
     return f
 
 
-def _connect(scheduler, scheduler_file, no_fallback):
-    from cluster.connect import connect
-
+def _check_scheduler_options(scheduler, scheduler_file) -> None:
     if scheduler and scheduler_file:
         raise click.BadParameter(
             "give either --scheduler or --scheduler-file, not both",
             param_hint="--scheduler",
         )
+
+
+def _connect(scheduler, scheduler_file, no_fallback):
+    from cluster.connect import connect
+
+    _check_scheduler_options(scheduler, scheduler_file)
     return connect(scheduler, scheduler_file, fallback=False if no_fallback else None)
 
 
@@ -161,12 +165,16 @@ def build(
     """Embed the images under each DATASET folder and write OUT/<name>/."""
     from cluster.worker import setup_workers
     from pipeline.build import default_spec, run_build
-    from pipeline.discover import check_dataset
+    from pipeline.discover import check_dataset, has_images
     from pipeline.errors import ImgindexError
     from pipeline.models import get_model
 
     started = time.perf_counter()
+    _check_scheduler_options(scheduler, scheduler_file)
     roots = [check_dataset(d) for d in datasets]
+    for root in roots:
+        if not has_images(root):
+            raise ImgindexError(f"dataset folder {str(root)!r} contains no image files")
     names = [r.resolve().name for r in roots]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

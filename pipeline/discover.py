@@ -127,6 +127,11 @@ def _walk(base: str, rel: str, failures: list[Failure] | None) -> Iterator[Image
         yield ImageRecord(relpath, st.st_size, st.st_mtime_ns)
 
 
+def has_images(root: str | os.PathLike) -> bool:
+    """True if ``root`` holds at least one image file (stops at the first)."""
+    return next(discover_images(root), None) is not None
+
+
 def partition_records(
     records: list[ImageRecord], size: int
 ) -> list[tuple[ImageRecord, ...]]:

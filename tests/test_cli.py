@@ -18,11 +18,12 @@ def invoke(*args: str):
 
 
 def one_error_line(result) -> str:
+    """The error is one line, the last on stderr (after any cluster/dashboard line)."""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert errors == lines[-1:], result.stderr
     assert "Traceback" not in result.output
-    return lines[0]
+    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +180,51 @@ def test_unreachable_scheduler_falls_back_to_local(dataset, tmp_path):
     assert report["cluster"]["reason"].startswith(f"local: {address}: ")
     assert report["datasets"][0]["indexed"] == 36
     assert "falling back to a LocalCluster" in result.stderr
+
+
+def test_unwritable_out_is_one_line(dataset, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    result = invoke("build", dataset, "--out", blocker / "sub")
+    assert result.exit_code == 1
+    assert "is not writable" in one_error_line(result)
+
+
+@pytest.mark.parametrize("address", ["tcp//node1", "node1:notaport", "http://x:1"])
+def test_malformed_scheduler_address_is_one_line(dataset, tmp_path, address):
+    result = invoke("build", dataset, "--out", tmp_path / "out", "--scheduler", address)
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert f"invalid scheduler address {address!r} from --scheduler" in line
+
+
+def test_empty_dataset_is_one_line(process_cluster, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke(
+        "build",
+        tmp_path / "empty",
+        "--out",
+        tmp_path / "out",
+        "--scheduler",
+        process_cluster.scheduler_address,
+    )
+    assert result.exit_code == 1
+    assert "contains no image files" in one_error_line(result)
+
+
+def test_index_of_another_model_is_refused_and_kept(remote_build, process_cluster):
+    _, roots, out = remote_build
+    before = (out / "forest" / "index.faiss").read_bytes()
+    result = invoke(
+        "build",
+        roots["forest"],
+        "--out",
+        out,
+        "--model",
+        "test-other",
+        "--scheduler",
+        process_cluster.scheduler_address,
+    )
+    assert result.exit_code == 1
+    assert "unknown model 'test-other'" in one_error_line(result)
+    assert (out / "forest" / "index.faiss").read_bytes() == before
