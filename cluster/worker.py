@@ -58,9 +58,17 @@ class WorkerSetup(WorkerPlugin):
 def setup_workers(
     client: Any, spec: ModelSpec, torch_threads: int | None = None
 ) -> None:
-    """Register :class:`WorkerSetup` on every current and future worker."""
+    """Check the workers' environments, then set up every current and future worker.
+
+    Raises
+    ------
+    WorkerEnvironmentError
+        If a worker lacks imgindex or runs incompatible package versions.
+    """
+    from cluster.environment import ensure_compatible
     from pipeline.config import config_value
 
+    ensure_compatible(client)
     threads = int(config_value(torch_threads, "imgindex.torch-threads"))
     client.register_plugin(
         WorkerSetup(spec, threads), name=f"{PLUGIN_NAME}-{spec.name}-{spec.device}"

@@ -386,9 +386,9 @@ def info(index_dir, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
 def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
     """Check the cluster: reachable, workers, versions, a timed test embedding."""
+    from cluster.doctor import check_cluster
     from cluster.worker import setup_workers
     from pipeline.build import default_spec
-    from pipeline.doctor import check_cluster
 
     spec = default_spec(model)
     if (scheduler or scheduler_file) and no_fallback is None:
@@ -413,8 +413,10 @@ def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
                 )
             else:
                 click.echo(f"  FAIL  {w['address']}: {w.get('error', 'bad embedding')}")
-        for pkg, where in report["mismatched_packages"].items():
-            click.echo(f"  version mismatch: {pkg}: {where}")
+        for text in report["problems"]:
+            click.echo(f"  problem: {text}")
+        for text in report["warnings"]:
+            click.echo(f"  warning: {text}")
     if not report["ok"]:
         raise click.ClickException("cluster is not healthy (see above)")
 

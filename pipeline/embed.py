@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline import __version__
 from pipeline.decode import decode_image
 from pipeline.discover import Failure, image_id
-from pipeline.errors import DecodeError
+from pipeline.errors import DecodeError, WorkerEnvironmentError
 from pipeline.models import LoadedModel, get_model
 
 
@@ -28,6 +29,7 @@ class ModelSpec:
     device: str = "auto"
     batch_size: int = 1
     max_pixels: int = 89_478_485
+    imgindex_version: str = __version__
 
 
 @dataclass
@@ -96,6 +98,12 @@ def embed_partition(
     A bad image becomes a Failure row and never fails the task; only a broken
     model or environment raises (and is retried by Dask).
     """
+    if spec.imgindex_version != __version__:
+        # A worker that joined after the client checked the cluster.
+        raise WorkerEnvironmentError(
+            f"worker {_worker_address()} runs imgindex {__version__}, the client "
+            f"{spec.imgindex_version}; install the same version on every worker"
+        )
     embedder = Embedder(spec)
     meter = _meter()
     ids: list[int] = []

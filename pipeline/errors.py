@@ -42,3 +42,7 @@ class BuildFailed(ImgindexError):
 
 class InvalidSchedulerAddress(ImgindexError):
     """A scheduler address that cannot be parsed (never a reason to fall back)."""
+
+
+class WorkerEnvironmentError(ImgindexError):
+    """A worker lacks imgindex or runs package versions the client cannot work with."""

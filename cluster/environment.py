@@ -1,0 +1,122 @@
+"""Check that every worker can run our tasks: same imgindex, compatible packages."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import WorkerEnvironmentError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+# Differences here break task pickling or change the embeddings: refuse.
+CRITICAL = ("imgindex", "python", "dask", "distributed", "cloudpickle", "msgpack")
+# Differences here are worth a warning (a GPU worker's torch is another build).
+OTHER = ("torch", "numpy", "pillow", "faiss-cpu", "efficientnet-lite-pytorch")
+
+
+def _versions_fn():
+    """The function run on each worker, made as a closure so cloudpickle sends it
+    by value: it must run on a worker that lacks imgindex, to say so."""
+
+    def versions() -> dict[str, Any]:
+        import sys
+        from importlib.metadata import PackageNotFoundError, version
+
+        out: dict[str, Any] = {
+            "python": ".".join(map(str, sys.version_info[:2])),
+            "executable": sys.executable,
+        }
+        for dist in (
+            "dask",
+            "distributed",
+            "cloudpickle",
+            "msgpack",
+            "torch",
+            "numpy",
+            "pillow",
+            "faiss-cpu",
+            "efficientnet-lite-pytorch",
+        ):
+            try:
+                out[dist] = version(dist)
+            except PackageNotFoundError:
+                out[dist] = None
+        try:
+            import cluster.worker  # noqa: F401
+            import pipeline.embed  # noqa: F401
+            from pipeline import __version__
+
+            out["imgindex"] = __version__
+        except ImportError as e:
+            out["imgindex"] = None
+            out["imgindex_error"] = str(e)
+        return out
+
+    return versions
+
+
+def survey(client: Client) -> dict[str, dict[str, Any]]:
+    """Package versions on the client (key ``"client"``) and on every worker."""
+    probe = _versions_fn()
+    found = {"client": probe()}
+    for address, result in client.run(probe, on_error="return").items():
+        if isinstance(result, BaseException):
+            result = {"error": f"{type(result).__name__}: {result}"}
+        found[address] = result
+    return found
+
+
+def problems(found: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(errors, warnings) in plain words, one per worker and package."""
+    mine = found["client"]
+    errors, warnings = [], []
+    for address, theirs in found.items():
+        if address == "client":
+            continue
+        if "error" in theirs:
+            errors.append(f"worker {address} did not answer: {theirs['error']}")
+            continue
+        if theirs.get("imgindex") is None:
+            errors.append(
+                f"worker {address} cannot import imgindex "
+                f"({theirs.get('imgindex_error', 'not installed')}); install "
+                f"imgindex {mine['imgindex']} into its environment "
+                f"({theirs['executable']})"
+            )
+            continue
+        for pkg in CRITICAL + OTHER:
+            if _release(theirs.get(pkg)) != _release(mine.get(pkg)):
+                text = (
+                    f"worker {address} has {pkg} {theirs.get(pkg)}, "
+                    f"the client {mine.get(pkg)}"
+                )
+                (errors if pkg in CRITICAL else warnings).append(text)
+    return errors, warnings
+
+
+def _release(version: str | None) -> str | None:
+    """``2.13.0+cu128`` and ``2.13.0+cpu`` are the same release."""
+    return version.split("+")[0] if version else version
+
+
+def ensure_compatible(client: Client) -> dict[str, dict[str, Any]]:
+    """Refuse a cluster whose workers cannot run this client's tasks.
+
+    Raises
+    ------
+    WorkerEnvironmentError
+        Naming each worker and what differs, instead of the pickling
+        traceback the first task would otherwise produce.
+    """
+    found = survey(client)
+    errors, warnings = problems(found)
+    for text in warnings:
+        logger.warning("%s", text)
+    if errors:
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise WorkerEnvironmentError(errors[0] + more + "; run `imgindex doctor`")
+    return found
