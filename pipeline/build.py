@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]  # (images done, images to embed)
+# (images done, images to embed, of which failed)
+ProgressCallback = Callable[[int, int, int], None]
 
 
 @dataclass
@@ -99,6 +100,7 @@ def run_build(
     retries: int | None = None,
     task_timeout: float | str | None = None,
     tasks_per_thread: int | None = None,
+    gpu_resource: bool | None = None,
     progress: ProgressCallback | None = None,
 ) -> BuildSummary:
     """Embed ``dataset`` on ``client``'s cluster and write ``out/<name>/``.
@@ -116,8 +118,10 @@ def run_build(
         Model, device and decode settings sent to workers with every task.
     rebuild
         Ignore an existing index and its checkpoints; embed everything.
+    gpu_resource
+        Run tasks only on workers started with ``--resources GPU=1``.
     progress
-        Called as ``progress(done, total)`` while partitions finish.
+        Called as ``progress(done, total, failed)`` as partitions finish.
 
     Returns
     -------
@@ -136,6 +140,7 @@ def run_build(
         tasks_per_thread=int(
             config_value(tasks_per_thread, "imgindex.tasks-per-thread")
         ),
+        gpu_resource=bool(config_value(gpu_resource, "imgindex.gpu-resource")),
     )
 
     root = check_dataset(dataset).resolve()
@@ -176,10 +181,11 @@ def run_build(
 
         t = time.perf_counter()
         tracker = _Progress(progress, len(plan.to_embed), len(done_paths))
+        tracker.failed = sum(len(r.failures) for _, r in resumed)
 
         def on_result(part, result) -> None:
             save_partition(ckdir, spec, part, result)
-            tracker.advance(len(part))
+            tracker.advance(len(part), len(result.failures))
 
         dispatcher = PartitionDispatcher(
             client, name, str(root), spec, settings, on_result
@@ -187,7 +193,7 @@ def run_build(
         size = dispatcher.partition_size(len(remaining), partition_size)
         partitions = partition_records(remaining, size)
         summary.partitions = len(partitions) + len(resumed)
-        tracker.advance(0)
+        tracker.advance(0, 0)
         new_results = dispatcher.run(partitions)
         results = [result for _, result in resumed] + new_results
         stages["embed"] = time.perf_counter() - t
@@ -361,8 +367,10 @@ class _Progress:
         self.callback = callback
         self.total = total
         self.done = done
+        self.failed = 0
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, failed: int) -> None:
         self.done += n
+        self.failed += failed
         if self.callback is not None:
-            self.callback(self.done, self.total)
+            self.callback(self.done, self.total, self.failed)

@@ -118,6 +118,13 @@ def _connect(scheduler, scheduler_file, no_fallback):
     help="Where workers run the model [imgindex.device].",
 )
 @click.option(
+    "--gpu-resource",
+    is_flag=True,
+    default=None,
+    help="Send embedding tasks only to workers started with --resources GPU=1 "
+    "[imgindex.gpu-resource].",
+)
+@click.option(
     "--partition-size",
     type=click.IntRange(min=1),
     default=None,
@@ -145,6 +152,12 @@ def _connect(scheduler, scheduler_file, no_fallback):
     "--rebuild", is_flag=True, help="Ignore existing indexes and checkpoints."
 )
 @click.option(
+    "--progress-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Keep a JSON progress file here (see `imgindex status`).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary on stdout."
 )
 def build(
@@ -155,78 +168,76 @@ def build(
     no_fallback,
     model,
     device,
+    gpu_resource,
     partition_size,
     batch_size,
     retries,
     task_timeout,
     rebuild,
+    progress_file,
     as_json,
 ):
     """Embed the images under each DATASET folder and write OUT/<name>/."""
     from cluster.worker import setup_workers
     from pipeline.build import default_spec, run_build
-    from pipeline.discover import check_dataset, has_images
     from pipeline.errors import ImgindexError
     from pipeline.models import get_model
+    from pipeline.progress import ProgressFile
 
     started = time.perf_counter()
     _check_scheduler_options(scheduler, scheduler_file)
-    roots = [check_dataset(d) for d in datasets]
-    for root in roots:
-        if not has_images(root):
-            raise ImgindexError(f"dataset folder {str(root)!r} contains no image files")
-    names = [r.resolve().name for r in roots]
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        raise click.BadParameter(
-            f"two datasets share the folder name {sorted(dupes)[0]!r}, so their "
-            "indexes "
-            "would collide under --out; rename or link one",
-            param_hint="DATASETS",
-        )
+    roots = _check_datasets(datasets)
     _check_writable(out)
     spec = default_spec(model, device, batch_size)
     get_model(spec.name, "cpu")  # fail fast, here, on an unknown or missing model
+    tracker = (
+        ProgressFile(progress_file, [r.name for r in roots]) if progress_file else None
+    )
 
-    conn = _connect(scheduler, scheduler_file, no_fallback)
-    with conn:
-        err = sys.stderr
-        click.echo(f"cluster: {conn.reason}", err=True)
-        if conn.dashboard:
-            click.echo(f"dashboard: {conn.dashboard}", err=True)
-        setup_workers(conn.client, spec)
-        summaries, errors = [], []
-        for root in roots:
-            bar = _ProgressBar(root.resolve().name, err)
-            try:
-                s = run_build(
-                    conn.client,
-                    root,
-                    out,
-                    spec=spec,
-                    partition_size=partition_size,
-                    rebuild=rebuild,
-                    retries=retries,
-                    task_timeout=task_timeout,
-                    progress=bar.update,
-                )
-                summaries.append(s.to_json())
-            except ImgindexError as e:
-                errors.append(str(e))
-                summaries.append(
-                    {
-                        "name": root.resolve().name,
-                        "source": str(root.resolve()),
-                        "error": str(e),
-                    }
-                )
-            finally:
-                bar.close()
-        report = {
-            "cluster": conn.to_json(),
-            "datasets": summaries,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+    summaries, errors = [], []
+    try:
+        with _connect(scheduler, scheduler_file, no_fallback) as conn:
+            click.echo(f"cluster: {conn.reason}", err=True)
+            if conn.dashboard:
+                click.echo(f"dashboard: {conn.dashboard}", err=True)
+            if tracker:
+                tracker.set_cluster(conn.to_json())
+            setup_workers(conn.client, spec)
+            for root in roots:
+                bar = _ProgressBar(root.name, tracker)
+                try:
+                    s = run_build(
+                        conn.client,
+                        root,
+                        out,
+                        spec=spec,
+                        partition_size=partition_size,
+                        rebuild=rebuild,
+                        retries=retries,
+                        task_timeout=task_timeout,
+                        gpu_resource=gpu_resource,
+                        progress=bar.update,
+                    )
+                    summaries.append(s.to_json())
+                    bar.close()
+                except ImgindexError as e:
+                    errors.append(str(e))
+                    summaries.append(
+                        {"name": root.name, "source": str(root), "error": str(e)}
+                    )
+                    bar.close(error=str(e))
+            cluster_json = conn.to_json()
+    except (ImgindexError, KeyboardInterrupt) as e:
+        if tracker:
+            tracker.finish(error=str(e) or "interrupted")
+        raise
+    if tracker:
+        tracker.finish()
+    report = {
+        "cluster": cluster_json,
+        "datasets": summaries,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -236,31 +247,54 @@ def build(
         raise click.ClickException(errors[0] + more)
 
 
-class _ProgressBar:
-    """A click progress bar on stderr, created once the total is known."""
+def _check_datasets(datasets) -> list[Path]:
+    from pipeline.discover import check_dataset, has_images
+    from pipeline.errors import ImgindexError
 
-    def __init__(self, label: str, stream):
+    roots = [check_dataset(d).resolve() for d in datasets]
+    for root in roots:
+        if not has_images(root):
+            raise ImgindexError(f"dataset folder {str(root)!r} contains no image files")
+    names = [r.name for r in roots]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise click.BadParameter(
+            f"two datasets share the folder name {dupes[0]!r}, so their indexes "
+            "would collide under --out; rename or link one",
+            param_hint="DATASETS",
+        )
+    return roots
+
+
+class _ProgressBar:
+    """A progress bar on stderr (made once the total is known) and the progress file."""
+
+    def __init__(self, label: str, tracker):
         self.label = label
-        self.stream = stream
+        self.tracker = tracker
         self.bar = None
         self.shown = 0
 
-    def update(self, done: int, total: int) -> None:
+    def update(self, done: int, total: int, failed: int) -> None:
         if self.bar is None:
             self.bar = click.progressbar(
                 length=max(total, 1),
                 label=self.label,
-                file=self.stream,
+                file=sys.stderr,
                 show_pos=True,
                 show_eta=True,
             )
             self.bar.__enter__()
         self.bar.update(done - self.shown)
         self.shown = done
+        if self.tracker:
+            self.tracker.update(self.label, done, total, failed)
 
-    def close(self) -> None:
+    def close(self, error: str | None = None) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
+        if self.tracker:
+            self.tracker.finish_dataset(self.label, error)
 
 
 def _check_writable(out: Path) -> None:
@@ -381,13 +415,27 @@ def info(index_dir, as_json):
 
 
 @cli.command()
+@click.argument("progress_file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the file's JSON as is.")
+def status(progress_file, as_json):
+    """Show the state of a build that writes PROGRESS_FILE (--progress-file)."""
+    from pipeline.progress import format_progress, read_progress
+
+    data = read_progress(progress_file)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for line in format_progress(data):
+        click.echo(line)
+
+
+@cli.command()
 @_scheduler_options
 @click.option("--model", default=None, help="Model to test-embed [imgindex.model].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
 def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
     """Check the cluster: reachable, workers, versions, a timed test embedding."""
     from cluster.doctor import check_cluster
-    from cluster.worker import setup_workers
     from pipeline.build import default_spec
 
     spec = default_spec(model)
@@ -395,7 +443,8 @@ def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
         no_fallback = True  # doctor reports on the cluster asked for, not a stand-in
     conn = _connect(scheduler, scheduler_file, no_fallback)
     with conn:
-        setup_workers(conn.client, spec)
+        # No setup_workers: its environment check would stop at the first
+        # problem, and doctor's job is to list them all.
         report = {"cluster": conn.to_json(), **check_cluster(conn.client, spec)}
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -47,6 +47,7 @@ class DispatchSettings:
     retries: int = 3  # retries of a task that raised
     timeout: float = 300.0  # seconds a partition may run; <= 0: no limit
     tasks_per_thread: int = 3  # partitions in flight per worker thread
+    gpu_resource: bool = False  # tasks need the worker resource GPU=1
 
 
 class PartitionDispatcher:
@@ -88,7 +89,29 @@ class PartitionDispatcher:
         self._n_submitted = 0
 
     def threads(self) -> int:
-        return sum(self.client.nthreads().values()) or 1
+        """Threads of the workers that can take our tasks."""
+        if not self.settings.gpu_resource:
+            return sum(self.client.nthreads().values()) or 1
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        return sum(w["nthreads"] for w in workers if w["resources"].get("GPU")) or 1
+
+    def check_resources(self) -> None:
+        """Refuse to queue GPU tasks that no worker could ever run.
+
+        Raises
+        ------
+        BuildFailed
+            If ``gpu_resource`` is asked for and no worker offers it.
+        """
+        if not self.settings.gpu_resource:
+            return
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        if not any(w["resources"].get("GPU") for w in workers):
+            raise BuildFailed(
+                "--gpu-resource asks for workers with the resource GPU, and none "
+                "has it; start them with `dask worker --resources GPU=1` or drop "
+                "--gpu-resource"
+            )
 
     def partition_size(self, n_images: int, largest: int) -> int:
         """Cut small jobs finer so that every worker thread gets work (2 tasks each)."""
@@ -105,6 +128,7 @@ class PartitionDispatcher:
         """
         from distributed import as_completed
 
+        self.check_resources()
         results: list[PartitionResult] = []
         queue = list(reversed(partitions))
         in_flight: dict[str, Partition] = {}
@@ -186,6 +210,7 @@ class PartitionDispatcher:
             key=key,
             retries=self.settings.retries,
             pure=False,
+            resources={"GPU": 1} if self.settings.gpu_resource else None,
         )
 
 

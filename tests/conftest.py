@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,130 @@ def write_bad_files(folder: Path) -> dict[str, str]:
         "text.png": "not an image",
         "broken_link.jpg": "broken symbolic link",
     }
+
+
+class DaskProcesses:
+    """Real `dask scheduler` / `dask worker` processes on 127.0.0.1, free ports."""
+
+    HIDE_IMGINDEX = (
+        "import sys\n"
+        "class Hide:\n"
+        "    @classmethod\n"
+        "    def find_spec(cls, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('pipeline', 'cluster'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Hide)\n"
+    )
+    OTHER_VERSION = "import pipeline\npipeline.__version__ = '0.0.0.other'\n"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.scheduler_file = folder / "scheduler.json"
+        self.procs: list = []
+        self.dask = str(Path(sys.executable).parent / "dask")
+
+    def _spawn(self, args: list[str], name: str):
+        import subprocess
+
+        log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 (closed by the OS)
+        env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "info"}
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.folder
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start_scheduler(self) -> str:
+        import json
+        import time
+
+        self._spawn(
+            [
+                self.dask,
+                "scheduler",
+                "--scheduler-file",
+                str(self.scheduler_file),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--dashboard-address",
+                ":0",
+            ],
+            "scheduler",
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.scheduler_file.exists():
+                try:
+                    return json.loads(self.scheduler_file.read_text())["address"]
+                except (ValueError, KeyError):
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError("dask scheduler did not start")
+
+    def start_worker(self, name: str, resources: str | None = None, prelude: str = ""):
+        """Start a worker; ``prelude`` is Python run first (then no nanny is used)."""
+        args = [
+            "--scheduler-file",
+            str(self.scheduler_file),
+            "--nthreads",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--dashboard-address",
+            ":0",
+            "--name",
+            name,
+        ]
+        if resources:
+            args += ["--resources", resources]
+        if prelude:
+            code = prelude + (
+                "from distributed.cli.dask_worker import main\n"
+                f"main({[*args, '--no-nanny']!r})\n"
+            )
+            return self._spawn([sys.executable, "-c", code], name)
+        return self._spawn([self.dask, "worker", *args], name)
+
+    def wait_for_workers(self, n: int, timeout: float = 60) -> dict:
+        from distributed import Client
+
+        with Client(scheduler_file=str(self.scheduler_file), timeout=30) as c:
+            c.wait_for_workers(n, timeout=timeout)
+            return {
+                w["name"]: a
+                for a, w in c.scheduler_info(n_workers=-1)["workers"].items()
+            }
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except Exception:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def dask_processes(tmp_path):
+    procs = DaskProcesses(tmp_path)
+    yield procs
+    procs.stop()
+
+
+@pytest.fixture(scope="module")
+def real_cluster(tmp_path_factory):
+    """`dask scheduler` + two `dask worker`s; worker "gpu" offers the resource GPU=1."""
+    procs = DaskProcesses(tmp_path_factory.mktemp("real-cluster"))
+    try:
+        address = procs.start_scheduler()
+        procs.start_worker("gpu", resources="GPU=1")
+        procs.start_worker("plain")
+        workers = procs.wait_for_workers(2)
+        yield address, procs, workers
+    finally:
+        procs.stop()

@@ -142,7 +142,7 @@ def test_sigkilled_worker_loses_no_image(many_photos, tmp_path):
         pids = c.run(os.getpid)
         killed = []
 
-        def kill_once(done: int, total: int) -> None:
+        def kill_once(done: int, total: int, failed: int) -> None:
             if done >= 16 and not killed:
                 victim = sorted(pids)[0]
                 os.kill(pids[victim], signal.SIGKILL)

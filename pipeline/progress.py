@@ -1,0 +1,170 @@
+"""A JSON progress file that front ends can poll while a build runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ImgindexError
+
+WRITE_INTERVAL = (
+    0.5  # seconds between writes while counting; state changes always write
+)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class ProgressFile:
+    """Build state written atomically (temporary file, fsync, rename) to ``path``.
+
+    Shape::
+
+        {"state": "running", "started": ..., "updated": ..., "pid": ..., "host": ...,
+         "cluster": {"kind", "address", "reason", "dashboard"},
+         "datasets": [{"name", "state", "total", "done", "failed",
+                       "images_per_second", "eta_seconds", "error"}]}
+    """
+
+    def __init__(self, path: str | os.PathLike, datasets: list[str]):
+        self.path = Path(path)
+        self.data: dict[str, Any] = {
+            "state": "starting",
+            "started": _now(),
+            "updated": _now(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "cluster": None,
+            "datasets": [
+                {
+                    "name": n,
+                    "state": "pending",
+                    "total": None,
+                    "done": 0,
+                    "failed": 0,
+                    "images_per_second": None,
+                    "eta_seconds": None,
+                    "error": None,
+                }
+                for n in datasets
+            ],
+        }
+        self._t0: dict[str, tuple[float, int]] = {}
+        self._last_write = 0.0
+        self.write()
+
+    def _dataset(self, name: str) -> dict[str, Any]:
+        return next(d for d in self.data["datasets"] if d["name"] == name)
+
+    def set_cluster(self, cluster: dict[str, str]) -> None:
+        self.data["cluster"] = cluster
+        self.data["state"] = "running"
+        self.write()
+
+    def update(self, name: str, done: int, total: int, failed: int) -> None:
+        d = self._dataset(name)
+        if d["state"] == "pending":
+            d["state"] = "running"
+            self._t0[name] = (time.monotonic(), done)
+        t0, done0 = self._t0[name]
+        d.update(total=total, done=done, failed=failed)
+        elapsed = time.monotonic() - t0
+        if elapsed > 0 and done > done0:
+            rate = (done - done0) / elapsed
+            d["images_per_second"] = round(rate, 2)
+            d["eta_seconds"] = round((total - done) / rate, 1)
+        self.write(force=done >= total)
+
+    def finish_dataset(self, name: str, error: str | None = None) -> None:
+        d = self._dataset(name)
+        d["state"] = "failed" if error else "done"
+        d["error"] = error
+        if not error:
+            d["eta_seconds"] = 0.0
+        self.write()
+
+    def finish(self, error: str | None = None) -> None:
+        failed = error or any(d["state"] == "failed" for d in self.data["datasets"])
+        self.data["state"] = "failed" if failed else "finished"
+        if error:
+            self.data["error"] = error
+        self.write()
+
+    def write(self, force: bool = True) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_write < WRITE_INTERVAL:
+            return
+        self._last_write = now
+        self.data["updated"] = _now()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def read_progress(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a progress file.
+
+    Raises
+    ------
+    ImgindexError
+        If it is missing or not a progress file.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+        data["datasets"]  # noqa: B018  (shape check)
+        return data
+    except FileNotFoundError:
+        raise ImgindexError(f"progress file {str(path)!r} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ImgindexError(
+            f"{str(path)!r} is not an imgindex progress file: {e}"
+        ) from None
+
+
+def format_progress(data: dict[str, Any]) -> list[str]:
+    """Human-readable lines for ``imgindex status``."""
+    cluster = data.get("cluster") or {}
+    lines = [
+        f"build {data['state']} (pid {data.get('pid')} on {data.get('host')}, "
+        f"started {data.get('started')}, updated {data.get('updated')})"
+    ]
+    if cluster:
+        lines.append(f"cluster: {cluster.get('reason')}")
+        if cluster.get("dashboard"):
+            lines.append(f"dashboard: {cluster['dashboard']}")
+    for d in data["datasets"]:
+        total = d.get("total")
+        share = f"{d['done']}/{total}" if total is not None else "-"
+        pct = f" {100 * d['done'] / total:5.1f}%" if total else ""
+        rate = (
+            f", {d['images_per_second']:.1f} images/s"
+            if d.get("images_per_second")
+            else ""
+        )
+        eta = ""
+        if d["state"] == "running" and d.get("eta_seconds") is not None:
+            eta = f", ETA {_duration(d['eta_seconds'])}"
+        line = (
+            f"  {d['name']}: {d['state']} {share}{pct}, {d['failed']} failed{rate}{eta}"
+        )
+        if d.get("error"):
+            line += f": {d['error']}"
+        lines.append(line)
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -1,0 +1,242 @@
+"""Real `dask scheduler` and `dask worker` processes, as users run them on HPC nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.config
+import pytest
+from click.testing import CliRunner
+
+from conftest import DaskProcesses, copy_tree
+from pipeline.cli import cli
+from pipeline.store import read_index_dir
+from pipeline.synthetic import write_photos
+
+pytestmark = pytest.mark.slow
+
+
+def invoke(*args, env: dict | None = None):
+    return CliRunner(env=env).invoke(
+        cli, [str(a) for a in args], catch_exceptions=False
+    )
+
+
+def imgindex_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+
+
+def test_build_runs_on_the_scheduler_s_workers(real_cluster, dataset, tmp_path):
+    address, _, workers = real_cluster
+    result = invoke(
+        "build", dataset, "--out", tmp_path / "out", "--json", "--scheduler", address
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["cluster"]["kind"] == "remote"
+    assert report["cluster"]["reason"] == f"remote {address}: 2 workers"
+    (summary,) = report["datasets"]
+    assert set(summary["workers"]) == set(workers.values())
+    assert sum(summary["workers"].values()) == summary["indexed"] == 36
+
+
+def test_build_with_a_scheduler_file(real_cluster, dataset, tmp_path):
+    _, procs, workers = real_cluster
+    result = invoke(
+        "build",
+        dataset,
+        "--out",
+        tmp_path / "out",
+        "--json",
+        "--scheduler-file",
+        procs.scheduler_file,
+    )
+    assert result.exit_code == 0, result.stderr
+    (summary,) = json.loads(result.stdout)["datasets"]
+    assert set(summary["workers"]) <= set(workers.values())
+    assert summary["indexed"] == 36
+
+
+def test_gpu_resource_routes_tasks_to_gpu_workers_only(real_cluster, dataset, tmp_path):
+    address, _, workers = real_cluster
+    result = invoke(
+        "build",
+        dataset,
+        "--out",
+        tmp_path / "out",
+        "--json",
+        "--scheduler",
+        address,
+        "--gpu-resource",
+    )
+    assert result.exit_code == 0, result.stderr
+    (summary,) = json.loads(result.stdout)["datasets"]
+    assert summary["workers"] == {workers["gpu"]: 36}
+
+
+def test_doctor_reports_a_healthy_cluster(real_cluster):
+    address, _, workers = real_cluster
+    result = invoke("doctor", "--scheduler", address, "--json")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["problems"] == []
+    by_address = {w["address"]: w for w in report["workers"]}
+    assert set(by_address) == set(workers.values())
+    for w in by_address.values():
+        assert w["ok"] and w["device"] == "cpu" and w["dim"] == 1280
+        assert w["threads"] == 1 and w["embed_seconds"] > 0
+        assert w["versions"]["imgindex"] == report["client_versions"]["imgindex"]
+    assert by_address[workers["gpu"]]["resources"] == {"GPU": 1}
+
+    text = invoke("doctor", "--scheduler", address)
+    assert text.exit_code == 0
+    assert text.stdout.count("  ok    tcp://") == 2
+
+
+def test_concurrent_builds_on_one_cluster_do_not_mix(
+    real_cluster, photo_sets, tmp_path
+):
+    address, _, _ = real_cluster
+    roots = {n: copy_tree(p, tmp_path / n) for n, p in photo_sets.items()}
+    procs = {
+        n: subprocess.Popen(
+            imgindex_cmd(
+                "build",
+                root,
+                "--out",
+                tmp_path / f"out-{n}",
+                "--json",
+                "--scheduler",
+                address,
+                "--partition-size",
+                "3",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n, root in roots.items()
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        (summary,) = json.loads(out)["datasets"]
+        stored = read_index_dir(tmp_path / f"out-{name}" / name)
+        expected = sorted(p.name for p in photo_sets[name])
+        assert sorted(r.path for r in stored.manifest) == expected
+        assert summary["indexed"] == stored.index.ntotal == len(expected)
+
+
+@pytest.fixture(scope="module")
+def small_photos(tmp_path_factory) -> Path:
+    return write_photos(
+        tmp_path_factory.mktemp("small") / "small",
+        240,
+        seed=11,
+        min_side=200,
+        max_side=320,
+    )[0].parent
+
+
+def test_workers_joining_late_get_work(dask_processes, small_photos, tmp_path):
+    address = dask_processes.start_scheduler()
+    progress = tmp_path / "progress.json"
+    env = {**os.environ, "DASK_IMGINDEX__WORKER_WAIT": "120s"}
+    build = subprocess.Popen(
+        imgindex_cmd(
+            "build",
+            small_photos,
+            "--out",
+            tmp_path / "out",
+            "--json",
+            "--scheduler",
+            address,
+            "--partition-size",
+            "4",
+            "--progress-file",
+            progress,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    time.sleep(3)  # the build is now waiting for a first worker
+    assert build.poll() is None
+    dask_processes.start_worker("first")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = json.loads(progress.read_text()) if progress.exists() else {}
+        datasets = state.get("datasets") or [{}]
+        if datasets[0].get("done", 0) > 0:
+            break
+        time.sleep(0.1)
+    dask_processes.start_worker("second")  # joins mid-build
+    out, err = build.communicate(timeout=300)
+    assert build.returncode == 0, err
+    assert "has no workers; waiting up to 120 s" in err
+    (summary,) = json.loads(out)["datasets"]
+    assert summary["indexed"] == 240
+    assert len(summary["workers"]) == 2, summary["workers"]
+    final = json.loads(progress.read_text())
+    assert final["state"] == "finished"
+    assert final["datasets"][0]["done"] == 240
+
+
+def test_no_worker_in_time_is_an_error_with_no_fallback(
+    dask_processes, dataset, tmp_path
+):
+    address = dask_processes.start_scheduler()
+    with dask.config.set({"imgindex.worker-wait": "1s"}):
+        result = invoke(
+            "build",
+            dataset,
+            "--out",
+            tmp_path / "out",
+            "--scheduler",
+            address,
+            "--no-fallback",
+        )
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot use the scheduler from --scheduler: {address}: no workers "
+        "after 1 s; start `dask scheduler` and `dask worker`, fix the address, or "
+        "drop --no-fallback"
+    )
+
+
+def test_worker_without_imgindex_is_reported_in_plain_words(
+    dask_processes, dataset, tmp_path
+):
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker("bare", prelude=DaskProcesses.HIDE_IMGINDEX)
+    dask_processes.wait_for_workers(1)
+
+    doctor = invoke("doctor", "--scheduler", address)
+    assert doctor.exit_code == 1
+    assert "cannot import imgindex (No module named " in doctor.stdout
+    assert "Traceback" not in doctor.output
+
+    result = invoke("build", dataset, "--out", tmp_path / "out", "--scheduler", address)
+    assert result.exit_code == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: worker tcp://127.0.0.1:")
+    assert "cannot import imgindex" in line and "install imgindex" in line
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "beach").exists()
+
+
+def test_worker_with_another_imgindex_version_is_refused(
+    dask_processes, dataset, tmp_path
+):
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker("old", prelude=DaskProcesses.OTHER_VERSION)
+    dask_processes.wait_for_workers(1)
+    result = invoke("build", dataset, "--out", tmp_path / "out", "--scheduler", address)
+    assert result.exit_code == 1
+    assert "has imgindex 0.0.0.other, the client 0.1.0" in result.stderr
