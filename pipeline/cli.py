@@ -93,10 +93,19 @@ def _check_scheduler_options(scheduler, scheduler_file) -> None:
         )
 
 
-def _connect(scheduler, scheduler_file, no_fallback):
+def _connect(
+    scheduler, scheduler_file, no_fallback, jobqueue=None, jobs=None, gpu_resource=None
+):
     from cluster.connect import connect
+    from pipeline.config import config_value
 
     _check_scheduler_options(scheduler, scheduler_file)
+    system = config_value(jobqueue, "imgindex.jobqueue.system")
+    if system and not (scheduler or scheduler_file):
+        from cluster.jobqueue import start_jobqueue
+
+        gpu = bool(config_value(gpu_resource, "imgindex.gpu-resource"))
+        return start_jobqueue(system, jobs, gpu_resource=gpu)
     return connect(scheduler, scheduler_file, fallback=False if no_fallback else None)
 
 
@@ -123,6 +132,19 @@ def _connect(scheduler, scheduler_file, no_fallback):
     default=None,
     help="Send embedding tasks only to workers started with --resources GPU=1 "
     "[imgindex.gpu-resource].",
+)
+@click.option(
+    "--jobqueue",
+    type=click.Choice(["slurm", "pbs", "sge", "lsf", "htcondor", "oar", "moab"]),
+    default=None,
+    help="Request worker nodes from this batch system with dask-jobqueue "
+    "[imgindex.jobqueue.system].",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Batch jobs to submit with --jobqueue [imgindex.jobqueue.jobs].",
 )
 @click.option(
     "--partition-size",
@@ -169,6 +191,8 @@ def build(
     model,
     device,
     gpu_resource,
+    jobqueue,
+    jobs,
     partition_size,
     batch_size,
     retries,
@@ -196,7 +220,9 @@ def build(
 
     summaries, errors = [], []
     try:
-        with _connect(scheduler, scheduler_file, no_fallback) as conn:
+        with _connect(
+            scheduler, scheduler_file, no_fallback, jobqueue, jobs, gpu_resource
+        ) as conn:
             click.echo(f"cluster: {conn.reason}", err=True)
             if conn.dashboard:
                 click.echo(f"dashboard: {conn.dashboard}", err=True)
