@@ -69,7 +69,8 @@ class ProgressFile:
 
     def update(self, name: str, done: int, total: int, failed: int) -> None:
         d = self._dataset(name)
-        if d["state"] == "pending":
+        started = d["state"] == "pending"
+        if started:
             d["state"] = "running"
             self._t0[name] = (time.monotonic(), done)
         t0, done0 = self._t0[name]
@@ -79,7 +80,7 @@ class ProgressFile:
             rate = (done - done0) / elapsed
             d["images_per_second"] = round(rate, 2)
             d["eta_seconds"] = round((total - done) / rate, 1)
-        self.write(force=done >= total)
+        self.write(force=started or done >= total)
 
     def finish_dataset(self, name: str, error: str | None = None) -> None:
         d = self._dataset(name)
