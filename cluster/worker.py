@@ -9,6 +9,7 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.embed import ModelSpec
+from pipeline.errors import ModelUnavailable
 from pipeline.models import get_model
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,10 @@ class WorkerSetup(WorkerPlugin):
         tune_malloc()
         # Threads per worker x torch threads must not exceed the cores.
         torch.set_num_threads(max(1, self.torch_threads))
-        get_model(self.spec.name, self.spec.device)
+        try:
+            get_model(self.spec.name, self.spec.device)
+        except ModelUnavailable as e:
+            raise ModelUnavailable(f"worker {worker.address}: {e}") from None
         logger.info("imgindex: %s loaded on %s", self.spec.name, worker.address)
 
 

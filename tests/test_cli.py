@@ -228,3 +228,20 @@ def test_index_of_another_model_is_refused_and_kept(remote_build, process_cluste
     assert result.exit_code == 1
     assert "unknown model 'test-other'" in one_error_line(result)
     assert (out / "forest" / "index.faiss").read_bytes() == before
+
+
+def test_cuda_on_cpu_workers_is_one_line(process_cluster, dataset, tmp_path):
+    result = invoke(
+        "build",
+        dataset,
+        "--out",
+        tmp_path / "out",
+        "--device",
+        "cuda",
+        "--scheduler",
+        process_cluster.scheduler_address,
+    )
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert line.startswith("Error: worker tcp://127.0.0.1:")
+    assert "device 'cuda' asked for, but torch sees no GPU here" in line
