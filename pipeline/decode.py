@@ -26,9 +26,25 @@ def decode_image(
     """Decode ``path`` into a ``crop`` x ``crop`` x 3 uint8 RGB array.
 
     The shorter side is scaled to ``resize`` and the centre ``crop`` square
-    kept; EXIF orientation is applied first, transparency is composited on
-    white, 16-bit and float images are rescaled rather than clipped, and JPEGs
-    are decoded at reduced size (draft mode) when that still covers ``resize``.
+    kept (:func:`center_crop`) after :func:`load_rgb`.
+
+    Raises
+    ------
+    DecodeError
+        With a one-line reason, for anything that is not a usable image.
+    """
+    return center_crop(load_rgb(path, resize, max_pixels), resize, crop)
+
+
+def load_rgb(
+    path: str | os.PathLike, resize: int = 256, max_pixels: int = 89_478_485
+) -> Image.Image:
+    """Open ``path`` as upright 8-bit RGB whose shorter side still covers ``resize``.
+
+    EXIF orientation is applied, transparency is composited on white, 16-bit
+    and float images are rescaled rather than clipped, and JPEGs are decoded
+    at reduced size (draft mode) when that still covers ``resize``; images
+    over ``max_pixels`` are rejected from their header, never decoded.
 
     Raises
     ------
@@ -70,7 +86,7 @@ def decode_image(
         raise DecodeError(spath, reason) from None
     except (OSError, ValueError, SyntaxError, MemoryError, EOFError) as e:
         raise DecodeError(spath, _one_line(e)) from None
-    return center_crop(rgb, resize, crop)
+    return rgb
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -148,7 +148,7 @@ class PartitionDispatcher:
         try:
             for fut in ac:
                 part = in_flight.pop(fut.key)
-                result = self._outcome(fut, part, watchdog.timed_out, queue)
+                result = self._outcome(fut, part, watchdog, queue)
                 del fut  # release the result on the worker
                 if result is not None:
                     self.on_result(part, result)
@@ -158,13 +158,18 @@ class PartitionDispatcher:
             watchdog.stop()
         return results
 
-    def _outcome(self, fut, part: Partition, timed_out: set, queue: list):
+    def _outcome(self, fut, part: Partition, watchdog: _Watchdog, queue: list):
         from distributed import KilledWorker
 
+        timed_out = fut.key in watchdog.timed_out
+        if timed_out:
+            # Resubmit only once the stuck worker is back, or the halves could
+            # land on it while it restarts and die with it.
+            watchdog.wait_restarted(fut.key)
         if fut.status == "finished":
             return fut.result()
         exc = fut.exception() if fut.status == "error" else None
-        if fut.key in timed_out:
+        if timed_out:
             reason = (
                 f"timed out after {self.settings.timeout:g} s "
                 "(imgindex.task-timeout) while decoding or embedding this image"
@@ -185,7 +190,7 @@ class PartitionDispatcher:
             "%s: a partition of %d images %s; splitting it to find the image",
             self.label,
             len(part),
-            "timed out" if fut.key in timed_out else "killed its workers",
+            "timed out" if timed_out else "killed its workers",
         )
         queue.extend([part[mid:], part[:mid]])
         return None
@@ -227,6 +232,7 @@ class _Watchdog(threading.Thread):
         self.limit = limit
         self.in_flight = in_flight
         self.timed_out: set[str] = set()
+        self._restarted: dict[str, threading.Event] = {}
         self._stopped = threading.Event()
         self._poll = min(2.0, max(0.2, limit / 4))
         self._executing = _executing_tasks_fn()
@@ -234,6 +240,11 @@ class _Watchdog(threading.Thread):
     def start(self) -> None:
         if self.limit > 0:
             super().start()
+
+    def wait_restarted(self, key: str, timeout: float = 120.0) -> None:
+        event = self._restarted.get(key)
+        if event is not None:
+            event.wait(timeout)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -263,12 +274,16 @@ class _Watchdog(threading.Thread):
             self.limit,
             address,
         )
+        self._restarted[key] = threading.Event()
         self.timed_out.add(key)
         try:
+            # Cancel first, so the restart does not reschedule the stuck task.
             self.client.cancel([Future(key, self.client)], force=True)
             self.client.restart_workers([address], raise_for_error=False)
         except Exception as e:  # e.g. an in-process worker, which has no nanny
             logger.warning("could not restart worker %s: %s", address, e)
+        finally:
+            self._restarted[key].set()
 
 
 def _executing_tasks_fn():

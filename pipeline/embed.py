@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import __version__
-from pipeline.decode import decode_image
+from pipeline.decode import center_crop, decode_image, load_rgb
 from pipeline.discover import Failure, image_id
 from pipeline.errors import DecodeError, WorkerEnvironmentError
 from pipeline.models import LoadedModel, get_model
@@ -58,6 +58,14 @@ class Embedder:
     def decode(self, path: str) -> np.ndarray:
         pre = self.model.preprocess
         return decode_image(path, pre.resize, pre.crop, self.spec.max_pixels)
+
+    def load(self, path: str):
+        """Decode only (see :func:`load_rgb`); :meth:`crop` finishes the job."""
+        return load_rgb(path, self.model.preprocess.resize, self.spec.max_pixels)
+
+    def crop(self, image) -> np.ndarray:
+        pre = self.model.preprocess
+        return center_crop(image, pre.resize, pre.crop)
 
     def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Embed uint8 HxWx3 crops; returns float32 [n, dim] with unit rows."""
@@ -111,7 +119,7 @@ def embed_partition(
     chunks: list[np.ndarray] = []
     failures: list[Failure] = []
     batch: list[np.ndarray] = []
-    timings = {"decode": 0.0, "model": 0.0}
+    timings = {"decode": 0.0, "preprocess": 0.0, "model": 0.0}
 
     def flush() -> None:
         t = time.perf_counter()
@@ -124,13 +132,16 @@ def embed_partition(
         t = time.perf_counter()
         try:
             with meter("decode"):
-                pixels = embedder.decode(os.path.join(root, rel))
+                image = embedder.load(os.path.join(root, rel))
         except DecodeError as e:
             failures.append(Failure(rel, e.reason))
             continue
         finally:
             timings["decode"] += time.perf_counter() - t
-        batch.append(pixels)
+        t = time.perf_counter()
+        with meter("preprocess"):
+            batch.append(embedder.crop(image))
+        timings["preprocess"] += time.perf_counter() - t
         ids.append(image_id(rel))
         paths.append(rel)
         if len(batch) >= spec.batch_size:

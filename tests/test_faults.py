@@ -102,19 +102,25 @@ def test_image_that_kills_workers_is_isolated(fragile_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_hung_partition_times_out_and_the_rest_is_indexed(fragile_cluster, tmp_path):
+def test_hung_partition_times_out_and_the_rest_is_indexed(tmp_path):
+    from distributed import Client, LocalCluster
+
+    import fault_models  # noqa: F401
+
     data = dataset_with_trigger(tmp_path / "hang", 5)
     spec = ModelSpec(name="test-hang", device="cpu")
 
     started = time.monotonic()
-    summary = run_build(
-        fragile_cluster,
-        data,
-        tmp_path / "out",
-        spec=spec,
-        partition_size=6,
-        task_timeout=2,
-    )
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        client.register_plugin(RegisterFaultModels(), name="fault-models")
+        summary = run_build(
+            client, data, tmp_path / "out", spec=spec, partition_size=6, task_timeout=2
+        )
     assert [f["path"] for f in summary.failed] == ["img_trigger.png"]
     assert "timed out after 2 s" in summary.failed[0]["reason"]
     assert summary.indexed == 5
