@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,6 +68,8 @@ class BuildSummary:
     resumed_partitions: int = 0
     resumed_images: int = 0
     workers: dict[str, int] = field(default_factory=dict)
+    # Summed over this run's tasks: where worker time went.
+    task_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     images_per_second: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -156,36 +158,36 @@ def run_build(
         t = time.perf_counter()
         plan = _plan(root, dest, spec, rebuild)
         stages["discover"] = time.perf_counter() - t
-        summary.added, summary.updated, summary.removed = (
-            plan.added,
-            plan.updated,
-            plan.removed,
-        )
-        summary.unchanged = plan.unchanged
+        summary.added, summary.updated = plan.added, plan.updated
+        summary.removed, summary.unchanged = plan.removed, plan.unchanged
 
+        t = time.perf_counter()
         ckdir = checkpoint_dir(dest)
         if rebuild:
             clear_checkpoints(ckdir)
-        wanted = {r.path: r for r in plan.to_embed}
-        resumed = load_partitions(ckdir, spec, wanted)
+        key = choose_index_key(len(plan.kept) + len(plan.to_embed), model.dim)
+        sink = _IndexSink(plan, model.dim, key)
+        resumed = load_partitions(ckdir, spec, {r.path: r for r in plan.to_embed})
+        for _, result in resumed:
+            sink.add(result, new=False)
         done_paths = {r.path for records, _ in resumed for r in records}
         remaining = [r for r in plan.to_embed if r.path not in done_paths]
         summary.resumed_partitions = len(resumed)
         summary.resumed_images = len(done_paths)
         if resumed:
             logger.info(
-                "%s: resuming; %d images already embedded by an interrupted build",
-                name,
-                len(done_paths),
+                "%s: resuming; %d images embedded before", name, len(done_paths)
             )
+        stages["prepare"] = time.perf_counter() - t
 
         t = time.perf_counter()
         tracker = _Progress(progress, len(plan.to_embed), len(done_paths))
-        tracker.failed = sum(len(r.failures) for _, r in resumed)
+        tracker.failed = len(sink.failures) - len(plan.known_failures)
 
         def on_result(part, result) -> None:
             save_partition(ckdir, spec, part, result)
             tracker.advance(len(part), len(result.failures))
+            sink.add(result, new=True)
 
         dispatcher = PartitionDispatcher(
             client, name, str(root), spec, settings, on_result
@@ -194,56 +196,44 @@ def run_build(
         partitions = partition_records(remaining, size)
         summary.partitions = len(partitions) + len(resumed)
         tracker.advance(0, 0)
-        new_results = dispatcher.run(partitions)
-        results = [result for _, result in resumed] + new_results
+        dispatcher.run(partitions)
         stages["embed"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        manifest, ids, vectors, failures, failed_records = _assemble(
-            plan, results, model.dim
-        )
-        dim = model.dim
-        index = build_index(ids, vectors, choose_index_key(len(ids), dim))
-        stages["index"] = time.perf_counter() - t
-
-        t = time.perf_counter()
+        manifest, failures, failed_records = sink.finish(plan)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         meta = {
             "name": name,
             "source": str(root),
             "model": spec.name,
             "preprocess": asdict(model.preprocess),
-            "dim": int(dim),
+            "dim": int(model.dim),
             "metric": "cosine",
-            "index_key": choose_index_key(len(ids), dim),
-            "count": int(index.ntotal),
+            "index_key": key,
+            "count": int(sink.index.ntotal),
             "failed": len(failures),
             "created": (plan.previous.meta["created"] if plan.previous else now),
             "updated": now,
             "imgindex_version": __version__,
         }
-        write_index_dir(dest, index, manifest, meta, failures, failed_records)
+        write_index_dir(dest, sink.index, manifest, meta, failures, failed_records)
         clear_checkpoints(ckdir)
         stages["write"] = time.perf_counter() - t
 
-    embedded = sum(len(r.ids) for r in new_results)
-    summary.indexed = int(index.ntotal)
-    summary.embedded = embedded
+    summary.indexed = int(sink.index.ntotal)
+    summary.embedded = sink.embedded
     summary.failed = [{"path": f.path, "reason": f.reason} for f in failures]
-    by_worker: Counter = Counter()
-    for r in new_results:
-        by_worker[r.worker] += len(r.ids)
-    summary.workers = {w: n for w, n in by_worker.items() if n}
+    summary.workers = dict(sink.by_worker)
+    summary.task_seconds = {k: round(v, 3) for k, v in sink.task_seconds.items()}
     summary.seconds = round(time.perf_counter() - started, 3)
     attempted = len(plan.to_embed)
-    summary.images_per_second = (
-        round(attempted / summary.seconds, 2) if attempted else 0.0
-    )
+    if attempted:
+        summary.images_per_second = round(attempted / summary.seconds, 2)
     logger.info(
         "%s: %d indexed, %d embedded, %d failed in %.1f s (%s)",
         name,
         summary.indexed,
-        embedded,
+        sink.embedded,
         len(failures),
         summary.seconds,
         ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()),
@@ -332,34 +322,72 @@ def _drop_id_collisions(
     return unique
 
 
-def _assemble(plan: _Plan, results: Sequence[PartitionResult], dim: int):
-    """Merge kept and new vectors into path order; gather every failure."""
-    embedded = [r for r in results if len(r.ids)]
-    for r in embedded:
-        if r.vectors.shape[1] != dim:
-            raise BuildFailed(
-                f"a worker returned {r.vectors.shape[1]}-d vectors, expected {dim}; "
-                "its model differs from the client's: run `imgindex doctor`"
-            )
-    kept_ids = np.array([r.id for r in plan.kept], dtype=np.int64)
-    kept_vecs = (
-        reconstruct(plan.previous.index, kept_ids)
-        if plan.kept
-        else np.zeros((0, dim), np.float32)
-    )
-    ids = np.concatenate([kept_ids, *(r.ids for r in embedded)])
-    vectors = np.concatenate([kept_vecs, *(r.vectors for r in embedded)])
-    paths = [r.path for r in plan.kept] + [p for r in embedded for p in r.paths]
+class _IndexSink:
+    """The FAISS index, filled as partitions arrive.
 
-    order = np.argsort(np.array(paths, dtype=object), kind="stable")
-    by_path = {r.path: r for r in plan.records}
-    manifest = [by_path[paths[i]] for i in order]
-    failures = list(plan.known_failures)
-    for r in results:
-        failures.extend(r.failures)
-    failures.sort(key=lambda f: f.path)
-    failed_records = {f.path: by_path[f.path] for f in failures if f.path in by_path}
-    return manifest, ids[order], vectors[order], failures, failed_records
+    Each partition's vectors go into the index the moment they arrive and are
+    then dropped, so the client holds the index plus one partition: its
+    memory is the vectors plus a constant (measured in bench/). An unchanged
+    Flat index is updated in place: stale ids removed, new vectors added.
+    """
+
+    CHUNK = 65_536  # vectors reconstructed from an old index at a time
+
+    def __init__(self, plan: _Plan, dim: int, key: str):
+        self.dim = dim
+        self.paths = [r.path for r in plan.kept]
+        self.failures = list(plan.known_failures)
+        self.embedded = 0
+        self.by_worker: Counter = Counter()
+        self.task_seconds: Counter = Counter()
+        self.index = self._start(plan, key)
+
+    def _start(self, plan: _Plan, key: str):
+        previous = plan.previous
+        if previous is None or not plan.kept:
+            return build_index(np.zeros(0, np.int64), np.zeros((0, self.dim)), key)
+        kept = {r.path for r in plan.kept}
+        stale = np.array(
+            [r.id for r in previous.manifest if r.path not in kept], np.int64
+        )
+        if previous.meta.get("index_key") == key and "HNSW" not in key:
+            index = previous.index  # HNSW has no remove_ids; Flat is edited in place
+            if len(stale):
+                index.remove_ids(stale)
+            return index
+        index = build_index(np.zeros(0, np.int64), np.zeros((0, self.dim)), key)
+        ids = np.array([r.id for r in plan.kept], np.int64)
+        for i in range(0, len(ids), self.CHUNK):
+            chunk = ids[i : i + self.CHUNK]
+            index.add_with_ids(reconstruct(previous.index, chunk), chunk)
+        return index
+
+    def add(self, result: PartitionResult, new: bool) -> None:
+        self.failures.extend(result.failures)
+        if not len(result.ids):
+            return
+        if result.vectors.shape[1] != self.dim:
+            raise BuildFailed(
+                f"worker {result.worker} returned {result.vectors.shape[1]}-d vectors, "
+                f"expected {self.dim}: its model differs; run `imgindex doctor`"
+            )
+        self.index.add_with_ids(result.vectors, result.ids)
+        self.paths.extend(result.paths)
+        result.vectors = result.vectors[:0]  # held by the index now
+        if new:
+            self.embedded += len(result.ids)
+            self.by_worker[result.worker] += len(result.ids)
+            self.task_seconds.update(result.timings)
+
+    def finish(self, plan: _Plan):
+        """(manifest in path order, failures in path order, their file records)."""
+        by_path = {r.path: r for r in plan.records}
+        manifest = [by_path[p] for p in sorted(self.paths)]
+        failures = sorted(self.failures, key=lambda f: f.path)
+        failed_records = {
+            f.path: by_path[f.path] for f in failures if f.path in by_path
+        }
+        return manifest, failures, failed_records
 
 
 class _Progress:
