@@ -60,3 +60,23 @@ def test_unknown_model_is_a_clear_error():
 def test_plugin_without_its_package_names_the_package():
     with pytest.raises(ModelUnavailable, match="needs the package 'open_clip'"):
         get_model("open_clip:ViT-B-32/laion2b_s34b_b79k", "cpu")
+
+
+def test_folded_batchnorm_matches_the_eager_model():
+    from pipeline.models import efficientnet_lite0
+
+    embedder = Embedder(ModelSpec(device="cpu"))
+    from PIL import Image
+
+    pixels = [
+        center_crop(Image.fromarray(skdata.chelsea()), 256, 224),
+        center_crop(Image.fromarray(skdata.astronaut()), 256, 224),
+    ]
+    fast = embedder.embed_pixels(pixels)
+    plain = efficientnet_lite0(fold_batchnorm=False)
+    with torch.inference_mode():
+        x = embedder.input_tensor(pixels).contiguous()
+        slow = plain.extract_features(x).mean(dim=(2, 3)).numpy()
+    slow /= np.linalg.norm(slow, axis=1, keepdims=True)
+    cosines = (fast * slow).sum(axis=1)
+    assert cosines.min() >= 0.999, cosines
