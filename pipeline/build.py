@@ -260,16 +260,24 @@ def _plan(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> _Plan:
         raise DatasetError(f"dataset folder {str(root)!r} contains no image files")
     records = _drop_id_collisions(records, discovery_failures)
 
+    if dest == root or root.is_relative_to(dest):
+        raise IndexDirError(
+            f"the index would be written to {str(dest)!r}, which holds the dataset "
+            "itself; choose an --out outside the dataset's parent folder"
+        )
     previous = None
-    if dest.exists() and not rebuild:
-        if is_index_dir(dest):
+    if dest.exists():
+        # Checked with --rebuild too: replacing the index directory deletes
+        # it, and a folder that is not ours may hold anything.
+        if not is_index_dir(dest):
+            if any(dest.iterdir()):
+                raise IndexDirError(
+                    f"{str(dest)!r} exists and is not an imgindex index; "
+                    "choose another --out or remove it"
+                )
+        elif not rebuild:
             previous = read_index_dir(dest)
             _check_compatible(previous, dest, spec)
-        elif any(dest.iterdir()):
-            raise IndexDirError(
-                f"{str(dest)!r} exists and is not an imgindex index; "
-                "choose another --out or remove it"
-            )
     old = {r.path: r for r in previous.manifest} if previous else {}
     old_bad = previous.failed_records if previous else {}
     old_reasons = {f.path: f for f in previous.failures} if previous else {}
@@ -373,7 +381,9 @@ class _IndexSink:
             )
         self.index.add_with_ids(result.vectors, result.ids)
         self.paths.extend(result.paths)
-        result.vectors = result.vectors[:0]  # held by the index now
+        # Held by the index now. A new empty array, not a slice: a slice would
+        # keep every partition's buffer alive until the build ends.
+        result.vectors = np.empty((0, self.dim), np.float32)
         if new:
             self.embedded += len(result.ids)
             self.by_worker[result.worker] += len(result.ids)

@@ -118,8 +118,11 @@ class PartitionDispatcher:
         per_task = -(-n_images // (2 * self.threads()))
         return max(1, min(largest, per_task))
 
-    def run(self, partitions: Sequence[Partition]) -> list[PartitionResult]:
-        """Embed every partition; returns the results in arrival order.
+    def run(self, partitions: Sequence[Partition]) -> int:
+        """Embed every partition, handing each result to ``on_result`` as it arrives.
+
+        Returns the number of results handed over (split partitions count
+        each part). Nothing is kept here, so memory stays flat.
 
         Raises
         ------
@@ -129,7 +132,7 @@ class PartitionDispatcher:
         from distributed import as_completed
 
         self.check_resources()
-        results: list[PartitionResult] = []
+        n_results = 0
         queue = list(reversed(partitions))
         in_flight: dict[str, Partition] = {}
         ac = as_completed(loop=self.client.loop)
@@ -152,11 +155,12 @@ class PartitionDispatcher:
                 del fut  # release the result on the worker
                 if result is not None:
                     self.on_result(part, result)
-                    results.append(result)
+                    n_results += 1
+                del result
                 fill()
         finally:
             watchdog.stop()
-        return results
+        return n_results
 
     def _outcome(self, fut, part: Partition, watchdog: _Watchdog, queue: list):
         from distributed import KilledWorker

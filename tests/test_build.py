@@ -187,3 +187,22 @@ def test_unchanged_bad_files_are_not_retried_but_still_reported(
     fixed = run_build(client, dataset, out)
     assert (fixed.updated, fixed.embedded, fixed.failed) == (1, 1, [])
     assert fixed.indexed == first.indexed + 1
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_out_that_would_replace_the_dataset_is_refused(client, dataset, rebuild):
+    before = sorted(p.name for p in dataset.iterdir())
+    with pytest.raises(IndexDirError, match="holds the dataset itself"):
+        run_build(client, dataset, dataset.parent, rebuild=rebuild)
+    assert sorted(p.name for p in dataset.iterdir()) == before
+
+
+def test_rebuild_never_replaces_a_folder_that_is_not_an_index(
+    client, dataset, tmp_path
+):
+    foreign = tmp_path / "out" / "beach"
+    foreign.mkdir(parents=True)
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(IndexDirError, match="is not an imgindex index"):
+        run_build(client, dataset, tmp_path / "out", rebuild=True)
+    assert (foreign / "thesis.tex").read_text() == "precious"

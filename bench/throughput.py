@@ -1,0 +1,469 @@
+"""Throughput, memory and search benchmark of imgindex against a plain PyTorch loop.
+
+    python bench/throughput.py                 # ~10 minutes on 2 cores
+    python bench/throughput.py --quick         # smaller sets, ~3 minutes
+
+Every number is measured in this one run, on the same files, and the targets
+are ratios against the reference measured here (absolute speeds drift with
+the machine and its other load):
+
+1. reference: one process, a plain PyTorch loop (PIL decode + resize/crop +
+   EfficientNet-Lite0), swept over batch sizes, 1 or all threads, and
+   eager / channels_last / channels_last with BatchNorm folded; the best
+   one-thread figure times the cores is the physical limit of the machine;
+2. `imgindex build` with default settings on a LocalCluster: end to end (the
+   command's own wall time) and steady state (the embed stage of an
+   in-process build, with cluster start-up and model loading excluded),
+   with peak memory of the client and each worker and where worker time went;
+3. client memory on a large build against the bytes of the vectors it holds;
+4. search: queries/s on a 100,000-vector index, and one query's latency from
+   the command line, model load included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CORES = os.cpu_count() or 1
+
+
+def ensure_photos(
+    folder: Path, n: int, min_side: int, max_side: int, seed: int
+) -> Path:
+    """Generate ``n`` varied JPEGs once; later runs reuse them."""
+    from pipeline.synthetic import write_photos
+
+    if len(list(folder.glob("*.jpg"))) != n:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"generating {n} photos of {min_side}-{max_side} px in {folder} ...")
+        write_photos(folder, n, seed=seed, min_side=min_side, max_side=max_side)
+    return folder
+
+
+# -- 1. the reference: a plain loop ------------------------------------------------
+
+
+def plain_pixels(path: Path) -> np.ndarray:
+    """Decode + preprocess the way a plain script would (with JPEG draft mode)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.draft("RGB", (256, 256))
+        im = im.convert("RGB")
+        w, h = im.size
+        s = 256 / min(w, h)
+        im = im.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BILINEAR)
+        w, h = im.size
+        left, top = (w - 224) // 2, (h - 224) // 2
+        return np.asarray(im.crop((left, top, left + 224, top + 224)), dtype=np.float32)
+
+
+def reference_run(files, batch: int, threads: int, variant: str) -> dict:
+    import torch
+
+    from pipeline.models import efficientnet_lite0
+
+    torch.set_num_threads(threads)
+    net = efficientnet_lite0(fold_batchnorm=variant == "folded")
+    fmt = torch.contiguous_format if variant == "eager" else torch.channels_last
+    net = net.to(memory_format=fmt)
+    t_decode = t_model = 0.0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(files), batch):
+            t = time.perf_counter()
+            arrays = [plain_pixels(p) for p in files[i : i + batch]]
+            x = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) - 127.0) / 128.0
+            x = x.contiguous(memory_format=fmt)
+            t_decode += time.perf_counter() - t
+            t = time.perf_counter()
+            net.extract_features(x).mean(dim=(2, 3))
+            t_model += time.perf_counter() - t
+    seconds = time.perf_counter() - started
+    return {
+        "batch": batch,
+        "threads": threads,
+        "variant": variant,
+        "images_per_second": len(files) / seconds,
+        "decode_ms": 1000 * t_decode / len(files),
+        "model_ms": 1000 * t_model / len(files),
+    }
+
+
+def reference_sweep(files, batches) -> list[dict]:
+    import torch
+
+    results = []
+    reference_run(files[:8], 1, 1, "eager")  # warm-up: allocator, kernels
+    for threads in sorted({1, CORES}):
+        for variant in ("eager", "channels_last", "folded"):
+            for batch in batches:
+                r = reference_run(files, batch, threads, variant)
+                results.append(r)
+                print(
+                    f"  reference  threads={threads} batch={batch:2d} {variant:13s} "
+                    f"{r['images_per_second']:6.1f} images/s"
+                )
+    torch.set_num_threads(CORES)
+    return results
+
+
+# -- 2. imgindex build ------------------------------------------------------------
+
+
+def cli_build(data: Path, out: Path) -> tuple[float, dict]:
+    """The real command, default settings; returns (wall seconds, --json report)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "build",
+        str(data),
+        "--out",
+        str(out),
+        "--json",
+        "--rebuild",
+    ]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"imgindex build failed:\n{proc.stderr}")
+    return wall, json.loads(proc.stdout)
+
+
+class RssSampler(threading.Thread):
+    """Peak resident memory of this process, sampled every 20 ms."""
+
+    def __init__(self):
+        import psutil
+
+        super().__init__(daemon=True)
+        self.proc = psutil.Process()
+        self.baseline = self.proc.memory_info().rss
+        self.peak = self.baseline
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        self.join()
+
+
+def _worker_peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def inprocess_build(data: Path, out: Path) -> dict:
+    """A default LocalCluster build from this process: steady state and memory."""
+    from cluster.connect import connect
+    from cluster.worker import setup_workers
+    from pipeline.build import default_spec, run_build
+
+    spec = default_spec()
+    with connect() as conn:
+        setup_workers(conn.client, spec)
+        with RssSampler() as rss:
+            summary = run_build(conn.client, data, out, spec=spec, rebuild=True)
+        workers = conn.client.run(_worker_peak_rss)
+        threads = sum(conn.client.nthreads().values())
+    return {
+        "summary": summary.to_json(),
+        "client_baseline": rss.baseline,
+        "client_peak": rss.peak,
+        "worker_peaks": workers,
+        "threads": threads,
+    }
+
+
+def check_embeddings(index_dir: Path, data: Path, n: int = 32) -> float:
+    """Lowest cosine between indexed vectors and the plain eager model's."""
+    import torch
+
+    from pipeline.models import efficientnet_lite0
+    from pipeline.store import read_index_dir
+
+    stored = read_index_dir(index_dir)
+    net = efficientnet_lite0(fold_batchnorm=False)
+    worst = 1.0
+    with torch.inference_mode():
+        for rec in stored.manifest[:n]:
+            from pipeline.decode import decode_image
+
+            x = torch.from_numpy(decode_image(data / rec.path).astype(np.float32))
+            x = ((x - 127.0) / 128.0).permute(2, 0, 1)[None]
+            ref = net.extract_features(x).mean(dim=(2, 3))[0].numpy()
+            got = stored.index.reconstruct(rec.id)
+            worst = min(worst, float(got @ ref / np.linalg.norm(ref)))
+    return worst
+
+
+# -- 3. memory on a large build ------------------------------------------------------
+
+
+def many_files(unique: Path, folder: Path, n: int) -> Path:
+    """``n`` files made of hard links to a few hundred unique photos (fast to make)."""
+    if len(list(folder.glob("*.jpg"))) != n:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        sources = sorted(unique.glob("*.jpg"))
+        for i in range(n):
+            os.link(sources[i % len(sources)], folder / f"m{i:06d}.jpg")
+    return folder
+
+
+# -- 4. search ----------------------------------------------------------------------
+
+
+def search_bench(tmp: Path, n: int, query_image: Path) -> dict:
+    import faiss
+
+    from pipeline.discover import ImageRecord
+    from pipeline.embed import normalize_rows
+    from pipeline.index import build_index
+    from pipeline.search import Searcher
+    from pipeline.store import write_index_dir
+
+    rng = np.random.default_rng(0)
+    records = [ImageRecord(f"synthetic/{i:07d}.jpg", 1, 1) for i in range(n)]
+    ids = np.array([r.id for r in records], np.int64)
+    vectors = normalize_rows(rng.standard_normal((n, 1280), dtype=np.float32))
+    index = build_index(ids, vectors)
+    meta = {
+        "name": "synthetic",
+        "source": str(tmp),
+        "model": "efficientnet-lite0",
+        "dim": 1280,
+        "metric": "cosine",
+        "index_key": "IDMap2,Flat",
+        "count": n,
+        "failed": 0,
+        "created": "",
+        "updated": "",
+        "imgindex_version": "bench",
+    }
+    dest = write_index_dir(tmp / "synthetic", index, records, meta, [])
+    del index, vectors
+
+    searcher = Searcher(dest)
+    queries = normalize_rows(rng.standard_normal((200, 1280), dtype=np.float32))
+    faiss.omp_set_num_threads(CORES)
+    started = time.perf_counter()
+    for q in queries:
+        searcher.search_vectors(q[None], 10)
+    one_by_one = len(queries) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    searcher.search_vectors(queries, 10)
+    batched = len(queries) / (time.perf_counter() - started)
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "search",
+        str(dest),
+        str(query_image),
+        "-k",
+        "10",
+        "--json",
+    ]
+    latencies = []
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, check=True)
+        latencies.append(time.perf_counter() - started)
+    return {
+        "vectors": n,
+        "queries_per_second": one_by_one,
+        "batched_queries_per_second": batched,
+        "cli_latency_seconds": min(latencies),
+    }
+
+
+# -- report -------------------------------------------------------------------------
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--images", type=Path, help="folder of images (default: generated)"
+    )
+    parser.add_argument("--n", type=int, default=2000, help="generated photos")
+    parser.add_argument("--memory-images", type=int, default=20000)
+    parser.add_argument("--search-vectors", type=int, default=100_000)
+    parser.add_argument(
+        "--sample", type=int, default=64, help="images per reference run"
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller sets, fewer runs")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.memory_images, args.sample = 500, 4000, 32
+
+    work = ROOT / "bench-data"
+    data = args.images or ensure_photos(work / f"photos-{args.n}", args.n, 300, 1000, 1)
+    files = sorted(
+        p for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
+    n = len(files)
+    print(f"{n} images in {data}; {CORES} cores")
+
+    print("1. reference: plain PyTorch loop in one process")
+    sample = files[:: max(1, n // args.sample)][: args.sample]
+    sweep = reference_sweep(sample, (1, 8, 32) if not args.quick else (1, 16))
+    one_thread = max(
+        (r for r in sweep if r["threads"] == 1), key=lambda r: r["images_per_second"]
+    )
+    best = max(sweep, key=lambda r: r["images_per_second"])
+    limit = one_thread["images_per_second"] * CORES
+
+    tmp = Path(tempfile.mkdtemp(prefix="imgindex-bench-"))
+    try:
+        print("2. imgindex build, default settings, LocalCluster")
+        wall, report = cli_build(data, tmp / "e2e")
+        e2e_rate = n / wall
+        inproc = inprocess_build(data, tmp / "steady")
+        s = inproc["summary"]
+        steady_rate = s["embedded"] / s["stage_seconds"]["embed"]
+        worst_cos = check_embeddings(tmp / "steady" / data.name, data)
+        task = s["task_seconds"]
+        busy = sum(task.values())
+        overhead = s["stage_seconds"]["embed"] * inproc["threads"] - busy
+
+        print(f"3. client memory on {args.memory_images} images")
+        unique = ensure_photos(work / "unique-400", 400, 240, 420, 2)
+        big = many_files(
+            unique, work / f"many-{args.memory_images}", args.memory_images
+        )
+        mem = inprocess_build(big, tmp / "memory")
+        vectors_bytes = mem["summary"]["indexed"] * 1280 * 4
+
+        print(f"4. search on {args.search_vectors} vectors")
+        search = search_bench(tmp, args.search_vectors, files[0])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    per = {k: 1000 * v / s["embedded"] for k, v in task.items()}
+    rows = [
+        (
+            "reference, best one-thread setting "
+            f"(batch {one_thread['batch']}, {one_thread['variant']})",
+            f"{one_thread['images_per_second']:.1f} images/s",
+        ),
+        (
+            f"reference, best of all settings (batch {best['batch']}, "
+            f"{best['threads']} threads, {best['variant']})",
+            f"{best['images_per_second']:.1f} images/s",
+        ),
+        (
+            f"physical limit: one-thread reference x {CORES} cores",
+            f"{limit:.1f} images/s",
+        ),
+        (
+            "imgindex build, steady state (start-up and model load excluded)",
+            f"{steady_rate:.1f} images/s = {steady_rate / limit:.2f} x limit "
+            "(target >= 0.90)",
+        ),
+        (
+            f"imgindex build, end to end on {n} images (wall time {wall:.1f} s)",
+            f"{e2e_rate:.1f} images/s = {e2e_rate / limit:.2f} x limit "
+            "(target >= 0.75)",
+        ),
+        (
+            "imgindex vs the best single process (steady state)",
+            f"{steady_rate / best['images_per_second']:.2f} x",
+        ),
+        ("embeddings vs the plain eager model, lowest cosine", f"{worst_cos:.5f}"),
+        (
+            "worker time per image: decode / preprocess / model",
+            f"{per.get('decode', 0):.1f} / {per.get('preprocess', 0):.1f} / "
+            f"{per.get('model', 0):.1f} ms",
+        ),
+        (
+            "scheduling and transfer overhead per image (idle worker-thread time)",
+            f"{1000 * overhead / s['embedded']:.1f} ms",
+        ),
+        (
+            "reference per image: decode + preprocess / model (one thread)",
+            f"{one_thread['decode_ms']:.1f} / {one_thread['model_ms']:.1f} ms",
+        ),
+        (
+            "client peak RSS during the build (baseline)",
+            f"{mib(inproc['client_peak'])} ({mib(inproc['client_baseline'])})",
+        ),
+        ("worker peak RSS", ", ".join(mib(v) for v in inproc["worker_peaks"].values())),
+        (
+            f"client on {mem['summary']['indexed']} images: peak RSS growth vs "
+            "vectors held",
+            f"{mib(mem['client_peak'] - mem['client_baseline'])} vs "
+            f"{mib(vectors_bytes)}",
+        ),
+        (
+            f"search, {search['vectors']} vectors, one query at a time",
+            f"{search['queries_per_second']:.0f} queries/s",
+        ),
+        (
+            "search, 200 queries in one call",
+            f"{search['batched_queries_per_second']:.0f} queries/s",
+        ),
+        (
+            "`imgindex search` one query from the command line, model load included",
+            f"{search['cli_latency_seconds']:.2f} s",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"| {'measure':{width}} | result |")
+    print(f"| {'-' * width} | --- |")
+    for label, value in rows:
+        print(f"| {label:{width}} | {value} |")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "images": n,
+                    "cores": CORES,
+                    "reference": sweep,
+                    "limit": limit,
+                    "steady_images_per_second": steady_rate,
+                    "e2e_images_per_second": e2e_rate,
+                    "e2e_wall_seconds": wall,
+                    "cli_report": report,
+                    "inprocess": inproc,
+                    "memory": mem,
+                    "vectors_bytes": vectors_bytes,
+                    "search": search,
+                    "worst_cosine": worst_cos,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
