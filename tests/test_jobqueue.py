@@ -55,24 +55,25 @@ def test_unconfigured_system_says_what_to_set():
             make_jobqueue_cluster("pbs")
 
 
+def build_with_jobqueue(dataset, tmp_path, *extra: str):
+    args = [
+        "build",
+        str(dataset),
+        "--out",
+        str(tmp_path / "out"),
+        "--jobqueue",
+        "slurm",
+    ]
+    return CliRunner().invoke(cli, [*args, *extra], catch_exceptions=False)
+
+
 def test_missing_submit_command_is_one_line(dataset, tmp_path):
     import shutil
 
     if shutil.which("sbatch"):
         pytest.skip("this machine has sbatch")
     with dask.config.set(SLURM):
-        result = CliRunner().invoke(
-            cli,
-            [
-                "build",
-                str(dataset),
-                "--out",
-                str(tmp_path / "out"),
-                "--jobqueue",
-                "slurm",
-            ],
-            catch_exceptions=False,
-        )
+        result = build_with_jobqueue(dataset, tmp_path)
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [
         "Error: --jobqueue slurm submits jobs with `sbatch`, which is not on this "
@@ -91,20 +92,7 @@ def test_jobs_that_never_start_are_one_line(dataset, tmp_path, monkeypatch):
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     with dask.config.set({**SLURM, "imgindex.worker-wait": "2s"}):
-        result = CliRunner().invoke(
-            cli,
-            [
-                "build",
-                str(dataset),
-                "--out",
-                str(tmp_path / "out"),
-                "--jobqueue",
-                "slurm",
-                "--jobs",
-                "2",
-            ],
-            catch_exceptions=False,
-        )
+        result = build_with_jobqueue(dataset, tmp_path, "--jobs", "2")
     assert result.exit_code == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: no slurm job started a worker within 2 s")

@@ -110,4 +110,4 @@ def test_dask_cli_has_imgindex_and_its_config():
         capture_output=True,
         text=True,
     )
-    assert cfg.stdout.strip() == "64"
+    assert cfg.stdout.strip() == "32"

@@ -31,6 +31,14 @@ def imgindex_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
 
 
+def build_summary(dataset, tmp_path, *extra) -> dict:
+    """`imgindex build DATASET --json` with ``extra`` flags; the dataset's summary."""
+    result = invoke("build", dataset, "--out", tmp_path / "out", "--json", *extra)
+    assert result.exit_code == 0, result.stderr
+    (summary,) = json.loads(result.stdout)["datasets"]
+    return summary
+
+
 def test_build_runs_on_the_scheduler_s_workers(real_cluster, dataset, tmp_path):
     address, _, workers = real_cluster
     result = invoke(
@@ -47,35 +55,14 @@ def test_build_runs_on_the_scheduler_s_workers(real_cluster, dataset, tmp_path):
 
 def test_build_with_a_scheduler_file(real_cluster, dataset, tmp_path):
     _, procs, workers = real_cluster
-    result = invoke(
-        "build",
-        dataset,
-        "--out",
-        tmp_path / "out",
-        "--json",
-        "--scheduler-file",
-        procs.scheduler_file,
-    )
-    assert result.exit_code == 0, result.stderr
-    (summary,) = json.loads(result.stdout)["datasets"]
+    summary = build_summary(dataset, tmp_path, "--scheduler-file", procs.scheduler_file)
     assert set(summary["workers"]) <= set(workers.values())
     assert summary["indexed"] == 36
 
 
 def test_gpu_resource_routes_tasks_to_gpu_workers_only(real_cluster, dataset, tmp_path):
     address, _, workers = real_cluster
-    result = invoke(
-        "build",
-        dataset,
-        "--out",
-        tmp_path / "out",
-        "--json",
-        "--scheduler",
-        address,
-        "--gpu-resource",
-    )
-    assert result.exit_code == 0, result.stderr
-    (summary,) = json.loads(result.stdout)["datasets"]
+    summary = build_summary(dataset, tmp_path, "--scheduler", address, "--gpu-resource")
     assert summary["workers"] == {workers["gpu"]: 36}
 
 
