@@ -158,6 +158,11 @@ class PartitionDispatcher:
                     n_results += 1
                 del result
                 fill()
+        except BaseException:
+            # A failed or interrupted build must not leave its tasks running
+            # on a shared cluster.
+            self.client.cancel(list(ac.futures), force=True)
+            raise
         finally:
             watchdog.stop()
         return n_results
