@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,7 +135,7 @@ class PartitionDispatcher:
         self.check_resources()
         n_results = 0
         queue = list(reversed(partitions))
-        in_flight: dict[str, Partition] = {}
+        in_flight: dict[str, tuple[Partition, object]] = {}  # key -> (part, future)
         ac = as_completed(loop=self.client.loop)
         watchdog = _Watchdog(self.client, self.settings.timeout, in_flight)
 
@@ -143,14 +144,14 @@ class PartitionDispatcher:
             while queue and ac.count() < window:
                 part = queue.pop()
                 fut = self._submit(part)
-                in_flight[fut.key] = part
+                in_flight[fut.key] = (part, fut)
                 ac.add(fut)
 
         fill()
         watchdog.start()
         try:
             for fut in ac:
-                part = in_flight.pop(fut.key)
+                part, _ = in_flight.pop(fut.key)
                 result = self._outcome(fut, part, watchdog, queue)
                 del fut  # release the result on the worker
                 if result is not None:
@@ -241,6 +242,7 @@ class _Watchdog(threading.Thread):
         self.limit = limit
         self.in_flight = in_flight
         self.timed_out: set[str] = set()
+        self._expired_at: dict[str, float] = {}
         self._restarted: dict[str, threading.Event] = {}
         self._stopped = threading.Event()
         self._poll = min(2.0, max(0.2, limit / 4))
@@ -267,14 +269,16 @@ class _Watchdog(threading.Thread):
             except Exception as e:  # scheduler busy or reconnecting: next tick
                 logger.debug("watchdog poll failed: %s", e)
                 continue
+            now = time.monotonic()
             for key, (address, seconds) in running.items():
-                if seconds > self.limit and key in self.in_flight:
-                    if key not in self.timed_out:
-                        self._expire(key, address, seconds)
+                if seconds <= self.limit or key not in self.in_flight:
+                    continue
+                # A task seen running long after it was cancelled (the cancel
+                # raced the restart and it was rescheduled) is expired again.
+                if now - self._expired_at.get(key, -1e9) > self.limit:
+                    self._expire(key, address, seconds)
 
     def _expire(self, key: str, address: str, seconds: float) -> None:
-        from distributed import Future
-
         logger.warning(
             "task %s ran %.0f s (limit %g s) on %s; cancelling it and restarting "
             "that worker",
@@ -284,10 +288,13 @@ class _Watchdog(threading.Thread):
             address,
         )
         self._restarted[key] = threading.Event()
+        self._expired_at[key] = time.monotonic()
         self.timed_out.add(key)
         try:
-            # Cancel first, so the restart does not reschedule the stuck task.
-            self.client.cancel([Future(key, self.client)], force=True)
+            # Cancel first, so the restart does not reschedule the stuck task;
+            # through our own future, so that as_completed hands it back.
+            _, future = self.in_flight[key]
+            future.cancel(force=True)
             self.client.restart_workers([address], raise_for_error=False)
         except Exception as e:  # e.g. an in-process worker, which has no nanny
             logger.warning("could not restart worker %s: %s", address, e)
