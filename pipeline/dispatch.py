@@ -89,12 +89,16 @@ class PartitionDispatcher:
         self.run_id = uuid.uuid4().hex[:8]
         self._n_submitted = 0
 
+    def _eligible_threads(self) -> list[int]:
+        """Thread counts of the workers that can take our tasks."""
+        if not self.settings.gpu_resource:
+            return list(self.client.nthreads().values())
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        return [w["nthreads"] for w in workers if w["resources"].get("GPU")]
+
     def threads(self) -> int:
         """Threads of the workers that can take our tasks."""
-        if not self.settings.gpu_resource:
-            return sum(self.client.nthreads().values()) or 1
-        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
-        return sum(w["nthreads"] for w in workers if w["resources"].get("GPU")) or 1
+        return sum(self._eligible_threads()) or 1
 
     def check_resources(self) -> None:
         """Refuse to queue GPU tasks that no worker could ever run.
@@ -104,10 +108,7 @@ class PartitionDispatcher:
         BuildFailed
             If ``gpu_resource`` is asked for and no worker offers it.
         """
-        if not self.settings.gpu_resource:
-            return
-        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
-        if not any(w["resources"].get("GPU") for w in workers):
+        if self.settings.gpu_resource and not self._eligible_threads():
             raise BuildFailed(
                 "--gpu-resource asks for workers with the resource GPU, and none "
                 "has it; start them with `dask worker --resources GPU=1` or drop "

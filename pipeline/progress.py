@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ImgindexError
+from pipeline.store import atomic_file
 
 WRITE_INTERVAL = (
     0.5  # seconds between writes while counting; state changes always write
@@ -104,12 +105,8 @@ class ProgressFile:
         self._last_write = now
         self.data["updated"] = _now()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
+        with atomic_file(self.path, "w") as f:
             json.dump(self.data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
 
 def read_progress(path: str | os.PathLike) -> dict[str, Any]:
