@@ -32,12 +32,15 @@ from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec, PartitionResult
 from pipeline.errors import BuildFailed, DatasetError, IndexDirError
 from pipeline.index import build_index, choose_index_key, reconstruct
+from pipeline.lock import lock_index
 from pipeline.models import get_model
 from pipeline.store import (
     StoredIndex,
+    foreign_entries,
+    is_empty_dir,
     is_index_dir,
-    lock_index,
     read_index_dir,
+    recover_index_dir,
     write_index_dir,
 )
 
@@ -104,6 +107,7 @@ def run_build(
     tasks_per_thread: int | None = None,
     gpu_resource: bool | None = None,
     progress: ProgressCallback | None = None,
+    name: str | None = None,
 ) -> BuildSummary:
     """Embed ``dataset`` on ``client``'s cluster and write ``out/<name>/``.
 
@@ -124,6 +128,8 @@ def run_build(
         Run tasks only on workers started with ``--resources GPU=1``.
     progress
         Called as ``progress(done, total, failed)`` as partitions finish.
+    name
+        The index's name under ``out`` (default: the dataset folder's name).
 
     Returns
     -------
@@ -143,10 +149,11 @@ def run_build(
             config_value(tasks_per_thread, "imgindex.tasks-per-thread")
         ),
         gpu_resource=bool(config_value(gpu_resource, "imgindex.gpu-resource")),
+        unresponsive=seconds_value(None, "imgindex.worker-unresponsive"),
     )
 
     root = check_dataset(dataset).resolve()
-    name = root.name
+    name = name or root.name
     # Loaded here too: its dim and preprocessing go into meta.json, and an
     # unknown model fails before any task is sent.
     model = get_model(spec.name, "cpu")
@@ -154,7 +161,15 @@ def run_build(
     summary = BuildSummary(name=name, source=str(root), index=str(dest))
     stages = summary.stage_seconds
 
+    if dest.exists() and not dest.is_dir():
+        raise IndexDirError(
+            f"{str(dest)!r} is a file, not an index directory; choose another "
+            "--out or --name"
+        )
     with lock_index(dest):
+        recovered = recover_index_dir(dest)
+        if recovered:
+            logger.warning("%s: %s", dest, recovered)
         t = time.perf_counter()
         plan = _plan(root, dest, spec, rebuild)
         stages["discover"] = time.perf_counter() - t
@@ -185,7 +200,14 @@ def run_build(
         tracker.failed = len(sink.failures) - len(plan.known_failures)
 
         def on_result(part, result) -> None:
-            save_partition(ckdir, spec, part, result)
+            try:
+                save_partition(ckdir, spec, part, result)
+            except OSError as e:
+                raise IndexDirError(
+                    f"could not save finished work in {str(ckdir)!r}: "
+                    f"{e.strerror or e}; free space there and run the same "
+                    "command again: it resumes"
+                ) from None
             tracker.advance(len(part), len(result.failures))
             sink.add(result, new=True)
 
@@ -266,18 +288,19 @@ def _plan(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> _Plan:
             "itself; choose an --out outside the dataset's parent folder"
         )
     previous = None
-    if dest.exists():
+    if dest.exists() and not is_empty_dir(dest):
         # Checked with --rebuild too: replacing the index directory deletes
         # it, and a folder that is not ours may hold anything.
         if not is_index_dir(dest):
-            if any(dest.iterdir()):
-                raise IndexDirError(
-                    f"{str(dest)!r} exists and is not an imgindex index; "
-                    "choose another --out or remove it"
-                )
-        elif not rebuild:
+            extra = foreign_entries(dest)
+            what = f"it holds {extra[0]!r}" if extra else "its meta.json is not ours"
+            raise IndexDirError(
+                f"{str(dest)!r} exists and is not an imgindex index ({what}); "
+                "imgindex never replaces it: choose another --out or --name"
+            )
+        if not rebuild:
             previous = read_index_dir(dest)
-            _check_compatible(previous, dest, spec)
+            _check_compatible(previous, dest, root, spec)
     old = {r.path: r for r in previous.manifest} if previous else {}
     old_bad = previous.failed_records if previous else {}
     old_reasons = {f.path: f for f in previous.failures} if previous else {}
@@ -307,7 +330,16 @@ def _plan(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> _Plan:
     )
 
 
-def _check_compatible(previous: StoredIndex, dest: Path, spec: ModelSpec) -> None:
+def _check_compatible(
+    previous: StoredIndex, dest: Path, root: Path, spec: ModelSpec
+) -> None:
+    source = previous.meta["source"]
+    if Path(source) != root:
+        raise IndexDirError(
+            f"index {str(dest)!r} holds another dataset ({source!r}), not "
+            f"{str(root)!r}; give this one another name with --name, or pass "
+            "--rebuild to replace that index"
+        )
     model = previous.meta.get("model")
     if model != spec.name:
         raise IndexDirError(
@@ -349,6 +381,9 @@ class _IndexSink:
         self.by_worker: Counter = Counter()
         self.task_seconds: Counter = Counter()
         self.index = self._start(plan, key)
+        # Ids already in the index: a new vector under one of them would make
+        # the same image appear twice in every result list.
+        self.present = np.sort(np.fromiter((r.id for r in plan.kept), np.int64))
 
     def _start(self, plan: _Plan, key: str):
         previous = plan.previous
@@ -378,6 +413,13 @@ class _IndexSink:
             raise BuildFailed(
                 f"worker {result.worker} returned {result.vectors.shape[1]}-d vectors, "
                 f"expected {self.dim}: its model differs; run `imgindex doctor`"
+            )
+        twice = np.isin(result.ids, self.present)
+        if twice.any():
+            path = result.paths[int(np.argmax(twice))]
+            raise BuildFailed(
+                f"{path!r} would be added to the index a second time; its index "
+                "directory is inconsistent: pass --rebuild"
             )
         self.index.add_with_ids(result.vectors, result.ids)
         self.paths.extend(result.paths)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import save_array_file
 from pipeline.discover import Failure, ImageRecord
 from pipeline.embed import ModelSpec, PartitionResult
-from pipeline.store import save_array_file
 
 logger = logging.getLogger(__name__)
 

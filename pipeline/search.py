@@ -27,6 +27,9 @@ class Searcher:
 
     def __init__(self, index_dir: str | os.PathLike, device: str = "cpu"):
         self.stored: StoredIndex = read_index_dir(index_dir)
+        # Read now, from the handles opened with the manifest: a build may swap
+        # in a newer version while the model loads.
+        self.index = self.stored.index
         meta = self.stored.meta
         self.embedder = Embedder(ModelSpec(name=meta["model"], device=device))
         if self.embedder.dim != meta["dim"]:
@@ -52,7 +55,7 @@ class Searcher:
         return self.search_vectors(self.embedder.embed_pixels(pixels), k)
 
     def search_vectors(self, queries, k: int = 10) -> list[list[Hit]]:
-        scores, ids = faiss_index.search(self.stored.index, queries, k)
+        scores, ids = faiss_index.search(self.index, queries, k)
         return [
             [
                 Hit(rank, str(self.root / self.paths[int(i)]), float(s))

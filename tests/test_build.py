@@ -11,8 +11,9 @@ import pytest
 from conftest import copy_tree, crop_query, write_bad_files
 from pipeline.build import run_build
 from pipeline.errors import DatasetError, IndexDirError, IndexLocked
+from pipeline.lock import lock_index
 from pipeline.search import Searcher
-from pipeline.store import lock_index, read_index_dir
+from pipeline.store import read_index_dir
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from pipeline.checkpoint import checkpoint_dir
 from pipeline.cli import cli
 from pipeline.embed import ModelSpec
 from pipeline.errors import BuildFailed
-from pipeline.store import lock_index, read_index_dir
+from pipeline.lock import lock_index
+from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
 
 ROOT = Path(__file__).resolve().parent.parent
