@@ -75,11 +75,14 @@ def discover_images(
     Parameters
     ----------
     root
-        Dataset folder, walked recursively. Symbolic links to files are
-        followed; links to folders are not (they can loop).
+        Dataset folder, walked recursively. Symbolic links are followed, to
+        files and to folders (a dataset made of linked camera folders); a
+        folder reached a second time (a link loop, or two links to one
+        folder) is walked once and each further link reported.
     failures
         If given, files that look like images but cannot be used (broken
-        links, unreadable folders) are appended here instead of vanishing.
+        links, unreadable folders, repeated folders) are appended here
+        instead of vanishing.
 
     Raises
     ------
@@ -87,42 +90,79 @@ def discover_images(
         If ``root`` is not a readable folder.
     """
     base = check_dataset(root)
-    yield from _walk(str(base), "", failures)
+    yield from _walk(str(base), failures)
 
 
-def _walk(base: str, rel: str, failures: list[Failure] | None) -> Iterator[ImageRecord]:
-    folder = os.path.join(base, rel) if rel else base
-    try:
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError as e:
-        if failures is not None and rel:
-            failures.append(Failure(rel, f"folder not readable: {e.strerror}"))
-        return
-    for entry in entries:
+def _walk(base: str, failures: list[Failure] | None) -> Iterator[ImageRecord]:
+    # Iterative, depth-first, in sorted order: 1,000+ nested folders must not
+    # hit Python's recursion limit.
+    st = os.stat(base)
+    walked = {(st.st_dev, st.st_ino): ""}
+    stack: list[Iterator[os.DirEntry]] = []
+    rels: list[str] = []
+
+    def enter(rel: str) -> None:
+        folder = os.path.join(base, rel) if rel else base
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            if failures is not None and rel:
+                failures.append(Failure(rel, f"folder not readable: {e.strerror}"))
+            return
+        stack.append(iter(entries))
+        rels.append(rel)
+
+    def report(relpath: str, reason: str) -> None:
+        if failures is not None:
+            failures.append(Failure(relpath, reason))
+
+    enter("")
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            rels.pop()
+            continue
+        rel = rels[-1]
         relpath = f"{rel}/{entry.name}" if rel else entry.name
-        if entry.is_dir(follow_symlinks=False):
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:
+            is_dir = False
+        if is_dir:
             # A folder named like an image is still a folder: walk it.
-            yield from _walk(base, relpath, failures)
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except OSError as e:
+                report(relpath, f"folder not readable: {e.strerror}")
+                continue
+            first = walked.setdefault((st.st_dev, st.st_ino), relpath)
+            if first != relpath:
+                report(
+                    relpath,
+                    f"the same folder as {first or 'the dataset root'!r} (a symbolic "
+                    "link); its images are indexed there, once",
+                )
+                continue
+            enter(relpath)
             continue
         if not is_image_name(entry.name):
             continue
         try:
             st = entry.stat(follow_symlinks=True)
         except OSError as e:
-            if failures is not None:
-                reason = (
-                    "broken symbolic link"
-                    if entry.is_symlink()
-                    else f"cannot stat: {e.strerror}"
-                )
-                failures.append(Failure(relpath, reason))
+            reason = (
+                "broken symbolic link"
+                if entry.is_symlink()
+                else f"cannot stat: {e.strerror}"
+            )
+            report(relpath, reason)
             continue
         if not stat.S_ISREG(st.st_mode):
             # A FIFO or device named like an image would block or mislead a
             # worker's read; report it rather than open it.
-            if failures is not None:
-                failures.append(Failure(relpath, "not a regular file"))
+            report(relpath, "not a regular file")
             continue
         yield ImageRecord(relpath, st.st_size, st.st_mtime_ns)
 

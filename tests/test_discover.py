@@ -62,3 +62,42 @@ def test_partitions_cover_everything_once(tmp_path: Path):
     parts = partition_records(records, 4)
     assert [len(p) for p in parts] == [4, 4, 2]
     assert [r for p in parts for r in p] == records
+
+
+def test_deeply_nested_folders_are_walked(tmp_path: Path, monkeypatch):
+    # 1,100 levels: a recursive walk hit RecursionError here (issue 8, item 13).
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    for _ in range(1100):  # os.makedirs itself recurses too deep
+        os.mkdir("d")
+        os.chdir("d")
+    Path("deep.jpg").write_bytes(b"x")
+    rel = "/".join(["d"] * 1100)
+    try:
+        (rec,) = discover_images(tmp_path)
+        assert rec.path == rel + "/deep.jpg"
+    finally:  # shutil.rmtree (pytest's clean-up) recurses too deep as well
+        os.unlink("deep.jpg")
+        for _ in range(1100):
+            os.chdir("..")
+            os.rmdir("d")
+
+
+def test_linked_folders_are_followed_and_loops_reported(tmp_path: Path):
+    cams = tmp_path / "elsewhere"
+    for cam in ("cam1", "cam2"):
+        (cams / cam).mkdir(parents=True)
+        (cams / cam / "a.jpg").write_bytes(b"x")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "cam1").symlink_to(cams / "cam1")
+    (data / "cam2").symlink_to(cams / "cam2")
+    (data / "cam2-again").symlink_to(cams / "cam2")
+    (data / "cam1" / "loop").symlink_to(data)  # back to the root
+    failures: list[Failure] = []
+    paths = [r.path for r in discover_images(data, failures)]
+    assert paths == ["cam1/a.jpg", "cam2/a.jpg"]
+    assert [f.path for f in failures] == ["cam1/loop", "cam2-again"]
+    assert "the dataset root" in failures[0].reason
+    assert "'cam2'" in failures[1].reason
