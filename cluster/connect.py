@@ -25,19 +25,39 @@ class Connection:
     reason: str
     dashboard: str
     cluster: Any = None  # the LocalCluster we own, closed with the client
+    job_logs: str = ""  # where batch jobs write their logs (--jobqueue)
+    most_workers: int = 0
 
     def close(self) -> None:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
 
-    def to_json(self) -> dict[str, str]:
-        return {
+    def to_json(self) -> dict[str, Any]:
+        n = self.n_workers()
+        reason = self.reason
+        if self.kind == "remote" and self.cluster is None:
+            # Counted now, not at connection: workers may have joined since.
+            reason = f"remote {self.address}: {n} worker{'s' if n != 1 else ''}"
+        report: dict[str, Any] = {
             "kind": self.kind,
             "address": self.address,
-            "reason": self.reason,
+            "reason": reason,
             "dashboard": self.dashboard,
+            "workers": n,
         }
+        if self.job_logs:
+            report["job_logs"] = self.job_logs
+        return report
+
+    def n_workers(self) -> int:
+        """The most workers seen so far (late joiners count, lost ones stay)."""
+        try:
+            n = len(self.client.scheduler_info(n_workers=-1)["workers"])
+        except Exception:  # the scheduler is gone
+            n = 0
+        self.most_workers = max(self.most_workers, n)
+        return self.most_workers
 
     def __enter__(self) -> Connection:
         return self
@@ -119,8 +139,12 @@ def probe_scheduler(address: str, timeout: float) -> dict | str:
     """
     from distributed.comm import connect
 
+    # The same TLS settings as distributed.Client (distributed.comm.tls.*):
+    # without them a tls:// scheduler looks unreachable.
+    connection_args = cluster_security().get_connection_args("client")
+
     async def identity() -> dict:
-        comm = await connect(address, timeout=timeout)
+        comm = await connect(address, timeout=timeout, **connection_args)
         try:
             await comm.write({"op": "identity", "reply": True})
             return await comm.read()
@@ -139,6 +163,23 @@ def probe_scheduler(address: str, timeout: float) -> dict | str:
     return ident
 
 
+def cluster_security():
+    """Dask's TLS settings from its config (``distributed.comm.tls.*``), or none."""
+    from distributed.security import Security
+
+    return Security()
+
+
+def _tls_hint(address: str, problem: str) -> str:
+    if address.startswith("tls://") and not cluster_security().tls_client_cert:
+        return (
+            f"{problem}; a tls:// scheduler needs the client's certificate: set "
+            "distributed.comm.tls.ca-file, .client.cert and .client.key (README, "
+            "'A shared cluster: use TLS')"
+        )
+    return problem
+
+
 def read_scheduler_file(path: str) -> str | None:
     try:
         with open(path) as f:
@@ -153,6 +194,7 @@ def connect(
     fallback: bool | None = None,
     timeout: float | str | None = None,
     worker_wait: float | str | None = None,
+    strict_by_user: bool = True,
 ) -> Connection:
     """Return a client on the configured scheduler, or on a new LocalCluster.
 
@@ -168,6 +210,9 @@ def connect(
     worker_wait
         How long to wait for a scheduler with no workers to get one
         (default ``imgindex.worker-wait``).
+    strict_by_user
+        Whether ``fallback=False`` came from the user (``--no-fallback``), so
+        the error may suggest dropping it; doctor is strict on its own.
 
     Raises
     ------
@@ -188,14 +233,18 @@ def connect(
         address = read_scheduler_file(target.scheduler_file)
         if address is None:
             problem = f"scheduler file {target.scheduler_file} is missing or unreadable"
-            return _fall_back(problem, target, fallback)
+            return _fall_back(problem, target, fallback, strict_by_user)
     ident = probe_scheduler(address, timeout)
     if isinstance(ident, str):
-        return _fall_back(f"{address}: {ident}", target, fallback)
+        return _fall_back(
+            _tls_hint(address, f"{address}: {ident}"), target, fallback, strict_by_user
+        )
 
     from distributed import Client
 
-    client = Client(address, timeout=timeout, set_as_default=False)
+    client = Client(
+        address, timeout=timeout, set_as_default=False, security=cluster_security()
+    )
     n = len(client.scheduler_info()["workers"])
     if n == 0:
         logger.warning(
@@ -206,7 +255,10 @@ def connect(
         except TimeoutError:
             client.close()
             return _fall_back(
-                f"{address}: no workers after {worker_wait:g} s", target, fallback
+                f"{address}: no workers after {worker_wait:g} s",
+                target,
+                fallback,
+                strict_by_user,
             )
         n = len(client.scheduler_info()["workers"])
     reason = f"remote {address}: {n} worker{'s' if n != 1 else ''}"
@@ -214,11 +266,15 @@ def connect(
     return Connection(client, "remote", address, reason, client.dashboard_link or "")
 
 
-def _fall_back(problem: str, target: Target, fallback: bool) -> Connection:
+def _fall_back(
+    problem: str, target: Target, fallback: bool, strict_by_user: bool = True
+) -> Connection:
     if not fallback:
+        advice = "start `dask scheduler` and `dask worker`, or fix the address"
+        if strict_by_user:
+            advice = advice.replace(", or fix", ", fix") + ", or drop --no-fallback"
         raise SchedulerUnreachable(
-            f"cannot use the scheduler from {target.source}: {problem}; start "
-            "`dask scheduler` and `dask worker`, fix the address, or drop --no-fallback"
+            f"cannot use the scheduler from {target.source}: {problem}; {advice}"
         )
     reason = f"local: {problem}"
     # Loud on purpose: an explicit address that silently became a LocalCluster
@@ -240,6 +296,7 @@ def start_local(reason: str) -> Connection:
         processes=True,
         memory_limit=config_value(None, "imgindex.local.memory-limit"),
         dashboard_address=config_value(None, "imgindex.local.dashboard-address"),
+        preload=["cluster.local_worker"],
     )
     client = Client(cluster, set_as_default=False)
     logger.info("using %s (%d workers)", reason, int(n_workers))

@@ -45,7 +45,7 @@ def check_cluster(client: Client, spec: ModelSpec, timeout: float = 120.0) -> di
         ``ok`` is True only if there is at least one worker, every worker
         embedded a unit vector, and no critical package version differs.
     """
-    info = client.scheduler_info()
+    info = client.scheduler_info(n_workers=-1)
     found = survey(client)
     errors, warnings = problems(found)
     runnable = [a for a in info["workers"] if found.get(a, {}).get("imgindex")]
@@ -76,7 +76,9 @@ def check_cluster(client: Client, spec: ModelSpec, timeout: float = 120.0) -> di
             "versions": found.get(address, {}),
         }
         fut = futures.get(address)
-        if fut is None:
+        if found.get(address, {}).get("unresponsive"):
+            row.update(ok=False, error=found[address]["error"])
+        elif fut is None:
             row.update(ok=False, error="cannot run imgindex tasks (see problems)")
         elif fut.status == "finished":
             row.update(fut.result())

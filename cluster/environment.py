@@ -59,12 +59,21 @@ def _versions_fn():
     return versions
 
 
-def survey(client: Client) -> dict[str, dict[str, Any]]:
-    """Package versions on the client (key ``"client"``) and on every worker."""
+def survey(client: Client, timeout: float | None = None) -> dict[str, dict[str, Any]]:
+    """Package versions on the client (key ``"client"``) and on every worker.
+
+    A worker that does not answer within ``timeout`` (``imgindex.call-timeout``)
+    is marked ``"unresponsive"`` instead of being waited on.
+    """
+    from cluster.calls import Unresponsive, run_on_each
+
     probe = _versions_fn()
     found = {"client": probe()}
-    for address, result in client.run(probe, on_error="return").items():
-        if isinstance(result, BaseException):
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    for address, result in run_on_each(client, probe, workers, timeout).items():
+        if isinstance(result, Unresponsive):
+            result = {"error": str(result), "unresponsive": True}
+        elif isinstance(result, BaseException):
             result = {"error": f"{type(result).__name__}: {result}"}
         found[address] = result
     return found
@@ -76,6 +85,9 @@ def problems(found: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
     errors, warnings = [], []
     for address, theirs in found.items():
         if address == "client":
+            continue
+        if theirs.get("unresponsive"):
+            errors.append(theirs["error"])
             continue
         if "error" in theirs:
             errors.append(f"worker {address} did not answer: {theirs['error']}")
@@ -113,7 +125,12 @@ def ensure_compatible(client: Client) -> dict[str, dict[str, Any]]:
         traceback the first task would otherwise produce.
     """
     found = survey(client)
-    errors, warnings = problems(found)
+    silent = {a: w for a, w in found.items() if w.get("unresponsive")}
+    # A frozen worker is no reason to refuse the build: the watchdog drops it
+    # if it stays silent while holding our tasks (dispatch.py).
+    for text in (w["error"] for w in silent.values()):
+        logger.warning("%s; building on the others", text)
+    errors, warnings = problems({a: w for a, w in found.items() if a not in silent})
     for text in warnings:
         logger.warning("%s", text)
     if errors:

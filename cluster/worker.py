@@ -69,11 +69,15 @@ def setup_workers(
     WorkerEnvironmentError
         If a worker lacks imgindex or runs incompatible package versions.
     """
+    from cluster.calls import register_worker_plugin
     from cluster.environment import ensure_compatible
     from pipeline.config import config_value
 
     ensure_compatible(client)
     threads = int(config_value(torch_threads, "imgindex.torch-threads"))
-    client.register_plugin(
-        WorkerSetup(spec, threads), name=f"{PLUGIN_NAME}-{spec.name}-{spec.device}"
-    )
+    name = f"{PLUGIN_NAME}-{spec.name}-{spec.device}"
+    if not register_worker_plugin(client, WorkerSetup(spec, threads), name):
+        logger.warning(
+            "not every worker confirmed its set-up in time; tasks load the model "
+            "on first use there"
+        )

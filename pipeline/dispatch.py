@@ -14,7 +14,15 @@ What can go wrong, and what happens:
   reported; its partition-mates are still indexed;
 - a task hangs: Dask has no task timeout (dask/distributed#391), so a watchdog
   cancels partitions running past the limit, restarts their worker, and splits
-  them the same way.
+  them the same way. A task's age is counted on the client's own clock: the
+  durations the scheduler holds come from the worker's heartbeats, which a
+  frozen worker no longer sends;
+- a worker freezes (SIGSTOP, ``scontrol suspend``, a dead NFS mount): it stops
+  heartbeating but keeps its connection, so the scheduler would wait for it
+  (``worker-ttl``, 5 minutes by default, or never where that is off). The
+  watchdog removes a worker silent for ``imgindex.worker-unresponsive`` while
+  it holds our tasks, and Dask reschedules them; nothing is split or failed;
+- the scheduler is lost: the build stops with one line; re-running resumes.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ class DispatchSettings:
     timeout: float = 300.0  # seconds a partition may run; <= 0: no limit
     tasks_per_thread: int = 3  # partitions in flight per worker thread
     gpu_resource: bool = False  # tasks need the worker resource GPU=1
+    unresponsive: float = 60.0  # seconds without a heartbeat: a worker is dropped
 
 
 class PartitionDispatcher:
@@ -138,7 +147,7 @@ class PartitionDispatcher:
         queue = list(reversed(partitions))
         in_flight: dict[str, tuple[Partition, object]] = {}  # key -> (part, future)
         ac = as_completed(loop=self.client.loop)
-        watchdog = _Watchdog(self.client, self.settings.timeout, in_flight)
+        watchdog = _Watchdog(self.client, self.settings, in_flight)
 
         def fill() -> None:
             window = max(2, self.threads() * self.settings.tasks_per_thread)
@@ -163,7 +172,8 @@ class PartitionDispatcher:
         except BaseException:
             # A failed or interrupted build must not leave its tasks running
             # on a shared cluster.
-            self.client.cancel(list(ac.futures), force=True)
+            if self.client.status == "running":
+                self.client.cancel(list(ac.futures), force=True)
             raise
         finally:
             watchdog.stop()
@@ -179,6 +189,14 @@ class PartitionDispatcher:
             watchdog.wait_restarted(fut.key)
         if fut.status == "finished":
             return fut.result()
+        if self.client.status != "running" or (
+            fut.status in ("cancelled", "lost") and not timed_out
+        ):
+            raise BuildFailed(
+                f"lost the scheduler {self.client.scheduler.address} while "
+                f"embedding {self.label}; finished partitions were saved: once "
+                "the cluster is back, run the same command again to resume"
+            )
         exc = fut.exception() if fut.status == "error" else None
         if timed_out:
             reason = (
@@ -231,27 +249,28 @@ class PartitionDispatcher:
 
 
 class _Watchdog(threading.Thread):
-    """Cancel partitions running past the limit and restart their workers.
+    """Cancel partitions running past the limit; drop workers that went silent.
 
     Dask cannot interrupt a running thread; restarting the worker process is
     the only way to get its slot back.
     """
 
-    def __init__(self, client, limit: float, in_flight: dict):
+    def __init__(self, client, settings: DispatchSettings, in_flight: dict):
         super().__init__(name="imgindex-watchdog", daemon=True)
         self.client = client
-        self.limit = limit
+        self.limit = settings.timeout
+        self.unresponsive = settings.unresponsive
         self.in_flight = in_flight
         self.timed_out: set[str] = set()
+        self._first_seen: dict[str, float] = {}  # key -> first seen running (our clock)
         self._expired_at: dict[str, float] = {}
         self._restarted: dict[str, threading.Event] = {}
+        self._dropped: set[str] = set()
         self._stopped = threading.Event()
-        self._poll = min(2.0, max(0.2, limit / 4))
-        self._executing = _executing_tasks_fn()
-
-    def start(self) -> None:
-        if self.limit > 0:
-            super().start()
+        shortest = min(x for x in (self.limit, self.unresponsive, 8.0) if x > 0)
+        self._poll = min(2.0, max(0.2, shortest / 4))
+        self._state = _scheduler_state_fn()
+        self._remove = _remove_worker_fn()
 
     def wait_restarted(self, key: str, timeout: float = 120.0) -> None:
         event = self._restarted.get(key)
@@ -266,18 +285,58 @@ class _Watchdog(threading.Thread):
     def run(self) -> None:
         while not self._stopped.wait(self._poll):
             try:
-                running = self.client.run_on_scheduler(self._executing)
+                state = self.client.sync(
+                    self.client._run_on_scheduler,
+                    self._state,
+                    callback_timeout=max(10.0, 4 * self._poll),
+                )
             except Exception as e:  # scheduler busy or reconnecting: next tick
                 logger.debug("watchdog poll failed: %s", e)
                 continue
-            now = time.monotonic()
-            for key, (address, seconds) in running.items():
-                if seconds <= self.limit or key not in self.in_flight:
-                    continue
-                # A task seen running long after it was cancelled (the cancel
-                # raced the restart and it was rescheduled) is expired again.
-                if now - self._expired_at.get(key, -1e9) > self.limit:
-                    self._expire(key, address, seconds)
+            self.check(state, time.monotonic())
+
+    def check(self, state: dict, now: float) -> None:
+        silent: dict[str, float] = state["silent"]
+        for address, seconds in silent.items():
+            ours = [
+                k for k in state["processing"].get(address, ()) if k in self.in_flight
+            ]
+            if (
+                seconds > self.unresponsive > 0
+                and ours
+                and address not in self._dropped
+            ):
+                self._drop(address, seconds)
+        for key, address in state["executing"].items():
+            if key not in self.in_flight or self.limit <= 0:
+                continue
+            started = self._first_seen.setdefault(key, now)
+            if silent.get(address, 0.0) > min(10.0, self.limit):
+                continue  # a frozen worker, not a stuck image: dropped above
+            # A task seen running long after it was cancelled (the cancel
+            # raced the restart and it was rescheduled) is expired again.
+            if now - started > self.limit and (
+                now - self._expired_at.get(key, -1e9) > self.limit
+            ):
+                self._expire(key, address, now - started)
+
+    def _drop(self, address: str, seconds: float) -> None:
+        logger.warning(
+            "worker %s has been unresponsive for %.0f s (frozen or suspended?); "
+            "removing it from the cluster so its partitions run elsewhere",
+            address,
+            seconds,
+        )
+        self._dropped.add(address)
+        try:
+            self.client.sync(
+                self.client._run_on_scheduler,
+                self._remove,
+                address,
+                callback_timeout=30,
+            )
+        except Exception as e:
+            logger.warning("could not remove worker %s: %s", address, e)
 
     def _expire(self, key: str, address: str, seconds: float) -> None:
         logger.warning(
@@ -303,18 +362,39 @@ class _Watchdog(threading.Thread):
             self._restarted[key].set()
 
 
-def _executing_tasks_fn():
-    """The function the watchdog runs on the scheduler.
+# The functions below run on the scheduler. They are made as closures so that
+# cloudpickle sends them by value: the scheduler need not have imgindex.
 
-    Made here, as a closure, so that cloudpickle sends it by value: the
-    scheduler process need not have imgindex installed.
-    """
 
-    def executing(dask_scheduler=None) -> dict[str, tuple[str, float]]:
+def _scheduler_state_fn():
+    def state(dask_scheduler=None) -> dict:
+        from time import time as now
+
+        t = now()
         return {
-            ts.key: (ws.address, float(duration))
-            for ws in dask_scheduler.workers.values()
-            for ts, duration in ws.executing.items()
+            # Which tasks run where; the durations beside them come from
+            # heartbeats, so the watchdog keeps its own clock instead.
+            "executing": {
+                ts.key: ws.address
+                for ws in dask_scheduler.workers.values()
+                for ts in ws.executing
+            },
+            "processing": {
+                ws.address: [ts.key for ts in ws.processing]
+                for ws in dask_scheduler.workers.values()
+            },
+            "silent": {
+                ws.address: t - ws.last_seen for ws in dask_scheduler.workers.values()
+            },
         }
 
-    return executing
+    return state
+
+
+def _remove_worker_fn():
+    async def remove(address: str, dask_scheduler=None) -> str:
+        return await dask_scheduler.remove_worker(
+            address=address, stimulus_id="imgindex-unresponsive", close=True
+        )
+
+    return remove

@@ -128,3 +128,17 @@ def test_no_scheduler_configured_starts_a_local_cluster(one_local_worker, monkey
     with connect() as conn:
         assert (conn.kind, conn.reason) == ("local", "local: no scheduler configured")
         assert len(conn.client.nthreads()) == 1
+
+
+def test_doctor_does_not_advise_dropping_a_flag_nobody_passed(tmp_path):
+    # Issue 8, item 25: doctor is strict by itself; --no-fallback is the user's.
+    from helpers import invoke
+
+    result = invoke("doctor", "--scheduler", "tcp://127.0.0.1:1")
+    assert result.exit_code == 1
+    assert "--no-fallback" not in result.stderr
+    assert "start `dask scheduler` and `dask worker`, or fix the address" in (
+        result.stderr
+    )
+    result = invoke("doctor", "--scheduler", "tcp://127.0.0.1:1", "--no-fallback")
+    assert "or drop --no-fallback" in result.stderr
