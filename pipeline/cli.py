@@ -6,6 +6,7 @@ entry point, loaded by every ``dask scheduler`` / ``dask worker`` start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,42 @@ class _ImgindexGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ImgindexError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_shown(str(e))) from None
+        except KeyboardInterrupt as e:
+            raise Interrupted(str(e) or "SIGINT") from None
+        except OSError as e:
+            # The last resort (disk full, a vanished folder): the file and the
+            # system's words, not a traceback.
+            where = f"{_shown(str(e.filename))}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C or SIGTERM: one line, and the exit status a shell expects."""
+
+    def __init__(self, signame: str, what: str = ""):
+        super().__init__(f"interrupted by {signame}{what}")
+        self.exit_code = 143 if signame == "SIGTERM" else 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SLURM's walltime and scancel send SIGTERM: treat it like Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(
@@ -61,6 +97,33 @@ def _configure_logging(verbose: int) -> None:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
+class _OneLine(logging.Filter):
+    """A log record's exception as one line, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            record.msg = f"{record.getMessage()} {text}".strip()
+            record.args = ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _shorten_distributed_logs() -> None:
+    """Keep distributed's own errors (a lost scheduler: ~35 lines) to one line each.
+
+    Its handlers exist once distributed is imported; ``-vv`` keeps tracebacks.
+    """
+    if logging.getLogger("pipeline").getEffectiveLevel() <= logging.DEBUG:
+        return
+    import distributed  # noqa: F401  (sets up its logging handlers)
+
+    for handler in logging.getLogger("distributed").handlers:
+        if not any(isinstance(f, _OneLine) for f in handler.filters):
+            handler.addFilter(_OneLine())
+
+
 def _scheduler_options(f):
     f = click.option(
         "--no-fallback",
@@ -94,19 +157,40 @@ def _check_scheduler_options(scheduler, scheduler_file) -> None:
 
 
 def _connect(
-    scheduler, scheduler_file, no_fallback, jobqueue=None, jobs=None, gpu_resource=None
+    scheduler,
+    scheduler_file,
+    no_fallback,
+    jobqueue=None,
+    jobs=None,
+    gpu_resource=None,
+    worker_wait=None,
+    out: Path | None = None,
+    strict_by_user: bool = True,
 ):
     from cluster.connect import connect
     from pipeline.config import config_value
 
     _check_scheduler_options(scheduler, scheduler_file)
+    _shorten_distributed_logs()
     system = config_value(jobqueue, "imgindex.jobqueue.system")
     if system and not (scheduler or scheduler_file):
         from cluster.jobqueue import start_jobqueue
 
         gpu = bool(config_value(gpu_resource, "imgindex.gpu-resource"))
-        return start_jobqueue(system, jobs, gpu_resource=gpu)
-    return connect(scheduler, scheduler_file, fallback=False if no_fallback else None)
+        return start_jobqueue(
+            system,
+            jobs,
+            gpu_resource=gpu,
+            worker_wait=worker_wait,
+            log_directory=(out / ".imgindex-jobs") if out else None,
+        )
+    return connect(
+        scheduler,
+        scheduler_file,
+        fallback=False if no_fallback else None,
+        worker_wait=worker_wait,
+        strict_by_user=strict_by_user,
+    )
 
 
 @cli.command()
@@ -147,6 +231,13 @@ def _connect(
     help="Batch jobs to submit with --jobqueue [imgindex.jobqueue.jobs].",
 )
 @click.option(
+    "--worker-wait",
+    default=None,
+    metavar="DURATION",
+    help="How long a started cluster may take to give a first worker, e.g. 10m "
+    "[imgindex.worker-wait].",
+)
+@click.option(
     "--partition-size",
     type=click.IntRange(min=1),
     default=None,
@@ -174,6 +265,11 @@ def _connect(
     "--rebuild", is_flag=True, help="Ignore existing indexes and checkpoints."
 )
 @click.option(
+    "--name",
+    default=None,
+    help="Name of the index under OUT (one DATASET only; default: its folder name).",
+)
+@click.option(
     "--progress-file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -193,15 +289,42 @@ def build(
     gpu_resource,
     jobqueue,
     jobs,
+    worker_wait,
     partition_size,
     batch_size,
     retries,
     task_timeout,
     rebuild,
+    name,
     progress_file,
     as_json,
 ):
     """Embed the images under each DATASET folder and write OUT/<name>/."""
+    with _sigterm_as_interrupt():
+        _build(**locals())
+
+
+def _build(
+    datasets,
+    out,
+    scheduler,
+    scheduler_file,
+    no_fallback,
+    model,
+    device,
+    gpu_resource,
+    jobqueue,
+    jobs,
+    worker_wait,
+    partition_size,
+    batch_size,
+    retries,
+    task_timeout,
+    rebuild,
+    name,
+    progress_file,
+    as_json,
+):
     from cluster.worker import setup_workers
     from pipeline.build import default_spec, run_build
     from pipeline.errors import ImgindexError
@@ -210,27 +333,37 @@ def build(
 
     started = time.perf_counter()
     _check_scheduler_options(scheduler, scheduler_file)
-    roots = _check_datasets(datasets)
+    _check_duration(task_timeout, "--task-timeout", "imgindex.task-timeout")
+    _check_duration(worker_wait, "--worker-wait", "imgindex.worker-wait")
+    roots = _check_datasets(datasets, name)
+    names = [name] if name else [r.name for r in roots]
     _check_writable(out)
     spec = default_spec(model, device, batch_size)
     get_model(spec.name, "cpu")  # fail fast, here, on an unknown or missing model
-    tracker = (
-        ProgressFile(progress_file, [r.name for r in roots]) if progress_file else None
-    )
+    tracker = ProgressFile(progress_file, names) if progress_file else None
 
     summaries, errors = [], []
     try:
         with _connect(
-            scheduler, scheduler_file, no_fallback, jobqueue, jobs, gpu_resource
+            scheduler,
+            scheduler_file,
+            no_fallback,
+            jobqueue,
+            jobs,
+            gpu_resource,
+            worker_wait,
+            out.resolve(),
         ) as conn:
             click.echo(f"cluster: {conn.reason}", err=True)
             if conn.dashboard:
                 click.echo(f"dashboard: {conn.dashboard}", err=True)
+            if conn.job_logs:
+                click.echo(f"job logs: {conn.job_logs}", err=True)
             if tracker:
                 tracker.set_cluster(conn.to_json())
             setup_workers(conn.client, spec)
-            for root in roots:
-                bar = _ProgressBar(root.name, tracker)
+            for root, index_name in zip(roots, names, strict=True):
+                bar = _ProgressBar(index_name, tracker)
                 try:
                     s = run_build(
                         conn.client,
@@ -243,19 +376,30 @@ def build(
                         task_timeout=task_timeout,
                         gpu_resource=gpu_resource,
                         progress=bar.update,
+                        name=index_name,
                     )
                     summaries.append(s.to_json())
                     bar.close()
-                except ImgindexError as e:
-                    errors.append(str(e))
+                except (ImgindexError, OSError) as e:
+                    # One dataset failing must not hide the others' summaries.
+                    text = _error_text(e)
+                    errors.append(text)
                     summaries.append(
-                        {"name": root.name, "source": str(root), "error": str(e)}
+                        {"name": index_name, "source": str(root), "error": text}
                     )
-                    bar.close(error=str(e))
+                    bar.close(error=text)
             cluster_json = conn.to_json()
-    except (ImgindexError, KeyboardInterrupt) as e:
+    except KeyboardInterrupt as e:
+        signame = str(e) or "SIGINT"
         if tracker:
-            tracker.finish(error=str(e) or "interrupted")
+            tracker.finish(error=f"interrupted by {signame}", state="interrupted")
+        raise Interrupted(
+            signame,
+            "; finished partitions were saved: run the same command again to resume",
+        ) from None
+    except ImgindexError as e:
+        if tracker:
+            tracker.finish(error=str(e))
         raise
     if tracker:
         tracker.finish()
@@ -270,12 +414,43 @@ def build(
         _print_build_report(report)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise click.ClickException(errors[0] + more)
+        raise click.ClickException(_shown(errors[0]) + more)
 
 
-def _check_datasets(datasets) -> list[Path]:
+def _error_text(e: Exception) -> str:
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    return str(e)
+
+
+def _check_duration(value, option: str, key: str) -> None:
+    """Reject a malformed duration before any cluster is started."""
+    from pipeline.config import seconds_value
+
+    try:
+        seconds_value(value, key)
+    except (ValueError, KeyError, TypeError):
+        raise click.BadParameter(
+            f"{value!r} is not a duration; give seconds or a unit, e.g. 300s or 5m",
+            param_hint=option,
+        ) from None
+
+
+def _check_datasets(datasets, name: str | None = None) -> list[Path]:
     from pipeline.discover import check_dataset, has_images
     from pipeline.errors import ImgindexError
+
+    if name is not None:
+        if len(datasets) > 1:
+            raise click.BadParameter(
+                "--name names one index; build the datasets one at a time",
+                param_hint="--name",
+            )
+        if not name or name in (".", "..") or "/" in name or name.startswith("."):
+            raise click.BadParameter(
+                f"{name!r} cannot be a folder name under --out", param_hint="--name"
+            )
 
     roots = [check_dataset(d).resolve() for d in datasets]
     for root in roots:
@@ -286,7 +461,7 @@ def _check_datasets(datasets) -> list[Path]:
     if dupes:
         raise click.BadParameter(
             f"two datasets share the folder name {dupes[0]!r}, so their indexes "
-            "would collide under --out; rename or link one",
+            "would collide under --out; build them one at a time with --name",
             param_hint="DATASETS",
         )
     return roots
@@ -340,14 +515,14 @@ def _check_writable(out: Path) -> None:
 def _print_build_report(report: dict) -> None:
     for d in report["datasets"]:
         if "error" in d:
-            click.echo(f"{d['name']}: FAILED: {d['error']}")
+            click.echo(f"{_shown(d['name'])}: FAILED: {_shown(d['error'])}")
             continue
         click.echo(
-            f"{d['name']}: {d['indexed']} indexed ({d['embedded']} embedded, "
+            f"{_shown(d['name'])}: {d['indexed']} indexed ({d['embedded']} embedded, "
             f"{len(d['failed'])} failed; added {d['added']}, updated {d['updated']}, "
             f"removed {d['removed']}, unchanged {d['unchanged']}) "
             f"in {d['seconds']:.1f} s, "
-            f"{d['images_per_second']:.1f} images/s -> {d['index']}"
+            f"{d['images_per_second']:.1f} images/s -> {_shown(d['index'])}"
         )
         if d["resumed_partitions"]:
             click.echo(
@@ -355,7 +530,7 @@ def _print_build_report(report: dict) -> None:
                 "from an interrupted build"
             )
         for f in d["failed"][:10]:
-            click.echo(f"  skipped {_shown(f['path'])}: {f['reason']}")
+            click.echo(f"  skipped {_shown(f['path'])}: {_shown(f['reason'])}")
         if len(d["failed"]) > 10:
             click.echo(f"  ... and {len(d['failed']) - 10} more (see `imgindex info`)")
     c = report["cluster"]
@@ -363,6 +538,8 @@ def _print_build_report(report: dict) -> None:
         f"cluster: {c['reason']}"
         + (f", dashboard {c['dashboard']}" if c["dashboard"] else "")
     )
+    if c.get("job_logs"):
+        click.echo(f"job logs: {c['job_logs']}")
 
 
 @cli.command()
@@ -389,7 +566,7 @@ def search(index_dir, images, k, as_json):
         )
         return
     for query, hits in zip(images, results, strict=True):
-        click.echo(f"{query}:")
+        click.echo(f"{_shown(str(query))}:")
         for h in hits:
             click.echo(f"  {h.rank:3d}  {h.score:.4f}  {_shown(h.path)}")
 
@@ -402,6 +579,7 @@ def info(index_dir, as_json):
     from pipeline.store import read_index_dir
 
     stored = read_index_dir(index_dir)
+    stored.check()  # a damaged index.faiss is not reported as healthy
     m = stored.meta
     report = {
         "name": m["name"],
@@ -433,9 +611,9 @@ def info(index_dir, as_json):
         "updated",
         "imgindex_version",
     ):
-        click.echo(f"{key:17} {report[key]}")
+        click.echo(f"{key:17} {_shown(str(report[key]))}")
     for f in stored.failures[:20]:
-        click.echo(f"  failed {_shown(f.path)}: {f.reason}")
+        click.echo(f"  failed {_shown(f.path)}: {_shown(f.reason)}")
     if len(stored.failures) > 20:
         click.echo(f"  ... and {len(stored.failures) - 20} more (--json lists all)")
 
@@ -452,7 +630,7 @@ def status(progress_file, as_json):
         click.echo(json.dumps(data, indent=2))
         return
     for line in format_progress(data):
-        click.echo(line)
+        click.echo(_shown(line))
 
 
 @cli.command()
@@ -465,9 +643,12 @@ def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
     from pipeline.build import default_spec
 
     spec = default_spec(model)
+    strict_by_user = bool(no_fallback)
     if (scheduler or scheduler_file) and no_fallback is None:
         no_fallback = True  # doctor reports on the cluster asked for, not a stand-in
-    conn = _connect(scheduler, scheduler_file, no_fallback)
+    conn = _connect(
+        scheduler, scheduler_file, no_fallback, strict_by_user=strict_by_user
+    )
     with conn:
         # No setup_workers: its environment check would stop at the first
         # problem, and doctor's job is to list them all.
@@ -496,9 +677,21 @@ def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
         raise click.ClickException("cluster is not healthy (see above)")
 
 
-def _shown(path: str) -> str:
-    """A path printable on any terminal: undecodable bytes shown as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+def _shown(text: str) -> str:
+    """Text safe on any terminal: undecodable bytes as \\xNN, and control
+    characters (escape sequences, newlines) as escapes, so a file name can
+    neither clear the screen nor print a fake result line."""
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
 
 
 def _gib(n) -> str:

@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_file
 from pipeline.errors import ImgindexError
-from pipeline.store import atomic_file
 
 WRITE_INTERVAL = (
     0.5  # seconds between writes while counting; state changes always write
@@ -91,9 +91,12 @@ class ProgressFile:
             d["eta_seconds"] = 0.0
         self.write()
 
-    def finish(self, error: str | None = None) -> None:
+    def finish(self, error: str | None = None, state: str | None = None) -> None:
         failed = error or any(d["state"] == "failed" for d in self.data["datasets"])
-        self.data["state"] = "failed" if failed else "finished"
+        self.data["state"] = state or ("failed" if failed else "finished")
+        for d in self.data["datasets"]:
+            if state and d["state"] in ("pending", "running"):
+                d["state"] = state
         if error:
             self.data["error"] = error
         self.write()
@@ -104,13 +107,23 @@ class ProgressFile:
             return
         self._last_write = now
         self.data["updated"] = _now()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.path, "w") as f:
-            json.dump(self.data, f, indent=2)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(self.path, "w") as f:
+                json.dump(self.data, f, indent=2)
+        except OSError as e:
+            raise ImgindexError(
+                f"cannot write the progress file {str(self.path)!r}: "
+                f"{e.strerror or e}; choose another --progress-file"
+            ) from None
 
 
 def read_progress(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a progress file.
+    """Read a progress file, noting a build that can no longer be running.
+
+    A build killed with SIGKILL (or on a node that died) never writes its
+    final state; ``stale`` says why its "running" cannot be believed: its
+    pid is gone on this host, or it has not written for ``STALE_AFTER``.
 
     Raises
     ------
@@ -119,21 +132,59 @@ def read_progress(path: str | os.PathLike) -> dict[str, Any]:
     """
     try:
         data = json.loads(Path(path).read_text())
-        data["datasets"]  # noqa: B018  (shape check)
-        return data
+        _check_shape(data)
     except FileNotFoundError:
         raise ImgindexError(f"progress file {str(path)!r} does not exist") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ImgindexError(
-            f"{str(path)!r} is not an imgindex progress file: {e}"
+            f"{str(path)!r} is not an imgindex progress file ({type(e).__name__}: {e})"
         ) from None
+    if data["state"] in ("starting", "running"):
+        data["stale"] = _why_stale(data, Path(path))
+    return data
+
+
+# A running build rewrites its file at least on every finished partition; a
+# partition rarely takes more than the default task timeout.
+STALE_AFTER = 600.0
+
+
+def _check_shape(data: Any) -> None:
+    if not isinstance(data, dict) or not isinstance(data.get("state"), str):
+        raise ValueError("no build state")
+    if not isinstance(data.get("datasets"), list):
+        raise ValueError("no dataset list")
+    for d in data["datasets"]:
+        if not isinstance(d, dict):
+            raise ValueError(f"dataset entry {d!r}")
+        for key, kind in (("name", str), ("state", str), ("done", int)):
+            if not isinstance(d.get(key), kind):
+                raise ValueError(f"dataset entry without {key!r}")
+
+
+def _why_stale(data: dict[str, Any], path: Path) -> str | None:
+    pid, host = data.get("pid"), data.get("host")
+    if host == socket.gethostname() and isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"its process {pid} is gone"
+        except PermissionError:
+            pass
+    age = time.time() - path.stat().st_mtime
+    if age > STALE_AFTER:
+        return f"not updated for {_duration(age)}"
+    return None
 
 
 def format_progress(data: dict[str, Any]) -> list[str]:
     """Human-readable lines for ``imgindex status``."""
     cluster = data.get("cluster") or {}
+    state = data["state"]
+    if data.get("stale"):
+        state = f"{state}? probably dead: {data['stale']}"
     lines = [
-        f"build {data['state']} (pid {data.get('pid')} on {data.get('host')}, "
+        f"build {state} (pid {data.get('pid')} on {data.get('host')}, "
         f"started {data.get('started')}, updated {data.get('updated')})"
     ]
     if cluster:
@@ -153,7 +204,8 @@ def format_progress(data: dict[str, Any]) -> list[str]:
         if d["state"] == "running" and d.get("eta_seconds") is not None:
             eta = f", ETA {_duration(d['eta_seconds'])}"
         line = (
-            f"  {d['name']}: {d['state']} {share}{pct}, {d['failed']} failed{rate}{eta}"
+            f"  {d['name']}: {d['state']} {share}{pct}, "
+            f"{d.get('failed', 0)} failed{rate}{eta}"
         )
         if d.get("error"):
             line += f": {d['error']}"

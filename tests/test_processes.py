@@ -1,0 +1,230 @@
+"""Faults that happen to processes (issue 8): frozen workers, a lost scheduler, signals.
+
+Every test here uses real `dask scheduler` / `dask worker` processes or a real
+`imgindex` subprocess, because the faults are about processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import dask.config
+import pytest
+from helpers import (
+    error_lines,
+    imgindex_cmd,
+    invoke,
+    one_error_line,
+    start_imgindex,
+    wait_for_progress,
+)
+
+from conftest import copy_tree
+from pipeline.store import read_index_dir
+from pipeline.synthetic import write_photos
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return write_photos(
+        tmp_path_factory.mktemp("proc") / "photos", 160, seed=5, max_side=320
+    )[0].parent
+
+
+def worker_pids(procs) -> dict[str, int]:
+    """Worker name -> pid of the worker process (not its nanny)."""
+    from distributed import Client
+
+    with Client(scheduler_file=str(procs.scheduler_file), timeout=30) as c:
+        pids = c.run(os.getpid)
+        names = {
+            a: w["name"] for a, w in c.scheduler_info(n_workers=-1)["workers"].items()
+        }
+    return {names[a]: pid for a, pid in pids.items()}
+
+
+def test_frozen_worker_is_dropped_and_its_images_indexed_once(
+    dask_processes, photos, tmp_path
+):
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker("a")
+    dask_processes.start_worker("b")
+    dask_processes.wait_for_workers(2)
+    frozen = worker_pids(dask_processes)["a"]
+    progress = tmp_path / "progress.json"
+    build = start_imgindex(
+        "build", photos, "--out", tmp_path / "out", "--json", "--scheduler", address,
+        "--partition-size", "8", "--progress-file", progress, "--task-timeout", "8s",
+        env={"DASK_IMGINDEX__WORKER_UNRESPONSIVE": "6s"},
+    )  # fmt: skip
+    try:
+        wait_for_progress(progress, 8, build)
+        os.kill(frozen, signal.SIGSTOP)  # as `scontrol suspend` does
+        out, err = build.communicate(timeout=240)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        if build.poll() is None:
+            build.kill()
+    assert build.returncode == 0, err
+    assert "unresponsive" in err
+    (summary,) = json.loads(out)["datasets"]
+    assert summary["indexed"] == 160 and summary["failed"] == []
+    stored = read_index_dir(tmp_path / "out" / "photos")
+    assert len({r.path for r in stored.manifest}) == stored.index.ntotal == 160
+
+
+def test_doctor_names_a_frozen_worker_instead_of_hanging(dask_processes):
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker("awake")
+    dask_processes.start_worker("asleep")
+    workers = dask_processes.wait_for_workers(2)
+    frozen = worker_pids(dask_processes)["asleep"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with dask.config.set({"imgindex.call-timeout": "5s"}):
+            result = invoke("doctor", "--scheduler", address, "--json")
+        took = time.monotonic() - started
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert result.exit_code == 1
+    assert took < 90
+    report = json.loads(result.stdout)
+    rows = {w["address"]: w for w in report["workers"]}
+    assert rows[workers["awake"]]["ok"]
+    assert not rows[workers["asleep"]]["ok"]
+    assert "did not answer within 5 s" in rows[workers["asleep"]]["error"]
+
+
+def test_lost_scheduler_is_one_line_that_says_rerun_resumes(
+    dask_processes, photos, tmp_path
+):
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker("w")
+    dask_processes.wait_for_workers(1)
+    progress = tmp_path / "progress.json"
+    build = start_imgindex(
+        "build", photos, "--out", tmp_path / "out", "--scheduler", address,
+        "--partition-size", "8", "--progress-file", progress,
+        env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+    )  # fmt: skip
+    wait_for_progress(progress, 8, build)
+    dask_processes.procs[0].kill()  # the scheduler
+    _, err = build.communicate(timeout=180)
+    assert build.returncode == 1
+    line = one_error_line(err)
+    assert "scheduler" in line and "run the same command again to resume" in line
+    assert json.loads(progress.read_text())["state"] == "failed"
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupted_build_says_so_in_one_line_and_resumes(
+    process_cluster, photos, tmp_path, signame
+):
+    progress = tmp_path / "progress.json"
+    args = ["build", photos, "--out", tmp_path / "out", "--partition-size", "8"]
+    build = start_imgindex(*args, "--progress-file", progress)
+    wait_for_progress(progress, 16, build)
+    # Ctrl-C reaches the whole process group, LocalCluster workers included.
+    os.killpg(build.pid, getattr(signal, signame))
+    _, err = build.communicate(timeout=120)
+    assert build.returncode == (130 if signame == "SIGINT" else 143)
+    line = one_error_line(err)
+    assert line.startswith(f"Error: interrupted by {signame}")
+    assert "run the same command again to resume" in line
+    assert len(err.strip().splitlines()) <= 4, err  # cluster, dashboard, bar, error
+    state = json.loads(progress.read_text())
+    assert state["state"] == "interrupted"
+    assert invoke("status", progress).stdout.startswith("build interrupted")
+    # the same command, on the session's cluster to save a start-up
+    result = invoke(*args, "--json", "--scheduler", process_cluster.scheduler_address)
+    assert result.exit_code == 0, result.stderr
+    (summary,) = json.loads(result.stdout)["datasets"]
+    assert summary["resumed_images"] >= 16
+    assert summary["indexed"] == 160
+
+
+def test_status_notices_a_build_that_was_killed(process_cluster, photos, tmp_path):
+    progress = tmp_path / "progress.json"
+    build = start_imgindex(
+        "build", photos, "--out", tmp_path / "out", "--partition-size", "8",
+        "--progress-file", progress, "--scheduler", process_cluster.scheduler_address,
+    )  # fmt: skip
+    wait_for_progress(progress, 8, build)
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait()
+    result = invoke("status", progress)
+    assert result.exit_code == 0
+    assert result.stdout.startswith("build running? probably dead: its process")
+    data = json.loads(invoke("status", progress, "--json").stdout)
+    assert data["stale"] == f"its process {build.pid} is gone"
+    assert not error_lines(result.stderr)
+
+
+def _make_certificate(folder: Path) -> dict[str, str]:
+    """A self-signed certificate made here (nothing downloaded), for every party."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=imgindex-test", "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return {"ca": str(cert), "cert": str(cert), "key": str(key)}
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl command")
+def test_tls_cluster_is_used_not_fallen_back_from(dask_processes, photos, tmp_path):
+    tls = _make_certificate(tmp_path)
+    tls_args = ["--tls-ca-file", tls["ca"], "--tls-cert", tls["cert"],
+                "--tls-key", tls["key"]]  # fmt: skip
+    dask_processes._spawn(
+        [dask_processes.dask, "scheduler", "--protocol", "tls", "--host", "127.0.0.1",
+         "--port", "0", "--dashboard-address", "127.0.0.1:0", "--scheduler-file",
+         str(dask_processes.scheduler_file), *tls_args],
+        "scheduler",
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not dask_processes.scheduler_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    address = json.loads(dask_processes.scheduler_file.read_text())["address"]
+    assert address.startswith("tls://")
+    dask_processes._spawn(
+        [dask_processes.dask, "worker", address, "--nthreads", "1", "--host",
+         "127.0.0.1", "--dashboard-address", "127.0.0.1:0", *tls_args],
+        "worker",
+    )  # fmt: skip
+    env = {
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": tls["ca"],
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": tls["cert"],
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": tls["key"],
+        "DASK_IMGINDEX__WORKER_WAIT": "60s",
+    }
+    doctor = subprocess.run(
+        imgindex_cmd("doctor", "--scheduler", address, "--json"),
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=240,
+    )  # fmt: skip
+    assert doctor.returncode == 0, doctor.stderr
+    assert json.loads(doctor.stdout)["cluster"]["kind"] == "remote"
+    few = copy_tree(sorted(photos.iterdir())[:12], tmp_path / "few")
+    build = subprocess.run(
+        imgindex_cmd("build", few, "--out", tmp_path / "out", "--json",
+                     "--scheduler", address, "--no-fallback"),
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=240,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    report = json.loads(build.stdout)
+    assert report["cluster"]["address"] == address
+    assert report["datasets"][0]["indexed"] == 12
+    # without the certificate: one line that says what to set, no fallback
+    result = invoke("build", few, "--out", tmp_path / "o2", "--scheduler", address,
+                    "--no-fallback")  # fmt: skip
+    assert result.exit_code == 1
+    assert "distributed.comm.tls.ca-file" in one_error_line(result.stderr)
