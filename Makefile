@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch, pinned: a bare `torch` pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-hpc bench lint clean
 
 $(BIN)/imgindex: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(BIN)/imgindex
 
 test: $(BIN)/imgindex
 	$(BIN)/python -m pytest -q
+
+# A real one-node SLURM in a loopback-only network namespace (root; installs
+# slurm-wlm and munge if absent): the README's sbatch script and --jobqueue slurm.
+test-hpc: $(BIN)/imgindex
+	tests/hpc/run.sh
 
 bench: $(BIN)/imgindex
 	$(BIN)/python bench/throughput.py

@@ -218,3 +218,8 @@ def real_cluster(tmp_path_factory):
         yield address, procs, workers
     finally:
         procs.stop()
+
+
+# tests/hpc needs a real SLURM: `make test-hpc` starts one and sets this.
+if not os.environ.get("IMGINDEX_HPC_TESTS"):
+    collect_ignore_glob = ["hpc/*"]

@@ -99,3 +99,39 @@ def test_jobs_that_never_start_are_one_line(dataset, tmp_path, monkeypatch):
     assert "submitted 2 slurm job(s)" in result.stderr
     assert "Traceback" not in result.output
     assert not (tmp_path / "out" / "beach").exists()
+
+
+def test_importing_dask_jobqueue_keeps_our_sigint_handler():
+    # dask-jobqueue 0.9 sets SIGINT to sys.exit() on import (upstream #696):
+    # Ctrl-C then exited 0 silently with jobs still queued.
+    import signal
+    import sys
+
+    from cluster.jobqueue import _import_dask_jobqueue
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "dask_jobqueue"]:
+        del sys.modules[name]  # so that the import runs again
+    before = signal.getsignal(signal.SIGINT)
+    _import_dask_jobqueue()
+    assert "dask_jobqueue.runner" in sys.modules  # the module that replaces it
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_users_scheduler_options_are_kept():
+    options = {"dashboard_address": ":9999", "port": 0, "interface": "lo"}
+    with dask.config.set({**SLURM, "jobqueue.slurm.scheduler-options": options}):
+        cluster = make_jobqueue_cluster("slurm")
+        try:
+            spec = cluster.scheduler_spec["options"]
+        finally:
+            cluster.close()
+    assert spec["dashboard_address"] == ":9999" and spec["interface"] == "lo"
+
+
+def test_missing_size_is_one_plain_line(dataset, tmp_path):
+    with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None}):
+        result = build_with_jobqueue(dataset, tmp_path)
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: dask-jobqueue cannot describe slurm jobs without")
+    assert "SLURMCluster(" not in line and "cluster =" not in line  # no Python
