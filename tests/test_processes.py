@@ -51,8 +51,9 @@ def worker_pids(procs) -> dict[str, int]:
     return {names[a]: pid for a, pid in pids.items()}
 
 
+@pytest.mark.parametrize("when", ["mid-build", "before the build"])
 def test_frozen_worker_is_dropped_and_its_images_indexed_once(
-    dask_processes, photos, tmp_path
+    dask_processes, photos, tmp_path, when
 ):
     address = dask_processes.start_scheduler()
     dask_processes.start_worker("a")
@@ -60,20 +61,26 @@ def test_frozen_worker_is_dropped_and_its_images_indexed_once(
     dask_processes.wait_for_workers(2)
     frozen = worker_pids(dask_processes)["a"]
     progress = tmp_path / "progress.json"
+    if when == "before the build":
+        os.kill(frozen, signal.SIGSTOP)  # as `scontrol suspend` does
     build = start_imgindex(
         "build", photos, "--out", tmp_path / "out", "--json", "--scheduler", address,
         "--partition-size", "8", "--progress-file", progress, "--task-timeout", "8s",
-        env={"DASK_IMGINDEX__WORKER_UNRESPONSIVE": "6s"},
+        env={"DASK_IMGINDEX__WORKER_UNRESPONSIVE": "6s",
+             "DASK_IMGINDEX__CALL_TIMEOUT": "5s"},
     )  # fmt: skip
     try:
-        wait_for_progress(progress, 8, build)
-        os.kill(frozen, signal.SIGSTOP)  # as `scontrol suspend` does
+        if when == "mid-build":
+            wait_for_progress(progress, 8, build)
+            os.kill(frozen, signal.SIGSTOP)
         out, err = build.communicate(timeout=240)
     finally:
         os.kill(frozen, signal.SIGCONT)
         if build.poll() is None:
             build.kill()
     assert build.returncode == 0, err
+    if when == "before the build":  # the version survey named it, no hang
+        assert "did not answer within 5 s" in err
     assert "unresponsive" in err
     (summary,) = json.loads(out)["datasets"]
     assert summary["indexed"] == 160 and summary["failed"] == []
