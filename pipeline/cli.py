@@ -6,7 +6,7 @@ entry point, loaded by every ``dask scheduler`` / ``dask worker`` start.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import os
@@ -44,24 +44,27 @@ class Interrupted(click.ClickException):
         self.exit_code = 143 if signame == "SIGTERM" else 130
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
+def _sigterm_as_interrupt(command):
     """SLURM's walltime and scancel send SIGTERM: treat it like Ctrl-C."""
-    import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        import signal
+        import threading
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        if threading.current_thread() is not threading.main_thread():
+            return command(*args, **kwargs)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        previous = signal.signal(signal.SIGTERM, interrupt)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
 
 
 @click.group(
@@ -278,6 +281,7 @@ def _connect(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON summary on stdout."
 )
+@_sigterm_as_interrupt
 def build(
     datasets,
     out,
@@ -300,31 +304,6 @@ def build(
     as_json,
 ):
     """Embed the images under each DATASET folder and write OUT/<name>/."""
-    with _sigterm_as_interrupt():
-        _build(**locals())
-
-
-def _build(
-    datasets,
-    out,
-    scheduler,
-    scheduler_file,
-    no_fallback,
-    model,
-    device,
-    gpu_resource,
-    jobqueue,
-    jobs,
-    worker_wait,
-    partition_size,
-    batch_size,
-    retries,
-    task_timeout,
-    rebuild,
-    name,
-    progress_file,
-    as_json,
-):
     from cluster.worker import setup_workers
     from pipeline.build import default_spec, run_build
     from pipeline.errors import ImgindexError

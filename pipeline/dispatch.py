@@ -262,7 +262,9 @@ class _Watchdog(threading.Thread):
         self.unresponsive = settings.unresponsive
         self.in_flight = in_flight
         self.timed_out: set[str] = set()
-        self._first_seen: dict[str, float] = {}  # key -> first seen running (our clock)
+        # (key, worker) -> first seen running there, on our clock: a task
+        # rescheduled elsewhere (its worker dropped) starts a new count.
+        self._first_seen: dict[tuple[str, str], float] = {}
         self._expired_at: dict[str, float] = {}
         self._restarted: dict[str, threading.Event] = {}
         self._dropped: set[str] = set()
@@ -310,7 +312,7 @@ class _Watchdog(threading.Thread):
         for key, address in state["executing"].items():
             if key not in self.in_flight or self.limit <= 0:
                 continue
-            started = self._first_seen.setdefault(key, now)
+            started = self._first_seen.setdefault((key, address), now)
             if silent.get(address, 0.0) > min(10.0, self.limit):
                 continue  # a frozen worker, not a stuck image: dropped above
             # A task seen running long after it was cancelled (the cancel
