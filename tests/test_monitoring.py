@@ -111,3 +111,31 @@ def test_dask_cli_has_imgindex_and_its_config():
         text=True,
     )
     assert cfg.stdout.strip() == "32"
+
+
+def test_status_doubts_a_progress_file_nobody_updates(tmp_path):
+    # Issue 8, item 11: a build on another host, killed: only the file's age shows it.
+    import json
+    import os
+    import time
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    path = tmp_path / "p.json"
+    path.write_text(
+        json.dumps(
+            {
+                "state": "running",
+                "pid": 1,
+                "host": "another-node",
+                "datasets": [{"name": "traps", "state": "running", "done": 5}],
+            }
+        )
+    )
+    hour_ago = time.time() - 3600
+    os.utime(path, (hour_ago, hour_ago))
+    result = CliRunner().invoke(cli, ["status", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("build running? probably dead: not updated for 1h")

@@ -167,9 +167,13 @@ def test_workers_joining_late_get_work(dask_processes, small_photos, tmp_path):
     out, err = build.communicate(timeout=300)
     assert build.returncode == 0, err
     assert "has no workers; waiting up to 120 s" in err
-    (summary,) = json.loads(out)["datasets"]
+    report = json.loads(out)
+    (summary,) = report["datasets"]
     assert summary["indexed"] == 240
     assert len(summary["workers"]) == 2, summary["workers"]
+    # counted at the end, not when the build connected (issue 8, item 25)
+    assert report["cluster"]["reason"] == f"remote {address}: 2 workers"
+    assert report["cluster"]["workers"] == 2
     final = json.loads(progress.read_text())
     assert final["state"] == "finished"
     assert final["datasets"][0]["done"] == 240
