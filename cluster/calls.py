@@ -35,15 +35,20 @@ def call_timeout(value: float | str | None = None) -> float:
 
 
 def run_on_each(
-    client: Client, function, workers: list[str], timeout: float | None = None
+    client: Client,
+    function,
+    workers: list[str],
+    timeout: float | None = None,
+    args: tuple = (),
 ) -> dict[str, Any]:
-    """``function()`` on each worker: its result, its exception, or Unresponsive."""
+    """``function(*args)`` on each worker: its result, its exception or Unresponsive."""
     limit = call_timeout(timeout)
 
     async def one(address: str) -> Any:
         try:
             answers = await asyncio.wait_for(
-                client._run(function, workers=[address], on_error="return"), limit
+                client._run(function, *args, workers=[address], on_error="return"),
+                limit,
             )
         except (asyncio.TimeoutError, TimeoutError):
             return Unresponsive(address, limit)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import zipfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,35 +16,28 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.checkpoint import (
-    checkpoint_dir,
-    clear_checkpoints,
-    load_partitions,
-    save_partition,
-)
 from pipeline.config import config_value, seconds_value
 from pipeline.discover import (
-    Failure,
-    ImageRecord,
     check_dataset,
-    discover_images,
     partition_records,
 )
 from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec, PartitionResult
-from pipeline.errors import BuildFailed, DatasetError, IndexDirError
+from pipeline.errors import BuildFailed, IndexDirError
 from pipeline.index import build_index, choose_index_key, reconstruct
 from pipeline.lock import lock_index
 from pipeline.models import get_model
-from pipeline.store import (
-    StoredIndex,
-    foreign_entries,
-    is_empty_dir,
-    is_index_dir,
-    read_index_dir,
-    recover_index_dir,
-    write_index_dir,
+from pipeline.plan import Plan, plan_build
+from pipeline.shards import (
+    Shard,
+    clear_staging,
+    iter_shards,
+    read_shard,
+    staging_dir,
+    usable_shards,
+    write_shard,
 )
+from pipeline.store import SHARDS_DIR, recover_index_dir, write_index_dir
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -76,22 +71,12 @@ class BuildSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    vectors: str = ""  # "written by workers" | "streamed to client"
+    shards: int = 0
+    damaged_shards: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class _Plan:
-    records: list[ImageRecord]
-    kept: list[ImageRecord]
-    to_embed: list[ImageRecord]
-    added: int
-    updated: int
-    removed: int
-    known_failures: list[Failure]  # found while planning: no task needed
-    unchanged: int
-    previous: StoredIndex | None
 
 
 def run_build(
@@ -108,6 +93,7 @@ def run_build(
     gpu_resource: bool | None = None,
     progress: ProgressCallback | None = None,
     name: str | None = None,
+    workers_write: bool = True,
 ) -> BuildSummary:
     """Embed ``dataset`` on ``client``'s cluster and write ``out/<name>/``.
 
@@ -123,13 +109,17 @@ def run_build(
     spec
         Model, device and decode settings sent to workers with every task.
     rebuild
-        Ignore an existing index and its checkpoints; embed everything.
+        Ignore an existing index and its unfinished shards; embed everything.
     gpu_resource
         Run tasks only on workers started with ``--resources GPU=1``.
     progress
         Called as ``progress(done, total, failed)`` as partitions finish.
     name
         The index's name under ``out`` (default: the dataset folder's name).
+    workers_write
+        Workers write each partition's vectors as a shard beside the index
+        (they must see ``out`` at the same path); False: the vectors travel
+        back and the client writes the shards.
 
     Returns
     -------
@@ -159,7 +149,8 @@ def run_build(
     model = get_model(spec.name, "cpu")
     dest = Path(out).resolve() / name
     summary = BuildSummary(name=name, source=str(root), index=str(dest))
-    stages = summary.stage_seconds
+    summary.vectors = "written by workers" if workers_write else "streamed to client"
+    stages = StageTimer()
 
     if dest.exists() and not dest.is_dir():
         raise IndexDirError(
@@ -170,83 +161,108 @@ def run_build(
         recovered = recover_index_dir(dest)
         if recovered:
             logger.warning("%s: %s", dest, recovered)
-        t = time.perf_counter()
-        plan = _plan(root, dest, spec, rebuild)
-        stages["discover"] = time.perf_counter() - t
+        with stages("discover"):
+            plan = plan_build(root, dest, spec, rebuild)
         summary.added, summary.updated = plan.added, plan.updated
         summary.removed, summary.unchanged = plan.removed, plan.unchanged
 
-        t = time.perf_counter()
-        ckdir = checkpoint_dir(dest)
-        if rebuild:
-            clear_checkpoints(ckdir)
-        key = choose_index_key(len(plan.kept) + len(plan.to_embed), model.dim)
-        sink = _IndexSink(plan, model.dim, key)
-        resumed = load_partitions(ckdir, spec, {r.path: r for r in plan.to_embed})
-        for _, result in resumed:
-            sink.add(result, new=False)
-        done_paths = {r.path for records, _ in resumed for r in records}
-        remaining = [r for r in plan.to_embed if r.path not in done_paths]
-        summary.resumed_partitions = len(resumed)
-        summary.resumed_images = len(done_paths)
-        if resumed:
-            logger.info(
-                "%s: resuming; %d images embedded before", name, len(done_paths)
+        with stages("prepare"):
+            staging = staging_dir(dest)
+            if rebuild:
+                clear_staging(staging)
+            key = choose_index_key(len(plan.kept) + len(plan.to_embed), model.dim)
+            sink = _IndexSink(plan, model.dim, key)
+            resumed, damaged = usable_shards(
+                [staging], spec, {r.path: r for r in plan.to_embed}
             )
-        stages["prepare"] = time.perf_counter() - t
+            for shard in list(resumed):
+                try:
+                    sink.add_shard(shard)
+                except (OSError, ValueError, zipfile.BadZipFile) as e:
+                    logger.warning("ignoring damaged shard %s (%s)", shard.path, e)
+                    resumed.remove(shard)
+                    damaged.append(shard.path)
+            done_paths = {r.path for shard in resumed for r in shard.records}
+            remaining = [r for r in plan.to_embed if r.path not in done_paths]
+            summary.resumed_partitions = len(resumed)
+            summary.resumed_images = len(done_paths)
+            summary.damaged_shards = [p.name for p in damaged]
+            if resumed:
+                logger.info(
+                    "%s: resuming; %d images embedded before", name, len(done_paths)
+                )
 
-        t = time.perf_counter()
-        tracker = _Progress(progress, len(plan.to_embed), len(done_paths))
-        tracker.failed = len(sink.failures) - len(plan.known_failures)
+        with stages("embed"):
+            tracker = _Progress(progress, len(plan.to_embed), len(done_paths))
+            tracker.failed = len(sink.failures) - len(plan.known_failures)
 
-        def on_result(part, result) -> None:
-            try:
-                save_partition(ckdir, spec, part, result)
-            except OSError as e:
-                raise IndexDirError(
-                    f"could not save finished work in {str(ckdir)!r}: "
-                    f"{e.strerror or e}; free space there and run the same "
-                    "command again: it resumes"
-                ) from None
-            tracker.advance(len(part), len(result.failures))
-            sink.add(result, new=True)
+            def on_result(part, result) -> None:
+                try:
+                    if not result.shard and len(result.ids):
+                        # Streamed: the client keeps the shard the worker could not.
+                        result.shard = write_shard(staging, spec, part, result)
+                    shard = read_shard(staging / result.shard) if result.shard else None
+                except OSError as e:
+                    raise IndexDirError(
+                        f"could not keep finished work in {str(staging)!r}: "
+                        f"{e.strerror or e}; free space there and run the same "
+                        "command again: it resumes"
+                    ) from None
+                except (ValueError, KeyError, zipfile.BadZipFile) as e:
+                    raise BuildFailed(
+                        f"the shard {result.shard} from worker {result.worker} is "
+                        f"unreadable here ({e}); run the same command again"
+                    ) from None
+                tracker.advance(len(part), len(result.failures))
+                sink.add(result, shard)
 
-        dispatcher = PartitionDispatcher(
-            client, name, str(root), spec, settings, on_result
-        )
-        size = dispatcher.partition_size(len(remaining), partition_size)
-        partitions = partition_records(remaining, size)
-        summary.partitions = len(partitions) + len(resumed)
-        tracker.advance(0, 0)
-        dispatcher.run(partitions)
-        stages["embed"] = time.perf_counter() - t
+            dispatcher = PartitionDispatcher(
+                client,
+                name,
+                str(root),
+                spec,
+                settings,
+                on_result,
+                shard_dir=str(staging) if workers_write else None,
+            )
+            size = dispatcher.partition_size(len(remaining), partition_size)
+            partitions = partition_records(remaining, size)
+            summary.partitions = len(partitions) + len(resumed)
+            tracker.advance(0, 0)
+            if partitions:
+                staging.mkdir(parents=True, exist_ok=True)
+            dispatcher.run(partitions)
 
-        t = time.perf_counter()
-        manifest, failures, failed_records = sink.finish(plan)
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        meta = {
-            "name": name,
-            "source": str(root),
-            "model": spec.name,
-            "preprocess": asdict(model.preprocess),
-            "dim": int(model.dim),
-            "metric": "cosine",
-            "index_key": key,
-            "count": int(sink.index.ntotal),
-            "failed": len(failures),
-            "created": (plan.previous.meta["created"] if plan.previous else now),
-            "updated": now,
-            "imgindex_version": __version__,
-        }
-        write_index_dir(dest, sink.index, manifest, meta, failures, failed_records)
-        clear_checkpoints(ckdir)
-        stages["write"] = time.perf_counter() - t
+        with stages("write"):
+            manifest, failures, failed_records = sink.finish(plan)
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            meta = {
+                "name": name,
+                "source": str(root),
+                "model": spec.name,
+                "preprocess": asdict(model.preprocess),
+                "dim": int(model.dim),
+                "metric": "cosine",
+                "index_key": key,
+                "count": int(sink.index.ntotal),
+                "failed": len(failures),
+                "created": (plan.previous.meta["created"] if plan.previous else now),
+                "updated": now,
+                "imgindex_version": __version__,
+            }
+            shards = _live_shards(dest, plan) + sink.shards
+            write_index_dir(
+                dest, sink.index, manifest, meta, failures, failed_records, shards
+            )
+            clear_staging(staging)
+    summary.stage_seconds = dict(stages)
 
     summary.indexed = int(sink.index.ntotal)
     summary.embedded = sink.embedded
     summary.failed = [{"path": f.path, "reason": f.reason} for f in failures]
     summary.workers = dict(sink.by_worker)
     summary.task_seconds = {k: round(v, 3) for k, v in sink.task_seconds.items()}
+    summary.shards = len(shards)
     summary.seconds = round(time.perf_counter() - started, 3)
     attempted = len(plan.to_embed)
     if attempted:
@@ -263,6 +279,32 @@ def run_build(
     return summary
 
 
+def _live_shards(dest: Path, plan: Plan) -> list[Path]:
+    """The previous index's shards that still hold a kept image's vector."""
+    if plan.previous is None or not plan.kept:
+        return []
+    kept = set(plan.kept)
+    live = []
+    for shard in iter_shards(dest / SHARDS_DIR):
+        if isinstance(shard, tuple):
+            logger.warning("%s: dropping damaged shard %s (%s)", dest, *shard)
+        elif any(r in kept for r in shard.records):
+            live.append(shard.path)
+    return live
+
+
+class StageTimer(dict):
+    """Seconds per stage: ``with stages("embed"): ...``."""
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[stage] = round(time.perf_counter() - t, 3)
+
+
 def default_spec(
     model: str | None = None, device: str | None = None, batch_size: int | None = None
 ) -> ModelSpec:
@@ -275,117 +317,30 @@ def default_spec(
     )
 
 
-def _plan(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> _Plan:
-    discovery_failures: list[Failure] = []
-    records = list(discover_images(root, discovery_failures))
-    if not records and not discovery_failures:
-        raise DatasetError(f"dataset folder {str(root)!r} contains no image files")
-    records = _drop_id_collisions(records, discovery_failures)
-
-    if dest == root or root.is_relative_to(dest):
-        raise IndexDirError(
-            f"the index would be written to {str(dest)!r}, which holds the dataset "
-            "itself; choose an --out outside the dataset's parent folder"
-        )
-    previous = None
-    if dest.exists() and not is_empty_dir(dest):
-        # Checked with --rebuild too: replacing the index directory deletes
-        # it, and a folder that is not ours may hold anything.
-        if not is_index_dir(dest):
-            extra = foreign_entries(dest)
-            what = f"it holds {extra[0]!r}" if extra else "its meta.json is not ours"
-            raise IndexDirError(
-                f"{str(dest)!r} exists and is not an imgindex index ({what}); "
-                "imgindex never replaces it: choose another --out or --name"
-            )
-        if not rebuild:
-            previous = read_index_dir(dest)
-            _check_compatible(previous, dest, root, spec)
-    old = {r.path: r for r in previous.manifest} if previous else {}
-    old_bad = previous.failed_records if previous else {}
-    old_reasons = {f.path: f for f in previous.failures} if previous else {}
-    kept, to_embed, known_bad = [], [], []
-    updated = 0
-    for r in records:
-        if old.get(r.path) == r:
-            kept.append(r)
-        elif old_bad.get(r.path) == r:
-            # Failed before and unchanged since: it would fail again.
-            known_bad.append(old_reasons[r.path])
-        else:
-            to_embed.append(r)
-            updated += r.path in old or r.path in old_bad
-    seen = {r.path for r in records}
-    removed = sum(1 for p in old if p not in seen)
-    return _Plan(
-        records=records,
-        kept=kept,
-        to_embed=to_embed,
-        added=len(to_embed) - updated,
-        updated=updated,
-        removed=removed,
-        known_failures=discovery_failures + known_bad,
-        unchanged=len(kept) + len(known_bad),
-        previous=previous,
-    )
-
-
-def _check_compatible(
-    previous: StoredIndex, dest: Path, root: Path, spec: ModelSpec
-) -> None:
-    source = previous.meta["source"]
-    if Path(source) != root:
-        raise IndexDirError(
-            f"index {str(dest)!r} holds another dataset ({source!r}), not "
-            f"{str(root)!r}; give this one another name with --name, or pass "
-            "--rebuild to replace that index"
-        )
-    model = previous.meta.get("model")
-    if model != spec.name:
-        raise IndexDirError(
-            f"index {str(dest)!r} was built with model {model!r}, not {spec.name!r}; "
-            "pass --rebuild to replace it, or choose another --out"
-        )
-
-
-def _drop_id_collisions(
-    records: list[ImageRecord], failures: list[Failure]
-) -> list[ImageRecord]:
-    owner: dict[int, str] = {}
-    unique = []
-    for r in records:
-        first = owner.setdefault(r.id, r.path)
-        if first != r.path:  # 63-bit hash: ~never, but never silently
-            failures.append(Failure(r.path, f"id collision with {first!r}; rename one"))
-        else:
-            unique.append(r)
-    return unique
-
-
 class _IndexSink:
-    """The FAISS index, filled as partitions arrive.
+    """The FAISS index, filled from each partition's shard as it arrives.
 
-    Each partition's vectors go into the index the moment they arrive and are
-    then dropped, so the client holds the index plus one partition: its
-    memory is the vectors plus a constant (measured in bench/). An unchanged
-    Flat index is updated in place: stale ids removed, new vectors added.
+    Shards are read one at a time, so the client holds the index plus one
+    partition (measured in bench/). An unchanged Flat index is updated in
+    place: stale ids removed, new vectors added.
     """
 
     CHUNK = 65_536  # vectors reconstructed from an old index at a time
 
-    def __init__(self, plan: _Plan, dim: int, key: str):
+    def __init__(self, plan: Plan, dim: int, key: str):
         self.dim = dim
         self.paths = [r.path for r in plan.kept]
         self.failures = list(plan.known_failures)
         self.embedded = 0
         self.by_worker: Counter = Counter()
         self.task_seconds: Counter = Counter()
+        self.shards: list[Path] = []  # this run's, and the resumed ones
         self.index = self._start(plan, key)
         # Ids already in the index: a new vector under one of them would make
         # the same image appear twice in every result list.
         self.present = np.sort(np.fromiter((r.id for r in plan.kept), np.int64))
 
-    def _start(self, plan: _Plan, key: str):
+    def _start(self, plan: Plan, key: str):
         previous = plan.previous
         if previous is None or not plan.kept:
             return build_index(np.zeros(0, np.int64), np.zeros((0, self.dim)), key)
@@ -405,33 +360,49 @@ class _IndexSink:
             index.add_with_ids(reconstruct(previous.index, chunk), chunk)
         return index
 
-    def add(self, result: PartitionResult, new: bool) -> None:
+    def add(self, result: PartitionResult, shard: Shard | None) -> None:
+        """A finished partition; its vectors are read from ``shard``."""
         self.failures.extend(result.failures)
-        if not len(result.ids):
+        if shard is not None:
+            self._add_vectors(shard)
+        if len(result.ids):
+            self.embedded += len(result.ids)
+            self.by_worker[result.worker] += len(result.ids)
+        self.task_seconds.update(result.timings)
+
+    def add_shard(self, shard: Shard) -> None:
+        """A partition finished by an earlier, interrupted run.
+
+        Raises
+        ------
+        OSError, ValueError, zipfile.BadZipFile
+            If its vectors are damaged (nothing was added then).
+        """
+        self._add_vectors(shard)
+        self.failures.extend(shard.failures)
+
+    def _add_vectors(self, shard: Shard) -> None:
+        ids, vectors = shard.arrays()  # one shard in memory at a time
+        if not len(ids):
             return
-        if result.vectors.shape[1] != self.dim:
+        if vectors.shape[1] != self.dim:
             raise BuildFailed(
-                f"worker {result.worker} returned {result.vectors.shape[1]}-d vectors, "
-                f"expected {self.dim}: its model differs; run `imgindex doctor`"
+                f"shard {shard.path.name} from worker {shard.info['worker']} holds "
+                f"{vectors.shape[1]}-d vectors, expected {self.dim}: its model "
+                "differs; run `imgindex doctor`"
             )
-        twice = np.isin(result.ids, self.present)
+        twice = np.isin(ids, self.present)
         if twice.any():
-            path = result.paths[int(np.argmax(twice))]
+            path = shard.info["paths"][int(np.argmax(twice))]
             raise BuildFailed(
                 f"{path!r} would be added to the index a second time; its index "
                 "directory is inconsistent: pass --rebuild"
             )
-        self.index.add_with_ids(result.vectors, result.ids)
-        self.paths.extend(result.paths)
-        # Held by the index now. A new empty array, not a slice: a slice would
-        # keep every partition's buffer alive until the build ends.
-        result.vectors = np.empty((0, self.dim), np.float32)
-        if new:
-            self.embedded += len(result.ids)
-            self.by_worker[result.worker] += len(result.ids)
-            self.task_seconds.update(result.timings)
+        self.index.add_with_ids(vectors, ids)
+        self.paths.extend(shard.info["paths"])
+        self.shards.append(shard.path)
 
-    def finish(self, plan: _Plan):
+    def finish(self, plan: Plan):
         """(manifest in path order, failures in path order, their file records)."""
         by_path = {r.path: r for r in plan.records}
         manifest = [by_path[p] for p in sorted(self.paths)]

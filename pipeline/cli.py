@@ -265,7 +265,9 @@ def _connect(
     help="Fail a partition running longer, e.g. 300s [imgindex.task-timeout].",
 )
 @click.option(
-    "--rebuild", is_flag=True, help="Ignore existing indexes and checkpoints."
+    "--rebuild",
+    is_flag=True,
+    help="Ignore existing indexes and unfinished work; embed everything.",
 )
 @click.option(
     "--name",
@@ -304,6 +306,7 @@ def build(
     as_json,
 ):
     """Embed the images under each DATASET folder and write OUT/<name>/."""
+    from cluster.shared import workers_without
     from cluster.worker import setup_workers
     from pipeline.build import default_spec, run_build
     from pipeline.errors import ImgindexError
@@ -341,6 +344,14 @@ def build(
             if tracker:
                 tracker.set_cluster(conn.to_json())
             setup_workers(conn.client, spec)
+            blind = workers_without(conn.client, out.resolve())
+            if blind:
+                click.echo(
+                    f"vectors: streamed to the client: {len(blind)} worker(s) cannot "
+                    f"write to {_shown(str(out))} (no shared file system?), e.g. "
+                    f"{blind[0]}",
+                    err=True,
+                )
             for root, index_name in zip(roots, names, strict=True):
                 bar = _ProgressBar(index_name, tracker)
                 try:
@@ -356,6 +367,7 @@ def build(
                         gpu_resource=gpu_resource,
                         progress=bar.update,
                         name=index_name,
+                        workers_write=not blind,
                     )
                     summaries.append(s.to_json())
                     bar.close()
@@ -554,8 +566,9 @@ def search(index_dir, images, k, as_json):
 @click.argument("index_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(index_dir, as_json):
-    """Describe the index in INDEX_DIR: model, size, failures."""
-    from pipeline.store import read_index_dir
+    """Describe the index in INDEX_DIR: model, size, shards, failures."""
+    from pipeline.shards import shard_stats
+    from pipeline.store import SHARDS_DIR, read_index_dir
 
     stored = read_index_dir(index_dir)
     stored.check()  # a damaged index.faiss is not reported as healthy
@@ -572,6 +585,7 @@ def info(index_dir, as_json):
         "created": m["created"],
         "updated": m.get("updated"),
         "imgindex_version": m["imgindex_version"],
+        "shards": shard_stats(stored.path / SHARDS_DIR),
         "failures": [{"path": f.path, "reason": f.reason} for f in stored.failures],
     }
     if as_json:
@@ -591,10 +605,37 @@ def info(index_dir, as_json):
         "imgindex_version",
     ):
         click.echo(f"{key:17} {_shown(str(report[key]))}")
+    sh = report["shards"]
+    click.echo(
+        f"{'shards':17} {sh['count']}"
+        + (
+            f" ({sh['bytes'] / 2**20:.1f} MiB of {sh['dtype']} vectors)"
+            if sh["count"]
+            else ""
+        )
+    )
     for f in stored.failures[:20]:
         click.echo(f"  failed {_shown(f.path)}: {_shown(f.reason)}")
     if len(stored.failures) > 20:
         click.echo(f"  ... and {len(stored.failures) - 20} more (--json lists all)")
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
+def reindex(index_dir, as_json):
+    """Rebuild INDEX_DIR's FAISS index from its stored shards; embed nothing."""
+    from pipeline.reindex import reindex as rebuild_from_shards
+
+    summary = rebuild_from_shards(index_dir)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(
+            f"{_shown(summary['index'])}: {summary['count']} vectors from "
+            f"{summary['shards']} shards in {summary['seconds']:.1f} s "
+            f"({summary['index_key']})"
+        )
 
 
 @cli.command()

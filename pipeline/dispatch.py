@@ -78,6 +78,9 @@ class PartitionDispatcher:
         Retries, time limit and window size.
     on_result
         Called with each finished partition and its result, in arrival order.
+    shard_dir
+        Where workers write each partition's shard (a folder they share with
+        the client); None: vectors travel back in the results.
     """
 
     def __init__(
@@ -88,8 +91,10 @@ class PartitionDispatcher:
         spec: ModelSpec,
         settings: DispatchSettings,
         on_result: ResultCallback,
+        shard_dir: str | None = None,
     ):
         self.client = client
+        self.shard_dir = shard_dir
         self.label = re.sub(r"[^A-Za-z0-9_.]+", "_", label)[:40] or "dataset"
         self.root = root
         self.spec = spec
@@ -239,8 +244,9 @@ class PartitionDispatcher:
         return self.client.submit(
             embed_partition,
             self.root,
-            [r.path for r in part],
+            list(part),
             self.spec,
+            self.shard_dir,
             key=key,
             retries=self.settings.retries,
             pure=False,

@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.decode import center_crop, decode_image, load_rgb
-from pipeline.discover import Failure, image_id
+from pipeline.discover import Failure, ImageRecord, image_id
 from pipeline.errors import DecodeError, WorkerEnvironmentError
 from pipeline.models import LoadedModel, get_model
 
@@ -42,6 +42,9 @@ class PartitionResult:
     failures: list[Failure]
     worker: str
     timings: dict[str, float] = field(default_factory=dict)
+    # Set when the worker wrote the vectors to this shard file itself; then
+    # ``vectors`` is empty and only counts travel back (pipeline/shards.py).
+    shard: str = ""
 
 
 class Embedder:
@@ -99,13 +102,29 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def embed_partition(
-    root: str, relpaths: Sequence[str], spec: ModelSpec
+    root: str,
+    records: Sequence[ImageRecord],
+    spec: ModelSpec,
+    shard_dir: str | None = None,
 ) -> PartitionResult:
-    """Embed the images ``root/relpath``: the Dask task, one per partition.
+    """Embed the images ``root/<record.path>``: the Dask task, one per partition.
 
+    With ``shard_dir``, the vectors are written there as a shard by this
+    worker and the result carries the shard's name, not the vectors.
     A bad image becomes a Failure row and never fails the task; only a broken
-    model or environment raises (and is retried by Dask).
+    model or environment (or an unwritable ``shard_dir``) raises, and is
+    retried by Dask.
     """
+    result = _embed(root, [r.path for r in records], spec)
+    if shard_dir is not None:
+        from pipeline.shards import write_shard
+
+        result.shard = write_shard(shard_dir, spec, records, result)
+        result.vectors = np.zeros((0, result.vectors.shape[1]), np.float32)
+    return result
+
+
+def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResult:
     if spec.imgindex_version != __version__:
         # A worker that joined after the client checked the cluster.
         raise WorkerEnvironmentError(

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,8 +39,12 @@ MANIFEST_FILE = "manifest.jsonl"
 META_FILE = "meta.json"
 FAILURES_FILE = "failures.jsonl"
 INDEX_FILES = (INDEX_FILE, MANIFEST_FILE, FAILURES_FILE, META_FILE)
+SHARDS_DIR = "shards"  # the embeddings, one .npz per partition (pipeline/shards.py)
 STAGING_MARK = "STAGING"
-FORMAT_VERSION = 1
+# 2: with shards/. Format 1 (no shards) is still read; its images get shards
+# when they are next embedded.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 # meta.json keys every reader relies on, with their types.
 META_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -154,7 +158,7 @@ def _check_ids(path: Path, index, manifest: list[ImageRecord]) -> None:
 def foreign_entries(path: str | os.PathLike) -> list[str]:
     """Entries of ``path`` that an imgindex index directory would not hold."""
     try:
-        return sorted(set(os.listdir(path)) - set(INDEX_FILES))
+        return sorted(set(os.listdir(path)) - {*INDEX_FILES, SHARDS_DIR})
     except OSError:
         return []
 
@@ -172,7 +176,8 @@ def is_index_dir(path: str | os.PathLike) -> bool:
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     return (
-        names == set(INDEX_FILES)
+        names - {SHARDS_DIR} == set(INDEX_FILES)
+        and (SHARDS_DIR not in names or (p / SHARDS_DIR).is_dir())
         and isinstance(meta, dict)
         and isinstance(meta.get("format"), int)
         and isinstance(meta.get("imgindex_version"), str)
@@ -303,10 +308,10 @@ def _parse_meta(path: Path, data: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(meta, dict):
         raise IndexDirError(f"{str(path / META_FILE)!r} is not an imgindex meta file")
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in READABLE_FORMATS:
         raise IndexDirError(
             f"index directory {str(path)!r} has format {meta.get('format')!r}; "
-            f"this imgindex reads format {FORMAT_VERSION}: rebuild it with "
+            f"this imgindex reads formats {READABLE_FORMATS}: rebuild it with "
             "`imgindex build --rebuild`"
         )
     for key, kind in META_FIELDS.items():
@@ -327,12 +332,15 @@ def write_index_dir(
     meta: dict[str, Any],
     failures: list[Failure],
     failed_records: dict[str, ImageRecord] | None = None,
+    shards: Sequence[Path] = (),
 ) -> Path:
     """Write a complete index directory at ``dest``, replacing any old one whole.
 
     Everything is written and fsynced in a staging folder, which is then
     swapped into place (see the module docstring), so a crash leaves either
     the old index or the new one, never a mixture. The caller holds the lock.
+    ``shards`` are hard-linked into its ``shards/`` (copied where the file
+    system has no hard links): the old version keeps its own until removed.
 
     Raises
     ------
@@ -366,6 +374,8 @@ def write_index_dir(
         )
         for name in INDEX_FILES:
             fsync_path(tmp / name)
+        if shards:
+            _link_shards(shards, tmp / SHARDS_DIR)
         (tmp / STAGING_MARK).unlink()
         os.chmod(tmp, shared_dir_mode(dest.parent))
         new = staging_path(dest, "new")
@@ -381,6 +391,19 @@ def write_index_dir(
         raise
     _swap_into_place(new, dest)
     return dest
+
+
+def _link_shards(shards: Sequence[Path], folder: Path) -> None:
+    folder.mkdir()
+    for shard in shards:
+        target = folder / shard.name
+        if target.exists():
+            continue  # the same content (names are content hashes)
+        try:
+            os.link(shard, target)
+        except OSError:  # no hard links here (some FUSE/object stores)
+            shutil.copy2(shard, target)
+    fsync_path(folder)
 
 
 def _failure_row(failure: Failure, record: ImageRecord | None) -> dict:
@@ -452,7 +475,7 @@ def _recover_legacy(dest: Path) -> str | None:
             names = set(os.listdir(tmp))
         except OSError:
             continue
-        if names <= set(INDEX_FILES):  # an old staging folder: only our files
+        if names <= {*INDEX_FILES, SHARDS_DIR}:  # old staging folder: only ours
             shutil.rmtree(tmp, ignore_errors=True)
     return done
 
@@ -464,7 +487,8 @@ def _remove_index_copy(path: Path) -> None:
 
 
 def _remove_staging(tmp: Path) -> None:
-    if tmp.is_dir() and set(os.listdir(tmp)) <= {*INDEX_FILES, STAGING_MARK}:
+    allowed = {*INDEX_FILES, STAGING_MARK, SHARDS_DIR}
+    if tmp.is_dir() and set(os.listdir(tmp)) <= allowed:
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import write_bad_files
 from pipeline.build import run_build
+from pipeline.discover import ImageRecord
 from pipeline.embed import Embedder, ModelSpec, embed_partition
 from pipeline.store import read_index_dir
 
@@ -149,9 +150,8 @@ def test_bomb_is_rejected_from_its_header(tmp_path):
 
 def test_file_deleted_after_discovery_is_a_failure_row(dataset):
     (dataset / "img00004.jpg").unlink()
-    result = embed_partition(
-        str(dataset), ["img00003.jpg", "img00004.jpg"], ModelSpec(device="cpu")
-    )
+    records = [ImageRecord("img00003.jpg", 1, 1), ImageRecord("img00004.jpg", 1, 1)]
+    result = embed_partition(str(dataset), records, ModelSpec(device="cpu"))
     assert result.paths == ["img00003.jpg"]
     assert [(f.path, f.reason) for f in result.failures] == [
         ("img00004.jpg", "file not found (deleted after discovery?)")

@@ -19,11 +19,11 @@ from PIL import Image
 from conftest import copy_tree
 from fault_models import RegisterFaultModels
 from pipeline.build import run_build
-from pipeline.checkpoint import checkpoint_dir
 from pipeline.cli import cli
 from pipeline.embed import ModelSpec
 from pipeline.errors import BuildFailed
 from pipeline.lock import lock_index
+from pipeline.shards import staging_dir
 from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
 
@@ -171,7 +171,7 @@ def test_sigkilled_client_resumes_and_matches_a_clean_build(
 ):
     data = copy_tree(many_photos, tmp_path / "many")
     out = tmp_path / "out"
-    ckdir = checkpoint_dir(out / "many")
+    ckdir = staging_dir(out / "many")
     cmd = [
         sys.executable,
         "-m",

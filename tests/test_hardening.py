@@ -281,5 +281,5 @@ def test_item13_disk_full_is_one_line(
     line = one_error_line(proc.stderr)
     assert "No space left on device" in line
     assert (
-        "save finished work" if stage == "checkpoint" else "write the index"
+        "keep finished work" if stage == "checkpoint" else "write the index"
     ) in line

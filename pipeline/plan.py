@@ -1,0 +1,127 @@
+"""Plan a build: discover the dataset and diff it against the index in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.discover import Failure, ImageRecord, discover_images
+from pipeline.embed import ModelSpec
+from pipeline.errors import DatasetError, IndexDirError
+from pipeline.store import (
+    StoredIndex,
+    foreign_entries,
+    is_empty_dir,
+    is_index_dir,
+    read_index_dir,
+)
+
+
+@dataclass
+class Plan:
+    """What a build must do: the incremental diff against the index in place."""
+
+    records: list[ImageRecord]
+    kept: list[ImageRecord]
+    to_embed: list[ImageRecord]
+    added: int
+    updated: int
+    removed: int
+    known_failures: list[Failure]  # found while planning: no task needed
+    unchanged: int
+    previous: StoredIndex | None
+
+
+def plan_build(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> Plan:
+    """Discover ``root`` and diff it against the index at ``dest``.
+
+    Raises
+    ------
+    DatasetError, IndexDirError
+        If the dataset is empty, or ``dest`` is not an index this build may
+        replace (another dataset's, another model's, not imgindex's at all).
+    """
+    discovery_failures: list[Failure] = []
+    records = list(discover_images(root, discovery_failures))
+    if not records and not discovery_failures:
+        raise DatasetError(f"dataset folder {str(root)!r} contains no image files")
+    records = _drop_id_collisions(records, discovery_failures)
+
+    if dest == root or root.is_relative_to(dest):
+        raise IndexDirError(
+            f"the index would be written to {str(dest)!r}, which holds the dataset "
+            "itself; choose an --out outside the dataset's parent folder"
+        )
+    previous = None
+    if dest.exists() and not is_empty_dir(dest):
+        # Checked with --rebuild too: replacing the index directory deletes
+        # it, and a folder that is not ours may hold anything.
+        if not is_index_dir(dest):
+            extra = foreign_entries(dest)
+            what = f"it holds {extra[0]!r}" if extra else "its meta.json is not ours"
+            raise IndexDirError(
+                f"{str(dest)!r} exists and is not an imgindex index ({what}); "
+                "imgindex never replaces it: choose another --out or --name"
+            )
+        if not rebuild:
+            previous = read_index_dir(dest)
+            _check_compatible(previous, dest, root, spec)
+    old = {r.path: r for r in previous.manifest} if previous else {}
+    old_bad = previous.failed_records if previous else {}
+    old_reasons = {f.path: f for f in previous.failures} if previous else {}
+    kept, to_embed, known_bad = [], [], []
+    updated = 0
+    for r in records:
+        if old.get(r.path) == r:
+            kept.append(r)
+        elif old_bad.get(r.path) == r:
+            # Failed before and unchanged since: it would fail again.
+            known_bad.append(old_reasons[r.path])
+        else:
+            to_embed.append(r)
+            updated += r.path in old or r.path in old_bad
+    seen = {r.path for r in records}
+    removed = sum(1 for p in old if p not in seen)
+    return Plan(
+        records=records,
+        kept=kept,
+        to_embed=to_embed,
+        added=len(to_embed) - updated,
+        updated=updated,
+        removed=removed,
+        known_failures=discovery_failures + known_bad,
+        unchanged=len(kept) + len(known_bad),
+        previous=previous,
+    )
+
+
+def _check_compatible(
+    previous: StoredIndex, dest: Path, root: Path, spec: ModelSpec
+) -> None:
+    source = previous.meta["source"]
+    if Path(source) != root:
+        raise IndexDirError(
+            f"index {str(dest)!r} holds another dataset ({source!r}), not "
+            f"{str(root)!r}; give this one another name with --name, or pass "
+            "--rebuild to replace that index"
+        )
+    model = previous.meta.get("model")
+    if model != spec.name:
+        raise IndexDirError(
+            f"index {str(dest)!r} was built with model {model!r}, not {spec.name!r}; "
+            "pass --rebuild to replace it, or choose another --out"
+        )
+
+
+def _drop_id_collisions(
+    records: list[ImageRecord], failures: list[Failure]
+) -> list[ImageRecord]:
+    owner: dict[int, str] = {}
+    unique = []
+    for r in records:
+        first = owner.setdefault(r.id, r.path)
+        if first != r.path:  # 63-bit hash: ~never, but never silently
+            failures.append(Failure(r.path, f"id collision with {first!r}; rename one"))
+        else:
+            unique.append(r)
+    return unique

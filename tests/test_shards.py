@@ -1,0 +1,174 @@
+"""Embeddings as shards written by the workers (issue 9), on real clusters."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import imgindex_cmd, invoke
+
+from pipeline.build import run_build
+from pipeline.discover import discover_images
+from pipeline.dispatch import DispatchSettings, PartitionDispatcher
+from pipeline.embed import ModelSpec
+from pipeline.shards import iter_shards, read_shard, staging_dir
+from pipeline.store import SHARDS_DIR, read_index_dir
+
+
+def vectors_by_id(index_dir: Path) -> dict[int, np.ndarray]:
+    stored = read_index_dir(index_dir)
+    ids = np.array([r.id for r in stored.manifest], np.int64)
+    return dict(zip(ids.tolist(), stored.index.reconstruct_batch(ids), strict=True))
+
+
+@pytest.mark.slow
+def test_tasks_return_counts_not_vectors(process_cluster, dataset, tmp_path):
+    from distributed import Client
+
+    records = list(discover_images(dataset))[:12]
+    shard_dir = tmp_path / "staging"
+    shard_dir.mkdir()
+    returned = []
+    with Client(process_cluster, set_as_default=False) as client:
+        dispatcher = PartitionDispatcher(
+            client, "beach", str(dataset), ModelSpec(device="cpu"),
+            DispatchSettings(), lambda part, result: returned.append(result),
+            shard_dir=str(shard_dir),
+        )  # fmt: skip
+        dispatcher.run([records[:6], records[6:]])
+    assert len(returned) == 2
+    for result in returned:
+        assert result.vectors.size == 0  # nothing but counts came back
+        assert len(result.ids) == 6 and result.shard
+        shard = read_shard(shard_dir / result.shard)
+        ids, vectors = shard.arrays()
+        assert vectors.shape == (6, 1280) and vectors.dtype == np.float32
+        np.testing.assert_array_equal(ids, result.ids)
+        assert shard.info["worker"] == result.worker  # written by that worker
+    # readable without imgindex: plain numpy
+    with np.load(shard_dir / returned[0].shard) as data:
+        assert set(data.files) == {"ids", "vectors", "info"}
+        assert json.loads(data["info"].tobytes())["paths"] == returned[0].paths
+
+
+def test_index_keeps_its_shards_and_reindex_gives_the_same_index(
+    client, dataset, tmp_path
+):
+    out = tmp_path / "out"
+    summary = run_build(client, dataset, out, partition_size=8)
+    assert summary.vectors == "written by workers"
+    index_dir = out / "beach"
+    shards = list(iter_shards(index_dir / SHARDS_DIR))
+    assert len(shards) == summary.shards == summary.partitions
+    assert sum(len(s.info["paths"]) for s in shards) == 36
+    assert not staging_dir(index_dir).exists()
+    before = vectors_by_id(index_dir)
+    result = invoke("reindex", index_dir, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["count"] == 36
+    after = vectors_by_id(index_dir)
+    assert before.keys() == after.keys()
+    for i, v in before.items():
+        np.testing.assert_array_equal(v, after[i])
+    info = json.loads(invoke("info", index_dir, "--json").stdout)
+    assert info["shards"]["count"] == len(shards)
+    assert info["shards"]["dtype"] == "float32"
+    assert info["shards"]["bytes"] > 36 * 1280 * 4
+
+
+def test_incremental_build_over_shards_then_reindex(client, dataset, tmp_path):
+    out = tmp_path / "out"
+    run_build(client, dataset, out, partition_size=8)
+    (dataset / "img00001.jpg").unlink()  # removed
+    shutil.copy(dataset / "img00002.jpg", dataset / "new.jpg")  # added
+    os.utime(dataset / "img00003.jpg", ns=(1, 1))  # "changed"
+    summary = run_build(client, dataset, out, partition_size=8)
+    assert (summary.added, summary.updated, summary.removed) == (1, 1, 1)
+    assert summary.embedded == 2
+    built = vectors_by_id(out / "beach")
+    assert len(built) == 36
+    assert invoke("reindex", out / "beach").exit_code == 0
+    rebuilt = vectors_by_id(out / "beach")
+    assert built.keys() == rebuilt.keys()
+    for i, v in built.items():
+        np.testing.assert_allclose(v, rebuilt[i], atol=1e-6)
+    paths = {r.path for r in read_index_dir(out / "beach").manifest}
+    assert "img00001.jpg" not in paths and "new.jpg" in paths
+
+
+def test_damaged_shard_is_re_embedded_never_indexed(client, dataset, tmp_path):
+    out = tmp_path / "out"
+    reference = run_build(client, dataset, tmp_path / "ref", partition_size=6)
+    # An interrupted build leaves finished shards in the staging folder; one
+    # of them truncated (a node died while the file system flushed it), and a
+    # temporary file a worker killed mid-write left behind.
+    staging = staging_dir(out / "beach")
+    staging.mkdir(parents=True)
+    for shard in sorted((tmp_path / "ref" / "beach" / SHARDS_DIR).iterdir())[:3]:
+        shutil.copy(shard, staging / shard.name)
+    victim = sorted(staging.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    (staging / ".abc.npz.tmp-4242").write_bytes(b"half a shard")
+    summary = run_build(client, dataset, out, partition_size=6)
+    assert summary.damaged_shards == [victim.name]
+    assert summary.resumed_partitions == 2
+    assert summary.resumed_images == 12
+    assert summary.embedded == 24 and summary.indexed == 36
+    assert not staging.exists()  # the leftovers were ours and are gone
+    assert reference.indexed == 36
+    ref = vectors_by_id(tmp_path / "ref" / "beach")
+    got = vectors_by_id(out / "beach")
+    assert ref.keys() == got.keys()
+    for i, v in ref.items():
+        np.testing.assert_allclose(v, got[i], atol=1e-5)
+
+
+def _can_unshare_mounts() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs root for mounts")
+def test_worker_that_cannot_see_out_gets_vectors_streamed(
+    dask_processes, dataset, tmp_path
+):
+    # The honest stand-in for "no shared file system": a real `dask worker` in
+    # its own mount namespace, where --out is an empty tmpfs of its own. It
+    # reads the dataset like any worker, but what it writes under --out the
+    # client never sees, so the probe must notice and the vectors come back.
+    out = tmp_path / "out"
+    out.mkdir()
+    address = dask_processes.start_scheduler()
+    worker = " ".join(
+        [dask_processes.dask, "worker", address, "--nthreads", "1", "--host",
+         "127.0.0.1", "--dashboard-address", "127.0.0.1:0"]
+    )  # fmt: skip
+    dask_processes._spawn(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs tmpfs '{out}' && exec {worker}"],
+        "isolated-worker",
+    )  # fmt: skip
+    dask_processes.wait_for_workers(1)
+    result = subprocess.run(
+        imgindex_cmd("build", dataset, "--out", out, "--json", "--scheduler", address),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "vectors: streamed to the client: 1 worker(s) cannot write" in (
+        result.stderr
+    )
+    (summary,) = json.loads(result.stdout)["datasets"]
+    assert summary["vectors"] == "streamed to client"
+    assert summary["indexed"] == 36
+    assert len(list(iter_shards(out / "beach" / SHARDS_DIR))) == summary["shards"]
