@@ -135,7 +135,10 @@ def test_jobqueue_build_keeps_job_logs_under_out(traps, tmp_path, monkeypatch):
 
 
 def test_busy_queue_is_waited_for_and_explained(traps, tmp_path):
-    sleeper = run("sbatch", "--parsable", f"-c{CPUS}", "--wrap", "sleep 40")
+    sleeper = run(
+        "sbatch", "--parsable", f"-c{CPUS}", f"--output={tmp_path}/sleeper.out",
+        "--wrap", "sleep 40",
+    )  # fmt: skip
     assert sleeper.returncode == 0, sleeper.stderr
     result = jobqueue_build(traps, tmp_path / "out")
     assert result.returncode == 0, result.stderr
