@@ -204,10 +204,11 @@ def inprocess_build(data: Path, out: Path) -> dict:
     """A default LocalCluster build from this process: steady state and memory."""
     from cluster.connect import connect
     from cluster.worker import setup_workers
-    from pipeline.build import default_spec, run_build
+    from pipeline.build import run_build
+    from pipeline.embed import ModelSpec
     from pipeline.models import get_model
 
-    spec = default_spec()
+    spec = ModelSpec.from_config()
     get_model(spec.name, "cpu")  # the client's own copy: part of the constant
     with connect() as conn:
         setup_workers(conn.client, spec)

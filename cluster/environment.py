@@ -46,7 +46,7 @@ def _versions_fn():
             except PackageNotFoundError:
                 out[dist] = None
         try:
-            import cluster.worker  # noqa: F401
+            import cluster  # noqa: F401
             import pipeline.embed  # noqa: F401
             from pipeline import __version__
 

@@ -130,7 +130,7 @@ def run_build(
     DatasetError, IndexDirError, IndexLocked, BuildFailed
     """
     started = time.perf_counter()
-    spec = spec or default_spec()
+    spec = spec or ModelSpec.from_config()
     partition_size = int(config_value(partition_size, "imgindex.partition-size"))
     settings = DispatchSettings(
         retries=int(config_value(retries, "imgindex.retries")),
@@ -303,18 +303,6 @@ class StageTimer(dict):
             yield
         finally:
             self[stage] = round(time.perf_counter() - t, 3)
-
-
-def default_spec(
-    model: str | None = None, device: str | None = None, batch_size: int | None = None
-) -> ModelSpec:
-    """The ModelSpec from flags, falling back to the ``imgindex`` config."""
-    return ModelSpec(
-        name=config_value(model, "imgindex.model"),
-        device=config_value(device, "imgindex.device"),
-        batch_size=int(config_value(batch_size, "imgindex.batch-size")),
-        max_pixels=int(config_value(None, "imgindex.max-image-pixels")),
-    )
 
 
 class _IndexSink:

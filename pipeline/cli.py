@@ -308,7 +308,8 @@ def build(
     """Embed the images under each DATASET folder and write OUT/<name>/."""
     from cluster.shared import workers_without
     from cluster.worker import setup_workers
-    from pipeline.build import default_spec, run_build
+    from pipeline.build import run_build
+    from pipeline.embed import ModelSpec
     from pipeline.errors import ImgindexError
     from pipeline.models import get_model
     from pipeline.progress import ProgressFile
@@ -320,7 +321,7 @@ def build(
     roots = _check_datasets(datasets, name)
     names = [name] if name else [r.name for r in roots]
     _check_writable(out)
-    spec = default_spec(model, device, batch_size)
+    spec = ModelSpec.from_config(model, device, batch_size)
     get_model(spec.name, "cpu")  # fail fast, here, on an unknown or missing model
     tracker = ProgressFile(progress_file, names) if progress_file else None
 
@@ -660,9 +661,9 @@ def status(progress_file, as_json):
 def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
     """Check the cluster: reachable, workers, versions, a timed test embedding."""
     from cluster.doctor import check_cluster
-    from pipeline.build import default_spec
+    from pipeline.embed import ModelSpec
 
-    spec = default_spec(model)
+    spec = ModelSpec.from_config(model)
     strict_by_user = bool(no_fallback)
     if (scheduler or scheduler_file) and no_fallback is None:
         no_fallback = True  # doctor reports on the cluster asked for, not a stand-in

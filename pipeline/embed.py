@@ -31,6 +31,27 @@ class ModelSpec:
     max_pixels: int = 89_478_485
     imgindex_version: str = __version__
 
+    @classmethod
+    def from_config(
+        cls,
+        model: str | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+    ) -> ModelSpec:
+        """The spec from flags, falling back to the ``imgindex`` config.
+
+        The one place config becomes a spec: builds and searches alike (a query
+        obeys the same ``max-image-pixels`` as an indexed image).
+        """
+        from pipeline.config import config_value
+
+        return cls(
+            name=config_value(model, "imgindex.model"),
+            device=config_value(device, "imgindex.device"),
+            batch_size=int(config_value(batch_size, "imgindex.batch-size")),
+            max_pixels=int(config_value(None, "imgindex.max-image-pixels")),
+        )
+
 
 @dataclass
 class PartitionResult:

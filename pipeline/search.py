@@ -31,7 +31,7 @@ class Searcher:
         # in a newer version while the model loads.
         self.index = self.stored.index
         meta = self.stored.meta
-        self.embedder = Embedder(ModelSpec(name=meta["model"], device=device))
+        self.embedder = Embedder(ModelSpec.from_config(meta["model"], device))
         if self.embedder.dim != meta["dim"]:
             raise ImgindexError(
                 f"model {meta['model']!r} gives {self.embedder.dim}-d vectors but the "

@@ -93,6 +93,20 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     }
 
 
+_RUNNING: list[DaskProcesses] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that ran real dask processes shows their log tails."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for procs in _RUNNING:
+            for title, text in procs.log_tails():
+                report.sections.append((title, text))
+
+
 class DaskProcesses:
     """Real `dask scheduler` / `dask worker` processes on 127.0.0.1, free ports."""
 
@@ -112,6 +126,15 @@ class DaskProcesses:
         self.scheduler_file = folder / "scheduler.json"
         self.procs: list = []
         self.dask = str(Path(sys.executable).parent / "dask")
+        _RUNNING.append(self)
+
+    def log_tails(self, lines: int = 25) -> list[tuple[str, str]]:
+        """The last lines of each process's log, for a failed test's report."""
+        tails = []
+        for log in sorted(self.folder.glob("*.log")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append((f"{log.name} (last {lines} lines)", "\n".join(text)))
+        return tails
 
     def _spawn(self, args: list[str], name: str):
         import subprocess
@@ -188,6 +211,8 @@ class DaskProcesses:
             }
 
     def stop(self) -> None:
+        if self in _RUNNING:
+            _RUNNING.remove(self)
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()

@@ -207,3 +207,16 @@ def test_rebuild_never_replaces_a_folder_that_is_not_an_index(
     with pytest.raises(IndexDirError, match="is not an imgindex index"):
         run_build(client, dataset, tmp_path / "out", rebuild=True)
     assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_queries_obey_the_same_pixel_limit_as_indexed_images(built, tmp_path):
+    # Issue 9: the spec comes from one place (ModelSpec.from_config) for both.
+    import dask.config
+
+    from pipeline.errors import DecodeError
+
+    roots, out, _ = built
+    query = roots["beach"] / "img00000.jpg"
+    with dask.config.set({"imgindex.max-image-pixels": 1000}):
+        with pytest.raises(DecodeError, match="over the limit"):
+            Searcher(out / "beach").search_images([query])

@@ -7,23 +7,9 @@ import socket
 
 import dask.config
 import pytest
-from click.testing import CliRunner
+from helpers import invoke, one_error_line
 
 from conftest import copy_tree, crop_query, write_bad_files
-from pipeline.cli import cli
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(result) -> str:
-    """The error is one line, the last on stderr (after any cluster/dashboard line)."""
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert errors == lines[-1:], result.stderr
-    assert "Traceback" not in result.output
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -109,19 +95,19 @@ def test_unreadable_query_is_one_line(remote_build, tmp_path):
     bad.write_text("nope")
     result = invoke("search", out / "forest", bad)
     assert result.exit_code == 1
-    assert str(bad) in one_error_line(result)
+    assert str(bad) in one_error_line(result.stderr)
 
 
 def test_info_on_a_non_index_is_one_line(tmp_path):
     result = invoke("info", tmp_path)
     assert result.exit_code == 1
-    assert "not an imgindex index directory" in one_error_line(result)
+    assert "not an imgindex index directory" in one_error_line(result.stderr)
 
 
 def test_missing_dataset_is_one_line(tmp_path):
     result = invoke("build", tmp_path / "nope", "--out", tmp_path / "out")
     assert result.exit_code == 1
-    assert "does not exist" in one_error_line(result)
+    assert "does not exist" in one_error_line(result.stderr)
 
 
 def test_both_scheduler_options_is_a_usage_error(tmp_path):
@@ -152,7 +138,7 @@ def test_no_fallback_fails_with_one_line_and_writes_nothing(dataset, tmp_path):
         "build", dataset, "--out", out, "--scheduler", address, "--no-fallback"
     )
     assert result.exit_code == 1
-    line = one_error_line(result)
+    line = one_error_line(result.stderr)
     assert address in line and "--no-fallback" in line
     assert not (out / "beach").exists()
 
@@ -187,14 +173,14 @@ def test_unwritable_out_is_one_line(dataset, tmp_path):
     blocker.write_text("a file, not a folder")
     result = invoke("build", dataset, "--out", blocker / "sub")
     assert result.exit_code == 1
-    assert "is not writable" in one_error_line(result)
+    assert "is not writable" in one_error_line(result.stderr)
 
 
 @pytest.mark.parametrize("address", ["tcp//node1", "node1:notaport", "http://x:1"])
 def test_malformed_scheduler_address_is_one_line(dataset, tmp_path, address):
     result = invoke("build", dataset, "--out", tmp_path / "out", "--scheduler", address)
     assert result.exit_code == 1
-    line = one_error_line(result)
+    line = one_error_line(result.stderr)
     assert f"invalid scheduler address {address!r} from --scheduler" in line
 
 
@@ -209,7 +195,7 @@ def test_empty_dataset_is_one_line(process_cluster, tmp_path):
         process_cluster.scheduler_address,
     )
     assert result.exit_code == 1
-    assert "contains no image files" in one_error_line(result)
+    assert "contains no image files" in one_error_line(result.stderr)
 
 
 def test_index_of_another_model_is_refused_and_kept(remote_build, process_cluster):
@@ -226,7 +212,7 @@ def test_index_of_another_model_is_refused_and_kept(remote_build, process_cluste
         process_cluster.scheduler_address,
     )
     assert result.exit_code == 1
-    assert "unknown model 'test-other'" in one_error_line(result)
+    assert "unknown model 'test-other'" in one_error_line(result.stderr)
     assert (out / "forest" / "index.faiss").read_bytes() == before
 
 
@@ -242,6 +228,6 @@ def test_cuda_on_cpu_workers_is_one_line(process_cluster, dataset, tmp_path):
         process_cluster.scheduler_address,
     )
     assert result.exit_code == 1
-    line = one_error_line(result)
+    line = one_error_line(result.stderr)
     assert line.startswith("Error: worker tcp://127.0.0.1:")
     assert "device 'cuda' asked for, but torch sees no GPU here" in line

@@ -5,30 +5,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import dask.config
 import pytest
-from click.testing import CliRunner
+from helpers import imgindex_cmd, invoke
 
 from conftest import DaskProcesses, copy_tree
-from pipeline.cli import cli
 from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
 
 pytestmark = pytest.mark.slow
-
-
-def invoke(*args, env: dict | None = None):
-    return CliRunner(env=env).invoke(
-        cli, [str(a) for a in args], catch_exceptions=False
-    )
-
-
-def imgindex_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
 
 
 def build_summary(dataset, tmp_path, *extra) -> dict:
