@@ -24,7 +24,7 @@ from pipeline.discover import (
 from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec, PartitionResult
 from pipeline.errors import BuildFailed, IndexDirError
-from pipeline.index import build_index, choose_index_key, reconstruct
+from pipeline.index import build_index, choose_index_key, reconstruct, reserve
 from pipeline.lock import lock_index
 from pipeline.models import get_model
 from pipeline.plan import Plan, plan_build
@@ -324,6 +324,7 @@ class _IndexSink:
         self.task_seconds: Counter = Counter()
         self.shards: list[Path] = []  # this run's, and the resumed ones
         self.index = self._start(plan, key)
+        reserve(self.index, len(plan.kept) + len(plan.to_embed))
         # Ids already in the index: a new vector under one of them would make
         # the same image appear twice in every result list.
         self.present = np.sort(np.fromiter((r.id for r in plan.kept), np.int64))

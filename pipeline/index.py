@@ -41,6 +41,28 @@ def build_index(ids: np.ndarray, vectors: np.ndarray, key: str | None = None):
     return index
 
 
+def reserve(index, n_vectors: int) -> None:
+    """Make room for ``n_vectors`` in a Flat index before adding to it.
+
+    FAISS grows a Flat index's storage like a std::vector, by doubling, so
+    while it copies, the old and the new buffer are both alive: a build's peak
+    was up to ~1.5x its vectors (bench/client_memory.py). Growing the storage
+    to its final size once and shrinking it back keeps the capacity, so adds
+    never reallocate. Other index types are left alone.
+    """
+    import faiss
+
+    inner = faiss.downcast_index(getattr(index, "index", index))
+    if not isinstance(inner, faiss.IndexFlat):
+        return
+    codes = inner.codes
+    current = codes.size()
+    wanted = n_vectors * inner.code_size
+    if wanted > current:
+        codes.resize(wanted)
+        codes.resize(current)
+
+
 def reconstruct(index, ids: np.ndarray) -> np.ndarray:
     """Return the stored vectors of ``ids`` (all must be present), float32 [n, d]."""
     ids = np.ascontiguousarray(ids, dtype=np.int64)

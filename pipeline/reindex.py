@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import IndexDirError
-from pipeline.index import build_index, choose_index_key
+from pipeline.index import build_index, choose_index_key, reserve
 from pipeline.lock import lock_index
 from pipeline.shards import iter_shards
 from pipeline.store import (
@@ -52,6 +52,7 @@ def reindex(
         current = {r.id: r for r in stored.manifest}
         key = index_key or choose_index_key(len(current), meta["dim"])
         index = build_index(np.zeros(0, np.int64), np.zeros((0, meta["dim"])), key)
+        reserve(index, len(current))
         covered: set[int] = set()
         used: list[Path] = []
         for shard in iter_shards(dest / SHARDS_DIR):

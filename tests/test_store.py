@@ -280,3 +280,25 @@ def test_lock_without_flock_uses_an_exclusive_file(tmp_path, monkeypatch):
     with lock_index(dest):
         pass
     assert not held.exists()
+
+
+def test_reserved_flat_index_holds_exactly_what_was_added():
+    # pipeline.index.reserve grows FAISS's storage and shrinks it back: the
+    # capacity stays, the contents must not change (edited in place too).
+    from pipeline.index import reserve
+
+    from pipeline.embed import normalize_rows
+
+    rng = np.random.default_rng(3)
+    first = normalize_rows(rng.standard_normal((5, DIM)))
+    index = build_index(np.arange(5, dtype=np.int64), first)
+    reserve(index, 1000)
+    assert index.ntotal == 5
+    more = normalize_rows(rng.standard_normal((300, DIM)))
+    index.add_with_ids(more, np.arange(5, 305, dtype=np.int64))
+    np.testing.assert_array_equal(
+        index.reconstruct_batch(np.arange(305, dtype=np.int64)),
+        np.concatenate([first, more]),
+    )
+    _, ids = index.search(more[:3], 1)
+    assert ids[:, 0].tolist() == [5, 6, 7]
