@@ -285,9 +285,8 @@ def test_lock_without_flock_uses_an_exclusive_file(tmp_path, monkeypatch):
 def test_reserved_flat_index_holds_exactly_what_was_added():
     # pipeline.index.reserve grows FAISS's storage and shrinks it back: the
     # capacity stays, the contents must not change (edited in place too).
-    from pipeline.index import reserve
-
     from pipeline.embed import normalize_rows
+    from pipeline.index import reserve
 
     rng = np.random.default_rng(3)
     first = normalize_rows(rng.standard_normal((5, DIM)))
