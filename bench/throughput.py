@@ -270,6 +270,7 @@ def search_bench(tmp: Path, n: int, query_image: Path) -> dict:
     from pipeline.discover import ImageRecord
     from pipeline.embed import normalize_rows
     from pipeline.index import build_index
+    from pipeline.meta import IndexMeta
     from pipeline.search import Searcher
     from pipeline.store import write_index_dir
 
@@ -278,19 +279,15 @@ def search_bench(tmp: Path, n: int, query_image: Path) -> dict:
     ids = np.array([r.id for r in records], np.int64)
     vectors = normalize_rows(rng.standard_normal((n, 1280), dtype=np.float32))
     index = build_index(ids, vectors)
-    meta = {
-        "name": "synthetic",
-        "source": str(tmp),
-        "model": "efficientnet-lite0",
-        "dim": 1280,
-        "metric": "cosine",
-        "index_key": "IDMap2,Flat",
-        "count": n,
-        "failed": 0,
-        "created": "",
-        "updated": "",
-        "imgindex_version": "bench",
-    }
+    meta = IndexMeta(
+        name="synthetic",
+        source=str(tmp),
+        model="efficientnet-lite0",
+        dim=1280,
+        count=n,
+        created="",
+        imgindex_version="bench",
+    )
     dest = write_index_dir(tmp / "synthetic", index, records, meta, [])
     del index, vectors
 

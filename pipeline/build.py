@@ -26,6 +26,7 @@ from pipeline.embed import ModelSpec, PartitionResult
 from pipeline.errors import BuildFailed, IndexDirError
 from pipeline.index import build_index, choose_index_key, reconstruct, reserve
 from pipeline.lock import lock_index
+from pipeline.meta import IndexMeta
 from pipeline.models import get_model
 from pipeline.plan import Plan, plan_build
 from pipeline.shards import (
@@ -236,20 +237,19 @@ def run_build(
         with stages("write"):
             manifest, failures, failed_records = sink.finish(plan)
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            meta = {
-                "name": name,
-                "source": str(root),
-                "model": spec.name,
-                "preprocess": asdict(model.preprocess),
-                "dim": int(model.dim),
-                "metric": "cosine",
-                "index_key": key,
-                "count": int(sink.index.ntotal),
-                "failed": len(failures),
-                "created": (plan.previous.meta["created"] if plan.previous else now),
-                "updated": now,
-                "imgindex_version": __version__,
-            }
+            meta = IndexMeta(
+                name=name,
+                source=str(root),
+                model=spec.name,
+                preprocess=asdict(model.preprocess),
+                dim=int(model.dim),
+                index_key=key,
+                count=int(sink.index.ntotal),
+                failed=len(failures),
+                created=plan.previous.meta.created if plan.previous else now,
+                updated=now,
+                imgindex_version=__version__,
+            )
             shards = _live_shards(dest, plan) + sink.shards
             write_index_dir(
                 dest, sink.index, manifest, meta, failures, failed_records, shards
@@ -337,7 +337,7 @@ class _IndexSink:
         stale = np.array(
             [r.id for r in previous.manifest if r.path not in kept], np.int64
         )
-        if previous.meta.get("index_key") == key and "HNSW" not in key:
+        if previous.meta.index_key == key and "HNSW" not in key:
             index = previous.index  # HNSW has no remove_ids; Flat is edited in place
             if len(stale):
                 index.remove_ids(stale)

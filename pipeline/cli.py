@@ -575,17 +575,17 @@ def info(index_dir, as_json):
     stored.check()  # a damaged index.faiss is not reported as healthy
     m = stored.meta
     report = {
-        "name": m["name"],
-        "source": m["source"],
-        "model": m["model"],
-        "dim": m["dim"],
-        "metric": m["metric"],
-        "index_key": m.get("index_key"),
-        "count": m["count"],
+        "name": m.name,
+        "source": m.source,
+        "model": m.model,
+        "dim": m.dim,
+        "metric": m.metric,
+        "index_key": m.index_key,
+        "count": m.count,
         "failed": len(stored.failures),
-        "created": m["created"],
-        "updated": m.get("updated"),
-        "imgindex_version": m["imgindex_version"],
+        "created": m.created,
+        "updated": m.updated,
+        "imgindex_version": m.imgindex_version,
         "shards": shard_stats(stored.path / SHARDS_DIR),
         "failures": [{"path": f.path, "reason": f.reason} for f in stored.failures],
     }

@@ -98,14 +98,14 @@ def plan_build(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> Plan:
 def _check_compatible(
     previous: StoredIndex, dest: Path, root: Path, spec: ModelSpec
 ) -> None:
-    source = previous.meta["source"]
+    source = previous.meta.source
     if Path(source) != root:
         raise IndexDirError(
             f"index {str(dest)!r} holds another dataset ({source!r}), not "
             f"{str(root)!r}; give this one another name with --name, or pass "
             "--rebuild to replace that index"
         )
-    model = previous.meta.get("model")
+    model = previous.meta.model
     if model != spec.name:
         raise IndexDirError(
             f"index {str(dest)!r} was built with model {model!r}, not {spec.name!r}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -50,8 +51,8 @@ def reindex(
         stored = read_index_dir(dest)
         meta = stored.meta
         current = {r.id: r for r in stored.manifest}
-        key = index_key or choose_index_key(len(current), meta["dim"])
-        index = build_index(np.zeros(0, np.int64), np.zeros((0, meta["dim"])), key)
+        key = index_key or choose_index_key(len(current), meta.dim)
+        index = build_index(np.zeros(0, np.int64), np.zeros((0, meta.dim)), key)
         reserve(index, len(current))
         covered: set[int] = set()
         used: list[Path] = []
@@ -91,7 +92,9 @@ def reindex(
                 "index with `imgindex build --rebuild`"
             )
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        meta = {**meta, "index_key": key, "count": int(index.ntotal), "updated": now}
+        meta = dataclasses.replace(
+            meta, index_key=key, count=int(index.ntotal), updated=now
+        )
         write_index_dir(
             dest,
             index,

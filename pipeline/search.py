@@ -31,14 +31,14 @@ class Searcher:
         # in a newer version while the model loads.
         self.index = self.stored.index
         meta = self.stored.meta
-        self.embedder = Embedder(ModelSpec.from_config(meta["model"], device))
-        if self.embedder.dim != meta["dim"]:
+        self.embedder = Embedder(ModelSpec.from_config(meta.model, device))
+        if self.embedder.dim != meta.dim:
             raise ImgindexError(
-                f"model {meta['model']!r} gives {self.embedder.dim}-d vectors but the "
-                f"index holds {meta['dim']}-d ones; rebuild it with "
+                f"model {meta.model!r} gives {self.embedder.dim}-d vectors but the "
+                f"index holds {meta.dim}-d ones; rebuild it with "
                 "`imgindex build --rebuild`"
             )
-        self.root = Path(meta["source"])
+        self.root = Path(meta.source)
         self.paths = self.stored.paths_by_id()
 
     def search_images(

@@ -33,6 +33,7 @@ from pipeline.discover import Failure, ImageRecord
 from pipeline.errors import IndexDirError, IndexLocked
 from pipeline.index import check_index_file, read_index, write_index
 from pipeline.lock import lock_index
+from pipeline.meta import IndexMeta
 
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.jsonl"
@@ -41,23 +42,6 @@ FAILURES_FILE = "failures.jsonl"
 INDEX_FILES = (INDEX_FILE, MANIFEST_FILE, FAILURES_FILE, META_FILE)
 SHARDS_DIR = "shards"  # the embeddings, one .npz per partition (pipeline/shards.py)
 STAGING_MARK = "STAGING"
-# 2: with shards/. Format 1 (no shards) is still read; its images get shards
-# when they are next embedded.
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
-
-# meta.json keys every reader relies on, with their types.
-META_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "name": str,
-    "source": str,
-    "model": str,
-    "dim": int,
-    "metric": str,
-    "count": int,
-    "created": str,
-    "imgindex_version": str,
-    "format": int,
-}
 
 
 @dataclass
@@ -70,7 +54,7 @@ class StoredIndex:
     """
 
     path: Path
-    meta: dict[str, Any]
+    meta: IndexMeta
     manifest: list[ImageRecord]
     failures: list[Failure]
     # The files behind non-transient failures, as they were when they failed.
@@ -115,15 +99,15 @@ class StoredIndex:
         return {r.id: r.path for r in self.manifest}
 
 
-def index_problem(f: BinaryIO, meta: dict[str, Any]) -> str | None:
+def index_problem(f: BinaryIO, meta: IndexMeta) -> str | None:
     """Why ``f`` is not a usable index file for ``meta``, or None (cheap: headers)."""
     try:
-        return check_index_file(f, meta["count"], meta["dim"])
+        return check_index_file(f, meta.count, meta.dim)
     except OSError as e:
         return f"unreadable: {e.strerror}"
 
 
-def _read_checked_index(path: Path, f: BinaryIO, meta: dict[str, Any]):
+def _read_checked_index(path: Path, f: BinaryIO, meta: IndexMeta):
     problem = index_problem(f, meta)
     if problem is None:
         try:
@@ -263,7 +247,7 @@ def _read_version(label: Path, p: Path) -> StoredIndex:
     finally:
         os.close(fd)
     try:
-        meta = _parse_meta(label, handles[META_FILE].read())
+        meta = IndexMeta.loads(handles[META_FILE].read(), label / META_FILE)
         manifest = [
             ImageRecord(row["path"], row["size"], row["mtime_ns"])
             for row in _read_jsonl(handles[MANIFEST_FILE])
@@ -277,6 +261,9 @@ def _read_version(label: Path, p: Path) -> StoredIndex:
             for r in rows
             if "size" in r and not r.get("transient", False)
         }
+    except IndexDirError:
+        handles[INDEX_FILE].close()
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         handles[INDEX_FILE].close()
         raise IndexDirError(
@@ -286,10 +273,10 @@ def _read_version(label: Path, p: Path) -> StoredIndex:
     finally:
         for name in (META_FILE, MANIFEST_FILE, FAILURES_FILE):
             handles[name].close()
-    if len(manifest) != meta["count"]:
+    if len(manifest) != meta.count:
         handles[INDEX_FILE].close()
         raise IndexDirError(
-            f"index {str(label)!r} is damaged: meta.json counts {meta['count']} "
+            f"index {str(label)!r} is damaged: meta.json counts {meta.count} "
             f"images, its manifest lists {len(manifest)}; rebuild it with "
             "`imgindex build --rebuild`"
         )
@@ -298,38 +285,11 @@ def _read_version(label: Path, p: Path) -> StoredIndex:
     )
 
 
-def _parse_meta(path: Path, data: bytes) -> dict[str, Any]:
-    try:
-        meta = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise IndexDirError(
-            f"{str(path / META_FILE)!r} is not valid JSON; rebuild the index with "
-            "`imgindex build --rebuild`"
-        ) from None
-    if not isinstance(meta, dict):
-        raise IndexDirError(f"{str(path / META_FILE)!r} is not an imgindex meta file")
-    if meta.get("format") not in READABLE_FORMATS:
-        raise IndexDirError(
-            f"index directory {str(path)!r} has format {meta.get('format')!r}; "
-            f"this imgindex reads formats {READABLE_FORMATS}: rebuild it with "
-            "`imgindex build --rebuild`"
-        )
-    for key, kind in META_FIELDS.items():
-        value = meta.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise IndexDirError(
-                f"{str(path / META_FILE)!r} is malformed ({key!r} is "
-                f"{'missing' if key not in meta else repr(value)[:40]}); rebuild the "
-                "index with `imgindex build --rebuild`"
-            )
-    return meta
-
-
 def write_index_dir(
     dest: str | os.PathLike,
     index,
     manifest: list[ImageRecord],
-    meta: dict[str, Any],
+    meta: IndexMeta,
     failures: list[Failure],
     failed_records: dict[str, ImageRecord] | None = None,
     shards: Sequence[Path] = (),
@@ -369,9 +329,7 @@ def write_index_dir(
             tmp / FAILURES_FILE,
             (_failure_row(f, (failed_records or {}).get(f.path)) for f in failures),
         )
-        (tmp / META_FILE).write_text(
-            json.dumps({**meta, "format": FORMAT_VERSION}, indent=2)
-        )
+        (tmp / META_FILE).write_text(meta.dumps())
         for name in INDEX_FILES:
             fsync_path(tmp / name)
         if shards:

@@ -33,9 +33,9 @@ def test_two_datasets_give_two_complete_indexes(built, photo_sets):
     roots, out, summaries = built
     for name, paths in photo_sets.items():
         stored = read_index_dir(out / name)
-        assert stored.meta["count"] == len(paths) == stored.index.ntotal
-        assert stored.meta["model"] == "efficientnet-lite0"
-        assert stored.meta["dim"] == 1280 and stored.meta["metric"] == "cosine"
+        assert stored.meta.count == len(paths) == stored.index.ntotal
+        assert stored.meta.model == "efficientnet-lite0"
+        assert stored.meta.dim == 1280 and stored.meta.metric == "cosine"
         assert sorted(r.path for r in stored.manifest) == sorted(p.name for p in paths)
         assert summaries[name].indexed == summaries[name].embedded == len(paths)
         assert summaries[name].failed == []

@@ -60,12 +60,12 @@ def test_item4_same_folder_name_from_another_place_is_refused(build, few, tmp_pa
     assert result.exit_code == 1
     line = one_error_line(result.stderr)
     assert "holds another dataset" in line and "--name" in line
-    assert read_index_dir(out / "good").meta["count"] == 8  # untouched
+    assert read_index_dir(out / "good").meta.count == 8  # untouched
     result = build(other, "--out", out, "--name", "good-b", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["datasets"][0]["index"] == str(out / "good-b")
-    assert read_index_dir(out / "good-b").meta["count"] == 4
-    assert read_index_dir(out / "good").meta["count"] == 8
+    assert read_index_dir(out / "good-b").meta.count == 4
+    assert read_index_dir(out / "good").meta.count == 8
 
 
 def test_item7_folders_whose_names_are_not_utf8(build, few, tmp_path):

@@ -24,6 +24,7 @@ from pipeline.discover import ImageRecord
 from pipeline.errors import IndexDirError, IndexLocked
 from pipeline.index import build_index
 from pipeline.lock import lock_index
+from pipeline.meta import IndexMeta
 from pipeline.store import (
     INDEX_FILE,
     MANIFEST_FILE,
@@ -45,18 +46,15 @@ def write_version(dest: Path, n: int, seed: int = 0, name: str = "ds") -> Path:
     vectors = rng.standard_normal((n, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index = build_index(np.array([r.id for r in records], np.int64), vectors)
-    meta = {
-        "name": name,
-        "source": f"/data/{name}",
-        "model": "test",
-        "dim": DIM,
-        "metric": "cosine",
-        "index_key": "IDMap2,Flat",
-        "count": n,
-        "failed": 0,
-        "created": "2026-11-22T00:00:00+00:00",
-        "imgindex_version": __version__,
-    }
+    meta = IndexMeta(
+        name=name,
+        source=f"/data/{name}",
+        model="test",
+        dim=DIM,
+        count=n,
+        created="2026-11-22T00:00:00+00:00",
+        imgindex_version=__version__,
+    )
     return write_index_dir(dest, index, records, meta, [])
 
 
@@ -121,7 +119,7 @@ def test_reads_never_fail_while_builds_replace_the_index(tmp_path):
     try:
         for _ in range(200):
             stored, index = read_all(dest)
-            assert index.ntotal == len(stored.manifest) == stored.meta["count"]
+            assert index.ntotal == len(stored.manifest) == stored.meta.count
     finally:
         stop.set()
         writer.join()

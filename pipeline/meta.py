@@ -1,0 +1,102 @@
+"""An index's ``meta.json``: one typed record for build, store, search and info."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import IndexDirError
+
+# 2: the index directory holds shards/. Format 1 (no shards) is still read;
+# its images get shards when they are next embedded.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    """What an index is: which images, which model, how many vectors, since when."""
+
+    name: str
+    source: str  # the dataset folder, absolute
+    model: str
+    dim: int
+    count: int  # vectors in the index
+    created: str  # ISO 8601, UTC
+    imgindex_version: str
+    metric: str = "cosine"
+    index_key: str = "IDMap2,Flat"  # the FAISS factory string
+    failed: int = 0
+    updated: str | None = None
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps({**self.to_json(), "format": FORMAT_VERSION}, indent=2)
+
+    @classmethod
+    def loads(cls, data: bytes | str, path: Path) -> IndexMeta:
+        """Parse and check a meta.json read from ``path`` (named in errors).
+
+        Raises
+        ------
+        IndexDirError
+            If it is not JSON, of a format this version cannot read, or a field
+            is missing or of the wrong type.
+        """
+        where = str(path)
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise IndexDirError(
+                f"{where!r} is not valid JSON; rebuild the index with "
+                "`imgindex build --rebuild`"
+            ) from None
+        if not isinstance(raw, dict):
+            raise IndexDirError(f"{where!r} is not an imgindex meta file")
+        if raw.get("format") not in READABLE_FORMATS:
+            raise IndexDirError(
+                f"{str(path.parent)!r} has format {raw.get('format')!r}; this "
+                f"imgindex reads formats {READABLE_FORMATS}: rebuild it with "
+                "`imgindex build --rebuild`"
+            )
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                required = f.default is dataclasses.MISSING and (
+                    f.default_factory is dataclasses.MISSING
+                )
+                if required:
+                    raise IndexDirError(_malformed(where, f.name, "missing"))
+                continue
+            value = raw[f.name]
+            if not _is_of(value, f.type):
+                raise IndexDirError(_malformed(where, f.name, repr(value)[:40]))
+            values[f.name] = value
+        return cls(**values)
+
+
+def _malformed(where: str, key: str, what: str) -> str:
+    return (
+        f"{where!r} is malformed ({key!r} is {what}); rebuild the index with "
+        "`imgindex build --rebuild`"
+    )
+
+
+def _is_of(value: Any, annotation: str) -> bool:
+    # Annotations are strings here (from __future__ import annotations).
+    if isinstance(value, bool):
+        return False
+    kinds = {
+        "str": str,
+        "int": int,
+        "str | None": (str, type(None)),
+        "dict[str, Any]": dict,
+    }
+    return isinstance(value, kinds[annotation])
