@@ -354,9 +354,9 @@ class _IndexSink:
         self.failures.extend(result.failures)
         if shard is not None:
             self._add_vectors(shard)
-        if len(result.ids):
-            self.embedded += len(result.ids)
-            self.by_worker[result.worker] += len(result.ids)
+        if result.n_embedded:
+            self.embedded += result.n_embedded
+            self.by_worker[result.worker] += result.n_embedded
         self.task_seconds.update(result.timings)
 
     def add_shard(self, shard: Shard) -> None:

@@ -64,8 +64,13 @@ class PartitionResult:
     worker: str
     timings: dict[str, float] = field(default_factory=dict)
     # Set when the worker wrote the vectors to this shard file itself; then
-    # ``vectors`` is empty and only counts travel back (pipeline/shards.py).
+    # ids, paths and vectors stay in the shard and only counts travel back
+    # (pipeline/shards.py).
     shard: str = ""
+    n_embedded: int = 0
+
+    def __post_init__(self) -> None:
+        self.n_embedded = self.n_embedded or len(self.ids)
 
 
 class Embedder:
@@ -142,6 +147,8 @@ def embed_partition(
 
         result.shard = write_shard(shard_dir, spec, records, result)
         result.vectors = np.zeros((0, result.vectors.shape[1]), np.float32)
+        result.ids = np.zeros(0, np.int64)
+        result.paths = []
     return result
 
 
