@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -68,3 +69,16 @@ def wait_for_progress(
             pass
         time.sleep(0.1)
     raise AssertionError(f"no progress in {path} after {timeout} s")
+
+
+def can_mount_privately() -> bool:
+    """Whether this process may mount a tmpfs in a mount namespace of its own
+    (root, with unshare): the tests that need a full disk or a worker with its
+    own view of --out use one."""
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0

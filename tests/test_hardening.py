@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import imgindex_cmd, invoke, one_error_line
+from helpers import can_mount_privately, imgindex_cmd, invoke, one_error_line
 
 from conftest import copy_tree
 from pipeline.store import INDEX_FILE, MANIFEST_FILE, META_FILE, read_index_dir
@@ -243,17 +243,7 @@ def _listening_addresses(port: int) -> set[str]:
     return found
 
 
-def _can_mount_tmpfs() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-        capture_output=True,
-    )
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root for a private tmpfs")
+@pytest.mark.skipif(not can_mount_privately(), reason="needs root for a private tmpfs")
 @pytest.mark.parametrize("size_kib, stage", [(60, "checkpoint"), (140, "index")])
 def test_item13_disk_full_is_one_line(
     process_cluster, photo_sets, tmp_path, size_kib, stage

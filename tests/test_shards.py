@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import imgindex_cmd, invoke
+from helpers import can_mount_privately, imgindex_cmd, invoke
 
 from pipeline.build import run_build
 from pipeline.discover import discover_images
@@ -134,18 +134,8 @@ def test_damaged_shard_is_re_embedded_never_indexed(client, dataset, tmp_path):
         np.testing.assert_allclose(v, got[i], atol=1e-5)
 
 
-def _can_unshare_mounts() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-        capture_output=True,
-    )
-    return probe.returncode == 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs root for mounts")
+@pytest.mark.skipif(not can_mount_privately(), reason="needs root for mounts")
 def test_worker_that_cannot_see_out_gets_vectors_streamed(
     dask_processes, dataset, tmp_path
 ):
