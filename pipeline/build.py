@@ -203,6 +203,13 @@ def run_build(
                         # Streamed: the client keeps the shard the worker could not.
                         result.shard = write_shard(staging, spec, part, result)
                     shard = read_shard(staging / result.shard) if result.shard else None
+                except FileNotFoundError:
+                    raise BuildFailed(
+                        f"worker {result.worker} wrote its shard where this client "
+                        f"cannot see it ({str(staging)!r} is not shared with it); "
+                        "give every worker the same file system, or run the build "
+                        "where the workers' files are"
+                    ) from None
                 except OSError as e:
                     raise IndexDirError(
                         f"could not keep finished work in {str(staging)!r}: "
