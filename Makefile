@@ -7,7 +7,8 @@ TORCH ?= torch==2.13.0
 
 .PHONY: demo test test-hpc bench lint clean
 
-$(BIN)/imgindex: setup.cfg pyproject.toml
+# pipeline/__init__.py holds the version: a bump reinstalls the metadata too.
+$(BIN)/imgindex: setup.cfg pyproject.toml pipeline/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"

@@ -13,6 +13,7 @@ import pytest
 from helpers import imgindex_cmd, invoke
 
 from conftest import DaskProcesses, copy_tree
+from pipeline import __version__
 from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
 
@@ -218,4 +219,4 @@ def test_worker_with_another_imgindex_version_is_refused(
     dask_processes.wait_for_workers(1)
     result = invoke("build", dataset, "--out", tmp_path / "out", "--scheduler", address)
     assert result.exit_code == 1
-    assert "has imgindex 0.0.0.other, the client 0.1.0" in result.stderr
+    assert f"has imgindex 0.0.0.other, the client {__version__}" in result.stderr
