@@ -27,6 +27,7 @@ What can go wrong, and what happens:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -174,11 +175,14 @@ class PartitionDispatcher:
                     n_results += 1
                 del result
                 fill()
-        except BaseException:
+        except BaseException as e:
             # A failed or interrupted build must not leave its tasks running
-            # on a shared cluster.
-            if self.client.status == "running":
-                self.client.cancel(list(ac.futures), force=True)
+            # on a shared cluster (unless the cluster itself is gone).
+            with contextlib.suppress(Exception):
+                if self.client.status == "running":
+                    self.client.cancel(list(ac.futures), force=True)
+            if isinstance(e, OSError):  # CommClosedError: the scheduler went away
+                raise self._lost_scheduler() from None
             raise
         finally:
             watchdog.stop()
@@ -197,11 +201,7 @@ class PartitionDispatcher:
         if self.client.status != "running" or (
             fut.status in ("cancelled", "lost") and not timed_out
         ):
-            raise BuildFailed(
-                f"lost the scheduler {self.client.scheduler.address} while "
-                f"embedding {self.label}; finished partitions were saved: once "
-                "the cluster is back, run the same command again to resume"
-            )
+            raise self._lost_scheduler()
         exc = fut.exception() if fut.status == "error" else None
         if timed_out:
             reason = (
@@ -228,6 +228,13 @@ class PartitionDispatcher:
         )
         queue.extend([part[mid:], part[:mid]])
         return None
+
+    def _lost_scheduler(self) -> BuildFailed:
+        return BuildFailed(
+            f"lost the scheduler {self.client.scheduler.address} while "
+            f"embedding {self.label}; finished partitions were saved: once "
+            "the cluster is back, run the same command again to resume"
+        )
 
     def _failed(self, part: Partition, reason: str) -> PartitionResult:
         return PartitionResult(
