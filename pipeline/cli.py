@@ -32,8 +32,7 @@ class _ImgindexGroup(click.Group):
         except OSError as e:
             # The last resort (disk full, a vanished folder): the file and the
             # system's words, not a traceback.
-            where = f"{_shown(str(e.filename))}: " if e.filename else ""
-            raise click.ClickException(f"{where}{e.strerror or e}") from None
+            raise click.ClickException(_shown(_error_text(e))) from None
 
 
 class Interrupted(click.ClickException):
