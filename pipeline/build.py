@@ -16,15 +16,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import __version__
+from pipeline.assemble import (
+    IndexRequest,
+    decide,
+    run_index_build,
+    select_rows,
+)
 from pipeline.config import config_value, seconds_value
 from pipeline.discover import (
+    ImageRecord,
     check_dataset,
     partition_records,
 )
 from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec, PartitionResult
 from pipeline.errors import BuildFailed, IndexDirError
-from pipeline.index import build_index, choose_index_key, reconstruct, reserve
+from pipeline.index import reconstruct
+from pipeline.index_build import Runner
 from pipeline.lock import lock_index
 from pipeline.meta import IndexMeta
 from pipeline.models import get_model
@@ -38,7 +46,7 @@ from pipeline.shards import (
     usable_shards,
     write_shard,
 )
-from pipeline.store import SHARDS_DIR, recover_index_dir, write_index_dir
+from pipeline.store import INDEX_FILE, SHARDS_DIR, recover_index_dir, write_index_dir
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -75,6 +83,11 @@ class BuildSummary:
     vectors: str = ""  # "written by workers" | "streamed to client"
     shards: int = 0
     damaged_shards: list[str] = field(default_factory=list)
+    index_key: str = ""  # the FAISS factory string built
+    index_reason: str = ""  # why (pipeline/index_policy.py)
+    on_disk: bool = False
+    search_params: dict[str, int] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)  # recall, latency, bytes
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +108,7 @@ def run_build(
     progress: ProgressCallback | None = None,
     name: str | None = None,
     workers_write: bool = True,
+    index: IndexRequest | None = None,
 ) -> BuildSummary:
     """Embed ``dataset`` on ``client``'s cluster and write ``out/<name>/``.
 
@@ -120,7 +134,9 @@ def run_build(
     workers_write
         Workers write each partition's vectors as a shard beside the index
         (they must see ``out`` at the same path); False: the vectors travel
-        back and the client writes the shards.
+        back and the client writes the shards (and builds the index).
+    index
+        Which index to build and how to tune it (default: ``imgindex.index.*``).
 
     Returns
     -------
@@ -132,6 +148,7 @@ def run_build(
     """
     started = time.perf_counter()
     spec = spec or ModelSpec.from_config()
+    index = index or IndexRequest.from_config()
     partition_size = int(config_value(partition_size, "imgindex.partition-size"))
     settings = DispatchSettings(
         retries=int(config_value(retries, "imgindex.retries")),
@@ -171,8 +188,7 @@ def run_build(
             staging = staging_dir(dest)
             if rebuild:
                 clear_staging(staging)
-            key = choose_index_key(len(plan.kept) + len(plan.to_embed), model.dim)
-            sink = _IndexSink(plan, model.dim, key)
+            sink = _ShardSink(plan, model.dim)
             resumed, damaged = usable_shards(
                 [staging], spec, {r.path: r for r in plan.to_embed}
             )
@@ -241,8 +257,38 @@ def run_build(
                 staging.mkdir(parents=True, exist_ok=True)
             dispatcher.run(partitions)
 
-        with stages("write"):
+        with stages("index"):
             manifest, failures, failed_records = sink.finish(plan)
+            # This run's shards first: a re-embedded image's new row wins.
+            candidates = sink.shards + _live_shards(dest, plan)
+            selection, shards, missing = select_rows(candidates, manifest)
+            if missing:
+                migrated = _migrate(plan, missing, staging, spec)
+                more, more_used, missing = select_rows(migrated, missing)
+                selection, shards = selection + more, shards + more_used
+            if missing:
+                raise BuildFailed(
+                    f"{len(missing)} indexed images have no stored vector (e.g. "
+                    f"{missing[0].path!r}); run the build again with --rebuild"
+                )
+            previous = plan.previous.meta if plan.previous else None
+            choice, trained, trained_for = decide(
+                index,
+                len(manifest),
+                int(model.dim),
+                previous,
+                dest / INDEX_FILE if previous else None,
+            )
+            runner = Runner(client if workers_write else None, name, settings.retries)
+            built = run_index_build(
+                runner, selection, int(model.dim), choice, staging, index, trained
+            )
+            if built.count != len(manifest):
+                raise BuildFailed(
+                    f"the index holds {built.count} vectors for {len(manifest)} "
+                    "images; run the same command again"
+                )
+        with stages("write"):
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             meta = IndexMeta(
                 name=name,
@@ -250,25 +296,41 @@ def run_build(
                 model=spec.name,
                 preprocess=asdict(model.preprocess),
                 dim=int(model.dim),
-                index_key=key,
-                count=int(sink.index.ntotal),
+                index_key=choice.key,
+                index_kind=choice.kind,
+                index_reason=choice.reason,
+                on_disk=choice.on_disk,
+                trained_for=trained_for,
+                search_params=built.search_params,
+                quality=built.quality,
+                count=built.count,
                 failed=len(failures),
-                created=plan.previous.meta.created if plan.previous else now,
+                created=previous.created if previous else now,
                 updated=now,
                 imgindex_version=__version__,
             )
-            shards = _live_shards(dest, plan) + sink.shards
             write_index_dir(
-                dest, sink.index, manifest, meta, failures, failed_records, shards
+                dest, built.folder, manifest, meta, failures, failed_records, shards
             )
             clear_staging(staging)
     summary.stage_seconds = dict(stages)
+    summary.index_key = choice.key
+    summary.index_reason = choice.reason
+    summary.on_disk = choice.on_disk
+    summary.search_params = built.search_params
+    summary.quality = built.quality
+    summary.task_seconds.update(
+        {f"index {k}": v for k, v in built.task_seconds.items()}
+    )
 
-    summary.indexed = int(sink.index.ntotal)
+    summary.indexed = built.count
     summary.embedded = sink.embedded
     summary.failed = [{"path": f.path, "reason": f.reason} for f in failures]
     summary.workers = dict(sink.by_worker)
-    summary.task_seconds = {k: round(v, 3) for k, v in sink.task_seconds.items()}
+    summary.task_seconds = {
+        **{k: round(v, 3) for k, v in sink.task_seconds.items()},
+        **summary.task_seconds,
+    }
     summary.shards = len(shards)
     summary.seconds = round(time.perf_counter() - started, 3)
     attempted = len(plan.to_embed)
@@ -286,7 +348,7 @@ def run_build(
     return summary
 
 
-def _live_shards(dest: Path, plan: Plan) -> list[Path]:
+def _live_shards(dest: Path, plan: Plan) -> list[Shard]:
     """The previous index's shards that still hold a kept image's vector."""
     if plan.previous is None or not plan.kept:
         return []
@@ -296,8 +358,40 @@ def _live_shards(dest: Path, plan: Plan) -> list[Path]:
         if isinstance(shard, tuple):
             logger.warning("%s: dropping damaged shard %s (%s)", dest, *shard)
         elif any(r in kept for r in shard.records):
-            live.append(shard.path)
+            live.append(shard)
     return live
+
+
+def _migrate(
+    plan: Plan, missing: list[ImageRecord], staging: Path, spec: ModelSpec
+) -> list[Shard]:
+    """Shards for kept images that have none, from the previous index's vectors.
+
+    Indexes written before imgindex kept shards (format 1) hold their vectors
+    only in index.faiss; they are copied out once, in chunks, so that the
+    index can be rebuilt from shards like any other.
+    """
+    if plan.previous is None:
+        return []
+    try:
+        old = plan.previous.index
+    except IndexDirError as e:
+        raise BuildFailed(f"{e}") from None
+    logger.info("moving %d vectors of the previous index into shards", len(missing))
+    shards = []
+    for i in range(0, len(missing), _MIGRATE_CHUNK):
+        chunk = missing[i : i + _MIGRATE_CHUNK]
+        ids = np.array([r.id for r in chunk], np.int64)
+        try:
+            vectors = reconstruct(old, ids)
+        except RuntimeError:
+            return shards  # an index that cannot give vectors back: re-embed
+        result = PartitionResult(ids, [r.path for r in chunk], vectors, [], "migrated")
+        shards.append(read_shard(staging / write_shard(staging, spec, chunk, result)))
+    return shards
+
+
+_MIGRATE_CHUNK = 65_536
 
 
 class StageTimer(dict):
@@ -312,55 +406,27 @@ class StageTimer(dict):
             self[stage] = round(time.perf_counter() - t, 3)
 
 
-class _IndexSink:
-    """The FAISS index, filled from each partition's shard as it arrives.
+class _ShardSink:
+    """What each finished partition left: its shard, failures, counts.
 
-    Shards are read one at a time, so the client holds the index plus one
-    partition (measured in bench/). An unchanged Flat index is updated in
-    place: stale ids removed, new vectors added.
+    Only the shards' ``info`` is held here; their vectors stay on disk until
+    the index is built from them on the workers (pipeline/index_build.py).
     """
 
-    CHUNK = 65_536  # vectors reconstructed from an old index at a time
-
-    def __init__(self, plan: Plan, dim: int, key: str):
+    def __init__(self, plan: Plan, dim: int):
         self.dim = dim
         self.paths = [r.path for r in plan.kept]
         self.failures = list(plan.known_failures)
         self.embedded = 0
         self.by_worker: Counter = Counter()
         self.task_seconds: Counter = Counter()
-        self.shards: list[Path] = []  # this run's, and the resumed ones
-        self.index = self._start(plan, key)
-        reserve(self.index, len(plan.kept) + len(plan.to_embed))
-        # Ids already in the index: a new vector under one of them would make
-        # the same image appear twice in every result list.
-        self.present = np.sort(np.fromiter((r.id for r in plan.kept), np.int64))
-
-    def _start(self, plan: Plan, key: str):
-        previous = plan.previous
-        if previous is None or not plan.kept:
-            return build_index(np.zeros(0, np.int64), np.zeros((0, self.dim)), key)
-        kept = {r.path for r in plan.kept}
-        stale = np.array(
-            [r.id for r in previous.manifest if r.path not in kept], np.int64
-        )
-        if previous.meta.index_key == key and "HNSW" not in key:
-            index = previous.index  # HNSW has no remove_ids; Flat is edited in place
-            if len(stale):
-                index.remove_ids(stale)
-            return index
-        index = build_index(np.zeros(0, np.int64), np.zeros((0, self.dim)), key)
-        ids = np.array([r.id for r in plan.kept], np.int64)
-        for i in range(0, len(ids), self.CHUNK):
-            chunk = ids[i : i + self.CHUNK]
-            index.add_with_ids(reconstruct(previous.index, chunk), chunk)
-        return index
+        self.shards: list[Shard] = []  # this run's, and the resumed ones
 
     def add(self, result: PartitionResult, shard: Shard | None) -> None:
-        """A finished partition; its vectors are read from ``shard``."""
+        """A finished partition; ``shard`` holds its vectors."""
         self.failures.extend(result.failures)
         if shard is not None:
-            self._add_vectors(shard)
+            self._add_shard(shard)
         if result.n_embedded:
             self.embedded += result.n_embedded
             self.by_worker[result.worker] += result.n_embedded
@@ -374,29 +440,20 @@ class _IndexSink:
         OSError, ValueError, zipfile.BadZipFile
             If its vectors are damaged (nothing was added then).
         """
-        self._add_vectors(shard)
+        shard.arrays()  # read once, here, so a damaged one is embedded again
+        self._add_shard(shard)
         self.failures.extend(shard.failures)
 
-    def _add_vectors(self, shard: Shard) -> None:
-        ids, vectors = shard.arrays()  # one shard in memory at a time
-        if not len(ids):
-            return
-        if vectors.shape[1] != self.dim:
+    def _add_shard(self, shard: Shard) -> None:
+        width = shard.info.get("dim")
+        if shard.info["paths"] and width is not None and width != self.dim:
             raise BuildFailed(
                 f"shard {shard.path.name} from worker {shard.info['worker']} holds "
-                f"{vectors.shape[1]}-d vectors, expected {self.dim}: its model "
-                "differs; run `imgindex doctor`"
+                f"{width}-d vectors, expected {self.dim}: its model differs; run "
+                "`imgindex doctor`"
             )
-        twice = np.isin(ids, self.present)
-        if twice.any():
-            path = shard.info["paths"][int(np.argmax(twice))]
-            raise BuildFailed(
-                f"{path!r} would be added to the index a second time; its index "
-                "directory is inconsistent: pass --rebuild"
-            )
-        self.index.add_with_ids(vectors, ids)
         self.paths.extend(shard.info["paths"])
-        self.shards.append(shard.path)
+        self.shards.append(shard)
 
     def finish(self, plan: Plan):
         """(manifest in path order, failures in path order, their file records)."""

@@ -96,7 +96,7 @@ class PartitionDispatcher:
     ):
         self.client = client
         self.shard_dir = shard_dir
-        self.label = re.sub(r"[^A-Za-z0-9_.]+", "_", label)[:40] or "dataset"
+        self.label = task_label(label)
         self.root = root
         self.spec = spec
         self.settings = settings
@@ -259,6 +259,11 @@ class PartitionDispatcher:
             pure=False,
             resources={"GPU": 1} if self.settings.gpu_resource else None,
         )
+
+
+def task_label(name: str) -> str:
+    """``name`` as it may appear in a Dask task key (ASCII, short)."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", name)[:40] or "dataset"
 
 
 class _Watchdog(threading.Thread):

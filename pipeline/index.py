@@ -1,44 +1,193 @@
-"""FAISS indexes: which kind to build (policy), apart from the FAISS calls."""
+"""FAISS mechanics: make, fill, read, write, tune and check indexes.
+
+Which index to build is decided in :mod:`pipeline.index_policy`; this module
+only carries it out. Cosine similarity on L2-normalised vectors is inner
+product, so every index uses METRIC_INNER_PRODUCT.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import sys
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import numpy as np
 
-# Above this many vectors an exact Flat index (5 KB a vector at 1280-d, and
-# linear search time) gives way to HNSW, which searches in log time.
-FLAT_MAX = 1_000_000
 
+def new_index(key: str, dim: int):
+    """An empty inner-product index from the factory string ``key``.
 
-def choose_index_key(n_vectors: int, dim: int, flat_max: int = FLAT_MAX) -> str:
-    """Return the FAISS factory key for an index of ``n_vectors`` of ``dim``.
-
-    Cosine similarity on L2-normalised vectors is inner product, so every
-    choice uses METRIC_INNER_PRODUCT. Both choices support reconstruct(),
-    which incremental builds use to keep unchanged vectors.
+    Raises
+    ------
+    ValueError
+        If FAISS does not understand ``key`` (one line, naming it).
     """
-    if n_vectors <= flat_max:
-        return "IDMap2,Flat"
-    return "IDMap2,HNSW32,Flat"
-
-
-def build_index(ids: np.ndarray, vectors: np.ndarray, key: str | None = None):
-    """Build an inner-product FAISS index holding ``vectors`` under int64 ``ids``."""
     import faiss
 
+    try:
+        index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(
+            f"FAISS cannot build {key!r} for {dim}-d vectors ({faiss_reason(e)})"
+        ) from None
+    # Polysemous training orders PQ codes for Hamming pre-filtering, which
+    # search never uses; it was 95% of an IVF-PQ's training time (40 of 42 s
+    # for 2,000 vectors).
+    ivf = ivf_of(index)
+    inner = faiss.downcast_index(ivf if ivf is not None else index)
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False
+    return index
+
+
+def faiss_reason(e: Exception) -> str:
+    """The useful last words of a FAISS RuntimeError (which spans lines)."""
+    return str(e).strip().splitlines()[-1].split("Error: ")[-1][:160]
+
+
+def build_index(ids: np.ndarray, vectors: np.ndarray, key: str = "IDMap2,Flat"):
+    """Build an inner-product FAISS index holding ``vectors`` under int64 ``ids``."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-    dim = vectors.shape[1]
-    key = key or choose_index_key(len(ids), dim)
-    index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+    index = new_index(key, vectors.shape[1])
     if len(ids):
         index.add_with_ids(vectors, ids)
     return index
+
+
+def empty_copy(index):
+    """A trained index like ``index`` holding no vectors (quantizers kept).
+
+    Works for in-memory and on-disk IVF indexes alike: the inverted lists are
+    replaced, never cleared in place (clearing on-disk lists would write).
+    """
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        raise ValueError("only IVF indexes can be emptied and refilled") from None
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns it now
+    ivf.ntotal = 0
+    index.ntotal = 0
+    return index
+
+
+def ivf_of(index):
+    """The IndexIVF inside ``index`` (under OPQ/PCA transforms), or None."""
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def index_ids(index) -> np.ndarray | None:
+    """Every id ``index`` holds (unsorted); None where they cannot be listed cheaply.
+
+    On-disk inverted lists are not read (that would touch the whole file).
+    """
+    import faiss
+
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map)
+    ivf = ivf_of(index)
+    if ivf is None:
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if isinstance(lists, faiss.OnDiskInvertedLists):
+        return None
+    chunks = [
+        faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+        for i in range(lists.nlist)
+        if lists.list_size(i)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+
+
+def merge_in_memory(parts: list) -> object:
+    """Merge IVF indexes sharing one trained quantizer into the first; ids kept."""
+    base = parts[0]
+    base_ivf = ivf_of(base)
+    for other in parts[1:]:
+        base_ivf.merge_from(ivf_of(other), 0)
+    base.ntotal = base_ivf.ntotal
+    return base
+
+
+def set_search_params(index, params: dict[str, int | float]) -> None:
+    """Apply search-time parameters (``nprobe``, ``efSearch``) through any wrapper."""
+    import faiss
+
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def search_param_name(index) -> str | None:
+    """The parameter trading speed for recall in ``index``, or None (exact)."""
+    import faiss
+
+    if ivf_of(index) is not None:
+        return "nprobe"
+    inner = faiss.downcast_index(getattr(index, "index", index))
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch"
+    return None
+
+
+def serialize(index) -> np.ndarray:
+    """The index as a uint8 array (Dask ships it as one buffer)."""
+    import faiss
+
+    return faiss.serialize_index(index)
+
+
+def deserialize(data: np.ndarray):
+    import faiss
+
+    return faiss.deserialize_index(np.asarray(data, np.uint8))
+
+
+def read_index_at(path: str | os.PathLike, on_disk: bool):
+    """Read the index file at ``path``; on-disk inverted lists are mapped, not read.
+
+    An on-disk index names its ``.ivfdata`` file; IO_FLAG_ONDISK_SAME_DIR
+    looks for it beside ``path`` (so an index directory can be moved) and
+    READ_ONLY maps it read-only (FAISS opens it for writing otherwise, which
+    fails on a read-only share). IO_FLAG_MMAP is not used: searching such an
+    index segfaults in faiss-cpu 1.15.1 (../shared/DASK-NOTES.md).
+    """
+    import faiss
+
+    if not on_disk:
+        with open(path, "rb") as f:
+            return read_index(f)
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+    with stdout_silenced():  # FAISS printf()s the file name it maps
+        return faiss.read_index(os.fspath(path), flags)
+
+
+@contextlib.contextmanager
+def stdout_silenced() -> Iterator[None]:
+    """Send C-level stdout to /dev/null: `search --json` output must stay JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def reserve(index, n_vectors: int) -> None:
@@ -98,14 +247,16 @@ def read_index(f: BinaryIO):
         del reader
 
 
-def check_index_file(f: BinaryIO, count: int, dim: int) -> str | None:
+def check_index_file(
+    f: BinaryIO, count: int, dim: int, kind: str = "flat", extra_bytes: int = 0
+) -> str | None:
     """Why the index file ``f`` cannot hold ``count`` vectors of ``dim``, or None.
 
     FAISS allocates whatever sizes a file's header claims before reading the
     data, so a crafted 1 KB file can make it allocate gigabytes: the headers
     are checked against meta.json and the file's size first. ``IDMap2,Flat``
-    (the default) is checked field by field; other types by their outer
-    header and a lower bound on size.
+    is checked field by field; other kinds by their outer header and a lower
+    bound on their size (``extra_bytes``: an on-disk index's .ivfdata).
     """
     f.seek(0, os.SEEK_END)
     size = f.tell()
@@ -127,8 +278,11 @@ def check_index_file(f: BinaryIO, count: int, dim: int) -> str | None:
         (n_ids,) = struct.unpack_from("<Q", _read_at(f, size - 8 * count - 8, 8))
         if n_codes != count * dim or n_ids != count:
             return "its vector and id tables disagree with its header"
-    elif size < payload:
-        return f"{size} bytes, too small for {count} vectors (truncated?)"
+        return None
+    # Every kind keeps an 8-byte id per vector; these also keep whole vectors.
+    least = count * 8 + (payload if kind in ("flat", "hnsw", "ivf-flat") else 0)
+    if size + extra_bytes < least:
+        return f"{size + extra_bytes} bytes, too small for {count} vectors (truncated?)"
     return None
 
 

@@ -29,6 +29,14 @@ class IndexMeta:
     imgindex_version: str
     metric: str = "cosine"
     index_key: str = "IDMap2,Flat"  # the FAISS factory string
+    index_kind: str = "flat"  # flat | hnsw | ivf-flat | ivf-pq | custom
+    index_reason: str = ""  # why this index (pipeline/index_policy.py)
+    on_disk: bool = False  # inverted lists in index.ivfdata, mapped by search
+    trained_for: int = 0  # vectors in the collection when the quantizer was trained
+    # Search-time settings tuned at build time to reach the recall target
+    # (nprobe, efSearch), and what was measured: recall_at_k, p50_ms, bytes...
+    search_params: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
     failed: int = 0
     updated: str | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)
@@ -91,11 +99,12 @@ def _malformed(where: str, key: str, what: str) -> str:
 
 def _is_of(value: Any, annotation: str) -> bool:
     # Annotations are strings here (from __future__ import annotations).
-    if isinstance(value, bool):
+    if isinstance(value, bool) != (annotation == "bool"):
         return False
     kinds = {
         "str": str,
         "int": int,
+        "bool": bool,
         "str | None": (str, type(None)),
         "dict[str, Any]": dict,
     }

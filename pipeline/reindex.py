@@ -6,36 +6,46 @@ import dataclasses
 import logging
 import os
 import time
-import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from pipeline.assemble import (
+    IndexRequest,
+    decide,
+    run_index_build,
+    select_rows,
+)
 from pipeline.errors import IndexDirError
-from pipeline.index import build_index, choose_index_key, reserve
+from pipeline.index_build import Runner
 from pipeline.lock import lock_index
-from pipeline.shards import iter_shards
+from pipeline.shards import clear_staging, iter_shards, staging_dir
 from pipeline.store import (
+    INDEX_FILE,
     SHARDS_DIR,
     read_index_dir,
     recover_index_dir,
     write_index_dir,
 )
 
+if TYPE_CHECKING:
+    from distributed import Client
+
 logger = logging.getLogger(__name__)
 
 
 def reindex(
-    index_dir: str | os.PathLike, index_key: str | None = None
+    index_dir: str | os.PathLike,
+    request: IndexRequest | None = None,
+    client: Client | None = None,
 ) -> dict[str, Any]:
-    """Rebuild ``index_dir``'s index from its shards, reading one shard at a time.
+    """Rebuild ``index_dir``'s index from its shards, as ``request`` says.
 
-    Only rows whose image is in the manifest unchanged are used: a shard row
-    of an image since removed or changed (an incremental build keeps the old
-    shard while another of its images is current) is skipped. Every manifest
-    image must get exactly one vector.
+    Only rows whose image is in the manifest unchanged are used (see
+    :func:`pipeline.assemble.select_rows`); every manifest image must get
+    exactly one vector. With a ``client`` the index is trained, filled and
+    merged on its workers (they must see ``index_dir``); without, here.
+    An IVF index of the same type keeps its trained quantizer.
 
     Raises
     ------
@@ -45,71 +55,69 @@ def reindex(
         --rebuild``), or the index is locked by a build.
     """
     started = time.perf_counter()
+    request = request or IndexRequest.from_config()
     dest = Path(index_dir).resolve()
     with lock_index(dest):
         recover_index_dir(dest)
         stored = read_index_dir(dest)
         meta = stored.meta
-        current = {r.id: r for r in stored.manifest}
-        key = index_key or choose_index_key(len(current), meta.dim)
-        index = build_index(np.zeros(0, np.int64), np.zeros((0, meta.dim)), key)
-        reserve(index, len(current))
-        covered: set[int] = set()
-        used: list[Path] = []
+        shards = []
         for shard in iter_shards(dest / SHARDS_DIR):
             if isinstance(shard, tuple):
                 raise IndexDirError(
                     f"shard {shard[0]} of {str(dest)!r} is damaged ({shard[1]}); "
                     "rebuild the index with `imgindex build --rebuild`"
                 )
-            try:
-                ids, vectors = shard.arrays()
-            except (OSError, ValueError, zipfile.BadZipFile) as e:
-                raise IndexDirError(
-                    f"shard {shard.path} of {str(dest)!r} is damaged ({e}); "
-                    "rebuild the index with `imgindex build --rebuild`"
-                ) from None
-            records = {r.path: r for r in shard.records}
-            keep = np.fromiter(
-                (
-                    int(i) in current
-                    and int(i) not in covered
-                    and current[int(i)] == records.get(path)
-                    for i, path in zip(ids, shard.info["paths"], strict=True)
-                ),
-                bool,
-                len(ids),
-            )
-            if keep.any():
-                index.add_with_ids(vectors[keep], ids[keep])
-                covered.update(int(i) for i in ids[keep])
-                used.append(shard.path)
-        missing = len(current) - len(covered)
+            shards.append(shard)
+        selection, used, missing = select_rows(shards, stored.manifest)
         if missing:
             raise IndexDirError(
-                f"{missing} of the {len(current)} images in {str(dest)!r} have no "
-                "stored vector (indexed before imgindex kept shards?); rebuild the "
-                "index with `imgindex build --rebuild`"
+                f"{len(missing)} of the {len(stored.manifest)} images in "
+                f"{str(dest)!r} have no stored vector (indexed before imgindex "
+                "kept shards?); rebuild the index with `imgindex build --rebuild`"
             )
+        choice, trained, trained_for = decide(
+            request, len(stored.manifest), meta.dim, meta, dest / INDEX_FILE
+        )
+        staging = staging_dir(dest)
+        runner = Runner(client, meta.name)
+        built = run_index_build(
+            runner, selection, meta.dim, choice, staging, request, trained
+        )
+        stored.close()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         meta = dataclasses.replace(
-            meta, index_key=key, count=int(index.ntotal), updated=now
+            meta,
+            index_key=choice.key,
+            index_kind=choice.kind,
+            index_reason=choice.reason,
+            on_disk=choice.on_disk,
+            trained_for=trained_for,
+            search_params=built.search_params,
+            quality=built.quality,
+            count=built.count,
+            updated=now,
         )
         write_index_dir(
             dest,
-            index,
+            built.folder,
             stored.manifest,
             meta,
             stored.failures,
             stored.failed_records,
             used,
         )
+        clear_staging(staging)
     seconds = round(time.perf_counter() - started, 3)
-    logger.info("%s: reindexed %d vectors in %.1f s", dest, index.ntotal, seconds)
+    logger.info("%s: reindexed %d vectors in %.1f s", dest, built.count, seconds)
     return {
         "index": str(dest),
-        "index_key": key,
-        "count": int(index.ntotal),
+        "index_key": choice.key,
+        "index_reason": choice.reason,
+        "on_disk": choice.on_disk,
+        "count": built.count,
         "shards": len(used),
+        "search_params": built.search_params,
+        "quality": built.quality,
         "seconds": seconds,
     }

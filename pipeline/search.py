@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,12 @@ class Searcher:
     def __init__(self, index_dir: str | os.PathLike, device: str = "cpu"):
         self.stored: StoredIndex = read_index_dir(index_dir)
         # Read now, from the handles opened with the manifest: a build may swap
-        # in a newer version while the model loads.
+        # in a newer version while the model loads. An on-disk index is mapped,
+        # not read: only the lists a query probes are paged in.
         self.index = self.stored.index
         meta = self.stored.meta
+        # Tuned at build time to reach the recall target (meta.quality).
+        faiss_index.set_search_params(self.index, meta.search_params)
         self.embedder = Embedder(ModelSpec.from_config(meta.model, device))
         if self.embedder.dim != meta.dim:
             raise ImgindexError(
@@ -42,17 +46,24 @@ class Searcher:
         self.paths = self.stored.paths_by_id()
 
     def search_images(
-        self, images: list[str | os.PathLike], k: int = 10
+        self, images: Sequence[str | os.PathLike], k: int = 10, batch: int = 64
     ) -> list[list[Hit]]:
-        """Top-``k`` hits for each query image file.
+        """Top-``k`` hits for each query image file, in order.
+
+        Queries are decoded, embedded and searched ``batch`` at a time, so
+        thousands of them need the memory of one batch (plus the results).
 
         Raises
         ------
         DecodeError
             Naming the query file that could not be read.
         """
-        pixels = [self.embedder.decode(os.fspath(p)) for p in images]
-        return self.search_vectors(self.embedder.embed_pixels(pixels), k)
+        hits: list[list[Hit]] = []
+        for start in range(0, len(images), batch):
+            chunk = images[start : start + batch]
+            pixels = [self.embedder.decode(os.fspath(p)) for p in chunk]
+            hits.extend(self.search_vectors(self.embedder.embed_pixels(pixels), k))
+        return hits
 
     def search_vectors(self, queries, k: int = 10) -> list[list[Hit]]:
         scores, ids = faiss_index.search(self.index, queries, k)

@@ -5,7 +5,7 @@ A shard is a NumPy ``.npz`` archive, readable with ``numpy.load`` alone:
 - ``ids``      int64 [n]: image ids (63-bit hash of the dataset-relative path);
 - ``vectors``  float32 [n, d]: L2-normalised embeddings, row i belongs to ids[i];
 - ``info``     uint8 [k]: UTF-8 JSON ``{"format", "spec", "records", "paths",
-  "failures", "worker", "timings"}``; ``records`` are the ``[path, size,
+  "dim", "failures", "worker", "timings"}``; ``records`` are the ``[path, size,
   mtime_ns]`` of every image the partition covered (failed ones too), so a
   shard is reused only while none of its files has changed.
 
@@ -103,6 +103,7 @@ def write_shard(
         "spec": spec_key(spec),
         "records": [[r.path, r.size, r.mtime_ns] for r in records],
         "paths": list(result.paths),
+        "dim": int(np.shape(result.vectors)[1]) if len(result.paths) else 0,
         "failures": [[f.path, f.reason, f.transient] for f in result.failures],
         "worker": result.worker,
         "timings": result.timings,
@@ -201,10 +202,27 @@ def staging_dir(index_dest: str | os.PathLike) -> Path:
     return dest.parent / f".{dest.name}.partial"
 
 
+INDEX_WORK = "index"  # in the staging folder: index files being built
+
+
+def clear_index_work(work: Path) -> None:
+    """Remove the index files a build wrote into ``work``, and it if then empty."""
+    if not work.is_dir():
+        return
+    for path in work.iterdir():
+        if path.is_file() and (
+            path.suffix in (".faiss", ".ivfdata") or ".tmp-" in path.name
+        ):
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # something not ours is left: keep it
+        work.rmdir()
+
+
 def clear_staging(folder: Path) -> None:
     """Remove a build's staging folder: its shards and temporary files only."""
     if not folder.is_dir():
         return
+    clear_index_work(folder / INDEX_WORK)
     for path in folder.iterdir():
         name = path.name
         if path.is_file() and (

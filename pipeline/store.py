@@ -31,7 +31,13 @@ import numpy as np
 from pipeline.atomic import fsync_path, shared_dir_mode, signals_deferred
 from pipeline.discover import Failure, ImageRecord
 from pipeline.errors import IndexDirError, IndexLocked
-from pipeline.index import check_index_file, read_index, write_index
+from pipeline.index import (
+    check_index_file,
+    index_ids,
+    read_index,
+    read_index_at,
+    write_index,
+)
 from pipeline.lock import lock_index
 from pipeline.meta import IndexMeta
 
@@ -40,7 +46,9 @@ MANIFEST_FILE = "manifest.jsonl"
 META_FILE = "meta.json"
 FAILURES_FILE = "failures.jsonl"
 INDEX_FILES = (INDEX_FILE, MANIFEST_FILE, FAILURES_FILE, META_FILE)
+IVFDATA_FILE = "index.ivfdata"  # an on-disk index's inverted lists (mapped)
 SHARDS_DIR = "shards"  # the embeddings, one .npz per partition (pipeline/shards.py)
+OPTIONAL = {IVFDATA_FILE, SHARDS_DIR}
 STAGING_MARK = "STAGING"
 
 
@@ -61,6 +69,9 @@ class StoredIndex:
     failed_records: dict[str, ImageRecord] = field(default_factory=dict)
     _index_file: BinaryIO | None = None
     _index: Any = None
+    # An on-disk index is read by path (FAISS maps index.ivfdata itself): a
+    # handle on the version's directory, read through /proc/self/fd.
+    _dir_fd: int | None = None
 
     @property
     def index(self):
@@ -75,12 +86,19 @@ class StoredIndex:
             f = self._index_file
             assert f is not None, "index file handle already consumed"
             try:
-                self._index = _read_checked_index(self.path, f, self.meta)
+                self._index = _read_checked_index(self.path, f, self.meta, self._dir_fd)
             finally:
                 f.close()
                 self._index_file = None
+                self.close()
             _check_ids(self.path, self._index, self.manifest)
         return self._index
+
+    def close(self) -> None:
+        """Release the directory handle of an on-disk index (idempotent)."""
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def check(self) -> None:
         """Check index.faiss against meta.json without reading it whole.
@@ -91,7 +109,7 @@ class StoredIndex:
             If it is truncated or its headers disagree with meta.json.
         """
         if self._index_file is not None:
-            problem = index_problem(self._index_file, self.meta)
+            problem = index_problem(self._index_file, self.meta, self._dir_fd)
             if problem:
                 raise IndexDirError(_damaged(self.path, problem))
 
@@ -99,18 +117,27 @@ class StoredIndex:
         return {r.id: r.path for r in self.manifest}
 
 
-def index_problem(f: BinaryIO, meta: IndexMeta) -> str | None:
+def index_problem(
+    f: BinaryIO, meta: IndexMeta, dir_fd: int | None = None
+) -> str | None:
     """Why ``f`` is not a usable index file for ``meta``, or None (cheap: headers)."""
     try:
-        return check_index_file(f, meta.count, meta.dim)
+        extra = 0
+        if meta.on_disk:
+            if dir_fd is None:
+                return f"{IVFDATA_FILE} is missing"
+            extra = os.stat(IVFDATA_FILE, dir_fd=dir_fd).st_size
+        return check_index_file(f, meta.count, meta.dim, meta.index_kind, extra)
     except OSError as e:
         return f"unreadable: {e.strerror}"
 
 
-def _read_checked_index(path: Path, f: BinaryIO, meta: IndexMeta):
-    problem = index_problem(f, meta)
+def _read_checked_index(path: Path, f: BinaryIO, meta: IndexMeta, dir_fd: int | None):
+    problem = index_problem(f, meta, dir_fd)
     if problem is None:
         try:
+            if meta.on_disk:
+                return read_index_at(f"/proc/self/fd/{dir_fd}/{INDEX_FILE}", True)
             return read_index(f)
         except (RuntimeError, OSError) as e:
             problem = " ".join(str(e).split())[-200:]
@@ -125,9 +152,10 @@ def _damaged(path: Path, problem: str) -> str:
 
 
 def _check_ids(path: Path, index, manifest: list[ImageRecord]) -> None:
-    import faiss
-
-    held = np.sort(faiss.vector_to_array(index.id_map)) if index.ntotal else []
+    held = index_ids(index)
+    if held is None:  # on disk: listing the ids would read the whole file
+        return
+    held = np.sort(held)
     listed = np.sort(np.fromiter((r.id for r in manifest), np.int64, len(manifest)))
     if len(held) != len(listed) or not np.array_equal(held, listed):
         n_missing = len(np.setdiff1d(listed, held))
@@ -142,7 +170,7 @@ def _check_ids(path: Path, index, manifest: list[ImageRecord]) -> None:
 def foreign_entries(path: str | os.PathLike) -> list[str]:
     """Entries of ``path`` that an imgindex index directory would not hold."""
     try:
-        return sorted(set(os.listdir(path)) - {*INDEX_FILES, SHARDS_DIR})
+        return sorted(set(os.listdir(path)) - {*INDEX_FILES, *OPTIONAL})
     except OSError:
         return []
 
@@ -160,7 +188,7 @@ def is_index_dir(path: str | os.PathLike) -> bool:
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     return (
-        names - {SHARDS_DIR} == set(INDEX_FILES)
+        names - OPTIONAL == set(INDEX_FILES)
         and (SHARDS_DIR not in names or (p / SHARDS_DIR).is_dir())
         and isinstance(meta, dict)
         and isinstance(meta.get("format"), int)
@@ -244,8 +272,9 @@ def _read_version(label: Path, p: Path) -> StoredIndex:
             name: os.fdopen(os.open(name, os.O_RDONLY, dir_fd=fd), "rb")
             for name in INDEX_FILES
         }
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
     try:
         meta = IndexMeta.loads(handles[META_FILE].read(), label / META_FILE)
         manifest = [
@@ -263,9 +292,11 @@ def _read_version(label: Path, p: Path) -> StoredIndex:
         }
     except IndexDirError:
         handles[INDEX_FILE].close()
+        os.close(fd)
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         handles[INDEX_FILE].close()
+        os.close(fd)
         raise IndexDirError(
             f"index directory {str(label)!r} is unreadable: {e}; rebuild it with "
             "`imgindex build --rebuild`"
@@ -273,21 +304,26 @@ def _read_version(label: Path, p: Path) -> StoredIndex:
     finally:
         for name in (META_FILE, MANIFEST_FILE, FAILURES_FILE):
             handles[name].close()
+    if not meta.on_disk:
+        os.close(fd)
+        fd = None
     if len(manifest) != meta.count:
         handles[INDEX_FILE].close()
+        if fd is not None:
+            os.close(fd)
         raise IndexDirError(
             f"index {str(label)!r} is damaged: meta.json counts {meta.count} "
             f"images, its manifest lists {len(manifest)}; rebuild it with "
             "`imgindex build --rebuild`"
         )
     return StoredIndex(
-        label, meta, manifest, failures, failed_records, handles[INDEX_FILE]
+        label, meta, manifest, failures, failed_records, handles[INDEX_FILE], None, fd
     )
 
 
 def write_index_dir(
     dest: str | os.PathLike,
-    index,
+    index: Any,
     manifest: list[ImageRecord],
     meta: IndexMeta,
     failures: list[Failure],
@@ -301,6 +337,8 @@ def write_index_dir(
     the old index or the new one, never a mixture. The caller holds the lock.
     ``shards`` are hard-linked into its ``shards/`` (copied where the file
     system has no hard links): the old version keeps its own until removed.
+    ``index`` is a FAISS index, or a folder where workers wrote index.faiss
+    (and index.ivfdata): those files are moved in.
 
     Raises
     ------
@@ -317,7 +355,10 @@ def write_index_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         (tmp / STAGING_MARK).write_bytes(b"")
-        write_index(index, tmp / INDEX_FILE)
+        if isinstance(index, Path):
+            _move_index_files(index, tmp)
+        else:
+            write_index(index, tmp / INDEX_FILE)
         _write_jsonl(
             tmp / MANIFEST_FILE,
             (
@@ -349,6 +390,13 @@ def write_index_dir(
         raise
     _swap_into_place(new, dest)
     return dest
+
+
+def _move_index_files(built: Path, tmp: Path) -> None:
+    for name in (INDEX_FILE, IVFDATA_FILE):
+        if (built / name).exists():
+            os.replace(built / name, tmp / name)  # the same file system: beside dest
+            fsync_path(tmp / name)
 
 
 def _link_shards(shards: Sequence[Path], folder: Path) -> None:
@@ -433,7 +481,7 @@ def _recover_legacy(dest: Path) -> str | None:
             names = set(os.listdir(tmp))
         except OSError:
             continue
-        if names <= {*INDEX_FILES, SHARDS_DIR}:  # old staging folder: only ours
+        if names <= {*INDEX_FILES, *OPTIONAL}:  # old staging folder: only ours
             shutil.rmtree(tmp, ignore_errors=True)
     return done
 
@@ -445,7 +493,7 @@ def _remove_index_copy(path: Path) -> None:
 
 
 def _remove_staging(tmp: Path) -> None:
-    allowed = {*INDEX_FILES, STAGING_MARK, SHARDS_DIR}
+    allowed = {*INDEX_FILES, STAGING_MARK, *OPTIONAL}
     if tmp.is_dir() and set(os.listdir(tmp)) <= allowed:
         shutil.rmtree(tmp, ignore_errors=True)
 

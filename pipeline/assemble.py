@@ -1,0 +1,234 @@
+"""From a manifest and its shards to a built, measured index (build and reindex).
+
+Decides the index (policy + ``imgindex.index.*`` config + the previous
+version), selects exactly one shard row per manifest image, and runs the
+reduction of :mod:`pipeline.index_build`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import config_value
+from pipeline.discover import ImageRecord
+from pipeline.errors import BuildFailed, IndexDirError
+from pipeline.index_build import (
+    BuiltIndex,
+    IndexSettings,
+    Runner,
+    ShardDamaged,
+    ShardRows,
+    build_from_shards,
+)
+from pipeline.index_policy import IndexChoice, Thresholds, choose_index
+from pipeline.meta import IndexMeta
+from pipeline.shards import INDEX_WORK, Shard, clear_index_work
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexRequest:
+    """What the user asked for (CLI flags, else ``imgindex.index.*`` config)."""
+
+    index_type: str
+    max_memory: int | None
+    on_disk: bool | None
+    thresholds: Thresholds
+    settings: IndexSettings
+    retrain_growth: float
+
+    @classmethod
+    def from_config(
+        cls,
+        index_type: str | None = None,
+        max_memory: str | int | None = None,
+        recall_target: float | None = None,
+    ) -> IndexRequest:
+        """Flags given here win over config; bad values raise ValueError naming them."""
+        from dask.utils import parse_bytes
+
+        kind = str(config_value(index_type, "imgindex.index.type")).strip()
+        if not kind:
+            raise ValueError("--index-type is empty")
+        memory = config_value(max_memory, "imgindex.index.max-memory")
+        if memory in (None, "auto"):
+            budget = _half_of_ram()
+        else:
+            try:
+                budget = (
+                    int(parse_bytes(memory)) if isinstance(memory, str) else int(memory)
+                )
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"--max-index-memory {memory!r} is not a size (e.g. 8GiB)"
+                ) from None
+            if budget <= 0:
+                raise ValueError(f"--max-index-memory {memory!r} must be above 0")
+        on_disk = config_value(None, "imgindex.index.on-disk")
+        target = float(config_value(recall_target, "imgindex.index.recall-target"))
+        if not 0 < target <= 1:
+            raise ValueError(f"--recall-target {target} must be in (0, 1]")
+        return cls(
+            index_type=kind,
+            max_memory=budget,
+            on_disk=None if on_disk in (None, "auto") else bool(on_disk),
+            thresholds=Thresholds(
+                flat_max=int(config_value(None, "imgindex.index.flat-max")),
+                hnsw_max=int(config_value(None, "imgindex.index.hnsw-max")),
+            ),
+            settings=IndexSettings(
+                recall_target=target,
+                recall_k=int(config_value(None, "imgindex.index.recall-k")),
+                queries=int(config_value(None, "imgindex.index.recall-queries")),
+            ),
+            retrain_growth=float(config_value(None, "imgindex.index.retrain-growth")),
+        )
+
+    def choose(self, n_vectors: int, dim: int) -> IndexChoice:
+        """The policy's choice; ValueError (one line) for a type FAISS rejects."""
+        choice = choose_index(
+            n_vectors,
+            dim,
+            self.index_type,
+            self.max_memory,
+            thresholds=self.thresholds,
+            on_disk=self.on_disk,
+        )
+        if choice.kind == "custom":
+            from pipeline.index import new_index
+
+            new_index(choice.key, dim)  # raises for a string FAISS cannot parse
+        return choice
+
+
+def decide(
+    request: IndexRequest,
+    n_vectors: int,
+    dim: int,
+    previous: IndexMeta | None,
+    previous_file: Path | None,
+) -> tuple[IndexChoice, Path | None, int]:
+    """(choice, index file whose quantizer to reuse or None, vectors trained for).
+
+    An IVF index of the same kind is refilled with its trained quantizer
+    (no retraining) while the collection stays within ``retrain-growth``
+    times the size it was trained for; past that, it is trained again.
+    """
+    choice = request.choose(n_vectors, dim)
+    if previous is None or previous_file is None or not choice.trains:
+        return choice, None, n_vectors if choice.trains else 0
+    same_kind = previous.index_kind == choice.kind and (
+        choice.kind != "custom" or previous.index_key == choice.key
+    )
+    trained_for = previous.trained_for
+    growth = request.retrain_growth
+    within = (
+        trained_for > 0 and trained_for / growth <= n_vectors <= trained_for * growth
+    )
+    if same_kind and within and previous.dim == dim:
+        kept = dataclasses.replace(
+            choice,
+            key=previous.index_key,
+            reason=(
+                f"{previous.index_key}: trained for {trained_for:,} vectors, now "
+                f"{n_vectors:,} (within imgindex.index.retrain-growth {growth:g}x): "
+                "refilled without training"
+            ),
+        )
+        return kept, previous_file, trained_for
+    return choice, None, n_vectors
+
+
+def select_rows(
+    shards: Iterable[Shard], manifest: Sequence[ImageRecord]
+) -> tuple[list[ShardRows], list[Path], list[ImageRecord]]:
+    """One shard row per manifest image: (selection, shards used, images without).
+
+    A row counts only while its image is in the manifest unchanged (an
+    incremental build keeps an old shard while another of its images is
+    current); the first shard (in the given order) to hold an image wins.
+    """
+    current = {r.path: r for r in manifest}
+    covered: set[str] = set()
+    selection: list[ShardRows] = []
+    used: list[Path] = []
+    for shard in shards:
+        records = {r.path: r for r in shard.records}
+        paths = shard.info["paths"]
+        keep = [
+            i
+            for i, path in enumerate(paths)
+            if path not in covered
+            and current.get(path) == records.get(path)
+            and path in current
+        ]
+        if not keep:
+            continue
+        covered.update(paths[i] for i in keep)
+        rows = None if len(keep) == len(paths) else np.array(keep, np.int64)
+        selection.append(ShardRows(str(shard.path), rows, len(keep)))
+        used.append(shard.path)
+    missing = [r for r in manifest if r.path not in covered]
+    return selection, used, missing
+
+
+def run_index_build(
+    runner: Runner,
+    selection: Sequence[ShardRows],
+    dim: int,
+    choice: IndexChoice,
+    staging: Path,
+    request: IndexRequest,
+    trained: Path | None,
+) -> BuiltIndex:
+    """Build into ``staging``'s work folder (emptied first) and log the outcome."""
+    work = staging / INDEX_WORK
+    clear_index_work(work)
+    logger.info("index: %s", choice.reason)
+    try:
+        built = build_from_shards(
+            runner, selection, dim, choice, work, request.settings, trained
+        )
+    except ShardDamaged as e:
+        raise IndexDirError(
+            f"{e}; rebuild the index with `imgindex build --rebuild`"
+        ) from None
+    except RuntimeError as e:  # FAISS refused (too few vectors for the lists...)
+        from pipeline.index import faiss_reason
+
+        raise BuildFailed(
+            f"FAISS could not build {choice.key!r}: {faiss_reason(e)}; choose "
+            "another --index-type"
+        ) from None
+    except OSError as e:  # raised on a worker as it wrote its part
+        raise IndexDirError(
+            f"could not write the index in {str(work)!r}: {e.strerror or e}; the "
+            "old index (if any) is untouched, and re-running resumes"
+        ) from None
+
+    q = built.quality
+    if q.get("queries") and not q.get("reached", True):
+        logger.warning(
+            "index: recall@%d is %.3f at best, under the target %.2f; a less "
+            "compressed --index-type (or more --max-index-memory) gets closer",
+            q["k"],
+            q["recall_at_k"],
+            q["target"],
+        )
+    return built
+
+
+def _half_of_ram() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total // 2)
+    except ImportError:
+        return None

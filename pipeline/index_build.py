@@ -1,0 +1,541 @@
+"""Build a FAISS index from shards as a Dask reduction: train, add, merge, measure.
+
+The client decides and names the work; the vectors only ever move between
+shard files and worker processes:
+
+1. ``train``: one worker trains the quantizer on a random sample of rows drawn
+   across all shards (data ordered by folder would bias the first rows), and
+   returns the empty trained index as bytes. Add tasks take that future as an
+   argument, so Dask ships it worker to worker, never through the client.
+2. ``add``: each worker fills a copy with a group of shards and writes it as a
+   partial index file beside the staging shards.
+3. ``merge``: one worker merges the parts, in memory, or (when the index is
+   too big for memory) into one on-disk ``index.ivfdata`` with FAISS's
+   OnDiskInvertedLists, which ``search`` maps instead of reading.
+4. ``exact`` / ``evaluate``: the exact top-k of a sample of queries is
+   computed over the shards in parallel; the built index is searched with
+   growing nprobe/efSearch until recall@k reaches the target, and one query's
+   latency is timed at that setting.
+
+Indexes that cannot be merged (Flat, HNSW) are filled by one ``add`` task, on
+a worker. Without a Dask client (workers that cannot see the files), the same
+task functions run in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import index as fx
+from pipeline.atomic import fsync_path
+from pipeline.index_policy import IndexChoice
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"
+PART_BYTES = 256 << 20  # raw vectors per add task, at most (worker memory)
+IVF_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+HNSW_STEPS = (16, 32, 64, 128, 256, 512, 1024)
+LATENCY_QUERIES = 200
+
+
+class ShardDamaged(ValueError):
+    """A shard's vectors could not be read (raised on a worker, one line)."""
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Rows of one shard file that go into the index (None: all of them)."""
+
+    path: str
+    rows: np.ndarray | None
+    count: int
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            with np.load(self.path) as data:
+                ids, vectors = data["ids"], data["vectors"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise ShardDamaged(f"shard {self.path} is damaged ({e})") from None
+        if self.rows is not None:
+            ids, vectors = ids[self.rows], vectors[self.rows]
+        return ids, np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+@dataclass
+class IndexSettings:
+    """How to build and tune (dask config ``imgindex.index.*``)."""
+
+    recall_target: float = 0.95
+    recall_k: int = 10
+    queries: int = 500  # sampled queries for recall and tuning
+    seed: int = 0
+
+
+@dataclass
+class BuiltIndex:
+    """An index written to ``folder`` (index.faiss, and index.ivfdata if on disk)."""
+
+    folder: Path
+    choice: IndexChoice
+    count: int
+    trained_on: int  # vectors in the training sample; 0: not trained by this run
+    search_params: dict[str, int] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    task_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Runner:
+    """Runs index tasks on a Dask cluster, or here when there is none.
+
+    Keys read ``index-<stage>[<label>]-<n>-<run>`` so the dashboard's task
+    stream and progress bars show train / add / merge / exact / evaluate.
+    """
+
+    def __init__(self, client=None, label: str = "index", retries: int = 1):
+        from pipeline.dispatch import task_label
+
+        self.client = client
+        self.label = task_label(label)
+        self.retries = retries
+        self.run_id = uuid.uuid4().hex[:8]
+        self._n = 0
+
+    @property
+    def threads(self) -> int:
+        if self.client is None:
+            return 1
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        return max(1, sum(w["nthreads"] for w in workers))
+
+    def submit(self, stage: str, fn: Callable, *args: Any):
+        self._n += 1
+        if self.client is None:
+            return _Done(fn(*(_resolved(a) for a in args)))
+        return self.client.submit(
+            fn,
+            *args,
+            key=f"index-{stage}[{self.label}]-{self._n:05d}-{self.run_id}",
+            pure=False,
+            retries=self.retries,
+        )
+
+    def gather(self, futures: Sequence) -> list:
+        if self.client is None:
+            return [f.result() for f in futures]
+        return self.client.gather(list(futures))
+
+
+class _Done:
+    def __init__(self, value: Any):
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+def _resolved(arg: Any) -> Any:
+    # As Dask does with futures in task arguments, lists included.
+    if isinstance(arg, _Done):
+        return arg.value
+    if isinstance(arg, list):
+        return [_resolved(a) for a in arg]
+    return arg
+
+
+def build_from_shards(
+    runner: Runner,
+    selection: Sequence[ShardRows],
+    dim: int,
+    choice: IndexChoice,
+    folder: Path,
+    settings: IndexSettings | None = None,
+    trained: Path | None = None,
+) -> BuiltIndex:
+    """Build ``choice`` over ``selection`` into ``folder`` and measure it.
+
+    ``trained``: an existing index file (same key) whose quantizer is reused
+    instead of training again (incremental builds); it is read on a worker.
+    """
+    settings = settings or IndexSettings()
+    folder.mkdir(parents=True, exist_ok=True)
+    timer: dict[str, float] = {}
+    rng = np.random.default_rng(settings.seed)
+    total = sum(s.count for s in selection)
+    key = choice.key
+    trained_on = 0
+
+    started = time.perf_counter()
+    empty = None
+    if choice.trains and total:
+        if trained is not None:
+            empty = runner.submit("load-trained", _load_trained, str(trained))
+        else:
+            sample = sample_rows(selection, choice.train_size, rng)
+            trained_on = sum(s.count for s in sample)
+            empty = runner.submit("train", _train, key, dim, sample)
+            runner.gather([empty])
+    timer["train"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    mergeable = choice.is_ivf and empty is not None
+    groups = (
+        group_shards(selection, runner.threads, PART_BYTES // (4 * dim))
+        if mergeable
+        else [list(selection)]
+    )
+    if mergeable and len(groups) > 1:
+        parts = [
+            runner.submit(
+                "add", _add, empty, key, dim, group, str(folder / f"part-{i:05d}.faiss")
+            )
+            for i, group in enumerate(groups)
+        ]
+        merged = runner.submit(
+            "merge", _merge, parts, empty, str(folder), choice.on_disk
+        )
+    else:
+        merged = runner.submit(
+            "add",
+            _add_and_place,
+            empty,
+            key,
+            dim,
+            groups[0] if groups else [],
+            str(folder),
+            choice.on_disk and mergeable,
+        )
+    (count,) = runner.gather([merged])
+    timer["add+merge"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    quality, params = measure(runner, selection, dim, folder, choice, settings, rng)
+    timer["measure"] = time.perf_counter() - started
+    return BuiltIndex(
+        folder,
+        choice,
+        int(count),
+        trained_on,
+        params,
+        quality,
+        {k: round(v, 3) for k, v in timer.items()},
+    )
+
+
+def measure(
+    runner: Runner,
+    selection: Sequence[ShardRows],
+    dim: int,
+    folder: Path,
+    choice: IndexChoice,
+    settings: IndexSettings,
+    rng: np.random.Generator,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Recall@k against exact search, tuned search parameters, latency, bytes.
+
+    Queries are indexed vectors drawn at random; each query's own id is left
+    out of both the exact and the approximate neighbours, so recall measures
+    finding *other* images, as a user's query (not in the index) would.
+    """
+    total = sum(s.count for s in selection)
+    index_bytes = _folder_bytes(folder)
+    if total < 2:
+        return {"bytes": index_bytes, "queries": 0}, {}
+    sample = sample_rows(selection, min(settings.queries, total), rng)
+    queries = runner.submit("queries", _load_rows, sample)
+    k = min(settings.recall_k, total - 1)
+    groups = group_shards(selection, runner.threads, PART_BYTES // (4 * dim))
+    partial = [
+        runner.submit("exact", _exact_topk, queries, group, k) for group in groups
+    ]
+    truth = runner.submit("exact", _merge_topk, k, *partial)
+    report = runner.submit(
+        "evaluate",
+        _evaluate,
+        str(folder),
+        choice.on_disk,
+        queries,
+        truth,
+        k,
+        settings.recall_target,
+    )
+    (result,) = runner.gather([report])
+    params = result.pop("params")
+    result["bytes"] = index_bytes
+    return result, params
+
+
+def sample_rows(
+    selection: Sequence[ShardRows], n: int, rng: np.random.Generator
+) -> list[ShardRows]:
+    """``n`` rows drawn uniformly at random from all of ``selection``'s rows."""
+    counts = np.array([s.count for s in selection], np.int64)
+    total = int(counts.sum())
+    n = min(n, total)
+    if n <= 0:
+        return []
+    picked = np.sort(rng.choice(total, size=n, replace=False))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    which = np.searchsorted(starts, picked, side="right") - 1
+    out = []
+    for s in np.unique(which):
+        shard = selection[s]
+        local = picked[which == s] - starts[s]
+        rows = local if shard.rows is None else shard.rows[local]
+        out.append(ShardRows(shard.path, rows, len(rows)))
+    return out
+
+
+def group_shards(
+    selection: Sequence[ShardRows], threads: int, max_rows: int
+) -> list[list[ShardRows]]:
+    """Consecutive groups of shards, at least one per thread, each <= ``max_rows``."""
+    total = sum(s.count for s in selection)
+    if not selection:
+        return []
+    n_groups = max(threads, -(-total // max(1, max_rows)))
+    n_groups = min(n_groups, len(selection))
+    target = total / n_groups
+    groups: list[list[ShardRows]] = [[]]
+    filled = 0
+    for shard in selection:
+        if (
+            groups[-1]
+            and filled + shard.count > target * 1.0001
+            and (len(groups) < n_groups)
+        ):
+            groups.append([])
+            filled = 0
+        groups[-1].append(shard)
+        filled += shard.count
+    return groups
+
+
+# --- tasks: run on workers; arguments and results are small or buffers ------
+
+
+def _threads_here(alone: bool) -> None:
+    """FAISS's OpenMP threads: all cores for a stage that runs alone.
+
+    Dask's Nanny sets OMP_NUM_THREADS=1 in workers, which FAISS reads at import.
+    """
+    import faiss
+
+    if alone:
+        n = len(os.sched_getaffinity(0))
+    else:
+        try:
+            from distributed import get_worker
+
+            n = get_worker().state.nthreads
+        except (ImportError, ValueError):
+            n = 1
+    faiss.omp_set_num_threads(max(1, n))
+
+
+def _load_rows(sample: list[ShardRows]) -> tuple[np.ndarray, np.ndarray]:
+    loaded = [s.load() for s in sample]
+    if not loaded:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return (
+        np.concatenate([ids for ids, _ in loaded]),
+        np.concatenate([v for _, v in loaded]),
+    )
+
+
+def _train(key: str, dim: int, sample: list[ShardRows]) -> np.ndarray:
+    _threads_here(alone=True)
+    _, vectors = _load_rows(sample)
+    index = fx.new_index(key, dim)
+    index.train(vectors)
+    return fx.serialize(index)
+
+
+def _load_trained(path: str) -> np.ndarray:
+    on_disk = (Path(path).parent / IVFDATA_FILE).exists()
+    return fx.serialize(fx.empty_copy(fx.read_index_at(path, on_disk)))
+
+
+def _fill(empty: np.ndarray | None, key: str, dim: int, group: list[ShardRows]):
+    index = fx.deserialize(empty) if empty is not None else fx.new_index(key, dim)
+    for shard in group:
+        ids, vectors = shard.load()
+        if len(ids):
+            index.add_with_ids(vectors, ids)
+    return index
+
+
+def _add(
+    empty: np.ndarray | None, key: str, dim: int, group: list[ShardRows], out: str
+) -> str:
+    _threads_here(alone=False)
+    _write(_fill(empty, key, dim, group), Path(out))
+    return out
+
+
+def _add_and_place(
+    empty: np.ndarray | None,
+    key: str,
+    dim: int,
+    group: list[ShardRows],
+    folder: str,
+    on_disk: bool,
+) -> int:
+    """One add task that is also the merge: Flat, HNSW, or a single IVF group."""
+    _threads_here(alone=True)
+    index = _fill(empty, key, dim, group)
+    if on_disk:
+        part = Path(folder) / "part-00000.faiss"
+        _write(index, part)
+        return _merge([str(part)], fx.serialize(fx.empty_copy(index)), folder, True)
+    _write(index, Path(folder) / INDEX_FILE)
+    return int(index.ntotal)
+
+
+def _merge(parts: list[str], empty: np.ndarray, folder: str, on_disk: bool) -> int:
+    _threads_here(alone=True)
+    out = Path(folder)
+    if on_disk:
+        from faiss.contrib.ondisk import merge_ondisk
+
+        index = fx.deserialize(empty)
+        with fx.stdout_silenced():  # FAISS printf()s as it sizes the file
+            merge_ondisk(index, list(parts), str(out / IVFDATA_FILE))
+        fsync_path(out / IVFDATA_FILE)
+    else:
+        loaded = []
+        for part in parts:
+            with open(part, "rb") as f:
+                loaded.append(fx.read_index(f))
+        index = fx.merge_in_memory(loaded)
+    _write(index, out / INDEX_FILE)
+    count = int(index.ntotal)
+    del index
+    for part in parts:
+        Path(part).unlink(missing_ok=True)
+    return count
+
+
+def _write(index, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    fx.write_index(index, tmp)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+
+
+def _exact_topk(
+    queries: tuple[np.ndarray, np.ndarray], group: list[ShardRows], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (scores, ids) of each query over ``group``, self excluded."""
+    q_ids, q_vectors = queries
+    best_s = np.full((len(q_ids), k), -np.inf, np.float32)
+    best_i = np.full((len(q_ids), k), -1, np.int64)
+    for shard in group:
+        ids, vectors = shard.load()
+        if not len(ids):
+            continue
+        scores = q_vectors @ vectors.T
+        scores[q_ids[:, None] == ids[None, :]] = -np.inf
+        best_s, best_i = _top(
+            np.hstack([best_s, scores]),
+            np.hstack([best_i, np.broadcast_to(ids, scores.shape)]),
+            k,
+        )
+    return best_s, best_i
+
+
+def _merge_topk(k: int, *partials) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.hstack([s for s, _ in partials])
+    ids = np.hstack([i for _, i in partials])
+    return _top(scores, ids, k)
+
+
+def _top(scores: np.ndarray, ids: np.ndarray, k: int):
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _evaluate(
+    folder: str,
+    on_disk: bool,
+    queries: tuple[np.ndarray, np.ndarray],
+    truth: tuple[np.ndarray, np.ndarray],
+    k: int,
+    target: float,
+) -> dict[str, Any]:
+    """Tune the speed/recall parameter to ``target`` and time one query there."""
+    _threads_here(alone=True)
+    q_ids, q_vectors = queries
+    index = fx.read_index_at(Path(folder) / INDEX_FILE, on_disk)
+    name = fx.search_param_name(index)
+    ivf = fx.ivf_of(index)
+    steps: tuple[int, ...] = ()
+    if name == "nprobe":
+        steps = tuple(s for s in IVF_STEPS if s < ivf.nlist) + (ivf.nlist,)
+    elif name == "efSearch":
+        steps = HNSW_STEPS
+    tried: list[tuple[int, float]] = []
+    params: dict[str, int] = {}
+    recall = _recall(index, q_ids, q_vectors, truth[1], k)
+    for value in steps:
+        fx.set_search_params(index, {name: value})
+        recall = _recall(index, q_ids, q_vectors, truth[1], k)
+        tried.append((value, round(recall, 4)))
+        params = {name: value}
+        if recall >= target:
+            break
+    p50, p99 = _latency(index, q_vectors[:LATENCY_QUERIES], k)
+    return {
+        "recall_at_k": round(recall, 4),
+        "k": k,
+        "queries": len(q_ids),
+        "target": target,
+        "reached": recall >= target,
+        "tuned": {name: tried} if name else {},
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "params": params,
+    }
+
+
+def _recall(index, q_ids, q_vectors, truth_ids, k: int) -> float:
+    _, found = index.search(q_vectors, k + 1)
+    hits = 0
+    wanted = 0
+    for qid, row, exact in zip(q_ids, found, truth_ids, strict=True):
+        row = [i for i in row if i != qid and i >= 0][:k]
+        exact = set(int(i) for i in exact if i >= 0)
+        hits += len(exact.intersection(int(i) for i in row))
+        wanted += len(exact)
+    return hits / wanted if wanted else 1.0
+
+
+def _latency(index, queries: np.ndarray, k: int) -> tuple[float, float]:
+    times = []
+    for row in queries:
+        t = time.perf_counter()
+        index.search(row[None, :], k)
+        times.append((time.perf_counter() - t) * 1000)
+    if not times:
+        return 0.0, 0.0
+    p50, p99 = np.percentile(times, [50, 99])
+    return round(float(p50), 3), round(float(p99), 3)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(
+        (folder / name).stat().st_size
+        for name in (INDEX_FILE, IVFDATA_FILE)
+        if (folder / name).exists()
+    )

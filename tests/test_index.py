@@ -1,0 +1,366 @@
+"""The index at any scale: policy, distributed build, on-disk merge, measured recall.
+
+Synthetic clustered vectors stand in for embeddings where only the index is
+under test (an index directory made from shards, as a build leaves it); the
+end-to-end tests embed real images with the real model on a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import dask.config
+import numpy as np
+import pytest
+
+from pipeline import index as fx
+from pipeline.assemble import IndexRequest
+from pipeline.build import run_build
+from pipeline.discover import ImageRecord
+from pipeline.embed import ModelSpec, PartitionResult
+from pipeline.index_build import Runner, ShardRows, build_from_shards, sample_rows
+from pipeline.index_policy import Thresholds, choose_index, ivf_lists
+from pipeline.meta import IndexMeta
+from pipeline.reindex import reindex
+from pipeline.shards import write_shard
+from pipeline.store import IVFDATA_FILE, read_index_dir, write_index_dir
+from tests.conftest import copy_tree, crop_query
+from tests.helpers import imgindex_cmd, invoke, one_error_line
+
+DIM = 32
+
+
+def clustered(n: int, seed: int = 0, centres: int = 40) -> np.ndarray:
+    """Unit vectors around ``centres`` directions: neighbours are meaningful."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, DIM))
+    x = c[rng.integers(0, centres, n)] + 0.35 * rng.standard_normal((n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def vector_index(dest: Path, n: int, per_shard: int = 250, seed: int = 0) -> Path:
+    """An index directory of ``n`` synthetic vectors in shards (a Flat index)."""
+    vectors = clustered(n, seed)
+    records = [ImageRecord(f"img/{i:06d}.jpg", 1000 + i, 7) for i in range(n)]
+    spec = ModelSpec.from_config()
+    staging = dest.parent / "made-shards"
+    shards = []
+    for start in range(0, n, per_shard):
+        chunk = records[start : start + per_shard]
+        result = PartitionResult(
+            np.array([r.id for r in chunk], np.int64),
+            [r.path for r in chunk],
+            vectors[start : start + per_shard],
+            [],
+            "test",
+        )
+        shards.append(staging / write_shard(staging, spec, chunk, result))
+    ids = np.array([r.id for r in records], np.int64)
+    meta = IndexMeta(
+        name=dest.name,
+        source=str(dest.parent / "images"),
+        model=spec.name,
+        dim=DIM,
+        count=n,
+        created="2026-11-22T00:00:00+00:00",
+        imgindex_version="test",
+    )
+    manifest = sorted(records, key=lambda r: r.path)
+    index = fx.build_index(ids, vectors)
+    write_index_dir(dest, index, manifest, meta, [], {}, shards)
+    return dest
+
+
+def request(**config) -> IndexRequest:
+    with dask.config.set({f"imgindex.index.{k}": v for k, v in config.items()}):
+        return IndexRequest.from_config()
+
+
+def neighbours_found(dest: Path, n_queries: int = 50) -> float:
+    """Share of perturbed indexed vectors whose source comes back first."""
+    stored = read_index_dir(dest)
+    index = stored.index
+    fx.set_search_params(index, stored.meta.search_params)
+    vectors = clustered(stored.meta.count)
+    ids = np.array([r.id for r in sorted(stored.manifest, key=lambda r: r.path)])
+    rng = np.random.default_rng(5)
+    pick = rng.choice(len(ids), n_queries, replace=False)
+    q = vectors[pick] + 0.02 * rng.standard_normal((n_queries, DIM)).astype("f4")
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    _, found = fx.search(index, q, 1)
+    return float(np.mean(found[:, 0] == ids[pick]))
+
+
+# --- the policy: pure, no FAISS ----------------------------------------------
+
+
+def test_auto_follows_its_policy_at_forced_thresholds():
+    t = Thresholds(flat_max=100, hnsw_max=1_000)
+    assert choose_index(100, DIM, thresholds=t).kind == "flat"
+    assert choose_index(101, DIM, thresholds=t).kind == "hnsw"
+    ivf = choose_index(5_000, DIM, thresholds=t)
+    assert ivf.kind == "ivf-flat" and ivf.key == f"IVF{ivf_lists(5_000)},Flat"
+    assert ivf.trains and not ivf.on_disk
+    # The memory budget overrides the counts: full vectors would not fit.
+    small = choose_index(5_000, DIM, max_memory=200_000, thresholds=t)
+    assert small.kind == "ivf-pq" and small.key.startswith("OPQ")
+    assert "over the memory budget" in small.reason
+    # Flat that does not fit the budget is not chosen, however few vectors.
+    assert choose_index(50, DIM, max_memory=1_000, thresholds=t).kind != "flat"
+    for choice in (ivf, small):
+        assert "\n" not in choice.reason and choice.reason
+
+
+def test_ivf_lists_are_trainable_powers_of_two():
+    for n in (1, 50, 5_000, 1_000_000, 100_000_000):
+        nlist = ivf_lists(n)
+        assert nlist & (nlist - 1) == 0
+        assert nlist == 1 or nlist * 39 <= n
+    assert ivf_lists(1_000_000) == 4096
+
+
+def test_memory_estimates_match_faiss():
+    n = 4_000
+    x = clustered(n)
+    ids = np.arange(n, dtype=np.int64)
+    for kind in ("flat", "hnsw", "ivf-flat"):
+        choice = choose_index(n, DIM, kind)
+        index = fx.new_index(choice.key, DIM)
+        index.train(x)
+        index.add_with_ids(x, ids)
+        real = len(fx.serialize(index))
+        assert 0.7 < choice.bytes_estimate / real < 1.3, (kind, real)
+
+
+def test_a_factory_string_is_used_as_given_or_refused_in_one_line():
+    assert choose_index(1000, DIM, "IVF16,SQ8").key == "IVF16,SQ8"
+    assert choose_index(1000, DIM, "HNSW16").key == "IDMap2,HNSW16"  # ids kept
+    with pytest.raises(ValueError, match="FAISS cannot build 'IDMap2,Nonsense7'"):
+        request(type="Nonsense7").choose(1000, DIM)
+
+
+# --- the reduction on a real LocalCluster -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, on_disk",
+    [
+        ("flat", False),
+        ("hnsw", False),
+        ("ivf-flat", False),
+        ("ivf-flat", True),
+        ("ivf-pq", False),
+        ("IVF16,SQ8", True),
+    ],
+)
+def test_each_index_type_builds_and_searches(client, tmp_path, kind, on_disk):
+    dest = vector_index(tmp_path / "vectors", 3_000)
+    summary = reindex(dest, request(type=kind, **{"on-disk": on_disk}), client)
+    meta = read_index_dir(dest).meta
+    assert meta.count == summary["count"] == 3_000
+    assert meta.on_disk is on_disk
+    assert (dest / IVFDATA_FILE).exists() is on_disk
+    assert meta.index_key == summary["index_key"]
+    q = meta.quality
+    assert q["queries"] == 500 and q["k"] == 10 and q["bytes"] > 0
+    assert 0 < q["p50_ms"] <= q["p99_ms"]
+    if kind == "ivf-pq":  # 8 bytes a vector cannot reach 0.95: it says so
+        assert 0.3 < q["recall_at_k"] < 0.95 and q["reached"] is False
+        assert neighbours_found(dest) > 0.5
+    else:
+        assert q["recall_at_k"] >= 0.95 and q["reached"] is True
+        assert neighbours_found(dest) >= 0.95
+    if kind in ("ivf-flat", "IVF16,SQ8"):
+        assert set(meta.search_params) == {"nprobe"}
+    if kind == "hnsw":
+        assert set(meta.search_params) == {"efSearch"}
+
+
+def test_tuning_raises_nprobe_until_the_target(client, tmp_path):
+    dest = vector_index(tmp_path / "vectors", 3_000)
+    reindex(dest, request(type="IVF64,Flat", **{"recall-target": 0.99}), client)
+    meta = read_index_dir(dest).meta
+    tried = meta.quality["tuned"]["nprobe"]
+    assert [v for v, _ in tried] == [1, 2, 4, 8, 16, 32, 64][: len(tried)]
+    assert tried[-1][1] >= 0.99 > tried[-2][1]  # stops at the first that reaches it
+    assert meta.search_params == {"nprobe": tried[-1][0]}
+
+
+def test_distributed_ivf_equals_a_single_process_build(client, tmp_path):
+    dest = vector_index(tmp_path / "vectors", 4_000, per_shard=200)
+    stored = read_index_dir(dest)
+    selection = [
+        ShardRows(str(p), None, 200) for p in sorted((dest / "shards").glob("*.npz"))
+    ]
+    choice = choose_index(4_000, DIM, "IVF32,Flat")
+    runner = Runner(client, "equal")
+    built = build_from_shards(runner, selection, DIM, choice, tmp_path / "dist")
+    assert built.count == 4_000
+
+    # The same factory string, trained on the same sample, filled in one process.
+    rng = np.random.default_rng(0)
+    sample = sample_rows(selection, choice.train_size, rng)
+    train = np.concatenate([s.load()[1] for s in sample])
+    single = fx.new_index(choice.key, DIM)
+    single.train(train)
+    for s in selection:
+        ids, vectors = s.load()
+        single.add_with_ids(vectors, ids)
+    with open(tmp_path / "dist" / "index.faiss", "rb") as f:
+        merged = fx.read_index(f)
+    assert np.array_equal(np.sort(fx.index_ids(merged)), np.sort(fx.index_ids(single)))
+    assert np.array_equal(
+        np.sort(fx.index_ids(merged)),
+        np.sort([r.id for r in stored.manifest]),
+    )
+    queries = clustered(4_000)[::40]
+    for index in (merged, single):
+        fx.set_search_params(index, {"nprobe": 4})
+    _, a = merged.search(queries, 10)
+    _, b = single.search(queries, 10)
+    overlap = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b, strict=True)])
+    assert overlap > 0.97  # k-means with threads differs only in ties
+
+
+def test_an_on_disk_index_opens_and_searches_in_a_fresh_process(client, tmp_path):
+    dest = vector_index(tmp_path / "vectors", 3_000)
+    reindex(dest, request(type="ivf-flat", **{"on-disk": True}), client)
+    code = (
+        "import sys, json\n"
+        "from pipeline.store import read_index_dir\n"
+        "from pipeline import index as fx\n"
+        "from tests.test_index import clustered\n"
+        "s = read_index_dir(sys.argv[1]); ix = s.index\n"
+        "fx.set_search_params(ix, s.meta.search_params)\n"
+        "ids = [r.id for r in sorted(s.manifest, key=lambda r: r.path)]\n"
+        "_, found = fx.search(ix, clustered(3000)[:20], 1)\n"
+        "hits = sum(int(f[0] == i) for f, i in zip(found, ids))\n"
+        "print(json.dumps({'n': int(ix.ntotal), 'type': type(ix).__name__,"
+        " 'hits': hits}))\n"
+    )
+    out = subprocess.run(
+        [*imgindex_cmd()[:1], "-c", code, str(dest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    # stdout is only our JSON: FAISS's printf about the mapped file is silenced
+    assert json.loads(out.stdout) == {"n": 3_000, "type": "IndexIVFFlat", "hits": 20}
+
+
+def test_reindex_switches_type_without_embedding(client, tmp_path):
+    dest = vector_index(tmp_path / "vectors", 2_000)
+    before = {p.name for p in (dest / "shards").iterdir()}
+    reindex(dest, request(type="hnsw"), client)
+    assert read_index_dir(dest).meta.index_kind == "hnsw"
+    reindex(dest, request(type="ivf-flat"), client)
+    meta = read_index_dir(dest).meta
+    assert meta.index_kind == "ivf-flat" and meta.trained_for == 2_000
+    assert {p.name for p in (dest / "shards").iterdir()} == before
+    assert neighbours_found(dest) >= 0.95
+
+
+def test_bad_index_options_are_one_line_before_any_work(tmp_path, dataset):
+    out = tmp_path / "out"
+    for args, words in [
+        (["--index-type", "IVF7,Nonsense"], "FAISS cannot build"),
+        (["--max-index-memory", "lots"], "--max-index-memory 'lots' is not a size"),
+        (["--recall-target", "1.5"], "--recall-target"),
+    ]:
+        result = invoke("build", dataset, "--out", out, *args)
+        assert result.exit_code == 2, result.stderr
+        assert words in one_error_line(result.stderr)
+    assert not out.exists() or not any(out.iterdir())
+
+
+# --- end to end: real images, the real model --------------------------------
+
+
+def test_incremental_ivf_refills_without_training_and_removes(
+    client, tmp_path, photo_sets
+):
+    data = copy_tree(photo_sets["beach"], tmp_path / "beach")
+    out = tmp_path / "out"
+    req = request(type="ivf-flat", **{"retrain-growth": 2.0})
+    first = run_build(client, data, out, partition_size=8, index=req)
+    assert first.index_key.startswith("IVF") and first.quality["queries"] == 36
+    meta = read_index_dir(out / "beach").meta
+    assert meta.trained_for == 36
+
+    def centroids():
+        index = read_index_dir(out / "beach").index
+        ivf = fx.ivf_of(index)
+        return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+    trained = centroids()
+    # Add 10 images, delete 4: 42 is within 2x of 36, so no training.
+    for p in photo_sets["forest"][:10]:
+        (data / f"f-{p.name}").write_bytes(p.read_bytes())
+    gone = sorted(data.glob("img*"))[:4]
+    for p in gone:
+        p.unlink()
+    second = run_build(client, data, out, partition_size=8, index=req)
+    assert (second.added, second.removed) == (10, 4)
+    assert "refilled without training" in second.index_reason
+    stored = read_index_dir(out / "beach")
+    assert stored.meta.trained_for == 36 and stored.meta.count == 42
+    assert np.array_equal(centroids(), trained)
+    held = set(fx.index_ids(stored.index).tolist())
+    assert held == {r.id for r in stored.manifest}
+    assert not any(r.path == g.name for r in stored.manifest for g in gone)
+
+    # Past the growth factor the quantizer is trained again for the new size.
+    for p in photo_sets["forest"][10:]:
+        (data / f"f-{p.name}").write_bytes(p.read_bytes())
+    third = run_build(
+        client,
+        data,
+        out,
+        partition_size=8,
+        index=request(type="ivf-flat", **{"retrain-growth": 1.2}),
+    )
+    assert "refilled" not in third.index_reason
+    assert read_index_dir(out / "beach").meta.trained_for == 60
+
+
+def test_batched_search_of_a_folder_and_a_list(client, tmp_path, photo_sets):
+    data = copy_tree(photo_sets["beach"], tmp_path / "beach")
+    out = tmp_path / "out"
+    run_build(client, data, out, index=request(type="ivf-flat", **{"on-disk": True}))
+    assert (out / "beach" / IVFDATA_FILE).exists()
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    sources = sorted(data.iterdir())[:5]
+    for src in sources:
+        crop_query(src, queries / src.name)
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{queries / sources[0].name}\n")
+    result = subprocess.run(
+        imgindex_cmd(
+            "search", out / "beach", queries, "--queries-from", listed, "-k", "3",
+            "--json",
+        ),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lists = json.loads(result.stdout)  # nothing but JSON on stdout
+    assert len(lists) == 6
+    expected = [s.name for s in sources] + [sources[0].name]
+    assert [Path(hits[0]["path"]).name for hits in lists] == expected
+
+
+def test_info_and_build_summary_show_the_measured_quality(tmp_path, dataset):
+    out = tmp_path / "out"
+    built = invoke("build", dataset, "--out", out, "--json")
+    assert built.exit_code == 0, built.stderr
+    summary = json.loads(built.stdout)["datasets"][0]
+    assert summary["index_key"] == "IDMap2,Flat"
+    assert "Flat (exact search)" in summary["index_reason"]
+    assert summary["quality"]["recall_at_k"] == 1.0
+    shown = invoke("info", out / "beach")
+    assert "recall@10 1.000 on 36 queries" in shown.stdout
+    info = json.loads(invoke("info", out / "beach", "--json").stdout)
+    assert info["quality"] == summary["quality"] and info["index_kind"] == "flat"
