@@ -8,6 +8,7 @@ end-to-end tests embed real images with the real model on a real cluster.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -364,3 +365,24 @@ def test_info_and_build_summary_show_the_measured_quality(tmp_path, dataset):
     assert "recall@10 1.000 on 36 queries" in shown.stdout
     info = json.loads(invoke("info", out / "beach", "--json").stdout)
     assert info["quality"] == summary["quality"] and info["index_kind"] == "flat"
+
+
+def test_an_index_without_shards_gets_them_from_its_vectors(client, tmp_path, dataset):
+    # imgindex 0.1 wrote format 1: the vectors only in index.faiss.
+    out = tmp_path / "out"
+    run_build(client, dataset, out)
+    dest = out / "beach"
+    before = read_index_dir(dest)
+    shutil.rmtree(dest / "shards")
+    meta = json.loads((dest / "meta.json").read_text())
+    (dest / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    extra = sorted(dataset.iterdir())[0]
+    (dataset / "new.jpg").write_bytes(extra.read_bytes())
+    summary = run_build(client, dataset, out)
+    assert summary.embedded == 1 and summary.indexed == before.meta.count + 1
+    after = read_index_dir(dest)
+    assert len(list((dest / "shards").glob("*.npz"))) >= 2
+    old = before.index.reconstruct_batch(np.array([r.id for r in before.manifest]))
+    ids = np.array([r.id for r in before.manifest])
+    new = after.index.reconstruct_batch(ids)
+    assert np.array_equal(old, new)  # the same vectors, not re-embedded ones
