@@ -37,10 +37,10 @@ CENTRES = 2_000
 def write_collection(dest: Path, n: int, dim: int, seed: int = 0) -> None:
     """An index directory of ``n`` vectors in shards, with its manifest and meta."""
     from pipeline.discover import ImageRecord
-    from pipeline.embed import ModelSpec, PartitionResult
+    from pipeline.embed import ModelSpec
     from pipeline.index import build_index
     from pipeline.meta import IndexMeta
-    from pipeline.shards import write_shard
+    from pipeline.shards import write_vectors
     from pipeline.store import write_index_dir
 
     rng = np.random.default_rng(seed)
@@ -56,14 +56,7 @@ def write_collection(dest: Path, n: int, dim: int, seed: int = 0) -> None:
         chunk = [
             ImageRecord(f"v/{i:09d}.jpg", 1, 1) for i in range(start, start + count)
         ]
-        result = PartitionResult(
-            np.array([r.id for r in chunk], np.int64),
-            [r.path for r in chunk],
-            x,
-            [],
-            "bench",
-        )
-        shards.append(staging / write_shard(staging, spec, chunk, result))
+        shards.append(write_vectors(staging, spec, chunk, x, "bench"))
         records.extend(chunk)
     meta = IndexMeta(
         name=dest.name,

@@ -45,6 +45,7 @@ from pipeline.shards import (
     staging_dir,
     usable_shards,
     write_shard,
+    write_vectors,
 )
 from pipeline.store import INDEX_FILE, SHARDS_DIR, recover_index_dir, write_index_dir
 
@@ -296,14 +297,7 @@ def run_build(
                 model=spec.name,
                 preprocess=asdict(model.preprocess),
                 dim=int(model.dim),
-                index_key=choice.key,
-                index_kind=choice.kind,
-                index_reason=choice.reason,
-                on_disk=choice.on_disk,
-                trained_for=trained_for,
-                search_params=built.search_params,
-                quality=built.quality,
-                count=built.count,
+                **built.meta_fields(trained_for),
                 failed=len(failures),
                 created=previous.created if previous else now,
                 updated=now,
@@ -385,9 +379,10 @@ def _migrate(
         try:
             vectors = reconstruct(old, ids)
         except RuntimeError:
-            return shards  # an index that cannot give vectors back: re-embed
-        result = PartitionResult(ids, [r.path for r in chunk], vectors, [], "migrated")
-        shards.append(read_shard(staging / write_shard(staging, spec, chunk, result)))
+            return shards  # it cannot give vectors back: the rest stay missing
+        shards.append(
+            read_shard(write_vectors(staging, spec, chunk, vectors, "migrated"))
+        )
     return shards
 
 

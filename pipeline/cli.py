@@ -565,10 +565,7 @@ def _print_build_report(report: dict) -> None:
             f"in {d['seconds']:.1f} s, "
             f"{d['images_per_second']:.1f} images/s -> {_shown(d['index'])}"
         )
-        click.echo(f"  index: {_shown(d['index_reason'])}")
-        quality = _quality_line(d["quality"], d["search_params"])
-        if quality:
-            click.echo(f"  {quality}")
+        _print_index_lines(d)
         if d["resumed_partitions"]:
             click.echo(
                 f"  resumed {d['resumed_partitions']} of {d['partitions']} partitions "
@@ -585,6 +582,14 @@ def _print_build_report(report: dict) -> None:
     )
     if c.get("job_logs"):
         click.echo(f"job logs: {c['job_logs']}")
+
+
+def _print_index_lines(summary: dict) -> None:
+    """The index's type and why, then its measured quality (build and reindex)."""
+    click.echo(f"  index: {_shown(summary['index_reason'])}")
+    quality = _quality_line(summary["quality"], summary["search_params"])
+    if quality:
+        click.echo(f"  {quality}")
 
 
 def _quality_line(q: dict, params: dict) -> str:
@@ -776,10 +781,7 @@ def reindex(
         f"{_shown(summary['index'])}: {summary['count']} vectors from "
         f"{summary['shards']} shards in {summary['seconds']:.1f} s"
     )
-    click.echo(f"  index: {_shown(summary['index_reason'])}")
-    quality = _quality_line(summary["quality"], summary["search_params"])
-    if quality:
-        click.echo(f"  {quality}")
+    _print_index_lines(summary)
 
 
 @cli.command()

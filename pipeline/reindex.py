@@ -86,18 +86,7 @@ def reindex(
         )
         stored.close()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        meta = dataclasses.replace(
-            meta,
-            index_key=choice.key,
-            index_kind=choice.kind,
-            index_reason=choice.reason,
-            on_disk=choice.on_disk,
-            trained_for=trained_for,
-            search_params=built.search_params,
-            quality=built.quality,
-            count=built.count,
-            updated=now,
-        )
+        meta = dataclasses.replace(meta, **built.meta_fields(trained_for), updated=now)
         write_index_dir(
             dest,
             built.folder,

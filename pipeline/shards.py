@@ -122,6 +122,30 @@ def write_shard(
     return name
 
 
+def write_vectors(
+    folder: str | os.PathLike,
+    spec: ModelSpec,
+    records: Sequence[ImageRecord],
+    vectors: np.ndarray,
+    worker: str,
+) -> Path:
+    """Write ``vectors`` (row i: ``records[i]``, none failed) as one shard; its path.
+
+    For vectors that come from elsewhere than a partition's task (an old
+    index's, or generated ones in tests and benchmarks).
+    """
+    from pipeline.embed import PartitionResult
+
+    result = PartitionResult(
+        np.array([r.id for r in records], np.int64),
+        [r.path for r in records],
+        vectors,
+        [],
+        worker,
+    )
+    return Path(folder) / write_shard(folder, spec, records, result)
+
+
 def read_shard(path: str | os.PathLike) -> Shard:
     """A shard's ``info``; its vectors stay on disk until :meth:`Shard.arrays`.
 

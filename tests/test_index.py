@@ -20,12 +20,12 @@ from pipeline import index as fx
 from pipeline.assemble import IndexRequest
 from pipeline.build import run_build
 from pipeline.discover import ImageRecord
-from pipeline.embed import ModelSpec, PartitionResult
+from pipeline.embed import ModelSpec
 from pipeline.index_build import Runner, ShardRows, build_from_shards, sample_rows
 from pipeline.index_policy import Thresholds, choose_index, ivf_lists
 from pipeline.meta import IndexMeta
 from pipeline.reindex import reindex
-from pipeline.shards import write_shard
+from pipeline.shards import write_vectors
 from pipeline.store import IVFDATA_FILE, read_index_dir, write_index_dir
 from tests.conftest import copy_tree, crop_query
 from tests.helpers import imgindex_cmd, invoke, one_error_line
@@ -50,14 +50,8 @@ def vector_index(dest: Path, n: int, per_shard: int = 250, seed: int = 0) -> Pat
     shards = []
     for start in range(0, n, per_shard):
         chunk = records[start : start + per_shard]
-        result = PartitionResult(
-            np.array([r.id for r in chunk], np.int64),
-            [r.path for r in chunk],
-            vectors[start : start + per_shard],
-            [],
-            "test",
-        )
-        shards.append(staging / write_shard(staging, spec, chunk, result))
+        rows = vectors[start : start + per_shard]
+        shards.append(write_vectors(staging, spec, chunk, rows, "test"))
     ids = np.array([r.id for r in records], np.int64)
     meta = IndexMeta(
         name=dest.name,
