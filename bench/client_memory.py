@@ -11,8 +11,10 @@ client is its own process (`imgindex build --scheduler ...`), which reports its
 peak RSS. Both modes are measured: shards written by the workers, and vectors
 streamed to the client (where workers cannot see --out).
 
-The claim under test: the client's peak grows with the index it builds (5,128
-bytes a vector in a Flat index) and nothing else of size.
+The claim under test: with shards written by the workers, the client's peak
+grows only with the file records of the manifest (the index is built on the
+workers); with vectors streamed to it, also with the index it then builds
+(5,128 bytes a vector in a Flat index), and with nothing else of size.
 """
 
 from __future__ import annotations
