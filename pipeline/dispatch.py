@@ -155,13 +155,25 @@ class PartitionDispatcher:
         ac = as_completed(loop=self.client.loop)
         watchdog = _Watchdog(self.client, self.settings, in_flight)
 
+        # Single images whose worker died while they were queued or running
+        # beside another task: Dask cannot tell which of them killed it, so
+        # each runs again alone, at the end, and is blamed only if it kills
+        # its worker then.
+        self._suspects: list[Partition] = []
+        self._alone: set[str] = set()
+
         def fill() -> None:
             window = max(2, self.threads() * self.settings.tasks_per_thread)
             while queue and ac.count() < window:
-                part = queue.pop()
-                fut = self._submit(part)
-                in_flight[fut.key] = (part, fut)
-                ac.add(fut)
+                submit(queue.pop())
+            if not queue and self._suspects and ac.count() == 0:
+                self._alone.add(submit(self._suspects.pop()))
+
+        def submit(part: Partition) -> str:
+            fut = self._submit(part)
+            in_flight[fut.key] = (part, fut)
+            ac.add(fut)
+            return fut.key
 
         fill()
         watchdog.start()
@@ -216,6 +228,12 @@ class PartitionDispatcher:
                 f"{self.settings.retries} retries: {type(exc).__name__}: {exc}; "
                 "check the workers' logs, or run `imgindex doctor`"
             )
+        if len(part) == 1 and not timed_out and fut.key not in self._alone:
+            logger.info(
+                "%s: %s: its worker died; trying it alone", self.label, part[0].path
+            )
+            self._suspects.append(part)
+            return None
         if len(part) == 1:
             logger.warning("%s: %s: %s", self.label, part[0].path, reason)
             return self._failed(part, reason)

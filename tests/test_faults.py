@@ -103,6 +103,23 @@ def test_image_that_kills_workers_is_isolated(fragile_cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_image_queued_beside_the_killer_is_not_blamed(fragile_cluster, tmp_path):
+    # One image a task: each worker holds a running task and a queued one, so
+    # the trigger's worker takes an innocent queued image down with it. Dask
+    # reports both as killers; only the one that kills a worker alone is.
+    data = tmp_path / "queued"
+    write_photos(data, 8, seed=6, max_side=300)
+    white = Image.new("RGB", (320, 240), (255, 255, 255))
+    white.save(data / "img00001_trigger.png")  # early, so tasks queue behind it
+    spec = ModelSpec(name="test-crash", device="cpu")
+    summary = run_build(
+        fragile_cluster, data, tmp_path / "out", spec=spec, partition_size=1
+    )
+    assert [f["path"] for f in summary.failed] == ["img00001_trigger.png"]
+    assert summary.indexed == 8
+
+
+@pytest.mark.slow
 def test_hung_partition_times_out_and_the_rest_is_indexed(tmp_path):
     from distributed import Client, LocalCluster
 
