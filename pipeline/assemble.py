@@ -19,6 +19,7 @@ from pipeline.config import config_value
 from pipeline.discover import ImageRecord
 from pipeline.errors import BuildFailed, IndexDirError
 from pipeline.index_build import (
+    Append,
     BuiltIndex,
     IndexSettings,
     Runner,
@@ -31,6 +32,8 @@ from pipeline.meta import IndexMeta
 from pipeline.shards import INDEX_WORK, Shard, clear_index_work
 
 logger = logging.getLogger(__name__)
+
+REFILLED = ": refilled without training"
 
 
 @dataclass(frozen=True)
@@ -138,12 +141,45 @@ def decide(
             key=previous.index_key,
             reason=(
                 f"{previous.index_key}: trained for {trained_for:,} vectors, now "
-                f"{n_vectors:,} (within imgindex.index.retrain-growth {growth:g}x): "
-                "refilled without training"
+                f"{n_vectors:,} (within imgindex.index.retrain-growth {growth:g}x)"
+                f"{REFILLED}"
             ),
         )
         return kept, previous_file, trained_for
     return choice, None, n_vectors
+
+
+def plan_append(
+    choice: IndexChoice,
+    trained: Path | None,
+    previous: IndexMeta | None,
+    previous_manifest: Sequence[ImageRecord],
+    manifest: Sequence[ImageRecord],
+    shards: Iterable[Shard],
+) -> tuple[IndexChoice, Append | None]:
+    """Grow the previous index when its quantizer is kept (see :func:`decide`).
+
+    Its entries for images unchanged since are kept as they are; only new and
+    changed images are encoded; removed and changed images' entries dropped.
+    Returns the choice with a reason that says so, and the plan (None: refill).
+    """
+    if trained is None or previous is None or previous.on_disk != choice.on_disk:
+        return choice, None
+    before = {r.path: r for r in previous_manifest}
+    unchanged = {r.path for r in manifest if before.get(r.path) == r}
+    changed = [r for r in manifest if r.path not in unchanged]
+    rows, _, missing = select_rows(shards, changed)
+    if missing:
+        return choice, None  # cannot happen after select_rows on all; refill
+    drop = np.array(
+        [r.id for r in previous_manifest if r.path not in unchanged], np.int64
+    )
+    reason = (
+        f"{choice.reason.removesuffix(REFILLED)}: kept {len(unchanged):,} vectors "
+        f"as they were, encoding {len(changed):,} new or changed and dropping "
+        f"{len(drop):,} without training"
+    )
+    return dataclasses.replace(choice, reason=reason), Append(trained, rows, drop)
 
 
 def select_rows(
@@ -187,6 +223,7 @@ def run_index_build(
     staging: Path,
     request: IndexRequest,
     trained: Path | None,
+    append: Append | None = None,
 ) -> BuiltIndex:
     """Build into ``staging``'s work folder (emptied first) and log the outcome."""
     work = staging / INDEX_WORK
@@ -194,7 +231,7 @@ def run_index_build(
     logger.info("index: %s", choice.reason)
     try:
         built = build_from_shards(
-            runner, selection, dim, choice, work, request.settings, trained
+            runner, selection, dim, choice, work, request.settings, trained, append
         )
     except ShardDamaged as e:
         raise IndexDirError(

@@ -19,6 +19,7 @@ from pipeline import __version__
 from pipeline.assemble import (
     IndexRequest,
     decide,
+    plan_append,
     run_index_build,
     select_rows,
 )
@@ -32,7 +33,7 @@ from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec, PartitionResult
 from pipeline.errors import BuildFailed, IndexDirError
 from pipeline.index import reconstruct
-from pipeline.index_build import Runner
+from pipeline.index_build import Runner, StepCallback
 from pipeline.lock import lock_index
 from pipeline.meta import IndexMeta
 from pipeline.models import get_model
@@ -107,6 +108,7 @@ def run_build(
     tasks_per_thread: int | None = None,
     gpu_resource: bool | None = None,
     progress: ProgressCallback | None = None,
+    on_index_step: StepCallback | None = None,
     name: str | None = None,
     workers_write: bool = True,
     index: IndexRequest | None = None,
@@ -130,6 +132,8 @@ def run_build(
         Run tasks only on workers started with ``--resources GPU=1``.
     progress
         Called as ``progress(done, total, failed)`` as partitions finish.
+    on_index_step
+        Called as ``on_index_step(stage, done, total)`` as index tasks finish.
     name
         The index's name under ``out`` (default: the dataset folder's name).
     workers_write
@@ -280,9 +284,29 @@ def run_build(
                 previous,
                 dest / INDEX_FILE if previous else None,
             )
-            runner = Runner(client if workers_write else None, name, settings.retries)
+            choice, append = plan_append(
+                choice,
+                trained,
+                previous,
+                plan.previous.manifest if plan.previous else [],
+                manifest,
+                candidates,
+            )
+            runner = Runner(
+                client if workers_write else None,
+                name,
+                settings.retries,
+                on_step=on_index_step,
+            )
             built = run_index_build(
-                runner, selection, int(model.dim), choice, staging, index, trained
+                runner,
+                selection,
+                int(model.dim),
+                choice,
+                staging,
+                index,
+                trained,
+                append,
             )
             if built.count != len(manifest):
                 raise BuildFailed(

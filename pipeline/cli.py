@@ -415,6 +415,7 @@ def build(
                         task_timeout=task_timeout,
                         gpu_resource=gpu_resource,
                         progress=bar.update,
+                        on_index_step=bar.index_step,
                         name=index_name,
                         workers_write=not blind,
                         index=request,
@@ -509,34 +510,57 @@ def _check_datasets(datasets, name: str | None = None) -> list[Path]:
 
 
 class _ProgressBar:
-    """A progress bar on stderr (made once the total is known) and the progress file."""
+    """Bars on stderr (embedding, then each index stage) and the progress file."""
 
     def __init__(self, label: str, tracker):
         self.label = label
         self.tracker = tracker
         self.bar = None
         self.shown = 0
+        self.stage: str | None = None
 
     def update(self, done: int, total: int, failed: int) -> None:
         if self.bar is None:
-            self.bar = click.progressbar(
-                length=max(total, 1),
-                label=self.label,
-                file=sys.stderr,
-                show_pos=True,
-                show_eta=True,
-            )
-            self.bar.__enter__()
+            self._open(self.label, total)
         self.bar.update(done - self.shown)
         self.shown = done
         if self.tracker:
             self.tracker.update(self.label, done, total, failed)
 
+    def index_step(self, stage: str, done: int, total: int) -> None:
+        """One bar per index stage: training can take minutes after the last image."""
+        from pipeline.index_build import STEP_NAMES
+
+        if stage != self.stage:
+            self._close_bar()
+            self.stage = stage
+            self._open(f"{self.label}: {STEP_NAMES.get(stage, stage)}", total)
+        self.bar.length = max(total, 1)
+        self.bar.update(done - self.shown)
+        self.shown = done
+        if self.tracker:
+            self.tracker.step(self.label, STEP_NAMES.get(stage, stage), done, total)
+
     def close(self, error: str | None = None) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+        self._close_bar()
         if self.tracker:
             self.tracker.finish_dataset(self.label, error)
+
+    def _open(self, label: str, total: int) -> None:
+        self.bar = click.progressbar(
+            length=max(total, 1),
+            label=label,
+            file=sys.stderr,
+            show_pos=True,
+            show_eta=True,
+        )
+        self.bar.__enter__()
+        self.shown = 0
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def _check_writable(out: Path) -> None:
@@ -756,13 +780,12 @@ def reindex(
     """
     from cluster.shared import workers_without
     from pipeline.reindex import reindex as rebuild_from_shards
-    from pipeline.store import read_index_dir
+    from pipeline.store import read_meta
 
     request = _index_request(index_type, max_index_memory, recall_target)
-    stored = read_index_dir(index_dir)  # one line if it is not an index
-    stored.close()
-    where = stored.path.resolve()
-    _check_index_type(request, stored.meta.dim)
+    meta = read_meta(index_dir)  # one line if it is not an index
+    where = Path(index_dir).resolve()
+    _check_index_type(request, meta.dim)
     with _connect(scheduler, scheduler_file, no_fallback) as conn:
         click.echo(f"cluster: {conn.reason}", err=True)
         blind = workers_without(conn.client, where.parent)
@@ -773,7 +796,11 @@ def reindex(
                 f"{_shown(str(where))}",
                 err=True,
             )
-        summary = rebuild_from_shards(where, request, client)
+        bar = _ProgressBar(meta.name, None)
+        try:
+            summary = rebuild_from_shards(where, request, client, bar.index_step)
+        finally:
+            bar.close()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -17,7 +17,7 @@ IMAGE_EXTENSIONS = frozenset(
 _ID_MASK = (1 << 63) - 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: millions live in the client at once
 class ImageRecord:
     """One image file of a dataset; ``path`` is relative to the dataset root."""
 

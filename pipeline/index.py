@@ -11,7 +11,7 @@ import contextlib
 import os
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 import numpy as np
@@ -113,14 +113,78 @@ def index_ids(index) -> np.ndarray | None:
     return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
 
 
-def merge_in_memory(parts: list) -> object:
-    """Merge IVF indexes sharing one trained quantizer into the first; ids kept."""
-    base = parts[0]
+def merge_in_memory(parts: Iterable) -> object:
+    """Merge IVF indexes sharing one trained quantizer into the first; ids kept.
+
+    ``parts`` may be a generator that reads each part as it is needed: a
+    merged part's lists are emptied, so the peak is the result plus one part.
+    """
+    parts = iter(parts)
+    base = next(parts)
     base_ivf = ivf_of(base)
-    for other in parts[1:]:
+    for other in parts:
         base_ivf.merge_from(ivf_of(other), 0)
+        del other
     base.ntotal = base_ivf.ntotal
     return base
+
+
+def remove_ids(index, ids: np.ndarray) -> int:
+    """Remove ``ids`` from an in-memory index; returns how many were held.
+
+    Not for on-disk inverted lists: in faiss-cpu 1.15.1 ``remove_ids`` on
+    OnDiskInvertedLists leaves garbage ids behind (see :func:`copy_lists`).
+    """
+    import faiss
+
+    if not len(ids):
+        return 0
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    return int(index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+
+
+def to_disk_lists(index, path: str | os.PathLike) -> None:
+    """Give an empty IVF ``index`` on-disk inverted lists stored in ``path``."""
+    import faiss
+
+    ivf = ivf_of(index)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, os.fspath(path))
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns it now
+
+
+def copy_lists(index, source, drop: np.ndarray | None = None) -> int:
+    """Append ``source``'s encoded entries to ``index``'s lists, except ids in ``drop``.
+
+    Both share one trained quantizer; the codes are copied as they are, list
+    by list, so nothing is encoded again and ``source`` may be a mapped
+    on-disk index far larger than memory. Returns the entries copied.
+    """
+    import faiss
+
+    dst, src = ivf_of(index), ivf_of(source)
+    width = dst.code_size
+    drop = np.sort(np.asarray(drop if drop is not None else (), np.int64))
+    copied = 0
+    for ls in range(src.nlist):
+        n = src.invlists.list_size(ls)
+        if not n:
+            continue
+        ids = faiss.rev_swig_ptr(src.invlists.get_ids(ls), n)
+        codes = faiss.rev_swig_ptr(src.invlists.get_codes(ls), n * width)
+        if len(drop):
+            keep = ~np.isin(ids, drop, assume_unique=False)
+            ids = ids[keep]
+            codes = codes.reshape(n, width)[keep]
+        ids, codes = np.ascontiguousarray(ids), np.ascontiguousarray(codes)
+        if len(ids):
+            dst.invlists.add_entries(
+                ls, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes)
+            )
+            copied += len(ids)
+    dst.ntotal += copied
+    index.ntotal = dst.ntotal
+    return copied
 
 
 def set_search_params(index, params: dict[str, int | float]) -> None:

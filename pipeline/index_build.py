@@ -24,6 +24,7 @@ task functions run in this process.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -91,6 +92,7 @@ class BuiltIndex:
     choice: IndexChoice
     count: int
     trained_on: int  # vectors in the training sample; 0: not trained by this run
+    encoded: int = 0  # vectors encoded by this run (the rest copied as they were)
     search_params: dict[str, int] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     task_seconds: dict[str, float] = field(default_factory=dict)
@@ -109,21 +111,59 @@ class BuiltIndex:
         }
 
 
+StepCallback = Callable[[str, int, int], None]
+STEP_NAMES = {  # what a person watching the build reads for each stage
+    "train": "training the quantizer",
+    "load-trained": "reusing the trained quantizer",
+    "add": "adding vectors",
+    "merge": "merging parts",
+    "queries": "sampling queries",
+    "exact": "exact neighbours of the queries",
+    "evaluate": "tuning and measuring recall",
+}
+
+
+@dataclass(frozen=True)
+class Append:
+    """Grow the previous index instead of refilling it (incremental builds).
+
+    Only ``rows`` are encoded; the previous version's entries are copied,
+    less ``drop``: ids of images since removed or changed (a changed image
+    keeps its id, so its old entry goes and its new row comes).
+    """
+
+    base: Path  # the previous version's index.faiss; its quantizer is reused
+    rows: list[ShardRows]
+    drop: np.ndarray
+
+
 class Runner:
     """Runs index tasks on a Dask cluster, or here when there is none.
 
     Keys read ``index-<stage>[<label>]-<n>-<run>`` so the dashboard's task
     stream and progress bars show train / add / merge / exact / evaluate.
+    ``on_step(stage, done, total)`` is called in this thread as each task
+    finishes, so a command line or progress file can follow a long build.
     """
 
-    def __init__(self, client=None, label: str = "index", retries: int = 1):
+    def __init__(
+        self,
+        client=None,
+        label: str = "index",
+        retries: int = 1,
+        on_step: StepCallback | None = None,
+    ):
         from pipeline.dispatch import task_label
 
         self.client = client
         self.label = task_label(label)
         self.retries = retries
+        self.on_step = on_step
         self.run_id = uuid.uuid4().hex[:8]
         self._n = 0
+        self._counts: dict[str, list[int]] = {}  # stage -> [done, submitted]
+        self._running: dict[Any, str] = {}  # future -> stage
+        self._last_step: tuple[str, int, int] | None = None
 
     @property
     def threads(self) -> int:
@@ -134,20 +174,62 @@ class Runner:
 
     def submit(self, stage: str, fn: Callable, *args: Any):
         self._n += 1
+        self._counts.setdefault(stage, [0, 0])[1] += 1
         if self.client is None:
-            return _Done(fn(*(_resolved(a) for a in args)))
-        return self.client.submit(
+            self._report(stage, 0)
+            done = _Done(fn(*(_resolved(a) for a in args)))
+            self._report(stage, 1)
+            return done
+        future = self.client.submit(
             fn,
             *args,
             key=f"index-{stage}[{self.label}]-{self._n:05d}-{self.run_id}",
             pure=False,
             retries=self.retries,
         )
+        self._running[future] = stage
+        self._report(stage, 0)
+        return future
 
     def gather(self, futures: Sequence) -> list:
         if self.client is None:
             return [f.result() for f in futures]
-        return self.client.gather(list(futures))
+        from distributed import as_completed
+
+        wanted = list(futures)
+        # Every submitted task counts, not only those gathered: the add tasks
+        # finish long before the merge that depends on them.
+        self._count_finished()
+        if self._running and not all(f.done() for f in wanted):
+            for future in as_completed(list(self._running), loop=self.client.loop):
+                self._report(self._running.pop(future), 1)
+                if all(f.done() for f in wanted):
+                    break
+        self._count_finished()
+        return self.client.gather(wanted)
+
+    def _count_finished(self) -> None:
+        for future, stage in list(self._running.items()):
+            if future.done():
+                del self._running[future]
+                self._report(stage, 1)
+
+    def _report(self, stage: str, finished: int) -> None:
+        counts = self._counts[stage]
+        counts[0] += finished
+        if finished and counts[0] == counts[1]:
+            self._show((stage, *counts))  # a stage's last task: show it complete
+        # The first stage not finished is the one to show: merge tasks are
+        # submitted at once behind the adds, but the adds are what runs.
+        current = next(
+            (s for s, (done, total) in self._counts.items() if done < total), stage
+        )
+        self._show((current, *self._counts[current]))
+
+    def _show(self, step: tuple[str, int, int]) -> None:
+        if self.on_step is not None and step != self._last_step:
+            self._last_step = step
+            self.on_step(*step)
 
 
 class _Done:
@@ -175,11 +257,14 @@ def build_from_shards(
     folder: Path,
     settings: IndexSettings | None = None,
     trained: Path | None = None,
+    append: Append | None = None,
 ) -> BuiltIndex:
     """Build ``choice`` over ``selection`` into ``folder`` and measure it.
 
     ``trained``: an existing index file (same key) whose quantizer is reused
     instead of training again (incremental builds); it is read on a worker.
+    ``append``: keep that index's entries and encode only ``append.rows``
+    (``selection`` is still what the result must hold, and is measured).
     """
     settings = settings or IndexSettings()
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,6 +276,8 @@ def build_from_shards(
 
     started = time.perf_counter()
     empty = None
+    if append is not None:
+        trained = append.base
     if choice.trains and total:
         if trained is not None:
             empty = runner.submit("load-trained", _load_trained, str(trained))
@@ -203,20 +290,22 @@ def build_from_shards(
 
     started = time.perf_counter()
     mergeable = choice.is_ivf and empty is not None
+    adding = append.rows if append is not None and mergeable else selection
     groups = (
-        group_shards(selection, runner.threads, PART_BYTES // (4 * dim))
+        group_shards(adding, runner.threads, PART_BYTES // (4 * dim))
         if mergeable
         else [list(selection)]
     )
-    if mergeable and len(groups) > 1:
+    if mergeable and (len(groups) > 1 or append is not None):
         parts = [
             runner.submit(
                 "add", _add, empty, key, dim, group, str(folder / f"part-{i:05d}.faiss")
             )
             for i, group in enumerate(groups)
         ]
+        base = (str(append.base), append.drop) if append is not None else ()
         merged = runner.submit(
-            "merge", _merge, parts, empty, str(folder), choice.on_disk
+            "merge", _merge, parts, empty, str(folder), choice.on_disk, *base
         )
     else:
         merged = runner.submit(
@@ -240,6 +329,7 @@ def build_from_shards(
         choice,
         int(count),
         trained_on,
+        sum(s.count for s in adding),
         params,
         quality,
         {k: round(v, 3) for k, v in timer.items()},
@@ -418,28 +508,68 @@ def _add_and_place(
     return int(index.ntotal)
 
 
-def _merge(parts: list[str], empty: np.ndarray, folder: str, on_disk: bool) -> int:
+def _merge(
+    parts: list[str],
+    empty: np.ndarray,
+    folder: str,
+    on_disk: bool,
+    base: str | None = None,
+    drop: np.ndarray | None = None,
+) -> int:
+    """Merge the parts (after ``base``'s entries less ``drop``) into ``folder``."""
     _threads_here(alone=True)
     out = Path(folder)
-    if on_disk:
+    if base is not None:
+        index = _append_to(base, parts, empty, out, on_disk, drop)
+    elif on_disk:
         from faiss.contrib.ondisk import merge_ondisk
 
         index = fx.deserialize(empty)
         with fx.stdout_silenced():  # FAISS printf()s as it sizes the file
             merge_ondisk(index, list(parts), str(out / IVFDATA_FILE))
-        fsync_path(out / IVFDATA_FILE)
     else:
-        loaded = []
-        for part in parts:
-            with open(part, "rb") as f:
-                loaded.append(fx.read_index(f))
-        index = fx.merge_in_memory(loaded)
+        index = fx.merge_in_memory(map(_read_part, parts))
+    if on_disk:
+        fsync_path(out / IVFDATA_FILE)
     _write(index, out / INDEX_FILE)
     count = int(index.ntotal)
     del index
     for part in parts:
         Path(part).unlink(missing_ok=True)
     return count
+
+
+def _append_to(
+    base: str,
+    parts: list[str],
+    empty: np.ndarray,
+    out: Path,
+    on_disk: bool,
+    drop: np.ndarray | None,
+):
+    """The previous index less ``drop``, plus the parts: nothing encoded again.
+
+    The previous version's files are only read (search may be reading them).
+    In memory, it is read whole and ids removed there; on disk, its mapped
+    lists are copied into a new ``index.ivfdata`` leaving ``drop`` out.
+    """
+    if not on_disk:
+        index = fx.read_index_at(base, False)
+        fx.remove_ids(index, drop if drop is not None else np.zeros(0, np.int64))
+        return fx.merge_in_memory(itertools.chain([index], map(_read_part, parts)))
+    previous = fx.read_index_at(base, True)
+    index = fx.deserialize(empty)
+    with fx.stdout_silenced():
+        fx.to_disk_lists(index, out / IVFDATA_FILE)
+        fx.copy_lists(index, previous, drop)
+        for part in parts:
+            fx.copy_lists(index, _read_part(part))
+    return index
+
+
+def _read_part(path: str):
+    with open(path, "rb") as f:
+        return fx.read_index(f)
 
 
 def _write(index, path: Path) -> None:

@@ -18,7 +18,7 @@ ivf-pq        ``OPQ{m}_{4m},IVF{nlist},PQ{m}``  m + 8
 ============  ==============================  ================================
 
 The estimates were checked against FAISS's serialized sizes in
-tests/test_index_policy.py.
+tests/test_index.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
 # fewer than 39*nlist makes FAISS warn that clustering is poor.
 TRAIN_PER_LIST = 64
 MIN_TRAIN_PER_LIST = 39
-MAX_TRAIN = 500_000  # beyond this, training time grows without better lists
+# Beyond this, training time grows without better lists, except that the
+# sample never drops under MIN_TRAIN_PER_LIST*nlist (32,768 lists: 1.3 M).
+MAX_TRAIN = 500_000
 PQ_TRAIN = 65_536  # a PQ codebook (256 centroids per sub-quantizer) needs ~256*256
 PQ_CHOICES = (128, 96, 64, 48, 32, 16, 8)  # sub-quantizers, most accurate first
 
@@ -217,7 +219,8 @@ def _nlist_of(key: str) -> int:
 
 
 def _train_size(n: int, nlist: int) -> int:
-    return max(1, min(n, TRAIN_PER_LIST * nlist, MAX_TRAIN))
+    wanted = max(MIN_TRAIN_PER_LIST * nlist, min(TRAIN_PER_LIST * nlist, MAX_TRAIN))
+    return max(1, min(n, wanted))
 
 
 def _on_disk(asked: bool | None, size: int, budget: int | None) -> bool:

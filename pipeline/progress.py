@@ -30,7 +30,9 @@ class ProgressFile:
         {"state": "running", "started": ..., "updated": ..., "pid": ..., "host": ...,
          "cluster": {"kind", "address", "reason", "dashboard"},
          "datasets": [{"name", "state", "total", "done", "failed",
-                       "images_per_second", "eta_seconds", "error"}]}
+                       "images_per_second", "eta_seconds", "error",
+                       "step": {"stage", "name", "done", "total"} once the
+                       images are embedded and the index is being built}]}
     """
 
     def __init__(self, path: str | os.PathLike, datasets: list[str]):
@@ -83,10 +85,18 @@ class ProgressFile:
             d["eta_seconds"] = round((total - done) / rate, 1)
         self.write(force=started or done >= total)
 
+    def step(self, name: str, step: str, done: int, total: int) -> None:
+        """After embedding: which index stage runs, and its tasks done."""
+        d = self._dataset(name)
+        changed = (d.get("step") or {}).get("name") != step
+        d["step"] = {"stage": "index", "name": step, "done": done, "total": total}
+        self.write(force=changed or done >= total)
+
     def finish_dataset(self, name: str, error: str | None = None) -> None:
         d = self._dataset(name)
         d["state"] = "failed" if error else "done"
         d["error"] = error
+        d.pop("step", None)
         if not error:
             d["eta_seconds"] = 0.0
         self.write()
@@ -207,6 +217,11 @@ def format_progress(data: dict[str, Any]) -> list[str]:
             f"  {d['name']}: {d['state']} {share}{pct}, "
             f"{d.get('failed', 0)} failed{rate}{eta}"
         )
+        step = d.get("step")
+        if d["state"] == "running" and isinstance(step, dict):
+            line += (
+                f"; index: {step.get('name')} {step.get('done')}/{step.get('total')}"
+            )
         if d.get("error"):
             line += f": {d['error']}"
         lines.append(line)

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,9 +18,9 @@ from pipeline.assemble import (
     select_rows,
 )
 from pipeline.errors import IndexDirError
-from pipeline.index_build import Runner
+from pipeline.index_build import Runner, StepCallback
 from pipeline.lock import lock_index
-from pipeline.shards import clear_staging, iter_shards, staging_dir
+from pipeline.shards import Shard, clear_staging, iter_shards, staging_dir
 from pipeline.store import (
     INDEX_FILE,
     SHARDS_DIR,
@@ -38,6 +39,7 @@ def reindex(
     index_dir: str | os.PathLike,
     request: IndexRequest | None = None,
     client: Client | None = None,
+    on_step: StepCallback | None = None,
 ) -> dict[str, Any]:
     """Rebuild ``index_dir``'s index from its shards, as ``request`` says.
 
@@ -46,6 +48,7 @@ def reindex(
     exactly one vector. With a ``client`` the index is trained, filled and
     merged on its workers (they must see ``index_dir``); without, here.
     An IVF index of the same type keeps its trained quantizer.
+    ``on_step(stage, done, total)`` follows the index tasks.
 
     Raises
     ------
@@ -61,15 +64,9 @@ def reindex(
         recover_index_dir(dest)
         stored = read_index_dir(dest)
         meta = stored.meta
-        shards = []
-        for shard in iter_shards(dest / SHARDS_DIR):
-            if isinstance(shard, tuple):
-                raise IndexDirError(
-                    f"shard {shard[0]} of {str(dest)!r} is damaged ({shard[1]}); "
-                    "rebuild the index with `imgindex build --rebuild`"
-                )
-            shards.append(shard)
-        selection, used, missing = select_rows(shards, stored.manifest)
+        # Streamed: each shard's file records are dropped once its rows are
+        # chosen, so the client holds the manifest and row numbers only.
+        selection, used, missing = select_rows(_intact_shards(dest), stored.manifest)
         if missing:
             raise IndexDirError(
                 f"{len(missing)} of the {len(stored.manifest)} images in "
@@ -80,7 +77,7 @@ def reindex(
             request, len(stored.manifest), meta.dim, meta, dest / INDEX_FILE
         )
         staging = staging_dir(dest)
-        runner = Runner(client, meta.name)
+        runner = Runner(client, meta.name, on_step=on_step)
         built = run_index_build(
             runner, selection, meta.dim, choice, staging, request, trained
         )
@@ -108,5 +105,17 @@ def reindex(
         "shards": len(used),
         "search_params": built.search_params,
         "quality": built.quality,
+        "trained_on": built.trained_on,
+        "stage_seconds": built.task_seconds,
         "seconds": seconds,
     }
+
+
+def _intact_shards(dest: Path) -> Iterator[Shard]:
+    for shard in iter_shards(dest / SHARDS_DIR):
+        if isinstance(shard, tuple):
+            raise IndexDirError(
+                f"shard {shard[0]} of {str(dest)!r} is damaged ({shard[1]}); "
+                "rebuild the index with `imgindex build --rebuild`"
+            )
+        yield shard

@@ -207,7 +207,18 @@ def staging_path(dest: Path, tag: str) -> Path:
     return dest.parent / f".{dest.name}.{tag}"
 
 
-def read_index_dir(path: str | os.PathLike) -> StoredIndex:
+def read_meta(path: str | os.PathLike) -> IndexMeta:
+    """Only ``path``'s meta.json, checked as :func:`read_index_dir` checks it.
+
+    For options to be validated before a long command starts, without
+    reading a manifest of millions of rows twice.
+    """
+    stored = read_index_dir(path, meta_only=True)
+    stored.close()
+    return stored.meta
+
+
+def read_index_dir(path: str | os.PathLike, meta_only: bool = False) -> StoredIndex:
     """Read an index directory's metadata, manifest and failures (index lazily).
 
     If a build was interrupted while swapping versions, the complete version
@@ -229,7 +240,7 @@ def read_index_dir(path: str | os.PathLike) -> StoredIndex:
                 if p.exists() or (not last and _recently_swapped(p)):
                     raise FileNotFoundError(errno.ENOENT, "swapped", str(p))
                 raise IndexDirError(f"index directory {str(p)!r} does not exist")
-            return _read_version(p, p_read)
+            return _read_version(p, p_read, meta_only)
         except FileNotFoundError as e:
             # A build swapped versions between our looks: read the new one.
             if last or not _recently_swapped(p):
@@ -264,7 +275,7 @@ def _interrupted_version(dest: Path) -> Path | None:
     return None
 
 
-def _read_version(label: Path, p: Path) -> StoredIndex:
+def _read_version(label: Path, p: Path, meta_only: bool = False) -> StoredIndex:
     fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
     try:
         # Open everything first: the handles pin one version of each file.
@@ -277,6 +288,10 @@ def _read_version(label: Path, p: Path) -> StoredIndex:
         raise
     try:
         meta = IndexMeta.loads(handles[META_FILE].read(), label / META_FILE)
+        if meta_only:
+            handles[INDEX_FILE].close()
+            os.close(fd)
+            return StoredIndex(label, meta, [], [], {}, None, None, None)
         manifest = [
             ImageRecord(row["path"], row["size"], row["mtime_ns"])
             for row in _read_jsonl(handles[MANIFEST_FILE])

@@ -21,11 +21,18 @@ from pipeline.assemble import IndexRequest
 from pipeline.build import run_build
 from pipeline.discover import ImageRecord
 from pipeline.embed import ModelSpec
-from pipeline.index_build import Runner, ShardRows, build_from_shards, sample_rows
+from pipeline.index_build import (
+    Append,
+    Runner,
+    ShardRows,
+    build_from_shards,
+    sample_rows,
+)
 from pipeline.index_policy import Thresholds, choose_index, ivf_lists
 from pipeline.meta import IndexMeta
 from pipeline.reindex import reindex
-from pipeline.shards import write_vectors
+from pipeline.search import search_images
+from pipeline.shards import iter_shards, write_vectors
 from pipeline.store import IVFDATA_FILE, read_index_dir, write_index_dir
 from tests.conftest import copy_tree, crop_query
 from tests.helpers import imgindex_cmd, invoke, one_error_line
@@ -114,6 +121,10 @@ def test_ivf_lists_are_trainable_powers_of_two():
         assert nlist & (nlist - 1) == 0
         assert nlist == 1 or nlist * 39 <= n
     assert ivf_lists(1_000_000) == 4096
+    # Training samples: 64 per list up to 500k, never under FAISS's 39 per list.
+    assert choose_index(1_000_000, DIM, "ivf-flat").train_size == 64 * 4096
+    huge = choose_index(100_000_000, DIM, "ivf-flat")
+    assert huge.train_size == 39 * ivf_lists(100_000_000) > 500_000
 
 
 def test_memory_estimates_match_faiss():
@@ -219,6 +230,66 @@ def test_distributed_ivf_equals_a_single_process_build(client, tmp_path):
     assert overlap > 0.97  # k-means with threads differs only in ties
 
 
+def all_ids(path: Path, on_disk: bool) -> np.ndarray:
+    """Every id an IVF index file holds, on-disk lists included (copied out)."""
+    held = fx.read_index_at(path, on_disk)
+    into = fx.empty_copy(fx.read_index_at(path, on_disk))
+    fx.copy_lists(into, held)
+    return fx.index_ids(into)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_appending_encodes_only_new_rows_and_drops_old_ids(client, tmp_path, on_disk):
+    # A first version: 3,000 vectors in 12 shards, IVF, as a build leaves it.
+    dest = vector_index(tmp_path / "vectors", 3_000)
+    reindex(dest, request(type="ivf-flat", **{"on-disk": on_disk}), client)
+    stored = read_index_dir(dest)
+    choice = choose_index(3_000, DIM, stored.meta.index_key, on_disk=on_disk)
+    # Next version: images 0-249 removed, 250-499 changed (same ids, new
+    # vectors, in a new shard), 500 new images.
+    gone = {f"img/{i:06d}.jpg" for i in range(500)}
+    shards = [
+        s.path
+        for s in iter_shards(dest / "shards")
+        if not gone.intersection(s.info["paths"])
+    ]
+    fresh = clustered(750, seed=9)
+    records = [ImageRecord(f"img/{i:06d}.jpg", 1, 2) for i in range(250, 500)]
+    records += [ImageRecord(f"new/{i:06d}.jpg", 1, 2) for i in range(500)]
+    spec = ModelSpec.from_config()
+    made = write_vectors(tmp_path / "made", spec, records, fresh, "test")
+    new_rows = [ShardRows(str(made), None, 750)]
+    keep = [ShardRows(str(p), None, 250) for p in shards]
+    assert len(keep) == 10
+    drop = np.array([r.id for r in stored.manifest if r.path in gone], np.int64)
+    steps: list[tuple[str, int, int]] = []
+    runner = Runner(client, "append", on_step=lambda *s: steps.append(s))
+    built = build_from_shards(
+        runner,
+        keep + new_rows,
+        DIM,
+        choice,
+        tmp_path / "next",
+        trained=dest / "index.faiss",
+        append=Append(dest / "index.faiss", new_rows, drop),
+    )
+    assert built.count == 3_250 and built.encoded == 750 and built.trained_on == 0
+    assert "train" not in {s for s, _, _ in steps}
+    held = all_ids(tmp_path / "next" / "index.faiss", on_disk)
+    expected = {r.id for r in stored.manifest if r.path not in gone}
+    expected |= {r.id for r in records}
+    assert len(held) == len(set(held.tolist())) == 3_250
+    assert set(held.tolist()) == expected
+    # The changed images are found by their new vectors, the kept by their old.
+    index = fx.read_index_at(tmp_path / "next" / "index.faiss", on_disk)
+    fx.set_search_params(index, built.search_params)
+    _, found = fx.search(index, fresh[:250], 1)
+    assert np.mean(found[:, 0] == [r.id for r in records[:250]]) >= 0.95
+    assert built.quality["recall_at_k"] >= 0.95
+    # The previous version is only read: untouched, still complete.
+    assert len(all_ids(dest / "index.faiss", on_disk)) == 3_000
+
+
 def test_an_on_disk_index_opens_and_searches_in_a_fresh_process(client, tmp_path):
     dest = vector_index(tmp_path / "vectors", 3_000)
     reindex(dest, request(type="ivf-flat", **{"on-disk": True}), client)
@@ -258,6 +329,26 @@ def test_reindex_switches_type_without_embedding(client, tmp_path):
     assert neighbours_found(dest) >= 0.95
 
 
+def test_index_stages_are_reported_as_their_tasks_finish(client, tmp_path):
+    dest = vector_index(tmp_path / "vectors", 2_000)
+    steps: list[tuple[str, int, int]] = []
+    reindex(dest, request(type="ivf-flat"), client, lambda *s: steps.append(s))
+    stages = list(dict.fromkeys(stage for stage, _, _ in steps))
+    assert stages == ["train", "add", "merge", "queries", "exact", "evaluate"]
+    for stage in stages:
+        seen = [(done, total) for s, done, total in steps if s == stage]
+        assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1]  # 0 ... all
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    adds = max(total for s, _, total in steps if s == "add")
+    assert adds >= 2  # one add task per group of shards, each counted
+
+    # The command line shows the same stages, after the cluster line.
+    shown = invoke("reindex", dest, "--index-type", "hnsw")
+    assert shown.exit_code == 0, shown.stderr
+    for words in ("vectors: adding vectors", "vectors: tuning and measuring recall"):
+        assert words in shown.stderr
+
+
 def test_bad_index_options_are_one_line_before_any_work(tmp_path, dataset):
     out = tmp_path / "out"
     for args, words in [
@@ -274,7 +365,7 @@ def test_bad_index_options_are_one_line_before_any_work(tmp_path, dataset):
 # --- end to end: real images, the real model --------------------------------
 
 
-def test_incremental_ivf_refills_without_training_and_removes(
+def test_incremental_ivf_appends_without_training_and_removes(
     client, tmp_path, photo_sets
 ):
     data = copy_tree(photo_sets["beach"], tmp_path / "beach")
@@ -297,14 +388,22 @@ def test_incremental_ivf_refills_without_training_and_removes(
     gone = sorted(data.glob("img*"))[:4]
     for p in gone:
         p.unlink()
+    changed = sorted(data.glob("img*"))[-1]
+    changed.write_bytes(photo_sets["forest"][-1].read_bytes())
     second = run_build(client, data, out, partition_size=8, index=req)
-    assert (second.added, second.removed) == (10, 4)
-    assert "refilled without training" in second.index_reason
+    assert (second.added, second.removed, second.updated) == (10, 4, 1)
+    # Only the new and the changed images are encoded; the rest are copied.
+    assert "kept 31 vectors as they were, encoding 11 new or changed and " in (
+        second.index_reason
+    )
+    assert "dropping 5 without training" in second.index_reason
     stored = read_index_dir(out / "beach")
     assert stored.meta.trained_for == 36 and stored.meta.count == 42
     assert np.array_equal(centroids(), trained)
-    held = set(fx.index_ids(stored.index).tolist())
-    assert held == {r.id for r in stored.manifest}
+    held = fx.index_ids(stored.index).tolist()
+    assert sorted(held) == sorted(r.id for r in stored.manifest)  # each id once
+    top = search_images(out / "beach", [photo_sets["forest"][-1]], k=1)
+    assert Path(top[0][0].path).name == changed.name  # by its new vector
     assert not any(r.path == g.name for r in stored.manifest for g in gone)
 
     # Past the growth factor the quantizer is trained again for the new size.

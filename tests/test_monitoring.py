@@ -72,6 +72,13 @@ def test_status_renders_a_running_build(tmp_path):
     assert ", ETA " in lines[3]
     as_json = CliRunner().invoke(cli, ["status", str(path), "--json"])
     assert json.loads(as_json.stdout)["datasets"][0]["done"] == 250
+    # After the last image, the index is built: its stage is what runs.
+    pf.update("cats", 1000, 1000, 2)
+    pf.step("cats", "adding vectors", 3, 8)
+    shown = CliRunner().invoke(cli, ["status", str(path)]).stdout.splitlines()
+    assert shown[3].endswith("; index: adding vectors 3/8")
+    pf.finish_dataset("cats")
+    assert "step" not in read_progress(path)["datasets"][0]
 
 
 def test_status_of_a_missing_file_is_one_line(tmp_path):
