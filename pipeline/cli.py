@@ -29,6 +29,11 @@ class _ImgindexGroup(click.Group):
             raise click.ClickException(_shown(str(e))) from None
         except KeyboardInterrupt as e:
             raise Interrupted(str(e) or "SIGINT") from None
+        except BrokenPipeError:
+            # `imgindex info X | head`: the reader left; say nothing, as cat does.
+            # Python would complain again while flushing stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except OSError as e:
             # The last resort (disk full, a vanished folder): the file and the
             # system's words, not a traceback.

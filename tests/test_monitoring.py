@@ -81,6 +81,20 @@ def test_status_renders_a_running_build(tmp_path):
     assert "step" not in read_progress(path)["datasets"][0]
 
 
+def test_output_piped_into_a_reader_that_leaves_is_quiet(tmp_path):
+    # `imgindex status P | head -1`: head exits, the next write meets a closed pipe.
+    path = tmp_path / "p.json"
+    ProgressFile(path, [f"dataset-{i}" for i in range(2000)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "status", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before it writes a line
+    _, err = proc.communicate(timeout=60)
+    assert err.decode() == "" and proc.returncode == 141
+
+
 def test_status_of_a_missing_file_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["status", str(tmp_path / "none.json")])
     assert result.exit_code == 1
