@@ -191,28 +191,57 @@ def select_rows(
     incremental build keeps an old shard while another of its images is
     current); the first shard (in the given order) to hold an image wins.
     """
-    current = {r.path: r for r in manifest}
-    covered: set[str] = set()
+    selection, used, covered = select_by_keys(shards, record_keys(manifest))
+    missing = [r for r, has in zip(manifest, covered, strict=True) if not has]
+    return selection, used, missing
+
+
+def record_keys(records: Iterable[ImageRecord]) -> np.ndarray:
+    """A 64-bit key per record (path, size, mtime), in order.
+
+    Eight bytes an image where a dict of records takes hundreds: a reindex of
+    100 M images holds these, never the records. Python's string hash differs
+    between processes, so keys are compared only within one.
+    """
+    return np.fromiter(
+        (hash((r.path, r.size, r.mtime_ns)) for r in records), dtype=np.int64
+    )
+
+
+def select_by_keys(
+    shards: Iterable[Shard], keys: np.ndarray
+) -> tuple[list[ShardRows], list[Path], np.ndarray]:
+    """:func:`select_rows` on keys: (selection, shards used, which keys got a row).
+
+    ``shards`` may be a generator: each shard's file records are dropped once
+    its rows are chosen.
+    """
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    covered = np.zeros(len(keys), bool)
     selection: list[ShardRows] = []
     used: list[Path] = []
     for shard in shards:
-        records = {r.path: r for r in shard.records}
         paths = shard.info["paths"]
-        keep = [
-            i
-            for i, path in enumerate(paths)
-            if path not in covered
-            and current.get(path) == records.get(path)
-            and path in current
-        ]
-        if not keep:
+        if not paths or not len(keys):
             continue
-        covered.update(paths[i] for i in keep)
-        rows = None if len(keep) == len(paths) else np.array(keep, np.int64)
-        selection.append(ShardRows(str(shard.path), rows, len(keep)))
+        known = {p: (size, mtime) for p, size, mtime in shard.info["records"]}
+        here = np.fromiter(
+            (hash((p, *known.get(p, (-1, -1)))) for p in paths), dtype=np.int64
+        )
+        at = np.minimum(np.searchsorted(ordered, here), len(keys) - 1)
+        which = order[at]
+        keep = (ordered[at] == here) & ~covered[which]
+        if not keep.any():
+            continue
+        covered[which[keep]] = True
+        rows = np.flatnonzero(keep)
+        count = len(rows)
+        selection.append(
+            ShardRows(str(shard.path), None if count == len(paths) else rows, count)
+        )
         used.append(shard.path)
-    missing = [r for r in manifest if r.path not in covered]
-    return selection, used, missing
+    return selection, used, covered
 
 
 def run_index_build(

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from pipeline.assemble import (
     IndexRequest,
     decide,
+    record_keys,
     run_index_build,
-    select_rows,
+    select_by_keys,
 )
 from pipeline.errors import IndexDirError
 from pipeline.index_build import Runner, StepCallback
@@ -24,6 +25,7 @@ from pipeline.shards import Shard, clear_staging, iter_shards, staging_dir
 from pipeline.store import (
     INDEX_FILE,
     SHARDS_DIR,
+    iter_manifest,
     read_index_dir,
     recover_index_dir,
     write_index_dir,
@@ -44,7 +46,7 @@ def reindex(
     """Rebuild ``index_dir``'s index from its shards, as ``request`` says.
 
     Only rows whose image is in the manifest unchanged are used (see
-    :func:`pipeline.assemble.select_rows`); every manifest image must get
+    :func:`pipeline.assemble.select_by_keys`); every manifest image must get
     exactly one vector. With a ``client`` the index is trained, filled and
     merged on its workers (they must see ``index_dir``); without, here.
     An IVF index of the same type keeps its trained quantizer.
@@ -62,32 +64,45 @@ def reindex(
     dest = Path(index_dir).resolve()
     with lock_index(dest):
         recover_index_dir(dest)
-        stored = read_index_dir(dest)
+        # The manifest is streamed, never held: 8 bytes an image of keys, and
+        # each shard's records dropped once its rows are chosen.
+        stored = read_index_dir(dest, manifest=False)
         meta = stored.meta
-        # Streamed: each shard's file records are dropped once its rows are
-        # chosen, so the client holds the manifest and row numbers only.
-        selection, used, missing = select_rows(_intact_shards(dest), stored.manifest)
-        if missing:
+        keys = record_keys(iter_manifest(dest))
+        if len(keys) != meta.count:
             raise IndexDirError(
-                f"{len(missing)} of the {len(stored.manifest)} images in "
-                f"{str(dest)!r} have no stored vector (indexed before imgindex "
-                "kept shards?); rebuild the index with `imgindex build --rebuild`"
+                f"index {str(dest)!r} is damaged: meta.json counts {meta.count} "
+                f"images, its manifest lists {len(keys)}; rebuild it with "
+                "`imgindex build --rebuild`"
+            )
+        selection, used, covered = select_by_keys(_intact_shards(dest), keys)
+        del keys
+        if not covered.all():
+            first = next(
+                r
+                for r, has in zip(iter_manifest(dest), covered, strict=True)
+                if not has
+            )
+            raise IndexDirError(
+                f"{int((~covered).sum())} of the {len(covered)} images in "
+                f"{str(dest)!r} have no stored vector (e.g. {first.path!r}; indexed "
+                "before imgindex kept shards?); rebuild the index with `imgindex "
+                "build --rebuild`"
             )
         choice, trained, trained_for = decide(
-            request, len(stored.manifest), meta.dim, meta, dest / INDEX_FILE
+            request, meta.count, meta.dim, meta, dest / INDEX_FILE
         )
         staging = staging_dir(dest)
         runner = Runner(client, meta.name, on_step=on_step)
         built = run_index_build(
             runner, selection, meta.dim, choice, staging, request, trained
         )
-        stored.close()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         meta = dataclasses.replace(meta, **built.meta_fields(trained_for), updated=now)
         write_index_dir(
             dest,
             built.folder,
-            stored.manifest,
+            iter_manifest(dest),  # copied row by row from the version it replaces
             meta,
             stored.failures,
             stored.failed_records,

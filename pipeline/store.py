@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -213,13 +213,16 @@ def read_meta(path: str | os.PathLike) -> IndexMeta:
     For options to be validated before a long command starts, without
     reading a manifest of millions of rows twice.
     """
-    stored = read_index_dir(path, meta_only=True)
+    stored = read_index_dir(path, manifest=False)
     stored.close()
     return stored.meta
 
 
-def read_index_dir(path: str | os.PathLike, meta_only: bool = False) -> StoredIndex:
+def read_index_dir(path: str | os.PathLike, manifest: bool = True) -> StoredIndex:
     """Read an index directory's metadata, manifest and failures (index lazily).
+
+    ``manifest=False`` leaves the manifest unread (``.manifest`` is empty;
+    :func:`iter_manifest` streams it) and the index file closed.
 
     If a build was interrupted while swapping versions, the complete version
     beside it is read (and the swap finished when no build holds the lock).
@@ -240,7 +243,7 @@ def read_index_dir(path: str | os.PathLike, meta_only: bool = False) -> StoredIn
                 if p.exists() or (not last and _recently_swapped(p)):
                     raise FileNotFoundError(errno.ENOENT, "swapped", str(p))
                 raise IndexDirError(f"index directory {str(p)!r} does not exist")
-            return _read_version(p, p_read, meta_only)
+            return _read_version(p, p_read, manifest)
         except FileNotFoundError as e:
             # A build swapped versions between our looks: read the new one.
             if last or not _recently_swapped(p):
@@ -275,7 +278,7 @@ def _interrupted_version(dest: Path) -> Path | None:
     return None
 
 
-def _read_version(label: Path, p: Path, meta_only: bool = False) -> StoredIndex:
+def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredIndex:
     fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
     try:
         # Open everything first: the handles pin one version of each file.
@@ -288,14 +291,7 @@ def _read_version(label: Path, p: Path, meta_only: bool = False) -> StoredIndex:
         raise
     try:
         meta = IndexMeta.loads(handles[META_FILE].read(), label / META_FILE)
-        if meta_only:
-            handles[INDEX_FILE].close()
-            os.close(fd)
-            return StoredIndex(label, meta, [], [], {}, None, None, None)
-        manifest = [
-            ImageRecord(row["path"], row["size"], row["mtime_ns"])
-            for row in _read_jsonl(handles[MANIFEST_FILE])
-        ]
+        manifest = list(_records(handles[MANIFEST_FILE])) if with_manifest else []
         rows = list(_read_jsonl(handles[FAILURES_FILE]))
         failures = [
             Failure(r["path"], r["reason"], r.get("transient", False)) for r in rows
@@ -319,6 +315,10 @@ def _read_version(label: Path, p: Path, meta_only: bool = False) -> StoredIndex:
     finally:
         for name in (META_FILE, MANIFEST_FILE, FAILURES_FILE):
             handles[name].close()
+    if not with_manifest:
+        handles[INDEX_FILE].close()
+        os.close(fd)
+        return StoredIndex(label, meta, [], failures, failed_records)
     if not meta.on_disk:
         os.close(fd)
         fd = None
@@ -339,7 +339,7 @@ def _read_version(label: Path, p: Path, meta_only: bool = False) -> StoredIndex:
 def write_index_dir(
     dest: str | os.PathLike,
     index: Any,
-    manifest: list[ImageRecord],
+    manifest: Iterable[ImageRecord],
     meta: IndexMeta,
     failures: list[Failure],
     failed_records: dict[str, ImageRecord] | None = None,
@@ -511,6 +511,33 @@ def _remove_staging(tmp: Path) -> None:
     allowed = {*INDEX_FILES, STAGING_MARK, *OPTIONAL}
     if tmp.is_dir() and set(os.listdir(tmp)) <= allowed:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def iter_manifest(path: str | os.PathLike) -> Iterator[ImageRecord]:
+    """Stream ``path``'s manifest, one record at a time (millions need not fit).
+
+    For a caller holding the index's lock (no version swap can happen under
+    it) that has read the directory with :func:`read_index_dir` first.
+
+    Raises
+    ------
+    IndexDirError
+        If the manifest is missing or a row is malformed.
+    """
+    where = Path(path) / MANIFEST_FILE
+    try:
+        with open(where, "rb") as f:
+            yield from _records(f)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IndexDirError(
+            f"index directory {str(path)!r} is unreadable: {e}; rebuild it with "
+            "`imgindex build --rebuild`"
+        ) from None
+
+
+def _records(f: BinaryIO) -> Iterator[ImageRecord]:
+    for row in _read_jsonl(f):
+        yield ImageRecord(row["path"], row["size"], row["mtime_ns"])
 
 
 def _read_jsonl(f: BinaryIO) -> Iterator[dict]:

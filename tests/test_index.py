@@ -21,6 +21,7 @@ from pipeline.assemble import IndexRequest
 from pipeline.build import run_build
 from pipeline.discover import ImageRecord
 from pipeline.embed import ModelSpec
+from pipeline.errors import IndexDirError
 from pipeline.index_build import (
     Append,
     Runner,
@@ -327,6 +328,19 @@ def test_reindex_switches_type_without_embedding(client, tmp_path):
     assert meta.index_kind == "ivf-flat" and meta.trained_for == 2_000
     assert {p.name for p in (dest / "shards").iterdir()} == before
     assert neighbours_found(dest) >= 0.95
+
+
+def test_reindex_names_an_image_whose_shard_is_gone(client, tmp_path):
+    dest = vector_index(tmp_path / "vectors", 1_000)
+    lost = next(iter_shards(dest / "shards"))
+    lost.path.unlink()
+    with pytest.raises(IndexDirError) as e:
+        reindex(dest, request(type="flat"), client)
+    text = str(e.value)
+    assert "\n" not in text
+    assert text.startswith(f"250 of the 1000 images in {str(dest)!r} have no stored")
+    assert f"e.g. {lost.info['paths'][0]!r}" in text
+    assert read_index_dir(dest).meta.count == 1_000  # the index is untouched
 
 
 def test_index_stages_are_reported_as_their_tasks_finish(client, tmp_path):
