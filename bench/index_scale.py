@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,43 +38,23 @@ PER_TOPIC = 10  # ... each with sub-clusters of uneven size and spread
 def write_collection(dest: Path, n: int, dim: int, seed: int = 0) -> None:
     """An index directory of ``n`` vectors in shards, with its manifest and meta."""
     from pipeline.discover import ImageRecord
-    from pipeline.embed import ModelSpec
-    from pipeline.index import build_index
-    from pipeline.meta import IndexMeta
-    from pipeline.shards import write_vectors
-    from pipeline.store import write_index_dir
+    from pipeline.synthetic import write_vector_index
 
     rng = np.random.default_rng(seed)
     centres, spread, weight = _mixture(rng, dim)
-    spec = ModelSpec.from_config()
-    staging = dest.parent / f".{dest.name}.made"
-    shards, records = [], []
-    for start in range(0, n, PER_SHARD):
-        count = min(PER_SHARD, n - start)
-        which = rng.choice(len(centres), count, p=weight)
-        x = rng.standard_normal((count, dim), dtype=np.float32)
-        x *= spread[which, None]
-        x += centres[which]
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        chunk = [
-            ImageRecord(f"v/{i:09d}.jpg", 1, 1) for i in range(start, start + count)
-        ]
-        shards.append(write_vectors(staging, spec, chunk, x, "bench"))
-        records.extend(chunk)
-    meta = IndexMeta(
-        name=dest.name,
-        source=str(dest.parent / "images"),
-        model=spec.name,
-        dim=dim,
-        count=n,
-        created="2026-11-22T00:00:00+00:00",
-        imgindex_version="bench",
-    )
-    # A placeholder index: reindex builds the real one from the shards.
-    empty = build_index(np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
-    records.sort(key=lambda r: r.path)
-    write_index_dir(dest, empty, records, meta, [], {}, shards)
-    shutil.rmtree(staging)
+
+    def chunks():
+        for start in range(0, n, PER_SHARD):
+            count = min(PER_SHARD, n - start)
+            which = rng.choice(len(centres), count, p=weight)
+            x = rng.standard_normal((count, dim), dtype=np.float32)
+            x *= spread[which, None]
+            x += centres[which]
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            paths = (f"v/{i:09d}.jpg" for i in range(start, start + count))
+            yield [ImageRecord(p, 1, 1) for p in paths], x
+
+    write_vector_index(dest, chunks(), dim, version="bench")
 
 
 def _mixture(rng: np.random.Generator, dim: int):

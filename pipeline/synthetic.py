@@ -1,4 +1,5 @@
-"""Photo-like test images (gradients, shapes, texture) for demos, tests and bench.
+"""Photo-like test images (gradients, shapes, texture) for demos, tests and bench,
+and index directories of given vectors (for what only the index is under test).
 
 Run as ``python -m pipeline.synthetic OUT N [--seed S]``.
 """
@@ -6,6 +7,8 @@ Run as ``python -m pipeline.synthetic OUT N [--seed S]``.
 from __future__ import annotations
 
 import argparse
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +74,49 @@ def write_photos(
         synthetic_photo(rng, w, h).save(path, quality=int(rng.integers(80, 95)))
         paths.append(path)
     return paths
+
+
+def write_vector_index(
+    dest: Path,
+    chunks: Iterable[tuple[list, np.ndarray]],
+    dim: int,
+    index=None,
+    version: str = "synthetic",
+) -> Path:
+    """An index directory at ``dest`` as a build leaves it, of given vectors.
+
+    ``chunks`` yields (image records, their unit vectors), one shard each, so
+    a caller can generate more vectors than fit in memory. ``index`` is the
+    FAISS index stored beside them; by default an empty Flat placeholder,
+    which `imgindex reindex` replaces with one built from the shards.
+    """
+    from pipeline.embed import ModelSpec
+    from pipeline.index import build_index
+    from pipeline.meta import IndexMeta
+    from pipeline.shards import write_vectors
+    from pipeline.store import write_index_dir
+
+    spec = ModelSpec.from_config()
+    staging = dest.parent / f".{dest.name}.made"
+    shards, records = [], []
+    for chunk, vectors in chunks:
+        shards.append(write_vectors(staging, spec, chunk, vectors, version))
+        records.extend(chunk)
+    meta = IndexMeta(
+        name=dest.name,
+        source=str(dest.parent / "images"),
+        model=spec.name,
+        dim=dim,
+        count=len(records),
+        created="2026-11-22T00:00:00+00:00",
+        imgindex_version=version,
+    )
+    if index is None:
+        index = build_index(np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
+    records.sort(key=lambda r: r.path)
+    write_index_dir(dest, index, records, meta, [], {}, shards)
+    shutil.rmtree(staging)
+    return dest
 
 
 def main() -> None:

@@ -30,11 +30,11 @@ from pipeline.index_build import (
     sample_rows,
 )
 from pipeline.index_policy import Thresholds, choose_index, ivf_lists
-from pipeline.meta import IndexMeta
 from pipeline.reindex import reindex
 from pipeline.search import search_images
 from pipeline.shards import iter_shards, write_vectors
-from pipeline.store import IVFDATA_FILE, read_index_dir, write_index_dir
+from pipeline.store import IVFDATA_FILE, read_index_dir
+from pipeline.synthetic import write_vector_index
 from tests.conftest import copy_tree, crop_query
 from tests.helpers import imgindex_cmd, invoke, one_error_line
 
@@ -53,27 +53,13 @@ def vector_index(dest: Path, n: int, per_shard: int = 250, seed: int = 0) -> Pat
     """An index directory of ``n`` synthetic vectors in shards (a Flat index)."""
     vectors = clustered(n, seed)
     records = [ImageRecord(f"img/{i:06d}.jpg", 1000 + i, 7) for i in range(n)]
-    spec = ModelSpec.from_config()
-    staging = dest.parent / "made-shards"
-    shards = []
-    for start in range(0, n, per_shard):
-        chunk = records[start : start + per_shard]
-        rows = vectors[start : start + per_shard]
-        shards.append(write_vectors(staging, spec, chunk, rows, "test"))
     ids = np.array([r.id for r in records], np.int64)
-    meta = IndexMeta(
-        name=dest.name,
-        source=str(dest.parent / "images"),
-        model=spec.name,
-        dim=DIM,
-        count=n,
-        created="2026-11-22T00:00:00+00:00",
-        imgindex_version="test",
+    chunks = (
+        (records[start : start + per_shard], vectors[start : start + per_shard])
+        for start in range(0, n, per_shard)
     )
-    manifest = sorted(records, key=lambda r: r.path)
     index = fx.build_index(ids, vectors)
-    write_index_dir(dest, index, manifest, meta, [], {}, shards)
-    return dest
+    return write_vector_index(dest, chunks, DIM, index, version="test")
 
 
 def request(**config) -> IndexRequest:
