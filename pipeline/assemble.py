@@ -165,17 +165,19 @@ def plan_append(
     """
     if trained is None or previous is None or previous.on_disk != choice.on_disk:
         return choice, None
-    before = {r.path: r for r in previous_manifest}
-    unchanged = {r.path for r in manifest if before.get(r.path) == r}
-    changed = [r for r in manifest if r.path not in unchanged]
+    before, now = record_keys(previous_manifest), record_keys(manifest)
+    kept = np.isin(now, before)  # the same path, size and mtime in both
+    changed = [r for r, same in zip(manifest, kept, strict=True) if not same]
     rows, _, missing = select_rows(shards, changed)
     if missing:
         return choice, None  # cannot happen after select_rows on all; refill
+    gone = ~np.isin(before, now)
     drop = np.array(
-        [r.id for r in previous_manifest if r.path not in unchanged], np.int64
+        [r.id for r, out in zip(previous_manifest, gone, strict=True) if out],
+        np.int64,
     )
     reason = (
-        f"{choice.reason.removesuffix(REFILLED)}: kept {len(unchanged):,} vectors "
+        f"{choice.reason.removesuffix(REFILLED)}: kept {int(kept.sum()):,} vectors "
         f"as they were, encoding {len(changed):,} new or changed and dropping "
         f"{len(drop):,} without training"
     )
@@ -204,8 +206,12 @@ def record_keys(records: Iterable[ImageRecord]) -> np.ndarray:
     between processes, so keys are compared only within one.
     """
     return np.fromiter(
-        (hash((r.path, r.size, r.mtime_ns)) for r in records), dtype=np.int64
+        (_key(r.path, r.size, r.mtime_ns) for r in records), dtype=np.int64
     )
+
+
+def _key(path: str, size: int, mtime_ns: int) -> int:
+    return hash((path, size, mtime_ns))
 
 
 def select_by_keys(
@@ -227,7 +233,7 @@ def select_by_keys(
             continue
         known = {p: (size, mtime) for p, size, mtime in shard.info["records"]}
         here = np.fromiter(
-            (hash((p, *known.get(p, (-1, -1)))) for p in paths), dtype=np.int64
+            (_key(p, *known.get(p, (-1, -1))) for p in paths), dtype=np.int64
         )
         at = np.minimum(np.searchsorted(ordered, here), len(keys) - 1)
         which = order[at]

@@ -337,9 +337,6 @@ def run_build(
     summary.on_disk = choice.on_disk
     summary.search_params = built.search_params
     summary.quality = built.quality
-    summary.task_seconds.update(
-        {f"index {k}": v for k, v in built.task_seconds.items()}
-    )
 
     summary.indexed = built.count
     summary.embedded = sink.embedded
@@ -347,7 +344,7 @@ def run_build(
     summary.workers = dict(sink.by_worker)
     summary.task_seconds = {
         **{k: round(v, 3) for k, v in sink.task_seconds.items()},
-        **summary.task_seconds,
+        **{f"index {k}": v for k, v in built.task_seconds.items()},
     }
     summary.shards = len(shards)
     summary.seconds = round(time.perf_counter() - started, 3)

@@ -164,7 +164,7 @@ def copy_lists(index, source, drop: np.ndarray | None = None) -> int:
 
     dst, src = ivf_of(index), ivf_of(source)
     width = dst.code_size
-    drop = np.sort(np.asarray(drop if drop is not None else (), np.int64))
+    drop = np.asarray(drop if drop is not None else (), np.int64)
     copied = 0
     for ls in range(src.nlist):
         n = src.invlists.list_size(ls)
@@ -173,7 +173,7 @@ def copy_lists(index, source, drop: np.ndarray | None = None) -> int:
         ids = faiss.rev_swig_ptr(src.invlists.get_ids(ls), n)
         codes = faiss.rev_swig_ptr(src.invlists.get_codes(ls), n * width)
         if len(drop):
-            keep = ~np.isin(ids, drop, assume_unique=False)
+            keep = ~np.isin(ids, drop)
             ids = ids[keep]
             codes = codes.reshape(n, width)[keep]
         ids, codes = np.ascontiguousarray(ids), np.ascontiguousarray(codes)
