@@ -536,15 +536,16 @@ class _ProgressBar:
         """One bar per index stage: training can take minutes after the last image."""
         from pipeline.index_build import STEP_NAMES
 
+        words = STEP_NAMES.get(stage, stage)
         if stage != self.stage:
             self._close_bar()
             self.stage = stage
-            self._open(f"{self.label}: {STEP_NAMES.get(stage, stage)}", total)
+            self._open(f"{self.label}: {words}", total)
         self.bar.length = max(total, 1)
         self.bar.update(done - self.shown)
         self.shown = done
         if self.tracker:
-            self.tracker.step(self.label, STEP_NAMES.get(stage, stage), done, total)
+            self.tracker.step(self.label, words, done, total)
 
     def close(self, error: str | None = None) -> None:
         self._close_bar()

@@ -199,7 +199,6 @@ class Runner:
         wanted = list(futures)
         # Every submitted task counts, not only those gathered: the add tasks
         # finish long before the merge that depends on them.
-        self._count_finished()
         if self._running and not all(f.done() for f in wanted):
             for future in as_completed(list(self._running), loop=self.client.loop):
                 self._report(self._running.pop(future), 1)
