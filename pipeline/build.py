@@ -23,7 +23,7 @@ from pipeline.assemble import (
     run_index_build,
     select_rows,
 )
-from pipeline.config import config_value, seconds_value
+from pipeline.config import config_value, count_or_auto, seconds_value
 from pipeline.discover import (
     ImageRecord,
     check_dataset,
@@ -154,7 +154,8 @@ def run_build(
     started = time.perf_counter()
     spec = spec or ModelSpec.from_config()
     index = index or IndexRequest.from_config()
-    partition_size = int(config_value(partition_size, "imgindex.partition-size"))
+    # 0 (auto): the dispatcher sizes tasks for the workers' devices.
+    partition_size = count_or_auto(partition_size, "imgindex.partition-size")
     settings = DispatchSettings(
         retries=int(config_value(retries, "imgindex.retries")),
         timeout=seconds_value(task_timeout, "imgindex.task-timeout"),

@@ -8,6 +8,8 @@ from typing import Any
 import dask.config
 import yaml
 
+from pipeline.errors import ConfigError
+
 DEFAULTS_FILE = Path(__file__).with_name("imgindex.yaml")
 
 with DEFAULTS_FILE.open() as f:
@@ -32,3 +34,24 @@ def seconds_value(value: float | str | None, key: str) -> float:
     from dask.utils import parse_timedelta
 
     return float(parse_timedelta(config_value(value, key), default="seconds"))
+
+
+def count_or_auto(value: int | str | None, key: str) -> int:
+    """A count >= 1 from a flag or the config ``key``; "auto" is 0.
+
+    Raises
+    ------
+    ConfigError
+        Naming the flag, for anything else.
+    """
+    value = config_value(value, key)
+    if str(value).lower() == "auto":
+        return 0
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        count = 0
+    if count < 1:
+        flag = key.rsplit(".", 1)[-1]
+        raise ConfigError(f"--{flag} {value!r} is not auto or a whole number >= 1")
+    return count

@@ -40,13 +40,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.discover import Failure, ImageRecord
-from pipeline.embed import ModelSpec, PartitionResult, embed_partition
+from pipeline.embed import GPU_BATCH_SIZE, ModelSpec, PartitionResult, embed_partition
 from pipeline.errors import BuildFailed
 
 if TYPE_CHECKING:
     from distributed import Client
 
 logger = logging.getLogger(__name__)
+
+# Task sizes when imgindex.partition-size is auto: short on CPUs, so the last
+# tasks end together; on GPUs, long enough that refilling the decode pipeline
+# at each task's start (one batch) costs a few per cent at most.
+CPU_PARTITION_SIZE = 32
+GPU_PARTITION_BATCHES = 32
 
 Partition = Sequence[ImageRecord]
 ResultCallback = Callable[[Partition, PartitionResult], None]
@@ -130,8 +136,30 @@ class PartitionDispatcher:
                 "--gpu-resource"
             )
 
-    def partition_size(self, n_images: int, largest: int) -> int:
-        """Cut small jobs finer so that every worker thread gets work (2 tasks each)."""
+    def on_gpus(self) -> bool:
+        """Whether the workers that take our tasks run the model on GPUs.
+
+        Told by the spec's device, or by every such worker offering the
+        resource GPU (the README's layout for GPU nodes); a worker that
+        picks cuda by itself without saying so gets CPU-sized tasks.
+        """
+        if self.spec.device != "auto":
+            return self.spec.device == "cuda"
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        offers = [bool(w["resources"].get("GPU")) for w in workers]
+        return bool(offers) and (self.settings.gpu_resource or all(offers))
+
+    def partition_size(self, n_images: int, largest: int = 0) -> int:
+        """Images per task: at most ``largest`` (0: 32 on CPUs, 32 batches on
+        GPUs, so that a GPU's decode pipeline rarely drains between tasks);
+        small jobs are cut finer so that every worker thread gets 2 tasks."""
+        if largest <= 0:
+            if self.on_gpus():
+                largest = GPU_PARTITION_BATCHES * (
+                    self.spec.batch_size or GPU_BATCH_SIZE
+                )
+            else:
+                largest = CPU_PARTITION_SIZE
         per_task = -(-n_images // (2 * self.threads()))
         return max(1, min(largest, per_task))
 

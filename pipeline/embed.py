@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -13,8 +15,17 @@ import numpy as np
 from pipeline import __version__
 from pipeline.decode import center_crop, decode_image, load_rgb
 from pipeline.discover import Failure, ImageRecord, image_id
-from pipeline.errors import DecodeError, WorkerEnvironmentError
+from pipeline.errors import ConfigError, WorkerEnvironmentError
+from pipeline.feed import Batch, BatchFeed
 from pipeline.models import LoadedModel, get_model
+
+logger = logging.getLogger(__name__)
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+# Not yet measured on a GPU (none was lent to this project so far):
+# bench/gpu_throughput.py sweeps 64-512 and prints the best for the README.
+GPU_BATCH_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -22,14 +33,18 @@ class ModelSpec:
     """What client and workers must agree on; travels with every task.
 
     Workers never read these from their own config: a remote worker's YAML may
-    differ from the client's.
+    differ from the client's. ``batch_size`` and ``decode_threads`` of 0 and
+    ``precision`` "auto" are settled by each worker for its device
+    (:class:`Embedder`).
     """
 
     name: str = "efficientnet-lite0"
     device: str = "auto"
-    batch_size: int = 1
+    batch_size: int = 0
     max_pixels: int = 89_478_485
     imgindex_version: str = __version__
+    decode_threads: int = 0
+    precision: str = "auto"
 
     @classmethod
     def from_config(
@@ -37,20 +52,42 @@ class ModelSpec:
         model: str | None = None,
         device: str | None = None,
         batch_size: int | None = None,
+        decode_threads: int | None = None,
+        precision: str | None = None,
     ) -> ModelSpec:
         """The spec from flags, falling back to the ``imgindex`` config.
 
         The one place config becomes a spec: builds and searches alike (a query
         obeys the same ``max-image-pixels`` as an indexed image).
-        """
-        from pipeline.config import config_value
 
+        Raises
+        ------
+        ConfigError
+            Naming the option, for a value that is not one it takes.
+        """
+        from pipeline.config import config_value, count_or_auto
+
+        chosen = str(config_value(precision, "imgindex.precision")).lower()
+        if chosen not in ("auto", *PRECISIONS):
+            raise ConfigError(
+                f"--precision {chosen!r} is not one of auto, {', '.join(PRECISIONS)}"
+            )
         return cls(
             name=config_value(model, "imgindex.model"),
             device=config_value(device, "imgindex.device"),
-            batch_size=int(config_value(batch_size, "imgindex.batch-size")),
+            batch_size=count_or_auto(batch_size, "imgindex.batch-size"),
             max_pixels=int(config_value(None, "imgindex.max-image-pixels")),
+            decode_threads=count_or_auto(decode_threads, "imgindex.decode-threads"),
+            precision=chosen,
         )
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity (SLURM's
+    --cpus-per-task, taskset) and cgroup quota, as Dask counts them."""
+    from dask.system import CPU_COUNT
+
+    return max(1, CPU_COUNT)
 
 
 @dataclass
@@ -74,15 +111,33 @@ class PartitionResult:
 
 
 class Embedder:
-    """A loaded model plus its preprocessing: pixels in, unit vectors out."""
+    """A loaded model plus its preprocessing: pixels in, unit vectors out.
+
+    Settles what the spec left to "auto" for the device the model landed on:
+    on a GPU, batches of :data:`GPU_BATCH_SIZE` decoded by a thread per core
+    and fp16 autocast; on a CPU, batch 1 decoded inline and fp32 (fastest
+    there, bench/throughput.py).
+    """
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.model: LoadedModel = get_model(spec.name, spec.device)
+        gpu = self.model.device == "cuda"
+        self.batch_size = spec.batch_size or (GPU_BATCH_SIZE if gpu else 1)
+        self.decode_threads = spec.decode_threads or (usable_cores() if gpu else 1)
+        if spec.precision != "auto":
+            self.precision = spec.precision
+        else:
+            self.precision = "fp16" if gpu else "fp32"
+        self._norm: dict[str, object] = {}
 
     @property
     def dim(self) -> int:
         return self.model.dim
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.model.device == "cuda"
 
     def decode(self, path: str) -> np.ndarray:
         pre = self.model.preprocess
@@ -100,24 +155,113 @@ class Embedder:
         """Embed uint8 HxWx3 crops; returns float32 [n, dim] with unit rows."""
         import torch
 
-        if not pixels:
+        if not len(pixels):
             return np.zeros((0, self.dim), np.float32)
-        with torch.inference_mode():
-            out = self.model.forward(self.input_tensor(pixels))
-        return normalize_rows(out.float().cpu().numpy())
+        return self.finish(self.start(torch.from_numpy(np.stack(pixels))))
 
-    def input_tensor(self, pixels: Sequence[np.ndarray]):
-        """Stack uint8 HxWx3 crops into the normalised NCHW batch the model takes."""
+    def start(self, pixels) -> _InFlight:
+        """Send a uint8 [n, H, W, 3] batch through the model.
+
+        On a GPU this returns as soon as the work is queued (the copy in is
+        non-blocking when ``pixels`` is pinned, the copy out lands in pinned
+        memory), so the caller can prepare the next batch meanwhile;
+        :meth:`finish` waits for it.
+        """
         import torch
 
-        pre = self.model.preprocess
-        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
-        x = (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(
-            1, 3, 1, 1
+        with torch.inference_mode():
+            try:
+                out = self._forward(pixels, self.precision)
+            except torch.OutOfMemoryError:
+                if len(pixels) < 2:
+                    raise
+                return self._in_halves(pixels)
+            if not self.on_gpu:
+                return _InFlight(pixels, out)
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return _InFlight(pixels, host, done)
+
+    def _in_halves(self, pixels) -> _InFlight:
+        """A batch too big for the GPU's free memory, run as two (and so on)."""
+        import torch
+
+        if self.on_gpu:
+            torch.cuda.empty_cache()
+        logger.warning(
+            "%s: out of GPU memory on a batch of %d; running it in halves (a "
+            "smaller --batch-size avoids the retry)",
+            self.model.name,
+            len(pixels),
         )
+        half = len(pixels) // 2
+        parts = [self.finish(self.start(p)) for p in (pixels[:half], pixels[half:])]
+        return _InFlight(pixels, torch.from_numpy(np.concatenate(parts)))
+
+    def finish(self, flight: _InFlight) -> np.ndarray:
+        """The unit vectors of a batch passed to :meth:`start`."""
+        if flight.done is not None:
+            flight.done.synchronize()
+        vectors = flight.output.numpy()
+        if self.precision != "fp32" and not np.isfinite(vectors).all():
+            # fp16 overflowed somewhere in the network: this batch again in fp32.
+            logger.warning(
+                "%s: %s gave non-finite values; batch recomputed in fp32",
+                self.model.name,
+                self.precision,
+            )
+            import torch
+
+            with torch.inference_mode():
+                vectors = self._forward(flight.pixels, "fp32").cpu().numpy()
+        return normalize_rows(vectors)
+
+    def _forward(self, pixels, precision: str):
+        import torch
+
+        x = self.input_tensor(pixels)
+        if precision == "fp32":
+            return self.model.forward(x).float()
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        with torch.autocast(self.model.device, dtype=dtype):
+            return self.model.forward(x).float()
+
+    def input_tensor(self, pixels):
+        """The normalised NCHW batch the model takes, on its device, from uint8
+        HxWx3 crops (a sequence, or a [n, H, W, 3] tensor, pinned or not)."""
+        import torch
+
+        if not isinstance(pixels, torch.Tensor):
+            pixels = torch.from_numpy(np.stack(pixels))
+        # Scaled on the device: a quarter of the bytes cross the bus as uint8.
+        x = pixels.to(self.model.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        mean, std = self._mean_std()
+        x = (x - mean) / std
         if self.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x.to(self.model.device)
+        return x
+
+    def _mean_std(self):
+        import torch
+
+        if not self._norm:
+            pre = self.model.preprocess
+            for key, values in (("mean", pre.mean), ("std", pre.std)):
+                self._norm[key] = (
+                    torch.tensor(values).view(1, 3, 1, 1).to(self.model.device)
+                )
+        return self._norm["mean"], self._norm["std"]
+
+
+@dataclass
+class _InFlight:
+    """A batch on its way through the model (see :meth:`Embedder.start`)."""
+
+    pixels: object  # the input, kept for a recomputation in fp32
+    output: object  # float32 [n, dim], on the host once ``done``
+    done: object = None  # a CUDA event; None on CPU (already done)
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -161,51 +305,84 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
         )
     embedder = Embedder(spec)
     meter = _meter()
-    ids: list[int] = []
-    paths: list[str] = []
-    chunks: list[np.ndarray] = []
-    failures: list[Failure] = []
-    batch: list[np.ndarray] = []
     timings = {"decode": 0.0, "preprocess": 0.0, "model": 0.0}
+    timings_lock = threading.Lock()
 
-    def flush() -> None:
-        t = time.perf_counter()
-        with meter("model"):
-            chunks.append(embedder.embed_pixels(batch))
-        timings["model"] += time.perf_counter() - t
-        batch.clear()
-
-    for rel in relpaths:
-        t = time.perf_counter()
+    def decode(rel: str) -> np.ndarray:
+        # Dask's meters see only the task's own thread (one decode thread);
+        # from a pool, the wait for each batch is metered instead (_metered).
+        t0 = time.perf_counter()
+        t1 = None
         try:
             with meter("decode"):
                 image = embedder.load(os.path.join(root, rel))
-        except DecodeError as e:
-            failures.append(Failure(rel, e.reason))
-            continue
+            t1 = time.perf_counter()
+            with meter("preprocess"):
+                pixels = embedder.crop(image)
         finally:
-            timings["decode"] += time.perf_counter() - t
+            t2 = time.perf_counter()
+            with timings_lock:
+                timings["decode"] += (t1 or t2) - t0
+                timings["preprocess"] += t2 - (t1 or t2)
+        return pixels
+
+    crop = embedder.model.preprocess.crop
+    feed = BatchFeed(
+        relpaths,
+        decode,
+        (crop, crop, 3),
+        embedder.batch_size,
+        threads=embedder.decode_threads,
+        pin=embedder.on_gpu,
+    )
+    paths: list[str] = []
+    chunks: list[np.ndarray] = []
+    failures: list[Failure] = []
+    waited = 0.0
+    # One batch stays in flight while the next is handed to the model, so a
+    # GPU always has queued work (the feed keeps two batches' buffers for it).
+    flight = None
+    for batch in _metered(feed, meter):
+        waited += batch.wait_seconds
+        failures.extend(batch.failures)
         t = time.perf_counter()
-        with meter("preprocess"):
-            batch.append(embedder.crop(image))
-        timings["preprocess"] += time.perf_counter() - t
-        ids.append(image_id(rel))
-        paths.append(rel)
-        if len(batch) >= spec.batch_size:
-            flush()
-    if batch:
-        flush()
+        with meter("model"):
+            started = embedder.start(batch.pixels) if batch.paths else None
+            if flight is not None:
+                chunks.append(embedder.finish(flight))
+        timings["model"] += time.perf_counter() - t
+        flight = started
+        paths.extend(batch.paths)
+    if flight is not None:
+        t = time.perf_counter()
+        with meter("model"):
+            chunks.append(embedder.finish(flight))
+        timings["model"] += time.perf_counter() - t
+    if embedder.decode_threads > 1:
+        # Thread-seconds in the pool; "decode-wait" is what the model lost to them.
+        timings["decode-wait"] = waited
     vectors = (
         np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float32)
     )
     return PartitionResult(
-        ids=np.asarray(ids, dtype=np.int64),
+        ids=np.asarray([image_id(rel) for rel in paths], dtype=np.int64),
         paths=paths,
         vectors=vectors,
         failures=failures,
         worker=_worker_address(),
         timings=timings,
     )
+
+
+def _metered(feed: BatchFeed, meter) -> Iterator[Batch]:
+    """The feed's batches, the time spent waiting for each metered as decode."""
+    batches = iter(feed)
+    while True:
+        with meter("decode"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
 
 
 def _meter():

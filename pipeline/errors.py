@@ -46,3 +46,7 @@ class InvalidSchedulerAddress(ImgindexError):
 
 class WorkerEnvironmentError(ImgindexError):
     """A worker lacks imgindex or runs package versions the client cannot work with."""
+
+
+class ConfigError(ImgindexError, ValueError):
+    """A flag or ``imgindex.*`` setting holds a value it does not take."""

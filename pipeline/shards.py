@@ -52,8 +52,10 @@ SUFFIX = ".npz"
 def spec_key(spec: ModelSpec) -> str:
     """What a shard's vectors depend on: model, preprocessing limits, version."""
     fields = dataclasses.asdict(spec)
-    # The batch size and the device change neither the vectors nor the index.
-    for irrelevant in ("batch_size", "device"):
+    # How a worker runs the model changes neither the vectors (beyond the
+    # rounding of fp16, cosine >= 0.999) nor the index; leaving these out also
+    # keeps the shards of versions before them valid.
+    for irrelevant in ("batch_size", "device", "decode_threads", "precision"):
         fields.pop(irrelevant, None)
     text = json.dumps(fields, sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()

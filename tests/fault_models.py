@@ -66,3 +66,28 @@ class RegisterFaultModels(WorkerPlugin):
 
     def setup(self, worker) -> None:
         pass
+
+
+@loader("test-overflow")
+def _overflow(name: str, device: str) -> LoadedModel:
+    """A linear head whose outputs (~1e5) are finite in fp32 and inf in fp16."""
+    weight = torch.full((4, 6), 4e4)
+    weight[1] *= -1
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        feats = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3)) + 1.0], dim=1)
+        return torch.nn.functional.linear(feats, weight)
+
+    return LoadedModel(name, forward, Preprocess(), device, 0)
+
+
+@loader("test-oom")
+def _oom(name: str, device: str) -> LoadedModel:
+    """Runs out of (pretend) GPU memory on batches of more than 2 images."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError(f"batch of {x.shape[0]} does not fit")
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3)) + 1e-3], dim=1)
+
+    return LoadedModel(name, forward, Preprocess(), device, 0)

@@ -46,7 +46,7 @@ def test_every_yaml_key_has_a_comment():
 
 
 def test_precedence_flag_over_config(monkeypatch):
-    assert config_value(None, "imgindex.partition-size") == 32
+    assert config_value(None, "imgindex.partition-size") == "auto"
     with dask.config.set({"imgindex.partition-size": 8}):
         assert config_value(None, "imgindex.partition-size") == 8
         assert config_value(16, "imgindex.partition-size") == 16

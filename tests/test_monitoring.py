@@ -138,7 +138,7 @@ def test_dask_cli_has_imgindex_and_its_config():
         capture_output=True,
         text=True,
     )
-    assert cfg.stdout.strip() == "32"
+    assert cfg.stdout.strip() == "auto"
 
 
 def test_status_doubts_a_progress_file_nobody_updates(tmp_path):
