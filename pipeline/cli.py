@@ -198,6 +198,43 @@ def _index_request(index_type, max_index_memory, recall_target):
         raise click.UsageError(str(e)) from None
 
 
+def _model_options(f):
+    """The flags that say which model runs how: build and doctor take them."""
+    options = [
+        click.option("--model", default=None, help="Embedding model [imgindex.model]."),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default=None,
+            help="Where workers run the model [imgindex.device].",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Images per forward pass (default: 1 on CPU, 128 on a GPU) "
+            "[imgindex.batch-size].",
+        ),
+        click.option(
+            "--decode-threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Threads decoding images in each task (default: 1 on CPU, "
+            "the worker's cores on a GPU) [imgindex.decode-threads].",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "fp16", "bf16"], case_sensitive=False),
+            default=None,
+            help="Arithmetic of the model (default: fp16 autocast on a GPU, "
+            "fp32 on CPU) [imgindex.precision].",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _check_scheduler_options(scheduler, scheduler_file) -> None:
     if scheduler and scheduler_file:
         raise click.BadParameter(
@@ -253,13 +290,7 @@ def _connect(
     help="Root folder; each dataset's index goes to OUT/<dataset name>/.",
 )
 @_scheduler_options
-@click.option("--model", default=None, help="Embedding model [imgindex.model].")
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default=None,
-    help="Where workers run the model [imgindex.device].",
-)
+@_model_options
 @click.option(
     "--gpu-resource",
     is_flag=True,
@@ -292,12 +323,6 @@ def _connect(
     type=click.IntRange(min=1),
     default=None,
     help="Images per task [imgindex.partition-size].",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Images per forward pass [imgindex.batch-size].",
 )
 @click.option(
     "--retries",
@@ -346,6 +371,8 @@ def build(
     worker_wait,
     partition_size,
     batch_size,
+    decode_threads,
+    precision,
     retries,
     task_timeout,
     index_type,
@@ -360,6 +387,7 @@ def build(
     from cluster.shared import workers_without
     from cluster.worker import setup_workers
     from pipeline.build import run_build
+    from pipeline.config import count_or_auto
     from pipeline.embed import ModelSpec
     from pipeline.errors import ImgindexError
     from pipeline.models import get_model
@@ -369,11 +397,17 @@ def build(
     _check_scheduler_options(scheduler, scheduler_file)
     _check_duration(task_timeout, "--task-timeout", "imgindex.task-timeout")
     _check_duration(worker_wait, "--worker-wait", "imgindex.worker-wait")
+    try:
+        spec = ModelSpec.from_config(
+            model, device, batch_size, decode_threads, precision
+        )
+        count_or_auto(partition_size, "imgindex.partition-size")  # a bad value, now
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     request = _index_request(index_type, max_index_memory, recall_target)
     roots = _check_datasets(datasets, name)
     names = [name] if name else [r.name for r in roots]
     _check_writable(out)
-    spec = ModelSpec.from_config(model, device, batch_size)
     model_dim = get_model(spec.name, "cpu").dim  # fail fast on an unknown model
     _check_index_type(request, model_dim)
     tracker = ProgressFile(progress_file, names) if progress_file else None
@@ -834,14 +868,29 @@ def status(progress_file, as_json):
 
 @cli.command()
 @_scheduler_options
-@click.option("--model", default=None, help="Model to test-embed [imgindex.model].")
+@_model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
-def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
+def doctor(
+    scheduler,
+    scheduler_file,
+    no_fallback,
+    model,
+    device,
+    batch_size,
+    decode_threads,
+    precision,
+    as_json,
+):
     """Check the cluster: reachable, workers, versions, a timed test embedding."""
     from cluster.doctor import check_cluster
     from pipeline.embed import ModelSpec
 
-    spec = ModelSpec.from_config(model)
+    try:
+        spec = ModelSpec.from_config(
+            model, device, batch_size, decode_threads, precision
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     strict_by_user = bool(no_fallback)
     if (scheduler or scheduler_file) and no_fallback is None:
         no_fallback = True  # doctor reports on the cluster asked for, not a stand-in
@@ -864,8 +913,22 @@ def doctor(scheduler, scheduler_file, no_fallback, model, as_json):
                     f"  ok    {w['address']}: {w['threads']} threads, "
                     f"{_gib(w['memory_limit'])} memory, {w['device']}, model load "
                     f"{w['load_seconds']:.2f} s, test embedding "
-                    f"{w['embed_seconds'] * 1000:.0f} ms"
+                    f"{w['embed_seconds'] * 1000:.0f} ms, batch of "
+                    f"{w['batch_size']} in {w['batch_seconds'] * 1000:.0f} ms "
+                    f"({w['images_per_second']:.0f} images/s, {w['precision']}, "
+                    f"{w['decode_threads']} decode threads)"
                 )
+                if "gpu" in w:
+                    click.echo(
+                        f"        GPU {w['gpu']}: {_gib(w['gpu_memory_free'])} of "
+                        f"{_gib(w['gpu_memory_total'])} free, the batch took "
+                        f"{_gib(w['gpu_memory_peak'])}"
+                    )
+                if "cosine_vs_fp32" in w:
+                    click.echo(
+                        f"        {w['precision']} against fp32: cosine "
+                        f"{w['cosine_vs_fp32']:.5f} at worst"
+                    )
             else:
                 click.echo(f"  FAIL  {w['address']}: {w.get('error', 'bad embedding')}")
         for text in report["problems"]:
