@@ -275,3 +275,28 @@ def test_a_batch_too_big_for_the_gpu_runs_in_halves():
     whole = embedder.embed_pixels(pixels)  # 7 -> 3 + 4 -> 1 + 2 + 2 + 2
     one_by_one = np.concatenate([embedder.embed_pixels([p]) for p in pixels])
     np.testing.assert_allclose(whole, one_by_one, rtol=1e-6)
+
+
+def test_a_build_with_gpu_settings_on_cpu_workers_indexes_the_same(
+    client, dataset, tmp_path
+):
+    # The threaded path inside real Dask worker processes, bad files included:
+    # the same images indexed, the same failures, the same vectors.
+    from pipeline.build import run_build
+    from pipeline.store import read_index_dir
+    from tests.conftest import write_bad_files
+
+    bad = write_bad_files(dataset)
+    plain = run_build(client, dataset, tmp_path / "plain", spec=ModelSpec(device="cpu"))
+    tuned_spec = ModelSpec(device="cpu", batch_size=6, decode_threads=2)
+    tuned = run_build(client, dataset, tmp_path / "tuned", spec=tuned_spec)
+    assert tuned.indexed == plain.indexed > 0
+    assert {f["path"] for f in tuned.failed} == {f["path"] for f in plain.failed}
+    assert {f["path"] for f in tuned.failed} == set(bad)
+    assert "decode-wait" in tuned.task_seconds
+    a = read_index_dir(tmp_path / "plain" / "beach")
+    b = read_index_dir(tmp_path / "tuned" / "beach")
+    ids = np.array(sorted(r.id for r in a.manifest))
+    assert np.array_equal(ids, np.array(sorted(r.id for r in b.manifest)))
+    cosine = np.sum(a.index.reconstruct_batch(ids) * b.index.reconstruct_batch(ids), 1)
+    assert cosine.min() > 0.99999
