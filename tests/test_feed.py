@@ -284,7 +284,7 @@ def test_a_build_with_gpu_settings_on_cpu_workers_indexes_the_same(
     # the same images indexed, the same failures, the same vectors.
     from pipeline.build import run_build
     from pipeline.store import read_index_dir
-    from tests.conftest import write_bad_files
+    from conftest import write_bad_files
 
     bad = write_bad_files(dataset)
     plain = run_build(client, dataset, tmp_path / "plain", spec=ModelSpec(device="cpu"))
