@@ -282,9 +282,9 @@ def test_a_build_with_gpu_settings_on_cpu_workers_indexes_the_same(
 ):
     # The threaded path inside real Dask worker processes, bad files included:
     # the same images indexed, the same failures, the same vectors.
+    from conftest import write_bad_files
     from pipeline.build import run_build
     from pipeline.store import read_index_dir
-    from conftest import write_bad_files
 
     bad = write_bad_files(dataset)
     plain = run_build(client, dataset, tmp_path / "plain", spec=ModelSpec(device="cpu"))
