@@ -198,6 +198,18 @@ def _index_request(index_type, max_index_memory, recall_target):
         raise click.UsageError(str(e)) from None
 
 
+def _model_spec(model, device, batch_size, decode_threads, precision):
+    """The model flags of build and doctor as a spec; a bad value is a usage error."""
+    from pipeline.embed import ModelSpec
+
+    try:
+        return ModelSpec.from_config(
+            model, device, batch_size, decode_threads, precision
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
 def _model_options(f):
     """The flags that say which model runs how: build and doctor take them."""
     options = [
@@ -388,7 +400,6 @@ def build(
     from cluster.worker import setup_workers
     from pipeline.build import run_build
     from pipeline.config import count_or_auto
-    from pipeline.embed import ModelSpec
     from pipeline.errors import ImgindexError
     from pipeline.models import get_model
     from pipeline.progress import ProgressFile
@@ -397,10 +408,8 @@ def build(
     _check_scheduler_options(scheduler, scheduler_file)
     _check_duration(task_timeout, "--task-timeout", "imgindex.task-timeout")
     _check_duration(worker_wait, "--worker-wait", "imgindex.worker-wait")
+    spec = _model_spec(model, device, batch_size, decode_threads, precision)
     try:
-        spec = ModelSpec.from_config(
-            model, device, batch_size, decode_threads, precision
-        )
         count_or_auto(partition_size, "imgindex.partition-size")  # a bad value, now
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -883,14 +892,8 @@ def doctor(
 ):
     """Check the cluster: reachable, workers, versions, a timed test embedding."""
     from cluster.doctor import check_cluster
-    from pipeline.embed import ModelSpec
 
-    try:
-        spec = ModelSpec.from_config(
-            model, device, batch_size, decode_threads, precision
-        )
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+    spec = _model_spec(model, device, batch_size, decode_threads, precision)
     strict_by_user = bool(no_fallback)
     if (scheduler or scheduler_file) and no_fallback is None:
         no_fallback = True  # doctor reports on the cluster asked for, not a stand-in
