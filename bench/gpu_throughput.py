@@ -236,42 +236,9 @@ def model_only(model: Model, batch: int, seconds: float = 5.0) -> float:
 # -- 2. imgindex build ------------------------------------------------------------
 
 
-class DaskProcesses:
-    """A real `dask scheduler` and one GPU worker, as the README lays them out."""
-
-    def __init__(self, folder: Path, device: str):
-        self.folder = folder
-        self.scheduler_file = folder / "scheduler.json"
-        bin_dir = Path(sys.executable).parent
-        dask = str(bin_dir / "dask")
-        where = ["--scheduler-file", str(self.scheduler_file)]
-        local = "--host 127.0.0.1 --port 0 --dashboard-address 127.0.0.1:0".split()
-        self.procs = [self._spawn([dask, "scheduler", *local, *where], "scheduler")]
-        deadline = time.monotonic() + 60
-        while not self.scheduler_file.exists():
-            if time.monotonic() > deadline:
-                raise SystemExit("dask scheduler did not start (see its log)")
-            time.sleep(0.2)
-        env = dict(os.environ)
-        if device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        gpu = "--nthreads 1 --resources GPU=1 --name gpu0".split()
-        self.procs.append(self._spawn([dask, "worker", *where, *gpu], "worker", env))
-
-    def _spawn(self, cmd, name, env=None):
-        log = open(self.folder / f"{name}.log", "w")
-        return subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
-
-    def close(self):
-        for p in reversed(self.procs):
-            p.terminate()
-        for p in self.procs:
-            p.wait(timeout=30)
-
-
-def imgindex_build(data: Path, out: Path, cluster: DaskProcesses, args, batch) -> dict:
+def imgindex_build(data: Path, out: Path, scheduler_file: Path, args, batch) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "build", str(data), "--out", str(out)]
-    cmd += ["--scheduler-file", str(cluster.scheduler_file), "--device", args.device]
+    cmd += ["--scheduler-file", str(scheduler_file), "--device", args.device]
     cmd += "--gpu-resource --rebuild --json --index-type flat".split()
     if batch:
         cmd += ["--batch-size", str(batch)]
@@ -306,6 +273,8 @@ def imgindex_build(data: Path, out: Path, cluster: DaskProcesses, args, batch) -
 
 
 def main() -> None:
+    from bench.processes import DaskProcesses
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -351,12 +320,14 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     runs = []
-    cluster = DaskProcesses(args.work, args.device)
+    # One GPU worker, as the README lays out a GPU node.
+    gpu = "--nthreads 1 --resources GPU=1 --name gpu0".split()
+    hidden = {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None
+    cluster = DaskProcesses(args.work, gpu, 1, hidden)
     try:
-        time.sleep(3)
         for batch in dict.fromkeys([best["batch"], 0]):
             out = args.work / "out"
-            run = imgindex_build(photos, out, cluster, args, batch)
+            run = imgindex_build(photos, out, cluster.scheduler_file, args, batch)
             runs.append(run)
             print(
                 f"imgindex batch {run['batch']}: steady {run['steady']:8.1f} images/s, "

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 PER_SHARD = 10_000
 WORKERS = 2  # one-thread `dask worker` processes, one per core here
+WORKER_ARGS = ["--nworkers", str(WORKERS), "--nthreads", "1", "--memory-limit", "0"]
 TOPICS = 200  # broad subjects ...
 PER_TOPIC = 10  # ... each with sub-clusters of uneven size and spread
 
@@ -162,43 +163,6 @@ def _in_subprocess(fn: str, *args: str) -> dict:
     if out.returncode:
         raise SystemExit(f"{fn} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-class Cluster:
-    """A real `dask scheduler` and 2 one-thread `dask worker` processes."""
-
-    def __init__(self, folder: Path):
-        self.file = folder / "scheduler.json"
-        self.procs = []
-        dask = str(Path(sys.executable).with_name("dask"))
-        self.procs.append(
-            subprocess.Popen(
-                [dask, "scheduler", "--host", "127.0.0.1", "--port", "0",
-                 "--dashboard-address", "127.0.0.1:0",
-                 "--scheduler-file", str(self.file)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
-        while not self.file.exists():
-            time.sleep(0.2)
-        self.procs.append(
-            subprocess.Popen(
-                [dask, "worker", "--scheduler-file", str(self.file),
-                 "--nworkers", str(WORKERS), "--nthreads", "1", "--memory-limit", "0",
-                 "--host", "127.0.0.1"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
-        from distributed import Client
-
-        with Client(scheduler_file=str(self.file)) as c:
-            c.wait_for_workers(WORKERS, timeout=120)
-            self.address = c.scheduler.address
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            p.terminate()
-            p.wait(30)
 
 
 # The cluster the README projects onto: one common HPC allocation. Change these
@@ -340,6 +304,8 @@ def project(rows: list[dict], n: int, nodes: int, cores: int, memory: int) -> No
 
 
 def main() -> None:
+    from bench.processes import DaskProcesses
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,300000,1000000")
     parser.add_argument("--dim", type=int, default=1280)
@@ -380,7 +346,7 @@ def main() -> None:
             )
         else:
             forget_index(dest)
-        cluster = Cluster(work)
+        cluster = DaskProcesses(work, WORKER_ARGS, WORKERS)
         try:
             built = _in_subprocess("reindex", str(dest), cluster.address)
         finally:

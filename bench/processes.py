@@ -1,0 +1,62 @@
+"""A real `dask scheduler` and `dask worker` processes on 127.0.0.1, for the benches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class DaskProcesses:
+    """A scheduler on a free loopback port and one `dask worker` command.
+
+    ``worker_args`` are that command's options (``--nworkers``, ``--nthreads``,
+    ``--resources`` ...); ``n_workers`` is how many workers it starts, waited
+    for. Logs go to ``folder``/scheduler.log and workers.log.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        worker_args: list[str],
+        n_workers: int = 1,
+        env: dict[str, str] | None = None,
+    ):
+        self.folder = folder
+        self.scheduler_file = folder / "scheduler.json"
+        self.scheduler_file.unlink(missing_ok=True)  # a stale one from a last run
+        dask = str(Path(sys.executable).with_name("dask"))
+        where = ["--scheduler-file", str(self.scheduler_file)]
+        local = "--host 127.0.0.1 --port 0 --dashboard-address 127.0.0.1:0".split()
+        self.procs = [self._spawn([dask, "scheduler", *local, *where], "scheduler")]
+        deadline = time.monotonic() + 60
+        while not self.scheduler_file.exists():
+            if time.monotonic() > deadline:
+                self.close()
+                raise SystemExit(f"dask scheduler did not start (see {folder})")
+            time.sleep(0.2)
+        worker_env = {**os.environ, **(env or {})}
+        self.procs.append(
+            self._spawn(
+                [dask, "worker", *where, "--host", "127.0.0.1", *worker_args],
+                "workers",
+                worker_env,
+            )
+        )
+        from distributed import Client
+
+        with Client(scheduler_file=str(self.scheduler_file)) as c:
+            c.wait_for_workers(n_workers, timeout=120)
+            self.address = c.scheduler.address
+
+    def _spawn(self, cmd: list[str], name: str, env=None) -> subprocess.Popen:
+        with open(self.folder / f"{name}.log", "w") as log:
+            return subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=30)
