@@ -15,6 +15,9 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _WHITE = (255, 255, 255)
+_ORIENTATION = 0x0112  # EXIF tag
+_QUARTER_TURNS = {5, 6, 7, 8}  # orientations that swap width and height
+ORIGINAL_SIZE = "imgindex_original_size"  # key in a loaded image's .info
 
 
 def decode_image(
@@ -70,8 +73,12 @@ def load_rgb(
                 # shorter side still covers `resize` after EXIF rotation.
                 im.draft("RGB", (resize, resize))
             im.load()
+            if im.getexif().get(_ORIENTATION, 1) in _QUARTER_TURNS:
+                w, h = h, w
             im = ImageOps.exif_transpose(im)
             rgb = to_rgb(im)
+            # The size before draft mode shrank it, for image_traits().
+            rgb.info[ORIGINAL_SIZE] = (w, h)
     except DecodeError:
         raise
     except FileNotFoundError:

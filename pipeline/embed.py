@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import __version__
-from pipeline.decode import center_crop, decode_image, load_rgb
+from pipeline.decode import ORIGINAL_SIZE, center_crop, decode_image, load_rgb
 from pipeline.discover import Failure, ImageRecord, image_id
 from pipeline.errors import ConfigError, WorkerEnvironmentError
 from pipeline.feed import Batch, BatchFeed
 from pipeline.models import LoadedModel, get_model
+from pipeline.traits import TRAITS, image_traits, sample_hash
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class PartitionResult:
     # (pipeline/shards.py).
     shard: str = ""
     n_embedded: int = 0
+    # pipeline.traits.TRAITS rows aligned with ids; None for vectors that
+    # came from elsewhere than images (old indexes, generated ones).
+    traits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.n_embedded = self.n_embedded or len(self.ids)
@@ -293,6 +297,7 @@ def embed_partition(
         result.vectors = np.zeros((0, result.vectors.shape[1]), np.float32)
         result.ids = np.zeros(0, np.int64)
         result.paths = []
+        result.traits = None
     return result
 
 
@@ -307,6 +312,7 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
     meter = _meter()
     timings = {"decode": 0.0, "preprocess": 0.0, "model": 0.0}
     timings_lock = threading.Lock()
+    traits: dict[str, np.ndarray] = {}
 
     def decode(rel: str) -> np.ndarray:
         # Dask's meters see only the task's own thread (one decode thread);
@@ -315,10 +321,18 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
         t1 = None
         try:
             with meter("decode"):
-                image = embedder.load(os.path.join(root, rel))
+                path = os.path.join(root, rel)
+                image = embedder.load(path)
             t1 = time.perf_counter()
             with meter("preprocess"):
                 pixels = embedder.crop(image)
+                row = image_traits(image, image.info.get(ORIGINAL_SIZE), pixels)
+                try:
+                    row["content"] = sample_hash(path)
+                except OSError:
+                    pass  # deleted since it was decoded: 0 never matches
+            with timings_lock:
+                traits[rel] = row
         finally:
             t2 = time.perf_counter()
             with timings_lock:
@@ -371,6 +385,7 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
         failures=failures,
         worker=_worker_address(),
         timings=timings,
+        traits=np.array([traits[rel] for rel in paths], dtype=TRAITS),
     )
 
 

@@ -4,6 +4,9 @@ A shard is a NumPy ``.npz`` archive, readable with ``numpy.load`` alone:
 
 - ``ids``      int64 [n]: image ids (63-bit hash of the dataset-relative path);
 - ``vectors``  float32 [n, d]: L2-normalised embeddings, row i belongs to ids[i];
+- ``traits``   :data:`pipeline.traits.TRAITS` [n]: size, perceptual hashes and
+  grey-level statistics of each image (shards written before imgindex 0.x
+  measured them, and shards of vectors not made from images, lack it);
 - ``info``     uint8 [k]: UTF-8 JSON ``{"format", "spec", "records", "paths",
   "dim", "failures", "worker", "timings"}``; ``records`` are the ``[path, size,
   mtime_ns]`` of every image the partition covered (failed ones too), so a
@@ -39,6 +42,7 @@ import numpy as np
 
 from pipeline.atomic import save_array_file
 from pipeline.discover import Failure, ImageRecord
+from pipeline.traits import TRAITS
 
 if TYPE_CHECKING:
     from pipeline.embed import ModelSpec, PartitionResult
@@ -90,6 +94,28 @@ class Shard:
             raise ValueError(f"{self.path.name}: ids, vectors and paths disagree")
         return ids, vectors
 
+    def traits(self) -> np.ndarray | None:
+        """The images' :data:`~pipeline.traits.TRAITS` rows, or None if not stored.
+
+        Raises
+        ------
+        OSError, ValueError, zipfile.BadZipFile
+            If the file is damaged.
+        """
+        traits = load_traits(self.path)
+        if traits is not None and len(traits) != len(self.info["paths"]):
+            raise ValueError(f"{self.path.name}: traits and paths disagree")
+        return traits
+
+
+def load_traits(path: str | os.PathLike) -> np.ndarray | None:
+    """A shard file's traits rows, or None if it has none (see :meth:`Shard.traits`)."""
+    with np.load(path) as data:
+        if "traits" not in data.files:
+            return None
+        traits = data["traits"]
+    return traits if traits.dtype == TRAITS else None  # None: another version's
+
 
 def write_shard(
     folder: str | os.PathLike,
@@ -113,14 +139,17 @@ def write_shard(
     text = json.dumps(info, ensure_ascii=True).encode()
     digest = hashlib.blake2b(text, digest_size=12)
     digest.update(np.ascontiguousarray(result.vectors).tobytes())
+    arrays = {
+        "ids": np.asarray(result.ids, np.int64),
+        "vectors": np.asarray(result.vectors, np.float32),
+    }
+    if result.traits is not None:
+        traits = np.ascontiguousarray(result.traits, TRAITS)
+        arrays["traits"] = traits  # a structured .npy member: no pickle needed
+        digest.update(traits.tobytes())
     name = f"{digest.hexdigest()}{SUFFIX}"
     blob = np.frombuffer(text, dtype=np.uint8)
-    save_array_file(
-        folder / name,
-        ids=np.asarray(result.ids, np.int64),
-        vectors=np.asarray(result.vectors, np.float32),
-        info=blob,
-    )
+    save_array_file(folder / name, info=blob, **arrays)
     return name
 
 

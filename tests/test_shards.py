@@ -57,7 +57,7 @@ def test_tasks_return_counts_not_vectors(process_cluster, dataset, tmp_path):
     paths = []
     for result in returned:
         with np.load(shard_dir / result.shard) as data:
-            assert set(data.files) == {"ids", "vectors", "info"}
+            assert set(data.files) == {"ids", "vectors", "info", "traits"}
             paths += json.loads(data["info"].tobytes())["paths"]
     assert sorted(paths) == sorted(r.path for r in records)
 
