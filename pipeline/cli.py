@@ -806,6 +806,21 @@ def info(index_dir, as_json):
         click.echo(f"  ... and {len(stored.failures) - 20} more (--json lists all)")
 
 
+def _client_seeing(conn, where: Path, fallback_words: str):
+    """The cluster's client if all its workers see ``where``'s folder, else None."""
+    from cluster.shared import workers_without
+
+    click.echo(f"cluster: {conn.reason}", err=True)
+    blind = workers_without(conn.client, where.parent)
+    if blind:
+        click.echo(
+            f"{fallback_words}: {len(blind)} worker(s) cannot see {_shown(str(where))}",
+            err=True,
+        )
+        return None
+    return conn.client
+
+
 @cli.command()
 @click.argument("index_dir", type=click.Path(path_type=Path))
 @_scheduler_options
@@ -827,7 +842,6 @@ def reindex(
     The index is trained, filled and merged on the cluster's workers when
     they see INDEX_DIR, else here. --index-type switches the index's type.
     """
-    from cluster.shared import workers_without
     from pipeline.reindex import reindex as rebuild_from_shards
     from pipeline.store import read_meta
 
@@ -836,15 +850,7 @@ def reindex(
     where = Path(index_dir).resolve()
     _check_index_type(request, meta.dim)
     with _connect(scheduler, scheduler_file, no_fallback) as conn:
-        click.echo(f"cluster: {conn.reason}", err=True)
-        blind = workers_without(conn.client, where.parent)
-        client = None if blind else conn.client
-        if blind:
-            click.echo(
-                f"index built here: {len(blind)} worker(s) cannot see "
-                f"{_shown(str(where))}",
-                err=True,
-            )
+        client = _client_seeing(conn, where, "index built here")
         bar = _ProgressBar(meta.name, None)
         try:
             summary = rebuild_from_shards(where, request, client, bar.index_step)
@@ -858,6 +864,110 @@ def reindex(
         f"{summary['shards']} shards in {summary['seconds']:.1f} s"
     )
     _print_index_lines(summary)
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@_scheduler_options
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Cosine two neighbours must reach to be compared [imgindex.duplicates."
+    "threshold: 0.5].",
+)
+@click.option(
+    "--criterion",
+    type=click.Choice(["copy", "cosine"]),
+    default=None,
+    help="copy: the perceptual hashes must agree too (copies, not other photos "
+    "of the same scene); cosine: the threshold alone [copy].",
+)
+@click.option(
+    "--neighbours",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Nearest neighbours searched for each image [16].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@click.option(
+    "--show",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Groups listed (--json lists all).",
+)
+@_sigterm_as_interrupt
+def duplicates(
+    index_dir,
+    scheduler,
+    scheduler_file,
+    no_fallback,
+    threshold,
+    criterion,
+    neighbours,
+    as_json,
+    show,
+):
+    """Group INDEX_DIR's near-duplicate images, from its shards; embed nothing.
+
+    Each group lists its images, the keeper first (largest resolution, then
+    oldest file, then shortest path), and the pairs that joined them. Byte
+    copies are always grouped. The neighbour searches run on the cluster's
+    workers when they see INDEX_DIR, else here.
+    """
+    from pipeline.duplicates import (
+        KEEPER_RULE,
+        UNHASHED_COSINE,
+        DuplicateSettings,
+        find_duplicates,
+    )
+    from pipeline.errors import ConfigError
+    from pipeline.store import read_meta
+
+    try:
+        settings = DuplicateSettings.from_config(threshold, criterion, neighbours)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    meta = read_meta(index_dir)  # one line if it is not an index
+    where = Path(index_dir).resolve()
+    with _connect(scheduler, scheduler_file, no_fallback) as conn:
+        client = _client_seeing(conn, where, "searched here")
+        bar = _ProgressBar(meta.name, None)
+        try:
+            report = find_duplicates(where, settings, client, bar.index_step)
+        finally:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    click.echo(
+        f"{_shown(report.index)}: {report.images_in_groups:,} of {report.count:,} "
+        f"images in {len(report.groups):,} groups; {report.removable:,} could be "
+        f"removed ({report.seconds:.1f} s)"
+    )
+    if report.without_traits:
+        click.echo(
+            f"{report.without_traits:,} images were indexed before imgindex kept "
+            "perceptual hashes: they are grouped only when nearly identical "
+            f"(cosine >= {UNHASHED_COSINE}); `imgindex build --rebuild` measures them",
+        )
+
+    if report.groups and show:
+        click.echo(f"keeper (*): {KEEPER_RULE}")
+    for n, group in enumerate(report.groups[:show], start=1):
+        click.echo(f"group {n}: {len(group.members)} images")
+        for i, m in enumerate(group.members):
+            size = f"{m.width}x{m.height}" if m.width else "size unknown"
+            click.echo(f"  {'*' if i == 0 else ' '} {_shown(m.path)}  ({size})")
+        for p in group.pairs:
+            cos = "     " if p.cosine is None else f"{p.cosine:.3f}"
+            bits = "" if p.hash_distance is None else f" {p.hash_distance:2d} bits"
+            click.echo(f"    {cos}{bits} {p.kind:9} {_shown(p.a)} ~ {_shown(p.b)}")
+    if len(report.groups) > show:
+        click.echo(
+            f"... and {len(report.groups) - show:,} more groups (--json lists all)"
+        )
 
 
 @cli.command()

@@ -120,6 +120,8 @@ STEP_NAMES = {  # what a person watching the build reads for each stage
     "queries": "sampling queries",
     "exact": "exact neighbours of the queries",
     "evaluate": "tuning and measuring recall",
+    "neighbours": "searching each image's neighbours",
+    "hash": "hashing files of equal samples",
 }
 
 

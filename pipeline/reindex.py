@@ -19,7 +19,7 @@ from pipeline.assemble import (
     select_by_keys,
 )
 from pipeline.errors import IndexDirError
-from pipeline.index_build import Runner, StepCallback
+from pipeline.index_build import Runner, ShardRows, StepCallback
 from pipeline.lock import lock_index
 from pipeline.shards import Shard, clear_staging, iter_shards, staging_dir
 from pipeline.store import (
@@ -64,31 +64,9 @@ def reindex(
     dest = Path(index_dir).resolve()
     with lock_index(dest):
         recover_index_dir(dest)
-        # The manifest is streamed, never held: 8 bytes an image of keys, and
-        # each shard's records dropped once its rows are chosen.
         stored = read_index_dir(dest, manifest=False)
         meta = stored.meta
-        keys = record_keys(iter_manifest(dest))
-        if len(keys) != meta.count:
-            raise IndexDirError(
-                f"index {str(dest)!r} is damaged: meta.json counts {meta.count} "
-                f"images, its manifest lists {len(keys)}; rebuild it with "
-                "`imgindex build --rebuild`"
-            )
-        selection, used, covered = select_by_keys(_intact_shards(dest), keys)
-        del keys
-        if not covered.all():
-            first = next(
-                r
-                for r, has in zip(iter_manifest(dest), covered, strict=True)
-                if not has
-            )
-            raise IndexDirError(
-                f"{int((~covered).sum())} of the {len(covered)} images in "
-                f"{str(dest)!r} have no stored vector (e.g. {first.path!r}; indexed "
-                "before imgindex kept shards?); rebuild the index with `imgindex "
-                "build --rebuild`"
-            )
+        selection, used = stored_selection(dest, meta.count)
         choice, trained, trained_for = decide(
             request, meta.count, meta.dim, meta, dest / INDEX_FILE
         )
@@ -124,6 +102,41 @@ def reindex(
         "stage_seconds": built.task_seconds,
         "seconds": seconds,
     }
+
+
+def stored_selection(dest: Path, count: int) -> tuple[list[ShardRows], list[Path]]:
+    """The shard rows holding the vectors of ``dest``'s ``count`` indexed images.
+
+    Only rows whose image is in the manifest unchanged count (see
+    :func:`pipeline.assemble.select_by_keys`); every image must get one.
+    The manifest is streamed, never held: 8 bytes an image of keys, and each
+    shard's records dropped once its rows are chosen.
+
+    Raises
+    ------
+    IndexDirError
+        If a shard is damaged or some image has no stored vector.
+    """
+    keys = record_keys(iter_manifest(dest))
+    if len(keys) != count:
+        raise IndexDirError(
+            f"index {str(dest)!r} is damaged: meta.json counts {count} "
+            f"images, its manifest lists {len(keys)}; rebuild it with "
+            "`imgindex build --rebuild`"
+        )
+    selection, used, covered = select_by_keys(_intact_shards(dest), keys)
+    del keys
+    if not covered.all():
+        first = next(
+            r for r, has in zip(iter_manifest(dest), covered, strict=True) if not has
+        )
+        raise IndexDirError(
+            f"{int((~covered).sum())} of the {len(covered)} images in "
+            f"{str(dest)!r} have no stored vector (e.g. {first.path!r}; indexed "
+            "before imgindex kept shards?); rebuild the index with `imgindex "
+            "build --rebuild`"
+        )
+    return selection, used
 
 
 def _intact_shards(dest: Path) -> Iterator[Shard]:

@@ -7,12 +7,13 @@ Run as ``python -m pipeline.synthetic OUT N [--seed S]``.
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 
 def synthetic_photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -74,6 +75,91 @@ def write_photos(
         synthetic_photo(rng, w, h).save(path, quality=int(rng.integers(80, 95)))
         paths.append(path)
     return paths
+
+
+def _reencoded(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def _cropped(image: Image.Image, area: float) -> Image.Image:
+    """A window of ``area`` of the image, off-centre (as people crop)."""
+    w, h = image.size
+    cw, ch = round(w * area**0.5), round(h * area**0.5)
+    x, y = round((w - cw) * 0.3), round((h - ch) * 0.6)
+    return image.crop((x, y, x + cw, y + ch))
+
+
+def _captioned(image: Image.Image) -> Image.Image:
+    out = image.copy()
+    w, h = out.size
+    font = ImageFont.load_default(size=max(10, h // 16))
+    ImageDraw.Draw(out).text(
+        (w * 0.05, h * 0.85), "(c) 2026 archive", fill=(255, 255, 255), font=font
+    )
+    return out
+
+
+def _colour_shifted(image: Image.Image) -> Image.Image:
+    pixels = np.asarray(image, np.float32) * (1.1, 0.95, 0.85) + (5, 0, -5)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+# How people copy a photo: each makes one copy of an RGB image.
+COPY_MAKERS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "resized": lambda im: im.resize((im.width // 2, im.height // 2)),
+    "reencoded": lambda im: _reencoded(im, 30),
+    "cropped-50": lambda im: _cropped(im, 0.5),
+    "cropped-25": lambda im: _cropped(im, 0.25),
+    "flipped": lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+    "turned-90": lambda im: im.transpose(Image.Transpose.ROTATE_90),
+    "rotated-5": lambda im: im.rotate(5, Image.Resampling.BILINEAR),
+    "brightened": lambda im: ImageEnhance.Brightness(im).enhance(1.35),
+    "colour-shifted": _colour_shifted,
+    "captioned": _captioned,
+}
+
+
+def sibling_views(image: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """Two photos of one scene: the camera panned a quarter, the light changed.
+
+    Neither contains the other, so neither is a copy of the other.
+    """
+    w, h = image.size
+    cw, ch = round(w * 0.75), round(h * 0.8)
+    dx, dy = round(w * 0.25), round(h * 0.1)
+    first = image.crop((0, 0, cw, ch))
+    second = image.crop((dx, dy, dx + cw, dy + ch))
+    return first, ImageEnhance.Brightness(second).enhance(0.9)
+
+
+def write_copy_set(
+    folder: str | Path,
+    originals: Mapping[str, Image.Image],
+    scenes: Mapping[str, Image.Image] | None = None,
+) -> dict[str, str]:
+    """JPEGs of ``originals`` and a copy of each made by every :data:`COPY_MAKERS`,
+    plus two :func:`sibling_views` of each of ``scenes``; {file name: family}.
+
+    An original and its copies share a family; each sibling view is a family
+    of its own (a good duplicate finder keeps both).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    families: dict[str, str] = {}
+    for name, image in originals.items():
+        image = image.convert("RGB")
+        image.save(folder / f"{name}.jpg", quality=92)
+        families[f"{name}.jpg"] = name
+        for how, make in COPY_MAKERS.items():
+            make(image).convert("RGB").save(folder / f"{name}.{how}.jpg", quality=90)
+            families[f"{name}.{how}.jpg"] = name
+    for name, image in (scenes or {}).items():
+        for side, view in zip("ab", sibling_views(image.convert("RGB")), strict=True):
+            view.save(folder / f"{name}.view-{side}.jpg", quality=90)
+            families[f"{name}.view-{side}.jpg"] = f"{name}.view-{side}"
+    return families
 
 
 def write_vector_index(

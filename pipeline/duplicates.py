@@ -1,0 +1,606 @@
+"""Groups of near-duplicate images in an index, found on the cluster from its shards.
+
+Candidate pairs come from three places, none of which compares all n x n:
+
+1. ``neighbours`` tasks, on the workers: each searches the index for the
+   nearest ``neighbours`` of a range of shard rows and keeps the pairs whose
+   cosine reaches ``threshold`` (the index is read once per worker);
+2. equal flip- and turn-invariant perceptual hashes (pipeline/traits.py),
+   which find rotated copies whose embeddings are far apart;
+3. equal content samples (size, head and tail), confirmed by ``hash`` tasks
+   that read the whole files: byte copies are always grouped.
+
+A cosine alone cannot tell a copy from another photo of the same scene (a
+re-encoded or flipped copy scores as high as a sibling), so with the
+``copy`` criterion an embedding pair is kept only if the images' perceptual
+hashes are also within ``hash_distance`` bits of each other (some flip or
+quarter turn of one against the other). Groups are the connected components
+of the kept pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline import index as fx
+from pipeline.config import config_value
+from pipeline.errors import ConfigError, IndexDirError
+from pipeline.index_build import Runner, ShardRows, StepCallback
+from pipeline.reindex import stored_selection
+from pipeline.shards import load_traits
+from pipeline.store import INDEX_FILE, iter_manifest, read_index_dir
+from pipeline.traits import TRAITS, canonical_hash, file_hash, hash_distance
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("copy", "cosine")
+# Images this flat have no structure for a perceptual hash to describe (all
+# blank pages hash alike): they are grouped only by content or embedding.
+MIN_HASH_CONTRAST = 4.0
+# Pairs without hashes to compare are copies only when their embeddings agree
+# this well (re-encoded copies of the test set score 0.67-0.99: most are missed).
+UNHASHED_COSINE = 0.97
+
+
+@dataclass(frozen=True)
+class DuplicateSettings:
+    """How pairs are found and kept (dask config ``imgindex.duplicates.*``)."""
+
+    threshold: float = 0.5
+    neighbours: int = 16
+    hash_distance: int = 12
+    criterion: str = "copy"
+    rows_per_task: int = 20_000
+
+    @classmethod
+    def from_config(
+        cls,
+        threshold: float | None = None,
+        criterion: str | None = None,
+        neighbours: int | None = None,
+    ) -> DuplicateSettings:
+        """Settings from flags, falling back to config; bad values raise ConfigError."""
+
+        settings = cls(
+            threshold=float(config_value(threshold, "imgindex.duplicates.threshold")),
+            neighbours=int(config_value(neighbours, "imgindex.duplicates.neighbours")),
+            hash_distance=int(config_value(None, "imgindex.duplicates.hash-distance")),
+            criterion=str(config_value(criterion, "imgindex.duplicates.criterion")),
+            rows_per_task=int(config_value(None, "imgindex.duplicates.rows-per-task")),
+        )
+        if not -1.0 <= settings.threshold <= 1.0:
+            raise ConfigError(
+                f"duplicates threshold {settings.threshold} is not a cosine "
+                "between -1 and 1 (--threshold / imgindex.duplicates.threshold)"
+            )
+        if settings.criterion not in CRITERIA:
+            raise ConfigError(
+                f"duplicates criterion {settings.criterion!r} is not one of "
+                f"{', '.join(CRITERIA)} (--criterion / imgindex.duplicates.criterion)"
+            )
+        if settings.neighbours < 1 or settings.rows_per_task < 1:
+            raise ConfigError(
+                "imgindex.duplicates.neighbours and rows-per-task must be >= 1"
+            )
+        return settings
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: str
+    b: str
+    cosine: float | None  # None: found by hash, not among the nearest neighbours
+    hash_distance: int | None  # bits; None where an image has no traits
+    kind: str  # "identical" (same bytes), "copy", or "similar" (cosine only)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "cosine": None if self.cosine is None else round(self.cosine, 6),
+            "hash_distance": self.hash_distance,
+            "kind": self.kind,
+        }
+
+
+@dataclass(frozen=True)
+class Member:
+    path: str
+    width: int | None
+    height: int | None
+    size: int
+    mtime_ns: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "width": self.width,
+            "height": self.height,
+            "bytes": self.size,
+            "mtime_ns": self.mtime_ns,
+        }
+
+
+KEEPER_RULE = "largest resolution, then oldest file, then shortest path"
+
+
+@dataclass
+class Group:
+    members: list[Member]  # the keeper first
+    pairs: list[Pair]
+
+    @property
+    def keeper(self) -> Member:
+        return self.members[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "keeper": self.keeper.path,
+            "members": [m.to_json() for m in self.members],
+            "pairs": [p.to_json() for p in self.pairs],
+        }
+
+
+@dataclass
+class DuplicateReport:
+    index: str
+    source: str
+    count: int  # images in the index
+    settings: DuplicateSettings
+    groups: list[Group]
+    candidates: int  # pairs considered
+    without_traits: int  # images whose shards predate traits (cosine only)
+    seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_in_groups(self) -> int:
+        return sum(len(g.members) for g in self.groups)
+
+    @property
+    def removable(self) -> int:
+        return sum(len(g.members) - 1 for g in self.groups)
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "index": self.index,
+            "source": self.source,
+            "images": self.count,
+            "groups": len(self.groups),
+            "images_in_groups": self.images_in_groups,
+            "removable": self.removable,
+            "keeper_rule": KEEPER_RULE,
+            "criterion": s.criterion,
+            "threshold": s.threshold,
+            "hash_distance": s.hash_distance,
+            "neighbours": s.neighbours,
+            "candidates": self.candidates,
+            "without_traits": self.without_traits,
+            "seconds": self.seconds,
+            "stage_seconds": self.stage_seconds,
+            "duplicate_groups": [g.to_json() for g in self.groups],
+        }
+
+
+def find_duplicates(
+    index_dir: str | os.PathLike,
+    settings: DuplicateSettings | None = None,
+    client: Client | None = None,
+    on_step: StepCallback | None = None,
+) -> DuplicateReport:
+    """Group the near-duplicate images of ``index_dir`` (see the module docstring).
+
+    With a ``client`` the neighbour searches and file hashes run on its
+    workers, which must see ``index_dir`` and the images; without, here.
+    The client holds, per image, its id, file size and time and traits
+    (about 125 bytes), plus the candidate pairs; never the vectors.
+
+    Raises
+    ------
+    IndexDirError
+        If ``index_dir`` is not a readable index with its shards, or changed
+        while this ran.
+    """
+    started = time.perf_counter()
+    settings = settings or DuplicateSettings.from_config()
+    dest = Path(index_dir).resolve()
+    stored = read_index_dir(dest, manifest=False)
+    meta = stored.meta
+    selection, _ = stored_selection(dest, meta.count)
+    stamp = _index_stamp(dest)
+    runner = Runner(client, meta.name, on_step=on_step)
+    futures = [
+        runner.submit(
+            "neighbours",
+            neighbour_pairs,
+            str(dest),
+            stamp,
+            meta.on_disk,
+            dict(meta.search_params),
+            rows,
+            settings.neighbours,
+            settings.threshold,
+        )
+        for rows in _task_rows(selection, settings.rows_per_task)
+    ]
+    found = runner.gather(futures) or [NeighbourPairs.empty()]
+    t_neighbours = time.perf_counter() - started
+
+    ids = np.concatenate([f.ids for f in found])
+    traits = np.concatenate([f.traits_or_zeros() for f in found])
+    has_traits = np.concatenate([f.has_traits for f in found])
+    order = np.argsort(ids)
+    ids, traits, has_traits = ids[order], traits[order], has_traits[order]
+    a, b, cos = _unique_pairs(
+        np.concatenate([f.a for f in found]),
+        np.concatenate([f.b for f in found]),
+        np.concatenate([f.score for f in found]),
+    )
+    del found
+    records = _records_by_id(dest, ids)  # (size, mtime) only; paths come later
+    ia, ib = _rows_of(ids, a), _rows_of(ids, b)
+    known = (ia >= 0) & (ib >= 0)  # else a vector the manifest does not list
+    a, b, cos, ia, ib = a[known], b[known], cos[known], ia[known], ib[known]
+    dist = np.full(len(a), -1, np.int32)
+    hashable = has_traits & (traits["contrast"] >= MIN_HASH_CONTRAST)
+    both = hashable[ia] & hashable[ib]
+    dist[both] = hash_distance(traits[ia[both]], traits[ib[both]])
+    if settings.criterion == "copy":
+        keep = (dist >= 0) & (dist <= settings.hash_distance)
+        # No hash to compare (flat images, shards from before traits): only
+        # near-identical embeddings.
+        keep |= ~both & (cos >= max(settings.threshold, UNHASHED_COSINE))
+    else:
+        keep = np.ones(len(a), bool)
+    edges = [
+        (int(x), int(y), float(c), int(d) if d >= 0 else None)
+        for x, y, c, d, k in zip(a, b, cos, dist, keep, strict=True)
+        if k
+    ]
+    edges += _hash_edges(ids, traits, hashable, settings)
+    t_hash = time.perf_counter()
+    identical = _identical_edges(runner, meta.source, ids, traits, has_traits, dest)
+    stage_seconds = {
+        "neighbours": round(t_neighbours, 3),
+        "hash": round(time.perf_counter() - t_hash, 3),
+    }
+    groups = _groups(dest, ids, traits, has_traits, records, edges, identical, settings)
+    return DuplicateReport(
+        index=str(dest),
+        source=meta.source,
+        count=meta.count,
+        settings=settings,
+        groups=groups,
+        candidates=len(a),
+        without_traits=int((~has_traits).sum()),
+        seconds=round(time.perf_counter() - started, 3),
+        stage_seconds=stage_seconds,
+    )
+
+
+# -- on the workers ---------------------------------------------------------------
+
+
+@dataclass
+class NeighbourPairs:
+    """One task's rows (ids, traits) and the pairs it found among their neighbours."""
+
+    ids: np.ndarray
+    traits: np.ndarray | None  # TRAITS rows; None if no shard here had traits
+    has_traits: np.ndarray  # bool per row
+    a: np.ndarray
+    b: np.ndarray
+    score: np.ndarray
+
+    @classmethod
+    def empty(cls) -> NeighbourPairs:
+        none = np.zeros(0, np.int64)
+        return cls(none, None, none > 0, none, none, np.zeros(0, np.float32))
+
+    def traits_or_zeros(self) -> np.ndarray:
+        return (
+            self.traits if self.traits is not None else np.zeros(len(self.ids), TRAITS)
+        )
+
+
+_INDEXES: dict[tuple, Any] = {}
+_INDEXES_LOCK = threading.Lock()
+
+
+def neighbour_pairs(
+    index_dir: str,
+    stamp: tuple[int, int, int],
+    on_disk: bool,
+    search_params: dict[str, int],
+    rows: Sequence[ShardRows],
+    k: int,
+    threshold: float,
+) -> NeighbourPairs:
+    """Search the index for the ``k`` nearest neighbours of ``rows``: the Dask task."""
+    index = _worker_index(index_dir, stamp, on_disk, search_params)
+    id_parts, trait_parts, has_parts, a, b, score = [], [], [], [], [], []
+    for part in rows:
+        ids, vectors = part.load()
+        traits = load_traits(part.path)
+        if traits is not None and part.rows is not None:
+            traits = traits[part.rows]
+        id_parts.append(ids)
+        has_parts.append(np.full(len(ids), traits is not None))
+        trait_parts.append(traits if traits is not None else np.zeros(len(ids), TRAITS))
+        scores, found = fx.search(index, vectors, k + 1)
+        hit = (found >= 0) & (found != ids[:, None]) & (scores >= threshold)
+        rows_hit, cols = np.nonzero(hit)
+        a.append(ids[rows_hit])
+        b.append(found[rows_hit, cols])
+        score.append(scores[rows_hit, cols].astype(np.float32))
+    any_traits = any(h.any() for h in has_parts)
+    return NeighbourPairs(
+        ids=np.concatenate(id_parts),
+        traits=np.concatenate(trait_parts) if any_traits else None,
+        has_traits=np.concatenate(has_parts),
+        a=np.concatenate(a),
+        b=np.concatenate(b),
+        score=np.concatenate(score),
+    )
+
+
+def _worker_index(index_dir: str, stamp: tuple, on_disk: bool, params: dict):
+    """The index, read once per worker process (kept while it is the same file)."""
+    key = (index_dir, stamp)
+    with _INDEXES_LOCK:
+        index = _INDEXES.get(key)
+        if index is None:
+            path = Path(index_dir) / INDEX_FILE
+            if _index_stamp(Path(index_dir)) != stamp:
+                raise IndexDirError(
+                    f"index {index_dir!r} was rebuilt while duplicates ran; run "
+                    "`imgindex duplicates` again"
+                )
+            _INDEXES.clear()  # one index at a time: they can be large
+            index = fx.read_index_at(path, on_disk)
+            fx.set_search_params(index, params)
+            _INDEXES[key] = index
+    return index
+
+
+def file_digests(root: str, paths: Sequence[str]) -> list[str | None]:
+    """Whole-file hashes of ``root/<path>`` (None: unreadable now): the Dask task."""
+    out: list[str | None] = []
+    for path in paths:
+        try:
+            out.append(file_hash(os.path.join(root, path)))
+        except OSError:
+            out.append(None)
+    return out
+
+
+# -- on the client ----------------------------------------------------------------
+
+
+def _index_stamp(dest: Path) -> tuple[int, int, int]:
+    st = os.stat(dest / INDEX_FILE)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _task_rows(
+    selection: Sequence[ShardRows], per_task: int
+) -> Iterable[list[ShardRows]]:
+    group: list[ShardRows] = []
+    n = 0
+    for rows in selection:
+        group.append(rows)
+        n += rows.count
+        if n >= per_task:
+            yield group
+            group, n = [], 0
+    if group:
+        yield group
+
+
+def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row of each ``wanted`` id in the sorted ``ids``; -1 where it is not there."""
+    if not len(ids):
+        return np.full(len(wanted), -1, np.int64)
+    at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+    return np.where(ids[at] == wanted, at, -1)
+
+
+def _unique_pairs(
+    a: np.ndarray, b: np.ndarray, score: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each unordered pair once (found from both sides or one), its best score."""
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    order = np.lexsort((-score, hi, lo))
+    lo, hi, score = lo[order], hi[order], score[order]
+    first = np.ones(len(lo), bool)
+    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    return lo[first], hi[first], score[first]
+
+
+def _hash_edges(
+    ids: np.ndarray,
+    traits: np.ndarray,
+    hashable: np.ndarray,
+    settings: DuplicateSettings,
+) -> list[tuple[int, int, float | None, int | None]]:
+    """Pairs of images with equal flip/turn-invariant hashes (rotated copies).
+
+    A pair also found among the neighbours is listed twice; :func:`_groups`
+    keeps the copy with its cosine.
+    """
+    if settings.criterion != "copy":
+        return []
+    where = np.flatnonzero(hashable)
+    edges = []
+    for run in _equal_runs(canonical_hash(traits[where])):
+        rows = where[run]
+        # A star from the first member is enough to connect the group.
+        first = np.repeat(rows[:1], len(rows) - 1)
+        dist = hash_distance(traits[first], traits[rows[1:]])
+        for r, d in zip(rows[1:], dist, strict=True):
+            x, y = int(ids[rows[0]]), int(ids[r])
+            edges.append((min(x, y), max(x, y), None, int(d)))
+    return edges
+
+
+def _equal_runs(values: np.ndarray) -> Iterable[np.ndarray]:
+    """Index arrays of the positions sharing a value, for values held twice or more."""
+    if len(values) < 2:
+        return
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    bounds = np.flatnonzero(np.diff(v) != 0) + 1
+    for run in np.split(order, bounds):
+        if len(run) > 1:
+            yield run
+
+
+def _identical_edges(
+    runner: Runner,
+    source: str,
+    ids: np.ndarray,
+    traits: np.ndarray,
+    has_traits: np.ndarray,
+    dest: Path,
+) -> list[tuple[int, int]]:
+    """Pairs of byte-identical files: equal content samples, then whole-file hashes."""
+    where = np.flatnonzero(has_traits & (traits["content"] != 0))
+    runs = list(_equal_runs(traits["content"][where]))
+    if not runs:
+        return []
+    wanted = np.unique(ids[np.concatenate([where[r] for r in runs])])
+    paths = _paths_by_id(dest, wanted)
+    jobs = []
+    for run in runs:
+        members = [int(ids[i]) for i in where[run]]
+        future = runner.submit(
+            "hash", file_digests, source, [paths[m] for m in members]
+        )
+        jobs.append((members, future))
+    digests = runner.gather([f for _, f in jobs])
+    edges = []
+    for (members, _), hashes in zip(jobs, digests, strict=True):
+        by_hash: dict[str, int] = {}
+        for member, digest in zip(members, hashes, strict=True):
+            if digest is None:
+                continue
+            if digest in by_hash:
+                edges.append((by_hash[digest], member))
+            else:
+                by_hash[digest] = member
+    return edges
+
+
+def _records_by_id(dest: Path, ids: np.ndarray) -> np.ndarray:
+    """(size, mtime_ns) of each of the sorted ``ids``, from the streamed manifest."""
+    listed = array("q")
+    for record in iter_manifest(dest):
+        listed.extend((record.id, record.size, record.mtime_ns))
+    rows = np.frombuffer(listed, np.int64).reshape(-1, 3)
+    rows = rows[np.argsort(rows[:, 0])]
+    at = np.minimum(np.searchsorted(rows[:, 0], ids), max(len(rows) - 1, 0))
+    if len(ids) and not np.array_equal(rows[at, 0], ids):
+        raise IndexDirError(
+            f"index {str(dest)!r} changed while duplicates ran; run it again"
+        )
+    return rows[at, 1:] if len(ids) else np.zeros((0, 2), np.int64)
+
+
+def _paths_by_id(dest: Path, wanted: np.ndarray) -> dict[int, str]:
+    wanted_set = set(wanted.tolist())
+    return {r.id: r.path for r in iter_manifest(dest) if r.id in wanted_set}
+
+
+def _groups(
+    dest: Path,
+    ids: np.ndarray,
+    traits: np.ndarray,
+    has_traits: np.ndarray,
+    records: np.ndarray,
+    edges: list[tuple[int, int, float | None, int | None]],
+    identical: list[tuple[int, int]],
+    settings: DuplicateSettings,
+) -> list[Group]:
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    edges = _best_edges(edges)
+    for x, y, *_ in edges:
+        parent[root(x)] = root(y)
+    for x, y in identical:
+        parent[root(x)] = root(y)
+    if not parent:
+        return []
+    members_of: dict[int, list[int]] = {}
+    for x in parent:
+        members_of.setdefault(root(x), []).append(x)
+    paths = _paths_by_id(dest, np.fromiter(parent, np.int64, len(parent)))
+    same_bytes = {(min(x, y), max(x, y)) for x, y in identical}
+    pairs_of: dict[int, list[Pair]] = {}
+    copy_kind = "copy" if settings.criterion == "copy" else "similar"
+    for x, y, cos, dist in edges:
+        kind = "identical" if (min(x, y), max(x, y)) in same_bytes else copy_kind
+        pairs_of.setdefault(root(x), []).append(
+            Pair(paths[x], paths[y], cos, dist, kind)
+        )
+    seen = {(min(x, y), max(x, y)) for x, y, *_ in edges}
+    for x, y in identical:
+        if (min(x, y), max(x, y)) not in seen:
+            pairs_of.setdefault(root(x), []).append(
+                Pair(paths[x], paths[y], None, None, "identical")
+            )
+
+    def member(i: int) -> Member:
+        at = int(np.searchsorted(ids, i))
+        t = traits[at]
+        known = bool(has_traits[at])
+        return Member(
+            paths[i],
+            int(t["width"]) if known else None,
+            int(t["height"]) if known else None,
+            int(records[at, 0]),
+            int(records[at, 1]),
+        )
+
+    groups = []
+    for top, member_ids in members_of.items():
+        members = sorted((member(i) for i in member_ids), key=_keeper_order)
+        pairs = sorted(pairs_of.get(top, []), key=lambda p: (p.a, p.b))
+        groups.append(Group(members, pairs))
+    groups.sort(key=lambda g: (-len(g.members), g.keeper.path))
+    return groups
+
+
+def _best_edges(edges: list[tuple]) -> list[tuple]:
+    """Each pair once, the copy with a cosine preferred (hash edges have none)."""
+    best: dict[tuple[int, int], tuple] = {}
+    for edge in edges:
+        key = (edge[0], edge[1])
+        if key not in best or best[key][2] is None:
+            best[key] = edge
+    return list(best.values())
+
+
+def _keeper_order(m: Member) -> tuple:
+    pixels = (m.width or 0) * (m.height or 0)
+    return (-pixels, m.mtime_ns, len(m.path), m.path)
