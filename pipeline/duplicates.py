@@ -34,8 +34,9 @@ import numpy as np
 
 from pipeline import index as fx
 from pipeline.config import config_value
+from pipeline.discover import ImageRecord
 from pipeline.errors import ConfigError, IndexDirError
-from pipeline.index_build import Runner, ShardRows, StepCallback
+from pipeline.index_build import Runner, ShardRows, StepCallback, group_shards
 from pipeline.reindex import stored_selection
 from pipeline.shards import load_traits
 from pipeline.store import INDEX_FILE, iter_manifest, read_index_dir
@@ -206,8 +207,8 @@ def find_duplicates(
 
     With a ``client`` the neighbour searches and file hashes run on its
     workers, which must see ``index_dir`` and the images; without, here.
-    The client holds, per image, its id, file size and time and traits
-    (about 125 bytes), plus the candidate pairs; never the vectors.
+    The client holds, per image, its id and traits (about 110 bytes with the
+    manifest's ids, streamed once), plus the candidate pairs; never the vectors.
 
     Raises
     ------
@@ -235,13 +236,13 @@ def find_duplicates(
             settings.neighbours,
             settings.threshold,
         )
-        for rows in _task_rows(selection, settings.rows_per_task)
+        for rows in group_shards(selection, runner.threads, settings.rows_per_task)
     ]
     found = runner.gather(futures) or [NeighbourPairs.empty()]
     t_neighbours = time.perf_counter() - started
 
     ids = np.concatenate([f.ids for f in found])
-    traits = np.concatenate([f.traits_or_zeros() for f in found])
+    traits = np.concatenate([f.traits for f in found])
     has_traits = np.concatenate([f.has_traits for f in found])
     order = np.argsort(ids)
     ids, traits, has_traits = ids[order], traits[order], has_traits[order]
@@ -251,7 +252,6 @@ def find_duplicates(
         np.concatenate([f.score for f in found]),
     )
     del found
-    records = _records_by_id(dest, ids)  # (size, mtime) only; paths come later
     ia, ib = _rows_of(ids, a), _rows_of(ids, b)
     known = (ia >= 0) & (ib >= 0)  # else a vector the manifest does not list
     a, b, cos, ia, ib = a[known], b[known], cos[known], ia[known], ib[known]
@@ -272,13 +272,16 @@ def find_duplicates(
         if k
     ]
     edges += _hash_edges(ids, traits, hashable, settings)
+    runs = _content_runs(ids, traits, has_traits)
+    wanted = {x for edge in edges for x in edge[:2]} | {x for run in runs for x in run}
+    records = _listed_records(dest, ids, wanted)
     t_hash = time.perf_counter()
-    identical = _identical_edges(runner, meta.source, ids, traits, has_traits, dest)
+    identical = _identical_edges(runner, meta.source, runs, records)
     stage_seconds = {
         "neighbours": round(t_neighbours, 3),
         "hash": round(time.perf_counter() - t_hash, 3),
     }
-    groups = _groups(dest, ids, traits, has_traits, records, edges, identical, settings)
+    groups = _groups(ids, traits, has_traits, records, edges, identical, settings)
     return DuplicateReport(
         index=str(dest),
         source=meta.source,
@@ -300,8 +303,8 @@ class NeighbourPairs:
     """One task's rows (ids, traits) and the pairs it found among their neighbours."""
 
     ids: np.ndarray
-    traits: np.ndarray | None  # TRAITS rows; None if no shard here had traits
-    has_traits: np.ndarray  # bool per row
+    traits: np.ndarray  # TRAITS rows (zeros where has_traits is False)
+    has_traits: np.ndarray  # bool per row: its shard stored traits
     a: np.ndarray
     b: np.ndarray
     score: np.ndarray
@@ -309,11 +312,8 @@ class NeighbourPairs:
     @classmethod
     def empty(cls) -> NeighbourPairs:
         none = np.zeros(0, np.int64)
-        return cls(none, None, none > 0, none, none, np.zeros(0, np.float32))
-
-    def traits_or_zeros(self) -> np.ndarray:
-        return (
-            self.traits if self.traits is not None else np.zeros(len(self.ids), TRAITS)
+        return cls(
+            none, np.zeros(0, TRAITS), none > 0, none, none, np.zeros(0, np.float32)
         )
 
 
@@ -347,10 +347,9 @@ def neighbour_pairs(
         a.append(ids[rows_hit])
         b.append(found[rows_hit, cols])
         score.append(scores[rows_hit, cols].astype(np.float32))
-    any_traits = any(h.any() for h in has_parts)
     return NeighbourPairs(
         ids=np.concatenate(id_parts),
-        traits=np.concatenate(trait_parts) if any_traits else None,
+        traits=np.concatenate(trait_parts),
         has_traits=np.concatenate(has_parts),
         a=np.concatenate(a),
         b=np.concatenate(b),
@@ -394,21 +393,6 @@ def file_digests(root: str, paths: Sequence[str]) -> list[str | None]:
 def _index_stamp(dest: Path) -> tuple[int, int, int]:
     st = os.stat(dest / INDEX_FILE)
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _task_rows(
-    selection: Sequence[ShardRows], per_task: int
-) -> Iterable[list[ShardRows]]:
-    group: list[ShardRows] = []
-    n = 0
-    for rows in selection:
-        group.append(rows)
-        n += rows.count
-        if n >= per_task:
-            yield group
-            group, n = [], 0
-    if group:
-        yield group
 
 
 def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -469,31 +453,30 @@ def _equal_runs(values: np.ndarray) -> Iterable[np.ndarray]:
             yield run
 
 
+def _content_runs(
+    ids: np.ndarray, traits: np.ndarray, has_traits: np.ndarray
+) -> list[list[int]]:
+    """Ids of the images sharing a content sample (size, head, tail), per sample."""
+    where = np.flatnonzero(has_traits & (traits["content"] != 0))
+    return [
+        [int(ids[i]) for i in where[run]]
+        for run in _equal_runs(traits["content"][where])
+    ]
+
+
 def _identical_edges(
     runner: Runner,
     source: str,
-    ids: np.ndarray,
-    traits: np.ndarray,
-    has_traits: np.ndarray,
-    dest: Path,
+    runs: list[list[int]],
+    records: dict[int, ImageRecord],
 ) -> list[tuple[int, int]]:
-    """Pairs of byte-identical files: equal content samples, then whole-file hashes."""
-    where = np.flatnonzero(has_traits & (traits["content"] != 0))
-    runs = list(_equal_runs(traits["content"][where]))
-    if not runs:
-        return []
-    wanted = np.unique(ids[np.concatenate([where[r] for r in runs])])
-    paths = _paths_by_id(dest, wanted)
-    jobs = []
-    for run in runs:
-        members = [int(ids[i]) for i in where[run]]
-        future = runner.submit(
-            "hash", file_digests, source, [paths[m] for m in members]
-        )
-        jobs.append((members, future))
-    digests = runner.gather([f for _, f in jobs])
+    """Pairs of byte-identical files among ``runs``, by whole-file hashes."""
+    futures = [
+        runner.submit("hash", file_digests, source, [records[m].path for m in run])
+        for run in runs
+    ]
     edges = []
-    for (members, _), hashes in zip(jobs, digests, strict=True):
+    for members, hashes in zip(runs, runner.gather(futures), strict=True):
         by_hash: dict[str, int] = {}
         for member, digest in zip(members, hashes, strict=True):
             if digest is None:
@@ -505,32 +488,32 @@ def _identical_edges(
     return edges
 
 
-def _records_by_id(dest: Path, ids: np.ndarray) -> np.ndarray:
-    """(size, mtime_ns) of each of the sorted ``ids``, from the streamed manifest."""
+def _listed_records(
+    dest: Path, ids: np.ndarray, wanted: set[int]
+) -> dict[int, ImageRecord]:
+    """The manifest records of the ``wanted`` ids, in one pass over the manifest.
+
+    Every one of ``ids`` must still be listed (8 bytes an image are kept to
+    check that): else the index was rebuilt since its shards were read.
+    """
     listed = array("q")
+    records: dict[int, ImageRecord] = {}
     for record in iter_manifest(dest):
-        listed.extend((record.id, record.size, record.mtime_ns))
-    rows = np.frombuffer(listed, np.int64).reshape(-1, 3)
-    rows = rows[np.argsort(rows[:, 0])]
-    at = np.minimum(np.searchsorted(rows[:, 0], ids), max(len(rows) - 1, 0))
-    if len(ids) and not np.array_equal(rows[at, 0], ids):
+        listed.append(record.id)
+        if record.id in wanted:
+            records[record.id] = record
+    if not np.isin(ids, np.frombuffer(listed, np.int64)).all():
         raise IndexDirError(
             f"index {str(dest)!r} changed while duplicates ran; run it again"
         )
-    return rows[at, 1:] if len(ids) else np.zeros((0, 2), np.int64)
-
-
-def _paths_by_id(dest: Path, wanted: np.ndarray) -> dict[int, str]:
-    wanted_set = set(wanted.tolist())
-    return {r.id: r.path for r in iter_manifest(dest) if r.id in wanted_set}
+    return records
 
 
 def _groups(
-    dest: Path,
     ids: np.ndarray,
     traits: np.ndarray,
     has_traits: np.ndarray,
-    records: np.ndarray,
+    records: dict[int, ImageRecord],
     edges: list[tuple[int, int, float | None, int | None]],
     identical: list[tuple[int, int]],
     settings: DuplicateSettings,
@@ -554,7 +537,7 @@ def _groups(
     members_of: dict[int, list[int]] = {}
     for x in parent:
         members_of.setdefault(root(x), []).append(x)
-    paths = _paths_by_id(dest, np.fromiter(parent, np.int64, len(parent)))
+    paths = {x: records[x].path for x in parent}
     same_bytes = {(min(x, y), max(x, y)) for x, y in identical}
     pairs_of: dict[int, list[Pair]] = {}
     copy_kind = "copy" if settings.criterion == "copy" else "similar"
@@ -578,8 +561,8 @@ def _groups(
             paths[i],
             int(t["width"]) if known else None,
             int(t["height"]) if known else None,
-            int(records[at, 0]),
-            int(records[at, 1]),
+            records[i].size,
+            records[i].mtime_ns,
         )
 
     groups = []

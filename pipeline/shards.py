@@ -5,7 +5,7 @@ A shard is a NumPy ``.npz`` archive, readable with ``numpy.load`` alone:
 - ``ids``      int64 [n]: image ids (63-bit hash of the dataset-relative path);
 - ``vectors``  float32 [n, d]: L2-normalised embeddings, row i belongs to ids[i];
 - ``traits``   :data:`pipeline.traits.TRAITS` [n]: size, perceptual hashes and
-  grey-level statistics of each image (shards written before imgindex 0.x
+  grey-level statistics of each image (shards written before imgindex
   measured them, and shards of vectors not made from images, lack it);
 - ``info``     uint8 [k]: UTF-8 JSON ``{"format", "spec", "records", "paths",
   "dim", "failures", "worker", "timings"}``; ``records`` are the ``[path, size,
