@@ -880,8 +880,8 @@ def reindex(
     "--criterion",
     type=click.Choice(["copy", "cosine"]),
     default=None,
-    help="copy: the perceptual hashes must agree too (copies, not other photos "
-    "of the same scene); cosine: the threshold alone [copy].",
+    help="copy: a geometric check on the workers confirms each pair (copies, not "
+    "other photos of the same scene); cosine: the threshold alone [copy].",
 )
 @click.option(
     "--neighbours",
@@ -918,7 +918,6 @@ def duplicates(
     """
     from pipeline.duplicates import (
         KEEPER_RULE,
-        UNHASHED_COSINE,
         DuplicateSettings,
         find_duplicates,
     )
@@ -949,8 +948,14 @@ def duplicates(
     if report.without_traits:
         click.echo(
             f"{report.without_traits:,} images were indexed before imgindex kept "
-            "perceptual hashes: they are grouped only when nearly identical "
-            f"(cosine >= {UNHASHED_COSINE}); `imgindex build --rebuild` measures them",
+            "perceptual hashes: turned copies of them are found only among their "
+            "neighbours; `imgindex build --rebuild` measures them",
+        )
+    if report.undecided:
+        click.echo(
+            f"{report.undecided:,} candidate pairs could not be checked (an image "
+            "unreadable now, or too plain to match): kept only when their "
+            "embeddings are nearly identical"
         )
 
     if report.groups and show:
@@ -962,8 +967,11 @@ def duplicates(
             click.echo(f"  {'*' if i == 0 else ' '} {_shown(m.path)}  ({size})")
         for p in group.pairs:
             cos = "     " if p.cosine is None else f"{p.cosine:.3f}"
-            bits = "" if p.hash_distance is None else f" {p.hash_distance:2d} bits"
-            click.echo(f"    {cos}{bits} {p.kind:9} {_shown(p.a)} ~ {_shown(p.b)}")
+            bits = " " * 7 if p.hash_distance is None else f"{p.hash_distance:2d} bits"
+            corr = " " * 7 if p.correlation is None else f"r {p.correlation:.3f}"
+            click.echo(
+                f"    {cos} {bits} {corr} {p.kind:9} {_shown(p.a)} ~ {_shown(p.b)}"
+            )
     if len(report.groups) > show:
         click.echo(
             f"... and {len(report.groups) - show:,} more groups (--json lists all)"

@@ -11,11 +11,12 @@ Candidate pairs come from three places, none of which compares all n x n:
    that read the whole files: byte copies are always grouped.
 
 A cosine alone cannot tell a copy from another photo of the same scene (a
-re-encoded or flipped copy scores as high as a sibling), so with the
-``copy`` criterion an embedding pair is kept only if the images' perceptual
-hashes are also within ``hash_distance`` bits of each other (some flip or
-quarter turn of one against the other). Groups are the connected components
-of the kept pairs.
+re-encoded, flipped or cropped copy scores as high as a sibling, or lower),
+so with the ``copy`` criterion every candidate pair is checked by ``verify``
+tasks on the workers (pipeline/geometry.py): a pair is a copy when one image,
+or its mirror image, lies inside the other under a similarity transform and
+their aligned pixels agree. Groups are the connected components of the
+kept pairs.
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ import os
 import threading
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from pipeline import geometry
 from pipeline import index as fx
 from pipeline.config import config_value
 from pipeline.discover import ImageRecord
-from pipeline.errors import ConfigError, IndexDirError
+from pipeline.errors import ConfigError, DecodeError, IndexDirError
 from pipeline.index_build import Runner, ShardRows, StepCallback, group_shards
 from pipeline.reindex import stored_selection
 from pipeline.shards import load_traits
@@ -51,9 +54,10 @@ CRITERIA = ("copy", "cosine")
 # Images this flat have no structure for a perceptual hash to describe (all
 # blank pages hash alike): they are grouped only by content or embedding.
 MIN_HASH_CONTRAST = 4.0
-# Pairs without hashes to compare are copies only when their embeddings agree
-# this well (re-encoded copies of the test set score 0.67-0.99: most are missed).
-UNHASHED_COSINE = 0.97
+# Pairs the geometric check cannot decide (an image unreadable now, or too
+# plain to have features) are copies only when their embeddings agree this
+# well (re-encoded copies of the test set score 0.67-0.99: most are missed).
+UNDECIDED_COSINE = 0.97
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,9 @@ class DuplicateSettings:
 
     threshold: float = 0.5
     neighbours: int = 16
-    hash_distance: int = 12
     criterion: str = "copy"
     rows_per_task: int = 20_000
+    pairs_per_task: int = 500
 
     @classmethod
     def from_config(
@@ -78,9 +82,11 @@ class DuplicateSettings:
         settings = cls(
             threshold=float(config_value(threshold, "imgindex.duplicates.threshold")),
             neighbours=int(config_value(neighbours, "imgindex.duplicates.neighbours")),
-            hash_distance=int(config_value(None, "imgindex.duplicates.hash-distance")),
             criterion=str(config_value(criterion, "imgindex.duplicates.criterion")),
             rows_per_task=int(config_value(None, "imgindex.duplicates.rows-per-task")),
+            pairs_per_task=int(
+                config_value(None, "imgindex.duplicates.pairs-per-task")
+            ),
         )
         if not -1.0 <= settings.threshold <= 1.0:
             raise ConfigError(
@@ -92,9 +98,11 @@ class DuplicateSettings:
                 f"duplicates criterion {settings.criterion!r} is not one of "
                 f"{', '.join(CRITERIA)} (--criterion / imgindex.duplicates.criterion)"
             )
-        if settings.neighbours < 1 or settings.rows_per_task < 1:
+        counts = (settings.neighbours, settings.rows_per_task, settings.pairs_per_task)
+        if min(counts) < 1:
             raise ConfigError(
-                "imgindex.duplicates.neighbours and rows-per-task must be >= 1"
+                "imgindex.duplicates.neighbours, rows-per-task and pairs-per-task "
+                "must be >= 1"
             )
         return settings
 
@@ -105,16 +113,32 @@ class Pair:
     b: str
     cosine: float | None  # None: found by hash, not among the nearest neighbours
     hash_distance: int | None  # bits; None where an image has no traits
+    correlation: float | None  # of the aligned pixels; None: not checked
     kind: str  # "identical" (same bytes), "copy", or "similar" (cosine only)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "a": self.a,
             "b": self.b,
-            "cosine": None if self.cosine is None else round(self.cosine, 6),
+            "cosine": _rounded(self.cosine),
             "hash_distance": self.hash_distance,
+            "correlation": _rounded(self.correlation),
             "kind": self.kind,
         }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+class Edge(NamedTuple):
+    """A candidate pair of image ids (a < b) and what is known of it."""
+
+    a: int
+    b: int
+    cosine: float | None
+    hash_distance: int | None
+    correlation: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +187,8 @@ class DuplicateReport:
     settings: DuplicateSettings
     groups: list[Group]
     candidates: int  # pairs considered
+    verified: int  # pairs given the geometric check
+    undecided: int  # of those, pairs it could not decide (see UNDECIDED_COSINE)
     without_traits: int  # images whose shards predate traits (cosine only)
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -187,9 +213,10 @@ class DuplicateReport:
             "keeper_rule": KEEPER_RULE,
             "criterion": s.criterion,
             "threshold": s.threshold,
-            "hash_distance": s.hash_distance,
             "neighbours": s.neighbours,
             "candidates": self.candidates,
+            "verified": self.verified,
+            "undecided": self.undecided,
             "without_traits": self.without_traits,
             "seconds": self.seconds,
             "stage_seconds": self.stage_seconds,
@@ -259,19 +286,11 @@ def find_duplicates(
     hashable = has_traits & (traits["contrast"] >= MIN_HASH_CONTRAST)
     both = hashable[ia] & hashable[ib]
     dist[both] = hash_distance(traits[ia[both]], traits[ib[both]])
-    if settings.criterion == "copy":
-        keep = (dist >= 0) & (dist <= settings.hash_distance)
-        # No hash to compare (flat images, shards from before traits): only
-        # near-identical embeddings.
-        keep |= ~both & (cos >= max(settings.threshold, UNHASHED_COSINE))
-    else:
-        keep = np.ones(len(a), bool)
     edges = [
-        (int(x), int(y), float(c), int(d) if d >= 0 else None)
-        for x, y, c, d, k in zip(a, b, cos, dist, keep, strict=True)
-        if k
+        Edge(int(x), int(y), float(c), int(d) if d >= 0 else None)
+        for x, y, c, d in zip(a, b, cos, dist, strict=True)
     ]
-    edges += _hash_edges(ids, traits, hashable, settings)
+    edges = _best_edges(edges + _hash_edges(ids, traits, hashable, settings))
     runs = _content_runs(ids, traits, has_traits)
     wanted = {x for edge in edges for x in edge[:2]} | {x for run in runs for x in run}
     records = _listed_records(dest, ids, wanted)
@@ -281,6 +300,15 @@ def find_duplicates(
         "neighbours": round(t_neighbours, 3),
         "hash": round(time.perf_counter() - t_hash, 3),
     }
+    undecided = 0
+    if settings.criterion == "copy":
+        t_verify = time.perf_counter()
+        same_bytes = {(min(x, y), max(x, y)) for x, y in identical}
+        checked = [e for e in edges if (e.a, e.b) not in same_bytes]
+        edges, undecided = _verified(runner, meta.source, checked, records, settings)
+        stage_seconds["verify"] = round(time.perf_counter() - t_verify, 3)
+    else:
+        checked = []
     groups = _groups(ids, traits, has_traits, records, edges, identical, settings)
     return DuplicateReport(
         index=str(dest),
@@ -289,6 +317,8 @@ def find_duplicates(
         settings=settings,
         groups=groups,
         candidates=len(a),
+        verified=len(checked),
+        undecided=undecided,
         without_traits=int((~has_traits).sum()),
         seconds=round(time.perf_counter() - started, 3),
         stage_seconds=stage_seconds,
@@ -318,6 +348,7 @@ class NeighbourPairs:
 
 
 _INDEXES: dict[tuple, Any] = {}
+_CACHED_FEATURES = 256  # images' features a verify task keeps (~150 KiB each)
 _INDEXES_LOCK = threading.Lock()
 
 
@@ -387,7 +418,72 @@ def file_digests(root: str, paths: Sequence[str]) -> list[str | None]:
     return out
 
 
+def verify_pairs(
+    root: str, pairs: Sequence[tuple[str, str]]
+) -> list[geometry.Alignment | None]:
+    """The geometric check of each pair of ``root/<path>`` (None: undecidable).
+
+    ``pairs`` sorted by their first image load it once; features are kept
+    for the task's last images (the same image recurs across its pairs).
+    """
+    cache: OrderedDict[str, geometry.Features | None] = OrderedDict()
+
+    def features(path: str) -> geometry.Features | None:
+        if path in cache:
+            cache.move_to_end(path)
+            return cache[path]
+        try:
+            found = geometry.image_features(os.path.join(root, path))
+        except DecodeError:
+            found = None  # deleted or changed since the build: nothing to compare
+        cache[path] = found
+        if len(cache) > _CACHED_FEATURES:
+            cache.popitem(last=False)
+        return found
+
+    out: list[geometry.Alignment | None] = []
+    for a, b in pairs:
+        fa, fb = features(a), features(b)
+        if fa is None or fb is None or not (fa.decidable and fb.decidable):
+            out.append(None)
+        else:
+            out.append(geometry.align(fa, fb))
+    return out
+
+
 # -- on the client ----------------------------------------------------------------
+
+
+def _verified(
+    runner: Runner,
+    source: str,
+    edges: list[Edge],
+    records: dict[int, ImageRecord],
+    settings: DuplicateSettings,
+) -> tuple[list[Edge], int]:
+    """The ``edges`` the geometric check finds to be copies, and how many it could
+    not decide (those are kept when their cosine reaches UNDECIDED_COSINE)."""
+    edges = sorted(edges, key=lambda e: (records[e.a].path, records[e.b].path))
+    step = settings.pairs_per_task
+    futures = [
+        runner.submit(
+            "verify",
+            verify_pairs,
+            source,
+            [(records[e.a].path, records[e.b].path) for e in edges[i : i + step]],
+        )
+        for i in range(0, len(edges), step)
+    ]
+    kept, undecided = [], 0
+    alignments = (x for part in runner.gather(futures) for x in part)
+    for edge, found in zip(edges, alignments, strict=True):
+        if found is None:
+            undecided += 1
+            if (edge.cosine or 0.0) >= max(settings.threshold, UNDECIDED_COSINE):
+                kept.append(edge)
+        elif found.is_copy:
+            kept.append(edge._replace(correlation=found.correlation))
+    return kept, undecided
 
 
 def _index_stamp(dest: Path) -> tuple[int, int, int]:
@@ -420,10 +516,10 @@ def _hash_edges(
     traits: np.ndarray,
     hashable: np.ndarray,
     settings: DuplicateSettings,
-) -> list[tuple[int, int, float | None, int | None]]:
+) -> list[Edge]:
     """Pairs of images with equal flip/turn-invariant hashes (rotated copies).
 
-    A pair also found among the neighbours is listed twice; :func:`_groups`
+    A pair also found among the neighbours is listed twice; :func:`_best_edges`
     keeps the copy with its cosine.
     """
     if settings.criterion != "copy":
@@ -437,7 +533,7 @@ def _hash_edges(
         dist = hash_distance(traits[first], traits[rows[1:]])
         for r, d in zip(rows[1:], dist, strict=True):
             x, y = int(ids[rows[0]]), int(ids[r])
-            edges.append((min(x, y), max(x, y), None, int(d)))
+            edges.append(Edge(min(x, y), max(x, y), None, int(d)))
     return edges
 
 
@@ -514,7 +610,7 @@ def _groups(
     traits: np.ndarray,
     has_traits: np.ndarray,
     records: dict[int, ImageRecord],
-    edges: list[tuple[int, int, float | None, int | None]],
+    edges: list[Edge],
     identical: list[tuple[int, int]],
     settings: DuplicateSettings,
 ) -> list[Group]:
@@ -527,9 +623,8 @@ def _groups(
             x = parent[x]
         return x
 
-    edges = _best_edges(edges)
-    for x, y, *_ in edges:
-        parent[root(x)] = root(y)
+    for edge in edges:
+        parent[root(edge.a)] = root(edge.b)
     for x, y in identical:
         parent[root(x)] = root(y)
     if not parent:
@@ -541,16 +636,16 @@ def _groups(
     same_bytes = {(min(x, y), max(x, y)) for x, y in identical}
     pairs_of: dict[int, list[Pair]] = {}
     copy_kind = "copy" if settings.criterion == "copy" else "similar"
-    for x, y, cos, dist in edges:
-        kind = "identical" if (min(x, y), max(x, y)) in same_bytes else copy_kind
+    for x, y, cos, dist, corr in edges:
+        kind = "identical" if (x, y) in same_bytes else copy_kind
         pairs_of.setdefault(root(x), []).append(
-            Pair(paths[x], paths[y], cos, dist, kind)
+            Pair(paths[x], paths[y], cos, dist, corr, kind)
         )
-    seen = {(min(x, y), max(x, y)) for x, y, *_ in edges}
+    seen = {(e.a, e.b) for e in edges}
     for x, y in identical:
         if (min(x, y), max(x, y)) not in seen:
             pairs_of.setdefault(root(x), []).append(
-                Pair(paths[x], paths[y], None, None, "identical")
+                Pair(paths[x], paths[y], None, None, None, "identical")
             )
 
     def member(i: int) -> Member:
@@ -574,12 +669,12 @@ def _groups(
     return groups
 
 
-def _best_edges(edges: list[tuple]) -> list[tuple]:
+def _best_edges(edges: list[Edge]) -> list[Edge]:
     """Each pair once, the copy with a cosine preferred (hash edges have none)."""
-    best: dict[tuple[int, int], tuple] = {}
+    best: dict[tuple[int, int], Edge] = {}
     for edge in edges:
-        key = (edge[0], edge[1])
-        if key not in best or best[key][2] is None:
+        key = (edge.a, edge.b)
+        if key not in best or best[key].cosine is None:
             best[key] = edge
     return list(best.values())
 

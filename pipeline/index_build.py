@@ -122,6 +122,7 @@ STEP_NAMES = {  # what a person watching the build reads for each stage
     "evaluate": "tuning and measuring recall",
     "neighbours": "searching each image's neighbours",
     "hash": "hashing files of equal samples",
+    "verify": "checking candidate pairs for copies",
 }
 
 

@@ -138,12 +138,14 @@ def write_copy_set(
     folder: str | Path,
     originals: Mapping[str, Image.Image],
     scenes: Mapping[str, Image.Image] | None = None,
+    singles: Mapping[str, Image.Image] | None = None,
 ) -> dict[str, str]:
     """JPEGs of ``originals`` and a copy of each made by every :data:`COPY_MAKERS`,
-    plus two :func:`sibling_views` of each of ``scenes``; {file name: family}.
+    two :func:`sibling_views` of each of ``scenes``, and ``singles`` as they
+    are (other photos of one scene, say); {file name: family}.
 
-    An original and its copies share a family; each sibling view is a family
-    of its own (a good duplicate finder keeps both).
+    An original and its copies share a family; each sibling view and single
+    is a family of its own (a good duplicate finder keeps them apart).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,6 +161,9 @@ def write_copy_set(
         for side, view in zip("ab", sibling_views(image.convert("RGB")), strict=True):
             view.save(folder / f"{name}.view-{side}.jpg", quality=90)
             families[f"{name}.view-{side}.jpg"] = f"{name}.view-{side}"
+    for name, image in (singles or {}).items():
+        image.convert("RGB").save(folder / f"{name}.jpg", quality=92)
+        families[f"{name}.jpg"] = name
     return families
 
 
