@@ -976,6 +976,32 @@ def duplicates(
         click.echo(
             f"... and {len(report.groups) - show:,} more groups (--json lists all)"
         )
+    _print_collection_notes(report, show)
+
+
+def _print_collection_notes(report, show: int) -> None:
+    """The outliers, flagged images and broken files of a duplicates report."""
+    meanings = report.statistics.describe()
+    counts = ", ".join(
+        f"{len(report.flagged.get(name, [])):,} {name}" for name in meanings
+    )
+    click.echo(f"images: {counts}; {len(report.broken):,} broken files")
+    for name, meaning in meanings.items():
+        paths = report.flagged.get(name, [])
+        if paths and show:
+            listed = ", ".join(_shown(p) for p in paths[: min(show, 5)])
+            hidden = len(paths) - min(show, 5)
+            more = f" and {hidden:,} more" if hidden > 0 else ""
+            click.echo(f"  {name} ({meaning}): {listed}{more}")
+    for failure in report.broken[: min(show, 5)]:
+        click.echo(f"  broken: {_shown(failure.path)}: {_shown(failure.reason)}")
+    if report.outliers and show:
+        click.echo(
+            f"outliers (the {report.statistics.outliers:.0%} of images farthest "
+            "from their nearest neighbour; cosine to it):"
+        )
+        for outlier in report.outliers[: min(show, 5)]:
+            click.echo(f"  {outlier.nearest:.3f} {_shown(outlier.path)}")
 
 
 @cli.command()

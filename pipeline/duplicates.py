@@ -37,11 +37,12 @@ import numpy as np
 from pipeline import geometry
 from pipeline import index as fx
 from pipeline.config import config_value
-from pipeline.discover import ImageRecord
+from pipeline.discover import Failure, ImageRecord
 from pipeline.errors import ConfigError, DecodeError, IndexDirError
 from pipeline.index_build import Runner, ShardRows, StepCallback, group_shards
 from pipeline.reindex import stored_selection
 from pipeline.shards import load_traits
+from pipeline.statistics import StatisticsSettings, flag_rows, outlier_rows
 from pipeline.store import INDEX_FILE, iter_manifest, read_index_dir
 from pipeline.traits import TRAITS, canonical_hash, file_hash, hash_distance
 
@@ -179,6 +180,15 @@ class Group:
         }
 
 
+@dataclass(frozen=True)
+class Outlier:
+    path: str
+    nearest: float  # cosine to its nearest neighbour
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "nearest_cosine": round(self.nearest, 6)}
+
+
 @dataclass
 class DuplicateReport:
     index: str
@@ -192,6 +202,10 @@ class DuplicateReport:
     without_traits: int  # images whose shards predate traits (cosine only)
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
+    flagged: dict[str, list[str]] = field(default_factory=dict)  # flag -> paths
+    outliers: list[Outlier] = field(default_factory=list)  # the loneliest first
+    broken: list[Failure] = field(default_factory=list)  # not indexed, and why
 
     @property
     def images_in_groups(self) -> int:
@@ -221,6 +235,16 @@ class DuplicateReport:
             "seconds": self.seconds,
             "stage_seconds": self.stage_seconds,
             "duplicate_groups": [g.to_json() for g in self.groups],
+            "outliers": [o.to_json() for o in self.outliers],
+            "outlier_share": self.statistics.outliers,
+            "flagged": {
+                name: {"meaning": meaning, "images": self.flagged.get(name, [])}
+                for name, meaning in self.statistics.describe().items()
+            },
+            "broken": [
+                {"path": f.path, "reason": f.reason, "transient": f.transient}
+                for f in self.broken
+            ],
         }
 
 
@@ -229,8 +253,11 @@ def find_duplicates(
     settings: DuplicateSettings | None = None,
     client: Client | None = None,
     on_step: StepCallback | None = None,
+    statistics: StatisticsSettings | None = None,
 ) -> DuplicateReport:
-    """Group the near-duplicate images of ``index_dir`` (see the module docstring).
+    """Group the near-duplicate images of ``index_dir`` (see the module docstring),
+    and list its outliers, its flagged images (pipeline.statistics) and the
+    files its build could not index.
 
     With a ``client`` the neighbour searches and file hashes run on its
     workers, which must see ``index_dir`` and the images; without, here.
@@ -245,6 +272,7 @@ def find_duplicates(
     """
     started = time.perf_counter()
     settings = settings or DuplicateSettings.from_config()
+    statistics = statistics or StatisticsSettings.from_config()
     dest = Path(index_dir).resolve()
     stored = read_index_dir(dest, manifest=False)
     meta = stored.meta
@@ -271,8 +299,10 @@ def find_duplicates(
     ids = np.concatenate([f.ids for f in found])
     traits = np.concatenate([f.traits for f in found])
     has_traits = np.concatenate([f.has_traits for f in found])
+    nearest = np.concatenate([f.nearest for f in found])
     order = np.argsort(ids)
     ids, traits, has_traits = ids[order], traits[order], has_traits[order]
+    nearest = nearest[order]
     a, b, cos = _unique_pairs(
         np.concatenate([f.a for f in found]),
         np.concatenate([f.b for f in found]),
@@ -292,7 +322,11 @@ def find_duplicates(
     ]
     edges = _best_edges(edges + _hash_edges(ids, traits, hashable, settings))
     runs = _content_runs(ids, traits, has_traits)
+    flags = flag_rows(traits, has_traits, statistics)
+    lonely = outlier_rows(nearest, statistics.outliers)
     wanted = {x for edge in edges for x in edge[:2]} | {x for run in runs for x in run}
+    wanted |= {int(x) for rows in flags.values() for x in ids[rows]}
+    wanted |= {int(x) for x in ids[lonely]}
     records = _listed_records(dest, ids, wanted)
     t_hash = time.perf_counter()
     identical = _identical_edges(runner, meta.source, runs, records)
@@ -322,6 +356,15 @@ def find_duplicates(
         without_traits=int((~has_traits).sum()),
         seconds=round(time.perf_counter() - started, 3),
         stage_seconds=stage_seconds,
+        statistics=statistics,
+        flagged={
+            name: sorted(records[int(x)].path for x in ids[rows])
+            for name, rows in flags.items()
+        },
+        outliers=[
+            Outlier(records[int(ids[r])].path, float(nearest[r])) for r in lonely
+        ],
+        broken=stored.failures,
     )
 
 
@@ -335,6 +378,7 @@ class NeighbourPairs:
     ids: np.ndarray
     traits: np.ndarray  # TRAITS rows (zeros where has_traits is False)
     has_traits: np.ndarray  # bool per row: its shard stored traits
+    nearest: np.ndarray  # per row: the best cosine to another image (-1: none)
     a: np.ndarray
     b: np.ndarray
     score: np.ndarray
@@ -342,9 +386,8 @@ class NeighbourPairs:
     @classmethod
     def empty(cls) -> NeighbourPairs:
         none = np.zeros(0, np.int64)
-        return cls(
-            none, np.zeros(0, TRAITS), none > 0, none, none, np.zeros(0, np.float32)
-        )
+        scores = np.zeros(0, np.float32)
+        return cls(none, np.zeros(0, TRAITS), none > 0, scores, none, none, scores)
 
 
 _INDEXES: dict[tuple, Any] = {}
@@ -363,7 +406,7 @@ def neighbour_pairs(
 ) -> NeighbourPairs:
     """Search the index for the ``k`` nearest neighbours of ``rows``: the Dask task."""
     index = _worker_index(index_dir, stamp, on_disk, search_params)
-    id_parts, trait_parts, has_parts, a, b, score = [], [], [], [], [], []
+    id_parts, trait_parts, has_parts, nearest, a, b, score = [], [], [], [], [], [], []
     for part in rows:
         ids, vectors = part.load()
         traits = load_traits(part.path)
@@ -373,7 +416,9 @@ def neighbour_pairs(
         has_parts.append(np.full(len(ids), traits is not None))
         trait_parts.append(traits if traits is not None else np.zeros(len(ids), TRAITS))
         scores, found = fx.search(index, vectors, k + 1)
-        hit = (found >= 0) & (found != ids[:, None]) & (scores >= threshold)
+        other = (found >= 0) & (found != ids[:, None])
+        nearest.append(np.where(other, scores, -1.0).max(axis=1).astype(np.float32))
+        hit = other & (scores >= threshold)
         rows_hit, cols = np.nonzero(hit)
         a.append(ids[rows_hit])
         b.append(found[rows_hit, cols])
@@ -382,6 +427,7 @@ def neighbour_pairs(
         ids=np.concatenate(id_parts),
         traits=np.concatenate(trait_parts),
         has_traits=np.concatenate(has_parts),
+        nearest=np.concatenate(nearest),
         a=np.concatenate(a),
         b=np.concatenate(b),
         score=np.concatenate(score),

@@ -26,10 +26,11 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from pipeline.decode import load_rgb
 
-SIDE = 384  # pixels on the longer side the check works at
+SIDE = 384  # pixels on the longer side the check works at (any image)
 MIN_INLIERS = 12  # matched features agreeing on the transform
 MIN_INSIDE = 0.9  # share of one image that must land inside the other
 MIN_CORRELATION = 0.8  # of the aligned grey levels (see the module docstring)
@@ -85,8 +86,11 @@ def image_features(path: str | os.PathLike) -> Features:
     Raises DecodeError (pipeline.errors) for what is not a usable image.
     """
     image = load_rgb(path, SIDE // 2)
-    image.thumbnail((SIDE, SIDE))
-    return features_of(np.asarray(image.convert("L")))
+    # Small images are scaled up too: ORB finds too few features in a thumbnail.
+    scale = SIDE / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.convert("L").resize(size, Image.Resampling.BILINEAR)
+    return features_of(np.asarray(image))
 
 
 def features_of(grey: np.ndarray) -> Features:
