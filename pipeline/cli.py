@@ -891,6 +891,14 @@ def reindex(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
 @click.option(
+    "--html",
+    "html_page",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the report as a page that opens offline, with a folder of "
+    "thumbnails beside it (PAGE_thumbs).",
+)
+@click.option(
     "--show",
     type=click.IntRange(min=0),
     default=20,
@@ -907,6 +915,7 @@ def duplicates(
     criterion,
     neighbours,
     as_json,
+    html_page,
     show,
 ):
     """Group INDEX_DIR's near-duplicate images, from its shards; embed nothing.
@@ -916,11 +925,7 @@ def duplicates(
     copies are always grouped. The neighbour searches run on the cluster's
     workers when they see INDEX_DIR, else here.
     """
-    from pipeline.duplicates import (
-        KEEPER_RULE,
-        DuplicateSettings,
-        find_duplicates,
-    )
+    from pipeline.duplicates import DuplicateSettings, find_duplicates
     from pipeline.errors import ConfigError
     from pipeline.store import read_meta
 
@@ -930,16 +935,36 @@ def duplicates(
         raise click.UsageError(str(e)) from None
     meta = read_meta(index_dir)  # one line if it is not an index
     where = Path(index_dir).resolve()
+    if html_page is not None:
+        from pipeline.report_html import check_report_paths, write_html_report
+
+        check_report_paths(html_page)  # before the work, not after
     with _connect(scheduler, scheduler_file, no_fallback) as conn:
         client = _client_seeing(conn, where, "searched here")
         bar = _ProgressBar(meta.name, None)
         try:
             report = find_duplicates(where, settings, client, bar.index_step)
+            if html_page is not None:
+                html = write_html_report(
+                    report, html_page, client, on_step=bar.index_step
+                )
         finally:
             bar.close()
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
-        return
+    else:
+        _print_duplicates(report, show)
+    if html_page is not None:
+        click.echo(
+            f"report: {_shown(str(html.page))} ({html.groups:,} groups, "
+            f"{html.images:,} thumbnails in {_shown(html.thumbnails.name)}/)",
+            err=as_json,
+        )
+
+
+def _print_duplicates(report, show: int) -> None:
+    from pipeline.duplicates import KEEPER_RULE
+
     click.echo(
         f"{_shown(report.index)}: {report.images_in_groups:,} of {report.count:,} "
         f"images in {len(report.groups):,} groups; {report.removable:,} could be "
@@ -972,7 +997,7 @@ def duplicates(
             click.echo(
                 f"    {cos} {bits} {corr} {p.kind:9} {_shown(p.a)} ~ {_shown(p.b)}"
             )
-    if len(report.groups) > show:
+    if show and len(report.groups) > show:
         click.echo(
             f"... and {len(report.groups) - show:,} more groups (--json lists all)"
         )

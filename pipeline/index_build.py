@@ -123,6 +123,7 @@ STEP_NAMES = {  # what a person watching the build reads for each stage
     "neighbours": "searching each image's neighbours",
     "hash": "hashing files of equal samples",
     "verify": "checking candidate pairs for copies",
+    "thumbnails": "making the report's thumbnails",
 }
 
 

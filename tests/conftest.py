@@ -248,3 +248,55 @@ def real_cluster(tmp_path_factory):
 # tests/hpc needs a real SLURM: `make test-hpc` starts one and sets this.
 if not os.environ.get("IMGINDEX_HPC_TESTS"):
     collect_ignore_glob = ["hpc/*"]
+
+
+ARTIFACTS = Path(
+    os.environ.get(
+        "IMGINDEX_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"
+    )
+)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium, headless, driven by chromedriver (nothing downloaded).
+
+    Skipped where it is not installed, unless IMGINDEX_REQUIRE_BROWSER is set
+    (CI sets it: there a missing browser is a failure, not a skip).
+    """
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    webdriver = None
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pass
+    if not (chromium and driver and webdriver):
+        missing = "chromium, chromium-driver and selenium"
+        if os.environ.get("IMGINDEX_REQUIRE_BROWSER"):
+            pytest.fail(
+                f"{missing} are required here (apt-get install chromium "
+                "chromium-driver; pip install -e .[test])"
+            )
+        pytest.skip(f"needs {missing}")
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not fetch a driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1280,1400",
+        "--disable-dev-shm-usage",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()

@@ -21,13 +21,18 @@ from PIL import Image, ImageFilter
 from pipeline.build import run_build
 from pipeline.decode import ORIGINAL_SIZE, load_rgb
 from pipeline.discover import ImageRecord
-from pipeline.duplicates import DuplicateSettings, find_duplicates
+from pipeline.duplicates import DuplicateReport, DuplicateSettings, find_duplicates
 from pipeline.embed import ModelSpec, PartitionResult
 from pipeline.shards import read_shard, write_shard
 from pipeline.statistics import StatisticsSettings
 from pipeline.synthetic import COPY_MAKERS, synthetic_photo, write_copy_set
 from pipeline.traits import TRAITS, hash_distance, image_traits
 from tests.helpers import invoke, one_error_line
+
+try:
+    from selenium.webdriver.support.wait import WebDriverWait
+except ImportError:  # the browser fixture skips (or fails, in CI) without it
+    WebDriverWait = None
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -275,3 +280,130 @@ def test_vectors_without_traits_group_only_near_identical_ones(client, tmp_path)
         for g in report.groups
         for p in g.pairs
     )
+
+
+def _rendered(browser, page) -> dict:
+    """Open ``page`` and return what it shows (after its script ran)."""
+    browser.get(page.as_uri())
+    WebDriverWait(browser, 20).until(
+        lambda b: b.execute_script("return document.readyState") == "complete"
+    )
+    return browser.execute_script(
+        """
+        const text = (sel) =>
+          [...document.querySelectorAll(sel)].map(e => e.textContent);
+        const first = document.querySelector(".group");
+        return {
+          totals: document.getElementById("totals").textContent,
+          groups: document.querySelectorAll(".group").length,
+          keepers: text("figure.keeper figcaption"),
+          pager: document.querySelector(".page-label").textContent,
+          outliers: text("#outlier-list figcaption"),
+          broken: text("#broken-list td"),
+          flags: text("#flag-list h3"),
+          firstLoaded: first ? [...first.querySelectorAll("img")].map(
+            i => i.complete && i.naturalWidth > 0) : [],
+        };"""
+    )
+
+
+# Thumbnails load lazily: those in view must have arrived (and decoded).
+_THUMBS_IN_VIEW_LOADED = """
+return [...document.querySelectorAll("figure img")].filter(i => {
+  const r = i.getBoundingClientRect();
+  return r.bottom > 0 && r.top < window.innerHeight;
+}).every(i => i.complete && i.naturalWidth > 0);"""
+
+
+def _browser_errors(browser) -> list[dict]:
+    return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_html_report_opens_in_a_browser(copy_set, browser, tmp_path):
+    from tests.conftest import ARTIFACTS
+
+    index_dir, _, _ = copy_set
+    page = tmp_path / "report.html"
+    run = invoke("duplicates", index_dir, "--json", "--html", page)
+    assert run.exit_code == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert "report: " in run.stderr and (tmp_path / "report_thumbs").is_dir()
+    shown = _rendered(browser, page)
+    assert not _browser_errors(browser)
+    assert shown["groups"] == report["groups"] >= 9
+    assert shown["totals"] == (
+        f"{report['images_in_groups']} of {report['images']} images in "
+        f"{report['groups']} groups; {report['removable']} could be removed"
+    )
+    keepers = [g["keeper"] for g in report["duplicate_groups"]]
+    assert [k.split(".jpg")[0] + ".jpg" for k in shown["keepers"]] == [
+        f"keeper{k}" for k in keepers
+    ]
+    assert shown["firstLoaded"] and all(shown["firstLoaded"])
+    assert shown["outliers"][0].startswith("noise.jpg")
+    assert shown["broken"] == ["broken.jpg", "not an image Pillow can read"]
+    assert "tiny: 1 image" in shown["flags"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "duplicates-report.png"))
+    browser.execute_script("document.getElementById('outliers').scrollIntoView()")
+    WebDriverWait(browser, 20).until(lambda b: b.execute_script(_THUMBS_IN_VIEW_LOADED))
+    browser.save_screenshot(str(ARTIFACTS / "duplicates-report-outliers.png"))
+
+    # Its own report is replaced; anything else at the path is left alone.
+    again = invoke("duplicates", index_dir, "--show", "0", "--html", page)
+    assert again.exit_code == 0, again.stderr
+    notes = tmp_path / "notes.html"
+    notes.write_text("<p>my notes</p>")
+    refused = invoke("duplicates", index_dir, "--html", notes)
+    assert refused.exit_code == 1
+    assert "was not written by imgindex" in one_error_line(refused.stderr)
+    assert notes.read_text() == "<p>my notes</p>"
+    assert not (tmp_path / "notes_thumbs").exists()
+
+
+def test_html_report_pages_and_escapes_names(browser, tmp_path):
+    from pipeline.duplicates import Group, Member, Pair
+    from pipeline.report_html import write_html_report
+
+    hostile = '</script><img src=x onerror="document.title=1">.jpg'
+    groups = [
+        Group(
+            [
+                Member(f"g{i}/a.jpg", 10, 10, 1, 1),
+                Member(f"g{i}/{hostile}", 5, 5, 1, 2),
+            ],
+            [Pair(f"g{i}/a.jpg", f"g{i}/{hostile}", 0.9, 3, 0.95, "copy")],
+        )
+        for i in range(60)
+    ]
+    report = DuplicateReport(
+        str(tmp_path / "index"),
+        str(tmp_path),
+        500,
+        DuplicateSettings(),
+        groups,
+        candidates=60,
+        verified=60,
+        undecided=0,
+        without_traits=0,
+        seconds=1.0,
+    )
+    page = tmp_path / "big.html"
+    written = write_html_report(report, page)
+    assert (written.groups, written.images) == (60, 0)  # no files: no thumbnails
+    shown = _rendered(browser, page)
+    assert not _browser_errors(browser)
+    assert (shown["groups"], shown["pager"]) == (25, "page 1 of 3")
+    assert browser.title == "imgindex duplicates"  # the name ran no script
+    captions = browser.execute_script(
+        "return [...document.querySelectorAll('figcaption')].map(e => e.textContent)"
+    )
+    assert f"g0/{hostile}5×5, 1 bytes" in captions
+    for _ in range(2):
+        browser.find_element("css selector", "#pager-top button:nth-child(2)").click()
+    last = browser.execute_script(
+        "return [...document.querySelectorAll('.group > div > b')]"
+        ".map(e => e.textContent)"
+    )
+    assert last == [f"Group {n}" for n in range(51, 61)]
+    assert browser.find_element("css selector", ".page-label").text == "page 3 of 3"
