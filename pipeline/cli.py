@@ -715,17 +715,26 @@ def _query_images(images, queries_from) -> list[Path]:
     show_default=True,
     help="Results per query.",
 )
+@click.option(
+    "--turns/--no-turns",
+    default=None,
+    help="Also search each query turned by 90, 180 and 270 degrees, to find "
+    "copies whose orientation was lost (4 embeddings a query) [imgindex.search."
+    "turns: on].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list per query.")
-def search(index_dir, images, queries_from, k, as_json):
+def search(index_dir, images, queries_from, k, turns, as_json):
     """Find the images in INDEX_DIR most similar to each query IMAGE.
 
     An IMAGE may be a folder: every image under it is a query. Queries are
     embedded and searched in batches.
     """
+    from pipeline.config import config_value
     from pipeline.search import Searcher
 
     images = _query_images(images, queries_from)
-    searcher = Searcher(index_dir)
+    turns = bool(config_value(turns, "imgindex.search.turns"))
+    searcher = Searcher(index_dir, turns=turns)
     results = searcher.search_images(images, k)
     if as_json:
         click.echo(

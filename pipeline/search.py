@@ -1,4 +1,15 @@
-"""Search an index directory with query images, embedded exactly as at build time."""
+"""Search an index directory with query images, embedded exactly as at build time.
+
+A query is also searched turned by 90, 180 and 270 degrees (a phone photo
+whose EXIF orientation was lost is a turned copy): an image found that way
+scores its turned cosine less TURN_PENALTY. Measured on 19 scikit-image
+photos with their panned views and 300 generated photos as the index, and
+the copies of pipeline.synthetic.COPY_MAKERS as queries: turned copies find
+their original at rank 1 for 79 % of the photos without the turns and for
+100 % with them; with a penalty of 0 re-encoded and resized copies lost
+5 points to the turned views of other photos, with 0.06 no kind of copy
+lost any. It costs four embeddings a query instead of one (``turns=False``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from pipeline import index as faiss_index
 from pipeline.embed import Embedder, ModelSpec
@@ -23,10 +36,16 @@ class Hit:
         return {"rank": self.rank, "path": self.path, "score": round(self.score, 6)}
 
 
+TURN_PENALTY = 0.06
+
+
 class Searcher:
     """An index directory opened for repeated queries (model loaded once)."""
 
-    def __init__(self, index_dir: str | os.PathLike, device: str = "cpu"):
+    def __init__(
+        self, index_dir: str | os.PathLike, device: str = "cpu", turns: bool = True
+    ):
+        self.turns = turns
         self.stored: StoredIndex = read_index_dir(index_dir)
         # Read now, from the handles opened with the manifest: a build may swap
         # in a newer version while the model loads. An on-disk index is mapped,
@@ -62,11 +81,23 @@ class Searcher:
         for start in range(0, len(images), batch):
             chunk = images[start : start + batch]
             pixels = [self.embedder.decode(os.fspath(p)) for p in chunk]
-            hits.extend(self.search_vectors(self.embedder.embed_pixels(pixels), k))
+            scores, ids = self._search(self.embedder.embed_pixels(pixels), k)
+            if self.turns:
+                for turn in (1, 2, 3):
+                    # The centre square turned is the turned image's centre square.
+                    turned = [np.ascontiguousarray(np.rot90(x, turn)) for x in pixels]
+                    more = self._search(self.embedder.embed_pixels(turned), k)
+                    scores, ids = _merged((scores, ids), more, TURN_PENALTY, k)
+            hits.extend(self._hits(scores, ids))
         return hits
 
     def search_vectors(self, queries, k: int = 10) -> list[list[Hit]]:
-        scores, ids = faiss_index.search(self.index, queries, k)
+        return self._hits(*self._search(queries, k))
+
+    def _search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return faiss_index.search(self.index, queries, k)
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         return [
             [
                 Hit(rank, str(self.root / self.paths[int(i)]), float(s))
@@ -77,11 +108,39 @@ class Searcher:
         ]
 
 
+def _merged(
+    found: tuple[np.ndarray, np.ndarray],
+    more: tuple[np.ndarray, np.ndarray],
+    penalty: float,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` of two result lists per query, ``more``'s scores less
+    ``penalty``; an id in both keeps its better score."""
+    scores = np.concatenate([found[0], more[0] - penalty], axis=1)
+    ids = np.concatenate([found[1], more[1]], axis=1)
+    out_s = np.full((len(ids), k), -np.inf, np.float32)
+    out_i = np.full((len(ids), k), -1, np.int64)
+    for row, (s, i) in enumerate(zip(scores, ids, strict=True)):
+        kept: dict[int, int] = {}  # id -> column of its best score
+        for j in np.argsort(-s, kind="stable"):
+            if i[j] >= 0 and i[j] not in kept:
+                kept[int(i[j])] = j
+                if len(kept) == k:
+                    break
+        columns = list(kept.values())
+        out_s[row, : len(columns)] = s[columns]
+        out_i[row, : len(columns)] = i[columns]
+    return out_s, out_i
+
+
 def search_images(
-    index_dir: str | os.PathLike, images: list[str | os.PathLike], k: int = 10
+    index_dir: str | os.PathLike,
+    images: list[str | os.PathLike],
+    k: int = 10,
+    turns: bool = True,
 ) -> list[list[Hit]]:
     """Open ``index_dir`` and return the top-``k`` hits for each query image."""
-    return Searcher(index_dir).search_images(images, k)
+    return Searcher(index_dir, turns=turns).search_images(images, k)
 
 
 __all__ = ["DecodeError", "Hit", "Searcher", "search_images"]

@@ -62,6 +62,42 @@ def test_near_duplicate_query_finds_its_source_first(built, tmp_path):
         assert hits[0].score > hits[1].score
 
 
+def test_turned_query_finds_its_source_and_upright_ones_keep_their_scores(
+    built, tmp_path
+):
+    from PIL import Image
+
+    from pipeline.search import TURN_PENALTY
+
+    roots, out, _ = built
+    turning = Searcher(out / "beach")
+    plain = Searcher(out / "beach", turns=False)
+    for i in (2, 11):
+        src = roots["beach"] / f"img{i:05d}.jpg"
+        turned = tmp_path / f"turned{i}.jpg"
+        with Image.open(src) as im:
+            im.transpose(Image.Transpose.ROTATE_90).save(turned, quality=92)
+        hits = turning.search_images([turned], k=5)[0]
+        assert hits[0].path == str(src)
+        # Found turned back: about 1 (a re-encoded copy), less the penalty.
+        assert hits[0].score > 0.9 - TURN_PENALTY
+        as_is = plain.search_images([turned], k=5)[0]
+        assert hits[0].score > next((h.score for h in as_is if h.path == str(src)), -1)
+        assert (
+            turning.search_images([src], k=5)[0] == plain.search_images([src], k=5)[0]
+        )
+
+
+def test_merged_results_keep_each_image_once_at_its_best_score():
+    from pipeline.search import _merged
+
+    found = (np.array([[0.9, 0.5, 0.4]], np.float32), np.array([[1, 2, 3]]))
+    more = (np.array([[0.95, 0.7, 0.2]], np.float32), np.array([[4, 2, -1]]))
+    scores, ids = _merged(found, more, 0.1, 3)
+    assert ids.tolist() == [[1, 4, 2]]
+    np.testing.assert_allclose(scores, [[0.9, 0.85, 0.6]], rtol=1e-6)
+
+
 def test_vectors_in_index_match_a_direct_embedding(built):
     from pipeline.embed import Embedder, ModelSpec
 
