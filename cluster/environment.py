@@ -15,7 +15,14 @@ logger = logging.getLogger(__name__)
 # Differences here break task pickling or change the embeddings: refuse.
 CRITICAL = ("imgindex", "python", "dask", "distributed", "cloudpickle", "msgpack")
 # Differences here are worth a warning (a GPU worker's torch is another build).
-OTHER = ("torch", "numpy", "pillow", "faiss-cpu", "efficientnet-lite-pytorch")
+OTHER = (
+    "torch",
+    "numpy",
+    "pillow",
+    "faiss-cpu",
+    "efficientnet-lite-pytorch",
+    "opencv-python-headless",  # the duplicates' geometric check
+)
 
 
 def _versions_fn():
@@ -40,6 +47,7 @@ def _versions_fn():
             "pillow",
             "faiss-cpu",
             "efficientnet-lite-pytorch",
+            "opencv-python-headless",
         ):
             try:
                 out[dist] = version(dist)

@@ -73,6 +73,13 @@ def copy_set(client, tmp_path_factory):
     return tmp / "out" / "archive", families, data
 
 
+@pytest.fixture(scope="module")
+def default_report(client, copy_set):
+    """The report at the defaults (the geometric check takes seconds: run once)."""
+    statistics = StatisticsSettings(outliers=0.02)
+    return find_duplicates(copy_set[0], DuplicateSettings(), client, None, statistics)
+
+
 def _pairs(groups) -> set[tuple[str, str]]:
     return {
         tuple(sorted(pair))
@@ -81,9 +88,9 @@ def _pairs(groups) -> set[tuple[str, str]]:
     }
 
 
-def test_copies_are_grouped_and_siblings_kept_apart(client, copy_set):
-    index_dir, families, _ = copy_set
-    report = find_duplicates(index_dir, DuplicateSettings(), client)
+def test_copies_are_grouped_and_siblings_kept_apart(copy_set, default_report):
+    _, families, _ = copy_set
+    report = default_report
     found = _pairs(report.groups)
     truth = {
         tuple(sorted(pair))
@@ -112,10 +119,9 @@ def test_copies_are_grouped_and_siblings_kept_apart(client, copy_set):
 
 
 def test_keeper_is_the_largest_then_oldest_and_byte_copies_are_identical(
-    client, copy_set
+    default_report,
 ):
-    index_dir, _, _ = copy_set
-    report = find_duplicates(index_dir, DuplicateSettings(), client)
+    report = default_report
     chelsea = next(
         g for g in report.groups if any(m.path == "chelsea.jpg" for m in g.members)
     )
@@ -131,10 +137,8 @@ def test_keeper_is_the_largest_then_oldest_and_byte_copies_are_identical(
     assert report.removable == report.images_in_groups - len(report.groups)
 
 
-def test_report_lists_outliers_odd_images_and_broken_files(client, copy_set):
-    index_dir, _, _ = copy_set
-    statistics = StatisticsSettings(outliers=0.02)
-    report = find_duplicates(index_dir, DuplicateSettings(), client, None, statistics)
+def test_report_lists_outliers_odd_images_and_broken_files(default_report):
+    report = default_report
     assert report.flagged["tiny"] == ["tiny.jpg"]
     assert "blurred.jpg" in report.flagged["blurry"]
     assert "dark.jpg" in report.flagged["dark"]
@@ -179,7 +183,9 @@ def test_cli_prints_totals_and_json(copy_set):
         " images in " in first and " groups; " in first and "could be removed" in first
     )
     assert "keeper (*): largest resolution, then oldest file" in shown.stdout
-    as_json = invoke("duplicates", index_dir, "--json")
+    assert "1 tiny; 1 broken files" in shown.stdout
+    # The JSON's shape (the geometric check is tested above, and costs seconds).
+    as_json = invoke("duplicates", index_dir, "--json", "--criterion", "cosine")
     report = json.loads(as_json.stdout)
     assert report["groups"] == len(report["duplicate_groups"]) >= 9
     group = report["duplicate_groups"][0]
@@ -350,7 +356,7 @@ def test_html_report_opens_in_a_browser(copy_set, browser, tmp_path):
     browser.save_screenshot(str(ARTIFACTS / "duplicates-report-outliers.png"))
 
     # Its own report is replaced; anything else at the path is left alone.
-    again = invoke("duplicates", index_dir, "--show", "0", "--html", page)
+    again = invoke("duplicates", index_dir, "--criterion", "cosine", "--html", page)
     assert again.exit_code == 0, again.stderr
     notes = tmp_path / "notes.html"
     notes.write_text("<p>my notes</p>")
