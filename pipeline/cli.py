@@ -931,8 +931,10 @@ def duplicates(
 
     Each group lists its images, the keeper first (largest resolution, then
     oldest file, then shortest path), and the pairs that joined them. Byte
-    copies are always grouped. The neighbour searches run on the cluster's
-    workers when they see INDEX_DIR, else here.
+    copies are always grouped. The report also lists outliers, blurry, dark,
+    bright and tiny images, and broken files; --html writes it as a page.
+    The neighbour searches and checks run on the cluster's workers when they
+    see INDEX_DIR, else here.
     """
     from pipeline.duplicates import DuplicateSettings, find_duplicates
     from pipeline.errors import ConfigError
