@@ -5,10 +5,10 @@ whose EXIF orientation was lost is a turned copy): an image found that way
 scores its turned cosine less TURN_PENALTY. Measured on 19 scikit-image
 photos with their panned views and 300 generated photos as the index, and
 the copies of pipeline.synthetic.COPY_MAKERS as queries: turned copies find
-their original at rank 1 for 79 % of the photos without the turns and for
-100 % with them; with a penalty of 0 re-encoded and resized copies lost
-5 points to the turned views of other photos, with 0.06 no kind of copy
-lost any. It costs four embeddings a query instead of one (``turns=False``).
+their original at rank 1 for 79 % of the photos without the turns (the rest
+find a panned view of it first) and for 100 % with them; with a penalty of
+0 re-encoded and resized copies lost 5 points to the turned views of other
+photos, with 0.06 no kind of copy lost any. It costs four embeddings a query instead of one (``turns=False``).
 """
 
 from __future__ import annotations
