@@ -80,8 +80,8 @@ def main() -> None:
     embedder = Embedder(ModelSpec())
 
     def embed(pixels: list[np.ndarray]) -> np.ndarray:
-        batches = range(0, len(pixels), 32)
-        return np.concatenate([embedder.embed_pixels(pixels[i : i + 32]) for i in batches])
+        parts = [pixels[i : i + 32] for i in range(0, len(pixels), 32)]
+        return np.concatenate([embedder.embed_pixels(part) for part in parts])
 
     indexed = sorted((args.work / "index").glob("*.jpg"))
     names = [p.stem for p in indexed]

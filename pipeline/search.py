@@ -8,7 +8,8 @@ the copies of pipeline.synthetic.COPY_MAKERS as queries: turned copies find
 their original at rank 1 for 79 % of the photos without the turns (the rest
 find a panned view of it first) and for 100 % with them; with a penalty of
 0 re-encoded and resized copies lost 5 points to the turned views of other
-photos, with 0.06 no kind of copy lost any. It costs four embeddings a query instead of one (``turns=False``).
+photos, with 0.06 no kind of copy lost any (bench/search_copies.py). It
+costs four embeddings a query instead of one (``turns=False``).
 """
 
 from __future__ import annotations
