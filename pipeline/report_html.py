@@ -106,6 +106,9 @@ def write_html_report(
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise IndexDirError(f"cannot write the report {str(page)!r}: {e}") from None
+    except BaseException:  # a failed task, Ctrl-C: leave no half-made folder
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return HtmlReport(page, folder, len(groups), len(made))
 
 
