@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -162,15 +161,9 @@ def _peak_rss() -> int:
 
 
 def _in_subprocess(fn: str, *args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--call", fn, *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode:
-        raise SystemExit(f"{fn} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from bench.processes import run_step
+
+    return run_step(__file__, fn, *args)
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -154,15 +153,9 @@ def _peak_rss() -> int:
 
 
 def _in_subprocess(fn: str, *args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--call", fn, *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode:
-        raise SystemExit(f"{fn} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from bench.processes import run_step
+
+    return run_step(__file__, fn, *args)
 
 
 # The cluster the README projects onto: one common HPC allocation. Change these

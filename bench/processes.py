@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def run_step(script: str, fn: str, *args: str) -> dict:
+    """``python SCRIPT --call FN ARGS`` in a fresh process; the JSON of its last
+    stdout line. Each step then reports its own peak memory, no other's."""
+    out = subprocess.run(
+        [sys.executable, script, "--call", fn, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode:
+        raise SystemExit(f"{fn} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 class DaskProcesses:
