@@ -41,7 +41,6 @@ from pipeline.discover import Failure, ImageRecord
 from pipeline.errors import ConfigError, DecodeError, IndexDirError
 from pipeline.index_build import Runner, ShardRows, StepCallback, group_shards
 from pipeline.reindex import stored_selection
-from pipeline.shards import load_traits
 from pipeline.statistics import StatisticsSettings, flag_rows, outlier_rows
 from pipeline.store import INDEX_FILE, iter_manifest, read_index_dir
 from pipeline.traits import TRAITS, canonical_hash, file_hash, hash_distance
@@ -408,10 +407,7 @@ def neighbour_pairs(
     index = _worker_index(index_dir, stamp, on_disk, search_params)
     id_parts, trait_parts, has_parts, nearest, a, b, score = [], [], [], [], [], [], []
     for part in rows:
-        ids, vectors = part.load()
-        traits = load_traits(part.path)
-        if traits is not None and part.rows is not None:
-            traits = traits[part.rows]
+        ids, vectors, traits = part.load_with_traits()
         id_parts.append(ids)
         has_parts.append(np.full(len(ids), traits is not None))
         trait_parts.append(traits if traits is not None else np.zeros(len(ids), TRAITS))

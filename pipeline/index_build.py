@@ -40,6 +40,7 @@ import numpy as np
 from pipeline import index as fx
 from pipeline.atomic import fsync_path
 from pipeline.index_policy import IndexChoice
+from pipeline.shards import traits_member
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +65,26 @@ class ShardRows:
     count: int
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
+        ids, vectors, _ = self._read(with_traits=False)
+        return ids, vectors
+
+    def load_with_traits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Ids, vectors and the images' traits (None: the shard stored none)."""
+        return self._read(with_traits=True)
+
+    def _read(self, with_traits: bool):
         try:
             with np.load(self.path) as data:
                 ids, vectors = data["ids"], data["vectors"]
+                traits = traits_member(data) if with_traits else None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             raise ShardDamaged(f"shard {self.path} is damaged ({e})") from None
+        if traits is not None and len(traits) != len(ids):
+            raise ShardDamaged(f"shard {self.path} is damaged (traits and ids differ)")
         if self.rows is not None:
             ids, vectors = ids[self.rows], vectors[self.rows]
-        return ids, np.ascontiguousarray(vectors, dtype=np.float32)
+            traits = None if traits is None else traits[self.rows]
+        return ids, np.ascontiguousarray(vectors, dtype=np.float32), traits
 
 
 @dataclass

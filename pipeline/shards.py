@@ -111,10 +111,15 @@ class Shard:
 def load_traits(path: str | os.PathLike) -> np.ndarray | None:
     """A shard file's traits rows, or None if it has none (see :meth:`Shard.traits`)."""
     with np.load(path) as data:
-        if "traits" not in data.files:
-            return None
-        traits = data["traits"]
-    return traits if traits.dtype == TRAITS else None  # None: another version's
+        return traits_member(data)
+
+
+def traits_member(data: np.lib.npyio.NpzFile) -> np.ndarray | None:
+    """The traits of an opened shard; None if it has none, or another version's."""
+    if "traits" not in data.files:
+        return None
+    traits = data["traits"]
+    return traits if traits.dtype == TRAITS else None
 
 
 def write_shard(
