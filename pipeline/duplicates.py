@@ -214,7 +214,8 @@ class DuplicateReport:
     def removable(self) -> int:
         return sum(len(g.members) - 1 for g in self.groups)
 
-    def to_json(self) -> dict[str, Any]:
+    def totals(self) -> dict[str, Any]:
+        """The counts, settings and times, without the lists."""
         s = self.settings
         return {
             "index": self.index,
@@ -233,6 +234,17 @@ class DuplicateReport:
             "without_traits": self.without_traits,
             "seconds": self.seconds,
             "stage_seconds": self.stage_seconds,
+        }
+
+    def broken_json(self) -> list[dict[str, Any]]:
+        return [
+            {"path": f.path, "reason": f.reason, "transient": f.transient}
+            for f in self.broken
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`totals` and every group, outlier, flagged and broken image."""
+        return self.totals() | {
             "duplicate_groups": [g.to_json() for g in self.groups],
             "outliers": [o.to_json() for o in self.outliers],
             "outlier_share": self.statistics.outliers,
@@ -240,10 +252,7 @@ class DuplicateReport:
                 name: {"meaning": meaning, "images": self.flagged.get(name, [])}
                 for name, meaning in self.statistics.describe().items()
             },
-            "broken": [
-                {"path": f.path, "reason": f.reason, "transient": f.transient}
-                for f in self.broken
-            ],
+            "broken": self.broken_json(),
         }
 
 
@@ -336,8 +345,7 @@ def find_duplicates(
     undecided = 0
     if settings.criterion == "copy":
         t_verify = time.perf_counter()
-        same_bytes = {(min(x, y), max(x, y)) for x, y in identical}
-        checked = [e for e in edges if (e.a, e.b) not in same_bytes]
+        checked = [e for e in edges if (e.a, e.b) not in identical]
         edges, undecided = _verified(runner, meta.source, checked, records, settings)
         stage_seconds["verify"] = round(time.perf_counter() - t_verify, 3)
     else:
@@ -607,20 +615,22 @@ def _identical_edges(
     source: str,
     runs: list[list[int]],
     records: dict[int, ImageRecord],
-) -> list[tuple[int, int]]:
-    """Pairs of byte-identical files among ``runs``, by whole-file hashes."""
+) -> set[tuple[int, int]]:
+    """Pairs (smaller id first) of byte-identical files among ``runs``, by
+    whole-file hashes."""
     futures = [
         runner.submit("hash", file_digests, source, [records[m].path for m in run])
         for run in runs
     ]
-    edges = []
+    edges = set()
     for members, hashes in zip(runs, runner.gather(futures), strict=True):
         by_hash: dict[str, int] = {}
         for member, digest in zip(members, hashes, strict=True):
             if digest is None:
                 continue
             if digest in by_hash:
-                edges.append((by_hash[digest], member))
+                first = by_hash[digest]
+                edges.add((min(first, member), max(first, member)))
             else:
                 by_hash[digest] = member
     return edges
@@ -653,7 +663,7 @@ def _groups(
     has_traits: np.ndarray,
     records: dict[int, ImageRecord],
     edges: list[Edge],
-    identical: list[tuple[int, int]],
+    identical: set[tuple[int, int]],
     settings: DuplicateSettings,
 ) -> list[Group]:
     parent: dict[int, int] = {}
@@ -675,17 +685,16 @@ def _groups(
     for x in parent:
         members_of.setdefault(root(x), []).append(x)
     paths = {x: records[x].path for x in parent}
-    same_bytes = {(min(x, y), max(x, y)) for x, y in identical}
     pairs_of: dict[int, list[Pair]] = {}
     copy_kind = "copy" if settings.criterion == "copy" else "similar"
     for x, y, cos, dist, corr in edges:
-        kind = "identical" if (x, y) in same_bytes else copy_kind
+        kind = "identical" if (x, y) in identical else copy_kind
         pairs_of.setdefault(root(x), []).append(
             Pair(paths[x], paths[y], cos, dist, corr, kind)
         )
     seen = {(e.a, e.b) for e in edges}
     for x, y in identical:
-        if (min(x, y), max(x, y)) not in seen:
+        if (x, y) not in seen:
             pairs_of.setdefault(root(x), []).append(
                 Pair(paths[x], paths[y], None, None, None, "identical")
             )

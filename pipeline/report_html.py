@@ -177,18 +177,7 @@ def _page_data(
     def thumb(path: str) -> str | None:
         return f"{quote(folder)}/{names[path]}" if path in made else None
 
-    summary = report.to_json()
-    return {
-        "index": report.index,
-        "source": report.source,
-        "images": report.count,
-        "groups": summary["groups"],
-        "images_in_groups": summary["images_in_groups"],
-        "removable": summary["removable"],
-        "keeper_rule": summary["keeper_rule"],
-        "criterion": summary["criterion"],
-        "threshold": summary["threshold"],
-        "seconds": report.seconds,
+    return report.totals() | {
         "shown_groups": len(groups),
         "duplicate_groups": [
             {
@@ -215,7 +204,7 @@ def _page_data(
             }
             for name, meaning in report.statistics.describe().items()
         },
-        "broken": summary["broken"],
+        "broken": report.broken_json(),
     }
 
 
