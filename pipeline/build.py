@@ -7,11 +7,11 @@ import logging
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from pipeline.assemble import (
     run_index_build,
     select_rows,
 )
+from pipeline.cancel import Cancel
 from pipeline.config import config_value, count_or_auto, seconds_value
 from pipeline.discover import (
     ImageRecord,
@@ -31,7 +32,13 @@ from pipeline.discover import (
 )
 from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec, PartitionResult
-from pipeline.errors import BuildFailed, IndexDirError
+from pipeline.errors import (
+    BuildCancelled,
+    BuildFailed,
+    ImgindexError,
+    IndexDirError,
+    error_text,
+)
 from pipeline.index import reconstruct
 from pipeline.index_build import Runner, StepCallback
 from pipeline.lock import lock_index
@@ -112,6 +119,7 @@ def run_build(
     name: str | None = None,
     workers_write: bool = True,
     index: IndexRequest | None = None,
+    cancel: Cancel | None = None,
 ) -> BuildSummary:
     """Embed ``dataset`` on ``client``'s cluster and write ``out/<name>/``.
 
@@ -142,6 +150,9 @@ def run_build(
         back and the client writes the shards (and builds the index).
     index
         Which index to build and how to tune it (default: ``imgindex.index.*``).
+    cancel
+        Stops the build when requested from another thread: the tasks in
+        flight are cancelled, the finished partitions kept for a resume.
 
     Returns
     -------
@@ -149,9 +160,10 @@ def run_build(
 
     Raises
     ------
-    DatasetError, IndexDirError, IndexLocked, BuildFailed
+    DatasetError, IndexDirError, IndexLocked, BuildFailed, BuildCancelled
     """
     started = time.perf_counter()
+    cancel = cancel or Cancel()
     spec = spec or ModelSpec.from_config()
     index = index or IndexRequest.from_config()
     # 0 (auto): the dispatcher sizes tasks for the workers' devices.
@@ -254,6 +266,7 @@ def run_build(
                 settings,
                 on_result,
                 shard_dir=str(staging) if workers_write else None,
+                cancel=cancel,
             )
             size = dispatcher.partition_size(len(remaining), partition_size)
             partitions = partition_records(remaining, size)
@@ -263,6 +276,7 @@ def run_build(
                 staging.mkdir(parents=True, exist_ok=True)
             dispatcher.run(partitions)
 
+        cancel.check()
         with stages("index"):
             manifest, failures, failed_records = sink.finish(plan)
             # This run's shards first: a re-embedded image's new row wins.
@@ -293,22 +307,36 @@ def run_build(
                 manifest,
                 candidates,
             )
+
+            def on_step(stage: str, done: int, total: int) -> None:
+                cancel.check()
+                if on_index_step is not None:
+                    on_index_step(stage, done, total)
+
             runner = Runner(
                 client if workers_write else None,
                 name,
                 settings.retries,
-                on_step=on_index_step,
+                on_step=on_step,
             )
-            built = run_index_build(
-                runner,
-                selection,
-                int(model.dim),
-                choice,
-                staging,
-                index,
-                trained,
-                append,
-            )
+            with cancel.hook(runner.cancel_running):
+                try:
+                    built = run_index_build(
+                        runner,
+                        selection,
+                        int(model.dim),
+                        choice,
+                        staging,
+                        index,
+                        trained,
+                        append,
+                    )
+                except BaseException:
+                    # Leave no index tasks on the cluster (unless it is gone).
+                    with contextlib.suppress(Exception):
+                        runner.cancel_running()
+                    cancel.check()  # a cancelled task's error: say why it was
+                    raise
             if built.count != len(manifest):
                 raise BuildFailed(
                     f"the index holds {built.count} vectors for {len(manifest)} "
@@ -362,6 +390,63 @@ def run_build(
         ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()),
     )
     return summary
+
+
+class DatasetObserver(Protocol):
+    """What follows one dataset's build: a progress bar, a progress file."""
+
+    def update(self, done: int, total: int, failed: int) -> None: ...
+    def index_step(self, stage: str, done: int, total: int) -> None: ...
+    def close(self, error: str | None = None) -> None: ...
+
+
+def run_builds(
+    client: Client,
+    jobs: Sequence[tuple[Path, str]],
+    out: str | Path,
+    observe: Callable[[str], DatasetObserver],
+    **options: Any,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Build each ``(dataset, name)`` of ``jobs`` in turn with :func:`run_build`.
+
+    One dataset failing does not stop the others: its summary is
+    ``{"name", "source", "error"}`` and its one-line error is listed.
+    ``observe(name)`` follows each build; ``options`` go to :func:`run_build`.
+
+    Returns
+    -------
+    (summaries, errors)
+
+    Raises
+    ------
+    BuildCancelled
+        When ``options["cancel"]`` was requested; the rest are not started.
+    """
+    summaries: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for root, name in jobs:
+        watch = observe(name)
+        try:
+            summary = run_build(
+                client,
+                root,
+                out,
+                progress=watch.update,
+                on_index_step=watch.index_step,
+                name=name,
+                **options,
+            )
+        except BuildCancelled:
+            raise  # the caller ends the whole build, this dataset with it
+        except (ImgindexError, OSError) as e:
+            text = error_text(e)
+            errors.append(text)
+            summaries.append({"name": name, "source": str(root), "error": text})
+            watch.close(error=text)
+        else:
+            summaries.append(summary.to_json())
+            watch.close()
+    return summaries, errors
 
 
 def _live_shards(dest: Path, plan: Plan) -> list[Shard]:

@@ -37,7 +37,9 @@ class _ImgindexGroup(click.Group):
         except OSError as e:
             # The last resort (disk full, a vanished folder): the file and the
             # system's words, not a traceback.
-            raise click.ClickException(_shown(_error_text(e))) from None
+            from pipeline.errors import error_text
+
+            raise click.ClickException(_shown(error_text(e))) from None
 
 
 class Interrupted(click.ClickException):
@@ -398,7 +400,7 @@ def build(
     """Embed the images under each DATASET folder and write OUT/<name>/."""
     from cluster.shared import workers_without
     from cluster.worker import setup_workers
-    from pipeline.build import run_build
+    from pipeline.build import run_builds
     from pipeline.config import count_or_auto
     from pipeline.errors import ImgindexError
     from pipeline.models import get_model
@@ -421,7 +423,6 @@ def build(
     _check_index_type(request, model_dim)
     tracker = ProgressFile(progress_file, names) if progress_file else None
 
-    summaries, errors = [], []
     try:
         with _connect(
             scheduler,
@@ -449,35 +450,20 @@ def build(
                     f"{blind[0]}",
                     err=True,
                 )
-            for root, index_name in zip(roots, names, strict=True):
-                bar = _ProgressBar(index_name, tracker)
-                try:
-                    s = run_build(
-                        conn.client,
-                        root,
-                        out,
-                        spec=spec,
-                        partition_size=partition_size,
-                        rebuild=rebuild,
-                        retries=retries,
-                        task_timeout=task_timeout,
-                        gpu_resource=gpu_resource,
-                        progress=bar.update,
-                        on_index_step=bar.index_step,
-                        name=index_name,
-                        workers_write=not blind,
-                        index=request,
-                    )
-                    summaries.append(s.to_json())
-                    bar.close()
-                except (ImgindexError, OSError) as e:
-                    # One dataset failing must not hide the others' summaries.
-                    text = _error_text(e)
-                    errors.append(text)
-                    summaries.append(
-                        {"name": index_name, "source": str(root), "error": text}
-                    )
-                    bar.close(error=text)
+            summaries, errors = run_builds(
+                conn.client,
+                list(zip(roots, names, strict=True)),
+                out,
+                lambda index_name: _ProgressBar(index_name, tracker),
+                spec=spec,
+                partition_size=partition_size,
+                rebuild=rebuild,
+                retries=retries,
+                task_timeout=task_timeout,
+                gpu_resource=gpu_resource,
+                workers_write=not blind,
+                index=request,
+            )
             cluster_json = conn.to_json()
     except KeyboardInterrupt as e:
         signame = str(e) or "SIGINT"
@@ -505,13 +491,6 @@ def build(
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise click.ClickException(_shown(errors[0]) + more)
-
-
-def _error_text(e: Exception) -> str:
-    if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror or e}"
-    return str(e)
 
 
 def _check_duration(value, option: str, key: str) -> None:
@@ -561,8 +540,10 @@ class _ProgressBar:
     """Bars on stderr (embedding, then each index stage) and the progress file."""
 
     def __init__(self, label: str, tracker):
+        from pipeline.progress import DatasetProgress
+
         self.label = label
-        self.tracker = tracker
+        self.tracker = DatasetProgress(tracker, label) if tracker else None
         self.bar = None
         self.shown = 0
         self.stage: str | None = None
@@ -573,27 +554,26 @@ class _ProgressBar:
         self.bar.update(done - self.shown)
         self.shown = done
         if self.tracker:
-            self.tracker.update(self.label, done, total, failed)
+            self.tracker.update(done, total, failed)
 
     def index_step(self, stage: str, done: int, total: int) -> None:
         """One bar per index stage: training can take minutes after the last image."""
         from pipeline.index_build import STEP_NAMES
 
-        words = STEP_NAMES.get(stage, stage)
         if stage != self.stage:
             self._close_bar()
             self.stage = stage
-            self._open(f"{self.label}: {words}", total)
+            self._open(f"{self.label}: {STEP_NAMES.get(stage, stage)}", total)
         self.bar.length = max(total, 1)
         self.bar.update(done - self.shown)
         self.shown = done
         if self.tracker:
-            self.tracker.step(self.label, words, done, total)
+            self.tracker.index_step(stage, done, total)
 
     def close(self, error: str | None = None) -> None:
         self._close_bar()
         if self.tracker:
-            self.tracker.finish_dataset(self.label, error)
+            self.tracker.close(error)
 
     def _open(self, label: str, total: int) -> None:
         self.bar = click.progressbar(
@@ -752,32 +732,12 @@ def search(index_dir, images, queries_from, k, turns, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(index_dir, as_json):
     """Describe the index in INDEX_DIR: model, size, shards, failures."""
-    from pipeline.shards import shard_stats
-    from pipeline.store import SHARDS_DIR, read_index_dir
+    from pipeline.describe import describe_index
+    from pipeline.store import read_index_dir
 
     stored = read_index_dir(index_dir)
-    stored.check()  # a damaged index.faiss is not reported as healthy
+    report = describe_index(index_dir, stored)
     m = stored.meta
-    report = {
-        "name": m.name,
-        "source": m.source,
-        "model": m.model,
-        "dim": m.dim,
-        "metric": m.metric,
-        "index_key": m.index_key,
-        "index_kind": m.index_kind,
-        "index_reason": m.index_reason,
-        "on_disk": m.on_disk,
-        "search_params": m.search_params,
-        "quality": m.quality,
-        "count": m.count,
-        "failed": len(stored.failures),
-        "created": m.created,
-        "updated": m.updated,
-        "imgindex_version": m.imgindex_version,
-        "shards": shard_stats(stored.path / SHARDS_DIR),
-        "failures": [{"path": f.path, "reason": f.reason} for f in stored.failures],
-    }
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -908,6 +868,12 @@ def reindex(
     "thumbnails beside it (PAGE_thumbs).",
 )
 @click.option(
+    "--save",
+    is_flag=True,
+    help="Keep the JSON report in INDEX_DIR (duplicates.json), where `imgindex "
+    "serve` shows it; the next build of the index drops it.",
+)
+@click.option(
     "--show",
     type=click.IntRange(min=0),
     default=20,
@@ -925,6 +891,7 @@ def duplicates(
     neighbours,
     as_json,
     html_page,
+    save,
     show,
 ):
     """Group INDEX_DIR's near-duplicate images, from its shards; embed nothing.
@@ -961,10 +928,17 @@ def duplicates(
                 )
         finally:
             bar.close()
+    saved = None
+    if save:
+        from pipeline.saved_report import save_report
+
+        saved = save_report(where, report.to_json(), meta.updated)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         _print_duplicates(report, show)
+    if saved is not None:
+        click.echo(f"saved: {_shown(str(saved))}", err=as_json)
     if html_page is not None:
         click.echo(
             f"report: {_shown(str(html.page))} ({html.groups:,} groups, "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -21,7 +23,7 @@ ORIGINAL_SIZE = "imgindex_original_size"  # key in a loaded image's .info
 
 
 def decode_image(
-    path: str | os.PathLike,
+    path: str | os.PathLike | BinaryIO,
     resize: int = 256,
     crop: int = 224,
     max_pixels: int = 89_478_485,
@@ -40,9 +42,14 @@ def decode_image(
 
 
 def load_rgb(
-    path: str | os.PathLike, resize: int = 256, max_pixels: int = 89_478_485
+    path: str | os.PathLike | BinaryIO,
+    resize: int = 256,
+    max_pixels: int = 89_478_485,
 ) -> Image.Image:
     """Open ``path`` as upright 8-bit RGB whose shorter side still covers ``resize``.
+
+    ``path`` may also be an open binary file (an upload); errors then name
+    its ``name`` attribute, or "uploaded image".
 
     EXIF orientation is applied, transparency is composited on white, 16-bit
     and float images are rescaled rather than clipped, and JPEGs are decoded
@@ -56,9 +63,9 @@ def load_rgb(
     """
     from pipeline.errors import DecodeError
 
-    spath = os.fspath(path)
+    spath = _label(path)
     try:
-        with Image.open(spath) as im:
+        with Image.open(path if isinstance(path, io.IOBase) else spath) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise DecodeError(
@@ -88,7 +95,7 @@ def load_rgb(
     except IsADirectoryError:
         raise DecodeError(spath, "is a directory, not an image file") from None
     except UnidentifiedImageError:
-        size = _size_or_none(spath)
+        size = _size_or_none(path)
         reason = "empty file (0 bytes)" if size == 0 else "not an image Pillow can read"
         raise DecodeError(spath, reason) from None
     except (OSError, ValueError, SyntaxError, MemoryError, EOFError) as e:
@@ -135,9 +142,18 @@ def _range(arr: np.ndarray) -> tuple[float, float]:
     return float(arr.min()), float(arr.max())
 
 
-def _size_or_none(path: str) -> int | None:
+def _label(source: str | os.PathLike | BinaryIO) -> str:
+    if isinstance(source, io.IOBase):
+        name = getattr(source, "name", None)
+        return name if isinstance(name, str) else "uploaded image"
+    return os.fspath(source)
+
+
+def _size_or_none(source: str | os.PathLike | BinaryIO) -> int | None:
     try:
-        return os.path.getsize(path)
+        if isinstance(source, io.IOBase):
+            return source.seek(0, os.SEEK_END)
+        return os.path.getsize(source)
     except OSError:
         return None
 

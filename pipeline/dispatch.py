@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.cancel import Cancel
 from pipeline.discover import Failure, ImageRecord
 from pipeline.embed import GPU_BATCH_SIZE, ModelSpec, PartitionResult, embed_partition
 from pipeline.errors import BuildFailed
@@ -99,8 +100,10 @@ class PartitionDispatcher:
         settings: DispatchSettings,
         on_result: ResultCallback,
         shard_dir: str | None = None,
+        cancel: Cancel | None = None,
     ):
         self.client = client
+        self.cancel = cancel or Cancel()
         self.shard_dir = shard_dir
         self.label = task_label(label)
         self.root = root
@@ -203,18 +206,26 @@ class PartitionDispatcher:
             ac.add(fut)
             return fut.key
 
+        def stop() -> None:
+            # list() of a dict's values runs without giving up the GIL, so the
+            # loop below cannot change in_flight halfway through it.
+            futures = [f for _, f in list(in_flight.values())]
+            self.client.cancel(futures, force=True)
+
         fill()
         watchdog.start()
         try:
-            for fut in ac:
-                part, _ = in_flight.pop(fut.key)
-                result = self._outcome(fut, part, watchdog, queue)
-                del fut  # release the result on the worker
-                if result is not None:
-                    self.on_result(part, result)
-                    n_results += 1
-                del result
-                fill()
+            with self.cancel.hook(stop):
+                for fut in ac:
+                    self.cancel.check()
+                    part, _ = in_flight.pop(fut.key)
+                    result = self._outcome(fut, part, watchdog, queue)
+                    del fut  # release the result on the worker
+                    if result is not None:
+                        self.on_result(part, result)
+                        n_results += 1
+                    del result
+                    fill()
         except BaseException as e:
             # A failed or interrupted build must not leave its tasks running
             # on a shared cluster (unless the cluster itself is gone).
@@ -238,6 +249,7 @@ class PartitionDispatcher:
             watchdog.wait_restarted(fut.key)
         if fut.status == "finished":
             return fut.result()
+        self.cancel.check()  # cancelled by a stop request, not by a lost scheduler
         if self.client.status != "running" or (
             fut.status in ("cancelled", "lost") and not timed_out
         ):

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 
@@ -143,7 +144,7 @@ class Embedder:
     def on_gpu(self) -> bool:
         return self.model.device == "cuda"
 
-    def decode(self, path: str) -> np.ndarray:
+    def decode(self, path: str | BinaryIO) -> np.ndarray:
         pre = self.model.preprocess
         return decode_image(path, pre.resize, pre.crop, self.spec.max_pixels)
 

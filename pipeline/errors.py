@@ -50,3 +50,15 @@ class WorkerEnvironmentError(ImgindexError):
 
 class ConfigError(ImgindexError, ValueError):
     """A flag or ``imgindex.*`` setting holds a value it does not take."""
+
+
+class BuildCancelled(ImgindexError):
+    """Someone asked a running build to stop; its finished partitions are kept."""
+
+
+def error_text(e: Exception) -> str:
+    """One line for an ImgindexError or an OSError (naming its file)."""
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    return str(e)

@@ -224,6 +224,11 @@ class Runner:
         self._count_finished()
         return self.client.gather(wanted)
 
+    def cancel_running(self) -> None:
+        """Cancel the tasks submitted and not yet finished (from any thread)."""
+        if self.client is not None:
+            self.client.cancel(list(self._running), force=True)
+
     def _count_finished(self) -> None:
         for future, stage in list(self._running.items()):
             if future.done():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +27,10 @@ def _now() -> str:
 class ProgressFile:
     """Build state written atomically (temporary file, fsync, rename) to ``path``.
 
+    With ``path`` None it is only kept in memory, for :meth:`snapshot` (the
+    service's ``GET /api/builds/<id>``); its methods may be called from the
+    build's thread while another reads it.
+
     Shape::
 
         {"state": "running", "started": ..., "updated": ..., "pid": ..., "host": ...,
@@ -35,8 +41,9 @@ class ProgressFile:
                        images are embedded and the index is being built}]}
     """
 
-    def __init__(self, path: str | os.PathLike, datasets: list[str]):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | None, datasets: list[str]):
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.RLock()
         self.data: dict[str, Any] = {
             "state": "starting",
             "started": _now(),
@@ -66,50 +73,60 @@ class ProgressFile:
         return next(d for d in self.data["datasets"] if d["name"] == name)
 
     def set_cluster(self, cluster: dict[str, str]) -> None:
-        self.data["cluster"] = cluster
-        self.data["state"] = "running"
-        self.write()
+        with self._lock:
+            self.data["cluster"] = cluster
+            self.data["state"] = "running"
+            self.write()
 
     def update(self, name: str, done: int, total: int, failed: int) -> None:
-        d = self._dataset(name)
-        started = d["state"] == "pending"
-        if started:
-            d["state"] = "running"
-            self._t0[name] = (time.monotonic(), done)
-        t0, done0 = self._t0[name]
-        d.update(total=total, done=done, failed=failed)
-        elapsed = time.monotonic() - t0
-        if elapsed > 0 and done > done0:
-            rate = (done - done0) / elapsed
-            d["images_per_second"] = round(rate, 2)
-            d["eta_seconds"] = round((total - done) / rate, 1)
-        self.write(force=started or done >= total)
+        with self._lock:
+            d = self._dataset(name)
+            started = d["state"] == "pending"
+            if started:
+                d["state"] = "running"
+                self._t0[name] = (time.monotonic(), done)
+            t0, done0 = self._t0[name]
+            d.update(total=total, done=done, failed=failed)
+            elapsed = time.monotonic() - t0
+            if elapsed > 0 and done > done0:
+                rate = (done - done0) / elapsed
+                d["images_per_second"] = round(rate, 2)
+                d["eta_seconds"] = round((total - done) / rate, 1)
+            self.write(force=started or done >= total)
 
     def step(self, name: str, step: str, done: int, total: int) -> None:
         """After embedding: which index stage runs, and its tasks done."""
-        d = self._dataset(name)
-        changed = (d.get("step") or {}).get("name") != step
-        d["step"] = {"stage": "index", "name": step, "done": done, "total": total}
-        self.write(force=changed or done >= total)
+        with self._lock:
+            d = self._dataset(name)
+            changed = (d.get("step") or {}).get("name") != step
+            d["step"] = {"stage": "index", "name": step, "done": done, "total": total}
+            self.write(force=changed or done >= total)
 
     def finish_dataset(self, name: str, error: str | None = None) -> None:
-        d = self._dataset(name)
-        d["state"] = "failed" if error else "done"
-        d["error"] = error
-        d.pop("step", None)
-        if not error:
-            d["eta_seconds"] = 0.0
-        self.write()
+        with self._lock:
+            d = self._dataset(name)
+            d["state"] = "failed" if error else "done"
+            d["error"] = error
+            d.pop("step", None)
+            if not error:
+                d["eta_seconds"] = 0.0
+            self.write()
 
     def finish(self, error: str | None = None, state: str | None = None) -> None:
-        failed = error or any(d["state"] == "failed" for d in self.data["datasets"])
-        self.data["state"] = state or ("failed" if failed else "finished")
-        for d in self.data["datasets"]:
-            if state and d["state"] in ("pending", "running"):
-                d["state"] = state
-        if error:
-            self.data["error"] = error
-        self.write()
+        with self._lock:
+            failed = error or any(d["state"] == "failed" for d in self.data["datasets"])
+            self.data["state"] = state or ("failed" if failed else "finished")
+            for d in self.data["datasets"]:
+                if state and d["state"] in ("pending", "running"):
+                    d["state"] = state
+            if error:
+                self.data["error"] = error
+            self.write()
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the state as the file holds it, safe to serialise."""
+        with self._lock:
+            return copy.deepcopy(self.data)
 
     def write(self, force: bool = True) -> None:
         now = time.monotonic()
@@ -117,6 +134,8 @@ class ProgressFile:
             return
         self._last_write = now
         self.data["updated"] = _now()
+        if self.path is None:
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(self.path, "w") as f:
@@ -126,6 +145,26 @@ class ProgressFile:
                 f"cannot write the progress file {str(self.path)!r}: "
                 f"{e.strerror or e}; choose another --progress-file"
             ) from None
+
+
+class DatasetProgress:
+    """One dataset's part of a :class:`ProgressFile`, fed by run_build's callbacks
+    (a ``pipeline.build.DatasetObserver``)."""
+
+    def __init__(self, progress: ProgressFile, name: str):
+        self.progress = progress
+        self.name = name
+
+    def update(self, done: int, total: int, failed: int) -> None:
+        self.progress.update(self.name, done, total, failed)
+
+    def index_step(self, stage: str, done: int, total: int) -> None:
+        from pipeline.index_build import STEP_NAMES
+
+        self.progress.step(self.name, STEP_NAMES.get(stage, stage), done, total)
+
+    def close(self, error: str | None = None) -> None:
+        self.progress.finish_dataset(self.name, error)
 
 
 def read_progress(path: str | os.PathLike) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class Hit:
     rank: int
     path: str  # absolute path of the indexed image
     score: float  # cosine similarity, higher = more similar
+    id: int = -1  # the image's id in the index
 
     def to_json(self) -> dict:
         return {"rank": self.rank, "path": self.path, "score": round(self.score, 6)}
@@ -70,8 +71,9 @@ class Searcher:
     ) -> list[list[Hit]]:
         """Top-``k`` hits for each query image file, in order.
 
-        Queries are decoded, embedded and searched ``batch`` at a time, so
-        thousands of them need the memory of one batch (plus the results).
+        Queries are decoded, embedded and searched ``batch`` images (a query
+        and its turns) at a time, so thousands of them need the memory of one
+        batch (plus the results).
 
         Raises
         ------
@@ -79,18 +81,36 @@ class Searcher:
             Naming the query file that could not be read.
         """
         hits: list[list[Hit]] = []
-        for start in range(0, len(images), batch):
-            chunk = images[start : start + batch]
+        step = max(1, batch // 4) if self.turns else batch
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
             pixels = [self.embedder.decode(os.fspath(p)) for p in chunk]
-            scores, ids = self._search(self.embedder.embed_pixels(pixels), k)
-            if self.turns:
-                for turn in (1, 2, 3):
-                    # The centre square turned is the turned image's centre square.
-                    turned = [np.ascontiguousarray(np.rot90(x, turn)) for x in pixels]
-                    more = self._search(self.embedder.embed_pixels(turned), k)
-                    scores, ids = _merged((scores, ids), more, TURN_PENALTY, k)
-            hits.extend(self._hits(scores, ids))
+            hits.extend(self.search_pixels(pixels, k))
         return hits
+
+    def search_pixels(
+        self, pixels: Sequence[np.ndarray], k: int = 10, turns: bool | None = None
+    ) -> list[list[Hit]]:
+        """Top-``k`` hits for decoded query crops (:meth:`Embedder.decode`).
+
+        With turns, each crop and its three turns go through the model as one
+        batch: one forward pass instead of four.
+        """
+        turns = self.turns if turns is None else turns
+        # The centre square turned is the turned image's centre square.
+        batch = list(pixels)
+        if turns:
+            batch += [
+                np.ascontiguousarray(np.rot90(x, t)) for t in (1, 2, 3) for x in pixels
+            ]
+        vectors = self.embedder.embed_pixels(batch)
+        n = len(pixels)
+        scores, ids = self._search(vectors[:n], k)
+        if turns:
+            for t in range(1, 4):
+                more = self._search(vectors[t * n : (t + 1) * n], k)
+                scores, ids = _merged((scores, ids), more, TURN_PENALTY, k)
+        return self._hits(scores, ids)
 
     def search_vectors(self, queries, k: int = 10) -> list[list[Hit]]:
         return self._hits(*self._search(queries, k))
@@ -101,7 +121,7 @@ class Searcher:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         return [
             [
-                Hit(rank, str(self.root / self.paths[int(i)]), float(s))
+                Hit(rank, str(self.root / self.paths[int(i)]), float(s), int(i))
                 for rank, (s, i) in enumerate(zip(row_s, row_i, strict=True), start=1)
                 if i >= 0
             ]

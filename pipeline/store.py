@@ -48,7 +48,9 @@ FAILURES_FILE = "failures.jsonl"
 INDEX_FILES = (INDEX_FILE, MANIFEST_FILE, FAILURES_FILE, META_FILE)
 IVFDATA_FILE = "index.ivfdata"  # an on-disk index's inverted lists (mapped)
 SHARDS_DIR = "shards"  # the embeddings, one .npz per partition (pipeline/shards.py)
-OPTIONAL = {IVFDATA_FILE, SHARDS_DIR}
+# `imgindex duplicates --save`: the report of this version (pipeline/saved_report.py)
+DUPLICATES_FILE = "duplicates.json"
+OPTIONAL = {IVFDATA_FILE, SHARDS_DIR, DUPLICATES_FILE}
 STAGING_MARK = "STAGING"
 
 
@@ -95,7 +97,11 @@ class StoredIndex:
         return self._index
 
     def close(self) -> None:
-        """Release the directory handle of an on-disk index (idempotent)."""
+        """Release the handles still open: an unread index file, the directory
+        of an on-disk index (idempotent; the index cannot be read after)."""
+        if self._index_file is not None:
+            self._index_file.close()
+            self._index_file = None
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None

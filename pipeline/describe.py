@@ -1,0 +1,49 @@
+"""What an index directory holds, as ``imgindex info --json`` and the service say it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline.shards import shard_stats
+from pipeline.store import SHARDS_DIR, StoredIndex, read_index_dir
+
+
+def describe_index(
+    index_dir: str | os.PathLike, stored: StoredIndex | None = None
+) -> dict[str, Any]:
+    """The ``info --json`` object of ``index_dir`` (or of ``stored``, read already).
+
+    Raises
+    ------
+    IndexDirError
+        If it is not an index directory, or its index file is damaged.
+    """
+    own = stored is None
+    stored = stored or read_index_dir(index_dir)
+    try:
+        stored.check()  # a damaged index.faiss is not reported as healthy
+    finally:
+        if own:
+            stored.close()
+    m = stored.meta
+    return {
+        "name": m.name,
+        "source": m.source,
+        "model": m.model,
+        "dim": m.dim,
+        "metric": m.metric,
+        "index_key": m.index_key,
+        "index_kind": m.index_kind,
+        "index_reason": m.index_reason,
+        "on_disk": m.on_disk,
+        "search_params": m.search_params,
+        "quality": m.quality,
+        "count": m.count,
+        "failed": len(stored.failures),
+        "created": m.created,
+        "updated": m.updated,
+        "imgindex_version": m.imgindex_version,
+        "shards": shard_stats(stored.path / SHARDS_DIR),
+        "failures": [{"path": f.path, "reason": f.reason} for f in stored.failures],
+    }
