@@ -1096,6 +1096,121 @@ def doctor(
         raise click.ClickException("cluster is not healthy (see above)")
 
 
+@cli.command()
+@click.option(
+    "--index-root",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder whose index directories are searched, and where builds go.",
+)
+@click.option(
+    "--dataset-root",
+    "dataset_roots",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A folder whose sub-folders the API may build (repeatable); none: "
+    "builds are off [imgindex.serve.dataset-roots].",
+)
+@_scheduler_options
+@click.option(
+    "--host",
+    default=None,
+    help="Address to listen on; 0.0.0.0 opens the service to the network "
+    "[imgindex.serve.host: 127.0.0.1].",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port to listen on; 0 picks a free one [imgindex.serve.port: 8000].",
+)
+@click.option(
+    "--max-upload",
+    default=None,
+    metavar="BYTES",
+    help="Largest query image accepted, e.g. 20MiB [imgindex.serve.max-upload].",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A file holding the token that starting and cancelling builds need "
+    "(sent as 'Authorization: Bearer TOKEN') [env IMGINDEX_SERVE_TOKEN].",
+)
+def serve(
+    index_root,
+    dataset_roots,
+    scheduler,
+    scheduler_file,
+    no_fallback,
+    host,
+    port,
+    max_upload,
+    token_file,
+):
+    """Serve the indexes under --index-root: an HTTP API and a web page.
+
+    Searches run in this process (the model and each index loaded once);
+    builds started through the API run on the cluster, obtained on the first
+    one as `imgindex build` obtains it.
+    """
+    import asyncio
+    import signal
+
+    from service.app import Service, ServiceSettings
+    from service.app import serve as run_service
+
+    _check_scheduler_options(scheduler, scheduler_file)
+    if index_root.exists() and not index_root.is_dir():
+        raise click.BadParameter("is not a folder", param_hint="--index-root")
+    index_root.mkdir(parents=True, exist_ok=True)
+    try:
+        settings = ServiceSettings.from_config(
+            index_root,
+            dataset_roots=list(dataset_roots),
+            host=host,
+            port=port,
+            max_upload=max_upload,
+            token=_service_token(token_file),
+        )
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-upload") from None
+    service = Service(
+        settings, lambda: _connect(scheduler, scheduler_file, no_fallback)
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        builds = ", ".join(map(str, settings.dataset_roots)) or "off"
+        await run_service(
+            service,
+            lambda url: click.echo(
+                f"imgindex serve: {url} (indexes under {_shown(str(index_root))}; "
+                f"builds of folders in: {_shown(builds)})",
+                err=True,
+            ),
+            stop,
+        )
+
+    try:
+        asyncio.run(main())
+    finally:
+        service.close()
+    click.echo("imgindex serve: stopped", err=True)
+
+
+def _service_token(token_file: Path | None) -> str | None:
+    if token_file is None:
+        return os.environ.get("IMGINDEX_SERVE_TOKEN") or None
+    token = token_file.read_text().strip()
+    if not token:
+        raise click.BadParameter("the file is empty", param_hint="--token-file")
+    return token
+
+
 def _shown(text: str) -> str:
     """Text safe on any terminal: undecodable bytes as \\xNN, and control
     characters (escape sequences, newlines) as escapes, so a file name can

@@ -258,6 +258,44 @@ ARTIFACTS = Path(
 
 
 @pytest.fixture(scope="session")
+def service(tmp_path_factory, photo_sets):
+    """A real `imgindex serve` (with a token) and its dataset root; builds run
+    on the LocalCluster it starts. Tests add the dataset folders they build."""
+    from tests.helpers import RunningService
+
+    base = tmp_path_factory.mktemp("service")
+    datasets = base / "datasets"
+    copy_tree(photo_sets["beach"], datasets / "beach")
+    running = RunningService(base / "indexes", datasets, token="s3cret-token")
+    try:
+        yield running
+    finally:
+        code = running.stop()
+        log = "".join(running.log)
+        assert code == 0, log
+        assert "imgindex serve: stopped" in log, log
+        assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="session")
+def album(service):
+    """Index 'album' built through the service: two photos and copies of each
+    (pipeline.synthetic.COPY_MAKERS), with its duplicates report saved."""
+    from skimage import data
+
+    from pipeline.synthetic import write_copy_set
+    from tests.helpers import invoke
+
+    originals = {n: Image.fromarray(getattr(data, n)()) for n in ("chelsea", "coffee")}
+    families = write_copy_set(service.dataset_root / "album", originals)
+    build = service.wait(service.build("album")["id"])
+    assert build["state"] == "finished", build
+    run = invoke("duplicates", service.index_root / "album", "--save")
+    assert run.exit_code == 0, run.stderr
+    return families
+
+
+@pytest.fixture(scope="session")
 def browser():
     """Debian's chromium, headless, driven by chromedriver (nothing downloaded).
 

@@ -82,3 +82,92 @@ def can_mount_privately() -> bool:
         capture_output=True,
     )
     return probe.returncode == 0
+
+
+class RunningService:
+    """A real `imgindex serve` process on 127.0.0.1 and a free port."""
+
+    def __init__(self, index_root: Path, dataset_root: Path, token: str):
+        import threading
+
+        self.index_root = index_root
+        self.dataset_root = dataset_root
+        self.token = token
+        token_file = index_root.parent / "token"
+        token_file.write_text(token + "\n")
+        self.log: list[str] = []
+        self.process = start_imgindex(
+            "serve",
+            "--index-root",
+            index_root,
+            "--dataset-root",
+            dataset_root,
+            "--port",
+            "0",
+            "--token-file",
+            token_file,
+            # A small cluster: two one-thread workers, as on these 2-core machines.
+            env={"DASK_IMGINDEX__LOCAL__N_WORKERS": "2"},
+        )
+        self.url = self._wait_for_url()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _wait_for_url(self, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        assert self.process.stderr is not None
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                self.process.wait(5)
+                raise AssertionError(
+                    f"imgindex serve exited {self.process.returncode}:\n"
+                    + "".join(self.log)
+                )
+            self.log.append(line)
+            if line.startswith("imgindex serve: http://"):
+                return line.split()[2].rstrip("/")
+        raise AssertionError("imgindex serve did not start:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def request(self, method: str, path: str, **kwargs):
+        import requests
+
+        kwargs.setdefault("timeout", 120)
+        return requests.request(method, self.url + path, **kwargs)
+
+    def build(self, *datasets: str, rebuild: bool = False) -> dict:
+        r = self.request(
+            "POST",
+            "/api/builds",
+            json={"datasets": list(datasets), "rebuild": rebuild},
+            headers=self.auth(),
+        )
+        assert r.status_code == 202, r.text
+        return r.json()
+
+    def wait(self, build_id: str, timeout: float = 180, until=None) -> dict:
+        """The build's JSON once it is over (or once ``until(state)`` holds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.request("GET", f"/api/builds/{build_id}").json()
+            if until(state) if until else state["state"] not in ("starting", "running"):
+                return state
+            time.sleep(0.1)
+        raise AssertionError(f"build {build_id} still {state['state']}: {state}")
+
+    def stop(self) -> int:
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise

@@ -1,0 +1,456 @@
+"""The HTTP handlers of the API: JSON in and out, a one-line error for every 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import mimetypes
+import time
+from typing import TYPE_CHECKING, Any
+
+import tornado.web
+from tornado.httputil import parse_body_arguments
+
+from pipeline.discover import image_id
+from pipeline.errors import DecodeError, ImgindexError
+from pipeline.saved_report import load_report
+from service.errors import ApiError
+
+if TYPE_CHECKING:
+    from service.app import Service
+
+logger = logging.getLogger(__name__)
+
+MULTIPART_SLACK = 64 * 1024  # bytes of form fields and boundaries around an upload
+LISTED = 500  # paths per list in a duplicates answer (the file has them all)
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    """JSON answers; errors as ``{"error": "..."}`` and a 4xx (5xx only for bugs)."""
+
+    route = "api"
+
+    @property
+    def service(self) -> Service:
+        return self.application.settings["service"]
+
+    def set_default_headers(self) -> None:
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Cache-Control", "no-store")
+
+    def send_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps(data))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            message = exc.message
+        elif isinstance(exc, tornado.web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        elif status_code >= 500:
+            message = "internal error; the service's log says more"
+        else:
+            message = self._reason
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps({"error": message}))
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, ApiError):
+            if self._finished:
+                return
+            self.send_error(e.status, exc_info=(type(e), e, e.__traceback__))
+            return
+        super()._handle_request_exception(e)
+
+    def on_finish(self) -> None:
+        self.service.metrics.requests.labels(self.route, str(self.get_status())).inc()
+
+    def json_body(self, raw: bytes | None = None) -> dict[str, Any]:
+        try:
+            data = json.loads((self.request.body if raw is None else raw) or b"{}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return data
+
+    def require_token(self) -> None:
+        """Refuse a request that starts or stops builds without the token."""
+        token = self.service.settings.token
+        if token is None:
+            return
+        given = self.request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
+            raise ApiError(
+                401, "this service needs its token: send 'Authorization: Bearer TOKEN'"
+            )
+
+    async def in_thread(self, fn, *args: Any) -> Any:
+        """Run ``fn`` in the service's I/O pool, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.service.io_pool, fn, *args)
+
+
+class NotFound(ApiHandler):
+    route = "unknown"
+
+    def prepare(self) -> None:
+        raise ApiError(404, f"no such route: {self.request.method} {self.request.path}")
+
+
+class Health(ApiHandler):
+    route = "health"
+
+    async def get(self) -> None:
+        self.send_json(await self.in_thread(self.service.health))
+
+
+class Metrics(ApiHandler):
+    route = "metrics"
+
+    def get(self) -> None:
+        self.set_header("Content-Type", self.service.metrics.content_type)
+        self.finish(self.service.metrics.exposition())
+
+
+class OpenApi(ApiHandler):
+    route = "openapi"
+
+    def get(self) -> None:
+        from service.openapi import openapi
+
+        self.set_header("Cache-Control", "no-cache")
+        self.send_json(openapi())
+
+
+class Indexes(ApiHandler):
+    route = "indexes"
+
+    async def get(self) -> None:
+        catalog = self.service.catalog
+        names = await self.in_thread(catalog.names)
+        listed = [await self.in_thread(catalog.summary, n) for n in names]
+        self.send_json({"root": str(catalog.root), "indexes": listed})
+
+
+class IndexInfo(ApiHandler):
+    route = "index"
+
+    async def get(self, name: str) -> None:
+        from pipeline.describe import describe_index
+
+        path = self.service.catalog.path(name)
+        try:
+            self.send_json(await self.in_thread(describe_index, path))
+        except ImgindexError as e:
+            raise ApiError(409, str(e)) from None
+
+
+@tornado.web.stream_request_body
+class Search(ApiHandler):
+    """``POST /api/indexes/<name>/search``: an uploaded image, or a stored one's id."""
+
+    route = "search"
+
+    def prepare(self) -> None:
+        self.started = time.perf_counter()
+        self.limit = self.service.settings.max_upload
+        self.body = bytearray()
+        self.too_large = False
+        if self.request.method == "POST":
+            # Past twice the limit the connection is closed; up to it the body
+            # is read and dropped, so the client reads a 413 rather than a reset.
+            self.request.connection.set_max_body_size(2 * self.limit + MULTIPART_SLACK)
+
+    def data_received(self, chunk: bytes) -> None:
+        if len(self.body) + len(chunk) > self.limit + MULTIPART_SLACK:
+            self.too_large = True
+            self.body = bytearray()
+        if not self.too_large:
+            self.body += chunk
+
+    async def post(self, name: str) -> None:
+        service = self.service
+        try:
+            service.catalog.path(name)
+        except ApiError as e:
+            # Not labelled by the name asked for: any string would be a series.
+            service.metrics.queries.labels("-", str(e.status)).inc()
+            raise
+        try:
+            if self.too_large:
+                raise self._over_limit()
+            query = self._query()
+            opened = await self.in_thread(service.catalog.open, name)
+            hits = await service.search(opened, query)
+        except ApiError as e:
+            service.metrics.queries.labels(name, str(e.status)).inc()
+            raise
+        seconds = time.perf_counter() - self.started
+        service.metrics.queries.labels(name, "ok").inc()
+        service.metrics.query_seconds.labels(name).observe(seconds)
+        self.send_json(
+            {
+                "index": name,
+                "k": query.k,
+                "query": query.describe(),
+                "seconds": round(seconds, 4),
+                "hits": [_hit_json(name, opened, h) for h in hits],
+            }
+        )
+
+    def _over_limit(self) -> ApiError:
+        return ApiError(
+            413,
+            f"the upload is over the limit of {self.limit:,} bytes "
+            "(imgindex serve --max-upload)",
+        )
+
+    def _query(self) -> Query:
+        ctype = self.request.headers.get("Content-Type", "")
+        max_k = self.service.settings.max_k
+        if ctype.startswith("multipart/form-data"):
+            args: dict[str, list[bytes]] = {}
+            files: dict[str, list[Any]] = {}
+            parse_body_arguments(ctype, bytes(self.body), args, files)
+            uploads = files.get("image") or []
+            if not uploads:
+                raise ApiError(400, "the form has no file field named 'image'")
+            data = uploads[0].body
+            if len(data) > self.limit:
+                raise self._over_limit()
+            fields = {k: v[0].decode("utf-8", "replace") for k, v in args.items()}
+            return Query(
+                k=_count(fields.get("k"), "k", max_k),
+                turns=_flag(fields.get("turns"), "turns"),
+                upload=data,
+                filename=uploads[0].filename or "uploaded image",
+            )
+        if ctype.startswith("application/json"):
+            body = self.json_body(bytes(self.body))
+            k = _count(body.get("k"), "k", max_k)
+            turns = _flag(body.get("turns"), "turns")
+            if "id" in body:
+                return Query(k=k, turns=turns, image_id=_image_id(body["id"]))
+            if "path" in body:
+                return Query(k=k, turns=turns, relpath=_relpath(body["path"]))
+            raise ApiError(400, "give 'id' or 'path' of an indexed image")
+        raise ApiError(
+            415,
+            "send the query image as multipart/form-data (field 'image'), or JSON "
+            "with the 'id' or 'path' of an indexed image",
+        )
+
+
+class Query:
+    """One search request, validated."""
+
+    def __init__(
+        self,
+        k: int,
+        turns: bool | None,
+        upload: bytes | None = None,
+        filename: str = "",
+        image_id: int | None = None,
+        relpath: str | None = None,
+    ):
+        self.k = k
+        self.turns = turns
+        self.upload = upload
+        self.filename = filename
+        self.image_id = image_id
+        self.relpath = relpath
+
+    def describe(self) -> dict[str, Any]:
+        if self.upload is not None:
+            return {"upload": self.filename, "bytes": len(self.upload)}
+        if self.image_id is not None:
+            return {"id": str(self.image_id)}
+        return {"path": self.relpath}
+
+    def decode(self, embedder) -> Any:
+        """The upload's model input; DecodeError becomes a 400 naming it."""
+        try:
+            stream = io.BytesIO(self.upload or b"")
+            stream.name = self.filename  # errors name the file the user sent
+            return embedder.decode(stream)
+        except DecodeError as e:
+            raise ApiError(
+                400, f"{self.filename!r} is not a usable image: {e.reason}"
+            ) from None
+
+
+def _count(value: Any, name: str, most: int, least: int = 1, default: int = 10) -> int:
+    if value is None or value == "":
+        return min(default, most)
+    try:
+        n = int(value)
+        if isinstance(value, float | bool) or str(n) != str(value).strip():
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ApiError(400, f"{name} {value!r} is not a whole number") from None
+    if not least <= n <= most:
+        raise ApiError(400, f"{name} must be between {least} and {most}, not {n}")
+    return n
+
+
+def _flag(value: Any, name: str) -> bool | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ApiError(400, f"{name} {value!r} is not true or false")
+
+
+def _image_id(value: Any) -> int:
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or len(text) > 19:
+        raise ApiError(400, f"id {value!r} is not an image id (a whole number)")
+    return int(text)
+
+
+def _relpath(value: Any) -> str:
+    """A path inside the dataset root, as the manifest lists it."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ApiError(400, f"path {value!r} is not a path")
+    parts = value.split("/")
+    if value.startswith("/") or ".." in parts:
+        raise ApiError(400, f"path {value!r} lies outside the dataset root")
+    return value
+
+
+def _hit_json(name: str, opened, hit) -> dict[str, Any]:
+    base = f"/api/indexes/{name}/images/{hit.id}"
+    return hit.to_json() | {
+        "id": str(hit.id),
+        "relpath": opened.searcher.paths.get(hit.id),
+        "image": base,
+        "thumbnail": f"{base}/thumbnail",
+    }
+
+
+class Image(ApiHandler):
+    """``GET /api/indexes/<name>/images/<id>``: the indexed image's file."""
+
+    route = "image"
+
+    async def get(self, name: str, image_id: str) -> None:
+        opened = await self.in_thread(self.service.catalog.open, name)
+        path = opened.file(_image_id(image_id))
+        try:
+            data = await self.in_thread(path.read_bytes)
+        except OSError as e:
+            raise ApiError(
+                404, f"image file {str(path)!r} is unreadable now: {e.strerror}"
+            ) from None
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        self.set_header("Content-Type", kind)
+        self.set_header("Cache-Control", "private, max-age=60")
+        self.finish(data)
+
+
+class Thumbnail(ApiHandler):
+    """``GET /api/indexes/<name>/images/<id>/thumbnail?side=160``: a JPEG."""
+
+    route = "thumbnail"
+
+    async def get(self, name: str, image_id: str) -> None:
+        side = _count(self.get_query_argument("side", ""), "side", 512, 16, 160)
+        opened = await self.in_thread(self.service.catalog.open, name)
+        path = opened.file(_image_id(image_id))
+        data = await self.in_thread(self.service.thumbnail, path, side)
+        if data is None:
+            raise ApiError(404, f"image file {str(path)!r} is unreadable now")
+        self.set_header("Content-Type", "image/jpeg")
+        self.set_header("Cache-Control", "private, max-age=60")
+        self.finish(data)
+
+
+class Duplicates(ApiHandler):
+    """``GET /api/indexes/<name>/duplicates?offset=0&limit=50``: a page of groups."""
+
+    route = "duplicates"
+
+    async def get(self, name: str) -> None:
+        path = self.service.catalog.path(name)
+        offset = _count(self.get_query_argument("offset", ""), "offset", 10**9, 0, 0)
+        limit = _count(self.get_query_argument("limit", ""), "limit", 500, 1, 50)
+        try:
+            report = await self.in_thread(load_report, path)
+        except ImgindexError as e:
+            raise ApiError(409, str(e)) from None
+        if report is None:
+            raise ApiError(
+                404,
+                f"index {name!r} has no duplicates report; make one with "
+                f"`imgindex duplicates {path} --save`",
+            )
+        groups = report.pop("duplicate_groups")
+        page = groups[offset : offset + limit]
+        for group in page:
+            for member in group.get("members", []):
+                member["id"] = str(image_id(member["path"]))
+        for key in ("outliers", "broken"):
+            report[key] = report.get(key, [])[:LISTED]
+        for flag in (report.get("flagged") or {}).values():
+            flag["count"] = len(flag.get("images", []))
+            flag["images"] = flag.get("images", [])[:LISTED]
+        self.send_json(report | {"offset": offset, "limit": limit, "page": page})
+
+
+class Datasets(ApiHandler):
+    route = "datasets"
+
+    async def get(self) -> None:
+        builds = self.service.builds
+        found = await self.in_thread(builds.datasets)
+        self.send_json(
+            {"roots": [str(r) for r in builds.dataset_roots], "datasets": found}
+        )
+
+
+class BuildList(ApiHandler):
+    route = "builds"
+
+    def get(self) -> None:
+        self.send_json({"builds": [b.to_json() for b in self.service.builds.list()]})
+
+    async def post(self) -> None:
+        self.require_token()
+        body = self.json_body()
+        datasets = body.get("datasets")
+        if not isinstance(datasets, list) or not all(
+            isinstance(d, str) for d in datasets
+        ):
+            raise ApiError(400, "'datasets' must be a list of folder names or paths")
+        rebuild = _flag(body.get("rebuild"), "rebuild") or False
+        build = await self.in_thread(self.service.start_build, datasets, rebuild)
+        self.set_header("Location", f"/api/builds/{build.id}")
+        self.send_json(build.to_json(), status=202)
+
+
+class BuildOne(ApiHandler):
+    route = "build"
+
+    def get(self, build_id: str) -> None:
+        self.send_json(self.service.builds.get(build_id).to_json())
+
+    async def delete(self, build_id: str) -> None:
+        self.require_token()
+        build = self.service.builds.get(build_id)
+        if build.running:
+            await self.in_thread(self.service.builds.cancel, build_id)
+        self.send_json(build.to_json(), status=202)

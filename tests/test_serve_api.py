@@ -1,0 +1,347 @@
+"""`imgindex serve` over HTTP: a real server process, real builds on its cluster."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from PIL import Image
+
+from pipeline.discover import image_id
+from pipeline.synthetic import write_photos
+from tests.conftest import copy_tree, crop_query
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def beach(service):
+    """The 'beach' photos indexed through the API (built once for the module)."""
+    build = service.build("beach")
+    done = service.wait(build["id"])
+    assert done["state"] == "finished", done
+    return service
+
+
+def test_build_then_search_a_cropped_copy(beach, photo_sets, tmp_path):
+    service = beach
+    builds = service.request("GET", "/api/builds").json()["builds"]
+    build = next(b for b in builds if b["datasets"][0]["name"] == "beach")
+    # The --progress-file shape, finished.
+    (d,) = build["datasets"]
+    assert d["state"] == "done" and d["done"] == d["total"] == 36
+    assert build["cluster"]["kind"] == "local"
+    assert build["cluster"]["dashboard"].startswith("http://127.0.0.1:")
+    (summary,) = build["summaries"]
+    assert summary["indexed"] == 36 and summary["failed"] == []
+
+    source = photo_sets["beach"][5]
+    query = crop_query(source, tmp_path / "query.jpg")
+    with query.open("rb") as f:
+        r = service.request(
+            "POST",
+            "/api/indexes/beach/search",
+            files={"image": ("query.jpg", f, "image/jpeg")},
+            data={"k": "5"},
+        )
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert len(hits) == 5
+    assert hits[0]["relpath"] == source.name
+    assert hits[0]["id"] == str(image_id(source.name))
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert hits[0]["score"] > hits[1]["score"]
+
+    # The hit's file and thumbnail.
+    image = service.request("GET", hits[0]["image"])
+    assert image.status_code == 200
+    assert image.content == source.read_bytes()
+    thumb = service.request("GET", hits[0]["thumbnail"] + "?side=64")
+    assert thumb.headers["Content-Type"] == "image/jpeg"
+    with Image.open(io.BytesIO(thumb.content)) as im:
+        assert max(im.size) == 64
+
+
+def test_search_by_id_and_by_path(beach, photo_sets):
+    name = photo_sets["beach"][3].name
+    by_id = beach.request(
+        "POST",
+        "/api/indexes/beach/search",
+        json={"id": str(image_id(name)), "k": 3},
+    )
+    assert by_id.status_code == 200, by_id.text
+    first = by_id.json()["hits"][0]
+    assert first["relpath"] == name and first["score"] > 0.999
+    by_path = beach.request(
+        "POST", "/api/indexes/beach/search", json={"path": name, "k": 3}
+    )
+    assert by_path.json()["hits"] == by_id.json()["hits"]
+
+
+def test_index_list_and_info(beach):
+    listed = beach.request("GET", "/api/indexes").json()
+    entry = next(i for i in listed["indexes"] if i["name"] == "beach")
+    assert entry["count"] == 36 and entry["duplicates"] is False
+    info = beach.request("GET", "/api/indexes/beach").json()
+    assert info["count"] == 36 and info["dim"] == 1280
+    assert info["model"] == "efficientnet-lite0"
+
+
+def test_two_builds_at_once_then_a_rebuild_is_seen(service, tmp_path_factory):
+    root = service.dataset_root
+    write_photos(root / "lake", 12, seed=11, max_side=320)
+    write_photos(root / "hills", 12, seed=12, max_side=320)
+    first = service.build("lake")
+    second = service.build("hills")
+    assert first["id"] != second["id"]
+    # The second was taken while the first ran: both share the one cluster.
+    still = service.request("GET", f"/api/builds/{first['id']}").json()
+    assert still["state"] in ("starting", "running"), still
+    states = [service.wait(b["id"]) for b in (first, second)]
+    assert [s["state"] for s in states] == ["finished", "finished"]
+    names = {
+        i["name"] for i in service.request("GET", "/api/indexes").json()["indexes"]
+    }
+    assert {"lake", "hills"} <= names
+
+    # A search opens the index; a build that changes it is seen by the next one.
+    def count() -> int:
+        r = service.request(
+            "POST", "/api/indexes/lake/search", json={"path": "img00000.jpg"}
+        )
+        assert r.status_code == 200, r.text
+        return len(r.json()["hits"])
+
+    assert count() == 10
+    write_photos(root / "lake", 3, seed=13, max_side=320, prefix="more")
+    assert service.wait(service.build("lake")["id"])["state"] == "finished"
+    r = service.request("GET", "/api/indexes/lake").json()
+    assert r["count"] == 15
+
+
+def test_a_build_of_an_index_being_built_is_refused(service):
+    write_photos(service.dataset_root / "busy", 40, seed=21, max_side=320)
+    build = service.build("busy")
+    r = service.request(
+        "POST", "/api/builds", json={"datasets": ["busy"]}, headers=service.auth()
+    )
+    assert r.status_code == 409, r.text
+    assert "being built" in r.json()["error"]
+    assert service.wait(build["id"])["state"] == "finished"
+
+
+def test_cancel_keeps_finished_work_and_a_new_build_resumes(service):
+    folder = service.dataset_root / "crowd"
+    write_photos(folder, 160, seed=31, max_side=320)
+    build = service.build("crowd")
+    service.wait(build["id"], until=lambda s: s["datasets"][0]["done"] >= 32)
+    r = service.request("DELETE", f"/api/builds/{build['id']}", headers=service.auth())
+    assert r.status_code == 202, r.text
+    over = service.wait(build["id"], timeout=60)
+    assert over["state"] == "cancelled", over
+    assert "cancelled" in over["error"]
+    assert over["datasets"][0]["state"] == "cancelled"
+    assert over["datasets"][0]["done"] < 160
+    assert not (service.index_root / "crowd").exists()
+
+    again = service.wait(service.build("crowd")["id"])
+    assert again["state"] == "finished", again
+    (summary,) = again["summaries"]
+    assert summary["indexed"] == 160
+    assert summary["resumed_images"] >= 32  # the cancelled build's partitions
+
+
+def test_bad_requests_get_a_one_line_json_4xx(beach, tmp_path):
+    service = beach
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image\n")
+    big = b"\xff\xd8" + b"\0" * (21 * 2**20)  # over the 20 MiB default
+    outside = tmp_path / "outside"
+    copy_tree([text], outside)
+    cases = [
+        ("GET", "/api/indexes/nope", {}, 404, "no index named 'nope'"),
+        ("GET", "/api/indexes/%2E%2E", {}, 404, "no index named '..'"),
+        ("POST", "/api/indexes/nope/search", {"json": {"id": "1"}}, 404, "nope"),
+        (
+            "POST",
+            "/api/indexes/beach/search",
+            {"files": {"image": ("notes.jpg", text.read_bytes())}},
+            400,
+            "'notes.jpg' is not a usable image",
+        ),
+        (
+            "POST",
+            "/api/indexes/beach/search",
+            {"files": {"image": ("big.jpg", big)}},
+            413,
+            "over the limit of 20,971,520 bytes",
+        ),
+        (
+            "POST",
+            "/api/indexes/beach/search",
+            {"json": {"path": "../../etc/passwd"}},
+            400,
+            "outside the dataset root",
+        ),
+        (
+            "POST",
+            "/api/indexes/beach/search",
+            {"json": {"path": "/etc/passwd"}},
+            400,
+            "outside the dataset root",
+        ),
+        ("POST", "/api/indexes/beach/search", {"json": {"id": "12", "k": 0}}, 400, "k"),
+        (
+            "POST",
+            "/api/indexes/beach/search",
+            {"json": {"id": "x"}},
+            400,
+            "not an image id",
+        ),
+        (
+            "POST",
+            "/api/indexes/beach/search",
+            {"json": {"id": "12"}},
+            404,
+            "no image with id",
+        ),
+        ("POST", "/api/indexes/beach/search", {"data": b"x"}, 415, "multipart"),
+        ("GET", "/api/indexes/beach/images/12", {}, 404, "no image with id 12"),
+        ("GET", "/api/indexes/beach/images/12/thumbnail?side=9", {}, 400, "side"),
+        ("GET", "/api/indexes/beach/duplicates", {}, 404, "--save"),
+        (
+            "POST",
+            "/api/builds",
+            {"json": {"datasets": [str(outside)]}, "auth": True},
+            403,
+            "outside the dataset roots",
+        ),
+        (
+            "POST",
+            "/api/builds",
+            {"json": {"datasets": ["../outside"]}, "auth": True},
+            403,
+            "outside the dataset roots",
+        ),
+        (
+            "POST",
+            "/api/builds",
+            {"json": {"datasets": ["absent"]}, "auth": True},
+            404,
+            "no dataset folder",
+        ),
+        (
+            "POST",
+            "/api/builds",
+            {"json": {"datasets": "beach"}, "auth": True},
+            400,
+            "list",
+        ),
+        ("POST", "/api/builds", {"data": b"{", "auth": True}, 400, "not JSON"),
+        ("POST", "/api/builds", {"json": {"datasets": ["beach"]}}, 401, "token"),
+        (
+            "POST",
+            "/api/builds",
+            {
+                "json": {"datasets": ["beach"]},
+                "headers": {"Authorization": "Bearer no"},
+            },
+            401,
+            "token",
+        ),
+        ("DELETE", "/api/builds/none", {"auth": True}, 404, "no build"),
+        ("DELETE", "/api/builds/none", {}, 401, "token"),
+        ("GET", "/api/builds/none", {}, 404, "no build with id 'none'"),
+        ("GET", "/api/nothing", {}, 404, "no such route"),
+        ("PUT", "/api/indexes", {}, 405, ""),
+    ]
+    for method, path, kwargs, status, words in cases:
+        if kwargs.pop("auth", False):
+            kwargs["headers"] = service.auth()
+        r = service.request(method, path, **kwargs)
+        assert r.status_code == status, (method, path, r.status_code, r.text)
+        assert r.headers["Content-Type"].startswith("application/json"), path
+        error = r.json()["error"]
+        assert words in error, (path, error)
+        assert "\n" not in error and "Traceback" not in error
+
+
+def test_images_outside_the_dataset_are_not_served(service, tmp_path):
+    """A symbolic link in a dataset that leads out of it is indexed (it is the
+    user's collection) but the service does not hand out its target."""
+    folder = service.dataset_root / "linked"
+    paths = write_photos(folder, 3, seed=41, max_side=320)
+    secret = write_photos(tmp_path / "private", 1, seed=42, max_side=320)[0]
+    (folder / "escape.jpg").symlink_to(secret)
+    assert service.wait(service.build("linked")["id"])["state"] == "finished"
+    escape = str(image_id("escape.jpg"))
+    for suffix in ("", "/thumbnail"):
+        r = service.request("GET", f"/api/indexes/linked/images/{escape}{suffix}")
+        assert r.status_code == 403, r.text
+        assert "outside the dataset" in r.json()["error"]
+    ok = service.request("GET", f"/api/indexes/linked/images/{image_id(paths[0].name)}")
+    assert ok.status_code == 200
+
+
+def test_duplicates_report_saved_by_the_cli_is_served(service, album):
+    r = service.request("GET", "/api/indexes/album/duplicates?limit=1")
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["images"] == len(album)
+    assert report["groups"] == 2 and report["limit"] == 1
+    (group,) = report["page"]
+    assert len(group["members"]) == len(album) // 2
+    assert {album[m["path"]] for m in group["members"]} == {"chelsea"}
+    for member in group["members"]:
+        assert member["id"] == str(image_id(member["path"]))
+        thumb = service.request(
+            "GET", f"/api/indexes/album/images/{member['id']}/thumbnail"
+        )
+        assert thumb.status_code == 200
+    second = service.request("GET", "/api/indexes/album/duplicates?offset=1").json()
+    assert [m["path"] for m in second["page"][0]["members"]][0].startswith("coffee")
+    listed = service.request("GET", "/api/indexes").json()["indexes"]
+    assert next(i for i in listed if i["name"] == "album")["duplicates"] is True
+    assert next(i for i in listed if i["name"] != "album")["duplicates"] is False
+
+
+def test_health_and_prometheus_metrics(beach):
+    health = beach.request("GET", "/health").json()
+    assert health["status"] == "ok" and health["token_required"] is True
+    assert health["builds_allowed"] is True and health["indexes"] >= 1
+    for _ in range(3):
+        beach.request(
+            "POST", "/api/indexes/beach/search", json={"path": "img00000.jpg"}
+        )
+    beach.request("POST", "/api/indexes/nope/search", json={"id": "1"})
+    text = beach.request("GET", "/metrics").text
+    ok = re.search(r'imgindex_queries_total\{index="beach",outcome="ok"\} (\d+)', text)
+    assert ok and float(ok.group(1)) >= 3, text
+    # An unknown index is counted, but not as a series of its own.
+    assert re.search(r'imgindex_queries_total\{index="-",outcome="404"\} [1-9]', text)
+    assert 'index="nope"' not in text
+    assert re.search(r'imgindex_query_seconds_bucket\{index="beach",le="0.05"\}', text)
+    assert re.search(r'imgindex_builds_total\{state="finished"\} [1-9]', text)
+    assert re.search(r"^imgindex_builds_running \d", text, re.M)
+    assert re.search(r"^imgindex_indexes_open [1-9]", text, re.M)
+
+
+def test_openapi_lists_every_route(service):
+    spec = service.request("GET", "/api/openapi.json").json()
+    assert spec["openapi"].startswith("3.")
+    assert {
+        "/health",
+        "/metrics",
+        "/api/indexes",
+        "/api/indexes/{name}",
+        "/api/indexes/{name}/search",
+        "/api/indexes/{name}/images/{image_id}",
+        "/api/indexes/{name}/images/{image_id}/thumbnail",
+        "/api/indexes/{name}/duplicates",
+        "/api/datasets",
+        "/api/builds",
+        "/api/builds/{build_id}",
+    } == set(spec["paths"])
+    page = service.request("GET", "/")
+    assert page.status_code == 200 and "<title>imgindex</title>" in page.text
