@@ -34,37 +34,57 @@ sys.path.insert(0, str(ROOT))
 
 N_VECTORS = 100_000
 N_PHOTOS = 64
+N_CENTRES = 256  # other photos whose embeddings the synthetic vectors surround
 PER_SHARD = 10_000
 
 
-def write_index(dest: Path, photos: list[Path], n: int) -> None:
-    """``dest``: the photos' real embeddings and ``n - len(photos)`` synthetic ones."""
-    from bench.index_scale import _mixture
+def write_index(dest: Path, photos: list[Path], centres: list[Path], n: int) -> None:
+    """``dest``: the photos' real embeddings and ``n - len(photos)`` synthetic ones.
+
+    The synthetic vectors lie around the real embeddings of other generated
+    photos (cosine 0.64-0.89 to them), so they fill the region of space that
+    embeddings fill: an HNSW graph over them reaches the photos as it would
+    in a real collection, which a cloud of vectors elsewhere would not.
+    """
     from pipeline.discover import ImageRecord
     from pipeline.embed import Embedder, ModelSpec
     from pipeline.synthetic import write_vector_index
 
     embedder = Embedder(ModelSpec.from_config())
-    rows = [embedder.decode(str(p)) for p in photos]
-    real = embedder.embed_pixels(rows)
+
+    def embed(paths: list[Path]) -> np.ndarray:
+        return np.concatenate(
+            [
+                embedder.embed_pixels(
+                    [embedder.decode(str(p)) for p in paths[i : i + 32]]
+                )
+                for i in range(0, len(paths), 32)
+            ]
+        )
+
+    real = embed(photos)
+    around = embed(centres)
+    dim = real.shape[1]
     images = dest.parent / "images"
     records = [ImageRecord(str(p.relative_to(images)), 1, 1) for p in photos]
     rng = np.random.default_rng(0)
-    centres, spread, weight = _mixture(rng, real.shape[1])
 
     def chunks():
         yield records, real
         for start in range(len(photos), n, PER_SHARD):
             count = min(PER_SHARD, n - start)
-            which = rng.choice(len(centres), count, p=weight)
-            x = rng.standard_normal((count, real.shape[1]), dtype=np.float32)
-            x *= spread[which, None]
-            x += centres[which]
+            which = rng.integers(0, len(around), count)
+            noise = rng.standard_normal((count, dim), dtype=np.float32)
+            noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+            x = (
+                around[which]
+                + rng.uniform(0.5, 1.2, (count, 1)).astype(np.float32) * noise
+            )
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             paths = (f"v/{i:09d}.jpg" for i in range(start, start + count))
             yield [ImageRecord(p, 1, 1) for p in paths], x
 
-    write_vector_index(dest, chunks(), real.shape[1], version="bench")
+    write_vector_index(dest, chunks(), dim, version="bench")
 
 
 def reindex(dest: Path, index_type: str) -> dict:
@@ -210,13 +230,16 @@ def main() -> None:
     photos = sorted((indexes / "images" / "photos").glob("*.jpg"))
     if len(photos) != N_PHOTOS:
         photos = write_photos(indexes / "images" / "photos", N_PHOTOS, seed=5)
+    centres = sorted((work / "centres").glob("*.jpg"))
+    if len(centres) != N_CENTRES:
+        centres = write_photos(work / "centres", N_CENTRES, seed=6, max_side=400)
     queries = crop_copies(photos, work / "queries")
     results = {"vectors": args.vectors, "cores": os.cpu_count(), "types": {}}
     for index_type in args.types.split(","):
         dest = indexes / index_type
         if not dest.exists():
             t = time.perf_counter()
-            write_index(dest, photos, args.vectors)
+            write_index(dest, photos, centres, args.vectors)
             built = reindex(dest, index_type)
             print(
                 f"{index_type}: {built['index_key']} built in "

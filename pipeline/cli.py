@@ -1174,7 +1174,7 @@ def serve(
             token=_service_token(token_file),
         )
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--max-upload") from None
+        raise click.UsageError(str(e)) from None
     service = Service(
         settings, lambda: _connect(scheduler, scheduler_file, no_fallback)
     )

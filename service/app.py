@@ -25,7 +25,7 @@ import tornado.web
 
 from pipeline import __version__
 from pipeline.config import config_value
-from pipeline.errors import ImgindexError
+from pipeline.errors import ConfigError, ImgindexError
 from pipeline.search import Hit
 from service.builds import Build, Builds
 from service.catalog import Catalog, OpenIndex
@@ -73,11 +73,31 @@ class ServiceSettings:
         """Settings from ``flags`` (None: the ``imgindex.serve.*`` value)."""
         from dask.utils import parse_bytes
 
-        values = {
-            key: config_value(flags.get(key), f"imgindex.serve.{key.replace('_', '-')}")
-            for key in ("host", "port", "max_upload", "max_k", "max_builds", "turns")
+        keys = {
+            "host": "imgindex.serve.host",
+            "port": "imgindex.serve.port",
+            "max_upload": "imgindex.serve.max-upload",
+            "max_k": "imgindex.serve.max-k",
+            "max_builds": "imgindex.serve.max-builds",
+            "turns": "imgindex.serve.turns",
         }
-        values["max_upload"] = int(parse_bytes(str(values["max_upload"])))
+        values = {
+            name: config_value(flags.get(name), key) for name, key in keys.items()
+        }
+        for name in ("port", "max_k", "max_builds", "max_upload"):
+            value = values[name]
+            try:
+                values[name] = int(
+                    parse_bytes(str(value)) if name == "max_upload" else value
+                )
+                if values[name] < (0 if name == "port" else 1):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"{keys[name]} (--{name.replace('_', '-')}) {value!r} is not "
+                    + ("a size, e.g. 20MiB" if name == "max_upload" else "a count")
+                ) from None
+        values["turns"] = bool(values["turns"])
         roots = flags.get("dataset_roots") or config_value(
             None, "imgindex.serve.dataset-roots"
         )

@@ -27,7 +27,9 @@ KEYS = flatten(DEFAULTS["imgindex"])
 
 def source_text() -> str:
     return "\n".join(
-        p.read_text() for d in ("pipeline", "cluster") for p in (ROOT / d).glob("*.py")
+        p.read_text()
+        for d in ("pipeline", "cluster", "service")
+        for p in (ROOT / d).glob("*.py")
     )
 
 
