@@ -36,6 +36,7 @@ N_VECTORS = 100_000
 N_PHOTOS = 64
 N_CENTRES = 256  # other photos whose embeddings the synthetic vectors surround
 PER_SHARD = 10_000
+ROUNDS = 10  # alternating blocks of reference and API queries
 
 
 def write_index(dest: Path, photos: list[Path], centres: list[Path], n: int) -> None:
@@ -117,20 +118,18 @@ def crop_copies(photos: list[Path], folder: Path) -> list[tuple[str, bytes]]:
     return queries
 
 
-def reference(index_dir: Path, queries: list[tuple[str, bytes]], rounds: int) -> dict:
-    """The same decode + embed + search in this process, one query at a time."""
-    from pipeline.search import Searcher
-
-    searcher = Searcher(index_dir)
+def reference(searcher, queries: list[tuple[str, bytes]], offset: int, n: int):
+    """The same decode + embed + search in this process, one query at a time:
+    (seconds per query, how many found their source at rank 1)."""
     times, right = [], 0
-    for i in range(rounds):
+    for i in range(offset, offset + n):
         name, data = queries[i % len(queries)]
         started = time.perf_counter()
         pixels = searcher.embedder.decode(io.BytesIO(data))
         hits = searcher.search_pixels([pixels], 10, turns=False)[0]
         times.append(time.perf_counter() - started)
         right += Path(hits[0].path).name == name
-    return _summary(times, right)
+    return times, right
 
 
 class Service:
@@ -169,17 +168,20 @@ def through_api(
     clients: int,
     per_client: int,
     turns: bool = False,
-) -> dict:
+    offset: int = 0,
+):
+    """(seconds per query, rank-1 count, wall seconds) of ``clients`` threads
+    each sending ``per_client`` uploads one after another."""
     import requests
 
     times: list[float] = []
     right = [0]
     lock = threading.Lock()
 
-    def client(offset: int) -> None:
+    def client(first: int) -> None:
         session = requests.Session()
-        for i in range(per_client):
-            name, data = queries[(offset + i) % len(queries)]
+        for i in range(first, first + per_client):
+            name, data = queries[i % len(queries)]
             started = time.perf_counter()
             r = session.post(
                 f"{url}/api/indexes/{index}/search",
@@ -191,29 +193,57 @@ def through_api(
             r.raise_for_status()
             with lock:
                 times.append(took)
-                right[0] += r.json()["hits"][0]["relpath"].endswith(name)
+                right[0] += r.json()["hits"][0]["relpath"].endswith("/" + name)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c * 7,)) for c in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(offset + c * per_client,))
+        for c in range(clients)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - started
-    return _summary(times, right[0]) | {
-        "clients": clients,
-        "queries_per_second": round(len(times) / wall, 1),
-    }
+    return times, right[0], time.perf_counter() - started
 
 
-def _summary(times: list[float], right: int) -> dict:
+def _summary(times: list[float], right: int, wall: float | None = None) -> dict:
     ms = sorted(t * 1000 for t in times)
-    return {
+    summary = {
         "queries": len(ms),
         "p50_ms": round(statistics.median(ms), 1),
         "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1),
         "rank1": round(right / len(ms), 3),
     }
+    if wall:
+        summary["queries_per_second"] = round(len(ms) / wall, 1)
+    return summary
+
+
+def measure(url: str, index_dir: Path, queries, n: int) -> dict:
+    """Reference and API in alternating blocks, so a machine whose speed
+    drifts (shared cores) weighs on both alike; then 8 clients, and turns."""
+    from pipeline.search import Searcher
+
+    searcher = Searcher(index_dir)
+    name = index_dir.name
+    through_api(url, name, queries, 1, 10)  # the service opens the index
+    reference(searcher, queries, 0, 10)
+    ref: tuple[list, int] = ([], 0)
+    api: tuple[list, int, float] = ([], 0, 0.0)
+    block = max(1, n // ROUNDS)
+    for r in range(ROUNDS):
+        t, k = reference(searcher, queries, r * block, block)
+        ref = (ref[0] + t, ref[1] + k)
+        t, k, wall = through_api(url, name, queries, 1, block, offset=r * block)
+        api = (api[0] + t, api[1] + k, api[2] + wall)
+    row = {"reference": _summary(*ref), "api_1": _summary(*api)}
+    row["api_8"] = _summary(*through_api(url, name, queries, 8, max(1, n // 8)))
+    row["api_1_turns"] = _summary(
+        *through_api(url, name, queries, 1, max(1, n // 4), turns=True)
+    )
+    row["ratio_p50"] = round(row["api_1"]["p50_ms"] / row["reference"]["p50_ms"], 2)
+    return row
 
 
 def main() -> None:
@@ -249,20 +279,7 @@ def main() -> None:
     service = Service(indexes, work / "serve.log")
     try:
         for index_type in args.types.split(","):
-            row = {"reference": reference(indexes / index_type, queries, args.queries)}
-            through_api(service.url, index_type, queries, 1, 10)  # opens it, warms up
-            row["api_1"] = through_api(
-                service.url, index_type, queries, 1, args.queries
-            )
-            row["api_8"] = through_api(
-                service.url, index_type, queries, 8, max(1, args.queries // 8)
-            )
-            row["api_1_turns"] = through_api(
-                service.url, index_type, queries, 1, max(1, args.queries // 4), True
-            )
-            row["ratio_p50"] = round(
-                row["api_1"]["p50_ms"] / row["reference"]["p50_ms"], 2
-            )
+            row = measure(service.url, indexes / index_type, queries, args.queries)
             results["types"][index_type] = row
             print(json.dumps({index_type: row}), flush=True)
     finally:

@@ -129,6 +129,7 @@ class Service:
         # One forward pass at a time: torch spreads each over every core, and
         # two at once only slow each other down.
         self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="imgindex-model")
+        self.allowed_hosts = _loopback_names(settings.host)
         self._thumbnails: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._thumbnails_lock = threading.Lock()
 
@@ -201,6 +202,21 @@ class Service:
         self.builds.close()
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self.model_pool.shutdown(wait=False, cancel_futures=True)
+
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def _loopback_names(host: str) -> set[str] | None:
+    """The Host names a service bound to ``host`` answers to; None: any."""
+    import ipaddress
+
+    if host == "localhost":
+        return LOOPBACK
+    try:
+        return LOOPBACK if ipaddress.ip_address(host).is_loopback else None
+    except ValueError:
+        return None
 
 
 def make_app(service: Service) -> tornado.web.Application:

@@ -10,6 +10,7 @@ import logging
 import mimetypes
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import tornado.web
 from tornado.httputil import parse_body_arguments
@@ -36,6 +37,21 @@ class ApiHandler(tornado.web.RequestHandler):
     @property
     def service(self) -> Service:
         return self.application.settings["service"]
+
+    def prepare(self) -> None:
+        self.check_host()
+
+    def check_host(self) -> None:
+        """Refuse a Host this service was not asked to answer to.
+
+        Bound to loopback, the service answers only to loopback names: a web
+        page whose own name was made to resolve to 127.0.0.1 (DNS rebinding)
+        would otherwise be "same origin" and could use the API.
+        """
+        allowed = self.service.allowed_hosts
+        host = self.request.host_name.lower()
+        if allowed is not None and host not in allowed:
+            raise ApiError(403, f"this service does not answer to host {host!r}")
 
     def set_default_headers(self) -> None:
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -104,6 +120,7 @@ class NotFound(ApiHandler):
     route = "unknown"
 
     def prepare(self) -> None:
+        self.check_host()
         raise ApiError(404, f"no such route: {self.request.method} {self.request.path}")
 
 
@@ -162,6 +179,7 @@ class Search(ApiHandler):
     route = "search"
 
     def prepare(self) -> None:
+        self.check_host()
         self.started = time.perf_counter()
         self.limit = self.service.settings.max_upload
         self.body = bytearray()
@@ -333,7 +351,7 @@ def _relpath(value: Any) -> str:
 
 
 def _hit_json(name: str, opened, hit) -> dict[str, Any]:
-    base = f"/api/indexes/{name}/images/{hit.id}"
+    base = f"/api/indexes/{quote(name, safe='')}/images/{hit.id}"
     return hit.to_json() | {
         "id": str(hit.id),
         "relpath": opened.searcher.paths.get(hit.id),
@@ -430,6 +448,12 @@ class BuildList(ApiHandler):
 
     async def post(self) -> None:
         self.require_token()
+        # JSON only: a form on another site can post text/plain to this
+        # address without asking the browser first; JSON needs a preflight.
+        if not self.request.headers.get("Content-Type", "").startswith(
+            "application/json"
+        ):
+            raise ApiError(415, "send the build request as application/json")
         body = self.json_body()
         datasets = body.get("datasets")
         if not isinstance(datasets, list) or not all(

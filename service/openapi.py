@@ -230,7 +230,9 @@ def openapi() -> dict[str, Any]:
             "title": "imgindex",
             "version": __version__,
             "description": "Search the FAISS indexes under one folder, and build "
-            "them on a Dask cluster. Every 4xx answers a one-line JSON error.",
+            "them on a Dask cluster. Every 4xx answers a one-line JSON error. "
+            "Bound to loopback, the service answers 403 to any Host but a "
+            "loopback name.",
         },
         "components": {
             "schemas": _SCHEMAS,
@@ -397,6 +399,7 @@ def openapi() -> dict[str, Any]:
                         "403": _error("Outside the dataset roots, or builds are off."),
                         "404": _error("No such dataset folder."),
                         "409": _error("That index is being built now."),
+                        "415": _error("Not application/json."),
                         "429": _error("Too many builds are running."),
                     },
                 },

@@ -238,7 +238,37 @@ def test_bad_requests_get_a_one_line_json_4xx(beach, tmp_path):
             400,
             "list",
         ),
-        ("POST", "/api/builds", {"data": b"{", "auth": True}, 400, "not JSON"),
+        (
+            "POST",
+            "/api/builds",
+            {
+                "data": b"{",
+                "headers": {"Content-Type": "application/json"},
+                "auth": True,
+            },
+            400,
+            "not JSON",
+        ),
+        # A form on another site could post text/plain here without a preflight.
+        (
+            "POST",
+            "/api/builds",
+            {
+                "data": b'{"datasets": ["beach"]}',
+                "headers": {"Content-Type": "text/plain"},
+                "auth": True,
+            },
+            415,
+            "application/json",
+        ),
+        # DNS rebinding: a page whose name resolves to 127.0.0.1 is refused.
+        (
+            "GET",
+            "/api/indexes",
+            {"headers": {"Host": "rebound.example:8000"}},
+            403,
+            "does not answer to host 'rebound.example'",
+        ),
         ("POST", "/api/builds", {"json": {"datasets": ["beach"]}}, 401, "token"),
         (
             "POST",
@@ -258,7 +288,7 @@ def test_bad_requests_get_a_one_line_json_4xx(beach, tmp_path):
     ]
     for method, path, kwargs, status, words in cases:
         if kwargs.pop("auth", False):
-            kwargs["headers"] = service.auth()
+            kwargs["headers"] = {**service.auth(), **kwargs.get("headers", {})}
         r = service.request(method, path, **kwargs)
         assert r.status_code == status, (method, path, r.status_code, r.text)
         assert r.headers["Content-Type"].startswith("application/json"), path
