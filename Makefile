@@ -12,7 +12,7 @@ $(BIN)/imgindex: setup.cfg pyproject.toml pipeline/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,dev]"
+	$(BIN)/python -m pip install -q -e ".[test,dev,fast]"
 	touch $@
 
 demo: $(BIN)/imgindex

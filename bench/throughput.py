@@ -76,12 +76,8 @@ def plain_pixels(path: Path) -> np.ndarray:
 def reference_run(files, batch: int, threads: int, variant: str) -> dict:
     import torch
 
-    from pipeline.models import efficientnet_lite0
-
     torch.set_num_threads(threads)
-    net = efficientnet_lite0(fold_batchnorm=variant == "folded")
-    fmt = torch.contiguous_format if variant == "eager" else torch.channels_last
-    net = net.to(memory_format=fmt)
+    forward, fmt = _reference_model(variant, threads)
     t_decode = t_model = 0.0
     started = time.perf_counter()
     with torch.inference_mode():
@@ -92,7 +88,7 @@ def reference_run(files, batch: int, threads: int, variant: str) -> dict:
             x = x.contiguous(memory_format=fmt)
             t_decode += time.perf_counter() - t
             t = time.perf_counter()
-            net.extract_features(x).mean(dim=(2, 3))
+            forward(x)
             t_model += time.perf_counter() - t
     seconds = time.perf_counter() - started
     return {
@@ -103,6 +99,46 @@ def reference_run(files, batch: int, threads: int, variant: str) -> dict:
         "decode_ms": 1000 * t_decode / len(files),
         "model_ms": 1000 * t_model / len(files),
     }
+
+
+def _reference_model(variant: str, threads: int):
+    """(forward, memory format) of the plain loop: torch eager, channels_last,
+    BatchNorm folded, or ONNX Runtime on the graph exported from the folded
+    model (pipeline/runtime.py), with ``threads`` intra-op threads."""
+    import torch
+
+    from pipeline.models import efficientnet_lite0
+
+    if variant == "onnxruntime":
+        import onnxruntime as ort
+
+        from pipeline.models import get_model
+        from pipeline.runtime import onnx_graph
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(
+            onnx_graph(get_model("efficientnet-lite0", "cpu")),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
+        return (
+            lambda x: session.run(None, {"pixels": x.numpy()}),
+            torch.contiguous_format,
+        )
+    net = efficientnet_lite0(fold_batchnorm=variant == "folded")
+    fmt = torch.contiguous_format if variant == "eager" else torch.channels_last
+    net = net.to(memory_format=fmt)
+    return (lambda x: net.extract_features(x).mean(dim=(2, 3))), fmt
+
+
+def _variants() -> tuple[str, ...]:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return ("eager", "channels_last", "folded")
+    return ("eager", "channels_last", "folded", "onnxruntime")
 
 
 def _reference_in_child(files, batch: int, variant: str) -> float:
@@ -135,7 +171,7 @@ def reference_sweep(files, batches) -> list[dict]:
     results = []
     reference_run(files[:8], 1, 1, "eager")  # warm-up: allocator, kernels
     for threads in sorted({1, CORES}):
-        for variant in ("eager", "channels_last", "folded"):
+        for variant in _variants():
             for batch in batches:
                 r = reference_run(files, batch, threads, variant)
                 results.append(r)

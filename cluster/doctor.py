@@ -58,6 +58,8 @@ def probe_embedding(spec: ModelSpec) -> dict[str, Any]:
         "batch_size": embedder.batch_size,
         "decode_threads": embedder.decode_threads,
         "precision": embedder.precision,
+        "runtime": embedder.runtime.name,
+        "runtime_reason": embedder.runtime.reason,
         "batch_seconds": round(batch_seconds, 4),
         "images_per_second": round(len(batch) / max(batch_seconds, 1e-9), 1),
     }

@@ -8,7 +8,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.embed import ModelSpec
+from pipeline.embed import Embedder, ModelSpec
 from pipeline.errors import ModelUnavailable
 from pipeline.models import get_model
 
@@ -54,9 +54,18 @@ class WorkerSetup(WorkerPlugin):
         torch.set_num_threads(max(1, self.torch_threads))
         try:
             get_model(self.spec.name, self.spec.device)
+            # Settles the runtime now (with --runtime auto, both are timed),
+            # not in the first task.
+            runtime = Embedder(self.spec).runtime
         except ModelUnavailable as e:
             raise ModelUnavailable(f"worker {worker.address}: {e}") from None
-        logger.info("imgindex: %s loaded on %s", self.spec.name, worker.address)
+        logger.info(
+            "imgindex: %s loaded on %s, run by %s (%s)",
+            self.spec.name,
+            worker.address,
+            runtime.name,
+            runtime.reason,
+        )
 
 
 def setup_workers(

@@ -84,6 +84,8 @@ class BuildSummary:
     resumed_partitions: int = 0
     resumed_images: int = 0
     workers: dict[str, int] = field(default_factory=dict)
+    runtimes: dict[str, int] = field(default_factory=dict)  # images embedded by each
+    runtime_reasons: dict[str, str] = field(default_factory=dict)  # one worker's why
     # Summed over this run's tasks: where worker time went.
     task_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -352,6 +354,9 @@ def run_build(
                 dim=int(model.dim),
                 **built.meta_fields(trained_for),
                 failed=len(failures),
+                runtimes=dict(
+                    Counter(previous.runtimes if previous else {}) + sink.by_runtime
+                ),
                 created=previous.created if previous else now,
                 updated=now,
                 imgindex_version=__version__,
@@ -371,6 +376,8 @@ def run_build(
     summary.embedded = sink.embedded
     summary.failed = [{"path": f.path, "reason": f.reason} for f in failures]
     summary.workers = dict(sink.by_worker)
+    summary.runtimes = dict(sink.by_runtime)
+    summary.runtime_reasons = sink.runtime_reasons
     summary.task_seconds = {
         **{k: round(v, 3) for k, v in sink.task_seconds.items()},
         **{f"index {k}": v for k, v in built.task_seconds.items()},
@@ -521,6 +528,8 @@ class _ShardSink:
         self.failures = list(plan.known_failures)
         self.embedded = 0
         self.by_worker: Counter = Counter()
+        self.by_runtime: Counter = Counter()
+        self.runtime_reasons: dict[str, str] = {}
         self.task_seconds: Counter = Counter()
         self.shards: list[Shard] = []  # this run's, and the resumed ones
 
@@ -532,6 +541,10 @@ class _ShardSink:
         if result.n_embedded:
             self.embedded += result.n_embedded
             self.by_worker[result.worker] += result.n_embedded
+            self.by_runtime[result.runtime or "torch"] += result.n_embedded
+            self.runtime_reasons.setdefault(
+                result.runtime or "torch", result.runtime_reason
+            )
         self.task_seconds.update(result.timings)
 
     def add_shard(self, shard: Shard) -> None:

@@ -200,16 +200,33 @@ def _index_request(index_type, max_index_memory, recall_target):
         raise click.UsageError(str(e)) from None
 
 
-def _model_spec(model, device, batch_size, decode_threads, precision):
+def _model_spec(model, device, batch_size, decode_threads, precision, runtime):
     """The model flags of build and doctor as a spec; a bad value is a usage error."""
     from pipeline.embed import ModelSpec
 
     try:
         return ModelSpec.from_config(
-            model, device, batch_size, decode_threads, precision
+            model, device, batch_size, decode_threads, precision, runtime
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+
+
+def _check_runtime(runtime: str) -> None:
+    """--runtime onnxruntime where this environment has none: say so before any
+    cluster starts (its workers would each fail the same way)."""
+    if runtime != "onnxruntime":
+        return
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        from pipeline.runtime import INSTALL_HINT
+
+        raise click.BadParameter(
+            f"onnxruntime is not installed here ({INSTALL_HINT}); or use "
+            "--runtime auto, which falls back to torch",
+            param_hint="--runtime",
+        ) from None
 
 
 def _model_options(f):
@@ -242,6 +259,13 @@ def _model_options(f):
             default=None,
             help="Arithmetic of the model (default: fp16 autocast on a GPU, "
             "fp32 on CPU) [imgindex.precision].",
+        ),
+        click.option(
+            "--runtime",
+            type=click.Choice(["auto", "torch", "onnxruntime"], case_sensitive=False),
+            default=None,
+            help="What runs the model on CPU workers (default auto: ONNX Runtime "
+            "where it is installed and times faster, else torch) [imgindex.runtime].",
         ),
     ]
     for option in reversed(options):
@@ -387,6 +411,7 @@ def build(
     batch_size,
     decode_threads,
     precision,
+    runtime,
     retries,
     task_timeout,
     index_type,
@@ -410,7 +435,8 @@ def build(
     _check_scheduler_options(scheduler, scheduler_file)
     _check_duration(task_timeout, "--task-timeout", "imgindex.task-timeout")
     _check_duration(worker_wait, "--worker-wait", "imgindex.worker-wait")
-    spec = _model_spec(model, device, batch_size, decode_threads, precision)
+    spec = _model_spec(model, device, batch_size, decode_threads, precision, runtime)
+    _check_runtime(spec.runtime)
     try:
         count_or_auto(partition_size, "imgindex.partition-size")  # a bad value, now
     except ValueError as e:
@@ -619,6 +645,12 @@ def _print_build_report(report: dict) -> None:
             f"{d['images_per_second']:.1f} images/s -> {_shown(d['index'])}"
         )
         _print_index_lines(d)
+        for runtime, images in d["runtimes"].items():
+            why = d["runtime_reasons"].get(runtime)
+            click.echo(
+                f"  model run by {runtime} for {images} images"
+                + (f" ({_shown(why)})" if why else "")
+            )
         if d["resumed_partitions"]:
             click.echo(
                 f"  resumed {d['resumed_partitions']} of {d['partitions']} partitions "
@@ -1042,12 +1074,13 @@ def doctor(
     batch_size,
     decode_threads,
     precision,
+    runtime,
     as_json,
 ):
     """Check the cluster: reachable, workers, versions, a timed test embedding."""
     from cluster.doctor import check_cluster
 
-    spec = _model_spec(model, device, batch_size, decode_threads, precision)
+    spec = _model_spec(model, device, batch_size, decode_threads, precision, runtime)
     strict_by_user = bool(no_fallback)
     if (scheduler or scheduler_file) and no_fallback is None:
         no_fallback = True  # doctor reports on the cluster asked for, not a stand-in
@@ -1075,6 +1108,7 @@ def doctor(
                     f"({w['images_per_second']:.0f} images/s, {w['precision']}, "
                     f"{w['decode_threads']} decode threads)"
                 )
+                click.echo(f"        runtime {w['runtime']}: {w['runtime_reason']}")
                 if "gpu" in w:
                     click.echo(
                         f"        GPU {w['gpu']}: {_gib(w['gpu_memory_free'])} of "

@@ -47,6 +47,7 @@ class ModelSpec:
     imgindex_version: str = __version__
     decode_threads: int = 0
     precision: str = "auto"
+    runtime: str = "auto"  # pipeline/runtime.py: auto | torch | onnxruntime
 
     @classmethod
     def from_config(
@@ -56,6 +57,7 @@ class ModelSpec:
         batch_size: int | None = None,
         decode_threads: int | None = None,
         precision: str | None = None,
+        runtime: str | None = None,
     ) -> ModelSpec:
         """The spec from flags, falling back to the ``imgindex`` config.
 
@@ -74,6 +76,13 @@ class ModelSpec:
             raise ConfigError(
                 f"--precision {chosen!r} is not one of auto, {', '.join(PRECISIONS)}"
             )
+        from pipeline.runtime import RUNTIMES
+
+        chosen_runtime = str(config_value(runtime, "imgindex.runtime")).lower()
+        if chosen_runtime not in RUNTIMES:
+            raise ConfigError(
+                f"--runtime {chosen_runtime!r} is not one of {', '.join(RUNTIMES)}"
+            )
         return cls(
             name=config_value(model, "imgindex.model"),
             device=config_value(device, "imgindex.device"),
@@ -81,6 +90,7 @@ class ModelSpec:
             max_pixels=int(config_value(None, "imgindex.max-image-pixels")),
             decode_threads=count_or_auto(decode_threads, "imgindex.decode-threads"),
             precision=chosen,
+            runtime=chosen_runtime,
         )
 
 
@@ -110,6 +120,8 @@ class PartitionResult:
     # pipeline.traits.TRAITS rows aligned with ids; None for vectors that
     # came from elsewhere than images (old indexes, generated ones).
     traits: np.ndarray | None = None
+    runtime: str = ""  # what ran the model (pipeline/runtime.py), and why
+    runtime_reason: str = ""
 
     def __post_init__(self) -> None:
         self.n_embedded = self.n_embedded or len(self.ids)
@@ -135,6 +147,7 @@ class Embedder:
         else:
             self.precision = "fp16" if gpu else "fp32"
         self._norm: dict[str, object] = {}
+        self.runtime = _runtime_for(spec.runtime, self.model, self.precision)
 
     @property
     def dim(self) -> int:
@@ -228,7 +241,7 @@ class Embedder:
 
         x = self.input_tensor(pixels)
         if precision == "fp32":
-            return self.model.forward(x).float()
+            return self.runtime.forward(x).float()
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         with torch.autocast(self.model.device, dtype=dtype):
             return self.model.forward(x).float()
@@ -258,6 +271,27 @@ class Embedder:
                     torch.tensor(values).view(1, 3, 1, 1).to(self.model.device)
                 )
         return self._norm["mean"], self._norm["std"]
+
+
+_RUNTIMES: dict[tuple, object] = {}
+_RUNTIMES_LOCK = threading.Lock()
+
+
+def _runtime_for(wanted: str, model: LoadedModel, precision: str):
+    """The runtime for ``model``, chosen once per process (``auto`` times both)."""
+    import torch
+
+    from pipeline.runtime import choose_runtime
+
+    threads = torch.get_num_threads()
+    key = (wanted, model.name, model.device, precision, threads)
+    with _RUNTIMES_LOCK:
+        if key not in _RUNTIMES:
+            chosen = choose_runtime(wanted, model, precision, threads)
+            log = logger.warning if "not installed" in chosen.reason else logger.info
+            log("%s runs with %s (%s)", model.name, chosen.name, chosen.reason)
+            _RUNTIMES[key] = chosen
+        return _RUNTIMES[key]
 
 
 @dataclass
@@ -387,6 +421,8 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
         worker=_worker_address(),
         timings=timings,
         traits=np.array([traits[rel] for rel in paths], dtype=TRAITS),
+        runtime=embedder.runtime.name,
+        runtime_reason=embedder.runtime.reason,
     )
 
 

@@ -40,6 +40,9 @@ class IndexMeta:
     failed: int = 0
     updated: str | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)
+    # Images embedded by each model runtime over the index's builds (torch,
+    # onnxruntime): the vectors agree either way, so this is a record only.
+    runtimes: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:

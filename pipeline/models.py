@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,9 @@ class LoadedModel:
     # Maps pooled features to class logits, where the model has a head
     # (used to check that weights and preprocessing are wired right).
     classify: Callable | None = None
+    # A torch module computing ``forward``, for export to ONNX Runtime
+    # (pipeline/runtime.py); None where the model cannot be exported.
+    module: Any = None
 
 
 _LOADERS: dict[str, Callable[[str, str], LoadedModel]] = {}
@@ -196,14 +200,32 @@ def _load_efficientnet_lite0(name: str, device: str) -> LoadedModel:
     # One CPU thread, batch 1 (bench/, 2 cores): eager 45 ms an image,
     # channels_last 40 ms, + BatchNorm folded 32 ms.
     net = efficientnet_lite0().to(device).to(memory_format=torch.channels_last)
-
-    def forward(x):
-        feats = net.extract_features(x)
-        return feats.mean(dim=(2, 3))
-
+    module = _pooled_features(net).eval().requires_grad_(False)
     return LoadedModel(
-        name, forward, Preprocess(), device, 0, channels_last=True, classify=net._fc
+        name,
+        module.forward,
+        Preprocess(),
+        device,
+        0,
+        channels_last=True,
+        classify=net._fc,
+        module=module,
     )
+
+
+def _pooled_features(net):
+    """``net``'s last feature map averaged over space, as a module: [n, 1280]."""
+    import torch
+
+    class PooledFeatures(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.extract_features(x).mean(dim=(2, 3))
+
+    return PooledFeatures()
 
 
 @loader("torchvision")

@@ -59,7 +59,13 @@ def spec_key(spec: ModelSpec) -> str:
     # How a worker runs the model changes neither the vectors (beyond the
     # rounding of fp16, cosine >= 0.999) nor the index; leaving these out also
     # keeps the shards of versions before them valid.
-    for irrelevant in ("batch_size", "device", "decode_threads", "precision"):
+    for irrelevant in (
+        "batch_size",
+        "device",
+        "decode_threads",
+        "precision",
+        "runtime",
+    ):
         fields.pop(irrelevant, None)
     text = json.dumps(fields, sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()

@@ -13,6 +13,18 @@ from PIL import Image
 from pipeline.synthetic import write_photos
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """The exported ONNX graph goes to a session folder, not ~/.cache: for this
+    process (dask config) and for the workers and servers it starts (env)."""
+    import dask.config
+
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    os.environ["DASK_IMGINDEX__RUNTIME_CACHE"] = str(folder)
+    with dask.config.set({"imgindex.runtime-cache": str(folder)}):
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def client():
     """In-process cluster: fast, shares the test's model cache."""

@@ -1,0 +1,158 @@
+"""The model runtimes: torch and ONNX Runtime give the same vectors; auto falls back."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.embed import Embedder, ModelSpec
+from pipeline.errors import ModelUnavailable
+from pipeline.runtime import choose_runtime, onnx_cache_path
+from tests.conftest import crop_query
+from tests.helpers import imgindex_cmd, invoke, one_error_line
+
+pytest.importorskip("onnxruntime")
+skdata = pytest.importorskip("skimage.data")
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("runtime-photos")
+    for name in PHOTOS:
+        Image.fromarray(getattr(skdata, name)()).convert("RGB").save(
+            folder / f"{name}.jpg", quality=92
+        )
+    return folder
+
+
+@pytest.fixture
+def no_onnxruntime(tmp_path):
+    """An environment where `import onnxruntime` fails, as where it is not
+    installed: a module of that name that raises, first on PYTHONPATH."""
+    fake = tmp_path / "hide" / "onnxruntime"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "raise ImportError(\"No module named 'onnxruntime'\")\n"
+    )
+    return {"PYTHONPATH": str(fake.parent)}
+
+
+def test_both_runtimes_give_the_same_vectors_on_real_photos(photos):
+    torch_run = Embedder(ModelSpec.from_config(runtime="torch"))
+    onnx_run = Embedder(ModelSpec.from_config(runtime="onnxruntime"))
+    assert (torch_run.runtime.name, onnx_run.runtime.name) == ("torch", "onnxruntime")
+    pixels = [torch_run.decode(str(p)) for p in sorted(photos.iterdir())]
+    a = torch_run.embed_pixels(pixels)
+    for batch in (1, 4):  # the graph takes any batch size
+        b = np.concatenate(
+            [
+                onnx_run.embed_pixels(pixels[i : i + batch])
+                for i in range(0, len(pixels), batch)
+            ]
+        )
+        assert np.min(np.sum(a * b, axis=1)) >= 0.9999
+    # The graph was exported once, into the (session's) cache.
+    assert onnx_cache_path(onnx_run.model).is_file()
+
+
+def test_auto_times_both_and_says_which_won():
+    model = Embedder(ModelSpec.from_config(runtime="torch")).model
+    chosen = choose_runtime("auto", model, "fp32", threads=1)
+    assert chosen.reason.startswith("auto: onnxruntime ")
+    assert "ms an image vs torch" in chosen.reason
+    # fp16 or a GPU: torch, with the reason.
+    kept = choose_runtime("auto", model, "fp16", threads=1)
+    assert (kept.name, kept.reason) == (
+        "torch",
+        "auto: ONNX Runtime runs fp32 only, not fp16",
+    )
+    with pytest.raises(ModelUnavailable, match="--runtime onnxruntime: ONNX"):
+        choose_runtime("onnxruntime", model, "bf16", threads=1)
+
+
+def test_an_index_built_with_torch_is_searched_and_extended_with_onnx(photos, tmp_path):
+    from pipeline.search import Searcher
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for p in sorted(photos.iterdir())[:4]:
+        (data / p.name).write_bytes(p.read_bytes())
+    built = invoke(
+        "build", data, "--out", tmp_path / "idx", "--runtime", "torch", "--json"
+    )
+    assert built.exit_code == 0, built.stderr
+    (summary,) = json.loads(built.stdout)["datasets"]
+    assert summary["runtimes"] == {"torch": 4}
+    assert summary["runtime_reasons"] == {"torch": "--runtime torch"}
+
+    import dask.config
+
+    query = crop_query(data / "chelsea.jpg", tmp_path / "q.jpg")
+    scores = {}
+    for runtime in ("torch", "onnxruntime"):
+        with dask.config.set({"imgindex.runtime": runtime}):
+            searcher = Searcher(tmp_path / "idx" / "photos", turns=False)
+            assert searcher.embedder.runtime.name == runtime
+            hits = searcher.search_images([query], k=2)[0]
+        assert hits[0].path == str(data / "chelsea.jpg")
+        scores[runtime] = hits[0].score
+    assert scores["torch"] == pytest.approx(scores["onnxruntime"], abs=1e-4)
+
+    for p in sorted(photos.iterdir())[4:]:
+        (data / p.name).write_bytes(p.read_bytes())
+    more = invoke(
+        "build", data, "--out", tmp_path / "idx", "--runtime", "onnxruntime", "--json"
+    )
+    assert more.exit_code == 0, more.stderr
+    (summary,) = json.loads(more.stdout)["datasets"]
+    assert summary["runtimes"] == {"onnxruntime": 2}
+    assert summary["indexed"] == len(PHOTOS)
+    meta = json.loads((tmp_path / "idx" / "photos" / "meta.json").read_text())
+    assert meta["runtimes"] == {"torch": 4, "onnxruntime": 2}
+
+
+@pytest.mark.slow
+def test_without_onnxruntime_auto_falls_back_and_asking_for_it_is_an_error(
+    photos, tmp_path, no_onnxruntime
+):
+    import subprocess
+
+    env = {**os.environ, **no_onnxruntime, "DASK_IMGINDEX__LOCAL__N_WORKERS": "1"}
+    refused = subprocess.run(
+        imgindex_cmd(
+            "build", photos, "--out", tmp_path / "a", "--runtime", "onnxruntime"
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert refused.returncode == 2
+    assert "onnxruntime is not installed here" in one_error_line(refused.stderr)
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+    fell_back = subprocess.run(
+        imgindex_cmd("build", photos, "--out", tmp_path / "b"),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert fell_back.returncode == 0, fell_back.stderr
+    assert (
+        f"model run by torch for {len(PHOTOS)} images (auto: onnxruntime is not "
+        "installed here (pip install 'imgindex[fast]'))"
+    ) in fell_back.stdout
+
+    doctor = subprocess.run(
+        imgindex_cmd("doctor", "--json"), capture_output=True, text=True, env=env
+    )
+    assert doctor.returncode == 0, doctor.stderr
+    (worker,) = json.loads(doctor.stdout)["workers"]
+    assert worker["runtime"] == "torch"
+    assert "onnxruntime is not installed" in worker["runtime_reason"]
