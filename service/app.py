@@ -132,6 +132,8 @@ class Service:
         self.allowed_hosts = _loopback_names(settings.host)
         self._thumbnails: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._thumbnails_lock = threading.Lock()
+        self._reports: dict[tuple, dict[str, Any] | None] = {}
+        self._reports_lock = threading.Lock()
 
     async def search(self, opened: OpenIndex, query: Query) -> list[Hit]:
         """Decode off the loop, then embed and search in the model pool."""
@@ -181,6 +183,27 @@ class Service:
                 while len(self._thumbnails) > THUMBNAILS_KEPT:
                     self._thumbnails.popitem(last=False)
         return data
+
+    def duplicates(self, index_dir: Path) -> dict[str, Any] | None:
+        """The saved duplicates report of ``index_dir``, read once per version
+        of the file (a million images' report takes seconds to parse)."""
+        from pipeline.saved_report import load_report
+        from pipeline.store import DUPLICATES_FILE
+
+        try:
+            st = (index_dir / DUPLICATES_FILE).stat()
+        except OSError:
+            return None
+        key = (str(index_dir), st.st_ino, st.st_mtime_ns)
+        with self._reports_lock:
+            if key in self._reports:
+                return self._reports[key]
+        report = load_report(index_dir)
+        with self._reports_lock:
+            self._reports = {key: report} | {
+                k: v for k, v in self._reports.items() if k[0] != key[0]
+            }
+        return report
 
     def start_build(self, datasets: list[str], rebuild: bool) -> Build:
         return self.builds.start(datasets, rebuild)

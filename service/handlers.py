@@ -17,7 +17,6 @@ from tornado.httputil import parse_body_arguments
 
 from pipeline.discover import image_id
 from pipeline.errors import DecodeError, ImgindexError
-from pipeline.saved_report import load_report
 from service.errors import ApiError
 
 if TYPE_CHECKING:
@@ -407,7 +406,7 @@ class Duplicates(ApiHandler):
         offset = _count(self.get_query_argument("offset", ""), "offset", 10**9, 0, 0)
         limit = _count(self.get_query_argument("limit", ""), "limit", 500, 1, 50)
         try:
-            report = await self.in_thread(load_report, path)
+            report = await self.in_thread(self.service.duplicates, path)
         except ImgindexError as e:
             raise ApiError(409, str(e)) from None
         if report is None:
@@ -416,16 +415,28 @@ class Duplicates(ApiHandler):
                 f"index {name!r} has no duplicates report; make one with "
                 f"`imgindex duplicates {path} --save`",
             )
-        groups = report.pop("duplicate_groups")
-        page = groups[offset : offset + limit]
-        for group in page:
-            for member in group.get("members", []):
-                member["id"] = str(image_id(member["path"]))
+        # The report is shared between requests: copy what is changed.
+        groups = report["duplicate_groups"]
+        page = [
+            group
+            | {
+                "members": [
+                    m | {"id": str(image_id(m["path"]))} for m in group["members"]
+                ]
+            }
+            for group in groups[offset : offset + limit]
+        ]
+        report = {k: v for k, v in report.items() if k != "duplicate_groups"}
         for key in ("outliers", "broken"):
             report[key] = report.get(key, [])[:LISTED]
-        for flag in (report.get("flagged") or {}).values():
-            flag["count"] = len(flag.get("images", []))
-            flag["images"] = flag.get("images", [])[:LISTED]
+        report["flagged"] = {
+            flag: entry
+            | {
+                "count": len(entry.get("images", [])),
+                "images": entry.get("images", [])[:LISTED],
+            }
+            for flag, entry in (report.get("flagged") or {}).items()
+        }
         self.send_json(report | {"offset": offset, "limit": limit, "page": page})
 
 
