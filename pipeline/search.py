@@ -45,7 +45,11 @@ class Searcher:
     """An index directory opened for repeated queries (model loaded once)."""
 
     def __init__(
-        self, index_dir: str | os.PathLike, device: str = "cpu", turns: bool = True
+        self,
+        index_dir: str | os.PathLike,
+        device: str = "cpu",
+        turns: bool = True,
+        runtime: str | None = None,
     ):
         self.turns = turns
         self.stored: StoredIndex = read_index_dir(index_dir)
@@ -56,7 +60,9 @@ class Searcher:
         meta = self.stored.meta
         # Tuned at build time to reach the recall target (meta.quality).
         faiss_index.set_search_params(self.index, meta.search_params)
-        self.embedder = Embedder(ModelSpec.from_config(meta.model, device))
+        self.embedder = Embedder(
+            ModelSpec.from_config(meta.model, device, runtime=runtime)
+        )
         if self.embedder.dim != meta.dim:
             raise ImgindexError(
                 f"model {meta.model!r} gives {self.embedder.dim}-d vectors but the "
