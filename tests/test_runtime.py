@@ -156,3 +156,29 @@ def test_without_onnxruntime_auto_falls_back_and_asking_for_it_is_an_error(
     (worker,) = json.loads(doctor.stdout)["workers"]
     assert worker["runtime"] == "torch"
     assert "onnxruntime is not installed" in worker["runtime_reason"]
+
+
+@pytest.mark.slow
+def test_a_short_cli_search_runs_torch_and_a_long_one_onnxruntime(photos, tmp_path):
+    """ONNX Runtime's start and timing cost about a second: worth it only when
+    a search runs many forward passes (cli.FEW_FORWARD_PASSES)."""
+    import subprocess
+
+    built = invoke("build", photos, "--out", tmp_path / "idx")
+    assert built.exit_code == 0, built.stderr
+    index = tmp_path / "idx" / photos.name
+    query = crop_query(photos / "coffee.jpg", tmp_path / "q.jpg")
+
+    def runtime_of(*queries) -> str:
+        run = subprocess.run(
+            imgindex_cmd("-v", "search", index, *queries, "-k", "1"),
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr
+        (line,) = [x for x in run.stderr.splitlines() if " runs with " in x]
+        return line.split(" runs with ")[1]
+
+    assert runtime_of(query) == "torch (--runtime torch)"  # 4 passes with turns
+    # 64 passes: auto times both (and keeps ONNX Runtime unless torch was faster).
+    assert "(auto: onnxruntime " in runtime_of(*[query] * 16)
