@@ -39,6 +39,19 @@ def _open(browser, url: str) -> None:
     )
 
 
+def _wait_for_option(browser, select: str, value: str, seconds: float) -> None:
+    """Wait until the page's <select id=select> offers ``value``."""
+    WebDriverWait(browser, seconds).until(
+        lambda b: (
+            value
+            in [
+                o.get_attribute("value")
+                for o in Select(b.find_element(By.ID, select)).options
+            ]
+        )
+    )
+
+
 def _severe(browser) -> list[dict]:
     return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -52,15 +65,7 @@ def test_upload_a_query_and_see_its_source_first(beach, browser, photo_sets, tmp
     source = photo_sets["beach"][7]
     query = crop_query(source, tmp_path / "query.jpg")
     _open(browser, beach.url + "/")
-    WebDriverWait(browser, 20).until(
-        lambda b: (
-            "beach"
-            in [
-                o.get_attribute("value")
-                for o in Select(b.find_element(By.ID, "index-select")).options
-            ]
-        )
-    )
+    _wait_for_option(browser, "index-select", "beach", 20)
     Select(browser.find_element(By.ID, "index-select")).select_by_value("beach")
     browser.find_element(By.ID, "query-file").send_keys(str(query))
     WebDriverWait(browser, 60).until(
@@ -137,29 +142,13 @@ def test_start_a_build_and_watch_it_reach_100_percent(service, browser):
     assert not _severe(browser)
     _shot(browser, "build-done")
     # The new index is offered for searching.
-    WebDriverWait(browser, 20).until(
-        lambda b: (
-            "garden"
-            in [
-                o.get_attribute("value")
-                for o in Select(b.find_element(By.ID, "index-select")).options
-            ]
-        )
-    )
+    _wait_for_option(browser, "index-select", "garden", 20)
 
 
 def test_browse_the_duplicate_groups(service, album, browser):
     report = service.request("GET", "/api/indexes/album/duplicates").json()
     _open(browser, service.url + "/")
-    WebDriverWait(browser, 20).until(
-        lambda b: (
-            "album"
-            in [
-                o.get_attribute("value")
-                for o in Select(b.find_element(By.ID, "dup-index")).options
-            ]
-        )
-    )
+    _wait_for_option(browser, "dup-index", "album", 20)
     Select(browser.find_element(By.ID, "dup-index")).select_by_value("album")
     browser.find_element(By.CSS_SELECTOR, "button.tab[data-tab=duplicates]").click()
     WebDriverWait(browser, 30).until(
