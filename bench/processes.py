@@ -74,4 +74,8 @@ class DaskProcesses:
         for p in reversed(self.procs):
             p.terminate()
         for p in self.procs:
-            p.wait(timeout=30)
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:  # still busy (logging a cancel)
+                p.kill()
+                p.wait()

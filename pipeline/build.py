@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
+import uuid
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +57,7 @@ from pipeline.shards import (
     write_shard,
     write_vectors,
 )
+from pipeline.spans import BuildSpan
 from pipeline.store import INDEX_FILE, SHARDS_DIR, recover_index_dir, write_index_dir
 
 if TYPE_CHECKING:
@@ -105,6 +108,23 @@ class BuildSummary:
 
 
 def run_build(
+    client: Client, dataset: str | Path, out: str | Path, **options: Any
+) -> BuildSummary:
+    """Build one dataset: both steps of :func:`build_steps`, one after the other."""
+    steps = build_steps(client, dataset, out, **options)
+    next(steps)
+    return _last_step(steps)
+
+
+def _last_step(steps: Generator[None, None, BuildSummary]) -> BuildSummary:
+    try:
+        next(steps)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("build_steps has two steps")
+
+
+def build_steps(
     client: Client,
     dataset: str | Path,
     out: str | Path,
@@ -122,8 +142,15 @@ def run_build(
     workers_write: bool = True,
     index: IndexRequest | None = None,
     cancel: Cancel | None = None,
-) -> BuildSummary:
-    """Embed ``dataset`` on ``client``'s cluster and write ``out/<name>/``.
+    build_id: str | None = None,
+    ranks: Iterator[int] | None = None,
+) -> Generator[None, None, BuildSummary]:
+    """Embed ``dataset`` on ``client``'s cluster and write ``out/<name>/``, in two
+    steps: the first locks the index, plans and submits every partition, then
+    yields; the second collects the results, builds the index and returns the
+    summary. A build of several datasets takes the first step of each before
+    the second of any, so the scheduler knows the whole job from the start.
+    Closing the generator between the steps cancels the submitted tasks.
 
     Parameters
     ----------
@@ -155,10 +182,18 @@ def run_build(
     cancel
         Stops the build when requested from another thread: the tasks in
         flight are cancelled, the finished partitions kept for a resume.
+    build_id
+        Names the build's Dask span, ``("imgindex build <id>", name)``, with
+        sub-spans ``embed`` and ``index``, so the dashboard's Fine
+        Performance Metrics and Groups pages tell concurrent builds and
+        their stages apart (default: a new random id).
+    ranks
+        Task priority ranks shared by the datasets of one build, so their
+        partitions run in the order the datasets were started.
 
     Returns
     -------
-    BuildSummary
+    BuildSummary (the generator's return value)
 
     Raises
     ------
@@ -176,6 +211,7 @@ def run_build(
         tasks_per_thread=int(
             config_value(tasks_per_thread, "imgindex.tasks-per-thread")
         ),
+        max_queued=int(config_value(None, "imgindex.max-queued-partitions")),
         gpu_resource=bool(config_value(gpu_resource, "imgindex.gpu-resource")),
         unresponsive=seconds_value(None, "imgindex.worker-unresponsive"),
     )
@@ -195,6 +231,8 @@ def run_build(
             f"{str(dest)!r} is a file, not an index directory; choose another "
             "--out or --name"
         )
+    build_span = BuildSpan(f"imgindex build {build_id or uuid.uuid4().hex[:6]}", name)
+    embed_span, index_span = build_span.child("embed"), build_span.child("index")
     with lock_index(dest):
         recovered = recover_index_dir(dest)
         if recovered:
@@ -229,7 +267,7 @@ def run_build(
                     "%s: resuming; %d images embedded before", name, len(done_paths)
                 )
 
-        with stages("embed"):
+        with stages("embed"), embed_span.entered():
             tracker = _Progress(progress, len(plan.to_embed), len(done_paths))
             tracker.failed = len(sink.failures) - len(plan.known_failures)
 
@@ -269,17 +307,25 @@ def run_build(
                 on_result,
                 shard_dir=str(staging) if workers_write else None,
                 cancel=cancel,
+                ranks=ranks,
             )
             size = dispatcher.partition_size(len(remaining), partition_size)
             partitions = partition_records(remaining, size)
             summary.partitions = len(partitions) + len(resumed)
-            tracker.advance(0, 0)
             if partitions:
                 staging.mkdir(parents=True, exist_ok=True)
-            dispatcher.run(partitions)
+            dispatcher.start(partitions)
+        try:
+            yield
+        except GeneratorExit:  # another dataset's failure ended the whole build
+            dispatcher.abandon()
+            raise
+        with stages("embed"), embed_span.entered():
+            tracker.advance(0, 0)
+            dispatcher.collect()
 
         cancel.check()
-        with stages("index"):
+        with stages("index"), index_span.entered():
             manifest, failures, failed_records = sink.finish(plan)
             # This run's shards first: a re-embedded image's new row wins.
             candidates = sink.shards + _live_shards(dest, plan)
@@ -412,13 +458,18 @@ def run_builds(
     jobs: Sequence[tuple[Path, str]],
     out: str | Path,
     observe: Callable[[str], DatasetObserver],
+    build_id: str | None = None,
     **options: Any,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Build each ``(dataset, name)`` of ``jobs`` in turn with :func:`run_build`.
+    """Build each ``(dataset, name)`` of ``jobs`` with :func:`build_steps`.
 
-    One dataset failing does not stop the others: its summary is
+    Every dataset is planned and its partitions submitted first, so the
+    dashboard shows the whole job; then each is collected and indexed in
+    turn. One dataset failing does not stop the others: its summary is
     ``{"name", "source", "error"}`` and its one-line error is listed.
-    ``observe(name)`` follows each build; ``options`` go to :func:`run_build`.
+    ``observe(name)`` follows each build; ``build_id`` names the Dask spans
+    of all of them (one id, so the dashboard shows them as one build);
+    ``options`` go to :func:`run_build`.
 
     Returns
     -------
@@ -427,33 +478,60 @@ def run_builds(
     Raises
     ------
     BuildCancelled
-        When ``options["cancel"]`` was requested; the rest are not started.
+        When ``options["cancel"]`` was requested; the others' tasks are
+        cancelled too.
     """
-    summaries: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     errors: list[str] = []
-    for root, name in jobs:
-        watch = observe(name)
-        try:
-            summary = run_build(
+    ranks = itertools.count(1)
+    started: list[tuple[int, DatasetObserver, Generator]] = []
+
+    def failed(i: int, watch: DatasetObserver, e: Exception) -> None:
+        root, name = jobs[i]
+        text = error_text(e)
+        errors.append(text)
+        results[i] = {"name": name, "source": str(root), "error": text}
+        watch.close(error=text)
+
+    try:
+        # Every dataset's partitions are submitted before any is collected.
+        for i, (root, name) in enumerate(jobs):
+            results.append({})
+            watch = observe(name)
+            steps = build_steps(
                 client,
                 root,
                 out,
                 progress=watch.update,
                 on_index_step=watch.index_step,
                 name=name,
+                build_id=build_id,
+                ranks=ranks,
                 **options,
             )
-        except BuildCancelled:
-            raise  # the caller ends the whole build, this dataset with it
-        except (ImgindexError, OSError) as e:
-            text = error_text(e)
-            errors.append(text)
-            summaries.append({"name": name, "source": str(root), "error": text})
-            watch.close(error=text)
-        else:
-            summaries.append(summary.to_json())
-            watch.close()
-    return summaries, errors
+            try:
+                next(steps)
+            except BuildCancelled:
+                raise
+            except (ImgindexError, OSError) as e:
+                failed(i, watch, e)
+            else:
+                started.append((i, watch, steps))
+        while started:
+            i, watch, steps = started[0]
+            try:
+                results[i] = _last_step(steps).to_json()
+            except BuildCancelled:
+                raise  # the caller ends the whole build, this dataset with it
+            except (ImgindexError, OSError) as e:
+                failed(i, watch, e)
+            else:
+                watch.close()
+            started.pop(0)
+    finally:
+        for _, _, steps in started:  # interrupted: their tasks are cancelled
+            steps.close()
+    return results, errors
 
 
 def _live_shards(dest: Path, plan: Plan) -> list[Shard]:
@@ -504,7 +582,7 @@ _MIGRATE_CHUNK = 65_536
 
 
 class StageTimer(dict):
-    """Seconds per stage: ``with stages("embed"): ...``."""
+    """Seconds per stage: ``with stages("embed"): ...`` (a stage may come twice)."""
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -512,7 +590,7 @@ class StageTimer(dict):
         try:
             yield
         finally:
-            self[stage] = round(time.perf_counter() - t, 3)
+            self[stage] = round(self.get(stage, 0.0) + time.perf_counter() - t, 3)
 
 
 class _ShardSink:

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import click
@@ -481,6 +482,7 @@ def build(
                 list(zip(roots, names, strict=True)),
                 out,
                 lambda index_name: _ProgressBar(index_name, tracker),
+                build_id=uuid.uuid4().hex[:6],
                 spec=spec,
                 partition_size=partition_size,
                 rebuild=rebuild,
@@ -862,7 +864,8 @@ def reindex(
         client = _client_seeing(conn, where, "index built here")
         bar = _ProgressBar(meta.name, None)
         try:
-            summary = rebuild_from_shards(where, request, client, bar.index_step)
+            with _span("imgindex reindex", meta.name):
+                summary = rebuild_from_shards(where, request, client, bar.index_step)
         finally:
             bar.close()
     if as_json:
@@ -873,6 +876,13 @@ def reindex(
         f"{summary['shards']} shards in {summary['seconds']:.1f} s"
     )
     _print_index_lines(summary)
+
+
+def _span(*tags: str):
+    """A Dask span: the dashboard groups the tasks submitted inside it."""
+    from pipeline.spans import BuildSpan
+
+    return BuildSpan(*tags).entered()
 
 
 @cli.command()
@@ -961,11 +971,12 @@ def duplicates(
         client = _client_seeing(conn, where, "searched here")
         bar = _ProgressBar(meta.name, None)
         try:
-            report = find_duplicates(where, settings, client, bar.index_step)
-            if html_page is not None:
-                html = write_html_report(
-                    report, html_page, client, on_step=bar.index_step
-                )
+            with _span("imgindex duplicates", meta.name):
+                report = find_duplicates(where, settings, client, bar.index_step)
+                if html_page is not None:
+                    html = write_html_report(
+                        report, html_page, client, on_step=bar.index_step
+                    )
         finally:
             bar.close()
     saved = None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import stat
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,21 @@ class ImageRecord:
     @property
     def id(self) -> int:
         return image_id(self.path)
+
+
+def pack_records(records: Sequence[ImageRecord]) -> bytes:
+    """``records`` as one compressed bytes object, as a task carries them.
+
+    A queued task's arguments stay in the scheduler's memory until it runs:
+    32 records as objects took 9.5 KiB there, packed 2.4 (bench/dispatch_queue.py).
+    """
+    rows = [(r.path, r.size, r.mtime_ns) for r in records]
+    return zlib.compress(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL), 1)
+
+
+def unpack_records(packed: bytes) -> list[ImageRecord]:
+    """The records :func:`pack_records` packed."""
+    return [ImageRecord(*row) for row in pickle.loads(zlib.decompress(packed))]
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,20 @@
 """Send partitions to the cluster and stream results back: the only caller of submit.
 
-Partitions go out through a bounded window (a few per worker thread), so
-neither the scheduler nor worker memory ever holds the whole job, and each
-result is handed to the caller and released as soon as it arrives.
+Every partition is submitted at the start, so the scheduler (and its
+dashboard) knows the whole job: its progress bar counts the build's
+partitions, not a window of them (up to ``max_queued``, about 2.4 KiB each on
+the scheduler: records travel packed). Worker memory stays bounded by Dask's own
+queuing (``distributed.scheduler.worker-saturation``): the scheduler hands
+a worker a new task only as one finishes, and keeps the rest. Where it
+would not queue them (queuing switched off, or tasks restricted to GPU
+workers, which Dask never queues), partitions go out through a window of
+``tasks_per_thread`` per worker thread instead. Each result is handed to
+the caller as soon as it arrives. Dask's progress bar counts only the tasks
+the scheduler still holds, so where workers write shards (a result is then a
+shard's name, counts and failures: about 1 KB) each finished task is held
+until the dataset is done and the bar keeps its full total; where vectors
+travel back, each result is released as it arrives (worker memory comes
+first) and the bar's total shrinks as partitions finish.
 
 What can go wrong, and what happens:
 - a bad image: a Failure row inside a normal result (see embed.py);
@@ -28,19 +40,21 @@ What can go wrong, and what happens:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.cancel import Cancel
-from pipeline.discover import Failure, ImageRecord
+from pipeline.discover import Failure, ImageRecord, pack_records
 from pipeline.embed import GPU_BATCH_SIZE, ModelSpec, PartitionResult, embed_partition
 from pipeline.errors import BuildFailed
 
@@ -54,6 +68,9 @@ logger = logging.getLogger(__name__)
 # at each task's start (one batch) costs a few per cent at most.
 CPU_PARTITION_SIZE = 32
 GPU_PARTITION_BATCHES = 32
+# Partitions per submission: each batch is one message to the scheduler and
+# one priority step (see _submit_batch).
+SUBMIT_BATCH = 100
 
 Partition = Sequence[ImageRecord]
 ResultCallback = Callable[[Partition, PartitionResult], None]
@@ -63,7 +80,12 @@ ResultCallback = Callable[[Partition, PartitionResult], None]
 class DispatchSettings:
     retries: int = 3  # retries of a task that raised
     timeout: float = 300.0  # seconds a partition may run; <= 0: no limit
-    tasks_per_thread: int = 3  # partitions in flight per worker thread
+    # partitions in flight per worker thread where the scheduler does not
+    # queue them (see the module's docstring); otherwise all are submitted
+    tasks_per_thread: int = 3
+    # partitions the scheduler may hold at once (each about 2.4 KiB there);
+    # a larger build goes out through a window of this many
+    max_queued: int = 200_000
     gpu_resource: bool = False  # tasks need the worker resource GPU=1
     unresponsive: float = 60.0  # seconds without a heartbeat: a worker is dropped
 
@@ -89,6 +111,11 @@ class PartitionDispatcher:
     shard_dir
         Where workers write each partition's shard (a folder they share with
         the client); None: vectors travel back in the results.
+    cancel
+        Stops :meth:`collect` when requested, from any thread.
+    ranks
+        Priority ranks shared by the dispatchers of one build (see
+        ``_submit_batch``); default: this dispatcher's own.
     """
 
     def __init__(
@@ -101,6 +128,7 @@ class PartitionDispatcher:
         on_result: ResultCallback,
         shard_dir: str | None = None,
         cancel: Cancel | None = None,
+        ranks: Iterator[int] | None = None,
     ):
         self.client = client
         self.cancel = cancel or Cancel()
@@ -112,6 +140,7 @@ class PartitionDispatcher:
         self.on_result = on_result
         self.run_id = uuid.uuid4().hex[:8]
         self._n_submitted = 0
+        self.ranks = ranks if ranks is not None else itertools.count(1)
 
     def _eligible_threads(self) -> list[int]:
         """Thread counts of the workers that can take our tasks."""
@@ -169,79 +198,125 @@ class PartitionDispatcher:
     def run(self, partitions: Sequence[Partition]) -> int:
         """Embed every partition, handing each result to ``on_result`` as it arrives.
 
-        Returns the number of results handed over (split partitions count
-        each part). Nothing is kept here, so memory stays flat.
+        :meth:`start`, then :meth:`collect`.
+        """
+        self.start(partitions)
+        return self.collect()
+
+    def start(self, partitions: Sequence[Partition]) -> None:
+        """Submit the partitions (all, or a first window) and start the watchdog.
+
+        A build of several datasets starts each before collecting any, so
+        the scheduler knows the whole job; ``ranks`` (shared) keeps their
+        partitions in that order.
 
         Raises
         ------
         BuildFailed
-            If a task keeps raising after its retries.
+            If no worker can take the tasks, or the scheduler is lost.
         """
         from distributed import as_completed
 
         self.check_resources()
-        n_results = 0
-        queue = list(reversed(partitions))
-        in_flight: dict[str, tuple[Partition, object]] = {}  # key -> (part, future)
-        ac = as_completed(loop=self.client.loop)
-        watchdog = _Watchdog(self.client, self.settings, in_flight)
-
+        self._queue = list(reversed(partitions))
+        self._in_flight: dict[str, tuple[Partition, object]] = {}  # key -> part, fut
+        self._ac = as_completed(loop=self.client.loop)
+        self._watchdog = _Watchdog(self.client, self.settings, self._in_flight)
+        self._window_size = self._window(len(partitions))
         # Single images whose worker died while they were queued or running
         # beside another task: Dask cannot tell which of them killed it, so
         # each runs again alone, at the end, and is blamed only if it kills
         # its worker then.
         self._suspects: list[Partition] = []
         self._alone: set[str] = set()
-
-        def fill() -> None:
-            window = max(2, self.threads() * self.settings.tasks_per_thread)
-            while queue and ac.count() < window:
-                submit(queue.pop())
-            if not queue and self._suspects and ac.count() == 0:
-                self._alone.add(submit(self._suspects.pop()))
-
-        def submit(part: Partition) -> str:
-            fut = self._submit(part)
-            in_flight[fut.key] = (part, fut)
-            ac.add(fut)
-            return fut.key
-
-        def stop() -> None:
-            # list() of a dict's values runs without giving up the GIL, so the
-            # loop below cannot change in_flight halfway through it.
-            futures = [f for _, f in list(in_flight.values())]
-            self.client.cancel(futures, force=True)
-
-        fill()
-        watchdog.start()
+        self._split: list[Partition] = []
+        self._finished: list = []  # held (see the module's docstring)
         try:
-            with self.cancel.hook(stop):
-                for fut in ac:
+            self._fill()
+        except BaseException as e:
+            raise self._abandoned(e) from None
+        self._watchdog.start()
+
+    def collect(self) -> int:
+        """Hand each partition's result to ``on_result`` as it arrives.
+
+        Returns the number of results handed over (split partitions count
+        each part). Nothing is kept here, so memory stays flat.
+
+        Raises
+        ------
+        BuildFailed
+            If a task keeps raising after its retries, or the scheduler is lost.
+        BuildCancelled
+            If ``cancel`` was requested.
+        """
+        n_results = 0
+        try:
+            with self.cancel.hook(self.abandon):
+                self.cancel.check()
+                for fut in self._ac:
                     self.cancel.check()
-                    part, _ = in_flight.pop(fut.key)
-                    result = self._outcome(fut, part, watchdog, queue)
-                    del fut  # release the result on the worker
+                    part, _ = self._in_flight.pop(fut.key)
+                    result = self._outcome(fut, part)
+                    if self.shard_dir is not None and fut.status == "finished":
+                        self._finished.append(fut)
+                    del fut  # else the result is released on the worker
                     if result is not None:
                         self.on_result(part, result)
                         n_results += 1
                     del result
-                    fill()
+                    self._fill()
         except BaseException as e:
-            # A failed or interrupted build must not leave its tasks running
-            # on a shared cluster (unless the cluster itself is gone).
-            with contextlib.suppress(Exception):
-                if self.client.status == "running":
-                    self.client.cancel(list(ac.futures), force=True)
-            if isinstance(e, OSError):  # CommClosedError: the scheduler went away
-                raise self._lost_scheduler() from None
-            raise
+            raise self._abandoned(e) from None
         finally:
-            watchdog.stop()
+            self._watchdog.stop()
+            self._finished.clear()
         return n_results
 
-    def _outcome(self, fut, part: Partition, watchdog: _Watchdog, queue: list):
+    def abandon(self) -> None:
+        """Cancel every partition submitted and not yet collected (any thread)."""
+        # list() of a dict's values runs without giving up the GIL, so the
+        # loop in collect() cannot change _in_flight halfway through it.
+        futures = [f for _, f in list(self._in_flight.values())]
+        with contextlib.suppress(Exception):
+            if self.client.status == "running":
+                self.client.cancel(futures, force=True)
+        self._watchdog.stop()
+
+    def _abandoned(self, e: BaseException) -> BaseException:
+        """What to raise for ``e``, once no task of ours is left on the cluster.
+
+        A failed or interrupted build must not leave its tasks running on a
+        shared cluster (unless the cluster itself is gone).
+        """
+        self.abandon()
+        if isinstance(e, OSError):  # CommClosedError: the scheduler went away
+            return self._lost_scheduler()
+        return e
+
+    def _fill(self) -> None:
+        ac, queue = self._ac, self._queue
+        if self._split:  # halves of a partition that failed: ahead of the queue
+            self._submit(self._split, again=True)
+            self._split = []
+        limit = self._window_size or len(queue) + ac.count()
+        while queue and ac.count() < limit:
+            n = min(len(queue), limit - ac.count(), SUBMIT_BATCH)
+            self._submit([queue.pop() for _ in range(n)])
+        if not queue and self._suspects and ac.count() == 0:
+            self._alone.update(self._submit([self._suspects.pop()], again=True))
+
+    def _submit(self, parts: list[Partition], again: bool = False) -> list[str]:
+        futures = self._submit_batch(parts, again)
+        for part, fut in zip(parts, futures, strict=True):
+            self._in_flight[fut.key] = (part, fut)
+        self._ac.update(futures)
+        return [fut.key for fut in futures]
+
+    def _outcome(self, fut, part: Partition):
         from distributed import KilledWorker
 
+        watchdog = self._watchdog
         timed_out = fut.key in watchdog.timed_out
         if timed_out:
             # Resubmit only once the stuck worker is back, or the halves could
@@ -284,7 +359,7 @@ class PartitionDispatcher:
             len(part),
             "timed out" if timed_out else "killed its workers",
         )
-        queue.extend([part[mid:], part[:mid]])
+        self._split.extend([part[:mid], part[mid:]])
         return None
 
     def _lost_scheduler(self) -> BuildFailed:
@@ -303,18 +378,62 @@ class PartitionDispatcher:
             worker="",
         )
 
-    def _submit(self, part: Partition):
-        key = f"embed[{self.label}]-{self._n_submitted:05d}-{self.run_id}"
-        self._n_submitted += 1
-        return self.client.submit(
+    def _window(self, n_partitions: int) -> int | None:
+        """Partitions to keep in flight; None: all of them (the scheduler queues)."""
+        window = max(2, self.threads() * self.settings.tasks_per_thread)
+        if self.settings.gpu_resource:
+            return window  # resource-restricted tasks are never queued
+        try:
+            saturation = self.client.run_on_scheduler(_worker_saturation_fn())
+        except Exception as e:  # an old scheduler: keep its workers' memory safe
+            logger.debug("could not read worker-saturation: %s", e)
+            return window
+        if not math.isfinite(saturation):
+            logger.info(
+                "the scheduler does not queue tasks (worker-saturation %s): "
+                "sending %d partitions at a time, so the dashboard shows only those",
+                saturation,
+                window,
+            )
+            return window
+        if n_partitions > self.settings.max_queued:
+            logger.info(
+                "%s: %d partitions; the scheduler holds %d at a time "
+                "(imgindex.max-queued-partitions)",
+                self.label,
+                n_partitions,
+                self.settings.max_queued,
+            )
+            return self.settings.max_queued
+        return None
+
+    def _submit_batch(self, parts: list[Partition], again: bool) -> list:
+        """Submit ``parts`` in one message, one task each.
+
+        Each batch ranks one step below the last (Dask runs higher
+        priorities first), counting across the datasets of one build
+        (``ranks``), so they run in order; separate builds on one scheduler
+        count apart and take turns batch by batch instead of the later one
+        waiting for all of the earlier one's partitions. Parts submitted
+        ``again`` (halves of a failed partition, a suspect alone) go first,
+        so that a dataset's end does not wait behind the queue.
+        """
+        first = self._n_submitted
+        self._n_submitted += len(parts)
+        keys = [
+            f"embed[{self.label}]-{n:05d}-{self.run_id}"
+            for n in range(first, first + len(parts))
+        ]
+        return self.client.map(
             embed_partition,
-            self.root,
-            list(part),
-            self.spec,
-            self.shard_dir,
-            key=key,
+            [self.root] * len(parts),
+            [pack_records(part) for part in parts],
+            [self.spec] * len(parts),
+            [self.shard_dir] * len(parts),
+            key=keys,
             retries=self.settings.retries,
             pure=False,
+            priority=1 if again else -next(self.ranks),
             resources={"GPU": 1} if self.settings.gpu_resource else None,
         )
 
@@ -467,6 +586,13 @@ def _scheduler_state_fn():
         }
 
     return state
+
+
+def _worker_saturation_fn():
+    def saturation(dask_scheduler=None) -> float:
+        return float(dask_scheduler.WORKER_SATURATION)
+
+    return saturation
 
 
 def _remove_worker_fn():

@@ -286,7 +286,7 @@ def find_duplicates(
     meta = stored.meta
     selection, _ = stored_selection(dest, meta.count)
     stamp = _index_stamp(dest)
-    runner = Runner(client, meta.name, on_step=on_step)
+    runner = Runner(client, meta.name, on_step=on_step, prefix="duplicates")
     futures = [
         runner.submit(
             "neighbours",

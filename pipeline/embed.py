@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.decode import ORIGINAL_SIZE, center_crop, decode_image, load_rgb
-from pipeline.discover import Failure, ImageRecord, image_id
+from pipeline.discover import Failure, ImageRecord, image_id, unpack_records
 from pipeline.errors import ConfigError, WorkerEnvironmentError
 from pipeline.feed import Batch, BatchFeed
 from pipeline.models import LoadedModel, get_model
@@ -312,18 +312,21 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 
 def embed_partition(
     root: str,
-    records: Sequence[ImageRecord],
+    records: Sequence[ImageRecord] | bytes,
     spec: ModelSpec,
     shard_dir: str | None = None,
 ) -> PartitionResult:
     """Embed the images ``root/<record.path>``: the Dask task, one per partition.
 
+    ``records`` may come packed (:func:`pipeline.discover.pack_records`).
     With ``shard_dir``, the vectors are written there as a shard by this
     worker and the result carries the shard's name, not the vectors.
     A bad image becomes a Failure row and never fails the task; only a broken
     model or environment (or an unwritable ``shard_dir``) raises, and is
     retried by Dask.
     """
+    if isinstance(records, bytes):
+        records = unpack_records(records)
     result = _embed(root, [r.path for r in records], spec)
     if shard_dir is not None:
         from pipeline.shards import write_shard

@@ -163,8 +163,12 @@ class Append:
 class Runner:
     """Runs index tasks on a Dask cluster, or here when there is none.
 
-    Keys read ``index-<stage>[<label>]-<n>-<run>`` so the dashboard's task
-    stream and progress bars show train / add / merge / exact / evaluate.
+    Keys read ``<prefix>.<stage>[<label>]-<n>-<run>`` so the dashboard's task
+    stream and progress bars show train / add / merge / exact / evaluate
+    (``index.train[photos]-…``), or the duplicate search's stages under the
+    prefix ``duplicates``. Dask names a key's task group after its first
+    ``-``-separated word, so the stage and label come before any ``-``: each
+    stage of each dataset is its own group, and so stays in its own span.
     ``on_step(stage, done, total)`` is called in this thread as each task
     finishes, so a command line or progress file can follow a long build.
     """
@@ -175,10 +179,12 @@ class Runner:
         label: str = "index",
         retries: int = 1,
         on_step: StepCallback | None = None,
+        prefix: str = "index",
     ):
         from pipeline.dispatch import task_label
 
         self.client = client
+        self.prefix = prefix
         self.label = task_label(label)
         self.retries = retries
         self.on_step = on_step
@@ -206,7 +212,7 @@ class Runner:
         future = self.client.submit(
             fn,
             *args,
-            key=f"index-{stage}[{self.label}]-{self._n:05d}-{self.run_id}",
+            key=f"{self.prefix}.{stage}[{self.label}]-{self._n:05d}-{self.run_id}",
             pure=False,
             retries=self.retries,
         )

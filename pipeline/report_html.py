@@ -72,7 +72,7 @@ def write_html_report(
     paths = list(dict.fromkeys(shown))  # each image once, in page order
     names = {p: _thumb_name(p) for p in paths}
 
-    runner = Runner(client, "report", on_step=on_step)
+    runner = Runner(client, "report", on_step=on_step, prefix="duplicates")
     futures = [
         runner.submit(
             "thumbnails",

@@ -248,6 +248,7 @@ class Builds:
                 build.jobs,
                 self.out,
                 lambda name: DatasetProgress(progress, name),
+                build_id=build.id,
                 spec=spec,
                 rebuild=build.rebuild,
                 workers_write=not blind,

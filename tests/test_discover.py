@@ -101,3 +101,15 @@ def test_linked_folders_are_followed_and_loops_reported(tmp_path: Path):
     assert [f.path for f in failures] == ["cam1/loop", "cam2-again"]
     assert "the dataset root" in failures[0].reason
     assert "'cam2'" in failures[1].reason
+
+
+def test_packed_records_come_back_as_they_were():
+    from pipeline.discover import ImageRecord, pack_records, unpack_records
+
+    records = [
+        ImageRecord("a/b.jpg", 10, 1_700_000_000_123_456_789),
+        ImageRecord("caf\udce9/\u00e9t\u00e9 photo.png", 0, 0),  # a non-UTF-8 name
+    ]
+    packed = pack_records(records)
+    assert isinstance(packed, bytes)
+    assert unpack_records(packed) == records

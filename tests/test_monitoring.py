@@ -122,11 +122,130 @@ def test_task_keys_name_the_dataset(client, dataset, tmp_path):
     # Flat (few vectors): no train or merge; the index is filled on a worker.
     assert stages == {
         "embed[beach]",
-        "index-add[beach]",
-        "index-queries[beach]",
-        "index-exact[beach]",
-        "index-evaluate[beach]",
+        "index.add[beach]",
+        "index.queries[beach]",
+        "index.exact[beach]",
+        "index.evaluate[beach]",
     }
+
+
+class FirstResults:
+    """A scheduler plugin noting, as each embed task finishes, how many embed
+    tasks the scheduler knows: the dashboard's progress bar total."""
+
+    name = "imgindex-test-first-results"
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.known_at_finish: list[int] = []
+        self.most_on_a_worker = 0
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if finish == "memory" and str(key).startswith("embed["):
+            known = sum(str(k).startswith("embed[") for k in self.scheduler.tasks)
+            self.known_at_finish.append(known)
+        on_workers = (len(ws.processing) for ws in self.scheduler.workers.values())
+        self.most_on_a_worker = max(self.most_on_a_worker, *on_workers)
+
+
+def test_the_scheduler_knows_every_partition_from_the_start(
+    client, dataset, tmp_path, monkeypatch
+):
+    """The whole job is on the dashboard at once, not a window of it: when the
+    first partition finishes, the scheduler already holds all 36, although
+    they were sent in five messages (the batch is shrunk to 8 to make five)."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from pipeline import dispatch
+
+    monkeypatch.setattr(dispatch, "SUBMIT_BATCH", 8)
+    scheduler = client.cluster.scheduler
+    plugin = type("Plugin", (FirstResults, SchedulerPlugin), {})(scheduler)
+    scheduler.add_plugin(plugin)
+    try:
+        summary = run_build(client, dataset, tmp_path / "out", partition_size=1)
+    finally:
+        scheduler.remove_plugin(plugin.name)
+    assert summary.partitions == summary.indexed == 36
+    # Before, with 3 partitions in flight per worker thread, the first result
+    # came back while the scheduler knew 6.
+    assert plugin.known_at_finish[0] == 36
+    # The scheduler kept the rest queued: a one-thread worker never held more
+    # than ceil(1.1 x 1) = 2 (distributed.scheduler.worker-saturation).
+    assert plugin.most_on_a_worker == 2
+
+
+def test_a_build_larger_than_max_queued_partitions_goes_out_in_a_window(
+    client, dataset, tmp_path
+):
+    import dask.config
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    scheduler = client.cluster.scheduler
+    plugin = type("Plugin", (FirstResults, SchedulerPlugin), {})(scheduler)
+    scheduler.add_plugin(plugin)
+    try:
+        with dask.config.set({"imgindex.max-queued-partitions": 8}):
+            summary = run_build(client, dataset, tmp_path / "out", partition_size=1)
+    finally:
+        scheduler.remove_plugin(plugin.name)
+    assert summary.indexed == 36
+    # Finished partitions are held (workers write shards), so the count grows
+    # by one a result, from 8 known when the first one finished.
+    assert plugin.known_at_finish[0] == 8
+
+
+def spans_of(client) -> dict[tuple[str, ...], set[str]]:
+    """The scheduler's spans: their tags -> the task groups directly in them."""
+
+    def spans(dask_scheduler=None):
+        ext = dask_scheduler.extensions["spans"]
+        return {
+            tuple(s.name): sorted({str(g.name) for g in s.groups})
+            for s in ext.spans.values()
+        }
+
+    return {k: set(v) for k, v in client.run_on_scheduler(spans).items()}
+
+
+def test_two_concurrent_builds_are_two_spans(client, photo_sets, tmp_path):
+    """Each build is its own Dask span with an embed and an index stage, so the
+    Fine Performance Metrics and Groups pages keep two builds apart."""
+    import threading
+
+    builds = {"a": ("beach", {}), "b": ("forest", {})}
+    errors = []
+
+    def build(build_id: str, name: str) -> None:
+        try:
+            builds[build_id][1]["summary"] = run_build(
+                client,
+                photo_sets[name][0].parent,
+                tmp_path / "out",
+                partition_size=4,
+                build_id=f"test-{build_id}",
+            )
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=build, args=(b, name))
+        for b, (name, _) in builds.items()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    spans = spans_of(client)
+    for build_id, (name, _) in builds.items():
+        top = (f"imgindex build test-{build_id}", name)
+        assert top in spans, spans.keys()
+        assert spans[top + ("embed",)] == {f"embed[{name}]"}
+        assert spans[top + ("index",)] == {
+            f"index.{stage}[{name}]"
+            for stage in ("add", "queries", "exact", "evaluate")
+        }
 
 
 def test_dask_cli_has_imgindex_and_its_config():

@@ -220,3 +220,114 @@ def test_worker_with_another_imgindex_version_is_refused(
     result = invoke("build", dataset, "--out", tmp_path / "out", "--scheduler", address)
     assert result.exit_code == 1
     assert f"has imgindex 0.0.0.other, the client {__version__}" in result.stderr
+
+
+# Elements matching arguments[0], inside the shadow roots Bokeh renders into.
+DEEP = """
+const found = [];
+const walk = (node) => {
+  if (node.shadowRoot) walk(node.shadowRoot);
+  for (const child of node.children || []) {
+    if (child.matches(arguments[0])) found.push(child);
+    walk(child);
+  }
+};
+walk(document.body);
+return found;
+"""
+
+
+def test_dashboard_shows_the_whole_build(
+    dask_processes, small_photos, photo_sets, tmp_path, browser
+):
+    """Mid-build, on a real scheduler, the dashboard's bars count every
+    partition of both datasets; the Fine Performance Metrics page can pick
+    the build's span. Screenshots: test-artifacts/dashboard-*.png."""
+    from distributed import Client
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import ARTIFACTS
+
+    # Defined here, so that they are pickled by value: the scheduler cannot
+    # import this test module.
+    def _embed_progress(dask_scheduler=None) -> dict:
+        """(tasks, finished) of each embed prefix, as /status's bars count them
+        (Dask leaves forgotten tasks out of a bar)."""
+        return {
+            str(name): (
+                sum(n for state, n in tp.states.items() if state != "forgotten"),
+                tp.states["memory"] + tp.states["released"],
+            )
+            for name, tp in dask_scheduler.task_prefixes.items()
+            if str(name).startswith("embed[")
+        }
+
+    def _span_names(dask_scheduler=None) -> list:
+        spans = dask_scheduler.extensions["spans"].spans.values()
+        return [list(s.name) for s in spans]
+
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker("one")
+    dask_processes.start_worker("two")
+    dask_processes.wait_for_workers(2)
+    beach = photo_sets["beach"][0].parent
+    build = subprocess.Popen(
+        imgindex_cmd(
+            "build", small_photos, beach, "--out", tmp_path / "out", "--json",
+            "--scheduler", address, "--partition-size", "1", "--runtime", "torch",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with Client(address) as client:
+        deadline = time.monotonic() + 180
+        seen: dict = {}
+        while time.monotonic() < deadline and build.poll() is None:
+            seen = client.run_on_scheduler(_embed_progress)
+            if seen.get("embed[small]", (0, 0))[1] >= 2:
+                break
+            time.sleep(0.2)
+        # Both datasets whole from the start, one partition an image, the
+        # second queued behind the first.
+        assert seen["embed[small]"][0] == 240, seen
+        assert seen["embed[beach]"] == (36, 0), seen
+        browser.get(client.dashboard_link)
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script(DEEP, "canvas"))
+        time.sleep(2)  # the bars redraw every 100 ms
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-status.png"))
+        then = client.run_on_scheduler(_embed_progress)
+        assert then["embed[small]"][0] == 240, then  # the bar's total stays
+        assert then["embed[small]"][1] < 240, "the build ended before the screenshot"
+
+        browser.get(
+            client.dashboard_link.replace(
+                "/status", "/individual-fine-performance-metrics"
+            )
+        )
+        # The first of the page's two pickers filters by span tag.
+        field = WebDriverWait(browser, 30).until(
+            lambda b: b.execute_script(DEEP, "input.choices__input--cloned")
+        )[0]
+        field.click()
+        field.send_keys("imgindex build")
+        (choice,) = WebDriverWait(browser, 10).until(
+            lambda b: [
+                c
+                for c in b.execute_script(DEEP, ".choices__item--choice")
+                if c.text.startswith("imgindex build")
+            ]
+        )
+        choice.click()
+        ActionChains(browser).send_keys(Keys.ESCAPE).perform()  # close the list
+        time.sleep(3)  # the page updates every 500 ms
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-fine-metrics.png"))
+        spans = client.run_on_scheduler(_span_names)
+    out, err = build.communicate(timeout=300)
+    assert build.returncode == 0, err
+    assert sorted(d["indexed"] for d in json.loads(out)["datasets"]) == [36, 240]
+    (build_tag,) = {s[0] for s in spans if s[0].startswith("imgindex build ")}
+    assert [build_tag, "small", "embed"] in spans, spans
