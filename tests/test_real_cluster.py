@@ -241,7 +241,7 @@ def test_dashboard_shows_the_whole_build(
     dask_processes, small_photos, photo_sets, tmp_path, browser
 ):
     """Mid-build, on a real scheduler, the dashboard's bars count every
-    partition of both datasets; the Fine Performance Metrics page can pick
+    partition of every dataset; the Fine Performance Metrics page can pick
     the build's span. Screenshots: test-artifacts/dashboard-*.png."""
     from distributed import Client
     from selenium.webdriver.common.action_chains import ActionChains
@@ -273,9 +273,14 @@ def test_dashboard_shows_the_whole_build(
     dask_processes.start_worker("two")
     dask_processes.wait_for_workers(2)
     beach = photo_sets["beach"][0].parent
+    # A third, larger dataset makes the build outlast the screenshots on a
+    # fast machine (a fresh CI run once finished 240 images in 3 s).
+    more = tmp_path / "more"
+    for part in "abc":
+        copy_tree(sorted(small_photos.iterdir()), more / part)
     build = subprocess.Popen(
         imgindex_cmd(
-            "build", small_photos, beach, "--out", tmp_path / "out", "--json",
+            "build", small_photos, more, beach, "--out", tmp_path / "out", "--json",
             "--scheduler", address, "--partition-size", "1", "--runtime", "torch",
         ),
         stdout=subprocess.PIPE,
@@ -288,20 +293,25 @@ def test_dashboard_shows_the_whole_build(
         seen: dict = {}
         while time.monotonic() < deadline and build.poll() is None:
             seen = client.run_on_scheduler(_embed_progress)
-            if seen.get("embed[small]", (0, 0))[1] >= 2:
+            # Each dataset is planned and submitted before any is collected;
+            # the first may start running while the last is being planned.
+            if len(seen) == 3 and seen["embed[small]"][1] >= 2:
                 break
             time.sleep(0.2)
-        # Both datasets whole from the start, one partition an image, the
-        # second queued behind the first.
+        if build.poll() is not None:
+            pytest.fail(f"the build ended early:\n{build.communicate()[1][-3000:]}")
+        # Every dataset whole from the start, one partition an image, the
+        # later ones queued behind the first.
         assert seen["embed[small]"][0] == 240, seen
+        assert seen["embed[more]"] == (720, 0), seen
         assert seen["embed[beach]"] == (36, 0), seen
         browser.get(client.dashboard_link)
         WebDriverWait(browser, 30).until(lambda b: b.execute_script(DEEP, "canvas"))
         time.sleep(2)  # the bars redraw every 100 ms
         browser.save_screenshot(str(ARTIFACTS / "dashboard-status.png"))
         then = client.run_on_scheduler(_embed_progress)
-        assert then["embed[small]"][0] == 240, then  # the bar's total stays
-        assert then["embed[small]"][1] < 240, "the build ended before the screenshot"
+        assert then.get("embed[more]", (0, 0))[1] < 720, "ended before the screenshot"
+        assert then["embed[more]"][0] == 720, then  # the bar's total stays
 
         browser.get(
             client.dashboard_link.replace(
@@ -328,6 +338,6 @@ def test_dashboard_shows_the_whole_build(
         spans = client.run_on_scheduler(_span_names)
     out, err = build.communicate(timeout=300)
     assert build.returncode == 0, err
-    assert sorted(d["indexed"] for d in json.loads(out)["datasets"]) == [36, 240]
+    assert sorted(d["indexed"] for d in json.loads(out)["datasets"]) == [36, 240, 720]
     (build_tag,) = {s[0] for s in spans if s[0].startswith("imgindex build ")}
     assert [build_tag, "small", "embed"] in spans, spans
