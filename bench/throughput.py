@@ -236,20 +236,65 @@ def _worker_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def inprocess_build(data: Path, out: Path) -> dict:
-    """A default LocalCluster build from this process: steady state and memory."""
+class CpuAccount:
+    """CPU seconds each kind of cluster process spent over a window.
+
+    The physical limit gives every core to a model; in a build the client
+    (with the LocalCluster's scheduler in the same process), the nannies and
+    the workers' own event loops take their share of the same cores, and
+    every millisecond they take shows up as slower tasks.
+    """
+
+    def __init__(self, worker_pids: set[int]):
+        import psutil
+
+        me = psutil.Process()
+        self.procs = {"client and scheduler": [me]}
+        for child in me.children(recursive=True):
+            kind = "workers" if child.pid in worker_pids else "nannies and others"
+            self.procs.setdefault(kind, []).append(child)
+        self.start = self._now()
+
+    def _now(self) -> dict[str, float]:
+        import psutil
+
+        totals = {}
+        for kind, procs in self.procs.items():
+            seconds = 0.0
+            for proc in procs:
+                try:
+                    t = proc.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                seconds += t.user + t.system
+            totals[kind] = seconds
+        return totals
+
+    def spent(self) -> dict[str, float]:
+        end = self._now()
+        return {kind: end[kind] - self.start[kind] for kind in end}
+
+
+def inprocess_build(data: Path, out: Path, runtime: str = "auto") -> dict:
+    """A default LocalCluster build from this process: steady state, memory and
+    where the cores' time went."""
     from cluster.connect import connect
     from cluster.worker import setup_workers
     from pipeline.build import run_build
     from pipeline.embed import ModelSpec
     from pipeline.models import get_model
 
-    spec = ModelSpec.from_config()
+    spec = ModelSpec.from_config(runtime=runtime)
     get_model(spec.name, "cpu")  # the client's own copy: part of the constant
     with connect() as conn:
         setup_workers(conn.client, spec)
+        pids = set(conn.client.run(os.getpid).values())
+        cpu = CpuAccount(pids)
+        started = time.perf_counter()
         with RssSampler() as rss:
             summary = run_build(conn.client, data, out, spec=spec, rebuild=True)
+        wall = time.perf_counter() - started
+        spent = cpu.spent()
         workers = conn.client.run(_worker_peak_rss)
         threads = sum(conn.client.nthreads().values())
     return {
@@ -258,6 +303,8 @@ def inprocess_build(data: Path, out: Path) -> dict:
         "client_peak": rss.peak,
         "worker_peaks": workers,
         "threads": threads,
+        "build_seconds": wall,
+        "cpu_seconds": spent,
     }
 
 
@@ -404,6 +451,15 @@ def main() -> None:
     naive_limit = one_thread["images_per_second"] * CORES
     limit = concurrent_limit(sample, one_thread["batch"], one_thread["variant"])
     print(f"  {CORES} one-thread loops at once: {limit:.1f} images/s")
+    # torch's own limit, for the build that runs torch (--runtime torch).
+    torch_one = max(
+        (r for r in sweep if r["threads"] == 1 and r["variant"] != "onnxruntime"),
+        key=lambda r: r["images_per_second"],
+    )
+    torch_limit = limit
+    if torch_one is not one_thread:
+        torch_limit = concurrent_limit(sample, torch_one["batch"], torch_one["variant"])
+        print(f"  {CORES} one-thread torch loops at once: {torch_limit:.1f} images/s")
 
     tmp = Path(tempfile.mkdtemp(prefix="imgindex-bench-"))
     try:
@@ -417,6 +473,12 @@ def main() -> None:
         task = s["task_seconds"]
         busy = sum(task.values())
         overhead = s["stage_seconds"]["embed"] * inproc["threads"] - busy
+        torch_build = None
+        if s["runtimes"].get("onnxruntime"):
+            print("   and once more with --runtime torch")
+            torch_build = inprocess_build(data, tmp / "torch", runtime="torch")
+            t = torch_build["summary"]
+            torch_rate = t["embedded"] / t["stage_seconds"]["embed"]
 
         print(f"3. client memory on {args.memory_images} images")
         unique = ensure_photos(work / "unique-400", 400, 240, 420, 2)
@@ -432,6 +494,26 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     per = {k: 1000 * v / s["embedded"] for k, v in task.items()}
+    cpu_ms = {k: 1000 * v / s["embedded"] for k, v in inproc["cpu_seconds"].items()}
+    cores_ms = 1000 * CORES * inproc["build_seconds"] / s["embedded"]
+    reasons = s["runtime_reasons"]
+    runtimes = "; ".join(
+        f"{k} {v} ({reasons.get(k, '')})" for k, v in s["runtimes"].items()
+    )
+    torch_rows = []
+    if torch_build is not None:
+        torch_rows = [
+            (
+                f"torch: {CORES} one-thread loops at once (batch {torch_one['batch']}, "
+                f"{torch_one['variant']})",
+                f"{torch_limit:.1f} images/s",
+            ),
+            (
+                "torch: imgindex build --runtime torch, steady state",
+                f"{torch_rate:.1f} images/s = {torch_rate / torch_limit:.2f} x "
+                f"torch's limit, {torch_rate / limit:.2f} x the limit",
+            ),
+        ]
     rows = [
         (
             "reference, best one-thread setting "
@@ -461,6 +543,8 @@ def main() -> None:
             f"{e2e_rate:.1f} images/s = {e2e_rate / limit:.2f} x limit "
             "(target >= 0.75)",
         ),
+        ("images embedded by each runtime (why)", runtimes),
+        *torch_rows,
         (
             "imgindex vs the best single process (steady state)",
             f"{steady_rate / best['images_per_second']:.2f} x",
@@ -474,6 +558,14 @@ def main() -> None:
         (
             "scheduling and transfer overhead per image (idle worker-thread time)",
             f"{1000 * overhead / s['embedded']:.1f} ms",
+        ),
+        (
+            "CPU per image over the build: workers / nannies / client and scheduler",
+            " / ".join(
+                f"{cpu_ms.get(k, 0):.1f}"
+                for k in ("workers", "nannies and others", "client and scheduler")
+            )
+            + f" ms of the {cores_ms:.1f} ms the cores had for each",
         ),
         (
             "reference per image: decode + preprocess / model (one thread)",
@@ -523,6 +615,8 @@ def main() -> None:
                     "e2e_wall_seconds": wall,
                     "cli_report": report,
                     "inprocess": inproc,
+                    "torch_limit": torch_limit,
+                    "torch_build": torch_build,
                     "memory": mem,
                     "vectors_bytes": vectors_bytes,
                     "search": search,
