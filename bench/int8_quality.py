@@ -36,16 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def session(graph: str | bytes, threads: int = 1):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-
-
 def vectors(sess, inputs: list[np.ndarray]) -> np.ndarray:
     from pipeline.embed import normalize_rows
 
@@ -105,7 +95,7 @@ def main() -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from pipeline.embed import Embedder, ModelSpec
-    from pipeline.runtime import onnx_graph
+    from pipeline.runtime import onnx_graph, onnx_session
 
     if args.images is None:
         from bench.throughput import ensure_photos
@@ -142,7 +132,7 @@ def main() -> None:
             return None if x is None else {"pixels": x}
 
     graph = onnx_graph(embedder.model)
-    fp32 = session(graph)
+    fp32 = onnx_session(graph, 1)
     base, base_copies = vectors(fp32, originals), vectors(fp32, copies)
     print(
         f"fp32: {forward_ms(fp32, originals[0]):.1f} ms a pass; near-duplicate "
@@ -183,7 +173,7 @@ def main() -> None:
                 **options,
             )
             took = time.perf_counter() - started
-            int8 = session(str(out))
+            int8 = onnx_session(str(out), 1)
             got, got_copies = vectors(int8, originals), vectors(int8, copies)
             cosine = np.sum(got * base, axis=1)
             rows.append(

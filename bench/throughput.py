@@ -110,19 +110,11 @@ def _reference_model(variant: str, threads: int):
     from pipeline.models import efficientnet_lite0
 
     if variant == "onnxruntime":
-        import onnxruntime as ort
-
         from pipeline.models import get_model
-        from pipeline.runtime import onnx_graph
+        from pipeline.runtime import onnx_graph, onnx_session
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(
-            onnx_graph(get_model("efficientnet-lite0", "cpu")),
-            options,
-            providers=["CPUExecutionProvider"],
-        )
+        graph = onnx_graph(get_model("efficientnet-lite0", "cpu"))
+        session = onnx_session(graph, threads)
         return (
             lambda x: session.run(None, {"pixels": x.numpy()}),
             torch.contiguous_format,

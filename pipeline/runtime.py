@@ -96,18 +96,23 @@ def _why_not_onnx(model: LoadedModel, precision: str) -> str | None:
     return None
 
 
-def onnx_forward(model: LoadedModel, threads: int) -> Callable:
-    """A forward pass through an ONNX Runtime session of ``model``'s module."""
+def onnx_session(graph: str | bytes, threads: int):
+    """An ONNX Runtime CPU session of ``graph`` (a path or bytes) with
+    ``threads`` intra-op threads and no inter-op pool."""
     import onnxruntime as ort
-    import torch
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, threads)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # its warnings are about graph fusions
-    session = ort.InferenceSession(
-        onnx_graph(model), options, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_forward(model: LoadedModel, threads: int) -> Callable:
+    """A forward pass through an ONNX Runtime session of ``model``'s module."""
+    import torch
+
+    session = onnx_session(onnx_graph(model), threads)
 
     def forward(x):
         pixels = x.contiguous().numpy()  # NCHW, whatever torch's layout was
