@@ -274,10 +274,8 @@ def inprocess_build(data: Path, out: Path, runtime: str = "auto") -> dict:
     from cluster.worker import setup_workers
     from pipeline.build import run_build
     from pipeline.embed import ModelSpec
-    from pipeline.models import get_model
 
     spec = ModelSpec.from_config(runtime=runtime)
-    get_model(spec.name, "cpu")  # the client's own copy: part of the constant
     with connect() as conn:
         setup_workers(conn.client, spec)
         pids = set(conn.client.run(os.getpid).values())

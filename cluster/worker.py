@@ -9,8 +9,8 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.embed import Embedder, ModelSpec
-from pipeline.errors import ModelUnavailable
-from pipeline.models import get_model
+from pipeline.errors import ModelUnavailable, WorkerEnvironmentError
+from pipeline.models import ModelCard, get_model, loaded_card
 
 logger = logging.getLogger(__name__)
 
@@ -90,3 +90,29 @@ def setup_workers(
             "not every worker confirmed its set-up in time; tasks load the model "
             "on first use there"
         )
+
+
+def card_from_workers(client: Any, spec: ModelSpec) -> ModelCard | None:
+    """The model's dim and preprocessing from the workers that loaded it in
+    set-up, so that the client need not load (and import torch for) its own
+    copy; None where no worker has it loaded yet.
+
+    Raises
+    ------
+    WorkerEnvironmentError
+        If workers loaded the same model name with different dims or
+        preprocessing (different versions of its package).
+    """
+    answers = client.run(loaded_card, spec.name, on_error="return")
+    cards = {
+        address: card
+        for address, card in answers.items()
+        if isinstance(card, ModelCard)
+    }
+    if len(set(cards.values())) > 1:
+        shown = "; ".join(f"{a}: {c.dim}-d, {c.preprocess}" for a, c in cards.items())
+        raise WorkerEnvironmentError(
+            f"workers disagree about model {spec.name!r} ({shown}); install the "
+            "same version of its package everywhere"
+        )
+    return next(iter(cards.values()), None)

@@ -27,7 +27,7 @@ from pipeline.index_build import (
     ShardRows,
     build_from_shards,
 )
-from pipeline.index_policy import IndexChoice, Thresholds, choose_index
+from pipeline.index_policy import KINDS, IndexChoice, Thresholds, choose_index
 from pipeline.meta import IndexMeta
 from pipeline.shards import INDEX_WORK, Shard, clear_index_work
 
@@ -46,6 +46,11 @@ class IndexRequest:
     thresholds: Thresholds
     settings: IndexSettings
     retrain_growth: float
+
+    @property
+    def factory_string(self) -> bool:
+        """A FAISS factory string rather than one of the named kinds."""
+        return self.index_type.strip().lower() not in KINDS
 
     @classmethod
     def from_config(

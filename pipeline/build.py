@@ -45,7 +45,7 @@ from pipeline.index import reconstruct
 from pipeline.index_build import Runner, StepCallback
 from pipeline.lock import lock_index
 from pipeline.meta import IndexMeta
-from pipeline.models import get_model
+from pipeline.models import ModelCard, get_model
 from pipeline.plan import Plan, plan_build
 from pipeline.shards import (
     Shard,
@@ -114,6 +114,24 @@ def run_build(
     steps = build_steps(client, dataset, out, **options)
     next(steps)
     return _last_step(steps)
+
+
+def model_card(client: Client, spec: ModelSpec) -> ModelCard:
+    """The dim and preprocessing that meta.json records: from a worker that
+    loaded the model in set-up, else from a copy loaded here (which also
+    fails fast, before any task, on a model that cannot load).
+
+    Raises
+    ------
+    ModelUnavailable, WorkerEnvironmentError
+    """
+    from cluster.worker import card_from_workers
+
+    card = card_from_workers(client, spec)
+    if card is None:
+        logger.debug("no worker has %s loaded; loading it here", spec.name)
+        card = get_model(spec.name, "cpu").card()
+    return card
 
 
 def _last_step(steps: Generator[None, None, BuildSummary]) -> BuildSummary:
@@ -218,9 +236,7 @@ def build_steps(
 
     root = check_dataset(dataset).resolve()
     name = name or root.name
-    # Loaded here too: its dim and preprocessing go into meta.json, and an
-    # unknown model fails before any task is sent.
-    model = get_model(spec.name, "cpu")
+    model = model_card(client, spec)
     dest = Path(out).resolve() / name
     summary = BuildSummary(name=name, source=str(root), index=str(dest))
     summary.vectors = "written by workers" if workers_write else "streamed to client"

@@ -429,7 +429,7 @@ def build(
     from pipeline.build import run_builds
     from pipeline.config import count_or_auto
     from pipeline.errors import ImgindexError
-    from pipeline.models import get_model
+    from pipeline.models import check_model_name, get_model
     from pipeline.progress import ProgressFile
 
     started = time.perf_counter()
@@ -446,8 +446,12 @@ def build(
     roots = _check_datasets(datasets, name)
     names = [name] if name else [r.name for r in roots]
     _check_writable(out)
-    model_dim = get_model(spec.name, "cpu").dim  # fail fast on an unknown model
-    _check_index_type(request, model_dim)
+    check_model_name(spec.name)  # an unknown model: one line, before any cluster
+    if request.factory_string:
+        # Whether FAISS can build it depends on the dim: only then is the model
+        # loaded here; otherwise the workers report it (saves 2-3 s and the
+        # client's copy of torch).
+        _check_index_type(request, get_model(spec.name, "cpu").dim)
     tracker = ProgressFile(progress_file, names) if progress_file else None
 
     try:

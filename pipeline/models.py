@@ -46,6 +46,19 @@ class LoadedModel:
     # (pipeline/runtime.py); None where the model cannot be exported.
     module: Any = None
 
+    def card(self) -> ModelCard:
+        return ModelCard(self.name, int(self.dim), self.preprocess)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What an index records of its model, without the model: a client reads
+    this from a worker that loaded it rather than loading its own copy."""
+
+    name: str
+    dim: int
+    preprocess: Preprocess
+
 
 _LOADERS: dict[str, Callable[[str, str], LoadedModel]] = {}
 _CACHE: dict[tuple[str, str], LoadedModel] = {}
@@ -75,6 +88,37 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def loaded_card(name: str) -> ModelCard | None:
+    """The card of ``name`` if this process has loaded it on any device; never
+    loads (it runs in a worker's event loop)."""
+    for (loaded, _), model in list(_CACHE.items()):
+        if loaded == name:
+            return model.card()
+    return None
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a model no loader knows, without loading it (or importing torch).
+
+    Raises
+    ------
+    ModelUnavailable
+        If no loader is registered for the name's family.
+    """
+    family = name.split(":", 1)[0]
+    if family not in _LOADERS and _entry_point_loader(family) is None:
+        raise ModelUnavailable(_unknown(name))
+
+
+def _unknown(name: str) -> str:
+    known = ", ".join(sorted(_LOADERS))
+    return (
+        f"unknown model {name!r}; known families: {known} "
+        "(plug-ins are written family:variant, e.g. timm:resnet50; other "
+        "packages add families through the 'imgindex.models' entry-point group)"
+    )
+
+
 def get_model(name: str, device: str = "auto") -> LoadedModel:
     """Return the model ``name`` on ``device``, loading it once per process."""
     device = resolve_device(device)
@@ -99,12 +143,7 @@ def load_model(name: str, device: str) -> LoadedModel:
     family = name.split(":", 1)[0]
     load = _LOADERS.get(family) or _entry_point_loader(family)
     if load is None:
-        known = ", ".join(sorted(_LOADERS))
-        raise ModelUnavailable(
-            f"unknown model {name!r}; known families: {known} "
-            "(plug-ins are written family:variant, e.g. timm:resnet50; other "
-            "packages add families through the 'imgindex.models' entry-point group)"
-        )
+        raise ModelUnavailable(_unknown(name))
     model = load(name, device)
     model.dim = _probe_dim(model)
     return model

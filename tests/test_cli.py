@@ -231,3 +231,37 @@ def test_cuda_on_cpu_workers_is_one_line(process_cluster, dataset, tmp_path):
     line = one_error_line(result.stderr)
     assert line.startswith("Error: worker tcp://127.0.0.1:")
     assert "device 'cuda' asked for, but torch sees no GPU here" in line
+
+
+def test_workers_that_disagree_about_the_model_are_one_line(dataset, tmp_path):
+    """The client records the workers' model in meta.json without loading its
+    own, so workers whose copies differ must be refused, not averaged."""
+    from distributed import Client, LocalCluster
+
+    # Defined here, so that it is pickled by value for the workers.
+    def other_version(dask_worker=None) -> None:
+        import dataclasses
+
+        from pipeline.models import _CACHE, Preprocess, get_model
+
+        model = get_model("efficientnet-lite0", "cpu")
+        other = Preprocess(resize=288, crop=256)
+        _CACHE["efficientnet-lite0", "cpu"] = dataclasses.replace(
+            model, preprocess=other
+        )
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as lc,
+        Client(lc) as client,
+    ):
+        first = sorted(client.scheduler_info()["workers"])[0]
+        client.run(other_version, workers=[first])
+        result = invoke(
+            "build", dataset, "--out", tmp_path / "out", "--runtime", "torch",
+            "--scheduler", lc.scheduler_address,
+        )  # fmt: skip
+    assert result.exit_code == 1, result.stderr
+    line = one_error_line(result.stderr)
+    assert "workers disagree about model 'efficientnet-lite0'" in line
+    assert "crop=256" in line and "crop=224" in line
+    assert not (tmp_path / "out" / dataset.name / "index.faiss").exists()

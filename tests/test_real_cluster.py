@@ -80,6 +80,9 @@ def test_concurrent_builds_on_one_cluster_do_not_mix(
 ):
     address, _, _ = real_cluster
     roots = {n: copy_tree(p, tmp_path / n) for n, p in photo_sets.items()}
+    # The client takes the model's dim and preprocessing from the workers
+    # rather than loading its own copy: it never imports torch.
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
     procs = {
         n: subprocess.Popen(
             imgindex_cmd(
@@ -96,14 +99,18 @@ def test_concurrent_builds_on_one_cluster_do_not_mix(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         for n, root in roots.items()
     }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
+        imported = {line.rsplit("|", 1)[-1].strip() for line in err.splitlines()}
+        assert "distributed" in imported and "torch" not in imported
         (summary,) = json.loads(out)["datasets"]
         stored = read_index_dir(tmp_path / f"out-{name}" / name)
+        assert stored.meta.dim == 1280 and stored.meta.preprocess["crop"] == 224
         expected = sorted(p.name for p in photo_sets[name])
         assert sorted(r.path for r in stored.manifest) == expected
         assert summary["indexed"] == stored.index.ntotal == len(expected)
