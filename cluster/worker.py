@@ -103,7 +103,11 @@ def card_from_workers(client: Any, spec: ModelSpec) -> ModelCard | None:
         If workers loaded the same model name with different dims or
         preprocessing (different versions of its package).
     """
-    answers = client.run(loaded_card, spec.name, on_error="return")
+    from cluster.calls import run_on_each
+
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    # A frozen worker is not waited on for longer than imgindex.call-timeout.
+    answers = run_on_each(client, loaded_card, workers, args=(spec.name,))
     cards = {
         address: card
         for address, card in answers.items()
