@@ -119,11 +119,13 @@ def run(work: Path, n: int, seconds: float, windowed: bool) -> dict:
                 window = dispatcher.threads() * dispatcher.settings.tasks_per_thread
                 dispatcher._window = lambda n: window  # the former behaviour
             known: dict[str, int] = {}
+            cancelled_at = [0.0]
 
             def watch() -> None:
                 time.sleep(min(20.0, seconds / 2))
                 known.update(client.run_on_scheduler(_scheduler_counts))
                 time.sleep(max(0.0, seconds - min(20.0, seconds / 2)))
+                cancelled_at[0] = time.perf_counter()
                 cancel.request()
 
             threading.Thread(target=watch, daemon=True).start()
@@ -135,16 +137,22 @@ def run(work: Path, n: int, seconds: float, windowed: bool) -> dict:
             except BuildCancelled:
                 pass
             took = time.perf_counter() - started
+            # Until the scheduler answers again: it logs a cancel before replying.
+            client.run_on_scheduler(_scheduler_counts)
+            cancel_took = time.perf_counter() - cancelled_at[0]
             sampler.stopped.set()
             sampler.join()
     finally:
         procs.close()
+    log = (folder / "scheduler.log").read_text(errors="replace")
     return {
         "partitions": n,
         "window": windowed,
         "seconds": round(took, 1),
         "submit_seconds": round(submitted, 1),
         "finished": done[0],
+        "cancel_seconds": round(cancel_took, 1),
+        "per_key_cancel_lines": log.count("Scheduler cancels key"),
         "known_mid_run": known,
         "peak_mib": {k: round(v / 2**20) for k, v in sampler.peaks.items()},
     }
@@ -178,16 +186,16 @@ def main() -> None:
     queue, window = rows
     print(
         f"\n| dispatch | scheduler knows (mid-run) | client peak | scheduler peak "
-        f"| worker peak | partitions finished in {args.seconds:g} s |"
+        f"| worker peak | partitions finished in {args.seconds:g} s | cancel |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in (("all submitted, Dask queues", queue), ("window", window)):
         p = r["peak_mib"]
         print(
             f"| {name} | {r['known_mid_run'].get('tasks', 0):,} tasks, at most "
             f"{r['known_mid_run'].get('most_on_one_worker', 0)} on a worker | "
             f"{p['client']:,} MiB | {p['scheduler']:,} MiB | {p['worker']:,} MiB "
-            f"| {r['finished']:,} |"
+            f"| {r['finished']:,} | {r['cancel_seconds']:g} s |"
         )
 
 

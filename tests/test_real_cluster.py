@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -351,5 +352,9 @@ def test_dashboard_shows_the_whole_build(
     _, err = build.communicate(timeout=120)
     assert build.returncode == 143, err
     assert "finished partitions were saved" in err, err
+    # Its ~780 queued tasks were cancelled without a scheduler log line each.
+    log = (dask_processes.folder / "scheduler.log").read_text()
+    assert re.search(r"requests to cancel \d{3} keys", log), log[-3000:]
+    assert "Scheduler cancels key" not in log
     (build_tag,) = {s[0] for s in spans if s[0].startswith("imgindex build ")}
     assert [build_tag, "small", "embed"] in spans, spans
