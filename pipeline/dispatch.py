@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.cancel import Cancel
+from pipeline.cancel import Cancel, cancel_futures
 from pipeline.discover import Failure, ImageRecord, pack_records
 from pipeline.embed import GPU_BATCH_SIZE, ModelSpec, PartitionResult, embed_partition
 from pipeline.errors import BuildFailed
@@ -280,8 +280,7 @@ class PartitionDispatcher:
         futures = [f for _, f in list(self._in_flight.values())]
         with contextlib.suppress(Exception):
             if self.client.status == "running":
-                with _quiet_cancel(self.client, len(futures)):
-                    self.client.cancel(futures, force=True)
+                cancel_futures(self.client, futures)
         self._watchdog.stop()
 
     def _abandoned(self, e: BaseException) -> BaseException:
@@ -560,28 +559,6 @@ class _Watchdog(threading.Thread):
             self._restarted[key].set()
 
 
-@contextlib.contextmanager
-def _quiet_cancel(client: Client, keys: int) -> Iterator[None]:
-    """Spare the scheduler one INFO line per cancelled key while ours go.
-
-    Cancelling a queued build of 100,000 partitions kept the scheduler busy
-    logging for over 30 s; its one line that counts the keys stays.
-    """
-    if not keys:
-        yield
-        return
-    quiet = False
-    with contextlib.suppress(Exception):  # a scheduler that refuses pickles
-        client.run_on_scheduler(_per_key_cancel_log_fn(quiet=True))
-        quiet = True
-    try:
-        yield
-    finally:
-        if quiet:
-            with contextlib.suppress(Exception):
-                client.run_on_scheduler(_per_key_cancel_log_fn(quiet=False))
-
-
 # The functions below run on the scheduler. They are made as closures so that
 # cloudpickle sends them by value: the scheduler need not have imgindex.
 
@@ -625,26 +602,3 @@ def _remove_worker_fn():
         )
 
     return remove
-
-
-def _per_key_cancel_log_fn(quiet: bool):
-    def per_key_line(record) -> bool:
-        return not str(record.msg).startswith("Scheduler cancels key")
-
-    def toggle(dask_scheduler=None) -> None:
-        import logging
-
-        # Counted: concurrent builds on one scheduler may cancel at once.
-        log = logging.getLogger("distributed.scheduler")
-        count = getattr(dask_scheduler, "_imgindex_quiet_cancels", 0)
-        count = count + 1 if quiet else max(count - 1, 0)
-        dask_scheduler._imgindex_quiet_cancels = count
-        drop = getattr(dask_scheduler, "_imgindex_cancel_filter", None)
-        if count and drop is None:
-            dask_scheduler._imgindex_cancel_filter = per_key_line
-            log.addFilter(per_key_line)
-        elif not count and drop is not None:
-            log.removeFilter(drop)
-            dask_scheduler._imgindex_cancel_filter = None
-
-    return toggle

@@ -39,6 +39,7 @@ import numpy as np
 
 from pipeline import index as fx
 from pipeline.atomic import fsync_path
+from pipeline.cancel import cancel_futures
 from pipeline.index_policy import IndexChoice
 from pipeline.shards import traits_member
 
@@ -246,7 +247,7 @@ class Runner:
     def cancel_running(self) -> None:
         """Cancel the tasks submitted and not yet finished (from any thread)."""
         if self.client is not None:
-            self.client.cancel(list(self._running), force=True)
+            cancel_futures(self.client, list(self._running))
 
     def _count_finished(self) -> None:
         for future, stage in list(self._running.items()):
