@@ -137,7 +137,7 @@ def run(work: Path, n: int, seconds: float, windowed: bool) -> dict:
             except BuildCancelled:
                 pass
             took = time.perf_counter() - started
-            # Until the scheduler answers again: it logs a cancel before replying.
+            # Until the scheduler answers again: it handles a cancel in its event loop.
             client.run_on_scheduler(_scheduler_counts)
             cancel_took = time.perf_counter() - cancelled_at[0]
             sampler.stopped.set()

@@ -162,6 +162,7 @@ def build_steps(
     cancel: Cancel | None = None,
     build_id: str | None = None,
     ranks: Iterator[int] | None = None,
+    model: ModelCard | None = None,
 ) -> Generator[None, None, BuildSummary]:
     """Embed ``dataset`` on ``client``'s cluster and write ``out/<name>/``, in two
     steps: the first locks the index, plans and submits every partition, then
@@ -208,6 +209,9 @@ def build_steps(
     ranks
         Task priority ranks shared by the datasets of one build, so their
         partitions run in the order the datasets were started.
+    model
+        ``spec``'s model card, where the caller already has it (default:
+        :func:`model_card`).
 
     Returns
     -------
@@ -236,7 +240,7 @@ def build_steps(
 
     root = check_dataset(dataset).resolve()
     name = name or root.name
-    model = model_card(client, spec)
+    model = model or model_card(client, spec)
     dest = Path(out).resolve() / name
     summary = BuildSummary(name=name, source=str(root), index=str(dest))
     summary.vectors = "written by workers" if workers_write else "streamed to client"
@@ -500,6 +504,14 @@ def run_builds(
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     ranks = itertools.count(1)
+    # Asked of the workers once for all datasets: each ask may wait
+    # imgindex.call-timeout on a frozen worker.
+    options["spec"] = options.get("spec") or ModelSpec.from_config()
+    card_error: Exception | None = None
+    try:
+        options["model"] = model_card(client, options["spec"])
+    except (ImgindexError, OSError) as e:
+        card_error = e
     started: list[tuple[int, DatasetObserver, Generator]] = []
 
     def failed(i: int, watch: DatasetObserver, e: Exception) -> None:
@@ -514,6 +526,9 @@ def run_builds(
         for i, (root, name) in enumerate(jobs):
             results.append({})
             watch = observe(name)
+            if card_error is not None:
+                failed(i, watch, card_error)
+                continue
             steps = build_steps(
                 client,
                 root,

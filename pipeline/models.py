@@ -105,18 +105,21 @@ def check_model_name(name: str) -> None:
     ModelUnavailable
         If no loader is registered for the name's family.
     """
+    _loader(name)
+
+
+def _loader(name: str) -> Callable[[str, str], LoadedModel]:
+    """The loader registered for ``name``'s family; ModelUnavailable if none."""
     family = name.split(":", 1)[0]
-    if family not in _LOADERS and _entry_point_loader(family) is None:
-        raise ModelUnavailable(_unknown(name))
-
-
-def _unknown(name: str) -> str:
-    known = ", ".join(sorted(_LOADERS))
-    return (
-        f"unknown model {name!r}; known families: {known} "
-        "(plug-ins are written family:variant, e.g. timm:resnet50; other "
-        "packages add families through the 'imgindex.models' entry-point group)"
-    )
+    load = _LOADERS.get(family) or _entry_point_loader(family)
+    if load is None:
+        known = ", ".join(sorted(_LOADERS))
+        raise ModelUnavailable(
+            f"unknown model {name!r}; known families: {known} "
+            "(plug-ins are written family:variant, e.g. timm:resnet50; other "
+            "packages add families through the 'imgindex.models' entry-point group)"
+        )
+    return load
 
 
 def get_model(name: str, device: str = "auto") -> LoadedModel:
@@ -140,11 +143,7 @@ def load_model(name: str, device: str) -> LoadedModel:
     ModelUnavailable
         If the name is unknown, or its package or weights are not installed.
     """
-    family = name.split(":", 1)[0]
-    load = _LOADERS.get(family) or _entry_point_loader(family)
-    if load is None:
-        raise ModelUnavailable(_unknown(name))
-    model = load(name, device)
+    model = _loader(name)(name, device)
     model.dim = _probe_dim(model)
     return model
 
