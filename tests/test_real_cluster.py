@@ -155,11 +155,15 @@ def test_workers_joining_late_get_work(dask_processes, small_photos, tmp_path):
     time.sleep(3)  # the build is now waiting for a first worker
     assert build.poll() is None
     dask_processes.start_worker("first")
+    # The second worker joins once the build is dispatching to the first. Not
+    # later: a worker's start (imports, model, timing the runtimes) takes
+    # about as long as one worker needs for all 240 images, so one started
+    # after the first finished partition once arrived to find nothing left.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         state = json.loads(progress.read_text()) if progress.exists() else {}
         datasets = state.get("datasets") or [{}]
-        if datasets[0].get("done", 0) > 0:
+        if datasets[0].get("state") == "running":
             break
         time.sleep(0.1)
     dask_processes.start_worker("second")  # joins mid-build
