@@ -104,6 +104,7 @@ def forget_index(dest: Path) -> None:
 
 def flat_on_client(dest: str) -> dict:
     """The previous design: the client reads every shard into one Flat index."""
+    from pipeline.copies import Copies
     from pipeline.index import build_index, reserve
     from pipeline.index_build import _latency
     from pipeline.shards import iter_shards
@@ -119,7 +120,7 @@ def flat_on_client(dest: str) -> dict:
         index.add_with_ids(vectors, ids)
     seconds = time.perf_counter() - started
     queries = shards[0].arrays()[1][:100]
-    p50, p99 = _latency(index, queries, 10)
+    p50, p99 = _latency(index, Copies(), queries, 10)
     return {
         "seconds": round(seconds, 1),
         "bytes": int(n * (dim * 4 + 16)),

@@ -102,6 +102,7 @@ class BuildSummary:
     on_disk: bool = False
     search_params: dict[str, int] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)  # recall, latency, bytes
+    copies: int = 0  # images whose vector is another's, stored once (graph index)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -437,6 +438,7 @@ def build_steps(
     summary.on_disk = choice.on_disk
     summary.search_params = built.search_params
     summary.quality = built.quality
+    summary.copies = built.copies
 
     summary.indexed = built.count
     summary.embedded = sink.embedded
@@ -600,7 +602,7 @@ def _migrate(
         chunk = missing[i : i + _MIGRATE_CHUNK]
         ids = np.array([r.id for r in chunk], np.int64)
         try:
-            vectors = reconstruct(old, ids)
+            vectors = reconstruct(old, plan.previous.copies.stored_ids(ids))
         except RuntimeError:
             return shards  # it cannot give vectors back: the rest stay missing
         shards.append(

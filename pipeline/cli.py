@@ -678,6 +678,11 @@ def _print_build_report(report: dict) -> None:
 def _print_index_lines(summary: dict) -> None:
     """The index's type and why, then its measured quality (build and reindex)."""
     click.echo(f"  index: {_shown(summary['index_reason'])}")
+    if summary.get("copies"):
+        click.echo(
+            f"  {summary['copies']} images have the same vector as another "
+            "(identical files): the graph holds each vector once"
+        )
     quality = _quality_line(summary["quality"], summary["search_params"])
     if quality:
         click.echo(f"  {quality}")
@@ -795,6 +800,7 @@ def info(index_dir, as_json):
         "metric",
         "index_key",
         "count",
+        "copies",
         "failed",
         "created",
         "updated",

@@ -40,6 +40,7 @@ def describe_index(
         "search_params": m.search_params,
         "quality": m.quality,
         "count": m.count,
+        "copies": m.copies,
         "failed": len(stored.failures),
         "created": m.created,
         "updated": m.updated,

@@ -37,6 +37,7 @@ import numpy as np
 from pipeline import geometry
 from pipeline import index as fx
 from pipeline.config import config_value
+from pipeline.copies import Copies, folder_copies
 from pipeline.discover import Failure, ImageRecord
 from pipeline.errors import ConfigError, DecodeError, IndexDirError
 from pipeline.index_build import Runner, ShardRows, StepCallback, group_shards
@@ -412,14 +413,14 @@ def neighbour_pairs(
     threshold: float,
 ) -> NeighbourPairs:
     """Search the index for the ``k`` nearest neighbours of ``rows``: the Dask task."""
-    index = _worker_index(index_dir, stamp, on_disk, search_params)
+    index, copies = _worker_index(index_dir, stamp, on_disk, search_params)
     id_parts, trait_parts, has_parts, nearest, a, b, score = [], [], [], [], [], [], []
     for part in rows:
         ids, vectors, traits = part.load_with_traits()
         id_parts.append(ids)
         has_parts.append(np.full(len(ids), traits is not None))
         trait_parts.append(traits if traits is not None else np.zeros(len(ids), TRAITS))
-        scores, found = fx.search(index, vectors, k + 1)
+        scores, found = copies.search(index, vectors, k + 1)
         other = (found >= 0) & (found != ids[:, None])
         nearest.append(np.where(other, scores, -1.0).max(axis=1).astype(np.float32))
         hit = other & (scores >= threshold)
@@ -438,8 +439,11 @@ def neighbour_pairs(
     )
 
 
-def _worker_index(index_dir: str, stamp: tuple, on_disk: bool, params: dict):
-    """The index, read once per worker process (kept while it is the same file)."""
+def _worker_index(
+    index_dir: str, stamp: tuple, on_disk: bool, params: dict
+) -> tuple[Any, Copies]:
+    """The index and its copies, read once per worker process (kept while it
+    is the same file)."""
     key = (index_dir, stamp)
     with _INDEXES_LOCK:
         index = _INDEXES.get(key)
@@ -451,9 +455,9 @@ def _worker_index(index_dir: str, stamp: tuple, on_disk: bool, params: dict):
                     "`imgindex duplicates` again"
                 )
             _INDEXES.clear()  # one index at a time: they can be large
-            index = fx.read_index_at(path, on_disk)
-            fx.set_search_params(index, params)
-            _INDEXES[key] = index
+            loaded = fx.read_index_at(path, on_disk)
+            fx.set_search_params(loaded, params)
+            index = _INDEXES[key] = (loaded, folder_copies(index_dir))
     return index
 
 

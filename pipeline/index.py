@@ -205,16 +205,32 @@ def set_search_params(index, params: dict[str, int | float]) -> None:
         space.set_index_parameter(index, name, value)
 
 
-def search_param_name(index) -> str | None:
-    """The parameter trading speed for recall in ``index``, or None (exact)."""
+def is_graph(index) -> bool:
+    """True for an HNSW index (under an id map): one that stores exact copies
+    once (:mod:`pipeline.copies`)."""
     import faiss
 
+    inner = faiss.downcast_index(getattr(index, "index", index))
+    return isinstance(inner, faiss.IndexHNSW)
+
+
+def scores_exactly(index) -> bool:
+    """True where a search's scores are exact inner products: the index keeps
+    whole float32 vectors and transforms none (Flat, HNSW-Flat, IVF-Flat)."""
+    import faiss
+
+    outer = faiss.downcast_index(index)
+    inner = outer
+    if isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
+        inner = faiss.downcast_index(outer.index)
+    return isinstance(inner, faiss.IndexFlat | faiss.IndexHNSWFlat | faiss.IndexIVFFlat)
+
+
+def search_param_name(index) -> str | None:
+    """The parameter trading speed for recall in ``index``, or None (exact)."""
     if ivf_of(index) is not None:
         return "nprobe"
-    inner = faiss.downcast_index(getattr(index, "index", index))
-    if isinstance(inner, faiss.IndexHNSW):
-        return "efSearch"
-    return None
+    return "efSearch" if is_graph(index) else None
 
 
 def serialize(index) -> np.ndarray:

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from pipeline import index as fx
-from pipeline.atomic import fsync_path
+from pipeline.atomic import atomic_file, fsync_path
 from pipeline.cancel import cancel_futures
+from pipeline.copies import COPIES_FILE, Copies, DistinctAdder, folder_copies
 from pipeline.index_policy import IndexChoice
 from pipeline.shards import traits_member
 
@@ -117,12 +118,13 @@ class BuiltIndex:
 
     folder: Path
     choice: IndexChoice
-    count: int
+    count: int  # images the index answers for
     trained_on: int  # vectors in the training sample; 0: not trained by this run
     encoded: int = 0  # vectors encoded by this run (the rest copied as they were)
     search_params: dict[str, int] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     task_seconds: dict[str, float] = field(default_factory=dict)
+    copies: int = 0  # images stored as another's identical vector (copies.npy)
 
     def meta_fields(self, trained_for: int) -> dict[str, Any]:
         """What meta.json records of this index (pipeline/meta.py)."""
@@ -135,6 +137,7 @@ class BuiltIndex:
             "search_params": self.search_params,
             "quality": self.quality,
             "count": self.count,
+            "copies": self.copies,
         }
 
 
@@ -374,6 +377,7 @@ def build_from_shards(
         params,
         quality,
         {k: round(v, 3) for k, v in timer.items()},
+        len(folder_copies(folder)),
     )
 
 
@@ -533,21 +537,29 @@ def _load_trained(path: str) -> np.ndarray:
 
 
 def _fill(empty: np.ndarray | None, key: str, dim: int, group: list[ShardRows]):
+    """The filled index and its copies table: a graph index (HNSW) stores
+    each distinct vector once (pipeline/copies.py), other kinds every row."""
     index = fx.deserialize(empty) if empty is not None else fx.new_index(key, dim)
     # A Flat index grows by doubling: without this its peak is ~1.5x its vectors.
     fx.reserve(index, sum(s.count for s in group))
+    adder = DistinctAdder(index) if fx.is_graph(index) else None
     for shard in group:
         ids, vectors = shard.load()
-        if len(ids):
+        if not len(ids):
+            continue
+        if adder is not None:
+            adder.add(ids, vectors)
+        else:
             index.add_with_ids(vectors, ids)
-    return index
+    return index, (adder.table() if adder is not None else None)
 
 
 def _add(
     empty: np.ndarray | None, key: str, dim: int, group: list[ShardRows], out: str
 ) -> str:
     _threads_here(alone=False)
-    _write(_fill(empty, key, dim, group), Path(out))
+    index, _ = _fill(empty, key, dim, group)  # IVF: no copies table
+    _write(index, Path(out))
     return out
 
 
@@ -559,15 +571,21 @@ def _add_and_place(
     folder: str,
     on_disk: bool,
 ) -> int:
-    """One add task that is also the merge: Flat, HNSW, or a single IVF group."""
+    """One add task that is also the merge: Flat, HNSW, or a single IVF group.
+
+    Returns the images the index answers for, its stored copies included.
+    """
     _threads_here(alone=True)
-    index = _fill(empty, key, dim, group)
+    index, copies = _fill(empty, key, dim, group)
     if on_disk:
         part = Path(folder) / "part-00000.faiss"
         _write(index, part)
         return _merge([str(part)], fx.serialize(fx.empty_copy(index)), folder, True)
+    if copies is not None and len(copies):
+        with atomic_file(Path(folder) / COPIES_FILE) as f:
+            np.save(f, copies, allow_pickle=False)
     _write(index, Path(folder) / INDEX_FILE)
-    return int(index.ntotal)
+    return int(index.ntotal) + (0 if copies is None else len(copies))
 
 
 def _merge(
@@ -684,6 +702,7 @@ def _evaluate(
     _threads_here(alone=True)
     _, q_vectors = queries
     index = fx.read_index_at(Path(folder) / INDEX_FILE, on_disk)
+    copies = folder_copies(folder)
     name = fx.search_param_name(index)
     ivf = fx.ivf_of(index)
     steps: tuple[int, ...] = ()
@@ -693,15 +712,15 @@ def _evaluate(
         steps = HNSW_STEPS
     tried: list[tuple[int, float]] = []
     params: dict[str, int] = {}
-    recall = _recall(index, q_vectors, truth, k)
+    recall = _recall(index, copies, q_vectors, truth, k)
     for value in steps:
         fx.set_search_params(index, {name: value})
-        recall = _recall(index, q_vectors, truth, k)
+        recall = _recall(index, copies, q_vectors, truth, k)
         tried.append((value, round(recall, 4)))
         params = {name: value}
         if recall >= target:
             break
-    p50, p99 = _latency(index, q_vectors[:LATENCY_QUERIES], k)
+    p50, p99 = _latency(index, copies, q_vectors[:LATENCY_QUERIES], k)
     return {
         "recall_at_k": round(recall, 4),
         "k": k,
@@ -716,7 +735,11 @@ def _evaluate(
 
 
 def _recall(
-    index, q_vectors: np.ndarray, truth: tuple[np.ndarray, np.ndarray], k: int
+    index,
+    copies: Copies,
+    q_vectors: np.ndarray,
+    truth: tuple[np.ndarray, np.ndarray],
+    k: int,
 ) -> float:
     """Share of the k found per query that score at least the exact k-th.
 
@@ -724,38 +747,51 @@ def _recall(
     k-th score) any k are right. ``truth`` holds each query's exact best
     (scores, ids), at least k wide and best first.
     """
-    _, found = index.search(q_vectors, k)
-    return recall_by_score(found, *truth, k)
+    scores, found = copies.search(index, q_vectors, k)
+    exact = scores if fx.scores_exactly(index) else None
+    return recall_by_score(found, *truth, k, found_scores=exact)
 
 
 def recall_by_score(
-    found: np.ndarray, exact_scores: np.ndarray, exact_ids: np.ndarray, k: int
+    found: np.ndarray,
+    exact_scores: np.ndarray,
+    exact_ids: np.ndarray,
+    k: int,
+    found_scores: np.ndarray | None = None,
 ) -> float:
     """Recall@k of ``found`` ids against exact (scores, ids) with ties.
 
     A found id is a hit when it is one of the exact neighbours that score at
-    least the k-th exact score (less TIE_COSINE); each query wants as many as
-    it has exact neighbours, at most k.
+    least the k-th exact score (less TIE_COSINE), or, given the exact
+    ``found_scores`` (an index of whole vectors), when it scores that well:
+    an image copied more than TIE_ROOM times has more equally good copies
+    than the truth keeps. Each query wants as many as it has exact
+    neighbours, at most k.
     """
     hits = 0
     wanted = 0
-    for row, scores, ids in zip(found, exact_scores, exact_ids, strict=True):
+    for q, (row, scores, ids) in enumerate(
+        zip(found, exact_scores, exact_ids, strict=True)
+    ):
         valid = ids >= 0
         have = min(k, int(valid.sum()))
         if not have:
             continue
-        kth = scores[have - 1]
-        good = set(ids[valid & (scores >= kth - TIE_COSINE)].tolist())
-        hits += min(have, len(good.intersection(row[:k].tolist())))
+        kth = scores[have - 1] - TIE_COSINE
+        good = set(ids[valid & (scores >= kth)].tolist())
+        right = np.isin(row[:k], list(good))
+        if found_scores is not None:
+            right |= (row[:k] >= 0) & (found_scores[q, :k] >= kth)
+        hits += min(have, int(right.sum()))
         wanted += have
     return hits / wanted if wanted else 1.0
 
 
-def _latency(index, queries: np.ndarray, k: int) -> tuple[float, float]:
+def _latency(index, copies: Copies, queries: np.ndarray, k: int) -> tuple[float, float]:
     times = []
     for row in queries:
         t = time.perf_counter()
-        index.search(row[None, :], k)
+        copies.search(index, row[None, :], k)
         times.append((time.perf_counter() - t) * 1000)
     if not times:
         return 0.0, 0.0

@@ -12,8 +12,12 @@ from pipeline.errors import IndexDirError
 
 # 2: the index directory holds shards/. Format 1 (no shards) is still read;
 # its images get shards when they are next embedded.
+# 3: its graph index stores identical vectors once and copies.npy lists the
+# rest (pipeline/copies.py). Only such an index is written as format 3, so
+# that releases before 0.3, which would count its vectors short, refuse it.
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+WITH_COPIES_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,7 @@ class IndexMeta:
     source: str  # the dataset folder, absolute
     model: str
     dim: int
-    count: int  # vectors in the index
+    count: int  # images in the index (its vectors, plus the copies)
     created: str  # ISO 8601, UTC
     imgindex_version: str
     metric: str = "cosine"
@@ -43,13 +47,16 @@ class IndexMeta:
     # Images embedded by each model runtime over the index's builds (torch,
     # onnxruntime): the vectors agree either way, so this is a record only.
     runtimes: dict[str, Any] = field(default_factory=dict)
+    # Images whose vector is another's, stored once (copies.npy)
+    copies: int = 0
     format: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def dumps(self) -> str:
-        return json.dumps({**self.to_json(), "format": FORMAT_VERSION}, indent=2)
+        written = WITH_COPIES_FORMAT if self.copies else FORMAT_VERSION
+        return json.dumps({**self.to_json(), "format": written}, indent=2)
 
     @classmethod
     def loads(cls, data: bytes | str, path: Path) -> IndexMeta:

@@ -95,6 +95,7 @@ def reindex(
         "index_reason": choice.reason,
         "on_disk": choice.on_disk,
         "count": built.count,
+        "copies": built.copies,
         "shards": len(used),
         "search_params": built.search_params,
         "quality": built.quality,

@@ -121,8 +121,18 @@ class Searcher:
     def search_vectors(self, queries, k: int = 10) -> list[list[Hit]]:
         return self._hits(*self._search(queries, k))
 
+    def stored_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors the index holds for ``ids`` (a copy gets its original's).
+
+        Raises
+        ------
+        RuntimeError
+            Where the index cannot give vectors back (IVF-PQ, on-disk lists).
+        """
+        return faiss_index.reconstruct(self.index, self.stored.copies.stored_ids(ids))
+
     def _search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return faiss_index.search(self.index, queries, k)
+        return self.stored.copies.search(self.index, queries, k)
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         return [

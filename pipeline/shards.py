@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.atomic import save_array_file
+from pipeline.copies import COPIES_FILE
 from pipeline.discover import Failure, ImageRecord
 from pipeline.traits import TRAITS
 
@@ -277,7 +278,9 @@ def clear_index_work(work: Path) -> None:
         return
     for path in work.iterdir():
         if path.is_file() and (
-            path.suffix in (".faiss", ".ivfdata") or ".tmp-" in path.name
+            path.suffix in (".faiss", ".ivfdata")
+            or path.name == COPIES_FILE
+            or ".tmp-" in path.name
         ):
             path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # something not ours is left: keep it

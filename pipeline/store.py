@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from pipeline.atomic import fsync_path, shared_dir_mode, signals_deferred
+from pipeline.copies import COPIES_FILE, Copies
 from pipeline.discover import Failure, ImageRecord
 from pipeline.errors import IndexDirError, IndexLocked
 from pipeline.index import (
@@ -50,7 +51,7 @@ IVFDATA_FILE = "index.ivfdata"  # an on-disk index's inverted lists (mapped)
 SHARDS_DIR = "shards"  # the embeddings, one .npz per partition (pipeline/shards.py)
 # `imgindex duplicates --save`: the report of this version (pipeline/saved_report.py)
 DUPLICATES_FILE = "duplicates.json"
-OPTIONAL = {IVFDATA_FILE, SHARDS_DIR, DUPLICATES_FILE}
+OPTIONAL = {IVFDATA_FILE, SHARDS_DIR, DUPLICATES_FILE, COPIES_FILE}
 STAGING_MARK = "STAGING"
 
 
@@ -74,6 +75,8 @@ class StoredIndex:
     # An on-disk index is read by path (FAISS maps index.ivfdata itself): a
     # handle on the version's directory, read through /proc/self/fd.
     _dir_fd: int | None = None
+    # Images whose vector is another's, stored once by a graph index
+    copies: Copies = field(default_factory=Copies)
 
     @property
     def index(self):
@@ -93,7 +96,7 @@ class StoredIndex:
                 f.close()
                 self._index_file = None
                 self.close()
-            _check_ids(self.path, self._index, self.manifest)
+            _check_ids(self.path, self._index, self.manifest, self.copies)
         return self._index
 
     def close(self) -> None:
@@ -133,7 +136,8 @@ def index_problem(
             if dir_fd is None:
                 return f"{IVFDATA_FILE} is missing"
             extra = os.stat(IVFDATA_FILE, dir_fd=dir_fd).st_size
-        return check_index_file(f, meta.count, meta.dim, meta.index_kind, extra)
+        stored = meta.count - meta.copies
+        return check_index_file(f, stored, meta.dim, meta.index_kind, extra)
     except OSError as e:
         return f"unreadable: {e.strerror}"
 
@@ -157,15 +161,19 @@ def _damaged(path: Path, problem: str) -> str:
     )
 
 
-def _check_ids(path: Path, index, manifest: list[ImageRecord]) -> None:
+def _check_ids(path: Path, index, manifest: list[ImageRecord], copies: Copies) -> None:
     held = index_ids(index)
     if held is None:  # on disk: listing the ids would read the whole file
         return
     held = np.sort(held)
     listed = np.sort(np.fromiter((r.id for r in manifest), np.int64, len(manifest)))
-    if len(held) != len(listed) or not np.array_equal(held, listed):
-        n_missing = len(np.setdiff1d(listed, held))
-        n_extra = len(np.setdiff1d(held, listed))
+    problem = copies.check(held, listed)
+    if problem:
+        raise IndexDirError(_damaged(path, problem))
+    answered = np.sort(np.concatenate([held, copies.ids]))
+    if len(answered) != len(listed) or not np.array_equal(answered, listed):
+        n_missing = len(np.setdiff1d(listed, answered))
+        n_extra = len(np.setdiff1d(answered, listed))
         raise IndexDirError(
             f"index {str(path)!r} is damaged: its manifest and index.faiss disagree "
             f"({n_missing} listed images missing from the index, {n_extra} vectors "
@@ -292,11 +300,16 @@ def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredInd
             name: os.fdopen(os.open(name, os.O_RDONLY, dir_fd=fd), "rb")
             for name in INDEX_FILES
         }
+        try:
+            copies_file = os.fdopen(os.open(COPIES_FILE, os.O_RDONLY, dir_fd=fd), "rb")
+        except FileNotFoundError:
+            copies_file = None
     except BaseException:
         os.close(fd)
         raise
     try:
         meta = IndexMeta.loads(handles[META_FILE].read(), label / META_FILE)
+        copies = _read_copies(label, copies_file, meta) if with_manifest else Copies()
         manifest = list(_records(handles[MANIFEST_FILE])) if with_manifest else []
         rows = list(_read_jsonl(handles[FAILURES_FILE]))
         failures = [
@@ -321,6 +334,8 @@ def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredInd
     finally:
         for name in (META_FILE, MANIFEST_FILE, FAILURES_FILE):
             handles[name].close()
+        if copies_file is not None:
+            copies_file.close()
     if not with_manifest:
         handles[INDEX_FILE].close()
         os.close(fd)
@@ -338,7 +353,31 @@ def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredInd
             "`imgindex build --rebuild`"
         )
     return StoredIndex(
-        label, meta, manifest, failures, failed_records, handles[INDEX_FILE], None, fd
+        label,
+        meta,
+        manifest,
+        failures,
+        failed_records,
+        handles[INDEX_FILE],
+        None,
+        fd,
+        copies,
+    )
+
+
+def _read_copies(label: Path, f: BinaryIO | None, meta: IndexMeta) -> Copies:
+    if f is None and not meta.copies:
+        return Copies()
+    if f is None:
+        problem = f"meta.json counts {meta.copies} copies and {COPIES_FILE} is missing"
+    else:
+        try:
+            return Copies.read(f, meta.copies, COPIES_FILE)
+        except ValueError as e:
+            problem = str(e)
+    raise IndexDirError(
+        f"index {str(label)!r} is damaged ({problem}); rebuild it with "
+        "`imgindex build --rebuild`"
     )
 
 
@@ -414,7 +453,7 @@ def write_index_dir(
 
 
 def _move_index_files(built: Path, tmp: Path) -> None:
-    for name in (INDEX_FILE, IVFDATA_FILE):
+    for name in (INDEX_FILE, IVFDATA_FILE, COPIES_FILE):
         if (built / name).exists():
             os.replace(built / name, tmp / name)  # the same file system: beside dest
             fsync_path(tmp / name)

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import index as faiss_index
 from pipeline.errors import IndexDirError
 from pipeline.search import Searcher
 from pipeline.store import DUPLICATES_FILE, META_FILE, is_index_dir, read_meta
@@ -79,9 +78,7 @@ class OpenIndex:
         give vectors back (IVF-PQ, on-disk lists): then it is embedded anew."""
         self.relpath(image_id)
         try:
-            return faiss_index.reconstruct(
-                self.searcher.index, np.array([image_id], np.int64)
-            )
+            return self.searcher.stored_vectors(np.array([image_id], np.int64))
         except RuntimeError:
             return None
 

@@ -104,6 +104,10 @@ _SCHEMAS: dict[str, Any] = {
             "dim": {"type": "integer"},
             "metric": {"type": "string"},
             "count": {"type": "integer"},
+            "copies": {
+                "type": "integer",
+                "description": "Images whose vector is another's, stored once.",
+            },
             "failed": {"type": "integer"},
             "created": {"type": "string"},
             "imgindex_version": {"type": "string"},

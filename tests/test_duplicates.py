@@ -14,6 +14,7 @@ import itertools
 import json
 import shutil
 
+import dask.config
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -261,8 +262,12 @@ def test_every_copy_maker_changes_the_file():
         )
 
 
-def test_vectors_without_traits_group_only_near_identical_ones(client, tmp_path):
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_vectors_without_traits_group_only_near_identical_ones(client, tmp_path, kind):
+    """Also over a graph index, which stores the byte copies' one vector once."""
     from pipeline import index as fx
+    from pipeline.assemble import IndexRequest
+    from pipeline.reindex import reindex
     from pipeline.synthetic import write_vector_index
 
     rng = np.random.default_rng(3)
@@ -270,17 +275,22 @@ def test_vectors_without_traits_group_only_near_identical_ones(client, tmp_path)
     vectors[300:303] = vectors[:3] + rng.normal(scale=0.02, size=(3, 32))
     vectors[303] = vectors[3] + rng.normal(scale=0.5, size=32)  # similar, not a copy
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[[110, 210, 350]] = vectors[10]  # byte-identical files
     records = [ImageRecord(f"v/{i:04d}.jpg", 100 + i, 1) for i in range(400)]
     ids = np.array([r.id for r in records])
     chunks = [(records[i : i + 100], vectors[i : i + 100]) for i in range(0, 400, 100)]
     dest = write_vector_index(
         tmp_path / "vectors", chunks, 32, fx.build_index(ids, vectors), "test"
     )
+    if kind != "flat":
+        with dask.config.set({"imgindex.index.type": kind}):
+            assert reindex(dest, IndexRequest.from_config(), client)["copies"] == 3
     report = find_duplicates(dest, DuplicateSettings(rows_per_task=150), client)
     assert report.without_traits == 400
-    assert sorted(sorted(m.path for m in g.members) for g in report.groups) == [
-        [f"v/{i:04d}.jpg", f"v/{300 + i:04d}.jpg"] for i in range(3)
-    ]
+    assert sorted(sorted(m.path for m in g.members) for g in report.groups) == sorted(
+        [[f"v/{i:04d}.jpg", f"v/{300 + i:04d}.jpg"] for i in range(3)]
+        + [[f"v/{i:04d}.jpg" for i in (10, 110, 210, 350)]]
+    )
     assert all(
         p.cosine >= 0.97 and p.hash_distance is None
         for g in report.groups

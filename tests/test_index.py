@@ -19,6 +19,7 @@ import pytest
 from pipeline import index as fx
 from pipeline.assemble import IndexRequest
 from pipeline.build import run_build
+from pipeline.copies import Copies, DistinctAdder
 from pipeline.discover import ImageRecord
 from pipeline.embed import ModelSpec
 from pipeline.errors import IndexDirError
@@ -56,6 +57,12 @@ def vector_index(
     """An index directory of ``n`` synthetic vectors in shards (a Flat index),
     each distinct vector ``copies`` times (byte-identical files)."""
     vectors = np.repeat(clustered(n // copies, seed), copies, axis=0)
+    return index_of(dest, vectors, per_shard)
+
+
+def index_of(dest: Path, vectors: np.ndarray, per_shard: int = 250) -> Path:
+    """An index directory (a Flat index, shards) holding ``vectors`` in order."""
+    n = len(vectors)
     records = [ImageRecord(f"img/{i:06d}.jpg", 1000 + i, 7) for i in range(n)]
     ids = np.array([r.id for r in records], np.int64)
     chunks = (
@@ -196,6 +203,41 @@ def test_recall_counts_ties_at_the_kth_score_as_hits():
     assert recall_by_score(np.array([[1, 5], [9, 8]]), scores, ids, 2) == 1 / 3
 
 
+def test_recall_takes_an_exact_index_at_its_score_past_the_kept_ties():
+    scores = np.array([[0.9, 0.8, 0.8]])
+    ids = np.array([[1, 2, 3]])  # the truth kept two of many equal copies
+    found = np.array([[1, 7]])  # 7: another copy, not kept
+    assert recall_by_score(found, scores, ids, 2) == 0.5
+    exact = np.array([[0.9, 0.8]])
+    assert recall_by_score(found, scores, ids, 2, found_scores=exact) == 1.0
+    lower = np.array([[0.9, 0.7]])
+    assert recall_by_score(found, scores, ids, 2, found_scores=lower) == 0.5
+
+
+def test_copies_follow_their_original_in_search_results():
+    copies = Copies(np.array([[5, 2], [6, 2], [8, 3], [9, 2]], np.int64))
+    scores = np.array([[0.9, 0.8, 0.7, 0.6], [0.5, 0.4, -1, -1]], np.float32)
+    ids = np.array([[2, 3, 4, 7], [4, 3, -1, -1]])
+    s, i = copies.expand(scores, ids, 5)
+    assert i.tolist() == [[2, 5, 6, 9, 3], [4, 3, 8, -1, -1]]
+    assert s[0].tolist() == pytest.approx([0.9, 0.9, 0.9, 0.9, 0.8])
+    assert s[1, :3].tolist() == pytest.approx([0.5, 0.4, 0.4])
+    assert copies.stored_ids(np.array([5, 2, 8, 4, 9])).tolist() == [2, 2, 3, 4, 2]
+    assert Copies().expand(scores, ids, 4)[1] is ids  # nothing to add
+
+
+def test_distinct_adder_keeps_the_first_of_identical_rows():
+    index = fx.new_index("IDMap2,HNSW32,Flat", DIM)
+    adder = DistinctAdder(index)
+    x = clustered(6)
+    adder.add(np.array([10, 11, 12]), x[[0, 1, 0]])
+    near = x[1].copy()
+    near[0] = np.nextafter(near[0], np.float32(2))  # one bit apart: not a copy
+    adder.add(np.array([13, 14, 15]), np.stack([x[0], near, x[1]]))
+    assert index.ntotal == 3
+    assert adder.table().tolist() == [[12, 10], [13, 10], [15, 11]]
+
+
 @pytest.mark.parametrize("kind", ["flat", "IVF16,Flat"])
 def test_an_exhaustive_search_of_copies_measures_full_recall(client, tmp_path, kind):
     """Photo archives hold many byte-identical files. 60 vectors 50 times each:
@@ -206,6 +248,74 @@ def test_an_exhaustive_search_of_copies_measures_full_recall(client, tmp_path, k
     reindex(dest, request(type=kind, **{"recall-target": 1.0}), client)
     q = read_index_dir(dest).meta.quality
     assert q["recall_at_k"] == 1.0 and q["reached"] is True, q
+
+
+def test_an_image_copied_past_the_tie_room_still_measures_full_recall(client, tmp_path):
+    """300 copies of one vector: more equal neighbours than the exact truth
+    keeps (k + TIE_ROOM), so a hit is judged by the exact score Flat returns."""
+    vectors = clustered(3_000)
+    vectors[:300] = vectors[0]
+    dest = index_of(tmp_path / "vectors", vectors)
+    reindex(dest, request(type="flat", **{"recall-target": 1.0}), client)
+    q = read_index_dir(dest).meta.quality
+    assert q["recall_at_k"] == 1.0 and q["reached"] is True, q
+
+
+def test_a_graph_index_stores_identical_vectors_once(client, tmp_path):
+    """HNSW fills a copy's links with its zero-distance twins: 60 vectors 50
+    times each reached recall@10 0.947 only at efSearch 1024 when every copy
+    was a node; one node per distinct vector reaches 1.0 at the first step."""
+    dest = vector_index(tmp_path / "vectors", 3_000, copies=50)
+    summary = reindex(dest, request(type="hnsw"), client)
+    assert summary["count"] == 3_000 and summary["copies"] == 2_940
+    stored = read_index_dir(dest)
+    meta = stored.meta
+    assert meta.count == 3_000 and meta.copies == 2_940
+    assert json.loads((dest / "meta.json").read_text())["format"] == 3
+    assert meta.quality["tuned"]["efSearch"] == [[16, 1.0]], meta.quality
+    index = stored.index
+    assert index.ntotal == 60 and len(stored.copies) == 2_940
+    # Each query gets every copy of its nearest image, all with one score.
+    by_path = sorted(stored.manifest, key=lambda r: r.path)
+    ids = np.array([r.id for r in by_path])
+    vectors = clustered(60)
+    scores, found = stored.copies.search(index, vectors[:3], 60)
+    for q in range(3):
+        assert set(found[q, :50].tolist()) == set(ids[q * 50 : (q + 1) * 50])
+        assert np.allclose(scores[q, :50], 1.0, atol=1e-5)
+        assert scores[q, 50] < 0.999
+    # A copy's stored vector is its original's.
+    copy_id = int(ids[1])
+    held = fx.reconstruct(index, stored.copies.stored_ids(np.array([copy_id])))
+    assert np.allclose(held[0], vectors[0], atol=1e-6)
+    info = json.loads(invoke("info", dest, "--json").output)
+    assert info["count"] == 3_000 and info["copies"] == 2_940
+    # Flat keeps every row: its copies table is empty.
+    reindex(dest, request(type="flat"), client)
+    assert read_index_dir(dest).meta.copies == 0
+    assert not (dest / "copies.npy").exists()
+    assert json.loads((dest / "meta.json").read_text())["format"] == 2
+
+
+def test_a_damaged_copies_table_is_refused_in_one_line(client, tmp_path):
+    dest = vector_index(tmp_path / "vectors", 1_000, copies=10)
+    reindex(dest, request(type="hnsw"), client)
+    table = np.load(dest / "copies.npy")
+    bad = {
+        "missing": None,
+        "short": table[:-1],
+        "unknown id": np.vstack([table[:-1], [[12345, table[0, 1]]]]),
+        "stored twice": np.vstack([table[:-1], [[table[0, 1], table[0, 1]]]]),
+        "not a table": np.zeros(len(table) * 2, np.int64),
+    }
+    for what, damaged in bad.items():
+        if damaged is None:
+            (dest / "copies.npy").unlink()
+        else:
+            np.save(dest / "copies.npy", damaged)
+        with pytest.raises(IndexDirError, match="damaged") as e:
+            _ = read_index_dir(dest).index
+        assert "\n" not in str(e.value) and "rebuild" in str(e.value), what
 
 
 def test_distributed_ivf_equals_a_single_process_build(client, tmp_path):
@@ -445,6 +555,25 @@ def test_incremental_ivf_appends_without_training_and_removes(
     )
     assert "refilled" not in third.index_reason
     assert read_index_dir(out / "beach").meta.trained_for == 60
+
+
+def test_byte_copies_share_one_node_and_are_all_found(client, tmp_path, dataset):
+    """Real photos on real workers: byte copies embed to the same bits, so a
+    graph build stores them once, and a search still returns every copy."""
+    originals = sorted(dataset.glob("*.jpg"))[:2]
+    for src in originals:
+        for n in range(3):
+            shutil.copyfile(src, dataset / f"copy{n}-{src.name}")
+    out = tmp_path / "out"
+    summary = run_build(client, dataset, out, index=request(type="hnsw"))
+    assert summary.indexed == 42 and summary.copies == 6
+    stored = read_index_dir(out / "beach")
+    assert stored.index.ntotal == 36 and stored.meta.copies == 6
+    (hits,) = search_images(out / "beach", [originals[0]], k=5, turns=False)
+    first = originals[0].name
+    copies = {f"copy{n}-{first}" for n in range(3)}
+    assert {Path(h.path).name for h in hits[:4]} == {first} | copies
+    assert len({h.score for h in hits[:4]}) == 1 and hits[4].score < hits[0].score
 
 
 def test_batched_search_of_a_folder_and_a_list(client, tmp_path, photo_sets):
