@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from numpy.lib import format as npy
 
 COPIES_FILE = "copies.npy"  # int64 [n, 2]: an image's id, its representative's id
 
@@ -74,16 +75,35 @@ class Copies:
     @classmethod
     def read(cls, f: BinaryIO, expected: int | None, where: str) -> Copies:
         """Read a copies table from ``f`` (``expected`` rows, if given);
-        ValueError names what is wrong."""
+        ValueError names what is wrong.
+
+        The header is checked against the file's size before the data are
+        read: numpy allocates what a header claims, and a crafted one could
+        claim terabytes.
+        """
         try:
-            table = np.load(f, allow_pickle=False)
+            version = npy.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = npy.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = npy.read_array_header_2_0(f)
+            data_at = f.tell()
+            size = f.seek(0, os.SEEK_END)
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"{where} is unreadable ({e})") from None
-        if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != 2:
+        if dtype != np.int64 or len(shape) != 2 or shape[1] != 2:
             raise ValueError(f"{where} is not a table of id pairs")
-        if expected is not None and len(table) != expected:
-            raise ValueError(f"{where} lists {len(table)} copies, meta.json {expected}")
-        return cls(table)
+        if expected is not None and shape[0] != expected:
+            raise ValueError(f"{where} lists {shape[0]} copies, meta.json {expected}")
+        if size - data_at != shape[0] * 16:
+            raise ValueError(
+                f"{where} has {size} bytes, not the size of {shape[0]} copies"
+            )
+        try:
+            f.seek(0)
+            return cls(np.load(f, allow_pickle=False))
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{where} is unreadable ({e})") from None
 
     def check(self, held: np.ndarray, listed: np.ndarray) -> str | None:
         """Why these copies do not fit an index holding ``held`` (sorted) and a

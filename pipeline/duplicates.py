@@ -398,7 +398,7 @@ class NeighbourPairs:
         return cls(none, np.zeros(0, TRAITS), none > 0, scores, none, none, scores)
 
 
-_INDEXES: dict[tuple, Any] = {}
+_INDEXES: dict[tuple, tuple[Any, Copies]] = {}
 _CACHED_FEATURES = 256  # images' features a verify task keeps (~150 KiB each)
 _INDEXES_LOCK = threading.Lock()
 
@@ -446,8 +446,8 @@ def _worker_index(
     is the same file)."""
     key = (index_dir, stamp)
     with _INDEXES_LOCK:
-        index = _INDEXES.get(key)
-        if index is None:
+        held = _INDEXES.get(key)
+        if held is None:
             path = Path(index_dir) / INDEX_FILE
             if _index_stamp(Path(index_dir)) != stamp:
                 raise IndexDirError(
@@ -455,10 +455,10 @@ def _worker_index(
                     "`imgindex duplicates` again"
                 )
             _INDEXES.clear()  # one index at a time: they can be large
-            loaded = fx.read_index_at(path, on_disk)
-            fx.set_search_params(loaded, params)
-            index = _INDEXES[key] = (loaded, folder_copies(index_dir))
-    return index
+            index = fx.read_index_at(path, on_disk)
+            fx.set_search_params(index, params)
+            held = _INDEXES[key] = (index, folder_copies(index_dir))
+    return held
 
 
 def file_digests(root: str, paths: Sequence[str]) -> list[str | None]:

@@ -308,6 +308,7 @@ def test_a_damaged_copies_table_is_refused_in_one_line(client, tmp_path):
         "stored twice": np.vstack([table[:-1], [[table[0, 1], table[0, 1]]]]),
         "not a table": np.zeros(len(table) * 2, np.int64),
     }
+    whole = (dest / "copies.npy").read_bytes()
     for what, damaged in bad.items():
         if damaged is None:
             (dest / "copies.npy").unlink()
@@ -316,6 +317,11 @@ def test_a_damaged_copies_table_is_refused_in_one_line(client, tmp_path):
         with pytest.raises(IndexDirError, match="damaged") as e:
             _ = read_index_dir(dest).index
         assert "\n" not in str(e.value) and "rebuild" in str(e.value), what
+    # A header claiming more rows than the file holds is refused before numpy
+    # allocates what it claims.
+    (dest / "copies.npy").write_bytes(whole[:-16])
+    with pytest.raises(IndexDirError, match="not the size of 900 copies"):
+        read_index_dir(dest)
 
 
 def test_distributed_ivf_equals_a_single_process_build(client, tmp_path):
