@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,6 @@ class DaskProcesses:
 
     def start_scheduler(self) -> str:
         import json
-        import time
 
         self._spawn(
             [
@@ -221,6 +221,34 @@ class DaskProcesses:
                 w["name"]: a
                 for a, w in c.scheduler_info(n_workers=-1)["workers"].items()
             }
+
+    def wait_for_results_on(self, name: str, proc, timeout: float = 120) -> None:
+        """Wait until worker ``name`` holds a finished task's result."""
+        from distributed import Client
+
+        deadline = time.monotonic() + timeout
+        with Client(scheduler_file=str(self.scheduler_file), timeout=30) as c:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise AssertionError(f"exited {proc.returncode} early")
+                workers = c.scheduler_info(n_workers=-1)["workers"]
+                held = c.has_what()
+                if any(held.get(a) for a, w in workers.items() if w["name"] == name):
+                    return
+                time.sleep(0.2)
+        raise AssertionError(f"worker {name!r} finished no task in {timeout} s")
+
+    def worker_pids(self) -> dict[str, int]:
+        """Worker name -> pid of the worker process (not its nanny)."""
+        from distributed import Client
+
+        with Client(scheduler_file=str(self.scheduler_file), timeout=30) as c:
+            pids = c.run(os.getpid)
+            names = {
+                a: w["name"]
+                for a, w in c.scheduler_info(n_workers=-1)["workers"].items()
+            }
+        return {names[a]: pid for a, pid in pids.items()}
 
     def stop(self) -> None:
         if self in _RUNNING:

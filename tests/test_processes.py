@@ -39,18 +39,6 @@ def photos(tmp_path_factory) -> Path:
     )[0].parent
 
 
-def worker_pids(procs) -> dict[str, int]:
-    """Worker name -> pid of the worker process (not its nanny)."""
-    from distributed import Client
-
-    with Client(scheduler_file=str(procs.scheduler_file), timeout=30) as c:
-        pids = c.run(os.getpid)
-        names = {
-            a: w["name"] for a, w in c.scheduler_info(n_workers=-1)["workers"].items()
-        }
-    return {names[a]: pid for a, pid in pids.items()}
-
-
 @pytest.mark.parametrize("when", ["mid-build", "before the build"])
 def test_frozen_worker_is_dropped_and_its_images_indexed_once(
     dask_processes, photos, tmp_path, when
@@ -59,7 +47,7 @@ def test_frozen_worker_is_dropped_and_its_images_indexed_once(
     dask_processes.start_worker("a")
     dask_processes.start_worker("b")
     dask_processes.wait_for_workers(2)
-    frozen = worker_pids(dask_processes)["a"]
+    frozen = dask_processes.worker_pids()["a"]
     progress = tmp_path / "progress.json"
     if when == "before the build":
         os.kill(frozen, signal.SIGSTOP)  # as `scontrol suspend` does
@@ -93,7 +81,7 @@ def test_doctor_names_a_frozen_worker_instead_of_hanging(dask_processes):
     dask_processes.start_worker("awake")
     dask_processes.start_worker("asleep")
     workers = dask_processes.wait_for_workers(2)
-    frozen = worker_pids(dask_processes)["asleep"]
+    frozen = dask_processes.worker_pids()["asleep"]
     os.kill(frozen, signal.SIGSTOP)
     try:
         started = time.monotonic()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dask.config
 import pytest
-from helpers import imgindex_cmd, invoke
+from helpers import imgindex_cmd, invoke, wait_for_progress
 
 from conftest import DaskProcesses, copy_tree
 from pipeline import __version__
@@ -155,18 +155,20 @@ def test_workers_joining_late_get_work(dask_processes, small_photos, tmp_path):
     time.sleep(3)  # the build is now waiting for a first worker
     assert build.poll() is None
     dask_processes.start_worker("first")
-    # The second worker joins once the build is dispatching to the first. Not
-    # later: a worker's start (imports, model, timing the runtimes) takes
-    # about as long as one worker needs for all 240 images, so one started
-    # after the first finished partition once arrived to find nothing left.
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        state = json.loads(progress.read_text()) if progress.exists() else {}
-        datasets = state.get("datasets") or [{}]
-        if datasets[0].get("state") == "running":
-            break
-        time.sleep(0.1)
-    dask_processes.start_worker("second")  # joins mid-build
+    wait_for_progress(progress, 1, build)
+    # A worker's start (imports, model, timing the runtimes) takes about as
+    # long as one worker needs for all 240 images, so a second one started
+    # now arrived once to find nothing left. The first is suspended (as
+    # `scontrol suspend` would) until the scheduler sees the second holding
+    # a finished partition. (Not until the progress file moves: the client
+    # may be fetching a result from the suspended worker meanwhile.)
+    first = dask_processes.worker_pids()["first"]
+    os.kill(first, signal.SIGSTOP)
+    try:
+        dask_processes.start_worker("second")  # joins mid-build
+        dask_processes.wait_for_results_on("second", build)
+    finally:
+        os.kill(first, signal.SIGCONT)
     out, err = build.communicate(timeout=300)
     assert build.returncode == 0, err
     assert "has no workers; waiting up to 120 s" in err
