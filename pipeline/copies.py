@@ -4,9 +4,9 @@ Photo archives hold byte-identical files by the dozen (and a placeholder
 image by the thousand); on CPU workers each copy embeds to the same bits. An
 HNSW graph fills every copy's neighbour list with its zero-distance twins,
 so a group of copies becomes an island that searches cannot leave. On 3,000
-clustered vectors (README, "Identical images in a graph"), 60 vectors 50
-times each reached recall@10 0.947 only at efSearch 1024 with every copy a
-node, and 1.000 at 16 stored once. So a graph holds each distinct vector
+clustered vectors (bench/graph_copies.py), 60 vectors 50 times each needed
+efSearch 1024 to reach recall@10 0.95-0.96 with every copy a node, and
+reached 1.000 at 16 stored once. So a graph holds each distinct vector
 once, under the id of its first image; ``copies.npy`` lists each other
 image's id beside that representative's, and a search hands out a
 representative's copies with its score (they score exactly the same).
