@@ -151,9 +151,11 @@ class FirstResults:
 def test_the_scheduler_knows_every_partition_from_the_start(
     client, dataset, tmp_path, monkeypatch
 ):
-    """The whole job is on the dashboard at once, not a window of it: when the
-    first partition finishes, the scheduler already holds all 36, although
-    they were sent in five messages (the batch is shrunk to 8 to make five)."""
+    """The whole job is on the dashboard at once, not a window of it: by the
+    time a few partitions have finished, the scheduler holds all 36, sent in
+    five messages (the batch is shrunk to 8 to make five). Tasks start as the
+    first message lands, so the first of them may finish before the fifth
+    arrives (a CI run saw 32 known at the first result)."""
     from distributed.diagnostics.plugin import SchedulerPlugin
 
     from pipeline import dispatch
@@ -167,9 +169,9 @@ def test_the_scheduler_knows_every_partition_from_the_start(
     finally:
         scheduler.remove_plugin(plugin.name)
     assert summary.partitions == summary.indexed == 36
-    # Before, with 3 partitions in flight per worker thread, the first result
-    # came back while the scheduler knew 6.
-    assert plugin.known_at_finish[0] == 36
+    # Before, with 3 partitions in flight per worker thread, the scheduler knew
+    # 6 when the first result came back, and at most 6 + n after n more.
+    assert max(plugin.known_at_finish[:6]) == 36, plugin.known_at_finish[:6]
     # The scheduler kept the rest queued: a one-thread worker never held more
     # than ceil(1.1 x 1) = 2 (distributed.scheduler.worker-saturation).
     assert plugin.most_on_a_worker == 2
