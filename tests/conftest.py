@@ -212,43 +212,34 @@ class DaskProcesses:
             return self._spawn([sys.executable, "-c", code], name)
         return self._spawn([self.dask, "worker", *args], name)
 
-    def wait_for_workers(self, n: int, timeout: float = 60) -> dict:
+    def client(self):
+        """A client of this scheduler (close it, or use it in a with block)."""
         from distributed import Client
 
-        with Client(scheduler_file=str(self.scheduler_file), timeout=30) as c:
+        return Client(scheduler_file=str(self.scheduler_file), timeout=30)
+
+    def wait_for_workers(self, n: int, timeout: float = 60) -> dict:
+        with self.client() as c:
             c.wait_for_workers(n, timeout=timeout)
-            return {
-                w["name"]: a
-                for a, w in c.scheduler_info(n_workers=-1)["workers"].items()
-            }
+            return _addresses(c)
 
     def wait_for_results_on(self, name: str, proc, timeout: float = 120) -> None:
         """Wait until worker ``name`` holds a finished task's result."""
-        from distributed import Client
-
         deadline = time.monotonic() + timeout
-        with Client(scheduler_file=str(self.scheduler_file), timeout=30) as c:
+        with self.client() as c:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
                     raise AssertionError(f"exited {proc.returncode} early")
-                workers = c.scheduler_info(n_workers=-1)["workers"]
-                held = c.has_what()
-                if any(held.get(a) for a, w in workers.items() if w["name"] == name):
+                if c.has_what().get(_addresses(c).get(name)):
                     return
                 time.sleep(0.2)
         raise AssertionError(f"worker {name!r} finished no task in {timeout} s")
 
     def worker_pids(self) -> dict[str, int]:
         """Worker name -> pid of the worker process (not its nanny)."""
-        from distributed import Client
-
-        with Client(scheduler_file=str(self.scheduler_file), timeout=30) as c:
+        with self.client() as c:
             pids = c.run(os.getpid)
-            names = {
-                a: w["name"]
-                for a, w in c.scheduler_info(n_workers=-1)["workers"].items()
-            }
-        return {names[a]: pid for a, pid in pids.items()}
+            return {name: pids[a] for name, a in _addresses(c).items() if a in pids}
 
     def stop(self) -> None:
         if self in _RUNNING:
@@ -378,3 +369,9 @@ def browser():
         yield chrome
     finally:
         chrome.quit()
+
+
+def _addresses(client) -> dict[str, str]:
+    """Worker name -> address, as the scheduler knows them now."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return {w["name"]: a for a, w in workers.items()}
