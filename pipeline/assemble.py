@@ -28,6 +28,7 @@ from pipeline.index_build import (
     build_from_shards,
 )
 from pipeline.index_policy import KINDS, IndexChoice, Thresholds, choose_index
+from pipeline.lookup import rows_in_sorted
 from pipeline.meta import IndexMeta
 from pipeline.shards import INDEX_WORK, Shard, clear_index_work
 
@@ -240,9 +241,9 @@ def select_by_keys(
         here = np.fromiter(
             (_key(p, *known.get(p, (-1, -1))) for p in paths), dtype=np.int64
         )
-        at = np.minimum(np.searchsorted(ordered, here), len(keys) - 1)
+        at = rows_in_sorted(ordered, here)
         which = order[at]
-        keep = (ordered[at] == here) & ~covered[which]
+        keep = (at >= 0) & ~covered[which]
         if not keep.any():
             continue
         covered[which[keep]] = True

@@ -24,6 +24,8 @@ from typing import BinaryIO
 import numpy as np
 from numpy.lib import format as npy
 
+from pipeline.lookup import rows_in_sorted
+
 COPIES_FILE = "copies.npy"  # int64 [n, 2]: an image's id, its representative's id
 
 
@@ -123,8 +125,8 @@ class Copies:
         ids = np.asarray(ids, np.int64)
         if not len(self):
             return ids
-        at = np.clip(np.searchsorted(self.ids, ids), 0, len(self) - 1)
-        return np.where(self.ids[at] == ids, self.of[at], ids)
+        rows = rows_in_sorted(self.ids, ids)
+        return np.where(rows >= 0, self.of[rows], ids)
 
     def search(self, index, queries: np.ndarray, k: int):
         """Top-``k`` (scores, ids) per query over ``index`` and these copies."""

@@ -41,6 +41,7 @@ from pipeline.copies import Copies, folder_copies
 from pipeline.discover import Failure, ImageRecord
 from pipeline.errors import ConfigError, DecodeError, IndexDirError
 from pipeline.index_build import Runner, ShardRows, StepCallback, group_shards
+from pipeline.lookup import rows_in_sorted
 from pipeline.reindex import stored_selection
 from pipeline.statistics import StatisticsSettings, flag_rows, outlier_rows
 from pipeline.store import INDEX_FILE, iter_manifest, read_index_dir
@@ -318,7 +319,7 @@ def find_duplicates(
         np.concatenate([f.score for f in found]),
     )
     del found
-    ia, ib = _rows_of(ids, a), _rows_of(ids, b)
+    ia, ib = rows_in_sorted(ids, a), rows_in_sorted(ids, b)
     known = (ia >= 0) & (ib >= 0)  # else a vector the manifest does not list
     a, b, cos, ia, ib = a[known], b[known], cos[known], ia[known], ib[known]
     dist = np.full(len(a), -1, np.int32)
@@ -543,14 +544,6 @@ def _verified(
 def _index_stamp(dest: Path) -> tuple[int, int, int]:
     st = os.stat(dest / INDEX_FILE)
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """Row of each ``wanted`` id in the sorted ``ids``; -1 where it is not there."""
-    if not len(ids):
-        return np.full(len(wanted), -1, np.int64)
-    at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
-    return np.where(ids[at] == wanted, at, -1)
 
 
 def _unique_pairs(

@@ -32,6 +32,7 @@ from pipeline.index_build import (
     sample_rows,
 )
 from pipeline.index_policy import Thresholds, choose_index, ivf_lists
+from pipeline.lookup import rows_in_sorted
 from pipeline.reindex import reindex
 from pipeline.search import search_images
 from pipeline.shards import iter_shards, write_vectors
@@ -224,6 +225,18 @@ def test_copies_follow_their_original_in_search_results():
     assert s[1, :3].tolist() == pytest.approx([0.5, 0.4, 0.4])
     assert copies.stored_ids(np.array([5, 2, 8, 4, 9])).tolist() == [2, 2, 3, 4, 2]
     assert Copies().expand(scores, ids, 4)[1] is ids  # nothing to add
+
+
+def test_rows_in_sorted_marks_absent_values():
+    keys = np.array([2, 5, 9], np.int64)
+    assert rows_in_sorted(keys, np.array([9, 1, 5, 10, 2])).tolist() == [
+        2,
+        -1,
+        1,
+        -1,
+        0,
+    ]
+    assert rows_in_sorted(keys[:0], np.array([3])).tolist() == [-1]
 
 
 def test_distinct_adder_keeps_the_first_of_identical_rows():
