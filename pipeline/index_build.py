@@ -362,7 +362,7 @@ def build_from_shards(
             str(folder),
             choice.on_disk and mergeable,
         )
-    (count,) = runner.gather([merged])
+    ((count, n_copies),) = runner.gather([merged])
     timer["add+merge"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -377,7 +377,7 @@ def build_from_shards(
         params,
         quality,
         {k: round(v, 3) for k, v in timer.items()},
-        len(folder_copies(folder)),
+        n_copies,
     )
 
 
@@ -570,10 +570,11 @@ def _add_and_place(
     group: list[ShardRows],
     folder: str,
     on_disk: bool,
-) -> int:
+) -> tuple[int, int]:
     """One add task that is also the merge: Flat, HNSW, or a single IVF group.
 
-    Returns the images the index answers for, its stored copies included.
+    Returns the images the index answers for, its stored copies included,
+    and how many of them are such copies.
     """
     _threads_here(alone=True)
     index, copies = _fill(empty, key, dim, group)
@@ -585,7 +586,8 @@ def _add_and_place(
         with atomic_file(Path(folder) / COPIES_FILE) as f:
             np.save(f, copies, allow_pickle=False)
     _write(index, Path(folder) / INDEX_FILE)
-    return int(index.ntotal) + (0 if copies is None else len(copies))
+    n_copies = 0 if copies is None else len(copies)
+    return int(index.ntotal) + n_copies, n_copies
 
 
 def _merge(
@@ -595,8 +597,11 @@ def _merge(
     on_disk: bool,
     base: str | None = None,
     drop: np.ndarray | None = None,
-) -> int:
-    """Merge the parts (after ``base``'s entries less ``drop``) into ``folder``."""
+) -> tuple[int, int]:
+    """Merge the parts (after ``base``'s entries less ``drop``) into ``folder``.
+
+    Returns the images the index holds, and 0: IVF keeps no copies table.
+    """
     _threads_here(alone=True)
     out = Path(folder)
     if base is not None:
@@ -616,7 +621,7 @@ def _merge(
     del index
     for part in parts:
         Path(part).unlink(missing_ok=True)
-    return count
+    return count, 0
 
 
 def _append_to(
