@@ -33,7 +33,8 @@ What can go wrong, and what happens:
   heartbeating but keeps its connection, so the scheduler would wait for it
   (``worker-ttl``, 5 minutes by default, or never where that is off). The
   watchdog removes a worker silent for ``imgindex.worker-unresponsive`` while
-  it holds our tasks, and Dask reschedules them; nothing is split or failed;
+  it holds our tasks (running, queued there, or finished and not yet
+  collected), and Dask reschedules them; nothing is split or failed;
 - the scheduler is lost: the build stops with one line; re-running resumes.
 """
 
@@ -256,8 +257,11 @@ class PartitionDispatcher:
                 self.cancel.check()
                 for fut in self._ac:
                     self.cancel.check()
-                    part, _ = self._in_flight.pop(fut.key)
+                    # Kept in flight while its result is fetched: should its
+                    # worker freeze now, the watchdog sees it holds ours.
+                    part, _ = self._in_flight[fut.key]
                     result = self._outcome(fut, part)
+                    del self._in_flight[fut.key]
                     if self.shard_dir is not None and fut.status == "finished":
                         self._finished.append(fut)
                     del fut  # else the result is released on the worker
@@ -466,7 +470,7 @@ class _Watchdog(threading.Thread):
         self._stopped = threading.Event()
         shortest = min(x for x in (self.limit, self.unresponsive, 8.0) if x > 0)
         self._poll = min(2.0, max(0.2, shortest / 4))
-        self._state = _scheduler_state_fn()
+        self._state = _scheduler_state_fn(self.unresponsive)
         self._remove = _remove_worker_fn()
 
     def wait_restarted(self, key: str, timeout: float = 120.0) -> None:
@@ -494,10 +498,13 @@ class _Watchdog(threading.Thread):
 
     def check(self, state: dict, now: float) -> None:
         silent: dict[str, float] = state["silent"]
+        processing, holding = state["processing"], state["holding"]
         for address, seconds in silent.items():
-            ours = [
-                k for k in state["processing"].get(address, ()) if k in self.in_flight
-            ]
+            # Running, queued there, or finished and not yet collected: a
+            # frozen worker holding only results would otherwise stall the
+            # build until Dask's worker-ttl (5 minutes, or never).
+            held = [*processing.get(address, ()), *holding.get(address, ())]
+            ours = [k for k in held if k in self.in_flight]
             if (
                 seconds > self.unresponsive > 0
                 and ours
@@ -563,11 +570,15 @@ class _Watchdog(threading.Thread):
 # cloudpickle sends them by value: the scheduler need not have imgindex.
 
 
-def _scheduler_state_fn():
+def _scheduler_state_fn(hold_after: float):
+    """The watchdog's view; results held in memory only for workers silent
+    longer than ``hold_after`` (<= 0: none), as a build may hold thousands."""
+
     def state(dask_scheduler=None) -> dict:
         from time import time as now
 
         t = now()
+        workers = dask_scheduler.workers.values()
         return {
             # Which tasks run where; the durations beside them come from
             # heartbeats, so the watchdog keeps its own clock instead.
@@ -580,8 +591,11 @@ def _scheduler_state_fn():
                 ws.address: [ts.key for ts in ws.processing]
                 for ws in dask_scheduler.workers.values()
             },
-            "silent": {
-                ws.address: t - ws.last_seen for ws in dask_scheduler.workers.values()
+            "silent": {ws.address: t - ws.last_seen for ws in workers},
+            "holding": {
+                ws.address: [ts.key for ts in ws.has_what]
+                for ws in workers
+                if 0 < hold_after < t - ws.last_seen
             },
         }
 

@@ -76,6 +76,55 @@ def test_frozen_worker_is_dropped_and_its_images_indexed_once(
     assert len({r.path for r in stored.manifest}) == stored.index.ntotal == 160
 
 
+# Worker "a" suspends itself while it hands over a finished result with no
+# other task on it: the last partition it ran. Dask's scheduler keeps such a
+# worker (it stays connected) until worker-ttl, 5 minutes.
+FREEZE_WHEN_FETCHED = """
+import os, signal
+from distributed.worker import Worker
+
+serve = Worker.get_data
+
+
+async def get_data(self, comm, keys, who=None, serializers=None):
+    idle = not (self.state.executing or self.state.ready or self.state.constrained)
+    if idle and not os.environ.get("FROZE"):
+        os.environ["FROZE"] = "1"
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return await serve(self, comm, keys, who, serializers)
+
+
+Worker.get_data = get_data
+"""
+
+
+def test_worker_frozen_holding_only_finished_results_is_dropped(
+    dask_processes, photos, tmp_path
+):
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker("a", prelude=FREEZE_WHEN_FETCHED)
+    dask_processes.start_worker("b")
+    workers = dask_processes.wait_for_workers(2)
+    frozen = dask_processes.worker_pids()["a"]
+    build = start_imgindex(
+        "build", photos, "--out", tmp_path / "out", "--json", "--scheduler", address,
+        "--partition-size", "8",
+        env={"DASK_IMGINDEX__WORKER_UNRESPONSIVE": "6s"},
+    )  # fmt: skip
+    try:
+        out, err = build.communicate(timeout=150)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        if build.poll() is None:
+            build.kill()
+    assert build.returncode == 0, err
+    assert f"worker {workers['a']} has been unresponsive" in err
+    (summary,) = json.loads(out)["datasets"]
+    assert summary["indexed"] == 160 and summary["failed"] == []
+    stored = read_index_dir(tmp_path / "out" / "photos")
+    assert len({r.path for r in stored.manifest}) == stored.index.ntotal == 160
+
+
 def test_doctor_names_a_frozen_worker_instead_of_hanging(dask_processes):
     address = dask_processes.start_scheduler()
     dask_processes.start_worker("awake")
