@@ -36,9 +36,10 @@ ROOT = HERE.parent
 # Runs the imgindex CLI in a fresh process with the bench model registered, and
 # prints that process's peak RSS (KiB) last.
 CLIENT = """
-import resource, sys
+import sys
 sys.path.insert(0, {here!r})
 import projection_model  # registers bench-projection in the client
+from processes import peak_rss
 from pipeline import build
 mode = sys.argv.pop(1)
 if mode == "streamed":  # what a client whose workers cannot see --out does
@@ -48,7 +49,7 @@ from pipeline.cli import cli
 try:
     cli.main(sys.argv[1:], standalone_mode=False)
 finally:
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(peak_rss() // 1024)
 """
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from bench.processes import peak_rss  # noqa: E402 (after the path)
 
 PER_SHARD = 10_000
 # Between the planted copies (0.97+) and the background's nearest neighbours;
@@ -125,7 +126,7 @@ def run_duplicates(dest: str) -> dict:
         started = time.perf_counter()
         report = find_duplicates(dest, settings, client)
         seconds = time.perf_counter() - started
-        workers = client.run(_peak_rss)
+        workers = client.run(peak_rss)
     groups = [sorted(m.path for m in g.members) for g in report.groups]
     nearest = [o.nearest for o in report.outliers]
     return {
@@ -133,7 +134,7 @@ def run_duplicates(dest: str) -> dict:
         "stage_seconds": report.stage_seconds,
         "candidates": report.candidates,
         "groups": groups,
-        "client_peak_rss": _peak_rss(),
+        "client_peak_rss": peak_rss(),
         "worker_peak_rss": max(workers.values()),
         "loneliest_nearest": nearest[:1],
     }
@@ -154,10 +155,6 @@ def score(planted: list[list[str]], groups: list[list[str]]) -> dict:
         "pair_precision": round(len(truth & found) / max(1, len(found)), 4),
         "pair_recall": round(len(truth & found) / len(truth), 4),
     }
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _in_subprocess(fn: str, *args: str) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.processes import peak_rss  # noqa: E402 (after the path)
 
 PER_SHARD = 10_000
 WORKERS = 2  # one-thread `dask worker` processes, one per core here
@@ -126,7 +127,7 @@ def flat_on_client(dest: str) -> dict:
         "bytes": int(n * (dim * 4 + 16)),
         "p50_ms": p50,
         "p99_ms": p99,
-        "client_peak_rss": _peak_rss(),
+        "client_peak_rss": peak_rss(),
     }
 
 
@@ -141,16 +142,12 @@ def reindex_client(dest: str, scheduler: str) -> dict:
         started = time.perf_counter()
         summary = reindex(dest, IndexRequest.from_config(), client)
         summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-        workers = client.run(_peak_rss)
-    summary["client_peak_rss"] = _peak_rss()
+        workers = client.run(peak_rss)
+    summary["client_peak_rss"] = peak_rss()
     summary["worker_peak_rss"] = max(workers.values())
     # The merge's worker holds the whole index; the others only add groups.
     summary["worker_peaks"] = sorted(workers.values())
     return summary
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _in_subprocess(fn: str, *args: str) -> dict:

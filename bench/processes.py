@@ -4,15 +4,41 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import cloudpickle
+
+# peak_rss runs on workers too (client.run), which have no bench/ on their
+# path: this module's functions travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def peak_rss() -> int:
+    """This process's own peak resident memory, in bytes.
+
+    Not ``ru_maxrss``: Linux carries a parent's peak into a child across
+    fork and exec, so a small step started by a bench process that had
+    written a million vectors reported that process's peak as its own.
+    ``VmHWM`` belongs to the address space, which exec replaces.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
 
 def run_step(script: str, fn: str, *args: str) -> dict:
     """``python SCRIPT --call FN ARGS`` in a fresh process; the JSON of its last
-    stdout line. Each step then reports its own peak memory, no other's."""
+    stdout line. Each step then reports its own peak memory (``peak_rss``),
+    no other's."""
     out = subprocess.run(
         [sys.executable, script, "--call", fn, *args],
         capture_output=True,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.processes import peak_rss  # noqa: E402 (after the path)
+
 CORES = os.cpu_count() or 1
 
 
@@ -224,10 +227,6 @@ class RssSampler(threading.Thread):
         self.join()
 
 
-def _worker_peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class CpuAccount:
     """CPU seconds each kind of cluster process spent over a window.
 
@@ -285,7 +284,7 @@ def inprocess_build(data: Path, out: Path, runtime: str = "auto") -> dict:
             summary = run_build(conn.client, data, out, spec=spec, rebuild=True)
         wall = time.perf_counter() - started
         spent = cpu.spent()
-        workers = conn.client.run(_worker_peak_rss)
+        workers = conn.client.run(peak_rss)
         threads = sum(conn.client.nthreads().values())
     return {
         "summary": summary.to_json(),
