@@ -6,6 +6,7 @@ Every test here uses real `dask scheduler` / `dask worker` processes or a real
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,22 +58,34 @@ def test_frozen_worker_is_dropped_and_its_images_indexed_once(
         env={"DASK_IMGINDEX__WORKER_UNRESPONSIVE": "6s",
              "DASK_IMGINDEX__CALL_TIMEOUT": "5s"},
     )  # fmt: skip
-    try:
+    with resumed_at_exit(frozen, build):
         if when == "mid-build":
             wait_for_progress(progress, 8, build)
             os.kill(frozen, signal.SIGSTOP)
         out, err = build.communicate(timeout=240)
-    finally:
-        os.kill(frozen, signal.SIGCONT)
-        if build.poll() is None:
-            build.kill()
     assert build.returncode == 0, err
     if when == "before the build":  # the version survey named it, no hang
         assert "did not answer within 5 s" in err
     assert "unresponsive" in err
+    assert_each_photo_indexed_once(out, tmp_path / "out" / "photos")
+
+
+@contextlib.contextmanager
+def resumed_at_exit(frozen: int, build):
+    """Resume the suspended worker ``frozen``, and stop ``build``, however the
+    block ends (a failed test must not leave either behind)."""
+    try:
+        yield
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        if build.poll() is None:
+            build.kill()
+
+
+def assert_each_photo_indexed_once(out: str, index_dir: Path) -> None:
     (summary,) = json.loads(out)["datasets"]
     assert summary["indexed"] == 160 and summary["failed"] == []
-    stored = read_index_dir(tmp_path / "out" / "photos")
+    stored = read_index_dir(index_dir)
     assert len({r.path for r in stored.manifest}) == stored.index.ntotal == 160
 
 
@@ -111,18 +124,11 @@ def test_worker_frozen_holding_only_finished_results_is_dropped(
         "--partition-size", "8",
         env={"DASK_IMGINDEX__WORKER_UNRESPONSIVE": "6s"},
     )  # fmt: skip
-    try:
+    with resumed_at_exit(frozen, build):
         out, err = build.communicate(timeout=150)
-    finally:
-        os.kill(frozen, signal.SIGCONT)
-        if build.poll() is None:
-            build.kill()
     assert build.returncode == 0, err
     assert f"worker {workers['a']} has been unresponsive" in err
-    (summary,) = json.loads(out)["datasets"]
-    assert summary["indexed"] == 160 and summary["failed"] == []
-    stored = read_index_dir(tmp_path / "out" / "photos")
-    assert len({r.path for r in stored.manifest}) == stored.index.ntotal == 160
+    assert_each_photo_indexed_once(out, tmp_path / "out" / "photos")
 
 
 def test_doctor_names_a_frozen_worker_instead_of_hanging(dask_processes):
