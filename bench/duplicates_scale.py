@@ -42,13 +42,13 @@ THRESHOLD = 0.95
 def write_collection(dest: Path, n: int, dim: int, groups: int, seed: int) -> None:
     """Shards of ``n`` vectors, ``groups`` planted groups among them; the
     planted groups' paths go to ``<dest>.planted.json`` beside it."""
-    from index_scale import _mixture
+    from index_scale import mixture
 
     from pipeline.discover import ImageRecord
     from pipeline.synthetic import write_vector_index
 
     rng = np.random.default_rng(seed)
-    centres, spread, weight = _mixture(rng, dim)
+    draw = mixture(rng, dim)
     sizes = rng.integers(2, 6, groups)
     # Groups start at random rows; a group's copies follow its first member.
     starts = np.sort(rng.choice(n - 6 * groups, groups, replace=False))
@@ -62,11 +62,7 @@ def write_collection(dest: Path, n: int, dim: int, groups: int, seed: int) -> No
         previous = None
         for start in range(0, n, PER_SHARD):
             count = min(PER_SHARD, n - start)
-            which = rng.choice(len(centres), count, p=weight)
-            x = rng.standard_normal((count, dim), dtype=np.float32)
-            x *= spread[which, None]
-            x += centres[which]
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            x = draw(count)
             rows = np.arange(start, start + count)
             for r in np.flatnonzero(copy_of[rows] >= 0):
                 first = copy_of[rows[r]]

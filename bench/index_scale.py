@@ -42,24 +42,20 @@ def write_collection(dest: Path, n: int, dim: int, seed: int = 0) -> None:
     from pipeline.synthetic import write_vector_index
 
     rng = np.random.default_rng(seed)
-    centres, spread, weight = _mixture(rng, dim)
+    draw = mixture(rng, dim)
 
     def chunks():
         for start in range(0, n, PER_SHARD):
             count = min(PER_SHARD, n - start)
-            which = rng.choice(len(centres), count, p=weight)
-            x = rng.standard_normal((count, dim), dtype=np.float32)
-            x *= spread[which, None]
-            x += centres[which]
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            x = draw(count)
             paths = (f"v/{i:09d}.jpg" for i in range(start, start + count))
             yield [ImageRecord(p, 1, 1) for p in paths], x
 
     write_vector_index(dest, chunks(), dim, version="bench")
 
 
-def _mixture(rng: np.random.Generator, dim: int):
-    """Sub-cluster centres, spreads and weights of a two-level mixture.
+def mixture(rng: np.random.Generator, dim: int):
+    """A function drawing ``count`` unit vectors from a two-level mixture.
 
     Like image embeddings: topics that overlap, sub-clusters inside them,
     sizes following a power law (a few huge, many small) and spreads that
@@ -73,7 +69,17 @@ def _mixture(rng: np.random.Generator, dim: int):
     spread = rng.uniform(0.45, 0.9, len(centres)).astype(np.float32)
     weight = 1.0 / np.arange(1, len(centres) + 1) ** 0.8
     rng.shuffle(weight)
-    return centres, spread, weight / weight.sum()
+    weight /= weight.sum()
+
+    def draw(count: int) -> np.ndarray:
+        which = rng.choice(len(centres), count, p=weight)
+        x = rng.standard_normal((count, dim), dtype=np.float32)
+        x *= spread[which, None]
+        x += centres[which]
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+    return draw
 
 
 def forget_index(dest: Path) -> None:
