@@ -582,14 +582,9 @@ def _scheduler_state_fn(hold_after: float):
         return {
             # Which tasks run where; the durations beside them come from
             # heartbeats, so the watchdog keeps its own clock instead.
-            "executing": {
-                ts.key: ws.address
-                for ws in dask_scheduler.workers.values()
-                for ts in ws.executing
-            },
+            "executing": {ts.key: ws.address for ws in workers for ts in ws.executing},
             "processing": {
-                ws.address: [ts.key for ts in ws.processing]
-                for ws in dask_scheduler.workers.values()
+                ws.address: [ts.key for ts in ws.processing] for ws in workers
             },
             "silent": {ws.address: t - ws.last_seen for ws in workers},
             "holding": {
