@@ -229,13 +229,8 @@ def test_copies_follow_their_original_in_search_results():
 
 def test_rows_in_sorted_marks_absent_values():
     keys = np.array([2, 5, 9], np.int64)
-    assert rows_in_sorted(keys, np.array([9, 1, 5, 10, 2])).tolist() == [
-        2,
-        -1,
-        1,
-        -1,
-        0,
-    ]
+    rows = rows_in_sorted(keys, np.array([9, 1, 5, 10, 2]))
+    assert rows.tolist() == [2, -1, 1, -1, 0]
     assert rows_in_sorted(keys[:0], np.array([3])).tolist() == [-1]
 
 
