@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import __version__
 from pipeline.config import config_value
 from pipeline.discover import ImageRecord
 from pipeline.errors import BuildFailed, IndexDirError
@@ -30,7 +31,9 @@ from pipeline.index_build import (
 from pipeline.index_policy import KINDS, IndexChoice, Thresholds, choose_index
 from pipeline.lookup import rows_in_sorted
 from pipeline.meta import IndexMeta
+from pipeline.plan import Plan
 from pipeline.shards import INDEX_WORK, Shard, clear_index_work
+from pipeline.store import INDEX_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +156,41 @@ def decide(
         )
         return kept, previous_file, trained_for
     return choice, None, n_vectors
+
+
+def index_in_place(plan: Plan, request: IndexRequest, dim: int) -> str | None:
+    """Why the index in place is already what this build would write; None if not.
+
+    Nothing was added, changed or removed and the same files failed; this
+    version of imgindex wrote it; the policy would choose the same index and
+    tune it for the same recall; and its file is whole (headers and size).
+    Then rebuilding it would spend minutes on a large collection to write the
+    same index again.
+    """
+    previous = plan.previous
+    if previous is None or plan.to_embed or plan.removed:
+        return None
+    meta = previous.meta
+    if meta.imgindex_version != __version__:
+        return None
+    failures = {(f.path, f.reason) for f in plan.known_failures}
+    if failures != {(f.path, f.reason) for f in previous.failures}:
+        return None
+    choice, _, _ = decide(request, meta.count, dim, meta, previous.path / INDEX_FILE)
+    if (choice.key, choice.on_disk) != (meta.index_key, meta.on_disk):
+        return None
+    measured, settings = meta.quality, request.settings
+    if measured.get("queries") and (
+        measured.get("target") != settings.recall_target
+        or measured.get("k") != settings.recall_k
+    ):
+        return None
+    try:
+        previous.check()
+    except IndexDirError as e:
+        logger.warning("%s", e)
+        return None
+    return f"nothing added, changed or removed since {meta.updated}"
 
 
 def plan_append(

@@ -9,7 +9,7 @@ import time
 import uuid
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +21,7 @@ from pipeline import __version__
 from pipeline.assemble import (
     IndexRequest,
     decide,
+    index_in_place,
     plan_append,
     run_index_build,
     select_rows,
@@ -28,6 +29,7 @@ from pipeline.assemble import (
 from pipeline.cancel import Cancel
 from pipeline.config import config_value, count_or_auto, seconds_value
 from pipeline.discover import (
+    Failure,
     ImageRecord,
     check_dataset,
     partition_records,
@@ -52,6 +54,7 @@ from pipeline.shards import (
     clear_staging,
     iter_shards,
     read_shard,
+    shard_stats,
     staging_dir,
     usable_shards,
     write_shard,
@@ -103,6 +106,7 @@ class BuildSummary:
     search_params: dict[str, int] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)  # recall, latency, bytes
     copies: int = 0  # images whose vector is another's, stored once (graph index)
+    kept: str = ""  # why the index in place was kept as it was ("": written now)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,6 +175,9 @@ def build_steps(
     summary. A build of several datasets takes the first step of each before
     the second of any, so the scheduler knows the whole job from the start.
     Closing the generator between the steps cancels the submitted tasks.
+    An index already current (nothing added, changed or removed: see
+    :func:`pipeline.assemble.index_in_place`) is kept as it is, and the
+    summary's ``kept`` says why.
 
     Parameters
     ----------
@@ -262,6 +269,11 @@ def build_steps(
             plan = plan_build(root, dest, spec, rebuild)
         summary.added, summary.updated = plan.added, plan.updated
         summary.removed, summary.unchanged = plan.removed, plan.unchanged
+        kept = None if rebuild else index_in_place(plan, index, int(model.dim))
+        if kept:
+            clear_staging(staging_dir(dest))  # only shards no image needs now
+            yield
+            return _kept(summary, plan, kept, started)
 
         with stages("prepare"):
             staging = staging_dir(dest)
@@ -442,7 +454,7 @@ def build_steps(
 
     summary.indexed = built.count
     summary.embedded = sink.embedded
-    summary.failed = [{"path": f.path, "reason": f.reason} for f in failures]
+    summary.failed = _failure_rows(failures)
     summary.workers = dict(sink.by_worker)
     summary.runtimes = dict(sink.by_runtime)
     summary.runtime_reasons = sink.runtime_reasons
@@ -464,6 +476,30 @@ def build_steps(
         summary.seconds,
         ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()),
     )
+    return summary
+
+
+def _failure_rows(failures: Iterable[Failure]) -> list[dict[str, str]]:
+    return [{"path": f.path, "reason": f.reason} for f in failures]
+
+
+def _kept(
+    summary: BuildSummary, plan: Plan, reason: str, started: float
+) -> BuildSummary:
+    """The summary of a build that kept the index in place as it was."""
+    assert plan.previous is not None
+    meta = plan.previous.meta
+    plan.previous.close()
+    summary.kept = reason
+    summary.indexed = meta.count
+    summary.failed = _failure_rows(plan.previous.failures)
+    summary.shards = shard_stats(plan.previous.path / SHARDS_DIR)["count"]
+    summary.index_key = meta.index_key
+    summary.index_reason = meta.index_reason
+    summary.on_disk, summary.copies = meta.on_disk, meta.copies
+    summary.search_params, summary.quality = meta.search_params, meta.quality
+    summary.seconds = round(time.perf_counter() - started, 3)
+    logger.info("%s: %d indexed; index kept: %s", summary.name, meta.count, reason)
     return summary
 
 

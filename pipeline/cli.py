@@ -651,6 +651,8 @@ def _print_build_report(report: dict) -> None:
             f"{d['images_per_second']:.1f} images/s -> {_shown(d['index'])}"
         )
         _print_index_lines(d)
+        if d["kept"]:
+            click.echo(f"  index kept as it was: {_shown(d['kept'])}")
         for runtime, images in d["runtimes"].items():
             why = d["runtime_reasons"].get(runtime)
             click.echo(

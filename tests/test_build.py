@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import copy_tree, crop_query, write_bad_files
+from pipeline import __version__
+from pipeline.assemble import IndexRequest
 from pipeline.build import run_build
 from pipeline.errors import DatasetError, IndexDirError, IndexLocked
 from pipeline.lock import lock_index
 from pipeline.search import Searcher
-from pipeline.store import read_index_dir
+from pipeline.shards import staging_dir
+from pipeline.store import INDEX_FILE, SHARDS_DIR, read_index_dir
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +181,6 @@ def test_empty_and_missing_datasets_are_errors(client, tmp_path):
 
 
 def test_existing_index_of_another_model_is_left_alone(client, dataset, tmp_path):
-    import json
-
     out = tmp_path / "out"
     run_build(client, dataset, out)
     meta_path = out / "beach" / "meta.json"
@@ -229,6 +232,69 @@ def test_unchanged_bad_files_are_not_retried_but_still_reported(
     fixed = run_build(client, dataset, out)
     assert (fixed.updated, fixed.embedded, fixed.failed) == (1, 1, [])
     assert fixed.indexed == first.indexed + 1
+
+
+def test_an_unchanged_dataset_keeps_its_index_as_it_was(client, dataset, tmp_path):
+    out, index_dir = tmp_path / "out", tmp_path / "out" / "beach"
+    (dataset / "broken.jpg").write_bytes(b"not a jpeg")
+    first = run_build(client, dataset, out)
+    written = _stamps(index_dir)
+    staging = staging_dir(index_dir)  # an interrupted run's shard, no longer needed
+    staging.mkdir()
+    shutil.copy(next((index_dir / SHARDS_DIR).iterdir()), staging)
+
+    again = run_build(client, dataset, out)
+    assert again.kept.startswith("nothing added, changed or removed since ")
+    assert (again.embedded, again.indexed) == (0, first.indexed)
+    assert again.unchanged == first.indexed + 1
+    assert again.failed == first.failed
+    assert (again.index_key, again.quality) == (first.index_key, first.quality)
+    assert again.shards == first.shards
+    assert _stamps(index_dir) == written
+    assert not staging.exists()
+
+
+def test_a_build_rewrites_the_index_when_anything_that_shapes_it_changed(
+    client, dataset, tmp_path
+):
+    out, index_dir = tmp_path / "out", tmp_path / "out" / "beach"
+    (dataset / "broken.jpg").write_bytes(b"not a jpeg")
+    first = run_build(client, dataset, out)
+
+    stricter = IndexRequest.from_config(recall_target=0.99)
+    retuned = run_build(client, dataset, out, index=stricter)
+    assert (retuned.kept, retuned.quality["target"]) == ("", 0.99)
+    assert run_build(client, dataset, out, index=stricter).kept
+
+    with open(index_dir / INDEX_FILE, "r+b") as f:
+        f.truncate(1000)
+    repaired = run_build(client, dataset, out, index=stricter)
+    assert (repaired.kept, repaired.embedded) == ("", 0)
+    assert read_index_dir(index_dir).index.ntotal == first.indexed
+
+    meta = json.loads((index_dir / "meta.json").read_text())
+    (index_dir / "meta.json").write_text(
+        json.dumps({**meta, "imgindex_version": "0.2.0"})
+    )
+    upgraded = run_build(client, dataset, out, index=stricter)
+    assert upgraded.kept == ""
+    assert read_index_dir(index_dir).meta.imgindex_version == __version__
+
+    (dataset / "broken.jpg").unlink()  # no longer a failure to report
+    assert run_build(client, dataset, out, index=stricter).failed == []
+
+    graph = run_build(client, dataset, out, index=IndexRequest.from_config("hnsw"))
+    assert (graph.kept, graph.embedded) == ("", 0)
+    assert "HNSW" in graph.index_key
+    assert run_build(client, dataset, out, rebuild=True).kept == ""
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry of ``folder`` (and it) by inode and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in [folder, *folder.rglob("*")]
+    }
 
 
 @pytest.mark.parametrize("rebuild", [False, True])
