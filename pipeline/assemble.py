@@ -33,7 +33,7 @@ from pipeline.lookup import rows_in_sorted
 from pipeline.meta import IndexMeta
 from pipeline.plan import Plan
 from pipeline.shards import INDEX_WORK, Shard, clear_index_work
-from pipeline.store import INDEX_FILE
+from pipeline.store import INDEX_FILE, StoredIndex
 
 logger = logging.getLogger(__name__)
 
@@ -185,30 +185,48 @@ def index_in_place(plan: Plan, request: IndexRequest, dim: int) -> str | None:
         or measured.get("k") != settings.recall_k
     ):
         return None
-    try:
-        previous.check()
-    except IndexDirError as e:
-        logger.warning("%s", e)
+    if intact(previous) is None:
         return None
     return f"nothing added, changed or removed since {meta.updated}"
+
+
+def intact(stored: StoredIndex | None) -> StoredIndex | None:
+    """``stored`` if its index file looks whole (headers, size), so that a
+    build may keep or grow it; else None: it is built again from the shards."""
+    if stored is None:
+        return None
+    problem = stored.problem()
+    if problem:
+        logger.warning(
+            "%s is damaged (%s): building it again from the shards",
+            stored.path / INDEX_FILE,
+            problem,
+        )
+        return None
+    return stored
 
 
 def plan_append(
     choice: IndexChoice,
     trained: Path | None,
-    previous: IndexMeta | None,
-    previous_manifest: Sequence[ImageRecord],
+    stored: StoredIndex | None,
     manifest: Sequence[ImageRecord],
     shards: Iterable[Shard],
 ) -> tuple[IndexChoice, Append | None]:
-    """Grow the previous index when its quantizer is kept (see :func:`decide`).
+    """Grow the previous index when its quantizer is kept (see :func:`decide`),
+    or when it is a graph of the same kind and images were only added.
 
     Its entries for images unchanged since are kept as they are; only new and
-    changed images are encoded; removed and changed images' entries dropped.
+    changed images are encoded; removed and changed images' entries dropped
+    (IVF; a graph cannot drop a node, so it is built again then).
     Returns the choice with a reason that says so, and the plan (None: refill).
     """
-    if trained is None or previous is None or previous.on_disk != choice.on_disk:
+    if stored is None or stored.meta.on_disk != choice.on_disk:
         return choice, None
+    grows_graph = choice.is_graph and stored.meta.index_key == choice.key
+    if trained is None and not grows_graph:
+        return choice, None
+    previous_manifest = stored.manifest
     before, now = record_keys(previous_manifest), record_keys(manifest)
     kept = np.isin(now, before)  # the same path, size and mtime in both
     changed = [r for r, same in zip(manifest, kept, strict=True) if not same]
@@ -220,6 +238,16 @@ def plan_append(
         [r.id for r, out in zip(previous_manifest, gone, strict=True) if out],
         np.int64,
     )
+    if trained is None:  # the graph
+        if len(drop):
+            return choice, None
+        reason = (
+            f"{choice.reason}: kept {int(kept.sum()):,} vectors as they were, "
+            f"adding {len(changed):,} new to the graph"
+        )
+        copies = np.column_stack([stored.copies.ids, stored.copies.of])
+        graph = Append(stored.path / INDEX_FILE, rows, drop, copies)
+        return dataclasses.replace(choice, reason=reason), graph
     reason = (
         f"{choice.reason.removesuffix(REFILLED)}: kept {int(kept.sum()):,} vectors "
         f"as they were, encoding {len(changed):,} new or changed and dropping "

@@ -22,6 +22,7 @@ from pipeline.assemble import (
     IndexRequest,
     decide,
     index_in_place,
+    intact,
     plan_append,
     run_index_build,
     select_rows,
@@ -373,20 +374,16 @@ def build_steps(
                     f"{missing[0].path!r}); run the build again with --rebuild"
                 )
             previous = plan.previous.meta if plan.previous else None
+            reusable = intact(plan.previous)
             choice, trained, trained_for = decide(
                 index,
                 len(manifest),
                 int(model.dim),
                 previous,
-                dest / INDEX_FILE if previous else None,
+                dest / INDEX_FILE if reusable else None,
             )
             choice, append = plan_append(
-                choice,
-                trained,
-                previous,
-                plan.previous.manifest if plan.previous else [],
-                manifest,
-                candidates,
+                choice, trained, reusable, manifest, candidates
             )
 
             def on_step(stage: str, done: int, total: int) -> None:

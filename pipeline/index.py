@@ -122,6 +122,17 @@ def index_ids(index) -> np.ndarray | None:
     return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
 
 
+def stored_vectors(
+    index, chunk: int = 16_384
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every (ids, vectors) an in-memory index with an id map holds, in chunks."""
+    ids = index_ids(index)
+    assert ids is not None, "stored_vectors needs an in-memory index"
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        yield part, reconstruct(index, part)
+
+
 def merge_in_memory(parts: Iterable) -> object:
     """Merge IVF indexes sharing one trained quantizer into the first; ids kept.
 

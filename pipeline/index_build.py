@@ -161,14 +161,17 @@ STEP_NAMES = {  # what a person watching the build reads for each stage
 class Append:
     """Grow the previous index instead of refilling it (incremental builds).
 
-    Only ``rows`` are encoded; the previous version's entries are copied,
+    Only ``rows`` are encoded; an IVF index's previous entries are copied,
     less ``drop``: ids of images since removed or changed (a changed image
-    keeps its id, so its old entry goes and its new row comes).
+    keeps its id, so its old entry goes and its new row comes). A graph
+    cannot drop a node, so it is grown only where nothing was removed or
+    changed: ``rows`` are added to a copy of it, beside its ``copies`` table.
     """
 
     base: Path  # the previous version's index.faiss; its quantizer is reused
     rows: list[ShardRows]
     drop: np.ndarray
+    copies: np.ndarray | None = None  # a graph's copies table so far
 
 
 class Runner:
@@ -320,7 +323,8 @@ def build_from_shards(
 
     started = time.perf_counter()
     empty = None
-    if append is not None:
+    grows_graph = append is not None and not choice.is_ivf
+    if append is not None and not grows_graph:
         trained = append.base
     if choice.trains and total:
         if trained is not None:
@@ -334,11 +338,13 @@ def build_from_shards(
 
     started = time.perf_counter()
     mergeable = choice.is_ivf and empty is not None
-    adding = append.rows if append is not None and mergeable else selection
+    adding = (
+        append.rows if append is not None and (mergeable or grows_graph) else selection
+    )
     groups = (
         group_shards(adding, runner.threads, PART_BYTES // (4 * dim))
         if mergeable
-        else [list(selection)]
+        else [list(adding)]
     )
     if mergeable and (len(groups) > 1 or append is not None):
         parts = [
@@ -361,6 +367,7 @@ def build_from_shards(
             groups[0] if groups else [],
             str(folder),
             choice.on_disk and mergeable,
+            *((str(append.base), append.copies) if grows_graph else ()),
         )
     ((count, n_copies),) = runner.gather([merged])
     timer["add+merge"] = time.perf_counter() - started
@@ -536,13 +543,30 @@ def _load_trained(path: str) -> np.ndarray:
     return fx.serialize(fx.empty_copy(fx.read_index_at(path, on_disk)))
 
 
-def _fill(empty: np.ndarray | None, key: str, dim: int, group: list[ShardRows]):
+def _fill(
+    empty: np.ndarray | None,
+    key: str,
+    dim: int,
+    group: list[ShardRows],
+    base: str | None = None,
+    copies: np.ndarray | None = None,
+):
     """The filled index and its copies table: a graph index (HNSW) stores
-    each distinct vector once (pipeline/copies.py), other kinds every row."""
-    index = fx.deserialize(empty) if empty is not None else fx.new_index(key, dim)
+    each distinct vector once (pipeline/copies.py), other kinds every row.
+
+    ``base``: a graph's previous version, grown by ``group`` (its table so
+    far: ``copies``); a new row equal to a node it holds becomes a copy.
+    """
+    if base is not None:
+        index = fx.read_index_at(base, False)
+    else:
+        index = fx.deserialize(empty) if empty is not None else fx.new_index(key, dim)
     # A Flat index grows by doubling: without this its peak is ~1.5x its vectors.
-    fx.reserve(index, sum(s.count for s in group))
-    adder = DistinctAdder(index) if fx.is_graph(index) else None
+    fx.reserve(index, index.ntotal + sum(s.count for s in group))
+    adder = DistinctAdder(index, copies) if fx.is_graph(index) else None
+    if adder is not None and base is not None:
+        for ids, vectors in fx.stored_vectors(index):
+            adder.know(ids, vectors)
     for shard in group:
         ids, vectors = shard.load()
         if not len(ids):
@@ -570,14 +594,17 @@ def _add_and_place(
     group: list[ShardRows],
     folder: str,
     on_disk: bool,
+    base: str | None = None,
+    copies: np.ndarray | None = None,
 ) -> tuple[int, int]:
-    """One add task that is also the merge: Flat, HNSW, or a single IVF group.
+    """One add task that is also the merge: Flat, HNSW (``base``: grown from
+    its previous version, see :func:`_fill`), or a single IVF group.
 
     Returns the images the index answers for, its stored copies included,
     and how many of them are such copies.
     """
     _threads_here(alone=True)
-    index, copies = _fill(empty, key, dim, group)
+    index, copies = _fill(empty, key, dim, group, base, copies)
     if on_disk:
         part = Path(folder) / "part-00000.faiss"
         _write(index, part)

@@ -68,6 +68,13 @@ class IndexChoice:
             self.kind == "custom" and _is_ivf_key(self.key)
         )
 
+    @property
+    def is_graph(self) -> bool:
+        """An HNSW graph (not an IVF's coarse quantizer): grown, never merged."""
+        return not self.is_ivf and any(
+            part.startswith("HNSW") for part in self.key.split(",")
+        )
+
 
 def choose_index(
     n_vectors: int,

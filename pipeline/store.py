@@ -117,10 +117,15 @@ class StoredIndex:
         IndexDirError
             If it is truncated or its headers disagree with meta.json.
         """
-        if self._index_file is not None:
-            problem = index_problem(self._index_file, self.meta, self._dir_fd)
-            if problem:
-                raise IndexDirError(_damaged(self.path, problem))
+        problem = self.problem()
+        if problem:
+            raise IndexDirError(_damaged(self.path, problem))
+
+    def problem(self) -> str | None:
+        """What :meth:`check` finds wrong with index.faiss, or None."""
+        if self._index_file is None:
+            return None
+        return index_problem(self._index_file, self.meta, self._dir_fd)
 
     def paths_by_id(self) -> dict[int, str]:
         return {r.id: r.path for r in self.manifest}

@@ -36,7 +36,7 @@ from pipeline.lookup import rows_in_sorted
 from pipeline.reindex import reindex
 from pipeline.search import search_images
 from pipeline.shards import iter_shards, write_vectors
-from pipeline.store import IVFDATA_FILE, read_index_dir
+from pipeline.store import INDEX_FILE, IVFDATA_FILE, read_index_dir
 from pipeline.synthetic import write_vector_index
 from tests.conftest import copy_tree, crop_query
 from tests.helpers import imgindex_cmd, invoke, one_error_line
@@ -571,6 +571,16 @@ def test_incremental_ivf_appends_without_training_and_removes(
     assert "refilled" not in third.index_reason
     assert read_index_dir(out / "beach").meta.trained_for == 60
 
+    # A damaged index.faiss lends no quantizer: it is trained again.
+    with open(out / "beach" / INDEX_FILE, "r+b") as f:
+        f.truncate(4096)
+    repaired = run_build(client, data, out, partition_size=8, index=req)
+    assert (repaired.embedded, repaired.kept) == (0, "")
+    assert "kept" not in repaired.index_reason and "refilled" not in (
+        repaired.index_reason
+    )
+    assert read_index_dir(out / "beach").index.ntotal == 60
+
 
 def test_byte_copies_share_one_node_and_are_all_found(client, tmp_path, dataset):
     """Real photos on real workers: byte copies embed to the same bits, so a
@@ -589,6 +599,42 @@ def test_byte_copies_share_one_node_and_are_all_found(client, tmp_path, dataset)
     copies = {f"copy{n}-{first}" for n in range(3)}
     assert {Path(h.path).name for h in hits[:4]} == {first} | copies
     assert len({h.score for h in hits[:4]}) == 1 and hits[4].score < hits[0].score
+
+
+def test_a_graph_grows_by_added_images_and_is_built_again_after_a_removal(
+    client, tmp_path, dataset, photo_sets
+):
+    original = sorted(dataset.glob("*.jpg"))[0]
+    shutil.copyfile(original, dataset / f"copy0-{original.name}")
+    out, hnsw = tmp_path / "out", request(type="hnsw")
+    first = run_build(client, dataset, out, index=hnsw)
+    assert (first.indexed, first.copies) == (37, 1)
+
+    added = photo_sets["forest"][:5]
+    for p in added:
+        shutil.copyfile(p, dataset / f"f-{p.name}")
+    for n in (1, 2):  # copies of a node the graph holds, added now
+        shutil.copyfile(original, dataset / f"copy{n}-{original.name}")
+    grown = run_build(client, dataset, out, index=hnsw)
+    assert grown.embedded == 7
+    assert "kept 37 vectors as they were, adding 7 new to the graph" in (
+        grown.index_reason
+    )
+    assert (grown.indexed, grown.copies) == (44, 3)
+    assert grown.quality["reached"]
+    stored = read_index_dir(out / "beach")
+    assert stored.index.ntotal == 41  # the manifest's ids, each once
+    (hits,) = search_images(out / "beach", [original], k=4, turns=False)
+    copies = {f"copy{n}-{original.name}" for n in range(3)}
+    assert {Path(h.path).name for h in hits} == {original.name} | copies
+    found = search_images(out / "beach", added, k=1, turns=False)
+    assert [Path(hits[0].path).name for hits in found] == [f"f-{p.name}" for p in added]
+
+    (dataset / f"f-{added[0].name}").unlink()  # a graph cannot drop a node
+    rebuilt = run_build(client, dataset, out, index=hnsw)
+    assert "adding" not in rebuilt.index_reason
+    assert (rebuilt.indexed, rebuilt.copies) == (43, 3)
+    assert read_index_dir(out / "beach").index.ntotal == 40
 
 
 def test_batched_search_of_a_folder_and_a_list(client, tmp_path, photo_sets):
