@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline import index as fx
+from pipeline import index_build
 from pipeline.assemble import IndexRequest
 from pipeline.build import run_build
 from pipeline.copies import Copies, DistinctAdder
@@ -27,6 +28,9 @@ from pipeline.index_build import (
     Append,
     Runner,
     ShardRows,
+    _exact_topk,
+    _latency,
+    _merge_topk,
     build_from_shards,
     recall_by_score,
     sample_rows,
@@ -202,6 +206,42 @@ def test_recall_counts_ties_at_the_kth_score_as_hits():
     # Query 1 has one exact neighbour and wants no more.
     assert recall_by_score(np.array([[1, 5], [6, 9]]), scores, ids, 2) == 2 / 3
     assert recall_by_score(np.array([[1, 5], [9, 8]]), scores, ids, 2) == 1 / 3
+
+
+def test_exact_neighbours_over_shards_are_those_of_a_full_sort(tmp_path):
+    """The truth recall is measured against, with byte copies (exact ties)."""
+    vectors = np.repeat(clustered(1_000), 3, axis=0)
+    dest = index_of(tmp_path / "idx", vectors, per_shard=700)
+    stored = read_index_dir(dest)
+    ids = np.array([r.id for r in sorted(stored.manifest, key=lambda r: r.path)])
+    shards = [
+        ShardRows(str(s.path), None, len(s.records))
+        for s in iter_shards(dest / "shards")
+    ]
+    queries = clustered(50, seed=3)
+    partials = [_exact_topk((None, queries), [shard], 20) for shard in shards]
+    scores, found = _merge_topk(20, *partials)
+
+    full = queries @ vectors.T
+    expected = -np.sort(-full, axis=1)[:, :20]
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    column = {image_id: n for n, image_id in enumerate(ids.tolist())}
+    found_scores = np.array(
+        [[full[q, column[i]] for i in row] for q, row in enumerate(found.tolist())]
+    )
+    np.testing.assert_allclose(found_scores, scores, atol=1e-5)
+    assert all(len(set(row)) == 20 for row in found.tolist())
+
+
+def test_latency_times_fewer_queries_when_each_is_slow(monkeypatch):
+    vectors = clustered(2_000)
+    index = fx.build_index(np.arange(2_000, dtype=np.int64), vectors)
+    queries = clustered(300, seed=4)
+    *_, timed = _latency(index, Copies(), queries, 10)
+    assert timed == 300  # a fraction of a millisecond each: all within the second
+    monkeypatch.setattr(index_build, "LATENCY_SECONDS", 0.0)
+    p50, p99, timed = _latency(index, Copies(), queries, 10)
+    assert timed == index_build.LATENCY_MIN and 0 < p50 <= p99
 
 
 def test_recall_takes_an_exact_index_at_its_score_past_the_kept_ties():
