@@ -127,7 +127,7 @@ def flat_on_client(dest: str) -> dict:
         index.add_with_ids(vectors, ids)
     seconds = time.perf_counter() - started
     queries = shards[0].arrays()[1][:100]
-    p50, p99 = _latency(index, Copies(), queries, 10)
+    p50, p99, _ = _latency(index, Copies(), queries, 10)
     return {
         "seconds": round(seconds, 1),
         "bytes": int(n * (dim * 4 + 16)),
