@@ -34,7 +34,7 @@ DIM = 32
 class EveryRow:
     """The add before pipeline/copies.py: every copy becomes a node."""
 
-    def __init__(self, index):
+    def __init__(self, index, copies: np.ndarray | None = None):
         self.index = index
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
