@@ -29,7 +29,7 @@ from bench.index_scale import mixture  # noqa: E402 (after the path)
 PER_SHARD = 10_000
 
 
-def write_shards(folder: Path, vectors: np.ndarray, first: int) -> list:
+def write_shards(folder: Path, vectors: np.ndarray, first: int) -> tuple[list, list]:
     """Shards of ``vectors`` (images ``first``...), and their records."""
     from pipeline.discover import ImageRecord
     from pipeline.embed import ModelSpec

@@ -158,16 +158,19 @@ def decide(
     return choice, None, n_vectors
 
 
-def index_in_place(plan: Plan, request: IndexRequest, dim: int) -> str | None:
+def index_in_place(
+    plan: Plan, reusable: StoredIndex | None, request: IndexRequest, dim: int
+) -> str | None:
     """Why the index in place is already what this build would write; None if not.
 
-    Nothing was added, changed or removed and the same files failed; this
-    version of imgindex wrote it; the policy would choose the same index and
-    tune it for the same recall; and its file is whole (headers and size).
-    Then rebuilding it would spend minutes on a large collection to write the
+    ``reusable``: the plan's previous index if its file is whole (headers and
+    size, see :func:`intact`). Nothing was added, changed or removed and the
+    same files failed; this version of imgindex wrote it; and the policy
+    would choose the same index and tune it for the same recall. Then
+    rebuilding it would spend minutes on a large collection to write the
     same index again.
     """
-    previous = plan.previous
+    previous = reusable
     if previous is None or plan.to_embed or plan.removed:
         return None
     meta = previous.meta
@@ -184,8 +187,6 @@ def index_in_place(plan: Plan, request: IndexRequest, dim: int) -> str | None:
         measured.get("target") != settings.recall_target
         or measured.get("k") != settings.recall_k
     ):
-        return None
-    if intact(previous) is None:
         return None
     return f"nothing added, changed or removed since {meta.updated}"
 

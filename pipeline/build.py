@@ -270,7 +270,10 @@ def build_steps(
             plan = plan_build(root, dest, spec, rebuild)
         summary.added, summary.updated = plan.added, plan.updated
         summary.removed, summary.unchanged = plan.removed, plan.unchanged
-        kept = None if rebuild else index_in_place(plan, index, int(model.dim))
+        # Whether the index in place may be kept, grown or lend its quantizer
+        # (with --rebuild the plan has no previous index).
+        reusable = intact(plan.previous)
+        kept = index_in_place(plan, reusable, index, int(model.dim))
         if kept:
             clear_staging(staging_dir(dest))  # only shards no image needs now
             yield
@@ -374,7 +377,6 @@ def build_steps(
                     f"{missing[0].path!r}); run the build again with --rebuild"
                 )
             previous = plan.previous.meta if plan.previous else None
-            reusable = intact(plan.previous)
             choice, trained, trained_for = decide(
                 index,
                 len(manifest),

@@ -328,7 +328,7 @@ def build_from_shards(
 
     started = time.perf_counter()
     empty = None
-    grows_graph = append is not None and not choice.is_ivf
+    grows_graph = append is not None and choice.is_graph
     if append is not None and not grows_graph:
         trained = append.base
     if choice.trains and total:
