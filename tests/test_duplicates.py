@@ -10,6 +10,7 @@ real LocalCluster.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
@@ -31,9 +32,10 @@ from pipeline.traits import TRAITS, hash_distance, image_traits
 from tests.helpers import invoke, one_error_line
 
 try:
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.wait import WebDriverWait
 except ImportError:  # the browser fixture skips (or fails, in CI) without it
-    WebDriverWait = None
+    TimeoutException = WebDriverWait = None
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -304,6 +306,12 @@ def _rendered(browser, page) -> dict:
     WebDriverWait(browser, 20).until(
         lambda b: b.execute_script("return document.readyState") == "complete"
     )
+    # Thumbnails load lazily, after the page's load event: give the first
+    # group's time to arrive (the caller asserts that they did).
+    with contextlib.suppress(TimeoutException):
+        WebDriverWait(browser, 20).until(
+            lambda b: b.execute_script(_FIRST_GROUP_LOADED)
+        )
     return browser.execute_script(
         """
         const text = (sel) =>
@@ -322,6 +330,12 @@ def _rendered(browser, page) -> dict:
         };"""
     )
 
+
+_FIRST_GROUP_LOADED = """
+const first = document.querySelector(".group");
+return !first || [...first.querySelectorAll("img")].every(
+  i => i.complete && i.naturalWidth > 0);
+"""
 
 # Thumbnails load lazily: those in view must have arrived (and decoded).
 _THUMBS_IN_VIEW_LOADED = """
