@@ -183,9 +183,10 @@ def index_in_place(
     if (choice.key, choice.on_disk) != (meta.index_key, meta.on_disk):
         return None
     measured, settings = meta.quality, request.settings
+    # A collection smaller than recall-k was measured at k = its size.
+    k = min(settings.recall_k, meta.count - meta.copies)
     if measured.get("queries") and (
-        measured.get("target") != settings.recall_target
-        or measured.get("k") != settings.recall_k
+        measured.get("target") != settings.recall_target or measured.get("k") != k
     ):
         return None
     return f"nothing added, changed or removed since {meta.updated}"

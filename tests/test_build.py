@@ -19,6 +19,7 @@ from pipeline.lock import lock_index
 from pipeline.search import Searcher
 from pipeline.shards import staging_dir
 from pipeline.store import INDEX_FILE, SHARDS_DIR, read_index_dir
+from pipeline.synthetic import write_photos
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +253,17 @@ def test_an_unchanged_dataset_keeps_its_index_as_it_was(client, dataset, tmp_pat
     assert again.shards == first.shards
     assert _stamps(index_dir) == written
     assert not staging.exists()
+
+
+def test_a_collection_smaller_than_recall_k_keeps_its_index_too(client, tmp_path):
+    # Its recall was measured at k = its size, not at imgindex.index.recall-k
+    # (10): the index was rebuilt on every run before.
+    folder = tmp_path / "few"
+    write_photos(folder, 5, seed=5, max_side=320)
+    first = run_build(client, folder, tmp_path / "out")
+    assert first.quality["k"] == 5
+    again = run_build(client, folder, tmp_path / "out")
+    assert again.kept.startswith("nothing added, changed or removed since ")
 
 
 def test_a_build_rewrites_the_index_when_anything_that_shapes_it_changed(
