@@ -50,6 +50,15 @@ class Connection:
             report["job_logs"] = self.job_logs
         return report
 
+    def public_json(self) -> dict[str, Any]:
+        """:meth:`to_json` without the scheduler's address, for the service's
+        API clients: the address is where code would be sent to run."""
+        report = self.to_json()
+        address = report.pop("address")
+        if address:
+            report["reason"] = report["reason"].replace(address, "the scheduler")
+        return report
+
     def n_workers(self) -> int:
         """The most workers seen so far (late joiners count, lost ones stay)."""
         try:
@@ -286,7 +295,17 @@ def _fall_back(
 
 
 def start_local(reason: str) -> Connection:
-    """Start a LocalCluster of worker processes sized to this machine."""
+    """Start a LocalCluster of worker processes sized to this machine.
+
+    Only this process can use it. On a shared machine 127.0.0.1 is not
+    private: any local user could otherwise connect a ``Client`` and run code
+    as us. ``security=True`` makes Dask's ``Security.temporary()``: a key and
+    a self-signed certificate held in memory (never on disk), handed to the
+    workers it spawns, TLS required both ways. An in-process cluster
+    (``inproc://``) would be private too, but runs torch ~1.4x slower than
+    worker processes (DASK-NOTES.md, finding 1), so every LocalCluster is
+    secured the one way.
+    """
     from distributed import Client, LocalCluster
 
     n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
@@ -297,6 +316,7 @@ def start_local(reason: str) -> Connection:
         memory_limit=config_value(None, "imgindex.local.memory-limit"),
         dashboard_address=config_value(None, "imgindex.local.dashboard-address"),
         preload=["cluster.local_worker"],
+        security=True,
     )
     client = Client(cluster, set_as_default=False)
     logger.info("using %s (%d workers)", reason, int(n_workers))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -84,32 +85,95 @@ def can_mount_privately() -> bool:
     return probe.returncode == 0
 
 
-class RunningService:
-    """A real `imgindex serve` process on 127.0.0.1 and a free port."""
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports that process ``pid`` and its descendants listen on."""
+    import psutil
 
-    def __init__(self, index_root: Path, dataset_root: Path, token: str):
+    root = psutil.Process(pid)
+    ports = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:  # ended meanwhile
+            continue
+        ports.update(c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN)
+    return sorted(ports)
+
+
+def second_user_or_skip() -> None:
+    """Tests that act as another Unix user need root to become one (CI is root,
+    and sets IMGINDEX_REQUIRE_SECOND_USER so that there this cannot skip)."""
+    import pytest
+
+    if os.getuid() == 0:
+        return
+    if os.environ.get("IMGINDEX_REQUIRE_SECOND_USER"):
+        pytest.fail("this test must run as root, to act as a second user")
+    pytest.skip("needs root, to act as a second Unix user (nobody)")
+
+
+class Intruder:
+    """tests/intruder.py as user nobody: started early, probed once."""
+
+    def __init__(self, control: str):
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("intruder.py")), control],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def probe(self, **probes) -> dict:
+        out, err = self.process.communicate(json.dumps(probes) + "\n", timeout=120)
+        assert self.process.returncode == 0, err
+        return json.loads(out)
+
+
+class RunningService:
+    """A real `imgindex serve` process on 127.0.0.1 and a free port (or a
+    Unix socket), with a token from a file unless ``token`` is None."""
+
+    def __init__(
+        self,
+        index_root: Path,
+        dataset_root: Path | None,
+        token: str | None = None,
+        *args: str | Path,
+        env: dict | None = None,
+    ):
         import threading
 
         self.index_root = index_root
         self.dataset_root = dataset_root
-        self.token = token
-        token_file = index_root.parent / "token"
-        token_file.write_text(token + "\n")
+        flags: list[str | Path] = ["--index-root", index_root]
+        if dataset_root is not None:
+            flags += ["--dataset-root", dataset_root]
+        if token is not None:
+            token_file = index_root.parent / "token"
+            token_file.write_text(token + "\n")
+            flags += ["--token-file", token_file]
+        if "--unix-socket" not in args:
+            flags += ["--port", "0"]
         self.log: list[str] = []
         self.process = start_imgindex(
             "serve",
-            "--index-root",
-            index_root,
-            "--dataset-root",
-            dataset_root,
-            "--port",
-            "0",
-            "--token-file",
-            token_file,
+            *flags,
+            *args,
             # A small cluster: two one-thread workers, as on these 2-core machines.
-            env={"DASK_IMGINDEX__LOCAL__N_WORKERS": "2"},
+            env={"DASK_IMGINDEX__LOCAL__N_WORKERS": "2", **(env or {})},
         )
-        self.url = self._wait_for_url()
+        line = self._wait_for_url()
+        # http://127.0.0.1:PORT/?token=T, or unix:PATH (then no URL to use)
+        self.printed = line.split()[2]
+        self.login_url = self.printed
+        self.url = self.printed.split("/?")[0].rstrip("/")
+        self.token = token
+        given = re.search(r"\?token=(\S+)", line)
+        if given:
+            from urllib.parse import unquote
+
+            self.token = unquote(given[1])
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _wait_for_url(self, timeout: float = 90) -> str:
@@ -124,8 +188,8 @@ class RunningService:
                     + "".join(self.log)
                 )
             self.log.append(line)
-            if line.startswith("imgindex serve: http://"):
-                return line.split()[2].rstrip("/")
+            if line.startswith("imgindex serve: "):
+                return line
         raise AssertionError("imgindex serve did not start:\n" + "".join(self.log))
 
     def _drain(self) -> None:
@@ -134,12 +198,15 @@ class RunningService:
             self.log.append(line)
 
     def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-    def request(self, method: str, path: str, **kwargs):
+    def request(self, method: str, path: str, auth: bool = True, **kwargs):
+        """An HTTP request with the token (``auth=False``: without it)."""
         import requests
 
         kwargs.setdefault("timeout", 120)
+        if auth:
+            kwargs["headers"] = {**self.auth(), **kwargs.get("headers", {})}
         return requests.request(method, self.url + path, **kwargs)
 
     def build(self, *datasets: str, rebuild: bool = False) -> dict:
@@ -147,7 +214,6 @@ class RunningService:
             "POST",
             "/api/builds",
             json={"datasets": list(datasets), "rebuild": rebuild},
-            headers=self.auth(),
         )
         assert r.status_code == 202, r.text
         return r.json()
