@@ -19,6 +19,7 @@ import argparse
 import io
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -132,6 +133,10 @@ def reference(searcher, queries: list[tuple[str, bytes]], offset: int, n: int):
     return times, right
 
 
+# The service's token (it needs one for every route but /health).
+TOKEN = secrets.token_urlsafe(24)
+
+
 class Service:
     def __init__(self, index_root: Path, log: Path):
         self.log = log.open("w")
@@ -140,12 +145,13 @@ class Service:
             + [str(index_root), "--port", "0"],
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "IMGINDEX_SERVE_TOKEN": TOKEN},
         )
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log.write(line)
             if line.startswith("imgindex serve: http://"):
-                self.url = line.split()[2].rstrip("/")
+                self.url = line.split()[2].split("/?")[0].rstrip("/")
                 break
         else:
             raise SystemExit(f"imgindex serve did not start (see {log})")
@@ -180,6 +186,7 @@ def through_api(
 
     def client(first: int) -> None:
         session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {TOKEN}"
         for i in range(first, first + per_client):
             name, data = queries[i % len(queries)]
             started = time.perf_counter()

@@ -1199,8 +1199,22 @@ def doctor(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="A file holding the token that starting and cancelling builds need "
-    "(sent as 'Authorization: Bearer TOKEN') [env IMGINDEX_SERVE_TOKEN].",
+    help="A file holding the token every route but /health needs (sent as "
+    "'Authorization: Bearer TOKEN', or held by the page in a cookie) [env "
+    "IMGINDEX_SERVE_TOKEN; neither: a random one, printed in the URL].",
+)
+@click.option(
+    "--no-token",
+    is_flag=True,
+    help="Serve without a token: every user who can reach the service may "
+    "read every indexed image and start builds.",
+)
+@click.option(
+    "--unix-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Listen on this Unix socket (only you may connect) instead of a port: "
+    "reach it through `ssh -L PORT:SOCKET HOST`.",
 )
 def serve(
     index_root,
@@ -1212,14 +1226,18 @@ def serve(
     port,
     max_upload,
     token_file,
+    no_token,
+    unix_socket,
 ):
     """Serve the indexes under --index-root: an HTTP API and a web page.
 
     Searches run in this process (the model and each index loaded once);
     builds started through the API run on the cluster, obtained on the first
-    one as `imgindex build` obtains it.
+    one as `imgindex build` obtains it. Private by default: every route but
+    /health needs the token in the URL this prints.
     """
     import asyncio
+    import platform
     import signal
 
     from service.app import Service, ServiceSettings
@@ -1228,6 +1246,12 @@ def serve(
     _check_scheduler_options(scheduler, scheduler_file)
     if index_root.exists() and not index_root.is_dir():
         raise click.BadParameter("is not a folder", param_hint="--index-root")
+    if unix_socket is not None and (host is not None or port is not None):
+        raise click.BadParameter(
+            "listen on a Unix socket or on --host/--port, not both",
+            param_hint="--unix-socket",
+        )
+    token = _service_token(token_file, no_token)
     index_root.mkdir(parents=True, exist_ok=True)
     try:
         settings = ServiceSettings.from_config(
@@ -1236,7 +1260,8 @@ def serve(
             host=host,
             port=port,
             max_upload=max_upload,
-            token=_service_token(token_file),
+            token=token,
+            unix_socket=unix_socket,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -1244,21 +1269,31 @@ def serve(
         settings, lambda: _connect(scheduler, scheduler_file, no_fallback)
     )
 
+    def ready(url: str) -> None:
+        where = (
+            f"indexes under {_shown(str(index_root))}; builds of folders in: "
+            f"{_shown(', '.join(map(str, settings.dataset_roots)) or 'off')}"
+        )
+        from urllib.parse import quote
+
+        query = f"?token={quote(token, safe='')}" if token else ""
+        if url.startswith("unix:"):
+            local = f"http://localhost:8000/{query}"
+            click.echo(
+                f"imgindex serve: {_shown(url)} ({where}); from your computer: "
+                f"ssh -N -L 8000:{_shown(url[5:])} {platform.node()}, "
+                f"then open {local}",
+                err=True,
+            )
+        else:
+            click.echo(f"imgindex serve: {url}{query} ({where})", err=True)
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        builds = ", ".join(map(str, settings.dataset_roots)) or "off"
-        await run_service(
-            service,
-            lambda url: click.echo(
-                f"imgindex serve: {url} (indexes under {_shown(str(index_root))}; "
-                f"builds of folders in: {_shown(builds)})",
-                err=True,
-            ),
-            stop,
-        )
+        await run_service(service, ready, stop)
 
     try:
         asyncio.run(main())
@@ -1267,9 +1302,22 @@ def serve(
     click.echo("imgindex serve: stopped", err=True)
 
 
-def _service_token(token_file: Path | None) -> str | None:
+def _service_token(token_file: Path | None, no_token: bool) -> str | None:
+    """The token from --token-file, the environment, or a new random one."""
+    from service.auth import make_token
+
+    if no_token:
+        if token_file is not None:
+            raise click.BadParameter(
+                "give a token file or --no-token, not both", param_hint="--no-token"
+            )
+        logging.getLogger("pipeline.cli").warning(
+            "serving without a token (--no-token): every user who can reach "
+            "this service may read every indexed image and start builds"
+        )
+        return None
     if token_file is None:
-        return os.environ.get("IMGINDEX_SERVE_TOKEN") or None
+        return os.environ.get("IMGINDEX_SERVE_TOKEN", "").strip() or make_token()
     token = token_file.read_text().strip()
     if not token:
         raise click.BadParameter("the file is empty", param_hint="--token-file")

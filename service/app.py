@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -27,6 +29,7 @@ from pipeline import __version__
 from pipeline.config import config_value
 from pipeline.errors import ConfigError, ImgindexError
 from pipeline.search import Hit
+from service.auth import Access
 from service.builds import Build, Builds
 from service.catalog import Catalog, OpenIndex
 from service.handlers import (
@@ -36,20 +39,23 @@ from service.handlers import (
     Duplicates,
     Health,
     Image,
+    ImageInfo,
     Indexes,
     IndexInfo,
+    LegacyBuild,
     Metrics,
     NotFound,
     OpenApi,
     Query,
     Search,
+    Status,
     Thumbnail,
 )
 from service.metrics import Metrics as MetricsRegistry
+from service.pages import STATIC_DIR, Page, Static
 
 logger = logging.getLogger(__name__)
 
-STATIC = Path(__file__).with_name("static")
 THUMBNAILS_KEPT = 4096  # thumbnails cached in memory (~6 KiB each at 160 px)
 
 
@@ -65,8 +71,11 @@ class ServiceSettings:
     max_k: int = 100
     max_builds: int = 4
     turns: bool = False
-    token: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)  # None: --no-token
     device: str = "cpu"
+    unix_socket: Path | None = None  # listen there instead of host:port
+    same_image: float = 0.5  # a hit scoring below this is another image
+    max_image_pixels: int = 89_478_485
 
     @classmethod
     def from_config(cls, index_root: Path, **flags: Any) -> ServiceSettings:
@@ -101,10 +110,14 @@ class ServiceSettings:
         roots = flags.get("dataset_roots") or config_value(
             None, "imgindex.serve.dataset-roots"
         )
+        socket = flags.get("unix_socket")
         return cls(
             index_root=Path(index_root).resolve(),
             dataset_roots=tuple(Path(r).resolve() for r in roots or ()),
             token=flags.get("token"),
+            unix_socket=Path(socket).absolute() if socket else None,
+            same_image=float(config_value(None, "imgindex.duplicates.threshold")),
+            max_image_pixels=int(config_value(None, "imgindex.max-image-pixels")),
             **values,
         )
 
@@ -114,6 +127,7 @@ class Service:
 
     def __init__(self, settings: ServiceSettings, connect: Callable[[], Any]):
         self.settings = settings
+        self.access = Access(settings.token)
         self.catalog = Catalog(settings.index_root, settings.device)
         self.builds = Builds(
             settings.index_root,
@@ -129,7 +143,10 @@ class Service:
         # One forward pass at a time: torch spreads each over every core, and
         # two at once only slow each other down.
         self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="imgindex-model")
-        self.allowed_hosts = _loopback_names(settings.host)
+        # A Unix socket is reached through a tunnel to a loopback port.
+        self.allowed_hosts = _loopback_names(
+            "localhost" if settings.unix_socket else settings.host
+        )
         self._thumbnails: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._thumbnails_lock = threading.Lock()
         self._reports: dict[tuple, dict[str, Any] | None] = {}
@@ -208,7 +225,8 @@ class Service:
     def start_build(self, datasets: list[str], rebuild: bool) -> Build:
         return self.builds.start(datasets, rebuild)
 
-    def health(self) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
+        """What the page's header shows (the token's holders only)."""
         conn = self.builds.connection
         return {
             "status": "ok",
@@ -217,8 +235,9 @@ class Service:
             "indexes": len(self.catalog.names()),
             "builds_running": self.builds.running(),
             "builds_allowed": bool(self.settings.dataset_roots),
-            "token_required": self.settings.token is not None,
-            "cluster": conn.to_json() if conn is not None else None,
+            "token_required": self.access.required,
+            "same_image": self.settings.same_image,
+            "cluster": conn.public_json() if conn is not None else None,
         }
 
     def close(self) -> None:
@@ -248,13 +267,10 @@ def make_app(service: Service) -> tornado.web.Application:
     image = r"(?P<image_id>[^/]+)"
     return tornado.web.Application(
         [
-            (r"/", tornado.web.RedirectHandler, {"url": "/static/index.html"}),
-            (
-                r"/static/(.*)",
-                tornado.web.StaticFileHandler,
-                {"path": str(STATIC)},
-            ),
+            (r"/", Page),
+            (r"/static/(.*)", Static, {"path": str(STATIC_DIR)}),
             (r"/health", Health),
+            (r"/api/status", Status),
             (r"/metrics", Metrics),
             (r"/api/openapi.json", OpenApi),
             (r"/api/indexes", Indexes),
@@ -262,10 +278,12 @@ def make_app(service: Service) -> tornado.web.Application:
             (rf"/api/indexes/{name}/search", Search),
             (rf"/api/indexes/{name}/images/{image}", Image),
             (rf"/api/indexes/{name}/images/{image}/thumbnail", Thumbnail),
+            (rf"/api/indexes/{name}/images/{image}/info", ImageInfo),
             (rf"/api/indexes/{name}/duplicates", Duplicates),
             (r"/api/datasets", Datasets),
             (r"/api/builds", BuildList),
             (r"/api/builds/(?P<build_id>[^/]+)", BuildOne),
+            (r"/api/build_index", LegacyBuild),
         ],
         default_handler_class=NotFound,
         service=service,
@@ -278,10 +296,10 @@ def make_app(service: Service) -> tornado.web.Application:
 async def serve(
     service: Service, ready: Callable[[str], None], stop: asyncio.Event
 ) -> None:
-    """Listen on the settings' host and port until ``stop`` is set.
+    """Listen on the settings' Unix socket, or host and port, until ``stop`` is set.
 
-    ``ready(url)`` is called once the socket listens (with the real port when
-    0 was asked for).
+    ``ready(url)`` is called once the socket listens: ``http://HOST:PORT/``
+    (with the real port when 0 was asked for) or ``unix:PATH``.
     """
     from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
@@ -290,19 +308,79 @@ async def serve(
     app = make_app(service)
     # The search route reads its own, larger limit (handlers.Search.prepare).
     server = HTTPServer(app, max_body_size=1 * 2**20, xheaders=False)
-    try:
-        sockets = bind_sockets(settings.port, settings.host)
-    except OSError as e:
-        raise ImgindexError(
-            f"cannot listen on {settings.host}:{settings.port}: {e.strerror}; "
-            "choose another --port or --host"
-        ) from None
+    if settings.unix_socket is not None:
+        sockets = [bind_private_socket(settings.unix_socket)]
+        url = f"unix:{settings.unix_socket}"
+    else:
+        try:
+            sockets = bind_sockets(settings.port, settings.host)
+        except OSError as e:
+            raise ImgindexError(
+                f"cannot listen on {settings.host}:{settings.port}: {e.strerror}; "
+                "choose another --port or --host"
+            ) from None
+        port = sockets[0].getsockname()[1]
+        host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+        url = f"http://{host}:{port}/"
     server.add_sockets(sockets)
-    port = sockets[0].getsockname()[1]
-    host = settings.host if ":" not in settings.host else f"[{settings.host}]"
-    ready(f"http://{host}:{port}/")
+    ready(url)
     try:
         await stop.wait()
     finally:
         server.stop()
         await server.close_all_connections()
+        if settings.unix_socket is not None:
+            settings.unix_socket.unlink(missing_ok=True)
+
+
+def bind_private_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path`` that only this user may connect to.
+
+    A socket file left by a service of ours that is gone is replaced; any
+    other file at ``path``, or a socket something still answers on, is an
+    error: imgindex removes nothing it did not make.
+
+    Raises
+    ------
+    ImgindexError
+        Naming the path and what is in the way.
+    """
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise ImgindexError(f"--unix-socket {path}: {e.strerror}") from None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+            raise ImgindexError(
+                f"--unix-socket {path} exists and is not a socket of yours; "
+                "imgindex does not replace it: choose another path"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # a socket nothing listens on: a service that died
+        else:
+            raise ImgindexError(
+                f"--unix-socket {path} is in use by a running service; stop it "
+                "or choose another path"
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Created private, not made private after: no moment where another
+    # user could connect.
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise ImgindexError(f"--unix-socket {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.setblocking(False)
+    sock.listen(128)
+    return sock

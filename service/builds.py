@@ -8,6 +8,7 @@ Each build keeps the state `--progress-file` would write, in memory.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -46,12 +47,42 @@ class Build:
         return self.thread is not None and self.thread.is_alive()
 
     def to_json(self) -> dict[str, Any]:
-        """The progress file's JSON, plus the build's id and summaries."""
-        return self.progress.snapshot() | {
-            "id": self.id,
-            "rebuild": self.rebuild,
-            "summaries": list(self.summaries),
+        """The progress file's JSON, plus the build's id and summaries, with
+        no address of the cluster in it (see :func:`withhold_addresses`)."""
+        return withhold_addresses(
+            self.progress.snapshot()
+            | {
+                "id": self.id,
+                "rebuild": self.rebuild,
+                "summaries": [_numbered_workers(s) for s in self.summaries],
+            }
+        )
+
+
+_ADDRESS = re.compile(r"\b(?:tcp|tls|ucx|inproc|ws|wss)://[^\s'\",;)\]]+")
+
+
+def withhold_addresses(data: Any) -> Any:
+    """``data`` with every Dask address in its texts replaced: the service's
+    clients are shown what a build did, never where its cluster listens."""
+    if isinstance(data, str):
+        return _ADDRESS.sub("<address withheld>", data)
+    if isinstance(data, dict):
+        return {withhold_addresses(k): withhold_addresses(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [withhold_addresses(v) for v in data]
+    return data
+
+
+def _numbered_workers(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary's images per worker, keyed "worker 1", ... not by address."""
+    workers = summary.get("workers") or {}
+    return summary | {
+        "workers": {
+            f"worker {i}": workers[address]
+            for i, address in enumerate(sorted(workers), start=1)
         }
+    }
 
 
 class Builds:
@@ -238,7 +269,7 @@ class Builds:
         progress = build.progress
         try:
             conn = self._connection()
-            progress.set_cluster(conn.to_json())
+            progress.set_cluster(conn.public_json())
             build.cancel.check()
             spec = ModelSpec.from_config()
             setup_workers(conn.client, spec)

@@ -130,8 +130,9 @@ class Catalog:
             "model": m.model,
             "dim": m.dim,
             "index_key": m.index_key,
+            "index_kind": m.index_kind,
             "source": m.source,
-            "updated": m.updated,
+            "updated": m.updated or m.created,
             "duplicates": (path / DUPLICATES_FILE).is_file(),
         }
 

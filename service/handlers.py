@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import io
 import json
 import logging
-import mimetypes
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import tornado.web
-from tornado.httputil import parse_body_arguments
+from tornado.httputil import HTTPInputError, parse_body_arguments
 
 from pipeline.discover import image_id
 from pipeline.errors import DecodeError, ImgindexError
+from service.auth import SECURITY_HEADERS, cross_origin
 from service.errors import ApiError
+from service.images import describe_image_file, read_image_file
 
 if TYPE_CHECKING:
     from service.app import Service
+    from service.builds import Build
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +33,41 @@ class ApiHandler(tornado.web.RequestHandler):
     """JSON answers; errors as ``{"error": "..."}`` and a 4xx (5xx only for bugs)."""
 
     route = "api"
+    public = False  # True: answered without the token (/health alone)
 
     @property
     def service(self) -> Service:
         return self.application.settings["service"]
 
     def prepare(self) -> None:
+        self.guard()
+
+    def guard(self) -> None:
+        """Refuse a foreign Host, a missing or wrong token, and a page of
+        another origin that tries to change something."""
         self.check_host()
+        if self.public:
+            return
+        access = self.service.access
+        by = access.how_authorized(
+            self.request.headers.get("Authorization", ""),
+            self.get_cookie(access.cookie_name) if access.required else None,
+        )
+        if by is None:
+            raise ApiError(
+                401,
+                "this service needs its token: open the URL `imgindex serve` "
+                "printed, or send 'Authorization: Bearer TOKEN'",
+            )
+        why = cross_origin(
+            self.request.method or "GET",
+            self.request.headers.get("Origin"),
+            self.request.headers.get("Sec-Fetch-Site"),
+            f"{self.request.protocol}://{self.request.host}",
+            by,
+        )
+        if why is not None:
+            raise ApiError(403, why)
 
     def check_host(self) -> None:
         """Refuse a Host this service was not asked to answer to.
@@ -53,7 +82,8 @@ class ApiHandler(tornado.web.RequestHandler):
             raise ApiError(403, f"this service does not answer to host {host!r}")
 
     def set_default_headers(self) -> None:
-        self.set_header("X-Content-Type-Options", "nosniff")
+        for name, value in SECURITY_HEADERS.items():
+            self.set_header(name, value)
         self.set_header("Cache-Control", "no-store")
 
     def send_json(self, data: Any, status: int = 200) -> None:
@@ -91,23 +121,11 @@ class ApiHandler(tornado.web.RequestHandler):
             data = json.loads((self.request.body if raw is None else raw) or b"{}")
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return data
-
-    def require_token(self) -> None:
-        """Refuse a request that starts or stops builds without the token."""
-        token = self.service.settings.token
-        if token is None:
-            return
-        given = self.request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        ):
-            raise ApiError(
-                401, "this service needs its token: send 'Authorization: Bearer TOKEN'"
-            )
 
     async def in_thread(self, fn, *args: Any) -> Any:
         """Run ``fn`` in the service's I/O pool, off the event loop."""
@@ -119,15 +137,27 @@ class NotFound(ApiHandler):
     route = "unknown"
 
     def prepare(self) -> None:
-        self.check_host()
+        self.guard()
         raise ApiError(404, f"no such route: {self.request.method} {self.request.path}")
 
 
 class Health(ApiHandler):
+    """``GET /health``: up or not, and nothing else, to anyone."""
+
     route = "health"
+    public = True
+
+    def get(self) -> None:
+        self.send_json({"status": "ok"})
+
+
+class Status(ApiHandler):
+    """``GET /api/status``: what the page's header line shows."""
+
+    route = "status"
 
     async def get(self) -> None:
-        self.send_json(await self.in_thread(self.service.health))
+        self.send_json(await self.in_thread(self.service.status))
 
 
 class Metrics(ApiHandler):
@@ -178,7 +208,7 @@ class Search(ApiHandler):
     route = "search"
 
     def prepare(self) -> None:
-        self.check_host()
+        self.guard()
         self.started = time.perf_counter()
         self.limit = self.service.settings.max_upload
         self.body = bytearray()
@@ -238,7 +268,10 @@ class Search(ApiHandler):
         if ctype.startswith("multipart/form-data"):
             args: dict[str, list[bytes]] = {}
             files: dict[str, list[Any]] = {}
-            parse_body_arguments(ctype, bytes(self.body), args, files)
+            try:
+                parse_body_arguments(ctype, bytes(self.body), args, files)
+            except HTTPInputError as e:
+                raise ApiError(400, f"the form cannot be read: {e}") from None
             uploads = files.get("image") or []
             if not uploads:
                 raise ApiError(400, "the form has no file field named 'image'")
@@ -367,16 +400,33 @@ class Image(ApiHandler):
     async def get(self, name: str, image_id: str) -> None:
         opened = await self.in_thread(self.service.catalog.open, name)
         path = opened.file(_image_id(image_id))
-        try:
-            data = await self.in_thread(path.read_bytes)
-        except OSError as e:
-            raise ApiError(
-                404, f"image file {str(path)!r} is unreadable now: {e.strerror}"
-            ) from None
-        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        self.set_header("Content-Type", kind)
+        image = await self.in_thread(
+            read_image_file, path, self.service.settings.max_image_pixels
+        )
+        how = "attachment" if self.get_query_argument("download", "") else "inline"
+        self.set_header("Content-Type", image.content_type)
+        self.set_header(
+            "Content-Disposition",
+            f"{how}; filename*=UTF-8''{quote(image.filename, safe='')}",
+        )
         self.set_header("Cache-Control", "private, max-age=60")
-        self.finish(data)
+        self.finish(image.data)
+
+
+class ImageInfo(ApiHandler):
+    """``GET /api/indexes/<name>/images/<id>/info``: path, size, format, date."""
+
+    route = "image-info"
+
+    async def get(self, name: str, image_id: str) -> None:
+        opened = await self.in_thread(self.service.catalog.open, name)
+        number = _image_id(image_id)
+        path = opened.file(number)
+        info = await self.in_thread(describe_image_file, path)
+        self.send_json(
+            {"id": str(number), "relpath": opened.relpath(number), "path": str(path)}
+            | info
+        )
 
 
 class Thumbnail(ApiHandler):
@@ -427,13 +477,17 @@ class Duplicates(ApiHandler):
             for group in groups[offset : offset + limit]
         ]
         report = {k: v for k, v in report.items() if k != "duplicate_groups"}
-        for key in ("outliers", "broken"):
-            report[key] = report.get(key, [])[:LISTED]
+        report["outliers"] = [
+            o | {"id": str(image_id(o["path"]))}
+            for o in report.get("outliers", [])[:LISTED]
+        ]
+        report["broken"] = report.get("broken", [])[:LISTED]
         report["flagged"] = {
             flag: entry
             | {
                 "count": len(entry.get("images", [])),
                 "images": entry.get("images", [])[:LISTED],
+                "ids": [str(image_id(p)) for p in entry.get("images", [])[:LISTED]],
             }
             for flag, entry in (report.get("flagged") or {}).items()
         }
@@ -458,23 +512,52 @@ class BuildList(ApiHandler):
         self.send_json({"builds": [b.to_json() for b in self.service.builds.list()]})
 
     async def post(self) -> None:
-        self.require_token()
-        # JSON only: a form on another site can post text/plain to this
-        # address without asking the browser first; JSON needs a preflight.
-        if not self.request.headers.get("Content-Type", "").startswith(
-            "application/json"
-        ):
-            raise ApiError(415, "send the build request as application/json")
-        body = self.json_body()
+        body = self.json_request("the build request")
         datasets = body.get("datasets")
         if not isinstance(datasets, list) or not all(
             isinstance(d, str) for d in datasets
         ):
             raise ApiError(400, "'datasets' must be a list of folder names or paths")
         rebuild = _flag(body.get("rebuild"), "rebuild") or False
+        build = await self.start(datasets, rebuild)
+        self.send_json(build.to_json(), status=202)
+
+    def json_request(self, what: str) -> dict[str, Any]:
+        # JSON only: a form on another site can post text/plain to this
+        # address without asking the browser first; JSON needs a preflight.
+        if not self.request.headers.get("Content-Type", "").startswith(
+            "application/json"
+        ):
+            raise ApiError(415, f"send {what} as application/json")
+        return self.json_body()
+
+    async def start(self, datasets: list[str], rebuild: bool) -> Build:
         build = await self.in_thread(self.service.start_build, datasets, rebuild)
         self.set_header("Location", f"/api/builds/{build.id}")
-        self.send_json(build.to_json(), status=202)
+        return build
+
+
+class LegacyBuild(BuildList):
+    """``POST /api/build_index``: the Flask service's build request, kept for
+    its clients: ``{"dataset_names": [...], "distributed": true}``."""
+
+    route = "build_index"
+
+    def get(self) -> None:
+        raise ApiError(405, "POST the build request here")
+
+    async def post(self) -> None:
+        body = self.json_request("the build request")
+        names = body.get("dataset_names")
+        if not isinstance(names, list) or not all(isinstance(d, str) for d in names):
+            raise ApiError(400, "'dataset_names' must be a list of dataset names")
+        # Every build runs on the Dask cluster: the old service's choice of a
+        # distributed build or one in its own process has no meaning here.
+        _flag(body.get("distributed"), "distributed")
+        rebuild = _flag(body.get("rebuild"), "rebuild") or False
+        build = await self.start(names, rebuild)
+        # Its clients read "build_id"; the rest is what /api/builds/ID answers.
+        self.send_json(build.to_json() | {"build_id": build.id}, status=202)
 
 
 class BuildOne(ApiHandler):
@@ -484,7 +567,6 @@ class BuildOne(ApiHandler):
         self.send_json(self.service.builds.get(build_id).to_json())
 
     async def delete(self, build_id: str) -> None:
-        self.require_token()
         build = self.service.builds.get(build_id)
         if build.running:
             await self.in_thread(self.service.builds.cancel, build_id)

@@ -20,6 +20,13 @@ def _error(text: str) -> dict[str, Any]:
     }
 
 
+def _html(text: str) -> dict[str, Any]:
+    return {
+        "description": text,
+        "content": {"text/html": {"schema": {"type": "string"}}},
+    }
+
+
 def _json(text: str, schema: str) -> dict[str, Any]:
     return {
         "description": text,
@@ -49,7 +56,10 @@ _BUILD_ID = {
     "required": True,
     "schema": {"type": "string"},
 }
-_TOKEN = [{}, {"token": []}]  # a token only when the service was given one
+_TOKEN = [{"token": []}]  # every route but /health (and /, which asks for it)
+
+# A name or path: any text without NUL, which no file system takes in a name.
+_DATASET_NAME = {"type": "string", "minLength": 1, "pattern": "^[^\\x00]+$"}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -58,6 +68,13 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {"error": {"type": "string"}},
     },
     "Health": {
+        "description": "Up; nothing more, to anyone.",
+        "type": "object",
+        "required": ["status"],
+        "additionalProperties": False,
+        "properties": {"status": {"type": "string", "enum": ["ok"]}},
+    },
+    "Status": {
         "type": "object",
         "required": ["status", "version", "indexes", "builds_running"],
         "properties": {
@@ -68,7 +85,16 @@ _SCHEMAS: dict[str, Any] = {
             "builds_running": {"type": "integer"},
             "builds_allowed": {"type": "boolean"},
             "token_required": {"type": "boolean"},
-            "cluster": {"type": "object", "nullable": True},
+            "same_image": {
+                "type": "number",
+                "description": "Hits scoring below this are other images "
+                "(imgindex.duplicates.threshold).",
+            },
+            "cluster": {
+                "type": "object",
+                "nullable": True,
+                "description": "`build --json`'s cluster, without the address.",
+            },
         },
     },
     "IndexList": {
@@ -86,6 +112,8 @@ _SCHEMAS: dict[str, Any] = {
                         "count": {"type": "integer"},
                         "model": {"type": "string"},
                         "dim": {"type": "integer"},
+                        "index_key": {"type": "string"},
+                        "index_kind": {"type": "string"},
                         "updated": {"type": "string"},
                         "duplicates": {"type": "boolean"},
                         "error": {"type": "string"},
@@ -171,6 +199,37 @@ _SCHEMAS: dict[str, Any] = {
             "page": {"type": "array", "items": {"type": "object"}},
         },
     },
+    "ImageInfo": {
+        "type": "object",
+        "required": ["id", "relpath", "path", "bytes", "modified"],
+        "properties": {
+            "id": {"type": "string"},
+            "relpath": {"type": "string"},
+            "path": {"type": "string"},
+            "bytes": {"type": "integer"},
+            "modified": {"type": "string", "format": "date-time"},
+            "width": {"type": "integer", "nullable": True},
+            "height": {"type": "integer", "nullable": True},
+            "format": {"type": "string", "nullable": True},
+        },
+    },
+    "LegacyBuildRequest": {
+        "description": "The build request of the Flask service imgindex replaces.",
+        "type": "object",
+        "required": ["dataset_names"],
+        "properties": {
+            "dataset_names": {
+                "type": "array",
+                "minItems": 1,
+                "items": _DATASET_NAME,
+            },
+            "distributed": {
+                "type": "boolean",
+                "description": "Accepted and ignored: every build runs on Dask.",
+            },
+            "rebuild": {"type": "boolean"},
+        },
+    },
     "Datasets": {
         "type": "object",
         "required": ["roots", "datasets"],
@@ -186,7 +245,7 @@ _SCHEMAS: dict[str, Any] = {
             "datasets": {
                 "type": "array",
                 "minItems": 1,
-                "items": {"type": "string", "minLength": 1},
+                "items": _DATASET_NAME,
                 "description": "Folder names under a dataset root, or paths in one.",
             },
             "rebuild": {"type": "boolean"},
@@ -213,6 +272,10 @@ _SCHEMAS: dict[str, Any] = {
             "datasets": {"type": "array", "items": {"type": "object"}},
             "summaries": {"type": "array", "items": {"type": "object"}},
             "error": {"type": "string"},
+            "build_id": {
+                "type": "string",
+                "description": "The id again, as /api/build_index answered it.",
+            },
         },
     },
     "BuildList": {
@@ -227,6 +290,24 @@ _SCHEMAS: dict[str, Any] = {
 
 def openapi() -> dict[str, Any]:
     """The description, with this version of imgindex."""
+    spec = _description()
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            if operation.get("security") == []:
+                continue
+            responses = operation["responses"]
+            responses.setdefault("401", _error("The token is missing or wrong."))
+            responses.setdefault(
+                "403",
+                _error(
+                    "A Host that is not this service's, or a page of another "
+                    "origin changing something."
+                ),
+            )
+    return spec
+
+
+def _description() -> dict[str, Any]:
     no_index = _error("No such index.")
     return {
         "openapi": "3.0.3",
@@ -234,19 +315,44 @@ def openapi() -> dict[str, Any]:
             "title": "imgindex",
             "version": __version__,
             "description": "Search the FAISS indexes under one folder, and build "
-            "them on a Dask cluster. Every 4xx answers a one-line JSON error. "
-            "Bound to loopback, the service answers 403 to any Host but a "
-            "loopback name.",
+            "them on a Dask cluster. Every route but /health needs the service's "
+            "token (a bearer token, or the cookie the page gets from /?token=). "
+            "Every 4xx answers a one-line JSON error. Bound to loopback, the "
+            "service answers 403 to any Host but a loopback name.",
         },
         "components": {
             "schemas": _SCHEMAS,
             "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
         },
+        "security": _TOKEN,
         "paths": {
             "/health": {
                 "get": {
-                    "summary": "The service is up; what it holds and runs.",
+                    "summary": "The service is up (nothing more, to anyone).",
+                    "security": [],
                     "responses": {"200": _json("Up.", "Health")},
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The page; with ?token=TOKEN, sets the cookie the "
+                    "page uses and sends the browser on to /.",
+                    "security": [],
+                    "parameters": [
+                        {"name": "token", "in": "query", "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": _html("The page."),
+                        "303": {"description": "The token was taken: on to /."},
+                        "401": _html("No token: a form asking for it."),
+                        "403": _error("A Host that is not this service's."),
+                    },
+                }
+            },
+            "/api/status": {
+                "get": {
+                    "summary": "What the service holds and runs.",
+                    "responses": {"200": _json("The status.", "Status")},
                 }
             },
             "/metrics": {
@@ -310,9 +416,34 @@ def openapi() -> dict[str, Any]:
                     "parameters": [_NAME, _ID],
                     "responses": {
                         "200": {
-                            "description": "The file as it is on disk.",
-                            "content": {"image/*": {"schema": {"type": "string"}}},
+                            "description": "The file as it is on disk when a "
+                            "browser shows its format, else a PNG of it; the type "
+                            "is read from the bytes, never from the name.",
+                            "content": {
+                                kind: {"schema": {"type": "string"}}
+                                for kind in (
+                                    "image/jpeg",
+                                    "image/png",
+                                    "image/gif",
+                                    "image/webp",
+                                    "image/bmp",
+                                )
+                            },
                         },
+                        "400": _error("Not an image id."),
+                        "403": _error("The file lies outside the dataset."),
+                        "404": _error("No such index or image, or its file is gone."),
+                        "409": _error("The index cannot be read now."),
+                        "415": _error("The file is not an image (any more)."),
+                    },
+                }
+            },
+            "/api/indexes/{name}/images/{image_id}/info": {
+                "get": {
+                    "summary": "An indexed image's path, size, format and date.",
+                    "parameters": [_NAME, _ID],
+                    "responses": {
+                        "200": _json("About the file.", "ImageInfo"),
                         "400": _error("Not an image id."),
                         "403": _error("The file lies outside the dataset."),
                         "404": _error("No such index or image, or its file is gone."),
@@ -387,7 +518,6 @@ def openapi() -> dict[str, Any]:
                 "post": {
                     "summary": "Start building indexes of dataset folders; answers "
                     "at once with the build's id.",
-                    "security": _TOKEN,
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -399,7 +529,6 @@ def openapi() -> dict[str, Any]:
                     "responses": {
                         "202": _json("Started.", "Build"),
                         "400": _error("A bad request or a folder without images."),
-                        "401": _error("The token is missing or wrong."),
                         "403": _error("Outside the dataset roots, or builds are off."),
                         "404": _error("No such dataset folder."),
                         "409": _error("That index is being built now."),
@@ -419,12 +548,35 @@ def openapi() -> dict[str, Any]:
                 },
                 "delete": {
                     "summary": "Cancel a running build; its finished work is kept.",
-                    "security": _TOKEN,
                     "parameters": [_BUILD_ID],
                     "responses": {
                         "202": _json("Stopping (or already over).", "Build"),
-                        "401": _error("The token is missing or wrong."),
                         "404": _error("No such build."),
+                    },
+                },
+            },
+            "/api/build_index": {
+                "post": {
+                    "summary": "The Flask service's build request, for its old "
+                    "clients; follow the answer's build_id at /api/builds/ID.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "$ref": "#/components/schemas/LegacyBuildRequest"
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _json("Started.", "Build"),
+                        "400": _error("A bad request or a folder without images."),
+                        "403": _error("Outside the dataset roots, or builds are off."),
+                        "404": _error("No such dataset folder."),
+                        "409": _error("That index is being built now."),
+                        "415": _error("Not application/json."),
+                        "429": _error("Too many builds are running."),
                     },
                 },
             },

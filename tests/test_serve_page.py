@@ -5,7 +5,11 @@ Screenshots go to test-artifacts/ (serve-*.png): look at them.
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
+from PIL import Image
 
 from pipeline.synthetic import write_photos
 from tests.conftest import ARTIFACTS, crop_query
@@ -31,12 +35,15 @@ def beach(service):
     return service
 
 
-def _open(browser, url: str) -> None:
+def _open(browser, service) -> None:
+    """The page, entered as a user does: through the URL `imgindex serve`
+    printed, which trades the token for the cookie and lands on /."""
     browser.get_log("browser")  # forget what an earlier test left there
-    browser.get(url)
+    browser.get(service.login_url)
     WebDriverWait(browser, 20).until(
         lambda b: b.execute_script("return document.readyState") == "complete"
     )
+    assert browser.current_url == service.url + "/"  # the token left the address
 
 
 def _wait_for_option(browser, select: str, value: str, seconds: float) -> None:
@@ -64,7 +71,7 @@ def _shot(browser, name: str) -> None:
 def test_upload_a_query_and_see_its_source_first(beach, browser, photo_sets, tmp_path):
     source = photo_sets["beach"][7]
     query = crop_query(source, tmp_path / "query.jpg")
-    _open(browser, beach.url + "/")
+    _open(browser, beach)
     _wait_for_option(browser, "index-select", "beach", 20)
     Select(browser.find_element(By.ID, "index-select")).select_by_value("beach")
     browser.find_element(By.ID, "query-file").send_keys(str(query))
@@ -101,7 +108,7 @@ def test_upload_a_query_and_see_its_source_first(beach, browser, photo_sets, tmp
 
 def test_start_a_build_and_watch_it_reach_100_percent(service, browser):
     write_photos(service.dataset_root / "garden", 60, seed=51, max_side=320)
-    _open(browser, service.url + "/")
+    _open(browser, service)
     browser.find_element(By.CSS_SELECTOR, "button.tab[data-tab=builds]").click()
     box = WebDriverWait(browser, 20).until(
         lambda b: b.find_element(
@@ -109,10 +116,6 @@ def test_start_a_build_and_watch_it_reach_100_percent(service, browser):
         )
     )
     box.click()
-    token = browser.find_element(By.ID, "token")
-    assert token.is_displayed()  # the service was started with a token
-    token.clear()
-    token.send_keys(service.token)
     browser.find_element(By.ID, "build-start").click()
 
     # The list is drawn anew as the build goes: read it in one script call,
@@ -147,7 +150,7 @@ def test_start_a_build_and_watch_it_reach_100_percent(service, browser):
 
 def test_browse_the_duplicate_groups(service, album, browser):
     report = service.request("GET", "/api/indexes/album/duplicates").json()
-    _open(browser, service.url + "/")
+    _open(browser, service)
     _wait_for_option(browser, "dup-index", "album", 20)
     Select(browser.find_element(By.ID, "dup-index")).select_by_value("album")
     browser.find_element(By.CSS_SELECTOR, "button.tab[data-tab=duplicates]").click()
@@ -170,3 +173,174 @@ def test_browse_the_duplicate_groups(service, album, browser):
     assert summary.startswith(f"{len(album)} of {len(album)} images in 2 groups")
     assert not _severe(browser)
     _shot(browser, "duplicates")
+
+
+def _hits_shown(browser) -> list[dict]:
+    return browser.execute_script(
+        """return [...document.querySelectorAll('#results > li')].map(li => ({
+             cut: li.classList.contains('cut'),
+             faint: li.classList.contains('faint'),
+             id: li.dataset.id, path: li.dataset.path,
+             score: li.querySelector('.score') ?
+               Number(li.querySelector('.score').textContent) : null}))"""
+    )
+
+
+def test_other_images_are_faded_and_any_hit_finds_more_like_it(
+    service, album, browser, tmp_path
+):
+    """A crop of one photo of the album: its copies score as the same image,
+    the other photo's copies fall below the duplicates threshold, faded after
+    a line that says so; "More like this" on one of those searches by id."""
+    from skimage import data
+
+    query = tmp_path / "cat.jpg"
+    Image.fromarray(data.chelsea()[40:260, 60:400]).save(query, quality=80)
+    _open(browser, service)
+    _wait_for_option(browser, "index-select", "album", 20)
+    Select(browser.find_element(By.ID, "index-select")).select_by_value("album")
+    k = browser.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys(str(len(album)))
+    browser.find_element(By.ID, "query-file").send_keys(str(query))
+    WebDriverWait(browser, 60).until(
+        lambda b: len([h for h in _hits_shown(b) if not h["cut"]]) == len(album)
+    )
+    shown = _hits_shown(browser)
+    cut = [i for i, h in enumerate(shown) if h["cut"]]
+    assert len(cut) == 1, shown  # one line where "the same image" stops
+    above, below = shown[: cut[0]], shown[cut[0] + 1 :]
+    assert above and below
+    assert all(h["score"] >= 0.5 and not h["faint"] for h in above)
+    assert all(h["score"] < 0.5 and h["faint"] for h in below)
+    assert {album[h["path"]] for h in above} == {"chelsea"}
+    assert {album[h["path"]] for h in below} == {"coffee"}
+    status = browser.find_element(By.ID, "search-status").text
+    assert f"{len(above)} at 0.50 or more" in status, status
+    _shot(browser, "search-faded")
+
+    # More like one of the faded ones: a search by its id, itself first.
+    other = below[0]
+    target = f"#results li[data-id='{other['id']}'] button.like"
+    browser.find_element(By.CSS_SELECTOR, target).click()
+    WebDriverWait(browser, 60).until(
+        lambda b: _hits_shown(b) and _hits_shown(b)[0]["id"] == other["id"]
+    )
+    first = _hits_shown(browser)[0]
+    assert first["score"] > 0.999
+    label = browser.find_element(By.ID, "query-label")
+    assert label.is_displayed() and label.text == f"more like {other['path']}"
+    assert not _severe(browser)
+    _shot(browser, "search-more-like-this")
+
+    # A hit opens larger, with its path, size, format and date.
+    browser.find_element(By.CSS_SELECTOR, "#results li.hit button.thumb").click()
+    WebDriverWait(browser, 20).until(
+        lambda b: "pixels" in b.find_element(By.ID, "preview-facts").text
+    )
+    facts = browser.find_element(By.ID, "preview-facts").text
+    source = service.dataset_root / "album" / first["path"]
+    with Image.open(source) as im:
+        assert f"{im.width} × {im.height} pixels" in facts
+    assert str(source) in facts and "JPEG" in facts and " ago" in facts
+    WebDriverWait(browser, 20).until(
+        lambda b: b.execute_script(
+            "const i = document.getElementById('preview-image');"
+            "return i.complete && i.naturalWidth > 0"
+        )
+    )
+    _shot(browser, "search-preview")
+    browser.find_element(By.ID, "preview-close").click()
+    info = browser.find_element(By.ID, "index-info").text
+    assert re.fullmatch(
+        rf"{len(album)} images · exact search · updated (just now|\d+ \w+ ago)", info
+    ), info
+
+
+def test_a_build_says_which_files_failed_and_a_rerun_that_nothing_changed(
+    service, browser
+):
+    folder = service.dataset_root / "attic"
+    write_photos(folder, 5, seed=91, max_side=320)
+    (folder / "notes.jpg").write_text("a shopping list, not a photo\n")
+    _open(browser, service)
+    browser.find_element(By.CSS_SELECTOR, "button.tab[data-tab=builds]").click()
+
+    def start() -> None:
+        box = WebDriverWait(browser, 20).until(
+            lambda b: b.find_element(
+                By.CSS_SELECTOR, "#build-datasets input[data-name=attic]"
+            )
+        )
+        if not box.is_selected():
+            box.click()
+        browser.find_element(By.ID, "build-start").click()
+
+    def outcome(b) -> str:
+        return b.execute_script(
+            """const o = document.querySelector('.build .outcome[data-dataset=attic]');
+               return o ? o.textContent : ''"""
+        )
+
+    start()
+    WebDriverWait(browser, 180).until(lambda b: "indexed" in outcome(b))
+    summary = browser.find_element(By.CSS_SELECTOR, ".build details.failed summary")
+    assert summary.text == "1 file was not indexed: which and why"
+    summary.click()
+    failure = browser.find_element(By.CSS_SELECTOR, ".build .failures li").text
+    assert failure.startswith("notes.jpg") and "not an image" in failure, failure
+    _shot(browser, "build-failed-files")
+
+    start()  # the same folder again: nothing added, changed or removed
+    WebDriverWait(browser, 180).until(lambda b: "nothing changed" in outcome(b))
+    assert "index was kept as it was (5 images)" in outcome(browser)
+    _shot(browser, "build-nothing-changed")
+
+    # Idle: the builds list is not fetched again and again.
+    def fetched(b) -> int:
+        return b.execute_script(
+            "return performance.getEntriesByType('resource')"
+            ".filter(e => e.name.endsWith('/api/builds')).length"
+        )
+
+    before = fetched(browser)
+    time.sleep(3)
+    assert fetched(browser) == before
+    assert not _severe(browser)
+
+
+def test_the_duplicates_tab_lists_outliers_flagged_and_broken_images(service, browser):
+    from tests.helpers import invoke
+
+    folder = service.dataset_root / "cellar"
+    photos = write_photos(folder, 6, seed=93, max_side=320)
+    with Image.open(photos[0]) as im:
+        im.point(lambda v: v // 8).save(folder / "underexposed.jpg")
+        im.resize((48, 32)).save(folder / "icon.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    assert service.wait(service.build("cellar")["id"])["state"] == "finished"
+    run = invoke("duplicates", service.index_root / "cellar", "--save")
+    assert run.exit_code == 0, run.stderr
+    _open(browser, service)
+    browser.find_element(By.CSS_SELECTOR, "button.tab[data-tab=duplicates]").click()
+    _wait_for_option(browser, "dup-index", "cellar", 20)
+    Select(browser.find_element(By.ID, "dup-index")).select_by_value("cellar")
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "#dup-broken li")
+    )
+    dark = browser.find_element(By.CSS_SELECTOR, ".flagged[data-flag=dark]").text
+    assert "dark: 1 image" in dark and "underexposed.jpg" in dark
+    tiny = browser.find_element(By.CSS_SELECTOR, ".flagged[data-flag=tiny]").text
+    assert "tiny: 1 image" in tiny and "icon.jpg" in tiny
+    broken = browser.find_element(By.ID, "dup-broken").text
+    assert "broken.jpg" in broken and "Broken: 1 file not indexed" in broken
+    assert browser.find_elements(By.CSS_SELECTOR, "#dup-outliers .member img")
+    WebDriverWait(browser, 30).until(
+        lambda b: b.execute_script(
+            "return [...document.querySelectorAll('#dup-more img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
+    )
+    assert not _severe(browser)
+    browser.execute_script("document.getElementById('dup-more').scrollIntoView()")
+    _shot(browser, "duplicates-flagged")
