@@ -344,3 +344,24 @@ def test_the_duplicates_tab_lists_outliers_flagged_and_broken_images(service, br
     assert not _severe(browser)
     browser.execute_script("document.getElementById('dup-more').scrollIntoView()")
     _shot(browser, "duplicates-flagged")
+
+
+def test_file_names_with_markup_are_shown_as_text(service, browser):
+    name = "<img src=x onerror=window.pwned=1>.jpg"
+    folder = service.dataset_root / "names"
+    (photo,) = write_photos(folder, 1, seed=95, max_side=320)
+    photo.rename(folder / name)
+    write_photos(folder, 2, seed=96, max_side=320)
+    assert service.wait(service.build("names")["id"])["state"] == "finished"
+    _open(browser, service)
+    _wait_for_option(browser, "index-select", "names", 20)
+    Select(browser.find_element(By.ID, "index-select")).select_by_value("names")
+    browser.find_element(By.ID, "query-file").send_keys(str(folder / name))
+    WebDriverWait(browser, 60).until(
+        lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results li.hit")) == 3
+    )
+    first = browser.find_element(By.CSS_SELECTOR, "#results li.hit .path")
+    assert first.text == name
+    assert browser.execute_script("return window.pwned === undefined")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results img[src=x]")
+    _shot(browser, "search-markup-name")

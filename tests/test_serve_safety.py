@@ -360,3 +360,86 @@ def test_a_unix_socket_only_its_owner_can_open(tmp_path):
     assert run.exit_code == 1
     assert "exists and is not a socket of yours" in one_error_line(run.stderr)
     assert sock.read_text() == "not a socket"
+
+
+def _raw_get(service, path: str) -> tuple[int, str]:
+    """GET ``path`` byte for byte: requests would normalise the dots away."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(service.url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    try:
+        conn.request("GET", path, headers=service.auth())
+        response = conn.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def test_no_route_reaches_a_file_outside_what_it_serves(beach):
+    inside = image_id("img00000.jpg")
+    for path in [
+        "/static/../setup.cfg",
+        "/static/..%2f..%2fsetup.cfg",
+        "/static/%2e%2e/%2e%2e/setup.cfg",
+        "/static//etc/passwd",
+        "/api/indexes/..%2f..%2fetc",
+        "/api/indexes/beach%2f..%2f..%2f/duplicates",
+        "/api/indexes/beach/images/..%2f..%2fetc%2fpasswd",
+        f"/api/indexes/beach/images/{inside}%2f..%2f..%2fsetup.cfg",
+        "/api/builds/..%2f..%2fsetup.cfg",
+    ]:
+        status, body = _raw_get(beach, path)
+        assert 400 <= status < 500, (path, status, body[:200])
+        assert "[metadata]" not in body and "root:" not in body, path
+        assert json.loads(body)["error"], path
+
+
+def test_an_upload_claiming_billions_of_pixels_is_refused_unread(beach):
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    png = bytearray(buffer.getvalue())
+    # IHDR's width and height (bytes 16-24), then its CRC: 100,000 x 100,000.
+    png[16:24] = struct.pack(">II", 100_000, 100_000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    r = beach.request(
+        "POST",
+        "/api/indexes/beach/search",
+        files={"image": ("bomb.png", bytes(png), "image/png")},
+    )
+    assert r.status_code == 400, r.text
+    assert "over the limit" in r.json()["error"]
+
+
+def test_health_answers_while_fifty_searches_wait(beach, photo_sets):
+    """The loop is never blocked: /health is answered while many searches
+    (each an embedding in the one model thread) are still waiting."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    upload = photo_sets["beach"][3].read_bytes()
+    finished: list[tuple[str, int]] = []  # (what, status) in the order answered
+
+    def search() -> None:
+        r = beach.request(
+            "POST",
+            "/api/indexes/beach/search",
+            files={"image": ("q.jpg", upload, "image/jpeg")},
+        )
+        finished.append(("search", r.status_code))
+
+    with ThreadPoolExecutor(50) as pool:
+        searches = [pool.submit(search) for _ in range(50)]
+        while sum(f.done() for f in searches) < 25:  # half still waiting
+            r = beach.request("GET", "/health", auth=False)
+            finished.append(("health", r.status_code))
+        for f in searches:
+            f.result()
+    statuses = {status for _, status in finished}
+    assert statuses == {200}, finished
+    order = [what for what, _ in finished]
+    # The first /health did not wait for the queue of searches ahead of it.
+    assert order[: order.index("health")].count("search") < 25, order
