@@ -30,29 +30,25 @@ from pipeline.config import config_value
 from pipeline.errors import ConfigError, ImgindexError
 from pipeline.search import Hit
 from service.auth import Access
+from service.build_handlers import BuildList, BuildOne, Datasets, LegacyBuild
 from service.builds import Build, Builds
 from service.catalog import Catalog, OpenIndex
 from service.handlers import (
-    BuildList,
-    BuildOne,
-    Datasets,
     Duplicates,
     Health,
     Image,
     ImageInfo,
     Indexes,
     IndexInfo,
-    LegacyBuild,
     Metrics,
     NotFound,
     OpenApi,
-    Query,
-    Search,
     Status,
     Thumbnail,
 )
 from service.metrics import Metrics as MetricsRegistry
 from service.pages import STATIC_DIR, Page, Static
+from service.search_handlers import Query, Search
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +106,12 @@ class ServiceSettings:
         roots = flags.get("dataset_roots") or config_value(
             None, "imgindex.serve.dataset-roots"
         )
-        socket = flags.get("unix_socket")
+        unix_socket = flags.get("unix_socket")
         return cls(
             index_root=Path(index_root).resolve(),
             dataset_roots=tuple(Path(r).resolve() for r in roots or ()),
             token=flags.get("token"),
-            unix_socket=Path(socket).absolute() if socket else None,
+            unix_socket=Path(unix_socket).absolute() if unix_socket else None,
             same_image=float(config_value(None, "imgindex.duplicates.threshold")),
             max_image_pixels=int(config_value(None, "imgindex.max-image-pixels")),
             **values,

@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import tornado.web
-from tornado.httputil import HTTPInputError, parse_body_arguments
 
 from pipeline.discover import image_id
-from pipeline.errors import DecodeError, ImgindexError
+from pipeline.errors import ImgindexError
 from service.auth import SECURITY_HEADERS, cross_origin
 from service.errors import ApiError
 from service.images import describe_image_file, read_image_file
 
 if TYPE_CHECKING:
     from service.app import Service
-    from service.builds import Build
 
 logger = logging.getLogger(__name__)
 
-MULTIPART_SLACK = 64 * 1024  # bytes of form fields and boundaries around an upload
 LISTED = 500  # paths per list in a duplicates answer (the file has them all)
 
 
@@ -48,11 +43,7 @@ class ApiHandler(tornado.web.RequestHandler):
         self.check_host()
         if self.public:
             return
-        access = self.service.access
-        by = access.how_authorized(
-            self.request.headers.get("Authorization", ""),
-            self.get_cookie(access.cookie_name) if access.required else None,
-        )
+        by = self.authorized_by()
         if by is None:
             raise ApiError(
                 401,
@@ -68,6 +59,14 @@ class ApiHandler(tornado.web.RequestHandler):
         )
         if why is not None:
             raise ApiError(403, why)
+
+    def authorized_by(self) -> str | None:
+        """How the request carries the token (see ``Access.how_authorized``)."""
+        access = self.service.access
+        return access.how_authorized(
+            self.request.headers.get("Authorization", ""),
+            self.get_cookie(access.cookie_name) if access.required else None,
+        )
 
     def check_host(self) -> None:
         """Refuse a Host this service was not asked to answer to.
@@ -201,145 +200,9 @@ class IndexInfo(ApiHandler):
             raise ApiError(409, str(e)) from None
 
 
-@tornado.web.stream_request_body
-class Search(ApiHandler):
-    """``POST /api/indexes/<name>/search``: an uploaded image, or a stored one's id."""
-
-    route = "search"
-
-    def prepare(self) -> None:
-        self.guard()
-        self.started = time.perf_counter()
-        self.limit = self.service.settings.max_upload
-        self.body = bytearray()
-        self.too_large = False
-        if self.request.method == "POST":
-            # Past twice the limit the connection is closed; up to it the body
-            # is read and dropped, so the client reads a 413 rather than a reset.
-            self.request.connection.set_max_body_size(2 * self.limit + MULTIPART_SLACK)
-
-    def data_received(self, chunk: bytes) -> None:
-        if len(self.body) + len(chunk) > self.limit + MULTIPART_SLACK:
-            self.too_large = True
-            self.body = bytearray()
-        if not self.too_large:
-            self.body += chunk
-
-    async def post(self, name: str) -> None:
-        service = self.service
-        try:
-            service.catalog.path(name)
-        except ApiError as e:
-            # Not labelled by the name asked for: any string would be a series.
-            service.metrics.queries.labels("-", str(e.status)).inc()
-            raise
-        try:
-            if self.too_large:
-                raise self._over_limit()
-            query = self._query()
-            opened = await self.in_thread(service.catalog.open, name)
-            hits = await service.search(opened, query)
-        except ApiError as e:
-            service.metrics.queries.labels(name, str(e.status)).inc()
-            raise
-        seconds = time.perf_counter() - self.started
-        service.metrics.queries.labels(name, "ok").inc()
-        service.metrics.query_seconds.labels(name).observe(seconds)
-        self.send_json(
-            {
-                "index": name,
-                "k": query.k,
-                "query": query.describe(),
-                "seconds": round(seconds, 4),
-                "hits": [_hit_json(name, opened, h) for h in hits],
-            }
-        )
-
-    def _over_limit(self) -> ApiError:
-        return ApiError(
-            413,
-            f"the upload is over the limit of {self.limit:,} bytes "
-            "(imgindex serve --max-upload)",
-        )
-
-    def _query(self) -> Query:
-        ctype = self.request.headers.get("Content-Type", "")
-        max_k = self.service.settings.max_k
-        if ctype.startswith("multipart/form-data"):
-            args: dict[str, list[bytes]] = {}
-            files: dict[str, list[Any]] = {}
-            try:
-                parse_body_arguments(ctype, bytes(self.body), args, files)
-            except HTTPInputError as e:
-                raise ApiError(400, f"the form cannot be read: {e}") from None
-            uploads = files.get("image") or []
-            if not uploads:
-                raise ApiError(400, "the form has no file field named 'image'")
-            data = uploads[0].body
-            if len(data) > self.limit:
-                raise self._over_limit()
-            fields = {k: v[0].decode("utf-8", "replace") for k, v in args.items()}
-            return Query(
-                k=_count(fields.get("k"), "k", max_k),
-                turns=_flag(fields.get("turns"), "turns"),
-                upload=data,
-                filename=uploads[0].filename or "uploaded image",
-            )
-        if ctype.startswith("application/json"):
-            body = self.json_body(bytes(self.body))
-            k = _count(body.get("k"), "k", max_k)
-            turns = _flag(body.get("turns"), "turns")
-            if "id" in body:
-                return Query(k=k, turns=turns, image_id=_image_id(body["id"]))
-            if "path" in body:
-                return Query(k=k, turns=turns, relpath=_relpath(body["path"]))
-            raise ApiError(400, "give 'id' or 'path' of an indexed image")
-        raise ApiError(
-            415,
-            "send the query image as multipart/form-data (field 'image'), or JSON "
-            "with the 'id' or 'path' of an indexed image",
-        )
-
-
-class Query:
-    """One search request, validated."""
-
-    def __init__(
-        self,
-        k: int,
-        turns: bool | None,
-        upload: bytes | None = None,
-        filename: str = "",
-        image_id: int | None = None,
-        relpath: str | None = None,
-    ):
-        self.k = k
-        self.turns = turns
-        self.upload = upload
-        self.filename = filename
-        self.image_id = image_id
-        self.relpath = relpath
-
-    def describe(self) -> dict[str, Any]:
-        if self.upload is not None:
-            return {"upload": self.filename, "bytes": len(self.upload)}
-        if self.image_id is not None:
-            return {"id": str(self.image_id)}
-        return {"path": self.relpath}
-
-    def decode(self, embedder) -> Any:
-        """The upload's model input; DecodeError becomes a 400 naming it."""
-        try:
-            stream = io.BytesIO(self.upload or b"")
-            stream.name = self.filename  # errors name the file the user sent
-            return embedder.decode(stream)
-        except DecodeError as e:
-            raise ApiError(
-                400, f"{self.filename!r} is not a usable image: {e.reason}"
-            ) from None
-
-
-def _count(value: Any, name: str, most: int, least: int = 1, default: int = 10) -> int:
+def count_argument(
+    value: Any, name: str, most: int, least: int = 1, default: int = 10
+) -> int:
     if value is None or value == "":
         return min(default, most)
     try:
@@ -353,7 +216,7 @@ def _count(value: Any, name: str, most: int, least: int = 1, default: int = 10) 
     return n
 
 
-def _flag(value: Any, name: str) -> bool | None:
+def flag_argument(value: Any, name: str) -> bool | None:
     if value is None or value == "":
         return None
     if isinstance(value, bool):
@@ -365,31 +228,11 @@ def _flag(value: Any, name: str) -> bool | None:
     raise ApiError(400, f"{name} {value!r} is not true or false")
 
 
-def _image_id(value: Any) -> int:
+def image_id_argument(value: Any) -> int:
     text = str(value).strip()
     if isinstance(value, bool) or not text.isdigit() or len(text) > 19:
         raise ApiError(400, f"id {value!r} is not an image id (a whole number)")
     return int(text)
-
-
-def _relpath(value: Any) -> str:
-    """A path inside the dataset root, as the manifest lists it."""
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise ApiError(400, f"path {value!r} is not a path")
-    parts = value.split("/")
-    if value.startswith("/") or ".." in parts:
-        raise ApiError(400, f"path {value!r} lies outside the dataset root")
-    return value
-
-
-def _hit_json(name: str, opened, hit) -> dict[str, Any]:
-    base = f"/api/indexes/{quote(name, safe='')}/images/{hit.id}"
-    return hit.to_json() | {
-        "id": str(hit.id),
-        "relpath": opened.searcher.paths.get(hit.id),
-        "image": base,
-        "thumbnail": f"{base}/thumbnail",
-    }
 
 
 class Image(ApiHandler):
@@ -399,7 +242,7 @@ class Image(ApiHandler):
 
     async def get(self, name: str, image_id: str) -> None:
         opened = await self.in_thread(self.service.catalog.open, name)
-        path = opened.file(_image_id(image_id))
+        path = opened.file(image_id_argument(image_id))
         image = await self.in_thread(
             read_image_file, path, self.service.settings.max_image_pixels
         )
@@ -420,7 +263,7 @@ class ImageInfo(ApiHandler):
 
     async def get(self, name: str, image_id: str) -> None:
         opened = await self.in_thread(self.service.catalog.open, name)
-        number = _image_id(image_id)
+        number = image_id_argument(image_id)
         path = opened.file(number)
         info = await self.in_thread(describe_image_file, path)
         self.send_json(
@@ -435,9 +278,9 @@ class Thumbnail(ApiHandler):
     route = "thumbnail"
 
     async def get(self, name: str, image_id: str) -> None:
-        side = _count(self.get_query_argument("side", ""), "side", 512, 16, 160)
+        side = count_argument(self.get_query_argument("side", ""), "side", 512, 16, 160)
         opened = await self.in_thread(self.service.catalog.open, name)
-        path = opened.file(_image_id(image_id))
+        path = opened.file(image_id_argument(image_id))
         data = await self.in_thread(self.service.thumbnail, path, side)
         if data is None:
             raise ApiError(404, f"image file {str(path)!r} is unreadable now")
@@ -453,8 +296,12 @@ class Duplicates(ApiHandler):
 
     async def get(self, name: str) -> None:
         path = self.service.catalog.path(name)
-        offset = _count(self.get_query_argument("offset", ""), "offset", 10**9, 0, 0)
-        limit = _count(self.get_query_argument("limit", ""), "limit", 500, 1, 50)
+        offset = count_argument(
+            self.get_query_argument("offset", ""), "offset", 10**9, 0, 0
+        )
+        limit = count_argument(
+            self.get_query_argument("limit", ""), "limit", 500, 1, 50
+        )
         try:
             report = await self.in_thread(self.service.duplicates, path)
         except ImgindexError as e:
@@ -492,82 +339,3 @@ class Duplicates(ApiHandler):
             for flag, entry in (report.get("flagged") or {}).items()
         }
         self.send_json(report | {"offset": offset, "limit": limit, "page": page})
-
-
-class Datasets(ApiHandler):
-    route = "datasets"
-
-    async def get(self) -> None:
-        builds = self.service.builds
-        found = await self.in_thread(builds.datasets)
-        self.send_json(
-            {"roots": [str(r) for r in builds.dataset_roots], "datasets": found}
-        )
-
-
-class BuildList(ApiHandler):
-    route = "builds"
-
-    def get(self) -> None:
-        self.send_json({"builds": [b.to_json() for b in self.service.builds.list()]})
-
-    async def post(self) -> None:
-        body = self.json_request("the build request")
-        datasets = body.get("datasets")
-        if not isinstance(datasets, list) or not all(
-            isinstance(d, str) for d in datasets
-        ):
-            raise ApiError(400, "'datasets' must be a list of folder names or paths")
-        rebuild = _flag(body.get("rebuild"), "rebuild") or False
-        build = await self.start(datasets, rebuild)
-        self.send_json(build.to_json(), status=202)
-
-    def json_request(self, what: str) -> dict[str, Any]:
-        # JSON only: a form on another site can post text/plain to this
-        # address without asking the browser first; JSON needs a preflight.
-        if not self.request.headers.get("Content-Type", "").startswith(
-            "application/json"
-        ):
-            raise ApiError(415, f"send {what} as application/json")
-        return self.json_body()
-
-    async def start(self, datasets: list[str], rebuild: bool) -> Build:
-        build = await self.in_thread(self.service.start_build, datasets, rebuild)
-        self.set_header("Location", f"/api/builds/{build.id}")
-        return build
-
-
-class LegacyBuild(BuildList):
-    """``POST /api/build_index``: the Flask service's build request, kept for
-    its clients: ``{"dataset_names": [...], "distributed": true}``."""
-
-    route = "build_index"
-
-    def get(self) -> None:
-        raise ApiError(405, "POST the build request here")
-
-    async def post(self) -> None:
-        body = self.json_request("the build request")
-        names = body.get("dataset_names")
-        if not isinstance(names, list) or not all(isinstance(d, str) for d in names):
-            raise ApiError(400, "'dataset_names' must be a list of dataset names")
-        # Every build runs on the Dask cluster: the old service's choice of a
-        # distributed build or one in its own process has no meaning here.
-        _flag(body.get("distributed"), "distributed")
-        rebuild = _flag(body.get("rebuild"), "rebuild") or False
-        build = await self.start(names, rebuild)
-        # Its clients read "build_id"; the rest is what /api/builds/ID answers.
-        self.send_json(build.to_json() | {"build_id": build.id}, status=202)
-
-
-class BuildOne(ApiHandler):
-    route = "build"
-
-    def get(self, build_id: str) -> None:
-        self.send_json(self.service.builds.get(build_id).to_json())
-
-    async def delete(self, build_id: str) -> None:
-        build = self.service.builds.get(build_id)
-        if build.running:
-            await self.in_thread(self.service.builds.cancel, build_id)
-        self.send_json(build.to_json(), status=202)

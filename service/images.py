@@ -54,9 +54,7 @@ def read_image_file(path: Path, max_pixels: int) -> ImageFile:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ApiError(
-            404, f"image file {str(path)!r} is unreadable now: {e.strerror}"
-        ) from None
+        raise _unreadable(path, e) from None
     try:
         with Image.open(io.BytesIO(data)) as im:
             kind = im.format
@@ -90,9 +88,7 @@ def describe_image_file(path: Path) -> dict[str, Any]:
     try:
         st = path.stat()
     except OSError as e:
-        raise ApiError(
-            404, f"image file {str(path)!r} is unreadable now: {e.strerror}"
-        ) from None
+        raise _unreadable(path, e) from None
     info: dict[str, Any] = {
         "bytes": st.st_size,
         "modified": datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(
@@ -108,3 +104,7 @@ def describe_image_file(path: Path) -> dict[str, Any]:
     except Exception:  # not an image now: the sizes stay unknown
         pass
     return info
+
+
+def _unreadable(path: Path, e: OSError) -> ApiError:
+    return ApiError(404, f"image file {str(path)!r} is unreadable now: {e.strerror}")

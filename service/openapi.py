@@ -307,6 +307,19 @@ def openapi() -> dict[str, Any]:
     return spec
 
 
+def _build_started() -> dict[str, Any]:
+    """The answers to a request that starts a build (either route)."""
+    return {
+        "202": _json("Started.", "Build"),
+        "400": _error("A bad request or a folder without images."),
+        "403": _error("Outside the dataset roots, or builds are off."),
+        "404": _error("No such dataset folder."),
+        "409": _error("That index is being built now."),
+        "415": _error("Not application/json."),
+        "429": _error("Too many builds are running."),
+    }
+
+
 def _description() -> dict[str, Any]:
     no_index = _error("No such index.")
     return {
@@ -526,15 +539,7 @@ def _description() -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {
-                        "202": _json("Started.", "Build"),
-                        "400": _error("A bad request or a folder without images."),
-                        "403": _error("Outside the dataset roots, or builds are off."),
-                        "404": _error("No such dataset folder."),
-                        "409": _error("That index is being built now."),
-                        "415": _error("Not application/json."),
-                        "429": _error("Too many builds are running."),
-                    },
+                    "responses": _build_started(),
                 },
             },
             "/api/builds/{build_id}": {
@@ -569,15 +574,7 @@ def _description() -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {
-                        "202": _json("Started.", "Build"),
-                        "400": _error("A bad request or a folder without images."),
-                        "403": _error("Outside the dataset roots, or builds are off."),
-                        "404": _error("No such dataset folder."),
-                        "409": _error("That index is being built now."),
-                        "415": _error("Not application/json."),
-                        "429": _error("Too many builds are running."),
-                    },
+                    "responses": _build_started(),
                 },
             },
         },

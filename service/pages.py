@@ -43,11 +43,7 @@ class Page(ApiHandler):
         if given is not None:  # out of the address bar, history and bookmarks
             self.redirect("/", status=303)
             return
-        by = access.how_authorized(
-            self.request.headers.get("Authorization", ""),
-            self.get_cookie(access.cookie_name) if access.required else None,
-        )
-        if by is None:
+        if self.authorized_by() is None:
             self._ask_for_token("")
             return
         self.set_header("Content-Type", "text/html; charset=UTF-8")

@@ -309,6 +309,17 @@ def service(tmp_path_factory, photo_sets):
 
 
 @pytest.fixture(scope="session")
+def beach(service):
+    """The service with its 'beach' index built, whichever module builds it."""
+    names = {
+        i["name"] for i in service.request("GET", "/api/indexes").json()["indexes"]
+    }
+    if "beach" not in names:
+        assert service.wait(service.build("beach")["id"])["state"] == "finished"
+    return service
+
+
+@pytest.fixture(scope="session")
 def album(service):
     """Index 'album' built through the service: two photos and copies of each
     (pipeline.synthetic.COPY_MAKERS), with its duplicates report saved."""

@@ -24,17 +24,6 @@ except ImportError:  # the browser fixture skips (or fails, in CI) without it
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def beach(service):
-    """The 'beach' index, built through the API unless another module did."""
-    names = {
-        i["name"] for i in service.request("GET", "/api/indexes").json()["indexes"]
-    }
-    if "beach" not in names:
-        assert service.wait(service.build("beach")["id"])["state"] == "finished"
-    return service
-
-
 def _open(browser, service) -> None:
     """The page, entered as a user does: through the URL `imgindex serve`
     printed, which trades the token for the cookie and lands on /."""

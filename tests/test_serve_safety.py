@@ -45,17 +45,6 @@ PRIVATE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def beach(service):
-    """The 'beach' index, built through the API unless another module did."""
-    names = {
-        i["name"] for i in service.request("GET", "/api/indexes").json()["indexes"]
-    }
-    if "beach" not in names:
-        assert service.wait(service.build("beach")["id"])["state"] == "finished"
-    return service
-
-
 def test_every_route_but_health_needs_the_token(beach):
     for method, path in PRIVATE:
         r = beach.request(method, path, auth=False, json={"id": "1"})

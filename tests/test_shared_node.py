@@ -86,11 +86,10 @@ def test_another_user_cannot_use_a_running_builds_cluster(process_cluster, tmp_p
     _refused_everywhere(seen["dask"])
 
 
-def test_another_user_cannot_use_the_service_or_its_cluster(service, process_cluster):
+def test_another_user_cannot_use_the_service_or_its_cluster(beach, process_cluster):
+    """The service, with the cluster its first build started."""
     second_user_or_skip()
-    status = service.request("GET", "/api/status").json()
-    if status["cluster"] is None:  # no module built through it yet
-        assert service.wait(service.build("beach")["id"])["state"] == "finished"
+    service = beach
     intruder = Intruder(process_cluster.scheduler_address)
     control = process_cluster.scheduler_address.removeprefix("tcp://")
     ports = listening_ports(service.process.pid)
