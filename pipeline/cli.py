@@ -429,6 +429,7 @@ def build(
     from pipeline.build import run_builds
     from pipeline.config import count_or_auto
     from pipeline.errors import ImgindexError
+    from pipeline.lock import check_unlocked
     from pipeline.models import check_model_name, get_model
     from pipeline.progress import ProgressFile
 
@@ -446,6 +447,8 @@ def build(
     roots = _check_datasets(datasets, name)
     names = [name] if name else [r.name for r in roots]
     _check_writable(out)
+    for index_name in names:  # another build's index: one line, before any cluster
+        check_unlocked(out.resolve() / index_name)
     check_model_name(spec.name)  # an unknown model: one line, before any cluster
     if request.factory_string:
         # Whether FAISS can build it depends on the dim: only then is the model

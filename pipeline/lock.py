@@ -63,6 +63,21 @@ def lock_index(dest: str | os.PathLike) -> Iterator[None]:
             os.close(fd)
 
 
+def check_unlocked(dest: str | os.PathLike) -> None:
+    """Refuse now, before any cluster starts, an index another build is writing.
+
+    The build takes the lock itself later (:func:`lock_index`); this only
+    saves a user the minutes of a cluster started for nothing.
+
+    Raises
+    ------
+    IndexLocked
+        If another build holds it.
+    """
+    with lock_index(dest):
+        pass
+
+
 def _locked_message(holder: str, dest: Path) -> str:
     return (
         f"another build ({holder or 'unknown process'}) is writing the index "

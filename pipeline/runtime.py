@@ -42,7 +42,11 @@ class Runtime:
 
 
 def choose_runtime(
-    wanted: str, model: LoadedModel, precision: str, threads: int
+    wanted: str,
+    model: LoadedModel,
+    precision: str,
+    threads: int,
+    timer: Callable[[Callable, LoadedModel], float] | None = None,
 ) -> Runtime:
     """The runtime for ``model`` on this process, as ``wanted`` asks.
 
@@ -54,6 +58,9 @@ def choose_runtime(
         where it cannot run).
     threads
         Intra-op threads of an ONNX Runtime session (torch's own setting).
+    timer
+        Milliseconds of one forward pass, as ``auto`` compares them
+        (default: the median of a few timed passes here).
 
     Raises
     ------
@@ -75,7 +82,8 @@ def choose_runtime(
     onnx = Runtime("onnxruntime", onnx_forward(model, threads), "")
     if wanted == "onnxruntime":
         return Runtime(onnx.name, onnx.forward, "--runtime onnxruntime")
-    ort_ms, torch_ms = (_time(r.forward, model) for r in (onnx, torch_runtime))
+    timer = timer or _time
+    ort_ms, torch_ms = (timer(r.forward, model) for r in (onnx, torch_runtime))
     timing = f"{ort_ms:.1f} ms an image vs torch {torch_ms:.1f} ms"
     if ort_ms < torch_ms:
         return Runtime(onnx.name, onnx.forward, f"auto: onnxruntime {timing}")

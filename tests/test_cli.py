@@ -199,6 +199,15 @@ def test_empty_dataset_is_one_line(process_cluster, tmp_path):
 
 
 def test_index_of_another_model_is_refused_and_kept(remote_build, process_cluster):
+    """A model that loads (a tiny plug-in of the fault tests, registered here
+    and on the workers), so that the refusal is the index's, not the name's."""
+    from distributed import Client
+
+    import fault_models  # noqa: F401  (registers its loaders in this process)
+    from fault_models import RegisterFaultModels
+
+    with Client(process_cluster, set_as_default=False) as client:
+        client.register_plugin(RegisterFaultModels(), name="fault-models")
     _, roots, out = remote_build
     before = (out / "forest" / "index.faiss").read_bytes()
     result = invoke(
@@ -207,12 +216,14 @@ def test_index_of_another_model_is_refused_and_kept(remote_build, process_cluste
         "--out",
         out,
         "--model",
-        "test-other",
+        "test-flaky:0",
         "--scheduler",
         process_cluster.scheduler_address,
     )
     assert result.exit_code == 1
-    assert "unknown model 'test-other'" in one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
+    assert "was built with model 'efficientnet-lite0', not 'test-flaky:0'" in line
+    assert line.endswith("pass --rebuild to replace it, or choose another --out")
     assert (out / "forest" / "index.faiss").read_bytes() == before
 
 

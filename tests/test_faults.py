@@ -14,6 +14,7 @@ import dask.config
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import one_error_line
 from PIL import Image
 
 from conftest import copy_tree
@@ -242,21 +243,23 @@ def test_sigkilled_client_resumes_and_matches_a_clean_build(
     )
 
 
-def test_second_concurrent_build_is_refused_by_the_cli(dataset, tmp_path):
+def test_second_concurrent_build_is_refused_by_the_cli_before_any_cluster(
+    dataset, tmp_path, monkeypatch
+):
+    """No scheduler is configured, so a build that got past the lock would
+    start a LocalCluster (and print its `cluster:` line) before refusing."""
+    monkeypatch.delenv("IMGINDEX_SCHEDULER", raising=False)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
     out = tmp_path / "out"
+    started = time.monotonic()
     with lock_index(out / "beach"):
         result = CliRunner().invoke(
-            cli,
-            [
-                "build",
-                str(dataset),
-                "--out",
-                str(out),
-                "--no-fallback",
-                "--scheduler",
-                "tcp://127.0.0.1:1",
-            ],
-            catch_exceptions=False,
+            cli, ["build", str(dataset), "--out", str(out)], catch_exceptions=False
         )
     assert result.exit_code == 1
-    assert "Error:" in result.stderr
+    line = one_error_line(result.stderr)
+    assert line.startswith(f"Error: another build (pid {os.getpid()} on ")
+    assert line.endswith("; wait for it to finish")
+    assert "cluster:" not in result.stderr
+    assert time.monotonic() - started < 30  # seconds at most; a cluster took ~7
+    assert not (out / "beach").exists()

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.embed import Embedder, ModelSpec
 from pipeline.errors import ModelUnavailable
@@ -62,11 +63,34 @@ def test_both_runtimes_give_the_same_vectors_on_real_photos(photos):
     assert onnx_cache_path(onnx_run.model).is_file()
 
 
-def test_auto_times_both_and_says_which_won():
+def _agrees(name: str, reason: str) -> bool:
+    """Whether an auto choice's reason names the runtime that was kept."""
+    return reason.startswith("auto: onnxruntime ") and (
+        (name == "torch") == reason.endswith(", kept torch")
+    )
+
+
+def test_auto_keeps_the_faster_runtime_and_says_which_won():
     model = Embedder(ModelSpec.from_config(runtime="torch")).model
+    x = torch.zeros(1, 3, model.preprocess.crop, model.preprocess.crop)
+    torch_out = model.forward(x)
+
+    def timed(onnx_ms: float, torch_ms: float):
+        # The forward pass timed is told by what it is: torch's own, or not.
+        return lambda forward, _: torch_ms if forward is model.forward else onnx_ms
+
+    onnx_won = choose_runtime("auto", model, "fp32", 1, timer=timed(4.0, 9.0))
+    assert onnx_won.name == "onnxruntime"
+    assert onnx_won.reason == "auto: onnxruntime 4.0 ms an image vs torch 9.0 ms"
+    assert np.allclose(onnx_won.forward(x).numpy(), torch_out.numpy(), atol=1e-4)
+    torch_won = choose_runtime("auto", model, "fp32", 1, timer=timed(9.0, 4.0))
+    assert (torch_won.name, torch_won.forward) == ("torch", model.forward)
+    assert torch_won.reason == (
+        "auto: onnxruntime 9.0 ms an image vs torch 4.0 ms, kept torch"
+    )
+    # Timed for real here: whichever won, the reason says which.
     chosen = choose_runtime("auto", model, "fp32", threads=1)
-    assert chosen.reason.startswith("auto: onnxruntime ")
-    assert "ms an image vs torch" in chosen.reason
+    assert _agrees(chosen.name, chosen.reason), (chosen.name, chosen.reason)
     # fp16 or a GPU: torch, with the reason.
     kept = choose_runtime("auto", model, "fp16", threads=1)
     assert (kept.name, kept.reason) == (
@@ -180,5 +204,6 @@ def test_a_short_cli_search_runs_torch_and_a_long_one_onnxruntime(photos, tmp_pa
         return line.split(" runs with ")[1]
 
     assert runtime_of(query) == "torch (--runtime torch)"  # 4 passes with turns
-    # 64 passes: auto times both (and keeps ONNX Runtime unless torch was faster).
-    assert "(auto: onnxruntime " in runtime_of(*[query] * 16)
+    # 64 passes: auto times both, keeps the faster and says which it kept.
+    name, _, reason = runtime_of(*[query] * 16).partition(" (")
+    assert _agrees(name, reason.removesuffix(")")), (name, reason)

@@ -6,6 +6,7 @@ import io
 import re
 
 import pytest
+import requests
 from PIL import Image
 
 from pipeline.discover import image_id
@@ -105,19 +106,24 @@ def test_two_builds_at_once_then_a_rebuild_is_seen(service, tmp_path_factory):
     }
     assert {"lake", "hills"} <= names
 
-    # A search opens the index; a build that changes it is seen by the next one.
-    def count() -> int:
-        r = service.request(
-            "POST", "/api/indexes/lake/search", json={"path": "img00000.jpg"}
+    # A search opens the index; a build that changes it is seen by the next
+    # search: the service reopens it (a stale searcher knows 12 images).
+    def search(path: str) -> requests.Response:
+        return service.request(
+            "POST", "/api/indexes/lake/search", json={"path": path, "k": 15}
         )
-        assert r.status_code == 200, r.text
-        return len(r.json()["hits"])
 
-    assert count() == 10
+    first = search("img00000.jpg")
+    assert first.status_code == 200, first.text
+    assert len(first.json()["hits"]) == 12
     write_photos(root / "lake", 3, seed=13, max_side=320, prefix="more")
+    assert search("more00000.jpg").status_code == 404  # not indexed yet
     assert service.wait(service.build("lake")["id"])["state"] == "finished"
-    r = service.request("GET", "/api/indexes/lake").json()
-    assert r["count"] == 15
+    new = search("more00000.jpg")
+    assert new.status_code == 200, new.text
+    hits = new.json()["hits"]
+    assert len(hits) == 15 and hits[0]["relpath"] == "more00000.jpg"
+    assert {h["relpath"] for h in hits} >= {"more00001.jpg", "more00002.jpg"}
 
 
 def test_a_build_of_an_index_being_built_is_refused(service):
