@@ -244,6 +244,27 @@ def test_cuda_on_cpu_workers_is_one_line(process_cluster, dataset, tmp_path):
     assert "device 'cuda' asked for, but torch sees no GPU here" in line
 
 
+def test_gpu_resource_that_no_worker_offers_is_one_line_not_a_wait(
+    process_cluster, dataset, tmp_path
+):
+    """Tasks that ask for a resource no worker has would wait in the queue
+    for ever; the build refuses them instead, and writes nothing."""
+    result = invoke(
+        "build",
+        dataset,
+        "--out",
+        tmp_path / "out",
+        "--gpu-resource",
+        "--scheduler",
+        process_cluster.scheduler_address,
+    )
+    assert result.exit_code == 1
+    line = one_error_line(result.stderr)
+    assert line.startswith("Error: --gpu-resource asks for workers with the resource")
+    assert line.endswith("or drop --gpu-resource")
+    assert not (tmp_path / "out" / dataset.name).exists()
+
+
 def test_workers_that_disagree_about_the_model_are_one_line(dataset, tmp_path):
     """The client records the workers' model in meta.json without loading its
     own, so workers whose copies differ must be refused, not averaged."""

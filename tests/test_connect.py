@@ -142,3 +142,39 @@ def test_doctor_does_not_advise_dropping_a_flag_nobody_passed(tmp_path):
     )
     result = invoke("doctor", "--scheduler", "tcp://127.0.0.1:1", "--no-fallback")
     assert "or drop --no-fallback" in result.stderr
+
+
+def test_doctor_takes_builds_of_one_release_as_the_same_package():
+    """A GPU worker's torch 2.13.0+cu128 beside the client's 2.13.0+cpu is the
+    same release; another release is a warning, another distributed an error."""
+    from cluster.environment import problems
+
+    client = {
+        "imgindex": "0.3.0",
+        "python": "3.11.7",
+        "distributed": "2026.8.0",
+        "torch": "2.13.0+cpu",
+    }
+
+    def worker(**versions):
+        return {"executable": "/venv/bin/python", **client, **versions}
+
+    assert problems(
+        {"client": client, "tcp://gpu:1": worker(torch="2.13.0+cu128")}
+    ) == (
+        [],
+        [],
+    )
+    errors, warnings = problems(
+        {
+            "client": client,
+            "tcp://old:1": worker(torch="2.12.1+cu128"),
+            "tcp://odd:1": worker(distributed="2026.9.0"),
+        }
+    )
+    assert warnings == [
+        "worker tcp://old:1 has torch 2.12.1+cu128, the client 2.13.0+cpu"
+    ]
+    assert errors == [
+        "worker tcp://odd:1 has distributed 2026.9.0, the client 2026.8.0"
+    ]

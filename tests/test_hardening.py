@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,84 @@ def test_item13_disk_full_is_one_line(
     assert (
         "keep finished work" if stage == "checkpoint" else "write the index"
     ) in line
+
+
+# Runs inside a private mount namespace (see the test below): a tmpfs over
+# --out, a first build that fits, then the disk filled but for a few KiB while
+# a second build adds images, then the space freed and the build run again.
+_DISK_FULL_SCRIPT = r"""
+import hashlib, json, os, subprocess, sys
+out, results, first, more, scheduler = sys.argv[1:6]
+cmd = json.loads(sys.argv[6])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", out], check=True)
+
+def build(*extra):
+    run = subprocess.run(cmd + ["--out", out, "--partition-size", "4",
+                                "--scheduler", scheduler, "--json", *extra],
+                         capture_output=True, text=True, timeout=240)
+    return {"code": run.returncode, "stdout": run.stdout, "stderr": run.stderr}
+
+def digests():
+    found = {}
+    for folder, _, files in os.walk(out):
+        for name in files:
+            path = os.path.join(folder, name)
+            if name != "filler":
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                found[os.path.relpath(path, out)] = digest
+    return found
+
+report = {"first": build(first)}
+report["before"] = digests()
+for name in os.listdir(more):
+    os.link(os.path.join(more, name), os.path.join(first, name))
+st = os.statvfs(out)
+free = st.f_bavail * st.f_frsize
+with open(os.path.join(out, "filler"), "wb") as f:
+    f.write(b"\0" * (free - 24 * 1024))
+report["full"] = build(first)
+report["after"] = digests()
+os.unlink(os.path.join(out, "filler"))
+report["again"] = build(first)
+with open(results, "w") as f:
+    json.dump(report, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_mount_privately(), reason="needs root for a private tmpfs")
+def test_disk_full_keeps_the_previous_index_and_a_rerun_resumes(
+    process_cluster, photo_sets, tmp_path
+):
+    data = copy_tree(photo_sets["beach"][:8], tmp_path / "beach")
+    more = copy_tree(photo_sets["beach"][8:16], tmp_path / "more")
+    out = tmp_path / "out"
+    out.mkdir()
+    results = tmp_path / "results.json"
+    cmd = imgindex_cmd("build")
+    proc = subprocess.run(
+        ["unshare", "-m", sys.executable, "-c", _DISK_FULL_SCRIPT, out, results,
+         data, more, process_cluster.scheduler_address, json.dumps(cmd)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(results.read_text())
+    first, full, again = report["first"], report["full"], report["again"]
+    assert first["code"] == 0, first["stderr"]
+    assert json.loads(first["stdout"])["datasets"][0]["indexed"] == 8
+    # The second build ran out of space: one line, and the index of the first
+    # is there as it was, byte for byte.
+    assert full["code"] == 1, full["stderr"]
+    assert "No space left on device" in one_error_line(full["stderr"])
+    index_files = {k: v for k, v in report["before"].items() if k.startswith("beach/")}
+    assert (
+        index_files
+        and {k: v for k, v in report["after"].items() if k in index_files}
+        == index_files
+    )
+    # With the space back, the same command finishes: the first 8 images are
+    # not embedded again.
+    assert again["code"] == 0, again["stderr"]
+    (summary,) = json.loads(again["stdout"])["datasets"]
+    assert summary["indexed"] == 16 and summary["embedded"] <= 8

@@ -292,6 +292,13 @@ def test_a_token_is_made_when_none_is_given_and_env_gives_one(tmp_path):
         assert len(made.token) >= 32
         assert made.request("GET", "/api/indexes", auth=False).status_code == 401
         assert made.request("GET", "/api/indexes").status_code == 200
+        # The other defaults: loopback only, and no builds without --dataset-root.
+        port = int(made.url.rsplit(":", 1)[1])
+        assert _listening_hosts(made.process.pid, port) == {"127.0.0.1"}
+        assert made.request("GET", "/api/status").json()["builds_allowed"] is False
+        refused = made.request("POST", "/api/builds", json={"datasets": ["x"]})
+        assert refused.status_code == 403
+        assert "start `imgindex serve` with --dataset-root" in refused.json()["error"]
     finally:
         assert made.stop() == 0
     given = RunningService(
@@ -432,3 +439,35 @@ def test_health_answers_while_fifty_searches_wait(beach, photo_sets):
     order = [what for what, _ in finished]
     # The first /health did not wait for the queue of searches ahead of it.
     assert order[: order.index("health")].count("search") < 25, order
+
+
+def _listening_hosts(pid: int, port: int) -> set[str]:
+    import psutil
+
+    conns = psutil.Process(pid).net_connections(kind="inet")
+    return {c.laddr.ip for c in conns if c.status == "LISTEN" and c.laddr.port == port}
+
+
+def test_max_builds_refuses_one_more_build_while_they_run(tmp_path, photo_sets):
+    from tests.conftest import copy_tree
+
+    datasets = tmp_path / "datasets"
+    write_photos(datasets / "large", 120, seed=97, max_side=320)
+    copy_tree(photo_sets["forest"][:4], datasets / "small")
+    one = RunningService(
+        tmp_path / "indexes",
+        datasets,
+        "t0ken",
+        env={"DASK_IMGINDEX__SERVE__MAX_BUILDS": "1"},
+    )
+    try:
+        first = one.build("large")
+        second = one.request("POST", "/api/builds", json={"datasets": ["small"]})
+        state = one.request("GET", f"/api/builds/{first['id']}").json()["state"]
+        assert state in ("starting", "running"), "the first build ended too soon"
+        assert second.status_code == 429, second.text
+        assert "imgindex.serve.max-builds" in second.json()["error"]
+        assert one.wait(first["id"])["state"] == "finished"
+        assert one.wait(one.build("small")["id"])["state"] == "finished"
+    finally:
+        assert one.stop() == 0
