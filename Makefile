@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch, pinned: a bare `torch` pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-hpc bench lint clean
+.PHONY: demo test test-fast test-hpc bench lint clean
 
 # pipeline/__init__.py holds the version: a bump reinstalls the metadata too.
 $(BIN)/imgindex: setup.cfg pyproject.toml pipeline/__init__.py
@@ -21,8 +21,13 @@ demo: $(BIN)/imgindex
 	$(BIN)/imgindex info demo-index/photos
 	$(BIN)/imgindex search demo-index/photos demo-data/queries/*.jpg -k 3
 
+# --durations: the slowest tests in every log, CI's included.
 test: $(BIN)/imgindex
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
+
+# No cluster, process, server or browser (the `slow` marker): under 2 minutes.
+test-fast: $(BIN)/imgindex
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 # A real one-node SLURM in a loopback-only network namespace (root; installs
 # slurm-wlm and munge if absent): the README's sbatch script and --jobqueue slurm.

@@ -65,7 +65,11 @@ def plan_build(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> Plan:
             )
         if not rebuild:
             previous = read_index_dir(dest)
-            _check_compatible(previous, dest, root, spec)
+            try:
+                _check_compatible(previous, dest, root, spec)
+            except IndexDirError:
+                previous.close()  # its index file stays open until read or closed
+                raise
     old = {r.path: r for r in previous.manifest} if previous else {}
     old_bad = previous.failed_records if previous else {}
     old_reasons = {f.path: f for f in previous.failures} if previous else {}

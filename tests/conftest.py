@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.synthetic import write_photos
+from tests.helpers import REQUIRE_ALL
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,6 +50,18 @@ def process_cluster():
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def refused_address():
+    """tcp://127.0.0.1:PORT where nothing listens, for the whole test: the
+    port stays bound (not listening) so no other process can take it, and a
+    connection to it is refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture(scope="session")
@@ -109,11 +122,35 @@ def write_bad_files(folder: Path) -> dict[str, str]:
 _RUNNING: list[DaskProcesses] = []
 
 
+# Fixtures that start a cluster, processes, a server or a browser: a test
+# that uses one (directly or through another fixture) is `slow`.
+SLOW_FIXTURES = {
+    "client",
+    "process_cluster",
+    "dask_processes",
+    "real_cluster",
+    "service",
+    "browser",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A failed test that ran real dask processes shows their log tails."""
+    """A failed test that ran real dask processes shows their log tails; and
+    where IMGINDEX_REQUIRE_ALL is set (CI), a skipped test fails: a missing
+    browser, a broken extra or a lost root would otherwise pass quietly."""
     outcome = yield
     report = outcome.get_result()
+    if report.skipped and os.environ.get(REQUIRE_ALL):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else ""
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but {REQUIRE_ALL} is set: {reason}"
     if report.when == "call" and report.failed:
         for procs in _RUNNING:
             for title, text in procs.log_tails():
@@ -152,15 +189,18 @@ class DaskProcesses:
     def _spawn(self, args: list[str], name: str):
         import subprocess
 
-        log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 (closed by the OS)
         env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "info"}
-        proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.folder
-        )
+        # The child writes to its own copy of the descriptor: ours is closed.
+        with open(self.folder / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.folder
+            )
         self.procs.append(proc)
         return proc
 
-    def start_scheduler(self) -> str:
+    def start_scheduler(self, *extra: str) -> str:
+        """Start `dask scheduler` (``extra``: more of its flags, e.g. TLS) and
+        return its address once the scheduler file is whole."""
         import json
 
         self._spawn(
@@ -174,10 +214,12 @@ class DaskProcesses:
                 "--port",
                 "0",
                 "--dashboard-address",
-                ":0",
+                "127.0.0.1:0",
+                *extra,
             ],
             "scheduler",
         )
+        # The file may exist before it is written whole: read until it parses.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.scheduler_file.exists():
@@ -188,8 +230,15 @@ class DaskProcesses:
             time.sleep(0.1)
         raise RuntimeError("dask scheduler did not start")
 
-    def start_worker(self, name: str, resources: str | None = None, prelude: str = ""):
-        """Start a worker; ``prelude`` is Python run first (then no nanny is used)."""
+    def start_worker(
+        self,
+        name: str,
+        resources: str | None = None,
+        prelude: str = "",
+        extra: tuple[str, ...] = (),
+    ):
+        """Start a worker; ``prelude`` is Python run first (then no nanny is
+        used); ``extra``: more of its flags."""
         args = [
             "--scheduler-file",
             str(self.scheduler_file),
@@ -198,9 +247,10 @@ class DaskProcesses:
             "--host",
             "127.0.0.1",
             "--dashboard-address",
-            ":0",
+            "127.0.0.1:0",
             "--name",
             name,
+            *extra,
         ]
         if resources:
             args += ["--resources", resources]
@@ -341,8 +391,8 @@ def album(service):
 def browser():
     """Debian's chromium, headless, driven by chromedriver (nothing downloaded).
 
-    Skipped where it is not installed, unless IMGINDEX_REQUIRE_BROWSER is set
-    (CI sets it: there a missing browser is a failure, not a skip).
+    Skipped where it is not installed (a failure where IMGINDEX_REQUIRE_ALL
+    is set, as in CI).
     """
     import shutil
 
@@ -354,13 +404,10 @@ def browser():
     except ImportError:
         pass
     if not (chromium and driver and webdriver):
-        missing = "chromium, chromium-driver and selenium"
-        if os.environ.get("IMGINDEX_REQUIRE_BROWSER"):
-            pytest.fail(
-                f"{missing} are required here (apt-get install chromium "
-                "chromium-driver; pip install -e .[test])"
-            )
-        pytest.skip(f"needs {missing}")
+        pytest.skip(
+            "needs chromium, chromium-driver and selenium (apt-get install "
+            "chromium chromium-driver; pip install -e .[test])"
+        )
     from selenium.webdriver.chrome.service import Service
 
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not fetch a driver

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_bad_files
 from pipeline.build import run_build
 from pipeline.discover import ImageRecord
 from pipeline.embed import Embedder, ModelSpec, embed_partition
 from pipeline.store import read_index_dir
+from tests.conftest import write_bad_files
 
 
 def photo(seed: int = 3, size=(480, 360)) -> Image.Image:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import copy_tree, crop_query, write_bad_files
 from pipeline import __version__
 from pipeline.assemble import IndexRequest
 from pipeline.build import run_build
@@ -20,6 +19,7 @@ from pipeline.search import Searcher
 from pipeline.shards import staging_dir
 from pipeline.store import INDEX_FILE, SHARDS_DIR, read_index_dir
 from pipeline.synthetic import write_photos
+from tests.conftest import copy_tree, crop_query, write_bad_files
 
 
 @pytest.fixture(scope="module")

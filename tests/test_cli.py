@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import dask.config
 import pytest
-from helpers import invoke, one_error_line
 
-from conftest import copy_tree, crop_query, write_bad_files
+from tests.conftest import copy_tree, crop_query, write_bad_files
+from tests.helpers import invoke, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +124,10 @@ def test_both_scheduler_options_is_a_usage_error(tmp_path):
     assert "--scheduler" in result.stderr
 
 
-def unreachable() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
-def test_no_fallback_fails_with_one_line_and_writes_nothing(dataset, tmp_path):
-    address = unreachable()
+def test_no_fallback_fails_with_one_line_and_writes_nothing(
+    dataset, tmp_path, refused_address
+):
+    address = refused_address
     out = tmp_path / "out"
     result = invoke(
         "build", dataset, "--out", out, "--scheduler", address, "--no-fallback"
@@ -144,8 +139,8 @@ def test_no_fallback_fails_with_one_line_and_writes_nothing(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_unreachable_scheduler_falls_back_to_local(dataset, tmp_path):
-    address = unreachable()
+def test_unreachable_scheduler_falls_back_to_local(dataset, tmp_path, refused_address):
+    address = refused_address
     with dask.config.set(
         {"imgindex.local.n-workers": 1, "imgindex.connect-timeout": "1s"}
     ):
@@ -203,8 +198,8 @@ def test_index_of_another_model_is_refused_and_kept(remote_build, process_cluste
     and on the workers), so that the refusal is the index's, not the name's."""
     from distributed import Client
 
-    import fault_models  # noqa: F401  (registers its loaders in this process)
-    from fault_models import RegisterFaultModels
+    import tests.fault_models  # noqa: F401  (registers its loaders in this process)
+    from tests.fault_models import RegisterFaultModels
 
     with Client(process_cluster, set_as_default=False) as client:
         client.register_plugin(RegisterFaultModels(), name="fault-models")
@@ -265,6 +260,7 @@ def test_gpu_resource_that_no_worker_offers_is_one_line_not_a_wait(
     assert not (tmp_path / "out" / dataset.name).exists()
 
 
+@pytest.mark.slow  # starts a cluster or a process
 def test_workers_that_disagree_about_the_model_are_one_line(dataset, tmp_path):
     """The client records the workers' model in meta.json without loading its
     own, so workers whose copies differ must be refused, not averaged."""

@@ -14,12 +14,6 @@ from cluster.connect import connect, probe_scheduler, resolve_target
 from pipeline.errors import SchedulerUnreachable
 
 
-def closed_port_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 @pytest.fixture
 def silent_listener():
     """Accepts connections and never answers: hangs a bare Client forever."""
@@ -71,11 +65,11 @@ def test_probe_gives_up_on_a_silent_listener_within_the_timeout(silent_listener)
     started = time.monotonic()
     result = probe_scheduler(silent_listener, 1.0)
     assert result == "timed out after 1 s"
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # not the >25 s hang of a bare Client
 
 
-def test_probe_reports_a_closed_port():
-    result = probe_scheduler(closed_port_address(), 1.0)
+def test_probe_reports_a_closed_port(refused_address):
+    result = probe_scheduler(refused_address, 1.0)
     assert result.startswith(("not reachable", "timed out"))
 
 
@@ -99,8 +93,10 @@ def test_scheduler_file_is_read(process_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_unreachable_scheduler_falls_back_and_says_why(one_local_worker, caplog):
-    address = closed_port_address()
+def test_unreachable_scheduler_falls_back_and_says_why(
+    one_local_worker, caplog, refused_address
+):
+    address = refused_address
     with caplog.at_level("WARNING", logger="cluster"):
         with connect(address, timeout=1) as conn:
             assert conn.kind == "local"
@@ -132,7 +128,7 @@ def test_no_scheduler_configured_starts_a_local_cluster(one_local_worker, monkey
 
 def test_doctor_does_not_advise_dropping_a_flag_nobody_passed(tmp_path):
     # Issue 8, item 25: doctor is strict by itself; --no-fallback is the user's.
-    from helpers import invoke
+    from tests.helpers import invoke
 
     result = invoke("doctor", "--scheduler", "tcp://127.0.0.1:1")
     assert result.exit_code == 1

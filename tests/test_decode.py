@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_bad_files
 from pipeline.decode import decode_image
 from pipeline.errors import DecodeError
+from tests.conftest import write_bad_files
 
 
 def test_output_shape_and_type(tmp_path: Path):

@@ -29,7 +29,7 @@ from pipeline.shards import read_shard, write_shard
 from pipeline.statistics import StatisticsSettings
 from pipeline.synthetic import COPY_MAKERS, synthetic_photo, write_copy_set
 from pipeline.traits import TRAITS, hash_distance, image_traits
-from tests.helpers import invoke, one_error_line
+from tests.helpers import import_or_skip, invoke, one_error_line
 
 try:
     from selenium.common.exceptions import TimeoutException
@@ -37,7 +37,7 @@ try:
 except ImportError:  # the browser fixture skips (or fails, in CI) without it
     TimeoutException = WebDriverWait = None
 
-skdata = pytest.importorskip("skimage.data")
+skdata = import_or_skip("skimage.data")
 
 REAL = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "camera")
 

@@ -14,11 +14,8 @@ import dask.config
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import one_error_line
 from PIL import Image
 
-from conftest import copy_tree
-from fault_models import RegisterFaultModels
 from pipeline.build import run_build
 from pipeline.cli import cli
 from pipeline.embed import ModelSpec
@@ -27,6 +24,9 @@ from pipeline.lock import lock_index
 from pipeline.shards import staging_dir
 from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
+from tests.conftest import copy_tree
+from tests.fault_models import RegisterFaultModels
+from tests.helpers import one_error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def fragile_cluster():
             ) as cluster,
             Client(cluster, set_as_default=False) as client,
         ):
-            import fault_models  # noqa: F401  (the client loads models for their dim)
+            import tests.fault_models  # noqa: F401  (the client loads models for their dim)
 
             client.register_plugin(RegisterFaultModels(), name="fault-models")
             yield client
@@ -67,7 +67,7 @@ def remote_client(process_cluster):
     """
     from distributed import Client
 
-    import fault_models  # noqa: F401  (the client loads the model for its dim)
+    import tests.fault_models  # noqa: F401  (the client loads the model for its dim)
 
     with Client(process_cluster, set_as_default=False) as c:
         c.register_plugin(RegisterFaultModels(), name="fault-models")
@@ -124,7 +124,7 @@ def test_an_image_queued_beside_the_killer_is_not_blamed(fragile_cluster, tmp_pa
 def test_hung_partition_times_out_and_the_rest_is_indexed(tmp_path):
     from distributed import Client, LocalCluster
 
-    import fault_models  # noqa: F401
+    import tests.fault_models  # noqa: F401
 
     data = dataset_with_trigger(tmp_path / "hang", 5)
     spec = ModelSpec(name="test-hang", device="cpu")

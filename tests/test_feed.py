@@ -22,9 +22,9 @@ from pipeline.embed import GPU_BATCH_SIZE, Embedder, ModelSpec, _embed
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.feed import BatchFeed
 from pipeline.shards import spec_key
-from tests.helpers import imgindex_cmd, invoke, one_error_line
+from tests.helpers import imgindex_cmd, import_or_skip, invoke, one_error_line
 
-skdata = pytest.importorskip("skimage.data")
+skdata = import_or_skip("skimage.data")
 
 
 def fake_decode(delays: dict[str, float] | None = None):
@@ -288,6 +288,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, dataset):
     assert not out.exists()
 
 
+@pytest.mark.slow  # starts a cluster or a process
 def test_doctor_times_a_batch_and_checks_the_precision():
     result = invoke("doctor", "--batch-size", "4", "--precision", "fp16", "--json")
     assert result.exit_code == 0, result.stderr
@@ -322,9 +323,9 @@ def test_a_build_with_gpu_settings_on_cpu_workers_indexes_the_same(
 ):
     # The threaded path inside real Dask worker processes, bad files included:
     # the same images indexed, the same failures, the same vectors.
-    from conftest import write_bad_files
     from pipeline.build import run_build
     from pipeline.store import read_index_dir
+    from tests.conftest import write_bad_files
 
     bad = write_bad_files(dataset)
     plain = run_build(client, dataset, tmp_path / "plain", spec=ModelSpec(device="cpu"))

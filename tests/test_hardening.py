@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import can_mount_privately, imgindex_cmd, invoke, one_error_line
 
-from conftest import copy_tree
 from pipeline.store import INDEX_FILE, MANIFEST_FILE, META_FILE, read_index_dir
+from tests.conftest import copy_tree
+from tests.helpers import can_mount_privately, imgindex_cmd, invoke, one_error_line
 
 pytestmark = pytest.mark.slow
 

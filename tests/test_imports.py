@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 import cluster
 import pipeline
 
@@ -13,6 +15,7 @@ def test_packages_are_this_project():
     assert Path(cluster.__file__).resolve().parent == ROOT / "cluster"
 
 
+@pytest.mark.slow  # starts a cluster or a process
 def test_cli_module_imports_nothing_heavy():
     """`dask scheduler` loads dask_cli entry points; ours must stay light."""
     import subprocess

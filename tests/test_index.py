@@ -703,6 +703,7 @@ def test_batched_search_of_a_folder_and_a_list(client, tmp_path, photo_sets):
     assert [Path(hits[0]["path"]).name for hits in lists] == expected
 
 
+@pytest.mark.slow  # starts a cluster or a process
 def test_info_and_build_summary_show_the_measured_quality(tmp_path, dataset):
     out = tmp_path / "out"
     built = invoke("build", dataset, "--out", out, "--json")

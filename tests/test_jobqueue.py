@@ -9,8 +9,9 @@ from click.testing import CliRunner
 from cluster.jobqueue import make_jobqueue_cluster
 from pipeline.cli import cli
 from pipeline.errors import ImgindexError
+from tests.helpers import import_or_skip
 
-pytest.importorskip("dask_jobqueue")
+import_or_skip("dask_jobqueue")
 
 SLURM = {
     "jobqueue.slurm.cores": 4,
@@ -67,11 +68,10 @@ def build_with_jobqueue(dataset, tmp_path, *extra: str):
     return CliRunner().invoke(cli, [*args, *extra], catch_exceptions=False)
 
 
-def test_missing_submit_command_is_one_line(dataset, tmp_path):
-    import shutil
-
-    if shutil.which("sbatch"):
-        pytest.skip("this machine has sbatch")
+def test_missing_submit_command_is_one_line(dataset, tmp_path, monkeypatch):
+    # A PATH without sbatch, whether or not this machine has SLURM.
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with dask.config.set(SLURM):
         result = build_with_jobqueue(dataset, tmp_path)
     assert result.exit_code == 1
@@ -81,6 +81,7 @@ def test_missing_submit_command_is_one_line(dataset, tmp_path):
     ]
 
 
+@pytest.mark.slow  # starts a cluster or a process
 def test_jobs_that_never_start_are_one_line(dataset, tmp_path, monkeypatch):
     """A stand-in `sbatch` that accepts the job and never runs it (a full queue)."""
     import os

@@ -8,8 +8,9 @@ from pipeline.decode import center_crop
 from pipeline.embed import Embedder, ModelSpec
 from pipeline.errors import ModelUnavailable
 from pipeline.models import get_model
+from tests.helpers import import_or_skip
 
-skdata = pytest.importorskip("skimage.data")
+skdata = import_or_skip("skimage.data")
 
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 CUPS = {967, 968}  # espresso, cup

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import dask.config
 import pytest
-from helpers import imgindex_cmd, invoke, wait_for_progress
 
-from conftest import DaskProcesses, copy_tree
 from pipeline import __version__
 from pipeline.cancel import CANCEL_BATCH
 from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
+from tests.conftest import DaskProcesses, copy_tree
+from tests.helpers import imgindex_cmd, invoke, wait_for_progress
 
 pytestmark = pytest.mark.slow
 
@@ -152,8 +152,12 @@ def test_workers_joining_late_get_work(dask_processes, small_photos, tmp_path):
         text=True,
         env=env,
     )
-    time.sleep(3)  # the build is now waiting for a first worker
-    assert build.poll() is None
+    waiting = "has no workers; waiting up to 120 s"
+    seen = []  # stderr up to the line that says the build waits for a worker
+    while not seen or waiting not in seen[-1]:
+        line = build.stderr.readline()
+        assert line, "".join(seen)  # it ended without waiting
+        seen.append(line)
     dask_processes.start_worker("first")
     wait_for_progress(progress, 1, build)
     # A worker's start (imports, model, timing the runtimes) takes about as
@@ -171,7 +175,6 @@ def test_workers_joining_late_get_work(dask_processes, small_photos, tmp_path):
         os.kill(first, signal.SIGCONT)
     out, err = build.communicate(timeout=300)
     assert build.returncode == 0, err
-    assert "has no workers; waiting up to 120 s" in err
     report = json.loads(out)
     (summary,) = report["datasets"]
     assert summary["indexed"] == 240
@@ -260,11 +263,12 @@ def test_dashboard_shows_the_whole_build(
     partition of every dataset; the Fine Performance Metrics page can pick
     the build's span. Screenshots: test-artifacts/dashboard-*.png."""
     from distributed import Client
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from conftest import ARTIFACTS
+    from tests.conftest import ARTIFACTS
 
     # Defined here, so that they are pickled by value: the scheduler cannot
     # import this test module.
@@ -340,14 +344,18 @@ def test_dashboard_shows_the_whole_build(
         )[0]
         field.click()
         field.send_keys("imgindex build")
-        (choice,) = WebDriverWait(browser, 10).until(
-            lambda b: [
-                c
-                for c in b.execute_script(DEEP, ".choices__item--choice")
-                if c.text.startswith("imgindex build")
-            ]
-        )
-        choice.click()
+
+        def pick(b) -> bool:
+            # Found and clicked in one go: the list is redrawn every 500 ms.
+            for c in b.execute_script(DEEP, ".choices__item--choice"):
+                if c.text.startswith("imgindex build"):
+                    c.click()
+                    return True
+            return False
+
+        WebDriverWait(
+            browser, 10, ignored_exceptions=(StaleElementReferenceException,)
+        ).until(pick)
         ActionChains(browser).send_keys(Keys.ESCAPE).perform()  # close the list
         time.sleep(3)  # the page updates every 500 ms
         browser.save_screenshot(str(ARTIFACTS / "dashboard-fine-metrics.png"))

@@ -13,10 +13,10 @@ from pipeline.embed import Embedder, ModelSpec
 from pipeline.errors import ModelUnavailable
 from pipeline.runtime import choose_runtime, onnx_cache_path
 from tests.conftest import crop_query
-from tests.helpers import imgindex_cmd, invoke, one_error_line
+from tests.helpers import imgindex_cmd, import_or_skip, invoke, one_error_line
 
-pytest.importorskip("onnxruntime")
-skdata = pytest.importorskip("skimage.data")
+import_or_skip("onnxruntime")
+skdata = import_or_skip("skimage.data")
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
 
@@ -101,6 +101,7 @@ def test_auto_keeps_the_faster_runtime_and_says_which_won():
         choose_runtime("onnxruntime", model, "bf16", threads=1)
 
 
+@pytest.mark.slow  # starts a cluster or a process
 def test_an_index_built_with_torch_is_searched_and_extended_with_onnx(photos, tmp_path):
     from pipeline.search import Searcher
 

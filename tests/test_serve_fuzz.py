@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis")
+from tests.helpers import import_or_skip
+
+schemathesis = import_or_skip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import can_mount_privately, imgindex_cmd, invoke
 
 from pipeline.build import run_build
 from pipeline.discover import discover_images
@@ -18,6 +17,7 @@ from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec
 from pipeline.shards import iter_shards, read_shard, staging_dir
 from pipeline.store import SHARDS_DIR, read_index_dir
+from tests.helpers import can_mount_privately, imgindex_cmd, invoke
 
 
 def vectors_by_id(index_dir: Path) -> dict[int, np.ndarray]:

@@ -210,6 +210,7 @@ def test_truncated_index_file_is_reported_not_read(tmp_path):
         stored.index  # noqa: B018
 
 
+@pytest.mark.slow  # starts a cluster or a process
 def test_crafted_header_cannot_make_faiss_allocate_gigabytes(tmp_path):
     dest = write_version(tmp_path / "ds", 4)
     data = bytearray((dest / INDEX_FILE).read_bytes())

@@ -16,10 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import imgindex_cmd, one_error_line, start_imgindex, wait_for_progress
 
 from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
+from tests.helpers import (
+    imgindex_cmd,
+    one_error_line,
+    start_imgindex,
+    wait_for_progress,
+)
 
 pytestmark = pytest.mark.slow
 
