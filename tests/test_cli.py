@@ -222,19 +222,23 @@ def test_index_of_another_model_is_refused_and_kept(remote_build, process_cluste
     assert (out / "forest" / "index.faiss").read_bytes() == before
 
 
-def test_cuda_on_cpu_workers_is_one_line(process_cluster, dataset, tmp_path):
+def _failed_build(process_cluster, dataset, tmp_path, *flags: str) -> str:
+    """The one error line of a build of ``dataset`` on the session's cluster."""
     result = invoke(
         "build",
         dataset,
         "--out",
         tmp_path / "out",
-        "--device",
-        "cuda",
+        *flags,
         "--scheduler",
         process_cluster.scheduler_address,
     )
     assert result.exit_code == 1
-    line = one_error_line(result.stderr)
+    return one_error_line(result.stderr)
+
+
+def test_cuda_on_cpu_workers_is_one_line(process_cluster, dataset, tmp_path):
+    line = _failed_build(process_cluster, dataset, tmp_path, "--device", "cuda")
     assert line.startswith("Error: worker tcp://127.0.0.1:")
     assert "device 'cuda' asked for, but torch sees no GPU here" in line
 
@@ -244,17 +248,7 @@ def test_gpu_resource_that_no_worker_offers_is_one_line_not_a_wait(
 ):
     """Tasks that ask for a resource no worker has would wait in the queue
     for ever; the build refuses them instead, and writes nothing."""
-    result = invoke(
-        "build",
-        dataset,
-        "--out",
-        tmp_path / "out",
-        "--gpu-resource",
-        "--scheduler",
-        process_cluster.scheduler_address,
-    )
-    assert result.exit_code == 1
-    line = one_error_line(result.stderr)
+    line = _failed_build(process_cluster, dataset, tmp_path, "--gpu-resource")
     assert line.startswith("Error: --gpu-resource asks for workers with the resource")
     assert line.endswith("or drop --gpu-resource")
     assert not (tmp_path / "out" / dataset.name).exists()
