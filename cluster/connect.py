@@ -50,15 +50,6 @@ class Connection:
             report["job_logs"] = self.job_logs
         return report
 
-    def public_json(self) -> dict[str, Any]:
-        """:meth:`to_json` without the scheduler's address, for the service's
-        API clients: the address is where code would be sent to run."""
-        report = self.to_json()
-        address = report.pop("address")
-        if address:
-            report["reason"] = report["reason"].replace(address, "the scheduler")
-        return report
-
     def n_workers(self) -> int:
         """The most workers seen so far (late joiners count, lost ones stay)."""
         try:

@@ -31,7 +31,7 @@ from pipeline.errors import ConfigError, ImgindexError
 from pipeline.search import Hit
 from service.auth import Access
 from service.build_handlers import BuildList, BuildOne, Datasets, LegacyBuild
-from service.builds import Build, Builds
+from service.builds import Build, Builds, public_cluster
 from service.catalog import Catalog, OpenIndex
 from service.handlers import (
     Duplicates,
@@ -233,7 +233,7 @@ class Service:
             "builds_allowed": bool(self.settings.dataset_roots),
             "token_required": self.access.required,
             "same_image": self.settings.same_image,
-            "cluster": conn.public_json() if conn is not None else None,
+            "cluster": public_cluster(conn) if conn is not None else None,
         }
 
     def close(self) -> None:

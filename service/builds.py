@@ -74,6 +74,14 @@ def withhold_addresses(data: Any) -> Any:
     return data
 
 
+def public_cluster(conn: Any) -> dict[str, Any]:
+    """The connection's ``build --json`` cluster, as the service's clients
+    see it: no ``address`` key, and no address in its texts."""
+    report = withhold_addresses(conn.to_json())
+    del report["address"]
+    return report
+
+
 def _numbered_workers(summary: dict[str, Any]) -> dict[str, Any]:
     """The summary's images per worker, keyed "worker 1", ... not by address."""
     workers = summary.get("workers") or {}
@@ -269,7 +277,7 @@ class Builds:
         progress = build.progress
         try:
             conn = self._connection()
-            progress.set_cluster(conn.public_json())
+            progress.set_cluster(public_cluster(conn))
             build.cancel.check()
             spec = ModelSpec.from_config()
             setup_workers(conn.client, spec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -235,14 +236,23 @@ def image_id_argument(value: Any) -> int:
     return int(text)
 
 
-class Image(ApiHandler):
+class ImageRoute(ApiHandler):
+    """A route of one indexed image: ``/api/indexes/<name>/images/<id>...``."""
+
+    async def indexed_file(self, name: str, image_id: str) -> tuple[int, str, Path]:
+        """The image's id, its path in the dataset, and its file (4xx if none)."""
+        opened = await self.in_thread(self.service.catalog.open, name)
+        number = image_id_argument(image_id)
+        return number, opened.relpath(number), opened.file(number)
+
+
+class Image(ImageRoute):
     """``GET /api/indexes/<name>/images/<id>``: the indexed image's file."""
 
     route = "image"
 
     async def get(self, name: str, image_id: str) -> None:
-        opened = await self.in_thread(self.service.catalog.open, name)
-        path = opened.file(image_id_argument(image_id))
+        _, _, path = await self.indexed_file(name, image_id)
         image = await self.in_thread(
             read_image_file, path, self.service.settings.max_image_pixels
         )
@@ -256,31 +266,27 @@ class Image(ApiHandler):
         self.finish(image.data)
 
 
-class ImageInfo(ApiHandler):
+class ImageInfo(ImageRoute):
     """``GET /api/indexes/<name>/images/<id>/info``: path, size, format, date."""
 
     route = "image-info"
 
     async def get(self, name: str, image_id: str) -> None:
-        opened = await self.in_thread(self.service.catalog.open, name)
-        number = image_id_argument(image_id)
-        path = opened.file(number)
+        number, relpath, path = await self.indexed_file(name, image_id)
         info = await self.in_thread(describe_image_file, path)
         self.send_json(
-            {"id": str(number), "relpath": opened.relpath(number), "path": str(path)}
-            | info
+            {"id": str(number), "relpath": relpath, "path": str(path)} | info
         )
 
 
-class Thumbnail(ApiHandler):
+class Thumbnail(ImageRoute):
     """``GET /api/indexes/<name>/images/<id>/thumbnail?side=160``: a JPEG."""
 
     route = "thumbnail"
 
     async def get(self, name: str, image_id: str) -> None:
         side = count_argument(self.get_query_argument("side", ""), "side", 512, 16, 160)
-        opened = await self.in_thread(self.service.catalog.open, name)
-        path = opened.file(image_id_argument(image_id))
+        _, _, path = await self.indexed_file(name, image_id)
         data = await self.in_thread(self.service.thumbnail, path, side)
         if data is None:
             raise ApiError(404, f"image file {str(path)!r} is unreadable now")

@@ -7,6 +7,7 @@ without a token or cookie ``/`` answers a small form that asks for it.
 
 from __future__ import annotations
 
+import functools
 import html
 from pathlib import Path
 
@@ -17,6 +18,13 @@ from service.errors import ApiError
 from service.handlers import ApiHandler
 
 STATIC_DIR = Path(__file__).with_name("static")
+
+
+@functools.cache
+def _page(name: str) -> bytes:
+    """A page of STATIC_DIR, read once: not from disk on every request, on
+    the event loop."""
+    return (STATIC_DIR / name).read_bytes()
 
 
 class Page(ApiHandler):
@@ -47,10 +55,10 @@ class Page(ApiHandler):
             self._ask_for_token("")
             return
         self.set_header("Content-Type", "text/html; charset=UTF-8")
-        self.finish((STATIC_DIR / "index.html").read_bytes())
+        self.finish(_page("index.html"))
 
     def _ask_for_token(self, problem: str) -> None:
-        page = (STATIC_DIR / "login.html").read_text()
+        page = _page("login.html").decode()
         self.set_status(401)
         self.set_header("Content-Type", "text/html; charset=UTF-8")
         self.finish(page.replace("{problem}", html.escape(problem)))
