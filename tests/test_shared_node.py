@@ -65,7 +65,13 @@ def test_another_user_cannot_use_a_running_builds_cluster(process_cluster, tmp_p
     second_user_or_skip()
     intruder = Intruder(process_cluster.scheduler_address)
     folder = tmp_path / "photos"
-    write_photos(folder, 400, seed=81, max_side=400)
+    # The probes take seconds (a refused TLS connect is retried until its
+    # timeout), so the build must outlast them: 400 photos, each hard-linked
+    # into four folders, embed for about 13 s on two workers here.
+    for photo in write_photos(folder / "a", 400, seed=81, max_side=400):
+        for copy in "bcd":
+            (folder / copy).mkdir(exist_ok=True)
+            (folder / copy / photo.name).hardlink_to(photo)
     progress = tmp_path / "progress.json"
     build = start_imgindex(
         "build", folder, "--out", tmp_path / "out", "--progress-file", progress,
