@@ -42,7 +42,7 @@ from pipeline.atomic import atomic_file, fsync_path
 from pipeline.cancel import cancel_futures
 from pipeline.copies import COPIES_FILE, Copies, DistinctAdder, folder_copies
 from pipeline.index_policy import IndexChoice
-from pipeline.shards import traits_member
+from pipeline.shards import open_npz, traits_member
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ShardRows:
 
     def _read(self, with_traits: bool):
         try:
-            with np.load(self.path) as data:
+            with open_npz(self.path) as data:
                 ids, vectors = data["ids"], data["vectors"]
                 traits = traits_member(data) if with_traits else None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:

@@ -95,7 +95,7 @@ class Shard:
         OSError, ValueError, zipfile.BadZipFile
             If the file is damaged.
         """
-        with np.load(self.path) as data:
+        with open_npz(self.path) as data:
             ids, vectors = data["ids"], data["vectors"]
         if len(ids) != len(vectors) or len(ids) != len(self.info["paths"]):
             raise ValueError(f"{self.path.name}: ids, vectors and paths disagree")
@@ -115,9 +115,17 @@ class Shard:
         return traits
 
 
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
+    """``np.load`` of an .npz whose file is closed even when the zip is
+    damaged: np.load leaves a handle of its own open then."""
+    with open(path, "rb") as f, np.load(f) as data:
+        yield data
+
+
 def load_traits(path: str | os.PathLike) -> np.ndarray | None:
     """A shard file's traits rows, or None if it has none (see :meth:`Shard.traits`)."""
-    with np.load(path) as data:
+    with open_npz(path) as data:
         return traits_member(data)
 
 
@@ -198,7 +206,7 @@ def read_shard(path: str | os.PathLike) -> Shard:
         If the file is not a complete shard.
     """
     path = Path(path)
-    with np.load(path) as data:
+    with open_npz(path) as data:
         info = json.loads(data["info"].tobytes())
         if "ids" not in data.files or "vectors" not in data.files:
             raise KeyError("ids/vectors")
@@ -254,7 +262,7 @@ def shard_stats(folder: str | os.PathLike) -> dict[str, Any]:
     paths = sorted(Path(folder).glob(f"*{SUFFIX}")) if Path(folder).is_dir() else []
     dtype = None
     if paths:
-        with np.load(paths[0]) as data:
+        with open_npz(paths[0]) as data:
             dtype = str(data["vectors"].dtype)
     return {
         "count": len(paths),

@@ -99,6 +99,12 @@ class StoredIndex:
             _check_ids(self.path, self._index, self.manifest, self.copies)
         return self._index
 
+    def __enter__(self) -> StoredIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Release the handles still open: an unread index file, the directory
         of an on-disk index (idempotent; the index cannot be read after)."""

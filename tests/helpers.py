@@ -14,6 +14,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from pipeline.cli import cli
+from pipeline.store import StoredIndex, read_index_dir
 
 
 def invoke(*args, env: dict | None = None):
@@ -21,6 +22,14 @@ def invoke(*args, env: dict | None = None):
     return CliRunner(env=env).invoke(
         cli, [str(a) for a in args], catch_exceptions=False
     )
+
+
+def read_index(path: str | Path) -> StoredIndex:
+    """An index directory read whole, FAISS index too, and its files closed
+    (a test that drops a StoredIndex unread would leave them open)."""
+    with read_index_dir(path) as stored:
+        stored.index  # noqa: B018 (reading it checks it against the manifest)
+    return stored
 
 
 def imgindex_cmd(*args) -> list[str]:
@@ -189,7 +198,8 @@ class RunningService:
             from urllib.parse import unquote
 
             self.token = unquote(given[1])
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
 
     def _wait_for_url(self, timeout: float = 90) -> str:
         deadline = time.monotonic() + timeout
@@ -252,3 +262,8 @@ class RunningService:
         except subprocess.TimeoutExpired:
             self.process.kill()
             raise
+        finally:
+            self._drainer.join(10)  # the rest of its log, to EOF
+            for pipe in (self.process.stdout, self.process.stderr):
+                if pipe is not None:
+                    pipe.close()

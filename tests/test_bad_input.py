@@ -16,8 +16,8 @@ from PIL import Image
 from pipeline.build import run_build
 from pipeline.discover import ImageRecord
 from pipeline.embed import Embedder, ModelSpec, embed_partition
-from pipeline.store import read_index_dir
 from tests.conftest import write_bad_files
+from tests.helpers import read_index
 
 
 def photo(seed: int = 3, size=(480, 360)) -> Image.Image:
@@ -96,7 +96,7 @@ def test_build_skips_bad_files_and_indexes_the_rest(client, corpus, tmp_path):
     for name, fragment in failing.items():
         assert fragment in reasons[name], (name, reasons[name])
         assert "\n" not in reasons[name]
-    stored = read_index_dir(tmp_path / "out" / "corpus")
+    stored = read_index(tmp_path / "out" / "corpus")
     assert sorted(r.path for r in stored.manifest) == sorted(good)
     assert {f.path for f in stored.failures} == set(failing)
     assert stored.index.ntotal == len(good)

@@ -17,9 +17,10 @@ from pipeline.errors import DatasetError, IndexDirError, IndexLocked
 from pipeline.lock import lock_index
 from pipeline.search import Searcher
 from pipeline.shards import staging_dir
-from pipeline.store import INDEX_FILE, SHARDS_DIR, read_index_dir
+from pipeline.store import INDEX_FILE, SHARDS_DIR, read_meta
 from pipeline.synthetic import write_photos
 from tests.conftest import copy_tree, crop_query, write_bad_files
+from tests.helpers import read_index
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def built(client, photo_sets, tmp_path_factory):
 def test_two_datasets_give_two_complete_indexes(built, photo_sets):
     roots, out, summaries = built
     for name, paths in photo_sets.items():
-        stored = read_index_dir(out / name)
+        stored = read_index(out / name)
         assert stored.meta.count == len(paths) == stored.index.ntotal
         assert stored.meta.model == "efficientnet-lite0"
         assert stored.meta.dim == 1280 and stored.meta.metric == "cosine"
@@ -113,7 +114,7 @@ def test_vectors_in_index_match_a_direct_embedding(built):
     from pipeline.embed import Embedder, ModelSpec
 
     roots, out, _ = built
-    stored = read_index_dir(out / "forest")
+    stored = read_index(out / "forest")
     rec = stored.manifest[3]
     embedder = Embedder(ModelSpec(device="cpu"))
     direct = embedder.embed_pixels([embedder.decode(str(roots["forest"] / rec.path))])[
@@ -131,14 +132,14 @@ def test_bad_files_are_skipped_and_reported(client, dataset, tmp_path):
     for name, fragment in expected.items():
         assert fragment in reasons[name], (name, reasons[name])
     assert summary.indexed == n_good
-    stored = read_index_dir(tmp_path / "out" / "beach")
+    stored = read_index(tmp_path / "out" / "beach")
     assert {f.path for f in stored.failures} == set(expected)
 
 
 def test_incremental_rebuild_embeds_only_changes(client, dataset, tmp_path):
     out = tmp_path / "out"
     first = run_build(client, dataset, out)
-    before = read_index_dir(out / "beach")
+    before = read_index(out / "beach")
     keep = before.manifest[5]
 
     (dataset / "img00001.jpg").unlink()
@@ -152,7 +153,7 @@ def test_incremental_rebuild_embeds_only_changes(client, dataset, tmp_path):
     assert (second.added, second.updated, second.removed) == (1, 1, 1)
     assert second.unchanged == first.indexed - 2
     assert second.embedded == 2
-    after = read_index_dir(out / "beach")
+    after = read_index(out / "beach")
     assert after.index.ntotal == first.indexed
     np.testing.assert_array_equal(
         after.index.reconstruct(keep.id), before.index.reconstruct(keep.id)
@@ -282,7 +283,7 @@ def test_a_build_rewrites_the_index_when_anything_that_shapes_it_changed(
         f.truncate(1000)
     repaired = run_build(client, dataset, out, index=stricter)
     assert (repaired.kept, repaired.embedded) == ("", 0)
-    assert read_index_dir(index_dir).index.ntotal == first.indexed
+    assert read_index(index_dir).index.ntotal == first.indexed
 
     meta = json.loads((index_dir / "meta.json").read_text())
     (index_dir / "meta.json").write_text(
@@ -290,7 +291,7 @@ def test_a_build_rewrites_the_index_when_anything_that_shapes_it_changed(
     )
     upgraded = run_build(client, dataset, out, index=stricter)
     assert upgraded.kept == ""
-    assert read_index_dir(index_dir).meta.imgindex_version == __version__
+    assert read_meta(index_dir).imgindex_version == __version__
 
     (dataset / "broken.jpg").unlink()  # no longer a failure to report
     assert run_build(client, dataset, out, index=stricter).failed == []

@@ -22,11 +22,10 @@ from pipeline.embed import ModelSpec
 from pipeline.errors import BuildFailed
 from pipeline.lock import lock_index
 from pipeline.shards import staging_dir
-from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
 from tests.conftest import copy_tree
 from tests.fault_models import RegisterFaultModels
-from tests.helpers import one_error_line
+from tests.helpers import one_error_line, read_index
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,7 +176,7 @@ def test_sigkilled_worker_loses_no_image(many_photos, tmp_path):
             c, data, tmp_path / "out", partition_size=4, progress=kill_once
         )
     assert killed
-    stored = read_index_dir(tmp_path / "out" / "many")
+    stored = read_index(tmp_path / "out" / "many")
     paths = [r.path for r in stored.manifest]
     assert len(paths) == len(set(paths)) == 96 == stored.index.ntotal
     assert summary.failed == []
@@ -232,8 +231,8 @@ def test_sigkilled_client_resumes_and_matches_a_clean_build(
 
     clean = run_build(client, data, tmp_path / "clean")
     assert clean.indexed == 96
-    resumed = read_index_dir(out / "many")
-    reference = read_index_dir(tmp_path / "clean" / "many")
+    resumed = read_index(out / "many")
+    reference = read_index(tmp_path / "clean" / "many")
     assert resumed.manifest == reference.manifest
     ids = np.array([r.id for r in reference.manifest])
     np.testing.assert_allclose(

@@ -22,7 +22,13 @@ from pipeline.embed import GPU_BATCH_SIZE, Embedder, ModelSpec, _embed
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.feed import BatchFeed
 from pipeline.shards import spec_key
-from tests.helpers import imgindex_cmd, import_or_skip, invoke, one_error_line
+from tests.helpers import (
+    imgindex_cmd,
+    import_or_skip,
+    invoke,
+    one_error_line,
+    read_index,
+)
 
 skdata = import_or_skip("skimage.data")
 
@@ -324,7 +330,6 @@ def test_a_build_with_gpu_settings_on_cpu_workers_indexes_the_same(
     # The threaded path inside real Dask worker processes, bad files included:
     # the same images indexed, the same failures, the same vectors.
     from pipeline.build import run_build
-    from pipeline.store import read_index_dir
     from tests.conftest import write_bad_files
 
     bad = write_bad_files(dataset)
@@ -335,8 +340,8 @@ def test_a_build_with_gpu_settings_on_cpu_workers_indexes_the_same(
     assert {f["path"] for f in tuned.failed} == {f["path"] for f in plain.failed}
     assert {f["path"] for f in tuned.failed} == set(bad)
     assert "decode-wait" in tuned.task_seconds
-    a = read_index_dir(tmp_path / "plain" / "beach")
-    b = read_index_dir(tmp_path / "tuned" / "beach")
+    a = read_index(tmp_path / "plain" / "beach")
+    b = read_index(tmp_path / "tuned" / "beach")
     ids = np.array(sorted(r.id for r in a.manifest))
     assert np.array_equal(ids, np.array(sorted(r.id for r in b.manifest)))
     cosine = np.sum(a.index.reconstruct_batch(ids) * b.index.reconstruct_batch(ids), 1)

@@ -15,9 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store import INDEX_FILE, MANIFEST_FILE, META_FILE, read_index_dir
+from pipeline.store import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    read_meta,
+)
 from tests.conftest import copy_tree
-from tests.helpers import can_mount_privately, imgindex_cmd, invoke, one_error_line
+from tests.helpers import (
+    can_mount_privately,
+    imgindex_cmd,
+    invoke,
+    one_error_line,
+    read_index,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,12 +72,12 @@ def test_item4_same_folder_name_from_another_place_is_refused(build, few, tmp_pa
     assert result.exit_code == 1
     line = one_error_line(result.stderr)
     assert "holds another dataset" in line and "--name" in line
-    assert read_index_dir(out / "good").meta.count == 8  # untouched
+    assert read_meta(out / "good").count == 8  # untouched
     result = build(other, "--out", out, "--name", "good-b", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["datasets"][0]["index"] == str(out / "good-b")
-    assert read_index_dir(out / "good-b").meta.count == 4
-    assert read_index_dir(out / "good").meta.count == 8
+    assert read_meta(out / "good-b").count == 4
+    assert read_meta(out / "good").count == 8
 
 
 def test_item7_folders_whose_names_are_not_utf8(build, few, tmp_path):
@@ -76,7 +87,7 @@ def test_item7_folders_whose_names_are_not_utf8(build, few, tmp_path):
     out = tmp_path / os.fsdecode(b"out-\xff")
     result = build(data, "--out", out, "--json")
     assert result.exit_code == 0, result.stderr
-    assert read_index_dir(out / odd).index.ntotal == 8
+    assert read_index(out / odd).index.ntotal == 8
     result = invoke("search", out / odd, data / "img00000.jpg", "-k", "1", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)[0][0]["path"] == str(data / "img00000.jpg")
@@ -190,7 +201,7 @@ def test_item14_manifest_out_of_step_is_refused_never_duplicated(damaged, build)
     assert "--rebuild" in one_error_line(result.stderr)
     result = build(data, "--out", index.parent, "--rebuild", "--json")
     assert result.exit_code == 0, result.stderr
-    stored = read_index_dir(index)
+    stored = read_index(index)
     assert stored.index.ntotal == len({r.id for r in stored.manifest}) == 8
 
 

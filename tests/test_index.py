@@ -40,10 +40,10 @@ from pipeline.lookup import rows_in_sorted
 from pipeline.reindex import reindex
 from pipeline.search import search_images
 from pipeline.shards import iter_shards, write_vectors
-from pipeline.store import INDEX_FILE, IVFDATA_FILE, read_index_dir
+from pipeline.store import INDEX_FILE, IVFDATA_FILE, read_index_dir, read_meta
 from pipeline.synthetic import write_vector_index
 from tests.conftest import copy_tree, crop_query
-from tests.helpers import imgindex_cmd, invoke, one_error_line
+from tests.helpers import imgindex_cmd, invoke, one_error_line, read_index
 
 DIM = 32
 
@@ -85,7 +85,7 @@ def request(**config) -> IndexRequest:
 
 def neighbours_found(dest: Path, n_queries: int = 50) -> float:
     """Share of perturbed indexed vectors whose source comes back first."""
-    stored = read_index_dir(dest)
+    stored = read_index(dest)
     index = stored.index
     fx.set_search_params(index, stored.meta.search_params)
     vectors = clustered(stored.meta.count)
@@ -167,7 +167,7 @@ def test_a_factory_string_is_used_as_given_or_refused_in_one_line():
 def test_each_index_type_builds_and_searches(client, tmp_path, kind, on_disk):
     dest = vector_index(tmp_path / "vectors", 3_000)
     summary = reindex(dest, request(type=kind, **{"on-disk": on_disk}), client)
-    meta = read_index_dir(dest).meta
+    meta = read_meta(dest)
     assert meta.count == summary["count"] == 3_000
     assert meta.on_disk is on_disk
     assert (dest / IVFDATA_FILE).exists() is on_disk
@@ -190,7 +190,7 @@ def test_each_index_type_builds_and_searches(client, tmp_path, kind, on_disk):
 def test_tuning_raises_nprobe_until_the_target(client, tmp_path):
     dest = vector_index(tmp_path / "vectors", 3_000)
     reindex(dest, request(type="IVF64,Flat", **{"recall-target": 0.99}), client)
-    meta = read_index_dir(dest).meta
+    meta = read_meta(dest)
     tried = meta.quality["tuned"]["nprobe"]
     assert [v for v, _ in tried] == [1, 2, 4, 8, 16, 32, 64][: len(tried)]
     assert tried[-1][1] >= 0.99 > tried[-2][1]  # stops at the first that reaches it
@@ -212,7 +212,7 @@ def test_exact_neighbours_over_shards_are_those_of_a_full_sort(tmp_path):
     """The truth recall is measured against, with byte copies (exact ties)."""
     vectors = np.repeat(clustered(1_000), 3, axis=0)
     dest = index_of(tmp_path / "idx", vectors, per_shard=700)
-    stored = read_index_dir(dest)
+    stored = read_index(dest)
     ids = np.array([r.id for r in sorted(stored.manifest, key=lambda r: r.path)])
     shards = [
         ShardRows(str(s.path), None, len(s.records))
@@ -294,7 +294,7 @@ def test_an_exhaustive_search_of_copies_measures_full_recall(client, tmp_path, k
     probing all 16 lists 0.943)."""
     dest = vector_index(tmp_path / "vectors", 3_000, copies=50)
     reindex(dest, request(type=kind, **{"recall-target": 1.0}), client)
-    q = read_index_dir(dest).meta.quality
+    q = read_meta(dest).quality
     assert q["recall_at_k"] == 1.0 and q["reached"] is True, q
 
 
@@ -305,7 +305,7 @@ def test_an_image_copied_past_the_tie_room_still_measures_full_recall(client, tm
     vectors[:300] = vectors[0]
     dest = index_of(tmp_path / "vectors", vectors)
     reindex(dest, request(type="flat", **{"recall-target": 1.0}), client)
-    q = read_index_dir(dest).meta.quality
+    q = read_meta(dest).quality
     assert q["recall_at_k"] == 1.0 and q["reached"] is True, q
 
 
@@ -317,7 +317,7 @@ def test_a_graph_index_stores_identical_vectors_once(client, tmp_path):
     dest = vector_index(tmp_path / "vectors", 3_000, copies=50)
     summary = reindex(dest, request(type="hnsw"), client)
     assert summary["count"] == 3_000 and summary["copies"] == 2_940
-    stored = read_index_dir(dest)
+    stored = read_index(dest)
     meta = stored.meta
     assert meta.count == 3_000 and meta.copies == 2_940
     assert json.loads((dest / "meta.json").read_text())["format"] == 3
@@ -341,7 +341,7 @@ def test_a_graph_index_stores_identical_vectors_once(client, tmp_path):
     assert info["count"] == 3_000 and info["copies"] == 2_940
     # Flat keeps every row: its copies table is empty.
     reindex(dest, request(type="flat"), client)
-    assert read_index_dir(dest).meta.copies == 0
+    assert read_meta(dest).copies == 0
     assert not (dest / "copies.npy").exists()
     assert json.loads((dest / "meta.json").read_text())["format"] == 2
 
@@ -375,7 +375,7 @@ def test_a_damaged_copies_table_is_refused_in_one_line(client, tmp_path):
 
 def test_distributed_ivf_equals_a_single_process_build(client, tmp_path):
     dest = vector_index(tmp_path / "vectors", 4_000, per_shard=200)
-    stored = read_index_dir(dest)
+    stored = read_index(dest)
     selection = [
         ShardRows(str(p), None, 200) for p in sorted((dest / "shards").glob("*.npz"))
     ]
@@ -422,7 +422,7 @@ def test_appending_encodes_only_new_rows_and_drops_old_ids(client, tmp_path, on_
     # A first version: 3,000 vectors in 12 shards, IVF, as a build leaves it.
     dest = vector_index(tmp_path / "vectors", 3_000)
     reindex(dest, request(type="ivf-flat", **{"on-disk": on_disk}), client)
-    stored = read_index_dir(dest)
+    stored = read_index(dest)
     choice = choose_index(3_000, DIM, stored.meta.index_key, on_disk=on_disk)
     # Next version: images 0-249 removed, 250-499 changed (same ids, new
     # vectors, in a new shard), 500 new images.
@@ -500,9 +500,9 @@ def test_reindex_switches_type_without_embedding(client, tmp_path):
     dest = vector_index(tmp_path / "vectors", 2_000)
     before = {p.name for p in (dest / "shards").iterdir()}
     reindex(dest, request(type="hnsw"), client)
-    assert read_index_dir(dest).meta.index_kind == "hnsw"
+    assert read_meta(dest).index_kind == "hnsw"
     reindex(dest, request(type="ivf-flat"), client)
-    meta = read_index_dir(dest).meta
+    meta = read_meta(dest)
     assert meta.index_kind == "ivf-flat" and meta.trained_for == 2_000
     assert {p.name for p in (dest / "shards").iterdir()} == before
     assert neighbours_found(dest) >= 0.95
@@ -518,7 +518,7 @@ def test_reindex_names_an_image_whose_shard_is_gone(client, tmp_path):
     assert "\n" not in text
     assert text.startswith(f"250 of the 1000 images in {str(dest)!r} have no stored")
     assert f"e.g. {lost.info['paths'][0]!r}" in text
-    assert read_index_dir(dest).meta.count == 1_000  # the index is untouched
+    assert read_meta(dest).count == 1_000  # the index is untouched
 
 
 def test_index_stages_are_reported_as_their_tasks_finish(client, tmp_path):
@@ -565,11 +565,11 @@ def test_incremental_ivf_appends_without_training_and_removes(
     req = request(type="ivf-flat", **{"retrain-growth": 2.0})
     first = run_build(client, data, out, partition_size=8, index=req)
     assert first.index_key.startswith("IVF") and first.quality["queries"] == 36
-    meta = read_index_dir(out / "beach").meta
+    meta = read_meta(out / "beach")
     assert meta.trained_for == 36
 
     def centroids():
-        index = read_index_dir(out / "beach").index
+        index = read_index(out / "beach").index
         ivf = fx.ivf_of(index)
         return ivf.quantizer.reconstruct_n(0, ivf.nlist)
 
@@ -589,7 +589,7 @@ def test_incremental_ivf_appends_without_training_and_removes(
         second.index_reason
     )
     assert "dropping 5 without training" in second.index_reason
-    stored = read_index_dir(out / "beach")
+    stored = read_index(out / "beach")
     assert stored.meta.trained_for == 36 and stored.meta.count == 42
     assert np.array_equal(centroids(), trained)
     held = fx.index_ids(stored.index).tolist()
@@ -609,7 +609,7 @@ def test_incremental_ivf_appends_without_training_and_removes(
         index=request(type="ivf-flat", **{"retrain-growth": 1.2}),
     )
     assert "refilled" not in third.index_reason
-    assert read_index_dir(out / "beach").meta.trained_for == 60
+    assert read_meta(out / "beach").trained_for == 60
 
     # A damaged index.faiss lends no quantizer: it is trained again.
     with open(out / "beach" / INDEX_FILE, "r+b") as f:
@@ -619,7 +619,7 @@ def test_incremental_ivf_appends_without_training_and_removes(
     assert "kept" not in repaired.index_reason and "refilled" not in (
         repaired.index_reason
     )
-    assert read_index_dir(out / "beach").index.ntotal == 60
+    assert read_index(out / "beach").index.ntotal == 60
 
 
 def test_byte_copies_share_one_node_and_are_all_found(client, tmp_path, dataset):
@@ -632,7 +632,7 @@ def test_byte_copies_share_one_node_and_are_all_found(client, tmp_path, dataset)
     out = tmp_path / "out"
     summary = run_build(client, dataset, out, index=request(type="hnsw"))
     assert summary.indexed == 42 and summary.copies == 6
-    stored = read_index_dir(out / "beach")
+    stored = read_index(out / "beach")
     assert stored.index.ntotal == 36 and stored.meta.copies == 6
     (hits,) = search_images(out / "beach", [originals[0]], k=5, turns=False)
     first = originals[0].name
@@ -662,7 +662,7 @@ def test_a_graph_grows_by_added_images_and_is_built_again_after_a_removal(
     )
     assert (grown.indexed, grown.copies) == (44, 3)
     assert grown.quality["reached"]
-    stored = read_index_dir(out / "beach")
+    stored = read_index(out / "beach")
     assert stored.index.ntotal == 41  # the manifest's ids, each once
     (hits,) = search_images(out / "beach", [original], k=4, turns=False)
     copies = {f"copy{n}-{original.name}" for n in range(3)}
@@ -674,7 +674,7 @@ def test_a_graph_grows_by_added_images_and_is_built_again_after_a_removal(
     rebuilt = run_build(client, dataset, out, index=hnsw)
     assert "adding" not in rebuilt.index_reason
     assert (rebuilt.indexed, rebuilt.copies) == (43, 3)
-    assert read_index_dir(out / "beach").index.ntotal == 40
+    assert read_index(out / "beach").index.ntotal == 40
 
 
 def test_batched_search_of_a_folder_and_a_list(client, tmp_path, photo_sets):
@@ -723,7 +723,7 @@ def test_an_index_without_shards_gets_them_from_its_vectors(client, tmp_path, da
     out = tmp_path / "out"
     run_build(client, dataset, out)
     dest = out / "beach"
-    before = read_index_dir(dest)
+    before = read_index(dest)
     shutil.rmtree(dest / "shards")
     meta = json.loads((dest / "meta.json").read_text())
     (dest / "meta.json").write_text(json.dumps({**meta, "format": 1}))
@@ -731,7 +731,7 @@ def test_an_index_without_shards_gets_them_from_its_vectors(client, tmp_path, da
     (dataset / "new.jpg").write_bytes(extra.read_bytes())
     summary = run_build(client, dataset, out)
     assert summary.embedded == 1 and summary.indexed == before.meta.count + 1
-    after = read_index_dir(dest)
+    after = read_index(dest)
     assert len(list((dest / "shards").glob("*.npz"))) >= 2
     old = before.index.reconstruct_batch(np.array([r.id for r in before.manifest]))
     ids = np.array([r.id for r in before.manifest])

@@ -18,7 +18,6 @@ from pathlib import Path
 import dask.config
 import pytest
 
-from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
 from tests.conftest import copy_tree
 from tests.helpers import (
@@ -26,6 +25,7 @@ from tests.helpers import (
     imgindex_cmd,
     invoke,
     one_error_line,
+    read_index,
     start_imgindex,
     wait_for_progress,
 )
@@ -80,12 +80,13 @@ def resumed_at_exit(frozen: int, build):
         os.kill(frozen, signal.SIGCONT)
         if build.poll() is None:
             build.kill()
+            build.communicate()
 
 
 def assert_each_photo_indexed_once(out: str, index_dir: Path) -> None:
     (summary,) = json.loads(out)["datasets"]
     assert summary["indexed"] == 160 and summary["failed"] == []
-    stored = read_index_dir(index_dir)
+    stored = read_index(index_dir)
     assert len({r.path for r in stored.manifest}) == stored.index.ntotal == 160
 
 
@@ -213,7 +214,7 @@ def test_status_notices_a_build_that_was_killed(process_cluster, photos, tmp_pat
     )  # fmt: skip
     wait_for_progress(progress, 8, build)
     os.kill(build.pid, signal.SIGKILL)
-    build.wait()
+    build.communicate()  # reaped, its pipes closed
     result = invoke("status", progress)
     assert result.exit_code == 0
     assert result.stdout.startswith("build running? probably dead: its process")

@@ -15,10 +15,9 @@ import pytest
 
 from pipeline import __version__
 from pipeline.cancel import CANCEL_BATCH
-from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
 from tests.conftest import DaskProcesses, copy_tree
-from tests.helpers import imgindex_cmd, invoke, wait_for_progress
+from tests.helpers import imgindex_cmd, invoke, read_index, wait_for_progress
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +110,7 @@ def test_concurrent_builds_on_one_cluster_do_not_mix(
         imported = {line.rsplit("|", 1)[-1].strip() for line in err.splitlines()}
         assert "distributed" in imported and "torch" not in imported
         (summary,) = json.loads(out)["datasets"]
-        stored = read_index_dir(tmp_path / f"out-{name}" / name)
+        stored = read_index(tmp_path / f"out-{name}" / name)
         assert stored.meta.dim == 1280 and stored.meta.preprocess["crop"] == 224
         expected = sorted(p.name for p in photo_sets[name])
         assert sorted(r.path for r in stored.manifest) == expected

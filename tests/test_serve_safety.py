@@ -200,9 +200,9 @@ def test_a_dataset_file_replaced_by_a_page_is_never_served_as_one(
     tif = image("scan.tif")
     assert tif.headers["Content-Type"] == "image/png", tif.text[:200]
     assert "filename*=UTF-8''scan.png" in tif.headers["Content-Disposition"]
-    with Image.open(io.BytesIO(tif.content)) as im:
+    with Image.open(io.BytesIO(tif.content)) as im, Image.open(photos[0]) as first:
         assert im.format == "PNG"
-        assert im.size == Image.open(photos[0]).size
+        assert im.size == first.size
     lying = image("really-a-jpeg.png")
     assert lying.headers["Content-Type"] == "image/jpeg"
     assert lying.content == (folder / "really-a-jpeg.png").read_bytes()

@@ -16,12 +16,12 @@ from pipeline.discover import discover_images
 from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec
 from pipeline.shards import iter_shards, read_shard, staging_dir
-from pipeline.store import SHARDS_DIR, read_index_dir
-from tests.helpers import can_mount_privately, imgindex_cmd, invoke
+from pipeline.store import SHARDS_DIR
+from tests.helpers import can_mount_privately, imgindex_cmd, invoke, read_index
 
 
 def vectors_by_id(index_dir: Path) -> dict[int, np.ndarray]:
-    stored = read_index_dir(index_dir)
+    stored = read_index(index_dir)
     ids = np.array([r.id for r in stored.manifest], np.int64)
     return dict(zip(ids.tolist(), stored.index.reconstruct_batch(ids), strict=True))
 
@@ -103,7 +103,7 @@ def test_incremental_build_over_shards_then_reindex(client, dataset, tmp_path):
     assert built.keys() == rebuilt.keys()
     for i, v in built.items():
         np.testing.assert_allclose(v, rebuilt[i], atol=1e-6)
-    paths = {r.path for r in read_index_dir(out / "beach").manifest}
+    paths = {r.path for r in read_index(out / "beach").manifest}
     assert "img00001.jpg" not in paths and "new.jpg" in paths
 
 

@@ -36,6 +36,7 @@ from pipeline.store import (
     staging_path,
     write_index_dir,
 )
+from tests.helpers import read_index
 
 DIM = 8
 
@@ -60,7 +61,7 @@ def write_version(dest: Path, n: int, seed: int = 0, name: str = "ds") -> Path:
 
 
 def read_all(path: Path):
-    stored = read_index_dir(path)
+    stored = read_index(path)
     return stored, stored.index
 
 
@@ -96,7 +97,7 @@ def test_reader_keeps_one_version_while_a_new_one_is_swapped_in(tmp_path):
     write_version(dest, 7, seed=2)  # a build replaces it meanwhile
     assert stored.index.ntotal == 5  # the version its manifest belongs to
     assert stored.paths_by_id()[int(stored.index.id_map.at(0))].startswith("img1-")
-    assert read_index_dir(dest).index.ntotal == 7
+    assert read_index(dest).index.ntotal == 7
 
 
 def test_reads_never_fail_while_builds_replace_the_index(tmp_path):

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store import read_index_dir
 from pipeline.synthetic import write_photos
 from tests.helpers import (
     imgindex_cmd,
     one_error_line,
+    read_index,
     start_imgindex,
     wait_for_progress,
 )
@@ -112,7 +112,7 @@ def test_readme_sbatch_script_runs_as_written(traps, tmp_path):
     log = (tmp_path / f"job-{job}.log").read_text()
     assert job_state(job) == "COMPLETED", log
     assert not tracebacks_beyond_teardown(log), log
-    assert read_index_dir(out / "traps").index.ntotal == N_IMAGES
+    assert read_index(out / "traps").index.ntotal == N_IMAGES
     progress = json.loads((tmp_path / "shared" / "traps-progress.json").read_text())
     assert progress["state"] == "finished"
 
