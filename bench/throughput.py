@@ -181,7 +181,7 @@ def reference_sweep(files, batches) -> list[dict]:
 # -- 2. imgindex build ------------------------------------------------------------
 
 
-def cli_build(data: Path, out: Path) -> tuple[float, dict]:
+def cli_build(data: Path, out: Path, rebuild: bool = True) -> tuple[float, dict]:
     """The real command, default settings; returns (wall seconds, --json report)."""
     cmd = [
         sys.executable,
@@ -192,7 +192,7 @@ def cli_build(data: Path, out: Path) -> tuple[float, dict]:
         "--out",
         str(out),
         "--json",
-        "--rebuild",
+        *(["--rebuild"] if rebuild else []),
     ]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -455,6 +455,8 @@ def main() -> None:
         print("2. imgindex build, default settings, LocalCluster")
         wall, report = cli_build(data, tmp / "e2e")
         e2e_rate = n / wall
+        # The same command again: nothing added, changed or removed.
+        noop_wall, noop = cli_build(data, tmp / "e2e", rebuild=False)
         inproc = inprocess_build(data, tmp / "steady")
         s = inproc["summary"]
         steady_rate = s["embedded"] / s["stage_seconds"]["embed"]
@@ -532,6 +534,10 @@ def main() -> None:
             f"{e2e_rate:.1f} images/s = {e2e_rate / limit:.2f} x limit "
             "(target >= 0.75)",
         ),
+        (
+            "the same build again, nothing added, changed or removed (wall time)",
+            f"{noop_wall:.2f} s, cluster {noop['cluster']['kind']} (target <= 1 s)",
+        ),
         ("images embedded by each runtime (why)", runtimes),
         *torch_rows,
         (
@@ -602,6 +608,7 @@ def main() -> None:
                     "steady_images_per_second": steady_rate,
                     "e2e_images_per_second": e2e_rate,
                     "e2e_wall_seconds": wall,
+                    "noop_wall_seconds": noop_wall,
                     "cli_report": report,
                     "inprocess": inproc,
                     "torch_limit": torch_limit,

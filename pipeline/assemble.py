@@ -159,7 +159,7 @@ def decide(
 
 
 def index_in_place(
-    plan: Plan, reusable: StoredIndex | None, request: IndexRequest, dim: int
+    plan: Plan, reusable: StoredIndex | None, request: IndexRequest
 ) -> str | None:
     """Why the index in place is already what this build would write; None if not.
 
@@ -179,7 +179,11 @@ def index_in_place(
     failures = {(f.path, f.reason) for f in plan.known_failures}
     if failures != {(f.path, f.reason) for f in previous.failures}:
         return None
-    choice, _, _ = decide(request, meta.count, dim, meta, previous.path / INDEX_FILE)
+    # The model was checked against the plan's (pipeline.plan), so its dim
+    # is the index's.
+    choice, _, _ = decide(
+        request, meta.count, meta.dim, meta, previous.path / INDEX_FILE
+    )
     if (choice.key, choice.on_disk) != (meta.index_key, meta.on_disk):
         return None
     measured, settings = meta.quality, request.settings

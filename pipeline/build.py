@@ -42,6 +42,7 @@ from pipeline.errors import (
     BuildFailed,
     ImgindexError,
     IndexDirError,
+    IndexLocked,
     error_text,
 )
 from pipeline.index import reconstruct
@@ -62,7 +63,13 @@ from pipeline.shards import (
     write_vectors,
 )
 from pipeline.spans import BuildSpan
-from pipeline.store import INDEX_FILE, SHARDS_DIR, recover_index_dir, write_index_dir
+from pipeline.store import (
+    INDEX_FILE,
+    SHARDS_DIR,
+    StoredIndex,
+    recover_index_dir,
+    write_index_dir,
+)
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -122,6 +129,93 @@ def run_build(
     return _last_step(steps)
 
 
+@dataclass
+class PlannedBuild:
+    """One dataset planned under its index's lock, which it holds until
+    closed: what to embed, or why the index in place is kept as it is.
+
+    Planning needs no cluster, so a build plans first and starts none when
+    every index is current.
+    """
+
+    root: Path
+    name: str
+    dest: Path
+    plan: Plan
+    # The plan's previous index if its file is whole: it may be kept, grown
+    # or lend its quantizer (None with --rebuild).
+    reusable: StoredIndex | None
+    kept: str | None  # why the index in place is what this build would write
+    rebuild: bool
+    started: float
+    stages: StageTimer
+    _held: contextlib.ExitStack
+
+    def close(self) -> None:
+        """Release the lock and the previous index's handles (idempotent)."""
+        self._held.close()
+
+    def __enter__(self) -> PlannedBuild:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plan_dataset(
+    dataset: str | Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    spec: ModelSpec | None = None,
+    rebuild: bool = False,
+    index: IndexRequest | None = None,
+) -> PlannedBuild:
+    """Lock ``out/<name>``, discover ``dataset`` and diff it against the index
+    there (see :func:`build_steps` for the arguments); no cluster is needed.
+
+    Raises
+    ------
+    DatasetError, IndexDirError, IndexLocked
+    """
+    started = time.perf_counter()
+    spec = spec or ModelSpec.from_config()
+    index = index or IndexRequest.from_config()
+    root = check_dataset(dataset).resolve()
+    name = name or root.name
+    dest = Path(out).resolve() / name
+    if dest.exists() and not dest.is_dir():
+        raise IndexDirError(
+            f"{str(dest)!r} is a file, not an index directory; choose another "
+            "--out or --name"
+        )
+    held = contextlib.ExitStack()
+    with held:
+        held.enter_context(lock_index(dest))
+        recovered = recover_index_dir(dest)
+        if recovered:
+            logger.warning("%s: %s", dest, recovered)
+        stages = StageTimer()
+        with stages("discover"):
+            plan = plan_build(root, dest, spec, rebuild)
+        held.callback(lambda: plan.previous and plan.previous.close())
+        reusable = intact(plan.previous)
+        kept = index_in_place(plan, reusable, index)
+        return PlannedBuild(
+            root,
+            name,
+            dest,
+            plan,
+            reusable,
+            kept,
+            rebuild,
+            started,
+            stages,
+            held.pop_all(),
+        )
+    raise AssertionError("unreachable")
+
+
 def model_card(client: Client, spec: ModelSpec) -> ModelCard:
     """The dim and preprocessing that meta.json records: from a worker that
     loaded the model in set-up, else from a copy loaded here (which also
@@ -149,7 +243,7 @@ def _last_step(steps: Generator[None, None, BuildSummary]) -> BuildSummary:
 
 
 def build_steps(
-    client: Client,
+    client: Client | None,
     dataset: str | Path,
     out: str | Path,
     *,
@@ -169,6 +263,7 @@ def build_steps(
     build_id: str | None = None,
     ranks: Iterator[int] | None = None,
     model: ModelCard | None = None,
+    planned: PlannedBuild | None = None,
 ) -> Generator[None, None, BuildSummary]:
     """Embed ``dataset`` on ``client``'s cluster and write ``out/<name>/``, in two
     steps: the first locks the index, plans and submits every partition, then
@@ -221,6 +316,10 @@ def build_steps(
     model
         ``spec``'s model card, where the caller already has it (default:
         :func:`model_card`).
+    planned
+        The dataset planned already by :func:`plan_dataset` (its lock held);
+        ``dataset``, ``out``, ``name`` and ``rebuild`` are then not read.
+        Where its index is kept, ``client`` may be None.
 
     Returns
     -------
@@ -230,7 +329,6 @@ def build_steps(
     ------
     DatasetError, IndexDirError, IndexLocked, BuildFailed, BuildCancelled
     """
-    started = time.perf_counter()
     cancel = cancel or Cancel()
     spec = spec or ModelSpec.from_config()
     index = index or IndexRequest.from_config()
@@ -247,41 +345,36 @@ def build_steps(
         unresponsive=seconds_value(None, "imgindex.worker-unresponsive"),
     )
 
-    root = check_dataset(dataset).resolve()
-    name = name or root.name
-    model = model or model_card(client, spec)
-    dest = Path(out).resolve() / name
-    summary = BuildSummary(name=name, source=str(root), index=str(dest))
-    summary.vectors = "written by workers" if workers_write else "streamed to client"
-    stages = StageTimer()
-
-    if dest.exists() and not dest.is_dir():
-        raise IndexDirError(
-            f"{str(dest)!r} is a file, not an index directory; choose another "
-            "--out or --name"
+    planned = planned or plan_dataset(
+        dataset, out, name=name, spec=spec, rebuild=rebuild, index=index
+    )
+    with planned:
+        started, stages, plan = planned.started, planned.stages, planned.plan
+        root, name, dest, reusable = (
+            planned.root,
+            planned.name,
+            planned.dest,
+            planned.reusable,
         )
-    build_span = BuildSpan(f"imgindex build {build_id or uuid.uuid4().hex[:6]}", name)
-    embed_span, index_span = build_span.child("embed"), build_span.child("index")
-    with lock_index(dest):
-        recovered = recover_index_dir(dest)
-        if recovered:
-            logger.warning("%s: %s", dest, recovered)
-        with stages("discover"):
-            plan = plan_build(root, dest, spec, rebuild)
+        summary = BuildSummary(name=name, source=str(root), index=str(dest))
         summary.added, summary.updated = plan.added, plan.updated
         summary.removed, summary.unchanged = plan.removed, plan.unchanged
-        # Whether the index in place may be kept, grown or lend its quantizer
-        # (with --rebuild the plan has no previous index).
-        reusable = intact(plan.previous)
-        kept = index_in_place(plan, reusable, index, int(model.dim))
-        if kept:
+        if planned.kept:
             clear_staging(staging_dir(dest))  # only shards no image needs now
             yield
-            return _kept(summary, plan, kept, started)
+            return _kept(summary, plan, planned.kept, started)
 
+        model = model or model_card(client, spec)
+        summary.vectors = (
+            "written by workers" if workers_write else "streamed to client"
+        )
+        build_span = BuildSpan(
+            f"imgindex build {build_id or uuid.uuid4().hex[:6]}", name
+        )
+        embed_span, index_span = build_span.child("embed"), build_span.child("index")
         with stages("prepare"):
             staging = staging_dir(dest)
-            if rebuild:
+            if planned.rebuild:
                 clear_staging(staging)
             sink = _ShardSink(plan, model.dim)
             resumed, damaged = usable_shards(
@@ -511,11 +604,12 @@ class DatasetObserver(Protocol):
 
 
 def run_builds(
-    client: Client,
+    client: Client | None,
     jobs: Sequence[tuple[Path, str]],
     out: str | Path,
     observe: Callable[[str], DatasetObserver],
     build_id: str | None = None,
+    planned: Sequence[PlannedBuild | ImgindexError] | None = None,
     **options: Any,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Build each ``(dataset, name)`` of ``jobs`` with :func:`build_steps`.
@@ -526,7 +620,9 @@ def run_builds(
     ``{"name", "source", "error"}`` and its one-line error is listed.
     ``observe(name)`` follows each build; ``build_id`` names the Dask spans
     of all of them (one id, so the dashboard shows them as one build);
-    ``options`` go to :func:`run_build`.
+    ``planned``, where given, is :func:`plan_datasets`'s answer for ``jobs``
+    (``client`` may then be None if every index is kept); ``options`` go to
+    :func:`run_build`.
 
     Returns
     -------
@@ -544,11 +640,13 @@ def run_builds(
     # Asked of the workers once for all datasets: each ask may wait
     # imgindex.call-timeout on a frozen worker.
     options["spec"] = options.get("spec") or ModelSpec.from_config()
+    ahead: Sequence[PlannedBuild | ImgindexError | None] = planned or [None] * len(jobs)
     card_error: Exception | None = None
-    try:
-        options["model"] = model_card(client, options["spec"])
-    except (ImgindexError, OSError) as e:
-        card_error = e
+    if needs_cluster(ahead):
+        try:
+            options["model"] = model_card(client, options["spec"])
+        except (ImgindexError, OSError) as e:
+            card_error = e
     started: list[tuple[int, DatasetObserver, Generator]] = []
 
     def failed(i: int, watch: DatasetObserver, e: Exception) -> None:
@@ -563,7 +661,13 @@ def run_builds(
         for i, (root, name) in enumerate(jobs):
             results.append({})
             watch = observe(name)
-            if card_error is not None:
+            this = ahead[i]
+            if isinstance(this, ImgindexError):
+                failed(i, watch, this)
+                continue
+            if card_error is not None and not (this and this.kept):
+                if this:
+                    this.close()
                 failed(i, watch, card_error)
                 continue
             steps = build_steps(
@@ -575,6 +679,7 @@ def run_builds(
                 name=name,
                 build_id=build_id,
                 ranks=ranks,
+                planned=this,
                 **options,
             )
             try:
@@ -600,6 +705,47 @@ def run_builds(
         for _, _, steps in started:  # interrupted: their tasks are cancelled
             steps.close()
     return results, errors
+
+
+def plan_datasets(
+    jobs: Sequence[tuple[Path, str]], out: str | Path, **options: Any
+) -> list[PlannedBuild | ImgindexError]:
+    """:func:`plan_dataset` for each ``(dataset, name)``, in order: a dataset
+    that cannot be built gets its one-line error in its place, for
+    :func:`run_builds` to report beside the others' results.
+
+    Raises
+    ------
+    IndexLocked
+        If another build holds one of the indexes: the whole build is
+        refused, and the locks taken already are released.
+    """
+    planned: list[PlannedBuild | ImgindexError] = []
+    try:
+        for root, name in jobs:
+            try:
+                planned.append(plan_dataset(root, out, name=name, **options))
+            except IndexLocked:
+                raise
+            except ImgindexError as e:
+                planned.append(e)
+            except OSError as e:
+                planned.append(ImgindexError(error_text(e)))
+    except BaseException:
+        for p in planned:
+            if isinstance(p, PlannedBuild):
+                p.close()
+        raise
+    return planned
+
+
+def needs_cluster(planned: Sequence[PlannedBuild | ImgindexError | None]) -> bool:
+    """Whether a dataset of ``planned`` has images to embed or an index to
+    write (or is not planned yet): those that keep their index, or cannot be
+    built at all, need no worker."""
+    return any(
+        p is None or (isinstance(p, PlannedBuild) and not p.kept) for p in planned
+    )
 
 
 def _live_shards(dest: Path, plan: Plan) -> list[Shard]:

@@ -6,6 +6,7 @@ entry point, loaded by every ``dask scheduler`` / ``dask worker`` start.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -424,12 +425,10 @@ def build(
     as_json,
 ):
     """Embed the images under each DATASET folder and write OUT/<name>/."""
-    from cluster.shared import workers_without
-    from cluster.worker import setup_workers
-    from pipeline.build import run_builds
+    from pipeline.background import Background
+    from pipeline.build import plan_datasets, run_builds
     from pipeline.config import count_or_auto
     from pipeline.errors import ImgindexError
-    from pipeline.lock import check_unlocked
     from pipeline.models import check_model_name, get_model
     from pipeline.progress import ProgressFile
 
@@ -447,8 +446,6 @@ def build(
     roots = _check_datasets(datasets, name)
     names = [name] if name else [r.name for r in roots]
     _check_writable(out)
-    for index_name in names:  # another build's index: one line, before any cluster
-        check_unlocked(out.resolve() / index_name)
     check_model_name(spec.name)  # an unknown model: one line, before any cluster
     if request.factory_string:
         # Whether FAISS can build it depends on the dim: only then is the model
@@ -456,50 +453,54 @@ def build(
         # client's copy of torch).
         _check_index_type(request, get_model(spec.name, "cpu").dim)
     tracker = ProgressFile(progress_file, names) if progress_file else None
+    jobs_ = list(zip(roots, names, strict=True))
 
     try:
-        with _connect(
-            scheduler,
-            scheduler_file,
-            no_fallback,
-            jobqueue,
-            jobs,
-            gpu_resource,
-            worker_wait,
-            out.resolve(),
-        ) as conn:
-            click.echo(f"cluster: {conn.reason}", err=True)
-            if conn.dashboard:
-                click.echo(f"dashboard: {conn.dashboard}", err=True)
-            if conn.job_logs:
-                click.echo(f"job logs: {conn.job_logs}", err=True)
-            if tracker:
-                tracker.set_cluster(conn.to_json())
-            setup_workers(conn.client, spec)
-            blind = workers_without(conn.client, out.resolve())
-            if blind:
-                click.echo(
-                    f"vectors: streamed to the client: {len(blind)} worker(s) cannot "
-                    f"write to {_shown(str(out))} (no shared file system?), e.g. "
-                    f"{blind[0]}",
-                    err=True,
+        with contextlib.ExitStack() as held:
+            # Each index is locked and its dataset planned while the cluster
+            # starts; a re-run that finds nothing to do starts none.
+            planning = Background(
+                plan_datasets, jobs_, out, spec=spec, rebuild=rebuild, index=request
+            )
+            held.callback(_release_planned, planning)
+            conn, blind = None, []
+            if _cluster_needed(planning):
+                conn = held.enter_context(
+                    _connect(
+                        scheduler,
+                        scheduler_file,
+                        no_fallback,
+                        jobqueue,
+                        jobs,
+                        gpu_resource,
+                        worker_wait,
+                        out.resolve(),
+                    )
                 )
+                blind = _start_workers(conn, spec, out, tracker)
+            planned = planning.result()
+            if conn is None:
+                cluster_json = _no_cluster(planned)
+                click.echo(f"cluster: {cluster_json['reason']}", err=True)
+                if tracker:
+                    tracker.set_cluster(cluster_json)
             summaries, errors = run_builds(
-                conn.client,
-                list(zip(roots, names, strict=True)),
+                conn.client if conn else None,
+                jobs_,
                 out,
                 lambda index_name: _ProgressBar(index_name, tracker),
                 build_id=uuid.uuid4().hex[:6],
+                planned=planned,
                 spec=spec,
                 partition_size=partition_size,
-                rebuild=rebuild,
                 retries=retries,
                 task_timeout=task_timeout,
                 gpu_resource=gpu_resource,
                 workers_write=not blind,
                 index=request,
             )
-            cluster_json = conn.to_json()
+            if conn is not None:
+                cluster_json = conn.to_json()
     except KeyboardInterrupt as e:
         signame = str(e) or "SIGINT"
         if tracker:
@@ -569,6 +570,83 @@ def _check_datasets(datasets, name: str | None = None) -> list[Path]:
             param_hint="DATASETS",
         )
     return roots
+
+
+# A small collection is planned in less: a re-run that finds every index
+# current then starts no cluster at all. A larger one starts the cluster
+# while its discovery goes on.
+PLAN_ALONE_SECONDS = 0.5
+
+
+def _cluster_needed(planning) -> bool:
+    """False only where planning finished in PLAN_ALONE_SECONDS and found
+    nothing for workers to do."""
+    from pipeline.build import needs_cluster
+
+    try:
+        planned = planning.result(timeout=PLAN_ALONE_SECONDS)
+    except TimeoutError:
+        return True
+    return needs_cluster(planned)
+
+
+def _release_planned(planning) -> None:
+    """Unlock what planning locked (the builds release theirs as they end)."""
+    from pipeline.build import PlannedBuild
+
+    if not planning.done():
+        return  # interrupted mid-discovery: its locks go with the process
+    try:
+        planned = planning.result()
+    except BaseException:
+        return  # it released its own locks
+    for p in planned:
+        if isinstance(p, PlannedBuild):
+            p.close()
+
+
+def _no_cluster(planned) -> dict:
+    """``build --json``'s cluster where no worker had anything to do."""
+    from pipeline.build import PlannedBuild
+
+    if any(isinstance(p, PlannedBuild) for p in planned):
+        reason = (
+            "none started: every index is current (nothing added, changed or removed)"
+        )
+    else:
+        reason = "none started: no dataset could be built"
+    return {
+        "kind": "none",
+        "address": "",
+        "reason": reason,
+        "dashboard": "",
+        "workers": 0,
+    }
+
+
+def _start_workers(conn, spec, out: Path, tracker) -> list[str]:
+    """Say which cluster this is, set its workers up; the workers that cannot
+    write to ``out`` (their vectors then travel to the client)."""
+    from cluster.shared import workers_without
+    from cluster.worker import setup_workers
+
+    click.echo(f"cluster: {conn.reason}", err=True)
+    if conn.dashboard:
+        click.echo(f"dashboard: {conn.dashboard}", err=True)
+    if conn.job_logs:
+        click.echo(f"job logs: {conn.job_logs}", err=True)
+    if tracker:
+        tracker.set_cluster(conn.to_json())
+    setup_workers(conn.client, spec)
+    blind = workers_without(conn.client, out.resolve())
+    if blind:
+        click.echo(
+            f"vectors: streamed to the client: {len(blind)} worker(s) cannot "
+            f"write to {_shown(str(out))} (no shared file system?), e.g. "
+            f"{blind[0]}",
+            err=True,
+        )
+    return blind
 
 
 class _ProgressBar:
@@ -791,8 +869,8 @@ def info(index_dir, as_json):
     from pipeline.describe import describe_index
     from pipeline.store import read_index_dir
 
-    stored = read_index_dir(index_dir)
-    report = describe_index(index_dir, stored)
+    with read_index_dir(index_dir) as stored:
+        report = describe_index(index_dir, stored)
     m = stored.meta
     if as_json:
         click.echo(json.dumps(report, indent=2))

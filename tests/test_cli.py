@@ -7,6 +7,7 @@ import json
 import dask.config
 import pytest
 
+from pipeline.synthetic import write_photos
 from tests.conftest import copy_tree, crop_query, write_bad_files
 from tests.helpers import invoke, one_error_line
 
@@ -136,6 +137,43 @@ def test_no_fallback_fails_with_one_line_and_writes_nothing(
     line = one_error_line(result.stderr)
     assert address in line and "--no-fallback" in line
     assert not (out / "beach").exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_that_finds_nothing_to_do_starts_no_cluster(
+    process_cluster, tmp_path, refused_address
+):
+    """Its scheduler refuses and fallback is off: a re-run that connected,
+    or started a LocalCluster, would fail instead."""
+    folder, out = tmp_path / "few", tmp_path / "out"
+    write_photos(folder, 6, seed=34, max_side=320)
+    first = invoke(
+        "build", folder, "--out", out, "--scheduler", process_cluster.scheduler_address
+    )
+    assert first.exit_code == 0, first.stderr
+    offline = ["--out", out, "--scheduler", refused_address, "--no-fallback"]
+
+    again = invoke("build", folder, *offline, "--json")
+    assert again.exit_code == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["cluster"] == {
+        "kind": "none",
+        "address": "",
+        "reason": "none started: every index is current "
+        "(nothing added, changed or removed)",
+        "dashboard": "",
+        "workers": 0,
+    }
+    (summary,) = report["datasets"]
+    assert summary["kept"].startswith("nothing added, changed or removed since ")
+    assert (summary["indexed"], summary["embedded"]) == (6, 0)
+    assert "cluster: none started" in again.stderr
+
+    write_photos(folder, 1, seed=35, max_side=320, prefix="new")
+    changed = invoke("build", folder, *offline)
+    assert changed.exit_code == 1
+    line = one_error_line(changed.stderr)
+    assert refused_address in line and "--no-fallback" in line
 
 
 @pytest.mark.slow
