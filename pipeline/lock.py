@@ -63,26 +63,6 @@ def lock_index(dest: str | os.PathLike) -> Iterator[None]:
             os.close(fd)
 
 
-def check_unlocked(dest: str | os.PathLike) -> None:
-    """Refuse now, before any cluster starts, an index another build is writing.
-
-    The build takes the lock itself later (:func:`lock_index`); this only
-    saves a user the minutes of a cluster started for nothing. Where no build
-    ever locked it, nothing is written (a bad option must leave --out as it
-    was).
-
-    Raises
-    ------
-    IndexLocked
-        If another build holds it.
-    """
-    dest = Path(dest)
-    lock_path = dest.parent / f".{dest.name}.lock"
-    if lock_path.exists() or lock_path.with_name(lock_path.name + ".held").exists():
-        with lock_index(dest):
-            pass
-
-
 def _locked_message(holder: str, dest: Path) -> str:
     return (
         f"another build ({holder or 'unknown process'}) is writing the index "
