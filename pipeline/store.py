@@ -305,17 +305,20 @@ def _interrupted_version(dest: Path) -> Path | None:
 
 def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredIndex:
     fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+    handles: dict[str, BinaryIO] = {}
     try:
         # Open everything first: the handles pin one version of each file.
-        handles = {
-            name: os.fdopen(os.open(name, os.O_RDONLY, dir_fd=fd), "rb")
-            for name in INDEX_FILES
-        }
+        for name in INDEX_FILES:
+            handles[name] = os.fdopen(os.open(name, os.O_RDONLY, dir_fd=fd), "rb")
         try:
             copies_file = os.fdopen(os.open(COPIES_FILE, os.O_RDONLY, dir_fd=fd), "rb")
         except FileNotFoundError:
             copies_file = None
     except BaseException:
+        # A file gone (a build swapped versions between our opens): the caller
+        # reads again, and what was opened of this version is closed.
+        for handle in handles.values():
+            handle.close()
         os.close(fd)
         raise
     try:
