@@ -4,7 +4,10 @@ The ONNX graph is exported once from the same torch module and weights and
 cached on local disk, keyed by model, imgindex version and preprocessing;
 nothing is downloaded. Both runtimes give the same vectors (cosine >= 0.9999,
 tests/test_runtime.py), so the runtime is a per-worker choice and never part
-of an index's identity. ``auto`` times both on the worker and keeps the faster.
+of an index's identity. ``auto`` times both on the worker and keeps the faster,
+and remembers that timing beside the graph for this CPU model, thread count
+and these torch and ONNX Runtime versions: a worker starting later on such a
+machine (every build starts its workers) does not time them again.
 """
 
 from __future__ import annotations
@@ -79,15 +82,79 @@ def choose_runtime(
         if wanted == "onnxruntime":
             raise ModelUnavailable(f"--runtime onnxruntime: {problem}")
         return Runtime("torch", model.forward, f"auto: {problem}")
-    onnx = Runtime("onnxruntime", onnx_forward(model, threads), "")
     if wanted == "onnxruntime":
-        return Runtime(onnx.name, onnx.forward, "--runtime onnxruntime")
-    timer = timer or _time
-    ort_ms, torch_ms = (timer(r.forward, model) for r in (onnx, torch_runtime))
-    timing = f"{ort_ms:.1f} ms an image vs torch {torch_ms:.1f} ms"
-    if ort_ms < torch_ms:
-        return Runtime(onnx.name, onnx.forward, f"auto: onnxruntime {timing}")
+        return Runtime(wanted, onnx_forward(model, threads), "--runtime onnxruntime")
+    # What the real timing found is remembered for this CPU, thread count and
+    # these packages; an injected timer's answer is neither read nor kept.
+    remembered = choice_path(model, precision, threads) if timer is None else None
+    timed = _read_choice(remembered) if remembered else None
+    if timed is None:
+        onnx = onnx_forward(model, threads)
+        ort_ms, torch_ms = (
+            (timer or _time)(forward, model) for forward in (onnx, model.forward)
+        )
+        if remembered:
+            _write_choice(remembered, ort_ms, torch_ms)
+        when = ""
+    else:
+        ort_ms, torch_ms, when = timed
+        onnx = onnx_forward(model, threads) if ort_ms < torch_ms else None
+        when = f" (timed on this CPU on {when})"
+    timing = f"{ort_ms:.1f} ms an image vs torch {torch_ms:.1f} ms{when}"
+    if ort_ms < torch_ms and onnx is not None:
+        return Runtime("onnxruntime", onnx, f"auto: onnxruntime {timing}")
     return Runtime("torch", model.forward, f"auto: onnxruntime {timing}, kept torch")
+
+
+def choice_path(model: LoadedModel, precision: str, threads: int) -> Path | None:
+    """Where ``auto``'s timing of ``model`` is remembered, beside its graph:
+    one file per CPU model, thread count and torch / ONNX Runtime versions, so
+    that a change of any is timed again (None: nowhere)."""
+    import onnxruntime
+    import torch
+
+    graph = onnx_cache_path(model)
+    if graph is None:
+        return None
+    key = json.dumps(
+        [_cpu_model(), threads, precision, torch.__version__, onnxruntime.__version__]
+    )
+    digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    return graph.with_name(f"{graph.stem}.auto-{digest}.json")
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _read_choice(path: Path) -> tuple[float, float, str] | None:
+    try:
+        saved = json.loads(path.read_text())
+        return float(saved["onnxruntime_ms"]), float(saved["torch_ms"]), saved["date"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none yet, or unreadable: time again
+
+
+def _write_choice(path: Path, ort_ms: float, torch_ms: float) -> None:
+    from datetime import date
+
+    saved = {"onnxruntime_ms": ort_ms, "torch_ms": torch_ms, "date": str(date.today())}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(saved))
+        os.replace(partial, path)
+    except OSError as e:
+        logger.info("not remembering the runtime timing in %s: %s", path.parent, e)
 
 
 def _why_not_onnx(model: LoadedModel, precision: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import dask.config
 import numpy as np
 import pytest
 import torch
@@ -99,6 +100,31 @@ def test_auto_keeps_the_faster_runtime_and_says_which_won():
     )
     with pytest.raises(ModelUnavailable, match="--runtime onnxruntime: ONNX"):
         choose_runtime("onnxruntime", model, "bf16", threads=1)
+
+
+def test_auto_remembers_its_timing_for_this_cpu_threads_and_packages(tmp_path):
+    model = Embedder(ModelSpec.from_config(runtime="torch")).model
+    with dask.config.set({"imgindex.runtime-cache": str(tmp_path)}):
+        first = choose_runtime("auto", model, "fp32", threads=1)
+        assert _agrees(first.name, first.reason) and "timed on" not in first.reason
+        (saved,) = tmp_path.glob("*.auto-*.json")
+        # What the next worker reads is that file, not a timing of its own.
+        saved.write_text('{"onnxruntime_ms": 50.0, "torch_ms": 2.0, "date": "D"}')
+        kept = choose_runtime("auto", model, "fp32", threads=1)
+        assert (kept.name, kept.reason) == (
+            "torch",
+            "auto: onnxruntime 50.0 ms an image vs torch 2.0 ms "
+            "(timed on this CPU on D), kept torch",
+        )
+        saved.write_text('{"onnxruntime_ms": 2.0, "torch_ms": 50.0, "date": "D"}')
+        assert choose_runtime("auto", model, "fp32", threads=1).name == "onnxruntime"
+        # Another thread count is timed afresh, and remembered apart.
+        other = choose_runtime("auto", model, "fp32", threads=2)
+        assert "timed on" not in other.reason
+        assert len(list(tmp_path.glob("*.auto-*.json"))) == 2
+        saved.write_text("{not json")  # damaged: timed again, and rewritten
+        assert "timed on" not in choose_runtime("auto", model, "fp32", 1).reason
+        assert json.loads(saved.read_text())["date"] != "D"
 
 
 @pytest.mark.slow  # starts a cluster or a process
