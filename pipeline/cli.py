@@ -426,7 +426,7 @@ def build(
 ):
     """Embed the images under each DATASET folder and write OUT/<name>/."""
     from pipeline.background import Background
-    from pipeline.build import plan_datasets, run_builds
+    from pipeline.build import StageTimer, plan_datasets, run_builds
     from pipeline.config import count_or_auto
     from pipeline.errors import ImgindexError
     from pipeline.models import check_model_name, get_model
@@ -454,6 +454,8 @@ def build(
         _check_index_type(request, get_model(spec.name, "cpu").dim)
     tracker = ProgressFile(progress_file, names) if progress_file else None
     jobs_ = list(zip(roots, names, strict=True))
+    # Where a build's fixed cost goes, beside each dataset's own stages.
+    stages = StageTimer(checks=round(time.perf_counter() - started, 3))
 
     try:
         with contextlib.ExitStack() as held:
@@ -464,43 +466,51 @@ def build(
             )
             held.callback(_release_planned, planning)
             conn, blind = None, []
-            if _cluster_needed(planning):
-                conn = held.enter_context(
-                    _connect(
-                        scheduler,
-                        scheduler_file,
-                        no_fallback,
-                        jobqueue,
-                        jobs,
-                        gpu_resource,
-                        worker_wait,
-                        out.resolve(),
+            with stages("plan"):
+                cluster_needed = _cluster_needed(planning)
+            if cluster_needed:
+                with stages("cluster"):
+                    conn = held.enter_context(
+                        _connect(
+                            scheduler,
+                            scheduler_file,
+                            no_fallback,
+                            jobqueue,
+                            jobs,
+                            gpu_resource,
+                            worker_wait,
+                            out.resolve(),
+                        )
                     )
-                )
-                blind = _start_workers(conn, spec, out, tracker)
-            planned = planning.result()
+                with stages("workers"):
+                    blind = _start_workers(conn, spec, out, tracker)
+            with stages("plan"):  # what of it the cluster's start did not cover
+                planned = planning.result()
             if conn is None:
                 cluster_json = _no_cluster(planned)
                 click.echo(f"cluster: {cluster_json['reason']}", err=True)
                 if tracker:
                     tracker.set_cluster(cluster_json)
-            summaries, errors = run_builds(
-                conn.client if conn else None,
-                jobs_,
-                out,
-                lambda index_name: _ProgressBar(index_name, tracker),
-                build_id=uuid.uuid4().hex[:6],
-                planned=planned,
-                spec=spec,
-                partition_size=partition_size,
-                retries=retries,
-                task_timeout=task_timeout,
-                gpu_resource=gpu_resource,
-                workers_write=not blind,
-                index=request,
-            )
+            with stages("builds"):
+                summaries, errors = run_builds(
+                    conn.client if conn else None,
+                    jobs_,
+                    out,
+                    lambda index_name: _ProgressBar(index_name, tracker),
+                    build_id=uuid.uuid4().hex[:6],
+                    planned=planned,
+                    spec=spec,
+                    partition_size=partition_size,
+                    retries=retries,
+                    task_timeout=task_timeout,
+                    gpu_resource=gpu_resource,
+                    workers_write=not blind,
+                    index=request,
+                )
             if conn is not None:
                 cluster_json = conn.to_json()
+            closing = time.perf_counter()
+        stages["close"] = round(time.perf_counter() - closing, 3)
     except KeyboardInterrupt as e:
         signame = str(e) or "SIGINT"
         if tracker:
@@ -519,6 +529,7 @@ def build(
         "cluster": cluster_json,
         "datasets": summaries,
         "seconds": round(time.perf_counter() - started, 3),
+        "stage_seconds": dict(stages),
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -756,6 +767,10 @@ def _print_build_report(report: dict) -> None:
     )
     if c.get("job_logs"):
         click.echo(f"job logs: {c['job_logs']}")
+    click.echo(
+        f"time: {report['seconds']:.1f} s: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in report["stage_seconds"].items())
+    )
 
 
 def _print_index_lines(summary: dict) -> None:

@@ -57,6 +57,10 @@ def test_build_json_summary(remote_build, process_cluster):
     assert by_name["beach"]["images_per_second"] > 0
     assert len(by_name["beach"]["workers"]) == 2  # both worker processes embedded
     assert "dashboard: http://" in result.stderr
+    # Where the fixed cost went: all of the command's own time, stage by stage.
+    stages = report["stage_seconds"]
+    assert list(stages) == ["checks", "plan", "cluster", "workers", "builds", "close"]
+    assert 0 < sum(stages.values()) <= report["seconds"] + 0.01
 
 
 def test_search_json_ranks_the_source_first(remote_build, tmp_path):
@@ -168,6 +172,7 @@ def test_a_rerun_that_finds_nothing_to_do_starts_no_cluster(
     assert summary["kept"].startswith("nothing added, changed or removed since ")
     assert (summary["indexed"], summary["embedded"]) == (6, 0)
     assert "cluster: none started" in again.stderr
+    assert list(report["stage_seconds"]) == ["checks", "plan", "builds", "close"]
 
     write_photos(folder, 1, seed=35, max_side=320, prefix="new")
     changed = invoke("build", folder, *offline)
