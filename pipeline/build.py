@@ -190,7 +190,7 @@ def plan_dataset(
             "--out or --name"
         )
     held = contextlib.ExitStack()
-    with held:
+    try:
         held.enter_context(lock_index(dest))
         recovered = recover_index_dir(dest)
         if recovered:
@@ -201,19 +201,12 @@ def plan_dataset(
         held.callback(lambda: plan.previous and plan.previous.close())
         reusable = intact(plan.previous)
         kept = index_in_place(plan, reusable, index)
-        return PlannedBuild(
-            root,
-            name,
-            dest,
-            plan,
-            reusable,
-            kept,
-            rebuild,
-            started,
-            stages,
-            held.pop_all(),
-        )
-    raise AssertionError("unreachable")
+    except BaseException:
+        held.close()
+        raise
+    return PlannedBuild(
+        root, name, dest, plan, reusable, kept, rebuild, started, stages, held
+    )
 
 
 def model_card(client: Client, spec: ModelSpec) -> ModelCard:

@@ -453,7 +453,7 @@ def build(
         # client's copy of torch).
         _check_index_type(request, get_model(spec.name, "cpu").dim)
     tracker = ProgressFile(progress_file, names) if progress_file else None
-    jobs_ = list(zip(roots, names, strict=True))
+    named_datasets = list(zip(roots, names, strict=True))
     # Where a build's fixed cost goes, beside each dataset's own stages.
     stages = StageTimer(checks=round(time.perf_counter() - started, 3))
 
@@ -462,7 +462,12 @@ def build(
             # Each index is locked and its dataset planned while the cluster
             # starts; a re-run that finds nothing to do starts none.
             planning = Background(
-                plan_datasets, jobs_, out, spec=spec, rebuild=rebuild, index=request
+                plan_datasets,
+                named_datasets,
+                out,
+                spec=spec,
+                rebuild=rebuild,
+                index=request,
             )
             held.callback(_release_planned, planning)
             conn, blind = None, []
@@ -494,7 +499,7 @@ def build(
             with stages("builds"):
                 summaries, errors = run_builds(
                     conn.client if conn else None,
-                    jobs_,
+                    named_datasets,
                     out,
                     lambda index_name: _ProgressBar(index_name, tracker),
                     build_id=uuid.uuid4().hex[:6],

@@ -97,9 +97,9 @@ def choose_runtime(
             _write_choice(remembered, ort_ms, torch_ms)
         when = ""
     else:
-        ort_ms, torch_ms, when = timed
+        ort_ms, torch_ms, day = timed
         onnx = onnx_forward(model, threads) if ort_ms < torch_ms else None
-        when = f" (timed on this CPU on {when})"
+        when = f" (timed on this CPU on {day})"
     timing = f"{ort_ms:.1f} ms an image vs torch {torch_ms:.1f} ms{when}"
     if ort_ms < torch_ms and onnx is not None:
         return Runtime("onnxruntime", onnx, f"auto: onnxruntime {timing}")
