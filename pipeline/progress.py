@@ -243,6 +243,9 @@ def format_progress(data: dict[str, Any]) -> list[str]:
     for d in data["datasets"]:
         total = d.get("total")
         share = f"{d['done']}/{total}" if total is not None else "-"
+        if total is None and d["state"] == "done":
+            # Finished without a progress report: its index was kept as it was.
+            share = "(nothing to embed)"
         pct = f" {100 * d['done'] / total:5.1f}%" if total else ""
         rate = (
             f", {d['images_per_second']:.1f} images/s"

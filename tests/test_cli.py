@@ -157,8 +157,15 @@ def test_a_rerun_that_finds_nothing_to_do_starts_no_cluster(
     assert first.exit_code == 0, first.stderr
     offline = ["--out", out, "--scheduler", refused_address, "--no-fallback"]
 
-    again = invoke("build", folder, *offline, "--json")
+    progress = tmp_path / "progress.json"
+    again = invoke("build", folder, *offline, "--json", "--progress-file", progress)
     assert again.exit_code == 0, again.stderr
+    status = invoke("status", progress).stdout.splitlines()
+    assert status[1:] == [
+        "cluster: none started: every index is current "
+        "(nothing added, changed or removed)",
+        "  few: done (nothing to embed), 0 failed",
+    ]
     report = json.loads(again.stdout)
     assert report["cluster"] == {
         "kind": "none",
