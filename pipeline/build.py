@@ -741,6 +741,23 @@ def needs_cluster(planned: Sequence[PlannedBuild | ImgindexError | None]) -> boo
     )
 
 
+def no_cluster(planned: Sequence[PlannedBuild | ImgindexError]) -> dict[str, Any]:
+    """``build --json``'s cluster where :func:`needs_cluster` said none was."""
+    if any(isinstance(p, PlannedBuild) for p in planned):
+        reason = (
+            "none started: every index is current (nothing added, changed or removed)"
+        )
+    else:
+        reason = "none started: no dataset could be built"
+    return {
+        "kind": "none",
+        "address": "",
+        "reason": reason,
+        "dashboard": "",
+        "workers": 0,
+    }
+
+
 def _live_shards(dest: Path, plan: Plan) -> list[Shard]:
     """The previous index's shards that still hold a kept image's vector."""
     if plan.previous is None or not plan.kept:

@@ -426,7 +426,7 @@ def build(
 ):
     """Embed the images under each DATASET folder and write OUT/<name>/."""
     from pipeline.background import Background
-    from pipeline.build import StageTimer, plan_datasets, run_builds
+    from pipeline.build import StageTimer, no_cluster, plan_datasets, run_builds
     from pipeline.config import count_or_auto
     from pipeline.errors import ImgindexError
     from pipeline.models import check_model_name, get_model
@@ -492,7 +492,7 @@ def build(
             with stages("plan"):  # what of it the cluster's start did not cover
                 planned = planning.result()
             if conn is None:
-                cluster_json = _no_cluster(planned)
+                cluster_json = no_cluster(planned)
                 click.echo(f"cluster: {cluster_json['reason']}", err=True)
                 if tracker:
                     tracker.set_cluster(cluster_json)
@@ -619,25 +619,6 @@ def _release_planned(planning) -> None:
     for p in planned:
         if isinstance(p, PlannedBuild):
             p.close()
-
-
-def _no_cluster(planned) -> dict:
-    """``build --json``'s cluster where no worker had anything to do."""
-    from pipeline.build import PlannedBuild
-
-    if any(isinstance(p, PlannedBuild) for p in planned):
-        reason = (
-            "none started: every index is current (nothing added, changed or removed)"
-        )
-    else:
-        reason = "none started: no dataset could be built"
-    return {
-        "kind": "none",
-        "address": "",
-        "reason": reason,
-        "dashboard": "",
-        "workers": 0,
-    }
 
 
 def _start_workers(conn, spec, out: Path, tracker) -> list[str]:

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.build import run_builds
+from pipeline.build import (
+    PlannedBuild,
+    needs_cluster,
+    no_cluster,
+    plan_datasets,
+    run_builds,
+)
 from pipeline.cancel import Cancel
 from pipeline.discover import has_images
 from pipeline.embed import ModelSpec
@@ -275,21 +281,33 @@ class Builds:
         from cluster.worker import setup_workers
 
         progress = build.progress
+        planned: list[PlannedBuild | ImgindexError] = []
         try:
-            conn = self._connection()
-            progress.set_cluster(public_cluster(conn))
-            build.cancel.check()
             spec = ModelSpec.from_config()
-            setup_workers(conn.client, spec)
-            blind = workers_without(conn.client, self.out)
+            # Planned first: a build that finds every index current needs no
+            # cluster, and the service may have none started yet.
+            planned = plan_datasets(
+                build.jobs, self.out, spec=spec, rebuild=build.rebuild
+            )
+            client, blind = None, []
+            if needs_cluster(planned):
+                conn = self._connection()
+                progress.set_cluster(public_cluster(conn))
+                build.cancel.check()
+                setup_workers(conn.client, spec)
+                client, blind = conn.client, workers_without(conn.client, self.out)
+            else:
+                report = no_cluster(planned)
+                del report["address"]  # as public_cluster gives it
+                progress.set_cluster(report)
             summaries, _ = run_builds(
-                conn.client,
+                client,
                 build.jobs,
                 self.out,
                 lambda name: DatasetProgress(progress, name),
                 build_id=build.id,
+                planned=planned,
                 spec=spec,
-                rebuild=build.rebuild,
                 workers_write=not blind,
                 cancel=build.cancel,
             )
@@ -302,6 +320,10 @@ class Builds:
         except Exception as e:  # a bug: the build fails, the service stays up
             logger.exception("build %s failed", build.id)
             progress.finish(error=f"{type(e).__name__}: {e}")
+        finally:
+            for p in planned:  # the locks of those it did not reach
+                if isinstance(p, PlannedBuild):
+                    p.close()
         state = progress.snapshot()["state"]
         self._on_state(state)
         logger.info("build %s %s", build.id, state)

@@ -124,6 +124,11 @@ def test_two_builds_at_once_then_a_rebuild_is_seen(service, tmp_path_factory):
     hits = new.json()["hits"]
     assert len(hits) == 15 and hits[0]["relpath"] == "more00000.jpg"
     assert {h["relpath"] for h in hits} >= {"more00001.jpg", "more00002.jpg"}
+    # Once more with nothing changed: kept, with no cluster asked for.
+    unchanged = service.wait(service.build("lake")["id"])
+    assert unchanged["state"] == "finished"
+    assert unchanged["cluster"]["kind"] == "none", unchanged["cluster"]
+    assert unchanged["summaries"][0]["kept"].startswith("nothing added")
 
 
 def test_a_build_of_an_index_being_built_is_refused(service):
