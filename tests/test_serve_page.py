@@ -146,8 +146,12 @@ def test_start_a_build_and_watch_it_reach_100_percent(service, browser):
     assert seen[0] < 100 and seen[-1] == 100, seen
     assert seen == sorted(seen), seen
     assert done["line"].startswith("garden: done, 60 of 60 images"), done
-    link = browser.find_element(By.ID, "dashboard-link")
-    assert link.get_attribute("href").startswith("http://127.0.0.1:")
+    # Read in the page: the status poll redraws the link, so a handle from
+    # here can go stale between finding it and reading it.
+    href = browser.execute_script(
+        "const a = document.getElementById('dashboard-link');return a ? a.href : null;"
+    )
+    assert href and href.startswith("http://127.0.0.1:"), href
     assert not _severe(browser)
     _shot(browser, "build-done")
     # The new index is offered for searching.
