@@ -15,11 +15,12 @@ from pipeline.synthetic import write_photos
 from tests.conftest import ARTIFACTS, crop_query
 
 try:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
     from selenium.webdriver.support.wait import WebDriverWait
 except ImportError:  # the browser fixture skips (or fails, in CI) without it
-    By = Select = WebDriverWait = None
+    By = Select = WebDriverWait = StaleElementReferenceException = None
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +37,11 @@ def _open(browser, service) -> None:
 
 
 def _wait_for_option(browser, select: str, value: str, seconds: float) -> None:
-    """Wait until the page's <select id=select> offers ``value``."""
-    WebDriverWait(browser, seconds).until(
+    """Wait until the page's <select id=select> offers ``value`` (the list is
+    redrawn as indexes change: a stale option is looked at again)."""
+    WebDriverWait(
+        browser, seconds, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(
         lambda b: (
             value
             in [
