@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 import numpy as np
@@ -122,6 +123,9 @@ class PartitionResult:
     traits: np.ndarray | None = None
     runtime: str = ""  # what ran the model (pipeline/runtime.py), and why
     runtime_reason: str = ""
+    # The model's preprocessing on this worker (asdict of a Preprocess): the
+    # client refuses vectors of another copy of the model.
+    preprocess: dict | None = None
 
     def __post_init__(self) -> None:
         self.n_embedded = self.n_embedded or len(self.ids)
@@ -138,7 +142,12 @@ class Embedder:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
-        self.model: LoadedModel = get_model(spec.name, spec.device)
+        # Where ONNX Runtime runs the cached graph, torch is not even imported.
+        unloaded = _cached_runtime(spec)
+        if unloaded is None:
+            self.model: LoadedModel = _torch_model(spec)
+        else:
+            self.model = unloaded[0]
         gpu = self.model.device == "cuda"
         self.batch_size = spec.batch_size or (GPU_BATCH_SIZE if gpu else 1)
         self.decode_threads = spec.decode_threads or (usable_cores() if gpu else 1)
@@ -147,7 +156,10 @@ class Embedder:
         else:
             self.precision = "fp16" if gpu else "fp32"
         self._norm: dict[str, object] = {}
-        self.runtime = _runtime_for(spec.runtime, self.model, self.precision)
+        if unloaded is None:
+            self.runtime = _runtime_for(spec.runtime, self.model, self.precision)
+        else:
+            self.runtime = unloaded[1]
 
     @property
     def dim(self) -> int:
@@ -171,20 +183,20 @@ class Embedder:
 
     def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Embed uint8 HxWx3 crops; returns float32 [n, dim] with unit rows."""
-        import torch
-
         if not len(pixels):
             return np.zeros((0, self.dim), np.float32)
-        return self.finish(self.start(torch.from_numpy(np.stack(pixels))))
+        return self.finish(self.start(np.stack(pixels)))
 
     def start(self, pixels) -> _InFlight:
-        """Send a uint8 [n, H, W, 3] batch through the model.
+        """Send a uint8 [n, H, W, 3] batch (array or tensor) through the model.
 
         On a GPU this returns as soon as the work is queued (the copy in is
         non-blocking when ``pixels`` is pinned, the copy out lands in pinned
         memory), so the caller can prepare the next batch meanwhile;
         :meth:`finish` waits for it.
         """
+        if self.runtime.takes_numpy:
+            return _InFlight(pixels, self.runtime.forward(self.input_array(pixels)))
         import torch
 
         with torch.inference_mode():
@@ -222,7 +234,9 @@ class Embedder:
         """The unit vectors of a batch passed to :meth:`start`."""
         if flight.done is not None:
             flight.done.synchronize()
-        vectors = flight.output.numpy()
+        vectors = flight.output
+        if not isinstance(vectors, np.ndarray):
+            vectors = vectors.numpy()
         if self.precision != "fp32" and not np.isfinite(vectors).all():
             # fp16 overflowed somewhere in the network: this batch again in fp32.
             logger.warning(
@@ -251,7 +265,9 @@ class Embedder:
         HxWx3 crops (a sequence, or a [n, H, W, 3] tensor, pinned or not)."""
         import torch
 
-        if not isinstance(pixels, torch.Tensor):
+        if isinstance(pixels, np.ndarray):
+            pixels = torch.from_numpy(pixels)
+        elif not isinstance(pixels, torch.Tensor):
             pixels = torch.from_numpy(np.stack(pixels))
         # Scaled on the device: a quarter of the bytes cross the bus as uint8.
         x = pixels.to(self.model.device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -259,6 +275,20 @@ class Embedder:
         x = (x - mean) / std
         if self.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def input_array(self, pixels) -> np.ndarray:
+        """:meth:`input_tensor` for ONNX Runtime, in numpy: normalised float32
+        NCHW, C-contiguous, in one pass over the uint8 crops."""
+        if not isinstance(pixels, np.ndarray):
+            pixels = pixels.numpy() if hasattr(pixels, "numpy") else np.stack(pixels)
+        pre = self.model.preprocess
+        shift = -np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)
+        scale = 1 / np.asarray(pre.std, np.float32).reshape(1, 3, 1, 1)
+        n, h, w, _ = pixels.shape
+        x = np.empty((n, 3, h, w), np.float32)
+        np.add(pixels.transpose(0, 3, 1, 2), shift, out=x)
+        x *= scale
         return x
 
     def _mean_std(self):
@@ -275,15 +305,70 @@ class Embedder:
 
 _RUNTIMES: dict[tuple, object] = {}
 _RUNTIMES_LOCK = threading.Lock()
+_MODEL_THREADS: int | None = None
+
+
+def set_model_threads(n: int) -> None:
+    """Threads of one forward pass in this process (a worker's share of the
+    cores), for whichever runtime runs it: torch now if it is imported, and
+    when it is, if ever."""
+    global _MODEL_THREADS
+    _MODEL_THREADS = max(1, int(n))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(_MODEL_THREADS)
+
+
+def model_threads() -> int:
+    """Threads of one forward pass here: as set, else as torch counts them
+    (OMP_NUM_THREADS first), whether or not torch is imported."""
+    if _MODEL_THREADS is not None:
+        return _MODEL_THREADS
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        pass
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    return usable_cores()
+
+
+def _torch_model(spec: ModelSpec) -> LoadedModel:
+    model = get_model(spec.name, spec.device)
+    if _MODEL_THREADS is not None:
+        set_model_threads(_MODEL_THREADS)  # torch is imported now
+    return model
+
+
+def _cached_runtime(spec: ModelSpec):
+    """(model, runtime) of ONNX Runtime on the cached graph, made once per
+    process; None where it does not apply (see
+    :func:`pipeline.runtime.cached_onnx_runtime`)."""
+    from pipeline.models import remember_card
+    from pipeline.runtime import cached_onnx_runtime
+
+    threads = model_threads()
+    key = ("cached", spec.runtime, spec.name, spec.device, spec.precision, threads)
+    with _RUNTIMES_LOCK:
+        if key not in _RUNTIMES:
+            found = cached_onnx_runtime(
+                spec.runtime, spec.name, spec.device, spec.precision, threads
+            )
+            if found is not None:
+                remember_card(found[0].card())
+                logger.info(
+                    "%s runs with onnxruntime, torch not loaded (%s)",
+                    spec.name,
+                    found[1].reason,
+                )
+            _RUNTIMES[key] = found
+        return _RUNTIMES[key]
 
 
 def _runtime_for(wanted: str, model: LoadedModel, precision: str):
     """The runtime for ``model``, chosen once per process (``auto`` times both)."""
-    import torch
-
     from pipeline.runtime import choose_runtime
 
-    threads = torch.get_num_threads()
+    threads = model_threads()
     key = (wanted, model.name, model.device, precision, threads)
     with _RUNTIMES_LOCK:
         if key not in _RUNTIMES:
@@ -426,6 +511,7 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
         traits=np.array([traits[rel] for rel in paths], dtype=TRAITS),
         runtime=embedder.runtime.name,
         runtime_reason=embedder.runtime.reason,
+        preprocess=asdict(embedder.model.preprocess),
     )
 
 

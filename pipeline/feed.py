@@ -50,7 +50,9 @@ class Batch:
     """Decoded images, in the order of their paths; bad ones left out."""
 
     paths: list[str]  # the good images
-    pixels: object  # torch uint8 [len(paths), crop, crop, 3], a view of a buffer
+    # uint8 [len(paths), crop, crop, 3], a view of a buffer: a torch tensor
+    # in pinned memory, else an ndarray
+    pixels: object
     failures: list[Failure]
     # Seconds the consumer waited for this batch: above zero, decoding is
     # what holds the model back.
@@ -101,8 +103,6 @@ class BatchFeed:
         pin: bool = False,
         hold: int = 2,
     ):
-        import torch
-
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.paths = list(paths)
@@ -112,10 +112,19 @@ class BatchFeed:
         self.ahead = max(1, ahead) if self.threads > 1 else 0
         n_buffers = self.ahead + max(1, hold)
         rows = min(batch_size, max(1, len(self.paths)))
-        self._buffers = [
-            torch.empty((rows, *shape), dtype=torch.uint8, pin_memory=pin)
-            for _ in range(n_buffers)
-        ]
+        if pin:
+            import torch
+
+            self._buffers = [
+                torch.empty((rows, *shape), dtype=torch.uint8, pin_memory=True)
+                for _ in range(n_buffers)
+            ]
+            self._arrays = [b.numpy() for b in self._buffers]
+        else:  # plain arrays: a CPU worker running ONNX Runtime needs no torch
+            self._arrays = [
+                np.empty((rows, *shape), np.uint8) for _ in range(n_buffers)
+            ]
+            self._buffers = self._arrays
 
     def __iter__(self) -> Iterator[Batch]:
         chunks = deque(
@@ -139,7 +148,7 @@ class BatchFeed:
     def _start(self, paths: list[str], buffer: int) -> _Pending:
         if self.threads == 1:
             return _Pending(paths, buffer)
-        out = self._buffers[buffer].numpy()
+        out = self._arrays[buffer]
         pool = decode_pool(self.threads)
         jobs = [
             pool.submit(self._decode_row, p, out, row) for row, p in enumerate(paths)
@@ -147,7 +156,7 @@ class BatchFeed:
         return _Pending(paths, buffer, jobs)
 
     def _take(self, p: _Pending) -> Batch:
-        out = self._buffers[p.buffer].numpy()
+        out = self._arrays[p.buffer]
         started = time.perf_counter()
         if p.jobs is None:
             results = [

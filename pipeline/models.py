@@ -63,6 +63,9 @@ class ModelCard:
 _LOADERS: dict[str, Callable[[str, str], LoadedModel]] = {}
 _CACHE: dict[tuple[str, str], LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
+# Cards of the models this process runs, loaded with torch or not
+# (pipeline/runtime.py runs a cached graph without loading the model).
+_CARDS: dict[str, ModelCard] = {}
 
 
 def loader(family: str):
@@ -89,12 +92,14 @@ def resolve_device(device: str) -> str:
 
 
 def loaded_card(name: str) -> ModelCard | None:
-    """The card of ``name`` if this process has loaded it on any device; never
+    """The card of ``name`` if this process runs it on any device; never
     loads (it runs in a worker's event loop)."""
-    for (loaded, _), model in list(_CACHE.items()):
-        if loaded == name:
-            return model.card()
-    return None
+    return _CARDS.get(name)
+
+
+def remember_card(card: ModelCard) -> None:
+    """Say that this process runs the model ``card`` describes."""
+    _CARDS[card.name] = card
 
 
 def check_model_name(name: str) -> None:
@@ -132,6 +137,7 @@ def get_model(name: str, device: str = "auto") -> LoadedModel:
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = load_model(name, device)
+            remember_card(_CACHE[key].card())
         return _CACHE[key]
 
 

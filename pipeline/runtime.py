@@ -8,6 +8,11 @@ of an index's identity. ``auto`` times both on the worker and keeps the faster,
 and remembers that timing beside the graph for this CPU model, thread count
 and these torch and ONNX Runtime versions: a worker starting later on such a
 machine (every build starts its workers) does not time them again.
+
+Beside the graph lies its model's card (dim and preprocessing). A process
+that finds graph, card and a remembered win for ONNX Runtime runs the graph
+without importing torch at all (:func:`cached_onnx_runtime`): on a CPU
+worker that import is most of its start-up (1-5 s of a core, 200 MB).
 """
 
 from __future__ import annotations
@@ -40,8 +45,14 @@ class Runtime:
     """The forward pass an Embedder uses, and why it was chosen."""
 
     name: str  # "torch" | "onnxruntime"
-    forward: Callable  # NCHW float tensor -> [n, dim] float tensor
+    # torch: NCHW float tensor -> [n, dim] tensor; onnxruntime: NCHW float32
+    # ndarray -> [n, dim] ndarray (see takes_numpy)
+    forward: Callable
     reason: str
+
+    @property
+    def takes_numpy(self) -> bool:
+        return self.name == "onnxruntime"
 
 
 def choose_runtime(
@@ -86,7 +97,11 @@ def choose_runtime(
         return Runtime(wanted, onnx_forward(model, threads), "--runtime onnxruntime")
     # What the real timing found is remembered for this CPU, thread count and
     # these packages; an injected timer's answer is neither read nor kept.
-    remembered = choice_path(model, precision, threads) if timer is None else None
+    remembered = (
+        choice_path(onnx_cache_path(model), precision, threads)
+        if timer is None
+        else None
+    )
     timed = _read_choice(remembered) if remembered else None
     if timed is None:
         onnx = onnx_forward(model, threads)
@@ -106,21 +121,31 @@ def choose_runtime(
     return Runtime("torch", model.forward, f"auto: onnxruntime {timing}, kept torch")
 
 
-def choice_path(model: LoadedModel, precision: str, threads: int) -> Path | None:
-    """Where ``auto``'s timing of ``model`` is remembered, beside its graph:
-    one file per CPU model, thread count and torch / ONNX Runtime versions, so
-    that a change of any is timed again (None: nowhere)."""
-    import onnxruntime
-    import torch
-
-    graph = onnx_cache_path(model)
-    if graph is None:
-        return None
+def choice_path(graph: Path, precision: str, threads: int) -> Path:
+    """Where ``auto``'s timing of the model exported as ``graph`` is
+    remembered, beside it: one file per CPU model, thread count and torch /
+    ONNX Runtime versions, so that a change of any is timed again. The
+    versions are the installed packages' (read without importing torch)."""
     key = json.dumps(
-        [_cpu_model(), threads, precision, torch.__version__, onnxruntime.__version__]
+        [
+            _cpu_model(),
+            threads,
+            precision,
+            _installed("torch"),
+            _installed("onnxruntime"),
+        ]
     )
     digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
     return graph.with_name(f"{graph.stem}.auto-{digest}.json")
+
+
+def _installed(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _cpu_model() -> str:
@@ -184,54 +209,181 @@ def onnx_session(graph: str | bytes, threads: int):
 
 
 def onnx_forward(model: LoadedModel, threads: int) -> Callable:
-    """A forward pass through an ONNX Runtime session of ``model``'s module."""
-    import torch
+    """A forward pass through an ONNX Runtime session of ``model``'s module:
+    NCHW float32 ndarray in, [n, dim] ndarray out."""
+    graph = onnx_graph(model)
+    try:
+        session = onnx_session(graph, threads)
+    except Exception as e:  # ORT's own error types, for a damaged cached file
+        if not isinstance(graph, str):
+            raise
+        logger.warning(
+            "cached ONNX graph %s is unusable (%s); exporting again", graph, e
+        )
+        session = onnx_session(onnx_graph(model, fresh=True), threads)
+    return _session_forward(session)
 
-    session = onnx_session(onnx_graph(model), threads)
 
-    def forward(x):
-        pixels = x.contiguous().numpy()  # NCHW, whatever torch's layout was
-        return torch.from_numpy(session.run(None, {"pixels": pixels})[0])
+def _session_forward(session) -> Callable:
+    def forward(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {"pixels": np.ascontiguousarray(x)})[0]
 
     return forward
 
 
-def onnx_graph(model: LoadedModel) -> str | bytes:
+def onnx_graph(model: LoadedModel, fresh: bool = False) -> str | bytes:
     """The exported graph of ``model``: a cached file's path, else its bytes.
 
-    Exported from the torch module the worker loaded, written to the cache
-    through a temporary name (workers on one node may export at once).
+    Exported from the torch module the worker loaded (even where a cached
+    file exists, if ``fresh``), written to the cache through a temporary name
+    (workers on one node may export at once), with the model's card beside it.
     """
     cache = onnx_cache_path(model)
-    if cache is not None and cache.is_file():
+    if cache is not None and cache.is_file() and not fresh:
+        _write_card(model, cache)  # graphs cached before cards were
         return str(cache)
     graph = export_onnx(model)
     if cache is not None:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache.with_name(f".{cache.name}.{os.getpid()}")
-            partial.write_bytes(graph)
-            os.replace(partial, cache)
+            _replace(cache, graph)
+            _write_card(model, cache)
             return str(cache)
         except OSError as e:
             logger.info("not caching the ONNX graph in %s: %s", cache.parent, e)
     return graph
 
 
-def onnx_cache_path(model: LoadedModel) -> Path | None:
-    """Where the exported graph of ``model`` is kept (None: nowhere)."""
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (other processes may read it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def _cache_folder() -> Path:
     from pipeline.config import config_value
 
     folder = config_value(None, "imgindex.runtime-cache")
     if folder is None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         folder = os.path.join(base, "imgindex", "onnx")
+    return Path(folder)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def onnx_cache_path(model: LoadedModel) -> Path | None:
+    """Where the exported graph of ``model`` is kept (None: nowhere)."""
     key = json.dumps(
         [model.name, __version__, asdict(model.preprocess), model.dim], sort_keys=True
     )
     digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.name)
-    return Path(folder) / f"{safe}-{__version__}-{digest}.onnx"
+    return _cache_folder() / f"{_safe_name(model.name)}-{__version__}-{digest}.onnx"
+
+
+def _card_path(name: str) -> Path:
+    """The card of model ``name`` for this imgindex: which graph is its, its
+    dim and preprocessing (all a process needs to run the graph unloaded)."""
+    return _cache_folder() / f"{_safe_name(name)}-{__version__}.card.json"
+
+
+def _write_card(model: LoadedModel, graph: Path) -> None:
+    card = {
+        "name": model.name,
+        "dim": int(model.dim),
+        "preprocess": asdict(model.preprocess),
+        "graph": graph.name,
+    }
+    path = _card_path(model.name)
+    try:
+        if json.loads(path.read_text()) == card:
+            return
+    except (OSError, ValueError):
+        pass
+    try:
+        _replace(path, json.dumps(card).encode())
+    except OSError as e:
+        logger.info("not caching the model card in %s: %s", path.parent, e)
+
+
+def _read_card(name: str) -> tuple[LoadedModel, Path] | None:
+    """Model ``name`` as its card describes it (no forward pass), and its
+    graph; None where either is missing or unreadable."""
+    from pipeline.models import Preprocess
+
+    path = _card_path(name)
+    try:
+        saved = json.loads(path.read_text())
+        pre = saved["preprocess"]
+        preprocess = Preprocess(
+            int(pre["resize"]),
+            int(pre["crop"]),
+            tuple(float(v) for v in pre["mean"]),
+            tuple(float(v) for v in pre["std"]),
+        )
+        model = LoadedModel(
+            name,
+            forward=None,
+            preprocess=preprocess,
+            device="cpu",
+            dim=int(saved["dim"]),
+        )
+        graph = path.with_name(str(saved["graph"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # The card names a graph of exactly this model, dim and preprocessing.
+    if saved.get("name") != name or onnx_cache_path(model) != graph:
+        return None
+    return (model, graph) if graph.is_file() else None
+
+
+def cached_onnx_runtime(
+    wanted: str, name: str, device: str, precision: str, threads: int
+) -> tuple[LoadedModel, Runtime] | None:
+    """Model ``name`` run by ONNX Runtime from the cached graph, without
+    torch: where the spec allows ONNX Runtime here (a CPU, fp32), its graph
+    and card are cached, and ``auto`` remembers ONNX Runtime winning on this
+    CPU at ``threads``. None otherwise: then the model is loaded with torch
+    and the runtime chosen as before (which caches all three for next time).
+    """
+    if wanted not in ("auto", "onnxruntime") or precision not in ("auto", "fp32"):
+        return None
+    if device == "cuda" or (device == "auto" and _may_have_gpu()):
+        return None
+    if _installed("onnxruntime") is None:
+        return None
+    found = _read_card(name)
+    if found is None:
+        return None
+    model, graph = found
+    reason = "--runtime onnxruntime"
+    if wanted == "auto":
+        timed = _read_choice(choice_path(graph, "fp32", threads))
+        if timed is None or timed[0] >= timed[1]:
+            return None
+        ort_ms, torch_ms, day = timed
+        reason = (
+            f"auto: onnxruntime {ort_ms:.1f} ms an image vs torch {torch_ms:.1f} ms "
+            f"(timed on this CPU on {day})"
+        )
+    try:
+        session = onnx_session(str(graph), threads)
+    except Exception as e:  # a damaged file: torch loads the model, exports again
+        logger.info("cached ONNX graph %s unusable (%s); loading with torch", graph, e)
+        return None
+    model.forward = _session_forward(session)
+    return model, Runtime("onnxruntime", model.forward, reason)
+
+
+def _may_have_gpu() -> bool:
+    """Whether torch might see a GPU here, asked without importing torch: a
+    GPU needs its driver's device files (NVIDIA's, or ROCm's /dev/kfd)."""
+    return any(
+        os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+    )
 
 
 def export_onnx(model: LoadedModel) -> bytes:
@@ -267,11 +419,11 @@ def _time(forward: Callable, model: LoadedModel) -> float:
     import torch
 
     size = model.preprocess.crop
-    x = torch.from_numpy(
-        np.random.default_rng(0).standard_normal((1, 3, size, size), np.float32)
-    )
-    if model.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size), np.float32)
+    if forward is model.forward:
+        x = torch.from_numpy(x)
+        if model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
     times = []
     with torch.inference_mode():
         for i in range(2 + _TIMED_RUNS):

@@ -78,7 +78,7 @@ def test_a_held_batch_is_not_overwritten_while_the_model_uses_it():
     for batch in feed:
         for b in (previous, batch):
             if b is not None:
-                values = b.pixels.numpy()[:, 0, 0, 0].tolist()
+                values = np.asarray(b.pixels)[:, 0, 0, 0].tolist()
                 assert values == [int(p.split("-")[1]) % 251 for p in b.paths]
         previous = batch
 

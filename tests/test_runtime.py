@@ -83,7 +83,7 @@ def test_auto_keeps_the_faster_runtime_and_says_which_won():
     onnx_won = choose_runtime("auto", model, "fp32", 1, timer=timed(4.0, 9.0))
     assert onnx_won.name == "onnxruntime"
     assert onnx_won.reason == "auto: onnxruntime 4.0 ms an image vs torch 9.0 ms"
-    assert np.allclose(onnx_won.forward(x).numpy(), torch_out.numpy(), atol=1e-4)
+    assert np.allclose(onnx_won.forward(x.numpy()), torch_out.numpy(), atol=1e-4)
     torch_won = choose_runtime("auto", model, "fp32", 1, timer=timed(9.0, 4.0))
     assert (torch_won.name, torch_won.forward) == ("torch", model.forward)
     assert torch_won.reason == (
@@ -234,3 +234,68 @@ def test_a_short_cli_search_runs_torch_and_a_long_one_onnxruntime(photos, tmp_pa
     # 64 passes: auto times both, keeps the faster and says which it kept.
     name, _, reason = runtime_of(*[query] * 16).partition(" (")
     assert _agrees(name, reason.removesuffix(")")), (name, reason)
+
+
+_UNLOADED_PROBE = """
+import json, sys
+import numpy as np
+from pipeline.embed import Embedder, ModelSpec
+e = Embedder(ModelSpec.from_config(device=sys.argv[1]))
+v = e.embed_pixels([e.decode(p) for p in sys.argv[2:]])
+print(json.dumps({"torch": "torch" in sys.modules, "runtime": e.runtime.name,
+                  "reason": e.runtime.reason, "vectors": v.tolist()}))
+"""
+
+
+def test_a_cached_graph_runs_without_torch_where_onnxruntime_won(photos, tmp_path):
+    """torch is most of a CPU worker's start-up: where the graph, its card and
+    a timing that ONNX Runtime won are cached, torch is never imported."""
+    import subprocess
+    import sys
+
+    paths = [str(p) for p in sorted(photos.iterdir())[:3]]
+
+    def probe(device: str = "cpu") -> dict:
+        env = {**os.environ, "DASK_IMGINDEX__RUNTIME_CACHE": str(tmp_path)}
+        run = subprocess.run(
+            [sys.executable, "-c", _UNLOADED_PROBE, device, *paths],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)
+
+    first = probe()  # nothing cached: torch loads the model, exports, times
+    assert first["torch"] and _agrees(first["runtime"], first["reason"])
+    (graph,) = tmp_path.glob("*.onnx")
+    (card,) = tmp_path.glob("*.card.json")
+    assert json.loads(card.read_text())["graph"] == graph.name
+    (timing,) = tmp_path.glob("*.auto-*.json")
+
+    timing.write_text('{"onnxruntime_ms": 2.0, "torch_ms": 50.0, "date": "D"}')
+    unloaded = probe()
+    assert not unloaded["torch"]
+    assert unloaded["runtime"] == "onnxruntime"
+    assert unloaded["reason"] == (
+        "auto: onnxruntime 2.0 ms an image vs torch 50.0 ms (timed on this CPU on D)"
+    )
+    reference = Embedder(ModelSpec.from_config(runtime="torch"))
+    expected = reference.embed_pixels([reference.decode(p) for p in paths])
+    cosines = np.sum(np.array(unloaded["vectors"]) * expected, axis=1)
+    assert cosines.min() >= 0.9999, cosines
+
+    # Where torch won, or card or graph are unusable, torch loads the model.
+    timing.write_text('{"onnxruntime_ms": 50.0, "torch_ms": 2.0, "date": "D"}')
+    assert probe()["torch"]
+    timing.write_text('{"onnxruntime_ms": 2.0, "torch_ms": 50.0, "date": "D"}')
+    card.write_text("{damaged")
+    repaired = probe()
+    assert repaired["torch"] and repaired["runtime"] == "onnxruntime"
+    assert not probe()["torch"]  # the card was written again
+    graph.write_bytes(b"not a graph")
+    assert probe()["torch"]
+    # fp16 or a GPU asked for: torch, always.
+    assert probe("cuda" if torch.cuda.is_available() else "cpu")["torch"] == (
+        torch.cuda.is_available()
+    )
