@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
+import threading
+from concurrent.futures import Future
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.embed import Embedder, ModelSpec
+from pipeline.embed import Embedder, ModelSpec, set_model_threads
 from pipeline.errors import ModelUnavailable, WorkerEnvironmentError
-from pipeline.models import ModelCard, get_model, loaded_card
+from pipeline.models import ModelCard, loaded_card
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,12 @@ def tune_malloc() -> bool:
     return bool(ok)
 
 
+# Each set-up's model load on this worker, by spec: a task or a question
+# that arrives meanwhile waits for it (the model is never loaded twice).
+_LOADS: dict[ModelSpec, Future] = {}
+_LOADS_LOCK = threading.Lock()
+
+
 class WorkerSetup(WorkerPlugin):
     """Runs on every worker, including ones that join or restart later."""
 
@@ -47,25 +56,54 @@ class WorkerSetup(WorkerPlugin):
         self.torch_threads = torch_threads
 
     def setup(self, worker: Any) -> None:
-        import torch
-
         tune_malloc()
-        # Threads per worker x torch threads must not exceed the cores.
-        torch.set_num_threads(max(1, self.torch_threads))
+        # Threads per worker x model threads must not exceed the cores.
+        set_model_threads(self.torch_threads)
+        # The load runs on a thread of its own, so that registering the plugin
+        # does not wait for the slowest worker's load: the client sends tasks
+        # as soon as one worker has the model (card_from_workers).
+        with _LOADS_LOCK:
+            if self.spec in _LOADS and not _LOADS[self.spec].exception():
+                return
+            loaded: Future = Future()
+            _LOADS[self.spec] = loaded
+        threading.Thread(
+            target=self._load,
+            args=(worker.address, loaded),
+            name="imgindex model load",
+            daemon=True,
+        ).start()
+
+    def _load(self, address: str, loaded: Future) -> None:
         try:
-            get_model(self.spec.name, self.spec.device)
-            # Settles the runtime now (with --runtime auto, both are timed),
-            # not in the first task.
+            # Loads the model and settles the runtime now (with --runtime
+            # auto, both may be timed), not in the first task.
             runtime = Embedder(self.spec).runtime
         except ModelUnavailable as e:
-            raise ModelUnavailable(f"worker {worker.address}: {e}") from None
+            loaded.set_exception(ModelUnavailable(f"worker {address}: {e}"))
+            return
+        except Exception as e:  # handed to whoever asks for the card
+            loaded.set_exception(e)
+            return
         logger.info(
             "imgindex: %s loaded on %s, run by %s (%s)",
             self.spec.name,
-            worker.address,
+            address,
             runtime.name,
             runtime.reason,
         )
+        loaded.set_result(loaded_card(self.spec.name))
+
+
+async def card_when_loaded(spec: ModelSpec) -> ModelCard | None:
+    """This worker's card of ``spec``'s model once its set-up has loaded it
+    (the load's error raised here); without a set-up, the card of a model
+    loaded otherwise, or None. Runs in the worker's event loop: it awaits the
+    load, never blocks on it."""
+    loading = _LOADS.get(spec)
+    if loading is None:
+        return loaded_card(spec.name)
+    return await asyncio.wrap_future(loading)
 
 
 def setup_workers(
@@ -85,34 +123,42 @@ def setup_workers(
     ensure_compatible(client)
     threads = int(config_value(torch_threads, "imgindex.torch-threads"))
     name = f"{PLUGIN_NAME}-{spec.name}-{spec.device}"
+    # Each worker starts loading the model and answers at once; the loads go
+    # on while the client checks the workers' file system and plans.
     if not register_worker_plugin(client, WorkerSetup(spec, threads), name):
         logger.warning(
-            "not every worker confirmed its set-up in time; tasks load the model "
+            "not every worker started its set-up in time; tasks load the model "
             "on first use there"
         )
 
 
 def card_from_workers(client: Any, spec: ModelSpec) -> ModelCard | None:
-    """The model's dim and preprocessing from the workers that loaded it in
-    set-up, so that the client need not load (and import torch for) its own
-    copy; None where no worker has it loaded yet.
+    """The model's dim and preprocessing from the first worker whose set-up
+    has loaded it, so that the client need not load (and import torch for)
+    its own copy, nor wait for the slowest worker; None where no worker
+    answers within ``imgindex.call-timeout``.
 
     Raises
     ------
+    ModelUnavailable
+        If no worker could load the model (the first worker's reason).
     WorkerEnvironmentError
-        If workers loaded the same model name with different dims or
-        preprocessing (different versions of its package).
+        If workers that have loaded it by then disagree about its dim or
+        preprocessing (different versions of its package). One that loads
+        another copy later is refused by the build, at its first shard.
     """
-    from cluster.calls import run_on_each
+    from cluster.calls import first_answer, run_on_each
 
     workers = list(client.scheduler_info(n_workers=-1)["workers"])
-    # A frozen worker is not waited on for longer than imgindex.call-timeout.
+    answers = first_answer(client, card_when_loaded, workers, _is_card, args=(spec,))
+    if not any(_is_card(a) for a in answers.values()):
+        failed = [a for a in answers.values() if isinstance(a, ModelUnavailable)]
+        if failed:
+            raise failed[0]
+        return None
+    # Those loaded by now, asked without waiting for the others' loads.
     answers = run_on_each(client, loaded_card, workers, args=(spec.name,))
-    cards = {
-        address: card
-        for address, card in answers.items()
-        if isinstance(card, ModelCard)
-    }
+    cards = {address: card for address, card in answers.items() if _is_card(card)}
     if len(set(cards.values())) > 1:
         shown = "; ".join(f"{a}: {c.dim}-d, {c.preprocess}" for a, c in cards.items())
         raise WorkerEnvironmentError(
@@ -120,3 +166,7 @@ def card_from_workers(client: Any, spec: ModelSpec) -> ModelCard | None:
             "same version of its package everywhere"
         )
     return next(iter(cards.values()), None)
+
+
+def _is_card(answer: Any) -> bool:
+    return isinstance(answer, ModelCard)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import time
 import uuid
@@ -369,7 +370,7 @@ def build_steps(
             staging = staging_dir(dest)
             if planned.rebuild:
                 clear_staging(staging)
-            sink = _ShardSink(plan, model.dim)
+            sink = _ShardSink(plan, model)
             resumed, damaged = usable_shards(
                 [staging], spec, {r.path: r for r in plan.to_embed}
             )
@@ -824,8 +825,10 @@ class _ShardSink:
     the index is built from them on the workers (pipeline/index_build.py).
     """
 
-    def __init__(self, plan: Plan, dim: int):
-        self.dim = dim
+    def __init__(self, plan: Plan, model: ModelCard):
+        self.dim = model.dim
+        # As a shard's JSON holds it (tuples become lists).
+        self.preprocess = json.loads(json.dumps(asdict(model.preprocess)))
         self.paths = [r.path for r in plan.kept]
         self.failures = list(plan.known_failures)
         self.embedded = 0
@@ -868,6 +871,14 @@ class _ShardSink:
                 f"shard {shard.path.name} from worker {shard.info['worker']} holds "
                 f"{width}-d vectors, expected {self.dim}: its model differs; run "
                 "`imgindex doctor`"
+            )
+        made_with = shard.info.get("preprocess")  # absent from older shards
+        if shard.info["paths"] and made_with and made_with != self.preprocess:
+            raise BuildFailed(
+                f"shard {shard.path.name} from worker {shard.info['worker']} was "
+                f"made with preprocessing {made_with}, expected {self.preprocess}: "
+                "its copy of the model differs; install the same version of the "
+                "model's package on every worker (`imgindex doctor`)"
             )
         self.paths.extend(shard.info["paths"])
         self.shards.append(shard)

@@ -55,6 +55,9 @@ HNSW_STEPS = (16, 32, 64, 128, 256, 512, 1024)
 # LATENCY_SECONDS but never fewer than LATENCY_MIN: an exact scan of 100,000
 # vectors takes 35 ms a query here, so 200 of them were 7 s of a 16 s build.
 LATENCY_QUERIES = 200
+# Vectors up to which an index is measured in one task rather than spread
+# over the workers (500 queries x 20,000 x 1,280-d: about 0.2 s of a core).
+MEASURE_IN_ONE_TASK = 20_000
 LATENCY_SECONDS = 1.0
 LATENCY_MIN = 20
 # Recall is measured with indexed vectors moved to this cosine from where they
@@ -414,26 +417,26 @@ def measure(
     if total < 1:
         return {"bytes": index_bytes, "queries": 0}, {}
     sample = sample_rows(selection, min(settings.queries, total), rng)
-    queries = runner.submit(
-        "queries", _perturbed_rows, sample, QUERY_COSINE, settings.seed
-    )
     k = min(settings.recall_k, total)
     width = min(k + TIE_ROOM, total)
-    groups = group_shards(selection, runner.threads, PART_BYTES // (4 * dim))
-    partial = [
-        runner.submit("exact", _exact_topk, queries, group, width) for group in groups
-    ]
-    truth = runner.submit("exact", _merge_topk, width, *partial)
-    report = runner.submit(
-        "evaluate",
-        _evaluate,
-        str(folder),
-        choice.on_disk,
-        queries,
-        truth,
-        k,
-        settings.recall_target,
-    )
+    evaluating = (str(folder), choice.on_disk, k, settings.recall_target)
+    if total <= MEASURE_IN_ONE_TASK:
+        # Milliseconds of work: the hops between five tasks cost more.
+        report = runner.submit(
+            "evaluate", _measure_whole, sample, selection, width, settings.seed,
+            *evaluating,
+        )  # fmt: skip
+    else:
+        queries = runner.submit(
+            "queries", _perturbed_rows, sample, QUERY_COSINE, settings.seed
+        )
+        groups = group_shards(selection, runner.threads, PART_BYTES // (4 * dim))
+        partial = [
+            runner.submit("exact", _exact_topk, queries, group, width)
+            for group in groups
+        ]
+        truth = runner.submit("exact", _merge_topk, width, *partial)
+        report = runner.submit("evaluate", _evaluate, queries, truth, *evaluating)
     (result,) = runner.gather([report])
     params = result.pop("params")
     result["bytes"] = index_bytes
@@ -737,11 +740,25 @@ def _top(scores: np.ndarray, ids: np.ndarray, k: int):
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
+def _measure_whole(
+    sample: list[ShardRows],
+    selection: list[ShardRows],
+    width: int,
+    seed: int,
+    *evaluating: Any,
+) -> dict[str, Any]:
+    """The measuring of a small index as one task: queries, the exact
+    neighbours, then :func:`_evaluate` (``evaluating``: its last four)."""
+    queries = _perturbed_rows(sample, QUERY_COSINE, seed)
+    truth = _exact_topk(queries, selection, width)
+    return _evaluate(queries, truth, *evaluating)
+
+
 def _evaluate(
-    folder: str,
-    on_disk: bool,
     queries: tuple[np.ndarray, np.ndarray],
     truth: tuple[np.ndarray, np.ndarray],
+    folder: str,
+    on_disk: bool,
     k: int,
     target: float,
 ) -> dict[str, Any]:

@@ -156,6 +156,8 @@ def write_shard(
         "worker": result.worker,
         "timings": result.timings,
     }
+    if result.preprocess is not None:
+        info["preprocess"] = result.preprocess
     text = json.dumps(info, ensure_ascii=True).encode()
     digest = hashlib.blake2b(text, digest_size=12)
     digest.update(np.ascontiguousarray(result.vectors).tobytes())

@@ -314,20 +314,28 @@ def test_workers_that_disagree_about_the_model_are_one_line(dataset, tmp_path):
     def other_version(dask_worker=None) -> None:
         import dataclasses
 
-        from pipeline.models import _CACHE, Preprocess, get_model
+        from pipeline.models import _CACHE, Preprocess, get_model, remember_card
 
         model = get_model("efficientnet-lite0", "cpu")
-        other = Preprocess(resize=288, crop=256)
-        _CACHE["efficientnet-lite0", "cpu"] = dataclasses.replace(
-            model, preprocess=other
-        )
+        other = dataclasses.replace(model, preprocess=Preprocess(resize=288, crop=256))
+        _CACHE["efficientnet-lite0", "cpu"] = other
+        remember_card(other.card())
+
+    def this_version(dask_worker=None) -> None:
+        from pipeline.models import get_model
+
+        get_model("efficientnet-lite0", "cpu")
 
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as lc,
         Client(lc) as client,
     ):
-        first = sorted(client.scheduler_info()["workers"])[0]
+        first, second = sorted(client.scheduler_info()["workers"])
         client.run(other_version, workers=[first])
+        # Both copies loaded before the build asks: it sends tasks once one
+        # worker has the model, and refuses a later one's at its first shard
+        # (tests/test_shards.py).
+        client.run(this_version, workers=[second])
         result = invoke(
             "build", dataset, "--out", tmp_path / "out", "--runtime", "torch",
             "--scheduler", lc.scheduler_address,

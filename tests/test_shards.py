@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.build import run_build
-from pipeline.discover import discover_images
+from pipeline.discover import ImageRecord, discover_images
 from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec
 from pipeline.shards import iter_shards, read_shard, staging_dir
@@ -52,6 +52,8 @@ def test_tasks_return_counts_not_vectors(process_cluster, dataset, tmp_path):
         assert vectors.shape == (6, 1280) and vectors.dtype == np.float32
         assert len(set(ids.tolist())) == 6
         assert shard.info["worker"] == result.worker  # written by that worker
+        # and says which preprocessing made them (a client refuses another)
+        assert shard.info["preprocess"]["crop"] == 224
     # readable without imgindex, with numpy alone; together the two shards
     # hold every image of the two partitions once
     paths = []
@@ -168,3 +170,43 @@ def test_worker_that_cannot_see_out_gets_vectors_streamed(
     assert summary["vectors"] == "streamed to client"
     assert summary["indexed"] == 36
     assert len(list(iter_shards(out / "beach" / SHARDS_DIR))) == summary["shards"]
+
+
+def test_a_shard_made_by_another_copy_of_the_model_is_refused(tmp_path):
+    """A worker that joins with another version of the model's package (its
+    preprocessing differs) is caught at its first shard, not averaged in."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from pipeline.build import _ShardSink
+    from pipeline.embed import PartitionResult
+    from pipeline.errors import BuildFailed
+    from pipeline.models import ModelCard, Preprocess
+    from pipeline.shards import write_shard
+
+    records = [ImageRecord("a.jpg", 1, 1), ImageRecord("b.jpg", 1, 1)]
+
+    def shard_from(preprocess: Preprocess, worker: str):
+        result = PartitionResult(
+            ids=np.array([r.id for r in records]),
+            paths=[r.path for r in records],
+            vectors=np.eye(2, 8, dtype=np.float32),
+            failures=[],
+            worker=worker,
+            preprocess=dataclasses.asdict(preprocess),
+        )
+        name = write_shard(tmp_path, ModelSpec(), records, result)
+        return result, read_shard(tmp_path / name)
+
+    ours = Preprocess()
+    sink = _ShardSink(
+        SimpleNamespace(kept=[], known_failures=[]), ModelCard("m", 8, ours)
+    )
+    sink.add(*shard_from(ours, "tcp://10.0.0.1:1"))
+    assert sink.embedded == 2
+    with pytest.raises(
+        BuildFailed,
+        match=r"from worker tcp://10\.0\.0\.2:1 was made "
+        r"with preprocessing .*'crop': 256.*, expected .*'crop': 224",
+    ):
+        sink.add(*shard_from(Preprocess(resize=288, crop=256), "tcp://10.0.0.2:1"))
