@@ -14,7 +14,9 @@ the machine and its other load):
    once (measured: one process per core), printed beside the one-thread
    figure times the cores;
 2. `imgindex build` with default settings on a LocalCluster: end to end (the
-   command's own wall time) and steady state (the embed stage of an
+   command's own wall time) on the first 500 and 1,000 photos and on all of
+   them, where each build's fixed cost went (its stage timer), the same
+   command again with nothing to do, and steady state (the embed stage of an
    in-process build, with cluster start-up and model loading excluded),
    with peak memory of the client and each worker and where worker time went;
 3. client memory on a large build against the bytes of the vectors it holds;
@@ -319,6 +321,34 @@ def check_embeddings(index_dir: Path, data: Path, n: int = 32) -> float:
     return worst
 
 
+# End-to-end targets (x the limit) by collection size: the fixed cost weighs
+# most on the smallest.
+E2E_TARGETS = {500: 0.7, 1000: 0.8}
+
+
+def first_photos(data: Path, files: list[Path], n: int, work: Path) -> Path:
+    """A folder of the first ``n`` of ``files``, hard-linked (made once)."""
+    folder = work / f"{data.name}-first-{n}"
+    if len(list(folder.glob("*"))) != n:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for f in files[:n]:
+            os.link(f, folder / f.name)
+    return folder
+
+
+def fixed_cost(wall: float, report: dict) -> str:
+    """Where a build's own time went, stage by stage (its --json stage timer);
+    what the command's timer did not see is the interpreter and imports."""
+    stages = dict(report["stage_seconds"])
+    stages = {"start": wall - report["seconds"], **stages}
+    (dataset,) = report["datasets"]
+    inner = dataset.get("stage_seconds", {})
+    shown = " / ".join(f"{k} {v:.2f}" for k, v in stages.items())
+    within = ", ".join(f"{k} {v:.2f}" for k, v in inner.items())
+    return f"{shown} s (builds: {within})"
+
+
 # -- 3. memory on a large build ------------------------------------------------------
 
 
@@ -401,6 +431,11 @@ def search_bench(tmp: Path, n: int, query_image: Path) -> dict:
 # -- report -------------------------------------------------------------------------
 
 
+def _measuring(report: dict) -> float:
+    (dataset,) = report["datasets"]
+    return dataset["task_seconds"].get("index measure", 0.0)
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -420,7 +455,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.quick:
-        args.n, args.memory_images, args.sample = 500, 4000, 32
+        args.n, args.memory_images, args.sample = 1000, 4000, 32
 
     work = ROOT / "bench-data"
     data = args.images or ensure_photos(work / f"photos-{args.n}", args.n, 300, 1000, 1)
@@ -453,10 +488,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="imgindex-bench-"))
     try:
         print("2. imgindex build, default settings, LocalCluster")
-        wall, report = cli_build(data, tmp / "e2e")
+        e2e = {}
+        for size in sorted({s for s in E2E_TARGETS if s < n} | {n}):
+            source = data if size == n else first_photos(data, files, size, work)
+            e2e[size] = cli_build(source, tmp / f"e2e-{size}")
+        wall, report = e2e[n]
         e2e_rate = n / wall
         # The same command again: nothing added, changed or removed.
-        noop_wall, noop = cli_build(data, tmp / "e2e", rebuild=False)
+        noop_wall, noop = cli_build(data, tmp / f"e2e-{n}", rebuild=False)
         inproc = inprocess_build(data, tmp / "steady")
         s = inproc["summary"]
         steady_rate = s["embedded"] / s["stage_seconds"]["embed"]
@@ -527,12 +566,28 @@ def main() -> None:
         (
             "imgindex build, steady state (start-up and model load excluded)",
             f"{steady_rate:.1f} images/s = {steady_rate / limit:.2f} x limit "
-            "(target >= 0.90)",
+            "(target >= 0.93)",
         ),
-        (
-            f"imgindex build, end to end on {n} images (wall time {wall:.1f} s)",
-            f"{e2e_rate:.1f} images/s = {e2e_rate / limit:.2f} x limit "
-            "(target >= 0.75)",
+        *(
+            (
+                f"imgindex build, end to end on {size} images (wall time "
+                f"{e2e[size][0]:.1f} s)",
+                f"{size / e2e[size][0]:.1f} images/s = "
+                f"{size / e2e[size][0] / limit:.2f} x limit (target >= "
+                f"{E2E_TARGETS.get(size, max(E2E_TARGETS.values()))})",
+            )
+            for size in sorted(e2e)
+        ),
+        *(
+            (f"  where the {size}-image build's time went", fixed_cost(*e2e[size]))
+            for size in sorted(e2e)
+        ),
+        *(
+            (
+                f"  measuring its index (recall, latency), {size} images",
+                f"{_measuring(e2e[size][1]):.2f} s of task time",
+            )
+            for size in sorted(e2e)
         ),
         (
             "the same build again, nothing added, changed or removed (wall time)",
@@ -608,6 +663,10 @@ def main() -> None:
                     "steady_images_per_second": steady_rate,
                     "e2e_images_per_second": e2e_rate,
                     "e2e_wall_seconds": wall,
+                    "e2e_by_size": {
+                        size: {"wall_seconds": w, "report": r}
+                        for size, (w, r) in e2e.items()
+                    },
                     "noop_wall_seconds": noop_wall,
                     "cli_report": report,
                     "inprocess": inproc,

@@ -786,7 +786,7 @@ def _quality_line(q: dict, params: dict) -> str:
     )
 
 
-FEW_FORWARD_PASSES = 64  # a search needing fewer runs them with torch
+FEW_FORWARD_PASSES = 64  # fewer: torch, unless ONNX Runtime runs from its cache
 
 
 def _query_images(images, queries_from) -> list[Path]:
@@ -844,12 +844,8 @@ def search(index_dir, images, queries_from, k, turns, as_json):
 
     images = _query_images(images, queries_from)
     turns = bool(config_value(turns, "imgindex.search.turns"))
-    runtime = config_value(None, "imgindex.runtime")
-    if runtime == "auto" and len(images) * (4 if turns else 1) < FEW_FORWARD_PASSES:
-        # Starting ONNX Runtime and timing it costs about a second; it saves
-        # ~20 ms a forward pass (README: Model runtimes).
-        runtime = "torch"
-    searcher = Searcher(index_dir, turns=turns, runtime=runtime)
+    few = len(images) * (4 if turns else 1) < FEW_FORWARD_PASSES
+    searcher = Searcher(index_dir, turns=turns, few_passes=few)
     results = searcher.search_images(images, k)
     if as_json:
         click.echo(

@@ -364,6 +364,14 @@ def _cached_runtime(spec: ModelSpec):
         return _RUNTIMES[key]
 
 
+def runs_from_cache(spec: ModelSpec) -> bool:
+    """Whether an Embedder of ``spec`` would run ONNX Runtime on the cached
+    graph here: no torch to import, no graph to export, no timing."""
+    from pipeline.runtime import runs_from_cache as cached
+
+    return cached(spec.runtime, spec.name, spec.device, spec.precision, model_threads())
+
+
 def _runtime_for(wanted: str, model: LoadedModel, precision: str):
     """The runtime for ``model``, chosen once per process (``auto`` times both)."""
     from pipeline.runtime import choose_runtime

@@ -349,6 +349,32 @@ def cached_onnx_runtime(
     CPU at ``threads``. None otherwise: then the model is loaded with torch
     and the runtime chosen as before (which caches all three for next time).
     """
+    found = _cached_choice(wanted, name, device, precision, threads)
+    if found is None:
+        return None
+    model, graph, reason = found
+    try:
+        session = onnx_session(str(graph), threads)
+    except Exception as e:  # a damaged file: torch loads the model, exports again
+        logger.info("cached ONNX graph %s unusable (%s); loading with torch", graph, e)
+        return None
+    model.forward = _session_forward(session)
+    return model, Runtime("onnxruntime", model.forward, reason)
+
+
+def runs_from_cache(
+    wanted: str, name: str, device: str, precision: str, threads: int
+) -> bool:
+    """Whether :func:`cached_onnx_runtime` would run ``name`` from the cache
+    (neither export nor timing to pay for), asked without opening it."""
+    return _cached_choice(wanted, name, device, precision, threads) is not None
+
+
+def _cached_choice(
+    wanted: str, name: str, device: str, precision: str, threads: int
+) -> tuple[LoadedModel, Path, str] | None:
+    """(model without its forward pass, cached graph, reason) where the cache
+    allows running ``name`` under ONNX Runtime unloaded; else None."""
     if wanted not in ("auto", "onnxruntime") or precision not in ("auto", "fp32"):
         return None
     if device == "cuda" or (device == "auto" and _may_have_gpu()):
@@ -359,23 +385,17 @@ def cached_onnx_runtime(
     if found is None:
         return None
     model, graph = found
-    reason = "--runtime onnxruntime"
-    if wanted == "auto":
-        timed = _read_choice(choice_path(graph, "fp32", threads))
-        if timed is None or timed[0] >= timed[1]:
-            return None
-        ort_ms, torch_ms, day = timed
-        reason = (
-            f"auto: onnxruntime {ort_ms:.1f} ms an image vs torch {torch_ms:.1f} ms "
-            f"(timed on this CPU on {day})"
-        )
-    try:
-        session = onnx_session(str(graph), threads)
-    except Exception as e:  # a damaged file: torch loads the model, exports again
-        logger.info("cached ONNX graph %s unusable (%s); loading with torch", graph, e)
+    if wanted == "onnxruntime":
+        return model, graph, "--runtime onnxruntime"
+    timed = _read_choice(choice_path(graph, "fp32", threads))
+    if timed is None or timed[0] >= timed[1]:
         return None
-    model.forward = _session_forward(session)
-    return model, Runtime("onnxruntime", model.forward, reason)
+    ort_ms, torch_ms, day = timed
+    reason = (
+        f"auto: onnxruntime {ort_ms:.1f} ms an image vs torch {torch_ms:.1f} ms "
+        f"(timed on this CPU on {day})"
+    )
+    return model, graph, reason
 
 
 def _may_have_gpu() -> bool:

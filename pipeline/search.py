@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import index as faiss_index
-from pipeline.embed import Embedder, ModelSpec
+from pipeline.embed import Embedder, ModelSpec, runs_from_cache
 from pipeline.errors import DecodeError, ImgindexError
 from pipeline.store import StoredIndex, read_index_dir
 
@@ -50,7 +50,10 @@ class Searcher:
         device: str = "cpu",
         turns: bool = True,
         runtime: str | None = None,
+        few_passes: bool = False,
     ):
+        """``few_passes``: the searches will run few forward passes, so ``auto``
+        means torch unless ONNX Runtime runs from its cache here."""
         self.turns = turns
         self.stored: StoredIndex = read_index_dir(index_dir)
         # Read now, from the handles opened with the manifest: a build may swap
@@ -60,9 +63,12 @@ class Searcher:
         meta = self.stored.meta
         # Tuned at build time to reach the recall target (meta.quality).
         faiss_index.set_search_params(self.index, meta.search_params)
-        self.embedder = Embedder(
-            ModelSpec.from_config(meta.model, device, runtime=runtime)
-        )
+        spec = ModelSpec.from_config(meta.model, device, runtime=runtime)
+        if few_passes and spec.runtime == "auto" and not runs_from_cache(spec):
+            # Exporting the graph or timing the runtimes costs about a second
+            # and ONNX Runtime saves ~20 ms a pass (README: Model runtimes).
+            spec = replace(spec, runtime="torch")
+        self.embedder = Embedder(spec)
         if self.embedder.dim != meta.dim:
             raise ImgindexError(
                 f"model {meta.model!r} gives {self.embedder.dim}-d vectors but the "

@@ -211,20 +211,24 @@ def test_without_onnxruntime_auto_falls_back_and_asking_for_it_is_an_error(
 
 @pytest.mark.slow
 def test_a_short_cli_search_runs_torch_and_a_long_one_onnxruntime(photos, tmp_path):
-    """ONNX Runtime's start and timing cost about a second: worth it only when
-    a search runs many forward passes (cli.FEW_FORWARD_PASSES)."""
+    """Exporting the graph and timing both runtimes cost about a second: worth
+    it only when a search runs many forward passes (cli.FEW_FORWARD_PASSES),
+    unless ONNX Runtime runs from its cache, torch not even imported."""
     import subprocess
 
     built = invoke("build", photos, "--out", tmp_path / "idx")
     assert built.exit_code == 0, built.stderr
     index = tmp_path / "idx" / photos.name
     query = crop_query(photos / "coffee.jpg", tmp_path / "q.jpg")
+    cache = tmp_path / "cache"  # empty: nothing exported or timed yet
+    env = {**os.environ, "DASK_IMGINDEX__RUNTIME_CACHE": str(cache)}
 
     def runtime_of(*queries) -> str:
         run = subprocess.run(
             imgindex_cmd("-v", "search", index, *queries, "-k", "1"),
             capture_output=True,
             text=True,
+            env=env,
         )
         assert run.returncode == 0, run.stderr
         (line,) = [x for x in run.stderr.splitlines() if " runs with " in x]
@@ -234,6 +238,15 @@ def test_a_short_cli_search_runs_torch_and_a_long_one_onnxruntime(photos, tmp_pa
     # 64 passes: auto times both, keeps the faster and says which it kept.
     name, _, reason = runtime_of(*[query] * 16).partition(" (")
     assert _agrees(name, reason.removesuffix(")")), (name, reason)
+    # Now a short search runs from the cache where ONNX Runtime won.
+    (timing,) = cache.glob("*.auto-*.json")
+    timing.write_text('{"onnxruntime_ms": 2.0, "torch_ms": 50.0, "date": "D"}')
+    assert runtime_of(query) == (
+        "onnxruntime, torch not loaded (auto: onnxruntime 2.0 ms an image vs "
+        "torch 50.0 ms (timed on this CPU on D))"
+    )
+    timing.write_text('{"onnxruntime_ms": 50.0, "torch_ms": 2.0, "date": "D"}')
+    assert runtime_of(query) == "torch (--runtime torch)"
 
 
 _UNLOADED_PROBE = """
