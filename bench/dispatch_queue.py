@@ -100,7 +100,7 @@ def run(work: Path, n: int, seconds: float, windowed: bool) -> dict:
     try:
         with Client(procs.address) as client:
             spec = ModelSpec.from_config()
-            setup_workers(client, spec)
+            setup_workers(client, spec, wait_for_models=True)
             sampler = PeakSampler(procs.procs[0].pid, procs.procs[1].pid)
             sampler.start()
             done = [0]

@@ -1,7 +1,7 @@
 """Throughput, memory and search benchmark of imgindex against a plain PyTorch loop.
 
     python bench/throughput.py                 # ~10 minutes on 2 cores
-    python bench/throughput.py --quick         # smaller sets, ~3 minutes
+    python bench/throughput.py --quick         # 1,000 photos, smaller sets, ~5 minutes
 
 Every number is measured in this one run, on the same files, and the targets
 are ratios against the reference measured here (absolute speeds drift with
@@ -278,7 +278,7 @@ def inprocess_build(data: Path, out: Path, runtime: str = "auto") -> dict:
 
     spec = ModelSpec.from_config(runtime=runtime)
     with connect() as conn:
-        setup_workers(conn.client, spec)
+        setup_workers(conn.client, spec, wait_for_models=True)
         pids = set(conn.client.run(os.getpid).values())
         cpu = CpuAccount(pids)
         started = time.perf_counter()

@@ -107,9 +107,14 @@ async def card_when_loaded(spec: ModelSpec) -> ModelCard | None:
 
 
 def setup_workers(
-    client: Any, spec: ModelSpec, torch_threads: int | None = None
+    client: Any,
+    spec: ModelSpec,
+    torch_threads: int | None = None,
+    wait_for_models: bool = False,
 ) -> None:
-    """Check the workers' environments, then set up every current and future worker.
+    """Check the workers' environments, then set up every current and future
+    worker; with ``wait_for_models``, return once each current one has loaded
+    the model (a benchmark's steady state starts there), not at once.
 
     Raises
     ------
@@ -130,6 +135,11 @@ def setup_workers(
             "not every worker started its set-up in time; tasks load the model "
             "on first use there"
         )
+    if wait_for_models:
+        from cluster.calls import run_on_each
+
+        workers = list(client.scheduler_info(n_workers=-1)["workers"])
+        run_on_each(client, card_when_loaded, workers, args=(spec,))
 
 
 def card_from_workers(client: Any, spec: ModelSpec) -> ModelCard | None:
