@@ -285,6 +285,28 @@ def _fall_back(
     return start_local(reason)
 
 
+# What a worker imports before its first task, imported once in the
+# forkserver, which forks each worker with them (ONNX Runtime creates its
+# threads with a session, not at import; torch is left to the workers that
+# need it).
+WORKER_MODULES = ("pipeline.embed", "pipeline.shards", "cluster.worker", "onnxruntime")
+
+
+def _preload_forkserver() -> None:
+    """Add imgindex's worker modules to what the forkserver imports, after
+    distributed's own list (which it sets at its first use of the context:
+    so first, and then replaced by the same list and ours)."""
+    import importlib.util
+
+    from distributed.utils import get_mp_context
+    from distributed.versions import optional_packages, required_packages
+
+    context = get_mp_context()
+    wanted = ["distributed", *required_packages, *optional_packages, *WORKER_MODULES]
+    found = [m for m in dict.fromkeys(wanted) if importlib.util.find_spec(m)]
+    context.set_forkserver_preload(found)
+
+
 def start_local(reason: str) -> Connection:
     """Start a LocalCluster of worker processes sized to this machine.
 
@@ -297,18 +319,25 @@ def start_local(reason: str) -> Connection:
     worker processes (DASK-NOTES.md, finding 1), so every LocalCluster is
     secured the one way.
     """
+    import dask.config
     from distributed import Client, LocalCluster
 
     n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
-    cluster = LocalCluster(
-        n_workers=int(n_workers),
-        threads_per_worker=int(config_value(None, "imgindex.local.threads-per-worker")),
-        processes=True,
-        memory_limit=config_value(None, "imgindex.local.memory-limit"),
-        dashboard_address=config_value(None, "imgindex.local.dashboard-address"),
-        preload=["cluster.local_worker"],
-        security=True,
-    )
+    method = str(config_value(None, "imgindex.local.start-method"))
+    with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+        if method == "forkserver":
+            _preload_forkserver()
+        cluster = LocalCluster(
+            n_workers=int(n_workers),
+            threads_per_worker=int(
+                config_value(None, "imgindex.local.threads-per-worker")
+            ),
+            processes=True,
+            memory_limit=config_value(None, "imgindex.local.memory-limit"),
+            dashboard_address=config_value(None, "imgindex.local.dashboard-address"),
+            preload=["cluster.local_worker"],
+            security=True,
+        )
     client = Client(cluster, set_as_default=False)
     logger.info("using %s (%d workers)", reason, int(n_workers))
     return Connection(
