@@ -10,7 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import config_value, seconds_value
-from pipeline.errors import InvalidSchedulerAddress, SchedulerUnreachable
+from pipeline.errors import (
+    ConfigError,
+    InvalidSchedulerAddress,
+    SchedulerUnreachable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +328,10 @@ def start_local(reason: str) -> Connection:
 
     n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
     method = str(config_value(None, "imgindex.local.start-method"))
+    if method not in ("forkserver", "spawn"):
+        raise ConfigError(
+            f"imgindex.local.start-method {method!r} is not one of forkserver, spawn"
+        )
     with dask.config.set({"distributed.worker.multiprocessing-method": method}):
         if method == "forkserver":
             _preload_forkserver()

@@ -126,6 +126,43 @@ def test_no_scheduler_configured_starts_a_local_cluster(one_local_worker, monkey
         assert len(conn.client.nthreads()) == 1
 
 
+def _imported_here() -> dict:
+    import os
+    import sys
+
+    return {
+        "parent": os.getppid(),
+        "modules": {m for m in ("onnxruntime", "pipeline.embed") if m in sys.modules},
+    }
+
+
+@pytest.mark.slow
+def test_local_workers_fork_from_a_server_that_imported_their_modules(
+    one_local_worker, monkeypatch
+):
+    """forkserver (the default): each worker starts with ONNX Runtime and
+    imgindex's worker modules imported once, in the server; spawn: from
+    scratch. Either closes cleanly; another method is a one-line error."""
+    import os
+
+    from pipeline.errors import ConfigError
+
+    monkeypatch.delenv("IMGINDEX_SCHEDULER", raising=False)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    seen = {}
+    for method in ("forkserver", "spawn"):
+        with dask.config.set({"imgindex.local.start-method": method}):
+            with connect() as conn:
+                (seen[method],) = conn.client.run(_imported_here).values()
+    assert seen["forkserver"]["modules"] == {"onnxruntime", "pipeline.embed"}
+    assert seen["forkserver"]["parent"] != os.getpid()  # the server's child
+    assert seen["spawn"]["modules"] == set()
+    assert seen["spawn"]["parent"] == os.getpid()
+    with dask.config.set({"imgindex.local.start-method": "fork"}):
+        with pytest.raises(ConfigError, match="start-method 'fork' is not one of"):
+            connect()
+
+
 def test_doctor_does_not_advise_dropping_a_flag_nobody_passed(tmp_path):
     # Issue 8, item 25: doctor is strict by itself; --no-fallback is the user's.
     from tests.helpers import invoke
