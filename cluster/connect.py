@@ -316,15 +316,17 @@ def start_local(reason: str) -> Connection:
 
     Only this process can use it. On a shared machine 127.0.0.1 is not
     private: any local user could otherwise connect a ``Client`` and run code
-    as us. ``security=True`` makes Dask's ``Security.temporary()``: a key and
-    a self-signed certificate held in memory (never on disk), handed to the
-    workers it spawns, TLS required both ways. An in-process cluster
+    as us. :func:`cluster.credentials.temporary_security` makes a key and a
+    self-signed certificate held in memory (never on disk), handed to the
+    workers it starts, TLS required both ways. An in-process cluster
     (``inproc://``) would be private too, but runs torch ~1.4x slower than
     worker processes (DASK-NOTES.md, finding 1), so every LocalCluster is
     secured the one way.
     """
     import dask.config
     from distributed import Client, LocalCluster
+
+    from cluster.credentials import temporary_security
 
     n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
     method = str(config_value(None, "imgindex.local.start-method"))
@@ -344,7 +346,7 @@ def start_local(reason: str) -> Connection:
             memory_limit=config_value(None, "imgindex.local.memory-limit"),
             dashboard_address=config_value(None, "imgindex.local.dashboard-address"),
             preload=["cluster.local_worker"],
-            security=True,
+            security=temporary_security(),
         )
     client = Client(cluster, set_as_default=False)
     logger.info("using %s (%d workers)", reason, int(n_workers))
