@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cluster.environment import problems, survey
-from pipeline.embed import Embedder, ModelSpec
+from pipeline.embed import Embedder, ModelSpec, model_threads
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -26,8 +26,6 @@ def probe_embedding(spec: ModelSpec) -> dict[str, Any]:
     also the device and its memory; and how far the chosen precision lands
     from fp32.
     """
-    import torch
-
     from pipeline.synthetic import synthetic_photo
 
     started = time.perf_counter()
@@ -43,6 +41,8 @@ def probe_embedding(spec: ModelSpec) -> dict[str, Any]:
     batch = list(np.clip(pixels + noise, 0, 255).astype(np.uint8))
     on_gpu = embedder.on_gpu
     if on_gpu:
+        import torch
+
         torch.cuda.reset_peak_memory_stats()
     embedder.embed_pixels(batch)  # warm-up: kernels are picked per batch shape
     timed = time.perf_counter()
@@ -54,7 +54,7 @@ def probe_embedding(spec: ModelSpec) -> dict[str, Any]:
         "device": embedder.model.device,
         "load_seconds": round(loaded - started, 3),
         "embed_seconds": round(done - loaded, 3),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": model_threads(),  # the key predates ONNX Runtime
         "batch_size": embedder.batch_size,
         "decode_threads": embedder.decode_threads,
         "precision": embedder.precision,
