@@ -10,7 +10,6 @@ distributed is pinned below 2027 in setup.cfg) under ``asyncio.wait_for``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import seconds_value
@@ -35,8 +34,15 @@ def call_timeout(value: float | str | None = None) -> float:
     return seconds_value(value, "imgindex.call-timeout")
 
 
-def _ask(client: Client, function, args: tuple, limit: float):
-    """A coroutine function: ``function(*args)`` on one worker, under ``limit``."""
+def run_on_each(
+    client: Client,
+    function,
+    workers: list[str],
+    timeout: float | None = None,
+    args: tuple = (),
+) -> dict[str, Any]:
+    """``function(*args)`` on each worker: its result, its exception or Unresponsive."""
+    limit = call_timeout(timeout)
 
     async def one(address: str) -> Any:
         try:
@@ -50,58 +56,11 @@ def _ask(client: Client, function, args: tuple, limit: float):
             return e
         return answers.get(address, Unresponsive(address, limit))
 
-    return one
-
-
-def run_on_each(
-    client: Client,
-    function,
-    workers: list[str],
-    timeout: float | None = None,
-    args: tuple = (),
-) -> dict[str, Any]:
-    """``function(*args)`` on each worker: its result, its exception or Unresponsive."""
-    one = _ask(client, function, args, call_timeout(timeout))
-
     async def each() -> dict[str, Any]:
         results = await asyncio.gather(*(one(a) for a in workers))
         return dict(zip(workers, results, strict=True))
 
     return client.sync(each)
-
-
-def first_answer(
-    client: Client,
-    function,
-    workers: list[str],
-    accept: Callable[[Any], bool],
-    timeout: float | None = None,
-    args: tuple = (),
-) -> dict[str, Any]:
-    """``function(*args)`` on every worker at once, until one answer passes
-    ``accept``: the answers so far, by worker (every answer where none
-    passes; a worker that did not answer in time is Unresponsive)."""
-    one = _ask(client, function, args, call_timeout(timeout))
-
-    async def first() -> dict[str, Any]:
-        asked = {asyncio.ensure_future(one(a)): a for a in workers}
-        answers: dict[str, Any] = {}
-        pending = set(asked)
-        try:
-            while pending:
-                done, pending = await asyncio.wait(
-                    pending, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
-                    answers[asked[task]] = task.result()
-                if any(accept(answers[asked[task]]) for task in done):
-                    break
-        finally:
-            for task in pending:
-                task.cancel()
-        return answers
-
-    return client.sync(first)
 
 
 def register_worker_plugin(

@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -95,15 +96,26 @@ class WorkerSetup(WorkerPlugin):
         loaded.set_result(loaded_card(self.spec.name))
 
 
-async def card_when_loaded(spec: ModelSpec) -> ModelCard | None:
+async def card_when_loaded(spec: ModelSpec, seconds: float) -> ModelCard | None:
     """This worker's card of ``spec``'s model once its set-up has loaded it
-    (the load's error raised here); without a set-up, the card of a model
-    loaded otherwise, or None. Runs in the worker's event loop: it awaits the
-    load, never blocks on it."""
+    (the load's error raised here), or None if that takes over ``seconds``;
+    without a set-up, the card of a model loaded otherwise, or None. Runs in
+    the worker's event loop: it polls the load, never blocks on it."""
     loading = _LOADS.get(spec)
     if loading is None:
         return loaded_card(spec.name)
-    return await asyncio.wrap_future(loading)
+    deadline = time.monotonic() + seconds
+    while not loading.done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return loading.result() if loading.done() else None
+
+
+# How long each worker is asked to wait for its load, per round of asking:
+# the client learns of the first card at most this late.
+CARD_ROUND_SECONDS = 0.1
+# ... and how much longer it may take to answer (a worker's event loop shares
+# the GIL with its model load) before it counts as frozen.
+CARD_ROUND_GRACE = 5.0
 
 
 def setup_workers(
@@ -136,17 +148,19 @@ def setup_workers(
             "on first use there"
         )
     if wait_for_models:
-        from cluster.calls import run_on_each
+        from cluster.calls import call_timeout, run_on_each
 
         workers = list(client.scheduler_info(n_workers=-1)["workers"])
-        run_on_each(client, card_when_loaded, workers, args=(spec,))
+        # Each answers before the client's deadline: none is cancelled.
+        wait = 0.9 * call_timeout()
+        run_on_each(client, card_when_loaded, workers, args=(spec, wait))
 
 
 def card_from_workers(client: Any, spec: ModelSpec) -> ModelCard | None:
-    """The model's dim and preprocessing from the first worker whose set-up
+    """The model's dim and preprocessing from the first workers whose set-up
     has loaded it, so that the client need not load (and import torch for)
-    its own copy, nor wait for the slowest worker; None where no worker
-    answers within ``imgindex.call-timeout``.
+    its own copy, nor wait for the slowest worker; None where no worker has
+    it within ``imgindex.call-timeout``.
 
     Raises
     ------
@@ -157,25 +171,39 @@ def card_from_workers(client: Any, spec: ModelSpec) -> ModelCard | None:
         preprocessing (different versions of its package). One that loads
         another copy later is refused by the build, at its first shard.
     """
-    from cluster.calls import first_answer, run_on_each
+    from cluster.calls import call_timeout, run_on_each
 
-    workers = list(client.scheduler_info(n_workers=-1)["workers"])
-    answers = first_answer(client, card_when_loaded, workers, _is_card, args=(spec,))
-    if not any(_is_card(a) for a in answers.values()):
-        failed = [a for a in answers.values() if isinstance(a, ModelUnavailable)]
-        if failed:
-            raise failed[0]
-        return None
-    # Those loaded by now, asked without waiting for the others' loads.
-    answers = run_on_each(client, loaded_card, workers, args=(spec.name,))
-    cards = {address: card for address, card in answers.items() if _is_card(card)}
+    asking = list(client.scheduler_info(n_workers=-1)["workers"])
+    deadline = time.monotonic() + call_timeout()
+    failed: list[ModelUnavailable] = []
+    # Rounds in which each worker answers within CARD_ROUND_SECONDS (a call
+    # the client gave up on would be cancelled mid-way on the scheduler,
+    # which logs that as an error); one that does not answer at all, frozen
+    # or gone, is not asked again.
+    while True:
+        answers = run_on_each(
+            client,
+            card_when_loaded,
+            asking,
+            timeout=CARD_ROUND_SECONDS + CARD_ROUND_GRACE,
+            args=(spec, CARD_ROUND_SECONDS),
+        )
+        cards = {a: card for a, card in answers.items() if _is_card(card)}
+        if cards:
+            break
+        failed += [a for a in answers.values() if isinstance(a, ModelUnavailable)]
+        asking = [a for a, answer in answers.items() if answer is None]
+        if not asking or time.monotonic() > deadline:
+            if failed:
+                raise failed[0]
+            return None
     if len(set(cards.values())) > 1:
         shown = "; ".join(f"{a}: {c.dim}-d, {c.preprocess}" for a, c in cards.items())
         raise WorkerEnvironmentError(
             f"workers disagree about model {spec.name!r} ({shown}); install the "
             "same version of its package everywhere"
         )
-    return next(iter(cards.values()), None)
+    return next(iter(cards.values()))
 
 
 def _is_card(answer: Any) -> bool:

@@ -1,0 +1,59 @@
+"""Worker set-up: the model loads on each worker's own thread, and the client
+takes the first worker's card rather than waiting for the slowest."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cluster.worker import card_from_workers
+from pipeline.embed import ModelSpec
+from pipeline.errors import ModelUnavailable
+from pipeline.models import ModelCard, Preprocess
+
+SPEC = ModelSpec(name="efficientnet-lite0", device="cpu")
+CARD = ModelCard("efficientnet-lite0", 1280, Preprocess())
+
+
+def _loading(state: str, spec: ModelSpec, card: ModelCard) -> None:
+    """Run on a worker: its set-up's load of ``spec`` is still going ("slow"),
+    done ("done") or failed ("failed"), as WorkerSetup leaves it."""
+    from concurrent.futures import Future
+
+    from cluster import worker
+    from pipeline.errors import ModelUnavailable
+
+    future: Future = Future()
+    if state == "done":
+        future.set_result(card)
+    elif state == "failed":
+        future.set_exception(ModelUnavailable("worker w: no weights here"))
+    worker._LOADS[spec] = future
+
+
+def _set(client, states: dict[str, str]) -> None:
+    for address, state in states.items():
+        client.run(_loading, state, SPEC, CARD, workers=[address])
+
+
+@pytest.mark.slow  # starts a cluster or a process
+def test_the_client_takes_the_first_card_not_the_slowest_workers(process_cluster):
+    from distributed import Client
+
+    with Client(process_cluster, set_as_default=False) as client:
+        first, second = sorted(client.scheduler_info()["workers"])
+        _set(client, {first: "slow", second: "done"})
+        started = time.perf_counter()
+        assert card_from_workers(client, SPEC) == CARD
+        # The other worker's load never ends: not waited on (call-timeout 30 s).
+        assert time.perf_counter() - started < 10
+
+        # Where every worker failed to load the model, its reason is the error.
+        _set(client, {first: "failed", second: "failed"})
+        with pytest.raises(ModelUnavailable, match="worker w: no weights here"):
+            card_from_workers(client, SPEC)
+        # One worker failed, the other has it: the build goes on with that one.
+        _set(client, {first: "failed", second: "done"})
+        assert card_from_workers(client, SPEC) == CARD
+        _set(client, {first: "done", second: "done"})  # as the next test expects
