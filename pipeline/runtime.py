@@ -174,10 +174,7 @@ def _write_choice(path: Path, ort_ms: float, torch_ms: float) -> None:
 
     saved = {"onnxruntime_ms": ort_ms, "torch_ms": torch_ms, "date": str(date.today())}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(json.dumps(saved))
-        os.replace(partial, path)
+        _replace(path, json.dumps(saved).encode())
     except OSError as e:
         logger.info("not remembering the runtime timing in %s: %s", path.parent, e)
 
