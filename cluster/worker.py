@@ -64,7 +64,9 @@ class WorkerSetup(WorkerPlugin):
         # does not wait for the slowest worker's load: the client sends tasks
         # as soon as one worker has the model (card_from_workers).
         with _LOADS_LOCK:
-            if self.spec in _LOADS and not _LOADS[self.spec].exception():
+            before = _LOADS.get(self.spec)
+            # Running, or done well: not again (a failed one is tried again).
+            if before is not None and not (before.done() and before.exception()):
                 return
             loaded: Future = Future()
             _LOADS[self.spec] = loaded
