@@ -289,26 +289,57 @@ def _fall_back(
     return start_local(reason)
 
 
-# What a worker imports before its first task, imported once in the
-# forkserver, which forks each worker with them (ONNX Runtime creates its
-# threads with a session, not at import; torch is left to the workers that
-# need it).
-WORKER_MODULES = ("pipeline.embed", "pipeline.shards", "cluster.worker", "onnxruntime")
+# What the forkserver imports once, for every worker it forks: what
+# distributed itself preloads there (distributed.utils.get_mp_context), then
+# what an imgindex worker imports before its first task (ONNX Runtime creates
+# its threads with a session, not at import; torch is left to the workers
+# that need it).
+FORKSERVER_MODULES = (
+    *("distributed", "dask", "msgpack", "cloudpickle", "tornado", "toolz"),
+    *("numpy", "pandas", "lz4"),
+    *("pipeline.embed", "pipeline.shards", "cluster.worker", "onnxruntime"),
+)
 
 
-def _preload_forkserver() -> None:
-    """Add imgindex's worker modules to what the forkserver imports, after
-    distributed's own list (which it sets at its first use of the context:
-    so first, and then replaced by the same list and ours)."""
+def _start_forkserver() -> None:
+    """Start the forkserver that LocalCluster workers fork from, now: its
+    imports (most of a worker's start) then run while this process imports
+    distributed and starts the scheduler, not after.
+
+    The server's children get its environment, not this process's at their
+    fork, so the variables the Nanny sets before starting each worker
+    (``distributed.nanny.pre-spawn-environ``: one BLAS thread, ...) are set
+    here first, as the Nanny would set them.
+    """
     import importlib.util
+    import multiprocessing
+    import multiprocessing.forkserver
 
-    from distributed.utils import get_mp_context
-    from distributed.versions import optional_packages, required_packages
+    os.environ.update(_pre_spawn_environ())
+    found = [m for m in FORKSERVER_MODULES if importlib.util.find_spec(m)]
+    multiprocessing.get_context("forkserver").set_forkserver_preload(found)
+    multiprocessing.forkserver.ensure_running()
 
-    context = get_mp_context()
-    wanted = ["distributed", *required_packages, *optional_packages, *WORKER_MODULES]
-    found = [m for m in dict.fromkeys(wanted) if importlib.util.find_spec(m)]
-    context.set_forkserver_preload(found)
+
+def _pre_spawn_environ() -> dict[str, str]:
+    """``distributed.nanny.pre-spawn-environ``, read without importing
+    distributed: its defaults from its YAML, the user's settings over them."""
+    import importlib.util
+    from pathlib import Path
+
+    import dask.config
+    import yaml
+
+    values: dict = {}
+    spec = importlib.util.find_spec("distributed")
+    if spec is not None and spec.origin:
+        try:
+            text = Path(spec.origin).with_name("distributed.yaml").read_text()
+            values = yaml.safe_load(text)["distributed"]["nanny"]["pre-spawn-environ"]
+        except (OSError, KeyError, TypeError, yaml.YAMLError):
+            values = {}
+    values = {**values, **dask.config.get("distributed.nanny.pre-spawn-environ", {})}
+    return {str(k): str(v) for k, v in values.items()}
 
 
 def start_local(reason: str) -> Connection:
@@ -324,19 +355,20 @@ def start_local(reason: str) -> Connection:
     secured the one way.
     """
     import dask.config
-    from distributed import Client, LocalCluster
 
-    from cluster.credentials import temporary_security
-
-    n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
     method = str(config_value(None, "imgindex.local.start-method"))
     if method not in ("forkserver", "spawn"):
         raise ConfigError(
             f"imgindex.local.start-method {method!r} is not one of forkserver, spawn"
         )
+    if method == "forkserver":
+        _start_forkserver()  # before distributed is imported here
+    from distributed import Client, LocalCluster
+
+    from cluster.credentials import temporary_security
+
+    n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
     with dask.config.set({"distributed.worker.multiprocessing-method": method}):
-        if method == "forkserver":
-            _preload_forkserver()
         cluster = LocalCluster(
             n_workers=int(n_workers),
             threads_per_worker=int(

@@ -133,6 +133,7 @@ def _imported_here() -> dict:
     return {
         "parent": os.getppid(),
         "modules": {m for m in ("onnxruntime", "pipeline.embed") if m in sys.modules},
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
     }
 
 
@@ -158,6 +159,8 @@ def test_local_workers_fork_from_a_server_that_imported_their_modules(
     assert seen["forkserver"]["parent"] != os.getpid()  # the server's child
     assert seen["spawn"]["modules"] == set()
     assert seen["spawn"]["parent"] == os.getpid()
+    # The server started before any Nanny: it set what a Nanny sets first.
+    assert seen["forkserver"]["blas_threads"] == seen["spawn"]["blas_threads"] == "1"
     with dask.config.set({"imgindex.local.start-method": "fork"}):
         with pytest.raises(ConfigError, match="start-method 'fork' is not one of"):
             connect()
