@@ -55,11 +55,11 @@ HNSW_STEPS = (16, 32, 64, 128, 256, 512, 1024)
 # LATENCY_SECONDS but never fewer than LATENCY_MIN: an exact scan of 100,000
 # vectors takes 35 ms a query here, so 200 of them were 7 s of a 16 s build.
 LATENCY_QUERIES = 200
+LATENCY_SECONDS = 1.0
+LATENCY_MIN = 20
 # Vectors up to which an index is measured in one task rather than spread
 # over the workers (500 queries x 20,000 x 1,280-d: about 0.2 s of a core).
 MEASURE_IN_ONE_TASK = 20_000
-LATENCY_SECONDS = 1.0
-LATENCY_MIN = 20
 # Recall is measured with indexed vectors moved to this cosine from where they
 # were: cropped, shrunk, re-encoded copies of photos lie 0.80 (5th percentile)
 # to 0.95 from their sources. An indexed vector itself as the query leads a
