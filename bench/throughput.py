@@ -327,13 +327,17 @@ E2E_TARGETS = {500: 0.7, 1000: 0.8}
 
 
 def first_photos(data: Path, files: list[Path], n: int, work: Path) -> Path:
-    """A folder of the first ``n`` of ``files``, hard-linked (made once)."""
+    """A folder of the first ``n`` of ``files``, hard-linked where they can
+    be, else copied (made once; numbered, as names may repeat in subfolders)."""
     folder = work / f"{data.name}-first-{n}"
     if len(list(folder.glob("*"))) != n:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        for f in files[:n]:
-            os.link(f, folder / f.name)
+        for i, f in enumerate(files[:n]):
+            try:
+                os.link(f, folder / f"{i:06d}-{f.name}")
+            except OSError:  # another file system
+                shutil.copy2(f, folder / f"{i:06d}-{f.name}")
     return folder
 
 
