@@ -57,3 +57,31 @@ def test_the_client_takes_the_first_card_not_the_slowest_workers(process_cluster
         _set(client, {first: "failed", second: "done"})
         assert card_from_workers(client, SPEC) == CARD
         _set(client, {first: "done", second: "done"})  # as the next test expects
+
+
+def _same_load_still_running(spec: ModelSpec) -> bool:
+    from cluster import worker
+
+    return not worker._LOADS[spec].done()
+
+
+@pytest.mark.slow  # starts a cluster or a process
+def test_a_second_set_up_during_a_load_returns_at_once(process_cluster):
+    """Set-up runs again when a plugin is registered anew: with a load still
+    running it returns at once and leaves that load alone (it must not wait
+    for it in the worker's event loop)."""
+    from distributed import Client
+
+    from cluster.calls import register_worker_plugin
+    from cluster.worker import WorkerSetup
+
+    with Client(process_cluster, set_as_default=False) as client:
+        first, second = sorted(client.scheduler_info()["workers"])
+        _set(client, {first: "slow", second: "slow"})
+        started = time.perf_counter()
+        assert register_worker_plugin(
+            client, WorkerSetup(SPEC), "imgindex-test-second-set-up", timeout=10
+        )
+        assert time.perf_counter() - started < 10
+        assert all(client.run(_same_load_still_running, SPEC).values())
+        _set(client, {first: "done", second: "done"})
