@@ -252,10 +252,11 @@ def onnx_graph(model: LoadedModel, fresh: bool = False) -> str | bytes:
 
 def _replace(path: Path, data: bytes) -> None:
     """Write ``path`` whole or not at all (other processes may read it)."""
+    from pipeline.atomic import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _cache_folder() -> Path:
