@@ -173,7 +173,9 @@ def test_each_index_type_builds_and_searches(client, tmp_path, kind, on_disk):
     assert (dest / IVFDATA_FILE).exists() is on_disk
     assert meta.index_key == summary["index_key"]
     q = meta.quality
-    assert q["queries"] == 500 and q["k"] == 10 and q["bytes"] > 0
+    # An exact index's recall only checks it against its shards: fewer queries.
+    assert q["queries"] == (100 if kind == "flat" else 500)
+    assert q["k"] == 10 and q["bytes"] > 0
     assert 0 < q["p50_ms"] <= q["p99_ms"]
     if kind == "ivf-pq":  # 8 bytes a vector cannot reach 0.95: it says so
         assert 0.3 < q["recall_at_k"] < 0.95 and q["reached"] is False
