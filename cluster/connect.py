@@ -289,57 +289,25 @@ def _fall_back(
     return start_local(reason)
 
 
-# What the forkserver imports once, for every worker it forks: what
-# distributed itself preloads there (distributed.utils.get_mp_context), then
-# what an imgindex worker imports before its first task (ONNX Runtime creates
-# its threads with a session, not at import; torch is left to the workers
-# that need it).
-FORKSERVER_MODULES = (
-    *("distributed", "dask", "msgpack", "cloudpickle", "tornado", "toolz"),
-    *("numpy", "pandas", "lz4"),
-    *("pipeline.embed", "pipeline.shards", "cluster.worker", "onnxruntime"),
-)
+def start_local_early(
+    scheduler: str | None, scheduler_file: str | None, jobqueue: str | None = None
+) -> None:
+    """Start the forkserver now where the settings leave a build nothing but
+    a LocalCluster (no scheduler, no batch system): its imports then run on
+    another core while this process imports and plans, rather than after.
 
-
-def _start_forkserver() -> None:
-    """Start the forkserver that LocalCluster workers fork from, now: its
-    imports (most of a worker's start) then run while this process imports
-    distributed and starts the scheduler, not after.
-
-    The server's children get its environment, not this process's at their
-    fork, so the variables the Nanny sets before starting each worker
-    (``distributed.nanny.pre-spawn-environ``: one BLAS thread, ...) are set
-    here first, as the Nanny would set them.
+    Where the build turns out to need no cluster, the server is left unused
+    and stops with this process.
     """
-    import importlib.util
-    import multiprocessing
-    import multiprocessing.forkserver
+    if config_value(jobqueue, "imgindex.jobqueue.system"):
+        return
+    target = resolve_target(scheduler, scheduler_file)
+    if target.address is not None or target.scheduler_file is not None:
+        return
+    if config_value(None, "imgindex.local.start-method") == "forkserver":
+        from cluster.forkserver import start_forkserver
 
-    os.environ.update(_pre_spawn_environ())
-    found = [m for m in FORKSERVER_MODULES if importlib.util.find_spec(m)]
-    multiprocessing.get_context("forkserver").set_forkserver_preload(found)
-    multiprocessing.forkserver.ensure_running()
-
-
-def _pre_spawn_environ() -> dict[str, str]:
-    """``distributed.nanny.pre-spawn-environ``, read without importing
-    distributed: its defaults from its YAML, the user's settings over them."""
-    import importlib.util
-    from pathlib import Path
-
-    import dask.config
-    import yaml
-
-    values: dict = {}
-    spec = importlib.util.find_spec("distributed")
-    if spec is not None and spec.origin:
-        try:
-            text = Path(spec.origin).with_name("distributed.yaml").read_text()
-            values = yaml.safe_load(text)["distributed"]["nanny"]["pre-spawn-environ"]
-        except (OSError, KeyError, TypeError, yaml.YAMLError):
-            values = {}
-    values = {**values, **dask.config.get("distributed.nanny.pre-spawn-environ", {})}
-    return {str(k): str(v) for k, v in values.items()}
+        start_forkserver()
 
 
 def start_local(reason: str) -> Connection:
@@ -356,18 +324,22 @@ def start_local(reason: str) -> Connection:
     """
     import dask.config
 
+    from cluster.forkserver import start_forkserver
+
     method = str(config_value(None, "imgindex.local.start-method"))
     if method not in ("forkserver", "spawn"):
         raise ConfigError(
             f"imgindex.local.start-method {method!r} is not one of forkserver, spawn"
         )
     if method == "forkserver":
-        _start_forkserver()  # before distributed is imported here
+        start_forkserver()  # before distributed is imported here
     from distributed import Client, LocalCluster
 
     from cluster.credentials import temporary_security
+    from cluster.dashboard import LazyDashboard
 
     n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
+    dashboard_address = config_value(None, "imgindex.local.dashboard-address")
     with dask.config.set({"distributed.worker.multiprocessing-method": method}):
         cluster = LocalCluster(
             n_workers=int(n_workers),
@@ -376,10 +348,15 @@ def start_local(reason: str) -> Connection:
             ),
             processes=True,
             memory_limit=config_value(None, "imgindex.local.memory-limit"),
-            dashboard_address=config_value(None, "imgindex.local.dashboard-address"),
+            dashboard_address=dashboard_address,
+            # Loaded when first opened (cluster/dashboard.py): most small
+            # builds end unwatched, and loading it delays their first task.
+            scheduler_kwargs={"dashboard": False},
             preload=["cluster.local_worker"],
             security=temporary_security(),
         )
+    if dashboard_address is not None:
+        LazyDashboard(cluster.scheduler).install()
     client = Client(cluster, set_as_default=False)
     logger.info("using %s (%d workers)", reason, int(n_workers))
     return Connection(

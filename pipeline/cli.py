@@ -425,6 +425,11 @@ def build(
     as_json,
 ):
     """Embed the images under each DATASET folder and write OUT/<name>/."""
+    from cluster.connect import start_local_early
+
+    started = time.perf_counter()
+    _check_scheduler_options(scheduler, scheduler_file)
+    start_local_early(scheduler, scheduler_file, jobqueue)
     from pipeline.background import Background
     from pipeline.build import StageTimer, no_cluster, plan_datasets, run_builds
     from pipeline.config import count_or_auto
@@ -432,8 +437,6 @@ def build(
     from pipeline.models import check_model_name, get_model
     from pipeline.progress import ProgressFile
 
-    started = time.perf_counter()
-    _check_scheduler_options(scheduler, scheduler_file)
     _check_duration(task_timeout, "--task-timeout", "imgindex.task-timeout")
     _check_duration(worker_wait, "--worker-wait", "imgindex.worker-wait")
     spec = _model_spec(model, device, batch_size, decode_threads, precision, runtime)

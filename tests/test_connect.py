@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import dask.config
 import pytest
@@ -126,13 +128,16 @@ def test_no_scheduler_configured_starts_a_local_cluster(one_local_worker, monkey
         assert len(conn.client.nthreads()) == 1
 
 
+_PRELOADED = ("onnxruntime", "pipeline.embed", "faiss", "cluster.forkserver_exit")
+
+
 def _imported_here() -> dict:
     import os
     import sys
 
     return {
         "parent": os.getppid(),
-        "modules": {m for m in ("onnxruntime", "pipeline.embed") if m in sys.modules},
+        "modules": {m for m in _PRELOADED if m in sys.modules},
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
     }
 
@@ -155,7 +160,7 @@ def test_local_workers_fork_from_a_server_that_imported_their_modules(
         with dask.config.set({"imgindex.local.start-method": method}):
             with connect() as conn:
                 (seen[method],) = conn.client.run(_imported_here).values()
-    assert seen["forkserver"]["modules"] == {"onnxruntime", "pipeline.embed"}
+    assert seen["forkserver"]["modules"] == set(_PRELOADED)
     assert seen["forkserver"]["parent"] != os.getpid()  # the server's child
     assert seen["spawn"]["modules"] == set()
     assert seen["spawn"]["parent"] == os.getpid()
@@ -214,3 +219,58 @@ def test_doctor_takes_builds_of_one_release_as_the_same_package():
     assert errors == [
         "worker tcp://odd:1 has distributed 2026.9.0, the client 2026.8.0"
     ]
+
+
+_DASHBOARD_PROBE = """
+import json, sys, urllib.request
+from cluster.connect import start_local
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return r.status, r.geturl(), r.read().decode(errors="replace")
+
+if __name__ == "__main__":
+    seen = {}
+    with start_local("test") as conn:
+        base = conn.dashboard.rsplit("/", 1)[0]
+        seen["link"] = conn.dashboard
+        seen["loaded_at_start"] = "distributed.dashboard.scheduler" in sys.modules
+        seen["health"] = get(base + "/health")[::2]
+        seen["loaded_after_health"] = "distributed.dashboard.scheduler" in sys.modules
+        status, url, page = get(conn.dashboard)
+        seen["status"] = [status, url, "bokeh" in page.lower(), "Dask" in page]
+        status, url, page = get(base + "/")  # the dashboard's own redirect
+        seen["root"] = [status, url]
+        seen["loaded_at_end"] = "distributed.dashboard.scheduler" in sys.modules
+    print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_local_dashboard_is_loaded_when_first_opened(tmp_path):
+    """The LocalCluster starts without Bokeh's dashboard (0.35 s of the
+    client's CPU before a build's first task): its link works all the same,
+    loading the dashboard on the first request and answering it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(_DASHBOARD_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("IMGINDEX_SCHEDULER", None)
+    env.pop("DASK_SCHEDULER_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env,
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    assert seen["link"].startswith("http://127.0.0.1:") and seen["link"].endswith(
+        "/status"
+    )
+    assert seen["loaded_at_start"] is False
+    assert seen["health"] == [200, "ok"]
+    assert seen["loaded_after_health"] is False  # its own routes need no Bokeh
+    assert seen["status"] == [200, seen["link"], True, True]
+    assert seen["root"] == [200, seen["link"]]
+    assert seen["loaded_at_end"] is True
