@@ -340,7 +340,10 @@ def start_local(reason: str) -> Connection:
 
     n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
     dashboard_address = config_value(None, "imgindex.local.dashboard-address")
-    with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+    settings = dict(config_value(None, "imgindex.local.dask-config") or {})
+    settings["distributed.worker.multiprocessing-method"] = method
+    # The Nanny hands the config of its start to its worker process.
+    with dask.config.set(settings):
         cluster = LocalCluster(
             n_workers=int(n_workers),
             threads_per_worker=int(

@@ -131,7 +131,7 @@ def test_no_scheduler_configured_starts_a_local_cluster(one_local_worker, monkey
 _PRELOADED = ("onnxruntime", "pipeline.embed", "faiss", "cluster.forkserver_exit")
 
 
-def _imported_here() -> dict:
+def _imported_here(dask_worker) -> dict:
     import os
     import sys
 
@@ -139,6 +139,9 @@ def _imported_here() -> dict:
         "parent": os.getppid(),
         "modules": {m for m in _PRELOADED if m in sys.modules},
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        # imgindex.local.dask-config reached the worker
+        "profiled": "profile" in dask_worker.periodic_callbacks,
+        "tick": dask_worker._tick_interval,
     }
 
 
@@ -155,17 +158,24 @@ def test_local_workers_fork_from_a_server_that_imported_their_modules(
 
     monkeypatch.delenv("IMGINDEX_SCHEDULER", raising=False)
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
-    seen = {}
+    seen, seen_scheduler_ticks = {}, set()
     for method in ("forkserver", "spawn"):
         with dask.config.set({"imgindex.local.start-method": method}):
             with connect() as conn:
                 (seen[method],) = conn.client.run(_imported_here).values()
+                seen_scheduler_ticks.add(conn.cluster.scheduler._tick_interval)
     assert seen["forkserver"]["modules"] == set(_PRELOADED)
     assert seen["forkserver"]["parent"] != os.getpid()  # the server's child
     assert seen["spawn"]["modules"] == set()
     assert seen["spawn"]["parent"] == os.getpid()
     # The server started before any Nanny: it set what a Nanny sets first.
     assert seen["forkserver"]["blas_threads"] == seen["spawn"]["blas_threads"] == "1"
+    # Dask's profiler off and its ticks eased (imgindex.local.dask-config), and
+    # the scheduler's too; the client's own Dask config is as it was.
+    for method in seen:
+        assert seen[method]["profiled"] is False and seen[method]["tick"] == 0.1
+    assert seen_scheduler_ticks == {0.1}
+    assert dask.config.get("distributed.admin.tick.interval") != "100ms"
     with dask.config.set({"imgindex.local.start-method": "fork"}):
         with pytest.raises(ConfigError, match="start-method 'fork' is not one of"):
             connect()
