@@ -434,7 +434,7 @@ def build_steps(
                 ranks=ranks,
             )
             size = dispatcher.partition_size(len(remaining), partition_size)
-            partitions = partition_records(remaining, size)
+            partitions = partition_records(remaining, size, dispatcher.threads())
             summary.partitions = len(partitions) + len(resumed)
             if partitions:
                 staging.mkdir(parents=True, exist_ok=True)

@@ -189,10 +189,29 @@ def has_images(root: str | os.PathLike) -> bool:
     return next(discover_images(root), None) is not None
 
 
+# Partitions of at least this size are tapered at the end (see below).
+TAPER_FROM = 16
+
+
 def partition_records(
-    records: list[ImageRecord], size: int
+    records: list[ImageRecord], size: int, tail_threads: int = 0
 ) -> list[tuple[ImageRecord, ...]]:
-    """Split records into consecutive partitions of at most ``size`` images."""
+    """Split records into consecutive partitions of at most ``size`` images.
+
+    With ``tail_threads`` (the worker threads that will run them), the last
+    ``tail_threads * size`` images or so go in partitions a quarter that
+    size, so the threads' last tasks end close together instead of one
+    thread running a whole partition while the others wait (0.25 s of one
+    core in two at the end of a 500-photo build here).
+    """
     if size < 1:
         raise ValueError(f"partition size must be >= 1, got {size}")
-    return [tuple(records[i : i + size]) for i in range(0, len(records), size)]
+    n = len(records)
+    head = n
+    if tail_threads > 0 and size >= TAPER_FROM:
+        head = max(0, n - tail_threads * size) // size * size
+    small = size // 4 if head < n else size
+    return [
+        *(tuple(records[i : i + size]) for i in range(0, head, size)),
+        *(tuple(records[i : i + small]) for i in range(head, n, small)),
+    ]

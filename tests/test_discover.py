@@ -62,6 +62,24 @@ def test_partitions_cover_everything_once(tmp_path: Path):
     parts = partition_records(records, 4)
     assert [len(p) for p in parts] == [4, 4, 2]
     assert [r for p in parts for r in p] == records
+    # Too small to taper: the same with the threads given.
+    assert partition_records(records, 4, tail_threads=2) == parts
+
+
+def test_the_last_partitions_are_smaller_so_the_threads_end_together():
+    from pipeline.discover import ImageRecord
+
+    records = [ImageRecord(f"{i}.jpg", 1, 0) for i in range(500)]
+    parts = partition_records(records, 32, tail_threads=2)
+    sizes = [len(p) for p in parts]
+    # 13 whole partitions, then the last 84 images (2 threads x 32, and the
+    # remainder) in partitions a quarter the size.
+    assert sizes == [32] * 13 + [8] * 10 + [4]
+    assert [r for p in parts for r in p] == records
+    # Fewer images than the tail: all small.
+    few = partition_records(records[:40], 32, tail_threads=2)
+    assert [len(p) for p in few] == [8] * 5
+    assert [r for p in few for r in p] == records[:40]
 
 
 def test_deeply_nested_folders_are_walked(tmp_path: Path, monkeypatch):
