@@ -1429,7 +1429,17 @@ def _gib(n) -> str:
 
 
 def main() -> None:
-    cli(prog_name="imgindex")
+    """The ``imgindex`` command."""
+    import gc
+
+    try:
+        cli(prog_name="imgindex")
+    finally:
+        # What is left is torn down as the interpreter exits; the collector
+        # need not search it for cycles first (0.08 s of a 10-photo build's
+        # 1.4 s here). Exit handlers, thread joins and every object's own
+        # release still run.
+        gc.freeze()
 
 
 if __name__ == "__main__":
