@@ -195,14 +195,65 @@ def _why_not_onnx(model: LoadedModel, precision: str) -> str | None:
 
 def onnx_session(graph: str | bytes, threads: int):
     """An ONNX Runtime CPU session of ``graph`` (a path or bytes) with
-    ``threads`` intra-op threads and no inter-op pool."""
+    ``threads`` intra-op threads and no inter-op pool.
+
+    For a graph in a file, ONNX Runtime's optimised form of it is kept
+    beside it (:func:`optimized_path`) and loaded as it is: a session then
+    takes 0.015 s rather than 0.075 s here, at every worker's start.
+    """
+    if isinstance(graph, bytes):
+        return _new_session(graph, threads)
+    optimized = optimized_path(Path(graph))
+    if optimized.is_file():
+        try:
+            return _new_session(str(optimized), threads, optimize=False)
+        except Exception as e:  # ORT's own error types, for a damaged file
+            logger.info("optimised graph %s unusable (%s); again", optimized, e)
+    if not os.access(optimized.parent, os.W_OK):
+        return _new_session(graph, threads)
+    # Written by ONNX Runtime under a name of this process's, then renamed:
+    # the workers of a node may do this at once.
+    written = optimized.with_name(f"{optimized.name}.{os.getpid()}.tmp")
+    try:
+        session = _new_session(graph, threads, save_to=written)
+        os.replace(written, optimized)
+        return session
+    except Exception as e:  # full disk, ...: the graph itself is tried below
+        logger.info("not keeping the optimised graph %s: %s", optimized, e)
+    finally:
+        written.unlink(missing_ok=True)
+    return _new_session(graph, threads)
+
+
+def _new_session(
+    graph: str | bytes, threads: int, optimize: bool = True, save_to: Path | None = None
+):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, threads)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # its warnings are about graph fusions
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if save_to is not None:
+        options.optimized_model_filepath = str(save_to)
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def optimized_path(graph: Path) -> Path:
+    """Where ONNX Runtime's optimised form of ``graph`` is kept: one per CPU
+    model (the optimisations may use its instruction set), ONNX Runtime
+    version and state of the graph's file (a graph exported again is
+    optimised again)."""
+    try:
+        stat = graph.stat()
+        state = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        state = None
+    key = json.dumps([_cpu_model(), _installed("onnxruntime"), state])
+    digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    return graph.with_name(f"{graph.stem}.optimized-{digest}")
 
 
 def onnx_forward(model: LoadedModel, threads: int) -> Callable:

@@ -285,6 +285,8 @@ def test_a_cached_graph_runs_without_torch_where_onnxruntime_won(photos, tmp_pat
     (card,) = tmp_path.glob("*.card.json")
     assert json.loads(card.read_text())["graph"] == graph.name
     (timing,) = tmp_path.glob("*.auto-*.json")
+    # ONNX Runtime's optimised form of the graph, loaded as it is from now on.
+    (optimized,) = tmp_path.glob("*.optimized-*")
 
     timing.write_text('{"onnxruntime_ms": 2.0, "torch_ms": 50.0, "date": "D"}')
     unloaded = probe()
@@ -297,6 +299,12 @@ def test_a_cached_graph_runs_without_torch_where_onnxruntime_won(photos, tmp_pat
     expected = reference.embed_pixels([reference.decode(p) for p in paths])
     cosines = np.sum(np.array(unloaded["vectors"]) * expected, axis=1)
     assert cosines.min() >= 0.9999, cosines
+    # A damaged optimised graph is made again from the graph.
+    optimized.write_bytes(b"not a graph")
+    again = probe()
+    assert not again["torch"] and again["vectors"] == unloaded["vectors"]
+    assert optimized.stat().st_size > 1_000_000
+    assert not list(tmp_path.glob("*.tmp"))
 
     # Where torch won, or card or graph are unusable, torch loads the model.
     timing.write_text('{"onnxruntime_ms": 50.0, "torch_ms": 2.0, "date": "D"}')
