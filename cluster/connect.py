@@ -296,8 +296,9 @@ def start_local_early(
     a LocalCluster (no scheduler, no batch system): its imports then run on
     another core while this process imports and plans, rather than after.
 
-    Where the build turns out to need no cluster, the server is left unused
-    and stops with this process.
+    The server is stopped as this process exits, used or not (a re-run with
+    nothing to do, a bad argument): left alone, it would finish its imports
+    first, holding this process's stdout and stderr open until then.
     """
     if config_value(jobqueue, "imgindex.jobqueue.system"):
         return
@@ -305,9 +306,13 @@ def start_local_early(
     if target.address is not None or target.scheduler_file is not None:
         return
     if config_value(None, "imgindex.local.start-method") == "forkserver":
-        from cluster.forkserver import start_forkserver
+        import atexit
+
+        from cluster.forkserver import start_forkserver, stop_forkserver
 
         start_forkserver()
+        atexit.unregister(stop_forkserver)  # once, however many builds
+        atexit.register(stop_forkserver)
 
 
 def start_local(reason: str) -> Connection:

@@ -49,12 +49,12 @@ def start_forkserver() -> None:
 
 
 def stop_forkserver() -> None:
-    """Stop the forkserver now, its preloading included (for a build that
-    turned out to need no cluster).
+    """Stop the forkserver now, its preloading included (its workers, if
+    any are left, go on).
 
     Left alone, it would finish its imports before it noticed this process
-    gone, holding this process's stdout and stderr open 0.5 s longer. The
-    standard library has no public way to stop it; where its internals
+    gone, holding this process's stdout and stderr open up to 0.5 s longer.
+    The standard library has no public way to stop it; where its internals
     differ from these, it is left to stop by itself.
     """
     import multiprocessing.forkserver

@@ -426,7 +426,6 @@ def build(
 ):
     """Embed the images under each DATASET folder and write OUT/<name>/."""
     from cluster.connect import start_local_early
-    from cluster.forkserver import stop_forkserver
 
     started = time.perf_counter()
     _check_scheduler_options(scheduler, scheduler_file)
@@ -496,7 +495,6 @@ def build(
             with stages("plan"):  # what of it the cluster's start did not cover
                 planned = planning.result()
             if conn is None:
-                stop_forkserver()  # started early, for nothing
                 cluster_json = no_cluster(planned)
                 click.echo(f"cluster: {cluster_json['reason']}", err=True)
                 if tracker:

@@ -12,10 +12,14 @@ from pipeline.config import DEFAULTS, config_value, seconds_value
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Keys whose value is a mapping handed on as it is (Dask's own settings).
+MAPPINGS = {"local.dask-config"}
+
+
 def flatten(d: dict, prefix: str = "") -> list[str]:
     keys = []
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and f"{prefix}{k}" not in MAPPINGS:
             keys += flatten(v, f"{prefix}{k}.")
         else:
             keys.append(f"{prefix}{k}")

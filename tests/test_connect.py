@@ -284,3 +284,35 @@ def test_local_dashboard_is_loaded_when_first_opened(tmp_path):
     assert seen["status"] == [200, seen["link"], True, True]
     assert seen["root"] == [200, seen["link"]]
     assert seen["loaded_at_end"] is True
+
+
+_EARLY_SERVER = """
+import multiprocessing.forkserver
+from cluster.connect import start_local_early
+
+if __name__ == "__main__":
+    start_local_early(None, None)
+    print(multiprocessing.forkserver._forkserver._forkserver_pid, flush=True)
+"""
+
+
+def test_a_forkserver_started_early_is_stopped_as_the_client_exits(tmp_path):
+    """A build that needs no cluster (or stops at a bad argument) does not
+    leave the server importing, holding the client's stdout open."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "early.py"
+    script.write_text(_EARLY_SERVER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("IMGINDEX_SCHEDULER", None)
+    env.pop("DASK_SCHEDULER_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pid = int(proc.stdout.split()[0])
+    # Its imports take half a second: had it been left alone, it would still
+    # be running now (and capture_output would have waited for it).
+    assert not Path(f"/proc/{pid}").exists()
