@@ -307,61 +307,70 @@ def test_dashboard_shows_the_whole_build(
         text=True,
     )  # fmt: skip
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with Client(address) as client:
-        deadline = time.monotonic() + 180
-        seen: dict = {}
-        while time.monotonic() < deadline and build.poll() is None:
-            seen = client.run_on_scheduler(_embed_progress)
-            # Each dataset is planned and submitted before any is collected;
-            # the first may start running while the last is being planned.
-            if len(seen) == 3 and seen["embed[small]"][1] >= 2:
-                break
-            time.sleep(0.2)
-        if build.poll() is not None:
-            pytest.fail(f"the build ended early:\n{build.communicate()[1][-3000:]}")
-        # Every dataset whole from the start, one partition an image, the
-        # later ones queued behind the first.
-        assert seen["embed[small]"][0] == 240, seen
-        assert seen["embed[more]"] == (720, 0), seen
-        assert seen["embed[beach]"] == (36, 0), seen
-        browser.get(client.dashboard_link)
-        WebDriverWait(browser, 30).until(lambda b: b.execute_script(DEEP, "canvas"))
-        time.sleep(2)  # the bars redraw every 100 ms
-        browser.save_screenshot(str(ARTIFACTS / "dashboard-status.png"))
-        then = client.run_on_scheduler(_embed_progress)
-        assert then.get("embed[more]", (0, 0))[1] < 720, "ended before the screenshot"
-        assert then["embed[more]"][0] == 720, then  # the bar's total stays
-
-        browser.get(
-            client.dashboard_link.replace(
-                "/status", "/individual-fine-performance-metrics"
+    try:
+        with Client(address) as client:
+            deadline = time.monotonic() + 180
+            seen: dict = {}
+            while time.monotonic() < deadline and build.poll() is None:
+                seen = client.run_on_scheduler(_embed_progress)
+                # Each dataset is planned and submitted before any is collected;
+                # the first may start running while the last is being planned.
+                if len(seen) == 3 and seen["embed[small]"][1] >= 2:
+                    break
+                time.sleep(0.2)
+            if build.poll() is not None:
+                pytest.fail(f"the build ended early:\n{build.communicate()[1][-3000:]}")
+            # Every dataset whole from the start, one partition an image, the
+            # later ones queued behind the first.
+            assert seen["embed[small]"][0] == 240, seen
+            assert seen["embed[more]"] == (720, 0), seen
+            assert seen["embed[beach]"] == (36, 0), seen
+            browser.get(client.dashboard_link)
+            WebDriverWait(browser, 30).until(lambda b: b.execute_script(DEEP, "canvas"))
+            time.sleep(2)  # the bars redraw every 100 ms
+            browser.save_screenshot(str(ARTIFACTS / "dashboard-status.png"))
+            then = client.run_on_scheduler(_embed_progress)
+            assert then.get("embed[more]", (0, 0))[1] < 720, (
+                "ended before the screenshot"
             )
-        )
-        # The first of the page's two pickers filters by span tag.
-        field = WebDriverWait(browser, 30).until(
-            lambda b: b.execute_script(DEEP, "input.choices__input--cloned")
-        )[0]
-        field.click()
-        field.send_keys("imgindex build")
+            assert then["embed[more]"][0] == 720, then  # the bar's total stays
 
-        def pick(b) -> bool:
-            # Found and clicked in one go: the list is redrawn every 500 ms.
-            for c in b.execute_script(DEEP, ".choices__item--choice"):
-                if c.text.startswith("imgindex build"):
-                    c.click()
-                    return True
-            return False
+            browser.get(
+                client.dashboard_link.replace(
+                    "/status", "/individual-fine-performance-metrics"
+                )
+            )
+            # The first of the page's two pickers filters by span tag.
+            field = WebDriverWait(browser, 30).until(
+                lambda b: b.execute_script(DEEP, "input.choices__input--cloned")
+            )[0]
+            field.click()
+            field.send_keys("imgindex build")
 
-        WebDriverWait(
-            browser, 10, ignored_exceptions=(StaleElementReferenceException,)
-        ).until(pick)
-        ActionChains(browser).send_keys(Keys.ESCAPE).perform()  # close the list
-        time.sleep(3)  # the page updates every 500 ms
-        browser.save_screenshot(str(ARTIFACTS / "dashboard-fine-metrics.png"))
-        spans = client.run_on_scheduler(_span_names)
-        queued = sum(
-            t - f for t, f in client.run_on_scheduler(_embed_progress).values()
-        )
+            def pick(b) -> bool:
+                # Found and clicked in one go: the list is redrawn every 500 ms.
+                for c in b.execute_script(DEEP, ".choices__item--choice"):
+                    if c.text.startswith("imgindex build"):
+                        c.click()
+                        return True
+                return False
+
+            WebDriverWait(
+                browser, 30, ignored_exceptions=(StaleElementReferenceException,)
+            ).until(pick)
+            ActionChains(browser).send_keys(Keys.ESCAPE).perform()  # close the list
+            time.sleep(3)  # the page updates every 500 ms
+            browser.save_screenshot(str(ARTIFACTS / "dashboard-fine-metrics.png"))
+            spans = client.run_on_scheduler(_span_names)
+            queued = sum(
+                t - f for t, f in client.run_on_scheduler(_embed_progress).values()
+            )
+    except BaseException:
+        # Reaped here, else its pipes are left to the collector: a
+        # ResourceWarning that fails a later test instead of this one.
+        build.kill()
+        build.communicate()
+        raise
     # The rest of the build proves nothing more about the dashboard, and on a
     # slow CI machine it outlasts the test's time: stop it as scancel would.
     # (Whole builds on this cluster are tested above.)
