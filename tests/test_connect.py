@@ -231,6 +231,25 @@ def test_doctor_takes_builds_of_one_release_as_the_same_package():
     ]
 
 
+def _run_script(tmp_path: Path, source: str) -> str:
+    """Run ``source`` in a fresh interpreter (no scheduler configured, this
+    checkout importable); its stdout."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("IMGINDEX_SCHEDULER", None)
+    env.pop("DASK_SCHEDULER_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env,
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
 _DASHBOARD_PROBE = """
 import json, sys, urllib.request
 from cluster.connect import start_local
@@ -261,20 +280,7 @@ def test_local_dashboard_is_loaded_when_first_opened(tmp_path):
     """The LocalCluster starts without Bokeh's dashboard (0.35 s of the
     client's CPU before a build's first task): its link works all the same,
     loading the dashboard on the first request and answering it."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "probe.py"
-    script.write_text(_DASHBOARD_PROBE)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("IMGINDEX_SCHEDULER", None)
-    env.pop("DASK_SCHEDULER_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env,
-        timeout=180,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    seen = json.loads(proc.stdout.splitlines()[-1])
+    seen = json.loads(_run_script(tmp_path, _DASHBOARD_PROBE).splitlines()[-1])
     assert seen["link"].startswith("http://127.0.0.1:") and seen["link"].endswith(
         "/status"
     )
@@ -299,20 +305,7 @@ if __name__ == "__main__":
 def test_a_forkserver_started_early_is_stopped_as_the_client_exits(tmp_path):
     """A build that needs no cluster (or stops at a bad argument) does not
     leave the server importing, holding the client's stdout open."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "early.py"
-    script.write_text(_EARLY_SERVER)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("IMGINDEX_SCHEDULER", None)
-    env.pop("DASK_SCHEDULER_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env,
-        timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    pid = int(proc.stdout.split()[0])
+    pid = int(_run_script(tmp_path, _EARLY_SERVER).split()[0])
     # Its imports take half a second: had it been left alone, it would still
     # be running now (and capture_output would have waited for it).
     assert not Path(f"/proc/{pid}").exists()
