@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import stat
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,18 +15,26 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary sibling of ``path``; on success fsync it and rename it over."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write (for writers that open files
+    themselves: FAISS, ONNX Runtime); on success it is fsynced and renamed
+    over ``path``, on failure removed. Its name is unique to this process
+    and call: threads, and processes on other hosts, may write ``path`` too."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary sibling of ``path``; on success fsync it and rename it over."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def save_array_file(path: Path, **arrays: np.ndarray) -> None:

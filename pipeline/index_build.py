@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import index as fx
-from pipeline.atomic import atomic_file, fsync_path
+from pipeline.atomic import atomic_file, atomic_path, fsync_path
 from pipeline.cancel import cancel_futures
 from pipeline.copies import COPIES_FILE, Copies, DistinctAdder, folder_copies
 from pipeline.index_policy import IndexChoice
@@ -700,10 +700,8 @@ def _read_part(path: str):
 
 
 def _write(index, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    fx.write_index(index, tmp)
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fx.write_index(index, tmp)
 
 
 def _exact_topk(

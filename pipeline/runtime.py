@@ -17,6 +17,7 @@ worker that import is most of its start-up (1-5 s of a core, 200 MB).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -126,7 +127,7 @@ def choice_path(graph: Path, precision: str, threads: int) -> Path:
     remembered, beside it: one file per CPU model, thread count and torch /
     ONNX Runtime versions, so that a change of any is timed again. The
     versions are the installed packages' (read without importing torch)."""
-    key = json.dumps(
+    digest = _digest(
         [
             _cpu_model(),
             threads,
@@ -135,10 +136,17 @@ def choice_path(graph: Path, precision: str, threads: int) -> Path:
             _installed("onnxruntime"),
         ]
     )
-    digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
     return graph.with_name(f"{graph.stem}.auto-{digest}.json")
 
 
+def _digest(parts: list) -> str:
+    """A short name for ``parts`` (JSON values) in the cache's file names."""
+    key = json.dumps(parts, sort_keys=True)
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+# Asked at each worker start, by choice_path and optimized_path both.
+@functools.cache
 def _installed(package: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -148,6 +156,7 @@ def _installed(package: str) -> str | None:
         return None
 
 
+@functools.cache
 def _cpu_model() -> str:
     import platform
 
@@ -211,17 +220,15 @@ def onnx_session(graph: str | bytes, threads: int):
             logger.info("optimised graph %s unusable (%s); again", optimized, e)
     if not os.access(optimized.parent, os.W_OK):
         return _new_session(graph, threads)
-    # Written by ONNX Runtime under a name of this process's, then renamed:
-    # the workers of a node may do this at once.
-    written = optimized.with_name(f"{optimized.name}.{os.getpid()}.tmp")
+    from pipeline.atomic import atomic_path
+
     try:
-        session = _new_session(graph, threads, save_to=written)
-        os.replace(written, optimized)
+        # The workers of a node may write it at once: each its own copy.
+        with atomic_path(optimized) as written:
+            session = _new_session(graph, threads, save_to=written)
         return session
     except Exception as e:  # full disk, ...: the graph itself is tried below
         logger.info("not keeping the optimised graph %s: %s", optimized, e)
-    finally:
-        written.unlink(missing_ok=True)
     return _new_session(graph, threads)
 
 
@@ -251,8 +258,7 @@ def optimized_path(graph: Path) -> Path:
         state = [stat.st_size, stat.st_mtime_ns]
     except OSError:
         state = None
-    key = json.dumps([_cpu_model(), _installed("onnxruntime"), state])
-    digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    digest = _digest([_cpu_model(), _installed("onnxruntime"), state])
     return graph.with_name(f"{graph.stem}.optimized-{digest}")
 
 
@@ -326,10 +332,7 @@ def _safe_name(name: str) -> str:
 
 def onnx_cache_path(model: LoadedModel) -> Path | None:
     """Where the exported graph of ``model`` is kept (None: nowhere)."""
-    key = json.dumps(
-        [model.name, __version__, asdict(model.preprocess), model.dim], sort_keys=True
-    )
-    digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    digest = _digest([model.name, __version__, asdict(model.preprocess), model.dim])
     return _cache_folder() / f"{_safe_name(model.name)}-{__version__}-{digest}.onnx"
 
 
