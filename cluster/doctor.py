@@ -57,6 +57,7 @@ def probe_embedding(spec: ModelSpec) -> dict[str, Any]:
         "torch_threads": model_threads(),  # the key predates ONNX Runtime
         "batch_size": embedder.batch_size,
         "decode_threads": embedder.decode_threads,
+        "decoder": embedder.decoder,
         "precision": embedder.precision,
         "runtime": embedder.runtime.name,
         "runtime_reason": embedder.runtime.reason,

@@ -202,13 +202,13 @@ def _index_request(index_type, max_index_memory, recall_target):
         raise click.UsageError(str(e)) from None
 
 
-def _model_spec(model, device, batch_size, decode_threads, precision, runtime):
+def _model_spec(model, device, batch_size, decode_threads, precision, runtime, decoder):
     """The model flags of build and doctor as a spec; a bad value is a usage error."""
     from pipeline.embed import ModelSpec
 
     try:
         return ModelSpec.from_config(
-            model, device, batch_size, decode_threads, precision, runtime
+            model, device, batch_size, decode_threads, precision, runtime, decoder
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -254,6 +254,14 @@ def _model_options(f):
             default=None,
             help="Threads decoding images in each task (default: 1 on CPU, "
             "the worker's cores on a GPU) [imgindex.decode-threads].",
+        ),
+        click.option(
+            "--decoder",
+            type=click.Choice(["auto", "pillow", "batch"], case_sensitive=False),
+            default=None,
+            help="How workers decode: pillow an image at a time, batch a batch "
+            "at a time on the model's device (nvJPEG on a GPU) (default auto: "
+            "batch on a GPU, pillow on CPU) [imgindex.decoder].",
         ),
         click.option(
             "--precision",
@@ -412,6 +420,7 @@ def build(
     partition_size,
     batch_size,
     decode_threads,
+    decoder,
     precision,
     runtime,
     retries,
@@ -439,7 +448,9 @@ def build(
 
     _check_duration(task_timeout, "--task-timeout", "imgindex.task-timeout")
     _check_duration(worker_wait, "--worker-wait", "imgindex.worker-wait")
-    spec = _model_spec(model, device, batch_size, decode_threads, precision, runtime)
+    spec = _model_spec(
+        model, device, batch_size, decode_threads, precision, runtime, decoder
+    )
     _check_runtime(spec.runtime)
     try:
         count_or_auto(partition_size, "imgindex.partition-size")  # a bad value, now
@@ -1185,6 +1196,7 @@ def doctor(
     device,
     batch_size,
     decode_threads,
+    decoder,
     precision,
     runtime,
     as_json,
@@ -1192,7 +1204,9 @@ def doctor(
     """Check the cluster: reachable, workers, versions, a timed test embedding."""
     from cluster.doctor import check_cluster
 
-    spec = _model_spec(model, device, batch_size, decode_threads, precision, runtime)
+    spec = _model_spec(
+        model, device, batch_size, decode_threads, precision, runtime, decoder
+    )
     strict_by_user = bool(no_fallback)
     if (scheduler or scheduler_file) and no_fallback is None:
         no_fallback = True  # doctor reports on the cluster asked for, not a stand-in
@@ -1218,7 +1232,7 @@ def doctor(
                     f"{w['embed_seconds'] * 1000:.0f} ms, batch of "
                     f"{w['batch_size']} in {w['batch_seconds'] * 1000:.0f} ms "
                     f"({w['images_per_second']:.0f} images/s, {w['precision']}, "
-                    f"{w['decode_threads']} decode threads)"
+                    f"{w['decode_threads']} decode threads, {w['decoder']} decoder)"
                 )
                 click.echo(f"        runtime {w['runtime']}: {w['runtime_reason']}")
                 if "gpu" in w:

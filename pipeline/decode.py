@@ -103,6 +103,33 @@ def load_rgb(
     return rgb
 
 
+def input_and_traits(
+    image: Image.Image,
+    source: str | bytes | bytearray | memoryview,
+    resize: int = 256,
+    crop: int = 224,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model input of an image from :func:`load_rgb`, and its
+    :data:`pipeline.traits.TRAITS` row, content hash included.
+
+    ``source`` is the file's path, or its whole content where it was read
+    already; a file deleted since it was decoded gets content hash 0, which
+    matches nothing.
+    """
+    from pipeline.traits import image_traits, sample_hash, sample_hash_of
+
+    pixels = center_crop(image, resize, crop)
+    row = image_traits(image, image.info.get(ORIGINAL_SIZE), pixels)
+    if isinstance(source, str):
+        try:
+            row["content"] = sample_hash(source)
+        except OSError:
+            pass
+    else:
+        row["content"] = sample_hash_of(source)
+    return pixels, row
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB without clipping or black backgrounds."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):

@@ -15,17 +15,20 @@ from typing import BinaryIO
 import numpy as np
 
 from pipeline import __version__
-from pipeline.decode import ORIGINAL_SIZE, center_crop, decode_image, load_rgb
+from pipeline.decode import decode_image, input_and_traits, load_rgb
 from pipeline.discover import Failure, ImageRecord, image_id, unpack_records
 from pipeline.errors import ConfigError, WorkerEnvironmentError
 from pipeline.feed import Batch, BatchFeed
 from pipeline.models import LoadedModel, get_model
-from pipeline.traits import TRAITS, image_traits, sample_hash
+from pipeline.traits import TRAITS
 
 logger = logging.getLogger(__name__)
 
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+# pillow: an image at a time (pipeline/decode.py); batch: a batch at a time on
+# the model's device (pipeline/batch_decode.py).
+DECODERS = ("auto", "pillow", "batch")
 # Not yet measured on a GPU (none was lent to this project so far):
 # bench/gpu_throughput.py sweeps 64-512 and prints the best for the README.
 GPU_BATCH_SIZE = 128
@@ -49,6 +52,7 @@ class ModelSpec:
     decode_threads: int = 0
     precision: str = "auto"
     runtime: str = "auto"  # pipeline/runtime.py: auto | torch | onnxruntime
+    decoder: str = "auto"  # DECODERS
 
     @classmethod
     def from_config(
@@ -59,6 +63,7 @@ class ModelSpec:
         decode_threads: int | None = None,
         precision: str | None = None,
         runtime: str | None = None,
+        decoder: str | None = None,
     ) -> ModelSpec:
         """The spec from flags, falling back to the ``imgindex`` config.
 
@@ -84,6 +89,11 @@ class ModelSpec:
             raise ConfigError(
                 f"--runtime {chosen_runtime!r} is not one of {', '.join(RUNTIMES)}"
             )
+        chosen_decoder = str(config_value(decoder, "imgindex.decoder")).lower()
+        if chosen_decoder not in DECODERS:
+            raise ConfigError(
+                f"--decoder {chosen_decoder!r} is not one of {', '.join(DECODERS)}"
+            )
         return cls(
             name=config_value(model, "imgindex.model"),
             device=config_value(device, "imgindex.device"),
@@ -92,6 +102,7 @@ class ModelSpec:
             decode_threads=count_or_auto(decode_threads, "imgindex.decode-threads"),
             precision=chosen,
             runtime=chosen_runtime,
+            decoder=chosen_decoder,
         )
 
 
@@ -135,9 +146,9 @@ class Embedder:
     """A loaded model plus its preprocessing: pixels in, unit vectors out.
 
     Settles what the spec left to "auto" for the device the model landed on:
-    on a GPU, batches of :data:`GPU_BATCH_SIZE` decoded by a thread per core
-    and fp16 autocast; on a CPU, batch 1 decoded inline and fp32 (fastest
-    there, bench/throughput.py).
+    on a GPU, batches of :data:`GPU_BATCH_SIZE` decoded on the GPU (files
+    read by a thread per core) and fp16 autocast; on a CPU, batch 1 decoded
+    inline by Pillow and fp32 (fastest there, bench/throughput.py).
     """
 
     def __init__(self, spec: ModelSpec):
@@ -151,6 +162,10 @@ class Embedder:
         gpu = self.model.device == "cuda"
         self.batch_size = spec.batch_size or (GPU_BATCH_SIZE if gpu else 1)
         self.decode_threads = spec.decode_threads or (usable_cores() if gpu else 1)
+        if spec.decoder != "auto":
+            self.decoder = spec.decoder
+        else:
+            self.decoder = "batch" if gpu else "pillow"
         if spec.precision != "auto":
             self.precision = spec.precision
         else:
@@ -177,9 +192,26 @@ class Embedder:
         """Decode only (see :func:`load_rgb`); :meth:`crop` finishes the job."""
         return load_rgb(path, self.model.preprocess.resize, self.spec.max_pixels)
 
-    def crop(self, image) -> np.ndarray:
+    def batch_feed(self, root: str, relpaths: Sequence[str]):
+        """The images ``root``/``relpaths`` as batches decoded on the model's
+        device (:class:`pipeline.batch_decode.BatchDecodeFeed`)."""
+        from pipeline.batch_decode import BatchDecodeFeed, BatchDecoder
+
         pre = self.model.preprocess
-        return center_crop(image, pre.resize, pre.crop)
+        decoder = BatchDecoder(
+            self.model.device,
+            pre.resize,
+            pre.crop,
+            self.spec.max_pixels,
+            threads=self.decode_threads,
+        )
+        return BatchDecodeFeed(decoder, root, relpaths, self.batch_size)
+
+    def input_and_traits(self, image, source) -> tuple[np.ndarray, np.ndarray]:
+        """Finish :meth:`load`'s work: the model input and the traits row
+        (:func:`pipeline.decode.input_and_traits`)."""
+        pre = self.model.preprocess
+        return input_and_traits(image, source, pre.resize, pre.crop)
 
     def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Embed uint8 HxWx3 crops; returns float32 [n, dim] with unit rows."""
@@ -456,12 +488,7 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
                 image = embedder.load(path)
             t1 = time.perf_counter()
             with meter("preprocess"):
-                pixels = embedder.crop(image)
-                row = image_traits(image, image.info.get(ORIGINAL_SIZE), pixels)
-                try:
-                    row["content"] = sample_hash(path)
-                except OSError:
-                    pass  # deleted since it was decoded: 0 never matches
+                pixels, row = embedder.input_and_traits(image, path)
             with timings_lock:
                 traits[rel] = row
         finally:
@@ -472,14 +499,17 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
         return pixels
 
     crop = embedder.model.preprocess.crop
-    feed = BatchFeed(
-        relpaths,
-        decode,
-        (crop, crop, 3),
-        embedder.batch_size,
-        threads=embedder.decode_threads,
-        pin=embedder.on_gpu,
-    )
+    if embedder.decoder == "batch":
+        feed = embedder.batch_feed(root, relpaths)
+    else:
+        feed = BatchFeed(
+            relpaths,
+            decode,
+            (crop, crop, 3),
+            embedder.batch_size,
+            threads=embedder.decode_threads,
+            pin=embedder.on_gpu,
+        )
     paths: list[str] = []
     chunks: list[np.ndarray] = []
     failures: list[Failure] = []
@@ -490,6 +520,10 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
     for batch in _metered(feed, meter):
         waited += batch.wait_seconds
         failures.extend(batch.failures)
+        if batch.traits is not None:
+            traits.update(zip(batch.paths, batch.traits, strict=True))
+        for stage, seconds in (batch.timings or {}).items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
         t = time.perf_counter()
         with meter("model"):
             started = embedder.start(batch.pixels) if batch.paths else None
@@ -503,7 +537,7 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
         with meter("model"):
             chunks.append(embedder.finish(flight))
         timings["model"] += time.perf_counter() - t
-    if embedder.decode_threads > 1:
+    if embedder.decode_threads > 1 or embedder.decoder == "batch":
         # Thread-seconds in the pool; "decode-wait" is what the model lost to them.
         timings["decode-wait"] = waited
     vectors = (

@@ -57,6 +57,11 @@ class Batch:
     # Seconds the consumer waited for this batch: above zero, decoding is
     # what holds the model back.
     wait_seconds: float = 0.0
+    # pipeline.traits.TRAITS rows aligned with paths, where the feed measured
+    # them (pipeline/batch_decode.py); else the decode function kept them.
+    traits: object = None
+    # Thread-seconds the feed spent on this batch, by stage, where it counts them.
+    timings: dict[str, float] | None = None
 
 
 @dataclass

@@ -58,12 +58,14 @@ def spec_key(spec: ModelSpec) -> str:
     """What a shard's vectors depend on: model, preprocessing limits, version."""
     fields = dataclasses.asdict(spec)
     # How a worker runs the model changes neither the vectors (beyond the
-    # rounding of fp16, cosine >= 0.999) nor the index; leaving these out also
+    # rounding of fp16, cosine >= 0.999, or the GPU's decoding, >= 0.995:
+    # tests/test_batch_decode.py) nor the index; leaving these out also
     # keeps the shards of versions before them valid.
     for irrelevant in (
         "batch_size",
         "device",
         "decode_threads",
+        "decoder",
         "precision",
         "runtime",
     ):

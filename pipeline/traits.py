@@ -82,22 +82,59 @@ def image_traits(
     sharpness is measured at one scale whatever the image's size; made here
     if not given.
     """
-    row = np.zeros((), TRAITS)
-    row["width"], row["height"] = size or image.size
     grey = image.convert("L")
     thumb = np.asarray(
         grey.resize((_THUMB, _THUMB), Image.Resampling.BOX), dtype=np.float32
     )
-    row["brightness"] = thumb.mean()
-    row["contrast"] = thumb.std()
-    row["hashes"] = dihedral_hashes(_DCT @ thumb @ _DCT.T)
     if crop is None:
         from pipeline.decode import center_crop
 
         crop = center_crop(image, _SHARPNESS_SIDE, 224)
-    rgb = np.asarray(crop, np.float32)
-    row["sharpness"] = _laplacian_variance(rgb @ _GREY)
-    return row
+    sharpness = laplacian_variance(np.asarray(crop, np.float32) @ _GREY)
+    return traits_rows(thumb[None], np.array([size or image.size]), sharpness[None])[0]
+
+
+def traits_rows(
+    thumbs: np.ndarray, sizes: np.ndarray, sharpness: np.ndarray
+) -> np.ndarray:
+    """:data:`TRAITS` rows (``content`` left 0) of images whose grey 32x32
+    BOX thumbnails are ``thumbs`` (float32 [n, 32, 32], 0-255), upright sizes
+    ``sizes`` ([n, 2]: width, height) and :func:`laplacian_variance` of the
+    grey model input ``sharpness`` ([n])."""
+    rows = np.zeros(len(thumbs), TRAITS)
+    rows["width"], rows["height"] = sizes[:, 0], sizes[:, 1]
+    rows["brightness"] = thumbs.mean(axis=(1, 2))
+    rows["contrast"] = thumbs.std(axis=(1, 2))
+    rows["hashes"] = dihedral_hashes(_DCT @ thumbs @ _DCT.T)
+    rows["sharpness"] = sharpness
+    return rows
+
+
+def grey_input(crops):
+    """Grey levels (float32) of uint8 RGB model inputs [..., h, w, 3], numpy
+    or torch, as :func:`laplacian_variance` takes them."""
+    if isinstance(crops, np.ndarray):
+        return np.asarray(crops, np.float32) @ _GREY
+    import torch
+
+    return crops.float() @ torch.from_numpy(_GREY).to(crops.device)
+
+
+def laplacian_variance(pixels):
+    """Variance of the 4-neighbour Laplacian of grey images [..., h, w]
+    (numpy or torch, so the batch path measures on its device what the CPU
+    path measures here); 0 for images under 3 pixels a side."""
+    if min(pixels.shape[-2:]) < 3:
+        return pixels.sum(axis=(-2, -1)) * 0
+    lap = (
+        pixels[..., :-2, 1:-1]
+        + pixels[..., 2:, 1:-1]
+        + pixels[..., 1:-1, :-2]
+        + pixels[..., 1:-1, 2:]
+        - 4 * pixels[..., 1:-1, 1:-1]
+    )
+    centred = lap - lap.mean(axis=(-2, -1), keepdims=True)
+    return (centred * centred).mean(axis=(-2, -1))
 
 
 def sample_hash(path: str | os.PathLike) -> int:
@@ -110,11 +147,24 @@ def sample_hash(path: str | os.PathLike) -> int:
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=8)
-        digest.update(f.read(_SAMPLE))
+        head = f.read(_SAMPLE)
+        tail = b""
         if size > _SAMPLE:
             f.seek(max(_SAMPLE, size - _SAMPLE))
-            digest.update(f.read(_SAMPLE))
+            tail = f.read(_SAMPLE)
+    return _sample_digest(size, head, tail)
+
+
+def sample_hash_of(data: bytes | memoryview) -> int:
+    """:func:`sample_hash` of a file whose whole content is ``data``."""
+    tail = data[max(_SAMPLE, len(data) - _SAMPLE) :] if len(data) > _SAMPLE else b""
+    return _sample_digest(len(data), data[:_SAMPLE], tail)
+
+
+def _sample_digest(size: int, head, tail) -> int:
+    digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=8)
+    digest.update(head)
+    digest.update(tail)
     return int.from_bytes(digest.digest(), "little")
 
 
@@ -134,28 +184,17 @@ def file_hash(path: str | os.PathLike) -> str:
 
 
 def dihedral_hashes(low: np.ndarray) -> np.ndarray:
-    """uint64 [8]: the hash of each flip/quarter-turn of the image with DCT ``low``.
+    """uint64 [..., 8]: the hash of each flip/quarter-turn of the images whose
+    DCTs are ``low`` ([..., 8, 8]).
 
     The first is the image as it is; transposing the image transposes its
     DCT and mirroring negates odd frequencies, which gives the other seven.
     """
-    variants = np.concatenate([low * _SIGNS, low.T * _SIGNS]).reshape(8, -1)
-    ac = variants[:, 1:]  # the DC term is just the mean brightness
-    bits = ac > np.median(ac, axis=1, keepdims=True)
-    return np.where(bits, _BIT_VALUES, np.uint64(0)).sum(axis=1, dtype=np.uint64)
-
-
-def _laplacian_variance(pixels: np.ndarray) -> float:
-    if min(pixels.shape) < 3:
-        return 0.0
-    lap = (
-        pixels[:-2, 1:-1]
-        + pixels[2:, 1:-1]
-        + pixels[1:-1, :-2]
-        + pixels[1:-1, 2:]
-        - 4 * pixels[1:-1, 1:-1]
-    )
-    return float(lap.var())
+    low = low[..., None, :, :]
+    variants = np.concatenate([low * _SIGNS, np.swapaxes(low, -1, -2) * _SIGNS], -3)
+    ac = variants.reshape(*variants.shape[:-2], -1)[..., 1:]  # DC: just the mean
+    bits = ac > np.median(ac, axis=-1, keepdims=True)
+    return np.where(bits, _BIT_VALUES, np.uint64(0)).sum(axis=-1, dtype=np.uint64)
 
 
 def hash_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
