@@ -28,7 +28,9 @@ a, b = read_index_dir(f"{w}/cuda/photos"), read_index_dir(f"{w}/cpu/photos")
 ids = np.array([r.id for r in a.manifest])
 cos = (a.index.reconstruct_batch(ids) * b.index.reconstruct_batch(ids)).sum(1)
 print("cuda vs cpu embeddings: lowest cosine", float(cos.min()))
-assert a.index.ntotal == b.index.ntotal == 400 and cos.min() > 0.999
+# The GPU decodes with nvJPEG (--decoder batch), the CPU with Pillow: tests/
+# test_batch_decode.py holds the two within cosine 0.995.
+assert a.index.ntotal == b.index.ntotal == 400 and cos.min() > 0.995
 PYEOF
 
 echo "== dask scheduler + GPU worker + CPU-only worker"

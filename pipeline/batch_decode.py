@@ -36,14 +36,7 @@ from pipeline.discover import Failure
 from pipeline.errors import DecodeError
 from pipeline.feed import Batch, decode_pool
 from pipeline.jpeg import JpegHeader, read_header
-from pipeline.resample import (
-    BOX,
-    draft_scale,
-    grey,
-    reduce_blocks,
-    resample,
-    weights,
-)
+from pipeline.resample import BOX, draft_scale, grey, reduce_blocks, resample_spans
 from pipeline.traits import (
     TRAITS,
     grey_input,
@@ -86,6 +79,7 @@ class _Item:
     path: str
     data: bytearray | None = None
     header: JpegHeader | None = None
+    content: int = 0  # pipeline.traits.sample_hash of the bytes read
     read_error: bool = False
 
 
@@ -166,6 +160,7 @@ class BatchDecoder:
                     raise OSError("file changed while read")
             item.data = data
             item.header = read_header(data)
+            item.content = sample_hash_of(data)  # here, off the batch's thread
         except OSError:
             item.read_error = True  # the CPU path opens it again and says why
         return item, time.perf_counter() - started
@@ -325,20 +320,23 @@ class BatchDecoder:
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Model inputs and traits rows of upright images of any sizes."""
         crops, thumbs, sharpness = [], [], []
-        sizes = [tuple(image.shape[:2]) for image in images]
+        # By size, so that each padded canvas holds images of like sizes.
+        order = sorted(range(len(images)), key=lambda i: images[i].shape[:2])
+        sizes = [tuple(images[i].shape[:2]) for i in order]
         for lo, hi in _spans(sizes, CANVAS_PIXELS):
-            c, t, s = self._prepare_canvas(images[lo:hi])
+            c, t, s = self._prepare_canvas([images[i] for i in order[lo:hi]])
             crops.append(c)
             thumbs.append(t)
             sharpness.append(s)
+        back = torch.from_numpy(np.argsort(order))
         originals = np.array([_upright_size(item.header) for item in items])
         rows = traits_rows(
-            torch.cat(thumbs).cpu().numpy(),
+            torch.cat(thumbs).cpu()[back].numpy(),
             originals,
-            torch.cat(sharpness).cpu().numpy(),
+            torch.cat(sharpness).cpu()[back].numpy(),
         )
-        rows["content"] = [sample_hash_of(item.data) for item in items]
-        return torch.cat(crops), rows
+        rows["content"] = [item.content for item in items]
+        return torch.cat(crops)[back.to(self.device)], rows
 
     def _prepare_canvas(self, images: list[torch.Tensor]):
         heights = torch.tensor([i.shape[0] for i in images], dtype=torch.float64)
@@ -354,30 +352,14 @@ class BatchDecoder:
         # `crop` (pipeline.decode.center_crop), in one resampling.
         side = torch.minimum(widths, heights) * self.crop / self.resize
         left, top = (widths - side) / 2, (heights - side) / 2
-        dev = self.device
-        wx = weights(
-            widths.to(dev),
-            left.to(dev),
-            (left + side).to(dev),
-            self.crop,
-            canvas.shape[2],
+        crops = resample_spans(
+            canvas, heights, widths, (top, left, side, side), self.crop
         )
-        wy = weights(
-            heights.to(dev),
-            top.to(dev),
-            (top + side).to(dev),
-            self.crop,
-            canvas.shape[1],
-        )
-        crops = resample(canvas, wy, wx)
         zero = torch.zeros_like(widths)
-        bx = weights(
-            widths.to(dev), zero.to(dev), widths.to(dev), _THUMB, canvas.shape[2], BOX
-        )
-        by = weights(
-            heights.to(dev), zero.to(dev), heights.to(dev), _THUMB, canvas.shape[1], BOX
-        )
-        thumbs = resample(grey(canvas)[..., None], by, bx)[..., 0].float()
+        whole = (zero, zero, heights, widths)
+        grey_canvas = grey(canvas)[..., None]
+        thumbs = resample_spans(grey_canvas, heights, widths, whole, _THUMB, BOX)
+        thumbs = thumbs[..., 0].float()
         sharpness = laplacian_variance(grey_input(crops))
         return crops, thumbs, sharpness
 
@@ -500,24 +482,14 @@ class BatchDecodeFeed:
                     pass
 
     def _produce(self, ready, stop: threading.Event) -> None:
-        import queue
-
         cuda = self.decoder.device.type == "cuda"
         stream = torch.cuda.Stream(self.decoder.device) if cuda else None
         try:
-            reads = (
-                self.decoder.start_reads(self.root, self.chunks[0])
-                if self.chunks
-                else []
-            )
+            reads = self._reads(0)
             for k in range(len(self.chunks)):
                 if stop.is_set():
                     return
-                following = (
-                    self.decoder.start_reads(self.root, self.chunks[k + 1])
-                    if k + 1 < len(self.chunks)
-                    else []
-                )
+                following = self._reads(k + 1)
                 event = None
                 if stream is not None:
                     with torch.cuda.stream(stream):
@@ -527,16 +499,23 @@ class BatchDecodeFeed:
                 else:
                     decoded = self.decoder.decode(reads)
                 reads = following
-                while not stop.is_set():
-                    try:
-                        ready.put((decoded, event), timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
+                _put(ready, stop, (decoded, event))
         except BaseException as e:  # handed to the consumer, raised there
-            while not stop.is_set():
-                try:
-                    ready.put((e, None), timeout=0.1)
-                    return
-                except queue.Full:
-                    pass
+            _put(ready, stop, (e, None))
+
+    def _reads(self, k: int) -> list[Future]:
+        if k >= len(self.chunks):
+            return []
+        return self.decoder.start_reads(self.root, self.chunks[k])
+
+
+def _put(ready, stop: threading.Event, value) -> None:
+    """Put ``value`` in the queue ``ready`` unless the consumer stops first."""
+    import queue
+
+    while not stop.is_set():
+        try:
+            ready.put(value, timeout=0.1)
+            return
+        except queue.Full:
+            pass

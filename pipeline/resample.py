@@ -94,6 +94,26 @@ def resample(canvas: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> torch.
     return x.reshape(n, wy.shape[1], c, -1).permute(0, 1, 3, 2).to(torch.uint8)
 
 
+def resample_spans(
+    canvas: torch.Tensor,
+    heights: torch.Tensor,
+    widths: torch.Tensor,
+    spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    out: int,
+    kind: str = BILINEAR,
+) -> torch.Tensor:
+    """uint8 [n, out, out, c]: the span (top, left, height, width; floats, in
+    pixels) of each image of ``canvas`` resampled as Pillow's ``resize(box=)``
+    does. The images are ``heights`` x ``widths``, padded to the canvas; all
+    of these are [n] tensors, on any device."""
+    device = canvas.device
+    top, left, height, width = (t.to(device) for t in spans)
+    heights, widths = heights.to(device), widths.to(device)
+    wy = weights(heights, top, top + height, out, canvas.shape[1], kind)
+    wx = weights(widths, left, left + width, out, canvas.shape[2], kind)
+    return resample(canvas, wy, wx)
+
+
 def _to_8bit(x: torch.Tensor) -> torch.Tensor:
     # Pillow adds half and truncates its fixed-point sums, then clips.
     return torch.floor_(x.add_(0.5)).clamp_(0, 255)

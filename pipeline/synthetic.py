@@ -77,6 +77,41 @@ def write_photos(
     return paths
 
 
+def write_kinds(folder: str | Path, seed: int = 29) -> dict[str, Path]:
+    """Photos of every form a collection holds, for checking that two ways of
+    decoding agree: plain JPEGs (from 90 to 1,500 px), each EXIF orientation
+    2-8, progressive, CMYK and grey JPEGs, PNG with alpha, 16-bit PNG."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sizes = ((1200, 800), (640, 900), (1500, 1000), (451, 300), (600, 400))
+    photos = [synthetic_photo(rng, w, h) for w, h in sizes]
+    made: dict[str, tuple[Image.Image, dict]] = {}
+    for n, photo in enumerate(photos):
+        made[f"plain{n}.jpg"] = (photo, {"quality": 90})
+    for orientation in range(2, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        made[f"orientation{orientation}.jpg"] = (
+            photos[orientation % len(photos)],
+            {"exif": exif},
+        )
+    made["progressive.jpg"] = (photos[0], {"progressive": True})
+    made["cmyk.jpg"] = (photos[1].convert("CMYK"), {})
+    made["grey.jpg"] = (photos[2].convert("L"), {})
+    made["small.jpg"] = (photos[3].resize((90, 60)), {})
+    rgba = photos[4].convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    made["alpha.png"] = (rgba, {})
+    deep = np.asarray(photos[0].convert("L"), np.uint16) * 257
+    made["deep16.png"] = (Image.fromarray(deep), {})
+    paths = {}
+    for name, (image, options) in made.items():
+        image.save(folder / name, **options)
+        paths[name] = folder / name
+    return paths
+
+
 def _reencoded(image: Image.Image, quality: int) -> Image.Image:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)

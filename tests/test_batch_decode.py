@@ -22,7 +22,7 @@ from pipeline.batch_decode import BatchDecodeFeed, BatchDecoder, upright
 from pipeline.decode import center_crop, input_and_traits, load_rgb
 from pipeline.errors import DecodeError
 from pipeline.jpeg import read_header
-from pipeline.synthetic import synthetic_photo
+from pipeline.synthetic import write_kinds
 from pipeline.traits import hash_distance
 from tests.conftest import write_bad_files
 from tests.helpers import invoke, read_index
@@ -30,49 +30,10 @@ from tests.helpers import invoke, read_index
 _ORIENTATION = 0x0112
 
 
-def _save(im: Image.Image, path: Path, **options) -> Path:
-    im.save(path, **options)
-    return path
-
-
-def _with_orientation(im: Image.Image, orientation: int) -> dict:
-    exif = Image.Exif()
-    exif[_ORIENTATION] = orientation
-    return {"exif": exif}
-
-
 @pytest.fixture(scope="module")
 def kinds(tmp_path_factory) -> dict[str, Path]:
-    """Photos of every kind the two paths must agree on, 300-1,500 px."""
-    folder = tmp_path_factory.mktemp("kinds")
-    rng = np.random.default_rng(29)
-    photos = [
-        synthetic_photo(rng, w, h) for w, h in ((1200, 800), (640, 900), (1500, 1000))
-    ]
-    from skimage import data
-
-    photos += [Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())]
-    files = {}
-    for n, photo in enumerate(photos):
-        files[f"plain{n}.jpg"] = _save(photo, folder / f"plain{n}.jpg", quality=90)
-    for orientation in range(2, 9):
-        photo = photos[orientation % len(photos)]
-        name = f"orientation{orientation}.jpg"
-        files[name] = _save(
-            photo, folder / name, **_with_orientation(photo, orientation)
-        )
-    files["progressive.jpg"] = _save(
-        photos[0], folder / "progressive.jpg", progressive=True
-    )
-    files["cmyk.jpg"] = _save(photos[1].convert("CMYK"), folder / "cmyk.jpg")
-    files["grey.jpg"] = _save(photos[2].convert("L"), folder / "grey.jpg")
-    files["small.jpg"] = _save(photos[3].resize((90, 60)), folder / "small.jpg")
-    rgba = photos[4].convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
-    files["alpha.png"] = _save(rgba, folder / "alpha.png")
-    deep = (np.asarray(photos[0].convert("L"), np.uint16) * 257).astype(np.uint16)
-    files["deep16.png"] = _save(Image.fromarray(deep), folder / "deep16.png")
-    return files
+    """Photos of every kind the two paths must agree on, 90-1,500 px."""
+    return write_kinds(tmp_path_factory.mktemp("kinds"))
 
 
 def _cpu_path(path: Path):
@@ -100,7 +61,7 @@ def test_headers_say_what_each_file_is(kinds):
 
 
 def test_resampling_gives_pillows_pixels(kinds):
-    from pipeline.resample import grey, resample, weights
+    from pipeline.resample import BOX, grey, resample_spans
 
     rng = np.random.default_rng(3)
     images = [np.asarray(Image.open(kinds["plain0.jpg"]))]
@@ -108,19 +69,25 @@ def test_resampling_gives_pillows_pixels(kinds):
     for array in images:
         h, w = array.shape[:2]
         side = min(w, h) * 224 / 256
-        left, top = (w - side) / 2, (h - side) / 2
-
-        def t(v):
-            return torch.tensor([float(v)], dtype=torch.float64)
-
-        wx = weights(t(w), t(left), t(left + side), 224, w)
-        wy = weights(t(h), t(top), t(top + side), 224, h)
-        ours = resample(torch.from_numpy(array.copy())[None], wy, wx)[0].numpy()
+        spans = [
+            torch.tensor([v], dtype=torch.float64)
+            for v in ((h - side) / 2, (w - side) / 2, side, side)
+        ]
+        sizes = torch.tensor([float(h)]), torch.tensor([float(w)])
+        canvas = torch.from_numpy(array.copy())[None]
+        ours = resample_spans(canvas, *sizes, spans, 224)[0].numpy()
         pillows = center_crop(Image.fromarray(array), 256, 224)
         assert np.abs(ours.astype(int) - pillows).max() <= 1
         assert np.mean(ours != pillows) < 0.01
-        level = grey(torch.from_numpy(array.copy())).numpy()
-        assert np.array_equal(level, np.asarray(Image.fromarray(array).convert("L")))
+        level = grey(canvas)[0].numpy()
+        pillow_grey = Image.fromarray(array).convert("L")
+        assert np.array_equal(level, np.asarray(pillow_grey))
+        whole = [torch.tensor([v], dtype=torch.float64) for v in (0, 0, h, w)]
+        thumb = resample_spans(
+            torch.from_numpy(level)[None, ..., None], *sizes, whole, 32, BOX
+        )
+        pillow_thumb = np.asarray(pillow_grey.resize((32, 32), Image.Resampling.BOX))
+        assert np.abs(thumb[0, ..., 0].numpy().astype(int) - pillow_thumb).max() <= 1
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
