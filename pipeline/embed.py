@@ -189,7 +189,8 @@ class Embedder:
         return decode_image(path, pre.resize, pre.crop, self.spec.max_pixels)
 
     def load(self, path: str):
-        """Decode only (see :func:`load_rgb`); :meth:`crop` finishes the job."""
+        """Decode only (see :func:`load_rgb`); :meth:`input_and_traits` finishes
+        the job."""
         return load_rgb(path, self.model.preprocess.resize, self.spec.max_pixels)
 
     def batch_feed(self, root: str, relpaths: Sequence[str]):

@@ -90,7 +90,7 @@ def image_traits(
         from pipeline.decode import center_crop
 
         crop = center_crop(image, _SHARPNESS_SIDE, 224)
-    sharpness = laplacian_variance(np.asarray(crop, np.float32) @ _GREY)
+    sharpness = laplacian_variance(grey_input(np.asarray(crop)))
     return traits_rows(thumb[None], np.array([size or image.size]), sharpness[None])[0]
 
 
