@@ -197,18 +197,18 @@ class BatchDecoder:
             (len(items), self.crop, self.crop, 3), dtype=torch.uint8, device=self.device
         )
         rows = np.zeros(len(items), TRAITS)
+        on_device = [i for i, _ in good]
         if good:
             crops, gpu_rows = self._prepare(
-                [image for _, image in good], [items[i] for i, _ in good]
+                [image for _, image in good], [items[i] for i in on_device]
             )
-            index = torch.tensor([i for i, _ in good], device=self.device)
-            pixels.index_copy_(0, index, crops)
-            rows[[i for i, _ in good]] = gpu_rows
+            pixels.index_copy_(0, torch.tensor(on_device, device=self.device), crops)
+            rows[on_device] = gpu_rows
         self._add(timings, "preprocess", time.perf_counter() - started)
 
         failures: list[Failure] = []
         ok = np.zeros(len(items), bool)
-        ok[[i for i, _ in good]] = True
+        ok[on_device] = True
         from_cpu, crops = [], []
         for i, job in sorted(cpu_jobs.items()):
             result = job.result()
@@ -254,12 +254,8 @@ class BatchDecoder:
                 source.name = item.path
             image = load_rgb(source, self.resize, self.max_pixels)
             decoded = time.perf_counter()
-            return input_and_traits(
-                image,
-                item.data if item.data is not None else item.path,
-                self.resize,
-                self.crop,
-            )
+            content = item.path if item.data is None else item.content
+            return input_and_traits(image, content, self.resize, self.crop)
         except DecodeError as e:
             return Failure(item.rel, e.reason)
         finally:

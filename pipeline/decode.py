@@ -105,28 +105,28 @@ def load_rgb(
 
 def input_and_traits(
     image: Image.Image,
-    source: str | bytes | bytearray | memoryview,
+    content: str | int,
     resize: int = 256,
     crop: int = 224,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model input of an image from :func:`load_rgb`, and its
     :data:`pipeline.traits.TRAITS` row, content hash included.
 
-    ``source`` is the file's path, or its whole content where it was read
-    already; a file deleted since it was decoded gets content hash 0, which
-    matches nothing.
+    ``content`` is the content hash where the file's bytes were hashed
+    already, else the file's path to take it from; a file deleted since it
+    was decoded gets content hash 0, which matches nothing.
     """
-    from pipeline.traits import image_traits, sample_hash, sample_hash_of
+    from pipeline.traits import image_traits, sample_hash
 
     pixels = center_crop(image, resize, crop)
     row = image_traits(image, image.info.get(ORIGINAL_SIZE), pixels)
-    if isinstance(source, str):
+    if isinstance(content, str):
         try:
-            row["content"] = sample_hash(source)
+            row["content"] = sample_hash(content)
         except OSError:
             pass
     else:
-        row["content"] = sample_hash_of(source)
+        row["content"] = content
     return pixels, row
 
 
