@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -34,9 +33,10 @@ import torch
 from pipeline.decode import input_and_traits, load_rgb
 from pipeline.discover import Failure
 from pipeline.errors import DecodeError
-from pipeline.feed import Batch, decode_pool
+from pipeline.feed import Batch, chunked, decode_pool
 from pipeline.jpeg import JpegHeader, read_header
 from pipeline.resample import BOX, draft_scale, grey, reduce_blocks, resample_spans
+from pipeline.sources import Reader, Source, as_source, read_file
 from pipeline.traits import (
     TRAITS,
     grey_input,
@@ -81,6 +81,7 @@ class _Item:
     header: JpegHeader | None = None
     content: int = 0  # pipeline.traits.sample_hash of the bytes read
     read_error: bool = False
+    failure: str | None = None  # why it could not be read, where that is final
 
 
 @dataclass
@@ -144,25 +145,36 @@ class BatchDecoder:
 
     # Reading: threads, ahead of decoding.
 
-    def start_reads(self, root: str, rels: Sequence[str]) -> list[Future]:
-        """Read ``rels`` in the thread pool; :meth:`decode` takes the futures."""
+    def start_reads(
+        self, source: Source | str, rels: Sequence[str], reader: Reader | None = None
+    ) -> list[Future]:
+        """Read ``rels`` of ``source`` (a Source, or a folder) in the thread
+        pool, through ``reader`` where they are not files of their own;
+        :meth:`decode` takes the futures."""
+        source = as_source(source)
         pool = decode_pool(self.threads)
-        return [pool.submit(self._read, rel, os.path.join(root, rel)) for rel in rels]
+        return [pool.submit(self._read, rel, source, reader) for rel in rels]
 
-    def _read(self, rel: str, path: str) -> tuple[_Item, float]:
+    def _read(
+        self, rel: str, source: Source, reader: Reader | None
+    ) -> tuple[_Item, float]:
         started = time.perf_counter()
-        item = _Item(rel, path)
+        local = source.local_file(rel)
+        item = _Item(rel, local or source.location(rel))
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                data = bytearray(size)
-                if f.readinto(data) != size:
-                    raise OSError("file changed while read")
-            item.data = data
-            item.header = read_header(data)
-            item.content = sample_hash_of(data)  # here, off the batch's thread
+            if local is not None:
+                item.data = read_file(local)
+            else:
+                item.data = (reader or source.reader([rel])).read(rel)
+            item.header = read_header(item.data)
+            item.content = sample_hash_of(item.data)  # here, off the batch's thread
         except OSError:
+            item.data = None
             item.read_error = True  # the CPU path opens it again and says why
+        except DecodeError as e:
+            item.data = None
+            item.read_error = True
+            item.failure = e.reason  # nothing to open again: the reason stands
         return item, time.perf_counter() - started
 
     # Decoding.
@@ -246,6 +258,8 @@ class BatchDecoder:
         """:func:`pipeline.decode.load_rgb` and the rest, as a CPU worker does."""
         started = time.perf_counter()
         decoded = None
+        if item.failure is not None:
+            return Failure(item.rel, item.failure)
         try:
             if item.data is None:
                 source = item.path
@@ -416,7 +430,7 @@ def _spans(sizes: list[tuple[int, int]], budget: int) -> Iterator[tuple[int, int
 
 class BatchDecodeFeed:
     """Yield :class:`pipeline.feed.Batch` es of ``batch_size`` images of
-    ``root``/``rels``, in order, decoded by ``decoder`` in a thread of their
+    ``source``'s ``rels``, in order, decoded by ``decoder`` in a thread of their
     own ``ahead`` batches ahead of the consumer: while the model runs on one
     batch the next is read, decoded and prepared (on a GPU, in a CUDA stream
     of its own)."""
@@ -424,18 +438,18 @@ class BatchDecodeFeed:
     def __init__(
         self,
         decoder: BatchDecoder,
-        root: str,
-        rels: Sequence[str],
+        source: Source | str,
+        rels: Iterable[str],
         batch_size: int,
         ahead: int = 2,
+        reader: Reader | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.decoder = decoder
-        self.root = root
-        self.chunks = [
-            rels[i : i + batch_size] for i in range(0, len(rels), batch_size)
-        ]
+        self.source, self.reader = source, reader
+        # Taken a batch at a time, by the producer: ``rels`` may be a stream.
+        self.chunks = chunked(rels, batch_size)
         self.ahead = max(1, ahead)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -451,9 +465,11 @@ class BatchDecodeFeed:
         )
         producer.start()
         try:
-            for _ in self.chunks:
+            while True:
                 started = time.perf_counter()
                 decoded, event = ready.get()
+                if decoded is _END:
+                    return
                 if isinstance(decoded, BaseException):
                     raise decoded
                 if event is not None:  # made in the producer's stream
@@ -481,11 +497,11 @@ class BatchDecodeFeed:
         cuda = self.decoder.device.type == "cuda"
         stream = torch.cuda.Stream(self.decoder.device) if cuda else None
         try:
-            reads = self._reads(0)
-            for k in range(len(self.chunks)):
+            reads = self._next_reads()
+            while reads is not None:
                 if stop.is_set():
                     return
-                following = self._reads(k + 1)
+                following = self._next_reads()
                 event = None
                 if stream is not None:
                     with torch.cuda.stream(stream):
@@ -496,13 +512,19 @@ class BatchDecodeFeed:
                     decoded = self.decoder.decode(reads)
                 reads = following
                 _put(ready, stop, (decoded, event))
+            _put(ready, stop, (_END, None))
         except BaseException as e:  # handed to the consumer, raised there
             _put(ready, stop, (e, None))
 
-    def _reads(self, k: int) -> list[Future]:
-        if k >= len(self.chunks):
-            return []
-        return self.decoder.start_reads(self.root, self.chunks[k])
+    def _next_reads(self) -> list[Future] | None:
+        """The next batch's reads, started; None after the last."""
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            return None
+        return self.decoder.start_reads(self.source, chunk, self.reader)
+
+
+_END = object()  # after the last batch
 
 
 def _put(ready, stop: threading.Event, value) -> None:

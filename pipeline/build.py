@@ -30,12 +30,7 @@ from pipeline.assemble import (
 )
 from pipeline.cancel import Cancel
 from pipeline.config import config_value, count_or_auto, seconds_value
-from pipeline.discover import (
-    Failure,
-    ImageRecord,
-    check_dataset,
-    partition_records,
-)
+from pipeline.discover import Failure, ImageRecord
 from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec, PartitionResult
 from pipeline.errors import (
@@ -63,6 +58,7 @@ from pipeline.shards import (
     write_shard,
     write_vectors,
 )
+from pipeline.sources import Source, parse_source
 from pipeline.spans import BuildSpan
 from pipeline.store import (
     INDEX_FILE,
@@ -122,7 +118,7 @@ class BuildSummary:
 
 
 def run_build(
-    client: Client, dataset: str | Path, out: str | Path, **options: Any
+    client: Client, dataset: str | Path | Source, out: str | Path, **options: Any
 ) -> BuildSummary:
     """Build one dataset: both steps of :func:`build_steps`, one after the other."""
     steps = build_steps(client, dataset, out, **options)
@@ -139,7 +135,7 @@ class PlannedBuild:
     every index is current.
     """
 
-    root: Path
+    source: Source
     name: str
     dest: Path
     plan: Plan
@@ -164,7 +160,7 @@ class PlannedBuild:
 
 
 def plan_dataset(
-    dataset: str | Path,
+    dataset: str | Path | Source,
     out: str | Path,
     *,
     name: str | None = None,
@@ -182,8 +178,8 @@ def plan_dataset(
     started = time.perf_counter()
     spec = spec or ModelSpec.from_config()
     index = index or IndexRequest.from_config()
-    root = check_dataset(dataset).resolve()
-    name = name or root.name
+    source = dataset if isinstance(dataset, Source) else parse_source(dataset)
+    name = name or source.name
     dest = Path(out).resolve() / name
     if dest.exists() and not dest.is_dir():
         raise IndexDirError(
@@ -198,7 +194,7 @@ def plan_dataset(
             logger.warning("%s: %s", dest, recovered)
         stages = StageTimer()
         with stages("discover"):
-            plan = plan_build(root, dest, spec, rebuild)
+            plan = plan_build(source, dest, spec, rebuild)
         held.callback(lambda: plan.previous and plan.previous.close())
         reusable = intact(plan.previous)
         kept = index_in_place(plan, reusable, index)
@@ -206,7 +202,7 @@ def plan_dataset(
         held.close()
         raise
     return PlannedBuild(
-        root, name, dest, plan, reusable, kept, rebuild, started, stages, held
+        source, name, dest, plan, reusable, kept, rebuild, started, stages, held
     )
 
 
@@ -238,7 +234,7 @@ def _last_step(steps: Generator[None, None, BuildSummary]) -> BuildSummary:
 
 def build_steps(
     client: Client | None,
-    dataset: str | Path,
+    dataset: str | Path | Source,
     out: str | Path,
     *,
     spec: ModelSpec | None = None,
@@ -274,8 +270,11 @@ def build_steps(
     client
         A connected ``distributed.Client``; how it was obtained is not our concern.
     dataset
-        Folder of images, walked recursively. Workers open files by absolute
-        path, so remote workers must see it at the same path (a shared FS).
+        A folder of images (walked recursively), a file list, tar shards or
+        an fsspec URL of one (:func:`pipeline.sources.parse_source`), or the
+        :class:`pipeline.sources.Source` parsed already. Workers open local
+        files by absolute path, so remote workers must see them at the same
+        path (a shared FS); URLs they open themselves.
     out
         Root folder; the index goes to ``out/<dataset folder name>``.
     spec
@@ -344,13 +343,13 @@ def build_steps(
     )
     with planned:
         started, stages, plan = planned.started, planned.stages, planned.plan
-        root, name, dest, reusable = (
-            planned.root,
+        source, name, dest, reusable = (
+            planned.source,
             planned.name,
             planned.dest,
             planned.reusable,
         )
-        summary = BuildSummary(name=name, source=str(root), index=str(dest))
+        summary = BuildSummary(name=name, source=source.spec, index=str(dest))
         summary.added, summary.updated = plan.added, plan.updated
         summary.removed, summary.unchanged = plan.removed, plan.unchanged
         if planned.kept:
@@ -381,18 +380,31 @@ def build_steps(
                     logger.warning("ignoring damaged shard %s (%s)", shard.path, e)
                     resumed.remove(shard)
                     damaged.append(shard.path)
-            done_paths = {r.path for shard in resumed for r in shard.records}
-            remaining = [r for r in plan.to_embed if r.path not in done_paths]
+            done_units = {r.path for shard in resumed for r in shard.units}
+            remaining = [r for r in plan.to_embed if r.path not in done_units]
+            done_images = sum(len(shard.records) for shard in resumed)
             summary.resumed_partitions = len(resumed)
-            summary.resumed_images = len(done_paths)
+            summary.resumed_images = done_images
             summary.damaged_shards = [p.name for p in damaged]
             if resumed:
                 logger.info(
-                    "%s: resuming; %d images embedded before", name, len(done_paths)
+                    "%s: resuming; %d images embedded before", name, done_images
                 )
 
         with stages("embed"), embed_span.entered():
-            tracker = _Progress(progress, len(plan.to_embed), len(done_paths))
+            if source.by_shard:
+                # How many images the shards hold is known as they are read:
+                # the total is estimated from the bytes read so far.
+                tracker = _Progress(
+                    progress,
+                    0,
+                    done_images,
+                    total_bytes=sum(r.size for r in plan.to_embed),
+                    done_bytes=sum(r.size for r in plan.to_embed)
+                    - sum(r.size for r in remaining),
+                )
+            else:
+                tracker = _Progress(progress, len(plan.to_embed), done_images)
             tracker.failed = len(sink.failures) - len(plan.known_failures)
 
             def on_result(part, result) -> None:
@@ -419,13 +431,20 @@ def build_steps(
                         f"the shard {result.shard} from worker {result.worker} is "
                         f"unreadable here ({e}); run the same command again"
                     ) from None
-                tracker.advance(len(part), len(result.failures))
+                if source.by_shard:
+                    tracker.advance(
+                        result.n_embedded + len(result.failures),
+                        len(result.failures),
+                        sum(r.size for r in part),
+                    )
+                else:
+                    tracker.advance(len(part), len(result.failures))
                 sink.add(result, shard)
 
             dispatcher = PartitionDispatcher(
                 client,
                 name,
-                str(root),
+                source,
                 spec,
                 settings,
                 on_result,
@@ -434,7 +453,7 @@ def build_steps(
                 ranks=ranks,
             )
             size = dispatcher.partition_size(len(remaining), partition_size)
-            partitions = partition_records(remaining, size, dispatcher.threads())
+            partitions = source.partitions(remaining, size, dispatcher.threads())
             summary.partitions = len(partitions) + len(resumed)
             if partitions:
                 staging.mkdir(parents=True, exist_ok=True)
@@ -451,6 +470,10 @@ def build_steps(
         cancel.check()
         with stages("index"), index_span.entered():
             manifest, failures, failed_records = sink.finish(plan)
+            if plan.by_shard:  # the shards' images are known now
+                summary.added, summary.updated, summary.removed = _image_changes(
+                    plan, sink.found, manifest, failures
+                )
             # This run's shards first: a re-embedded image's new row wins.
             candidates = sink.shards + _live_shards(dest, plan)
             selection, shards, missing = select_rows(candidates, manifest)
@@ -513,7 +536,9 @@ def build_steps(
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             meta = IndexMeta(
                 name=name,
-                source=str(root),
+                source=source.spec,
+                source_kind=source.kind,
+                source_base=source.base if source.base != source.spec else "",
                 model=spec.name,
                 preprocess=asdict(model.preprocess),
                 dim=int(model.dim),
@@ -550,7 +575,7 @@ def build_steps(
     }
     summary.shards = len(shards)
     summary.seconds = round(time.perf_counter() - started, 3)
-    attempted = len(plan.to_embed)
+    attempted = tracker.total if source.by_shard else len(plan.to_embed)
     if attempted:
         summary.images_per_second = round(attempted / summary.seconds, 2)
     logger.info(
@@ -563,6 +588,23 @@ def build_steps(
         ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()),
     )
     return summary
+
+
+def _image_changes(
+    plan: Plan,
+    found: Iterable[str],
+    manifest: Sequence[ImageRecord],
+    failures: Sequence[Failure],
+) -> tuple[int, int, int]:
+    """(added, updated, removed) images, where tar shards were read again."""
+    old: set[str] = set()
+    if plan.previous is not None:
+        old = {r.path for r in plan.previous.manifest}
+        old |= {f.path for f in plan.previous.failures}
+    found = set(found)
+    now = {r.path for r in manifest} | {f.path for f in failures}
+    removed = sum(1 for p in old if p not in now)
+    return len(found - old), len(found & old), removed
 
 
 def _failure_rows(failures: Iterable[Failure]) -> list[dict[str, str]]:
@@ -599,7 +641,7 @@ class DatasetObserver(Protocol):
 
 def run_builds(
     client: Client | None,
-    jobs: Sequence[tuple[Path, str]],
+    jobs: Sequence[tuple[Path | Source, str]],
     out: str | Path,
     observe: Callable[[str], DatasetObserver],
     build_id: str | None = None,
@@ -644,15 +686,16 @@ def run_builds(
     started: list[tuple[int, DatasetObserver, Generator]] = []
 
     def failed(i: int, watch: DatasetObserver, e: Exception) -> None:
-        root, name = jobs[i]
+        dataset, name = jobs[i]
         text = error_text(e)
         errors.append(text)
-        results[i] = {"name": name, "source": str(root), "error": text}
+        source = dataset.spec if isinstance(dataset, Source) else str(dataset)
+        results[i] = {"name": name, "source": source, "error": text}
         watch.close(error=text)
 
     try:
         # Every dataset's partitions are submitted before any is collected.
-        for i, (root, name) in enumerate(jobs):
+        for i, (dataset, name) in enumerate(jobs):
             results.append({})
             watch = observe(name)
             this = ahead[i]
@@ -666,7 +709,7 @@ def run_builds(
                 continue
             steps = build_steps(
                 client,
-                root,
+                dataset,
                 out,
                 progress=watch.update,
                 on_index_step=watch.index_step,
@@ -702,7 +745,7 @@ def run_builds(
 
 
 def plan_datasets(
-    jobs: Sequence[tuple[Path, str]], out: str | Path, **options: Any
+    jobs: Sequence[tuple[Path | Source, str]], out: str | Path, **options: Any
 ) -> list[PlannedBuild | ImgindexError]:
     """:func:`plan_dataset` for each ``(dataset, name)``, in order: a dataset
     that cannot be built gets its one-line error in its place, for
@@ -716,9 +759,9 @@ def plan_datasets(
     """
     planned: list[PlannedBuild | ImgindexError] = []
     try:
-        for root, name in jobs:
+        for dataset, name in jobs:
             try:
-                planned.append(plan_dataset(root, out, name=name, **options))
+                planned.append(plan_dataset(dataset, out, name=name, **options))
             except IndexLocked:
                 raise
             except ImgindexError as e:
@@ -837,6 +880,9 @@ class _ShardSink:
         self.runtime_reasons: dict[str, str] = {}
         self.task_seconds: Counter = Counter()
         self.shards: list[Shard] = []  # this run's, and the resumed ones
+        # The images that partitions of tar shards found (plan.records holds
+        # the shards themselves).
+        self.found: dict[str, ImageRecord] = {}
 
     def add(self, result: PartitionResult, shard: Shard | None) -> None:
         """A finished partition; ``shard`` holds its vectors."""
@@ -882,10 +928,16 @@ class _ShardSink:
             )
         self.paths.extend(shard.info["paths"])
         self.shards.append(shard)
+        if "units" in shard.info:
+            self.found.update((r.path, r) for r in shard.records)
 
     def finish(self, plan: Plan):
         """(manifest in path order, failures in path order, their file records)."""
         by_path = {r.path: r for r in plan.records}
+        if plan.by_shard:
+            by_path.update((r.path, r) for r in plan.kept)
+            by_path.update((r.path, r) for r in plan.known_records)
+            by_path.update(self.found)
         manifest = [by_path[p] for p in sorted(self.paths)]
         failures = sorted(self.failures, key=lambda f: f.path)
         failed_records = {
@@ -895,14 +947,38 @@ class _ShardSink:
 
 
 class _Progress:
-    def __init__(self, callback: ProgressCallback | None, total: int, done: int):
+    """Images done of the total, for the ``progress`` callback.
+
+    With ``total_bytes`` (tar shards, whose images are counted as they are
+    read) the total is estimated from the bytes read so far, and is exact
+    once every byte is.
+    """
+
+    def __init__(
+        self,
+        callback: ProgressCallback | None,
+        total: int,
+        done: int,
+        total_bytes: int = 0,
+        done_bytes: int = 0,
+    ):
         self.callback = callback
         self.total = total
         self.done = done
         self.failed = 0
+        self.total_bytes = total_bytes
+        self.done_bytes = done_bytes
+        self._estimate()
 
-    def advance(self, n: int, failed: int) -> None:
+    def advance(self, n: int, failed: int, nbytes: int = 0) -> None:
         self.done += n
         self.failed += failed
+        self.done_bytes += nbytes
+        self._estimate()
         if self.callback is not None:
             self.callback(self.done, self.total, self.failed)
+
+    def _estimate(self) -> None:
+        if self.total_bytes and self.done_bytes:
+            share = min(1.0, self.done_bytes / self.total_bytes)
+            self.total = max(self.done, round(self.done / share))

@@ -15,8 +15,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from pipeline.sources import Source
 
 
 class _ImgindexGroup(click.Group):
@@ -329,13 +333,29 @@ def _connect(
 
 
 @cli.command()
-@click.argument("datasets", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("datasets", nargs=-1, required=True)
 @click.option(
     "--out",
     "-o",
     required=True,
     type=click.Path(path_type=Path),
     help="Root folder; each dataset's index goes to OUT/<dataset name>/.",
+)
+@click.option(
+    "--input-format",
+    type=click.Choice(["auto", "folder", "list", "tar"]),
+    default="auto",
+    show_default=True,
+    help="What each DATASET is: a folder of images, a file list (.txt, .csv, "
+    ".parquet) or tar shards (a {00000..00099} pattern, a .tar, a folder or "
+    ".txt list of them); auto tells by its form.",
+)
+@click.option(
+    "--path-column",
+    default=None,
+    metavar="NAME",
+    help="The column of a .csv or .parquet file list that holds the paths "
+    "[default: path].",
 )
 @_scheduler_options
 @_model_options
@@ -408,6 +428,8 @@ def _connect(
 def build(
     datasets,
     out,
+    input_format,
+    path_column,
     scheduler,
     scheduler_file,
     no_fallback,
@@ -433,7 +455,11 @@ def build(
     progress_file,
     as_json,
 ):
-    """Embed the images under each DATASET folder and write OUT/<name>/."""
+    """Embed the images of each DATASET and write OUT/<name>/.
+
+    A DATASET is a folder of images, a file list, tar shards, or an fsspec
+    URL of one (s3://bucket/photos/, https://host/list.txt).
+    """
     from cluster.connect import start_local_early
 
     started = time.perf_counter()
@@ -457,7 +483,7 @@ def build(
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     request = _index_request(index_type, max_index_memory, recall_target)
-    roots = _check_datasets(datasets, name)
+    roots = _check_datasets(datasets, name, input_format, path_column)
     names = [name] if name else [r.name for r in roots]
     _check_writable(out)
     check_model_name(spec.name)  # an unknown model: one line, before any cluster
@@ -572,9 +598,15 @@ def _check_duration(value, option: str, key: str) -> None:
         ) from None
 
 
-def _check_datasets(datasets, name: str | None = None) -> list[Path]:
-    from pipeline.discover import check_dataset, has_images
+def _check_datasets(
+    datasets,
+    name: str | None = None,
+    input_format: str = "auto",
+    path_column: str | None = None,
+) -> list[Source]:
+    from pipeline.discover import has_images
     from pipeline.errors import ImgindexError
+    from pipeline.sources import parse_source
 
     if name is not None:
         if len(datasets) > 1:
@@ -587,19 +619,22 @@ def _check_datasets(datasets, name: str | None = None) -> list[Path]:
                 f"{name!r} cannot be a folder name under --out", param_hint="--name"
             )
 
-    roots = [check_dataset(d).resolve() for d in datasets]
-    for root in roots:
-        if not has_images(root):
-            raise ImgindexError(f"dataset folder {str(root)!r} contains no image files")
-    names = [r.name for r in roots]
+    sources = [parse_source(d, input_format, path_column) for d in datasets]
+    for source in sources:
+        if source.kind == "folder" and not source.remote:
+            if not has_images(source.base):
+                raise ImgindexError(
+                    f"dataset folder {source.spec!r} contains no image files"
+                )
+    names = [s.name for s in sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise click.BadParameter(
-            f"two datasets share the folder name {dupes[0]!r}, so their indexes "
+            f"two datasets share the name {dupes[0]!r}, so their indexes "
             "would collide under --out; build them one at a time with --name",
             param_hint="DATASETS",
         )
-    return roots
+    return sources
 
 
 # A small collection is planned in less: a re-run that finds every index

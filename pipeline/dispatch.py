@@ -58,6 +58,7 @@ from pipeline.cancel import Cancel, cancel_futures
 from pipeline.discover import Failure, ImageRecord, pack_records
 from pipeline.embed import GPU_BATCH_SIZE, ModelSpec, PartitionResult, embed_partition
 from pipeline.errors import BuildFailed
+from pipeline.sources import Source
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -101,8 +102,9 @@ class PartitionDispatcher:
     label
         Dataset name, used in task keys so the dashboard shows one progress
         bar per dataset (``embed[<label>]-<n>-<run id>``).
-    root
-        Absolute dataset folder, as workers will see it.
+    source
+        The dataset (:class:`pipeline.sources.Source`, or an absolute
+        folder), as workers will read it.
     spec
         Model settings sent with every task.
     settings
@@ -123,7 +125,7 @@ class PartitionDispatcher:
         self,
         client: Client,
         label: str,
-        root: str,
+        source: Source | str,
         spec: ModelSpec,
         settings: DispatchSettings,
         on_result: ResultCallback,
@@ -135,7 +137,8 @@ class PartitionDispatcher:
         self.cancel = cancel or Cancel()
         self.shard_dir = shard_dir
         self.label = task_label(label)
-        self.root = root
+        # Sent with every task: without a tar source's list of shards.
+        self.source = source.for_tasks() if isinstance(source, Source) else source
         self.spec = spec
         self.settings = settings
         self.on_result = on_result
@@ -430,7 +433,7 @@ class PartitionDispatcher:
         ]
         return self.client.map(
             embed_partition,
-            [self.root] * len(parts),
+            [self.source] * len(parts),
             [pack_records(part) for part in parts],
             [self.spec] * len(parts),
             [self.shard_dir] * len(parts),

@@ -43,9 +43,16 @@ from pipeline.errors import ConfigError, DecodeError, IndexDirError
 from pipeline.index_build import Runner, ShardRows, StepCallback, group_shards
 from pipeline.lookup import rows_in_sorted
 from pipeline.reindex import stored_selection
+from pipeline.sources import (
+    Source,
+    as_source,
+    content_digest,
+    image_file,
+    source_of,
+)
 from pipeline.statistics import StatisticsSettings, flag_rows, outlier_rows
 from pipeline.store import INDEX_FILE, iter_manifest, read_index_dir
-from pipeline.traits import TRAITS, canonical_hash, file_hash, hash_distance
+from pipeline.traits import TRAITS, canonical_hash, hash_distance
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -207,6 +214,9 @@ class DuplicateReport:
     flagged: dict[str, list[str]] = field(default_factory=dict)  # flag -> paths
     outliers: list[Outlier] = field(default_factory=list)  # the loneliest first
     broken: list[Failure] = field(default_factory=list)  # not indexed, and why
+    # What ``source`` is and what paths are relative to (pipeline/sources.py).
+    source_kind: str = "folder"
+    source_base: str = ""
 
     @property
     def images_in_groups(self) -> int:
@@ -339,7 +349,8 @@ def find_duplicates(
     wanted |= {int(x) for x in ids[lonely]}
     records = _listed_records(dest, ids, wanted)
     t_hash = time.perf_counter()
-    identical = _identical_edges(runner, meta.source, runs, records)
+    source = source_of(meta)
+    identical = _identical_edges(runner, source, runs, records)
     stage_seconds = {
         "neighbours": round(t_neighbours, 3),
         "hash": round(time.perf_counter() - t_hash, 3),
@@ -348,7 +359,7 @@ def find_duplicates(
     if settings.criterion == "copy":
         t_verify = time.perf_counter()
         checked = [e for e in edges if (e.a, e.b) not in identical]
-        edges, undecided = _verified(runner, meta.source, checked, records, settings)
+        edges, undecided = _verified(runner, source, checked, records, settings)
         stage_seconds["verify"] = round(time.perf_counter() - t_verify, 3)
     else:
         checked = []
@@ -356,6 +367,8 @@ def find_duplicates(
     return DuplicateReport(
         index=str(dest),
         source=meta.source,
+        source_kind=source.kind,
+        source_base=source.base,
         count=meta.count,
         settings=settings,
         groups=groups,
@@ -462,21 +475,25 @@ def _worker_index(
     return held
 
 
-def file_digests(root: str, paths: Sequence[str]) -> list[str | None]:
-    """Whole-file hashes of ``root/<path>`` (None: unreadable now): the Dask task."""
+def file_digests(source: Source | str, paths: Sequence[str]) -> list[str | None]:
+    """Whole-file hashes of ``source``'s ``paths`` (None: unreadable now): the
+    Dask task. ``source`` may be a folder's absolute path."""
+    source = as_source(source)
     out: list[str | None] = []
-    for path in paths:
-        try:
-            out.append(file_hash(os.path.join(root, path)))
-        except OSError:
-            out.append(None)
+    with source.reader(paths) as reader:
+        for path in paths:
+            try:
+                out.append(content_digest(source, path, reader))
+            except (OSError, DecodeError):
+                out.append(None)
     return out
 
 
 def verify_pairs(
-    root: str, pairs: Sequence[tuple[str, str]]
+    source: Source | str, pairs: Sequence[tuple[str, str]]
 ) -> list[geometry.Alignment | None]:
-    """The geometric check of each pair of ``root/<path>`` (None: undecidable).
+    """The geometric check of each pair of ``source``'s paths (None:
+    undecidable). ``source`` may be a folder's absolute path.
 
     ``pairs`` sorted by their first image load it once; features are kept
     for the task's last images (the same image recurs across its pairs).
@@ -488,7 +505,7 @@ def verify_pairs(
             cache.move_to_end(path)
             return cache[path]
         try:
-            found = geometry.image_features(os.path.join(root, path))
+            found = geometry.image_features(image_file(source, path, reader))
         except DecodeError:
             found = None  # deleted or changed since the build: nothing to compare
         cache[path] = found
@@ -496,13 +513,15 @@ def verify_pairs(
             cache.popitem(last=False)
         return found
 
+    source = as_source(source)
     out: list[geometry.Alignment | None] = []
-    for a, b in pairs:
-        fa, fb = features(a), features(b)
-        if fa is None or fb is None or not (fa.decidable and fb.decidable):
-            out.append(None)
-        else:
-            out.append(geometry.align(fa, fb))
+    with source.reader([p for pair in pairs for p in pair]) as reader:
+        for a, b in pairs:
+            fa, fb = features(a), features(b)
+            if fa is None or fb is None or not (fa.decidable and fb.decidable):
+                out.append(None)
+            else:
+                out.append(geometry.align(fa, fb))
     return out
 
 
@@ -511,7 +530,7 @@ def verify_pairs(
 
 def _verified(
     runner: Runner,
-    source: str,
+    source: Source,
     edges: list[Edge],
     records: dict[int, ImageRecord],
     settings: DuplicateSettings,
@@ -609,7 +628,7 @@ def _content_runs(
 
 def _identical_edges(
     runner: Runner,
-    source: str,
+    source: Source,
     runs: list[list[int]],
     records: dict[int, ImageRecord],
 ) -> set[tuple[int, int]]:

@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
@@ -20,7 +20,15 @@ from pipeline.discover import Failure, ImageRecord, image_id, unpack_records
 from pipeline.errors import ConfigError, WorkerEnvironmentError
 from pipeline.feed import Batch, BatchFeed
 from pipeline.models import LoadedModel, get_model
-from pipeline.traits import TRAITS
+from pipeline.sources import (
+    HandOver,
+    Reader,
+    ShardStream,
+    Source,
+    as_source,
+    image_file,
+)
+from pipeline.traits import TRAITS, sample_hash_of
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +145,9 @@ class PartitionResult:
     # The model's preprocessing on this worker (asdict of a Preprocess): the
     # client refuses vectors of another copy of the model.
     preprocess: dict | None = None
+    # The images the task found, where it was given tar shards rather than
+    # images (pipeline/sources.py): each member's record.
+    records: list[ImageRecord] | None = None
 
     def __post_init__(self) -> None:
         self.n_embedded = self.n_embedded or len(self.ids)
@@ -188,14 +199,19 @@ class Embedder:
         pre = self.model.preprocess
         return decode_image(path, pre.resize, pre.crop, self.spec.max_pixels)
 
-    def load(self, path: str):
+    def load(self, path: str | BinaryIO):
         """Decode only (see :func:`load_rgb`); :meth:`input_and_traits` finishes
         the job."""
         return load_rgb(path, self.model.preprocess.resize, self.spec.max_pixels)
 
-    def batch_feed(self, root: str, relpaths: Sequence[str]):
-        """The images ``root``/``relpaths`` as batches decoded on the model's
-        device (:class:`pipeline.batch_decode.BatchDecodeFeed`)."""
+    def batch_feed(
+        self,
+        source: Source | str,
+        relpaths: Iterable[str],
+        reader: Reader | None = None,
+    ):
+        """The images ``relpaths`` of ``source`` as batches decoded on the
+        model's device (:class:`pipeline.batch_decode.BatchDecodeFeed`)."""
         from pipeline.batch_decode import BatchDecodeFeed, BatchDecoder
 
         pre = self.model.preprocess
@@ -206,7 +222,9 @@ class Embedder:
             self.spec.max_pixels,
             threads=self.decode_threads,
         )
-        return BatchDecodeFeed(decoder, root, relpaths, self.batch_size)
+        return BatchDecodeFeed(
+            decoder, source, relpaths, self.batch_size, reader=reader
+        )
 
     def input_and_traits(self, image, source) -> tuple[np.ndarray, np.ndarray]:
         """Finish :meth:`load`'s work: the model input and the traits row
@@ -437,12 +455,14 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def embed_partition(
-    root: str,
+    source: Source | str,
     records: Sequence[ImageRecord] | bytes,
     spec: ModelSpec,
     shard_dir: str | None = None,
 ) -> PartitionResult:
-    """Embed the images ``root/<record.path>``: the Dask task, one per partition.
+    """Embed the images ``records`` of ``source`` (a
+    :class:`pipeline.sources.Source`, or a folder's absolute path): the Dask
+    task, one per partition.
 
     ``records`` may come packed (:func:`pipeline.discover.pack_records`).
     With ``shard_dir``, the vectors are written there as a shard by this
@@ -453,11 +473,12 @@ def embed_partition(
     """
     if isinstance(records, bytes):
         records = unpack_records(records)
-    result = _embed(root, [r.path for r in records], spec)
+    result = _embed(source, records, spec)
     if shard_dir is not None:
         from pipeline.shards import write_shard
 
         result.shard = write_shard(shard_dir, spec, records, result)
+        result.records = None
         result.vectors = np.zeros((0, result.vectors.shape[1]), np.float32)
         result.ids = np.zeros(0, np.int64)
         result.paths = []
@@ -465,7 +486,10 @@ def embed_partition(
     return result
 
 
-def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResult:
+def _embed(
+    source: Source | str, records: Sequence[ImageRecord], spec: ModelSpec
+) -> PartitionResult:
+    source = as_source(source)
     if spec.imgindex_version != __version__:
         # A worker that joined after the client checked the cluster.
         raise WorkerEnvironmentError(
@@ -477,6 +501,15 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
     timings = {"decode": 0.0, "preprocess": 0.0, "model": 0.0}
     timings_lock = threading.Lock()
     traits: dict[str, np.ndarray] = {}
+    stream = None
+    if source.by_shard:
+        # Tar shards: their members are found as each is read, in one pass.
+        stream = ShardStream(source, records)
+        reader: Reader = HandOver()
+        relpaths: Iterable[str] = reader.paths(stream)
+    else:
+        relpaths = [r.path for r in records]
+        reader = source.reader(relpaths)
 
     def decode(rel: str) -> np.ndarray:
         # Dask's meters see only the task's own thread (one decode thread);
@@ -485,11 +518,17 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
         t1 = None
         try:
             with meter("decode"):
-                path = os.path.join(root, rel)
-                image = embedder.load(path)
+                opened = image_file(source, rel, reader)
+                image = embedder.load(opened)
+                # A file's hash is taken from it; read bytes' from them.
+                content = (
+                    opened
+                    if isinstance(opened, str)
+                    else sample_hash_of(opened.getbuffer())
+                )
             t1 = time.perf_counter()
             with meter("preprocess"):
-                pixels, row = embedder.input_and_traits(image, path)
+                pixels, row = embedder.input_and_traits(image, content)
             with timings_lock:
                 traits[rel] = row
         finally:
@@ -501,7 +540,7 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
 
     crop = embedder.model.preprocess.crop
     if embedder.decoder == "batch":
-        feed = embedder.batch_feed(root, relpaths)
+        feed = embedder.batch_feed(source, relpaths, reader)
     else:
         feed = BatchFeed(
             relpaths,
@@ -518,21 +557,22 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
     # One batch stays in flight while the next is handed to the model, so a
     # GPU always has queued work (the feed keeps two batches' buffers for it).
     flight = None
-    for batch in _metered(feed, meter):
-        waited += batch.wait_seconds
-        failures.extend(batch.failures)
-        if batch.traits is not None:
-            traits.update(zip(batch.paths, batch.traits, strict=True))
-        for stage, seconds in (batch.timings or {}).items():
-            timings[stage] = timings.get(stage, 0.0) + seconds
-        t = time.perf_counter()
-        with meter("model"):
-            started = embedder.start(batch.pixels) if batch.paths else None
-            if flight is not None:
-                chunks.append(embedder.finish(flight))
-        timings["model"] += time.perf_counter() - t
-        flight = started
-        paths.extend(batch.paths)
+    with reader:
+        for batch in _metered(feed, meter):
+            waited += batch.wait_seconds
+            failures.extend(batch.failures)
+            if batch.traits is not None:
+                traits.update(zip(batch.paths, batch.traits, strict=True))
+            for stage, seconds in (batch.timings or {}).items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+            t = time.perf_counter()
+            with meter("model"):
+                started = embedder.start(batch.pixels) if batch.paths else None
+                if flight is not None:
+                    chunks.append(embedder.finish(flight))
+            timings["model"] += time.perf_counter() - t
+            flight = started
+            paths.extend(batch.paths)
     if flight is not None:
         t = time.perf_counter()
         with meter("model"):
@@ -544,6 +584,8 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
     vectors = (
         np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float32)
     )
+    if stream is not None:
+        failures.extend(stream.failures)
     return PartitionResult(
         ids=np.asarray([image_id(rel) for rel in paths], dtype=np.int64),
         paths=paths,
@@ -555,6 +597,7 @@ def _embed(root: str, relpaths: Sequence[str], spec: ModelSpec) -> PartitionResu
         runtime=embedder.runtime.name,
         runtime_reason=embedder.runtime.reason,
         preprocess=asdict(embedder.model.preprocess),
+        records=stream.records if stream is not None else None,
     )
 
 

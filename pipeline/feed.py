@@ -15,9 +15,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
@@ -43,6 +44,13 @@ def decode_pool(n_threads: int) -> ThreadPoolExecutor:
             pool = ThreadPoolExecutor(n_threads, thread_name_prefix="imgindex-decode")
             _POOLS[n_threads] = pool
         return pool
+
+
+def chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """``items`` in lists of ``size`` (the last may be shorter), taken as needed."""
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
 @dataclass
@@ -77,7 +85,8 @@ class BatchFeed:
     Parameters
     ----------
     paths
-        Images to decode, as given to ``decode``.
+        Images to decode, as given to ``decode``: a sequence, or an iterable
+        read a batch at a time (a tar shard's members, as its stream goes).
     decode
         Turns one path into a uint8 crop, or raises DecodeError.
     shape
@@ -99,7 +108,7 @@ class BatchFeed:
 
     def __init__(
         self,
-        paths: Sequence[str],
+        paths: Iterable[str],
         decode: DecodeFn,
         shape: tuple[int, int, int],
         batch_size: int,
@@ -110,13 +119,15 @@ class BatchFeed:
     ):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.paths = list(paths)
+        self.paths = list(paths) if isinstance(paths, Sequence) else paths
         self.decode = decode
         self.batch_size = batch_size
         self.threads = max(1, int(threads))
         self.ahead = max(1, ahead) if self.threads > 1 else 0
         n_buffers = self.ahead + max(1, hold)
-        rows = min(batch_size, max(1, len(self.paths)))
+        rows = batch_size
+        if isinstance(self.paths, list):
+            rows = min(batch_size, max(1, len(self.paths)))
         if pin:
             import torch
 
@@ -132,17 +143,19 @@ class BatchFeed:
             self._buffers = self._arrays
 
     def __iter__(self) -> Iterator[Batch]:
-        chunks = deque(
-            self.paths[i : i + self.batch_size]
-            for i in range(0, len(self.paths), self.batch_size)
-        )
+        chunks = chunked(self.paths, self.batch_size)
         pending: deque[_Pending] = deque()
         n_taken = 0
         try:
-            while chunks or pending:
-                while chunks and len(pending) <= self.ahead:
+            while True:
+                while len(pending) <= self.ahead:
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        break
                     buffer = (n_taken + len(pending)) % len(self._buffers)
-                    pending.append(self._start(chunks.popleft(), buffer))
+                    pending.append(self._start(chunk, buffer))
+                if not pending:
+                    return
                 yield self._take(pending.popleft())
                 n_taken += 1
         finally:

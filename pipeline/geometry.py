@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -80,8 +81,9 @@ class Alignment:
 NO_ALIGNMENT = Alignment(0.0, 0.0, 0, False)
 
 
-def image_features(path: str | os.PathLike) -> Features:
-    """Load ``path`` upright at SIDE pixels and find its features.
+def image_features(path: str | os.PathLike | BinaryIO) -> Features:
+    """Load ``path`` (or an open image file) upright at SIDE pixels and find
+    its features.
 
     Raises DecodeError (pipeline.errors) for what is not a usable image.
     """

@@ -17,7 +17,10 @@ from pipeline.errors import IndexDirError
 # that releases before 0.3, which would count its vectors short, refuse it.
 FORMAT_VERSION = 2
 WITH_COPIES_FORMAT = 3
-READABLE_FORMATS = (1, 2, 3)
+# 4: its images come from a file list or tar shards (source_kind), whose
+# paths a release before 0.4 would take for a folder's.
+OTHER_SOURCE_FORMAT = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class IndexMeta:
     """What an index is: which images, which model, how many vectors, since when."""
 
     name: str
-    source: str  # the dataset folder, absolute
+    source: str  # the dataset: absolute folder, list file, shard pattern or URL
     model: str
     dim: int
     count: int  # images in the index (its vectors, plus the copies)
@@ -49,6 +52,10 @@ class IndexMeta:
     runtimes: dict[str, Any] = field(default_factory=dict)
     # Images whose vector is another's, stored once (copies.npy)
     copies: int = 0
+    # What ``source`` is (pipeline/sources.py) and what the manifest's paths
+    # are relative to ("": ``source`` itself, as before sources had kinds).
+    source_kind: str = "folder"
+    source_base: str = ""
     format: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -56,6 +63,8 @@ class IndexMeta:
 
     def dumps(self) -> str:
         written = WITH_COPIES_FORMAT if self.copies else FORMAT_VERSION
+        if self.source_kind != "folder":
+            written = OTHER_SOURCE_FORMAT
         return json.dumps({**self.to_json(), "format": written}, indent=2)
 
     @classmethod

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.discover import Failure, ImageRecord, discover_images
+from pipeline.discover import Failure, ImageRecord
 from pipeline.embed import ModelSpec
 from pipeline.errors import DatasetError, IndexDirError
+from pipeline.sources import Source, split_member
 from pipeline.store import (
     StoredIndex,
     foreign_entries,
@@ -30,10 +31,15 @@ class Plan:
     known_failures: list[Failure]  # found while planning: no task needed
     unchanged: int
     previous: StoredIndex | None
+    # Tar shards: ``records`` and ``to_embed`` are shards, ``kept`` their
+    # images; ``known_records`` are the files behind the known failures of
+    # the shards kept (pipeline/sources.py).
+    by_shard: bool = False
+    known_records: list[ImageRecord] = field(default_factory=list)
 
 
-def plan_build(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> Plan:
-    """Discover ``root`` and diff it against the index at ``dest``.
+def plan_build(source: Source, dest: Path, spec: ModelSpec, rebuild: bool) -> Plan:
+    """List ``source`` and diff it against the index at ``dest``.
 
     Raises
     ------
@@ -42,12 +48,13 @@ def plan_build(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> Plan:
         replace (another dataset's, another model's, not imgindex's at all).
     """
     discovery_failures: list[Failure] = []
-    records = list(discover_images(root, discovery_failures))
+    records = list(source.records(discovery_failures))
     if not records and not discovery_failures:
-        raise DatasetError(f"dataset folder {str(root)!r} contains no image files")
+        raise DatasetError(f"dataset {source.spec!r} contains no image files")
     records = _drop_id_collisions(records, discovery_failures)
 
-    if dest == root or root.is_relative_to(dest):
+    root = Path(source.base)
+    if not source.remote and (dest == root or root.is_relative_to(dest)):
         raise IndexDirError(
             f"the index would be written to {str(dest)!r}, which holds the dataset "
             "itself; choose an --out outside the dataset's parent folder"
@@ -66,10 +73,12 @@ def plan_build(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> Plan:
         if not rebuild:
             previous = read_index_dir(dest)
             try:
-                _check_compatible(previous, dest, root, spec)
+                _check_compatible(previous, dest, source, spec)
             except IndexDirError:
                 previous.close()  # its index file stays open until read or closed
                 raise
+    if source.by_shard:
+        return _plan_shards(records, discovery_failures, previous)
     old = {r.path: r for r in previous.manifest} if previous else {}
     old_bad = previous.failed_records if previous else {}
     old_reasons = {f.path: f for f in previous.failures} if previous else {}
@@ -100,13 +109,13 @@ def plan_build(root: Path, dest: Path, spec: ModelSpec, rebuild: bool) -> Plan:
 
 
 def _check_compatible(
-    previous: StoredIndex, dest: Path, root: Path, spec: ModelSpec
+    previous: StoredIndex, dest: Path, source: Source, spec: ModelSpec
 ) -> None:
-    source = previous.meta.source
-    if Path(source) != root:
+    held = previous.meta.source
+    if held != source.spec and Path(held) != Path(source.spec):
         raise IndexDirError(
-            f"index {str(dest)!r} holds another dataset ({source!r}), not "
-            f"{str(root)!r}; give this one another name with --name, or pass "
+            f"index {str(dest)!r} holds another dataset ({held!r}), not "
+            f"{source.spec!r}; give this one another name with --name, or pass "
             "--rebuild to replace that index"
         )
     model = previous.meta.model
@@ -115,6 +124,69 @@ def _check_compatible(
             f"index {str(dest)!r} was built with model {model!r}, not {spec.name!r}; "
             "pass --rebuild to replace it, or choose another --out"
         )
+
+
+def _plan_shards(
+    shards: list[ImageRecord],
+    discovery_failures: list[Failure],
+    previous: StoredIndex | None,
+) -> Plan:
+    """The diff of tar shards against the index in place: a shard whose
+    images (and failed images) were all indexed from it as it is now is kept
+    whole; any other is embedded whole. Image counts of a shard embedded
+    again are known only once it is read: ``added`` stays 0 here, and
+    ``updated`` counts the images it held before."""
+    members: dict[str, list[ImageRecord]] = {}
+    stamps: dict[str, set[int]] = {}
+    bad: dict[str, list[Failure]] = {}
+    if previous is not None:
+        for r in previous.manifest:
+            shard = _shard_path(r.path)
+            members.setdefault(shard, []).append(r)
+            stamps.setdefault(shard, set()).add(r.mtime_ns)
+        for f in previous.failures:
+            held = previous.failed_records.get(f.path)
+            if held is not None:  # transient ones are tried again
+                shard = _shard_path(f.path)
+                bad.setdefault(shard, []).append(f)
+                stamps.setdefault(shard, set()).add(held.mtime_ns)
+    kept: list[ImageRecord] = []
+    known_bad: list[Failure] = []
+    known_records: list[ImageRecord] = []
+    to_embed: list[ImageRecord] = []
+    updated = 0
+    for shard in shards:
+        if stamps.get(shard.path) == {shard.mtime_ns}:
+            kept.extend(members.get(shard.path, ()))
+            for f in bad.get(shard.path, ()):
+                known_bad.append(f)
+                known_records.append(previous.failed_records[f.path])
+        else:
+            to_embed.append(shard)
+            updated += len(members.get(shard.path, ()))
+    current = {s.path for s in shards}
+    removed = sum(len(m) for s, m in members.items() if s not in current)
+    return Plan(
+        records=shards,
+        kept=kept,
+        to_embed=to_embed,
+        added=0,
+        updated=updated,
+        removed=removed,
+        known_failures=discovery_failures + known_bad,
+        unchanged=len(kept) + len(known_bad),
+        previous=previous,
+        by_shard=True,
+        known_records=known_records,
+    )
+
+
+def _shard_path(path: str) -> str:
+    """The tar shard of a member's path (a shard's own path: itself)."""
+    try:
+        return split_member(path)[0]
+    except ValueError:
+        return path
 
 
 def _drop_id_collisions(

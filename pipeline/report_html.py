@@ -32,6 +32,7 @@ from pipeline.decode import load_rgb
 from pipeline.duplicates import DuplicateReport
 from pipeline.errors import DecodeError, IndexDirError
 from pipeline.index_build import Runner, StepCallback
+from pipeline.sources import Source, as_source, image_file, source_of
 
 GENERATOR = '<meta name="generator" content="imgindex duplicates">'
 MARKER = ".imgindex-thumbnails"
@@ -77,7 +78,7 @@ def write_html_report(
         runner.submit(
             "thumbnails",
             make_thumbnails,
-            report.source,
+            source_of(report),
             paths[i : i + THUMBS_PER_TASK],
             THUMB_SIDE,
         )
@@ -112,19 +113,24 @@ def write_html_report(
     return HtmlReport(page, folder, len(groups), len(made))
 
 
-def make_thumbnails(root: str, paths: Sequence[str], side: int) -> list[bytes | None]:
-    """JPEG thumbnails of ``root/<path>`` (None: unreadable now): the Dask task."""
+def make_thumbnails(
+    source: Source | str, paths: Sequence[str], side: int
+) -> list[bytes | None]:
+    """JPEG thumbnails of ``source``'s ``paths`` (None: unreadable now): the
+    Dask task. ``source`` may be a folder's absolute path."""
+    source = as_source(source)
     out: list[bytes | None] = []
-    for path in paths:
-        try:
-            image = load_rgb(os.path.join(root, path), side)
-        except DecodeError:
-            out.append(None)
-            continue
-        image.thumbnail((side, side))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=80)
-        out.append(buffer.getvalue())
+    with source.reader(paths) as reader:
+        for path in paths:
+            try:
+                image = load_rgb(image_file(source, path, reader), side)
+            except DecodeError:
+                out.append(None)
+                continue
+            image.thumbnail((side, side))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=80)
+            out.append(buffer.getvalue())
     return out
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from pipeline import index as faiss_index
 from pipeline.embed import Embedder, ModelSpec, runs_from_cache
 from pipeline.errors import DecodeError, ImgindexError
+from pipeline.sources import source_of
 from pipeline.store import StoredIndex, read_index_dir
 
 
@@ -75,7 +76,8 @@ class Searcher:
                 f"index holds {meta.dim}-d ones; rebuild it with "
                 "`imgindex build --rebuild`"
             )
-        self.root = Path(meta.source)
+        self.source = source_of(meta)
+        self.root = Path(self.source.base)
         self.paths = self.stored.paths_by_id()
 
     def search_images(
@@ -143,7 +145,12 @@ class Searcher:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         return [
             [
-                Hit(rank, str(self.root / self.paths[int(i)]), float(s), int(i))
+                Hit(
+                    rank,
+                    self.source.location(self.paths[int(i)]),
+                    float(s),
+                    int(i),
+                )
                 for rank, (s, i) in enumerate(zip(row_s, row_i, strict=True), start=1)
                 if i >= 0
             ]

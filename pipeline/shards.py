@@ -10,7 +10,9 @@ A shard is a NumPy ``.npz`` archive, readable with ``numpy.load`` alone:
 - ``info``     uint8 [k]: UTF-8 JSON ``{"format", "spec", "records", "paths",
   "dim", "failures", "worker", "timings"}``; ``records`` are the ``[path, size,
   mtime_ns]`` of every image the partition covered (failed ones too), so a
-  shard is reused only while none of its files has changed.
+  shard is reused only while none of its files has changed. A partition of
+  tar shards also has ``units``: the ``[path, size, mtime_ns]`` of the tar
+  shards it read (their members are its ``records``).
 
 Why ``.npz`` and not Parquet: the vectors are fixed-width float32 rows, which
 is what an ndarray is; numpy is already a dependency (pyarrow would add ~100 MB
@@ -83,7 +85,16 @@ class Shard:
 
     @property
     def records(self) -> list[ImageRecord]:
+        """Every image the partition covered (embedded or failed)."""
         return [ImageRecord(p, s, m) for p, s, m in self.info["records"]]
+
+    @property
+    def units(self) -> list[ImageRecord]:
+        """What the partition's task was given: its images, or its tar shards."""
+        units = self.info.get("units")
+        if units is None:
+            return self.records
+        return [ImageRecord(p, s, m) for p, s, m in units]
 
     @property
     def failures(self) -> list[Failure]:
@@ -148,10 +159,12 @@ def write_shard(
     """Write one partition's shard atomically into ``folder``; return its file name."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # Given tar shards, the task found their members: those are the records.
+    covered = records if result.records is None else result.records
     info = {
         "format": SHARD_FORMAT,
         "spec": spec_key(spec),
-        "records": [[r.path, r.size, r.mtime_ns] for r in records],
+        "records": [[r.path, r.size, r.mtime_ns] for r in covered],
         "paths": list(result.paths),
         "dim": int(np.shape(result.vectors)[1]) if len(result.paths) else 0,
         "failures": [[f.path, f.reason, f.transient] for f in result.failures],
@@ -160,6 +173,8 @@ def write_shard(
     }
     if result.preprocess is not None:
         info["preprocess"] = result.preprocess
+    if result.records is not None:
+        info["units"] = [[r.path, r.size, r.mtime_ns] for r in records]
     text = json.dumps(info, ensure_ascii=True).encode()
     digest = hashlib.blake2b(text, digest_size=12)
     digest.update(np.ascontiguousarray(result.vectors).tobytes())
@@ -238,8 +253,9 @@ def usable_shards(
 ) -> tuple[list[Shard], list[Path]]:
     """Shards still valid for ``wanted`` (path -> current record), and damaged ones.
 
-    A shard is valid if it was made with ``spec`` and every image it covered
-    is in ``wanted`` unchanged, and not claimed by an earlier shard. Damaged
+    A shard is valid if it was made with ``spec`` and every image (or tar
+    shard) its task was given is in ``wanted`` unchanged, and not claimed by
+    an earlier shard. Damaged
     shards are reported here (and their images embedded again), never indexed.
     """
     key = spec_key(spec)
@@ -254,9 +270,9 @@ def usable_shards(
                 continue
             if shard.info["spec"] != key:
                 continue
-            records = shard.records
-            if all(wanted.get(r.path) == r and r.path not in claimed for r in records):
-                claimed.update(r.path for r in records)
+            units = shard.units
+            if all(wanted.get(r.path) == r and r.path not in claimed for r in units):
+                claimed.update(r.path for r in units)
                 found.append(shard)
     return found, damaged
 

@@ -33,6 +33,7 @@ from service.auth import Access
 from service.build_handlers import BuildList, BuildOne, Datasets, LegacyBuild
 from service.builds import Build, Builds, public_cluster
 from service.catalog import Catalog, OpenIndex
+from service.errors import ApiError
 from service.handlers import (
     Duplicates,
     Health,
@@ -46,6 +47,7 @@ from service.handlers import (
     Status,
     Thumbnail,
 )
+from service.images import IndexedImage
 from service.metrics import Metrics as MetricsRegistry
 from service.pages import STATIC_DIR, Page, Static
 from service.search_handlers import Query, Search
@@ -164,9 +166,9 @@ class Service:
                         self.model_pool, searcher.search_vectors, vector, query.k
                     )
                 )[0]
-            path = opened.file(query.image_id)
-            query.upload = await loop.run_in_executor(self.io_pool, path.read_bytes)
-            query.filename = str(path)
+            image = opened.file(query.image_id)
+            query.upload = await loop.run_in_executor(self.io_pool, image.read)
+            query.filename = image.location
         pixels = await loop.run_in_executor(
             self.io_pool, query.decode, searcher.embedder
         )
@@ -176,20 +178,20 @@ class Service:
         )
         return hits[0]
 
-    def thumbnail(self, path: Path, side: int) -> bytes | None:
-        """A JPEG of ``path`` fitting ``side`` pixels (None: unreadable now)."""
+    def thumbnail(self, image: IndexedImage, side: int) -> bytes | None:
+        """A JPEG of ``image`` fitting ``side`` pixels (None: unreadable now)."""
         from pipeline.report_html import make_thumbnails
 
         try:
-            mtime = path.stat().st_mtime_ns
-        except OSError:
+            mtime = image.stamp()[1]
+        except ApiError:
             return None
-        key = (str(path), side, mtime)
+        key = (image.location, side, mtime)
         with self._thumbnails_lock:
             if key in self._thumbnails:
                 self._thumbnails.move_to_end(key)
                 return self._thumbnails[key]
-        data = make_thumbnails(str(path.parent), [path.name], side)[0]
+        data = make_thumbnails(image.source, [image.relpath], side)[0]
         if data is not None:
             with self._thumbnails_lock:
                 self._thumbnails[key] = data

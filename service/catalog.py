@@ -19,8 +19,10 @@ import numpy as np
 
 from pipeline.errors import IndexDirError
 from pipeline.search import Searcher
+from pipeline.sources import Source
 from pipeline.store import DUPLICATES_FILE, META_FILE, is_index_dir, read_meta
 from service.errors import ApiError
+from service.images import IndexedImage
 
 logger = logging.getLogger(__name__)
 
@@ -55,23 +57,32 @@ class OpenIndex:
             self._ids_by_path = {p: i for i, p in self.searcher.paths.items()}
         image_id = self._ids_by_path.get(relpath)
         if image_id is None:
+            if relpath.startswith("/") or ".." in relpath.split("/"):
+                # Only a file list's manifest may name such paths.
+                raise ApiError(400, f"path {relpath!r} lies outside the dataset root")
             raise ApiError(404, f"index {self.name!r} holds no image {relpath!r}")
         return image_id
 
-    def file(self, image_id: int) -> Path:
-        """The image file of ``image_id``, which must lie inside the dataset.
+    def file(self, image_id: int) -> IndexedImage:
+        """The image of ``image_id``, which must lie inside the dataset.
 
-        A symbolic link in the dataset that leads out of it is refused: the
-        service serves files of its indexes' datasets and nothing else.
+        A symbolic link in a dataset folder that leads out of it is refused:
+        the service serves its indexes' datasets and nothing else. A file
+        list's dataset is the files it lists, wherever they are; a tar
+        shard's member, or an object behind a URL, is read where it is.
         """
         relpath = self.relpath(image_id)
+        source = self.searcher.source
+        if source.kind != "folder" or source.remote:
+            return IndexedImage(source, relpath)
         root = self.root.resolve()
-        path = (root / relpath).resolve()
+        path = Path(source.location(relpath)).resolve()
         if not path.is_relative_to(root):
             raise ApiError(
                 403, f"image {relpath!r} lies outside the dataset {str(root)!r}"
             )
-        return path
+        folder = str(path.parent)
+        return IndexedImage(Source("folder", folder, folder), path.name)
 
     def vector(self, image_id: int) -> np.ndarray | None:
         """The stored vector of ``image_id``, or None where the index cannot

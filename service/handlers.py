@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -15,7 +14,7 @@ from pipeline.discover import image_id
 from pipeline.errors import ImgindexError
 from service.auth import SECURITY_HEADERS, cross_origin
 from service.errors import ApiError
-from service.images import describe_image_file, read_image_file
+from service.images import IndexedImage, describe_image_file, read_image_file
 
 if TYPE_CHECKING:
     from service.app import Service
@@ -239,7 +238,9 @@ def image_id_argument(value: Any) -> int:
 class ImageRoute(ApiHandler):
     """A route of one indexed image: ``/api/indexes/<name>/images/<id>...``."""
 
-    async def indexed_file(self, name: str, image_id: str) -> tuple[int, str, Path]:
+    async def indexed_file(
+        self, name: str, image_id: str
+    ) -> tuple[int, str, IndexedImage]:
         """The image's id, its path in the dataset, and its file (4xx if none)."""
         opened = await self.in_thread(self.service.catalog.open, name)
         number = image_id_argument(image_id)
@@ -275,7 +276,7 @@ class ImageInfo(ImageRoute):
         number, relpath, path = await self.indexed_file(name, image_id)
         info = await self.in_thread(describe_image_file, path)
         self.send_json(
-            {"id": str(number), "relpath": relpath, "path": str(path)} | info
+            {"id": str(number), "relpath": relpath, "path": path.location} | info
         )
 
 
@@ -289,7 +290,7 @@ class Thumbnail(ImageRoute):
         _, _, path = await self.indexed_file(name, image_id)
         data = await self.in_thread(self.service.thumbnail, path, side)
         if data is None:
-            raise ApiError(404, f"image file {str(path)!r} is unreadable now")
+            raise ApiError(404, f"image file {path.location!r} is unreadable now")
         self.set_header("Content-Type", "image/jpeg")
         self.set_header("Cache-Control", "private, max-age=60")
         self.finish(data)

@@ -11,7 +11,6 @@ re-encoded as PNG; anything else is refused.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 
 from pipeline.decode import load_rgb
 from pipeline.errors import DecodeError
+from pipeline.sources import Source, holder_stat, read_image
 from service.errors import ApiError
 
 # Formats as Pillow names them -> the type browsers render as an image.
@@ -43,55 +43,100 @@ class ImageFile:
     filename: str
 
 
-def read_image_file(path: Path, max_pixels: int) -> ImageFile:
-    """``path``'s bytes if they are an image a browser shows, else a PNG of it.
+@dataclass(frozen=True)
+class IndexedImage:
+    """An indexed image where its dataset keeps it: a file (its real path,
+    checked to lie inside the dataset), a tar shard's member or a URL."""
+
+    source: Source
+    relpath: str  # within ``source``
+
+    @property
+    def location(self) -> str:
+        return self.source.location(self.relpath)
+
+    @property
+    def name(self) -> str:
+        return self.location.rstrip("/").rsplit("/", 1)[-1]
+
+    def read(self) -> bytes:
+        """Its bytes now.
+
+        Raises
+        ------
+        ApiError
+            404 if it cannot be read now.
+        """
+        try:
+            return bytes(read_image(self.source, self.relpath))
+        except DecodeError as e:
+            raise ApiError(
+                404, f"image {self.location!r} is unreadable now: {e.reason}"
+            ) from None
+
+    def stamp(self) -> tuple[int, int]:
+        """(bytes, mtime in ns) of the file that holds it: the file itself,
+        or its tar shard.
+
+        Raises
+        ------
+        ApiError
+            404 if that cannot be read now.
+        """
+        try:
+            return holder_stat(self.source, self.relpath)
+        except OSError as e:
+            raise ApiError(
+                404,
+                f"image {self.location!r} is unreadable now: {e.strerror or e}",
+            ) from None
+
+
+def read_image_file(image: IndexedImage, max_pixels: int) -> ImageFile:
+    """``image``'s bytes if they are an image a browser shows, else a PNG of it.
 
     Raises
     ------
     ApiError
         404 if the file cannot be read now, 415 if it is not an image (now).
     """
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise _unreadable(path, e) from None
+    data = image.read()
     try:
         with Image.open(io.BytesIO(data)) as im:
             kind = im.format
     except Exception:  # Pillow raises many kinds for what is not an image
         kind = None
     if kind in WEB_TYPES:
-        return ImageFile(data, WEB_TYPES[kind], path.name)
+        return ImageFile(data, WEB_TYPES[kind], image.name)
     try:
         stream = io.BytesIO(data)
-        stream.name = str(path)
+        stream.name = image.location
         # Upright 8-bit RGB, 16-bit and float images scaled as the model sees them.
         im = load_rgb(stream, REENCODED_SIDE, max_pixels)
     except DecodeError:
         raise ApiError(
-            415, f"file {str(path)!r} is not an image (any more); it is not served"
+            415,
+            f"file {image.location!r} is not an image (any more); it is not served",
         ) from None
     im.thumbnail((REENCODED_SIDE, REENCODED_SIDE))
     buffer = io.BytesIO()
     im.save(buffer, "PNG")
-    return ImageFile(buffer.getvalue(), "image/png", path.stem + ".png")
+    return ImageFile(buffer.getvalue(), "image/png", Path(image.name).stem + ".png")
 
 
-def describe_image_file(path: Path) -> dict[str, Any]:
-    """Size in pixels and bytes, format and date of ``path``, from its header.
+def describe_image_file(image: IndexedImage) -> dict[str, Any]:
+    """Size in pixels and bytes, format and date of ``image``, from its header.
 
     Raises
     ------
     ApiError
         404 if the file cannot be read now.
     """
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise _unreadable(path, e) from None
+    _, mtime_ns = image.stamp()
+    data = image.read()
     info: dict[str, Any] = {
-        "bytes": st.st_size,
-        "modified": datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(
+        "bytes": len(data),
+        "modified": datetime.fromtimestamp(mtime_ns / 1e9, timezone.utc).isoformat(
             timespec="seconds"
         ),
         "width": None,
@@ -99,12 +144,8 @@ def describe_image_file(path: Path) -> dict[str, Any]:
         "format": None,
     }
     try:
-        with Image.open(os.fspath(path)) as im:
+        with Image.open(io.BytesIO(data)) as im:
             info.update(width=im.width, height=im.height, format=im.format)
     except Exception:  # not an image now: the sizes stay unknown
         pass
     return info
-
-
-def _unreadable(path: Path, e: OSError) -> ApiError:
-    return ApiError(404, f"image file {str(path)!r} is unreadable now: {e.strerror}")

@@ -18,6 +18,7 @@ from distributed import Client, LocalCluster
 from PIL import Image
 
 from pipeline.decode import center_crop
+from pipeline.discover import ImageRecord
 from pipeline.embed import GPU_BATCH_SIZE, Embedder, ModelSpec, _embed
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.feed import BatchFeed
@@ -157,8 +158,11 @@ def real_photos(tmp_path, n_synthetic: int = 6) -> tuple[str, list[str]]:
 
 def test_threaded_batches_embed_like_the_serial_cpu_path(tmp_path):
     root, rel = real_photos(tmp_path)
-    serial = _embed(root, rel, ModelSpec(device="cpu"))
-    pooled = _embed(root, rel, ModelSpec(device="cpu", batch_size=4, decode_threads=3))
+    records = [ImageRecord(r, 0, 0) for r in rel]
+    serial = _embed(root, records, ModelSpec(device="cpu"))
+    pooled = _embed(
+        root, records, ModelSpec(device="cpu", batch_size=4, decode_threads=3)
+    )
     assert pooled.paths == serial.paths and len(serial.paths) == len(rel) - 1
     np.testing.assert_array_equal(pooled.ids, serial.ids)
     assert pooled.failures == serial.failures

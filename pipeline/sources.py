@@ -1,0 +1,887 @@
+"""Where a dataset's images are, how to list them and how a worker reads them.
+
+A dataset is one of three kinds, on a local file system or behind an fsspec
+URL (``s3://``, ``gs://``, ``https://``, ``file://``):
+
+- ``folder``: image files under a folder, walked recursively;
+- ``list``: a file list, ``.txt`` (one path or URL a line) or ``.csv`` /
+  ``.parquet`` with a path column; relative entries are relative to the list;
+- ``tar``: tar shards in the WebDataset layout, given as a brace pattern
+  (``shards/{00000..00099}.tar``), a folder of ``.tar`` files, one ``.tar``
+  file, or a ``.txt`` list of them. A member is addressed as
+  ``<shard>/<member>`` (``00007.tar/cat.jpg``) and a shard is read in one
+  sequential pass by one task.
+
+Every image gets a path relative to its source (the manifest's path, from
+which its id is derived), so ids stay stable for the same (source, entry).
+Remote files are opened by the workers themselves, with the storage options
+of ``imgindex.storage-options`` (or the protocol's usual environment
+variables); those options are never written to meta.json or a log.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import os
+import re
+import tarfile
+import threading
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from pipeline.discover import (
+    Failure,
+    ImageRecord,
+    discover_images,
+    is_image_name,
+    partition_records,
+)
+from pipeline.errors import DatasetError, DecodeError
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("folder", "list", "tar")
+INPUT_FORMATS = ("auto", *KINDS)
+LIST_SUFFIXES = (".txt", ".csv", ".parquet")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# fsspec reads remote files in blocks this big: a tar's member headers are
+# then found in a few requests, not one request a member.
+_REMOTE_BLOCK = 8 << 20
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset: what its images are, and what their paths are relative to.
+
+    Made by :func:`parse_source`; sent to workers with every task, so it
+    holds no open file and no credentials.
+    """
+
+    kind: str  # folder | list | tar
+    spec: str  # as meta.json records it: absolute path, URL or shard pattern
+    base: str  # what entries' paths are relative to (a folder or URL prefix)
+    path_column: str = "path"  # of a .csv / .parquet list
+    # The shards of a tar source, relative to ``base`` (or absolute / URLs
+    # from a list of shards); the list file of a list source.
+    entries: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def name(self) -> str:
+        """The index's default name: the folder's, the list's or the shards'."""
+        if self.kind == "folder":
+            return _basename(self.spec)
+        if _BRACE.search(self.spec):
+            return _basename(self.base)
+        if self.kind == "list" or self.spec.lower().endswith(TAR_SUFFIXES):
+            return _stem(_basename(self.spec))
+        return _basename(self.base)
+
+    @property
+    def remote(self) -> bool:
+        return is_url(self.base) or is_url(self.spec)
+
+    def location(self, rel: str) -> str:
+        """Where the image ``rel`` is, as users see it (search results,
+        failures, the report): a path, a URL, or ``<shard path>/<member>``."""
+        if is_url(rel) or os.path.isabs(rel):
+            return rel
+        if is_url(self.base):
+            return f"{self.base.rstrip('/')}/{rel}"
+        return os.path.join(self.base, rel)
+
+    def local_file(self, rel: str) -> str | None:
+        """The plain local file that holds ``rel`` alone, else None (a tar
+        member, a URL): such a file is opened by path, as before sources."""
+        if self.kind == "tar":
+            return None
+        where = self.location(rel)
+        return None if is_url(where) else where
+
+    def for_tasks(self) -> Source:
+        """This source as each task carries it: without the list of shards,
+        which only listing needs."""
+        return dataclasses.replace(self, entries=())
+
+    @property
+    def by_shard(self) -> bool:
+        """Whether a build plans whole tar shards, not images: a shard's
+        members are found by the task that embeds it, in the same pass."""
+        return self.kind == "tar"
+
+    def records(self, failures: list[Failure]) -> Iterator[ImageRecord]:
+        """What a build plans, in a stable order: the source's images, or a
+        tar source's shards (path, size, mtime: a shard written again is
+        embedded again); unusable entries are appended to ``failures``.
+        """
+        if self.kind == "folder":
+            yield from _folder_records(self, failures)
+        elif self.kind == "list":
+            yield from _list_records(self, failures)
+        else:
+            yield from _shard_files(self, failures)
+
+    def partitions(
+        self, records: list[ImageRecord], size: int, tail_threads: int = 0
+    ) -> list[tuple[ImageRecord, ...]]:
+        """Split ``records`` into tasks: at most ``size`` images each, or one
+        task a tar shard, so that each is read in one pass."""
+        if self.by_shard:
+            return [(r,) for r in records]
+        return partition_records(records, size, tail_threads)
+
+    def reader(self, rels: Sequence[str]) -> Reader:
+        """Reads the images ``rels`` of one task on a worker."""
+        if self.kind == "tar":
+            return TarReader(self, rels)
+        return FileReader(self)
+
+
+def as_source(source: Source | str) -> Source:
+    """``source``, where a plain string is an absolute folder (as task
+    arguments were before sources had kinds)."""
+    return Source("folder", source, source) if isinstance(source, str) else source
+
+
+def source_of(meta) -> Source:
+    """The source an index's meta.json names (:class:`pipeline.meta.IndexMeta`)."""
+    kind = getattr(meta, "source_kind", "folder") or "folder"
+    base = getattr(meta, "source_base", "") or meta.source
+    return Source(kind, meta.source, base)
+
+
+def is_url(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
+
+
+def split_member(rel: str) -> tuple[str, str]:
+    """``("a/00007.tar", "cat.jpg")`` from ``"a/00007.tar/cat.jpg"``."""
+    for suffix in TAR_SUFFIXES:
+        at = rel.find(suffix + "/")
+        if at >= 0:
+            end = at + len(suffix)
+            return rel[:end], rel[end + 1 :]
+    raise ValueError(f"{rel!r} is not a tar member's path")
+
+
+def parse_source(
+    dataset: str | os.PathLike,
+    input_format: str = "auto",
+    path_column: str | None = None,
+) -> Source:
+    """The :class:`Source` a DATASET argument names.
+
+    ``input_format`` ``auto`` tells the kind by the argument's form: a brace
+    pattern or a ``.tar`` is tar shards; a ``.txt`` / ``.csv`` / ``.parquet``
+    is a file list (a ``.txt`` listing only ``.tar`` files: tar shards); a
+    folder holding images is a folder, one holding only ``.tar`` files is
+    tar shards.
+
+    Raises
+    ------
+    DatasetError
+        With a one-line reason naming the dataset, if it does not exist, is
+        not readable or is not of the kind asked for.
+    """
+    if input_format not in INPUT_FORMATS:
+        raise DatasetError(
+            f"unknown --input-format {input_format!r}; use one of {INPUT_FORMATS}"
+        )
+    text = os.fspath(dataset)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    if not is_url(text):
+        text = os.path.abspath(os.path.expanduser(text))
+    kind = input_format if input_format != "auto" else _kind_of(text)
+    if kind == "tar":
+        return _tar_source(text)
+    if kind == "list":
+        _check_file(text, "file list")
+        return Source(
+            "list",
+            text,
+            _parent(text),
+            path_column or "path",
+            entries=(text,),
+        )
+    _check_folder(text)
+    return Source("folder", text.rstrip("/") or "/", text.rstrip("/") or "/")
+
+
+def _kind_of(text: str) -> str:
+    lowered = text.lower()
+    if _BRACE.search(text) or lowered.endswith(TAR_SUFFIXES):
+        return "tar"
+    if lowered.endswith(LIST_SUFFIXES):
+        if lowered.endswith(".txt") and _lists_tars(text):
+            return "tar"
+        return "list"
+    if is_url(text):
+        return "folder"
+    if os.path.isdir(text) and _holds_only_tars(text):
+        return "tar"
+    return "folder"
+
+
+def _lists_tars(text: str) -> bool:
+    try:
+        rows = _txt_rows(text)
+    except OSError:
+        return False  # said properly when the list is read
+    return bool(rows) and all(r.lower().endswith(TAR_SUFFIXES) for r in rows)
+
+
+def _holds_only_tars(folder: str) -> bool:
+    """Whether ``folder`` holds tar files and no image (the first few looked at)."""
+    tars = False
+    try:
+        for n, (_, _, files) in enumerate(os.walk(folder)):
+            for name in files:
+                if is_image_name(name):
+                    return False
+                tars = tars or name.lower().endswith(TAR_SUFFIXES)
+            if n > 100:
+                break
+    except OSError:
+        return False
+    return tars
+
+
+def _tar_source(text: str) -> Source:
+    if _BRACE.search(text):
+        shards = expand_braces(text)
+        base = _parent(text.split("{", 1)[0] + "x")
+        return Source(
+            "tar", text, base, entries=tuple(_relative(s, base) for s in shards)
+        )
+    if text.lower().endswith(".txt"):
+        _check_file(text, "list of tar shards")
+        base = _parent(text)
+        return Source("tar", text, base, entries=tuple(_txt_rows(text)))
+    if text.lower().endswith(TAR_SUFFIXES):
+        _check_file(text, "tar shard")
+        base = _parent(text)
+        return Source("tar", text, base, entries=(_basename(text),))
+    _check_folder(text)
+    shards = [rel for rel in _find(text) if rel.lower().endswith(TAR_SUFFIXES)]
+    if not shards:
+        raise DatasetError(f"dataset folder {text!r} holds no .tar shards")
+    base = text.rstrip("/")
+    return Source("tar", base, base, entries=tuple(sorted(shards)))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Bash-style brace expansion, as WebDataset writes shard sets:
+    ``{00000..00003}`` (zero-padded ranges) and ``{a,b}``.
+
+    Raises
+    ------
+    DatasetError
+        If a range is malformed or expands to over ten million names.
+    """
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        if abs(int(hi) - int(lo)) >= 10_000_000:
+            raise DatasetError(f"shard pattern {pattern!r} names too many shards")
+        options = [str(n).zfill(width) for n in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise DatasetError(
+            f"shard pattern {pattern!r}: {{{body}}} is neither a range "
+            "{first..last} nor a choice {a,b}"
+        )
+    return [name for o in options for name in expand_braces(head + o + tail)]
+
+
+# Listing.
+
+
+def _folder_records(source: Source, failures: list[Failure]) -> Iterator[ImageRecord]:
+    if not is_url(source.base):
+        yield from discover_images(source.base, failures)
+        return
+    fs, root = _fs(source.base)
+    found = fs.find(root, detail=True)
+    for full in sorted(found):
+        info = found[full]
+        rel = full[len(root) :].lstrip("/")
+        if info.get("type") == "file" and is_image_name(rel):
+            yield ImageRecord(rel, int(info.get("size") or 0), _stamp(info))
+
+
+def _list_records(source: Source, failures: list[Failure]) -> Iterator[ImageRecord]:
+    seen: set[str] = set()
+    for row, entry in enumerate(read_list(source), start=1):
+        if entry in seen:
+            failures.append(
+                Failure(entry, f"listed more than once (row {row}); indexed once")
+            )
+            continue
+        seen.add(entry)
+        where = source.location(entry)
+        try:
+            if is_url(where):
+                fs, path = _fs(where)
+                info = fs.info(path)
+                yield ImageRecord(entry, int(info.get("size") or 0), _stamp(info))
+            else:
+                st = os.stat(where)
+                if not os.path.isfile(where):
+                    failures.append(Failure(entry, "not a regular file"))
+                    continue
+                yield ImageRecord(entry, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            failures.append(Failure(entry, "file not found"))
+        except PermissionError:
+            failures.append(Failure(entry, "permission denied"))
+        except OSError as e:
+            failures.append(Failure(entry, f"cannot stat: {_one_line(e)}"))
+
+
+def read_list(source: Source) -> list[str]:
+    """The entries of a list source, as written (blank lines and ``#``
+    comments of a ``.txt`` left out).
+
+    Raises
+    ------
+    DatasetError
+        If the list cannot be read, or a table has no such path column.
+    """
+    path = source.spec
+    lowered = path.lower()
+    try:
+        if lowered.endswith(".parquet"):
+            return _parquet_column(path, source.path_column)
+        if lowered.endswith(".csv"):
+            return _csv_column(path, source.path_column)
+        return _txt_rows(path)
+    except OSError as e:
+        raise DatasetError(f"cannot read file list {path!r}: {_one_line(e)}") from None
+
+
+def _txt_rows(path: str) -> list[str]:
+    with _open(path) as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"file list {path!r} is not UTF-8 text") from None
+    rows = (line.strip() for line in text.splitlines())
+    return [r for r in rows if r and not r.startswith("#")]
+
+
+def _csv_column(path: str, column: str) -> list[str]:
+    with _open(path) as f, io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
+        reader = csv.DictReader(text)
+        if column not in (reader.fieldnames or ()):
+            raise DatasetError(_no_column(path, column, reader.fieldnames or ()))
+        try:
+            return [
+                row[column].strip() for row in reader if (row[column] or "").strip()
+            ]
+        except UnicodeDecodeError:
+            raise DatasetError(f"file list {path!r} is not UTF-8 text") from None
+
+
+def _parquet_column(path: str, column: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetError(
+            f"reading {path!r} needs pyarrow: pip install 'imgindex[parquet]'"
+        ) from None
+    with _open(path) as f:
+        table = pq.ParquetFile(f)
+        names = table.schema_arrow.names
+        if column not in names:
+            raise DatasetError(_no_column(path, column, names))
+        values = table.read(columns=[column]).column(column).to_pylist()
+    return [str(v).strip() for v in values if v is not None and str(v).strip()]
+
+
+def _no_column(path: str, column: str, names: Iterable[str]) -> str:
+    return (
+        f"file list {path!r} has no column {column!r} (it has "
+        f"{', '.join(map(repr, names)) or 'none'}); name the path column "
+        "with --path-column"
+    )
+
+
+def _shard_files(source: Source, failures: list[Failure]) -> Iterator[ImageRecord]:
+    """A tar source's shards as records: one stat (or one listing of each
+    remote folder), never a read of their members."""
+    remote: dict[str, dict[str, dict]] = {}
+    for shard in source.entries:
+        where = source.location(shard)
+        try:
+            if is_url(where):
+                parent, name = where.rsplit("/", 1)
+                if parent not in remote:
+                    fs, path = _fs(parent)
+                    remote[parent] = {
+                        info["name"].rstrip("/").rsplit("/", 1)[-1]: info
+                        for info in fs.ls(path, detail=True)
+                    }
+                info = remote[parent].get(name)
+                if info is None:
+                    raise FileNotFoundError(where)
+                yield ImageRecord(shard, int(info.get("size") or 0), _stamp(info))
+            else:
+                st = os.stat(where)
+                yield ImageRecord(shard, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            failures.append(Failure(shard, "tar shard not found"))
+        except PermissionError:
+            failures.append(Failure(shard, "tar shard: permission denied"))
+        except OSError as e:
+            failures.append(Failure(shard, f"cannot stat tar shard: {_one_line(e)}"))
+
+
+class ShardStream:
+    """The image members of tar shards, each shard read in one sequential
+    pass (never unpacked to disk): iterating gives ``(path, bytes)`` in the
+    shards' own order.
+
+    Meanwhile ``records`` collects each member's record (its size, and its
+    shard's mtime) and ``failures`` each shard that cannot be read whole
+    (the members before the damage are still given), or holds no image.
+    A second member of one name is a failure; the first is given.
+    """
+
+    def __init__(self, source: Source, shards: Sequence[ImageRecord]):
+        self.source = source
+        self.shards = list(shards)
+        self.records: list[ImageRecord] = []
+        self.failures: list[Failure] = []
+
+    def __iter__(self) -> Iterator[tuple[str, bytearray]]:
+        for shard in self.shards:
+            yield from self._members(shard)
+
+    def _members(self, shard: ImageRecord) -> Iterator[tuple[str, bytearray]]:
+        found = len(self.records)
+        seen: set[str] = set()
+        try:
+            with (
+                _open(self.source.location(shard.path)) as f,
+                tarfile.open(fileobj=f, mode="r|*") as tar,
+            ):
+                for member in tar:
+                    if not member.isfile() or not is_image_name(member.name):
+                        continue
+                    rel = f"{shard.path}/{member.name}"
+                    if member.name in seen:
+                        self.failures.append(
+                            Failure(
+                                rel,
+                                "a second member of that name; the first is indexed",
+                            )
+                        )
+                        continue
+                    seen.add(member.name)
+                    data = bytearray(member.size)
+                    handle = tar.extractfile(member)
+                    if handle is not None and handle.readinto(data) != member.size:
+                        raise EOFError("unexpected end of data")
+                    self.records.append(ImageRecord(rel, member.size, shard.mtime_ns))
+                    yield rel, data
+        except FileNotFoundError:
+            self._fail(shard, "tar shard not found (deleted after discovery?)")
+            return
+        except PermissionError:
+            self._fail(shard, "tar shard: permission denied")
+            return
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            what = "damaged tar shard" if seen else "not a readable tar shard"
+            self._fail(shard, f"{what}: {_one_line(e)}")
+            return
+        if len(self.records) == found:
+            self._fail(shard, "holds no image members")
+
+    def _fail(self, shard: ImageRecord, reason: str) -> None:
+        self.failures.append(Failure(shard.path, reason))
+
+
+# Reading, on the workers.
+
+
+class Reader:
+    """Reads one task's images: ``read(rel)`` gives an image's bytes, or
+    raises DecodeError with the reason it cannot."""
+
+    def read(self, rel: str) -> bytearray:
+        """The bytes of ``rel`` (mutable, so torch takes them without a copy)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FileReader(Reader):
+    """Images that are files of their own (folders and file lists)."""
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    def read(self, rel: str) -> bytearray:
+        where = self.source.location(rel)
+        try:
+            if is_url(where):
+                with _open(where) as f:
+                    return bytearray(f.read())
+            return read_file(where)
+        except FileNotFoundError:
+            raise DecodeError(
+                where, "file not found (deleted after discovery?)"
+            ) from None
+        except PermissionError:
+            raise DecodeError(where, "permission denied") from None
+        except OSError as e:
+            raise DecodeError(where, f"cannot read: {_one_line(e)}") from None
+
+
+class TarReader(Reader):
+    """The members ``rels`` of tar shards, each shard read in one sequential
+    pass, whatever order the members are asked for in and from whichever
+    thread: members passed on the way to the one asked for are kept until
+    they are asked for (in a WebDataset shard, the order is the same and
+    nothing waits)."""
+
+    def __init__(self, source: Source, rels: Sequence[str]):
+        self.source = source
+        self._wanted: dict[str, set[str]] = {}
+        for rel in rels:
+            shard, member = split_member(rel)
+            self._wanted.setdefault(shard, set()).add(member)
+        self._lock = threading.Lock()
+        self._shard: str | None = None
+        self._file = None
+        self._tar: tarfile.TarFile | None = None
+        self._kept: dict[str, bytearray] = {}  # read on the way, not asked for yet
+        self._passed: set[str] = set()  # members this pass has gone by
+        self._ended: str | None = None  # why this pass can go no further
+
+    def read(self, rel: str) -> bytearray:
+        shard, member = split_member(rel)
+        with self._lock:
+            if shard != self._shard or (
+                member in self._passed and member not in self._kept
+            ):
+                # Another shard, or a member asked for again: a new pass.
+                self._open(shard)
+            while member not in self._kept:
+                if self._ended is not None:
+                    raise DecodeError(self.source.location(rel), self._ended)
+                self._advance(shard)
+            return self._kept.pop(member)
+
+    def _open(self, shard: str) -> None:
+        self._close()
+        self._shard, self._kept, self._passed, self._ended = shard, {}, set(), None
+        where = self.source.location(shard)
+        try:
+            self._file = _open(where)
+            # Stream mode: one forward pass, no seeks (a remote shard is read
+            # in large blocks; a local one at disk speed).
+            self._tar = tarfile.open(fileobj=self._file, mode="r|*")
+        except FileNotFoundError:
+            self._ended = "its tar shard is gone (deleted after discovery?)"
+        except PermissionError:
+            self._ended = "its tar shard: permission denied"
+        except (tarfile.TarError, EOFError, OSError) as e:
+            self._ended = f"its tar shard is unreadable: {_one_line(e)}"
+
+    def _advance(self, shard: str) -> None:
+        assert self._tar is not None
+        try:
+            member = self._tar.next()
+            if member is None:
+                self._ended = "not in its tar shard (changed after discovery?)"
+                return
+            name = member.name
+            if name in self._wanted.get(shard, ()) and member.isfile():
+                if name not in self._passed:
+                    data = bytearray(member.size)
+                    handle = self._tar.extractfile(member)
+                    if handle is not None and handle.readinto(data) != member.size:
+                        raise EOFError("the member is cut short")
+                    self._kept[name] = data
+            self._passed.add(name)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            self._ended = f"its tar shard is damaged here: {_one_line(e)}"
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        for handle in (self._tar, self._file):
+            if handle is not None:
+                try:
+                    handle.close()
+                except (OSError, tarfile.TarError):
+                    pass
+        self._tar = self._file = None
+        self._shard = None
+
+
+class HandOver(Reader):
+    """Bytes read already, as a shard's stream went by: each is handed over
+    once, to whichever thread decodes it."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytearray] = {}
+
+    def paths(self, stream: Iterable[tuple[str, bytearray]]) -> Iterator[str]:
+        """The paths of ``stream``, their bytes kept until read."""
+        for rel, data in stream:
+            self._data[rel] = data
+            yield rel
+
+    def read(self, rel: str) -> bytearray:
+        data = self._data.pop(rel, None)
+        if data is None:  # asked twice: a bug, said as a bad image
+            raise DecodeError(rel, "read twice from its tar shard's stream")
+        return data
+
+
+def read_file(path: str) -> bytearray:
+    """A local file's bytes, read in one call.
+
+    Raises
+    ------
+    OSError
+        If it cannot be read, or changed size while read.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = bytearray(size)
+        if f.readinto(data) != size:
+            raise OSError("file changed while read")
+    return data
+
+
+def image_file(
+    source: Source, rel: str, reader: Reader | None = None
+) -> str | io.BytesIO:
+    """What Pillow opens for ``rel``: its local path where it is a file of
+    its own, else its bytes (read by ``reader``, or alone) as a file named by
+    its location, so that errors name it.
+
+    Raises
+    ------
+    DecodeError
+        If its bytes cannot be read.
+    """
+    local = source.local_file(rel)
+    if local is not None:
+        return local
+    if reader is None:
+        with source.reader([rel]) as alone:
+            data = alone.read(rel)
+    else:
+        data = reader.read(rel)
+    f = io.BytesIO(data)
+    f.name = source.location(rel)
+    return f
+
+
+def read_image(source: Source, rel: str) -> bytearray:
+    """One image's bytes, read alone (the service).
+
+    Raises
+    ------
+    DecodeError
+        If they cannot be read.
+    """
+    local = source.local_file(rel)
+    if local is not None:
+        try:
+            return read_file(local)
+        except OSError as e:
+            raise DecodeError(local, e.strerror or _one_line(e)) from None
+    with source.reader([rel]) as reader:
+        return reader.read(rel)
+
+
+def holder_stat(source: Source, rel: str) -> tuple[int, int]:
+    """(bytes, mtime in ns) of the file that holds ``rel``: the image's own
+    file, or its tar shard (a remote one's last-modified time or ETag hash).
+
+    Raises
+    ------
+    OSError
+    """
+    holder = split_member(rel)[0] if source.kind == "tar" else rel
+    where = source.location(holder)
+    if not is_url(where):
+        st = os.stat(where)
+        return st.st_size, st.st_mtime_ns
+    fs, path = _fs(where)
+    info = fs.info(path)
+    return int(info.get("size") or 0), _stamp(info)
+
+
+def content_digest(source: Source, rel: str, reader: Reader | None = None) -> str:
+    """The whole image's blake2b digest (hex; :func:`pipeline.traits.file_hash`
+    of a file of its own).
+
+    Raises
+    ------
+    OSError, DecodeError
+        If it cannot be read.
+    """
+    import hashlib
+
+    from pipeline.traits import file_hash
+
+    opened = image_file(source, rel, reader)
+    if isinstance(opened, str):
+        return file_hash(opened)
+    return hashlib.blake2b(opened.getbuffer(), digest_size=16).hexdigest()
+
+
+# File systems.
+
+
+def storage_options() -> dict:
+    """``imgindex.storage-options``: passed to fsspec as they are (credentials
+    among them stay in the config; nothing here writes them anywhere)."""
+    import dask.config
+
+    return dict(dask.config.get("imgindex.storage-options", None) or {})
+
+
+def _fs(url: str):
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(url, **storage_options())
+
+
+def _open(where: str):
+    if not is_url(where):
+        return open(where, "rb")
+    fs, path = _fs(where)
+    return fs.open(path, "rb", block_size=_REMOTE_BLOCK, cache_type="readahead")
+
+
+def _file_stamp(where: str) -> int:
+    if not is_url(where):
+        return os.stat(where).st_mtime_ns
+    fs, path = _fs(where)
+    return _stamp(fs.info(path))
+
+
+def _stamp(info: dict) -> int:
+    """A remote file's change stamp as an int: its mtime in ns where the
+    store gives one, else a hash of its ETag."""
+    import hashlib
+    from datetime import datetime
+    from email.utils import parsedate_to_datetime
+
+    for key in (
+        "mtime",
+        "LastModified",
+        "last_modified",
+        "Last-Modified",  # HTTP
+        "updated",
+        "created",
+    ):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return int(value.timestamp() * 1e9)
+        try:
+            return int(float(value) * 1e9)
+        except (TypeError, ValueError):
+            pass
+        for parse in (datetime.fromisoformat, parsedate_to_datetime):
+            try:
+                return int(parse(str(value)).timestamp() * 1e9)
+            except (TypeError, ValueError, IndexError):
+                pass
+    tag = str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or "")
+    digest = hashlib.blake2b(tag.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _find(folder: str) -> list[str]:
+    found = []
+    for top, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            found.append(os.path.relpath(os.path.join(top, name), folder))
+    return found
+
+
+def _check_folder(text: str) -> None:
+    if is_url(text):
+        return  # listed by the fsspec file system, which says what is wrong
+    if not os.path.exists(text):
+        raise DatasetError(f"dataset folder {text!r} does not exist")
+    if not os.path.isdir(text):
+        raise DatasetError(
+            f"dataset {text!r} is not a folder, a file list (.txt, .csv, "
+            ".parquet) or a tar shard (.tar)"
+        )
+    if not os.access(text, os.R_OK | os.X_OK):
+        raise DatasetError(f"dataset folder {text!r} is not readable")
+
+
+def _check_file(text: str, what: str) -> None:
+    if is_url(text):
+        return
+    if not os.path.exists(text):
+        raise DatasetError(f"{what} {text!r} does not exist")
+    if not os.path.isfile(text):
+        raise DatasetError(f"{what} {text!r} is not a file")
+    if not os.access(text, os.R_OK):
+        raise DatasetError(f"{what} {text!r} is not readable")
+
+
+def _relative(path: str, base: str) -> str:
+    prefix = base.rstrip("/") + "/"
+    return path[len(prefix) :] if path.startswith(prefix) else path
+
+
+def _parent(path: str) -> str:
+    if is_url(path):
+        return path.rsplit("/", 1)[0]
+    return os.path.dirname(path) or "."
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _stem(name: str) -> str:
+    for suffix in (*TAR_SUFFIXES, *LIST_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _one_line(e: BaseException) -> str:
+    from pipeline.decode import _one_line as one_line
+
+    return one_line(e)

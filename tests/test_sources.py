@@ -1,0 +1,664 @@
+"""Datasets of every kind: file lists, tar shards (WebDataset layout), URLs.
+
+Real tar files (written by tarfile and by the ``webdataset`` package), real
+lists, a real S3-protocol server (moto) on 127.0.0.1 for the URLs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.discover import Failure, ImageRecord
+from pipeline.embed import ModelSpec, embed_partition
+from pipeline.errors import DatasetError, DecodeError
+from pipeline.sources import (
+    ShardStream,
+    Source,
+    expand_braces,
+    parse_source,
+)
+from pipeline.synthetic import write_photos
+
+
+def write_shard(path: Path, members: dict[str, bytes]) -> Path:
+    """A tar file holding ``members`` (name -> bytes), in that order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def shard_photos(paths: list[Path], folder: Path, per_shard: int) -> list[Path]:
+    """``paths`` packed ``per_shard`` to a shard, as 00000.tar, 00001.tar, ..."""
+    shards = []
+    for n, start in enumerate(range(0, len(paths), per_shard)):
+        chunk = paths[start : start + per_shard]
+        members = {p.name: p.read_bytes() for p in chunk}
+        shards.append(write_shard(folder / f"{n:05d}.tar", members))
+    return shards
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    return write_photos(tmp_path_factory.mktemp("src"), 12, seed=5, max_side=400)
+
+
+# What each DATASET argument is.
+
+
+def test_each_kind_is_told_by_its_form(tmp_path, photos):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photos[0].read_bytes())
+    shards = shard_photos(photos, tmp_path / "shards", 5)
+    listed = tmp_path / "photos.txt"
+    listed.write_text("\n".join(str(p) for p in photos))
+    tars = tmp_path / "shards.txt"
+    tars.write_text("\n".join(s.name for s in shards))
+    (tmp_path / "shards.txt").rename(tmp_path / "shards" / "all.txt")
+
+    assert parse_source(folder).kind == "folder"
+    assert parse_source(listed).kind == "list"
+    assert parse_source(listed).name == "photos"
+    by_pattern = parse_source(f"{tmp_path}/shards/{{00000..00002}}.tar")
+    assert by_pattern.kind == "tar" and by_pattern.name == "shards"
+    assert by_pattern.entries == ("00000.tar", "00001.tar", "00002.tar")
+    assert parse_source(tmp_path / "shards").entries == by_pattern.entries
+    one = parse_source(shards[1])
+    assert (one.kind, one.name, one.entries) == ("tar", "00001", ("00001.tar",))
+    assert parse_source(tmp_path / "shards" / "all.txt").entries == by_pattern.entries
+    assert parse_source(tmp_path / "shards", "tar").kind == "tar"
+    with pytest.raises(DatasetError, match="holds no .tar shards"):
+        parse_source(folder, "tar")  # --input-format says what it must be
+
+
+def test_brace_patterns_expand_as_webdataset_writes_them():
+    assert expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+    assert expand_braces("{a,b}/{8..10}.tar") == [
+        "a/8.tar",
+        "a/9.tar",
+        "a/10.tar",
+        "b/8.tar",
+        "b/9.tar",
+        "b/10.tar",
+    ]
+    with pytest.raises(DatasetError, match="neither a range"):
+        expand_braces("s/{0-3}.tar")
+
+
+def test_bad_datasets_are_one_line_errors(tmp_path):
+    with pytest.raises(DatasetError, match="file list .*nope.txt.* does not exist"):
+        parse_source(tmp_path / "nope.txt")
+    with pytest.raises(DatasetError, match="tar shard .*gone.tar.* does not exist"):
+        parse_source(tmp_path / "gone.tar")
+    with pytest.raises(DatasetError, match="unknown --input-format 'zip'"):
+        parse_source(tmp_path, "zip")
+    table = tmp_path / "photos.csv"
+    table.write_text("file,label\na.jpg,cat\n")
+    source = parse_source(table)
+    with pytest.raises(DatasetError, match="no column 'path' .*'file', 'label'"):
+        list(source.records([]))
+    assert [r.path for r in parse_source(table, path_column="file").records([])] == []
+
+
+# Listing.
+
+
+def test_a_list_names_files_relative_to_itself_or_absolute(tmp_path, photos):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.jpg").write_bytes(photos[0].read_bytes())
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"# comment\nsub/x.jpg\n\n{photos[1]}\nmissing.jpg\nsub/x.jpg\n")
+    failures: list[Failure] = []
+    source = parse_source(listed)
+    records = list(source.records(failures))
+    assert [r.path for r in records] == ["sub/x.jpg", str(photos[1])]
+    assert records[0].size == (tmp_path / "sub" / "x.jpg").stat().st_size
+    assert source.location("sub/x.jpg") == str(tmp_path / "sub" / "x.jpg")
+    assert source.location(str(photos[1])) == str(photos[1])
+    reasons = {f.path: f.reason for f in failures}
+    assert reasons == {
+        "missing.jpg": "file not found",
+        "sub/x.jpg": "listed more than once (row 4); indexed once",
+    }
+
+
+def test_csv_and_parquet_lists_take_the_path_column(tmp_path, photos):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"label": i, "image": str(p)} for i, p in enumerate(photos[:3])]
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["label", "image"])
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    for name in ("t.csv", "t.parquet"):
+        source = parse_source(tmp_path / name, path_column="image")
+        assert [r.path for r in source.records([])] == [str(p) for p in photos[:3]]
+
+
+def test_shards_are_planned_whole_and_their_members_found_in_one_pass(tmp_path, photos):
+    shard = write_shard(
+        tmp_path / "00000.tar",
+        {
+            "b.jpg": photos[0].read_bytes(),
+            "b.json": b"{}",  # a WebDataset sample's other parts are not images
+            "a/c.png": photos[1].read_bytes(),
+        },
+    )
+    source = parse_source(shard)
+    failures: list[Failure] = []
+    (planned,) = source.records(failures)  # a stat, no read
+    assert planned == ImageRecord(
+        "00000.tar", shard.stat().st_size, shard.stat().st_mtime_ns
+    )
+    stream = ShardStream(source, [planned])
+    got = [(rel, bytes(data)) for rel, data in stream]
+    assert got == [
+        ("00000.tar/b.jpg", photos[0].read_bytes()),
+        ("00000.tar/a/c.png", photos[1].read_bytes()),
+    ]
+    # A member's record: its size, and its shard's mtime (written again:
+    # embedded again).
+    assert stream.records[0] == ImageRecord(
+        "00000.tar/b.jpg", photos[0].stat().st_size, planned.mtime_ns
+    )
+    assert stream.failures == [] and failures == []
+    assert source.location("00000.tar/a/c.png") == f"{shard}/a/c.png"
+    missing = parse_source(f"{tmp_path}/{{00000..00001}}.tar")
+    assert [r.path for r in missing.records(failures)] == ["00000.tar"]
+    assert failures == [Failure("00001.tar", "tar shard not found")]
+
+
+def test_webdataset_shards_are_read_as_written(tmp_path, photos):
+    wds = pytest.importorskip("webdataset")
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    for n in range(2):
+        with wds.TarWriter(str(folder / f"shard-{n:06d}.tar")) as sink:
+            for i, p in enumerate(photos[n * 6 : n * 6 + 6]):
+                sink.write({"__key__": f"s{n}{i:04d}", "jpg": p.read_bytes(), "cls": i})
+    source = parse_source(f"{folder}/shard-{{000000..000001}}.tar")
+    shards = list(source.records([]))
+    assert [r.path for r in shards] == ["shard-000000.tar", "shard-000001.tar"]
+    assert source.partitions(shards, size=4) == [(shards[0],), (shards[1],)]
+    stream = ShardStream(source, shards)
+    members = list(stream)
+    assert [rel for rel, _ in members][:2] == [
+        "shard-000000.tar/s00000.jpg",
+        "shard-000000.tar/s00001.jpg",
+    ]
+    assert [bytes(data) for _, data in members] == [p.read_bytes() for p in photos]
+    # Read again member by member (the service, duplicates):
+    with source.reader([rel for rel, _ in members]) as reader:
+        assert bytes(reader.read(members[7][0])) == photos[7].read_bytes()
+
+
+def test_a_damaged_shard_is_one_failure_after_the_members_before_it(tmp_path, photos):
+    whole = write_shard(
+        tmp_path / "whole.tar", {p.name: p.read_bytes() for p in photos[:4]}
+    )
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.tar"
+    # Cut inside the third member's data.
+    third = 3 * 512 + sum(-(-photos[i].stat().st_size // 512) * 512 for i in range(2))
+    cut.write_bytes(data[: third + 100])
+    source = parse_source(cut)
+    stream = ShardStream(source, list(source.records([])))
+    assert [rel for rel, _ in stream] == [f"cut.tar/{p.name}" for p in photos[:2]]
+    (failure,) = stream.failures
+    assert failure.path == "cut.tar"
+    assert failure.reason.startswith("damaged tar shard: ")
+    with source.reader([f"cut.tar/{photos[2].name}"]) as reader:
+        with pytest.raises(DecodeError, match="tar shard is damaged here"):
+            reader.read(f"cut.tar/{photos[2].name}")
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"not a tar at all" * 100)
+    empty = write_shard(tmp_path / "empty.tar", {"a.json": b"{}"})
+    for path, reason in (
+        (garbage, "not a readable tar shard"),
+        (empty, "holds no image members"),
+    ):
+        source = parse_source(path)
+        stream = ShardStream(source, list(source.records([])))
+        assert list(stream) == []
+        assert [(f.path, f.reason[: len(reason)]) for f in stream.failures] == [
+            (path.name, reason)
+        ]
+
+
+def test_the_tar_reader_serves_any_order_and_asks_again(tmp_path, photos):
+    shard = write_shard(tmp_path / "s.tar", {p.name: p.read_bytes() for p in photos})
+    source = parse_source(shard)
+    rels = [f"s.tar/{p.name}" for p in photos]
+    with source.reader(rels) as reader:
+        assert bytes(reader.read(rels[5])) == photos[5].read_bytes()
+        assert bytes(reader.read(rels[2])) == photos[2].read_bytes()  # kept on the way
+        assert bytes(reader.read(rels[5])) == photos[5].read_bytes()  # a new pass
+        with pytest.raises(DecodeError, match="not in its tar shard"):
+            reader.read("s.tar/never.jpg")
+
+
+# Embedding from a source (a task, run here without a cluster).
+
+
+@pytest.mark.parametrize("decoder", ["pillow", "batch"])
+def test_tar_members_embed_as_the_same_files_do(tmp_path, photos, decoder):
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for p in photos[:6]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    members = {p.name: p.read_bytes() for p in photos[:6]}
+    members["bad.jpg"] = b"not an image"
+    shard = write_shard(tmp_path / "s" / "00000.tar", members)
+    spec = ModelSpec(device="cpu", decoder=decoder)
+    from_files = embed_partition(
+        str(folder), list(parse_source(folder).records([])), spec
+    )
+    source = parse_source(shard)
+    from_tar = embed_partition(source.for_tasks(), list(source.records([])), spec)
+    assert from_tar.records == [
+        ImageRecord(f"00000.tar/{name}", len(data), shard.stat().st_mtime_ns)
+        for name, data in members.items()
+    ]
+    assert from_tar.paths == [f"00000.tar/{p.name}" for p in photos[:6]]
+    np.testing.assert_allclose(from_tar.vectors, from_files.vectors, atol=1e-5)
+    by_path = dict(zip(from_files.paths, from_files.traits, strict=True))
+    for path, row in zip(from_tar.paths, from_tar.traits, strict=True):
+        assert row == by_path[path.split("/", 1)[1]]  # content hash included
+    assert [(f.path, f.reason) for f in from_tar.failures] == [
+        ("00000.tar/bad.jpg", "not an image Pillow can read")
+    ]
+
+
+def test_a_source_travels_to_tasks_without_its_shard_list(tmp_path, photos):
+    shards = shard_photos(photos, tmp_path / "shards", 3)
+    source = parse_source(tmp_path / "shards")
+    assert len(source.entries) == len(shards) == 4
+    slim = source.for_tasks()
+    assert slim.entries == () and slim == source
+    assert isinstance(slim, Source)
+
+
+# Whole builds on a real (in-process) LocalCluster.
+
+
+def test_tar_shards_build_search_rerun_and_find_copies(client, photo_sets, tmp_path):
+    from pipeline.build import run_build
+    from pipeline.duplicates import DuplicateSettings, find_duplicates
+    from pipeline.search import Searcher
+    from tests.helpers import read_index
+
+    beach = photo_sets["beach"]  # 36 photos
+    shards = shard_photos(beach[:30], tmp_path / "shards", 10)
+    # A fourth shard: a byte copy of a photo of the first, a member that is
+    # not an image, and a cut-off end.
+    extra = write_shard(
+        tmp_path / "shards" / "00003.tar",
+        {
+            "copy.jpg": beach[0].read_bytes(),
+            "notes.jpg": b"these are notes, not a photo",
+            "late.jpg": beach[31].read_bytes(),
+            "lost.jpg": beach[32].read_bytes(),
+        },
+    )
+    whole = extra.read_bytes()
+    extra.write_bytes(whole[: len(whole) - 1024 - 512 - beach[32].stat().st_size // 2])
+    out = tmp_path / "out"
+    pattern = f"{tmp_path}/shards/{{00000..00003}}.tar"
+
+    first = run_build(client, pattern, out)
+    assert first.name == "shards" and first.source == pattern
+    assert first.partitions == 4  # one task a shard
+    assert first.indexed == first.embedded == 32
+    reasons = {f["path"]: f["reason"] for f in first.failed}
+    assert reasons["00003.tar/notes.jpg"] == "not an image Pillow can read"
+    assert "damaged tar shard" in reasons["00003.tar"]
+    stored = read_index(out / "shards")
+    assert stored.meta.source_kind == "tar" and stored.meta.format == 4
+    assert stored.meta.source_base == str(tmp_path / "shards")
+
+    searcher = Searcher(out / "shards")
+    (hit, *_), *_ = searcher.search_images([str(beach[12])], k=2)
+    assert hit.path == f"{shards[1]}/{beach[12].name}" and hit.score > 0.99
+
+    # Nothing changed: kept. One shard written again without one photo:
+    # only its members are embedded again.
+    assert run_build(client, pattern, out).kept
+    shard_photos(beach[:30], tmp_path / "again", 10)
+    write_shard(shards[2], {p.name: p.read_bytes() for p in beach[20:29]})
+    again = run_build(client, pattern, out)
+    assert (again.added, again.updated, again.removed) == (0, 9, 1)
+    assert again.embedded == 9 and again.indexed == 31
+
+    report = find_duplicates(out / "shards", DuplicateSettings(), client)
+    copies = [{m.path for m in g.members} for g in report.groups]
+    assert {f"00000.tar/{beach[0].name}", "00003.tar/copy.jpg"} in copies
+    (group,) = [
+        g for g in report.groups if "00003.tar/copy.jpg" in {m.path for m in g.members}
+    ]
+    assert any(p.kind == "identical" for p in group.pairs)
+
+
+def test_file_list_builds_with_its_failures_and_metadata_free_rows(
+    client, photo_sets, tmp_path
+):
+    from pipeline.build import run_build
+    from tests.helpers import read_index
+
+    forest = photo_sets["forest"]
+    rows = [str(p) for p in forest[:20]] + ["missing.jpg", str(forest[0])]
+    with open(tmp_path / "forest.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "image"])
+        writer.writerows([i, r] for i, r in enumerate(rows))
+    source = parse_source(tmp_path / "forest.csv", path_column="image")
+    summary = run_build(client, source, tmp_path / "out")
+    assert summary.name == "forest" and summary.indexed == 20
+    reasons = {f["path"]: f["reason"] for f in summary.failed}
+    assert reasons == {
+        "missing.jpg": "file not found",
+        str(forest[0]): "listed more than once (row 22); indexed once",
+    }
+    stored = read_index(tmp_path / "out" / "forest")
+    assert {r.path for r in stored.manifest} == {str(p) for p in forest[:20]}
+    assert stored.meta.source_kind == "list"
+
+
+def test_serve_shows_and_searches_images_from_shards_and_lists(
+    client, service, photo_sets, tmp_path
+):
+    from pipeline.build import run_build
+    from pipeline.discover import image_id
+
+    forest = photo_sets["forest"][:8]
+    shard_photos(forest, tmp_path / "packed", 4)
+    pattern = f"{tmp_path}/packed/{{00000..00001}}.tar"
+    run_build(client, pattern, service.index_root, name="packed")
+    listed = tmp_path / "listed.txt"
+    listed.write_text("\n".join(str(p) for p in forest))
+    run_build(client, listed, service.index_root)
+
+    member = f"00001.tar/{forest[5].name}"
+    for index, rel, where in (
+        ("packed", member, f"{tmp_path}/packed/{member}"),
+        ("listed", str(forest[5]), str(forest[5])),
+    ):
+        base = f"/api/indexes/{index}/images/{image_id(rel)}"
+        image = service.request("GET", base)
+        assert image.status_code == 200, image.text
+        assert image.content == forest[5].read_bytes()
+        assert image.headers["Content-Type"] == "image/jpeg"
+        info = service.request("GET", f"{base}/info").json()
+        assert (info["path"], info["bytes"]) == (where, forest[5].stat().st_size)
+        thumb = service.request("GET", f"{base}/thumbnail?side=64")
+        assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+        found = service.request(
+            "POST", f"/api/indexes/{index}/search", json={"path": rel, "k": 2}
+        )
+        assert found.status_code == 200, found.text
+        hits = found.json()["hits"]
+        assert hits[0]["relpath"] == rel and hits[0]["score"] > 0.999
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3-protocol server (moto's) on 127.0.0.1, and a client of it."""
+    pytest.importorskip("moto")
+    boto3 = pytest.importorskip("boto3")
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id="lab-key-id",
+        aws_secret_access_key="lab-very-secret",
+        region_name="us-east-1",
+    )
+    try:
+        for _ in range(100):
+            try:
+                s3.list_buckets()
+                break
+            except Exception:  # not listening yet
+                time.sleep(0.1)
+        yield url, s3
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.slow
+def test_object_store_folders_lists_and_shards_build_with_the_cli(
+    s3_server, photo_sets, tmp_path
+):
+    """`imgindex build s3://...` as a user runs it: its own LocalCluster's
+    workers open the objects with imgindex.storage-options from the
+    environment, and the credentials appear in no file it writes."""
+    import json
+    import subprocess
+
+    from tests.helpers import imgindex_cmd, read_index
+
+    url, s3 = s3_server
+    s3.create_bucket(Bucket="lab")
+    beach = photo_sets["beach"][:6]
+    for p in beach:
+        s3.put_object(Bucket="lab", Key=f"photos/{p.name}", Body=p.read_bytes())
+    s3.put_object(Bucket="lab", Key="photos/bad.jpg", Body=b"not a photo")
+    shard = write_shard(tmp_path / "00000.tar", {p.name: p.read_bytes() for p in beach})
+    s3.put_object(Bucket="lab", Key="shards/00000.tar", Body=shard.read_bytes())
+    rows = "\n".join(
+        [*(f"s3://lab/photos/{p.name}" for p in beach[:3]), "s3://lab/photos/gone.jpg"]
+    )
+    s3.put_object(Bucket="lab", Key="lists/some.txt", Body=rows.encode())
+
+    env = {
+        **__import__("os").environ,
+        "DASK_IMGINDEX__STORAGE_OPTIONS__ENDPOINT_URL": url,
+        "DASK_IMGINDEX__STORAGE_OPTIONS__KEY": "lab-key-id",
+        "DASK_IMGINDEX__STORAGE_OPTIONS__SECRET": "lab-very-secret",
+        "DASK_IMGINDEX__LOCAL__N_WORKERS": "2",
+    }
+    out = tmp_path / "out"
+    run = subprocess.run(
+        imgindex_cmd(
+            "build",
+            "s3://lab/photos/",
+            "s3://lab/shards/{00000..00000}.tar",
+            "s3://lab/lists/some.txt",
+            "--out",
+            out,
+            "--json",
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr
+    datasets = {d["name"]: d for d in json.loads(run.stdout)["datasets"]}
+    assert datasets["photos"]["indexed"] == 6
+    assert datasets["photos"]["failed"] == [
+        {"path": "bad.jpg", "reason": "not an image Pillow can read"}
+    ]
+    assert datasets["shards"]["indexed"] == 6
+    assert datasets["some"]["indexed"] == 3
+    assert datasets["some"]["failed"] == [
+        {"path": "s3://lab/photos/gone.jpg", "reason": "file not found"}
+    ]
+    stored = read_index(out / "shards")
+    assert stored.meta.source == "s3://lab/shards/{00000..00000}.tar"
+    assert {r.path for r in stored.manifest} == {f"00000.tar/{p.name}" for p in beach}
+
+    search = subprocess.run(
+        imgindex_cmd("search", out / "photos", beach[2], "-k", "1", "--json"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert search.returncode == 0, search.stderr
+    assert json.loads(search.stdout)[0][0]["path"] == f"s3://lab/photos/{beach[2].name}"
+
+    written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert b"lab-very-secret" not in written and b"lab-key-id" not in written
+    assert "lab-very-secret" not in run.stderr
+
+
+def test_the_cli_says_what_is_wrong_with_a_dataset_in_one_line(tmp_path):
+    from tests.helpers import invoke, one_error_line
+
+    table = tmp_path / "t.csv"
+    table.write_text("file\na.jpg\n")
+    cases = {
+        (str(tmp_path / "nope.txt"),): "does not exist",
+        (str(table),): "has no column 'path' (it has 'file')",
+        (f"{tmp_path}/{{0-3}}.tar",): "is neither a range",
+        (str(tmp_path), "--input-format", "tar"): "holds no .tar shards",
+    }
+    for args, fragment in cases.items():
+        run = invoke("build", *args, "--out", tmp_path / "out")
+        assert run.exit_code != 0
+        assert fragment in one_error_line(run.stderr), run.stderr
+    written = (tmp_path / "out").glob("*") if (tmp_path / "out").exists() else []
+    assert [p.name for p in written if not p.name.startswith(".")] == []
+
+
+def test_a_tar_build_resumes_shard_by_shard(client, photo_sets, tmp_path):
+    import shutil
+
+    from pipeline.build import run_build
+    from pipeline.shards import read_shard, staging_dir
+    from pipeline.store import SHARDS_DIR
+
+    beach = photo_sets["beach"]
+    shard_photos(beach[:30], tmp_path / "shards", 10)
+    pattern = f"{tmp_path}/shards/{{00000..00002}}.tar"
+    reference = run_build(client, pattern, tmp_path / "ref")
+    # An interrupted build: the partitions of two tar shards had finished.
+    staging = staging_dir(tmp_path / "out" / "shards")
+    staging.mkdir(parents=True)
+    done = []
+    for path in sorted((tmp_path / "ref" / "shards" / SHARDS_DIR).iterdir()):
+        units = [u.path for u in read_shard(path).units]
+        if units != ["00001.tar"]:
+            shutil.copy(path, staging / path.name)
+            done += units
+    assert sorted(done) == ["00000.tar", "00002.tar"]
+    seen: list[tuple[int, int]] = []
+    summary = run_build(
+        client,
+        pattern,
+        tmp_path / "out",
+        progress=lambda d, t, f: seen.append((d, t)),
+    )
+    assert summary.resumed_partitions == 2 and summary.resumed_images == 20
+    assert summary.embedded == 10 and summary.indexed == reference.indexed == 30
+    assert seen[-1] == (30, 30)  # the estimate is exact once every shard is read
+    assert summary.images_per_second > 0
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A folder served over HTTP on 127.0.0.1; names with "forbidden" get 403."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):
+            if "forbidden" in self.path:
+                self.send_error(403, "Forbidden")
+                return None
+            return super().send_head()
+
+        def log_message(self, *args):
+            pass
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_a_list_of_urls_is_listed_and_read_over_http(http_folder, photos):
+    pytest.importorskip("aiohttp")
+    folder, url = http_folder
+    for p in photos[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    rows = [f"{url}/{p.name}" for p in photos[:3]]
+    (folder / "list.txt").write_text("\n".join([*rows, f"{url}/forbidden.jpg"]))
+    source = parse_source(f"{url}/list.txt")
+    assert (source.kind, source.name) == ("list", "list")
+    failures: list[Failure] = []
+    records = list(source.records(failures))
+    assert [r.path for r in records] == rows
+    assert records[0].size == photos[0].stat().st_size
+    assert records[0].mtime_ns > 0  # from Last-Modified: a change is seen
+    assert [f.path for f in failures] == [f"{url}/forbidden.jpg"]
+    with source.reader(rows) as reader:
+        assert bytes(reader.read(rows[1])) == photos[1].read_bytes()
+        with pytest.raises(DecodeError):
+            reader.read(f"{url}/forbidden.jpg")
+
+
+def test_a_list_of_ten_thousand_rows_is_planned_with_every_bad_row_named(
+    tmp_path, photos
+):
+    from pipeline.embed import ModelSpec
+    from pipeline.plan import plan_build
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    data = photos[0].read_bytes()
+    rows = []
+    for i in range(10_000):
+        name = f"d{i // 1000}/img{i:05d}.jpg"
+        if i % 1000 != 999:  # every thousandth row names no file
+            (folder / name).parent.mkdir(exist_ok=True)
+            (folder / name).write_bytes(data)
+        rows.append(name)
+    listed = folder / "all.txt"
+    listed.write_text("\n".join(rows))
+    plan = plan_build(
+        parse_source(listed), tmp_path / "out" / "all", ModelSpec(), False
+    )
+    assert len(plan.to_embed) == plan.added == 9_990
+    assert [r.path for r in plan.to_embed[:2]] == ["d0/img00000.jpg", "d0/img00001.jpg"]
+    assert sorted(f.path for f in plan.known_failures) == [
+        f"d{k}/img{k * 1000 + 999:05d}.jpg" for k in range(10)
+    ]
+    assert {f.reason for f in plan.known_failures} == {"file not found"}
