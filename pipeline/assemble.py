@@ -179,6 +179,8 @@ def index_in_place(
     failures = {(f.path, f.reason) for f in plan.known_failures}
     if failures != {(f.path, f.reason) for f in previous.failures}:
         return None
+    if plan.metadata_digest != meta.metadata_digest:
+        return None  # a list's other columns were edited: the manifest is new
     # The model was checked against the plan's (pipeline.plan), so its dim
     # is the index's.
     choice, _, _ = decide(

@@ -539,6 +539,8 @@ def build_steps(
                 source=source.spec,
                 source_kind=source.kind,
                 source_base=source.base if source.base != source.spec else "",
+                metadata_columns=sorted({c for m in plan.metadata.values() for c in m}),
+                metadata_digest=plan.metadata_digest,
                 model=spec.name,
                 preprocess=asdict(model.preprocess),
                 dim=int(model.dim),
@@ -552,7 +554,14 @@ def build_steps(
                 imgindex_version=__version__,
             )
             write_index_dir(
-                dest, built.folder, manifest, meta, failures, failed_records, shards
+                dest,
+                built.folder,
+                manifest,
+                meta,
+                failures,
+                failed_records,
+                shards,
+                plan.metadata,
             )
             clear_staging(staging)
     summary.stage_seconds = dict(stages)

@@ -710,6 +710,7 @@ class _ProgressBar:
     def update(self, done: int, total: int, failed: int) -> None:
         if self.bar is None:
             self._open(self.label, total)
+        self.bar.length = max(total, 1)  # tar shards: an estimate that improves
         self.bar.update(done - self.shown)
         self.shown = done
         if self.tracker:
@@ -924,6 +925,7 @@ def info(index_dir, as_json):
     for key in (
         "name",
         "source",
+        "source_kind",
         "model",
         "dim",
         "metric",
@@ -936,6 +938,8 @@ def info(index_dir, as_json):
         "imgindex_version",
     ):
         click.echo(f"{key:17} {_shown(str(report[key]))}")
+    if m.metadata_columns:
+        click.echo(f"{'metadata':17} {_shown(', '.join(m.metadata_columns))}")
     if m.index_reason:
         click.echo(f"{'index':17} {_shown(m.index_reason)}")
     quality = _quality_line(m.quality, m.search_params)

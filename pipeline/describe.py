@@ -30,6 +30,8 @@ def describe_index(
     return {
         "name": m.name,
         "source": m.source,
+        "source_kind": m.source_kind,
+        "metadata_columns": m.metadata_columns,
         "model": m.model,
         "dim": m.dim,
         "metric": m.metric,

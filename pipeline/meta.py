@@ -56,6 +56,10 @@ class IndexMeta:
     # are relative to ("": ``source`` itself, as before sources had kinds).
     source_kind: str = "folder"
     source_base: str = ""
+    # A file list's other columns, kept in the manifest's rows as "meta"
+    # (pipeline/sources.py), and their digest: an edit of them is seen.
+    metadata_columns: list[str] = field(default_factory=list)
+    metadata_digest: str = ""
     format: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -126,5 +130,6 @@ def _is_of(value: Any, annotation: str) -> bool:
         "bool": bool,
         "str | None": (str, type(None)),
         "dict[str, Any]": dict,
+        "list[str]": list,
     }
     return isinstance(value, kinds[annotation])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.discover import Failure, ImageRecord
 from pipeline.embed import ModelSpec
 from pipeline.errors import DatasetError, IndexDirError
-from pipeline.sources import Source, split_member
+from pipeline.sources import Source, metadata_digest, split_member
 from pipeline.store import (
     StoredIndex,
     foreign_entries,
@@ -36,6 +37,12 @@ class Plan:
     # the shards kept (pipeline/sources.py).
     by_shard: bool = False
     known_records: list[ImageRecord] = field(default_factory=list)
+    # A table's other columns, by path: they go into the manifest.
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def metadata_digest(self) -> str:
+        return metadata_digest(self.metadata)
 
 
 def plan_build(source: Source, dest: Path, spec: ModelSpec, rebuild: bool) -> Plan:
@@ -48,7 +55,8 @@ def plan_build(source: Source, dest: Path, spec: ModelSpec, rebuild: bool) -> Pl
         replace (another dataset's, another model's, not imgindex's at all).
     """
     discovery_failures: list[Failure] = []
-    records = list(source.records(discovery_failures))
+    metadata: dict[str, dict[str, Any]] = {}
+    records = list(source.records(discovery_failures, metadata))
     if not records and not discovery_failures:
         raise DatasetError(f"dataset {source.spec!r} contains no image files")
     records = _drop_id_collisions(records, discovery_failures)
@@ -96,6 +104,7 @@ def plan_build(source: Source, dest: Path, spec: ModelSpec, rebuild: bool) -> Pl
     seen = {r.path for r in records}
     removed = sum(1 for p in old if p not in seen)
     return Plan(
+        metadata={r.path: metadata[r.path] for r in records if r.path in metadata},
         records=records,
         kept=kept,
         to_embed=to_embed,

@@ -27,6 +27,7 @@ from pipeline.store import (
     SHARDS_DIR,
     iter_manifest,
     read_index_dir,
+    read_metadata,
     recover_index_dir,
     write_index_dir,
 )
@@ -85,6 +86,7 @@ def reindex(
             stored.failures,
             stored.failed_records,
             used,
+            read_metadata(dest) if meta.metadata_digest else None,
         )
         clear_staging(staging)
     seconds = round(time.perf_counter() - started, 3)

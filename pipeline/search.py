@@ -34,9 +34,13 @@ class Hit:
     path: str  # absolute path of the indexed image
     score: float  # cosine similarity, higher = more similar
     id: int = -1  # the image's id in the index
+    meta: dict | None = None  # its file list's other columns, if it had any
 
     def to_json(self) -> dict:
-        return {"rank": self.rank, "path": self.path, "score": round(self.score, 6)}
+        row = {"rank": self.rank, "path": self.path, "score": round(self.score, 6)}
+        if self.meta is not None:
+            row["meta"] = self.meta
+        return row
 
 
 TURN_PENALTY = 0.06
@@ -150,6 +154,7 @@ class Searcher:
                     self.source.location(self.paths[int(i)]),
                     float(s),
                     int(i),
+                    self.stored.metadata.get(self.paths[int(i)]),
                 )
                 for rank, (s, i) in enumerate(zip(row_s, row_i, strict=True), start=1)
                 if i >= 0

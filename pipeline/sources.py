@@ -32,6 +32,7 @@ import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.discover import (
     Failure,
@@ -113,15 +114,20 @@ class Source:
         members are found by the task that embeds it, in the same pass."""
         return self.kind == "tar"
 
-    def records(self, failures: list[Failure]) -> Iterator[ImageRecord]:
+    def records(
+        self,
+        failures: list[Failure],
+        metadata: dict[str, dict[str, Any]] | None = None,
+    ) -> Iterator[ImageRecord]:
         """What a build plans, in a stable order: the source's images, or a
         tar source's shards (path, size, mtime: a shard written again is
-        embedded again); unusable entries are appended to ``failures``.
+        embedded again); unusable entries are appended to ``failures``, and
+        a table's other columns to ``metadata`` (path -> {column: value}).
         """
         if self.kind == "folder":
             yield from _folder_records(self, failures)
         elif self.kind == "list":
-            yield from _list_records(self, failures)
+            yield from _list_records(self, failures, metadata)
         else:
             yield from _shard_files(self, failures)
 
@@ -195,7 +201,9 @@ def parse_source(
     if text.startswith("file://"):
         text = text[len("file://") :]
     if not is_url(text):
-        text = os.path.abspath(os.path.expanduser(text))
+        # Resolved, as a folder always was: an index made through a symbolic
+        # link is the same dataset as one made through its target.
+        text = os.path.realpath(os.path.expanduser(text))
     kind = input_format if input_format != "auto" else _kind_of(text)
     if kind == "tar":
         return _tar_source(text)
@@ -322,15 +330,21 @@ def _folder_records(source: Source, failures: list[Failure]) -> Iterator[ImageRe
             yield ImageRecord(rel, int(info.get("size") or 0), _stamp(info))
 
 
-def _list_records(source: Source, failures: list[Failure]) -> Iterator[ImageRecord]:
+def _list_records(
+    source: Source,
+    failures: list[Failure],
+    metadata: dict[str, dict[str, Any]] | None = None,
+) -> Iterator[ImageRecord]:
     seen: set[str] = set()
-    for row, entry in enumerate(read_list(source), start=1):
+    for row, (entry, others) in enumerate(read_list(source), start=1):
         if entry in seen:
             failures.append(
                 Failure(entry, f"listed more than once (row {row}); indexed once")
             )
             continue
         seen.add(entry)
+        if others and metadata is not None:
+            metadata[entry] = others
         where = source.location(entry)
         try:
             if is_url(where):
@@ -343,17 +357,23 @@ def _list_records(source: Source, failures: list[Failure]) -> Iterator[ImageReco
                     failures.append(Failure(entry, "not a regular file"))
                     continue
                 yield ImageRecord(entry, st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            failures.append(Failure(entry, "file not found"))
-        except PermissionError:
-            failures.append(Failure(entry, "permission denied"))
         except OSError as e:
-            failures.append(Failure(entry, f"cannot stat: {_one_line(e)}"))
+            failures.append(_unstatable(entry, e, "file"))
 
 
-def read_list(source: Source) -> list[str]:
-    """The entries of a list source, as written (blank lines and ``#``
-    comments of a ``.txt`` left out).
+def _unstatable(path: str, e: OSError, what: str) -> Failure:
+    """The failure row of ``path``, a ``what`` that could not be stat'ed."""
+    if isinstance(e, FileNotFoundError):
+        return Failure(path, f"{what} not found")
+    if isinstance(e, PermissionError):
+        return Failure(path, f"{what}: permission denied")
+    return Failure(path, f"cannot stat {what}: {_one_line(e)}")
+
+
+def read_list(source: Source) -> list[tuple[str, dict[str, Any] | None]]:
+    """The entries of a list source, as written, each with the other columns
+    of its row (a table's; None for a ``.txt``, whose blank lines and ``#``
+    comments are left out).
 
     Raises
     ------
@@ -364,10 +384,10 @@ def read_list(source: Source) -> list[str]:
     lowered = path.lower()
     try:
         if lowered.endswith(".parquet"):
-            return _parquet_column(path, source.path_column)
+            return _parquet_rows(path, source.path_column)
         if lowered.endswith(".csv"):
-            return _csv_column(path, source.path_column)
-        return _txt_rows(path)
+            return _csv_rows(path, source.path_column)
+        return [(row, None) for row in _txt_rows(path)]
     except OSError as e:
         raise DatasetError(f"cannot read file list {path!r}: {_one_line(e)}") from None
 
@@ -383,20 +403,22 @@ def _txt_rows(path: str) -> list[str]:
     return [r for r in rows if r and not r.startswith("#")]
 
 
-def _csv_column(path: str, column: str) -> list[str]:
+def _csv_rows(path: str, column: str) -> list[tuple[str, dict[str, Any]]]:
     with _open(path) as f, io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
         reader = csv.DictReader(text)
         if column not in (reader.fieldnames or ()):
             raise DatasetError(_no_column(path, column, reader.fieldnames or ()))
         try:
             return [
-                row[column].strip() for row in reader if (row[column] or "").strip()
+                (row[column].strip(), _others(row, column))
+                for row in reader
+                if (row[column] or "").strip()
             ]
         except UnicodeDecodeError:
             raise DatasetError(f"file list {path!r} is not UTF-8 text") from None
 
 
-def _parquet_column(path: str, column: str) -> list[str]:
+def _parquet_rows(path: str, column: str) -> list[tuple[str, dict[str, Any]]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -408,8 +430,36 @@ def _parquet_column(path: str, column: str) -> list[str]:
         names = table.schema_arrow.names
         if column not in names:
             raise DatasetError(_no_column(path, column, names))
-        values = table.read(columns=[column]).column(column).to_pylist()
-    return [str(v).strip() for v in values if v is not None and str(v).strip()]
+        rows = table.read().to_pylist()
+    return [
+        (str(row[column]).strip(), _others(row, column))
+        for row in rows
+        if row[column] is not None and str(row[column]).strip()
+    ]
+
+
+def _others(row: dict[str, Any], column: str) -> dict[str, Any]:
+    """A row's columns but the path, as JSON keeps them (dates and other
+    types as text)."""
+    return {
+        str(k): v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+        for k, v in row.items()
+        if k != column and k is not None
+    }
+
+
+def metadata_digest(metadata: dict[str, dict[str, Any]]) -> str:
+    """A digest of a list's metadata columns, so that a re-run sees an edit
+    of them ("" where there are none)."""
+    if not metadata:
+        return ""
+    import hashlib
+    import json
+
+    digest = hashlib.blake2b(digest_size=12)
+    for path in sorted(metadata):
+        digest.update(json.dumps([path, metadata[path]], sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _no_column(path: str, column: str, names: Iterable[str]) -> str:
@@ -442,12 +492,8 @@ def _shard_files(source: Source, failures: list[Failure]) -> Iterator[ImageRecor
             else:
                 st = os.stat(where)
                 yield ImageRecord(shard, st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            failures.append(Failure(shard, "tar shard not found"))
-        except PermissionError:
-            failures.append(Failure(shard, "tar shard: permission denied"))
         except OSError as e:
-            failures.append(Failure(shard, f"cannot stat tar shard: {_one_line(e)}"))
+            failures.append(_unstatable(shard, e, "tar shard"))
 
 
 class ShardStream:

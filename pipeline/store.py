@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -77,6 +77,8 @@ class StoredIndex:
     _dir_fd: int | None = None
     # Images whose vector is another's, stored once by a graph index
     copies: Copies = field(default_factory=Copies)
+    # A file list's other columns, by path (the manifest rows' "meta").
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def index(self):
@@ -324,7 +326,10 @@ def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredInd
     try:
         meta = IndexMeta.loads(handles[META_FILE].read(), label / META_FILE)
         copies = _read_copies(label, copies_file, meta) if with_manifest else Copies()
-        manifest = list(_records(handles[MANIFEST_FILE])) if with_manifest else []
+        metadata: dict[str, dict[str, Any]] = {}
+        manifest = (
+            list(_records(handles[MANIFEST_FILE], metadata)) if with_manifest else []
+        )
         rows = list(_read_jsonl(handles[FAILURES_FILE]))
         failures = [
             Failure(r["path"], r["reason"], r.get("transient", False)) for r in rows
@@ -376,6 +381,7 @@ def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredInd
         None,
         fd,
         copies,
+        metadata,
     )
 
 
@@ -403,6 +409,7 @@ def write_index_dir(
     failures: list[Failure],
     failed_records: dict[str, ImageRecord] | None = None,
     shards: Sequence[Path] = (),
+    metadata: Mapping[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write a complete index directory at ``dest``, replacing any old one whole.
 
@@ -412,7 +419,8 @@ def write_index_dir(
     ``shards`` are hard-linked into its ``shards/`` (copied where the file
     system has no hard links): the old version keeps its own until removed.
     ``index`` is a FAISS index, or a folder where workers wrote index.faiss
-    (and index.ivfdata): those files are moved in.
+    (and index.ivfdata): those files are moved in. ``metadata`` (path ->
+    columns of a file list) goes into the manifest rows as ``"meta"``.
 
     Raises
     ------
@@ -433,13 +441,7 @@ def write_index_dir(
             _move_index_files(index, tmp)
         else:
             write_index(index, tmp / INDEX_FILE)
-        _write_jsonl(
-            tmp / MANIFEST_FILE,
-            (
-                {"id": r.id, "path": r.path, "size": r.size, "mtime_ns": r.mtime_ns}
-                for r in manifest
-            ),
-        )
+        _write_jsonl(tmp / MANIFEST_FILE, _manifest_rows(manifest, metadata or {}))
         _write_jsonl(
             tmp / FAILURES_FILE,
             (_failure_row(f, (failed_records or {}).get(f.path)) for f in failures),
@@ -572,6 +574,36 @@ def _remove_staging(tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _manifest_rows(
+    manifest: Iterable[ImageRecord], metadata: Mapping[str, dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    for r in manifest:
+        row = {"id": r.id, "path": r.path, "size": r.size, "mtime_ns": r.mtime_ns}
+        if r.path in metadata:
+            row["meta"] = metadata[r.path]
+        yield row
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The ``"meta"`` of the manifest's rows that have one (a file list's
+    other columns), by path.
+
+    Raises
+    ------
+    IndexDirError
+        If the manifest is missing or malformed.
+    """
+    where = Path(path) / MANIFEST_FILE
+    try:
+        with open(where, "rb") as f:
+            return {row["path"]: row["meta"] for row in _read_jsonl(f) if "meta" in row}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IndexDirError(
+            f"index directory {str(path)!r} is unreadable: {e}; rebuild it with "
+            "`imgindex build --rebuild`"
+        ) from None
+
+
 def iter_manifest(path: str | os.PathLike) -> Iterator[ImageRecord]:
     """Stream ``path``'s manifest, one record at a time (millions need not fit).
 
@@ -594,8 +626,13 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[ImageRecord]:
         ) from None
 
 
-def _records(f: BinaryIO) -> Iterator[ImageRecord]:
+def _records(
+    f: BinaryIO, metadata: dict[str, dict[str, Any]] | None = None
+) -> Iterator[ImageRecord]:
+    """The manifest's records; their ``"meta"`` into ``metadata`` if given."""
     for row in _read_jsonl(f):
+        if metadata is not None and "meta" in row:
+            metadata[row["path"]] = row["meta"]
         yield ImageRecord(row["path"], row["size"], row["mtime_ns"])
 
 

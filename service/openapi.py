@@ -183,6 +183,11 @@ _SCHEMAS: dict[str, Any] = {
                         "relpath": {"type": "string"},
                         "image": {"type": "string"},
                         "thumbnail": {"type": "string"},
+                        "meta": {
+                            "type": "object",
+                            "description": "the other columns of the image's "
+                            "row in the file list it was built from",
+                        },
                     },
                 },
             },

@@ -24,6 +24,7 @@ from pipeline.sources import (
     parse_source,
 )
 from pipeline.synthetic import write_photos
+from tests.helpers import import_or_skip
 
 
 def write_shard(path: Path, members: dict[str, bytes]) -> Path:
@@ -134,7 +135,7 @@ def test_a_list_names_files_relative_to_itself_or_absolute(tmp_path, photos):
 
 
 def test_csv_and_parquet_lists_take_the_path_column(tmp_path, photos):
-    pa = pytest.importorskip("pyarrow")
+    pa = import_or_skip("pyarrow")
     import pyarrow.parquet as pq
 
     rows = [{"label": i, "image": str(p)} for i, p in enumerate(photos[:3])]
@@ -182,7 +183,7 @@ def test_shards_are_planned_whole_and_their_members_found_in_one_pass(tmp_path, 
 
 
 def test_webdataset_shards_are_read_as_written(tmp_path, photos):
-    wds = pytest.importorskip("webdataset")
+    wds = import_or_skip("webdataset")
     folder = tmp_path / "wds"
     folder.mkdir()
     for n in range(2):
@@ -415,8 +416,9 @@ def test_serve_shows_and_searches_images_from_shards_and_lists(
 @pytest.fixture
 def s3_server():
     """A real S3-protocol server (moto's) on 127.0.0.1, and a client of it."""
-    pytest.importorskip("moto")
-    boto3 = pytest.importorskip("boto3")
+    import_or_skip("moto")
+    import_or_skip("s3fs")
+    boto3 = import_or_skip("boto3")
     import socket
     import subprocess
     import sys
@@ -615,7 +617,7 @@ def http_folder(tmp_path):
 
 
 def test_a_list_of_urls_is_listed_and_read_over_http(http_folder, photos):
-    pytest.importorskip("aiohttp")
+    import_or_skip("aiohttp")
     folder, url = http_folder
     for p in photos[:3]:
         (folder / p.name).write_bytes(p.read_bytes())
@@ -662,3 +664,51 @@ def test_a_list_of_ten_thousand_rows_is_planned_with_every_bad_row_named(
         f"d{k}/img{k * 1000 + 999:05d}.jpg" for k in range(10)
     ]
     assert {f.reason for f in plan.known_failures} == {"file not found"}
+
+
+def test_a_tables_other_columns_travel_into_the_manifest_and_results(
+    client, photo_sets, tmp_path
+):
+    import json
+
+    from pipeline.build import run_build
+    from pipeline.reindex import reindex
+    from pipeline.search import Searcher
+    from pipeline.store import MANIFEST_FILE
+    from tests.helpers import read_index
+
+    forest = photo_sets["forest"][:6]
+    table = tmp_path / "plates.csv"
+
+    def write(label_of_first: str) -> None:
+        with open(table, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["plate", "file", "stain"])
+            for i, p in enumerate(forest):
+                writer.writerow([i, str(p), label_of_first if i == 0 else "DAPI"])
+
+    write("GFP")
+    out = tmp_path / "out"
+    first = run_build(client, parse_source(table, path_column="file"), out)
+    assert first.indexed == 6
+    rows = [
+        json.loads(line)
+        for line in (out / "plates" / MANIFEST_FILE).read_text().splitlines()
+    ]
+    assert {r["path"]: r["meta"] for r in rows}[str(forest[0])] == {
+        "plate": "0",
+        "stain": "GFP",
+    }
+    assert read_index(out / "plates").meta.metadata_columns == ["plate", "stain"]
+    (hit, *_), *_ = Searcher(out / "plates").search_images([str(forest[0])], k=1)
+    assert hit.to_json()["meta"] == {"plate": "0", "stain": "GFP"}
+
+    # A label edited, no image changed: nothing is embedded, the manifest is new.
+    write("mCherry")
+    again = run_build(client, parse_source(table, path_column="file"), out)
+    assert not again.kept and again.embedded == 0 and again.indexed == 6
+    stored = read_index(out / "plates")
+    assert stored.metadata[str(forest[0])]["stain"] == "mCherry"
+    assert run_build(client, parse_source(table, path_column="file"), out).kept
+    reindex(out / "plates", client=client)
+    assert read_index(out / "plates").metadata == stored.metadata
