@@ -9,8 +9,10 @@ URL (``s3://``, ``gs://``, ``https://``, ``file://``):
 - ``tar``: tar shards in the WebDataset layout, given as a brace pattern
   (``shards/{00000..00099}.tar``), a folder of ``.tar`` files, one ``.tar``
   file, or a ``.txt`` list of them. A member is addressed as
-  ``<shard>/<member>`` (``00007.tar/cat.jpg``) and a shard is read in one
-  sequential pass by one task.
+  ``<shard>/<member>`` (``00007.tar/cat.jpg``). A build plans such a source
+  by its shards (a stat each) and the task that embeds a shard finds its
+  members in the one sequential pass that reads them (:class:`ShardStream`);
+  the service and the duplicate check read single members (:class:`TarReader`).
 
 Every image gets a path relative to its source (the manifest's path, from
 which its id is derived), so ids stay stable for the same (source, entry).
@@ -68,7 +70,7 @@ class Source:
     base: str  # what entries' paths are relative to (a folder or URL prefix)
     path_column: str = "path"  # of a .csv / .parquet list
     # The shards of a tar source, relative to ``base`` (or absolute / URLs
-    # from a list of shards); the list file of a list source.
+    # from a list of shards).
     entries: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -209,13 +211,7 @@ def parse_source(
         return _tar_source(text)
     if kind == "list":
         _check_file(text, "file list")
-        return Source(
-            "list",
-            text,
-            _parent(text),
-            path_column or "path",
-            entries=(text,),
-        )
+        return Source("list", text, _parent(text), path_column or "path")
     _check_folder(text)
     return Source("folder", text.rstrip("/") or "/", text.rstrip("/") or "/")
 
