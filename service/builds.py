@@ -147,7 +147,8 @@ class Builds:
         ------
         ApiError
             403 when it lies outside every root (or none was configured),
-            404 when there is no such folder, 400 when it holds no images.
+            404 when there is no such folder, 400 when it holds neither
+            images nor tar shards.
         """
         if not self.dataset_roots:
             raise ApiError(
@@ -182,7 +183,7 @@ class Builds:
             )
         for path in inside:
             if path.is_dir() and path not in self.dataset_roots:
-                if not has_images(path):
+                if not has_images(path) and not _holds_shards(path):
                     raise ApiError(400, f"dataset folder {dataset!r} holds no images")
                 return path
         raise ApiError(404, f"no dataset folder {dataset!r} under the dataset roots")
@@ -327,3 +328,14 @@ class Builds:
         state = progress.snapshot()["state"]
         self._on_state(state)
         logger.info("build %s %s", build.id, state)
+
+
+def _holds_shards(folder: Path) -> bool:
+    """Whether ``folder`` is a dataset of tar shards (pipeline/sources.py)."""
+    from pipeline.errors import DatasetError
+    from pipeline.sources import parse_source
+
+    try:
+        return parse_source(folder).kind == "tar"
+    except DatasetError:
+        return False

@@ -391,6 +391,14 @@ def test_serve_shows_and_searches_images_from_shards_and_lists(
     listed.write_text("\n".join(str(p) for p in forest))
     run_build(client, listed, service.index_root)
 
+    # A folder of shards under the service's dataset root, built by the
+    # service itself: taken as tar shards by its form.
+    shard_photos(forest[:4], service.dataset_root / "packed-here", 2)
+    built = service.wait(service.build("packed-here")["id"])
+    assert built["state"] == "finished", built
+    info = service.request("GET", "/api/indexes/packed-here").json()
+    assert info["count"] == 4
+
     member = f"00001.tar/{forest[5].name}"
     for index, rel, where in (
         ("packed", member, f"{tmp_path}/packed/{member}"),
