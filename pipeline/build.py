@@ -167,9 +167,12 @@ def plan_dataset(
     spec: ModelSpec | None = None,
     rebuild: bool = False,
     index: IndexRequest | None = None,
+    cluster: Any = None,
 ) -> PlannedBuild:
     """Lock ``out/<name>``, discover ``dataset`` and diff it against the index
-    there (see :func:`build_steps` for the arguments); no cluster is needed.
+    there (see :func:`build_steps` for the arguments); no cluster is needed,
+    but a large dataset is listed on ``cluster``'s workers once it is at
+    hand (a Client, or a Future that gives one or None).
 
     Raises
     ------
@@ -194,7 +197,7 @@ def plan_dataset(
             logger.warning("%s: %s", dest, recovered)
         stages = StageTimer()
         with stages("discover"):
-            plan = plan_build(source, dest, spec, rebuild)
+            plan = plan_build(source, dest, spec, rebuild, cluster)
         held.callback(lambda: plan.previous and plan.previous.close())
         reusable = intact(plan.previous)
         kept = index_in_place(plan, reusable, index)
@@ -339,7 +342,13 @@ def build_steps(
     )
 
     planned = planned or plan_dataset(
-        dataset, out, name=name, spec=spec, rebuild=rebuild, index=index
+        dataset,
+        out,
+        name=name,
+        spec=spec,
+        rebuild=rebuild,
+        index=index,
+        cluster=client,
     )
     with planned:
         started, stages, plan = planned.started, planned.stages, planned.plan

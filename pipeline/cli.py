@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import uuid
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -500,7 +501,10 @@ def build(
     try:
         with contextlib.ExitStack() as held:
             # Each index is locked and its dataset planned while the cluster
-            # starts; a re-run that finds nothing to do starts none.
+            # starts; a re-run that finds nothing to do starts none. A large
+            # dataset's listing moves to the workers once they are there.
+            cluster_ready: Future = Future()
+            held.callback(_settle, cluster_ready)
             planning = Background(
                 plan_datasets,
                 named_datasets,
@@ -508,6 +512,7 @@ def build(
                 spec=spec,
                 rebuild=rebuild,
                 index=request,
+                cluster=cluster_ready,
             )
             held.callback(_release_planned, planning)
             conn, blind = None, []
@@ -527,8 +532,10 @@ def build(
                             out.resolve(),
                         )
                     )
+                    _settle(cluster_ready, conn.client)
                 with stages("workers"):
                     blind = _start_workers(conn, spec, out, tracker)
+            _settle(cluster_ready)
             with stages("plan"):  # what of it the cluster's start did not cover
                 planned = planning.result()
             if conn is None:
@@ -653,6 +660,12 @@ def _cluster_needed(planning) -> bool:
     except TimeoutError:
         return True
     return needs_cluster(planned)
+
+
+def _settle(future: Future, value=None) -> None:
+    """Give ``future`` its value unless it has one (planning waits on none)."""
+    if not future.done():
+        future.set_result(value)
 
 
 def _release_planned(planning) -> None:

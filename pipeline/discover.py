@@ -110,11 +110,42 @@ def discover_images(
     yield from _walk(str(base), failures)
 
 
-def _walk(base: str, failures: list[Failure] | None) -> Iterator[ImageRecord]:
+def _walk(
+    base: str,
+    failures: list[Failure] | None,
+    start: str = "",
+    walked: dict[tuple[int, int], str] | None = None,
+    entered: list[tuple[int, int, str]] | None = None,
+    shallow: list[str] | None = None,
+) -> Iterator[ImageRecord]:
+    """The images under ``base``/``start``, depth first in sorted order.
+
+    ``walked`` maps the folders (device, inode) walked already to their path
+    (the dataset root's is added); ``entered`` gets each folder entered, so
+    that walks of several parts of one tree can be merged
+    (:func:`pipeline.listing.merge_walks`). With ``shallow``, only the
+    images directly in ``start`` are listed and its sub-folders appended there.
+    """
     # Iterative, depth-first, in sorted order: 1,000+ nested folders must not
     # hit Python's recursion limit.
     st = os.stat(base)
-    walked = {(st.st_dev, st.st_ino): ""}
+    walked = {} if walked is None else walked
+    walked.setdefault((st.st_dev, st.st_ino), "")
+    if start:
+        # Its ancestors too, as a walk from the root would hold them: a link
+        # back up is not followed.
+        parts = start.split("/")
+        try:
+            for i in range(1, len(parts) + 1):
+                prefix = "/".join(parts[:i])
+                st = os.stat(os.path.join(base, prefix))
+                walked.setdefault((st.st_dev, st.st_ino), prefix)
+        except OSError as e:  # gone since the walk was split
+            if failures is not None:
+                failures.append(Failure(start, f"folder not readable: {e.strerror}"))
+            return
+    if entered is not None:
+        entered.append((st.st_dev, st.st_ino, start))
     stack: list[Iterator[os.DirEntry]] = []
     rels: list[str] = []
 
@@ -134,7 +165,7 @@ def _walk(base: str, failures: list[Failure] | None) -> Iterator[ImageRecord]:
         if failures is not None:
             failures.append(Failure(relpath, reason))
 
-    enter("")
+    enter(start)
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
@@ -156,12 +187,13 @@ def _walk(base: str, failures: list[Failure] | None) -> Iterator[ImageRecord]:
                 continue
             first = walked.setdefault((st.st_dev, st.st_ino), relpath)
             if first != relpath:
-                report(
-                    relpath,
-                    f"the same folder as {first or 'the dataset root'!r} (a symbolic "
-                    "link); its images are indexed there, once",
-                )
+                report(relpath, same_folder(first))
                 continue
+            if shallow is not None:
+                shallow.append(relpath)
+                continue
+            if entered is not None:
+                entered.append((st.st_dev, st.st_ino, relpath))
             enter(relpath)
             continue
         if not is_image_name(entry.name):
@@ -182,6 +214,14 @@ def _walk(base: str, failures: list[Failure] | None) -> Iterator[ImageRecord]:
             report(relpath, "not a regular file")
             continue
         yield ImageRecord(relpath, st.st_size, st.st_mtime_ns)
+
+
+def same_folder(first: str) -> str:
+    """The reason a folder reached a second time is not walked again."""
+    return (
+        f"the same folder as {first or 'the dataset root'!r} (a symbolic link); "
+        "its images are indexed there, once"
+    )
 
 
 def has_images(root: str | os.PathLike) -> bool:

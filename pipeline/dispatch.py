@@ -44,7 +44,6 @@ import contextlib
 import itertools
 import logging
 import math
-import re
 import threading
 import time
 import uuid
@@ -59,6 +58,7 @@ from pipeline.discover import Failure, ImageRecord, pack_records
 from pipeline.embed import GPU_BATCH_SIZE, ModelSpec, PartitionResult, embed_partition
 from pipeline.errors import BuildFailed
 from pipeline.sources import Source
+from pipeline.spans import task_label
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -443,11 +443,6 @@ class PartitionDispatcher:
             priority=1 if again else -next(self.ranks),
             resources={"GPU": 1} if self.settings.gpu_resource else None,
         )
-
-
-def task_label(name: str) -> str:
-    """``name`` as it may appear in a Dask task key (ASCII, short)."""
-    return re.sub(r"[^A-Za-z0-9_.]+", "_", name)[:40] or "dataset"
 
 
 class _Watchdog(threading.Thread):

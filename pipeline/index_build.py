@@ -207,7 +207,7 @@ class Runner:
         on_step: StepCallback | None = None,
         prefix: str = "index",
     ):
-        from pipeline.dispatch import task_label
+        from pipeline.spans import task_label
 
         self.client = client
         self.prefix = prefix

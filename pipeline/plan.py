@@ -45,8 +45,12 @@ class Plan:
         return metadata_digest(self.metadata)
 
 
-def plan_build(source: Source, dest: Path, spec: ModelSpec, rebuild: bool) -> Plan:
-    """List ``source`` and diff it against the index at ``dest``.
+def plan_build(
+    source: Source, dest: Path, spec: ModelSpec, rebuild: bool, cluster: Any = None
+) -> Plan:
+    """List ``source`` and diff it against the index at ``dest``; the listing
+    goes to ``cluster``'s workers once it is at hand (a Client, or a Future
+    of one: :class:`pipeline.listing.Lister`).
 
     Raises
     ------
@@ -56,7 +60,7 @@ def plan_build(source: Source, dest: Path, spec: ModelSpec, rebuild: bool) -> Pl
     """
     discovery_failures: list[Failure] = []
     metadata: dict[str, dict[str, Any]] = {}
-    records = list(source.records(discovery_failures, metadata))
+    records = list(source.records(discovery_failures, metadata, cluster))
     if not records and not discovery_failures:
         raise DatasetError(f"dataset {source.spec!r} contains no image files")
     records = _drop_id_collisions(records, discovery_failures)

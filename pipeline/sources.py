@@ -39,11 +39,18 @@ from typing import Any
 from pipeline.discover import (
     Failure,
     ImageRecord,
-    discover_images,
     is_image_name,
     partition_records,
 )
 from pipeline.errors import DatasetError, DecodeError
+from pipeline.listing import (
+    LIST_ROWS_PER_UNIT,
+    SHARDS_PER_UNIT,
+    Lister,
+    Unit,
+    folder_units,
+    merge_walks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,18 +127,24 @@ class Source:
         self,
         failures: list[Failure],
         metadata: dict[str, dict[str, Any]] | None = None,
+        cluster: Any = None,
     ) -> Iterator[ImageRecord]:
         """What a build plans, in a stable order: the source's images, or a
         tar source's shards (path, size, mtime: a shard written again is
         embedded again); unusable entries are appended to ``failures``, and
         a table's other columns to ``metadata`` (path -> {column: value}).
+
+        Listing goes in parts (:mod:`pipeline.listing`): here until
+        ``cluster`` (a Client, or a Future of one) is at hand, then on its
+        workers.
         """
+        lister = Lister(cluster, self.name)
         if self.kind == "folder":
-            yield from _folder_records(self, failures)
+            yield from _folder_records(self, failures, lister)
         elif self.kind == "list":
-            yield from _list_records(self, failures, metadata)
+            yield from _list_records(self, failures, metadata, lister)
         else:
-            yield from _shard_files(self, failures)
+            yield from _listed(self, self.entries, SHARDS_PER_UNIT, failures, lister)
 
     def partitions(
         self, records: list[ImageRecord], size: int, tail_threads: int = 0
@@ -313,9 +326,14 @@ def expand_braces(pattern: str) -> list[str]:
 # Listing.
 
 
-def _folder_records(source: Source, failures: list[Failure]) -> Iterator[ImageRecord]:
+def _folder_records(
+    source: Source, failures: list[Failure], lister: Lister
+) -> Iterator[ImageRecord]:
     if not is_url(source.base):
-        yield from discover_images(source.base, failures)
+        here, units = folder_units(source.base)
+        merged = merge_walks([here, *lister.run(source, units)])
+        failures.extend(merged.failures)
+        yield from merged.records
         return
     fs, root = _fs(source.base)
     found = fs.find(root, detail=True)
@@ -329,9 +347,11 @@ def _folder_records(source: Source, failures: list[Failure]) -> Iterator[ImageRe
 def _list_records(
     source: Source,
     failures: list[Failure],
-    metadata: dict[str, dict[str, Any]] | None = None,
+    metadata: dict[str, dict[str, Any]] | None,
+    lister: Lister,
 ) -> Iterator[ImageRecord]:
     seen: set[str] = set()
+    entries: list[str] = []
     for row, (entry, others) in enumerate(read_list(source), start=1):
         if entry in seen:
             failures.append(
@@ -339,8 +359,35 @@ def _list_records(
             )
             continue
         seen.add(entry)
+        entries.append(entry)
         if others and metadata is not None:
             metadata[entry] = others
+    yield from _listed(source, entries, LIST_ROWS_PER_UNIT, failures, lister)
+
+
+def _listed(
+    source: Source,
+    entries: Sequence[str],
+    per_unit: int,
+    failures: list[Failure],
+    lister: Lister,
+) -> Iterator[ImageRecord]:
+    """``entries`` stat'ed ``per_unit`` at a time by ``lister``, in order."""
+    units = [
+        Unit(entries=tuple(entries[i : i + per_unit]))
+        for i in range(0, len(entries), per_unit)
+    ]
+    for listing in lister.run(source, units):
+        failures.extend(listing.failures)
+        yield from listing.records
+
+
+def stat_entries(
+    source: Source, entries: Sequence[str], failures: list[Failure]
+) -> Iterator[ImageRecord]:
+    """A list's ``entries`` as records (one stat each; a failure row for
+    each that is missing or not a file)."""
+    for entry in entries:
         where = source.location(entry)
         try:
             if is_url(where):
@@ -466,11 +513,13 @@ def _no_column(path: str, column: str, names: Iterable[str]) -> str:
     )
 
 
-def _shard_files(source: Source, failures: list[Failure]) -> Iterator[ImageRecord]:
-    """A tar source's shards as records: one stat (or one listing of each
+def shard_files(
+    source: Source, shards: Sequence[str], failures: list[Failure]
+) -> Iterator[ImageRecord]:
+    """Tar ``shards`` as records: one stat each (or one listing of each
     remote folder), never a read of their members."""
     remote: dict[str, dict[str, dict]] = {}
-    for shard in source.entries:
+    for shard in shards:
         where = source.location(shard)
         try:
             if is_url(where):

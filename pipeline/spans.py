@@ -11,8 +11,14 @@ pages then show one span per build, dataset and stage.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
+
+
+def task_label(name: str) -> str:
+    """``name`` as it may appear in a Dask task key (ASCII, short)."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", name)[:40] or "dataset"
 
 
 class BuildSpan:

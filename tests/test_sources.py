@@ -720,3 +720,78 @@ def test_a_tables_other_columns_travel_into_the_manifest_and_results(
     assert run_build(client, parse_source(table, path_column="file"), out).kept
     reindex(out / "plates", client=client)
     assert read_index(out / "plates").metadata == stored.metadata
+
+
+# Listing in parts (pipeline/listing.py).
+
+
+def _tree_with_links(root: Path) -> Path:
+    """Nested folders, images at every level, symbolic links across
+    branches, to ancestors and to the root, a broken link and an empty file."""
+    data = root / "data"
+    for folder in ("a/x/deep/er", "a/y", "b/z", "c", "d/e/f/g"):
+        (data / folder).mkdir(parents=True)
+    for n, folder in enumerate(
+        ("", "a", "a/x", "a/x/deep/er", "a/y", "b/z", "c", "d/e/f/g")
+    ):
+        (data / folder / f"img{n}.jpg").write_bytes(b"x" * (n + 1))
+        (data / folder / f"note{n}.txt").write_text("not an image")
+    (data / "a" / "x" / "up").symlink_to(data / "a")  # to an ancestor
+    (data / "b" / "to-x").symlink_to(data / "a" / "x")  # across branches, later
+    (data / "0-to-z").symlink_to(data / "b" / "z")  # across, sorts first
+    (data / "c" / "root").symlink_to(data)  # to the root
+    (data / "c" / "gone.jpg").symlink_to(data / "nowhere.jpg")
+    return data
+
+
+@pytest.mark.parametrize("target", [1, 2, 3, 5, 64])
+def test_a_walk_split_in_parts_lists_what_one_walk_lists(tmp_path, target):
+    from pipeline.discover import discover_images
+    from pipeline.listing import folder_units, list_unit, merge_walks
+
+    data = _tree_with_links(tmp_path)
+    whole_failures: list[Failure] = []
+    whole = list(discover_images(data, whole_failures))
+    source = parse_source(data)
+    here, units = folder_units(source.base, target)
+    if 1 < target < 64:
+        assert len(units) > 1  # the tree was split (64: all listed here)
+    merged = merge_walks([here, *(list_unit(source, u) for u in units)])
+    assert merged.records == whole
+    assert sorted((f.path, f.reason) for f in merged.failures) == sorted(
+        (f.path, f.reason) for f in whole_failures
+    )
+    assert "0-to-z/img5.jpg" in {r.path for r in whole}  # the first path wins
+
+
+def test_a_large_listing_goes_to_the_workers_once_they_are_there(
+    client, tmp_path, caplog, monkeypatch
+):
+    import logging
+    from concurrent.futures import Future
+
+    from pipeline import listing, sources
+    from pipeline.build import plan_dataset
+    from pipeline.discover import discover_images
+
+    # Small units, so that this small tree and list are split.
+    monkeypatch.setattr(listing, "FOLDER_UNITS", 3)
+    monkeypatch.setattr(sources, "LIST_ROWS_PER_UNIT", 3)
+    data = _tree_with_links(tmp_path)
+    rows = [str(p) for p in sorted(data.rglob("*.jpg")) if p.is_file()]
+    listed = tmp_path / "rows.txt"
+    listed.write_text("\n".join(rows))
+    waiting: Future = Future()  # a cluster still starting: listed here
+    with caplog.at_level(logging.INFO, logger="pipeline.listing"):
+        with plan_dataset(data, tmp_path / "out", cluster=waiting) as alone:
+            assert not caplog.messages
+        ready: Future = Future()
+        ready.set_result(client)
+        with plan_dataset(data, tmp_path / "out", cluster=ready) as planned:
+            assert planned.plan.records == alone.plan.records
+        assert caplog.messages == ["listing data: 5 parts on the cluster"]
+        with plan_dataset(listed, tmp_path / "out", cluster=client) as by_rows:
+            assert [r.path for r in by_rows.plan.records] == rows
+    assert alone.plan.records == list(discover_images(data, []))
+    parts = -(-len(rows) // 3)
+    assert caplog.messages[-1] == f"listing rows: {parts} parts on the cluster"

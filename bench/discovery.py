@@ -1,0 +1,188 @@
+"""Discovery and planning at scale: a folder tree, a file list and tar shards.
+
+    python bench/discovery.py                      # 200,000 and 1,000,000 entries
+    python bench/discovery.py --sizes 100000       # quicker
+
+Each case runs in a process of its own (so that its peak memory is its own)
+and times ``plan_dataset`` alone: listing the dataset and diffing it
+against an empty output, with no image read. How the data are made (once,
+into bench-data/, reused by later runs):
+
+- a folder tree of N empty ``.jpg`` files, 1,000 to a folder, 100 folders
+  to a top folder (planning stats every file; it never opens one);
+- a ``.txt`` file list naming those same N files;
+- tar shards of 1,000 members each (1 KiB of bytes a member): planning
+  stats the shards, never reads them (it plans N / 1,000 shards); their
+  members are found by the tasks that embed them.
+
+Entries/s counts the N images either way.
+
+The folder and the list are listed on the client alone (as before listing
+went to the cluster) and with a LocalCluster at hand from the start (2
+workers here). The client's peak RSS includes the LocalCluster's scheduler,
+which runs in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DATA = ROOT / "bench-data"
+PER_FOLDER = 1000
+FOLDERS_PER_TOP = 100
+MEMBER = b"\xff" * 1024
+
+
+def make_tree(n: int) -> Path:
+    tree = DATA / f"tree-{n}"
+    done = tree / ".complete"
+    if done.exists():
+        return tree
+    print(f"writing a tree of {n:,} empty files in {tree} ...", flush=True)
+    for k in range(0, n, PER_FOLDER):
+        folder = tree / f"t{k // (PER_FOLDER * FOLDERS_PER_TOP):03d}" / f"d{k:09d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(k, min(n, k + PER_FOLDER)):
+            (folder / f"img{i:09d}.jpg").touch()
+    done.touch()
+    return tree
+
+
+def make_list(n: int, tree: Path) -> Path:
+    listed = DATA / f"tree-{n}.txt"
+    if not listed.exists():
+        rows = sorted(
+            os.path.relpath(os.path.join(top, name), DATA)
+            for top, _, files in os.walk(tree)
+            for name in files
+            if name.endswith(".jpg")
+        )
+        listed.write_text("\n".join(rows) + "\n")
+    return listed
+
+
+def make_shards(n: int) -> str:
+    folder = DATA / f"shards-{n}"
+    count = -(-n // PER_FOLDER)
+    pattern = f"{folder}/{{000000..{count - 1:06d}}}.tar"
+    if (folder / ".complete").exists():
+        return pattern
+    print(f"writing {count:,} tar shards of {PER_FOLDER} members in {folder} ...")
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(count):
+        with tarfile.open(folder / f"{s:06d}.tar", "w") as tar:
+            for i in range(s * PER_FOLDER, min(n, (s + 1) * PER_FOLDER)):
+                info = tarfile.TarInfo(f"img{i:09d}.jpg")
+                info.size = len(MEMBER)
+                tar.addfile(info, io.BytesIO(MEMBER))
+    (folder / ".complete").touch()
+    return pattern
+
+
+def run_case(dataset: str, on_cluster: bool) -> dict:
+    """In this process: plan ``dataset`` and report seconds, entries, RSS."""
+    import tempfile
+
+    from pipeline.build import plan_dataset
+
+    client = cluster = None
+    if on_cluster:
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=":0"
+        )
+        client = Client(cluster)
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        with plan_dataset(dataset, out, cluster=client) as planned:
+            seconds = time.perf_counter() - started
+            plan = planned.plan
+            entries = len(plan.records)
+            failures = len(plan.known_failures)
+    workers = len(client.nthreads()) if client else 0
+    if client:
+        client.close()
+        cluster.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "entries": entries,
+        "failures": failures,
+        "seconds": seconds,
+        "workers": workers,
+        "client_peak_rss": peak,
+    }
+
+
+def in_child(dataset: str, on_cluster: bool) -> dict:
+    cmd = [sys.executable, __file__, "--case", dataset]
+    if on_cluster:
+        cmd.append("--on-cluster")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"case {dataset} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="200000,1000000")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--on-cluster", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.on_cluster)))
+        return
+
+    rows = []
+    for n in (int(x) for x in args.sizes.split(",")):
+        tree = make_tree(n)
+        listed = make_list(n, tree)
+        shards = make_shards(n)
+        for kind, dataset, modes in (
+            ("folder tree", str(tree), (False, True)),
+            ("file list", str(listed), (False, True)),
+            ("tar shards", shards, (False,)),
+        ):
+            for on_cluster in modes:
+                r = in_child(dataset, on_cluster)
+                per_worker = n / r["seconds"] / r["workers"] if r["workers"] else None
+                rows.append((n, kind, on_cluster, r, per_worker))
+                where = "cluster (2 workers)" if on_cluster else "client alone"
+                print(
+                    f"{n:>10,} {kind:11} {where:20} {r['seconds']:7.2f} s "
+                    f"{n / r['seconds']:>11,.0f} entries/s"
+                    f" ({r['entries']:,} planned)"
+                    + (f" ({per_worker:,.0f}/s a worker)" if per_worker else "")
+                    + f", client peak RSS {r['client_peak_rss'] / 2**20:,.0f} MiB",
+                    flush=True,
+                )
+    print()
+    print(
+        "| entries | dataset | listed by | seconds | entries/s | a worker "
+        "| client peak RSS |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n, kind, on_cluster, r, per_worker in rows:
+        print(
+            f"| {n:,} | {kind} | {'cluster' if on_cluster else 'client'} | "
+            f"{r['seconds']:.2f} | {n / r['seconds']:,.0f} | "
+            f"{f'{per_worker:,.0f}' if per_worker else '-'} | "
+            f"{r['client_peak_rss'] / 2**20:,.0f} MiB |"
+        )
+
+
+if __name__ == "__main__":
+    main()
