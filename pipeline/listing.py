@@ -168,9 +168,10 @@ def merge_walks(listings: Sequence[Listing]) -> Listing:
     return merged
 
 
-def _order(path: str) -> list[str]:
-    """Depth-first sorted order: component by component."""
-    return path.split("/")
+def _order(path: str) -> str:
+    """Depth-first sorted order, component by component: as one string whose
+    separator sorts before any character of a name (no list per path)."""
+    return path.replace("/", "\0")
 
 
 def _under(path: str, folder: str) -> bool:
