@@ -107,10 +107,10 @@ def discover_images(
         If ``root`` is not a readable folder.
     """
     base = check_dataset(root)
-    yield from _walk(str(base), failures)
+    yield from walk_folder(str(base), failures)
 
 
-def _walk(
+def walk_folder(
     base: str,
     failures: list[Failure] | None,
     start: str = "",

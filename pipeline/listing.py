@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 from pipeline.discover import (
     Failure,
     ImageRecord,
-    _walk,
     pack_records,
     same_folder,
     unpack_records,
+    walk_folder,
 )
 from pipeline.spans import task_label
 
@@ -68,13 +68,13 @@ class Unit:
 
 
 def list_unit(source: Source, unit: Unit) -> Listing:
-    """List one unit of ``source``: the Dask task (or a call here)."""
+    """List one unit of ``source``, here (:func:`list_unit_packed` is the task)."""
     from pipeline.sources import shard_files, stat_entries
 
     listing = Listing()
     if source.kind == "folder":
         listing.records = list(
-            _walk(
+            walk_folder(
                 source.base,
                 listing.failures,
                 start=unit.start,
@@ -113,7 +113,7 @@ def folder_units(base: str, target: int | None = None) -> tuple[Listing, list[Un
         # paths to one folder is its own is for merge_walks to say, in the
         # walk's order (breadth first here, a link may come first).
         here.records.extend(
-            _walk(
+            walk_folder(
                 base,
                 here.failures,
                 start=folder,
