@@ -119,18 +119,20 @@ def make_thumbnails(
     """JPEG thumbnails of ``source``'s ``paths`` (None: unreadable now): the
     Dask task. ``source`` may be a folder's absolute path."""
     source = as_source(source)
-    out: list[bytes | None] = []
+    out: list[bytes | None] = [None] * len(paths)
+    # Read in path order: a tar shard's members then come in one pass over
+    # it, not one pass each time the page's order goes back to it.
+    order = sorted(range(len(paths)), key=lambda i: paths[i])
     with source.reader(paths) as reader:
-        for path in paths:
+        for i in order:
             try:
-                image = load_rgb(image_file(source, path, reader), side)
+                image = load_rgb(image_file(source, paths[i], reader), side)
             except DecodeError:
-                out.append(None)
                 continue
             image.thumbnail((side, side))
             buffer = io.BytesIO()
             image.save(buffer, "JPEG", quality=80)
-            out.append(buffer.getvalue())
+            out[i] = buffer.getvalue()
     return out
 
 

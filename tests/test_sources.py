@@ -795,3 +795,26 @@ def test_a_large_listing_goes_to_the_workers_once_they_are_there(
     assert alone.plan.records == list(discover_images(data, []))
     parts = -(-len(rows) // 3)
     assert caplog.messages[-1] == f"listing rows: {parts} parts on the cluster"
+
+
+def test_thumbnails_of_shard_members_read_each_shard_once(
+    tmp_path, photos, monkeypatch
+):
+    from pipeline import sources
+    from pipeline.report_html import make_thumbnails
+
+    shard_photos(photos[:8], tmp_path / "s", 4)
+    source = parse_source(tmp_path / "s")
+    # The page's order goes back and forth between the two shards.
+    order = (5, 0, 6, 1, 7, 2, 4, 3)
+    paths = [f"0000{n // 4}.tar/{photos[n].name}" for n in order]
+    opened: list[str] = []
+    real_open = sources._open
+    monkeypatch.setattr(
+        sources, "_open", lambda where: opened.append(where) or real_open(where)
+    )
+    thumbs = make_thumbnails(source, [*paths, "00000.tar/missing.jpg"], 32)
+    assert sorted(opened) == [str(tmp_path / "s" / f"0000{k}.tar") for k in (0, 1)]
+    # The same thumbnails as of the files themselves, in the page's order.
+    loose = make_thumbnails(str(photos[0].parent), [photos[n].name for n in order], 32)
+    assert thumbs == [*loose, None]
