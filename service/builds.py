@@ -286,9 +286,15 @@ class Builds:
         try:
             spec = ModelSpec.from_config()
             # Planned first: a build that finds every index current needs no
-            # cluster, and the service may have none started yet.
+            # cluster, and the service may have none started yet; where it
+            # has one, a large dataset is listed on its workers.
+            with self._conn_lock:
+                running = self._conn
+            at_hand = None
+            if running is not None and running.client.status == "running":
+                at_hand = running.client
             planned = plan_datasets(
-                build.jobs, self.out, spec=spec, rebuild=build.rebuild
+                build.jobs, self.out, spec=spec, rebuild=build.rebuild, cluster=at_hand
             )
             client, blind = None, []
             if needs_cluster(planned):
