@@ -404,13 +404,13 @@ def build_steps(
             if source.by_shard:
                 # How many images the shards hold is known as they are read:
                 # the total is estimated from the bytes read so far.
+                total_bytes = sum(r.size for r in plan.to_embed)
                 tracker = _Progress(
                     progress,
                     0,
                     done_images,
-                    total_bytes=sum(r.size for r in plan.to_embed),
-                    done_bytes=sum(r.size for r in plan.to_embed)
-                    - sum(r.size for r in remaining),
+                    total_bytes=total_bytes,
+                    done_bytes=total_bytes - sum(r.size for r in remaining),
                 )
             else:
                 tracker = _Progress(progress, len(plan.to_embed), done_images)

@@ -186,7 +186,6 @@ class Lister:
     def __init__(self, cluster: Any = None, label: str = "listing"):
         self.cluster = cluster
         self.label = task_label(label)
-        self.tasks = 0  # units listed on the cluster
 
     def run(self, source: Source, units: Sequence[Unit]) -> Iterator[Listing]:
         for i, unit in enumerate(units):
@@ -216,7 +215,6 @@ class Lister:
             key=keys,
             pure=False,
         )
-        self.tasks += len(futures)
         logger.info("listing %s: %d parts on the cluster", self.label, len(units))
         try:
             for i, future in enumerate(futures):

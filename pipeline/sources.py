@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import logging
 import os
 import re
 import tarfile
@@ -52,14 +51,12 @@ from pipeline.listing import (
     merge_walks,
 )
 
-logger = logging.getLogger(__name__)
-
 KINDS = ("folder", "list", "tar")
 INPUT_FORMATS = ("auto", *KINDS)
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-# fsspec reads remote files in blocks this big: a tar's member headers are
-# then found in a few requests, not one request a member.
+# fsspec reads remote files in blocks this big, ahead of the reader: a tar
+# shard streamed from an object store costs a request per 8 MiB, not per member.
 _REMOTE_BLOCK = 8 << 20
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -583,10 +580,7 @@ class ShardStream:
                         )
                         continue
                     seen.add(member.name)
-                    data = bytearray(member.size)
-                    handle = tar.extractfile(member)
-                    if handle is not None and handle.readinto(data) != member.size:
-                        raise EOFError("unexpected end of data")
+                    data = _member_bytes(tar, member)
                     self.records.append(ImageRecord(rel, member.size, shard.mtime_ns))
                     yield rel, data
         except FileNotFoundError:
@@ -711,11 +705,7 @@ class TarReader(Reader):
             name = member.name
             if name in self._wanted.get(shard, ()) and member.isfile():
                 if name not in self._passed:
-                    data = bytearray(member.size)
-                    handle = self._tar.extractfile(member)
-                    if handle is not None and handle.readinto(data) != member.size:
-                        raise EOFError("the member is cut short")
-                    self._kept[name] = data
+                    self._kept[name] = _member_bytes(self._tar, member)
             self._passed.add(name)
         except (tarfile.TarError, EOFError, OSError) as e:
             self._ended = f"its tar shard is damaged here: {_one_line(e)}"
@@ -755,6 +745,21 @@ class HandOver(Reader):
         return data
 
 
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytearray:
+    """A tar member's bytes, read where the stream is.
+
+    Raises
+    ------
+    EOFError
+        If the shard ends inside the member.
+    """
+    data = bytearray(member.size)
+    handle = tar.extractfile(member)
+    if handle is not None and handle.readinto(data) != member.size:
+        raise EOFError("the member is cut short")
+    return data
+
+
 def read_file(path: str) -> bytearray:
     """A local file's bytes, read in one call.
 
@@ -786,11 +791,7 @@ def image_file(
     local = source.local_file(rel)
     if local is not None:
         return local
-    if reader is None:
-        with source.reader([rel]) as alone:
-            data = alone.read(rel)
-    else:
-        data = reader.read(rel)
+    data = reader.read(rel) if reader is not None else _read_alone(source, rel)
     f = io.BytesIO(data)
     f.name = source.location(rel)
     return f
@@ -810,6 +811,12 @@ def read_image(source: Source, rel: str) -> bytearray:
             return read_file(local)
         except OSError as e:
             raise DecodeError(local, e.strerror or _one_line(e)) from None
+    return _read_alone(source, rel)
+
+
+def _read_alone(source: Source, rel: str) -> bytearray:
+    """``rel``'s bytes through a reader of its own (a tar member: one pass
+    over its shard, up to it)."""
     with source.reader([rel]) as reader:
         return reader.read(rel)
 
@@ -873,13 +880,6 @@ def _open(where: str):
         return open(where, "rb")
     fs, path = _fs(where)
     return fs.open(path, "rb", block_size=_REMOTE_BLOCK, cache_type="readahead")
-
-
-def _file_stamp(where: str) -> int:
-    if not is_url(where):
-        return os.stat(where).st_mtime_ns
-    fs, path = _fs(where)
-    return _stamp(fs.info(path))
 
 
 def _stamp(info: dict) -> int:

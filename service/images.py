@@ -132,10 +132,15 @@ def describe_image_file(image: IndexedImage) -> dict[str, Any]:
     ApiError
         404 if the file cannot be read now.
     """
-    _, mtime_ns = image.stamp()
-    data = image.read()
+    size, mtime_ns = image.stamp()
+    # A file of its own is described from its stat and header; a tar member
+    # or an object is read (the stamp is its shard's or its store's).
+    opened = image.source.local_file(image.relpath)
+    if opened is None:
+        data = image.read()
+        size, opened = len(data), io.BytesIO(data)
     info: dict[str, Any] = {
-        "bytes": len(data),
+        "bytes": size,
         "modified": datetime.fromtimestamp(mtime_ns / 1e9, timezone.utc).isoformat(
             timespec="seconds"
         ),
@@ -144,7 +149,7 @@ def describe_image_file(image: IndexedImage) -> dict[str, Any]:
         "format": None,
     }
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(opened) as im:
             info.update(width=im.width, height=im.height, format=im.format)
     except Exception:  # not an image now: the sizes stay unknown
         pass
