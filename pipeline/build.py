@@ -46,7 +46,7 @@ from pipeline.index_build import Runner, StepCallback
 from pipeline.lock import lock_index
 from pipeline.meta import IndexMeta
 from pipeline.models import ModelCard, get_model
-from pipeline.plan import Plan, plan_build
+from pipeline.plan import Plan, clear_plan, plan_build, plan_dir
 from pipeline.shards import (
     Shard,
     clear_staging,
@@ -198,6 +198,7 @@ def plan_dataset(
         stages = StageTimer()
         with stages("discover"):
             plan = plan_build(source, dest, spec, rebuild, cluster)
+        held.callback(clear_plan, plan_dir(dest))
         held.callback(lambda: plan.previous and plan.previous.close())
         reusable = intact(plan.previous)
         kept = index_in_place(plan, reusable, index)
@@ -898,7 +899,7 @@ class _ShardSink:
         self.runtime_reasons: dict[str, str] = {}
         self.task_seconds: Counter = Counter()
         self.shards: list[Shard] = []  # this run's, and the resumed ones
-        # The images that partitions of tar shards found (plan.records holds
+        # The images that partitions of tar shards found (plan.to_embed holds
         # the shards themselves).
         self.found: dict[str, ImageRecord] = {}
 
@@ -951,11 +952,10 @@ class _ShardSink:
 
     def finish(self, plan: Plan):
         """(manifest in path order, failures in path order, their file records)."""
-        by_path = {r.path: r for r in plan.records}
-        if plan.by_shard:
-            by_path.update((r.path, r) for r in plan.kept)
-            by_path.update((r.path, r) for r in plan.known_records)
-            by_path.update(self.found)
+        by_path = {r.path: r for r in plan.to_embed}
+        by_path.update((r.path, r) for r in plan.kept)
+        by_path.update((r.path, r) for r in plan.known_records)
+        by_path.update(self.found)
         manifest = [by_path[p] for p in sorted(self.paths)]
         failures = sorted(self.failures, key=lambda f: f.path)
         failed_records = {

@@ -123,7 +123,7 @@ def walk_folder(
     ``walked`` maps the folders (device, inode) walked already to their path
     (the dataset root's is added); ``entered`` gets each folder entered, so
     that walks of several parts of one tree can be merged
-    (:func:`pipeline.listing.merge_walks`). With ``shallow``, only the
+    (:func:`pipeline.listing.walk_conflicts`). With ``shallow``, only the
     images directly in ``start`` are listed and its sub-folders appended there.
     """
     # Iterative, depth-first, in sorted order: 1,000+ nested folders must not

@@ -5,31 +5,45 @@ second to one client, and a file list of millions of entries is millions of
 stats: so a source is listed in units (sub-trees of a folder, chunks of a
 list's rows, batches of tar shards), each one call of :func:`list_unit`.
 :class:`Lister` runs them here, in order, until a cluster is at hand, and
-hands the rest to its workers as tasks, gathered in order: a small dataset
-is listed in less time than a cluster takes to start (and a build that finds
-nothing to do starts none), a large one is listed by every worker at once.
+hands the rest to its workers as tasks, a bounded window of them at a time:
+a small dataset is listed in less time than a cluster takes to start (and a
+build that finds nothing to do starts none), a large one is listed by every
+worker at once.
 
-The units of a folder's walk are merged as one walk would have listed them
-(:func:`merge_walks`): in depth-first sorted order, each folder reached
-through symbolic links walked once, at its first path in that order.
+What a unit finds goes to disk as parts (:mod:`pipeline.parts`), written by
+the worker that listed it where it sees the client's folder, else by the
+client as the unit's rows arrive: the client holds a window of units, never
+the dataset's records. :class:`SourceListing` merges the parts in path
+order, as a build plans them.
+
+The units of a folder's walk are listed as one walk would have listed them:
+each folder reached through symbolic links walked once, at its first path
+in depth-first sorted order (:func:`walk_conflicts`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import pickle
 import uuid
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.discover import (
-    Failure,
-    ImageRecord,
-    pack_records,
-    same_folder,
-    unpack_records,
-    walk_folder,
+from pipeline.discover import Failure, ImageRecord, same_folder, walk_folder
+from pipeline.parts import (
+    MERGE_FAN_IN,
+    Listed,
+    Part,
+    PartWriter,
+    merge_parts,
+    write_merged,
+    write_part,
 )
 from pipeline.spans import task_label
 
@@ -45,94 +59,170 @@ LIST_ROWS_PER_UNIT = 10_000
 SHARDS_PER_UNIT = 1_000
 
 
+# The file in a listing's folder that tells a worker it sees the client's
+# folder (and not another of the same name): it holds the listing's token.
+TOKEN_FILE = ".listing"
+
+
 @dataclass
 class Listing:
-    """What one unit listed."""
+    """What one unit listed: its parts, and the entries it could not list."""
 
-    records: list[ImageRecord] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    # the file list's row of each failure (0: not a list's)
+    failure_rows: list[int] = field(default_factory=list)
     # (device, inode, path) of each folder a folder's unit entered
     folders: list[tuple[int, int, str]] = field(default_factory=list)
-    # records in depth-first sorted order (folders opened one level at a
-    # time are not)
-    ordered: bool = True
 
 
 @dataclass(frozen=True)
 class Unit:
     """One part of a source's listing: a sub-tree of a folder (``start``),
-    or some of a list's entries or of a tar source's shards (``entries``)."""
+    or some of a list's entries or of a tar source's shards (``entries``),
+    a list's with their rows and other columns (JSON text)."""
 
     start: str = ""
     entries: tuple[str, ...] = ()
+    rows: tuple[int, ...] = ()
+    metas: tuple[str | None, ...] = ()
 
 
-def list_unit(source: Source, unit: Unit) -> Listing:
-    """List one unit of ``source``, here (:func:`list_unit_packed` is the task)."""
-    from pipeline.sources import shard_files, stat_entries
+def unit_items(source: Source, unit: Unit, listing: Listing) -> Iterator[Listed]:
+    """What ``unit`` of ``source`` holds, as it is listed; what cannot be
+    listed goes to ``listing``'s failures (and the folders entered to its
+    folders)."""
+    from pipeline.sources import shard_files, stat_entry
 
-    listing = Listing()
     if source.kind == "folder":
-        listing.records = list(
-            walk_folder(
-                source.base,
-                listing.failures,
-                start=unit.start,
-                entered=listing.folders,
-            )
+        walk = walk_folder(
+            source.base, listing.failures, start=unit.start, entered=listing.folders
         )
-    elif source.kind == "list":
-        listing.records = list(stat_entries(source, unit.entries, listing.failures))
-    else:
-        listing.records = list(shard_files(source, unit.entries, listing.failures))
+        for r in walk:
+            yield Listed(r)
+        listing.failure_rows = [0] * len(listing.failures)
+        return
+    if source.kind == "tar":
+        for r in shard_files(source, unit.entries, listing.failures):
+            yield Listed(r)
+        listing.failure_rows = [0] * len(listing.failures)
+        return
+    rows = unit.rows or tuple(range(1, len(unit.entries) + 1))
+    metas = unit.metas or (None,) * len(unit.entries)
+    for entry, row, meta in zip(unit.entries, rows, metas, strict=True):
+        found = stat_entry(source, entry)
+        if isinstance(found, Failure):
+            listing.failures.append(found)
+            listing.failure_rows.append(row)
+        else:
+            yield Listed(found, row, meta)
+
+
+def list_unit(source: Source, unit: Unit, folder: str | os.PathLike) -> Listing:
+    """List one unit of ``source`` into parts in ``folder``, here
+    (:func:`list_unit_task` is the task)."""
+    listing = Listing()
+    writer = PartWriter(folder)
+    writer.extend(unit_items(source, unit, listing))
+    listing.parts = writer.close()
     return listing
 
 
-def list_unit_packed(source: Source, unit: Unit) -> tuple[bytes, list, list]:
-    """:func:`list_unit` as a Dask task sends it back: the records packed
-    (a third of the bytes and of the time of pickling them one by one)."""
-    listing = list_unit(source, unit)
-    return pack_records(listing.records), listing.failures, listing.folders
+def list_unit_task(
+    source: Source, unit: Unit, folder: str, token: str
+) -> tuple[list[Part] | bytes, list[Failure], list[int], list]:
+    """:func:`list_unit` as a Dask task runs it: the worker writes the parts
+    where it sees the client's ``folder`` (its token file says so), else
+    sends the rows back packed for the client to write."""
+    if _sees(folder, token):
+        listing = list_unit(source, unit, folder)
+        return listing.parts, listing.failures, listing.failure_rows, listing.folders
+    listing = Listing()
+    rows = [
+        (x.record.path, x.record.size, x.record.mtime_ns, x.row, x.meta)
+        for x in unit_items(source, unit, listing)
+    ]
+    packed = zlib.compress(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL), 1)
+    return packed, listing.failures, listing.failure_rows, listing.folders
 
 
-def folder_units(base: str, target: int | None = None) -> tuple[Listing, list[Unit]]:
+def _sees(folder: str, token: str) -> bool:
+    """Whether this process sees the client's ``folder`` (not another one
+    of that name): its token file holds ``token``."""
+    try:
+        return Path(folder, TOKEN_FILE).read_text() == token
+    except OSError:
+        return False
+
+
+def merge_group(parts: Sequence[Part], folder: str | os.PathLike) -> Part:
+    """Merge ``parts`` into one part in ``folder``, and remove them."""
+    name = f"{uuid.uuid4().hex[:12]}-merged.parquet"
+    merged = write_merged(Path(folder, name), parts)
+    for part in parts:
+        Path(part.file).unlink(missing_ok=True)
+    return merged
+
+
+def merge_group_task(parts: Sequence[Part], folder: str, token: str) -> Part | None:
+    """:func:`merge_group` as a Dask task: None where the worker does not
+    see the client's folder (the client merges them then)."""
+    return merge_group(parts, folder) if _sees(folder, token) else None
+
+
+def _unpacked(packed: bytes) -> list[Listed]:
+    return [
+        Listed(ImageRecord(path, size, mtime), row, meta)
+        for path, size, mtime, row, meta in pickle.loads(zlib.decompress(packed))
+    ]
+
+
+def folder_units(
+    base: str, folder: str | os.PathLike, target: int | None = None
+) -> tuple[Listing, list[Unit]]:
     """Split the walk of ``base`` into at most about ``target`` sub-trees.
 
     Folders are opened breadth first here until there are ``target`` whose
-    sub-trees are left to walk; the images in the folders opened here come
-    back as a listing of their own (with the folders opened), beside the
-    units of the rest.
+    sub-trees are left to walk; the images in the folders opened here go to
+    parts in ``folder`` as a listing of their own (with the folders opened),
+    beside the units of the rest.
     """
     target = target or FOLDER_UNITS
     here = Listing()
+    writer = PartWriter(folder)
     deep = [""]  # sub-trees not opened yet, shallowest first
     while deep and len(deep) < target:
-        folder = deep.pop(0)
+        start = deep.pop(0)
         children: list[str] = []
         # Each folder knows only its ancestors, as in one walk: which of two
-        # paths to one folder is its own is for merge_walks to say, in the
+        # paths to one folder is its own is for walk_conflicts to say, in the
         # walk's order (breadth first here, a link may come first).
-        here.records.extend(
-            walk_folder(
+        writer.extend(
+            Listed(r)
+            for r in walk_folder(
                 base,
                 here.failures,
-                start=folder,
+                start=start,
                 entered=here.folders,
                 shallow=children,
             )
         )
         deep.extend(children)
-    here.ordered = len(here.folders) <= 1
-    return here, [Unit(folder) for folder in deep]
+    here.parts = writer.close()
+    here.failure_rows = [0] * len(here.failures)
+    return here, [Unit(start) for start in deep]
 
 
-def merge_walks(listings: Sequence[Listing]) -> Listing:
-    """Listings of parts of one folder tree as one walk would have made them.
-
-    A folder entered at several paths (symbolic links from different parts)
+def walk_conflicts(listings: Sequence[Listing]) -> tuple[list[str], list[Failure]]:
+    """The folders of a walk listed in parts that are not their own: each
+    folder entered at several paths (symbolic links from different parts)
     keeps its images at the first path in depth-first sorted order; under
     the others nothing is listed, and each is one failure row saying where
     its images are.
+
+    Returns
+    -------
+    (dropped folders, their failure rows)
     """
     folders = sorted(
         (f for listing in listings for f in listing.folders),
@@ -142,30 +232,13 @@ def merge_walks(listings: Sequence[Listing]) -> Listing:
     dropped: list[str] = []
     failures: list[Failure] = []
     for dev, ino, path in folders:
-        if any(_under(path, d) for d in dropped):
+        if any(under(path, d) for d in dropped):
             continue
         winner = first.setdefault((dev, ino), path)
         if winner != path:
             dropped.append(path)
             failures.append(Failure(path, same_folder(winner)))
-    merged = Listing(failures=failures)
-    for listing in listings:
-        if not dropped:
-            merged.records.extend(listing.records)
-            merged.failures.extend(listing.failures)
-            continue
-        merged.records.extend(
-            r for r in listing.records if not any(_under(r.path, d) for d in dropped)
-        )
-        merged.failures.extend(
-            f
-            for f in listing.failures
-            if not any(_under(f.path, d) and f.path != d for d in dropped)
-        )
-    listed = [listing for listing in listings if listing.records]
-    if len(listed) > 1 or (listed and not listed[0].ordered):
-        merged.records.sort(key=lambda r: _order(r.path))
-    return merged
+    return dropped, failures
 
 
 def _order(path: str) -> str:
@@ -174,26 +247,140 @@ def _order(path: str) -> str:
     return path.replace("/", "\0")
 
 
-def _under(path: str, folder: str) -> bool:
+def under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + "/")
 
 
-class Lister:
-    """Runs a source's listing units: here, in order, until ``cluster``
-    gives a client (a ``distributed.Client``, or a Future that may resolve
-    to one or to None), then the rest as Dask tasks, in order."""
+@dataclass
+class SourceListing:
+    """A whole source listed in parts (:meth:`pipeline.sources.Source.listing`).
 
-    def __init__(self, cluster: Any = None, label: str = "listing"):
+    :meth:`items` merges the parts in path order; a path listed at several
+    rows of a file list is given once, at its first row, and each other row
+    is a failure. ``failures`` are complete once :meth:`items` is.
+    """
+
+    parts: list[Part]
+    failures: list[Failure]
+    # folders of a walk not listed at their path (links to a folder listed
+    # at another): what parts hold under them is not the source's
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Rows in the parts (an upper bound on the images)."""
+        return sum(p.count for p in self.parts)
+
+    def items(self) -> Iterator[Listed]:
+        last = None
+        for item in merge_parts(self.parts):
+            path = item.record.path
+            if self.dropped and any(under(path, d) for d in self.dropped):
+                continue
+            if path == last:
+                self.failures.append(_listed_again(path, item.row))
+                continue
+            last = path
+            yield item
+
+
+def _listed_again(path: str, row: int) -> Failure:
+    return Failure(path, f"listed more than once (row {row}); indexed once")
+
+
+def collect_listings(listings: Iterable[Listing], dropped: list[str]) -> SourceListing:
+    """The parts and failures of ``listings``: a file list's failure rows
+    given once by path (at the first row, the other rows as listed again),
+    those under ``dropped`` folders left out."""
+    parts: list[Part] = []
+    first: dict[str, tuple[int, Failure]] = {}
+    again: list[Failure] = []
+    plain: list[Failure] = []
+    for listing in listings:
+        parts.extend(listing.parts)
+        for f, row in zip(listing.failures, listing.failure_rows, strict=True):
+            if dropped and any(under(f.path, d) and f.path != d for d in dropped):
+                continue
+            if not row:
+                plain.append(f)
+                continue
+            held = first.get(f.path)
+            if held is None or row < held[0]:
+                if held is not None:
+                    again.append(_listed_again(f.path, held[0]))
+                first[f.path] = (row, f)
+            else:
+                again.append(_listed_again(f.path, row))
+    failures = plain + [f for _, f in first.values()] + again
+    return SourceListing(parts, failures, dropped)
+
+
+class Lister:
+    """Runs a source's listing units into parts in ``folder``: here, in
+    order, until ``cluster`` gives a client (a ``distributed.Client``, or a
+    Future that may resolve to one or to None), then the rest as Dask tasks,
+    a window of them at a time."""
+
+    def __init__(
+        self, folder: str | os.PathLike, cluster: Any = None, label: str = "listing"
+    ):
+        self.folder = Path(folder)
         self.cluster = cluster
         self.label = task_label(label)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.token = uuid.uuid4().hex
+        (self.folder / TOKEN_FILE).write_text(self.token)
 
-    def run(self, source: Source, units: Sequence[Unit]) -> Iterator[Listing]:
-        for i, unit in enumerate(units):
+    def run(self, source: Source, units: Iterable[Unit]) -> Iterator[Listing]:
+        units = iter(units)
+        unit = next(units, None)
+        while unit is not None:
+            after = next(units, None)
             client = self._client()
-            if client is not None and len(units) - i > 1:
-                yield from self._on_cluster(client, source, units[i:])
+            if client is not None and after is not None:
+                yield from self._on_cluster(
+                    client, source, itertools.chain([unit, after], units)
+                )
                 return
-            yield list_unit(source, unit)
+            yield list_unit(source, unit, self.folder)
+            unit = after
+
+    def compact(self, parts: Sequence[Part]) -> list[Part]:
+        """``parts`` merged in groups (on the cluster where one is at hand)
+        until at most ``MERGE_FAN_IN`` are left, so that merging them all
+        holds a batch of few parts at once."""
+        parts = [p for p in parts if p.count]
+        while len(parts) > MERGE_FAN_IN:
+            groups = [
+                parts[i : i + MERGE_FAN_IN] for i in range(0, len(parts), MERGE_FAN_IN)
+            ]
+            parts = self._merge_groups(groups)
+        return parts
+
+    def _merge_groups(self, groups: list[list[Part]]) -> list[Part]:
+        client = self._client()
+        if client is None:
+            return [merge_group(group, self.folder) for group in groups]
+        run = uuid.uuid4().hex[:8]
+        logger.info(
+            "listing %s: merging %d parts in %d groups on the cluster",
+            self.label,
+            sum(len(group) for group in groups),
+            len(groups),
+        )
+        futures = client.map(
+            merge_group_task,
+            groups,
+            [str(self.folder)] * len(groups),
+            [self.token] * len(groups),
+            key=[f"merge[{self.label}]-{n:05d}-{run}" for n in range(len(groups))],
+            pure=False,
+        )
+        merged = client.gather(futures)
+        return [
+            part if part is not None else merge_group(group, self.folder)
+            for group, part in zip(groups, merged, strict=True)
+        ]
 
     def _client(self):
         cluster = self.cluster
@@ -204,24 +391,44 @@ class Lister:
         return cluster
 
     def _on_cluster(
-        self, client, source: Source, units: Sequence[Unit]
+        self, client, source: Source, units: Iterator[Unit]
     ) -> Iterator[Listing]:
+        from distributed import as_completed
+
         run = uuid.uuid4().hex[:8]
-        keys = [f"list[{self.label}]-{n:05d}-{run}" for n in range(len(units))]
-        futures = client.map(
-            list_unit_packed,
-            [source.for_tasks()] * len(units),
-            list(units),
-            key=keys,
-            pure=False,
-        )
-        logger.info("listing %s: %d parts on the cluster", self.label, len(units))
+        for_tasks = source.for_tasks()
+        window = max(4, 2 * sum(client.nthreads().values()))
+        count = itertools.count()
+        pending = as_completed(loop=client.loop)
+
+        def submit(unit: Unit) -> None:
+            pending.add(
+                client.submit(
+                    list_unit_task,
+                    for_tasks,
+                    unit,
+                    str(self.folder),
+                    self.token,
+                    key=f"list[{self.label}]-{next(count):05d}-{run}",
+                    pure=False,
+                )
+            )
+
+        for unit in itertools.islice(units, window):
+            submit(unit)
         try:
-            for i, future in enumerate(futures):
-                packed, failures, folders = future.result()
-                futures[i] = None  # its result is not held twice
-                yield Listing(unpack_records(packed), failures, folders)
+            for future in pending:
+                parts, failures, rows, folders = future.result()
+                future.release()
+                unit = next(units, None)
+                if unit is not None:
+                    submit(unit)
+                if isinstance(parts, bytes):  # the worker cannot see the folder
+                    items = _unpacked(parts)
+                    name = f"{uuid.uuid4().hex[:12]}-rows.parquet"
+                    parts = [write_part(self.folder / name, items)] if items else []
+                yield Listing(parts, failures, rows, folders)
         finally:
-            for future in futures:
-                if future is not None:
-                    future.cancel()
+            for future in list(pending.futures):
+                future.cancel()
+        logger.info("listing %s: %d parts on the cluster", self.label, next(count))

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import array
+import itertools
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.discover import Failure, ImageRecord
+import numpy as np
+
+from pipeline.discover import Failure, ImageRecord, image_id
 from pipeline.embed import ModelSpec
 from pipeline.errors import DatasetError, IndexDirError
+from pipeline.listing import TOKEN_FILE as LISTING_TOKEN
+from pipeline.listing import SourceListing
+from pipeline.parts import (
+    Part,
+    PartRecords,
+    PartWriter,
+    iter_part,
+    remove_parts,
+    write_part,
+)
 from pipeline.sources import Source, metadata_digest, split_member
 from pipeline.store import (
     StoredIndex,
@@ -21,22 +37,26 @@ from pipeline.store import (
 
 @dataclass
 class Plan:
-    """What a build must do: the incremental diff against the index in place."""
+    """What a build must do: the incremental diff against the index in place.
 
-    records: list[ImageRecord]
-    kept: list[ImageRecord]
-    to_embed: list[ImageRecord]
+    ``kept`` and ``to_embed`` are kept in parts on disk (:mod:`pipeline.parts`)
+    for a folder or a file list, in path order: millions of them never sit in
+    the client while planning.
+    """
+
+    kept: Sequence[ImageRecord]
+    to_embed: Sequence[ImageRecord]
     added: int
     updated: int
     removed: int
     known_failures: list[Failure]  # found while planning: no task needed
     unchanged: int
     previous: StoredIndex | None
-    # Tar shards: ``records`` and ``to_embed`` are shards, ``kept`` their
-    # images; ``known_records`` are the files behind the known failures of
-    # the shards kept (pipeline/sources.py).
-    by_shard: bool = False
+    # The files behind the known failures that are not the listing's own
+    # (those it found unusable have none).
     known_records: list[ImageRecord] = field(default_factory=list)
+    # Tar shards: ``to_embed`` are shards and ``kept`` their images.
+    by_shard: bool = False
     # A table's other columns, by path: they go into the manifest.
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -45,12 +65,29 @@ class Plan:
         return metadata_digest(self.metadata)
 
 
+def plan_dir(dest: Path) -> Path:
+    """Where planning keeps its parts while a build runs: beside the index."""
+    return dest.parent / f".{dest.name}.plan"
+
+
+def clear_plan(work: Path) -> None:
+    """Remove a plan's parts (and the folder, where nothing else is in it)."""
+    (work / LISTING / LISTING_TOKEN).unlink(missing_ok=True)
+    for sub in (LISTING, EMBED, KEPT):
+        remove_parts(work / sub)
+    remove_parts(work)
+
+
+LISTING, EMBED, KEPT = "listing", "embed", "kept"
+
+
 def plan_build(
     source: Source, dest: Path, spec: ModelSpec, rebuild: bool, cluster: Any = None
 ) -> Plan:
     """List ``source`` and diff it against the index at ``dest``; the listing
     goes to ``cluster``'s workers once it is at hand (a Client, or a Future
-    of one: :class:`pipeline.listing.Lister`).
+    of one: :class:`pipeline.listing.Lister`). The plan's parts stay in
+    :func:`plan_dir` until :func:`clear_plan`.
 
     Raises
     ------
@@ -58,13 +95,6 @@ def plan_build(
         If the dataset is empty, or ``dest`` is not an index this build may
         replace (another dataset's, another model's, not imgindex's at all).
     """
-    discovery_failures: list[Failure] = []
-    metadata: dict[str, dict[str, Any]] = {}
-    records = list(source.records(discovery_failures, metadata, cluster))
-    if not records and not discovery_failures:
-        raise DatasetError(f"dataset {source.spec!r} contains no image files")
-    records = _drop_id_collisions(records, discovery_failures)
-
     root = Path(source.base)
     if not source.remote and (dest == root or root.is_relative_to(dest)):
         raise IndexDirError(
@@ -84,40 +114,76 @@ def plan_build(
             )
         if not rebuild:
             previous = read_index_dir(dest)
-            try:
-                _check_compatible(previous, dest, source, spec)
-            except IndexDirError:
-                previous.close()  # its index file stays open until read or closed
-                raise
-    if source.by_shard:
-        return _plan_shards(records, discovery_failures, previous)
+    work = plan_dir(dest)
+    try:
+        if previous is not None:
+            _check_compatible(previous, dest, source, spec)
+        clear_plan(work)  # an interrupted build's
+        listing = source.listing(work / LISTING, cluster)
+        if not listing.count and not listing.failures:
+            raise DatasetError(f"dataset {source.spec!r} contains no image files")
+        if source.by_shard:
+            shards = [item.record for item in listing.items()]
+            return _plan_shards(shards, listing.failures, previous)
+        return _diff(listing, previous, work)
+    except BaseException:
+        if previous is not None:
+            previous.close()  # its index file stays open until read or closed
+        clear_plan(work)
+        raise
+
+
+def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> Plan:
+    """One pass over the listing's parts in path order against the index in
+    place: the images to embed and those kept go to parts of their own."""
     old = {r.path: r for r in previous.manifest} if previous else {}
     old_bad = previous.failed_records if previous else {}
     old_reasons = {f.path: f for f in previous.failures} if previous else {}
-    kept, to_embed, known_bad = [], [], []
-    updated = 0
-    for r in records:
-        if old.get(r.path) == r:
-            kept.append(r)
+    embed, kept = PartWriter(work / EMBED), PartWriter(work / KEPT)
+    known_bad: list[Failure] = []
+    known_records: list[ImageRecord] = []
+    metadata: dict[str, dict[str, Any]] = {}
+    ids = array.array("q")
+    n_kept = n_embed = updated = still_there = 0
+    for item in listing.items():
+        r = item.record
+        ids.append(item.id)
+        if item.meta is not None:
+            metadata[r.path] = json.loads(item.meta)
+        before = old.get(r.path)
+        still_there += before is not None
+        if before == r:
+            kept.add(item)
+            n_kept += 1
         elif old_bad.get(r.path) == r:
             # Failed before and unchanged since: it would fail again.
             known_bad.append(old_reasons[r.path])
+            known_records.append(r)
         else:
-            to_embed.append(r)
-            updated += r.path in old or r.path in old_bad
-    seen = {r.path for r in records}
-    removed = sum(1 for p in old if p not in seen)
+            embed.add(item)
+            n_embed += 1
+            updated += before is not None or r.path in old_bad
+    kept_parts, embed_parts = kept.close(), embed.close()
+    collided = _id_collisions(ids, [*kept_parts, *embed_parts], known_records)
+    if collided:
+        kept_parts = _without(kept_parts, collided)
+        embed_parts = _without(embed_parts, collided)
+        known_records = [r for r in known_records if r.path not in collided]
+        known_bad = [f for f in known_bad if f.path not in collided]
+        listing.failures.extend(collided.values())
+        n_kept = sum(p.count for p in kept_parts)
+        n_embed = sum(p.count for p in embed_parts)
     return Plan(
-        metadata={r.path: metadata[r.path] for r in records if r.path in metadata},
-        records=records,
-        kept=kept,
-        to_embed=to_embed,
-        added=len(to_embed) - updated,
+        kept=PartRecords(kept_parts),
+        to_embed=PartRecords(embed_parts),
+        added=n_embed - updated,
         updated=updated,
-        removed=removed,
-        known_failures=discovery_failures + known_bad,
-        unchanged=len(kept) + len(known_bad),
+        removed=len(old) - still_there,
+        known_failures=listing.failures + known_bad,
+        unchanged=n_kept + len(known_bad),
         previous=previous,
+        known_records=known_records,
+        metadata={p: m for p, m in metadata.items() if p not in collided},
     )
 
 
@@ -180,7 +246,6 @@ def _plan_shards(
     current = {s.path for s in shards}
     removed = sum(len(m) for s, m in members.items() if s not in current)
     return Plan(
-        records=shards,
         kept=kept,
         to_embed=to_embed,
         added=0,
@@ -202,15 +267,44 @@ def _shard_path(path: str) -> str:
         return path
 
 
-def _drop_id_collisions(
-    records: list[ImageRecord], failures: list[Failure]
-) -> list[ImageRecord]:
+def _id_collisions(
+    ids: array.array, parts: Sequence[Part], known: Sequence[ImageRecord]
+) -> dict[str, Failure]:
+    """The failure row of each image whose id another image has already
+    (the first path in order keeps it), by path: a 63-bit hash collides
+    about never, but never silently."""
+    values = np.frombuffer(ids, dtype=np.int64)
+    if len(values) < 2:
+        return {}
+    ordered = np.sort(values)
+    twice = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not twice:
+        return {}
+    listed = ((x.record.path, x.id) for part in parts for x in iter_part(part))
+    known_ids = ((r.path, image_id(r.path)) for r in known)
+    pairs = sorted(
+        (path, id_) for path, id_ in itertools.chain(listed, known_ids) if id_ in twice
+    )
     owner: dict[int, str] = {}
-    unique = []
-    for r in records:
-        first = owner.setdefault(r.id, r.path)
-        if first != r.path:  # 63-bit hash: ~never, but never silently
-            failures.append(Failure(r.path, f"id collision with {first!r}; rename one"))
-        else:
-            unique.append(r)
-    return unique
+    failures: dict[str, Failure] = {}
+    for path, id_ in pairs:
+        first = owner.setdefault(id_, path)
+        if first != path:
+            failures[path] = Failure(path, f"id collision with {first!r}; rename one")
+    return failures
+
+
+def _without(parts: list[Part], paths: dict[str, Failure]) -> list[Part]:
+    """``parts`` with the rows of ``paths`` left out (those parts written
+    again)."""
+    kept: list[Part] = []
+    for part in parts:
+        items = list(iter_part(part))
+        remaining = [x for x in items if x.record.path not in paths]
+        if len(remaining) == len(items):
+            kept.append(part)
+            continue
+        Path(part.file).unlink()
+        if remaining:
+            kept.append(write_part(part.file, remaining))
+    return kept

@@ -26,8 +26,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
+import json
 import os
 import re
+import stat
 import tarfile
 import threading
 import zlib
@@ -46,10 +49,14 @@ from pipeline.listing import (
     LIST_ROWS_PER_UNIT,
     SHARDS_PER_UNIT,
     Lister,
+    Listing,
+    SourceListing,
     Unit,
+    collect_listings,
     folder_units,
-    merge_walks,
+    walk_conflicts,
 )
+from pipeline.parts import Listed, PartWriter
 
 KINDS = ("folder", "list", "tar")
 INPUT_FORMATS = ("auto", *KINDS)
@@ -120,28 +127,47 @@ class Source:
         members are found by the task that embeds it, in the same pass."""
         return self.kind == "tar"
 
+    def listing(self, folder: str | os.PathLike, cluster: Any = None) -> SourceListing:
+        """List the source into parts in ``folder`` (:mod:`pipeline.parts`):
+        its images, or a tar source's shards (path, size, mtime: a shard
+        written again is embedded again), with a file list's other columns;
+        unusable entries are failure rows.
+
+        Listing goes in parts (:mod:`pipeline.listing`): here until
+        ``cluster`` (a Client, or a Future of one) is at hand, then on its
+        workers. The client holds a window of units, not the records.
+        """
+        lister = Lister(folder, cluster, self.name)
+        if self.kind == "folder":
+            listing = _folder_listing(self, lister)
+        else:
+            if self.kind == "list":
+                units: Iterable[Unit] = _list_units(self)
+            else:
+                units = _units(self.entries, SHARDS_PER_UNIT)
+            listing = collect_listings(lister.run(self, units), [])
+        listing.parts = lister.compact(listing.parts)
+        return listing
+
     def records(
         self,
         failures: list[Failure],
         metadata: dict[str, dict[str, Any]] | None = None,
         cluster: Any = None,
     ) -> Iterator[ImageRecord]:
-        """What a build plans, in a stable order: the source's images, or a
-        tar source's shards (path, size, mtime: a shard written again is
-        embedded again); unusable entries are appended to ``failures``, and
-        a table's other columns to ``metadata`` (path -> {column: value}).
+        """:meth:`listing`'s records in path order, through a temporary
+        folder; unusable entries are appended to ``failures`` (once all are
+        given), and a table's other columns to ``metadata`` (path ->
+        {column: value})."""
+        import tempfile
 
-        Listing goes in parts (:mod:`pipeline.listing`): here until
-        ``cluster`` (a Client, or a Future of one) is at hand, then on its
-        workers.
-        """
-        lister = Lister(cluster, self.name)
-        if self.kind == "folder":
-            yield from _folder_records(self, failures, lister)
-        elif self.kind == "list":
-            yield from _list_records(self, failures, metadata, lister)
-        else:
-            yield from _listed(self, self.entries, SHARDS_PER_UNIT, failures, lister)
+        with tempfile.TemporaryDirectory(prefix="imgindex-listing-") as folder:
+            listing = self.listing(folder, cluster)
+            for item in listing.items():
+                if item.meta is not None and metadata is not None:
+                    metadata[item.record.path] = json.loads(item.meta)
+                yield item.record
+            failures.extend(listing.failures)
 
     def partitions(
         self, records: list[ImageRecord], size: int, tail_threads: int = 0
@@ -244,9 +270,13 @@ def _kind_of(text: str) -> str:
 def _lists_tars(text: str) -> bool:
     try:
         rows = _txt_rows(text)
-    except OSError:
+        first = next(rows, None)
+        # The first row that is not a shard ends the look (an image list).
+        return first is not None and all(
+            r.lower().endswith(TAR_SUFFIXES) for r in itertools.chain([first], rows)
+        )
+    except (OSError, UnicodeDecodeError):
         return False  # said properly when the list is read
-    return bool(rows) and all(r.lower().endswith(TAR_SUFFIXES) for r in rows)
 
 
 def _holds_only_tars(folder: str) -> bool:
@@ -275,7 +305,11 @@ def _tar_source(text: str) -> Source:
     if text.lower().endswith(".txt"):
         _check_file(text, "list of tar shards")
         base = _parent(text)
-        return Source("tar", text, base, entries=tuple(_txt_rows(text)))
+        try:
+            shards = tuple(_txt_rows(text))
+        except UnicodeDecodeError:
+            raise DatasetError(f"file list {text!r} is not UTF-8 text") from None
+        return Source("tar", text, base, entries=shards)
     if text.lower().endswith(TAR_SUFFIXES):
         _check_file(text, "tar shard")
         base = _parent(text)
@@ -323,86 +357,83 @@ def expand_braces(pattern: str) -> list[str]:
 # Listing.
 
 
-def _folder_records(
-    source: Source, failures: list[Failure], lister: Lister
-) -> Iterator[ImageRecord]:
-    if not is_url(source.base):
-        here, units = folder_units(source.base)
-        merged = merge_walks([here, *lister.run(source, units)])
-        failures.extend(merged.failures)
-        yield from merged.records
-        return
-    fs, root = _fs(source.base)
-    found = fs.find(root, detail=True)
-    for full in sorted(found):
-        info = found[full]
-        rel = full[len(root) :].lstrip("/")
-        if info.get("type") == "file" and is_image_name(rel):
-            yield ImageRecord(rel, int(info.get("size") or 0), _stamp(info))
+def _folder_listing(source: Source, lister: Lister) -> SourceListing:
+    if is_url(source.base):
+        # One listing call of the store gives every key under the folder.
+        fs, root = _fs(source.base)
+        found = fs.find(root, detail=True)
+        writer = PartWriter(lister.folder)
+        for full in sorted(found):
+            info = found[full]
+            rel = full[len(root) :].lstrip("/")
+            if info.get("type") == "file" and is_image_name(rel):
+                writer.add(
+                    Listed(ImageRecord(rel, int(info.get("size") or 0), _stamp(info)))
+                )
+        return SourceListing(writer.close(), [])
+    here, units = folder_units(source.base, lister.folder)
+    listings: list[Listing] = [here, *lister.run(source, units)]
+    dropped, failures = walk_conflicts(listings)
+    collected = collect_listings(listings, dropped)
+    collected.failures.extend(failures)
+    return collected
 
 
-def _list_records(
-    source: Source,
-    failures: list[Failure],
-    metadata: dict[str, dict[str, Any]] | None,
-    lister: Lister,
-) -> Iterator[ImageRecord]:
-    seen: set[str] = set()
-    entries: list[str] = []
-    for row, (entry, others) in enumerate(read_list(source), start=1):
-        if entry in seen:
-            failures.append(
-                Failure(entry, f"listed more than once (row {row}); indexed once")
-            )
-            continue
-        seen.add(entry)
-        entries.append(entry)
-        if others and metadata is not None:
-            metadata[entry] = others
-    yield from _listed(source, entries, LIST_ROWS_PER_UNIT, failures, lister)
+def _list_units(source: Source) -> Iterator[Unit]:
+    """A file list's rows, read as a stream, in units of
+    ``LIST_ROWS_PER_UNIT`` (a row's other columns as JSON text)."""
+    rows = enumerate(read_list(source), start=1)
+    while chunk := list(itertools.islice(rows, LIST_ROWS_PER_UNIT)):
+        yield Unit(
+            entries=tuple(entry for _, (entry, _) in chunk),
+            rows=tuple(row for row, _ in chunk),
+            metas=tuple(
+                json.dumps(others) if others else None for _, (_, others) in chunk
+            ),
+        )
 
 
-def _listed(
-    source: Source,
-    entries: Sequence[str],
-    per_unit: int,
-    failures: list[Failure],
-    lister: Lister,
-) -> Iterator[ImageRecord]:
-    """``entries`` stat'ed ``per_unit`` at a time by ``lister``, in order."""
-    units = [
+def _units(entries: Sequence[str], per_unit: int) -> list[Unit]:
+    return [
         Unit(entries=tuple(entries[i : i + per_unit]))
         for i in range(0, len(entries), per_unit)
     ]
-    for listing in lister.run(source, units):
-        failures.extend(listing.failures)
-        yield from listing.records
 
 
-def stat_entries(
-    source: Source, entries: Sequence[str], failures: list[Failure]
-) -> Iterator[ImageRecord]:
-    """A list's ``entries`` as records (one stat each; a failure row for
-    each that is missing or not a file)."""
-    for entry in entries:
-        where = source.location(entry)
-        try:
-            if is_url(where):
-                fs, path = _fs(where)
-                info = fs.info(path)
-                yield ImageRecord(entry, int(info.get("size") or 0), _stamp(info))
-            else:
-                st = os.stat(where)
-                if not os.path.isfile(where):
-                    failures.append(Failure(entry, "not a regular file"))
-                    continue
-                yield ImageRecord(entry, st.st_size, st.st_mtime_ns)
-        except OSError as e:
-            failures.append(_unstatable(entry, e, "file"))
+def stat_entry(source: Source, entry: str) -> ImageRecord | Failure:
+    """One entry of a list as a record, or the failure row saying why not."""
+    where = source.location(entry)
+    try:
+        if is_url(where):
+            fs, path = _fs(where)
+            info = fs.info(path)
+            return ImageRecord(entry, int(info.get("size") or 0), _stamp(info))
+        st = os.stat(where)
+    except OSError as e:
+        return _unstatable(entry, e, "file")
+    if not stat.S_ISREG(st.st_mode):
+        return Failure(entry, "not a regular file")
+    return ImageRecord(entry, st.st_size, st.st_mtime_ns)
+
+
+def _http_status(e: BaseException) -> int | None:
+    """The HTTP status behind ``e``, if a server answered one: fsspec's HTTP
+    file system says "not found" for any status it cannot get through, the
+    response's own error being the cause."""
+    for cause in (e, e.__cause__, e.__context__):
+        status = getattr(cause, "status", None)
+        if isinstance(status, int):
+            return status
+    return None
 
 
 def _unstatable(path: str, e: OSError, what: str) -> Failure:
     """The failure row of ``path``, a ``what`` that could not be stat'ed."""
+    status = _http_status(e)
+    if status is not None and status != 404:
+        if status in (401, 403):
+            return Failure(path, f"{what}: permission denied (HTTP {status})")
+        return Failure(path, f"cannot stat {what}: HTTP {status}")
     if isinstance(e, FileNotFoundError):
         return Failure(path, f"{what} not found")
     if isinstance(e, PermissionError):
@@ -410,10 +441,11 @@ def _unstatable(path: str, e: OSError, what: str) -> Failure:
     return Failure(path, f"cannot stat {what}: {_one_line(e)}")
 
 
-def read_list(source: Source) -> list[tuple[str, dict[str, Any] | None]]:
+def read_list(source: Source) -> Iterator[tuple[str, dict[str, Any] | None]]:
     """The entries of a list source, as written, each with the other columns
     of its row (a table's; None for a ``.txt``, whose blank lines and ``#``
-    comments are left out).
+    comments are left out): read as a stream, so a list of any length is
+    held a batch at a time.
 
     Raises
     ------
@@ -424,58 +456,48 @@ def read_list(source: Source) -> list[tuple[str, dict[str, Any] | None]]:
     lowered = path.lower()
     try:
         if lowered.endswith(".parquet"):
-            return _parquet_rows(path, source.path_column)
-        if lowered.endswith(".csv"):
-            return _csv_rows(path, source.path_column)
-        return [(row, None) for row in _txt_rows(path)]
+            yield from _parquet_rows(path, source.path_column)
+        elif lowered.endswith(".csv"):
+            yield from _csv_rows(path, source.path_column)
+        else:
+            yield from ((row, None) for row in _txt_rows(path))
+    except UnicodeDecodeError:
+        raise DatasetError(f"file list {path!r} is not UTF-8 text") from None
     except OSError as e:
         raise DatasetError(f"cannot read file list {path!r}: {_one_line(e)}") from None
 
 
-def _txt_rows(path: str) -> list[str]:
-    with _open(path) as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DatasetError(f"file list {path!r} is not UTF-8 text") from None
-    rows = (line.strip() for line in text.splitlines())
-    return [r for r in rows if r and not r.startswith("#")]
+def _txt_rows(path: str) -> Iterator[str]:
+    with _open(path) as f, io.TextIOWrapper(f, encoding="utf-8") as text:
+        for line in text:
+            row = line.strip()
+            if row and not row.startswith("#"):
+                yield row
 
 
-def _csv_rows(path: str, column: str) -> list[tuple[str, dict[str, Any]]]:
+def _csv_rows(path: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
     with _open(path) as f, io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
         reader = csv.DictReader(text)
         if column not in (reader.fieldnames or ()):
             raise DatasetError(_no_column(path, column, reader.fieldnames or ()))
-        try:
-            return [
-                (row[column].strip(), _others(row, column))
-                for row in reader
-                if (row[column] or "").strip()
-            ]
-        except UnicodeDecodeError:
-            raise DatasetError(f"file list {path!r} is not UTF-8 text") from None
+        for row in reader:
+            entry = (row[column] or "").strip()
+            if entry:
+                yield entry, _others(row, column)
 
 
-def _parquet_rows(path: str, column: str) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DatasetError(
-            f"reading {path!r} needs pyarrow: pip install 'imgindex[parquet]'"
-        ) from None
+def _parquet_rows(path: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
     with _open(path) as f:
         table = pq.ParquetFile(f)
         names = table.schema_arrow.names
         if column not in names:
             raise DatasetError(_no_column(path, column, names))
-        rows = table.read().to_pylist()
-    return [
-        (str(row[column]).strip(), _others(row, column))
-        for row in rows
-        if row[column] is not None and str(row[column]).strip()
-    ]
+        for batch in table.iter_batches(batch_size=8192):
+            for row in batch.to_pylist():
+                if row[column] is not None and str(row[column]).strip():
+                    yield str(row[column]).strip(), _others(row, column)
 
 
 def _others(row: dict[str, Any], column: str) -> dict[str, Any]:
@@ -634,14 +656,22 @@ class FileReader(Reader):
                 with _open(where) as f:
                     return bytearray(f.read())
             return read_file(where)
-        except FileNotFoundError:
-            raise DecodeError(
-                where, "file not found (deleted after discovery?)"
-            ) from None
-        except PermissionError:
-            raise DecodeError(where, "permission denied") from None
         except OSError as e:
-            raise DecodeError(where, f"cannot read: {_one_line(e)}") from None
+            raise DecodeError(where, _unreadable(e)) from None
+
+
+def _unreadable(e: OSError) -> str:
+    """Why a file could not be read, in a failure row's words."""
+    status = _http_status(e)
+    if status in (401, 403):
+        return f"permission denied (HTTP {status})"
+    if status is not None and status != 404:
+        return f"cannot read: HTTP {status}"
+    if isinstance(e, FileNotFoundError):
+        return "file not found (deleted after discovery?)"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return f"cannot read: {_one_line(e)}"
 
 
 class TarReader(Reader):
