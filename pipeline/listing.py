@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.discover import Failure, ImageRecord, same_folder, walk_folder
+from pipeline.discover import Failure, same_folder, walk_folder
 from pipeline.parts import (
     MERGE_FAN_IN,
-    Listed,
     Part,
     PartWriter,
+    Row,
     merge_parts,
+    row_of,
     write_merged,
     write_part,
 )
@@ -56,6 +57,10 @@ logger = logging.getLogger(__name__)
 # folders): enough to keep a few dozen workers busy.
 FOLDER_UNITS = 64
 LIST_ROWS_PER_UNIT = 10_000
+# A .txt list is read by the tasks in spans of this many bytes (about 10,000
+# entries of 100 bytes).
+LIST_SPAN_BYTES = 1 << 20
+ROW_BITS = 32
 SHARDS_PER_UNIT = 1_000
 
 
@@ -70,10 +75,15 @@ class Listing:
 
     parts: list[Part] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
-    # the file list's row of each failure (0: not a list's)
+    # the file list's row of each failure (0: not a list's; see Unit.span)
     failure_rows: list[int] = field(default_factory=list)
     # (device, inode, path) of each folder a folder's unit entered
     folders: list[tuple[int, int, str]] = field(default_factory=list)
+    # a span's number (-1: the unit was not a span), and the entries it read
+    span: int = -1
+    entries: int = 0
+    # the rows, packed, where the worker did not see the parts' folder
+    packed: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -86,36 +96,50 @@ class Unit:
     entries: tuple[str, ...] = ()
     rows: tuple[int, ...] = ()
     metas: tuple[str | None, ...] = ()
+    # A .txt list's lines that start in this byte range, read by the task
+    # itself: the client never reads the list. A span does not know how many
+    # entries come before it, so its rows are ``number << 32 | entry``
+    # (entry counted from 1 in the span) until SourceListing numbers them.
+    span: tuple[int, int] = ()
+    number: int = 0
 
 
-def unit_items(source: Source, unit: Unit, listing: Listing) -> Iterator[Listed]:
+def unit_items(source: Source, unit: Unit, listing: Listing) -> Iterator[Row]:
     """What ``unit`` of ``source`` holds, as it is listed; what cannot be
     listed goes to ``listing``'s failures (and the folders entered to its
     folders)."""
-    from pipeline.sources import shard_files, stat_entry
+    from pipeline.sources import read_txt_span, shard_files, stat_entry
 
     if source.kind == "folder":
         walk = walk_folder(
             source.base, listing.failures, start=unit.start, entered=listing.folders
         )
         for r in walk:
-            yield Listed(r)
+            yield row_of(r)
         listing.failure_rows = [0] * len(listing.failures)
         return
     if source.kind == "tar":
         for r in shard_files(source, unit.entries, listing.failures):
-            yield Listed(r)
+            yield row_of(r)
         listing.failure_rows = [0] * len(listing.failures)
         return
-    rows = unit.rows or tuple(range(1, len(unit.entries) + 1))
-    metas = unit.metas or (None,) * len(unit.entries)
-    for entry, row, meta in zip(unit.entries, rows, metas, strict=True):
+    if unit.span:
+        entries: Iterable[str] = read_txt_span(source.spec, *unit.span)
+        rows: Iterable[int] = itertools.count((unit.number << ROW_BITS) + 1)
+        metas: Iterable[str | None] = itertools.repeat(None)
+        listing.span = unit.number
+    else:
+        entries = unit.entries
+        rows = unit.rows or range(1, len(unit.entries) + 1)
+        metas = unit.metas or itertools.repeat(None)
+    for entry, row, meta in zip(entries, rows, metas, strict=False):
+        listing.entries += 1
         found = stat_entry(source, entry)
         if isinstance(found, Failure):
             listing.failures.append(found)
             listing.failure_rows.append(row)
         else:
-            yield Listed(found, row, meta)
+            yield row_of(found, row, meta)
 
 
 def list_unit(source: Source, unit: Unit, folder: str | os.PathLike) -> Listing:
@@ -128,22 +152,16 @@ def list_unit(source: Source, unit: Unit, folder: str | os.PathLike) -> Listing:
     return listing
 
 
-def list_unit_task(
-    source: Source, unit: Unit, folder: str, token: str
-) -> tuple[list[Part] | bytes, list[Failure], list[int], list]:
+def list_unit_task(source: Source, unit: Unit, folder: str, token: str) -> Listing:
     """:func:`list_unit` as a Dask task runs it: the worker writes the parts
     where it sees the client's ``folder`` (its token file says so), else
     sends the rows back packed for the client to write."""
     if _sees(folder, token):
-        listing = list_unit(source, unit, folder)
-        return listing.parts, listing.failures, listing.failure_rows, listing.folders
+        return list_unit(source, unit, folder)
     listing = Listing()
-    rows = [
-        (x.record.path, x.record.size, x.record.mtime_ns, x.row, x.meta)
-        for x in unit_items(source, unit, listing)
-    ]
-    packed = zlib.compress(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL), 1)
-    return packed, listing.failures, listing.failure_rows, listing.folders
+    rows = list(unit_items(source, unit, listing))
+    listing.packed = zlib.compress(pickle.dumps(rows, pickle.HIGHEST_PROTOCOL), 1)
+    return listing
 
 
 def _sees(folder: str, token: str) -> bool:
@@ -170,13 +188,6 @@ def merge_group_task(parts: Sequence[Part], folder: str, token: str) -> Part | N
     return merge_group(parts, folder) if _sees(folder, token) else None
 
 
-def _unpacked(packed: bytes) -> list[Listed]:
-    return [
-        Listed(ImageRecord(path, size, mtime), row, meta)
-        for path, size, mtime, row, meta in pickle.loads(zlib.decompress(packed))
-    ]
-
-
 def folder_units(
     base: str, folder: str | os.PathLike, target: int | None = None
 ) -> tuple[Listing, list[Unit]]:
@@ -198,7 +209,7 @@ def folder_units(
         # paths to one folder is its own is for walk_conflicts to say, in the
         # walk's order (breadth first here, a link may come first).
         writer.extend(
-            Listed(r)
+            row_of(r)
             for r in walk_folder(
                 base,
                 here.failures,
@@ -265,23 +276,32 @@ class SourceListing:
     # folders of a walk not listed at their path (links to a folder listed
     # at another): what parts hold under them is not the source's
     dropped: list[str] = field(default_factory=list)
+    # the entries before each span of a .txt list (Unit.span), by its number
+    span_starts: dict[int, int] = field(default_factory=dict)
+
+    def row_number(self, row: int) -> int:
+        """A list's row as its reader counts it (entries from 1)."""
+        span, entry = row >> ROW_BITS, row & ((1 << ROW_BITS) - 1)
+        return self.span_starts.get(span, 0) + entry
 
     @property
     def count(self) -> int:
         """Rows in the parts (an upper bound on the images)."""
         return sum(p.count for p in self.parts)
 
-    def items(self) -> Iterator[Listed]:
+    def items(self) -> Iterator[Row]:
+        dropped = [os.fsencode(d) for d in self.dropped]
         last = None
-        for item in merge_parts(self.parts):
-            path = item.record.path
-            if self.dropped and any(under(path, d) for d in self.dropped):
+        for row in merge_parts(self.parts):
+            path = row[0]
+            if dropped and any(path == d or path.startswith(d + b"/") for d in dropped):
                 continue
             if path == last:
-                self.failures.append(_listed_again(path, item.row))
+                number = self.row_number(row[1])
+                self.failures.append(_listed_again(os.fsdecode(path), number))
                 continue
             last = path
-            yield item
+            yield row
 
 
 def _listed_again(path: str, row: int) -> Failure:
@@ -292,9 +312,10 @@ def collect_listings(listings: Iterable[Listing], dropped: list[str]) -> SourceL
     """The parts and failures of ``listings``: a file list's failure rows
     given once by path (at the first row, the other rows as listed again),
     those under ``dropped`` folders left out."""
+    listings = list(listings)
     parts: list[Part] = []
     first: dict[str, tuple[int, Failure]] = {}
-    again: list[Failure] = []
+    again: list[tuple[str, int]] = []
     plain: list[Failure] = []
     for listing in listings:
         parts.extend(listing.parts)
@@ -307,12 +328,21 @@ def collect_listings(listings: Iterable[Listing], dropped: list[str]) -> SourceL
             held = first.get(f.path)
             if held is None or row < held[0]:
                 if held is not None:
-                    again.append(_listed_again(f.path, held[0]))
+                    again.append((f.path, held[0]))
                 first[f.path] = (row, f)
             else:
-                again.append(_listed_again(f.path, row))
-    failures = plain + [f for _, f in first.values()] + again
-    return SourceListing(parts, failures, dropped)
+                again.append((f.path, row))
+    # Where each span's rows start, counted in entries.
+    spans = sorted((x.span, x.entries) for x in listings if x.span >= 0)
+    counts = itertools.accumulate((n for _, n in spans), initial=0)
+    starts = {span: start for (span, _), start in zip(spans, counts, strict=False)}
+    collected = SourceListing(parts, [], dropped, starts)
+    collected.failures = [
+        *plain,
+        *(f for _, f in first.values()),
+        *(_listed_again(path, collected.row_number(row)) for path, row in again),
+    ]
+    return collected
 
 
 class Lister:
@@ -418,16 +448,19 @@ class Lister:
             submit(unit)
         try:
             for future in pending:
-                parts, failures, rows, folders = future.result()
+                listing = future.result()
                 future.release()
                 unit = next(units, None)
                 if unit is not None:
                     submit(unit)
-                if isinstance(parts, bytes):  # the worker cannot see the folder
-                    items = _unpacked(parts)
+                if listing.packed is not None:  # the worker cannot see the folder
+                    rows = pickle.loads(zlib.decompress(listing.packed))
                     name = f"{uuid.uuid4().hex[:12]}-rows.parquet"
-                    parts = [write_part(self.folder / name, items)] if items else []
-                yield Listing(parts, failures, rows, folders)
+                    listing.parts = (
+                        [write_part(self.folder / name, rows)] if rows else []
+                    )
+                    listing.packed = None
+                yield listing
         finally:
             for future in list(pending.futures):
                 future.cancel()

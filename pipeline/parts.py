@@ -7,6 +7,12 @@ file of rows sorted by path, which any Parquet reader opens without imgindex
 merges the parts in one streaming pass, a batch of each at a time
 (:func:`merge_parts`), and writes the plan's sets as parts again
 (:class:`PartWriter`); the client holds a batch per part, never the records.
+
+In memory a row is a plain tuple, ``(path, row, size, mtime_ns, id, meta)``
+with the path as bytes: tuples compare in (path, row) order by themselves,
+so sorting and merging them needs no key and no object per row. Bytes order
+is not ``str`` order for names that are not UTF-8; parts only need one order
+throughout, and the manifest is sorted as text when it is written.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ ROWS_PER_PART = 100_000
 # Rows read from a part at a time while merging, and rows in a row group:
 # an open part costs about 260 KiB of buffers at this size (4,096: 970 KiB).
 BATCH_ROWS = 512
-# Parts merged at once: more are merged in groups first (merge_in_groups).
+# Parts merged at once: more are merged in groups first (Lister.compact).
 MERGE_FAN_IN = 64
-_COLUMNS = ("path", "size", "mtime_ns", "id", "row", "meta")
+# A file list's row (0: none), and its other columns as JSON text (or None).
+Row = tuple[bytes, int, int, int, int, str | None]
+_COLUMNS = ("path", "row", "size", "mtime_ns", "id", "meta")
 
 
 @dataclass(frozen=True)
@@ -41,53 +49,53 @@ class Part:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
-class Listed:
-    """A record as a listing found it: with its row in a file list (0 where
-    there is none) and the list's other columns as JSON text (or None)."""
+def row_of(record: ImageRecord, row: int = 0, meta: str | None = None) -> Row:
+    """``record`` as a part's row (its id hashed here, once)."""
+    path = record.path
+    return (os.fsencode(path), row, record.size, record.mtime_ns, image_id(path), meta)
 
-    record: ImageRecord
-    row: int = 0
-    meta: str | None = None
-    known_id: int = -1  # the record's id where a part gave it (hashed once)
 
-    @property
-    def id(self) -> int:
-        return self.known_id if self.known_id >= 0 else image_id(self.record.path)
-
-    @property
-    def order(self) -> tuple[str, int]:
-        return self.record.path, self.row
+def record_of(row: Row) -> ImageRecord:
+    return ImageRecord(os.fsdecode(row[0]), row[2], row[3])
 
 
 def _schema():
     import pyarrow as pa
 
+    # Bytes, as the file system gives names: a name need not be UTF-8
+    # (os.fsencode's surrogate escapes are not valid Parquet strings).
     return pa.schema(
         [
-            # Bytes, as the file system gives names: a name need not be UTF-8
-            # (os.fsencode's surrogate escapes are not valid Parquet strings).
             ("path", pa.binary()),
+            ("row", pa.int64()),
             ("size", pa.int64()),
             ("mtime_ns", pa.int64()),
             ("id", pa.int64()),
-            ("row", pa.int64()),
             ("meta", pa.string()),
         ]
     )
 
 
-def write_part(file: str | os.PathLike, items: Sequence[Listed]) -> Part:
-    """Write ``items`` sorted by (path, row) to ``file`` (atomically)."""
+def _table(rows: Sequence[Row]):
+    import pyarrow as pa
+
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(_COLUMNS)
+    return pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(columns, _schema(), strict=True)],
+        schema=_schema(),
+    )
+
+
+def write_part(file: str | os.PathLike, rows: Iterable[Row]) -> Part:
+    """Write ``rows`` sorted to ``file`` (atomically)."""
     import pyarrow.parquet as pq
 
-    ordered = sorted(items, key=lambda x: x.order)
-    table = _table(ordered)
+    table = _table(sorted(rows))
     # Opened here: pyarrow takes only UTF-8 paths, and an index's name (its
     # dataset folder's) need not be.
     with atomic_path(Path(file)) as tmp, open(tmp, "wb") as f:
         pq.write_table(table, f, row_group_size=BATCH_ROWS)
-    return Part(os.fspath(file), len(ordered))
+    return Part(os.fspath(file), table.num_rows)
 
 
 def write_merged(file: str | os.PathLike, parts: Sequence[Part]) -> Part:
@@ -95,12 +103,11 @@ def write_merged(file: str | os.PathLike, parts: Sequence[Part]) -> Part:
     part in memory at once)."""
     import pyarrow.parquet as pq
 
-    schema = _schema()
     count = 0
     with (
         atomic_path(Path(file)) as tmp,
         open(tmp, "wb") as f,
-        pq.ParquetWriter(f, schema) as out,
+        pq.ParquetWriter(f, _schema()) as out,
     ):
         merged = merge_parts(parts)
         while batch := list(itertools.islice(merged, 8 * BATCH_ROWS)):
@@ -109,46 +116,19 @@ def write_merged(file: str | os.PathLike, parts: Sequence[Part]) -> Part:
     return Part(os.fspath(file), count)
 
 
-def _table(items: Sequence[Listed]):
-    import pyarrow as pa
-
-    return pa.Table.from_pydict(
-        {
-            "path": [os.fsencode(x.record.path) for x in items],
-            "size": [x.record.size for x in items],
-            "mtime_ns": [x.record.mtime_ns for x in items],
-            "id": [x.id for x in items],
-            "row": [x.row for x in items],
-            "meta": [x.meta for x in items],
-        },
-        schema=_schema(),
-    )
-
-
-def iter_part(part: Part) -> Iterator[Listed]:
+def iter_part(part: Part) -> Iterator[Row]:
     """The rows of ``part``, in its order, a batch at a time."""
     import pyarrow.parquet as pq
 
     # Without pre-buffering an open part holds a row group, not its file.
     with open(part.file, "rb") as raw, pq.ParquetFile(raw, pre_buffer=False) as f:
         for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=list(_COLUMNS)):
-            cols = batch.to_pydict()
-            for path, size, mtime, id_, row, meta in zip(
-                cols["path"],
-                cols["size"],
-                cols["mtime_ns"],
-                cols["id"],
-                cols["row"],
-                cols["meta"],
-                strict=True,
-            ):
-                record = ImageRecord(os.fsdecode(path), size, mtime)
-                yield Listed(record, row, meta, id_)
+            yield from zip(*(c.to_pylist() for c in batch.columns), strict=True)
 
 
-def merge_parts(parts: Iterable[Part]) -> Iterator[Listed]:
-    """The rows of all ``parts`` (each sorted) in (path, row) order."""
-    return heapq.merge(*(iter_part(p) for p in parts), key=lambda x: x.order)
+def merge_parts(parts: Iterable[Part]) -> Iterator[Row]:
+    """The rows of all ``parts`` (each sorted) in order."""
+    return heapq.merge(*(iter_part(p) for p in parts))
 
 
 class PartWriter:
@@ -159,18 +139,18 @@ class PartWriter:
         self.folder = Path(folder)
         self.rows = rows
         self.parts: list[Part] = []
-        self._pending: list[Listed] = []
+        self._pending: list[Row] = []
         # Unique across processes and hosts: workers write into one folder.
         self._prefix = uuid.uuid4().hex[:12]
 
-    def add(self, item: Listed) -> None:
-        self._pending.append(item)
+    def add(self, row: Row) -> None:
+        self._pending.append(row)
         if len(self._pending) >= self.rows:
             self._flush()
 
-    def extend(self, items: Iterable[Listed]) -> None:
-        for item in items:
-            self.add(item)
+    def extend(self, rows: Iterable[Row]) -> None:
+        for row in rows:
+            self.add(row)
 
     def close(self) -> list[Part]:
         """Write what is pending; the parts written, in order."""
@@ -200,8 +180,8 @@ class PartRecords:
 
     def __iter__(self) -> Iterator[ImageRecord]:
         for part in self.parts:
-            for item in iter_part(part):
-                yield item.record
+            for row in iter_part(part):
+                yield record_of(row)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PartRecords | list | tuple):

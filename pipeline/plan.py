@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import itertools
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from pipeline.parts import (
     PartRecords,
     PartWriter,
     iter_part,
+    record_of,
     remove_parts,
     write_part,
 )
@@ -123,7 +125,7 @@ def plan_build(
         if not listing.count and not listing.failures:
             raise DatasetError(f"dataset {source.spec!r} contains no image files")
         if source.by_shard:
-            shards = [item.record for item in listing.items()]
+            shards = [record_of(row) for row in listing.items()]
             return _plan_shards(shards, listing.failures, previous)
         return _diff(listing, previous, work)
     except BaseException:
@@ -145,22 +147,27 @@ def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> P
     metadata: dict[str, dict[str, Any]] = {}
     ids = array.array("q")
     n_kept = n_embed = updated = still_there = 0
-    for item in listing.items():
-        r = item.record
-        ids.append(item.id)
-        if item.meta is not None:
-            metadata[r.path] = json.loads(item.meta)
+    # Rows are (path, list row, size, mtime_ns, id, meta): pipeline/parts.py.
+    for row in listing.items():
+        ids.append(row[4])
+        if row[5] is not None:
+            metadata[os.fsdecode(row[0])] = json.loads(row[5])
+        if not old and not old_bad:  # a first build: everything is new
+            embed.add(row)
+            n_embed += 1
+            continue
+        r = record_of(row)
         before = old.get(r.path)
         still_there += before is not None
         if before == r:
-            kept.add(item)
+            kept.add(row)
             n_kept += 1
         elif old_bad.get(r.path) == r:
             # Failed before and unchanged since: it would fail again.
             known_bad.append(old_reasons[r.path])
             known_records.append(r)
         else:
-            embed.add(item)
+            embed.add(row)
             n_embed += 1
             updated += before is not None or r.path in old_bad
     kept_parts, embed_parts = kept.close(), embed.close()
@@ -280,7 +287,7 @@ def _id_collisions(
     twice = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
     if not twice:
         return {}
-    listed = ((x.record.path, x.id) for part in parts for x in iter_part(part))
+    listed = ((os.fsdecode(x[0]), x[4]) for part in parts for x in iter_part(part))
     known_ids = ((r.path, image_id(r.path)) for r in known)
     pairs = sorted(
         (path, id_) for path, id_ in itertools.chain(listed, known_ids) if id_ in twice
@@ -299,9 +306,9 @@ def _without(parts: list[Part], paths: dict[str, Failure]) -> list[Part]:
     again)."""
     kept: list[Part] = []
     for part in parts:
-        items = list(iter_part(part))
-        remaining = [x for x in items if x.record.path not in paths]
-        if len(remaining) == len(items):
+        rows = list(iter_part(part))
+        remaining = [x for x in rows if os.fsdecode(x[0]) not in paths]
+        if len(remaining) == len(rows):
             kept.append(part)
             continue
         Path(part.file).unlink()

@@ -47,6 +47,7 @@ from pipeline.discover import (
 from pipeline.errors import DatasetError, DecodeError
 from pipeline.listing import (
     LIST_ROWS_PER_UNIT,
+    LIST_SPAN_BYTES,
     SHARDS_PER_UNIT,
     Lister,
     Listing,
@@ -56,7 +57,7 @@ from pipeline.listing import (
     folder_units,
     walk_conflicts,
 )
-from pipeline.parts import Listed, PartWriter
+from pipeline.parts import PartWriter, record_of, row_of
 
 KINDS = ("folder", "list", "tar")
 INPUT_FORMATS = ("auto", *KINDS)
@@ -163,10 +164,11 @@ class Source:
 
         with tempfile.TemporaryDirectory(prefix="imgindex-listing-") as folder:
             listing = self.listing(folder, cluster)
-            for item in listing.items():
-                if item.meta is not None and metadata is not None:
-                    metadata[item.record.path] = json.loads(item.meta)
-                yield item.record
+            for row in listing.items():
+                record = record_of(row)
+                if row[5] is not None and metadata is not None:
+                    metadata[record.path] = json.loads(row[5])
+                yield record
             failures.extend(listing.failures)
 
     def partitions(
@@ -368,7 +370,7 @@ def _folder_listing(source: Source, lister: Lister) -> SourceListing:
             rel = full[len(root) :].lstrip("/")
             if info.get("type") == "file" and is_image_name(rel):
                 writer.add(
-                    Listed(ImageRecord(rel, int(info.get("size") or 0), _stamp(info)))
+                    row_of(ImageRecord(rel, int(info.get("size") or 0), _stamp(info)))
                 )
         return SourceListing(writer.close(), [])
     here, units = folder_units(source.base, lister.folder)
@@ -380,8 +382,16 @@ def _folder_listing(source: Source, lister: Lister) -> SourceListing:
 
 
 def _list_units(source: Source) -> Iterator[Unit]:
-    """A file list's rows, read as a stream, in units of
-    ``LIST_ROWS_PER_UNIT`` (a row's other columns as JSON text)."""
+    """A file list in units: a ``.txt`` in byte spans that the tasks read
+    themselves (where its size is known), a table's rows read here as a
+    stream, ``LIST_ROWS_PER_UNIT`` to a unit (with a row's other columns as
+    JSON text)."""
+    size = _txt_size(source)
+    if size is not None:
+        step = LIST_SPAN_BYTES
+        for number, start in enumerate(range(0, size, step)):
+            yield Unit(span=(start, min(size, start + step)), number=number)
+        return
     rows = enumerate(read_list(source), start=1)
     while chunk := list(itertools.islice(rows, LIST_ROWS_PER_UNIT)):
         yield Unit(
@@ -391,6 +401,52 @@ def _list_units(source: Source) -> Iterator[Unit]:
                 json.dumps(others) if others else None for _, (_, others) in chunk
             ),
         )
+
+
+def _txt_size(source: Source) -> int | None:
+    """The size of a ``.txt`` list (None: a table, or a size not known)."""
+    if source.spec.lower().endswith((".csv", ".parquet")):
+        return None
+    try:
+        if is_url(source.spec):
+            fs, path = _fs(source.spec)
+            size = fs.size(path)
+            return int(size) if size is not None else None
+        return os.path.getsize(source.spec)
+    except OSError as e:
+        raise DatasetError(
+            f"cannot read file list {source.spec!r}: {_one_line(e)}"
+        ) from None
+
+
+def read_txt_span(path: str, start: int, end: int) -> Iterator[str]:
+    """The entries of the ``.txt`` list ``path`` on the lines that start in
+    the byte range [start, end) (blank lines and ``# comments`` left out).
+
+    Raises
+    ------
+    DatasetError
+        If the list cannot be read, or is not UTF-8.
+    """
+    try:
+        with _open(path) as f:
+            at = start
+            if start:
+                f.seek(start - 1)
+                if f.read(1) != b"\n":  # a line begun before: the span's before
+                    at += len(f.readline())
+            while at < end:
+                line = f.readline()
+                if not line:
+                    break
+                at += len(line)
+                entry = line.decode("utf-8").strip()
+                if entry and not entry.startswith("#"):
+                    yield entry
+    except UnicodeDecodeError:
+        raise DatasetError(f"file list {path!r} is not UTF-8 text") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read file list {path!r}: {_one_line(e)}") from None
 
 
 def _units(entries: Sequence[str], per_unit: int) -> list[Unit]:

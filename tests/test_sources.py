@@ -759,6 +759,7 @@ def test_a_walk_split_in_parts_lists_what_one_walk_lists(tmp_path, target):
         list_unit,
         walk_conflicts,
     )
+    from pipeline.parts import record_of
 
     data = _tree_with_links(tmp_path)
     whole_failures: list[Failure] = []
@@ -771,7 +772,7 @@ def test_a_walk_split_in_parts_lists_what_one_walk_lists(tmp_path, target):
     listings = [here, *(list_unit(source, u, parts) for u in units)]
     dropped, conflicts = walk_conflicts(listings)
     merged = collect_listings(listings, dropped)
-    records = [item.record for item in merged.items()]
+    records = [record_of(row) for row in merged.items()]
     # In path order (a plan's and a manifest's), each image once.
     assert records == sorted(whole, key=lambda r: r.path)
     assert sorted((f.path, f.reason) for f in merged.failures + conflicts) == sorted(
@@ -828,11 +829,12 @@ def test_a_large_listing_goes_to_the_workers_once_they_are_there(
 
     # Small units, so that this small tree and list are split.
     monkeypatch.setattr(listing, "FOLDER_UNITS", 3)
-    monkeypatch.setattr(sources, "LIST_ROWS_PER_UNIT", 3)
+    monkeypatch.setattr(sources, "LIST_SPAN_BYTES", 200)
     data = _tree_with_links(tmp_path)
     rows = [str(p) for p in sorted(data.rglob("*.jpg")) if p.is_file()]
     listed = tmp_path / "rows.txt"
     listed.write_text("\n".join(rows))
+    spans = -(-listed.stat().st_size // 200)
     waiting: Future = Future()  # a cluster still starting: listed here
     with caplog.at_level(logging.INFO, logger="pipeline.listing"):
         with plan_dataset(data, tmp_path / "out", cluster=waiting) as alone:
@@ -847,8 +849,49 @@ def test_a_large_listing_goes_to_the_workers_once_they_are_there(
             assert [r.path for r in by_rows.plan.to_embed] == rows
     whole = sorted(discover_images(data, []), key=lambda r: r.path)
     assert alone_records == whole
-    parts = -(-len(rows) // 3)
-    assert caplog.messages[-1] == f"listing rows: {parts} parts on the cluster"
+    assert caplog.messages[-1] == f"listing rows: {spans} parts on the cluster"
+
+
+def test_a_text_list_read_in_spans_of_any_size_lists_what_one_read_lists(
+    tmp_path, photos, monkeypatch
+):
+    """A .txt list is read by the tasks in byte spans: cut anywhere (inside
+    a line, at its newline, inside a multi-byte character), the spans give
+    each line once, with the row numbers one read gives."""
+    from pipeline import sources
+
+    for n in range(3):
+        (tmp_path / f"pic-é{n}.jpg").write_bytes(photos[n].read_bytes())
+    lines = [
+        "# a comment",
+        "pic-é0.jpg",
+        "",
+        "pic-é1.jpg",
+        "missing.jpg",
+        "pic-é0.jpg",
+        "   pic-é2.jpg   ",
+        "missing.jpg",
+        "pic-é1.jpg",
+    ]
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def listed_with(span: int):
+        monkeypatch.setattr(sources, "LIST_SPAN_BYTES", span)
+        failures: list[Failure] = []
+        records = list(parse_source(listed).records(failures))
+        return records, sorted((f.path, f.reason) for f in failures)
+
+    whole = listed_with(1 << 20)
+    assert [r.path for r in whole[0]] == [f"pic-é{n}.jpg" for n in range(3)]
+    assert whole[1] == [
+        ("missing.jpg", "file not found"),
+        ("missing.jpg", "listed more than once (row 6); indexed once"),
+        ("pic-é0.jpg", "listed more than once (row 4); indexed once"),
+        ("pic-é1.jpg", "listed more than once (row 7); indexed once"),
+    ]
+    for span in range(1, listed.stat().st_size + 2):
+        assert listed_with(span) == whole, span
 
 
 def test_many_listing_parts_are_merged_in_groups_here_or_on_the_workers(
@@ -869,8 +912,9 @@ def test_many_listing_parts_are_merged_in_groups_here_or_on_the_workers(
     monkeypatch.setattr(listing, "MERGE_FAN_IN", 2)
     data = _tree_with_links(tmp_path)
     rows = [str(p) for p in sorted(data.rglob("*.jpg")) if p.is_file()]
-    listed = tmp_path / "rows.txt"
-    listed.write_text("\n".join(reversed(rows)))  # the list's order is not kept
+    listed = tmp_path / "rows.csv"  # read here, 2 rows to a unit
+    # The list's order is not kept: a plan is in path order.
+    listed.write_text("path\n" + "".join(f"{r}\n" for r in reversed(rows)))
     plans = []
     waiting: Future = Future()
     for cluster in (waiting, client, "unshared"):
