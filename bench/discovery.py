@@ -56,35 +56,26 @@ MEMBER = b"\xff" * 1024
 LARGEST_WRITTEN = 1_000_000  # entries: larger sets are hard links
 
 
-def make_tree(n: int) -> Path:
-    tree = DATA / f"tree-{n}"
+def make_tree(n: int, links: bool = False) -> Path:
+    """A tree of ``n`` empty ``.jpg`` files; with ``links``, each folder's
+    names are hard links to one empty file."""
+    tree = DATA / f"{'links' if links else 'tree'}-{n}"
     done = tree / ".complete"
     if done.exists():
         return tree
-    print(f"writing a tree of {n:,} empty files in {tree} ...", flush=True)
-    for k in range(0, n, PER_FOLDER):
-        folder = tree / f"t{k // (PER_FOLDER * FOLDERS_PER_TOP):03d}" / f"d{k:09d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(k, min(n, k + PER_FOLDER)):
-            (folder / f"img{i:09d}.jpg").touch()
-    done.touch()
-    return tree
-
-
-def make_links(n: int) -> Path:
-    """A tree of ``n`` names, each folder's hard links to one empty file."""
-    tree = DATA / f"links-{n}"
-    done = tree / ".complete"
-    if done.exists():
-        return tree
-    print(f"writing a tree of {n:,} hard links in {tree} ...", flush=True)
+    what = "hard links" if links else "empty files"
+    print(f"writing a tree of {n:,} {what} in {tree} ...", flush=True)
     for k in range(0, n, PER_FOLDER):
         folder = tree / f"t{k // (PER_FOLDER * FOLDERS_PER_TOP):03d}" / f"d{k:09d}"
         folder.mkdir(parents=True, exist_ok=True)
         first = folder / f"img{k:09d}.jpg"
         first.touch()
         for i in range(k + 1, min(n, k + PER_FOLDER)):
-            os.link(first, folder / f"img{i:09d}.jpg")
+            name = folder / f"img{i:09d}.jpg"
+            if links:
+                os.link(first, name)
+            else:
+                name.touch()
     done.touch()
     return tree
 
@@ -204,7 +195,7 @@ def main() -> None:
             tree = make_tree(n)
             cases.append(("folder tree", str(tree), (False, True)))
         else:
-            tree = make_links(n)
+            tree = make_tree(n, links=True)
         cases.append(("file list", str(make_list(n, tree)), (False, True)))
         cases.append(("tar shards", make_shards(n), (False,)))
         for kind, dataset, modes in cases:

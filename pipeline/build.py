@@ -46,13 +46,15 @@ from pipeline.index_build import Runner, StepCallback
 from pipeline.lock import lock_index
 from pipeline.meta import IndexMeta
 from pipeline.models import ModelCard, get_model
-from pipeline.plan import Plan, clear_plan, plan_build, plan_dir
+from pipeline.parts import PartRecords
+from pipeline.plan import REMAINING, Plan, clear_plan, plan_build, plan_dir
 from pipeline.shards import (
     Shard,
     clear_staging,
     iter_shards,
     read_shard,
     shard_stats,
+    spec_key,
     staging_dir,
     usable_shards,
     write_shard,
@@ -381,7 +383,7 @@ def build_steps(
                 clear_staging(staging)
             sink = _ShardSink(plan, model)
             resumed, damaged = usable_shards(
-                [staging], spec, {r.path: r for r in plan.to_embed}
+                [staging], spec, _resumable(staging, spec, plan.to_embed)
             )
             for shard in list(resumed):
                 try:
@@ -391,7 +393,7 @@ def build_steps(
                     resumed.remove(shard)
                     damaged.append(shard.path)
             done_units = {r.path for shard in resumed for r in shard.units}
-            remaining = [r for r in plan.to_embed if r.path not in done_units]
+            remaining = _remaining(plan.to_embed, done_units, dest)
             done_images = sum(len(shard.records) for shard in resumed)
             summary.resumed_partitions = len(resumed)
             summary.resumed_images = done_images
@@ -607,6 +609,33 @@ def build_steps(
         ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()),
     )
     return summary
+
+
+def _resumable(
+    staging: Path, spec: ModelSpec, to_embed: Iterable[ImageRecord]
+) -> dict[str, ImageRecord]:
+    """The records of ``to_embed`` that a shard left in ``staging`` by an
+    interrupted run may hold (path -> record): those alone, not all."""
+    key = spec_key(spec)
+    held = {
+        r.path
+        for shard in iter_shards(staging)
+        if not isinstance(shard, tuple) and shard.info.get("spec") == key
+        for r in shard.units
+    }
+    return {r.path: r for r in to_embed if r.path in held} if held else {}
+
+
+def _remaining(
+    to_embed: Sequence[ImageRecord], done: set[str], dest: Path
+) -> Sequence[ImageRecord]:
+    """``to_embed`` but the images of ``done`` (kept in parts where the
+    plan's are)."""
+    if not done:
+        return to_embed
+    if isinstance(to_embed, PartRecords):
+        return to_embed.without(done, plan_dir(dest) / REMAINING)
+    return [r for r in to_embed if r.path not in done]
 
 
 def _image_changes(

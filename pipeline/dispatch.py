@@ -57,6 +57,7 @@ from pipeline.cancel import Cancel, cancel_futures
 from pipeline.discover import Failure, ImageRecord, pack_records
 from pipeline.embed import GPU_BATCH_SIZE, ModelSpec, PartitionResult, embed_partition
 from pipeline.errors import BuildFailed
+from pipeline.parts import PartSlice
 from pipeline.sources import Source
 from pipeline.spans import task_label
 
@@ -434,7 +435,7 @@ class PartitionDispatcher:
         return self.client.map(
             embed_partition,
             [self.source] * len(parts),
-            [pack_records(part) for part in parts],
+            [self._task_records(part) for part in parts],
             [self.spec] * len(parts),
             [self.shard_dir] * len(parts),
             key=keys,
@@ -443,6 +444,14 @@ class PartitionDispatcher:
             priority=1 if again else -next(self.ranks),
             resources={"GPU": 1} if self.settings.gpu_resource else None,
         )
+
+    def _task_records(self, part: Partition) -> PartSlice | bytes:
+        """A partition as its task carries it: a slice of the plan's parts
+        for a worker that sees them (one that writes shards beside the index
+        sees the plan beside it too), else its records packed."""
+        if isinstance(part, PartSlice) and self.shard_dir is not None:
+            return part
+        return pack_records(part)
 
 
 class _Watchdog(threading.Thread):

@@ -20,6 +20,7 @@ from pipeline.discover import Failure, ImageRecord, image_id, unpack_records
 from pipeline.errors import ConfigError, WorkerEnvironmentError
 from pipeline.feed import Batch, BatchFeed
 from pipeline.models import LoadedModel, get_model
+from pipeline.parts import PartSlice
 from pipeline.sources import (
     HandOver,
     Reader,
@@ -456,7 +457,7 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 
 def embed_partition(
     source: Source | str,
-    records: Sequence[ImageRecord] | bytes,
+    records: Sequence[ImageRecord] | PartSlice | bytes,
     spec: ModelSpec,
     shard_dir: str | None = None,
 ) -> PartitionResult:
@@ -464,7 +465,9 @@ def embed_partition(
     :class:`pipeline.sources.Source`, or a folder's absolute path): the Dask
     task, one per partition.
 
-    ``records`` may come packed (:func:`pipeline.discover.pack_records`).
+    ``records`` may come packed (:func:`pipeline.discover.pack_records`), or
+    as a slice of the plan's parts that this worker reads
+    (:class:`pipeline.parts.PartSlice`).
     With ``shard_dir``, the vectors are written there as a shard by this
     worker and the result carries the shard's name, not the vectors.
     A bad image becomes a Failure row and never fails the task; only a broken
@@ -473,6 +476,14 @@ def embed_partition(
     """
     if isinstance(records, bytes):
         records = unpack_records(records)
+    elif isinstance(records, PartSlice):
+        try:
+            records = records.records()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"this worker cannot see the build's plan ({records.file}): give "
+                "every worker the file system of the index's folder"
+            ) from None
     result = _embed(source, records, spec)
     if shard_dir is not None:
         from pipeline.shards import write_shard

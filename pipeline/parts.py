@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import atomic_path
-from pipeline.discover import ImageRecord, image_id
+from pipeline.discover import ImageRecord, image_id, tapered
 
 SUFFIX = ".parquet"
 # Rows a writer puts in one part; also how many a listing unit holds at once.
@@ -165,6 +165,56 @@ class PartWriter:
             self._pending = []
 
 
+def read_rows(file: str, start: int, stop: int) -> list[Row]:
+    """Rows [start, stop) of the part ``file``: only the row groups that
+    hold them are read."""
+    import pyarrow.parquet as pq
+
+    with open(file, "rb") as raw, pq.ParquetFile(raw, pre_buffer=False) as f:
+        groups: list[int] = []
+        first = offset = 0
+        for group in range(f.metadata.num_row_groups):
+            n = f.metadata.row_group(group).num_rows
+            if offset < stop and offset + n > start:
+                first = first if groups else offset
+                groups.append(group)
+            offset += n
+        if not groups:
+            return []
+        table = f.read_row_groups(groups, columns=list(_COLUMNS))
+        table = table.slice(start - first, stop - start)
+        return list(zip(*(c.to_pylist() for c in table.columns), strict=True))
+
+
+@dataclass(frozen=True)
+class PartSlice(Sequence[ImageRecord]):
+    """Rows [start, stop) of one part: a partition as a task carries it, for
+    the worker that embeds it to read (about 150 bytes pickled, whatever the
+    partition's size). Indexing and iterating read the rows (the client does
+    so only for a partition it must split or fail)."""
+
+    file: str
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("a part's slice takes no step")
+            return PartSlice(self.file, self.start + start, self.start + stop)
+        return self.records()[i]
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return iter(self.records())
+
+    def records(self) -> list[ImageRecord]:
+        return [record_of(row) for row in read_rows(self.file, self.start, self.stop)]
+
+
 class PartRecords:
     """Records kept in parts, read back part after part when iterated:
     what a plan holds instead of a list of records."""
@@ -182,6 +232,32 @@ class PartRecords:
         for part in self.parts:
             for row in iter_part(part):
                 yield record_of(row)
+
+    def slices(self, size: int, tail_threads: int = 0) -> list[PartSlice]:
+        """The records in partitions of at most ``size``, as slices of the
+        parts (none spans two), the last ones smaller as
+        :func:`pipeline.discover.partition_records` makes them."""
+        head, small = tapered(len(self), size, tail_threads)
+        out: list[PartSlice] = []
+        offset = 0  # rows of the parts before this one
+        for part in self.parts:
+            i = 0
+            while i < part.count:
+                if offset + i < head:
+                    stop = min(part.count, i + size, head - offset)
+                else:
+                    stop = min(part.count, i + small)
+                out.append(PartSlice(part.file, i, stop))
+                i = stop
+            offset += part.count
+        return out
+
+    def without(self, paths: set[str], folder: str | os.PathLike) -> PartRecords:
+        """These records but ``paths``, as parts written to ``folder``."""
+        writer = PartWriter(folder)
+        for part in self.parts:
+            writer.extend(r for r in iter_part(part) if os.fsdecode(r[0]) not in paths)
+        return PartRecords(writer.close())
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PartRecords | list | tuple):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import array
 import itertools
 import json
 import os
@@ -75,12 +74,14 @@ def plan_dir(dest: Path) -> Path:
 def clear_plan(work: Path) -> None:
     """Remove a plan's parts (and the folder, where nothing else is in it)."""
     (work / LISTING / LISTING_TOKEN).unlink(missing_ok=True)
-    for sub in (LISTING, EMBED, KEPT):
+    for sub in (LISTING, EMBED, KEPT, REMAINING):
         remove_parts(work / sub)
     remove_parts(work)
 
 
-LISTING, EMBED, KEPT = "listing", "embed", "kept"
+# The plan's folders: the listing's parts, what to embed, what is kept, and
+# what is left to embed after a resume.
+LISTING, EMBED, KEPT, REMAINING = "listing", "embed", "kept", "remaining"
 
 
 def plan_build(
@@ -145,11 +146,16 @@ def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> P
     known_bad: list[Failure] = []
     known_records: list[ImageRecord] = []
     metadata: dict[str, dict[str, Any]] = {}
-    ids = array.array("q")
+    # Every id, for the collision check: 8 bytes an image, filled in place
+    # (the listing's rows are an upper bound; a growing array would peak at
+    # twice its size while it moves).
+    ids = np.empty(listing.count, np.int64)
+    n_ids = 0
     n_kept = n_embed = updated = still_there = 0
     # Rows are (path, list row, size, mtime_ns, id, meta): pipeline/parts.py.
     for row in listing.items():
-        ids.append(row[4])
+        ids[n_ids] = row[4]
+        n_ids += 1
         if row[5] is not None:
             metadata[os.fsdecode(row[0])] = json.loads(row[5])
         if not old and not old_bad:  # a first build: everything is new
@@ -171,7 +177,7 @@ def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> P
             n_embed += 1
             updated += before is not None or r.path in old_bad
     kept_parts, embed_parts = kept.close(), embed.close()
-    collided = _id_collisions(ids, [*kept_parts, *embed_parts], known_records)
+    collided = _id_collisions(ids[:n_ids], [*kept_parts, *embed_parts], known_records)
     if collided:
         kept_parts = _without(kept_parts, collided)
         embed_parts = _without(embed_parts, collided)
@@ -275,15 +281,15 @@ def _shard_path(path: str) -> str:
 
 
 def _id_collisions(
-    ids: array.array, parts: Sequence[Part], known: Sequence[ImageRecord]
+    ids: np.ndarray, parts: Sequence[Part], known: Sequence[ImageRecord]
 ) -> dict[str, Failure]:
     """The failure row of each image whose id another image has already
     (the first path in order keeps it), by path: a 63-bit hash collides
-    about never, but never silently."""
-    values = np.frombuffer(ids, dtype=np.int64)
-    if len(values) < 2:
+    about never, but never silently. ``ids`` is sorted in place."""
+    if len(ids) < 2:
         return {}
-    ordered = np.sort(values)
+    ids.sort()
+    ordered = ids
     twice = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
     if not twice:
         return {}

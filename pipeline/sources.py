@@ -57,7 +57,7 @@ from pipeline.listing import (
     folder_units,
     walk_conflicts,
 )
-from pipeline.parts import PartWriter, record_of, row_of
+from pipeline.parts import PartRecords, PartWriter, record_of, row_of
 
 KINDS = ("folder", "list", "tar")
 INPUT_FORMATS = ("auto", *KINDS)
@@ -172,12 +172,15 @@ class Source:
             failures.extend(listing.failures)
 
     def partitions(
-        self, records: list[ImageRecord], size: int, tail_threads: int = 0
-    ) -> list[tuple[ImageRecord, ...]]:
+        self, records: Sequence[ImageRecord], size: int, tail_threads: int = 0
+    ) -> list[Sequence[ImageRecord]]:
         """Split ``records`` into tasks: at most ``size`` images each, or one
-        task a tar shard, so that each is read in one pass."""
+        task a tar shard, so that each is read in one pass. Records kept in
+        parts give slices of them (:class:`pipeline.parts.PartSlice`)."""
         if self.by_shard:
             return [(r,) for r in records]
+        if isinstance(records, PartRecords):
+            return records.slices(size, tail_threads)
         return partition_records(records, size, tail_threads)
 
     def reader(self, rels: Sequence[str]) -> Reader:

@@ -991,3 +991,62 @@ def test_planning_keeps_its_sets_in_parts_and_reports_id_collisions(
         assert planned.plan.added == 3
     assert not work.exists()
     assert sorted(p.name for p in out.iterdir()) == [".data.lock"]  # the lock only
+
+
+def test_partitions_of_a_plan_in_parts_are_slices_its_workers_read(
+    client, tmp_path, photos, monkeypatch
+):
+    """A plan's partitions are slices of its parts: the same records, sizes
+    and tapered tail as partitions of a list, none across two parts; a task
+    carries the slice (not the records) to a worker that writes shards, and
+    the index is the one the records themselves give."""
+    from pipeline import dispatch
+    from pipeline.build import run_build
+    from pipeline.discover import TAPER_FROM, partition_records
+    from pipeline.parts import PartRecords, PartSlice, PartWriter, row_of
+    from tests.helpers import read_index
+
+    records = [ImageRecord(f"d/{i:04d}.jpg", i, i) for i in range(1000)]
+    writer = PartWriter(tmp_path / "parts", rows=300)
+    writer.extend(row_of(r) for r in records)
+    parts = PartRecords(writer.close())
+    assert len(parts.parts) == 4
+    before = {p.file: 300 * i for i, p in enumerate(parts.parts)}
+    for size, tail in ((32, 0), (32, 3), (7, 0), (16, 2), (1000, 0)):
+        slices = parts.slices(size, tail)
+        assert all(isinstance(s, PartSlice) for s in slices)
+        assert [r for s in slices for r in s] == records
+        # As partition_records sizes them (the last tail * size images in
+        # quarters), but cut where a part ends.
+        tapered = tail and size >= TAPER_FROM
+        head = max(0, 1000 - tail * size) // size * size if tapered else 1000
+        assert len(partition_records(records, size, tail)) <= len(slices)
+        for s in slices:
+            start = before[s.file] + s.start
+            limit = size if start < head else size // 4
+            assert len(s) <= limit and (start >= head or start + len(s) <= head)
+    half = parts.slices(32)[3][:16]
+    assert (half.start, half.stop, [r.path for r in half][0]) == (96, 112, "d/0096.jpg")
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in photos[:12]:
+        (data / p.name).write_bytes(p.read_bytes())
+    packed: list[int] = []
+    real_pack = dispatch.pack_records
+
+    def pack(part):
+        packed.append(len(part))
+        return real_pack(part)
+
+    monkeypatch.setattr(dispatch, "pack_records", pack)
+    by_slices = run_build(client, data, tmp_path / "a", partition_size=4)
+    assert packed == [] and by_slices.partitions > 1  # slices, read by the workers
+    streamed = run_build(
+        client, data, tmp_path / "b", partition_size=4, workers_write=False
+    )
+    # Records packed where the client writes the shards.
+    assert sum(packed) == 12 and len(packed) == streamed.partitions
+    assert by_slices.indexed == streamed.indexed == 12
+    a, b = read_index(tmp_path / "a" / "data"), read_index(tmp_path / "b" / "data")
+    assert a.manifest == b.manifest
