@@ -243,7 +243,7 @@ def walk_conflicts(listings: Sequence[Listing]) -> tuple[list[str], list[Failure
     dropped: list[str] = []
     failures: list[Failure] = []
     for dev, ino, path in folders:
-        if any(under(path, d) for d in dropped):
+        if any(_under(path, d) for d in dropped):
             continue
         winner = first.setdefault((dev, ino), path)
         if winner != path:
@@ -258,7 +258,7 @@ def _order(path: str) -> str:
     return path.replace("/", "\0")
 
 
-def under(path: str, folder: str) -> bool:
+def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + "/")
 
 
@@ -320,7 +320,7 @@ def collect_listings(listings: Iterable[Listing], dropped: list[str]) -> SourceL
     for listing in listings:
         parts.extend(listing.parts)
         for f, row in zip(listing.failures, listing.failure_rows, strict=True):
-            if dropped and any(under(f.path, d) and f.path != d for d in dropped):
+            if dropped and any(_under(f.path, d) and f.path != d for d in dropped):
                 continue
             if not row:
                 plain.append(f)
