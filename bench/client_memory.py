@@ -43,8 +43,8 @@ from processes import peak_rss
 from pipeline import build
 mode = sys.argv.pop(1)
 if mode == "streamed":  # what a client whose workers cannot see --out does
-    run = build.run_build
-    build.run_build = lambda *a, **k: run(*a, **{{**k, "workers_write": False}})
+    run = build.run_builds
+    build.run_builds = lambda *a, **k: run(*a, **{{**k, "workers_write": False}})
 from pipeline.cli import cli
 try:
     cli.main(sys.argv[1:], standalone_mode=False)
