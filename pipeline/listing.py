@@ -84,6 +84,8 @@ class Listing:
     entries: int = 0
     # the rows, packed, where the worker did not see the parts' folder
     packed: bytes | None = None
+    # a span of a list that the worker does not see (the client lists it)
+    unread: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,12 +158,20 @@ def list_unit_task(source: Source, unit: Unit, folder: str, token: str) -> Listi
     """:func:`list_unit` as a Dask task runs it: the worker writes the parts
     where it sees the client's ``folder`` (its token file says so), else
     sends the rows back packed for the client to write."""
+    if unit.span and not _list_readable(source.spec):
+        return Listing(unread=True)
     if _sees(folder, token):
         return list_unit(source, unit, folder)
     listing = Listing()
     rows = list(unit_items(source, unit, listing))
     listing.packed = zlib.compress(pickle.dumps(rows, pickle.HIGHEST_PROTOCOL), 1)
     return listing
+
+
+def _list_readable(spec: str) -> bool:
+    """Whether this process can read the list ``spec``: a list of URLs on
+    the client's own disk is read there, whatever workers see."""
+    return "://" in spec or os.path.exists(spec)
 
 
 def _sees(folder: str, token: str) -> bool:
@@ -430,30 +440,34 @@ class Lister:
         window = max(4, 2 * sum(client.nthreads().values()))
         count = itertools.count()
         pending = as_completed(loop=client.loop)
+        unit_of: dict[str, Unit] = {}
 
         def submit(unit: Unit) -> None:
-            pending.add(
-                client.submit(
-                    list_unit_task,
-                    for_tasks,
-                    unit,
-                    str(self.folder),
-                    self.token,
-                    key=f"list[{self.label}]-{next(count):05d}-{run}",
-                    pure=False,
-                )
+            future = client.submit(
+                list_unit_task,
+                for_tasks,
+                unit,
+                str(self.folder),
+                self.token,
+                key=f"list[{self.label}]-{next(count):05d}-{run}",
+                pure=False,
             )
+            unit_of[future.key] = unit
+            pending.add(future)
 
         for unit in itertools.islice(units, window):
             submit(unit)
         try:
             for future in pending:
                 listing = future.result()
+                done = unit_of.pop(future.key)
                 future.release()
                 unit = next(units, None)
                 if unit is not None:
                     submit(unit)
-                if listing.packed is not None:  # the worker cannot see the folder
+                if listing.unread:  # the worker cannot see the list: here
+                    listing = list_unit(source, done, self.folder)
+                elif listing.packed is not None:  # the worker cannot see the folder
                     rows = pickle.loads(zlib.decompress(listing.packed))
                     name = f"{uuid.uuid4().hex[:12]}-rows.parquet"
                     listing.parts = (

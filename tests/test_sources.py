@@ -847,9 +847,15 @@ def test_a_large_listing_goes_to_the_workers_once_they_are_there(
         assert caplog.messages == ["listing data: 5 parts on the cluster"]
         with plan_dataset(listed, tmp_path / "out", cluster=client) as by_rows:
             assert [r.path for r in by_rows.plan.to_embed] == rows
+        # Workers that cannot read the list (on the client's own disk) hand
+        # their spans back, and the client lists them.
+        monkeypatch.setattr(listing, "_list_readable", lambda spec: False)
+        with plan_dataset(listed, tmp_path / "out", cluster=client) as unread:
+            assert [r.path for r in unread.plan.to_embed] == rows
+        monkeypatch.undo()
     whole = sorted(discover_images(data, []), key=lambda r: r.path)
     assert alone_records == whole
-    assert caplog.messages[-1] == f"listing rows: {spans} parts on the cluster"
+    assert caplog.messages[-2:] == [f"listing rows: {spans} parts on the cluster"] * 2
 
 
 def test_a_text_list_read_in_spans_of_any_size_lists_what_one_read_lists(
