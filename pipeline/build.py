@@ -382,9 +382,12 @@ def build_steps(
             if planned.rebuild:
                 clear_staging(staging)
             sink = _ShardSink(plan, model)
+            # Read once: which records to look up depends on what they hold.
+            staged = list(iter_shards(staging))
             resumed, damaged = usable_shards(
-                [staging], spec, _resumable(staging, spec, plan.to_embed)
+                staged, spec, _resumable(staged, spec, plan.to_embed)
             )
+            del staged
             for shard in list(resumed):
                 try:
                     sink.add_shard(shard)
@@ -612,14 +615,16 @@ def build_steps(
 
 
 def _resumable(
-    staging: Path, spec: ModelSpec, to_embed: Iterable[ImageRecord]
+    staged: Sequence[Shard | tuple[Path, str]],
+    spec: ModelSpec,
+    to_embed: Iterable[ImageRecord],
 ) -> dict[str, ImageRecord]:
-    """The records of ``to_embed`` that a shard left in ``staging`` by an
+    """The records of ``to_embed`` that the shards ``staged`` by an
     interrupted run may hold (path -> record): those alone, not all."""
     key = spec_key(spec)
     held = {
         r.path
-        for shard in iter_shards(staging)
+        for shard in staged
         if not isinstance(shard, tuple) and shard.info.get("spec") == key
         for r in shard.units
     }

@@ -26,16 +26,20 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import pickle
 import uuid
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AnyStr
 
-from pipeline.discover import Failure, same_folder, walk_folder
+from pipeline.discover import (
+    Failure,
+    pack_rows,
+    same_folder,
+    unpack_rows,
+    walk_folder,
+)
 from pipeline.parts import (
     MERGE_FAN_IN,
     Part,
@@ -44,7 +48,6 @@ from pipeline.parts import (
     merge_parts,
     row_of,
     write_merged,
-    write_part,
 )
 from pipeline.spans import task_label
 
@@ -75,7 +78,8 @@ class Listing:
 
     parts: list[Part] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
-    # the file list's row of each failure (0: not a list's; see Unit.span)
+    # a file list's row of each failure (see Unit.span); none for the
+    # failures of other sources
     failure_rows: list[int] = field(default_factory=list)
     # (device, inode, path) of each folder a folder's unit entered
     folders: list[tuple[int, int, str]] = field(default_factory=list)
@@ -118,12 +122,10 @@ def unit_items(source: Source, unit: Unit, listing: Listing) -> Iterator[Row]:
         )
         for r in walk:
             yield row_of(r)
-        listing.failure_rows = [0] * len(listing.failures)
         return
     if source.kind == "tar":
         for r in shard_files(source, unit.entries, listing.failures):
             yield row_of(r)
-        listing.failure_rows = [0] * len(listing.failures)
         return
     if unit.span:
         entries: Iterable[str] = read_txt_span(source.spec, *unit.span)
@@ -163,15 +165,16 @@ def list_unit_task(source: Source, unit: Unit, folder: str, token: str) -> Listi
     if _sees(folder, token):
         return list_unit(source, unit, folder)
     listing = Listing()
-    rows = list(unit_items(source, unit, listing))
-    listing.packed = zlib.compress(pickle.dumps(rows, pickle.HIGHEST_PROTOCOL), 1)
+    listing.packed = pack_rows(list(unit_items(source, unit, listing)))
     return listing
 
 
 def _list_readable(spec: str) -> bool:
     """Whether this process can read the list ``spec``: a list of URLs on
     the client's own disk is read there, whatever workers see."""
-    return "://" in spec or os.path.exists(spec)
+    from pipeline.sources import is_url
+
+    return is_url(spec) or os.path.exists(spec)
 
 
 def _sees(folder: str, token: str) -> bool:
@@ -230,7 +233,6 @@ def folder_units(
         )
         deep.extend(children)
     here.parts = writer.close()
-    here.failure_rows = [0] * len(here.failures)
     return here, [Unit(start) for start in deep]
 
 
@@ -268,8 +270,10 @@ def _order(path: str) -> str:
     return path.replace("/", "\0")
 
 
-def _under(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder + "/")
+def _under(path: AnyStr, folder: AnyStr) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (as text or bytes)."""
+    sep = b"/" if isinstance(folder, bytes) else "/"
+    return path == folder or path.startswith(folder + sep)
 
 
 @dataclass
@@ -304,7 +308,7 @@ class SourceListing:
         last = None
         for row in merge_parts(self.parts):
             path = row[0]
-            if dropped and any(path == d or path.startswith(d + b"/") for d in dropped):
+            if dropped and any(_under(path, d) for d in dropped):
                 continue
             if path == last:
                 number = self.row_number(row[1])
@@ -329,7 +333,8 @@ def collect_listings(listings: Iterable[Listing], dropped: list[str]) -> SourceL
     plain: list[Failure] = []
     for listing in listings:
         parts.extend(listing.parts)
-        for f, row in zip(listing.failures, listing.failure_rows, strict=True):
+        rows = listing.failure_rows or [0] * len(listing.failures)
+        for f, row in zip(listing.failures, rows, strict=True):
             if dropped and any(_under(f.path, d) and f.path != d for d in dropped):
                 continue
             if not row:
@@ -468,12 +473,9 @@ class Lister:
                 if listing.unread:  # the worker cannot see the list: here
                     listing = list_unit(source, done, self.folder)
                 elif listing.packed is not None:  # the worker cannot see the folder
-                    rows = pickle.loads(zlib.decompress(listing.packed))
-                    name = f"{uuid.uuid4().hex[:12]}-rows.parquet"
-                    listing.parts = (
-                        [write_part(self.folder / name, rows)] if rows else []
-                    )
-                    listing.packed = None
+                    writer = PartWriter(self.folder)
+                    writer.extend(unpack_rows(listing.packed))
+                    listing.parts, listing.packed = writer.close(), None
                 yield listing
         finally:
             for future in list(pending.futures):

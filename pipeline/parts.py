@@ -259,11 +259,6 @@ class PartRecords:
             writer.extend(r for r in iter_part(part) if os.fsdecode(r[0]) not in paths)
         return PartRecords(writer.close())
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, PartRecords | list | tuple):
-            return list(self) == list(other)
-        return NotImplemented
-
     def __repr__(self) -> str:
         return f"PartRecords({len(self)} records in {len(self.parts)} parts)"
 

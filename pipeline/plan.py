@@ -24,7 +24,6 @@ from pipeline.parts import (
     iter_part,
     record_of,
     remove_parts,
-    write_part,
 )
 from pipeline.sources import Source, metadata_digest, split_member
 from pipeline.store import (
@@ -176,19 +175,22 @@ def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> P
             embed.add(row)
             n_embed += 1
             updated += before is not None or r.path in old_bad
-    kept_parts, embed_parts = kept.close(), embed.close()
-    collided = _id_collisions(ids[:n_ids], [*kept_parts, *embed_parts], known_records)
+    kept_records, to_embed = PartRecords(kept.close()), PartRecords(embed.close())
+    collided = _id_collisions(
+        ids[:n_ids], [*kept_records.parts, *to_embed.parts], known_records
+    )
     if collided:
-        kept_parts = _without(kept_parts, collided)
-        embed_parts = _without(embed_parts, collided)
+        # About never: the parts are written again without them (the first
+        # ones stay until the plan is cleared).
+        kept_records = kept_records.without(set(collided), work / KEPT)
+        to_embed = to_embed.without(set(collided), work / EMBED)
         known_records = [r for r in known_records if r.path not in collided]
         known_bad = [f for f in known_bad if f.path not in collided]
         listing.failures.extend(collided.values())
-        n_kept = sum(p.count for p in kept_parts)
-        n_embed = sum(p.count for p in embed_parts)
+        n_kept, n_embed = len(kept_records), len(to_embed)
     return Plan(
-        kept=PartRecords(kept_parts),
-        to_embed=PartRecords(embed_parts),
+        kept=kept_records,
+        to_embed=to_embed,
         added=n_embed - updated,
         updated=updated,
         removed=len(old) - still_there,
@@ -305,19 +307,3 @@ def _id_collisions(
         if first != path:
             failures[path] = Failure(path, f"id collision with {first!r}; rename one")
     return failures
-
-
-def _without(parts: list[Part], paths: dict[str, Failure]) -> list[Part]:
-    """``parts`` with the rows of ``paths`` left out (those parts written
-    again)."""
-    kept: list[Part] = []
-    for part in parts:
-        rows = list(iter_part(part))
-        remaining = [x for x in rows if os.fsdecode(x[0]) not in paths]
-        if len(remaining) == len(rows):
-            kept.append(part)
-            continue
-        Path(part.file).unlink()
-        if remaining:
-            kept.append(write_part(part.file, remaining))
-    return kept

@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,11 +247,12 @@ def iter_shards(folder: str | os.PathLike) -> Iterator[Shard | tuple[Path, str]]
 
 
 def usable_shards(
-    folders: Sequence[str | os.PathLike],
+    shards: Iterable[Shard | tuple[Path, str]],
     spec: ModelSpec,
     wanted: Mapping[str, ImageRecord],
 ) -> tuple[list[Shard], list[Path]]:
-    """Shards still valid for ``wanted`` (path -> current record), and damaged ones.
+    """Of ``shards`` (as :func:`iter_shards` gives them), those still valid
+    for ``wanted`` (path -> current record), and the damaged ones.
 
     A shard is valid if it was made with ``spec`` and every image (or tar
     shard) its task was given is in ``wanted`` unchanged, and not claimed by
@@ -262,18 +263,17 @@ def usable_shards(
     found: list[Shard] = []
     damaged: list[Path] = []
     claimed: set[str] = set()
-    for folder in folders:
-        for shard in iter_shards(folder):
-            if isinstance(shard, tuple):
-                logger.warning("ignoring damaged shard %s (%s)", *shard)
-                damaged.append(shard[0])
-                continue
-            if shard.info["spec"] != key:
-                continue
-            units = shard.units
-            if all(wanted.get(r.path) == r and r.path not in claimed for r in units):
-                claimed.update(r.path for r in units)
-                found.append(shard)
+    for shard in shards:
+        if isinstance(shard, tuple):
+            logger.warning("ignoring damaged shard %s (%s)", *shard)
+            damaged.append(shard[0])
+            continue
+        if shard.info["spec"] != key:
+            continue
+        units = shard.units
+        if all(wanted.get(r.path) == r and r.path not in claimed for r in units):
+            claimed.update(r.path for r in units)
+            found.append(shard)
     return found, damaged
 
 

@@ -443,8 +443,8 @@ def read_txt_span(path: str, start: int, end: int) -> Iterator[str]:
                 if not line:
                     break
                 at += len(line)
-                entry = line.decode("utf-8").strip()
-                if entry and not entry.startswith("#"):
+                entry = _txt_entry(line.decode("utf-8"))
+                if entry:
                     yield entry
     except UnicodeDecodeError:
         raise DatasetError(f"file list {path!r} is not UTF-8 text") from None
@@ -529,9 +529,15 @@ def read_list(source: Source) -> Iterator[tuple[str, dict[str, Any] | None]]:
 def _txt_rows(path: str) -> Iterator[str]:
     with _open(path) as f, io.TextIOWrapper(f, encoding="utf-8") as text:
         for line in text:
-            row = line.strip()
-            if row and not row.startswith("#"):
+            row = _txt_entry(line)
+            if row:
                 yield row
+
+
+def _txt_entry(line: str) -> str:
+    """A ``.txt`` list's entry on ``line`` ("" for a blank or ``#`` line)."""
+    entry = line.strip()
+    return "" if entry.startswith("#") else entry
 
 
 def _csv_rows(path: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
