@@ -218,7 +218,7 @@ def plan_append(
     choice: IndexChoice,
     trained: Path | None,
     stored: StoredIndex | None,
-    manifest: Sequence[ImageRecord],
+    manifest: Iterable[ImageRecord],
     shards: Iterable[Shard],
 ) -> tuple[IndexChoice, Append | None]:
     """Grow the previous index when its quantizer is kept (see :func:`decide`),
@@ -234,8 +234,7 @@ def plan_append(
     grows_graph = choice.is_graph and stored.meta.index_key == choice.key
     if trained is None and not grows_graph:
         return choice, None
-    previous_manifest = stored.manifest
-    before, now = record_keys(previous_manifest), record_keys(manifest)
+    before, now = record_keys(stored.records()), record_keys(manifest)
     kept = np.isin(now, before)  # the same path, size and mtime in both
     changed = [r for r, same in zip(manifest, kept, strict=True) if not same]
     rows, _, missing = select_rows(shards, changed)
@@ -243,7 +242,7 @@ def plan_append(
         return choice, None  # cannot happen after select_rows on all; refill
     gone = ~np.isin(before, now)
     drop = np.array(
-        [r.id for r, out in zip(previous_manifest, gone, strict=True) if out],
+        [r.id for r, out in zip(stored.records(), gone, strict=True) if out],
         np.int64,
     )
     if trained is None:  # the graph
@@ -265,7 +264,7 @@ def plan_append(
 
 
 def select_rows(
-    shards: Iterable[Shard], manifest: Sequence[ImageRecord]
+    shards: Iterable[Shard], manifest: Iterable[ImageRecord]
 ) -> tuple[list[ShardRows], list[Path], list[ImageRecord]]:
     """One shard row per manifest image: (selection, shards used, images without).
 
@@ -274,6 +273,8 @@ def select_rows(
     current); the first shard (in the given order) to hold an image wins.
     """
     selection, used, covered = select_by_keys(shards, record_keys(manifest))
+    if covered.all():  # as it should be: ``manifest`` is not read again
+        return selection, used, []
     missing = [r for r, has in zip(manifest, covered, strict=True) if not has]
     return selection, used, missing
 

@@ -25,12 +25,13 @@ from pipeline.assemble import (
     index_in_place,
     intact,
     plan_append,
+    record_keys,
     run_index_build,
     select_rows,
 )
 from pipeline.cancel import Cancel
 from pipeline.config import config_value, count_or_auto, seconds_value
-from pipeline.discover import Failure, ImageRecord
+from pipeline.discover import Failure, ImageRecord, image_id
 from pipeline.dispatch import DispatchSettings, PartitionDispatcher
 from pipeline.embed import ModelSpec, PartitionResult
 from pipeline.errors import (
@@ -44,12 +45,30 @@ from pipeline.errors import (
 from pipeline.index import reconstruct
 from pipeline.index_build import Runner, StepCallback
 from pipeline.lock import lock_index
+from pipeline.lookup import rows_in_sorted
 from pipeline.meta import IndexMeta
 from pipeline.models import ModelCard, get_model
-from pipeline.parts import PartRecords
-from pipeline.plan import REMAINING, Plan, clear_plan, plan_build, plan_dir
+from pipeline.parts import (
+    PartRecords,
+    PartWriter,
+    Row,
+    compact,
+    merge_parts,
+    row_of,
+    write_union,
+)
+from pipeline.plan import (
+    INDEXED,
+    MANIFEST,
+    REMAINING,
+    Plan,
+    clear_plan,
+    plan_build,
+    plan_dir,
+)
 from pipeline.shards import (
     Shard,
+    ShardFiles,
     clear_staging,
     iter_shards,
     read_shard,
@@ -381,27 +400,11 @@ def build_steps(
             staging = staging_dir(dest)
             if planned.rebuild:
                 clear_staging(staging)
-            sink = _ShardSink(plan, model)
-            # Read once: which records to look up depends on what they hold.
-            staged = list(iter_shards(staging))
-            resumed, damaged = usable_shards(
-                staged, spec, _resumable(staged, spec, plan.to_embed)
-            )
-            del staged
-            for shard in list(resumed):
-                try:
-                    sink.add_shard(shard)
-                except (OSError, ValueError, zipfile.BadZipFile) as e:
-                    logger.warning("ignoring damaged shard %s (%s)", shard.path, e)
-                    resumed.remove(shard)
-                    damaged.append(shard.path)
-            done_units = {r.path for shard in resumed for r in shard.units}
-            remaining = _remaining(plan.to_embed, done_units, dest)
-            done_images = sum(len(shard.records) for shard in resumed)
-            summary.resumed_partitions = len(resumed)
-            summary.resumed_images = done_images
-            summary.damaged_shards = [p.name for p in damaged]
-            if resumed:
+            sink = _ShardSink(plan, model, plan_dir(dest))
+            remaining, summary.damaged_shards = _resume(sink, staging, spec, plan, dest)
+            done_images = summary.resumed_images = sink.resumed_images
+            summary.resumed_partitions = len(sink.shards)
+            if sink.shards:
                 logger.info(
                     "%s: resuming; %d images embedded before", name, done_images
                 )
@@ -469,7 +472,7 @@ def build_steps(
             )
             size = dispatcher.partition_size(len(remaining), partition_size)
             partitions = source.partitions(remaining, size, dispatcher.threads())
-            summary.partitions = len(partitions) + len(resumed)
+            summary.partitions = len(partitions) + summary.resumed_partitions
             if partitions:
                 staging.mkdir(parents=True, exist_ok=True)
             dispatcher.start(partitions)
@@ -490,7 +493,7 @@ def build_steps(
                     plan, sink.found, manifest, failures
                 )
             # This run's shards first: a re-embedded image's new row wins.
-            candidates = sink.shards + _live_shards(dest, plan)
+            candidates = ShardFiles(sink.shards + _live_shards(dest, plan))
             selection, shards, missing = select_rows(candidates, manifest)
             if missing:
                 migrated = _migrate(plan, missing, staging, spec)
@@ -614,6 +617,31 @@ def build_steps(
     return summary
 
 
+def _resume(
+    sink: _ShardSink, staging: Path, spec: ModelSpec, plan: Plan, dest: Path
+) -> tuple[Sequence[ImageRecord], list[str]]:
+    """Take the shards an interrupted run left in ``staging`` into ``sink``:
+    (what is left to embed, the names of the damaged shards skipped). The
+    shards' records are let go once read (a function of its own: a build's
+    generator would keep them to its end)."""
+    # Read once: which records to look up depends on what they hold.
+    staged = list(iter_shards(staging))
+    resumed, damaged = usable_shards(
+        staged, spec, _resumable(staged, spec, plan.to_embed)
+    )
+    del staged
+    done: set[str] = set()
+    for shard in resumed:
+        try:
+            sink.add_shard(shard)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            logger.warning("ignoring damaged shard %s (%s)", shard.path, e)
+            damaged.append(shard.path)
+        else:
+            done.update(r.path for r in shard.units)
+    return _remaining(plan.to_embed, done, dest), [p.name for p in damaged]
+
+
 def _resumable(
     staged: Sequence[Shard | tuple[Path, str]],
     spec: ModelSpec,
@@ -645,19 +673,26 @@ def _remaining(
 
 def _image_changes(
     plan: Plan,
-    found: Iterable[str],
-    manifest: Sequence[ImageRecord],
+    found: np.ndarray,
+    manifest: Iterable[ImageRecord],
     failures: Sequence[Failure],
 ) -> tuple[int, int, int]:
-    """(added, updated, removed) images, where tar shards were read again."""
-    old: set[str] = set()
+    """(added, updated, removed) images, where tar shards were read again;
+    ``found`` holds the ids of the images read (ids, not paths: 8 bytes an
+    image)."""
+    old = np.zeros(0, np.int64)
     if plan.previous is not None:
-        old = {r.path for r in plan.previous.manifest}
-        old |= {f.path for f in plan.previous.failures}
-    found = set(found)
-    now = {r.path for r in manifest} | {f.path for f in failures}
-    removed = sum(1 for p in old if p not in now)
-    return len(found - old), len(found & old), removed
+        old = _ids(plan.previous.records(), plan.previous.failures)
+    found = np.unique(found)
+    again = np.isin(found, old)
+    removed = np.isin(old, _ids(manifest, failures), invert=True)
+    return int((~again).sum()), int(again.sum()), int(removed.sum())
+
+
+def _ids(records: Iterable[ImageRecord], failures: Iterable[Failure]) -> np.ndarray:
+    """The ids of ``records`` and of ``failures``' images, each once."""
+    ids = itertools.chain((r.id for r in records), (image_id(f.path) for f in failures))
+    return np.unique(np.fromiter(ids, np.int64))
 
 
 def _failure_rows(failures: Iterable[Failure]) -> list[dict[str, str]]:
@@ -855,17 +890,17 @@ def no_cluster(planned: Sequence[PlannedBuild | ImgindexError]) -> dict[str, Any
     }
 
 
-def _live_shards(dest: Path, plan: Plan) -> list[Shard]:
+def _live_shards(dest: Path, plan: Plan) -> list[Path]:
     """The previous index's shards that still hold a kept image's vector."""
     if plan.previous is None or not plan.kept:
         return []
-    kept = set(plan.kept)
+    kept = np.sort(record_keys(plan.kept))
     live = []
     for shard in iter_shards(dest / SHARDS_DIR):
         if isinstance(shard, tuple):
             logger.warning("%s: dropping damaged shard %s (%s)", dest, *shard)
-        elif any(r in kept for r in shard.records):
-            live.append(shard)
+        elif (rows_in_sorted(kept, record_keys(shard.records)) >= 0).any():
+            live.append(shard.path)
     return live
 
 
@@ -917,25 +952,31 @@ class StageTimer(dict):
 class _ShardSink:
     """What each finished partition left: its shard, failures, counts.
 
-    Only the shards' ``info`` is held here; their vectors stay on disk until
-    the index is built from them on the workers (pipeline/index_build.py).
+    Only the shards' files are held here; their vectors stay on disk until
+    the index is built from them on the workers (pipeline/index_build.py),
+    and the images they hold go to parts in ``folder`` as they come, so that
+    the manifest is a merge of parts, never a list in the client.
     """
 
-    def __init__(self, plan: Plan, model: ModelCard):
+    def __init__(self, plan: Plan, model: ModelCard, work: Path):
         self.dim = model.dim
         # As a shard's JSON holds it (tuples become lists).
         self.preprocess = json.loads(json.dumps(asdict(model.preprocess)))
-        self.paths = [r.path for r in plan.kept]
         self.failures = list(plan.known_failures)
         self.embedded = 0
         self.by_worker: Counter = Counter()
         self.by_runtime: Counter = Counter()
         self.runtime_reasons: dict[str, str] = {}
         self.task_seconds: Counter = Counter()
-        self.shards: list[Shard] = []  # this run's, and the resumed ones
-        # The images that partitions of tar shards found (plan.to_embed holds
-        # the shards themselves).
-        self.found: dict[str, ImageRecord] = {}
+        self.shards: list[Path] = []  # this run's, and the resumed ones
+        self.resumed_images = 0
+        self.work = work  # the plan's folder
+        self._indexed = PartWriter(work / INDEXED)  # the shards' images, as rows
+        # The failed images' file records, where their shards tell them.
+        self._failed: dict[str, ImageRecord] = {}
+        # Ids of the images read from tar shards (plan.to_embed holds the
+        # shards themselves), for the summary's added/updated counts.
+        self._found: list[np.ndarray] = []
 
     def add(self, result: PartitionResult, shard: Shard | None) -> None:
         """A finished partition; ``shard`` holds its vectors."""
@@ -962,6 +1003,7 @@ class _ShardSink:
         shard.arrays()  # read once, here, so a damaged one is embedded again
         self._add_shard(shard)
         self.failures.extend(shard.failures)
+        self.resumed_images += len(shard.info["records"])
 
     def _add_shard(self, shard: Shard) -> None:
         width = shard.info.get("dim")
@@ -979,23 +1021,49 @@ class _ShardSink:
                 "its copy of the model differs; install the same version of the "
                 "model's package on every worker (`imgindex doctor`)"
             )
-        self.paths.extend(shard.info["paths"])
-        self.shards.append(shard)
+        indexed = set(shard.info["paths"])
+        for record in shard.records:  # the images it covered: indexed or failed
+            if record.path in indexed:
+                self._indexed.add(row_of(record))
+            else:
+                self._failed[record.path] = record
+        self.shards.append(shard.path)
         if "units" in shard.info:
-            self.found.update((r.path, r) for r in shard.records)
+            ids = [image_id(p) for p, _, _ in shard.info["records"]]
+            self._found.append(np.array(ids, np.int64))
 
-    def finish(self, plan: Plan):
-        """(manifest in path order, failures in path order, their file records)."""
-        by_path = {r.path: r for r in plan.to_embed}
-        by_path.update((r.path, r) for r in plan.kept)
-        by_path.update((r.path, r) for r in plan.known_records)
-        by_path.update(self.found)
-        manifest = [by_path[p] for p in sorted(self.paths)]
+    @property
+    def found(self) -> np.ndarray:
+        """The ids of the images this run's tar shards held (indexed or not)."""
+        return np.concatenate([np.zeros(0, np.int64), *self._found])
+
+    def finish(
+        self, plan: Plan
+    ) -> tuple[PartRecords, list[Failure], dict[str, ImageRecord]]:
+        """(manifest in path order, as parts; failures in path order; their
+        file records)."""
+        manifest = write_union(
+            self.work / MANIFEST,
+            _rows(plan.kept),
+            merge_parts(compact(self._indexed.close(), self.work / INDEXED)),
+        )
         failures = sorted(self.failures, key=lambda f: f.path)
+        wanted = {f.path for f in failures} - self._failed.keys()
+        if wanted:  # failed where no shard was written: the plan has them
+            for r in itertools.chain(plan.to_embed, plan.known_records):
+                if r.path in wanted:
+                    self._failed[r.path] = r
         failed_records = {
-            f.path: by_path[f.path] for f in failures if f.path in by_path
+            f.path: self._failed[f.path] for f in failures if f.path in self._failed
         }
         return manifest, failures, failed_records
+
+
+def _rows(records: Sequence[ImageRecord]) -> Iterator[Row]:
+    """``records`` as rows in order (parts are in order already)."""
+    if isinstance(records, PartRecords):
+        return merge_parts(records.parts)
+    return iter(sorted(row_of(r) for r in records))
 
 
 class _Progress:

@@ -45,9 +45,9 @@ from pipeline.parts import (
     Part,
     PartWriter,
     Row,
+    merge_group,
     merge_parts,
     row_of,
-    write_merged,
 )
 from pipeline.spans import task_label
 
@@ -184,15 +184,6 @@ def _sees(folder: str, token: str) -> bool:
         return Path(folder, TOKEN_FILE).read_text() == token
     except OSError:
         return False
-
-
-def merge_group(parts: Sequence[Part], folder: str | os.PathLike) -> Part:
-    """Merge ``parts`` into one part in ``folder``, and remove them."""
-    name = f"{uuid.uuid4().hex[:12]}-merged.parquet"
-    merged = write_merged(Path(folder, name), parts)
-    for part in parts:
-        Path(part.file).unlink(missing_ok=True)
-    return merged
 
 
 def merge_group_task(parts: Sequence[Part], folder: str, token: str) -> Part | None:

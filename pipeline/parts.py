@@ -21,7 +21,7 @@ import heapq
 import itertools
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from pipeline.discover import ImageRecord, image_id, tapered
 
 SUFFIX = ".parquet"
 # Rows a writer puts in one part; also how many a listing unit holds at once.
-ROWS_PER_PART = 100_000
+ROWS_PER_PART = 20_000
 # Rows read from a part at a time while merging, and rows in a row group:
 # an open part costs about 260 KiB of buffers at this size (4,096: 970 KiB).
 BATCH_ROWS = 512
@@ -129,6 +129,44 @@ def iter_part(part: Part) -> Iterator[Row]:
 def merge_parts(parts: Iterable[Part]) -> Iterator[Row]:
     """The rows of all ``parts`` (each sorted) in order."""
     return heapq.merge(*(iter_part(p) for p in parts))
+
+
+def merge_group(parts: Sequence[Part], folder: str | os.PathLike) -> Part:
+    """Merge ``parts`` into one part in ``folder``, and remove them."""
+    name = f"{uuid.uuid4().hex[:12]}-merged{SUFFIX}"
+    merged = write_merged(Path(folder, name), parts)
+    for part in parts:
+        Path(part.file).unlink(missing_ok=True)
+    return merged
+
+
+def compact(parts: Sequence[Part], folder: str | os.PathLike) -> list[Part]:
+    """``parts`` merged in groups here until :data:`MERGE_FAN_IN` are left
+    (a batch of each open part is held while merging)."""
+    parts = list(parts)
+    while len(parts) > MERGE_FAN_IN:
+        step = MERGE_FAN_IN
+        groups = [parts[i : i + step] for i in range(0, len(parts), step)]
+        parts = [merge_group(g, folder) if len(g) > 1 else g[0] for g in groups]
+    return parts
+
+
+def write_union(
+    folder: str | os.PathLike, *sorted_rows: Iterable[Row], rows: int = ROWS_PER_PART
+) -> PartRecords:
+    """The rows of the sorted streams ``sorted_rows`` merged into parts of
+    ``folder``, in order, each path once (the first stream's row wins)."""
+    writer = PartWriter(folder, rows)
+    last = None
+    for row in heapq.merge(*sorted_rows, key=_path_key):
+        if row[0] != last:
+            writer.add(row)
+            last = row[0]
+    return PartRecords(writer.close())
+
+
+def _path_key(row: Row) -> bytes:
+    return row[0]
 
 
 class PartWriter:
@@ -254,9 +292,16 @@ class PartRecords:
 
     def without(self, paths: set[str], folder: str | os.PathLike) -> PartRecords:
         """These records but ``paths``, as parts written to ``folder``."""
+        return self.where(lambda row: os.fsdecode(row[0]) not in paths, folder)
+
+    def where(
+        self, keep: Callable[[Row], bool], folder: str | os.PathLike
+    ) -> PartRecords:
+        """The records whose rows ``keep`` holds true for, as parts written
+        to ``folder``."""
         writer = PartWriter(folder)
         for part in self.parts:
-            writer.extend(r for r in iter_part(part) if os.fsdecode(r[0]) not in paths)
+            writer.extend(filter(keep, iter_part(part)))
         return PartRecords(writer.close())
 
     def __repr__(self) -> str:

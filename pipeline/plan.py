@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,13 @@ from pipeline.parts import (
     Part,
     PartRecords,
     PartWriter,
+    Row,
+    compact,
     iter_part,
+    merge_parts,
     record_of,
     remove_parts,
+    row_of,
 )
 from pipeline.sources import Source, metadata_digest, split_member
 from pipeline.store import (
@@ -40,8 +45,9 @@ class Plan:
     """What a build must do: the incremental diff against the index in place.
 
     ``kept`` and ``to_embed`` are kept in parts on disk (:mod:`pipeline.parts`)
-    for a folder or a file list, in path order: millions of them never sit in
-    the client while planning.
+    for a folder or a file list, in path order (for tar shards ``kept`` is in
+    parts each in order: merge them): millions of them never sit in the
+    client while planning.
     """
 
     kept: Sequence[ImageRecord]
@@ -73,14 +79,17 @@ def plan_dir(dest: Path) -> Path:
 def clear_plan(work: Path) -> None:
     """Remove a plan's parts (and the folder, where nothing else is in it)."""
     (work / LISTING / LISTING_TOKEN).unlink(missing_ok=True)
-    for sub in (LISTING, EMBED, KEPT, REMAINING):
+    for sub in (LISTING, PREVIOUS, EMBED, KEPT, REMAINING, INDEXED, MANIFEST):
         remove_parts(work / sub)
     remove_parts(work)
 
 
-# The plan's folders: the listing's parts, what to embed, what is kept, and
-# what is left to embed after a resume.
-LISTING, EMBED, KEPT, REMAINING = "listing", "embed", "kept", "remaining"
+# The plan's folders: the listing's parts, the index in place's manifest,
+# what to embed, what is kept, what is left to embed after a resume; then
+# what the shards hold, and the manifest (kept and indexed merged).
+LISTING, PREVIOUS, EMBED, KEPT = "listing", "previous", "embed", "kept"
+REMAINING = "remaining"
+INDEXED, MANIFEST = "indexed", "manifest"
 
 
 def plan_build(
@@ -115,7 +124,7 @@ def plan_build(
                 "imgindex never replaces it: choose another --out or --name"
             )
         if not rebuild:
-            previous = read_index_dir(dest)
+            previous = read_index_dir(dest, streamed=True)
     work = plan_dir(dest)
     try:
         if previous is not None:
@@ -126,7 +135,7 @@ def plan_build(
             raise DatasetError(f"dataset {source.spec!r} contains no image files")
         if source.by_shard:
             shards = [record_of(row) for row in listing.items()]
-            return _plan_shards(shards, listing.failures, previous)
+            return _plan_shards(shards, listing.failures, previous, work)
         return _diff(listing, previous, work)
     except BaseException:
         if previous is not None:
@@ -138,7 +147,6 @@ def plan_build(
 def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> Plan:
     """One pass over the listing's parts in path order against the index in
     place: the images to embed and those kept go to parts of their own."""
-    old = {r.path: r for r in previous.manifest} if previous else {}
     old_bad = previous.failed_records if previous else {}
     old_reasons = {f.path: f for f in previous.failures} if previous else {}
     embed, kept = PartWriter(work / EMBED), PartWriter(work / KEPT)
@@ -151,23 +159,29 @@ def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> P
     ids = np.empty(listing.count, np.int64)
     n_ids = 0
     n_kept = n_embed = updated = still_there = 0
+    # The index in place, merged with the listing: both in path order.
+    n_old, old_rows = _previous_rows(previous, work)
+    old = next(old_rows, None)
     # Rows are (path, list row, size, mtime_ns, id, meta): pipeline/parts.py.
     for row in listing.items():
         ids[n_ids] = row[4]
         n_ids += 1
         if row[5] is not None:
             metadata[os.fsdecode(row[0])] = json.loads(row[5])
-        if not old and not old_bad:  # a first build: everything is new
+        if previous is None:  # a first build: everything is new
             embed.add(row)
             n_embed += 1
             continue
-        r = record_of(row)
-        before = old.get(r.path)
+        while old is not None and old[0] < row[0]:
+            old = next(old_rows, None)  # gone from the dataset
+        before = old if old is not None and old[0] == row[0] else None
         still_there += before is not None
-        if before == r:
+        if before is not None and before[2:4] == row[2:4]:  # size, mtime
             kept.add(row)
             n_kept += 1
-        elif old_bad.get(r.path) == r:
+            continue
+        r = record_of(row)
+        if old_bad.get(r.path) == r:
             # Failed before and unchanged since: it would fail again.
             known_bad.append(old_reasons[r.path])
             known_records.append(r)
@@ -193,13 +207,27 @@ def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> P
         to_embed=to_embed,
         added=n_embed - updated,
         updated=updated,
-        removed=len(old) - still_there,
+        removed=n_old - still_there,
         known_failures=listing.failures + known_bad,
         unchanged=n_kept + len(known_bad),
         previous=previous,
         known_records=known_records,
         metadata={p: m for p, m in metadata.items() if p not in collided},
     )
+
+
+def _previous_rows(
+    previous: StoredIndex | None, work: Path
+) -> tuple[int, Iterator[Row]]:
+    """(how many, the rows of ``previous``'s manifest in parts order), its
+    records streamed into parts first: the manifest need not be in bytes
+    order (those of imgindex 0.4 and before are in text order)."""
+    if previous is None:
+        return 0, iter(())
+    writer = PartWriter(work / PREVIOUS)
+    writer.extend(row_of(r) for r in previous.records())
+    parts = compact(writer.close(), work / PREVIOUS)
+    return sum(p.count for p in parts), merge_parts(parts)
 
 
 def _check_compatible(
@@ -224,42 +252,57 @@ def _plan_shards(
     shards: list[ImageRecord],
     discovery_failures: list[Failure],
     previous: StoredIndex | None,
+    work: Path,
 ) -> Plan:
     """The diff of tar shards against the index in place: a shard whose
     images (and failed images) were all indexed from it as it is now is kept
     whole; any other is embedded whole. Image counts of a shard embedded
     again are known only once it is read: ``added`` stays 0 here, and
-    ``updated`` counts the images it held before."""
-    members: dict[str, list[ImageRecord]] = {}
-    stamps: dict[str, set[int]] = {}
+    ``updated`` counts the images it held before. The index in place is read
+    in one pass, its images of shards unchanged since going to parts: the
+    client holds a few numbers a shard, not its images."""
+    now = {s.path: s.mtime_ns for s in shards}
+    held: Counter[str] = Counter()  # images indexed from each shard
+    stamps: dict[str, set[int]] = {}  # the shard's mtimes they were read at
     bad: dict[str, list[Failure]] = {}
+    same = PartWriter(work / KEPT)  # images of a shard with its mtime unchanged
     if previous is not None:
-        for r in previous.manifest:
+        for r in previous.records():
             shard = _shard_path(r.path)
-            members.setdefault(shard, []).append(r)
+            held[shard] += 1
             stamps.setdefault(shard, set()).add(r.mtime_ns)
+            if now.get(shard) == r.mtime_ns:
+                same.add(row_of(r))
         for f in previous.failures:
-            held = previous.failed_records.get(f.path)
-            if held is not None:  # transient ones are tried again
+            record = previous.failed_records.get(f.path)
+            if record is not None:  # transient ones are tried again
                 shard = _shard_path(f.path)
                 bad.setdefault(shard, []).append(f)
-                stamps.setdefault(shard, set()).add(held.mtime_ns)
-    kept: list[ImageRecord] = []
+                stamps.setdefault(shard, set()).add(record.mtime_ns)
+    unchanged = {p for p, mtime in now.items() if stamps.get(p) == {mtime}}
+    # Each part in order, not all of them: the manifest's order need not be
+    # the parts' (see _previous_rows).
+    kept = PartRecords(compact(same.close(), work / KEPT))
+    if any(p in now and p not in unchanged for p in stamps):
+        # Read at two mtimes (failed at one, indexed at another): embedded
+        # whole, so its images read at the current one are not kept.
+        kept = kept.where(
+            lambda row: _shard_path(os.fsdecode(row[0])) in unchanged,
+            work / KEPT,
+        )
     known_bad: list[Failure] = []
     known_records: list[ImageRecord] = []
     to_embed: list[ImageRecord] = []
     updated = 0
     for shard in shards:
-        if stamps.get(shard.path) == {shard.mtime_ns}:
-            kept.extend(members.get(shard.path, ()))
+        if shard.path in unchanged:
             for f in bad.get(shard.path, ()):
                 known_bad.append(f)
                 known_records.append(previous.failed_records[f.path])
         else:
             to_embed.append(shard)
-            updated += len(members.get(shard.path, ()))
-    current = {s.path for s in shards}
-    removed = sum(len(m) for s, m in members.items() if s not in current)
+            updated += held[shard.path]
+    removed = sum(n for p, n in held.items() if p not in now)
     return Plan(
         kept=kept,
         to_embed=to_embed,

@@ -45,6 +45,7 @@ import numpy as np
 from pipeline.atomic import save_array_file
 from pipeline.copies import COPIES_FILE
 from pipeline.discover import Failure, ImageRecord
+from pipeline.errors import BuildFailed
 from pipeline.traits import TRAITS
 
 if TYPE_CHECKING:
@@ -232,6 +233,29 @@ def read_shard(path: str | os.PathLike) -> Shard:
     if info.get("format") != SHARD_FORMAT:
         raise ValueError(f"shard format {info.get('format')!r}")
     return Shard(path, info)
+
+
+class ShardFiles:
+    """Shards named by their files, read again (their info, not their
+    vectors) each time they are iterated: a build's thousands of shards, each
+    listing its images, are not all held at once."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike]):
+        self.paths = [Path(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[Shard]:
+        for path in self.paths:
+            try:
+                yield read_shard(path)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                raise BuildFailed(
+                    f"the shard {str(path)!r} became unreadable during the build "
+                    f"({type(e).__name__}: {e}); run the same command again: it "
+                    "resumes"
+                ) from None
 
 
 def iter_shards(folder: str | os.PathLike) -> Iterator[Shard | tuple[Path, str]]:

@@ -79,6 +79,30 @@ class StoredIndex:
     copies: Copies = field(default_factory=Copies)
     # A file list's other columns, by path (the manifest rows' "meta").
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The manifest was left on disk: records() streams it (see read_index_dir).
+    streamed: bool = False
+    # The directory the version was read from (``path`` unless mid-swap).
+    version: Path | None = None
+
+    def records(self) -> Iterator[ImageRecord]:
+        """The manifest's records: those read, or streamed from the file
+        where they were left there (``streamed``; the caller holds the
+        index's lock, so no build swaps the version under it).
+
+        Raises
+        ------
+        IndexDirError
+            If the streamed manifest is malformed or disagrees with meta.json.
+        """
+        if not self.streamed:
+            yield from self.manifest
+            return
+        count = 0
+        for record in iter_manifest(self.version or self.path):
+            count += 1
+            yield record
+        if count != self.meta.count:
+            raise IndexDirError(_miscounted(self.path, self.meta.count, count))
 
     @property
     def index(self):
@@ -98,7 +122,7 @@ class StoredIndex:
                 f.close()
                 self._index_file = None
                 self.close()
-            _check_ids(self.path, self._index, self.manifest, self.copies)
+            _check_ids(self.path, self._index, self.records(), self.copies)
         return self._index
 
     def __enter__(self) -> StoredIndex:
@@ -136,7 +160,7 @@ class StoredIndex:
         return index_problem(self._index_file, self.meta, self._dir_fd)
 
     def paths_by_id(self) -> dict[int, str]:
-        return {r.id: r.path for r in self.manifest}
+        return {r.id: r.path for r in self.records()}
 
 
 def index_problem(
@@ -174,12 +198,14 @@ def _damaged(path: Path, problem: str) -> str:
     )
 
 
-def _check_ids(path: Path, index, manifest: list[ImageRecord], copies: Copies) -> None:
+def _check_ids(
+    path: Path, index, manifest: Iterable[ImageRecord], copies: Copies
+) -> None:
     held = index_ids(index)
     if held is None:  # on disk: listing the ids would read the whole file
         return
     held = np.sort(held)
-    listed = np.sort(np.fromiter((r.id for r in manifest), np.int64, len(manifest)))
+    listed = np.sort(np.fromiter((r.id for r in manifest), np.int64))
     problem = copies.check(held, listed)
     if problem:
         raise IndexDirError(_damaged(path, problem))
@@ -192,6 +218,13 @@ def _check_ids(path: Path, index, manifest: list[ImageRecord], copies: Copies) -
             f"({n_missing} listed images missing from the index, {n_extra} vectors "
             "not in the manifest); rebuild it with `imgindex build --rebuild`"
         )
+
+
+def _miscounted(path: Path, counted: int, listed: int) -> str:
+    return (
+        f"index {str(path)!r} is damaged: meta.json counts {counted} images, its "
+        f"manifest lists {listed}; rebuild it with `imgindex build --rebuild`"
+    )
 
 
 def foreign_entries(path: str | os.PathLike) -> list[str]:
@@ -245,11 +278,16 @@ def read_meta(path: str | os.PathLike) -> IndexMeta:
     return stored.meta
 
 
-def read_index_dir(path: str | os.PathLike, manifest: bool = True) -> StoredIndex:
+def read_index_dir(
+    path: str | os.PathLike, manifest: bool = True, *, streamed: bool = False
+) -> StoredIndex:
     """Read an index directory's metadata, manifest and failures (index lazily).
 
     ``manifest=False`` leaves the manifest unread (``.manifest`` is empty;
     :func:`iter_manifest` streams it) and the index file closed.
+    ``streamed=True`` leaves the manifest unread too, but the index open:
+    :meth:`StoredIndex.records` streams it, for a build of millions of
+    images that holds the lock and needs it once or twice, in order.
 
     If a build was interrupted while swapping versions, the complete version
     beside it is read (and the swap finished when no build holds the lock).
@@ -270,7 +308,7 @@ def read_index_dir(path: str | os.PathLike, manifest: bool = True) -> StoredInde
                 if p.exists() or (not last and _recently_swapped(p)):
                     raise FileNotFoundError(errno.ENOENT, "swapped", str(p))
                 raise IndexDirError(f"index directory {str(p)!r} does not exist")
-            return _read_version(p, p_read, manifest)
+            return _read_version(p, p_read, manifest, streamed)
         except FileNotFoundError as e:
             # A build swapped versions between our looks: read the new one.
             if last or not _recently_swapped(p):
@@ -305,7 +343,9 @@ def _interrupted_version(dest: Path) -> Path | None:
     return None
 
 
-def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredIndex:
+def _read_version(
+    label: Path, p: Path, with_manifest: bool = True, streamed: bool = False
+) -> StoredIndex:
     fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
     handles: dict[str, BinaryIO] = {}
     try:
@@ -328,7 +368,9 @@ def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredInd
         copies = _read_copies(label, copies_file, meta) if with_manifest else Copies()
         metadata: dict[str, dict[str, Any]] = {}
         manifest = (
-            list(_records(handles[MANIFEST_FILE], metadata)) if with_manifest else []
+            list(_records(handles[MANIFEST_FILE], metadata))
+            if with_manifest and not streamed
+            else []
         )
         rows = list(_read_jsonl(handles[FAILURES_FILE]))
         failures = [
@@ -362,15 +404,11 @@ def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredInd
     if not meta.on_disk:
         os.close(fd)
         fd = None
-    if len(manifest) != meta.count:
+    if len(manifest) != meta.count and not streamed:
         handles[INDEX_FILE].close()
         if fd is not None:
             os.close(fd)
-        raise IndexDirError(
-            f"index {str(label)!r} is damaged: meta.json counts {meta.count} "
-            f"images, its manifest lists {len(manifest)}; rebuild it with "
-            "`imgindex build --rebuild`"
-        )
+        raise IndexDirError(_miscounted(label, meta.count, len(manifest)))
     return StoredIndex(
         label,
         meta,
@@ -382,6 +420,8 @@ def _read_version(label: Path, p: Path, with_manifest: bool = True) -> StoredInd
         fd,
         copies,
         metadata,
+        streamed,
+        p,
     )
 
 

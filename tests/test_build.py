@@ -340,3 +340,35 @@ def test_queries_obey_the_same_pixel_limit_as_indexed_images(built, tmp_path):
     with dask.config.set({"imgindex.max-image-pixels": 1000}):
         with pytest.raises(DecodeError, match="over the limit"):
             Searcher(out / "beach").search_images([query])
+
+
+def test_a_rerun_matches_images_by_path_whatever_order_the_manifest_is_in(
+    client, tmp_path
+):
+    """The diff streams the index in place against the listing, both in path
+    order as bytes; an index written by imgindex 0.4 lists them in text
+    order, which differs for names that are not UTF-8. Every image must be
+    matched all the same: none embedded again, none counted removed."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    a, b, c = write_photos(data, 3, min_side=64, max_side=96)
+    # bytes order: a, b (EE 80 80), c (FF); text order: a, c (U+DCFF), b
+    b = b.rename(data / "\ue000-b.jpg")
+    c = c.rename(data / os.fsdecode(b"\xff-c.jpg"))
+    first = run_build(client, data, out)
+    assert first.indexed == 3
+    manifest = out / "data" / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["path"] for r in rows] == [a.name, b.name, c.name]
+    manifest.write_text(
+        "".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["path"]))
+    )
+
+    again = run_build(client, data, out)
+    assert again.kept and (again.embedded, again.removed) == (0, 0)
+
+    os.utime(c, ns=(c.stat().st_atime_ns, c.stat().st_mtime_ns + 10**9))
+    a.unlink()
+    third = run_build(client, data, out)
+    assert (third.added, third.updated, third.removed) == (0, 1, 1)
+    assert (third.embedded, third.unchanged, third.indexed) == (1, 1, 2)
+    assert {r.path for r in read_index(out / "data").manifest} == {b.name, c.name}

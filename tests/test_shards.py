@@ -200,7 +200,9 @@ def test_a_shard_made_by_another_copy_of_the_model_is_refused(tmp_path):
 
     ours = Preprocess()
     sink = _ShardSink(
-        SimpleNamespace(kept=[], known_failures=[]), ModelCard("m", 8, ours)
+        SimpleNamespace(kept=[], known_failures=[]),
+        ModelCard("m", 8, ours),
+        tmp_path / "plan",
     )
     sink.add(*shard_from(ours, "tcp://10.0.0.1:1"))
     assert sink.embedded == 2
