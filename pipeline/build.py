@@ -55,6 +55,7 @@ from pipeline.parts import (
     compact,
     merge_parts,
     row_of,
+    with_meta_of,
     write_union,
 )
 from pipeline.plan import (
@@ -557,7 +558,7 @@ def build_steps(
                 source=source.spec,
                 source_kind=source.kind,
                 source_base=source.base if source.base != source.spec else "",
-                metadata_columns=sorted({c for m in plan.metadata.values() for c in m}),
+                metadata_columns=plan.metadata_columns,
                 metadata_digest=plan.metadata_digest,
                 model=spec.name,
                 preprocess=asdict(model.preprocess),
@@ -574,12 +575,11 @@ def build_steps(
             write_index_dir(
                 dest,
                 built.folder,
-                manifest,
+                manifest.with_meta(),
                 meta,
                 failures,
                 failed_records,
                 shards,
-                plan.metadata,
             )
             clear_staging(staging)
     summary.stage_seconds = dict(stages)
@@ -954,8 +954,8 @@ class _ShardSink:
 
     Only the shards' files are held here; their vectors stay on disk until
     the index is built from them on the workers (pipeline/index_build.py),
-    and the images they hold go to parts in ``folder`` as they come, so that
-    the manifest is a merge of parts, never a list in the client.
+    and the images they hold go to parts in the plan's folder as they come,
+    so that the manifest is a merge of parts, never a list in the client.
     """
 
     def __init__(self, plan: Plan, model: ModelCard, work: Path):
@@ -1042,11 +1042,10 @@ class _ShardSink:
     ) -> tuple[PartRecords, list[Failure], dict[str, ImageRecord]]:
         """(manifest in path order, as parts; failures in path order; their
         file records)."""
-        manifest = write_union(
-            self.work / MANIFEST,
-            _rows(plan.kept),
-            merge_parts(compact(self._indexed.close(), self.work / INDEXED)),
-        )
+        indexed = merge_parts(compact(self._indexed.close(), self.work / INDEXED))
+        if plan.metadata_columns:  # a table's: its rows' other columns
+            indexed = with_meta_of(indexed, _rows(plan.to_embed))
+        manifest = write_union(self.work / MANIFEST, _rows(plan.kept), indexed)
         failures = sorted(self.failures, key=lambda f: f.path)
         wanted = {f.path for f in failures} - self._failed.keys()
         if wanted:  # failed where no shard was written: the plan has them

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -169,6 +170,19 @@ def _path_key(row: Row) -> bytes:
     return row[0]
 
 
+def with_meta_of(rows: Iterable[Row], source: Iterable[Row]) -> Iterator[Row]:
+    """``rows``, each with the meta of ``source``'s row of its path where it
+    has one (both in path order: one pass over each)."""
+    source = iter(source)
+    other = next(source, None)
+    for row in rows:
+        while other is not None and other[0] < row[0]:
+            other = next(source, None)
+        if other is not None and other[0] == row[0] and other[5] is not None:
+            row = (*row[:5], other[5])
+        yield row
+
+
 class PartWriter:
     """Writes rows into parts of ``folder``, ``rows`` at most each (each
     sorted on its own: rows added in order make parts in order)."""
@@ -270,6 +284,13 @@ class PartRecords:
         for part in self.parts:
             for row in iter_part(part):
                 yield record_of(row)
+
+    def with_meta(self) -> Iterator[tuple[ImageRecord, dict | None]]:
+        """The records part after part, each with its file list's other
+        columns (None where it has none)."""
+        for part in self.parts:
+            for row in iter_part(part):
+                yield record_of(row), None if row[5] is None else json.loads(row[5])
 
     def slices(self, size: int, tail_threads: int = 0) -> list[PartSlice]:
         """The records in partitions of at most ``size``, as slices of the

@@ -30,7 +30,7 @@ from pipeline.parts import (
     remove_parts,
     row_of,
 )
-from pipeline.sources import Source, metadata_digest, split_member
+from pipeline.sources import MetadataDigest, Source, split_member
 from pipeline.store import (
     StoredIndex,
     foreign_entries,
@@ -63,12 +63,10 @@ class Plan:
     known_records: list[ImageRecord] = field(default_factory=list)
     # Tar shards: ``to_embed`` are shards and ``kept`` their images.
     by_shard: bool = False
-    # A table's other columns, by path: they go into the manifest.
-    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def metadata_digest(self) -> str:
-        return metadata_digest(self.metadata)
+    # A table's other columns: their names, and a digest of their values
+    # (the values travel in the parts' rows into the manifest).
+    metadata_columns: list[str] = field(default_factory=list)
+    metadata_digest: str = ""
 
 
 def plan_dir(dest: Path) -> Path:
@@ -152,7 +150,7 @@ def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> P
     embed, kept = PartWriter(work / EMBED), PartWriter(work / KEPT)
     known_bad: list[Failure] = []
     known_records: list[ImageRecord] = []
-    metadata: dict[str, dict[str, Any]] = {}
+    metadata = MetadataDigest()
     # Every id, for the collision check: 8 bytes an image, filled in place
     # (the listing's rows are an upper bound; a growing array would peak at
     # twice its size while it moves).
@@ -167,7 +165,7 @@ def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> P
         ids[n_ids] = row[4]
         n_ids += 1
         if row[5] is not None:
-            metadata[os.fsdecode(row[0])] = json.loads(row[5])
+            metadata.add(os.fsdecode(row[0]), json.loads(row[5]))
         if previous is None:  # a first build: everything is new
             embed.add(row)
             n_embed += 1
@@ -212,7 +210,8 @@ def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> P
         unchanged=n_kept + len(known_bad),
         previous=previous,
         known_records=known_records,
-        metadata={p: m for p, m in metadata.items() if p not in collided},
+        metadata_columns=sorted(metadata.columns),
+        metadata_digest=metadata.hexdigest(),
     )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -478,11 +479,18 @@ def stat_entry(source: Source, entry: str) -> ImageRecord | Failure:
 def _http_status(e: BaseException) -> int | None:
     """The HTTP status behind ``e``, if a server answered one: fsspec's HTTP
     file system says "not found" for any status it cannot get through, the
-    response's own error being the cause."""
+    response's own error being the cause (aiohttp's ``status``); s3fs turns
+    a 403 into PermissionError, botocore's error being the cause (its
+    ``response`` metadata)."""
     for cause in (e, e.__cause__, e.__context__):
         status = getattr(cause, "status", None)
         if isinstance(status, int):
             return status
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int):
+                return status
     return None
 
 
@@ -575,18 +583,23 @@ def _others(row: dict[str, Any], column: str) -> dict[str, Any]:
     }
 
 
-def metadata_digest(metadata: dict[str, dict[str, Any]]) -> str:
+class MetadataDigest:
     """A digest of a list's metadata columns, so that a re-run sees an edit
-    of them ("" where there are none)."""
-    if not metadata:
-        return ""
-    import hashlib
-    import json
+    of them ("" where there are none), and the columns seen; fed a row at a
+    time in path order."""
 
-    digest = hashlib.blake2b(digest_size=12)
-    for path in sorted(metadata):
-        digest.update(json.dumps([path, metadata[path]], sort_keys=True).encode())
-    return digest.hexdigest()
+    def __init__(self) -> None:
+        self.columns: set[str] = set()
+        self._digest = hashlib.blake2b(digest_size=12)
+        self._fed = False
+
+    def add(self, path: str, meta: dict[str, Any]) -> None:
+        self.columns.update(meta)
+        self._digest.update(json.dumps([path, meta], sort_keys=True).encode())
+        self._fed = True
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest() if self._fed else ""
 
 
 def _no_column(path: str, column: str, names: Iterable[str]) -> str:

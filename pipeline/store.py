@@ -444,7 +444,7 @@ def _read_copies(label: Path, f: BinaryIO | None, meta: IndexMeta) -> Copies:
 def write_index_dir(
     dest: str | os.PathLike,
     index: Any,
-    manifest: Iterable[ImageRecord],
+    manifest: Iterable[ImageRecord | tuple[ImageRecord, dict[str, Any] | None]],
     meta: IndexMeta,
     failures: list[Failure],
     failed_records: dict[str, ImageRecord] | None = None,
@@ -460,7 +460,8 @@ def write_index_dir(
     system has no hard links): the old version keeps its own until removed.
     ``index`` is a FAISS index, or a folder where workers wrote index.faiss
     (and index.ivfdata): those files are moved in. ``metadata`` (path ->
-    columns of a file list) goes into the manifest rows as ``"meta"``.
+    columns of a file list) goes into the manifest rows as ``"meta"``; or
+    ``manifest`` holds (record, its meta) pairs.
 
     Raises
     ------
@@ -615,12 +616,17 @@ def _remove_staging(tmp: Path) -> None:
 
 
 def _manifest_rows(
-    manifest: Iterable[ImageRecord], metadata: Mapping[str, dict[str, Any]]
+    manifest: Iterable[ImageRecord | tuple[ImageRecord, dict[str, Any] | None]],
+    metadata: Mapping[str, dict[str, Any]],
 ) -> Iterator[dict[str, Any]]:
-    for r in manifest:
+    for item in manifest:
+        if isinstance(item, ImageRecord):
+            r, extra = item, metadata.get(item.path)
+        else:
+            r, extra = item
         row = {"id": r.id, "path": r.path, "size": r.size, "mtime_ns": r.mtime_ns}
-        if r.path in metadata:
-            row["meta"] = metadata[r.path]
+        if extra is not None:
+            row["meta"] = extra
         yield row
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import os
 import tarfile
 from pathlib import Path
 
@@ -426,6 +427,18 @@ def test_serve_shows_and_searches_images_from_shards_and_lists(
 @pytest.fixture
 def s3_server():
     """A real S3-protocol server (moto's) on 127.0.0.1, and a client of it."""
+    yield from _moto_server()
+
+
+@pytest.fixture
+def s3_server_enforcing():
+    """moto's S3 server enforcing IAM policies once its first 100 requests
+    are spent (its INITIAL_NO_AUTH_ACTION_COUNT): a test sets up its
+    users and objects, then spends the rest (see _spend_free_requests)."""
+    yield from _moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "100"})
+
+
+def _moto_server(env: dict[str, str] | None = None):
     import_or_skip("moto")
     import_or_skip("s3fs")
     boto3 = import_or_skip("boto3")
@@ -441,6 +454,7 @@ def s3_server():
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     s3 = boto3.client(
@@ -461,6 +475,80 @@ def s3_server():
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_an_object_the_key_may_not_read_is_reported_as_permission_denied(
+    s3_server_enforcing, client, photo_sets, tmp_path
+):
+    """A key whose policy denies one object (HTTP 403 from S3): the build
+    indexes the rest and reports that object, with the reason, not as "not
+    found" and not as a failed build."""
+    import json
+
+    import boto3
+    import dask
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    from pipeline.build import run_build
+
+    url, s3 = s3_server_enforcing
+    s3.create_bucket(Bucket="lab")
+    beach = photo_sets["beach"][:3]
+    for p in beach:
+        s3.put_object(Bucket="lab", Key=f"photos/{p.name}", Body=p.read_bytes())
+    s3.put_object(Bucket="lab", Key="photos/secret.jpg", Body=beach[0].read_bytes())
+    iam = boto3.client(
+        "iam",
+        endpoint_url=url,
+        aws_access_key_id="lab-key-id",
+        aws_secret_access_key="lab-very-secret",
+        region_name="us-east-1",
+    )
+    iam.create_user(UserName="student")
+    key = iam.create_access_key(UserName="student")["AccessKey"]
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+            {
+                "Effect": "Deny",
+                "Action": "s3:GetObject",
+                "Resource": "arn:aws:s3:::lab/photos/secret.jpg",
+            },
+        ],
+    }
+    iam.put_user_policy(
+        UserName="student", PolicyName="no-secrets", PolicyDocument=json.dumps(policy)
+    )
+    student = boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id=key["AccessKeyId"],
+        aws_secret_access_key=key["SecretAccessKey"],
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}),  # one request a call
+    )
+    for _ in range(100):  # spend the requests moto lets through unchecked
+        try:
+            student.get_object(Bucket="lab", Key="photos/secret.jpg")
+        except ClientError as e:
+            assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+            break
+    else:
+        pytest.fail("moto never enforced the policy")
+
+    options = {
+        "endpoint_url": url,
+        "key": key["AccessKeyId"],
+        "secret": key["SecretAccessKey"],
+    }
+    with dask.config.set({"imgindex.storage-options": options}):
+        summary = run_build(client, "s3://lab/photos/", tmp_path / "out")
+    assert summary.indexed == 3
+    assert summary.failed == [
+        {"path": "secret.jpg", "reason": "permission denied (HTTP 403)"}
+    ]
 
 
 @pytest.mark.slow
@@ -694,11 +782,11 @@ def test_a_tables_other_columns_travel_into_the_manifest_and_results(
     forest = photo_sets["forest"][:6]
     table = tmp_path / "plates.csv"
 
-    def write(label_of_first: str) -> None:
+    def write(label_of_first: str, images: list[Path] = forest) -> None:
         with open(table, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["plate", "file", "stain"])
-            for i, p in enumerate(forest):
+            for i, p in enumerate(images):
                 writer.writerow([i, str(p), label_of_first if i == 0 else "DAPI"])
 
     write("GFP")
@@ -726,6 +814,16 @@ def test_a_tables_other_columns_travel_into_the_manifest_and_results(
     assert run_build(client, parse_source(table, path_column="file"), out).kept
     reindex(out / "plates", client=client)
     assert read_index(out / "plates").metadata == stored.metadata
+
+    # A row added: its image is embedded, and its columns come with it (the
+    # others' from the kept rows).
+    new = photo_sets["forest"][6]
+    write("mCherry", [*forest, new])
+    grown = run_build(client, parse_source(table, path_column="file"), out)
+    assert (grown.added, grown.embedded, grown.indexed) == (1, 1, 7)
+    metadata = read_index(out / "plates").metadata
+    assert metadata[str(new)] == {"plate": "6", "stain": "DAPI"}
+    assert metadata[str(forest[0])] == {"plate": "0", "stain": "mCherry"}
 
 
 # Listing in parts (pipeline/listing.py).
