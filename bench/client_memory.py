@@ -2,6 +2,8 @@
 
     python bench/client_memory.py               # 2k, 10k, 50k: ~10 minutes on 2 cores
     python bench/client_memory.py --sizes 2000 10000
+    python bench/client_memory.py --sizes 2000 200000 --modes workers --rerun
+    python bench/client_memory.py --code /tmp/imgindex-0.4.0   # another checkout
 
 Each build runs the real pipeline (files on disk, decoding, preprocessing, Dask
 tasks on a LocalCluster of worker processes, shards, FAISS) with a cheap 1280-d
@@ -26,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +60,7 @@ def tiny_images(folder: Path, n: int) -> Path:
     """``n`` distinct 48x48 JPEGs (decoding stays cheap; every file is real)."""
     from PIL import Image
 
-    if len(list(folder.glob("*.jpg"))) == n:
+    if len(list(folder.rglob("*.jpg"))) == n:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -70,21 +73,32 @@ def tiny_images(folder: Path, n: int) -> Path:
     return folder
 
 
-def build_once(data: Path, out: Path, scheduler: str, mode: str) -> dict:
+def build_once(
+    data: Path,
+    out: Path,
+    scheduler: str,
+    mode: str,
+    code: Path = ROOT,
+    rebuild: bool = True,
+) -> dict:
     cmd = [
         sys.executable, "-c", CLIENT.format(here=str(HERE)), mode,
-        "build", str(data), "--out", str(out), "--json", "--rebuild",
+        "build", str(data), "--out", str(out), "--json",
+        *(["--rebuild"] if rebuild else []),
         "--model", "bench-projection", "--scheduler", scheduler,
         "--partition-size", "256",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    # The client imports imgindex from ``code`` (another checkout: a before
+    # and after in one run).
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=code, env=env)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
     *report_lines, peak_kib = proc.stdout.strip().splitlines()
     (summary,) = json.loads("\n".join(report_lines))["datasets"]
     return {
         "images": summary["indexed"],
-        "vectors": summary["vectors"],
+        "vectors": summary["vectors"] + ("" if rebuild else ", re-run"),
         "seconds": summary["seconds"],
         "peak_mib": int(peak_kib) / 1024,
         "index_mib": summary["indexed"] * (1280 * 4 + 8) / 2**20,
@@ -96,6 +110,24 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 50000])
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data" / "tiny")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["workers", "streamed"],
+        default=["workers", "streamed"],
+        help="where the vectors go: shards written by the workers, or streamed",
+    )
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="after each build, change one image and build again (incremental)",
+    )
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=ROOT,
+        help="the checkout whose client is measured (default: this one)",
+    )
     args = parser.parse_args()
 
     from distributed import Client, LocalCluster
@@ -114,13 +146,17 @@ def main() -> None:
         for n in sorted(args.sizes):
             print(f"writing {n} images ...", flush=True)
             data = tiny_images(args.data / str(n), n)
-            for mode in ("workers", "streamed"):
-                row = build_once(
-                    data, Path(tmp) / f"out-{n}", cluster.scheduler_address, mode
-                )
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                shutil.rmtree(Path(tmp) / f"out-{n}", ignore_errors=True)
+            for mode in args.modes:
+                out, address = Path(tmp) / f"out-{n}", cluster.scheduler_address
+                runs = [True, False] if args.rerun else [True]
+                for rebuild in runs:
+                    if not rebuild:  # one image changed since
+                        changed = next(data.rglob("*.jpg"))
+                        os.utime(changed, ns=(time.time_ns(), time.time_ns()))
+                    row = build_once(data, out, address, mode, args.code, rebuild)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                shutil.rmtree(out, ignore_errors=True)
 
     base = {r["vectors"]: r for r in rows if r["images"] == rows[0]["images"]}
     print()
