@@ -441,7 +441,7 @@ def s3_server_enforcing():
 def _moto_server(env: dict[str, str] | None = None):
     import_or_skip("moto")
     import_or_skip("s3fs")
-    boto3 = import_or_skip("boto3")
+    import_or_skip("boto3")
     import socket
     import subprocess
     import sys
@@ -457,13 +457,7 @@ def _moto_server(env: dict[str, str] | None = None):
         env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=url,
-        aws_access_key_id="lab-key-id",
-        aws_secret_access_key="lab-very-secret",
-        region_name="us-east-1",
-    )
+    s3 = _aws("s3", url)
     try:
         for _ in range(100):
             try:
@@ -477,6 +471,26 @@ def _moto_server(env: dict[str, str] | None = None):
         server.wait(10)
 
 
+def _aws(
+    service: str,
+    url: str,
+    key: str = "lab-key-id",
+    secret: str = "lab-very-secret",
+    **options,
+):
+    """A boto3 client of ``service`` at the moto server ``url``."""
+    import boto3
+
+    return boto3.client(
+        service,
+        endpoint_url=url,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+        **options,
+    )
+
+
 def test_an_object_the_key_may_not_read_is_reported_as_permission_denied(
     s3_server_enforcing, client, photo_sets, tmp_path
 ):
@@ -485,7 +499,6 @@ def test_an_object_the_key_may_not_read_is_reported_as_permission_denied(
     found" and not as a failed build."""
     import json
 
-    import boto3
     import dask
     from botocore.config import Config
     from botocore.exceptions import ClientError
@@ -498,13 +511,7 @@ def test_an_object_the_key_may_not_read_is_reported_as_permission_denied(
     for p in beach:
         s3.put_object(Bucket="lab", Key=f"photos/{p.name}", Body=p.read_bytes())
     s3.put_object(Bucket="lab", Key="photos/secret.jpg", Body=beach[0].read_bytes())
-    iam = boto3.client(
-        "iam",
-        endpoint_url=url,
-        aws_access_key_id="lab-key-id",
-        aws_secret_access_key="lab-very-secret",
-        region_name="us-east-1",
-    )
+    iam = _aws("iam", url)
     iam.create_user(UserName="student")
     key = iam.create_access_key(UserName="student")["AccessKey"]
     policy = {
@@ -521,12 +528,11 @@ def test_an_object_the_key_may_not_read_is_reported_as_permission_denied(
     iam.put_user_policy(
         UserName="student", PolicyName="no-secrets", PolicyDocument=json.dumps(policy)
     )
-    student = boto3.client(
+    student = _aws(
         "s3",
-        endpoint_url=url,
-        aws_access_key_id=key["AccessKeyId"],
-        aws_secret_access_key=key["SecretAccessKey"],
-        region_name="us-east-1",
+        url,
+        key["AccessKeyId"],
+        key["SecretAccessKey"],
         config=Config(retries={"max_attempts": 1}),  # one request a call
     )
     for _ in range(100):  # spend the requests moto lets through unchecked
