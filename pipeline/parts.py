@@ -12,7 +12,9 @@ In memory a row is a plain tuple, ``(path, row, size, mtime_ns, id, meta)``
 with the path as bytes: tuples compare in (path, row) order by themselves,
 so sorting and merging them needs no key and no object per row. Bytes order
 is not ``str`` order for names that are not UTF-8; parts only need one order
-throughout, and the manifest is sorted as text when it is written.
+throughout. A build writes its manifest in this order too (one merge of the
+kept parts and those of the shards' images); imgindex 0.4 wrote text order,
+so the diff puts the index in place's manifest into parts before merging.
 """
 
 from __future__ import annotations
