@@ -35,6 +35,7 @@ import stat
 import tarfile
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -757,7 +758,9 @@ class TarReader(Reader):
     pass, whatever order the members are asked for in and from whichever
     thread: members passed on the way to the one asked for are kept until
     they are asked for (in a WebDataset shard, the order is the same and
-    nothing waits)."""
+    nothing waits). A pass stays open while others are read, up to
+    :data:`OPEN_PASSES` of them: pairs of images from two shards (the
+    duplicates' check) go back and forth without reading either again."""
 
     def __init__(self, source: Source, rels: Sequence[str]):
         self.source = source
@@ -766,63 +769,77 @@ class TarReader(Reader):
             shard, member = split_member(rel)
             self._wanted.setdefault(shard, set()).add(member)
         self._lock = threading.Lock()
-        self._shard: str | None = None
-        self._file = None
-        self._tar: tarfile.TarFile | None = None
-        self._kept: dict[str, bytearray] = {}  # read on the way, not asked for yet
-        self._passed: set[str] = set()  # members this pass has gone by
-        self._ended: str | None = None  # why this pass can go no further
+        self._passes: OrderedDict[str, _TarPass] = OrderedDict()  # oldest first
 
     def read(self, rel: str) -> bytearray:
         shard, member = split_member(rel)
         with self._lock:
-            if shard != self._shard or (
-                member in self._passed and member not in self._kept
-            ):
-                # Another shard, or a member asked for again: a new pass.
-                self._open(shard)
-            while member not in self._kept:
-                if self._ended is not None:
-                    raise DecodeError(self.source.location(rel), self._ended)
-                self._advance(shard)
-            return self._kept.pop(member)
+            tar = self._passes.get(shard)
+            if tar is None or (member in tar.passed and member not in tar.kept):
+                # A shard not open, or a member asked for again: a new pass.
+                if tar is not None:
+                    tar.close()
+                tar = self._passes[shard] = _TarPass(
+                    self.source, shard, self._wanted.get(shard, set())
+                )
+                while len(self._passes) > OPEN_PASSES:
+                    self._passes.popitem(last=False)[1].close()
+            self._passes.move_to_end(shard)
+            while member not in tar.kept:
+                if tar.ended is not None:
+                    raise DecodeError(self.source.location(rel), tar.ended)
+                tar.advance()
+            return tar.kept.pop(member)
 
-    def _open(self, shard: str) -> None:
-        self._close()
-        self._shard, self._kept, self._passed, self._ended = shard, {}, set(), None
-        where = self.source.location(shard)
+    def close(self) -> None:
+        with self._lock:
+            while self._passes:
+                self._passes.popitem()[1].close()
+
+
+# Tar shards a reader keeps open at once (each holds a file and the members
+# it went by that are still to be asked for).
+OPEN_PASSES = 8
+
+
+class _TarPass:
+    """One forward pass over a tar shard, keeping the ``wanted`` members it
+    goes by until they are asked for."""
+
+    def __init__(self, source: Source, shard: str, wanted: set[str]):
+        self.wanted = wanted
+        self.kept: dict[str, bytearray] = {}  # read on the way, not asked for yet
+        self.passed: set[str] = set()  # members this pass has gone by
+        self.ended: str | None = None  # why this pass can go no further
+        self._file = None
+        self._tar: tarfile.TarFile | None = None
         try:
-            self._file = _open(where)
+            self._file = _open(source.location(shard))
             # Stream mode: one forward pass, no seeks (a remote shard is read
             # in large blocks; a local one at disk speed).
             self._tar = tarfile.open(fileobj=self._file, mode="r|*")
         except FileNotFoundError:
-            self._ended = "its tar shard is gone (deleted after discovery?)"
+            self.ended = "its tar shard is gone (deleted after discovery?)"
         except PermissionError:
-            self._ended = "its tar shard: permission denied"
+            self.ended = "its tar shard: permission denied"
         except (tarfile.TarError, EOFError, OSError) as e:
-            self._ended = f"its tar shard is unreadable: {_one_line(e)}"
+            self.ended = f"its tar shard is unreadable: {_one_line(e)}"
 
-    def _advance(self, shard: str) -> None:
+    def advance(self) -> None:
         assert self._tar is not None
         try:
             member = self._tar.next()
             if member is None:
-                self._ended = "not in its tar shard (changed after discovery?)"
+                self.ended = "not in its tar shard (changed after discovery?)"
                 return
             name = member.name
-            if name in self._wanted.get(shard, ()) and member.isfile():
-                if name not in self._passed:
-                    self._kept[name] = _member_bytes(self._tar, member)
-            self._passed.add(name)
+            if name in self.wanted and member.isfile() and name not in self.passed:
+                self.kept[name] = _member_bytes(self._tar, member)
+            self.passed.add(name)
         except (tarfile.TarError, EOFError, OSError) as e:
-            self._ended = f"its tar shard is damaged here: {_one_line(e)}"
+            self.ended = f"its tar shard is damaged here: {_one_line(e)}"
 
     def close(self) -> None:
-        with self._lock:
-            self._close()
-
-    def _close(self) -> None:
         for handle in (self._tar, self._file):
             if handle is not None:
                 try:
@@ -830,7 +847,7 @@ class TarReader(Reader):
                 except (OSError, tarfile.TarError):
                     pass
         self._tar = self._file = None
-        self._shard = None
+        self.kept = {}
 
 
 class HandOver(Reader):

@@ -1065,6 +1065,33 @@ def test_thumbnails_of_shard_members_read_each_shard_once(
     assert thumbs == [*loose, None]
 
 
+def test_pairs_across_two_shards_read_each_shard_once(tmp_path, photos, monkeypatch):
+    """The duplicates' geometric check takes pairs whose images lie in two
+    shards, back and forth: each shard is read in one pass all the same."""
+    from pipeline import sources
+    from pipeline.duplicates import verify_pairs
+
+    shard_photos(photos[:8], tmp_path / "s", 4)
+    source = parse_source(tmp_path / "s")
+    numbers = ((0, 5), (1, 4), (2, 7), (3, 6), (0, 1))
+    opened: list[str] = []
+    real_open = sources._open
+    monkeypatch.setattr(
+        sources, "_open", lambda where: opened.append(where) or real_open(where)
+    )
+    found = verify_pairs(
+        source,
+        [(f"0000{a // 4}.tar/{photos[a].name}", f"0000{b // 4}.tar/{photos[b].name}")
+         for a, b in numbers],
+    )  # fmt: skip
+    assert sorted(opened) == [str(tmp_path / "s" / f"0000{k}.tar") for k in (0, 1)]
+    # The same answers as of the files themselves.
+    loose = verify_pairs(
+        str(photos[0].parent), [(photos[a].name, photos[b].name) for a, b in numbers]
+    )
+    assert found == loose and len(found) == len(numbers)
+
+
 def test_planning_keeps_its_sets_in_parts_and_reports_id_collisions(
     tmp_path, photos, monkeypatch
 ):
