@@ -196,16 +196,21 @@ def test_jobs_that_can_never_start_give_up_after_the_queue_wait(traps, tmp_path)
     wait_until_queue_empty(30)  # cancelled, not left in the queue
 
 
-def test_sigterm_with_jobqueue_cancels_the_jobs(traps, tmp_path):
+def test_sigterm_with_jobqueue_cancels_the_jobs(tmp_path):
+    # Ten times the other tests' images: 60 were embedded within the half
+    # second between two writes of the progress file once, and the SIGTERM
+    # found the build done.
+    traps = ROOT / "data" / "many-traps"
+    write_photos(traps, 10 * N_IMAGES, seed=9, max_side=320)
     progress = tmp_path / "progress.json"
     build = start_imgindex(
         "build", traps, "--out", tmp_path / "out", "--jobqueue", "slurm",
         "--partition-size", "4", "--progress-file", progress, env=JOBQUEUE,
     )  # fmt: skip
-    wait_for_progress(progress, 4, build, timeout=300)
+    seen = wait_for_progress(progress, 4, build, timeout=300)
     os.kill(build.pid, signal.SIGTERM)
     _, err = build.communicate(timeout=120)
-    assert build.returncode == 143
+    assert build.returncode == 143, (seen["datasets"][0], err[-2000:])
     assert one_error_line(err).startswith("Error: interrupted by SIGTERM")
     assert json.loads(progress.read_text())["state"] == "interrupted"
     wait_until_queue_empty(60)
