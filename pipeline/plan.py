@@ -282,12 +282,13 @@ def _plan_shards(
     # Each part in order, not all of them: the manifest's order need not be
     # the parts' (see _previous_rows).
     kept = PartRecords(compact(same.close(), work / KEPT))
-    if any(p in now and p not in unchanged for p in stamps):
-        # Read at two mtimes (failed at one, indexed at another): embedded
-        # whole, so its images read at the current one are not kept.
+    # Read at two mtimes, the current one among them (failed at one, indexed
+    # at another): embedded whole, so its images read now are not kept. Any
+    # other changed shard has no image in ``same``: nothing to rewrite.
+    mixed = {p for p, at in stamps.items() if now.get(p) in at} - unchanged
+    if mixed:
         kept = kept.where(
-            lambda row: _shard_path(os.fsdecode(row[0])) in unchanged,
-            work / KEPT,
+            lambda row: _shard_path(os.fsdecode(row[0])) not in mixed, work / KEPT
         )
     known_bad: list[Failure] = []
     known_records: list[ImageRecord] = []
