@@ -1187,3 +1187,34 @@ def test_partitions_of_a_plan_in_parts_are_slices_its_workers_read(
     assert by_slices.indexed == streamed.indexed == 12
     a, b = read_index(tmp_path / "a" / "data"), read_index(tmp_path / "b" / "data")
     assert a.manifest == b.manifest
+
+
+def test_tar_planning_keeps_the_images_of_unchanged_shards_alone(tmp_path):
+    """Of the index in place, a shard's images are kept only if every image
+    and failure of it was read at the shard's current mtime: one read at two
+    mtimes (indexed at the current, failed at another) is embedded whole."""
+    from types import SimpleNamespace
+
+    from pipeline.plan import _plan_shards
+
+    def rec(path: str, mtime: int) -> ImageRecord:
+        return ImageRecord(path, 10, mtime)
+
+    manifest = [
+        rec("a.tar/1.jpg", 5), rec("a.tar/2.jpg", 5),  # a: unchanged
+        rec("b.tar/1.jpg", 7),  # b: indexed at 7, failed at 6
+        rec("c.tar/1.jpg", 3),  # c: written again since
+        rec("d.tar/1.jpg", 2),  # d: gone
+    ]  # fmt: skip
+    failed = Failure("b.tar/2.jpg", "not an image Pillow can read")
+    previous = SimpleNamespace(
+        records=lambda: iter(manifest),
+        failures=[failed],
+        failed_records={failed.path: rec(failed.path, 6)},
+    )
+    shards = [rec("a.tar", 5), rec("b.tar", 7), rec("c.tar", 4)]
+    plan = _plan_shards(shards, [], previous, tmp_path / "plan")
+    assert sorted(r.path for r in plan.kept) == ["a.tar/1.jpg", "a.tar/2.jpg"]
+    assert [s.path for s in plan.to_embed] == ["b.tar", "c.tar"]
+    assert (plan.updated, plan.removed, plan.unchanged) == (2, 1, 2)
+    assert plan.known_failures == []
