@@ -102,19 +102,26 @@ class Unit:
     entries: tuple[str, ...] = ()
     rows: tuple[int, ...] = ()
     metas: tuple[str | None, ...] = ()
-    # A .txt list's lines that start in this byte range, read by the task
-    # itself: the client never reads the list. A span does not know how many
-    # entries come before it, so its rows are ``number << 32 | entry``
-    # (entry counted from 1 in the span) until SourceListing numbers them.
+    # A .txt list's lines that start in this byte range, or a .parquet
+    # list's row groups [first, stop), read by the task itself: the client
+    # never reads the list. A span does not know how many entries come
+    # before it, so its rows are ``number << 32 | entry`` (entry counted
+    # from 1 in the span) until SourceListing numbers them.
     span: tuple[int, int] = ()
     number: int = 0
+    groups: bool = False  # ``span`` counts a .parquet list's row groups
 
 
 def unit_items(source: Source, unit: Unit, listing: Listing) -> Iterator[Row]:
     """What ``unit`` of ``source`` holds, as it is listed; what cannot be
     listed goes to ``listing``'s failures (and the folders entered to its
     folders)."""
-    from pipeline.sources import read_txt_span, shard_files, stat_entry
+    from pipeline.sources import (
+        read_parquet_groups,
+        read_txt_span,
+        shard_files,
+        stat_entry,
+    )
 
     if source.kind == "folder":
         walk = walk_folder(
@@ -127,16 +134,19 @@ def unit_items(source: Source, unit: Unit, listing: Listing) -> Iterator[Row]:
         for r in shard_files(source, unit.entries, listing.failures):
             yield row_of(r)
         return
+    pairs: Iterable[tuple[str, str | None]]
+    rows: Iterable[int]
     if unit.span:
-        entries: Iterable[str] = read_txt_span(source.spec, *unit.span)
-        rows: Iterable[int] = itertools.count((unit.number << ROW_BITS) + 1)
-        metas: Iterable[str | None] = itertools.repeat(None)
+        if unit.groups:
+            pairs = read_parquet_groups(source.spec, source.path_column, *unit.span)
+        else:
+            pairs = ((e, None) for e in read_txt_span(source.spec, *unit.span))
+        rows = itertools.count((unit.number << ROW_BITS) + 1)
         listing.span = unit.number
     else:
-        entries = unit.entries
+        pairs = zip(unit.entries, unit.metas or itertools.repeat(None), strict=False)
         rows = unit.rows or range(1, len(unit.entries) + 1)
-        metas = unit.metas or itertools.repeat(None)
-    for entry, row, meta in zip(entries, rows, metas, strict=False):
+    for (entry, meta), row in zip(pairs, rows, strict=False):
         listing.entries += 1
         found = stat_entry(source, entry)
         if isinstance(found, Failure):
@@ -162,7 +172,7 @@ def list_unit_task(source: Source, unit: Unit, folder: str, token: str) -> Listi
     sends the rows back packed for the client to write."""
     if unit.span and not _list_readable(source.spec):
         return Listing(unread=True)
-    if _sees(folder, token):
+    if sees_folder(folder, token):
         return list_unit(source, unit, folder)
     listing = Listing()
     listing.packed = pack_rows(list(unit_items(source, unit, listing)))
@@ -177,7 +187,7 @@ def _list_readable(spec: str) -> bool:
     return is_url(spec) or os.path.exists(spec)
 
 
-def _sees(folder: str, token: str) -> bool:
+def sees_folder(folder: str, token: str) -> bool:
     """Whether this process sees the client's ``folder`` (not another one
     of that name): its token file holds ``token``."""
     try:
@@ -189,7 +199,7 @@ def _sees(folder: str, token: str) -> bool:
 def merge_group_task(parts: Sequence[Part], folder: str, token: str) -> Part | None:
     """:func:`merge_group` as a Dask task: None where the worker does not
     see the client's folder (the client merges them then)."""
-    return merge_group(parts, folder) if _sees(folder, token) else None
+    return merge_group(parts, folder) if sees_folder(folder, token) else None
 
 
 def folder_units(
@@ -283,6 +293,8 @@ class SourceListing:
     dropped: list[str] = field(default_factory=list)
     # the entries before each span of a .txt list (Unit.span), by its number
     span_starts: dict[int, int] = field(default_factory=dict)
+    # the listing's token (Lister): workers that see its folder see the plan's
+    token: str = ""
 
     def row_number(self, row: int) -> int:
         """A list's row as its reader counts it (entries from 1)."""
@@ -295,22 +307,54 @@ class SourceListing:
         return sum(p.count for p in self.parts)
 
     def items(self) -> Iterator[Row]:
-        dropped = [os.fsencode(d) for d in self.dropped]
-        last = None
-        for row in merge_parts(self.parts):
-            path = row[0]
-            if dropped and any(_under(path, d) for d in dropped):
-                continue
-            if path == last:
-                number = self.row_number(row[1])
-                self.failures.append(_listed_again(os.fsdecode(path), number))
-                continue
-            last = path
-            yield row
+        again: list[ListedAgain] = []
+        yield from distinct_rows(merge_parts(self.parts), self.dropped_bytes, again)
+        self.add_listed_again(again)
+
+    @property
+    def dropped_bytes(self) -> tuple[bytes, ...]:
+        return tuple(os.fsencode(d) for d in self.dropped)
+
+    def add_listed_again(self, again: Iterable[ListedAgain]) -> None:
+        """A failure row for each path listed again, at its reader's row."""
+        self.failures.extend(
+            _listed_again(path, self.row_number(row)) for path, row in again
+        )
 
 
 def _listed_again(path: str, row: int) -> Failure:
     return Failure(path, f"listed more than once (row {row}); indexed once")
+
+
+def ready_client(cluster: Any):
+    """``cluster``'s Client if it is at hand now: ``cluster`` is a Client, a
+    Future that may resolve to one (or to None), or None."""
+    if isinstance(cluster, Future):
+        if not cluster.done() or cluster.exception() is not None:
+            return None
+        return cluster.result()
+    return cluster
+
+
+# A path listed at more than one row of a file list: (path, the other row).
+ListedAgain = tuple[str, int]
+
+
+def distinct_rows(
+    rows: Iterable[Row], dropped: Sequence[bytes], again: list[ListedAgain]
+) -> Iterator[Row]:
+    """``rows`` (in path order) but those under the ``dropped`` folders of a
+    walk, each path once: at its first row, its other rows go to ``again``."""
+    last = None
+    for row in rows:
+        path = row[0]
+        if dropped and any(_under(path, d) for d in dropped):
+            continue
+        if path == last:
+            again.append((os.fsdecode(path), row[1]))
+            continue
+        last = path
+        yield row
 
 
 def collect_listings(listings: Iterable[Listing], dropped: list[str]) -> SourceListing:
@@ -419,12 +463,7 @@ class Lister:
         ]
 
     def _client(self):
-        cluster = self.cluster
-        if isinstance(cluster, Future):
-            if not cluster.done() or cluster.exception() is not None:
-                return None
-            return cluster.result()
-        return cluster
+        return ready_client(self.cluster)
 
     def _on_cluster(
         self, client, source: Source, units: Iterator[Unit]

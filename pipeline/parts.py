@@ -41,7 +41,7 @@ BATCH_ROWS = 512
 MERGE_FAN_IN = 64
 # A file list's row (0: none), and its other columns as JSON text (or None).
 Row = tuple[bytes, int, int, int, int, str | None]
-_COLUMNS = ("path", "row", "size", "mtime_ns", "id", "meta")
+COLUMNS = ("path", "row", "size", "mtime_ns", "id", "meta")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def _schema():
 def _table(rows: Sequence[Row]):
     import pyarrow as pa
 
-    columns = list(zip(*rows, strict=True)) if rows else [()] * len(_COLUMNS)
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(COLUMNS)
     return pa.Table.from_arrays(
         [pa.array(c, type=f.type) for c, f in zip(columns, _schema(), strict=True)],
         schema=_schema(),
@@ -125,7 +125,7 @@ def iter_part(part: Part) -> Iterator[Row]:
 
     # Without pre-buffering an open part holds a row group, not its file.
     with open(part.file, "rb") as raw, pq.ParquetFile(raw, pre_buffer=False) as f:
-        for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=list(_COLUMNS)):
+        for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=list(COLUMNS)):
             yield from zip(*(c.to_pylist() for c in batch.columns), strict=True)
 
 
@@ -235,7 +235,7 @@ def read_rows(file: str, start: int, stop: int) -> list[Row]:
             offset += n
         if not groups:
             return []
-        table = f.read_row_groups(groups, columns=list(_COLUMNS))
+        table = f.read_row_groups(groups, columns=list(COLUMNS))
         table = table.slice(start - first, stop - start)
         return list(zip(*(c.to_pylist() for c in table.columns), strict=True))
 

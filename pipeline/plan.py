@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from pipeline.diff import EMBED, IDS, KEPT, RangeInput, diff_listing
 from pipeline.discover import Failure, ImageRecord, image_id
 from pipeline.embed import ModelSpec
 from pipeline.errors import DatasetError, IndexDirError
@@ -22,15 +20,13 @@ from pipeline.parts import (
     Part,
     PartRecords,
     PartWriter,
-    Row,
     compact,
     iter_part,
-    merge_parts,
     record_of,
     remove_parts,
     row_of,
 )
-from pipeline.sources import MetadataDigest, Source, split_member
+from pipeline.sources import Source, split_member
 from pipeline.store import (
     StoredIndex,
     foreign_entries,
@@ -77,16 +73,15 @@ def plan_dir(dest: Path) -> Path:
 def clear_plan(work: Path) -> None:
     """Remove a plan's parts (and the folder, where nothing else is in it)."""
     (work / LISTING / LISTING_TOKEN).unlink(missing_ok=True)
-    for sub in (LISTING, PREVIOUS, EMBED, KEPT, REMAINING, INDEXED, MANIFEST):
+    for sub in (LISTING, PREVIOUS, EMBED, KEPT, IDS, REMAINING, INDEXED, MANIFEST):
         remove_parts(work / sub)
     remove_parts(work)
 
 
 # The plan's folders: the listing's parts, the index in place's manifest,
-# what to embed, what is kept, what is left to embed after a resume; then
+# (the diff's: pipeline.diff), what is left to embed after a resume; then
 # what the shards hold, and the manifest (kept and indexed merged).
-LISTING, PREVIOUS, EMBED, KEPT = "listing", "previous", "embed", "kept"
-REMAINING = "remaining"
+LISTING, PREVIOUS, REMAINING = "listing", "previous", "remaining"
 INDEXED, MANIFEST = "indexed", "manifest"
 
 
@@ -134,7 +129,7 @@ def plan_build(
         if source.by_shard:
             shards = [record_of(row) for row in listing.items()]
             return _plan_shards(shards, listing.failures, previous, work)
-        return _diff(listing, previous, work)
+        return _diff(listing, previous, work, cluster, source.name)
     except BaseException:
         if previous is not None:
             previous.close()  # its index file stays open until read or closed
@@ -142,91 +137,70 @@ def plan_build(
         raise
 
 
-def _diff(listing: SourceListing, previous: StoredIndex | None, work: Path) -> Plan:
-    """One pass over the listing's parts in path order against the index in
-    place: the images to embed and those kept go to parts of their own."""
-    old_bad = previous.failed_records if previous else {}
-    old_reasons = {f.path: f for f in previous.failures} if previous else {}
-    embed, kept = PartWriter(work / EMBED), PartWriter(work / KEPT)
-    known_bad: list[Failure] = []
-    known_records: list[ImageRecord] = []
-    metadata = MetadataDigest()
-    # Every id, for the collision check: 8 bytes an image, filled in place
-    # (the listing's rows are an upper bound; a growing array would peak at
-    # twice its size while it moves).
-    ids = np.empty(listing.count, np.int64)
-    n_ids = 0
-    n_kept = n_embed = updated = still_there = 0
-    # The index in place, merged with the listing: both in path order.
-    n_old, old_rows = _previous_rows(previous, work)
-    old = next(old_rows, None)
-    # Rows are (path, list row, size, mtime_ns, id, meta): pipeline/parts.py.
-    for row in listing.items():
-        ids[n_ids] = row[4]
-        n_ids += 1
-        if row[5] is not None:
-            metadata.add(os.fsdecode(row[0]), json.loads(row[5]))
-        if previous is None:  # a first build: everything is new
-            embed.add(row)
-            n_embed += 1
-            continue
-        while old is not None and old[0] < row[0]:
-            old = next(old_rows, None)  # gone from the dataset
-        before = old if old is not None and old[0] == row[0] else None
-        still_there += before is not None
-        if before is not None and before[2:4] == row[2:4]:  # size, mtime
-            kept.add(row)
-            n_kept += 1
-            continue
-        r = record_of(row)
-        if old_bad.get(r.path) == r:
-            # Failed before and unchanged since: it would fail again.
-            known_bad.append(old_reasons[r.path])
-            known_records.append(r)
-        else:
-            embed.add(row)
-            n_embed += 1
-            updated += before is not None or r.path in old_bad
-    kept_records, to_embed = PartRecords(kept.close()), PartRecords(embed.close())
-    collided = _id_collisions(
-        ids[:n_ids], [*kept_records.parts, *to_embed.parts], known_records
+def _diff(
+    listing: SourceListing,
+    previous: StoredIndex | None,
+    work: Path,
+    cluster: Any = None,
+    label: str = "dataset",
+) -> Plan:
+    """The listing's parts against the index in place, in path ranges (on
+    the workers where ``cluster`` is at hand: :mod:`pipeline.diff`): the
+    images to embed and those kept go to parts of their own."""
+    old_bad = {
+        f.path: (previous.failed_records[f.path], f)
+        for f in (previous.failures if previous else ())
+        if f.path in previous.failed_records
+    }
+    given = RangeInput(
+        listing=tuple(listing.parts),
+        previous=tuple(_previous_parts(previous, work)),
+        dropped=listing.dropped_bytes,
+        old_bad=old_bad,
+        first_build=previous is None,
     )
-    if collided:
+    seen = (str(work / LISTING), listing.token)
+    found = diff_listing(given, work, seen, cluster, label)
+    listing.add_listed_again(found.again)
+    kept_records, to_embed = PartRecords(found.kept), PartRecords(found.embed)
+    known_records, known_bad = found.known_records, found.known_bad
+    if found.twice:
         # About never: the parts are written again without them (the first
         # ones stay until the plan is cleared).
+        collided = _id_collisions(
+            found.twice, [*kept_records.parts, *to_embed.parts], known_records
+        )
         kept_records = kept_records.without(set(collided), work / KEPT)
         to_embed = to_embed.without(set(collided), work / EMBED)
         known_records = [r for r in known_records if r.path not in collided]
         known_bad = [f for f in known_bad if f.path not in collided]
         listing.failures.extend(collided.values())
-        n_kept, n_embed = len(kept_records), len(to_embed)
+    n_embed = len(to_embed)
+    updated = min(found.updated, n_embed)
     return Plan(
         kept=kept_records,
         to_embed=to_embed,
         added=n_embed - updated,
         updated=updated,
-        removed=n_old - still_there,
+        removed=found.old - found.still_there,
         known_failures=listing.failures + known_bad,
-        unchanged=n_kept + len(known_bad),
+        unchanged=len(kept_records) + len(known_bad),
         previous=previous,
         known_records=known_records,
-        metadata_columns=sorted(metadata.columns),
-        metadata_digest=metadata.hexdigest(),
+        metadata_columns=sorted(found.metadata.columns),
+        metadata_digest=found.metadata.hexdigest(),
     )
 
 
-def _previous_rows(
-    previous: StoredIndex | None, work: Path
-) -> tuple[int, Iterator[Row]]:
-    """(how many, the rows of ``previous``'s manifest in parts order), its
-    records streamed into parts first: the manifest need not be in bytes
-    order (those of imgindex 0.4 and before are in text order)."""
+def _previous_parts(previous: StoredIndex | None, work: Path) -> list[Part]:
+    """``previous``'s manifest as parts, its records streamed into them:
+    the manifest need not be in bytes order (those of imgindex 0.4 and
+    before are in text order)."""
     if previous is None:
-        return 0, iter(())
+        return []
     writer = PartWriter(work / PREVIOUS)
     writer.extend(row_of(r) for r in previous.records())
-    parts = compact(writer.close(), work / PREVIOUS)
-    return sum(p.count for p in parts), merge_parts(parts)
+    return compact(writer.close(), work / PREVIOUS)
 
 
 def _check_compatible(
@@ -280,7 +254,7 @@ def _plan_shards(
                 stamps.setdefault(shard, set()).add(record.mtime_ns)
     unchanged = {p for p, mtime in now.items() if stamps.get(p) == {mtime}}
     # Each part in order, not all of them: the manifest's order need not be
-    # the parts' (see _previous_rows).
+    # the parts' (see _previous_parts).
     kept = PartRecords(compact(same.close(), work / KEPT))
     # Read at two mtimes, the current one among them (failed at one, indexed
     # at another): embedded whole, so its images read now are not kept. Any
@@ -326,18 +300,11 @@ def _shard_path(path: str) -> str:
 
 
 def _id_collisions(
-    ids: np.ndarray, parts: Sequence[Part], known: Sequence[ImageRecord]
+    twice: set[int], parts: Sequence[Part], known: Sequence[ImageRecord]
 ) -> dict[str, Failure]:
-    """The failure row of each image whose id another image has already
-    (the first path in order keeps it), by path: a 63-bit hash collides
-    about never, but never silently. ``ids`` is sorted in place."""
-    if len(ids) < 2:
-        return {}
-    ids.sort()
-    ordered = ids
-    twice = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
-    if not twice:
-        return {}
+    """The failure row of each image whose id (one of ``twice``) another
+    image has already (the first path in order keeps it), by path: a 63-bit
+    hash collides about never, but never silently."""
     listed = ((os.fsdecode(x[0]), x[4]) for part in parts for x in iter_part(part))
     known_ids = ((r.path, image_id(r.path)) for r in known)
     pairs = sorted(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import itertools
 import json
@@ -150,6 +149,7 @@ class Source:
                 units = _units(self.entries, SHARDS_PER_UNIT)
             listing = collect_listings(lister.run(self, units), [])
         listing.parts = lister.compact(listing.parts)
+        listing.token = lister.token
         return listing
 
     def records(
@@ -387,10 +387,14 @@ def _folder_listing(source: Source, lister: Lister) -> SourceListing:
 
 
 def _list_units(source: Source) -> Iterator[Unit]:
-    """A file list in units: a ``.txt`` in byte spans that the tasks read
-    themselves (where its size is known), a table's rows read here as a
-    stream, ``LIST_ROWS_PER_UNIT`` to a unit (with a row's other columns as
-    JSON text)."""
+    """A file list in units: a ``.txt`` in byte spans and a ``.parquet`` in
+    runs of row groups that the tasks read themselves (the client reads a
+    Parquet file's footer alone), a ``.csv``'s rows read here as a stream,
+    ``LIST_ROWS_PER_UNIT`` to a unit (with a row's other columns as JSON
+    text)."""
+    if source.spec.lower().endswith(".parquet"):
+        yield from _parquet_units(source)
+        return
     size = _txt_size(source)
     if size is not None:
         step = LIST_SPAN_BYTES
@@ -406,6 +410,65 @@ def _list_units(source: Source) -> Iterator[Unit]:
                 json.dumps(others) if others else None for _, (_, others) in chunk
             ),
         )
+
+
+def _parquet_units(source: Source) -> Iterator[Unit]:
+    """Runs of a ``.parquet`` list's row groups of ``LIST_ROWS_PER_UNIT``
+    rows or more (a row group is never split: a list written in one row
+    group is listed by one task)."""
+    import pyarrow.parquet as pq
+
+    path = source.spec
+    try:
+        with _open(path) as f:
+            meta = pq.ParquetFile(f).metadata
+            names = meta.schema.to_arrow_schema().names
+    except OSError as e:
+        raise DatasetError(f"cannot read file list {path!r}: {_one_line(e)}") from None
+    except Exception as e:  # pyarrow's ArrowInvalid: not a Parquet file
+        raise DatasetError(
+            f"file list {path!r} is not a Parquet file ({_one_line(e)})"
+        ) from None
+    if source.path_column not in names:
+        raise DatasetError(_no_column(path, source.path_column, names))
+    first = rows = number = 0
+    for group in range(meta.num_row_groups):
+        rows += meta.row_group(group).num_rows
+        if rows >= LIST_ROWS_PER_UNIT or group == meta.num_row_groups - 1:
+            yield Unit(span=(first, group + 1), number=number, groups=True)
+            first, rows, number = group + 1, 0, number + 1
+
+
+def read_parquet_groups(
+    path: str, column: str, first: int, stop: int
+) -> Iterator[tuple[str, str | None]]:
+    """The entries of the ``.parquet`` list ``path`` in row groups [first,
+    stop), each with its row's other columns as JSON text.
+
+    Raises
+    ------
+    DatasetError
+        If the list cannot be read.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        with _open(path) as f:
+            table = pq.ParquetFile(f)
+            groups = list(range(first, stop))
+            for batch in table.iter_batches(batch_size=8192, row_groups=groups):
+                for row in batch.to_pylist():
+                    entry = _table_entry(row[column])
+                    if entry:
+                        others = _others(row, column)
+                        yield entry, json.dumps(others) if others else None
+    except OSError as e:
+        raise DatasetError(f"cannot read file list {path!r}: {_one_line(e)}") from None
+
+
+def _table_entry(value: Any) -> str:
+    """A table's path cell as an entry ("" for none)."""
+    return "" if value is None else str(value).strip()
 
 
 def _txt_size(source: Source) -> int | None:
@@ -523,9 +586,7 @@ def read_list(source: Source) -> Iterator[tuple[str, dict[str, Any] | None]]:
     path = source.spec
     lowered = path.lower()
     try:
-        if lowered.endswith(".parquet"):
-            yield from _parquet_rows(path, source.path_column)
-        elif lowered.endswith(".csv"):
+        if lowered.endswith(".csv"):
             yield from _csv_rows(path, source.path_column)
         else:
             yield from ((row, None) for row in _txt_rows(path))
@@ -560,20 +621,6 @@ def _csv_rows(path: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield entry, _others(row, column)
 
 
-def _parquet_rows(path: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
-    with _open(path) as f:
-        table = pq.ParquetFile(f)
-        names = table.schema_arrow.names
-        if column not in names:
-            raise DatasetError(_no_column(path, column, names))
-        for batch in table.iter_batches(batch_size=8192):
-            for row in batch.to_pylist():
-                if row[column] is not None and str(row[column]).strip():
-                    yield str(row[column]).strip(), _others(row, column)
-
-
 def _others(row: dict[str, Any], column: str) -> dict[str, Any]:
     """A row's columns but the path, as JSON keeps them (dates and other
     types as text)."""
@@ -582,25 +629,6 @@ def _others(row: dict[str, Any], column: str) -> dict[str, Any]:
         for k, v in row.items()
         if k != column and k is not None
     }
-
-
-class MetadataDigest:
-    """A digest of a list's metadata columns, so that a re-run sees an edit
-    of them ("" where there are none), and the columns seen; fed a row at a
-    time in path order."""
-
-    def __init__(self) -> None:
-        self.columns: set[str] = set()
-        self._digest = hashlib.blake2b(digest_size=12)
-        self._fed = False
-
-    def add(self, path: str, meta: dict[str, Any]) -> None:
-        self.columns.update(meta)
-        self._digest.update(json.dumps([path, meta], sort_keys=True).encode())
-        self._fed = True
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest() if self._fed else ""
 
 
 def _no_column(path: str, column: str, names: Iterable[str]) -> str:

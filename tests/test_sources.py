@@ -152,6 +152,77 @@ def test_csv_and_parquet_lists_take_the_path_column(tmp_path, photos):
         assert [r.path for r in source.records([])] == [str(p) for p in photos[:3]]
 
 
+def test_a_parquet_list_is_read_by_the_tasks_a_run_of_row_groups_each(
+    client, tmp_path, photos, monkeypatch
+):
+    """The client reads a .parquet list's footer alone; the tasks read its
+    row groups. Rows are numbered as one read numbers them, whatever the
+    split, and each row's other columns come with it (the CSV of the same
+    rows gives the same plan)."""
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import sources
+    from pipeline.build import plan_dataset
+    from pipeline.listing import Unit
+
+    names = [str(p) for p in photos[:5]]
+    cells = [*names, None, names[2], "missing.jpg", " ", names[4]]
+    rows = [{"image": c, "well": f"A{n}", "n": n} for n, c in enumerate(cells)]
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=3)
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["image", "well", "n"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    monkeypatch.setattr(sources, "LIST_ROWS_PER_UNIT", 4)  # two groups a unit
+    source = parse_source(tmp_path / "t.parquet", path_column="image")
+    units = list(sources._list_units(source))
+    assert units == [
+        Unit(span=(0, 2), number=0, groups=True),
+        Unit(span=(2, 4), number=1, groups=True),
+    ]
+    plans = {}
+    for name in ("t.parquet", "t.csv"):
+        table_source = parse_source(tmp_path / name, path_column="image")
+        with plan_dataset(table_source, tmp_path / "out", cluster=client) as planned:
+            plan = planned.plan
+            plans[name] = (
+                list(plan.to_embed.with_meta()),
+                sorted((f.path, f.reason) for f in plan.known_failures),
+            )
+    # The same images and rows (a CSV's cells are text, Parquet's typed).
+    embedded, failures = plans["t.parquet"]
+    assert [r for r, _ in embedded] == [r for r, _ in plans["t.csv"][0]]
+    assert failures == plans["t.csv"][1]
+    assert [(r.path, meta) for r, meta in embedded] == [
+        (p, {"well": f"A{n}", "n": n})
+        for n, p in sorted(enumerate(names), key=lambda x: x[1])
+    ]
+    # Rows count the entries: empty path cells are not rows.
+    assert failures == sorted(
+        [
+            ("missing.jpg", "file not found"),
+            (names[2], "listed more than once (row 6); indexed once"),
+            (names[4], "listed more than once (row 8); indexed once"),
+        ]
+    )
+
+
+def test_a_parquet_list_that_is_not_parquet_is_one_line(tmp_path):
+    (tmp_path / "t.parquet").write_text("image\nx.jpg\n")
+    with pytest.raises(DatasetError, match=r"t\.parquet' is not a Parquet file"):
+        parse_source(tmp_path / "t.parquet").listing(tmp_path / "parts")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"file": "x.jpg"}]), tmp_path / "u.parquet")
+    with pytest.raises(DatasetError, match="has no column 'path'.*'file'"):
+        parse_source(tmp_path / "u.parquet").listing(tmp_path / "parts")
+
+
 def test_shards_are_planned_whole_and_their_members_found_in_one_pass(tmp_path, photos):
     shard = write_shard(
         tmp_path / "00000.tar",
@@ -1029,7 +1100,7 @@ def test_many_listing_parts_are_merged_in_groups_here_or_on_the_workers(
     waiting: Future = Future()
     for cluster in (waiting, client, "unshared"):
         if cluster == "unshared":
-            monkeypatch.setattr(listing, "_sees", lambda folder, token: False)
+            monkeypatch.setattr(listing, "sees_folder", lambda folder, token: False)
             cluster = client
         with caplog.at_level(logging.INFO, logger="pipeline.listing"):
             with plan_dataset(listed, tmp_path / "out", cluster=cluster) as planned:

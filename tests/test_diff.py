@@ -1,0 +1,193 @@
+"""The incremental diff in path ranges, here and on the workers
+(pipeline/diff.py): every split plans what one pass plans."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+from pipeline import diff, listing, parts
+from pipeline.diff import MetadataDigest, PathRange, path_ranges, rows_in_range
+from pipeline.discover import Failure, ImageRecord, image_id
+from pipeline.parts import PartWriter
+from pipeline.plan import _diff
+from pipeline.sources import parse_source
+
+
+def _dataset(tmp_path: Path) -> tuple[Path, list[str]]:
+    """40 files (planning only stats them) and a table naming them, with a
+    metadata column, two rows listed again and a missing file."""
+    data = tmp_path / "data"
+    data.mkdir()
+    names = [f"{chr(ord('a') + n % 26)}{n:02d}.jpg" for n in range(40)]
+    for n, name in enumerate(names):
+        (data / name).write_bytes(b"x" * (100 + n))
+    rows = [*names, names[3], "missing.jpg", names[17]]
+    table = data / "list.csv"
+    table.write_text(
+        "path,plate\n" + "".join(f"{r},p{n % 5}\n" for n, r in enumerate(rows))
+    )
+    return table, sorted(names)
+
+
+def _index_in_place(data: Path, names: list[str]) -> SimpleNamespace:
+    """An index in place as the diff reads it: its manifest in text order
+    (as imgindex 0.4 wrote it) and its failures."""
+
+    def rec(name: str, mtime_shift: int = 0) -> ImageRecord:
+        st = (data / name).stat()
+        return ImageRecord(name, st.st_size, st.st_mtime_ns + mtime_shift)
+
+    manifest = [rec(n) for n in names[:20]]  # unchanged
+    manifest += [rec(n, 1) for n in names[20:25]]  # changed since
+    manifest += [ImageRecord(f"gone{n}.jpg", 1, 1) for n in range(3)]  # removed
+    failed = {
+        names[30]: rec(names[30]),  # unchanged: not tried again
+        names[31]: rec(names[31], 1),  # changed: tried again
+    }
+    return SimpleNamespace(
+        records=lambda: iter(sorted(manifest, key=lambda r: r.path)),
+        failures=[Failure(p, "not an image Pillow can read") for p in failed],
+        failed_records=failed,
+    )
+
+
+def _plan(table: Path, previous, work: Path, cluster=None):
+    """The plan's sets and numbers, as plain values."""
+    source = parse_source(table, path_column="path")
+    listed = source.listing(work / "listing", cluster)
+    plan = _diff(listed, previous, work, cluster, "data")
+    return {
+        "to_embed": [(r, m) for r, m in plan.to_embed.with_meta()],
+        "kept": list(plan.kept),
+        "numbers": (plan.added, plan.updated, plan.removed, plan.unchanged),
+        "failures": sorted((f.path, f.reason) for f in plan.known_failures),
+        "known": plan.known_records,
+        "columns": plan.metadata_columns,
+        "digest": plan.metadata_digest,
+        "embed parts": plan.to_embed.parts,
+    }
+
+
+def test_the_diff_in_path_ranges_plans_what_one_pass_plans(
+    client, tmp_path, monkeypatch, caplog
+):
+    table, names = _dataset(tmp_path)
+    previous = _index_in_place(table.parent, names)
+    whole = _plan(table, previous, tmp_path / "one")
+    assert whole["numbers"] == (13, 6, 3, 21)  # added, updated, removed, unchanged
+    assert [r.path for r in whole["kept"]] == names[:20]
+    assert [r.path for r, _ in whole["to_embed"]] == [
+        n for n in names[20:] if n != names[30]
+    ]
+    # Each image with its first row's other columns.
+    assert [m for _, m in whole["to_embed"]] == [
+        {"plate": _plate(table, r.path)} for r, _ in whole["to_embed"]
+    ]
+    assert whole["failures"] == sorted(
+        [
+            (names[30], "not an image Pillow can read"),
+            ("missing.jpg", "file not found"),
+            (_nth(table, 41), _again(41)),
+            (_nth(table, 43), _again(43)),
+        ]
+    )
+    assert [r.path for r in whole["known"]] == [names[30]]
+    assert whole["columns"] == ["plate"] and whole["digest"]
+    assert len(whole["embed parts"]) == 1
+
+    # Ranges split at row groups: 4 rows each here.
+    monkeypatch.setattr(parts, "BATCH_ROWS", 4)
+    monkeypatch.setattr(diff, "ROWS_PER_RANGE", 7)
+    here = _plan(table, previous, tmp_path / "here")
+    assert len(here["embed parts"]) > 3  # a part a range at least
+    with caplog.at_level(logging.INFO, logger="pipeline.diff"):
+        on_workers = _plan(table, previous, tmp_path / "workers", client)
+        monkeypatch.setattr(listing, "sees_folder", lambda folder, token: False)
+        unseen = _plan(table, previous, tmp_path / "unseen", client)
+    ranges = [m for m in caplog.messages if m.startswith("diff data:")]
+    assert len(ranges) == 2 and ranges[0] == ranges[1]
+    assert int(ranges[0].split()[2]) >= 5  # 43 rows, about 7 a range
+    for split in (here, on_workers, unseen):
+        for key in ("to_embed", "kept", "numbers", "failures", "known", "digest"):
+            assert split[key] == whole[key], key
+    for work in ("one", "here", "workers", "unseen"):
+        assert not list((tmp_path / work / "ids").glob("*.npy"))
+
+
+def _nth(table: Path, row: int) -> str:
+    """The path at ``row`` of the table (rows from 1)."""
+    return table.read_text().splitlines()[row].split(",")[0]
+
+
+def _plate(table: Path, path: str) -> str:
+    """The plate of ``path``'s first row."""
+    rows = [line.split(",") for line in table.read_text().splitlines()[1:]]
+    return next(plate for name, plate in rows if name == path)
+
+
+def _again(row: int) -> str:
+    return f"listed more than once (row {row}); indexed once"
+
+
+def test_ids_shared_across_path_ranges_are_found(client, tmp_path, monkeypatch):
+    """Two paths of one id (forced: a 63-bit hash never does it by chance)
+    in different ranges, on different workers: the first keeps it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    names = ["a-twin.jpg", *(f"m{n:02d}.jpg" for n in range(30)), "z-twin.jpg"]
+    for name in names:
+        (data / name).write_bytes(b"x")
+
+    def forced(path: str) -> int:
+        return 7 if "twin" in path else image_id(path)
+
+    monkeypatch.setattr(parts, "image_id", forced)
+    monkeypatch.setattr(parts, "BATCH_ROWS", 4)
+    monkeypatch.setattr(diff, "ROWS_PER_RANGE", 5)
+    work = tmp_path / "plan"
+    listed = parse_source(data).listing(work / "listing", client)
+    plan = _diff(listed, None, work, client, "data")
+    assert [r.path for r in plan.to_embed] == names[:-1]
+    assert [(f.path, f.reason) for f in plan.known_failures] == [
+        ("z-twin.jpg", "id collision with 'a-twin.jpg'; rename one")
+    ]
+    assert plan.added == len(names) - 1
+
+
+def test_path_ranges_split_at_row_groups_and_cover_every_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(parts, "BATCH_ROWS", 16)  # row groups of 16 rows
+    paths = sorted(os.urandom(6) + bytes([n % 256]) for n in range(1_000))
+    writer = PartWriter(tmp_path, rows=300)
+    for n, path in enumerate(paths):
+        writer.add((path, n, 1, 1, n, None))
+    written = writer.close()
+    ranges = path_ranges(written, 100)
+    assert 8 <= len(ranges) <= 12
+    assert ranges[0].lo is None and ranges[-1].hi is None
+    got = [[row[0] for p in written for row in rows_in_range(p, r)] for r in ranges]
+    assert sorted(sum(got, [])) == paths  # each row in one range
+    sizes = [len(g) for g in got]
+    assert max(sizes) <= 100 + 16 and min(sizes) >= 100 - 16, sizes
+    assert path_ranges(written, 1_000) == [PathRange()]
+
+
+def test_a_tables_digest_is_the_same_whatever_the_split():
+    rows = [(f"{n}.jpg", {"plate": n % 3, "well": f"A{n}"}) for n in range(10)]
+    whole = MetadataDigest()
+    for path, meta in rows:
+        whole.add(path, meta)
+    halves = [MetadataDigest(), MetadataDigest()]
+    for n, (path, meta) in enumerate(reversed(rows)):
+        halves[n % 2].add(path, meta)
+    halves[0].merge(halves[1])
+    assert halves[0].hexdigest() == whole.hexdigest() != ""
+    edited = MetadataDigest()
+    for path, meta in rows:
+        edited.add(path, {**meta, "plate": 9} if path == "4.jpg" else meta)
+    assert edited.hexdigest() != whole.hexdigest()
+    assert MetadataDigest().hexdigest() == ""
+    assert json.dumps(sorted(whole.columns)) == '["plate", "well"]'
