@@ -46,20 +46,14 @@ from pipeline.index import reconstruct
 from pipeline.index_build import Runner, StepCallback
 from pipeline.lock import lock_index
 from pipeline.lookup import rows_in_sorted
+from pipeline.manifest_merge import ManifestInput, merge_manifest
 from pipeline.meta import IndexMeta
 from pipeline.models import ModelCard, get_model
-from pipeline.parts import (
-    PartRecords,
-    PartWriter,
-    Row,
-    compact,
-    merge_parts,
-    row_of,
-    with_meta_of,
-    write_union,
-)
+from pipeline.parts import Part, PartRecords, PartWriter, row_of
 from pipeline.plan import (
     INDEXED,
+    KEPT,
+    LISTING,
     MANIFEST,
     REMAINING,
     Plan,
@@ -67,6 +61,7 @@ from pipeline.plan import (
     plan_build,
     plan_dir,
 )
+from pipeline.ranges import compact_parts, label
 from pipeline.shards import (
     Shard,
     ShardFiles,
@@ -85,6 +80,7 @@ from pipeline.spans import BuildSpan
 from pipeline.store import (
     INDEX_FILE,
     SHARDS_DIR,
+    ManifestLines,
     StoredIndex,
     recover_index_dir,
     write_index_dir,
@@ -488,7 +484,9 @@ def build_steps(
 
         cancel.check()
         with stages("index"), index_span.entered():
-            manifest, failures, failed_records = sink.finish(plan)
+            manifest, lines, failures, failed_records = sink.finish(
+                plan, client if workers_write else None, name
+            )
             if plan.by_shard:  # the shards' images are known now
                 summary.added, summary.updated, summary.removed = _image_changes(
                     plan, sink.found, manifest, failures
@@ -575,7 +573,7 @@ def build_steps(
             write_index_dir(
                 dest,
                 built.folder,
-                manifest.with_meta(),
+                lines,
                 meta,
                 failures,
                 failed_records,
@@ -1038,14 +1036,28 @@ class _ShardSink:
         return np.concatenate([np.zeros(0, np.int64), *self._found])
 
     def finish(
-        self, plan: Plan
-    ) -> tuple[PartRecords, list[Failure], dict[str, ImageRecord]]:
-        """(manifest in path order, as parts; failures in path order; their
-        file records)."""
-        indexed = merge_parts(compact(self._indexed.close(), self.work / INDEXED))
-        if plan.metadata_columns:  # a table's: its rows' other columns
-            indexed = with_meta_of(indexed, _rows(plan.to_embed))
-        manifest = write_union(self.work / MANIFEST, _rows(plan.kept), indexed)
+        self, plan: Plan, cluster: Any = None, name: str = "dataset"
+    ) -> tuple[PartRecords, ManifestLines, list[Failure], dict[str, ImageRecord]]:
+        """(manifest in path order, as parts and as the manifest file's
+        lines; failures in path order; their file records). The manifest is
+        merged on ``cluster``'s workers where it is at hand."""
+        seen = (str(self.work / LISTING), plan.token)
+        indexed = compact_parts(
+            self._indexed.close(),
+            self.work / INDEXED,
+            seen,
+            cluster,
+            label("merge", name),
+        )
+        given = ManifestInput(
+            kept=tuple(_parts(plan.kept, self.work / KEPT)),
+            indexed=tuple(indexed),
+            # A table's: its rows' other columns.
+            metas=tuple(plan.to_embed.parts) if plan.metadata_columns else (),
+        )
+        manifest, lines = merge_manifest(
+            given, self.work / MANIFEST, seen, cluster, name
+        )
         failures = sorted(self.failures, key=lambda f: f.path)
         wanted = {f.path for f in failures} - self._failed.keys()
         if wanted:  # failed where no shard was written: the plan has them
@@ -1055,14 +1067,16 @@ class _ShardSink:
         failed_records = {
             f.path: self._failed[f.path] for f in failures if f.path in self._failed
         }
-        return manifest, failures, failed_records
+        return manifest, lines, failures, failed_records
 
 
-def _rows(records: Sequence[ImageRecord]) -> Iterator[Row]:
-    """``records`` as rows in order (parts are in order already)."""
+def _parts(records: Sequence[ImageRecord], folder: Path) -> list[Part]:
+    """``records`` as parts (those of records kept in parts already)."""
     if isinstance(records, PartRecords):
-        return merge_parts(records.parts)
-    return iter(sorted(row_of(r) for r in records))
+        return records.parts
+    writer = PartWriter(folder)
+    writer.extend(sorted(row_of(r) for r in records))
+    return writer.close()
 
 
 class _Progress:

@@ -28,11 +28,11 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AnyStr
 
+from pipeline import ranges
 from pipeline.discover import (
     Failure,
     pack_rows,
@@ -41,14 +41,13 @@ from pipeline.discover import (
     walk_folder,
 )
 from pipeline.parts import (
-    MERGE_FAN_IN,
     Part,
     PartWriter,
     Row,
-    merge_group,
     merge_parts,
     row_of,
 )
+from pipeline.ranges import TOKEN_FILE, compact_parts, ready_client
 from pipeline.spans import task_label
 
 if TYPE_CHECKING:
@@ -65,11 +64,6 @@ LIST_ROWS_PER_UNIT = 10_000
 LIST_SPAN_BYTES = 1 << 20
 ROW_BITS = 32
 SHARDS_PER_UNIT = 1_000
-
-
-# The file in a listing's folder that tells a worker it sees the client's
-# folder (and not another of the same name): it holds the listing's token.
-TOKEN_FILE = ".listing"
 
 
 @dataclass
@@ -172,7 +166,7 @@ def list_unit_task(source: Source, unit: Unit, folder: str, token: str) -> Listi
     sends the rows back packed for the client to write."""
     if unit.span and not _list_readable(source.spec):
         return Listing(unread=True)
-    if sees_folder(folder, token):
+    if ranges.sees_folder(folder, token):
         return list_unit(source, unit, folder)
     listing = Listing()
     listing.packed = pack_rows(list(unit_items(source, unit, listing)))
@@ -185,21 +179,6 @@ def _list_readable(spec: str) -> bool:
     from pipeline.sources import is_url
 
     return is_url(spec) or os.path.exists(spec)
-
-
-def sees_folder(folder: str, token: str) -> bool:
-    """Whether this process sees the client's ``folder`` (not another one
-    of that name): its token file holds ``token``."""
-    try:
-        return Path(folder, TOKEN_FILE).read_text() == token
-    except OSError:
-        return False
-
-
-def merge_group_task(parts: Sequence[Part], folder: str, token: str) -> Part | None:
-    """:func:`merge_group` as a Dask task: None where the worker does not
-    see the client's folder (the client merges them then)."""
-    return merge_group(parts, folder) if sees_folder(folder, token) else None
 
 
 def folder_units(
@@ -326,16 +305,6 @@ def _listed_again(path: str, row: int) -> Failure:
     return Failure(path, f"listed more than once (row {row}); indexed once")
 
 
-def ready_client(cluster: Any):
-    """``cluster``'s Client if it is at hand now: ``cluster`` is a Client, a
-    Future that may resolve to one (or to None), or None."""
-    if isinstance(cluster, Future):
-        if not cluster.done() or cluster.exception() is not None:
-            return None
-        return cluster.result()
-    return cluster
-
-
 # A path listed at more than one row of a file list: (path, the other row).
 ListedAgain = tuple[str, int]
 
@@ -429,38 +398,9 @@ class Lister:
         """``parts`` merged in groups (on the cluster where one is at hand)
         until at most ``MERGE_FAN_IN`` are left, so that merging them all
         holds a batch of few parts at once."""
-        parts = [p for p in parts if p.count]
-        while len(parts) > MERGE_FAN_IN:
-            groups = [
-                parts[i : i + MERGE_FAN_IN] for i in range(0, len(parts), MERGE_FAN_IN)
-            ]
-            parts = self._merge_groups(groups)
-        return parts
-
-    def _merge_groups(self, groups: list[list[Part]]) -> list[Part]:
-        client = self._client()
-        if client is None:
-            return [merge_group(group, self.folder) for group in groups]
-        run = uuid.uuid4().hex[:8]
-        logger.info(
-            "listing %s: merging %d parts in %d groups on the cluster",
-            self.label,
-            sum(len(group) for group in groups),
-            len(groups),
-        )
-        futures = client.map(
-            merge_group_task,
-            groups,
-            [str(self.folder)] * len(groups),
-            [self.token] * len(groups),
-            key=[f"merge[{self.label}]-{n:05d}-{run}" for n in range(len(groups))],
-            pure=False,
-        )
-        merged = client.gather(futures)
-        return [
-            part if part is not None else merge_group(group, self.folder)
-            for group, part in zip(groups, merged, strict=True)
-        ]
+        seen = (str(self.folder), self.token)
+        name = f"merge[{self.label}]"
+        return compact_parts(parts, self.folder, seen, self.cluster, name)
 
     def _client(self):
         return ready_client(self.cluster)

@@ -3,16 +3,17 @@
 Millions of records do not fit in the client as Python objects (about 370
 bytes each), so a listing unit writes what it finds as a *part*: a Parquet
 file of rows sorted by path, which any Parquet reader opens without imgindex
-(``pandas.read_parquet``; paths are bytes, as file names are). Planning
-merges the parts in one streaming pass, a batch of each at a time
-(:func:`merge_parts`), and writes the plan's sets as parts again
-(:class:`PartWriter`); the client holds a batch per part, never the records.
+(``pandas.read_parquet``; paths are bytes, as file names are). The diff
+and the manifest merge parts in path ranges, a Dask task each
+(:mod:`pipeline.ranges`), a batch of each part at a time, and write the
+plan's sets as parts again (:class:`PartWriter`): the client holds no
+records.
 
 In memory a row is a plain tuple, ``(path, row, size, mtime_ns, id, meta)``
 with the path as bytes: tuples compare in (path, row) order by themselves,
 so sorting and merging them needs no key and no object per row. Bytes order
 is not ``str`` order for names that are not UTF-8; parts only need one order
-throughout. A build writes its manifest in this order too (one merge of the
+throughout. A build writes its manifest in this order too (a merge of the
 kept parts and those of the shards' images); imgindex 0.4 wrote text order,
 so the diff puts the index in place's manifest into parts before merging.
 """
@@ -32,12 +33,16 @@ from pipeline.atomic import atomic_path
 from pipeline.discover import ImageRecord, image_id, tapered
 
 SUFFIX = ".parquet"
+# What a plan's folders hold: parts, and the diff's ids and the manifest's
+# lines beside them (pipeline/diff.py, pipeline/manifest_merge.py).
+OURS = (SUFFIX, ".npy", ".jsonl")
 # Rows a writer puts in one part; also how many a listing unit holds at once.
 ROWS_PER_PART = 20_000
 # Rows read from a part at a time while merging, and rows in a row group:
 # an open part costs about 260 KiB of buffers at this size (4,096: 970 KiB).
 BATCH_ROWS = 512
-# Parts merged at once: more are merged in groups first (Lister.compact).
+# Parts merged at once: more are merged in groups first
+# (pipeline.ranges.compact_parts).
 MERGE_FAN_IN = 64
 # A file list's row (0: none), and its other columns as JSON text (or None).
 Row = tuple[bytes, int, int, int, int, str | None]
@@ -143,29 +148,14 @@ def merge_group(parts: Sequence[Part], folder: str | os.PathLike) -> Part:
     return merged
 
 
-def compact(parts: Sequence[Part], folder: str | os.PathLike) -> list[Part]:
-    """``parts`` merged in groups here until :data:`MERGE_FAN_IN` are left
-    (a batch of each open part is held while merging)."""
-    parts = list(parts)
-    while len(parts) > MERGE_FAN_IN:
-        step = MERGE_FAN_IN
-        groups = [parts[i : i + step] for i in range(0, len(parts), step)]
-        parts = [merge_group(g, folder) if len(g) > 1 else g[0] for g in groups]
-    return parts
-
-
-def write_union(
-    folder: str | os.PathLike, *sorted_rows: Iterable[Row], rows: int = ROWS_PER_PART
-) -> PartRecords:
-    """The rows of the sorted streams ``sorted_rows`` merged into parts of
-    ``folder``, in order, each path once (the first stream's row wins)."""
-    writer = PartWriter(folder, rows)
+def union_rows(*sorted_rows: Iterable[Row]) -> Iterator[Row]:
+    """The rows of the sorted streams ``sorted_rows`` merged, each path once
+    (the first stream's row wins)."""
     last = None
     for row in heapq.merge(*sorted_rows, key=_path_key):
         if row[0] != last:
-            writer.add(row)
+            yield row
             last = row[0]
-    return PartRecords(writer.close())
 
 
 def _path_key(row: Row) -> bytes:
@@ -338,7 +328,7 @@ def remove_parts(folder: str | os.PathLike) -> None:
     if not folder.is_dir():
         return
     for path in folder.iterdir():
-        if path.is_file() and (path.suffix == SUFFIX or ".tmp-" in path.name):
+        if path.is_file() and (path.suffix in OURS or ".tmp-" in path.name):
             path.unlink(missing_ok=True)
     try:
         folder.rmdir()

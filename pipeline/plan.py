@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,26 +15,30 @@ from pipeline.diff import EMBED, IDS, KEPT, RangeInput, diff_listing
 from pipeline.discover import Failure, ImageRecord, image_id
 from pipeline.embed import ModelSpec
 from pipeline.errors import DatasetError, IndexDirError
-from pipeline.listing import TOKEN_FILE as LISTING_TOKEN
 from pipeline.listing import SourceListing
 from pipeline.parts import (
+    SUFFIX,
     Part,
     PartRecords,
     PartWriter,
-    compact,
     iter_part,
     record_of,
     remove_parts,
     row_of,
+    write_part,
 )
+from pipeline.ranges import TOKEN_FILE, compact_parts, label, map_ranges
 from pipeline.sources import Source, split_member
 from pipeline.store import (
+    MANIFEST_FILE,
     StoredIndex,
     foreign_entries,
     is_empty_dir,
     is_index_dir,
+    iter_manifest,
     read_index_dir,
 )
+from pipeline.textspans import spans
 
 
 @dataclass
@@ -63,6 +68,9 @@ class Plan:
     # (the values travel in the parts' rows into the manifest).
     metadata_columns: list[str] = field(default_factory=list)
     metadata_digest: str = ""
+    # The listing's token: workers that see the plan's folder hold it
+    # (pipeline.ranges.sees_folder).
+    token: str = ""
 
 
 def plan_dir(dest: Path) -> Path:
@@ -72,7 +80,7 @@ def plan_dir(dest: Path) -> Path:
 
 def clear_plan(work: Path) -> None:
     """Remove a plan's parts (and the folder, where nothing else is in it)."""
-    (work / LISTING / LISTING_TOKEN).unlink(missing_ok=True)
+    (work / LISTING / TOKEN_FILE).unlink(missing_ok=True)
     for sub in (LISTING, PREVIOUS, EMBED, KEPT, IDS, REMAINING, INDEXED, MANIFEST):
         remove_parts(work / sub)
     remove_parts(work)
@@ -128,7 +136,9 @@ def plan_build(
             raise DatasetError(f"dataset {source.spec!r} contains no image files")
         if source.by_shard:
             shards = [record_of(row) for row in listing.items()]
-            return _plan_shards(shards, listing.failures, previous, work)
+            plan = _plan_shards(shards, listing.failures, previous, work)
+            plan.token = listing.token
+            return plan
         return _diff(listing, previous, work, cluster, source.name)
     except BaseException:
         if previous is not None:
@@ -142,11 +152,12 @@ def _diff(
     previous: StoredIndex | None,
     work: Path,
     cluster: Any = None,
-    label: str = "dataset",
+    name: str = "dataset",
 ) -> Plan:
     """The listing's parts against the index in place, in path ranges (on
     the workers where ``cluster`` is at hand: :mod:`pipeline.diff`): the
     images to embed and those kept go to parts of their own."""
+    seen = (str(work / LISTING), listing.token)
     old_bad = {
         f.path: (previous.failed_records[f.path], f)
         for f in (previous.failures if previous else ())
@@ -154,13 +165,12 @@ def _diff(
     }
     given = RangeInput(
         listing=tuple(listing.parts),
-        previous=tuple(_previous_parts(previous, work)),
+        previous=tuple(_previous_parts(previous, work, seen, cluster, name)),
         dropped=listing.dropped_bytes,
         old_bad=old_bad,
         first_build=previous is None,
     )
-    seen = (str(work / LISTING), listing.token)
-    found = diff_listing(given, work, seen, cluster, label)
+    found = diff_listing(given, work, seen, cluster, name)
     listing.add_listed_again(found.again)
     kept_records, to_embed = PartRecords(found.kept), PartRecords(found.embed)
     known_records, known_bad = found.known_records, found.known_bad
@@ -189,18 +199,56 @@ def _diff(
         known_records=known_records,
         metadata_columns=sorted(found.metadata.columns),
         metadata_digest=found.metadata.hexdigest(),
+        token=listing.token,
     )
 
 
-def _previous_parts(previous: StoredIndex | None, work: Path) -> list[Part]:
-    """``previous``'s manifest as parts, its records streamed into them:
-    the manifest need not be in bytes order (those of imgindex 0.4 and
-    before are in text order)."""
+def _previous_parts(
+    previous: StoredIndex | None,
+    work: Path,
+    seen: tuple[str, str],
+    cluster: Any = None,
+    name: str = "dataset",
+) -> list[Part]:
+    """``previous``'s manifest as parts, read in byte spans (on ``cluster``'s
+    workers where it is at hand: :func:`pipeline.ranges.map_ranges`), each
+    span's records sorted into a part: the manifest need not be in bytes
+    order (those of imgindex 0.4 and before are in text order).
+
+    Raises
+    ------
+    IndexDirError
+        If the manifest is malformed or disagrees with meta.json.
+    """
     if previous is None:
         return []
-    writer = PartWriter(work / PREVIOUS)
-    writer.extend(row_of(r) for r in previous.records())
-    return compact(writer.close(), work / PREVIOUS)
+    folder = previous.folder
+    size = (folder / MANIFEST_FILE).stat().st_size
+    pieces = spans(size, MANIFEST_SPAN_BYTES)
+    read = map_ranges(
+        _span_part,
+        [str(folder)] * len(pieces),
+        pieces,
+        work / PREVIOUS,
+        seen,
+        cluster,
+        label("previous", name),
+    )
+    parts = list(read)
+    previous.check_count(sum(p.count for p in parts))
+    return compact_parts(parts, work / PREVIOUS, seen, cluster, label("merge", name))
+
+
+# Bytes of a manifest a task reads into a part (about 35,000 rows).
+MANIFEST_SPAN_BYTES = 4 << 20
+
+
+def _span_part(folder: str, span: tuple[int, int], out: str) -> Part:
+    """The manifest rows of the index ``folder`` that start in ``span``, as a
+    part in ``out``."""
+    os.makedirs(out, exist_ok=True)
+    rows = (row_of(r) for r in iter_manifest(folder, span))
+    return write_part(Path(out, f"{uuid.uuid4().hex[:12]}{SUFFIX}"), rows)
 
 
 def _check_compatible(
@@ -255,7 +303,7 @@ def _plan_shards(
     unchanged = {p for p, mtime in now.items() if stamps.get(p) == {mtime}}
     # Each part in order, not all of them: the manifest's order need not be
     # the parts' (see _previous_parts).
-    kept = PartRecords(compact(same.close(), work / KEPT))
+    kept = PartRecords(compact_parts(same.close(), work / KEPT))
     # Read at two mtimes, the current one among them (failed at one, indexed
     # at another): embedded whole, so its images read now are not kept. Any
     # other changed shard has no image in ``same``: nothing to rewrite.

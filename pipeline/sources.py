@@ -59,6 +59,7 @@ from pipeline.listing import (
     walk_conflicts,
 )
 from pipeline.parts import PartRecords, PartWriter, record_of, row_of
+from pipeline.textspans import lines_in_span, spans
 
 KINDS = ("folder", "list", "tar")
 INPUT_FORMATS = ("auto", *KINDS)
@@ -397,9 +398,8 @@ def _list_units(source: Source) -> Iterator[Unit]:
         return
     size = _txt_size(source)
     if size is not None:
-        step = LIST_SPAN_BYTES
-        for number, start in enumerate(range(0, size, step)):
-            yield Unit(span=(start, min(size, start + step)), number=number)
+        for number, span in enumerate(spans(size, LIST_SPAN_BYTES)):
+            yield Unit(span=span, number=number)
         return
     rows = enumerate(read_list(source), start=1)
     while chunk := list(itertools.islice(rows, LIST_ROWS_PER_UNIT)):
@@ -498,16 +498,7 @@ def read_txt_span(path: str, start: int, end: int) -> Iterator[str]:
     """
     try:
         with _open(path) as f:
-            at = start
-            if start:
-                f.seek(start - 1)
-                if f.read(1) != b"\n":  # a line begun before: the span's before
-                    at += len(f.readline())
-            while at < end:
-                line = f.readline()
-                if not line:
-                    break
-                at += len(line)
+            for line in lines_in_span(f, start, end):
                 entry = _txt_entry(line.decode("utf-8"))
                 if entry:
                     yield entry

@@ -41,6 +41,7 @@ from pipeline.index import (
 )
 from pipeline.lock import lock_index
 from pipeline.meta import IndexMeta
+from pipeline.textspans import lines_in_span
 
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.jsonl"
@@ -98,9 +99,19 @@ class StoredIndex:
             yield from self.manifest
             return
         count = 0
-        for record in iter_manifest(self.version or self.path):
+        for record in iter_manifest(self.folder):
             count += 1
             yield record
+        self.check_count(count)
+
+    @property
+    def folder(self) -> Path:
+        """The directory the version was read from."""
+        return self.version or self.path
+
+    def check_count(self, count: int) -> None:
+        """Raise IndexDirError unless the manifest's ``count`` rows are
+        meta.json's."""
         if count != self.meta.count:
             raise IndexDirError(_miscounted(self.path, self.meta.count, count))
 
@@ -444,7 +455,8 @@ def _read_copies(label: Path, f: BinaryIO | None, meta: IndexMeta) -> Copies:
 def write_index_dir(
     dest: str | os.PathLike,
     index: Any,
-    manifest: Iterable[ImageRecord | tuple[ImageRecord, dict[str, Any] | None]],
+    manifest: Iterable[ImageRecord | tuple[ImageRecord, dict[str, Any] | None]]
+    | ManifestLines,
     meta: IndexMeta,
     failures: list[Failure],
     failed_records: dict[str, ImageRecord] | None = None,
@@ -461,7 +473,8 @@ def write_index_dir(
     ``index`` is a FAISS index, or a folder where workers wrote index.faiss
     (and index.ivfdata): those files are moved in. ``metadata`` (path ->
     columns of a file list) goes into the manifest rows as ``"meta"``; or
-    ``manifest`` holds (record, its meta) pairs.
+    ``manifest`` holds (record, its meta) pairs, or is written already
+    (:class:`ManifestLines`).
 
     Raises
     ------
@@ -482,7 +495,11 @@ def write_index_dir(
             _move_index_files(index, tmp)
         else:
             write_index(index, tmp / INDEX_FILE)
-        _write_jsonl(tmp / MANIFEST_FILE, _manifest_rows(manifest, metadata or {}))
+        if isinstance(manifest, ManifestLines):
+            _join_files(tmp / MANIFEST_FILE, manifest.files)
+        else:
+            lines = _manifest_lines(manifest, metadata or {})
+            _write_lines(tmp / MANIFEST_FILE, lines)
         _write_jsonl(
             tmp / FAILURES_FILE,
             (_failure_row(f, (failed_records or {}).get(f.path)) for f in failures),
@@ -615,19 +632,34 @@ def _remove_staging(tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _manifest_rows(
+def _manifest_lines(
     manifest: Iterable[ImageRecord | tuple[ImageRecord, dict[str, Any] | None]],
     metadata: Mapping[str, dict[str, Any]],
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[str]:
     for item in manifest:
         if isinstance(item, ImageRecord):
-            r, extra = item, metadata.get(item.path)
+            yield manifest_line(item, metadata.get(item.path))
         else:
-            r, extra = item
-        row = {"id": r.id, "path": r.path, "size": r.size, "mtime_ns": r.mtime_ns}
-        if extra is not None:
-            row["meta"] = extra
-        yield row
+            yield manifest_line(*item)
+
+
+def manifest_line(record: ImageRecord, meta: dict[str, Any] | None = None) -> str:
+    """``record``'s line in the manifest file (with a file list's other
+    columns, ``meta``)."""
+    r = record
+    row = {"id": r.id, "path": r.path, "size": r.size, "mtime_ns": r.mtime_ns}
+    if meta is not None:
+        row["meta"] = meta
+    return _jsonl_line(row)
+
+
+@dataclass(frozen=True)
+class ManifestLines:
+    """A manifest written already, as lines (:func:`manifest_line`) in
+    ``files`` to be joined in order: by workers, a path range each
+    (pipeline/manifest_merge.py)."""
+
+    files: tuple[str, ...]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -650,8 +682,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         ) from None
 
 
-def iter_manifest(path: str | os.PathLike) -> Iterator[ImageRecord]:
-    """Stream ``path``'s manifest, one record at a time (millions need not fit).
+def iter_manifest(
+    path: str | os.PathLike, span: tuple[int, int] | None = None
+) -> Iterator[ImageRecord]:
+    """Stream ``path``'s manifest, one record at a time (millions need not
+    fit): all of it, or the lines that start in the byte range ``span``
+    (:func:`pipeline.textspans.lines_in_span`), for tasks that read one
+    each.
 
     For a caller holding the index's lock (no version swap can happen under
     it) that has read the directory with :func:`read_index_dir` first.
@@ -664,7 +701,7 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[ImageRecord]:
     where = Path(path) / MANIFEST_FILE
     try:
         with open(where, "rb") as f:
-            yield from _records(f)
+            yield from _records(f if span is None else lines_in_span(f, *span))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise IndexDirError(
             f"index directory {str(path)!r} is unreadable: {e}; rebuild it with "
@@ -673,7 +710,7 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[ImageRecord]:
 
 
 def _records(
-    f: BinaryIO, metadata: dict[str, dict[str, Any]] | None = None
+    f: Iterable[bytes], metadata: dict[str, dict[str, Any]] | None = None
 ) -> Iterator[ImageRecord]:
     """The manifest's records; their ``"meta"`` into ``metadata`` if given."""
     for row in _read_jsonl(f):
@@ -682,14 +719,29 @@ def _records(
         yield ImageRecord(row["path"], row["size"], row["mtime_ns"])
 
 
-def _read_jsonl(f: BinaryIO) -> Iterator[dict]:
+def _read_jsonl(f: Iterable[bytes]) -> Iterator[dict]:
     for line in f:
         if line.strip():
             yield json.loads(line)
 
 
-def _write_jsonl(path: Path, rows) -> None:
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    _write_lines(path, map(_jsonl_line, rows))
+
+
+def _jsonl_line(row: dict[str, Any]) -> str:
     # ensure_ascii keeps undecodable file names (surrogate escapes) round-trippable.
+    return json.dumps(row, ensure_ascii=True) + "\n"
+
+
+def _write_lines(path: Path, lines: Iterable[str]) -> None:
     with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=True) + "\n")
+        f.writelines(lines)
+
+
+def _join_files(path: Path, files: Iterable[str]) -> None:
+    """``files`` one after another into ``path``, as bytes: no line is parsed."""
+    with path.open("wb") as out:
+        for name in files:
+            with open(name, "rb") as piece:
+                shutil.copyfileobj(piece, out, 1 << 20)

@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipeline import diff, listing, parts
-from pipeline.diff import MetadataDigest, PathRange, path_ranges, rows_in_range
+from pipeline import parts, ranges
+from pipeline import plan as plan_module
+from pipeline.diff import MetadataDigest
 from pipeline.discover import Failure, ImageRecord, image_id
 from pipeline.parts import PartWriter
 from pipeline.plan import _diff
+from pipeline.ranges import PathRange, path_ranges, rows_in_range
 from pipeline.sources import parse_source
+from pipeline.store import MANIFEST_FILE, manifest_line
 
 
 def _dataset(tmp_path: Path) -> tuple[Path, list[str]]:
@@ -33,9 +37,9 @@ def _dataset(tmp_path: Path) -> tuple[Path, list[str]]:
     return table, sorted(names)
 
 
-def _index_in_place(data: Path, names: list[str]) -> SimpleNamespace:
-    """An index in place as the diff reads it: its manifest in text order
-    (as imgindex 0.4 wrote it) and its failures."""
+def _index_in_place(data: Path, names: list[str], folder: Path) -> SimpleNamespace:
+    """An index in place as the diff reads it: its manifest file in
+    ``folder`` (in no order: the spans sort their rows) and its failures."""
 
     def rec(name: str, mtime_shift: int = 0) -> ImageRecord:
         st = (data / name).stat()
@@ -44,12 +48,20 @@ def _index_in_place(data: Path, names: list[str]) -> SimpleNamespace:
     manifest = [rec(n) for n in names[:20]]  # unchanged
     manifest += [rec(n, 1) for n in names[20:25]]  # changed since
     manifest += [ImageRecord(f"gone{n}.jpg", 1, 1) for n in range(3)]  # removed
+    random.Random(5).shuffle(manifest)
+    folder.mkdir()
+    (folder / MANIFEST_FILE).write_text("".join(map(manifest_line, manifest)))
     failed = {
         names[30]: rec(names[30]),  # unchanged: not tried again
         names[31]: rec(names[31], 1),  # changed: tried again
     }
+
+    def check_count(count: int) -> None:
+        assert count == len(manifest)
+
     return SimpleNamespace(
-        records=lambda: iter(sorted(manifest, key=lambda r: r.path)),
+        folder=folder,
+        check_count=check_count,
         failures=[Failure(p, "not an image Pillow can read") for p in failed],
         failed_records=failed,
     )
@@ -76,7 +88,7 @@ def test_the_diff_in_path_ranges_plans_what_one_pass_plans(
     client, tmp_path, monkeypatch, caplog
 ):
     table, names = _dataset(tmp_path)
-    previous = _index_in_place(table.parent, names)
+    previous = _index_in_place(table.parent, names, tmp_path / "index")
     whole = _plan(table, previous, tmp_path / "one")
     assert whole["numbers"] == (13, 6, 3, 21)  # added, updated, removed, unchanged
     assert [r.path for r in whole["kept"]] == names[:20]
@@ -99,18 +111,31 @@ def test_the_diff_in_path_ranges_plans_what_one_pass_plans(
     assert whole["columns"] == ["plate"] and whole["digest"]
     assert len(whole["embed parts"]) == 1
 
-    # Ranges split at row groups: 4 rows each here.
+    # Ranges split at row groups: 4 rows each here; the manifest is read in
+    # spans of about 3 lines.
     monkeypatch.setattr(parts, "BATCH_ROWS", 4)
-    monkeypatch.setattr(diff, "ROWS_PER_RANGE", 7)
+    monkeypatch.setattr(plan_module, "MANIFEST_SPAN_BYTES", 200)
+    monkeypatch.setattr(ranges, "ROWS_PER_RANGE", 7)
     here = _plan(table, previous, tmp_path / "here")
     assert len(here["embed parts"]) > 3  # a part a range at least
-    with caplog.at_level(logging.INFO, logger="pipeline.diff"):
+    with caplog.at_level(logging.INFO, logger="pipeline.ranges"):
         on_workers = _plan(table, previous, tmp_path / "workers", client)
-        monkeypatch.setattr(listing, "sees_folder", lambda folder, token: False)
+        monkeypatch.setattr(ranges, "sees_folder", lambda folder, token: False)
         unseen = _plan(table, previous, tmp_path / "unseen", client)
-    ranges = [m for m in caplog.messages if m.startswith("diff data:")]
-    assert len(ranges) == 2 and ranges[0] == ranges[1]
-    assert int(ranges[0].split()[2]) >= 5  # 43 rows, about 7 a range
+    # The manifest read in spans, the diff in path ranges, the ids checked
+    # in ranges of values: each on the workers, then (the workers not seeing
+    # the plan's folder) here.
+    unseen_folder = tmp_path / "unseen" / "listing"
+    for kind in ("previous", "diff", "ids"):
+        logged = [m for m in caplog.messages if m.startswith(f"{kind}[data]:")]
+        n = int(logged[0].split()[1])
+        assert logged == [
+            f"{kind}[data]: {n} tasks on the cluster",
+            f"{kind}[data]: {n} tasks on the cluster",
+            f"{kind}[data]: {n} of {n} done here (the workers do not see "
+            f"{unseen_folder})",
+        ]
+        assert n >= 5  # 43 rows, about 7 a range; 28 lines, about 3 a span
     for split in (here, on_workers, unseen):
         for key in ("to_embed", "kept", "numbers", "failures", "known", "digest"):
             assert split[key] == whole[key], key
@@ -147,7 +172,7 @@ def test_ids_shared_across_path_ranges_are_found(client, tmp_path, monkeypatch):
 
     monkeypatch.setattr(parts, "image_id", forced)
     monkeypatch.setattr(parts, "BATCH_ROWS", 4)
-    monkeypatch.setattr(diff, "ROWS_PER_RANGE", 5)
+    monkeypatch.setattr(ranges, "ROWS_PER_RANGE", 5)
     work = tmp_path / "plan"
     listed = parse_source(data).listing(work / "listing", client)
     plan = _diff(listed, None, work, client, "data")
@@ -191,3 +216,100 @@ def test_a_tables_digest_is_the_same_whatever_the_split():
     assert edited.hexdigest() != whole.hexdigest()
     assert MetadataDigest().hexdigest() == ""
     assert json.dumps(sorted(whole.columns)) == '["plate", "well"]'
+
+
+def test_the_manifest_is_merged_in_path_ranges_on_the_workers(
+    client, tmp_path, photo_sets, monkeypatch, caplog
+):
+    """A build's manifest (kept images and the new shards' merged) is
+    written in path ranges by the workers: the same file, byte for byte, as
+    one range writes; a re-run that adds and changes images merges them with
+    those kept; a table's columns travel in every range."""
+    import csv
+
+    from pipeline.build import run_build
+    from pipeline.store import MANIFEST_FILE
+    from tests.helpers import read_index
+
+    photos = photo_sets["beach"][:20]
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in photos[:16]:
+        (data / p.name).write_bytes(p.read_bytes())
+    table = tmp_path / "plates.csv"
+
+    def write_table() -> None:
+        with open(table, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "plate"])
+            for n, p in enumerate(sorted(data.iterdir())):
+                writer.writerow([str(p), f"p{n}"])
+
+    def build(out: Path) -> bytes:
+        summary = run_build(client, parse_source(table, path_column="file"), out)
+        assert not summary.failed
+        read_index(out / "plates")  # its index agrees with its manifest
+        return (out / "plates" / MANIFEST_FILE).read_bytes()
+
+    write_table()
+    whole = build(tmp_path / "one")
+    monkeypatch.setattr(parts, "BATCH_ROWS", 2)
+    monkeypatch.setattr(ranges, "ROWS_PER_RANGE", 5)
+    with caplog.at_level(logging.INFO, logger="pipeline.ranges"):
+        split = build(tmp_path / "split")
+    assert split == whole
+    logged = [m for m in caplog.messages if m.startswith("manifest[plates]:")]
+    assert len(logged) == 1 and int(logged[0].split()[1]) >= 3
+    assert not [m for m in caplog.messages if "done here" in m]  # all on workers
+    rows = [json.loads(line) for line in split.splitlines()]
+    assert [r["path"] for r in rows] == sorted(str(p) for p in data.iterdir())
+    assert [r["meta"]["plate"] for r in rows] == [f"p{n}" for n in range(16)]
+
+    # A re-run: four images added, one changed, the rest kept.
+    for p in photos[16:]:
+        (data / p.name).write_bytes(p.read_bytes())
+    changed = data / photos[3].name
+    changed.write_bytes(photos[19].read_bytes())
+    write_table()
+    monkeypatch.undo()
+    again_whole = build(tmp_path / "one")
+    monkeypatch.setattr(parts, "BATCH_ROWS", 2)
+    monkeypatch.setattr(ranges, "ROWS_PER_RANGE", 5)
+    again_split = build(tmp_path / "split")
+    assert again_split == again_whole
+    rows = [json.loads(line) for line in again_split.splitlines()]
+    assert [r["path"] for r in rows] == sorted(str(p) for p in data.iterdir())
+    assert len(rows) == 20 and [r["meta"]["plate"] for r in rows] == [
+        f"p{n}" for n in range(20)
+    ]
+    (row,) = [r for r in rows if r["path"] == str(changed)]
+    assert row["size"] == changed.stat().st_size
+
+
+def test_a_damaged_manifest_read_on_the_workers_is_one_line(
+    client, tmp_path, monkeypatch
+):
+    """A malformed line of the index in place's manifest, read by a worker's
+    span, stops the plan with the reader's one-line error."""
+    import pytest
+
+    from pipeline.errors import IndexDirError
+    from pipeline.plan import _previous_parts
+
+    table, names = _dataset(tmp_path)
+    previous = _index_in_place(table.parent, names, tmp_path / "index")
+    manifest = tmp_path / "index" / MANIFEST_FILE
+    lines = manifest.read_text().splitlines(keepends=True)
+    lines[20] = lines[20][:30] + "\n"  # cut short
+    manifest.write_text("".join(lines))
+    monkeypatch.setattr(plan_module, "MANIFEST_SPAN_BYTES", 200)
+    work = tmp_path / "plan"
+    listed = parse_source(table, path_column="path").listing(work / "listing", client)
+    seen = (str(work / "listing"), listed.token)
+    with pytest.raises(IndexDirError) as raised:
+        _previous_parts(previous, work, seen, client, "data")
+    assert str(raised.value).startswith(
+        f"index directory {str(tmp_path / 'index')!r} is unreadable: "
+    )
+    assert str(raised.value).endswith("rebuild it with `imgindex build --rebuild`")
+    assert "\n" not in str(raised.value)

@@ -1085,12 +1085,12 @@ def test_many_listing_parts_are_merged_in_groups_here_or_on_the_workers(
     import logging
     from concurrent.futures import Future
 
-    from pipeline import listing, sources
+    from pipeline import parts, ranges, sources
     from pipeline.build import plan_dataset
     from pipeline.plan import plan_dir
 
     monkeypatch.setattr(sources, "LIST_ROWS_PER_UNIT", 2)
-    monkeypatch.setattr(listing, "MERGE_FAN_IN", 2)
+    monkeypatch.setattr(parts, "MERGE_FAN_IN", 2)
     data = _tree_with_links(tmp_path)
     rows = [str(p) for p in sorted(data.rglob("*.jpg")) if p.is_file()]
     listed = tmp_path / "rows.csv"  # read here, 2 rows to a unit
@@ -1100,16 +1100,16 @@ def test_many_listing_parts_are_merged_in_groups_here_or_on_the_workers(
     waiting: Future = Future()
     for cluster in (waiting, client, "unshared"):
         if cluster == "unshared":
-            monkeypatch.setattr(listing, "sees_folder", lambda folder, token: False)
+            monkeypatch.setattr(ranges, "sees_folder", lambda folder, token: False)
             cluster = client
-        with caplog.at_level(logging.INFO, logger="pipeline.listing"):
+        with caplog.at_level(logging.INFO, logger="pipeline"):
             with plan_dataset(listed, tmp_path / "out", cluster=cluster) as planned:
                 folder = plan_dir(planned.dest) / "listing"
                 assert len(list(folder.glob("*.parquet"))) <= 2
                 plans.append([r.path for r in planned.plan.to_embed])
     assert plans == [rows, rows, rows]
     assert len(rows) == 8  # 4 parts of 2 rows, merged into 2
-    merging = "listing rows: merging 4 parts in 2 groups on the cluster"
+    merging = "merge[rows]: 2 tasks on the cluster"  # 4 parts in 2 groups
     assert caplog.messages.count(merging) == 2  # not while the cluster starts
 
 
