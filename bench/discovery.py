@@ -7,7 +7,9 @@ Each case runs in a process of its own (so that its peak memory is its own)
 and times ``plan_dataset`` alone: listing the dataset and diffing it
 against an empty output, with no image read. The listing's units write
 their parts (Parquet, pipeline/parts.py) beside the index; the plan's sets
-are parts too, so the client holds a window of units, not the records.
+are parts too, written by the diff's tasks a path range each on the cluster
+(pipeline/diff.py), so the client holds a window of units and a range's
+counts, not the records.
 How the data are made (once, into bench-data/, reused by later runs):
 
 - up to 1 million entries: a folder tree of N empty ``.jpg`` files, 1,000 to

@@ -86,9 +86,10 @@ def clear_plan(work: Path) -> None:
     remove_parts(work)
 
 
-# The plan's folders: the listing's parts, the index in place's manifest,
-# (the diff's: pipeline.diff), what is left to embed after a resume; then
-# what the shards hold, and the manifest (kept and indexed merged).
+# The plan's folders: the listing's parts, the index in place's manifest
+# (then the diff's own: pipeline.diff), what is left to embed after a
+# resume; then what the shards hold, and the manifest (kept and indexed
+# merged).
 LISTING, PREVIOUS, REMAINING = "listing", "previous", "remaining"
 INDEXED, MANIFEST = "indexed", "manifest"
 
