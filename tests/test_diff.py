@@ -313,3 +313,38 @@ def test_a_damaged_manifest_read_on_the_workers_is_one_line(
     )
     assert str(raised.value).endswith("rebuild it with `imgindex build --rebuild`")
     assert "\n" not in str(raised.value)
+
+
+def test_a_tar_manifest_merged_in_ranges_is_the_one_range_manifest(
+    client, tmp_path, photo_sets, monkeypatch, caplog
+):
+    """Tar shards' kept images come in parts each in order, not all of them:
+    merged in path ranges on the workers, a re-run that writes one shard
+    again gives the manifest one range gives."""
+    import shutil
+
+    from pipeline.build import run_build
+    from pipeline.store import MANIFEST_FILE
+    from tests.test_sources import shard_photos, write_shard
+
+    beach = photo_sets["beach"][:24]
+    shard_photos(beach, tmp_path / "shards", 6)
+    pattern = f"{tmp_path}/shards/{{00000..00003}}.tar"
+    one, split = tmp_path / "one", tmp_path / "split"
+    assert run_build(client, pattern, one).indexed == 24
+    shutil.copytree(one, split)  # the same index in place for both
+    write_shard(
+        tmp_path / "shards" / "00001.tar", {p.name: p.read_bytes() for p in beach[6:11]}
+    )
+    again = run_build(client, pattern, one)
+    assert (again.updated, again.removed, again.indexed) == (5, 1, 23)
+    monkeypatch.setattr(parts, "BATCH_ROWS", 2)
+    monkeypatch.setattr(ranges, "ROWS_PER_RANGE", 4)
+    with caplog.at_level(logging.INFO, logger="pipeline.ranges"):
+        assert run_build(client, pattern, split).indexed == 23
+    logged = [m for m in caplog.messages if m.startswith("manifest[shards]:")]
+    assert len(logged) == 1 and int(logged[0].split()[1]) >= 4
+    manifest = (split / "shards" / MANIFEST_FILE).read_bytes()
+    assert manifest == (one / "shards" / MANIFEST_FILE).read_bytes()
+    paths = [json.loads(line)["path"] for line in manifest.splitlines()]
+    assert paths == sorted(paths) and len(paths) == 23
