@@ -1186,8 +1186,10 @@ def _print_duplicates(report, show: int) -> None:
             cos = "     " if p.cosine is None else f"{p.cosine:.3f}"
             bits = " " * 7 if p.hash_distance is None else f"{p.hash_distance:2d} bits"
             corr = " " * 7 if p.correlation is None else f"r {p.correlation:.3f}"
+            shift = " " * 8 if p.shift is None else f"{p.shift:.2f} px"
             click.echo(
-                f"    {cos} {bits} {corr} {p.kind:9} {_shown(p.a)} ~ {_shown(p.b)}"
+                f"    {cos} {bits} {corr} {shift} {p.kind:9} "
+                f"{_shown(p.a)} ~ {_shown(p.b)}"
             )
     if show and len(report.groups) > show:
         click.echo(

@@ -124,6 +124,8 @@ class Pair:
     hash_distance: int | None  # bits; None where an image has no traits
     correlation: float | None  # of the aligned pixels; None: not checked
     kind: str  # "identical" (same bytes), "copy", or "similar" (cosine only)
+    # pixels left between the aligned images (pipeline.geometry.residual_shift)
+    shift: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +134,7 @@ class Pair:
             "cosine": _rounded(self.cosine),
             "hash_distance": self.hash_distance,
             "correlation": _rounded(self.correlation),
+            "shift": _rounded(self.shift),
             "kind": self.kind,
         }
 
@@ -148,6 +151,7 @@ class Edge(NamedTuple):
     cosine: float | None
     hash_distance: int | None
     correlation: float | None = None
+    shift: float | None = None
 
 
 @dataclass(frozen=True)
@@ -556,7 +560,7 @@ def _verified(
             if (edge.cosine or 0.0) >= max(settings.threshold, UNDECIDED_COSINE):
                 kept.append(edge)
         elif found.is_copy:
-            kept.append(edge._replace(correlation=found.correlation))
+            kept.append(edge._replace(correlation=found.correlation, shift=found.shift))
     return kept, undecided
 
 
@@ -703,10 +707,10 @@ def _groups(
     paths = {x: records[x].path for x in parent}
     pairs_of: dict[int, list[Pair]] = {}
     copy_kind = "copy" if settings.criterion == "copy" else "similar"
-    for x, y, cos, dist, corr in edges:
+    for x, y, cos, dist, corr, shift in edges:
         kind = "identical" if (x, y) in identical else copy_kind
         pairs_of.setdefault(root(x), []).append(
-            Pair(paths[x], paths[y], cos, dist, corr, kind)
+            Pair(paths[x], paths[y], cos, dist, corr, kind, shift)
         )
     seen = {(e.a, e.b) for e in edges}
     for x, y in identical:

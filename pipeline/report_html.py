@@ -302,7 +302,7 @@ function figure(path, thumb, caption, keeper) {
   if (caption) cap.append(el("br"), el("span", {class: "muted"}, caption));
   return el("figure", {class: keeper ? "keeper" : "", title: path}, pic, cap);
 }
-function fmt(x, digits) { return x === null ? "" : x.toFixed(digits); }
+function fmt(x, digits) { return x == null ? "" : x.toFixed(digits); }
 function drawGroup(group, number) {
   const box = el("div", {class: "group"});
   const removable = group.members.length - 1;
@@ -316,12 +316,13 @@ function drawGroup(group, number) {
   box.append(row);
   const table = el("table", {}, el("tr", {}, el("th", {}, "a"), el("th", {}, "b"),
     el("th", {}, "cosine"), el("th", {}, "hash bits"), el("th", {}, "aligned r"),
-    el("th", {}, "kind")));
+    el("th", {}, "shift px"), el("th", {}, "kind")));
   for (const p of group.pairs) {
     table.append(el("tr", {}, el("td", {}, p.a), el("td", {}, p.b),
       el("td", {}, fmt(p.cosine, 3)),
       el("td", {}, p.hash_distance === null ? "" : String(p.hash_distance)),
-      el("td", {}, fmt(p.correlation, 3)), el("td", {}, p.kind)));
+      el("td", {}, fmt(p.correlation, 3)), el("td", {}, fmt(p.shift, 2)),
+      el("td", {}, p.kind)));
   }
   const summary = el("summary", {}, `${group.pairs.length} pairs`);
   box.append(el("details", {}, summary, table));

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +167,37 @@ def sibling_views(image: Image.Image) -> tuple[Image.Image, Image.Image]:
     first = image.crop((0, 0, cw, ch))
     second = image.crop((dx, dy, dx + cw, dy + ch))
     return first, ImageEnhance.Brightness(second).enhance(0.9)
+
+
+# Stereo tiles: (width, height) in pixels of scikit-image's 741 x 500 views.
+STEREO_TILES = ((500, 360), (400, 300), (600, 420))
+
+
+def second_shots(
+    left: np.ndarray, right: np.ndarray, disparity: np.ndarray
+) -> Iterator[tuple[str, Image.Image, Image.Image]]:
+    """Pairs of real second shots of one scene from a stereo pair: (name,
+    tile of the left view, tile of the right view).
+
+    Each tile of the right view is shifted by the tile's median disparity,
+    so that the two frame the same part of the scene, as a second shot from
+    a slightly moved camera does: real parallax (near and far things shift
+    against each other) and each its own sensor noise. Not a crop of one
+    photo offset by a few pixels, which would be a copy. Several sizes and
+    places; all of one scene.
+    """
+    disparity = np.where(np.isfinite(disparity), disparity, np.nan)
+    views = Image.fromarray(left), Image.fromarray(right)
+    height, width = left.shape[:2]
+    for tw, th in STEREO_TILES:
+        for x in range(60, width - tw, 60):
+            for y in sorted({0, height - th}):
+                shift = int(round(np.nanmedian(disparity[y : y + th, x : x + tw])))
+                if x - shift < 0:
+                    continue
+                a = views[0].crop((x, y, x + tw, y + th))
+                b = views[1].crop((x - shift, y, x - shift + tw, y + th))
+                yield f"stereo {tw}x{th} at {x},{y}", a, b
 
 
 def write_copy_set(

@@ -116,9 +116,55 @@ def test_copies_are_grouped_and_siblings_kept_apart(copy_set, default_report):
     assert not any(m.path in siblings for g in report.groups for m in g.members)
     copies = [p for g in report.groups for p in g.pairs if p.kind == "copy"]
     assert copies and all(p.correlation >= 0.8 for p in copies)
+    # The shift left once aligned: within the threshold, where measured
+    # (a plain image has too little texture to measure it).
+    assert all(p.shift is None or p.shift <= 0.6 for p in copies)
+    assert sum(p.shift is not None for p in copies) >= 0.9 * len(copies)
+    assert all("shift" in p.to_json() for p in copies)
     # Only blurred.jpg is too plain to match: its pairs are undecided, and
     # not grouped (none of their cosines reaches 0.97).
     assert report.verified >= len(copies) and 0 < report.undecided < 20
+
+
+def _jpeg_features(image: Image.Image):
+    import io
+
+    from pipeline.geometry import image_features
+
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=92)
+    buf.seek(0)
+    return image_features(buf)
+
+
+def test_second_shots_of_a_scene_are_not_copies_copies_are():
+    """Tiles of scikit-image's stereo pair framed on one part of the scene
+    (real second shots: parallax, their own noise) align under a similarity
+    with a correlation that the copy check once took for a copy; the shift
+    left between them (parallax) says they are not. Copies of real photos,
+    every way, keep theirs under the threshold (bench/copy_or_shot.py)."""
+    from pipeline import geometry
+    from pipeline.synthetic import second_shots
+
+    shots = [
+        geometry.align(_jpeg_features(a), _jpeg_features(b))
+        for _, a, b in second_shots(*skdata.stereo_motorcycle())
+    ]
+    assert len(shots) >= 20 and not any(s.is_copy for s in shots)
+    # What decides for half of them is the shift alone.
+    by_shift = [
+        s
+        for s in shots
+        if s.correlation >= geometry.MIN_CORRELATION and s.inside >= 0.9
+    ]
+    assert len(by_shift) >= 8
+    assert all(s.shift > geometry.MAX_SHIFT for s in by_shift)
+    for name in ("astronaut", "coffee", "rocket"):
+        original = _jpeg_features(_photo(name))
+        for how, make in COPY_MAKERS.items():
+            found = geometry.align(original, _jpeg_features(make(_photo(name))))
+            assert found.is_copy, (name, how, found)
+            assert found.shift is not None and found.shift <= geometry.MAX_SHIFT
 
 
 def test_keeper_is_the_largest_then_oldest_and_byte_copies_are_identical(
