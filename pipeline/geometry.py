@@ -126,10 +126,12 @@ def features_of(grey: np.ndarray) -> Features:
 
 def align(a: Features, b: Features) -> Alignment:
     """The best alignment of ``a`` or its mirror image with ``b``, either way
-    round, with its residual shift."""
+    round, with its residual shift where the rest says copy."""
     laid = lay(a, b)
     if laid is None:
         return NO_ALIGNMENT
+    if not laid.alignment.is_copy:  # no copy already: the shift (15 ms) is moot
+        return laid.alignment
     return dataclasses.replace(
         laid.alignment, shift=residual_shift(laid.src, laid.dst, laid.matrix)
     )
