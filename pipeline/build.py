@@ -49,10 +49,9 @@ from pipeline.lookup import rows_in_sorted
 from pipeline.manifest_merge import ManifestInput, merge_manifest
 from pipeline.meta import IndexMeta
 from pipeline.models import ModelCard, get_model
-from pipeline.parts import Part, PartRecords, PartWriter, row_of
+from pipeline.parts import PartRecords, PartWriter, row_of
 from pipeline.plan import (
     INDEXED,
-    KEPT,
     LISTING,
     MANIFEST,
     REMAINING,
@@ -1050,7 +1049,7 @@ class _ShardSink:
             label("merge", name),
         )
         given = ManifestInput(
-            kept=tuple(_parts(plan.kept, self.work / KEPT)),
+            kept=tuple(plan.kept.parts),
             indexed=tuple(indexed),
             # A table's: its rows' other columns.
             metas=tuple(plan.to_embed.parts) if plan.metadata_columns else (),
@@ -1068,15 +1067,6 @@ class _ShardSink:
             f.path: self._failed[f.path] for f in failures if f.path in self._failed
         }
         return manifest, lines, failures, failed_records
-
-
-def _parts(records: Sequence[ImageRecord], folder: Path) -> list[Part]:
-    """``records`` as parts (those of records kept in parts already)."""
-    if isinstance(records, PartRecords):
-        return records.parts
-    writer = PartWriter(folder)
-    writer.extend(sorted(row_of(r) for r in records))
-    return writer.close()
 
 
 class _Progress:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import heapq
 import itertools
 import json
 import os
@@ -35,7 +34,7 @@ import numpy as np
 from pipeline.discover import Failure, ImageRecord
 from pipeline.listing import ListedAgain, distinct_rows
 from pipeline.parts import Part, PartWriter, Row, record_of
-from pipeline.ranges import PathRange, label, map_ranges, path_ranges, rows_in_range
+from pipeline.ranges import PathRange, label, map_ranges, merged_in_range, path_ranges
 
 # The plan's folders this writes: what to embed, what is kept, the ranges'
 # ids.
@@ -109,11 +108,9 @@ def diff_range(given: RangeInput, within: PathRange, work: str) -> RangeDiff:
     found = RangeDiff()
     embed, kept = PartWriter(Path(work, EMBED)), PartWriter(Path(work, KEPT))
     ids = array("q")  # 8 bytes an image
-    old_rows = _Counted(
-        heapq.merge(*(rows_in_range(p, within) for p in given.previous))
-    )
+    old_rows = _Counted(merged_in_range(given.previous, within))
     old = next(old_rows, None)
-    listed = heapq.merge(*(rows_in_range(p, within) for p in given.listing))
+    listed = merged_in_range(given.listing, within)
     # Rows are (path, list row, size, mtime_ns, id, meta): pipeline/parts.py.
     for row in distinct_rows(listed, given.dropped, found.again):
         ids.append(row[4])
@@ -141,7 +138,7 @@ def diff_range(given: RangeInput, within: PathRange, work: str) -> RangeDiff:
     found.old = old_rows.count + sum(1 for _ in old_rows)
     found.embed, found.kept = embed.close(), kept.close()
     ordered = np.sort(np.frombuffer(ids, np.int64))
-    found.twice = np.unique(ordered[1:][ordered[1:] == ordered[:-1]]).tolist()
+    found.twice = _repeated(ordered)
     folder = Path(work, IDS)
     folder.mkdir(exist_ok=True)
     found.ids = str(folder / f"{uuid.uuid4().hex[:12]}.npy")
@@ -172,6 +169,11 @@ def ids_twice(files: Sequence[str], span: tuple[int, int], work: str) -> list[in
         a, b = np.searchsorted(ids, [lo, hi])
         slices.append(np.asarray(ids[a:b]))
     ordered = np.sort(np.concatenate(slices)) if slices else np.empty(0, np.int64)
+    return _repeated(ordered)
+
+
+def _repeated(ordered: np.ndarray) -> list[int]:
+    """The values found more than once in the sorted array ``ordered``."""
     return np.unique(ordered[1:][ordered[1:] == ordered[:-1]]).tolist()
 
 
@@ -189,7 +191,7 @@ class Diff:
     again: list[ListedAgain] = field(default_factory=list)
     metadata: MetadataDigest = field(default_factory=MetadataDigest)
     twice: set[int] = field(default_factory=set)  # ids of two paths or more
-    ranges: list[RangeDiff] = field(default_factory=list)
+    id_files: list[str] = field(default_factory=list)  # a range's ids each
 
     def add(self, found: RangeDiff) -> None:
         self.embed += found.embed
@@ -202,7 +204,7 @@ class Diff:
         self.again += found.again
         self.metadata.merge(found.metadata)
         self.twice.update(found.twice)
-        self.ranges.append(found)
+        self.id_files.append(found.ids)
 
 
 def diff_listing(
@@ -226,7 +228,7 @@ def diff_listing(
     )
     for one in found:
         total.add(one)
-    files = [one.ids for one in total.ranges]
+    files = total.id_files
     if len(files) > 1:
         n = len(files)
         bounds = [_ID_SPACE * k // n for k in range(n + 1)]

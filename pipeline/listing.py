@@ -47,7 +47,7 @@ from pipeline.parts import (
     merge_parts,
     row_of,
 )
-from pipeline.ranges import TOKEN_FILE, compact_parts, ready_client
+from pipeline.ranges import TOKEN_FILE, compact_parts, label, ready_client
 from pipeline.spans import task_label
 
 if TYPE_CHECKING:
@@ -399,7 +399,7 @@ class Lister:
         until at most ``MERGE_FAN_IN`` are left, so that merging them all
         holds a batch of few parts at once."""
         seen = (str(self.folder), self.token)
-        name = f"merge[{self.label}]"
+        name = label("merge", self.label)
         return compact_parts(parts, self.folder, seen, self.cluster, name)
 
     def _client(self):

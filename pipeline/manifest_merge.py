@@ -3,18 +3,17 @@
 The manifest is the images kept from the index in place merged with those
 the new shards hold, each path once. Both are parts (:mod:`pipeline.parts`),
 so the merge splits into path ranges (:mod:`pipeline.ranges`): a task each,
-which writes its range's rows as parts (what the index stage reads) and as the manifest
-file's lines (:func:`pipeline.store.manifest_line`). The client joins the
+which writes its range's rows as parts (what the index stage reads) and as
+the manifest file's lines (:func:`pipeline.store.manifest_line`). The client joins the
 ranges' line files as bytes: it parses no row of the manifest.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from pipeline.parts import (
     union_rows,
     with_meta_of,
 )
-from pipeline.ranges import PathRange, label, map_ranges, path_ranges, rows_in_range
+from pipeline.ranges import PathRange, label, map_ranges, merged_in_range, path_ranges
 from pipeline.store import ManifestLines, manifest_line
 
 
@@ -55,23 +54,19 @@ def manifest_range(
     given: ManifestInput, within: PathRange, folder: str
 ) -> ManifestRange:
     """The manifest's rows in ``within``, written to ``folder``."""
-    indexed: Iterable[Row] = _merged(given.indexed, within)
+    indexed: Iterable[Row] = merged_in_range(given.indexed, within)
     if given.metas:
-        indexed = with_meta_of(indexed, _merged(given.metas, within))
+        indexed = with_meta_of(indexed, merged_in_range(given.metas, within))
     writer = PartWriter(folder)
     lines = Path(folder, f"{uuid.uuid4().hex[:12]}.jsonl")
     with open(lines, "w", encoding="utf-8") as f:
         # The kept row first, as planned (a path is in both only where a
         # resumed run's shard holds it too).
-        for row in union_rows(_merged(given.kept, within), indexed):
+        for row in union_rows(merged_in_range(given.kept, within), indexed):
             writer.add(row)
             meta = None if row[5] is None else json.loads(row[5])
             f.write(manifest_line(record_of(row), meta))
     return ManifestRange(writer.close(), str(lines))
-
-
-def _merged(parts: Iterable[Part], within: PathRange) -> Iterator[Row]:
-    return heapq.merge(*(rows_in_range(p, within) for p in parts))
 
 
 def merge_manifest(

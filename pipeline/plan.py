@@ -45,13 +45,13 @@ from pipeline.textspans import spans
 class Plan:
     """What a build must do: the incremental diff against the index in place.
 
-    ``kept`` and ``to_embed`` are kept in parts on disk (:mod:`pipeline.parts`)
-    for a folder or a file list, in path order (for tar shards ``kept`` is in
-    parts each in order: merge them): millions of them never sit in the
-    client while planning.
+    ``kept`` is kept in parts on disk (:mod:`pipeline.parts`), and so is
+    ``to_embed`` for a folder or a file list, in path order (for tar shards
+    ``kept`` is in parts each in order: merge them): millions of them never
+    sit in the client while planning.
     """
 
-    kept: Sequence[ImageRecord]
+    kept: PartRecords
     to_embed: Sequence[ImageRecord]
     added: int
     updated: int

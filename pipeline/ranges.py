@@ -11,10 +11,11 @@ a cluster's workers, or here.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,11 @@ def rows_in_range(part: Part, within: PathRange) -> Iterator[Row]:
             for row in zip(*(c.to_pylist() for c in batch.columns), strict=True):
                 if row[0] in within:
                     yield row
+
+
+def merged_in_range(parts: Iterable[Part], within: PathRange) -> Iterator[Row]:
+    """The rows of ``parts`` (each sorted) in ``within``, merged in order."""
+    return heapq.merge(*(rows_in_range(p, within) for p in parts))
 
 
 def map_ranges(
