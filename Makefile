@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 # The CPU build of torch, pinned: a bare `torch` pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-fast test-hpc bench lint clean
+.PHONY: demo test test-fast test-hpc bench lint docs clean
 
-# pipeline/__init__.py holds the version: a bump reinstalls the metadata too.
-$(BIN)/imgindex: setup.cfg pyproject.toml pipeline/__init__.py
+# imgindex/__init__.py holds the version: a bump reinstalls the metadata too.
+$(BIN)/imgindex: setup.cfg pyproject.toml imgindex/__init__.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,dev,fast]"
+	$(BIN)/python -m pip install -q -e ".[test,dev,fast,docs]"
 	touch $@
 
 demo: $(BIN)/imgindex
@@ -30,15 +30,20 @@ test-fast: $(BIN)/imgindex
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 # A real one-node SLURM in a loopback-only network namespace (root; installs
-# slurm-wlm and munge if absent): the README's sbatch script and --jobqueue slurm.
+# slurm-wlm and munge if absent): the HPC guide's sbatch script and --jobqueue slurm.
 test-hpc: $(BIN)/imgindex
 	tests/hpc/run.sh
 
 bench: $(BIN)/imgindex
 	$(BIN)/python bench/throughput.py
 
+# Offline, warnings as errors; runs docs/examples/quickstart.ipynb on a LocalCluster.
+docs: $(BIN)/imgindex
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
 lint: $(BIN)/imgindex
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf demo-data demo-index bench-data .pytest_cache
+	rm -rf demo-data demo-index bench-data .pytest_cache docs/_build docs/_generated docs/jupyter_execute

@@ -43,12 +43,12 @@ import sys
 sys.path.insert(0, {here!r})
 import projection_model  # registers bench-projection in the client
 from processes import peak_rss
-from pipeline import build
+from imgindex.pipeline import build
 mode = sys.argv.pop(1)
 if mode == "streamed":  # what a client whose workers cannot see --out does
     run = build.run_builds
     build.run_builds = lambda *a, **k: run(*a, **{{**k, "workers_write": False}})
-from pipeline.cli import cli
+from imgindex.pipeline.cli import cli
 try:
     cli.main(sys.argv[1:], standalone_mode=False)
 finally:

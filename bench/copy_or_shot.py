@@ -71,7 +71,7 @@ def jpeg(image: Image.Image, quality: int = 90) -> io.BytesIO:
 
 
 def grey_at(buf: io.BytesIO, side: int) -> np.ndarray:
-    from pipeline.decode import load_rgb
+    from imgindex.pipeline.decode import load_rgb
 
     buf.seek(0)
     image = load_rgb(buf, side // 2)
@@ -82,7 +82,7 @@ def grey_at(buf: io.BytesIO, side: int) -> np.ndarray:
 
 
 def measure(kind: str, name: str, a_buf, b_buf, side: int) -> Pair:
-    from pipeline import geometry as g
+    from imgindex.pipeline import geometry as g
 
     a = g.features_of(grey_at(a_buf, side))
     b = g.features_of(grey_at(b_buf, side))
@@ -105,7 +105,7 @@ def measure(kind: str, name: str, a_buf, b_buf, side: int) -> Pair:
 def copy_pairs(side: int) -> list[Pair]:
     import skimage.data
 
-    from pipeline.synthetic import COPY_MAKERS
+    from imgindex.pipeline.synthetic import COPY_MAKERS
 
     pairs = []
     for name in PHOTOS:
@@ -121,7 +121,7 @@ def copy_pairs(side: int) -> list[Pair]:
 def shot_pairs(side: int) -> list[Pair]:
     import skimage.data
 
-    from pipeline.synthetic import second_shots
+    from imgindex.pipeline.synthetic import second_shots
 
     return [
         measure("shot", name, jpeg(a, 92), jpeg(b, 92), side)
@@ -173,7 +173,7 @@ def main() -> None:
     print(f"{n_copy} copy pairs, {n_shot} second-shot pairs")
     print(f"copy check of today: {found}/{n_copy} copies found, "
           f"{today}/{n_shot} second shots called copies")  # fmt: skip
-    from pipeline.geometry import MAX_SHIFT
+    from imgindex.pipeline.geometry import MAX_SHIFT
 
     def now(p: Pair) -> bool:
         return p.is_copy_today and (p.shift_p90 is None or p.shift_p90 <= MAX_SHIFT)

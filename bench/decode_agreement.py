@@ -33,10 +33,10 @@ CORES = len(os.sched_getaffinity(0))
 
 def compare_paths(folder: Path, names: list[str], device: str) -> dict:
     """How far the batch decoder's input and traits land from the CPU path's."""
-    from pipeline.batch_decode import BatchDecoder
-    from pipeline.decode import input_and_traits, load_rgb
-    from pipeline.embed import Embedder, ModelSpec
-    from pipeline.traits import hash_distance
+    from imgindex.pipeline.batch_decode import BatchDecoder
+    from imgindex.pipeline.decode import input_and_traits, load_rgb
+    from imgindex.pipeline.embed import Embedder, ModelSpec
+    from imgindex.pipeline.traits import hash_distance
 
     decoder = BatchDecoder(device, threads=CORES)
     batch = decoder.decode(decoder.start_reads(str(folder), names))
@@ -62,8 +62,8 @@ def compare_paths(folder: Path, names: list[str], device: str) -> dict:
 
 def speeds(folder: Path, device: str, batch: int) -> dict[str, float]:
     """Images/s of the batch decoder and of the CPU path on ``folder``'s JPEGs."""
-    from pipeline.batch_decode import BatchDecoder
-    from pipeline.decode import input_and_traits, load_rgb
+    from imgindex.pipeline.batch_decode import BatchDecoder
+    from imgindex.pipeline.decode import input_and_traits, load_rgb
 
     names = sorted(p.name for p in folder.glob("*.jpg"))
     for name in names:  # the page cache, for both
@@ -101,7 +101,7 @@ def _sync(device: str):
 
 def main() -> None:
     from bench.gpu_throughput import ensure_photos
-    from pipeline.synthetic import write_kinds
+    from imgindex.pipeline.synthetic import write_kinds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")

@@ -48,8 +48,8 @@ def host_work_ms(files: list[Path], batch: int = 128) -> dict[str, float]:
     files at a time (their buffers freed after each, as a worker's are)."""
     import torch
 
-    from pipeline.batch_decode import BatchDecoder
-    from pipeline.traits import sample_hash_of
+    from imgindex.pipeline.batch_decode import BatchDecoder
+    from imgindex.pipeline.traits import sample_hash_of
 
     decoder = BatchDecoder("cpu", threads=1)
     for f in files:  # into the page cache: a worker's reads are I/O, not CPU
@@ -85,7 +85,7 @@ def dispatch_ms(folder: Path, n: int, batch: int) -> float:
     import torch
     from PIL import Image
 
-    from pipeline.batch_decode import BatchDecoder
+    from imgindex.pipeline.batch_decode import BatchDecoder
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -111,7 +111,7 @@ def dispatch_ms(folder: Path, n: int, batch: int) -> float:
 
 def cpu_path_rate(files: list[Path], threads: int) -> float:
     """Images/s of the CPU path (decode, crop, traits) on ``threads`` threads."""
-    from pipeline.decode import input_and_traits, load_rgb
+    from imgindex.pipeline.decode import input_and_traits, load_rgb
 
     def one(path: Path):
         return input_and_traits(load_rgb(str(path)), str(path))

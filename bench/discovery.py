@@ -129,7 +129,7 @@ def run_case(dataset: str, on_cluster: bool) -> dict:
     """In this process: plan ``dataset`` and report seconds, entries, RSS."""
     import tempfile
 
-    from pipeline.build import plan_dataset
+    from imgindex.pipeline.build import plan_dataset
 
     client = cluster = None
     if on_cluster:

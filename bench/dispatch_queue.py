@@ -41,7 +41,7 @@ RECORDS_PER_PARTITION = 32
 
 
 def partitions(n: int):
-    from pipeline.discover import ImageRecord
+    from imgindex.pipeline.discover import ImageRecord
 
     def record(i: int) -> ImageRecord:
         site, day, shot = i // 400_000, (i // 4_000) % 100, i % 4_000
@@ -83,11 +83,11 @@ class PeakSampler(threading.Thread):
 def run(work: Path, n: int, seconds: float, windowed: bool) -> dict:
     from distributed import Client
 
-    from cluster.worker import setup_workers
-    from pipeline.cancel import Cancel
-    from pipeline.dispatch import DispatchSettings, PartitionDispatcher
-    from pipeline.embed import ModelSpec
-    from pipeline.errors import BuildCancelled
+    from imgindex.cluster.worker import setup_workers
+    from imgindex.pipeline.cancel import Cancel
+    from imgindex.pipeline.dispatch import DispatchSettings, PartitionDispatcher
+    from imgindex.pipeline.embed import ModelSpec
+    from imgindex.pipeline.errors import BuildCancelled
 
     folder = work / ("window" if windowed else "queue")
     folder.mkdir(parents=True, exist_ok=True)

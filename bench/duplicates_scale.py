@@ -44,8 +44,8 @@ def write_collection(dest: Path, n: int, dim: int, groups: int, seed: int) -> No
     planted groups' paths go to ``<dest>.planted.json`` beside it."""
     from index_scale import mixture
 
-    from pipeline.discover import ImageRecord
-    from pipeline.synthetic import write_vector_index
+    from imgindex.pipeline.discover import ImageRecord
+    from imgindex.pipeline.synthetic import write_vector_index
 
     rng = np.random.default_rng(seed)
     draw = mixture(rng, dim)
@@ -86,8 +86,8 @@ def build_index(dest: str) -> dict:
     """``reindex``: the auto-chosen index, built and tuned on a LocalCluster."""
     from distributed import Client, LocalCluster
 
-    from pipeline.assemble import IndexRequest
-    from pipeline.reindex import reindex
+    from imgindex.pipeline.assemble import IndexRequest
+    from imgindex.pipeline.reindex import reindex
 
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as c,
@@ -107,7 +107,7 @@ def run_duplicates(dest: str) -> dict:
     """``find_duplicates`` as the CLI runs it, in this (measured) process."""
     from distributed import Client, LocalCluster
 
-    from pipeline.duplicates import DuplicateSettings, find_duplicates
+    from imgindex.pipeline.duplicates import DuplicateSettings, find_duplicates
 
     settings = DuplicateSettings(threshold=THRESHOLD, criterion="cosine")
     with (

@@ -7,10 +7,10 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 W=${WORKDIR:-$(mktemp -d)}
-imgindex() { "$PY" -m pipeline.cli "$@"; }
+imgindex() { "$PY" -m imgindex "$@"; }
 
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-"$PY" -m pipeline.synthetic "$W/photos" 400 --max-side 800
+"$PY" -m imgindex.pipeline.synthetic "$W/photos" 400 --max-side 800
 
 echo "== LocalCluster, --device cuda vs --device cpu"
 export DASK_IMGINDEX__LOCAL__N_WORKERS=2
@@ -19,7 +19,7 @@ imgindex build "$W/photos" --out "$W/cpu" --device cpu --json > "$W/cpu.json"
 "$PY" - "$W" <<'PYEOF'
 import json, sys
 import numpy as np
-from pipeline.store import read_index_dir
+from imgindex.pipeline.store import read_index_dir
 w = sys.argv[1]
 for kind in ("cuda", "cpu"):
     d = json.load(open(f"{w}/{kind}.json"))["datasets"][0]

@@ -32,7 +32,7 @@ In one run, on the same JPEGs (20,000 by default, 500-1,500 px, written once):
    the worker's own split (thread-seconds reading, decoding, preparing; the
    model waiting for decoded images; the model).
 
-Prints a table and writes every figure to --report (JSON) for the README.
+Prints a table and writes every figure to --report (JSON) for docs/performance.md.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ CORES = len(os.sched_getaffinity(0))
 
 
 def _write_share(args: tuple[str, int, int, int, int]) -> int:
-    from pipeline.synthetic import write_photos
+    from imgindex.pipeline.synthetic import write_photos
 
     folder, n, seed, min_side, max_side = args
     write_photos(folder, n, seed, min_side, max_side, prefix=f"s{seed:02d}-")
@@ -146,7 +146,7 @@ class Photos:
     def __getitem__(self, i: int):
         import torch
 
-        from pipeline.decode import decode_image
+        from imgindex.pipeline.decode import decode_image
 
         # A writable copy (Pillow's array is read-only): 150 KB, microseconds.
         return torch.from_numpy(np.array(decode_image(self.files[i], 256, 224)))
@@ -158,7 +158,7 @@ class Model:
     def __init__(self, device: str, precision: str):
         import torch
 
-        from pipeline.models import get_model
+        from imgindex.pipeline.models import get_model
 
         self.torch = torch
         self.model = get_model("efficientnet-lite0", device)
@@ -236,7 +236,7 @@ def _jpeg_decoder(device: str, pool):
     else OpenCV in ``pool``; and its name."""
     import torch
 
-    from pipeline.batch_decode import nvjpeg_available
+    from imgindex.pipeline.batch_decode import nvjpeg_available
 
     if device == "cuda" and nvjpeg_available():
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -366,7 +366,7 @@ def model_only(model: Model, batch: int, seconds: float = 5.0) -> float:
 def imgindex_build(
     data: Path, out: Path, scheduler_file: Path, args, batch, decoder: str = "batch"
 ) -> dict:
-    cmd = [sys.executable, "-m", "pipeline.cli", "build", str(data), "--out", str(out)]
+    cmd = [sys.executable, "-m", "imgindex", "build", str(data), "--out", str(out)]
     cmd += ["--scheduler-file", str(scheduler_file), "--device", args.device]
     cmd += ["--decoder", decoder]
     cmd += "--gpu-resource --rebuild --json --index-type flat".split()
@@ -471,7 +471,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     runs = []
-    # One GPU worker, as the README lays out a GPU node.
+    # One GPU worker, as docs/guide/gpus.md lays out a GPU node.
     gpu_worker = "--nthreads 1 --resources GPU=1 --name gpu0".split()
     hidden = {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None
     cluster = DaskProcesses(args.work, gpu_worker, 1, hidden)

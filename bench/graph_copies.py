@@ -6,7 +6,8 @@ vector copied 1,000 times among 2,001 others) through imgindex's own reindex
 (in this process: no cluster), once as imgindex builds it (each distinct
 vector once, pipeline/copies.py) and once with every copy added as a node,
 and prints the recall@10 the build's tuning reached and at which efSearch.
-The README's table "Identical images in a graph" comes from this script.
+The table "Identical images in a graph" (docs/guide/index-types.md) comes
+from this script.
 
     python bench/graph_copies.py
 """
@@ -20,13 +21,13 @@ from pathlib import Path
 import dask.config
 import numpy as np
 
-import pipeline.index_build as index_build
-from pipeline import index as fx
-from pipeline.assemble import IndexRequest
-from pipeline.copies import DistinctAdder
-from pipeline.discover import ImageRecord
-from pipeline.reindex import reindex
-from pipeline.synthetic import write_vector_index
+import imgindex.pipeline.index_build as index_build
+from imgindex.pipeline import index as fx
+from imgindex.pipeline.assemble import IndexRequest
+from imgindex.pipeline.copies import DistinctAdder
+from imgindex.pipeline.discover import ImageRecord
+from imgindex.pipeline.reindex import reindex
+from imgindex.pipeline.synthetic import write_vector_index
 
 DIM = 32
 

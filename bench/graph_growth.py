@@ -31,9 +31,9 @@ PER_SHARD = 10_000
 
 def write_shards(folder: Path, vectors: np.ndarray, first: int) -> tuple[list, list]:
     """Shards of ``vectors`` (images ``first``...), and their records."""
-    from pipeline.discover import ImageRecord
-    from pipeline.embed import ModelSpec
-    from pipeline.shards import read_shard, write_vectors
+    from imgindex.pipeline.discover import ImageRecord
+    from imgindex.pipeline.embed import ModelSpec
+    from imgindex.pipeline.shards import read_shard, write_vectors
 
     spec = ModelSpec.from_config()
     shards, records = [], []
@@ -49,7 +49,7 @@ def write_shards(folder: Path, vectors: np.ndarray, first: int) -> tuple[list, l
 
 
 def timed_build(folder: Path, selection, dim: int, choice, append=None) -> dict:
-    from pipeline.index_build import Runner, build_from_shards
+    from imgindex.pipeline.index_build import Runner, build_from_shards
 
     started = time.perf_counter()
     built = build_from_shards(
@@ -73,10 +73,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
 
-    from pipeline.assemble import select_rows
-    from pipeline.index_build import Append
-    from pipeline.index_policy import choose_index
-    from pipeline.store import INDEX_FILE
+    from imgindex.pipeline.assemble import select_rows
+    from imgindex.pipeline.index_build import Append
+    from imgindex.pipeline.index_policy import choose_index
+    from imgindex.pipeline.store import INDEX_FILE
 
     work = args.work or Path(tempfile.mkdtemp(prefix="graph-growth-"))
     work.mkdir(parents=True, exist_ok=True)

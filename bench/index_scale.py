@@ -38,8 +38,8 @@ PER_TOPIC = 10  # ... each with sub-clusters of uneven size and spread
 
 def write_collection(dest: Path, n: int, dim: int, seed: int = 0) -> None:
     """An index directory of ``n`` vectors in shards, with its manifest and meta."""
-    from pipeline.discover import ImageRecord
-    from pipeline.synthetic import write_vector_index
+    from imgindex.pipeline.discover import ImageRecord
+    from imgindex.pipeline.synthetic import write_vector_index
 
     rng = np.random.default_rng(seed)
     draw = mixture(rng, dim)
@@ -88,9 +88,9 @@ def forget_index(dest: Path) -> None:
     (Reindexing an IVF index of the same kind keeps its trained quantizer:
     a second run of this bench would measure a refill, not a build.)
     """
-    from pipeline.index import build_index
-    from pipeline.meta import IndexMeta
-    from pipeline.store import read_index_dir, write_index_dir
+    from imgindex.pipeline.index import build_index
+    from imgindex.pipeline.meta import IndexMeta
+    from imgindex.pipeline.store import read_index_dir, write_index_dir
 
     stored = read_index_dir(dest)
     stored.close()
@@ -111,10 +111,10 @@ def forget_index(dest: Path) -> None:
 
 def flat_on_client(dest: str) -> dict:
     """The previous design: the client reads every shard into one Flat index."""
-    from pipeline.copies import Copies
-    from pipeline.index import build_index, reserve
-    from pipeline.index_build import _latency
-    from pipeline.shards import iter_shards
+    from imgindex.pipeline.copies import Copies
+    from imgindex.pipeline.index import build_index, reserve
+    from imgindex.pipeline.index_build import _latency
+    from imgindex.pipeline.shards import iter_shards
 
     started = time.perf_counter()
     shards = list(iter_shards(Path(dest) / "shards"))
@@ -141,8 +141,8 @@ def reindex_client(dest: str, scheduler: str) -> dict:
     """``imgindex reindex`` as a user runs it, in this (measured) process."""
     from distributed import Client
 
-    from pipeline.assemble import IndexRequest
-    from pipeline.reindex import reindex
+    from imgindex.pipeline.assemble import IndexRequest
+    from imgindex.pipeline.reindex import reindex
 
     with Client(scheduler) as client:
         started = time.perf_counter()
@@ -162,7 +162,7 @@ def _in_subprocess(fn: str, *args: str) -> dict:
     return run_step(__file__, fn, *args)
 
 
-# The cluster the README projects onto: one common HPC allocation. Change these
+# The cluster docs/performance.md projects onto: one common HPC allocation. Change these
 # (or pass --nodes/--cores/--search-memory) to project onto yours.
 NODES, CORES, SEARCH_MEMORY = 16, 32, 64 << 30
 FS_BYTES_PER_S = 10e9  # aggregate parallel file system read, an assumption
@@ -178,7 +178,7 @@ def project(rows: list[dict], n: int, nodes: int, cores: int, memory: int) -> No
     (add), on these cores. The projected index is what ``auto`` chooses for
     ``n`` under ``memory``; its costs are counted in the same units.
     """
-    from pipeline.index_policy import choose_index
+    from imgindex.pipeline.index_policy import choose_index
 
     ivf = [r for r in rows if r["built"]["index_key"].startswith("IVF")]
     if not ivf:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def vectors(sess, inputs: list[np.ndarray]) -> np.ndarray:
-    from pipeline.embed import normalize_rows
+    from imgindex.pipeline.embed import normalize_rows
 
     out = [sess.run(None, {"pixels": x})[0] for x in inputs]
     return normalize_rows(np.concatenate(out))
@@ -94,8 +94,8 @@ def main() -> None:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from pipeline.embed import Embedder, ModelSpec
-    from pipeline.runtime import onnx_graph, onnx_session
+    from imgindex.pipeline.embed import Embedder, ModelSpec
+    from imgindex.pipeline.runtime import onnx_graph, onnx_session
 
     if args.images is None:
         from bench.throughput import ensure_photos

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.models import LoadedModel, Preprocess, loader
+from imgindex.pipeline.models import LoadedModel, Preprocess, loader
 
 DIM = 1280
 

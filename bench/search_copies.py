@@ -1,4 +1,4 @@
-"""Does a copy find its original? Rank 1 per kind of copy (the README's search notes).
+"""Does a copy find its original? Rank 1 per kind of copy (docs/guide/search.md).
 
 The index: 19 scikit-image photos, two panned views of each
 (pipeline.synthetic.sibling_views) and 300 generated photos. The queries: a
@@ -38,7 +38,7 @@ PHOTOS = (
 def write_set(root: Path) -> None:
     import skimage.data
 
-    from pipeline.synthetic import COPY_MAKERS, sibling_views, write_photos
+    from imgindex.pipeline.synthetic import COPY_MAKERS, sibling_views, write_photos
 
     (root / "index").mkdir(parents=True)
     (root / "queries").mkdir()
@@ -58,7 +58,7 @@ def write_set(root: Path) -> None:
 
 def whole_square(path: Path) -> np.ndarray:
     """The whole image padded to a square, at the model's 224 pixels."""
-    from pipeline.decode import load_rgb
+    from imgindex.pipeline.decode import load_rgb
 
     image = load_rgb(path, 256)
     side = max(image.size)
@@ -68,9 +68,9 @@ def whole_square(path: Path) -> np.ndarray:
 
 
 def main() -> None:
-    from pipeline.decode import decode_image
-    from pipeline.embed import Embedder, ModelSpec
-    from pipeline.search import TURN_PENALTY
+    from imgindex.pipeline.decode import decode_image
+    from imgindex.pipeline.embed import Embedder, ModelSpec
+    from imgindex.pipeline.search import TURN_PENALTY
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("bench-data/search-copies"))

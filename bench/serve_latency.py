@@ -48,9 +48,9 @@ def write_index(dest: Path, photos: list[Path], centres: list[Path], n: int) -> 
     embeddings fill: an HNSW graph over them reaches the photos as it would
     in a real collection, which a cloud of vectors elsewhere would not.
     """
-    from pipeline.discover import ImageRecord
-    from pipeline.embed import Embedder, ModelSpec
-    from pipeline.synthetic import write_vector_index
+    from imgindex.pipeline.discover import ImageRecord
+    from imgindex.pipeline.embed import Embedder, ModelSpec
+    from imgindex.pipeline.synthetic import write_vector_index
 
     embedder = Embedder(ModelSpec.from_config())
 
@@ -91,7 +91,7 @@ def write_index(dest: Path, photos: list[Path], centres: list[Path], n: int) -> 
 
 def reindex(dest: Path, index_type: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "reindex", str(dest), "--json"]
+        [sys.executable, "-m", "imgindex", "reindex", str(dest), "--json"]
         + ["--index-type", index_type],
         capture_output=True,
         text=True,
@@ -141,7 +141,7 @@ class Service:
     def __init__(self, index_root: Path, log: Path):
         self.log = log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "serve", "--index-root"]
+            [sys.executable, "-m", "imgindex", "serve", "--index-root"]
             + [str(index_root), "--port", "0"],
             stderr=subprocess.PIPE,
             text=True,
@@ -230,7 +230,7 @@ def _summary(times: list[float], right: int, wall: float | None = None) -> dict:
 def measure(url: str, index_dir: Path, queries, n: int) -> dict:
     """Reference and API in alternating blocks, so a machine whose speed
     drifts (shared cores) weighs on both alike; then 8 clients, and turns."""
-    from pipeline.search import Searcher
+    from imgindex.pipeline.search import Searcher
 
     searcher = Searcher(index_dir)
     name = index_dir.name
@@ -254,7 +254,7 @@ def measure(url: str, index_dir: Path, queries, n: int) -> dict:
 
 
 def main() -> None:
-    from pipeline.synthetic import write_photos
+    from imgindex.pipeline.synthetic import write_photos
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None)

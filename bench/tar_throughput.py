@@ -48,10 +48,10 @@ def main() -> None:
     n = 300 if args.quick else 1000
     rounds = args.rounds or (2 if args.quick else 3)
 
-    from cluster.connect import connect
-    from cluster.worker import setup_workers
-    from pipeline.build import run_build
-    from pipeline.embed import ModelSpec
+    from imgindex.cluster.connect import connect
+    from imgindex.cluster.worker import setup_workers
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.embed import ModelSpec
 
     data = ensure_photos(ROOT / "bench-data" / f"photos-{n}", n, 300, 1000, 1)
     photos = sorted(data.glob("*.jpg"))

@@ -53,7 +53,7 @@ def ensure_photos(
     folder: Path, n: int, min_side: int, max_side: int, seed: int
 ) -> Path:
     """Generate ``n`` varied JPEGs once; later runs reuse them."""
-    from pipeline.synthetic import write_photos
+    from imgindex.pipeline.synthetic import write_photos
 
     if len(list(folder.glob("*.jpg"))) != n:
         shutil.rmtree(folder, ignore_errors=True)
@@ -114,11 +114,11 @@ def _reference_model(variant: str, threads: int):
     model (pipeline/runtime.py), with ``threads`` intra-op threads."""
     import torch
 
-    from pipeline.models import efficientnet_lite0
+    from imgindex.pipeline.models import efficientnet_lite0
 
     if variant == "onnxruntime":
-        from pipeline.models import get_model
-        from pipeline.runtime import onnx_graph, onnx_session
+        from imgindex.pipeline.models import get_model
+        from imgindex.pipeline.runtime import onnx_graph, onnx_session
 
         graph = onnx_graph(get_model("efficientnet-lite0", "cpu"))
         session = onnx_session(graph, threads)
@@ -193,7 +193,7 @@ def cli_build(
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "imgindex",
         "build",
         str(data),
         "--out",
@@ -282,10 +282,10 @@ class CpuAccount:
 def inprocess_build(data: Path, out: Path, runtime: str = "auto") -> dict:
     """A default LocalCluster build from this process: steady state, memory and
     where the cores' time went."""
-    from cluster.connect import connect
-    from cluster.worker import setup_workers
-    from pipeline.build import run_build
-    from pipeline.embed import ModelSpec
+    from imgindex.cluster.connect import connect
+    from imgindex.cluster.worker import setup_workers
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.embed import ModelSpec
 
     spec = ModelSpec.from_config(runtime=runtime)
     with connect() as conn:
@@ -314,15 +314,15 @@ def check_embeddings(index_dir: Path, data: Path, n: int = 32) -> float:
     """Lowest cosine between indexed vectors and the plain eager model's."""
     import torch
 
-    from pipeline.models import efficientnet_lite0
-    from pipeline.store import read_index_dir
+    from imgindex.pipeline.models import efficientnet_lite0
+    from imgindex.pipeline.store import read_index_dir
 
     stored = read_index_dir(index_dir)
     net = efficientnet_lite0(fold_batchnorm=False)
     worst = 1.0
     with torch.inference_mode():
         for rec in stored.manifest[:n]:
-            from pipeline.decode import decode_image
+            from imgindex.pipeline.decode import decode_image
 
             x = torch.from_numpy(decode_image(data / rec.path).astype(np.float32))
             x = ((x - 127.0) / 128.0).permute(2, 0, 1)[None]
@@ -384,12 +384,12 @@ def many_files(unique: Path, folder: Path, n: int) -> Path:
 def search_bench(tmp: Path, n: int, query_image: Path) -> dict:
     import faiss
 
-    from pipeline.discover import ImageRecord
-    from pipeline.embed import normalize_rows
-    from pipeline.index import build_index
-    from pipeline.meta import IndexMeta
-    from pipeline.search import Searcher
-    from pipeline.store import write_index_dir
+    from imgindex.pipeline.discover import ImageRecord
+    from imgindex.pipeline.embed import normalize_rows
+    from imgindex.pipeline.index import build_index
+    from imgindex.pipeline.meta import IndexMeta
+    from imgindex.pipeline.search import Searcher
+    from imgindex.pipeline.store import write_index_dir
 
     rng = np.random.default_rng(0)
     records = [ImageRecord(f"synthetic/{i:07d}.jpg", 1, 1) for i in range(n)]
@@ -422,7 +422,7 @@ def search_bench(tmp: Path, n: int, query_image: Path) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "imgindex",
         "search",
         str(dest),
         str(query_image),

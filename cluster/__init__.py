@@ -1,3 +1,3 @@
 """Obtaining a Dask cluster for imgindex: remote scheduler or LocalCluster."""
 
-import pipeline as _pipeline  # noqa: F401  (registers the imgindex config defaults)
+import imgindex.pipeline as _pipeline  # noqa: F401  (registers the imgindex config defaults)

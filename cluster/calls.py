@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import seconds_value
+from imgindex.pipeline.config import seconds_value
 
 if TYPE_CHECKING:
     from distributed import Client

@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import config_value, seconds_value
-from pipeline.errors import (
+from imgindex.pipeline.config import config_value, seconds_value
+from imgindex.pipeline.errors import (
     ConfigError,
     InvalidSchedulerAddress,
     SchedulerUnreachable,
@@ -31,8 +31,11 @@ class Connection:
     cluster: Any = None  # the LocalCluster we own, closed with the client
     job_logs: str = ""  # where batch jobs write their logs (--jobqueue)
     most_workers: int = 0
+    owned: bool = True  # False: the caller's client, left open
 
     def close(self) -> None:
+        if not self.owned:
+            return
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
@@ -40,7 +43,7 @@ class Connection:
     def to_json(self) -> dict[str, Any]:
         n = self.n_workers()
         reason = self.reason
-        if self.kind == "remote" and self.cluster is None:
+        if self.kind == "remote" and self.cluster is None and self.owned:
             # Counted now, not at connection: workers may have joined since.
             reason = f"remote {self.address}: {n} worker{'s' if n != 1 else ''}"
         report: dict[str, Any] = {
@@ -178,8 +181,8 @@ def _tls_hint(address: str, problem: str) -> str:
     if address.startswith("tls://") and not cluster_security().tls_client_cert:
         return (
             f"{problem}; a tls:// scheduler needs the client's certificate: set "
-            "distributed.comm.tls.ca-file, .client.cert and .client.key (README, "
-            "'A shared cluster: use TLS')"
+            "distributed.comm.tls.ca-file, .client.cert and .client.key (docs/guide/"
+            "clusters.md, 'A shared cluster: use TLS')"
         )
     return problem
 
@@ -270,6 +273,51 @@ def connect(
     return Connection(client, "remote", address, reason, client.dashboard_link or "")
 
 
+def use_client(client: Any, worker_wait: float | str | None = None) -> Connection:
+    """The caller's own ``distributed.Client`` (a notebook's, dask-jobqueue's,
+    dask-gateway's) as a connection that is used, never closed.
+
+    Raises
+    ------
+    ConfigError
+        If ``client`` is asynchronous or closed.
+    SchedulerUnreachable
+        If its cluster has no worker after ``worker_wait``
+        (default ``imgindex.worker-wait``).
+    """
+    if getattr(client, "asynchronous", False):
+        raise ConfigError(
+            "client is asynchronous; imgindex needs a synchronous "
+            "distributed.Client (Client(..., asynchronous=False))"
+        )
+    if client.status != "running":
+        raise ConfigError(f"client is {client.status}; pass a running Client")
+    worker_wait = seconds_value(worker_wait, "imgindex.worker-wait")
+    address = client.scheduler.address
+    n = len(client.scheduler_info(n_workers=-1)["workers"])
+    if n == 0:
+        logger.warning(
+            "the client's scheduler %s has no workers; waiting up to %g s",
+            address,
+            worker_wait,
+        )
+        try:
+            client.wait_for_workers(1, timeout=worker_wait)
+        except TimeoutError:
+            raise SchedulerUnreachable(
+                f"the client's scheduler {address} has no workers after "
+                f"{worker_wait:g} s; start some (cluster.scale(n), `dask worker`)"
+            ) from None
+        n = len(client.scheduler_info(n_workers=-1)["workers"])
+    from distributed import LocalCluster
+
+    kind = "local" if isinstance(client.cluster, LocalCluster) else "remote"
+    reason = f"the caller's client, {address}: {n} worker{'s' if n != 1 else ''}"
+    return Connection(
+        client, kind, address, reason, client.dashboard_link or "", owned=False
+    )
+
+
 def _fall_back(
     problem: str, target: Target, fallback: bool, strict_by_user: bool = True
 ) -> Connection:
@@ -308,7 +356,7 @@ def start_local_early(
     if config_value(None, "imgindex.local.start-method") == "forkserver":
         import atexit
 
-        from cluster.forkserver import start_forkserver, stop_forkserver
+        from imgindex.cluster.forkserver import start_forkserver, stop_forkserver
 
         start_forkserver()
         atexit.unregister(stop_forkserver)  # once, however many builds
@@ -329,7 +377,7 @@ def start_local(reason: str) -> Connection:
     """
     import dask.config
 
-    from cluster.forkserver import start_forkserver
+    from imgindex.cluster.forkserver import start_forkserver
 
     method = str(config_value(None, "imgindex.local.start-method"))
     if method not in ("forkserver", "spawn"):
@@ -340,8 +388,8 @@ def start_local(reason: str) -> Connection:
         start_forkserver()  # before distributed is imported here
     from distributed import Client, LocalCluster
 
-    from cluster.credentials import temporary_security
-    from cluster.dashboard import LazyDashboard
+    from imgindex.cluster.credentials import temporary_security
+    from imgindex.cluster.dashboard import LazyDashboard
 
     n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
     dashboard_address = config_value(None, "imgindex.local.dashboard-address")
@@ -360,7 +408,7 @@ def start_local(reason: str) -> Connection:
             # Loaded when first opened (cluster/dashboard.py): most small
             # builds end unwatched, and loading it delays their first task.
             scheduler_kwargs={"dashboard": False},
-            preload=["cluster.local_worker"],
+            preload=["imgindex.cluster.local_worker"],
             security=temporary_security(),
         )
     if dashboard_address is not None:

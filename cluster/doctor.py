@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cluster.environment import problems, survey
-from pipeline.embed import Embedder, ModelSpec, model_threads
+from imgindex.cluster.environment import problems, survey
+from imgindex.pipeline.embed import Embedder, ModelSpec, model_threads
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -26,7 +26,7 @@ def probe_embedding(spec: ModelSpec) -> dict[str, Any]:
     also the device and its memory; and how far the chosen precision lands
     from fp32.
     """
-    from pipeline.synthetic import synthetic_photo
+    from imgindex.pipeline.synthetic import synthetic_photo
 
     started = time.perf_counter()
     embedder = Embedder(spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import WorkerEnvironmentError
+from imgindex.pipeline.errors import WorkerEnvironmentError
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -54,9 +54,9 @@ def _versions_fn():
             except PackageNotFoundError:
                 out[dist] = None
         try:
-            import cluster  # noqa: F401
-            import pipeline.embed  # noqa: F401
-            from pipeline import __version__
+            import imgindex.cluster  # noqa: F401
+            import imgindex.pipeline.embed  # noqa: F401
+            from imgindex import __version__
 
             out["imgindex"] = __version__
         except ImportError as e:
@@ -73,7 +73,7 @@ def survey(client: Client, timeout: float | None = None) -> dict[str, dict[str, 
     A worker that does not answer within ``timeout`` (``imgindex.call-timeout``)
     is marked ``"unresponsive"`` instead of being waited on.
     """
-    from cluster.calls import Unresponsive, run_on_each
+    from imgindex.cluster.calls import Unresponsive, run_on_each
 
     probe = _versions_fn()
     found = {"client": probe()}

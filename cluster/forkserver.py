@@ -21,9 +21,14 @@ from collections.abc import Iterator
 FORKSERVER_MODULES = (
     *("distributed", "dask", "msgpack", "cloudpickle", "tornado", "toolz"),
     *("numpy", "pandas", "lz4"),
-    *("pipeline.embed", "pipeline.shards", "cluster.worker", "onnxruntime"),
+    *(
+        "imgindex.pipeline.embed",
+        "imgindex.pipeline.shards",
+        "imgindex.cluster.worker",
+        "onnxruntime",
+    ),
     "faiss",
-    "cluster.forkserver_exit",  # last: see there
+    "imgindex.cluster.forkserver_exit",  # last: see there
 )
 
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import dask.config
 
-from cluster.connect import Connection
-from pipeline.config import config_value, seconds_value
-from pipeline.errors import ImgindexError, SchedulerUnreachable
+from imgindex.cluster.connect import Connection
+from imgindex.pipeline.config import config_value, seconds_value
+from imgindex.pipeline.errors import ImgindexError, SchedulerUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def make_jobqueue_cluster(
         raise ImgindexError(
             f"dask-jobqueue cannot describe {system} jobs without their size: set "
             f"jobqueue.{system}.cores and jobqueue.{system}.memory in "
-            "~/.config/dask/jobqueue.yaml (README, 'Requesting nodes from a batch "
-            "system')"
+            "~/.config/dask/jobqueue.yaml (docs/guide/hpc.md, 'Requesting nodes from a "
+            "batch system')"
         )
     # The user's own scheduler options (jobqueue.yaml) win over our default.
     options = dict(dask.config.get(f"jobqueue.{system}.scheduler-options", {}) or {})

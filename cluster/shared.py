@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.calls import run_on_each
+from imgindex.cluster.calls import run_on_each
 
 if TYPE_CHECKING:
     from distributed import Client

@@ -12,9 +12,9 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.embed import Embedder, ModelSpec, set_model_threads
-from pipeline.errors import ModelUnavailable, WorkerEnvironmentError
-from pipeline.models import ModelCard, loaded_card
+from imgindex.pipeline.embed import Embedder, ModelSpec, set_model_threads
+from imgindex.pipeline.errors import ModelUnavailable, WorkerEnvironmentError
+from imgindex.pipeline.models import ModelCard, loaded_card
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +135,9 @@ def setup_workers(
     WorkerEnvironmentError
         If a worker lacks imgindex or runs incompatible package versions.
     """
-    from cluster.calls import register_worker_plugin
-    from cluster.environment import ensure_compatible
-    from pipeline.config import config_value
+    from imgindex.cluster.calls import register_worker_plugin
+    from imgindex.cluster.environment import ensure_compatible
+    from imgindex.pipeline.config import config_value
 
     ensure_compatible(client)
     threads = int(config_value(torch_threads, "imgindex.torch-threads"))
@@ -150,7 +150,7 @@ def setup_workers(
             "on first use there"
         )
     if wait_for_models:
-        from cluster.calls import call_timeout, run_on_each
+        from imgindex.cluster.calls import call_timeout, run_on_each
 
         workers = list(client.scheduler_info(n_workers=-1)["workers"])
         # Each answers before the client's deadline: none is cancelled.
@@ -173,7 +173,7 @@ def card_from_workers(client: Any, spec: ModelSpec) -> ModelCard | None:
         preprocessing (different versions of its package). One that loads
         another copy later is refused by the build, at its first shard.
     """
-    from cluster.calls import call_timeout, run_on_each
+    from imgindex.cluster.calls import call_timeout, run_on_each
 
     asking = list(client.scheduler_info(n_workers=-1)["workers"])
     deadline = time.monotonic() + call_timeout()

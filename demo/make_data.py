@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.synthetic import write_photos
+from imgindex.pipeline.synthetic import write_photos
 
 # scikit-image ships these photos in its wheel (others would need a download).
 PHOTOS = [

@@ -1,5 +1,3 @@
-"""imgindex: FAISS similarity indexes over image collections, embedded on Dask."""
+"""The data path: discover, decode, embed, index, store, search."""
 
-__version__ = "0.4.0"
-
-from pipeline import config as _config  # noqa: E402,F401  (registers imgindex defaults)
+from imgindex.pipeline import config as _config  # noqa: F401  (registers imgindex defaults)

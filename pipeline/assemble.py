@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__
-from pipeline.config import config_value
-from pipeline.discover import ImageRecord
-from pipeline.errors import BuildFailed, IndexDirError
-from pipeline.index_build import (
+from imgindex import __version__
+from imgindex.pipeline.config import config_value
+from imgindex.pipeline.discover import ImageRecord
+from imgindex.pipeline.errors import BuildFailed, IndexDirError
+from imgindex.pipeline.index_build import (
     Append,
     BuiltIndex,
     IndexSettings,
@@ -28,12 +28,12 @@ from pipeline.index_build import (
     ShardRows,
     build_from_shards,
 )
-from pipeline.index_policy import KINDS, IndexChoice, Thresholds, choose_index
-from pipeline.lookup import rows_in_sorted
-from pipeline.meta import IndexMeta
-from pipeline.plan import Plan
-from pipeline.shards import INDEX_WORK, Shard, clear_index_work
-from pipeline.store import INDEX_FILE, StoredIndex
+from imgindex.pipeline.index_policy import KINDS, IndexChoice, Thresholds, choose_index
+from imgindex.pipeline.lookup import rows_in_sorted
+from imgindex.pipeline.meta import IndexMeta
+from imgindex.pipeline.plan import Plan
+from imgindex.pipeline.shards import INDEX_WORK, Shard, clear_index_work
+from imgindex.pipeline.store import INDEX_FILE, StoredIndex
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class IndexRequest:
             on_disk=self.on_disk,
         )
         if choice.kind == "custom":
-            from pipeline.index import new_index
+            from imgindex.pipeline.index import new_index
 
             new_index(choice.key, dim)  # raises for a string FAISS cannot parse
         return choice
@@ -354,7 +354,7 @@ def run_index_build(
             f"{e}; rebuild the index with `imgindex build --rebuild`"
         ) from None
     except RuntimeError as e:  # FAISS refused (too few vectors for the lists...)
-        from pipeline.index import faiss_reason
+        from imgindex.pipeline.index import faiss_reason
 
         raise BuildFailed(
             f"FAISS could not build {choice.key!r}: {faiss_reason(e)}; choose "

@@ -30,14 +30,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.decode import input_and_traits, load_rgb
-from pipeline.discover import Failure
-from pipeline.errors import DecodeError
-from pipeline.feed import Batch, chunked, decode_pool
-from pipeline.jpeg import JpegHeader, read_header
-from pipeline.resample import BOX, draft_scale, grey, reduce_blocks, resample_spans
-from pipeline.sources import Reader, Source, as_source, read_file
-from pipeline.traits import (
+from imgindex.pipeline.decode import input_and_traits, load_rgb
+from imgindex.pipeline.discover import Failure
+from imgindex.pipeline.errors import DecodeError
+from imgindex.pipeline.feed import Batch, chunked, decode_pool
+from imgindex.pipeline.jpeg import JpegHeader, read_header
+from imgindex.pipeline.resample import (
+    BOX,
+    draft_scale,
+    grey,
+    reduce_blocks,
+    resample_spans,
+)
+from imgindex.pipeline.sources import Reader, Source, as_source, read_file
+from imgindex.pipeline.traits import (
     TRAITS,
     grey_input,
     laplacian_variance,

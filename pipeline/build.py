@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from pipeline import __version__
-from pipeline.assemble import (
+from imgindex import __version__
+from imgindex.pipeline.assemble import (
     IndexRequest,
     decide,
     index_in_place,
@@ -29,12 +29,12 @@ from pipeline.assemble import (
     run_index_build,
     select_rows,
 )
-from pipeline.cancel import Cancel
-from pipeline.config import config_value, count_or_auto, seconds_value
-from pipeline.discover import Failure, ImageRecord, image_id
-from pipeline.dispatch import DispatchSettings, PartitionDispatcher
-from pipeline.embed import ModelSpec, PartitionResult
-from pipeline.errors import (
+from imgindex.pipeline.cancel import Cancel
+from imgindex.pipeline.config import config_value, count_or_auto, seconds_value
+from imgindex.pipeline.discover import Failure, ImageRecord, image_id
+from imgindex.pipeline.dispatch import DispatchSettings, PartitionDispatcher
+from imgindex.pipeline.embed import ModelSpec, PartitionResult
+from imgindex.pipeline.errors import (
     BuildCancelled,
     BuildFailed,
     ImgindexError,
@@ -42,15 +42,15 @@ from pipeline.errors import (
     IndexLocked,
     error_text,
 )
-from pipeline.index import reconstruct
-from pipeline.index_build import Runner, StepCallback
-from pipeline.lock import lock_index
-from pipeline.lookup import rows_in_sorted
-from pipeline.manifest_merge import ManifestInput, merge_manifest
-from pipeline.meta import IndexMeta
-from pipeline.models import ModelCard, get_model
-from pipeline.parts import PartRecords, PartWriter, row_of
-from pipeline.plan import (
+from imgindex.pipeline.index import reconstruct
+from imgindex.pipeline.index_build import Runner, StepCallback
+from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.lookup import rows_in_sorted
+from imgindex.pipeline.manifest_merge import ManifestInput, merge_manifest
+from imgindex.pipeline.meta import IndexMeta
+from imgindex.pipeline.models import ModelCard, get_model
+from imgindex.pipeline.parts import PartRecords, PartWriter, row_of
+from imgindex.pipeline.plan import (
     INDEXED,
     LISTING,
     MANIFEST,
@@ -60,8 +60,8 @@ from pipeline.plan import (
     plan_build,
     plan_dir,
 )
-from pipeline.ranges import compact_parts, label
-from pipeline.shards import (
+from imgindex.pipeline.ranges import compact_parts, label
+from imgindex.pipeline.shards import (
     Shard,
     ShardFiles,
     clear_staging,
@@ -74,9 +74,9 @@ from pipeline.shards import (
     write_shard,
     write_vectors,
 )
-from pipeline.sources import Source, parse_source
-from pipeline.spans import BuildSpan
-from pipeline.store import (
+from imgindex.pipeline.sources import Source, parse_source
+from imgindex.pipeline.spans import BuildSpan
+from imgindex.pipeline.store import (
     INDEX_FILE,
     SHARDS_DIR,
     ManifestLines,
@@ -236,7 +236,7 @@ def model_card(client: Client, spec: ModelSpec) -> ModelCard:
     ------
     ModelUnavailable, WorkerEnvironmentError
     """
-    from cluster.worker import card_from_workers
+    from imgindex.cluster.worker import card_from_workers
 
     card = card_from_workers(client, spec)
     if card is None:

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import BuildCancelled
+from imgindex.pipeline.errors import BuildCancelled
 
 if TYPE_CHECKING:
     from distributed import Client

@@ -13,27 +13,27 @@ import logging
 import os
 import sys
 import time
-import uuid
-from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
+from imgindex.feedback import ProgressBars, TerminalFeedback, shown
+
 if TYPE_CHECKING:
-    from pipeline.sources import Source
+    pass
 
 
 class _ImgindexGroup(click.Group):
     """Turn library errors into one ``Error: ...`` line instead of a traceback."""
 
     def invoke(self, ctx):
-        from pipeline.errors import ImgindexError
+        from imgindex.pipeline.errors import ImgindexError
 
         try:
             return super().invoke(ctx)
         except ImgindexError as e:
-            raise click.ClickException(_shown(str(e))) from None
+            raise click.ClickException(shown(str(e))) from None
         except KeyboardInterrupt as e:
             raise Interrupted(str(e) or "SIGINT") from None
         except BrokenPipeError:
@@ -44,9 +44,9 @@ class _ImgindexGroup(click.Group):
         except OSError as e:
             # The last resort (disk full, a vanished folder): the file and the
             # system's words, not a traceback.
-            from pipeline.errors import error_text
+            from imgindex.pipeline.errors import error_text
 
-            raise click.ClickException(_shown(error_text(e))) from None
+            raise click.ClickException(shown(error_text(e))) from None
 
 
 class Interrupted(click.ClickException):
@@ -100,11 +100,10 @@ def _configure_logging(verbose: int) -> None:
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("pipeline", "cluster"):
-        log = logging.getLogger(name)
-        log.setLevel(level)
-        log.handlers = [handler]  # replace, so repeated in-process runs don't stack
-        log.propagate = False
+    log = logging.getLogger("imgindex")
+    log.setLevel(level)
+    log.handlers = [handler]  # replace, so repeated in-process runs don't stack
+    log.propagate = False
     if verbose < 2:
         # Dask's start-up chatter would bury our output. distributed is not
         # imported yet, so this reaches its logging set-up; worker processes
@@ -131,7 +130,7 @@ def _shorten_distributed_logs() -> None:
 
     Its handlers exist once distributed is imported; ``-vv`` keeps tracebacks.
     """
-    if logging.getLogger("pipeline").getEffectiveLevel() <= logging.DEBUG:
+    if logging.getLogger("imgindex").getEffectiveLevel() <= logging.DEBUG:
         return
     import distributed  # noqa: F401  (sets up its logging handlers)
 
@@ -187,53 +186,6 @@ def _index_options(f):
         help="auto | flat | hnsw | ivf-flat | ivf-pq | a FAISS factory string "
         "[imgindex.index.type].",
     )(f)
-
-
-def _check_index_type(request, dim: int) -> None:
-    """A factory string FAISS cannot build is refused before any work is done."""
-    try:
-        request.choose(1_000_000, dim)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--index-type") from None
-
-
-def _index_request(index_type, max_index_memory, recall_target):
-    """The index request, or one line naming the bad option (before any cluster)."""
-    from pipeline.assemble import IndexRequest
-
-    try:
-        return IndexRequest.from_config(index_type, max_index_memory, recall_target)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-
-
-def _model_spec(model, device, batch_size, decode_threads, precision, runtime, decoder):
-    """The model flags of build and doctor as a spec; a bad value is a usage error."""
-    from pipeline.embed import ModelSpec
-
-    try:
-        return ModelSpec.from_config(
-            model, device, batch_size, decode_threads, precision, runtime, decoder
-        )
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-
-
-def _check_runtime(runtime: str) -> None:
-    """--runtime onnxruntime where this environment has none: say so before any
-    cluster starts (its workers would each fail the same way)."""
-    if runtime != "onnxruntime":
-        return
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        from pipeline.runtime import INSTALL_HINT
-
-        raise click.BadParameter(
-            f"onnxruntime is not installed here ({INSTALL_HINT}); or use "
-            "--runtime auto, which falls back to torch",
-            param_hint="--runtime",
-        ) from None
 
 
 def _model_options(f):
@@ -307,14 +259,14 @@ def _connect(
     out: Path | None = None,
     strict_by_user: bool = True,
 ):
-    from cluster.connect import connect
-    from pipeline.config import config_value
+    from imgindex.cluster.connect import connect
+    from imgindex.pipeline.config import config_value
 
     _check_scheduler_options(scheduler, scheduler_file)
     _shorten_distributed_logs()
     system = config_value(jobqueue, "imgindex.jobqueue.system")
     if system and not (scheduler or scheduler_file):
-        from cluster.jobqueue import start_jobqueue
+        from imgindex.cluster.jobqueue import start_jobqueue
 
         gpu = bool(config_value(gpu_resource, "imgindex.gpu-resource"))
         return start_jobqueue(
@@ -461,344 +413,101 @@ def build(
     A DATASET is a folder of images, a file list, tar shards, or an fsspec
     URL of one (s3://bucket/photos/, https://host/list.txt).
     """
-    from cluster.connect import start_local_early
+    from imgindex.cluster.connect import start_local_early
 
     started = time.perf_counter()
     _check_scheduler_options(scheduler, scheduler_file)
     start_local_early(scheduler, scheduler_file, jobqueue)
-    from pipeline.background import Background
-    from pipeline.build import StageTimer, no_cluster, plan_datasets, run_builds
-    from pipeline.config import count_or_auto
-    from pipeline.errors import ImgindexError
-    from pipeline.models import check_model_name, get_model
-    from pipeline.progress import ProgressFile
+    from imgindex.building import check_build, run_build
+    from imgindex.pipeline.progress import ProgressFile
 
-    _check_duration(task_timeout, "--task-timeout", "imgindex.task-timeout")
-    _check_duration(worker_wait, "--worker-wait", "imgindex.worker-wait")
-    spec = _model_spec(
-        model, device, batch_size, decode_threads, precision, runtime, decoder
-    )
-    _check_runtime(spec.runtime)
-    try:
-        count_or_auto(partition_size, "imgindex.partition-size")  # a bad value, now
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    request = _index_request(index_type, max_index_memory, recall_target)
-    roots = _check_datasets(datasets, name, input_format, path_column)
-    names = [name] if name else [r.name for r in roots]
-    _check_writable(out)
-    check_model_name(spec.name)  # an unknown model: one line, before any cluster
-    if request.factory_string:
-        # Whether FAISS can build it depends on the dim: only then is the model
-        # loaded here; otherwise the workers report it (saves 2-3 s and the
-        # client's copy of torch).
-        _check_index_type(request, get_model(spec.name, "cpu").dim)
-    tracker = ProgressFile(progress_file, names) if progress_file else None
-    named_datasets = list(zip(roots, names, strict=True))
-    # Where a build's fixed cost goes, beside each dataset's own stages.
-    stages = StageTimer(checks=round(time.perf_counter() - started, 3))
+    with _options_as_click_errors():
+        request = check_build(
+            datasets,
+            out,
+            name=name,
+            input_format=input_format,
+            path_column=path_column,
+            model=model,
+            device=device,
+            batch_size=batch_size,
+            decode_threads=decode_threads,
+            decoder=decoder,
+            precision=precision,
+            runtime=runtime,
+            index_type=index_type,
+            max_index_memory=max_index_memory,
+            recall_target=recall_target,
+            partition_size=partition_size,
+            retries=retries,
+            task_timeout=task_timeout,
+            worker_wait=worker_wait,
+            gpu_resource=gpu_resource,
+            rebuild=rebuild,
+        )
+    tracker = ProgressFile(progress_file, request.names) if progress_file else None
+
+    def connect():
+        return _connect(
+            scheduler,
+            scheduler_file,
+            no_fallback,
+            jobqueue,
+            jobs,
+            gpu_resource,
+            worker_wait,
+            out.resolve(),
+        )
 
     try:
-        with contextlib.ExitStack() as held:
-            # Each index is locked and its dataset planned while the cluster
-            # starts; a re-run that finds nothing to do starts none. A large
-            # dataset's listing moves to the workers once they are there.
-            cluster_ready: Future = Future()
-            held.callback(_settle, cluster_ready)
-            planning = Background(
-                plan_datasets,
-                named_datasets,
-                out,
-                spec=spec,
-                rebuild=rebuild,
-                index=request,
-                cluster=cluster_ready,
-            )
-            held.callback(_release_planned, planning)
-            conn, blind = None, []
-            with stages("plan"):
-                cluster_needed = _cluster_needed(planning)
-            if cluster_needed:
-                with stages("cluster"):
-                    conn = held.enter_context(
-                        _connect(
-                            scheduler,
-                            scheduler_file,
-                            no_fallback,
-                            jobqueue,
-                            jobs,
-                            gpu_resource,
-                            worker_wait,
-                            out.resolve(),
-                        )
-                    )
-                    _settle(cluster_ready, conn.client)
-                with stages("workers"):
-                    blind = _start_workers(conn, spec, out, tracker)
-            _settle(cluster_ready)
-            with stages("plan"):  # what of it the cluster's start did not cover
-                planned = planning.result()
-            if conn is None:
-                cluster_json = no_cluster(planned)
-                click.echo(f"cluster: {cluster_json['reason']}", err=True)
-                if tracker:
-                    tracker.set_cluster(cluster_json)
-            with stages("builds"):
-                summaries, errors = run_builds(
-                    conn.client if conn else None,
-                    named_datasets,
-                    out,
-                    lambda index_name: _ProgressBar(index_name, tracker),
-                    build_id=uuid.uuid4().hex[:6],
-                    planned=planned,
-                    spec=spec,
-                    partition_size=partition_size,
-                    retries=retries,
-                    task_timeout=task_timeout,
-                    gpu_resource=gpu_resource,
-                    workers_write=not blind,
-                    index=request,
-                )
-            if conn is not None:
-                cluster_json = conn.to_json()
-            closing = time.perf_counter()
-        stages["close"] = round(time.perf_counter() - closing, 3)
+        report, errors = run_build(request, connect, TerminalFeedback(tracker), started)
     except KeyboardInterrupt as e:
-        signame = str(e) or "SIGINT"
-        if tracker:
-            tracker.finish(error=f"interrupted by {signame}", state="interrupted")
         raise Interrupted(
-            signame,
+            str(e) or "SIGINT",
             "; finished partitions were saved: run the same command again to resume",
         ) from None
-    except ImgindexError as e:
-        if tracker:
-            tracker.finish(error=str(e))
-        raise
-    if tracker:
-        tracker.finish()
-    report = {
-        "cluster": cluster_json,
-        "datasets": summaries,
-        "seconds": round(time.perf_counter() - started, 3),
-        "stage_seconds": dict(stages),
-    }
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         _print_build_report(report)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise click.ClickException(_shown(errors[0]) + more)
+        raise click.ClickException(shown(errors[0]) + more)
 
 
-def _check_duration(value, option: str, key: str) -> None:
-    """Reject a malformed duration before any cluster is started."""
-    from pipeline.config import seconds_value
-
-    try:
-        seconds_value(value, key)
-    except (ValueError, KeyError, TypeError):
-        raise click.BadParameter(
-            f"{value!r} is not a duration; give seconds or a unit, e.g. 300s or 5m",
-            param_hint=option,
-        ) from None
-
-
-def _check_datasets(
-    datasets,
-    name: str | None = None,
-    input_format: str = "auto",
-    path_column: str | None = None,
-) -> list[Source]:
-    from pipeline.discover import has_images
-    from pipeline.errors import ImgindexError
-    from pipeline.sources import parse_source
-
-    if name is not None:
-        if len(datasets) > 1:
-            raise click.BadParameter(
-                "--name names one index; build the datasets one at a time",
-                param_hint="--name",
-            )
-        if not name or name in (".", "..") or "/" in name or name.startswith("."):
-            raise click.BadParameter(
-                f"{name!r} cannot be a folder name under --out", param_hint="--name"
-            )
-
-    sources = [parse_source(d, input_format, path_column) for d in datasets]
-    for source in sources:
-        if source.kind == "folder" and not source.remote:
-            if not has_images(source.base):
-                raise ImgindexError(
-                    f"dataset folder {source.spec!r} contains no image files"
-                )
-    names = [s.name for s in sources]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise click.BadParameter(
-            f"two datasets share the name {dupes[0]!r}, so their indexes "
-            "would collide under --out; build them one at a time with --name",
-            param_hint="DATASETS",
-        )
-    return sources
-
-
-# A small collection is planned in less: a re-run that finds every index
-# current then starts no cluster at all. A larger one starts the cluster
-# while its discovery goes on.
-PLAN_ALONE_SECONDS = 0.5
-
-
-def _cluster_needed(planning) -> bool:
-    """False only where planning finished in PLAN_ALONE_SECONDS and found
-    nothing for workers to do."""
-    from pipeline.build import needs_cluster
+@contextlib.contextmanager
+def _options_as_click_errors():
+    """An option's bad value as Click shows one: naming the flag, exit 2."""
+    from imgindex.building import OptionError
 
     try:
-        planned = planning.result(timeout=PLAN_ALONE_SECONDS)
-    except TimeoutError:
-        return True
-    return needs_cluster(planned)
-
-
-def _settle(future: Future, value=None) -> None:
-    """Give ``future`` its value unless it has one (planning waits on none)."""
-    if not future.done():
-        future.set_result(value)
-
-
-def _release_planned(planning) -> None:
-    """Unlock what planning locked (the builds release theirs as they end)."""
-    from pipeline.build import PlannedBuild
-
-    if not planning.done():
-        return  # interrupted mid-discovery: its locks go with the process
-    try:
-        planned = planning.result()
-    except BaseException:
-        return  # it released its own locks
-    for p in planned:
-        if isinstance(p, PlannedBuild):
-            p.close()
-
-
-def _start_workers(conn, spec, out: Path, tracker) -> list[str]:
-    """Say which cluster this is, set its workers up; the workers that cannot
-    write to ``out`` (their vectors then travel to the client)."""
-    from cluster.shared import workers_without
-    from cluster.worker import setup_workers
-
-    click.echo(f"cluster: {conn.reason}", err=True)
-    if conn.dashboard:
-        click.echo(f"dashboard: {conn.dashboard}", err=True)
-    if conn.job_logs:
-        click.echo(f"job logs: {conn.job_logs}", err=True)
-    if tracker:
-        tracker.set_cluster(conn.to_json())
-    setup_workers(conn.client, spec)
-    blind = workers_without(conn.client, out.resolve())
-    if blind:
-        click.echo(
-            f"vectors: streamed to the client: {len(blind)} worker(s) cannot "
-            f"write to {_shown(str(out))} (no shared file system?), e.g. "
-            f"{blind[0]}",
-            err=True,
-        )
-    return blind
-
-
-class _ProgressBar:
-    """Bars on stderr (embedding, then each index stage) and the progress file."""
-
-    def __init__(self, label: str, tracker):
-        from pipeline.progress import DatasetProgress
-
-        self.label = label
-        self.tracker = DatasetProgress(tracker, label) if tracker else None
-        self.bar = None
-        self.shown = 0
-        self.stage: str | None = None
-
-    def update(self, done: int, total: int, failed: int) -> None:
-        if self.bar is None:
-            self._open(self.label, total)
-        self.bar.length = max(total, 1)  # tar shards: an estimate that improves
-        self.bar.update(done - self.shown)
-        self.shown = done
-        if self.tracker:
-            self.tracker.update(done, total, failed)
-
-    def index_step(self, stage: str, done: int, total: int) -> None:
-        """One bar per index stage: training can take minutes after the last image."""
-        from pipeline.index_build import STEP_NAMES
-
-        if stage != self.stage:
-            self._close_bar()
-            self.stage = stage
-            self._open(f"{self.label}: {STEP_NAMES.get(stage, stage)}", total)
-        self.bar.length = max(total, 1)
-        self.bar.update(done - self.shown)
-        self.shown = done
-        if self.tracker:
-            self.tracker.index_step(stage, done, total)
-
-    def close(self, error: str | None = None) -> None:
-        self._close_bar()
-        if self.tracker:
-            self.tracker.close(error)
-
-    def _open(self, label: str, total: int) -> None:
-        self.bar = click.progressbar(
-            length=max(total, 1),
-            label=label,
-            file=sys.stderr,
-            show_pos=True,
-            show_eta=True,
-        )
-        self.bar.__enter__()
-        self.shown = 0
-
-    def _close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
-def _check_writable(out: Path) -> None:
-    from pipeline.errors import ImgindexError
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".imgindex-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ImgindexError(
-            f"output folder {str(out)!r} is not writable: {e.strerror}"
-        ) from None
+        yield
+    except OptionError as e:
+        if e.option:
+            raise click.BadParameter(str(e), param_hint=e.option) from None
+        raise click.UsageError(str(e)) from None
 
 
 def _print_build_report(report: dict) -> None:
     for d in report["datasets"]:
         if "error" in d:
-            click.echo(f"{_shown(d['name'])}: FAILED: {_shown(d['error'])}")
+            click.echo(f"{shown(d['name'])}: FAILED: {shown(d['error'])}")
             continue
         click.echo(
-            f"{_shown(d['name'])}: {d['indexed']} indexed ({d['embedded']} embedded, "
+            f"{shown(d['name'])}: {d['indexed']} indexed ({d['embedded']} embedded, "
             f"{len(d['failed'])} failed; added {d['added']}, updated {d['updated']}, "
             f"removed {d['removed']}, unchanged {d['unchanged']}) "
             f"in {d['seconds']:.1f} s, "
-            f"{d['images_per_second']:.1f} images/s -> {_shown(d['index'])}"
+            f"{d['images_per_second']:.1f} images/s -> {shown(d['index'])}"
         )
         _print_index_lines(d)
         if d["kept"]:
-            click.echo(f"  index kept as it was: {_shown(d['kept'])}")
+            click.echo(f"  index kept as it was: {shown(d['kept'])}")
         for runtime, images in d["runtimes"].items():
             why = d["runtime_reasons"].get(runtime)
             click.echo(
                 f"  model run by {runtime} for {images} images"
-                + (f" ({_shown(why)})" if why else "")
+                + (f" ({shown(why)})" if why else "")
             )
         if d["resumed_partitions"]:
             click.echo(
@@ -806,7 +515,7 @@ def _print_build_report(report: dict) -> None:
                 "from an interrupted build"
             )
         for f in d["failed"][:10]:
-            click.echo(f"  skipped {_shown(f['path'])}: {_shown(f['reason'])}")
+            click.echo(f"  skipped {shown(f['path'])}: {shown(f['reason'])}")
         if len(d["failed"]) > 10:
             click.echo(f"  ... and {len(d['failed']) - 10} more (see `imgindex info`)")
     c = report["cluster"]
@@ -824,7 +533,7 @@ def _print_build_report(report: dict) -> None:
 
 def _print_index_lines(summary: dict) -> None:
     """The index's type and why, then its measured quality (build and reindex)."""
-    click.echo(f"  index: {_shown(summary['index_reason'])}")
+    click.echo(f"  index: {shown(summary['index_reason'])}")
     if summary.get("copies"):
         click.echo(
             f"  {summary['copies']} images have the same vector as another "
@@ -854,7 +563,7 @@ FEW_FORWARD_PASSES = 64  # fewer: torch, unless ONNX Runtime runs from its cache
 
 def _query_images(images, queries_from) -> list[Path]:
     """Query files: each IMAGE a file or a folder (walked), plus a list file."""
-    from pipeline.discover import check_dataset, discover_images
+    from imgindex.pipeline.discover import check_dataset, discover_images
 
     listed: list[Path] = []
     if queries_from is not None:
@@ -902,8 +611,8 @@ def search(index_dir, images, queries_from, k, turns, as_json):
     An IMAGE may be a folder: every image under it is a query. Queries are
     embedded and searched in batches.
     """
-    from pipeline.config import config_value
-    from pipeline.search import Searcher
+    from imgindex.pipeline.config import config_value
+    from imgindex.pipeline.search import Searcher
 
     images = _query_images(images, queries_from)
     turns = bool(config_value(turns, "imgindex.search.turns"))
@@ -916,9 +625,9 @@ def search(index_dir, images, queries_from, k, turns, as_json):
         )
         return
     for query, hits in zip(images, results, strict=True):
-        click.echo(f"{_shown(str(query))}:")
+        click.echo(f"{shown(str(query))}:")
         for h in hits:
-            click.echo(f"  {h.rank:3d}  {h.score:.4f}  {_shown(h.path)}")
+            click.echo(f"  {h.rank:3d}  {h.score:.4f}  {shown(h.path)}")
 
 
 @cli.command()
@@ -926,8 +635,8 @@ def search(index_dir, images, queries_from, k, turns, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(index_dir, as_json):
     """Describe the index in INDEX_DIR: model, size, shards, failures."""
-    from pipeline.describe import describe_index
-    from pipeline.store import read_index_dir
+    from imgindex.pipeline.describe import describe_index
+    from imgindex.pipeline.store import read_index_dir
 
     with read_index_dir(index_dir) as stored:
         report = describe_index(index_dir, stored)
@@ -950,11 +659,11 @@ def info(index_dir, as_json):
         "updated",
         "imgindex_version",
     ):
-        click.echo(f"{key:17} {_shown(str(report[key]))}")
+        click.echo(f"{key:17} {shown(str(report[key]))}")
     if m.metadata_columns:
-        click.echo(f"{'metadata':17} {_shown(', '.join(m.metadata_columns))}")
+        click.echo(f"{'metadata':17} {shown(', '.join(m.metadata_columns))}")
     if m.index_reason:
-        click.echo(f"{'index':17} {_shown(m.index_reason)}")
+        click.echo(f"{'index':17} {shown(m.index_reason)}")
     quality = _quality_line(m.quality, m.search_params)
     if quality:
         click.echo(f"{'quality':17} {quality}")
@@ -968,20 +677,20 @@ def info(index_dir, as_json):
         )
     )
     for f in stored.failures[:20]:
-        click.echo(f"  failed {_shown(f.path)}: {_shown(f.reason)}")
+        click.echo(f"  failed {shown(f.path)}: {shown(f.reason)}")
     if len(stored.failures) > 20:
         click.echo(f"  ... and {len(stored.failures) - 20} more (--json lists all)")
 
 
 def _client_seeing(conn, where: Path, fallback_words: str):
     """The cluster's client if all its workers see ``where``'s folder, else None."""
-    from cluster.shared import workers_without
+    from imgindex.cluster.shared import workers_without
 
     click.echo(f"cluster: {conn.reason}", err=True)
     blind = workers_without(conn.client, where.parent)
     if blind:
         click.echo(
-            f"{fallback_words}: {len(blind)} worker(s) cannot see {_shown(str(where))}",
+            f"{fallback_words}: {len(blind)} worker(s) cannot see {shown(str(where))}",
             err=True,
         )
         return None
@@ -1009,16 +718,18 @@ def reindex(
     The index is trained, filled and merged on the cluster's workers when
     they see INDEX_DIR, else here. --index-type switches the index's type.
     """
-    from pipeline.reindex import reindex as rebuild_from_shards
-    from pipeline.store import read_meta
+    from imgindex.building import check_index_type, index_request
+    from imgindex.pipeline.reindex import reindex as rebuild_from_shards
+    from imgindex.pipeline.store import read_meta
 
-    request = _index_request(index_type, max_index_memory, recall_target)
-    meta = read_meta(index_dir)  # one line if it is not an index
+    with _options_as_click_errors():
+        request = index_request(index_type, max_index_memory, recall_target)
+        meta = read_meta(index_dir)  # one line if it is not an index
+        check_index_type(request, meta.dim)
     where = Path(index_dir).resolve()
-    _check_index_type(request, meta.dim)
     with _connect(scheduler, scheduler_file, no_fallback) as conn:
         client = _client_seeing(conn, where, "index built here")
-        bar = _ProgressBar(meta.name, None)
+        bar = ProgressBars(meta.name)
         try:
             with _span("imgindex reindex", meta.name):
                 summary = rebuild_from_shards(where, request, client, bar.index_step)
@@ -1028,7 +739,7 @@ def reindex(
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(
-        f"{_shown(summary['index'])}: {summary['count']} vectors from "
+        f"{shown(summary['index'])}: {summary['count']} vectors from "
         f"{summary['shards']} shards in {summary['seconds']:.1f} s"
     )
     _print_index_lines(summary)
@@ -1036,7 +747,7 @@ def reindex(
 
 def _span(*tags: str):
     """A Dask span: the dashboard groups the tasks submitted inside it."""
-    from pipeline.spans import BuildSpan
+    from imgindex.pipeline.spans import BuildSpan
 
     return BuildSpan(*tags).entered()
 
@@ -1109,9 +820,9 @@ def duplicates(
     The neighbour searches and checks run on the cluster's workers when they
     see INDEX_DIR, else here.
     """
-    from pipeline.duplicates import DuplicateSettings, find_duplicates
-    from pipeline.errors import ConfigError
-    from pipeline.store import read_meta
+    from imgindex.pipeline.duplicates import DuplicateSettings, find_duplicates
+    from imgindex.pipeline.errors import ConfigError
+    from imgindex.pipeline.store import read_meta
 
     try:
         settings = DuplicateSettings.from_config(threshold, criterion, neighbours)
@@ -1120,12 +831,12 @@ def duplicates(
     meta = read_meta(index_dir)  # one line if it is not an index
     where = Path(index_dir).resolve()
     if html_page is not None:
-        from pipeline.report_html import check_report_paths, write_html_report
+        from imgindex.pipeline.report_html import check_report_paths, write_html_report
 
         check_report_paths(html_page)  # before the work, not after
     with _connect(scheduler, scheduler_file, no_fallback) as conn:
         client = _client_seeing(conn, where, "searched here")
-        bar = _ProgressBar(meta.name, None)
+        bar = ProgressBars(meta.name)
         try:
             with _span("imgindex duplicates", meta.name):
                 report = find_duplicates(where, settings, client, bar.index_step)
@@ -1137,7 +848,7 @@ def duplicates(
             bar.close()
     saved = None
     if save:
-        from pipeline.saved_report import save_report
+        from imgindex.pipeline.saved_report import save_report
 
         saved = save_report(where, report.to_json(), meta.updated)
     if as_json:
@@ -1145,20 +856,20 @@ def duplicates(
     else:
         _print_duplicates(report, show)
     if saved is not None:
-        click.echo(f"saved: {_shown(str(saved))}", err=as_json)
+        click.echo(f"saved: {shown(str(saved))}", err=as_json)
     if html_page is not None:
         click.echo(
-            f"report: {_shown(str(html.page))} ({html.groups:,} groups, "
-            f"{html.images:,} thumbnails in {_shown(html.thumbnails.name)}/)",
+            f"report: {shown(str(html.page))} ({html.groups:,} groups, "
+            f"{html.images:,} thumbnails in {shown(html.thumbnails.name)}/)",
             err=as_json,
         )
 
 
 def _print_duplicates(report, show: int) -> None:
-    from pipeline.duplicates import KEEPER_RULE
+    from imgindex.pipeline.duplicates import KEEPER_RULE
 
     click.echo(
-        f"{_shown(report.index)}: {report.images_in_groups:,} of {report.count:,} "
+        f"{shown(report.index)}: {report.images_in_groups:,} of {report.count:,} "
         f"images in {len(report.groups):,} groups; {report.removable:,} could be "
         f"removed ({report.seconds:.1f} s)"
     )
@@ -1181,7 +892,7 @@ def _print_duplicates(report, show: int) -> None:
         click.echo(f"group {n}: {len(group.members)} images")
         for i, m in enumerate(group.members):
             size = f"{m.width}x{m.height}" if m.width else "size unknown"
-            click.echo(f"  {'*' if i == 0 else ' '} {_shown(m.path)}  ({size})")
+            click.echo(f"  {'*' if i == 0 else ' '} {shown(m.path)}  ({size})")
         for p in group.pairs:
             cos = "     " if p.cosine is None else f"{p.cosine:.3f}"
             bits = " " * 7 if p.hash_distance is None else f"{p.hash_distance:2d} bits"
@@ -1189,7 +900,7 @@ def _print_duplicates(report, show: int) -> None:
             shift = " " * 8 if p.shift is None else f"{p.shift:.2f} px"
             click.echo(
                 f"    {cos} {bits} {corr} {shift} {p.kind:9} "
-                f"{_shown(p.a)} ~ {_shown(p.b)}"
+                f"{shown(p.a)} ~ {shown(p.b)}"
             )
     if show and len(report.groups) > show:
         click.echo(
@@ -1208,19 +919,19 @@ def _print_collection_notes(report, show: int) -> None:
     for name, meaning in meanings.items():
         paths = report.flagged.get(name, [])
         if paths and show:
-            listed = ", ".join(_shown(p) for p in paths[: min(show, 5)])
+            listed = ", ".join(shown(p) for p in paths[: min(show, 5)])
             hidden = len(paths) - min(show, 5)
             more = f" and {hidden:,} more" if hidden > 0 else ""
             click.echo(f"  {name} ({meaning}): {listed}{more}")
     for failure in report.broken[: min(show, 5)]:
-        click.echo(f"  broken: {_shown(failure.path)}: {_shown(failure.reason)}")
+        click.echo(f"  broken: {shown(failure.path)}: {shown(failure.reason)}")
     if report.outliers and show:
         click.echo(
             f"outliers (the {report.statistics.outliers:.0%} of images farthest "
             "from their nearest neighbour; cosine to it):"
         )
         for outlier in report.outliers[: min(show, 5)]:
-            click.echo(f"  {outlier.nearest:.3f} {_shown(outlier.path)}")
+            click.echo(f"  {outlier.nearest:.3f} {shown(outlier.path)}")
 
 
 @cli.command()
@@ -1228,14 +939,14 @@ def _print_collection_notes(report, show: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the file's JSON as is.")
 def status(progress_file, as_json):
     """Show the state of a build that writes PROGRESS_FILE (--progress-file)."""
-    from pipeline.progress import format_progress, read_progress
+    from imgindex.pipeline.progress import format_progress, read_progress
 
     data = read_progress(progress_file)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     for line in format_progress(data):
-        click.echo(_shown(line))
+        click.echo(shown(line))
 
 
 @cli.command()
@@ -1256,11 +967,13 @@ def doctor(
     as_json,
 ):
     """Check the cluster: reachable, workers, versions, a timed test embedding."""
-    from cluster.doctor import check_cluster
+    from imgindex.building import model_spec
+    from imgindex.cluster.doctor import check_cluster
 
-    spec = _model_spec(
-        model, device, batch_size, decode_threads, precision, runtime, decoder
-    )
+    with _options_as_click_errors():
+        spec = model_spec(
+            model, device, batch_size, decode_threads, precision, runtime, decoder
+        )
     strict_by_user = bool(no_fallback)
     if (scheduler or scheduler_file) and no_fallback is None:
         no_fallback = True  # doctor reports on the cluster asked for, not a stand-in
@@ -1389,8 +1102,8 @@ def serve(
     import platform
     import signal
 
-    from service.app import Service, ServiceSettings
-    from service.app import serve as run_service
+    from imgindex.service.app import Service, ServiceSettings
+    from imgindex.service.app import serve as run_service
 
     _check_scheduler_options(scheduler, scheduler_file)
     if index_root.exists() and not index_root.is_dir():
@@ -1420,8 +1133,8 @@ def serve(
 
     def ready(url: str) -> None:
         where = (
-            f"indexes under {_shown(str(index_root))}; builds of folders in: "
-            f"{_shown(', '.join(map(str, settings.dataset_roots)) or 'off')}"
+            f"indexes under {shown(str(index_root))}; builds of folders in: "
+            f"{shown(', '.join(map(str, settings.dataset_roots)) or 'off')}"
         )
         from urllib.parse import quote
 
@@ -1429,8 +1142,8 @@ def serve(
         if url.startswith("unix:"):
             local = f"http://localhost:8000/{query}"
             click.echo(
-                f"imgindex serve: {_shown(url)} ({where}); from your computer: "
-                f"ssh -N -L 8000:{_shown(url[5:])} {platform.node()}, "
+                f"imgindex serve: {shown(url)} ({where}); from your computer: "
+                f"ssh -N -L 8000:{shown(url[5:])} {platform.node()}, "
                 f"then open {local}",
                 err=True,
             )
@@ -1453,14 +1166,14 @@ def serve(
 
 def _service_token(token_file: Path | None, no_token: bool) -> str | None:
     """The token from --token-file, the environment, or a new random one."""
-    from service.auth import make_token
+    from imgindex.service.auth import make_token
 
     if no_token:
         if token_file is not None:
             raise click.BadParameter(
                 "give a token file or --no-token, not both", param_hint="--no-token"
             )
-        logging.getLogger("pipeline.cli").warning(
+        logging.getLogger("imgindex.pipeline.cli").warning(
             "serving without a token (--no-token): every user who can reach "
             "this service may read every indexed image and start builds"
         )
@@ -1471,23 +1184,6 @@ def _service_token(token_file: Path | None, no_token: bool) -> str | None:
     if not token:
         raise click.BadParameter("the file is empty", param_hint="--token-file")
     return token
-
-
-def _shown(text: str) -> str:
-    """Text safe on any terminal: undecodable bytes as \\xNN, and control
-    characters (escape sequences, newlines) as escapes, so a file name can
-    neither clear the screen nor print a fake result line."""
-    try:
-        raw = os.fsencode(text)
-    except UnicodeEncodeError:
-        raw = text.encode("utf-8", "backslashreplace")
-    text = raw.decode("utf-8", "backslashreplace")
-    if text.isprintable():
-        return text
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-        for c in text
-    )
 
 
 def _gib(n) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import dask.config
 import yaml
 
-from pipeline.errors import ConfigError
+from imgindex.pipeline.errors import ConfigError
 
 DEFAULTS_FILE = Path(__file__).with_name("imgindex.yaml")
 

@@ -24,7 +24,7 @@ from typing import BinaryIO
 import numpy as np
 from numpy.lib import format as npy
 
-from pipeline.lookup import rows_in_sorted
+from imgindex.pipeline.lookup import rows_in_sorted
 
 COPIES_FILE = "copies.npy"  # int64 [n, 2]: an image's id, its representative's id
 
@@ -141,7 +141,7 @@ class Copies:
 
     def search(self, index, queries: np.ndarray, k: int):
         """Top-``k`` (scores, ids) per query over ``index`` and these copies."""
-        from pipeline.index import search
+        from imgindex.pipeline.index import search
 
         return self.expand(*search(index, queries, k), k)
 

@@ -61,7 +61,7 @@ def load_rgb(
     DecodeError
         With a one-line reason, for anything that is not a usable image.
     """
-    from pipeline.errors import DecodeError
+    from imgindex.pipeline.errors import DecodeError
 
     spath = _label(path)
     try:
@@ -116,7 +116,7 @@ def input_and_traits(
     already, else the file's path to take it from; a file deleted since it
     was decoded gets content hash 0, which matches nothing.
     """
-    from pipeline.traits import image_traits, sample_hash
+    from imgindex.pipeline.traits import image_traits, sample_hash
 
     pixels = center_crop(image, resize, crop)
     row = image_traits(image, image.info.get(ORIGINAL_SIZE), pixels)

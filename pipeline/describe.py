@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipeline.shards import shard_stats
-from pipeline.store import SHARDS_DIR, StoredIndex, read_index_dir
+from imgindex.pipeline.shards import shard_stats
+from imgindex.pipeline.store import SHARDS_DIR, StoredIndex, read_index_dir
 
 
 def describe_index(

@@ -31,10 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.discover import Failure, ImageRecord
-from pipeline.listing import ListedAgain, distinct_rows
-from pipeline.parts import Part, PartWriter, Row, record_of
-from pipeline.ranges import PathRange, label, map_ranges, merged_in_range, path_ranges
+from imgindex.pipeline.discover import Failure, ImageRecord
+from imgindex.pipeline.listing import ListedAgain, distinct_rows
+from imgindex.pipeline.parts import Part, PartWriter, Row, record_of
+from imgindex.pipeline.ranges import (
+    PathRange,
+    label,
+    map_ranges,
+    merged_in_range,
+    path_ranges,
+)
 
 # The plan's folders this writes: what to embed, what is kept, the ranges'
 # ids.

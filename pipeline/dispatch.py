@@ -53,13 +53,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.cancel import Cancel, cancel_futures
-from pipeline.discover import Failure, ImageRecord, pack_records
-from pipeline.embed import GPU_BATCH_SIZE, ModelSpec, PartitionResult, embed_partition
-from pipeline.errors import BuildFailed
-from pipeline.parts import PartSlice
-from pipeline.sources import Source
-from pipeline.spans import task_label
+from imgindex.pipeline.cancel import Cancel, cancel_futures
+from imgindex.pipeline.discover import Failure, ImageRecord, pack_records
+from imgindex.pipeline.embed import (
+    GPU_BATCH_SIZE,
+    ModelSpec,
+    PartitionResult,
+    embed_partition,
+)
+from imgindex.pipeline.errors import BuildFailed
+from imgindex.pipeline.parts import PartSlice
+from imgindex.pipeline.sources import Source
+from imgindex.pipeline.spans import task_label
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -177,7 +182,7 @@ class PartitionDispatcher:
         """Whether the workers that take our tasks run the model on GPUs.
 
         Told by the spec's device, or by every such worker offering the
-        resource GPU (the README's layout for GPU nodes); a worker that
+        resource GPU (the GPU guide's layout for GPU nodes); a worker that
         picks cuda by itself without saying so gets CPU-sized tasks.
         """
         if self.spec.device != "auto":

@@ -34,25 +34,25 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from pipeline import geometry
-from pipeline import index as fx
-from pipeline.config import config_value
-from pipeline.copies import Copies, folder_copies
-from pipeline.discover import Failure, ImageRecord
-from pipeline.errors import ConfigError, DecodeError, IndexDirError
-from pipeline.index_build import Runner, ShardRows, StepCallback, group_shards
-from pipeline.lookup import rows_in_sorted
-from pipeline.reindex import stored_selection
-from pipeline.sources import (
+from imgindex.pipeline import geometry
+from imgindex.pipeline import index as fx
+from imgindex.pipeline.config import config_value
+from imgindex.pipeline.copies import Copies, folder_copies
+from imgindex.pipeline.discover import Failure, ImageRecord
+from imgindex.pipeline.errors import ConfigError, DecodeError, IndexDirError
+from imgindex.pipeline.index_build import Runner, ShardRows, StepCallback, group_shards
+from imgindex.pipeline.lookup import rows_in_sorted
+from imgindex.pipeline.reindex import stored_selection
+from imgindex.pipeline.sources import (
     Source,
     as_source,
     content_digest,
     image_file,
     source_of,
 )
-from pipeline.statistics import StatisticsSettings, flag_rows, outlier_rows
-from pipeline.store import INDEX_FILE, iter_manifest, read_index_dir
-from pipeline.traits import TRAITS, canonical_hash, hash_distance
+from imgindex.pipeline.statistics import StatisticsSettings, flag_rows, outlier_rows
+from imgindex.pipeline.store import INDEX_FILE, iter_manifest, read_index_dir
+from imgindex.pipeline.traits import TRAITS, canonical_hash, hash_distance
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -179,10 +179,20 @@ KEEPER_RULE = "largest resolution, then oldest file, then shortest path"
 class Group:
     members: list[Member]  # the keeper first
     pairs: list[Pair]
+    # Where the members are read from, for the thumbnails of _repr_html_.
+    source: Source | None = field(default=None, repr=False, compare=False)
 
     @property
     def keeper(self) -> Member:
         return self.members[0]
+
+    def _repr_html_(self) -> str | None:
+        """A row of thumbnails in Jupyter, the keeper first."""
+        if self.source is None:
+            return None
+        from imgindex.pipeline.notebook_html import group_html
+
+        return group_html(self, self.source)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -251,6 +261,12 @@ class DuplicateReport:
             "seconds": self.seconds,
             "stage_seconds": self.stage_seconds,
         }
+
+    def _repr_html_(self) -> str:
+        """The counts and the first groups as rows of thumbnails, in Jupyter."""
+        from imgindex.pipeline.notebook_html import report_html
+
+        return report_html(self, source_of(self))
 
     def broken_json(self) -> list[dict[str, Any]]:
         return [
@@ -368,6 +384,8 @@ def find_duplicates(
     else:
         checked = []
     groups = _groups(ids, traits, has_traits, records, edges, identical, settings)
+    for group in groups:
+        group.source = source
     return DuplicateReport(
         index=str(dest),
         source=meta.source,

@@ -14,14 +14,14 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pipeline import __version__
-from pipeline.decode import decode_image, input_and_traits, load_rgb
-from pipeline.discover import Failure, ImageRecord, image_id, unpack_records
-from pipeline.errors import ConfigError, WorkerEnvironmentError
-from pipeline.feed import Batch, BatchFeed
-from pipeline.models import LoadedModel, get_model
-from pipeline.parts import PartSlice
-from pipeline.sources import (
+from imgindex import __version__
+from imgindex.pipeline.decode import decode_image, input_and_traits, load_rgb
+from imgindex.pipeline.discover import Failure, ImageRecord, image_id, unpack_records
+from imgindex.pipeline.errors import ConfigError, WorkerEnvironmentError
+from imgindex.pipeline.feed import Batch, BatchFeed
+from imgindex.pipeline.models import LoadedModel, get_model
+from imgindex.pipeline.parts import PartSlice
+from imgindex.pipeline.sources import (
     HandOver,
     Reader,
     ShardStream,
@@ -29,7 +29,7 @@ from pipeline.sources import (
     as_source,
     image_file,
 )
-from pipeline.traits import TRAITS, sample_hash_of
+from imgindex.pipeline.traits import TRAITS, sample_hash_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 # the model's device (pipeline/batch_decode.py).
 DECODERS = ("auto", "pillow", "batch")
 # Not yet measured on a GPU (none was lent to this project so far):
-# bench/gpu_throughput.py sweeps 64-512 and prints the best for the README.
+# bench/gpu_throughput.py sweeps 64-512 and prints the best for docs/performance.md.
 GPU_BATCH_SIZE = 128
 
 
@@ -84,14 +84,14 @@ class ModelSpec:
         ConfigError
             Naming the option, for a value that is not one it takes.
         """
-        from pipeline.config import config_value, count_or_auto
+        from imgindex.pipeline.config import config_value, count_or_auto
 
         chosen = str(config_value(precision, "imgindex.precision")).lower()
         if chosen not in ("auto", *PRECISIONS):
             raise ConfigError(
                 f"--precision {chosen!r} is not one of auto, {', '.join(PRECISIONS)}"
             )
-        from pipeline.runtime import RUNTIMES
+        from imgindex.pipeline.runtime import RUNTIMES
 
         chosen_runtime = str(config_value(runtime, "imgindex.runtime")).lower()
         if chosen_runtime not in RUNTIMES:
@@ -213,7 +213,7 @@ class Embedder:
     ):
         """The images ``relpaths`` of ``source`` as batches decoded on the
         model's device (:class:`pipeline.batch_decode.BatchDecodeFeed`)."""
-        from pipeline.batch_decode import BatchDecodeFeed, BatchDecoder
+        from imgindex.pipeline.batch_decode import BatchDecodeFeed, BatchDecoder
 
         pre = self.model.preprocess
         decoder = BatchDecoder(
@@ -366,8 +366,11 @@ def set_model_threads(n: int) -> None:
     when it is, if ever."""
     global _MODEL_THREADS
     _MODEL_THREADS = max(1, int(n))
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(_MODEL_THREADS)
+    # Where another thread is still importing torch, its set_num_threads may
+    # not exist yet: the count is then applied as the model loads.
+    set_threads = getattr(sys.modules.get("torch"), "set_num_threads", None)
+    if set_threads is not None:
+        set_threads(_MODEL_THREADS)
 
 
 def model_threads() -> int:
@@ -379,8 +382,9 @@ def model_threads() -> int:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
         pass
-    if "torch" in sys.modules:
-        return sys.modules["torch"].get_num_threads()
+    get_threads = getattr(sys.modules.get("torch"), "get_num_threads", None)
+    if get_threads is not None:  # (absent while another thread imports torch)
+        return get_threads()
     return usable_cores()
 
 
@@ -395,8 +399,8 @@ def _cached_runtime(spec: ModelSpec):
     """(model, runtime) of ONNX Runtime on the cached graph, made once per
     process; None where it does not apply (see
     :func:`pipeline.runtime.cached_onnx_runtime`)."""
-    from pipeline.models import remember_card
-    from pipeline.runtime import cached_onnx_runtime
+    from imgindex.pipeline.models import remember_card
+    from imgindex.pipeline.runtime import cached_onnx_runtime
 
     threads = model_threads()
     key = ("cached", spec.runtime, spec.name, spec.device, spec.precision, threads)
@@ -419,14 +423,14 @@ def _cached_runtime(spec: ModelSpec):
 def runs_from_cache(spec: ModelSpec) -> bool:
     """Whether an Embedder of ``spec`` would run ONNX Runtime on the cached
     graph here: no torch to import, no graph to export, no timing."""
-    from pipeline.runtime import runs_from_cache as cached
+    from imgindex.pipeline.runtime import runs_from_cache as cached
 
     return cached(spec.runtime, spec.name, spec.device, spec.precision, model_threads())
 
 
 def _runtime_for(wanted: str, model: LoadedModel, precision: str):
     """The runtime for ``model``, chosen once per process (``auto`` times both)."""
-    from pipeline.runtime import choose_runtime
+    from imgindex.pipeline.runtime import choose_runtime
 
     threads = model_threads()
     key = (wanted, model.name, model.device, precision, threads)
@@ -486,7 +490,7 @@ def embed_partition(
             ) from None
     result = _embed(source, records, spec)
     if shard_dir is not None:
-        from pipeline.shards import write_shard
+        from imgindex.pipeline.shards import write_shard
 
         result.shard = write_shard(shard_dir, spec, records, result)
         result.records = None

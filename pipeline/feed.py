@@ -22,8 +22,8 @@ from itertools import islice
 
 import numpy as np
 
-from pipeline.discover import Failure
-from pipeline.errors import DecodeError
+from imgindex.pipeline.discover import Failure
+from imgindex.pipeline.errors import DecodeError
 
 # decode(relpath) -> uint8 [crop, crop, 3]; raises DecodeError for a bad image.
 DecodeFn = Callable[[str], np.ndarray]

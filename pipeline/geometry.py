@@ -38,7 +38,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from pipeline.decode import load_rgb
+from imgindex.pipeline.decode import load_rgb
 
 SIDE = 384  # pixels on the longer side the check works at (any image)
 MIN_INLIERS = 12  # matched features agreeing on the transform

@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import index as fx
-from pipeline.atomic import atomic_file, atomic_path, fsync_path
-from pipeline.cancel import cancel_futures
-from pipeline.copies import COPIES_FILE, Copies, DistinctAdder, folder_copies
-from pipeline.index_policy import IndexChoice
-from pipeline.shards import open_npz, traits_member
+from imgindex.pipeline import index as fx
+from imgindex.pipeline.atomic import atomic_file, atomic_path, fsync_path
+from imgindex.pipeline.cancel import cancel_futures
+from imgindex.pipeline.copies import COPIES_FILE, Copies, DistinctAdder, folder_copies
+from imgindex.pipeline.index_policy import IndexChoice
+from imgindex.pipeline.shards import open_npz, traits_member
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class Runner:
         on_step: StepCallback | None = None,
         prefix: str = "index",
     ):
-        from pipeline.spans import task_label
+        from imgindex.pipeline.spans import task_label
 
         self.client = client
         self.prefix = prefix

@@ -32,26 +32,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AnyStr
 
-from pipeline import ranges
-from pipeline.discover import (
+from imgindex.pipeline import ranges
+from imgindex.pipeline.discover import (
     Failure,
     pack_rows,
     same_folder,
     unpack_rows,
     walk_folder,
 )
-from pipeline.parts import (
+from imgindex.pipeline.parts import (
     Part,
     PartWriter,
     Row,
     merge_parts,
     row_of,
 )
-from pipeline.ranges import TOKEN_FILE, compact_parts, label, ready_client
-from pipeline.spans import task_label
+from imgindex.pipeline.ranges import TOKEN_FILE, compact_parts, label, ready_client
+from imgindex.pipeline.spans import task_label
 
 if TYPE_CHECKING:
-    from pipeline.sources import Source
+    from imgindex.pipeline.sources import Source
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def unit_items(source: Source, unit: Unit, listing: Listing) -> Iterator[Row]:
     """What ``unit`` of ``source`` holds, as it is listed; what cannot be
     listed goes to ``listing``'s failures (and the folders entered to its
     folders)."""
-    from pipeline.sources import (
+    from imgindex.pipeline.sources import (
         read_parquet_groups,
         read_txt_span,
         shard_files,
@@ -176,7 +176,7 @@ def list_unit_task(source: Source, unit: Unit, folder: str, token: str) -> Listi
 def _list_readable(spec: str) -> bool:
     """Whether this process can read the list ``spec``: a list of URLs on
     the client's own disk is read there, whatever workers see."""
-    from pipeline.sources import is_url
+    from imgindex.pipeline.sources import is_url
 
     return is_url(spec) or os.path.exists(spec)
 

@@ -10,7 +10,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import IndexLocked
+from imgindex.pipeline.errors import IndexLocked
 
 # flock is unsupported on some cluster file systems (Lustre mounted without
 # -o flock, old NFS): these errnos mean "no locking here", not "locked".

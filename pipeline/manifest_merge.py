@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.parts import (
+from imgindex.pipeline.parts import (
     Part,
     PartRecords,
     PartWriter,
@@ -27,8 +27,14 @@ from pipeline.parts import (
     union_rows,
     with_meta_of,
 )
-from pipeline.ranges import PathRange, label, map_ranges, merged_in_range, path_ranges
-from pipeline.store import ManifestLines, manifest_line
+from imgindex.pipeline.ranges import (
+    PathRange,
+    label,
+    map_ranges,
+    merged_in_range,
+    path_ranges,
+)
+from imgindex.pipeline.store import ManifestLines, manifest_line
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import IndexDirError
+from imgindex.pipeline.errors import IndexDirError
 
 # 2: the index directory holds shards/. Format 1 (no shards) is still read;
 # its images get shards when they are next embedded.

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ModelUnavailable
+from imgindex.pipeline.errors import ModelUnavailable
 
 DEFAULT_MODEL = "efficientnet-lite0"
 

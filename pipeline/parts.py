@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.atomic import atomic_path
-from pipeline.discover import ImageRecord, image_id, tapered
+from imgindex.pipeline.atomic import atomic_path
+from imgindex.pipeline.discover import ImageRecord, image_id, tapered
 
 SUFFIX = ".parquet"
 # What a plan's folders hold: parts, and the diff's ids and the manifest's

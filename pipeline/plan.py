@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.diff import EMBED, IDS, KEPT, RangeInput, diff_listing
-from pipeline.discover import Failure, ImageRecord, image_id
-from pipeline.embed import ModelSpec
-from pipeline.errors import DatasetError, IndexDirError
-from pipeline.listing import SourceListing
-from pipeline.parts import (
+from imgindex.pipeline.diff import EMBED, IDS, KEPT, RangeInput, diff_listing
+from imgindex.pipeline.discover import Failure, ImageRecord, image_id
+from imgindex.pipeline.embed import ModelSpec
+from imgindex.pipeline.errors import DatasetError, IndexDirError
+from imgindex.pipeline.listing import SourceListing
+from imgindex.pipeline.parts import (
     SUFFIX,
     Part,
     PartRecords,
@@ -27,9 +27,9 @@ from pipeline.parts import (
     row_of,
     write_part,
 )
-from pipeline.ranges import TOKEN_FILE, compact_parts, label, map_ranges
-from pipeline.sources import Source, split_member
-from pipeline.store import (
+from imgindex.pipeline.ranges import TOKEN_FILE, compact_parts, label, map_ranges
+from imgindex.pipeline.sources import Source, split_member
+from imgindex.pipeline.store import (
     MANIFEST_FILE,
     StoredIndex,
     foreign_entries,
@@ -38,7 +38,7 @@ from pipeline.store import (
     iter_manifest,
     read_index_dir,
 )
-from pipeline.textspans import spans
+from imgindex.pipeline.textspans import spans
 
 
 @dataclass

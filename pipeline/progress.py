@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_file
-from pipeline.errors import ImgindexError
+from imgindex.pipeline.atomic import atomic_file
+from imgindex.pipeline.errors import ImgindexError
 
 WRITE_INTERVAL = (
     0.5  # seconds between writes while counting; state changes always write
@@ -159,7 +159,7 @@ class DatasetProgress:
         self.progress.update(self.name, done, total, failed)
 
     def index_step(self, stage: str, done: int, total: int) -> None:
-        from pipeline.index_build import STEP_NAMES
+        from imgindex.pipeline.index_build import STEP_NAMES
 
         self.progress.step(self.name, STEP_NAMES.get(stage, stage), done, total)
 

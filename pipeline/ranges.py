@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline import parts as part_files
-from pipeline.parts import BATCH_ROWS, COLUMNS, Part, Row, merge_group
-from pipeline.spans import task_label
+from imgindex.pipeline import parts as part_files
+from imgindex.pipeline.parts import BATCH_ROWS, COLUMNS, Part, Row, merge_group
+from imgindex.pipeline.spans import task_label
 
 logger = logging.getLogger(__name__)
 

@@ -11,18 +11,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.assemble import (
+from imgindex.pipeline.assemble import (
     IndexRequest,
     decide,
     record_keys,
     run_index_build,
     select_by_keys,
 )
-from pipeline.errors import IndexDirError
-from pipeline.index_build import Runner, ShardRows, StepCallback
-from pipeline.lock import lock_index
-from pipeline.shards import Shard, clear_staging, iter_shards, staging_dir
-from pipeline.store import (
+from imgindex.pipeline.errors import IndexDirError
+from imgindex.pipeline.index_build import Runner, ShardRows, StepCallback
+from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.shards import Shard, clear_staging, iter_shards, staging_dir
+from imgindex.pipeline.store import (
     INDEX_FILE,
     SHARDS_DIR,
     iter_manifest,

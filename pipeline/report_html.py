@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pipeline.atomic import atomic_file, shared_dir_mode
-from pipeline.decode import load_rgb
-from pipeline.duplicates import DuplicateReport
-from pipeline.errors import DecodeError, IndexDirError
-from pipeline.index_build import Runner, StepCallback
-from pipeline.sources import Source, as_source, image_file, source_of
+from imgindex.pipeline.atomic import atomic_file, shared_dir_mode
+from imgindex.pipeline.decode import load_rgb
+from imgindex.pipeline.duplicates import DuplicateReport
+from imgindex.pipeline.errors import DecodeError, IndexDirError
+from imgindex.pipeline.index_build import Runner, StepCallback
+from imgindex.pipeline.sources import Source, as_source, image_file, source_of
 
 GENERATOR = '<meta name="generator" content="imgindex duplicates">'
 MARKER = ".imgindex-thumbnails"

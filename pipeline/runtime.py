@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__
-from pipeline.errors import ModelUnavailable
-from pipeline.models import LoadedModel
+from imgindex import __version__
+from imgindex.pipeline.errors import ModelUnavailable
+from imgindex.pipeline.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def onnx_session(graph: str | bytes, threads: int):
             logger.info("optimised graph %s unusable (%s); again", optimized, e)
     if not os.access(optimized.parent, os.W_OK):
         return _new_session(graph, threads)
-    from pipeline.atomic import atomic_path
+    from imgindex.pipeline.atomic import atomic_path
 
     try:
         # The workers of a node may write it at once: each its own copy.
@@ -309,7 +309,7 @@ def onnx_graph(model: LoadedModel, fresh: bool = False) -> str | bytes:
 
 def _replace(path: Path, data: bytes) -> None:
     """Write ``path`` whole or not at all (other processes may read it)."""
-    from pipeline.atomic import atomic_file
+    from imgindex.pipeline.atomic import atomic_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f:
@@ -317,7 +317,7 @@ def _replace(path: Path, data: bytes) -> None:
 
 
 def _cache_folder() -> Path:
-    from pipeline.config import config_value
+    from imgindex.pipeline.config import config_value
 
     folder = config_value(None, "imgindex.runtime-cache")
     if folder is None:
@@ -364,7 +364,7 @@ def _write_card(model: LoadedModel, graph: Path) -> None:
 def _read_card(name: str) -> tuple[LoadedModel, Path] | None:
     """Model ``name`` as its card describes it (no forward pass), and its
     graph; None where either is missing or unreadable."""
-    from pipeline.models import Preprocess
+    from imgindex.pipeline.models import Preprocess
 
     path = _card_path(name)
     try:

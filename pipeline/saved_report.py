@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_file
-from pipeline.errors import IndexDirError
-from pipeline.lock import lock_index
-from pipeline.store import DUPLICATES_FILE, read_meta
+from imgindex.pipeline.atomic import atomic_file
+from imgindex.pipeline.errors import IndexDirError
+from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.store import DUPLICATES_FILE, read_meta
 
 
 def save_report(

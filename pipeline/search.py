@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import index as faiss_index
-from pipeline.embed import Embedder, ModelSpec, runs_from_cache
-from pipeline.errors import DecodeError, ImgindexError
-from pipeline.sources import source_of
-from pipeline.store import StoredIndex, read_index_dir
+from imgindex.pipeline import index as faiss_index
+from imgindex.pipeline.embed import Embedder, ModelSpec, runs_from_cache
+from imgindex.pipeline.errors import DecodeError, ImgindexError
+from imgindex.pipeline.sources import source_of
+from imgindex.pipeline.store import StoredIndex, read_index_dir
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Searcher:
         spec = ModelSpec.from_config(meta.model, device, runtime=runtime)
         if few_passes and spec.runtime == "auto" and not runs_from_cache(spec):
             # Exporting the graph or timing the runtimes costs about a second
-            # and ONNX Runtime saves ~20 ms a pass (README: Model runtimes).
+            # and ONNX Runtime saves ~20 ms a pass (docs/guide/models.md).
             spec = replace(spec, runtime="torch")
         self.embedder = Embedder(spec)
         if self.embedder.dim != meta.dim:

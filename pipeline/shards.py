@@ -42,14 +42,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.atomic import save_array_file
-from pipeline.copies import COPIES_FILE
-from pipeline.discover import Failure, ImageRecord
-from pipeline.errors import BuildFailed
-from pipeline.traits import TRAITS
+from imgindex.pipeline.atomic import save_array_file
+from imgindex.pipeline.copies import COPIES_FILE
+from imgindex.pipeline.discover import Failure, ImageRecord
+from imgindex.pipeline.errors import BuildFailed
+from imgindex.pipeline.traits import TRAITS
 
 if TYPE_CHECKING:
-    from pipeline.embed import ModelSpec, PartitionResult
+    from imgindex.pipeline.embed import ModelSpec, PartitionResult
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def write_vectors(
     For vectors that come from elsewhere than a partition's task (an old
     index's, or generated ones in tests and benchmarks).
     """
-    from pipeline.embed import PartitionResult
+    from imgindex.pipeline.embed import PartitionResult
 
     result = PartitionResult(
         np.array([r.id for r in records], np.int64),

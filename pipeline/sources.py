@@ -39,14 +39,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.discover import (
+from imgindex.pipeline.discover import (
     Failure,
     ImageRecord,
     is_image_name,
     partition_records,
 )
-from pipeline.errors import DatasetError, DecodeError
-from pipeline.listing import (
+from imgindex.pipeline.errors import DatasetError, DecodeError
+from imgindex.pipeline.listing import (
     LIST_ROWS_PER_UNIT,
     LIST_SPAN_BYTES,
     SHARDS_PER_UNIT,
@@ -58,8 +58,8 @@ from pipeline.listing import (
     folder_units,
     walk_conflicts,
 )
-from pipeline.parts import PartRecords, PartWriter, record_of, row_of
-from pipeline.textspans import lines_in_span, spans
+from imgindex.pipeline.parts import PartRecords, PartWriter, record_of, row_of
+from imgindex.pipeline.textspans import lines_in_span, spans
 
 KINDS = ("folder", "list", "tar")
 INPUT_FORMATS = ("auto", *KINDS)
@@ -994,7 +994,7 @@ def content_digest(source: Source, rel: str, reader: Reader | None = None) -> st
     """
     import hashlib
 
-    from pipeline.traits import file_hash
+    from imgindex.pipeline.traits import file_hash
 
     opened = image_file(source, rel, reader)
     if isinstance(opened, str):
@@ -1117,6 +1117,6 @@ def _stem(name: str) -> str:
 
 
 def _one_line(e: BaseException) -> str:
-    from pipeline.decode import _one_line as one_line
+    from imgindex.pipeline.decode import _one_line as one_line
 
     return one_line(e)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import config_value
-from pipeline.errors import ConfigError
+from imgindex.pipeline.config import config_value
+from imgindex.pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)

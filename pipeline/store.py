@@ -28,20 +28,20 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from pipeline.atomic import fsync_path, shared_dir_mode, signals_deferred
-from pipeline.copies import COPIES_FILE, Copies
-from pipeline.discover import Failure, ImageRecord
-from pipeline.errors import IndexDirError, IndexLocked
-from pipeline.index import (
+from imgindex.pipeline.atomic import fsync_path, shared_dir_mode, signals_deferred
+from imgindex.pipeline.copies import COPIES_FILE, Copies
+from imgindex.pipeline.discover import Failure, ImageRecord
+from imgindex.pipeline.errors import IndexDirError, IndexLocked
+from imgindex.pipeline.index import (
     check_index_file,
     index_ids,
     read_index,
     read_index_at,
     write_index,
 )
-from pipeline.lock import lock_index
-from pipeline.meta import IndexMeta
-from pipeline.textspans import lines_in_span
+from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.meta import IndexMeta
+from imgindex.pipeline.textspans import lines_in_span
 
 INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.jsonl"

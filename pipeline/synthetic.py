@@ -247,11 +247,11 @@ def write_vector_index(
     FAISS index stored beside them; by default an empty Flat placeholder,
     which `imgindex reindex` replaces with one built from the shards.
     """
-    from pipeline.embed import ModelSpec
-    from pipeline.index import build_index
-    from pipeline.meta import IndexMeta
-    from pipeline.shards import write_vectors
-    from pipeline.store import write_index_dir
+    from imgindex.pipeline.embed import ModelSpec
+    from imgindex.pipeline.index import build_index
+    from imgindex.pipeline.meta import IndexMeta
+    from imgindex.pipeline.shards import write_vectors
+    from imgindex.pipeline.store import write_index_dir
 
     spec = ModelSpec.from_config()
     staging = dest.parent / f".{dest.name}.made"

@@ -87,7 +87,7 @@ def image_traits(
         grey.resize((_THUMB, _THUMB), Image.Resampling.BOX), dtype=np.float32
     )
     if crop is None:
-        from pipeline.decode import center_crop
+        from imgindex.pipeline.decode import center_crop
 
         crop = center_crop(image, _SHARPNESS_SIDE, 224)
     sharpness = laplacian_variance(grey_input(np.asarray(crop)))

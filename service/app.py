@@ -25,16 +25,16 @@ from typing import Any
 
 import tornado.web
 
-from pipeline import __version__
-from pipeline.config import config_value
-from pipeline.errors import ConfigError, ImgindexError
-from pipeline.search import Hit
-from service.auth import Access
-from service.build_handlers import BuildList, BuildOne, Datasets, LegacyBuild
-from service.builds import Build, Builds, public_cluster
-from service.catalog import Catalog, OpenIndex
-from service.errors import ApiError
-from service.handlers import (
+from imgindex import __version__
+from imgindex.pipeline.config import config_value
+from imgindex.pipeline.errors import ConfigError, ImgindexError
+from imgindex.pipeline.search import Hit
+from imgindex.service.auth import Access
+from imgindex.service.build_handlers import BuildList, BuildOne, Datasets, LegacyBuild
+from imgindex.service.builds import Build, Builds, public_cluster
+from imgindex.service.catalog import Catalog, OpenIndex
+from imgindex.service.errors import ApiError
+from imgindex.service.handlers import (
     Duplicates,
     Health,
     Image,
@@ -47,10 +47,10 @@ from service.handlers import (
     Status,
     Thumbnail,
 )
-from service.images import IndexedImage
-from service.metrics import Metrics as MetricsRegistry
-from service.pages import STATIC_DIR, Page, Static
-from service.search_handlers import Query, Search
+from imgindex.service.images import IndexedImage
+from imgindex.service.metrics import Metrics as MetricsRegistry
+from imgindex.service.pages import STATIC_DIR, Page, Static
+from imgindex.service.search_handlers import Query, Search
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class Service:
 
     def thumbnail(self, image: IndexedImage, side: int) -> bytes | None:
         """A JPEG of ``image`` fitting ``side`` pixels (None: unreadable now)."""
-        from pipeline.report_html import make_thumbnails
+        from imgindex.pipeline.report_html import make_thumbnails
 
         try:
             mtime = image.stamp()[1]
@@ -202,8 +202,8 @@ class Service:
     def duplicates(self, index_dir: Path) -> dict[str, Any] | None:
         """The saved duplicates report of ``index_dir``, read once per version
         of the file (a million images' report takes seconds to parse)."""
-        from pipeline.saved_report import load_report
-        from pipeline.store import DUPLICATES_FILE
+        from imgindex.pipeline.saved_report import load_report
+        from imgindex.pipeline.store import DUPLICATES_FILE
 
         try:
             st = (index_dir / DUPLICATES_FILE).stat()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from service.errors import ApiError
-from service.handlers import ApiHandler, flag_argument
+from imgindex.service.errors import ApiError
+from imgindex.service.handlers import ApiHandler, flag_argument
 
 if TYPE_CHECKING:
-    from service.builds import Build
+    from imgindex.service.builds import Build
 
 
 class Datasets(ApiHandler):

@@ -17,19 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.build import (
+from imgindex.pipeline.build import (
     PlannedBuild,
     needs_cluster,
     no_cluster,
     plan_datasets,
     run_builds,
 )
-from pipeline.cancel import Cancel
-from pipeline.discover import has_images
-from pipeline.embed import ModelSpec
-from pipeline.errors import BuildCancelled, ImgindexError, error_text
-from pipeline.progress import DatasetProgress, ProgressFile
-from service.errors import ApiError
+from imgindex.pipeline.cancel import Cancel
+from imgindex.pipeline.discover import has_images
+from imgindex.pipeline.embed import ModelSpec
+from imgindex.pipeline.errors import BuildCancelled, ImgindexError, error_text
+from imgindex.pipeline.progress import DatasetProgress, ProgressFile
+from imgindex.service.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -278,8 +278,8 @@ class Builds:
             return self._conn
 
     def _run(self, build: Build) -> None:
-        from cluster.shared import workers_without
-        from cluster.worker import setup_workers
+        from imgindex.cluster.shared import workers_without
+        from imgindex.cluster.worker import setup_workers
 
         progress = build.progress
         planned: list[PlannedBuild | ImgindexError] = []
@@ -338,8 +338,8 @@ class Builds:
 
 def _holds_shards(folder: Path) -> bool:
     """Whether ``folder`` is a dataset of tar shards (pipeline/sources.py)."""
-    from pipeline.errors import DatasetError
-    from pipeline.sources import parse_source
+    from imgindex.pipeline.errors import DatasetError
+    from imgindex.pipeline.sources import parse_source
 
     try:
         return parse_source(folder).kind == "tar"

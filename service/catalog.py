@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import IndexDirError
-from pipeline.search import Searcher
-from pipeline.sources import Source
-from pipeline.store import DUPLICATES_FILE, META_FILE, is_index_dir, read_meta
-from service.errors import ApiError
-from service.images import IndexedImage
+from imgindex.pipeline.errors import IndexDirError
+from imgindex.pipeline.search import Searcher
+from imgindex.pipeline.sources import Source
+from imgindex.pipeline.store import DUPLICATES_FILE, META_FILE, is_index_dir, read_meta
+from imgindex.service.errors import ApiError
+from imgindex.service.images import IndexedImage
 
 logger = logging.getLogger(__name__)
 

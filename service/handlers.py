@@ -10,14 +10,14 @@ from urllib.parse import quote
 
 import tornado.web
 
-from pipeline.discover import image_id
-from pipeline.errors import ImgindexError
-from service.auth import SECURITY_HEADERS, cross_origin
-from service.errors import ApiError
-from service.images import IndexedImage, describe_image_file, read_image_file
+from imgindex.pipeline.discover import image_id
+from imgindex.pipeline.errors import ImgindexError
+from imgindex.service.auth import SECURITY_HEADERS, cross_origin
+from imgindex.service.errors import ApiError
+from imgindex.service.images import IndexedImage, describe_image_file, read_image_file
 
 if TYPE_CHECKING:
-    from service.app import Service
+    from imgindex.service.app import Service
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class OpenApi(ApiHandler):
     route = "openapi"
 
     def get(self) -> None:
-        from service.openapi import openapi
+        from imgindex.service.openapi import openapi
 
         self.set_header("Cache-Control", "no-cache")
         self.send_json(openapi())
@@ -191,7 +191,7 @@ class IndexInfo(ApiHandler):
     route = "index"
 
     async def get(self, name: str) -> None:
-        from pipeline.describe import describe_index
+        from imgindex.pipeline.describe import describe_index
 
         path = self.service.catalog.path(name)
         try:

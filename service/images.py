@@ -18,10 +18,10 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.decode import load_rgb
-from pipeline.errors import DecodeError
-from pipeline.sources import Source, holder_stat, read_image
-from service.errors import ApiError
+from imgindex.pipeline.decode import load_rgb
+from imgindex.pipeline.errors import DecodeError
+from imgindex.pipeline.sources import Source, holder_stat, read_image
+from imgindex.service.errors import ApiError
 
 # Formats as Pillow names them -> the type browsers render as an image.
 WEB_TYPES = {

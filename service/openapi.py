@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import __version__
+from imgindex import __version__
 
 
 def _error(text: str) -> dict[str, Any]:

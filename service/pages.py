@@ -13,9 +13,9 @@ from pathlib import Path
 
 import tornado.web
 
-from service.auth import COOKIE_DAYS
-from service.errors import ApiError
-from service.handlers import ApiHandler
+from imgindex.service.auth import COOKIE_DAYS
+from imgindex.service.errors import ApiError
+from imgindex.service.handlers import ApiHandler
 
 STATIC_DIR = Path(__file__).with_name("static")
 

@@ -10,9 +10,9 @@ from urllib.parse import quote
 import tornado.web
 from tornado.httputil import HTTPInputError, parse_body_arguments
 
-from pipeline.errors import DecodeError
-from service.errors import ApiError
-from service.handlers import (
+from imgindex.pipeline.errors import DecodeError
+from imgindex.service.errors import ApiError
+from imgindex.service.handlers import (
     ApiHandler,
     count_argument,
     flag_argument,

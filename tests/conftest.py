@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import write_photos
+from imgindex.pipeline.synthetic import write_photos
 from tests.helpers import REQUIRE_ALL
 
 
@@ -165,11 +165,11 @@ class DaskProcesses:
         "class Hide:\n"
         "    @classmethod\n"
         "    def find_spec(cls, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('pipeline', 'cluster'):\n"
+        "        if name.split('.')[0] == 'imgindex':\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
         "sys.meta_path.insert(0, Hide)\n"
     )
-    OTHER_VERSION = "import pipeline\npipeline.__version__ = '0.0.0.other'\n"
+    OTHER_VERSION = "import imgindex\nimgindex.__version__ = '0.0.0.other'\n"
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -375,7 +375,7 @@ def album(service):
     (pipeline.synthetic.COPY_MAKERS), with its duplicates report saved."""
     from skimage import data
 
-    from pipeline.synthetic import write_copy_set
+    from imgindex.pipeline.synthetic import write_copy_set
     from tests.helpers import invoke
 
     originals = {n: Image.fromarray(getattr(data, n)()) for n in ("chelsea", "coffee")}

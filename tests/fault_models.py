@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.models import LoadedModel, Preprocess, loader
+from imgindex.pipeline.models import LoadedModel, Preprocess, loader
 
 _loads: Counter = Counter()
 

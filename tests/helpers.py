@@ -13,8 +13,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.store import StoredIndex, read_index_dir
+from imgindex.pipeline.cli import cli
+from imgindex.pipeline.store import StoredIndex, read_index_dir
 
 
 def invoke(*args, env: dict | None = None):
@@ -33,7 +33,7 @@ def read_index(path: str | Path) -> StoredIndex:
 
 
 def imgindex_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+    return [sys.executable, "-m", "imgindex", *map(str, args)]
 
 
 def start_imgindex(*args, env: dict | None = None) -> subprocess.Popen:

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.build import run_build
-from pipeline.discover import ImageRecord
-from pipeline.embed import Embedder, ModelSpec, embed_partition
+from imgindex.pipeline.build import run_build
+from imgindex.pipeline.discover import ImageRecord
+from imgindex.pipeline.embed import Embedder, ModelSpec, embed_partition
 from tests.conftest import write_bad_files
 from tests.helpers import read_index
 
 
 def photo(seed: int = 3, size=(480, 360)) -> Image.Image:
-    from pipeline.synthetic import synthetic_photo
+    from imgindex.pipeline.synthetic import synthetic_photo
 
     return synthetic_photo(np.random.default_rng(seed), *size)
 
@@ -130,7 +130,7 @@ def test_rotation_is_really_applied(corpus, tmp_path):
 
 
 def test_transparency_is_composited_on_white(tmp_path):
-    from pipeline.decode import decode_image
+    from imgindex.pipeline.decode import decode_image
 
     im = Image.new("RGBA", (300, 300), (0, 0, 0, 0))
     im.save(tmp_path / "clear.png")
@@ -138,8 +138,8 @@ def test_transparency_is_composited_on_white(tmp_path):
 
 
 def test_bomb_is_rejected_from_its_header(tmp_path):
-    from pipeline.decode import decode_image
-    from pipeline.errors import DecodeError
+    from imgindex.pipeline.decode import decode_image
+    from imgindex.pipeline.errors import DecodeError
 
     header_only_png(tmp_path / "b.png", 12000, 12000)  # 144 M pixels > 89 M
     with pytest.raises(
@@ -164,8 +164,8 @@ def test_unreadable_file_is_reported(tmp_path):
     """Root reads anything, so the decode runs in a child that drops to nobody."""
     import warnings
 
-    from pipeline.decode import decode_image
-    from pipeline.errors import DecodeError
+    from imgindex.pipeline.decode import decode_image
+    from imgindex.pipeline.errors import DecodeError
 
     folder = Path(tempfile.mkdtemp(prefix="imgindex-perm-"))
     try:

@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.batch_decode import BatchDecodeFeed, BatchDecoder, upright
-from pipeline.decode import center_crop, input_and_traits, load_rgb
-from pipeline.errors import DecodeError
-from pipeline.jpeg import read_header
-from pipeline.synthetic import write_kinds
-from pipeline.traits import hash_distance
+from imgindex.pipeline.batch_decode import BatchDecodeFeed, BatchDecoder, upright
+from imgindex.pipeline.decode import center_crop, input_and_traits, load_rgb
+from imgindex.pipeline.errors import DecodeError
+from imgindex.pipeline.jpeg import read_header
+from imgindex.pipeline.synthetic import write_kinds
+from imgindex.pipeline.traits import hash_distance
 from tests.conftest import write_bad_files
 from tests.helpers import invoke, read_index
 
@@ -61,7 +61,7 @@ def test_headers_say_what_each_file_is(kinds):
 
 
 def test_resampling_gives_pillows_pixels(kinds):
-    from pipeline.resample import BOX, grey, resample_spans
+    from imgindex.pipeline.resample import BOX, grey, resample_spans
 
     rng = np.random.default_rng(3)
     images = [np.asarray(Image.open(kinds["plain0.jpg"]))]
@@ -104,7 +104,7 @@ def test_upright_turns_as_pillow_does(orientation):
 
 
 def test_every_kind_gives_the_cpu_paths_input_and_traits(kinds):
-    from pipeline.embed import Embedder, ModelSpec
+    from imgindex.pipeline.embed import Embedder, ModelSpec
 
     root = str(next(iter(kinds.values())).parent)
     names = sorted(kinds)
@@ -206,7 +206,7 @@ def test_the_feed_yields_batches_in_order_and_stops_early(kinds):
 
 @pytest.mark.slow  # two builds, each on a LocalCluster
 def test_a_build_with_the_batch_decoder_matches_the_cpu_path(tmp_path, kinds):
-    from pipeline.embed import Embedder, ModelSpec
+    from imgindex.pipeline.embed import Embedder, ModelSpec
 
     root = next(iter(kinds.values())).parent
     runs = {}

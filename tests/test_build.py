@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import __version__
-from pipeline.assemble import IndexRequest
-from pipeline.build import run_build
-from pipeline.errors import DatasetError, IndexDirError, IndexLocked
-from pipeline.lock import lock_index
-from pipeline.search import Searcher
-from pipeline.shards import staging_dir
-from pipeline.store import INDEX_FILE, SHARDS_DIR, read_meta
-from pipeline.synthetic import write_photos
+from imgindex import __version__
+from imgindex.pipeline.assemble import IndexRequest
+from imgindex.pipeline.build import run_build
+from imgindex.pipeline.errors import DatasetError, IndexDirError, IndexLocked
+from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.search import Searcher
+from imgindex.pipeline.shards import staging_dir
+from imgindex.pipeline.store import INDEX_FILE, SHARDS_DIR, read_meta
+from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import copy_tree, crop_query, write_bad_files
 from tests.helpers import read_index
 
@@ -74,7 +74,7 @@ def test_turned_query_finds_its_source_and_upright_ones_keep_their_scores(
 ):
     from PIL import Image
 
-    from pipeline.search import TURN_PENALTY
+    from imgindex.pipeline.search import TURN_PENALTY
 
     roots, out, _ = built
     turning = Searcher(out / "beach")
@@ -101,7 +101,7 @@ def test_turned_query_finds_its_source_and_upright_ones_keep_their_scores(
 
 
 def test_merged_results_keep_each_image_once_at_its_best_score():
-    from pipeline.search import _merged
+    from imgindex.pipeline.search import _merged
 
     found = (np.array([[0.9, 0.5, 0.4]], np.float32), np.array([[1, 2, 3]]))
     more = (np.array([[0.95, 0.7, 0.2]], np.float32), np.array([[4, 2, -1]]))
@@ -111,7 +111,7 @@ def test_merged_results_keep_each_image_once_at_its_best_score():
 
 
 def test_vectors_in_index_match_a_direct_embedding(built):
-    from pipeline.embed import Embedder, ModelSpec
+    from imgindex.pipeline.embed import Embedder, ModelSpec
 
     roots, out, _ = built
     stored = read_index(out / "forest")
@@ -333,7 +333,7 @@ def test_queries_obey_the_same_pixel_limit_as_indexed_images(built, tmp_path):
     # Issue 9: the spec comes from one place (ModelSpec.from_config) for both.
     import dask.config
 
-    from pipeline.errors import DecodeError
+    from imgindex.pipeline.errors import DecodeError
 
     roots, out, _ = built
     query = roots["beach"] / "img00000.jpg"

@@ -7,7 +7,7 @@ import json
 import dask.config
 import pytest
 
-from pipeline.synthetic import write_photos
+from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import copy_tree, crop_query, write_bad_files
 from tests.helpers import invoke, one_error_line
 
@@ -314,7 +314,12 @@ def test_workers_that_disagree_about_the_model_are_one_line(dataset, tmp_path):
     def other_version(dask_worker=None) -> None:
         import dataclasses
 
-        from pipeline.models import _CACHE, Preprocess, get_model, remember_card
+        from imgindex.pipeline.models import (
+            _CACHE,
+            Preprocess,
+            get_model,
+            remember_card,
+        )
 
         model = get_model("efficientnet-lite0", "cpu")
         other = dataclasses.replace(model, preprocess=Preprocess(resize=288, crop=256))
@@ -322,7 +327,7 @@ def test_workers_that_disagree_about_the_model_are_one_line(dataset, tmp_path):
         remember_card(other.card())
 
     def this_version(dask_worker=None) -> None:
-        from pipeline.models import get_model
+        from imgindex.pipeline.models import get_model
 
         get_model("efficientnet-lite0", "cpu")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import dask.config
 import pytest
 
-from cluster.connect import connect, probe_scheduler, resolve_target
-from pipeline.errors import SchedulerUnreachable
+from imgindex.cluster.connect import connect, probe_scheduler, resolve_target
+from imgindex.pipeline.errors import SchedulerUnreachable
 
 
 @pytest.fixture
@@ -128,7 +128,12 @@ def test_no_scheduler_configured_starts_a_local_cluster(one_local_worker, monkey
         assert len(conn.client.nthreads()) == 1
 
 
-_PRELOADED = ("onnxruntime", "pipeline.embed", "faiss", "cluster.forkserver_exit")
+_PRELOADED = (
+    "onnxruntime",
+    "imgindex.pipeline.embed",
+    "faiss",
+    "imgindex.cluster.forkserver_exit",
+)
 
 
 def _imported_here(dask_worker) -> dict:
@@ -154,7 +159,7 @@ def test_local_workers_fork_from_a_server_that_imported_their_modules(
     scratch. Either closes cleanly; another method is a one-line error."""
     import os
 
-    from pipeline.errors import ConfigError
+    from imgindex.pipeline.errors import ConfigError
 
     monkeypatch.delenv("IMGINDEX_SCHEDULER", raising=False)
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
@@ -198,7 +203,7 @@ def test_doctor_does_not_advise_dropping_a_flag_nobody_passed(tmp_path):
 def test_doctor_takes_builds_of_one_release_as_the_same_package():
     """A GPU worker's torch 2.13.0+cu128 beside the client's 2.13.0+cpu is the
     same release; another release is a warning, another distributed an error."""
-    from cluster.environment import problems
+    from imgindex.cluster.environment import problems
 
     client = {
         "imgindex": "0.3.0",
@@ -252,7 +257,7 @@ def _run_script(tmp_path: Path, source: str) -> str:
 
 _DASHBOARD_PROBE = """
 import json, sys, urllib.request
-from cluster.connect import start_local
+from imgindex.cluster.connect import start_local
 
 def get(url):
     with urllib.request.urlopen(url, timeout=60) as r:
@@ -294,7 +299,7 @@ def test_local_dashboard_is_loaded_when_first_opened(tmp_path):
 
 _EARLY_SERVER = """
 import multiprocessing.forkserver
-from cluster.connect import start_local_early
+from imgindex.cluster.connect import start_local_early
 
 if __name__ == "__main__":
     start_local_early(None, None)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import decode_image
-from pipeline.errors import DecodeError
+from imgindex.pipeline.decode import decode_image
+from imgindex.pipeline.errors import DecodeError
 from tests.conftest import write_bad_files
 
 

@@ -10,15 +10,15 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipeline import parts, ranges
-from pipeline import plan as plan_module
-from pipeline.diff import MetadataDigest
-from pipeline.discover import Failure, ImageRecord, image_id
-from pipeline.parts import PartWriter
-from pipeline.plan import _diff
-from pipeline.ranges import PathRange, path_ranges, rows_in_range
-from pipeline.sources import parse_source
-from pipeline.store import MANIFEST_FILE, manifest_line
+from imgindex.pipeline import parts, ranges
+from imgindex.pipeline import plan as plan_module
+from imgindex.pipeline.diff import MetadataDigest
+from imgindex.pipeline.discover import Failure, ImageRecord, image_id
+from imgindex.pipeline.parts import PartWriter
+from imgindex.pipeline.plan import _diff
+from imgindex.pipeline.ranges import PathRange, path_ranges, rows_in_range
+from imgindex.pipeline.sources import parse_source
+from imgindex.pipeline.store import MANIFEST_FILE, manifest_line
 
 
 def _dataset(tmp_path: Path) -> tuple[Path, list[str]]:
@@ -118,7 +118,7 @@ def test_the_diff_in_path_ranges_plans_what_one_pass_plans(
     monkeypatch.setattr(ranges, "ROWS_PER_RANGE", 7)
     here = _plan(table, previous, tmp_path / "here")
     assert len(here["embed parts"]) > 3  # a part a range at least
-    with caplog.at_level(logging.INFO, logger="pipeline.ranges"):
+    with caplog.at_level(logging.INFO, logger="imgindex.pipeline.ranges"):
         on_workers = _plan(table, previous, tmp_path / "workers", client)
         monkeypatch.setattr(ranges, "sees_folder", lambda folder, token: False)
         unseen = _plan(table, previous, tmp_path / "unseen", client)
@@ -227,8 +227,8 @@ def test_the_manifest_is_merged_in_path_ranges_on_the_workers(
     those kept; a table's columns travel in every range."""
     import csv
 
-    from pipeline.build import run_build
-    from pipeline.store import MANIFEST_FILE
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.store import MANIFEST_FILE
     from tests.helpers import read_index
 
     photos = photo_sets["beach"][:20]
@@ -255,7 +255,7 @@ def test_the_manifest_is_merged_in_path_ranges_on_the_workers(
     whole = build(tmp_path / "one")
     monkeypatch.setattr(parts, "BATCH_ROWS", 2)
     monkeypatch.setattr(ranges, "ROWS_PER_RANGE", 5)
-    with caplog.at_level(logging.INFO, logger="pipeline.ranges"):
+    with caplog.at_level(logging.INFO, logger="imgindex.pipeline.ranges"):
         split = build(tmp_path / "split")
     assert split == whole
     logged = [m for m in caplog.messages if m.startswith("manifest[plates]:")]
@@ -293,8 +293,8 @@ def test_a_damaged_manifest_read_on_the_workers_is_one_line(
     span, stops the plan with the reader's one-line error."""
     import pytest
 
-    from pipeline.errors import IndexDirError
-    from pipeline.plan import _previous_parts
+    from imgindex.pipeline.errors import IndexDirError
+    from imgindex.pipeline.plan import _previous_parts
 
     table, names = _dataset(tmp_path)
     previous = _index_in_place(table.parent, names, tmp_path / "index")
@@ -323,8 +323,8 @@ def test_a_tar_manifest_merged_in_ranges_is_the_one_range_manifest(
     again gives the manifest one range gives."""
     import shutil
 
-    from pipeline.build import run_build
-    from pipeline.store import MANIFEST_FILE
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.store import MANIFEST_FILE
     from tests.test_sources import shard_photos, write_shard
 
     beach = photo_sets["beach"][:24]
@@ -340,7 +340,7 @@ def test_a_tar_manifest_merged_in_ranges_is_the_one_range_manifest(
     assert (again.updated, again.removed, again.indexed) == (5, 1, 23)
     monkeypatch.setattr(parts, "BATCH_ROWS", 2)
     monkeypatch.setattr(ranges, "ROWS_PER_RANGE", 4)
-    with caplog.at_level(logging.INFO, logger="pipeline.ranges"):
+    with caplog.at_level(logging.INFO, logger="imgindex.pipeline.ranges"):
         assert run_build(client, pattern, split).indexed == 23
     logged = [m for m in caplog.messages if m.startswith("manifest[shards]:")]
     assert len(logged) == 1 and int(logged[0].split()[1]) >= 4

@@ -2,13 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.discover import (
+from imgindex.pipeline.discover import (
     Failure,
     discover_images,
     image_id,
     partition_records,
 )
-from pipeline.errors import DatasetError
+from imgindex.pipeline.errors import DatasetError
 
 
 def test_recursive_case_insensitive_sorted(tmp_path: Path):
@@ -67,7 +67,7 @@ def test_partitions_cover_everything_once(tmp_path: Path):
 
 
 def test_the_last_partitions_are_smaller_so_the_threads_end_together():
-    from pipeline.discover import ImageRecord
+    from imgindex.pipeline.discover import ImageRecord
 
     records = [ImageRecord(f"{i}.jpg", 1, 0) for i in range(500)]
     parts = partition_records(records, 32, tail_threads=2)
@@ -122,7 +122,7 @@ def test_linked_folders_are_followed_and_loops_reported(tmp_path: Path):
 
 
 def test_packed_records_come_back_as_they_were():
-    from pipeline.discover import ImageRecord, pack_records, unpack_records
+    from imgindex.pipeline.discover import ImageRecord, pack_records, unpack_records
 
     records = [
         ImageRecord("a/b.jpg", 10, 1_700_000_000_123_456_789),

@@ -20,15 +20,19 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipeline.build import run_build
-from pipeline.decode import ORIGINAL_SIZE, load_rgb
-from pipeline.discover import ImageRecord
-from pipeline.duplicates import DuplicateReport, DuplicateSettings, find_duplicates
-from pipeline.embed import ModelSpec, PartitionResult
-from pipeline.shards import read_shard, write_shard
-from pipeline.statistics import StatisticsSettings
-from pipeline.synthetic import COPY_MAKERS, synthetic_photo, write_copy_set
-from pipeline.traits import TRAITS, hash_distance, image_traits
+from imgindex.pipeline.build import run_build
+from imgindex.pipeline.decode import ORIGINAL_SIZE, load_rgb
+from imgindex.pipeline.discover import ImageRecord
+from imgindex.pipeline.duplicates import (
+    DuplicateReport,
+    DuplicateSettings,
+    find_duplicates,
+)
+from imgindex.pipeline.embed import ModelSpec, PartitionResult
+from imgindex.pipeline.shards import read_shard, write_shard
+from imgindex.pipeline.statistics import StatisticsSettings
+from imgindex.pipeline.synthetic import COPY_MAKERS, synthetic_photo, write_copy_set
+from imgindex.pipeline.traits import TRAITS, hash_distance, image_traits
 from tests.helpers import import_or_skip, invoke, one_error_line
 
 try:
@@ -129,7 +133,7 @@ def test_copies_are_grouped_and_siblings_kept_apart(copy_set, default_report):
 def _jpeg_features(image: Image.Image):
     import io
 
-    from pipeline.geometry import image_features
+    from imgindex.pipeline.geometry import image_features
 
     buf = io.BytesIO()
     image.convert("RGB").save(buf, "JPEG", quality=92)
@@ -143,8 +147,8 @@ def test_second_shots_of_a_scene_are_not_copies_copies_are():
     with a correlation that the copy check once took for a copy; the shift
     left between them (parallax) says they are not. Copies of real photos,
     every way, keep theirs under the threshold (bench/copy_or_shot.py)."""
-    from pipeline import geometry
-    from pipeline.synthetic import second_shots
+    from imgindex.pipeline import geometry
+    from imgindex.pipeline.synthetic import second_shots
 
     shots = [
         geometry.align(_jpeg_features(a), _jpeg_features(b))
@@ -313,10 +317,10 @@ def test_every_copy_maker_changes_the_file():
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_vectors_without_traits_group_only_near_identical_ones(client, tmp_path, kind):
     """Also over a graph index, which stores the byte copies' one vector once."""
-    from pipeline import index as fx
-    from pipeline.assemble import IndexRequest
-    from pipeline.reindex import reindex
-    from pipeline.synthetic import write_vector_index
+    from imgindex.pipeline import index as fx
+    from imgindex.pipeline.assemble import IndexRequest
+    from imgindex.pipeline.reindex import reindex
+    from imgindex.pipeline.synthetic import write_vector_index
 
     rng = np.random.default_rng(3)
     vectors = rng.normal(size=(400, 32)).astype(np.float32)
@@ -438,8 +442,8 @@ def test_html_report_opens_in_a_browser(copy_set, browser, tmp_path):
 
 
 def test_html_report_pages_and_escapes_names(browser, tmp_path):
-    from pipeline.duplicates import Group, Member, Pair
-    from pipeline.report_html import write_html_report
+    from imgindex.pipeline.duplicates import Group, Member, Pair
+    from imgindex.pipeline.report_html import write_html_report
 
     hostile = '</script><img src=x onerror="document.title=1">.jpg'
     groups = [

@@ -16,13 +16,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.build import run_build
-from pipeline.cli import cli
-from pipeline.embed import ModelSpec
-from pipeline.errors import BuildFailed
-from pipeline.lock import lock_index
-from pipeline.shards import staging_dir
-from pipeline.synthetic import write_photos
+from imgindex.pipeline.build import run_build
+from imgindex.pipeline.cli import cli
+from imgindex.pipeline.embed import ModelSpec
+from imgindex.pipeline.errors import BuildFailed
+from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.shards import staging_dir
+from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import copy_tree
 from tests.fault_models import RegisterFaultModels
 from tests.helpers import one_error_line, read_index
@@ -192,7 +192,7 @@ def test_sigkilled_client_resumes_and_matches_a_clean_build(
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "imgindex",
         "build",
         str(data),
         "--out",

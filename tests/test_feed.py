@@ -17,12 +17,12 @@ import pytest
 from distributed import Client, LocalCluster
 from PIL import Image
 
-from pipeline.decode import center_crop
-from pipeline.discover import ImageRecord
-from pipeline.embed import GPU_BATCH_SIZE, Embedder, ModelSpec, _embed
-from pipeline.errors import ConfigError, DecodeError
-from pipeline.feed import BatchFeed
-from pipeline.shards import spec_key
+from imgindex.pipeline.decode import center_crop
+from imgindex.pipeline.discover import ImageRecord
+from imgindex.pipeline.embed import GPU_BATCH_SIZE, Embedder, ModelSpec, _embed
+from imgindex.pipeline.errors import ConfigError, DecodeError
+from imgindex.pipeline.feed import BatchFeed
+from imgindex.pipeline.shards import spec_key
 from tests.helpers import (
     imgindex_cmd,
     import_or_skip,
@@ -100,7 +100,7 @@ class CountingDecode:
 
 def _settle(threads: int) -> None:
     """Wait until the shared decode pool has run (or dropped) what was queued."""
-    from pipeline.feed import decode_pool
+    from imgindex.pipeline.feed import decode_pool
 
     # Every thread must hold one of these at once: none is still decoding.
     everyone = threading.Barrier(threads)
@@ -139,7 +139,7 @@ def test_a_consumer_may_stop_early():
 
 def real_photos(tmp_path, n_synthetic: int = 6) -> tuple[str, list[str]]:
     """Real photographs (scikit-image's) and synthetic ones, plus a broken file."""
-    from pipeline.synthetic import write_photos
+    from imgindex.pipeline.synthetic import write_photos
 
     for name in (
         "chelsea",
@@ -204,7 +204,7 @@ def test_fp16_autocast_stays_within_cosine_0_999_of_fp32():
     assert cosine.min() >= 0.999, cosine
     np.testing.assert_allclose(np.linalg.norm(half, axis=1), 1.0, rtol=1e-5)
     # bf16 keeps 8 bits of mantissa: measured further from fp32 on this
-    # model, which is why auto picks fp16 (README, "GPU workers").
+    # model, which is why auto picks fp16 (docs/guide/gpus.md).
     brain = np.sum(exact * embed_in("bf16", pixels), axis=1)
     assert 0.98 < brain.min() < cosine.min()
 
@@ -242,7 +242,7 @@ def test_shards_of_earlier_versions_stay_valid():
 
 
 def test_partitions_are_gpu_sized_only_for_gpu_workers(client):
-    from pipeline.dispatch import DispatchSettings, PartitionDispatcher
+    from imgindex.pipeline.dispatch import DispatchSettings, PartitionDispatcher
 
     def size(c, spec, n=100_000, **settings):
         d = PartitionDispatcher(
@@ -265,7 +265,7 @@ def test_partitions_are_gpu_sized_only_for_gpu_workers(client):
         ) as cluster,
         Client(cluster) as gpu_client,
     ):
-        # Workers started as the README says for GPU nodes (--resources GPU=1).
+        # Workers started as docs/guide/gpus.md says for GPU nodes (--resources GPU=1).
         assert size(gpu_client, ModelSpec()) == 32 * GPU_BATCH_SIZE
         assert size(gpu_client, ModelSpec(device="cpu")) == 32
 
@@ -318,7 +318,7 @@ def test_a_batch_too_big_for_the_gpu_runs_in_halves(caplog):
     rng = np.random.default_rng(1)
     pixels = list(rng.integers(0, 256, (7, 224, 224, 3), dtype=np.uint8))
     embedder = Embedder(ModelSpec("test-oom", device="cpu", batch_size=7))
-    with caplog.at_level("WARNING", logger="pipeline.embed"):
+    with caplog.at_level("WARNING", logger="imgindex.pipeline.embed"):
         whole = embedder.embed_pixels(pixels)  # 7 -> 3 + 4 -> 1 + 2 + 2 + 2
     # Each split says so, and how to avoid it.
     told = [r.getMessage() for r in caplog.records if "out of GPU memory" in r.msg]
@@ -333,7 +333,7 @@ def test_a_build_with_gpu_settings_on_cpu_workers_indexes_the_same(
 ):
     # The threaded path inside real Dask worker processes, bad files included:
     # the same images indexed, the same failures, the same vectors.
-    from pipeline.build import run_build
+    from imgindex.pipeline.build import run_build
     from tests.conftest import write_bad_files
 
     bad = write_bad_files(dataset)

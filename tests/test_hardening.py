@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store import (
+from imgindex.pipeline.store import (
     INDEX_FILE,
     MANIFEST_FILE,
     META_FILE,
@@ -227,7 +227,7 @@ def test_item16_file_names_cannot_drive_the_terminal(build, few, tmp_path):
 
 
 def test_item10_local_dashboard_listens_on_loopback_only():
-    from cluster.connect import start_local
+    from imgindex.cluster.connect import start_local
 
     with start_local("test") as conn:
         port = int(conn.dashboard.split(":")[2].split("/")[0])

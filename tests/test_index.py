@@ -16,15 +16,15 @@ import dask.config
 import numpy as np
 import pytest
 
-from pipeline import index as fx
-from pipeline import index_build
-from pipeline.assemble import IndexRequest
-from pipeline.build import run_build
-from pipeline.copies import Copies, DistinctAdder
-from pipeline.discover import ImageRecord
-from pipeline.embed import ModelSpec
-from pipeline.errors import IndexDirError
-from pipeline.index_build import (
+from imgindex.pipeline import index as fx
+from imgindex.pipeline import index_build
+from imgindex.pipeline.assemble import IndexRequest
+from imgindex.pipeline.build import run_build
+from imgindex.pipeline.copies import Copies, DistinctAdder
+from imgindex.pipeline.discover import ImageRecord
+from imgindex.pipeline.embed import ModelSpec
+from imgindex.pipeline.errors import IndexDirError
+from imgindex.pipeline.index_build import (
     Append,
     Runner,
     ShardRows,
@@ -35,13 +35,13 @@ from pipeline.index_build import (
     recall_by_score,
     sample_rows,
 )
-from pipeline.index_policy import Thresholds, choose_index, ivf_lists
-from pipeline.lookup import rows_in_sorted
-from pipeline.reindex import reindex
-from pipeline.search import search_images
-from pipeline.shards import iter_shards, write_vectors
-from pipeline.store import INDEX_FILE, IVFDATA_FILE, read_index_dir, read_meta
-from pipeline.synthetic import write_vector_index
+from imgindex.pipeline.index_policy import Thresholds, choose_index, ivf_lists
+from imgindex.pipeline.lookup import rows_in_sorted
+from imgindex.pipeline.reindex import reindex
+from imgindex.pipeline.search import search_images
+from imgindex.pipeline.shards import iter_shards, write_vectors
+from imgindex.pipeline.store import INDEX_FILE, IVFDATA_FILE, read_index_dir, read_meta
+from imgindex.pipeline.synthetic import write_vector_index
 from tests.conftest import copy_tree, crop_query
 from tests.helpers import imgindex_cmd, invoke, one_error_line, read_index
 
@@ -476,8 +476,8 @@ def test_an_on_disk_index_opens_and_searches_in_a_fresh_process(client, tmp_path
     reindex(dest, request(type="ivf-flat", **{"on-disk": True}), client)
     code = (
         "import sys, json\n"
-        "from pipeline.store import read_index_dir\n"
-        "from pipeline import index as fx\n"
+        "from imgindex.pipeline.store import read_index_dir\n"
+        "from imgindex.pipeline import index as fx\n"
         "from tests.test_index import clustered\n"
         "s = read_index_dir(sys.argv[1]); ix = s.index\n"
         "fx.set_search_params(ix, s.meta.search_params)\n"

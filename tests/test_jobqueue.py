@@ -6,9 +6,9 @@ import dask.config
 import pytest
 from click.testing import CliRunner
 
-from cluster.jobqueue import make_jobqueue_cluster
-from pipeline.cli import cli
-from pipeline.errors import ImgindexError
+from imgindex.cluster.jobqueue import make_jobqueue_cluster
+from imgindex.pipeline.cli import cli
+from imgindex.pipeline.errors import ImgindexError
 from tests.helpers import import_or_skip
 
 import_or_skip("dask_jobqueue")
@@ -108,7 +108,7 @@ def test_importing_dask_jobqueue_keeps_our_sigint_handler():
     import signal
     import sys
 
-    from cluster.jobqueue import _import_dask_jobqueue
+    from imgindex.cluster.jobqueue import _import_dask_jobqueue
 
     for name in [m for m in sys.modules if m.split(".")[0] == "dask_jobqueue"]:
         del sys.modules[name]  # so that the import runs again

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.decode import center_crop
-from pipeline.embed import Embedder, ModelSpec
-from pipeline.errors import ModelUnavailable
-from pipeline.models import get_model
+from imgindex.pipeline.decode import center_crop
+from imgindex.pipeline.embed import Embedder, ModelSpec
+from imgindex.pipeline.errors import ModelUnavailable
+from imgindex.pipeline.models import get_model
 from tests.helpers import import_or_skip
 
 skdata = import_or_skip("skimage.data")
@@ -65,7 +65,7 @@ def test_plugin_without_its_package_names_the_package():
 
 
 def test_folded_batchnorm_matches_the_eager_model():
-    from pipeline.models import efficientnet_lite0
+    from imgindex.pipeline.models import efficientnet_lite0
 
     embedder = Embedder(ModelSpec(device="cpu", runtime="torch"))
     from PIL import Image

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.build import run_build
-from pipeline.cli import cli
-from pipeline.progress import ProgressFile, format_progress, read_progress
+from imgindex.pipeline.build import run_build
+from imgindex.pipeline.cli import cli
+from imgindex.pipeline.progress import ProgressFile, format_progress, read_progress
 
 DASK = str(Path(sys.executable).parent / "dask")
 
@@ -90,7 +90,7 @@ def test_output_piped_into_a_reader_that_leaves_is_quiet(tmp_path):
     path = tmp_path / "p.json"
     ProgressFile(path, [f"dataset-{i}" for i in range(2000)])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "status", str(path)],
+        [sys.executable, "-m", "imgindex", "status", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -164,7 +164,7 @@ def test_the_scheduler_knows_every_partition_from_the_start(
     it; a windowed dispatch would wait for results that cannot come."""
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    from pipeline import dispatch
+    from imgindex.pipeline import dispatch
 
     monkeypatch.setattr(dispatch, "SUBMIT_BATCH", 8)
     scheduler = client.cluster.scheduler
@@ -296,7 +296,7 @@ def test_status_doubts_a_progress_file_nobody_updates(tmp_path):
 
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from imgindex.pipeline.cli import cli
 
     path = tmp_path / "p.json"
     path.write_text(

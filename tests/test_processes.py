@@ -18,7 +18,7 @@ from pathlib import Path
 import dask.config
 import pytest
 
-from pipeline.synthetic import write_photos
+from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import copy_tree
 from tests.helpers import (
     error_lines,

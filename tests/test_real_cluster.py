@@ -13,9 +13,9 @@ from pathlib import Path
 import dask.config
 import pytest
 
-from pipeline import __version__
-from pipeline.cancel import CANCEL_BATCH
-from pipeline.synthetic import write_photos
+from imgindex import __version__
+from imgindex.pipeline.cancel import CANCEL_BATCH
+from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import DaskProcesses, copy_tree
 from tests.helpers import imgindex_cmd, invoke, read_index, wait_for_progress
 

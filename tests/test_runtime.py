@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.embed import Embedder, ModelSpec
-from pipeline.errors import ModelUnavailable
-from pipeline.runtime import choose_runtime, onnx_cache_path
+from imgindex.pipeline.embed import Embedder, ModelSpec
+from imgindex.pipeline.errors import ModelUnavailable
+from imgindex.pipeline.runtime import choose_runtime, onnx_cache_path
 from tests.conftest import crop_query
 from tests.helpers import imgindex_cmd, import_or_skip, invoke, one_error_line
 
@@ -129,7 +129,7 @@ def test_auto_remembers_its_timing_for_this_cpu_threads_and_packages(tmp_path):
 
 @pytest.mark.slow  # starts a cluster or a process
 def test_an_index_built_with_torch_is_searched_and_extended_with_onnx(photos, tmp_path):
-    from pipeline.search import Searcher
+    from imgindex.pipeline.search import Searcher
 
     data = tmp_path / "photos"
     data.mkdir()
@@ -252,7 +252,7 @@ def test_a_short_cli_search_runs_torch_and_a_long_one_onnxruntime(photos, tmp_pa
 _UNLOADED_PROBE = """
 import json, sys
 import numpy as np
-from pipeline.embed import Embedder, ModelSpec
+from imgindex.pipeline.embed import Embedder, ModelSpec
 e = Embedder(ModelSpec.from_config(device=sys.argv[1]))
 v = e.embed_pixels([e.decode(p) for p in sys.argv[2:]])
 print(json.dumps({"torch": "torch" in sys.modules, "runtime": e.runtime.name,

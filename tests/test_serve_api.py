@@ -9,8 +9,8 @@ import pytest
 import requests
 from PIL import Image
 
-from pipeline.discover import image_id
-from pipeline.synthetic import write_photos
+from imgindex.pipeline.discover import image_id
+from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import copy_tree, crop_query
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import write_photos
+from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import ARTIFACTS, crop_query
 
 try:

@@ -12,9 +12,9 @@ import pytest
 import requests
 from PIL import Image
 
-from pipeline.discover import image_id
-from pipeline.synthetic import write_photos
-from service.pages import STATIC_DIR as STATIC
+from imgindex.pipeline.discover import image_id
+from imgindex.pipeline.synthetic import write_photos
+from imgindex.service.pages import STATIC_DIR as STATIC
 from tests.conftest import ARTIFACTS
 from tests.helpers import RunningService, listening_ports
 

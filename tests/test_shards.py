@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.build import run_build
-from pipeline.discover import ImageRecord, discover_images
-from pipeline.dispatch import DispatchSettings, PartitionDispatcher
-from pipeline.embed import ModelSpec
-from pipeline.shards import iter_shards, read_shard, staging_dir
-from pipeline.store import SHARDS_DIR
+from imgindex.pipeline.build import run_build
+from imgindex.pipeline.discover import ImageRecord, discover_images
+from imgindex.pipeline.dispatch import DispatchSettings, PartitionDispatcher
+from imgindex.pipeline.embed import ModelSpec
+from imgindex.pipeline.shards import iter_shards, read_shard, staging_dir
+from imgindex.pipeline.store import SHARDS_DIR
 from tests.helpers import can_mount_privately, imgindex_cmd, invoke, read_index
 
 
@@ -178,11 +178,11 @@ def test_a_shard_made_by_another_copy_of_the_model_is_refused(tmp_path):
     import dataclasses
     from types import SimpleNamespace
 
-    from pipeline.build import _ShardSink
-    from pipeline.embed import PartitionResult
-    from pipeline.errors import BuildFailed
-    from pipeline.models import ModelCard, Preprocess
-    from pipeline.shards import write_shard
+    from imgindex.pipeline.build import _ShardSink
+    from imgindex.pipeline.embed import PartitionResult
+    from imgindex.pipeline.errors import BuildFailed
+    from imgindex.pipeline.models import ModelCard, Preprocess
+    from imgindex.pipeline.shards import write_shard
 
     records = [ImageRecord("a.jpg", 1, 1), ImageRecord("b.jpg", 1, 1)]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import dask.config
 import pytest
 
-from cluster.connect import start_local
-from pipeline.synthetic import write_photos
+from imgindex.cluster.connect import start_local
+from imgindex.pipeline.synthetic import write_photos
 from tests.helpers import (
     Intruder,
     RunningService,

@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.discover import Failure, ImageRecord
-from pipeline.embed import ModelSpec, embed_partition
-from pipeline.errors import DatasetError, DecodeError
-from pipeline.sources import (
+from imgindex.pipeline.discover import Failure, ImageRecord
+from imgindex.pipeline.embed import ModelSpec, embed_partition
+from imgindex.pipeline.errors import DatasetError, DecodeError
+from imgindex.pipeline.sources import (
     ShardStream,
     Source,
     expand_braces,
     parse_source,
 )
-from pipeline.synthetic import write_photos
+from imgindex.pipeline.synthetic import write_photos
 from tests.helpers import import_or_skip
 
 
@@ -163,9 +163,9 @@ def test_a_parquet_list_is_read_by_the_tasks_a_run_of_row_groups_each(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import sources
-    from pipeline.build import plan_dataset
-    from pipeline.listing import Unit
+    from imgindex.pipeline import sources
+    from imgindex.pipeline.build import plan_dataset
+    from imgindex.pipeline.listing import Unit
 
     names = [str(p) for p in photos[:5]]
     cells = [*names, None, names[2], "missing.jpg", " ", names[4]]
@@ -370,9 +370,9 @@ def test_a_source_travels_to_tasks_without_its_shard_list(tmp_path, photos):
 
 
 def test_tar_shards_build_search_rerun_and_find_copies(client, photo_sets, tmp_path):
-    from pipeline.build import run_build
-    from pipeline.duplicates import DuplicateSettings, find_duplicates
-    from pipeline.search import Searcher
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.duplicates import DuplicateSettings, find_duplicates
+    from imgindex.pipeline.search import Searcher
     from tests.helpers import read_index
 
     beach = photo_sets["beach"]  # 36 photos
@@ -429,7 +429,7 @@ def test_tar_shards_build_search_rerun_and_find_copies(client, photo_sets, tmp_p
 def test_file_list_builds_with_its_failures_and_metadata_free_rows(
     client, photo_sets, tmp_path
 ):
-    from pipeline.build import run_build
+    from imgindex.pipeline.build import run_build
     from tests.helpers import read_index
 
     forest = photo_sets["forest"]
@@ -454,8 +454,8 @@ def test_file_list_builds_with_its_failures_and_metadata_free_rows(
 def test_serve_shows_and_searches_images_from_shards_and_lists(
     client, service, photo_sets, tmp_path
 ):
-    from pipeline.build import run_build
-    from pipeline.discover import image_id
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.discover import image_id
 
     forest = photo_sets["forest"][:8]
     shard_photos(forest, tmp_path / "packed", 4)
@@ -574,7 +574,7 @@ def test_an_object_the_key_may_not_read_is_reported_as_permission_denied(
     from botocore.config import Config
     from botocore.exceptions import ClientError
 
-    from pipeline.build import run_build
+    from imgindex.pipeline.build import run_build
 
     url, s3 = s3_server_enforcing
     s3.create_bucket(Bucket="lab")
@@ -728,9 +728,9 @@ def test_the_cli_says_what_is_wrong_with_a_dataset_in_one_line(tmp_path):
 def test_a_tar_build_resumes_shard_by_shard(client, photo_sets, tmp_path):
     import shutil
 
-    from pipeline.build import run_build
-    from pipeline.shards import read_shard, staging_dir
-    from pipeline.store import SHARDS_DIR
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.shards import read_shard, staging_dir
+    from imgindex.pipeline.store import SHARDS_DIR
 
     beach = photo_sets["beach"]
     shard_photos(beach[:30], tmp_path / "shards", 10)
@@ -818,8 +818,8 @@ def test_a_list_of_urls_is_listed_and_read_over_http(http_folder, photos):
 def test_a_list_of_ten_thousand_rows_is_planned_with_every_bad_row_named(
     tmp_path, photos
 ):
-    from pipeline.embed import ModelSpec
-    from pipeline.plan import plan_build
+    from imgindex.pipeline.embed import ModelSpec
+    from imgindex.pipeline.plan import plan_build
 
     folder = tmp_path / "many"
     folder.mkdir()
@@ -850,10 +850,10 @@ def test_a_tables_other_columns_travel_into_the_manifest_and_results(
 ):
     import json
 
-    from pipeline.build import run_build
-    from pipeline.reindex import reindex
-    from pipeline.search import Searcher
-    from pipeline.store import MANIFEST_FILE
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.reindex import reindex
+    from imgindex.pipeline.search import Searcher
+    from imgindex.pipeline.store import MANIFEST_FILE
     from tests.helpers import read_index
 
     forest = photo_sets["forest"][:6]
@@ -927,14 +927,14 @@ def _tree_with_links(root: Path) -> Path:
 
 @pytest.mark.parametrize("target", [1, 2, 3, 5, 64])
 def test_a_walk_split_in_parts_lists_what_one_walk_lists(tmp_path, target):
-    from pipeline.discover import discover_images
-    from pipeline.listing import (
+    from imgindex.pipeline.discover import discover_images
+    from imgindex.pipeline.listing import (
         collect_listings,
         folder_units,
         list_unit,
         walk_conflicts,
     )
-    from pipeline.parts import record_of
+    from imgindex.pipeline.parts import record_of
 
     data = _tree_with_links(tmp_path)
     whole_failures: list[Failure] = []
@@ -963,8 +963,8 @@ def test_listing_parts_are_parquet_any_reader_opens(tmp_path, photos):
 
     import pyarrow.parquet as pq
 
-    from pipeline.discover import image_id
-    from pipeline.listing import Unit, list_unit
+    from imgindex.pipeline.discover import image_id
+    from imgindex.pipeline.listing import Unit, list_unit
 
     table = tmp_path / "rows.csv"
     rows = [(photos[2].name, "b"), (photos[0].name, "a"), ("gone.jpg", "c")]
@@ -998,9 +998,9 @@ def test_a_large_listing_goes_to_the_workers_once_they_are_there(
     import logging
     from concurrent.futures import Future
 
-    from pipeline import listing, sources
-    from pipeline.build import plan_dataset
-    from pipeline.discover import discover_images
+    from imgindex.pipeline import listing, sources
+    from imgindex.pipeline.build import plan_dataset
+    from imgindex.pipeline.discover import discover_images
 
     # Small units, so that this small tree and list are split.
     monkeypatch.setattr(listing, "FOLDER_UNITS", 3)
@@ -1011,7 +1011,7 @@ def test_a_large_listing_goes_to_the_workers_once_they_are_there(
     listed.write_text("\n".join(rows))
     spans = -(-listed.stat().st_size // 200)
     waiting: Future = Future()  # a cluster still starting: listed here
-    with caplog.at_level(logging.INFO, logger="pipeline.listing"):
+    with caplog.at_level(logging.INFO, logger="imgindex.pipeline.listing"):
         with plan_dataset(data, tmp_path / "out", cluster=waiting) as alone:
             assert not caplog.messages
             alone_records = list(alone.plan.to_embed)
@@ -1039,7 +1039,7 @@ def test_a_text_list_read_in_spans_of_any_size_lists_what_one_read_lists(
     """A .txt list is read by the tasks in byte spans: cut anywhere (inside
     a line, at its newline, inside a multi-byte character), the spans give
     each line once, with the row numbers one read gives."""
-    from pipeline import sources
+    from imgindex.pipeline import sources
 
     for n in range(3):
         (tmp_path / f"pic-é{n}.jpg").write_bytes(photos[n].read_bytes())
@@ -1085,9 +1085,9 @@ def test_many_listing_parts_are_merged_in_groups_here_or_on_the_workers(
     import logging
     from concurrent.futures import Future
 
-    from pipeline import parts, ranges, sources
-    from pipeline.build import plan_dataset
-    from pipeline.plan import plan_dir
+    from imgindex.pipeline import parts, ranges, sources
+    from imgindex.pipeline.build import plan_dataset
+    from imgindex.pipeline.plan import plan_dir
 
     monkeypatch.setattr(sources, "LIST_ROWS_PER_UNIT", 2)
     monkeypatch.setattr(parts, "MERGE_FAN_IN", 2)
@@ -1102,7 +1102,7 @@ def test_many_listing_parts_are_merged_in_groups_here_or_on_the_workers(
         if cluster == "unshared":
             monkeypatch.setattr(ranges, "sees_folder", lambda folder, token: False)
             cluster = client
-        with caplog.at_level(logging.INFO, logger="pipeline"):
+        with caplog.at_level(logging.INFO, logger="imgindex"):
             with plan_dataset(listed, tmp_path / "out", cluster=cluster) as planned:
                 folder = plan_dir(planned.dest) / "listing"
                 assert len(list(folder.glob("*.parquet"))) <= 2
@@ -1116,8 +1116,8 @@ def test_many_listing_parts_are_merged_in_groups_here_or_on_the_workers(
 def test_thumbnails_of_shard_members_read_each_shard_once(
     tmp_path, photos, monkeypatch
 ):
-    from pipeline import sources
-    from pipeline.report_html import make_thumbnails
+    from imgindex.pipeline import sources
+    from imgindex.pipeline.report_html import make_thumbnails
 
     shard_photos(photos[:8], tmp_path / "s", 4)
     source = parse_source(tmp_path / "s")
@@ -1139,8 +1139,8 @@ def test_thumbnails_of_shard_members_read_each_shard_once(
 def test_pairs_across_two_shards_read_each_shard_once(tmp_path, photos, monkeypatch):
     """The duplicates' geometric check takes pairs whose images lie in two
     shards, back and forth: each shard is read in one pass all the same."""
-    from pipeline import sources
-    from pipeline.duplicates import verify_pairs
+    from imgindex.pipeline import sources
+    from imgindex.pipeline.duplicates import verify_pairs
 
     shard_photos(photos[:8], tmp_path / "s", 4)
     source = parse_source(tmp_path / "s")
@@ -1169,9 +1169,9 @@ def test_planning_keeps_its_sets_in_parts_and_reports_id_collisions(
     """The plan's sets are parts on disk, beside the index, removed with
     the plan; two paths of one id (forced here: a 63-bit hash never does it
     by chance) index the first and report the second."""
-    from pipeline import parts, plan
-    from pipeline.build import plan_dataset
-    from pipeline.discover import image_id
+    from imgindex.pipeline import parts, plan
+    from imgindex.pipeline.build import plan_dataset
+    from imgindex.pipeline.discover import image_id
 
     data = tmp_path / "data"
     data.mkdir()
@@ -1208,10 +1208,10 @@ def test_partitions_of_a_plan_in_parts_are_slices_its_workers_read(
     and tapered tail as partitions of a list, none across two parts; a task
     carries the slice (not the records) to a worker that writes shards, and
     the index is the one the records themselves give."""
-    from pipeline import dispatch
-    from pipeline.build import run_build
-    from pipeline.discover import TAPER_FROM, partition_records
-    from pipeline.parts import PartRecords, PartSlice, PartWriter, row_of
+    from imgindex.pipeline import dispatch
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.discover import TAPER_FROM, partition_records
+    from imgindex.pipeline.parts import PartRecords, PartSlice, PartWriter, row_of
     from tests.helpers import read_index
 
     records = [ImageRecord(f"d/{i:04d}.jpg", i, i) for i in range(1000)]
@@ -1266,7 +1266,7 @@ def test_tar_planning_keeps_the_images_of_unchanged_shards_alone(tmp_path):
     mtimes (indexed at the current, failed at another) is embedded whole."""
     from types import SimpleNamespace
 
-    from pipeline.plan import _plan_shards
+    from imgindex.pipeline.plan import _plan_shards
 
     def rec(path: str, mtime: int) -> ImageRecord:
         return ImageRecord(path, 10, mtime)

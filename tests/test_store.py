@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import __version__
-from pipeline.discover import ImageRecord
-from pipeline.errors import IndexDirError, IndexLocked
-from pipeline.index import build_index
-from pipeline.lock import lock_index
-from pipeline.meta import IndexMeta
-from pipeline.store import (
+from imgindex import __version__
+from imgindex.pipeline.discover import ImageRecord
+from imgindex.pipeline.errors import IndexDirError, IndexLocked
+from imgindex.pipeline.index import build_index
+from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.meta import IndexMeta
+from imgindex.pipeline.store import (
     INDEX_FILE,
     MANIFEST_FILE,
     META_FILE,
@@ -223,8 +223,8 @@ def test_crafted_header_cannot_make_faiss_allocate_gigabytes(tmp_path):
     script = (
         "import sys\n"
         "from bench.processes import peak_rss\n"
-        "from pipeline.errors import IndexDirError\n"
-        "from pipeline.store import read_index_dir\n"
+        "from imgindex.pipeline.errors import IndexDirError\n"
+        "from imgindex.pipeline.store import read_index_dir\n"
         "try:\n"
         "    read_index_dir(sys.argv[1]).index\n"
         "except IndexDirError as e:\n"
@@ -304,8 +304,8 @@ def test_lock_without_flock_uses_an_exclusive_file(tmp_path, monkeypatch):
 def test_reserved_flat_index_holds_exactly_what_was_added():
     # pipeline.index.reserve grows FAISS's storage and shrinks it back: the
     # capacity stays, the contents must not change (edited in place too).
-    from pipeline.embed import normalize_rows
-    from pipeline.index import reserve
+    from imgindex.pipeline.embed import normalize_rows
+    from imgindex.pipeline.index import reserve
 
     rng = np.random.default_rng(3)
     first = normalize_rows(rng.standard_normal((5, DIM)))

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from cluster.worker import card_from_workers
-from pipeline.embed import ModelSpec
-from pipeline.errors import ModelUnavailable
-from pipeline.models import ModelCard, Preprocess
+from imgindex.cluster.worker import card_from_workers
+from imgindex.pipeline.embed import ModelSpec
+from imgindex.pipeline.errors import ModelUnavailable
+from imgindex.pipeline.models import ModelCard, Preprocess
 
 SPEC = ModelSpec(name="efficientnet-lite0", device="cpu")
 CARD = ModelCard("efficientnet-lite0", 1280, Preprocess())
@@ -21,8 +21,8 @@ def _loading(state: str, spec: ModelSpec, card: ModelCard) -> None:
     done ("done") or failed ("failed"), as WorkerSetup leaves it."""
     from concurrent.futures import Future
 
-    from cluster import worker
-    from pipeline.errors import ModelUnavailable
+    from imgindex.cluster import worker
+    from imgindex.pipeline.errors import ModelUnavailable
 
     future: Future = Future()
     if state == "done":
@@ -60,7 +60,7 @@ def test_the_client_takes_the_first_card_not_the_slowest_workers(process_cluster
 
 
 def _same_load_still_running(spec: ModelSpec) -> bool:
-    from cluster import worker
+    from imgindex.cluster import worker
 
     return not worker._LOADS[spec].done()
 
@@ -72,8 +72,8 @@ def test_a_second_set_up_during_a_load_returns_at_once(process_cluster):
     for it in the worker's event loop)."""
     from distributed import Client
 
-    from cluster.calls import register_worker_plugin
-    from cluster.worker import WorkerSetup
+    from imgindex.cluster.calls import register_worker_plugin
+    from imgindex.cluster.worker import WorkerSetup
 
     with Client(process_cluster, set_as_default=False) as client:
         first, second = sorted(client.scheduler_info()["workers"])

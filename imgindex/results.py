@@ -1,0 +1,106 @@
+"""Search results: a pandas DataFrame that shows its thumbnails in Jupyter."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from imgindex.pipeline.sources import Source
+
+COLUMNS = ["query", "rank", "path", "score", "id"]
+
+
+@dataclass(frozen=True)
+class SearchShown:
+    """What drawing the results' thumbnails needs: where the hits are read
+    from (their paths within the source, by id) and the queries themselves."""
+
+    source: Source
+    relpaths: dict[int, str]
+    queries: dict[str, Any]  # label -> the query as given (a path, pixels ...)
+
+
+class SearchResults(pd.DataFrame):
+    """One row per hit: ``query``, ``rank``, ``path``, ``score``, ``id``.
+
+    A DataFrame in every way (filter, sort, ``to_csv``); in Jupyter each
+    query and its hits show as a row of thumbnails with their scores. A
+    slice of it shows its own rows.
+    """
+
+    _metadata = ["_shown"]
+
+    @property
+    def _constructor(self):
+        return SearchResults
+
+    @classmethod
+    def of(cls, rows: list[dict[str, Any]], shown: SearchShown) -> SearchResults:
+        frame = cls(rows, columns=None if rows and "meta" in rows[0] else COLUMNS)
+        if not rows:
+            frame = cls(columns=COLUMNS)
+        frame = frame.astype({"rank": "int64", "score": "float32", "id": "int64"})
+        frame._shown = shown
+        return frame
+
+    def _repr_html_(self) -> str | None:
+        shown = getattr(self, "_shown", None)
+        if shown is None or not set(COLUMNS) <= set(self.columns):
+            return super()._repr_html_()
+        from imgindex.pipeline import notebook_html as nb
+
+        queries = list(dict.fromkeys(self["query"]))
+        drawn = queries[: nb.SHOWN_ROWS]
+        hits = self[self["query"].isin(drawn)]
+        thumbs = nb.thumbnails(
+            shown.source, [shown.relpaths[int(i)] for i in hits["id"]]
+        )
+        rows = []
+        for label in drawn:
+            tiles = [
+                nb.tile(_query_uri(shown.queries.get(label)), ["query"], label, True)
+            ]
+            for hit in hits[hits["query"] == label].itertuples():
+                tiles.append(
+                    nb.tile(
+                        thumbs.get(shown.relpaths[int(hit.id)]),
+                        [f"{hit.rank}. {hit.score:.3f}", nb.short_name(hit.path)],
+                        hit.path,
+                    )
+                )
+            rows.append(tiles)
+        hidden = len(queries) - len(drawn)
+        more = f"... and {hidden:,} more queries" if hidden > 0 else ""
+        return nb.rows_html(drawn, rows, more)
+
+
+def _query_uri(query: Any) -> str | None:
+    """A query's thumbnail, from the file or pixels it was given as."""
+    import io
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from imgindex.pipeline import notebook_html as nb
+
+    try:
+        if isinstance(query, str | os.PathLike):
+            with Image.open(Path(query)) as image:
+                image.draft("RGB", (nb.THUMB_SIDE * 2, nb.THUMB_SIDE * 2))
+                return nb.image_uri(image)
+        if isinstance(query, bytes):
+            with Image.open(io.BytesIO(query)) as image:
+                return nb.image_uri(image)
+        if isinstance(query, np.ndarray):
+            from imgindex.index import _pixels
+
+            return nb.image_uri(Image.fromarray(_pixels(query)))
+        if isinstance(query, Image.Image):
+            return nb.image_uri(query)
+    except (OSError, ValueError, UnidentifiedImageError):
+        return None
+    return None
