@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.synthetic import write_photos
+from imgindex.pipeline.synthetic import write_photos
 from tests.helpers import (
     imgindex_cmd,
     one_error_line,
@@ -29,7 +29,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 ROOT = Path(os.environ.get("IMGINDEX_HPC_ROOT", "/tmp"))
-README = Path(__file__).resolve().parents[2] / "README.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guide" / "hpc.md"
 CPUS = os.cpu_count() or 1
 N_IMAGES = 60
 JOBQUEUE = {
@@ -79,24 +79,24 @@ def traps() -> Path:
     return folder
 
 
-def readme_sbatch_script() -> str:
-    """The README's sbatch script, exactly as a user would copy it."""
-    text = README.read_text()
+def guide_sbatch_script() -> str:
+    """The HPC guide's sbatch script, exactly as a user would copy it."""
+    text = GUIDE.read_text()
     start = text.index("<!-- sbatch-script")
     body = text[start:].split("```bash\n", 1)[1].split("```", 1)[0]
     assert body.startswith("#!/bin/bash")
     return body
 
 
-def test_readme_sbatch_script_runs_as_written(traps, tmp_path):
+def test_guide_sbatch_script_runs_as_written(traps, tmp_path):
     out = ROOT / "indexes"
-    # Only the two placeholder paths are replaced; the script is the README's.
-    script = readme_sbatch_script()
+    # Only the two placeholder paths are replaced; the script is the guide's.
+    script = guide_sbatch_script()
     script = script.replace("/shared/traps", str(traps))
     script = script.replace("/shared/indexes", str(out))
     path = tmp_path / "imgindex.sbatch"
     path.write_text(script)
-    # The README asks for 4 nodes x 32 CPUs; this cluster has one node, so the
+    # The guide asks for 4 nodes x 32 CPUs; this cluster has one node, so the
     # size is given on the command line, as users override #SBATCH lines.
     submitted = run(
         "sbatch", "--parsable", "--nodes=1", f"--cpus-per-task={CPUS}",
