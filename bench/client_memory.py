@@ -48,7 +48,7 @@ mode = sys.argv.pop(1)
 if mode == "streamed":  # what a client whose workers cannot see --out does
     run = build.run_builds
     build.run_builds = lambda *a, **k: run(*a, **{{**k, "workers_write": False}})
-from imgindex.pipeline.cli import cli
+from imgindex.cli import cli
 try:
     cli.main(sys.argv[1:], standalone_mode=False)
 finally:

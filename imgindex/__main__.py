@@ -1,5 +1,5 @@
 """``python -m imgindex``: the same command line as the ``imgindex`` script."""
 
-from imgindex.pipeline.cli import main
+from imgindex.cli import main
 
 main()

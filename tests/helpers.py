@@ -13,7 +13,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from imgindex.pipeline.cli import cli
+from imgindex.cli import cli
 from imgindex.pipeline.store import StoredIndex, read_index_dir
 
 

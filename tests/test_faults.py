@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from imgindex.cli import cli
 from imgindex.pipeline.build import run_build
-from imgindex.pipeline.cli import cli
 from imgindex.pipeline.embed import ModelSpec
 from imgindex.pipeline.errors import BuildFailed
 from imgindex.pipeline.lock import lock_index

@@ -23,7 +23,7 @@ def test_packages_are_this_project():
 def test_no_generic_top_level_module_is_loaded():
     """`pipeline`, `cluster`, `service` are anyone's names (and old PyPI packages)."""
     code = (
-        "import sys, imgindex, imgindex.pipeline.cli, imgindex.service.app; "
+        "import sys, imgindex, imgindex.cli, imgindex.service.app; "
         "print(sorted(m for m in ('pipeline', 'cluster', 'service') "
         "if m in sys.modules))"
     )
@@ -63,7 +63,7 @@ def test_wheel_installs_only_imgindex(tmp_path):
 def test_cli_module_imports_nothing_heavy():
     """`dask scheduler` loads dask_cli entry points; ours must stay light."""
     code = (
-        "import sys, imgindex, imgindex.pipeline.cli; "
+        "import sys, imgindex, imgindex.cli; "
         "heavy = [m for m in ('torch', 'faiss', 'distributed', 'PIL', 'pandas') "
         "if m in sys.modules]; "
         "print(heavy)"

@@ -6,8 +6,8 @@ import dask.config
 import pytest
 from click.testing import CliRunner
 
+from imgindex.cli import cli
 from imgindex.cluster.jobqueue import make_jobqueue_cluster
-from imgindex.pipeline.cli import cli
 from imgindex.pipeline.errors import ImgindexError
 from tests.helpers import import_or_skip
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from imgindex.cli import cli
 from imgindex.pipeline.build import run_build
-from imgindex.pipeline.cli import cli
 from imgindex.pipeline.progress import ProgressFile, format_progress, read_progress
 
 DASK = str(Path(sys.executable).parent / "dask")
@@ -296,7 +296,7 @@ def test_status_doubts_a_progress_file_nobody_updates(tmp_path):
 
     from click.testing import CliRunner
 
-    from imgindex.pipeline.cli import cli
+    from imgindex.cli import cli
 
     path = tmp_path / "p.json"
     path.write_text(

@@ -212,8 +212,9 @@ def test_without_onnxruntime_auto_falls_back_and_asking_for_it_is_an_error(
 @pytest.mark.slow
 def test_a_short_cli_search_runs_torch_and_a_long_one_onnxruntime(photos, tmp_path):
     """Exporting the graph and timing both runtimes cost about a second: worth
-    it only when a search runs many forward passes (cli.FEW_FORWARD_PASSES),
-    unless ONNX Runtime runs from its cache, torch not even imported."""
+    it only when a search runs many forward passes (FEW_FORWARD_PASSES in
+    imgindex/cli/search.py), unless ONNX Runtime runs from its cache, torch not
+    even imported."""
     import subprocess
 
     built = invoke("build", photos, "--out", tmp_path / "idx")

@@ -1,0 +1,142 @@
+"""The ``imgindex`` group: how every command reports errors, logs and is
+interrupted. Each command (group) has a module of its own beside this one."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from imgindex.feedback import shown
+
+
+class _ImgindexGroup(click.Group):
+    """Turn library errors into one ``Error: ...`` line instead of a traceback."""
+
+    def invoke(self, ctx):
+        from imgindex.pipeline.errors import ImgindexError
+
+        try:
+            return super().invoke(ctx)
+        except ImgindexError as e:
+            raise click.ClickException(shown(str(e))) from None
+        except KeyboardInterrupt as e:
+            raise Interrupted(str(e) or "SIGINT") from None
+        except BrokenPipeError:
+            # `imgindex info X | head`: the reader left; say nothing, as cat does.
+            # Python would complain again while flushing stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
+        except OSError as e:
+            # The last resort (disk full, a vanished folder): the file and the
+            # system's words, not a traceback.
+            from imgindex.pipeline.errors import error_text
+
+            raise click.ClickException(shown(error_text(e))) from None
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C or SIGTERM: one line, and the exit status a shell expects."""
+
+    def __init__(self, signame: str, what: str = ""):
+        super().__init__(f"interrupted by {signame}{what}")
+        self.exit_code = 143 if signame == "SIGTERM" else 130
+
+
+def sigterm_as_interrupt(command):
+    """SLURM's walltime and scancel send SIGTERM: treat it like Ctrl-C."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return command(*args, **kwargs)
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        previous = signal.signal(signal.SIGTERM, interrupt)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+@click.group(
+    name="imgindex",
+    cls=_ImgindexGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(package_name="imgindex")
+@click.option(
+    "-v", "--verbose", count=True, help="Log progress (-v) or debug detail (-vv)."
+)
+def cli(verbose: int) -> None:
+    """Build and search FAISS similarity indexes of image folders on a Dask cluster."""
+    _configure_logging(verbose)
+
+
+def _configure_logging(verbose: int) -> None:
+    import dask.config
+
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log = logging.getLogger("imgindex")
+    log.setLevel(level)
+    log.handlers = [handler]  # replace, so repeated in-process runs don't stack
+    log.propagate = False
+    if verbose < 2:
+        # Dask's start-up chatter would bury our output. distributed is not
+        # imported yet, so this reaches its logging set-up; worker processes
+        # read the environment variable.
+        dask.config.set({"logging.distributed": "warning"})
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+
+class _OneLine(logging.Filter):
+    """A log record's exception as one line, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            record.msg = f"{record.getMessage()} {text}".strip()
+            record.args = ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def shorten_distributed_logs() -> None:
+    """Keep distributed's own errors (a lost scheduler: ~35 lines) to one line each.
+
+    Its handlers exist once distributed is imported; ``-vv`` keeps tracebacks.
+    """
+    if logging.getLogger("imgindex").getEffectiveLevel() <= logging.DEBUG:
+        return
+    import distributed  # noqa: F401  (sets up its logging handlers)
+
+    for handler in logging.getLogger("distributed").handlers:
+        if not any(isinstance(f, _OneLine) for f in handler.filters):
+            handler.addFilter(_OneLine())
+
+
+def main() -> None:
+    """The ``imgindex`` command."""
+    import gc
+
+    try:
+        cli(prog_name="imgindex")
+    finally:
+        # What is left is torn down as the interpreter exits; the collector
+        # need not search it for cycles first (0.08 s of a 10-photo build's
+        # 1.4 s here). Exit handlers, thread joins and every object's own
+        # release still run.
+        gc.freeze()

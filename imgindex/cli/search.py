@@ -1,0 +1,137 @@
+"""`imgindex search` and `imgindex info`: read an index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from imgindex.cli.group import cli
+from imgindex.cli.options import (
+    quality_line,
+)
+from imgindex.feedback import shown
+
+FEW_FORWARD_PASSES = 64  # fewer: torch, unless ONNX Runtime runs from its cache
+
+
+def _query_images(images, queries_from) -> list[Path]:
+    """Query files: each IMAGE a file or a folder (walked), plus a list file."""
+    from imgindex.pipeline.discover import check_dataset, discover_images
+
+    listed: list[Path] = []
+    if queries_from is not None:
+        listed = [Path(line) for line in queries_from.read().splitlines() if line]
+    paths: list[Path] = []
+    for image in [*images, *listed]:
+        if image.is_dir():
+            root = check_dataset(image).resolve()
+            paths.extend(root / r.path for r in discover_images(root, []))
+        else:
+            paths.append(image)
+    if not paths:
+        raise click.UsageError("no query images (give IMAGE files or folders)")
+    return paths
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--queries-from",
+    type=click.File("r", encoding="utf-8", errors="surrogateescape"),
+    default=None,
+    help="Also query the image paths listed in this file, one a line (- = stdin).",
+)
+@click.option(
+    "-k",
+    "k",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Results per query.",
+)
+@click.option(
+    "--turns/--no-turns",
+    default=None,
+    help="Also search each query turned by 90, 180 and 270 degrees, to find "
+    "copies whose orientation was lost (4 embeddings a query) [imgindex.search."
+    "turns: on].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list per query.")
+def search(index_dir, images, queries_from, k, turns, as_json):
+    """Find the images in INDEX_DIR most similar to each query IMAGE.
+
+    An IMAGE may be a folder: every image under it is a query. Queries are
+    embedded and searched in batches.
+    """
+    from imgindex.pipeline.config import config_value
+    from imgindex.pipeline.search import Searcher
+
+    images = _query_images(images, queries_from)
+    turns = bool(config_value(turns, "imgindex.search.turns"))
+    few = len(images) * (4 if turns else 1) < FEW_FORWARD_PASSES
+    searcher = Searcher(index_dir, turns=turns, few_passes=few)
+    results = searcher.search_images(images, k)
+    if as_json:
+        click.echo(
+            json.dumps([[h.to_json() for h in hits] for hits in results], indent=2)
+        )
+        return
+    for query, hits in zip(images, results, strict=True):
+        click.echo(f"{shown(str(query))}:")
+        for h in hits:
+            click.echo(f"  {h.rank:3d}  {h.score:.4f}  {shown(h.path)}")
+
+
+@cli.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(index_dir, as_json):
+    """Describe the index in INDEX_DIR: model, size, shards, failures."""
+    from imgindex.pipeline.describe import describe_index
+    from imgindex.pipeline.store import read_index_dir
+
+    with read_index_dir(index_dir) as stored:
+        report = describe_index(index_dir, stored)
+    m = stored.meta
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for key in (
+        "name",
+        "source",
+        "source_kind",
+        "model",
+        "dim",
+        "metric",
+        "index_key",
+        "count",
+        "copies",
+        "failed",
+        "created",
+        "updated",
+        "imgindex_version",
+    ):
+        click.echo(f"{key:17} {shown(str(report[key]))}")
+    if m.metadata_columns:
+        click.echo(f"{'metadata':17} {shown(', '.join(m.metadata_columns))}")
+    if m.index_reason:
+        click.echo(f"{'index':17} {shown(m.index_reason)}")
+    quality = quality_line(m.quality, m.search_params)
+    if quality:
+        click.echo(f"{'quality':17} {quality}")
+    sh = report["shards"]
+    click.echo(
+        f"{'shards':17} {sh['count']}"
+        + (
+            f" ({sh['bytes'] / 2**20:.1f} MiB of {sh['dtype']} vectors)"
+            if sh["count"]
+            else ""
+        )
+    )
+    for f in stored.failures[:20]:
+        click.echo(f"  failed {shown(f.path)}: {shown(f.reason)}")
+    if len(stored.failures) > 20:
+        click.echo(f"  ... and {len(stored.failures) - 20} more (--json lists all)")
