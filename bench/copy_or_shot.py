@@ -55,12 +55,18 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_fie
 
 @dataclass
 class Pair:
-    kind: str  # "copy" or "shot"
+    kind: str  # "copy", "shot" or "other" (unrelated photos)
     name: str
     correlation: float
     inside: float
     is_copy_today: bool  # by the check without the shift
     shift_p90: float | None = None
+    # The similarity RANSAC found at all (of either image, or the mirror,
+    # onto the other): its inliers and the smaller share of either image the
+    # other covers under it, whatever the footprint rule of the copy check.
+    inliers: int = 0
+    overlap: float = 0.0
+    decided: str | None = None  # what `imgindex duplicates` calls the pair
 
 
 def jpeg(image: Image.Image, quality: int = 90) -> io.BytesIO:
@@ -86,9 +92,11 @@ def measure(kind: str, name: str, a_buf, b_buf, side: int) -> Pair:
 
     a = g.features_of(grey_at(a_buf, side))
     b = g.features_of(grey_at(b_buf, side))
+    inliers, overlap = matched(a, b)
+    decided = g.align(a, b).kind
     laid = g.lay(a, b)
     if laid is None:
-        return Pair(kind, name, 0.0, 0.0, False)
+        return Pair(kind, name, 0.0, 0.0, False, None, inliers, overlap, decided)
     alignment = laid.alignment
     pair = Pair(
         kind,
@@ -99,7 +107,28 @@ def measure(kind: str, name: str, a_buf, b_buf, side: int) -> Pair:
     )
     # At the check's scale: what `imgindex duplicates` decides on.
     pair.shift_p90 = g.residual_shift(laid.src, laid.dst, laid.matrix)
+    pair.inliers, pair.overlap, pair.decided = inliers, overlap, decided
     return pair
+
+
+def matched(a, b) -> tuple[int, float]:
+    """The most inliers of a similarity between ``a`` (or its mirror) and
+    ``b``, and the smaller share of either image the other covers under it."""
+    import cv2
+
+    from imgindex.pipeline import geometry as g
+
+    best = (0, 0.0)
+    for x in (a, a.mirror()):
+        matrix, inliers = g._similarity(x, b)
+        if matrix is None:
+            continue
+        overlap = min(
+            g._inside(x.grey.shape, b.grey.shape, matrix),
+            g._inside(b.grey.shape, x.grey.shape, cv2.invertAffineTransform(matrix)),
+        )
+        best = max(best, (inliers, round(overlap, 4)))
+    return best
 
 
 def copy_pairs(side: int) -> list[Pair]:
@@ -127,6 +156,28 @@ def shot_pairs(side: int) -> list[Pair]:
         measure("shot", name, jpeg(a, 92), jpeg(b, 92), side)
         for name, a, b in second_shots(*skimage.data.stereo_motorcycle())
     ]
+
+
+def other_pairs(side: int) -> list[Pair]:
+    """Unrelated photos: every two of PHOTOS, and each against a stereo tile."""
+    import itertools
+
+    import skimage.data
+
+    from imgindex.pipeline.synthetic import second_shots
+
+    photos = {
+        name: jpeg(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"), 92)
+        for name in PHOTOS
+    }
+    pairs = [
+        measure("other", f"{x} ~ {y}", photos[x], photos[y], side)
+        for x, y in itertools.combinations(PHOTOS, 2)
+    ]
+    tiles = list(second_shots(*skimage.data.stereo_motorcycle()))[::4]
+    for (tile, a, _), name in zip(tiles, itertools.cycle(PHOTOS)):
+        pairs.append(measure("other", f"{name} ~ {tile}", photos[name], jpeg(a), side))
+    return pairs
 
 
 def separation(pairs: list[Pair], signal: str, copies_low: bool) -> dict:
@@ -165,9 +216,9 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=384)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    pairs = copy_pairs(args.side) + shot_pairs(args.side)
+    pairs = copy_pairs(args.side) + shot_pairs(args.side) + other_pairs(args.side)
     n_copy = sum(p.kind == "copy" for p in pairs)
-    n_shot = len(pairs) - n_copy
+    n_shot = sum(p.kind == "shot" for p in pairs)
     today = sum(p.is_copy_today for p in pairs if p.kind == "shot")
     found = sum(p.is_copy_today for p in pairs if p.kind == "copy")
     print(f"{n_copy} copy pairs, {n_shot} second-shot pairs")
@@ -193,6 +244,26 @@ def main() -> None:
             f"| {s['shot range'][0]:.3f}-{s['shot range'][1]:.3f} "
             f"| {s['threshold']:.3f} | {s['copies']:.0%} | {s['shots']:.0%} |"
         )
+    print()
+    print("What `imgindex duplicates` calls each pair (pipeline/geometry.py):")
+    print("| pairs | called copy | called shot | neither |")
+    print("| --- | ---: | ---: | ---: |")
+    for kind in ("copy", "shot", "other"):
+        of = [p for p in pairs if p.kind == kind]
+        called = [sum(p.decided == k for p in of) for k in ("copy", "shot", None)]
+        print(f"| {len(of)} {kind} | {called[0]} | {called[1]} | {called[2]} |")
+    print()
+    print("| kind | pairs | a similarity found (inliers >= 12) | covering >= 0.5 |")
+    print("| --- | ---: | ---: | ---: |")
+    for kind in ("copy", "shot", "other"):
+        of = [p for p in pairs if p.kind == kind]
+        sim = [p for p in of if p.inliers >= 12]
+        over = [p for p in sim if p.overlap >= 0.5]
+        print(f"| {kind} | {len(of)} | {len(sim)} | {len(over)} |")
+    for p in pairs:
+        if p.kind != "copy":
+            print(f"  {p.kind} {p.name}: inliers {p.inliers}, overlap {p.overlap}, "
+                  f"corr {p.correlation}, shift {p.shift_p90}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps([asdict(p) for p in pairs], indent=1))
 

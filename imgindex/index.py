@@ -280,9 +280,11 @@ class Index:
         Returns
         -------
         DuplicateReport
-            Its groups (keeper first), outliers, flagged and broken images;
-            ``to_json()`` is ``--json``'s object. In Jupyter it shows each
-            group as a row of thumbnails.
+            Its groups of copies (``groups``, the keeper first), its groups
+            of other shots of one scene (``shots``, the best first, nothing
+            to remove), outliers, flagged and broken images; ``to_json()``
+            is ``--json``'s object. In Jupyter it shows each group as a row
+            of thumbnails.
         """
         from imgindex.api import default_client
         from imgindex.pipeline.duplicates import DuplicateSettings, find_duplicates

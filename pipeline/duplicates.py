@@ -123,9 +123,15 @@ class Pair:
     cosine: float | None  # None: found by hash, not among the nearest neighbours
     hash_distance: int | None  # bits; None where an image has no traits
     correlation: float | None  # of the aligned pixels; None: not checked
-    kind: str  # "identical" (same bytes), "copy", or "similar" (cosine only)
+    # "identical" (same bytes), "copy", "shot" (another shot of the scene),
+    # or "similar" (cosine only)
+    kind: str
     # pixels left between the aligned images (pipeline.geometry.residual_shift)
     shift: float | None = None
+    # the smaller share of either image the other covers once aligned (a crop
+    # covers little of its original; two shots of one scene much of each
+    # other); None: not checked
+    overlap: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -135,6 +141,7 @@ class Pair:
             "hash_distance": self.hash_distance,
             "correlation": _rounded(self.correlation),
             "shift": _rounded(self.shift),
+            "overlap": _rounded(self.overlap),
             "kind": self.kind,
         }
 
@@ -152,6 +159,7 @@ class Edge(NamedTuple):
     hash_distance: int | None
     correlation: float | None = None
     shift: float | None = None
+    overlap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,9 @@ class Member:
     height: int | None
     size: int
     mtime_ns: int
+    # The build's measures of the image (pipeline/traits.py); None: not kept.
+    sharpness: float | None = None
+    brightness: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -169,6 +180,8 @@ class Member:
             "height": self.height,
             "bytes": self.size,
             "mtime_ns": self.mtime_ns,
+            "sharpness": _rounded(self.sharpness),
+            "brightness": _rounded(self.brightness),
         }
 
 
@@ -177,6 +190,8 @@ KEEPER_RULE = "largest resolution, then oldest file, then shortest path"
 
 @dataclass
 class Group:
+    """Copies of one photo: one to keep, the rest could be removed."""
+
     members: list[Member]  # the keeper first
     pairs: list[Pair]
     # Where the members are read from, for the thumbnails of _repr_html_.
@@ -202,6 +217,40 @@ class Group:
         }
 
 
+BEST_SHOT_RULE = (
+    "sharpest, then best exposed (mean grey nearest mid-grey), then largest"
+)
+
+
+@dataclass
+class ShotGroup:
+    """Other shots of one scene (each a photo of its own, or the keeper of its
+    copies): none is a copy to remove; the best is suggested to keep."""
+
+    members: list[Member]  # the best first
+    pairs: list[Pair]
+    source: Source | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def best(self) -> Member:
+        return self.members[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "best": self.best.path,
+            "members": [m.to_json() for m in self.members],
+            "pairs": [p.to_json() for p in self.pairs],
+        }
+
+    def _repr_html_(self) -> str | None:
+        """A row of thumbnails in Jupyter, the best first."""
+        if self.source is None:
+            return None
+        from imgindex.pipeline.notebook_html import group_html
+
+        return group_html(self, self.source)
+
+
 @dataclass(frozen=True)
 class Outlier:
     path: str
@@ -213,6 +262,10 @@ class Outlier:
 
 @dataclass
 class DuplicateReport:
+    """Copies grouped (``groups``), other shots of one scene grouped apart
+    (``shots``), and what else the collection holds: outliers, flagged and
+    broken images."""
+
     index: str
     source: str
     count: int  # images in the index
@@ -231,6 +284,8 @@ class DuplicateReport:
     # What ``source`` is and what paths are relative to (pipeline/sources.py).
     source_kind: str = "folder"
     source_base: str = ""
+    # Other shots of one scene: not copies, nothing to remove.
+    shots: list[ShotGroup] = field(default_factory=list)
 
     @property
     def images_in_groups(self) -> int:
@@ -251,6 +306,9 @@ class DuplicateReport:
             "images_in_groups": self.images_in_groups,
             "removable": self.removable,
             "keeper_rule": KEEPER_RULE,
+            "shot_groups": len(self.shots),
+            "images_in_shot_groups": sum(len(g.members) for g in self.shots),
+            "best_shot_rule": BEST_SHOT_RULE,
             "criterion": s.criterion,
             "threshold": s.threshold,
             "neighbours": s.neighbours,
@@ -278,6 +336,7 @@ class DuplicateReport:
         """:meth:`totals` and every group, outlier, flagged and broken image."""
         return self.totals() | {
             "duplicate_groups": [g.to_json() for g in self.groups],
+            "other_shots": [g.to_json() for g in self.shots],
             "outliers": [o.to_json() for o in self.outliers],
             "outlier_share": self.statistics.outliers,
             "flagged": {
@@ -376,17 +435,23 @@ def find_duplicates(
         "hash": round(time.perf_counter() - t_hash, 3),
     }
     undecided = 0
+    shot_edges: list[Edge] = []
     if settings.criterion == "copy":
         t_verify = time.perf_counter()
         checked = [e for e in edges if (e.a, e.b) not in identical]
-        edges, undecided = _verified(runner, source, checked, records, settings)
+        edges, shot_edges, undecided = _verified(
+            runner, source, checked, records, settings
+        )
         stage_seconds["verify"] = round(time.perf_counter() - t_verify, 3)
     else:
         checked = []
-    groups = _groups(ids, traits, has_traits, records, edges, identical, settings)
-    for group in groups:
+    member = _members(ids, traits, has_traits, records)
+    groups = _groups(member, records, edges, identical, settings)
+    shots = _shot_groups(member, records, shot_edges, groups)
+    for group in [*groups, *shots]:
         group.source = source
     return DuplicateReport(
+        shots=shots,
         index=str(dest),
         source=meta.source,
         source_kind=source.kind,
@@ -556,9 +621,10 @@ def _verified(
     edges: list[Edge],
     records: dict[int, ImageRecord],
     settings: DuplicateSettings,
-) -> tuple[list[Edge], int]:
-    """The ``edges`` the geometric check finds to be copies, and how many it could
-    not decide (those are kept when their cosine reaches UNDECIDED_COSINE)."""
+) -> tuple[list[Edge], list[Edge], int]:
+    """The ``edges`` the geometric check finds to be copies, those it finds to
+    be other shots of one scene, and how many it could not decide (kept as
+    copies when their cosine reaches UNDECIDED_COSINE)."""
     edges = sorted(edges, key=lambda e: (records[e.a].path, records[e.b].path))
     step = settings.pairs_per_task
     futures = [
@@ -570,16 +636,23 @@ def _verified(
         )
         for i in range(0, len(edges), step)
     ]
-    kept, undecided = [], 0
+    kept, shots, undecided = [], [], 0
     alignments = (x for part in runner.gather(futures) for x in part)
     for edge, found in zip(edges, alignments, strict=True):
         if found is None:
             undecided += 1
             if (edge.cosine or 0.0) >= max(settings.threshold, UNDECIDED_COSINE):
                 kept.append(edge)
-        elif found.is_copy:
-            kept.append(edge._replace(correlation=found.correlation, shift=found.shift))
-    return kept, undecided
+            continue
+        kind = found.kind
+        evidence = edge._replace(
+            correlation=found.correlation, shift=found.shift, overlap=found.mutual
+        )
+        if kind == "copy":
+            kept.append(evidence)
+        elif kind == "shot":
+            shots.append(evidence)
+    return kept, shots, undecided
 
 
 def _index_stamp(dest: Path) -> tuple[int, int, int]:
@@ -695,40 +768,77 @@ def _listed_records(
     return records
 
 
-def _groups(
+def _members(
     ids: np.ndarray,
     traits: np.ndarray,
     has_traits: np.ndarray,
     records: dict[int, ImageRecord],
-    edges: list[Edge],
-    identical: set[tuple[int, int]],
-    settings: DuplicateSettings,
-) -> list[Group]:
-    parent: dict[int, int] = {}
+):
+    """A function making an image's :class:`Member` from its id."""
 
-    def root(x: int) -> int:
+    def member(i: int) -> Member:
+        at = int(np.searchsorted(ids, i))
+        t = traits[at]
+        known = bool(has_traits[at])
+        return Member(
+            records[i].path,
+            int(t["width"]) if known else None,
+            int(t["height"]) if known else None,
+            records[i].size,
+            records[i].mtime_ns,
+            float(t["sharpness"]) if known else None,
+            float(t["brightness"]) if known else None,
+        )
+
+    return member
+
+
+class _Sets:
+    """Union-find over hashable items."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def root(self, x):
+        parent = self.parent
         parent.setdefault(x, x)
         while parent[x] != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
         return x
 
+    def join(self, x, y) -> None:
+        self.parent[self.root(x)] = self.root(y)
+
+    def members(self) -> dict:
+        """root -> its items."""
+        out: dict = {}
+        for x in self.parent:
+            out.setdefault(self.root(x), []).append(x)
+        return out
+
+
+def _groups(
+    member,
+    records: dict[int, ImageRecord],
+    edges: list[Edge],
+    identical: set[tuple[int, int]],
+    settings: DuplicateSettings,
+) -> list[Group]:
+    sets = _Sets()
     for edge in edges:
-        parent[root(edge.a)] = root(edge.b)
+        sets.join(edge.a, edge.b)
     for x, y in identical:
-        parent[root(x)] = root(y)
-    if not parent:
-        return []
-    members_of: dict[int, list[int]] = {}
-    for x in parent:
-        members_of.setdefault(root(x), []).append(x)
-    paths = {x: records[x].path for x in parent}
+        sets.join(x, y)
+    members_of = sets.members()
+    root = sets.root
+    paths = {x: records[x].path for x in sets.parent}
     pairs_of: dict[int, list[Pair]] = {}
     copy_kind = "copy" if settings.criterion == "copy" else "similar"
-    for x, y, cos, dist, corr, shift in edges:
+    for x, y, cos, dist, corr, shift, overlap in edges:
         kind = "identical" if (x, y) in identical else copy_kind
         pairs_of.setdefault(root(x), []).append(
-            Pair(paths[x], paths[y], cos, dist, corr, kind, shift)
+            Pair(paths[x], paths[y], cos, dist, corr, kind, shift, overlap)
         )
     seen = {(e.a, e.b) for e in edges}
     for x, y in identical:
@@ -737,18 +847,6 @@ def _groups(
                 Pair(paths[x], paths[y], None, None, None, "identical")
             )
 
-    def member(i: int) -> Member:
-        at = int(np.searchsorted(ids, i))
-        t = traits[at]
-        known = bool(has_traits[at])
-        return Member(
-            paths[i],
-            int(t["width"]) if known else None,
-            int(t["height"]) if known else None,
-            records[i].size,
-            records[i].mtime_ns,
-        )
-
     groups = []
     for top, member_ids in members_of.items():
         members = sorted((member(i) for i in member_ids), key=_keeper_order)
@@ -756,6 +854,44 @@ def _groups(
         groups.append(Group(members, pairs))
     groups.sort(key=lambda g: (-len(g.members), g.keeper.path))
     return groups
+
+
+def _shot_groups(
+    member,
+    records: dict[int, ImageRecord],
+    edges: list[Edge],
+    copies: list[Group],
+) -> list[ShotGroup]:
+    """Groups of other shots of one scene, joined by ``edges``; an image with
+    copies stands for them by its keeper, and shots within one copy group
+    (its copies are that already) are left out."""
+    keeper_of = {m.path: g.keeper.path for g in copies for m in g.members}
+    id_of = {r.path: i for i, r in records.items()}
+    sets = _Sets()
+    pairs: list[tuple[str, Pair]] = []
+    for x, y, cos, dist, corr, shift, overlap in edges:
+        a, b = records[x].path, records[y].path
+        ka, kb = keeper_of.get(a, a), keeper_of.get(b, b)
+        if ka == kb:
+            continue
+        sets.join(ka, kb)
+        pairs.append((ka, Pair(a, b, cos, dist, corr, "shot", shift, overlap)))
+    pairs_of: dict[str, list[Pair]] = {}
+    for ka, pair in pairs:
+        pairs_of.setdefault(sets.root(ka), []).append(pair)
+    groups = []
+    for top, paths in sets.members().items():
+        members = sorted((member(id_of[p]) for p in paths), key=_best_shot_order)
+        found = sorted(pairs_of[top], key=lambda p: (p.a, p.b))
+        groups.append(ShotGroup(members, found))
+    groups.sort(key=lambda g: (-len(g.members), g.best.path))
+    return groups
+
+
+def _best_shot_order(m: Member) -> tuple:
+    exposure = abs((m.brightness if m.brightness is not None else 127.5) - 127.5)
+    pixels = (m.width or 0) * (m.height or 0)
+    return (-(m.sharpness or 0.0), exposure, -pixels, m.path)
 
 
 def _best_edges(edges: list[Edge]) -> list[Edge]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from imgindex.pipeline.sources import Source
 
 if TYPE_CHECKING:
-    from imgindex.pipeline.duplicates import DuplicateReport, Group
+    from imgindex.pipeline.duplicates import DuplicateReport, Group, ShotGroup
 
 THUMB_SIDE = 96  # pixels, the longer side
 SHOWN_ROWS = 20  # queries or groups drawn; the rest are counted
@@ -92,9 +92,11 @@ def short_name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def group_tiles(group: Group, thumbs: dict[str, str | None]) -> list[str]:
-    """A duplicate group: the keeper first, each member with its size and
-    the pair that joined it to another (kind, cosine)."""
+def group_tiles(group: Group | ShotGroup, thumbs: dict[str, str | None]) -> list[str]:
+    """A group: its keeper (copies) or best shot (other shots) first, each
+    member with its size and the pair that joined it to another (kind,
+    cosine)."""
+    first = "best: " if hasattr(group, "best") else "keep: "
     joined: dict[str, str] = {}
     for p in group.pairs:
         how = p.kind if p.cosine is None else f"{p.kind} {p.cosine:.3f}"
@@ -103,33 +105,44 @@ def group_tiles(group: Group, thumbs: dict[str, str | None]) -> list[str]:
     tiles = []
     for i, m in enumerate(group.members):
         size = f"{m.width}x{m.height}" if m.width else "size unknown"
-        lines = [("keep: " if i == 0 else "") + short_name(m.path), size]
+        lines = [(first if i == 0 else "") + short_name(m.path), size]
         if m.path in joined:
             lines.append(joined[m.path])
         tiles.append(tile(thumbs.get(m.path), lines, m.path, query=i == 0))
     return tiles
 
 
-def group_html(group: Group, source: Source) -> str:
+def group_html(group: Group | ShotGroup, source: Source) -> str:
     thumbs = thumbnails(source, [m.path for m in group.members])
-    head = f"{len(group.members)} images, keeper {short_name(group.keeper.path)}"
+    role = "best" if hasattr(group, "best") else "keeper"
+    head = f"{len(group.members)} images, {role} {short_name(group.members[0].path)}"
     return rows_html([head], [group_tiles(group, thumbs)], "")
 
 
 def report_html(report: DuplicateReport, source: Source) -> str:
-    """The report's counts, then its first groups as rows of thumbnails."""
+    """The report's counts, then its first groups of copies and of other
+    shots as rows of thumbnails."""
     shown = report.groups[:SHOWN_ROWS]
-    thumbs = thumbnails(source, [m.path for g in shown for m in g.members])
+    shots = report.shots[:SHOWN_ROWS]
+    thumbs = thumbnails(source, [m.path for g in [*shown, *shots] for m in g.members])
     heads = [
-        f"group {n}: {len(g.members)} images" for n, g in enumerate(shown, start=1)
+        f"copies {n}: {len(g.members)} images" for n, g in enumerate(shown, start=1)
+    ] + [
+        f"other shots {n}: {len(g.members)} images"
+        for n, g in enumerate(shots, start=1)
     ]
-    rows = [group_tiles(g, thumbs) for g in shown]
-    hidden = len(report.groups) - len(shown)
-    more = f"... and {hidden:,} more groups (report.groups)" if hidden > 0 else ""
+    rows = [group_tiles(g, thumbs) for g in [*shown, *shots]]
+    hidden = len(report.groups) - len(shown) + len(report.shots) - len(shots)
+    more = (
+        f"... and {hidden:,} more groups (report.groups, report.shots)"
+        if hidden > 0
+        else ""
+    )
     summary = (
         f"<p><b>{html.escape(report.index)}</b>: {report.images_in_groups:,} of "
-        f"{report.count:,} images in {_count(len(report.groups), 'group')}; "
-        f"{report.removable:,} could be removed; "
+        f"{report.count:,} images in {_count(len(report.groups), 'group')} of "
+        f"copies; {report.removable:,} could be removed; "
+        f"{_count(len(report.shots), 'group')} of other shots of one scene; "
         f"{_count(len(report.outliers), 'outlier')}, "
         f"{_count(len(report.broken), 'broken file')}</p>"
     )

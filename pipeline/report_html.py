@@ -67,7 +67,8 @@ def write_html_report(
     page = Path(page).absolute()
     folder = check_report_paths(page)
     groups = report.groups[:max_groups]
-    shown = [m.path for g in groups for m in g.members]
+    shots = report.shots[:max_groups]
+    shown = [m.path for g in [*groups, *shots] for m in g.members]
     shown += [o.path for o in report.outliers[:LISTED]]
     shown += [p for paths in report.flagged.values() for p in paths[:LISTED]]
     paths = list(dict.fromkeys(shown))  # each image once, in page order
@@ -100,7 +101,7 @@ def write_html_report(
             if data is not None:
                 (staging / names[path]).write_bytes(data)
                 made.add(path)
-        data = _page_data(report, groups, folder.name, names, made)
+        data = _page_data(report, groups, shots, folder.name, names, made)
         _swap_in(staging, folder)
         with atomic_file(page, "w") as f:
             f.write(_page(data))
@@ -178,6 +179,7 @@ def _thumb_name(path: str) -> str:
 def _page_data(
     report: DuplicateReport,
     groups: list,
+    shots: list,
     folder: str,
     names: dict[str, str],
     made: set[str],
@@ -185,17 +187,17 @@ def _page_data(
     def thumb(path: str) -> str | None:
         return f"{quote(folder)}/{names[path]}" if path in made else None
 
+    def drawn(group) -> dict[str, Any]:
+        return {
+            "members": [m.to_json() | {"thumb": thumb(m.path)} for m in group.members],
+            "pairs": [p.to_json() for p in group.pairs],
+        }
+
     return report.totals() | {
         "shown_groups": len(groups),
-        "duplicate_groups": [
-            {
-                "members": [
-                    m.to_json() | {"thumb": thumb(m.path)} for m in group.members
-                ],
-                "pairs": [p.to_json() for p in group.pairs],
-            }
-            for group in groups
-        ],
+        "duplicate_groups": [drawn(group) for group in groups],
+        "shown_shot_groups": len(shots),
+        "other_shots": [drawn(group) for group in shots],
         "outliers": [
             o.to_json() | {"thumb": thumb(o.path)} for o in report.outliers[:LISTED]
         ],
@@ -265,7 +267,8 @@ td, th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left; }
 <h1>Duplicates in <span id="index"></span></h1>
 <div class="muted" id="source"></div>
 <div class="totals" id="totals"></div>
-<nav><a href="#groups">Duplicate groups</a><a href="#outliers">Outliers</a>
+<nav><a href="#groups">Duplicate groups</a><a href="#shots">Other shots</a>
+<a href="#outliers">Outliers</a>
 <a href="#flagged">Blurry, dark, bright, tiny</a>
 <a href="#broken">Broken files</a></nav>
 <h2 id="groups">Duplicate groups</h2>
@@ -273,6 +276,9 @@ td, th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left; }
 <div class="pager" id="pager-top"></div>
 <div id="group-list"></div>
 <div class="pager" id="pager-bottom"></div>
+<h2 id="shots">Other shots of one scene</h2>
+<div class="muted" id="shot-rule"></div>
+<div id="shot-list"></div>
 <h2 id="outliers">Outliers</h2>
 <div class="muted" id="outlier-note"></div>
 <div class="row" id="outlier-list"></div>
@@ -293,38 +299,44 @@ function el(tag, attrs, ...children) {
   for (const c of children) node.append(c);
   return node;
 }
-function figure(path, thumb, caption, keeper) {
+function figure(path, thumb, caption, keeper, badge) {
   const pic = thumb ? el("img", {src: thumb, loading: "lazy", alt: path})
                     : el("div", {class: "missing"}, "no thumbnail");
   const cap = el("figcaption", {});
-  if (keeper) cap.append(el("span", {class: "badge"}, "keeper"));
+  if (keeper) cap.append(el("span", {class: "badge"}, badge || "keeper"));
   cap.append(path);
   if (caption) cap.append(el("br"), el("span", {class: "muted"}, caption));
   return el("figure", {class: keeper ? "keeper" : "", title: path}, pic, cap);
 }
 function fmt(x, digits) { return x == null ? "" : x.toFixed(digits); }
-function drawGroup(group, number) {
+function drawGroup(group, number, shots) {
   const box = el("div", {class: "group"});
   const removable = group.members.length - 1;
-  box.append(el("div", {}, el("b", {}, `Group ${n(number)}`),
-    ` \u2014 ${images(group.members.length)}, ${removable} could be removed`));
+  box.append(el("div", {}, el("b", {}, `${shots ? "Shots" : "Group"} ${n(number)}`),
+    ` \u2014 ${images(group.members.length)}` + (shots ?
+    ", other shots of one scene: nothing to remove, pick by hand" :
+    `, ${removable} could be removed`)));
   const row = el("div", {class: "row"});
   group.members.forEach((m, i) => {
     const size = m.width ? `${m.width}\u00d7${m.height}` : "size unknown";
-    row.append(figure(m.path, m.thumb, `${size}, ${n(m.bytes)} bytes`, i === 0));
+    const sharp = shots && m.sharpness != null ?
+      `, sharpness ${fmt(m.sharpness, 0)}` : "";
+    row.append(figure(m.path, m.thumb, `${size}, ${n(m.bytes)} bytes${sharp}`,
+                      i === 0, shots ? "best" : "keeper"));
   });
   box.append(row);
   const table = el("table", {}, el("tr", {}, el("th", {}, "a"), el("th", {}, "b"),
     el("th", {}, "cosine"), el("th", {}, "hash bits"), el("th", {}, "aligned r"),
-    el("th", {}, "shift px"), el("th", {}, "kind")));
+    el("th", {}, "shift px"), el("th", {}, "overlap"), el("th", {}, "kind")));
   for (const p of group.pairs) {
     table.append(el("tr", {}, el("td", {}, p.a), el("td", {}, p.b),
       el("td", {}, fmt(p.cosine, 3)),
       el("td", {}, p.hash_distance === null ? "" : String(p.hash_distance)),
       el("td", {}, fmt(p.correlation, 3)), el("td", {}, fmt(p.shift, 2)),
-      el("td", {}, p.kind)));
+      el("td", {}, fmt(p.overlap, 2)), el("td", {}, p.kind)));
   }
-  const summary = el("summary", {}, `${group.pairs.length} pairs`);
+  const count = group.pairs.length;
+  const summary = el("summary", {}, `${count} pair${count === 1 ? "" : "s"}`);
   box.append(el("details", {}, summary, table));
   return box;
 }
@@ -360,6 +372,14 @@ document.getElementById("keeper-rule").textContent =
   `Keeper (green): ${data.keeper_rule}.` + (data.shown_groups < data.groups ?
   ` The first ${n(data.shown_groups)} groups are shown; --json lists all.` : "");
 drawPage();
+document.getElementById("shot-rule").textContent =
+  `${n(data.shot_groups)} groups of photos of one scene that are not copies of ` +
+  `each other (another exposure, a moved camera or subject). Best (green): ` +
+  `${data.best_shot_rule}.` + (data.shown_shot_groups < data.shot_groups ?
+  ` The first ${n(data.shown_shot_groups)} are shown; --json lists all.` : "");
+const shotList = document.getElementById("shot-list");
+data.other_shots.forEach((g, i) => shotList.append(drawGroup(g, i + 1, true)));
+if (!data.other_shots.length) shotList.append(el("p", {}, "None found."));
 document.getElementById("outlier-note").textContent =
   `${images(data.outlier_count)}: the ${(data.outlier_share * 100).toFixed(1)} % ` +
   `farthest from their nearest neighbour, the loneliest first, with the cosine to it.`;

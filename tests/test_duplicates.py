@@ -130,6 +130,32 @@ def test_copies_are_grouped_and_siblings_kept_apart(copy_set, default_report):
     assert report.verified >= len(copies) and 0 < report.undecided < 20
 
 
+def test_other_shots_of_a_scene_are_grouped_apart_from_copies(copy_set, default_report):
+    """Panned views of a scene and the stereo pair's two cameras are other
+    shots of one scene: each pair a group of its own, with the evidence that
+    decided it, the sharpest suggested, and nothing to remove. (The tissue's
+    two views match too few features to tell: 2 where 12 are needed.)"""
+    report = default_report
+    found = {frozenset(m.path for m in g.members) for g in report.shots}
+    expected = {
+        frozenset({"generated-scene.view-a.jpg", "generated-scene.view-b.jpg"}),
+        frozenset({"stereo-left.jpg", "stereo-right.jpg"}),
+    }
+    assert found == expected
+    for group in report.shots:
+        assert all(p.kind == "shot" for p in group.pairs)
+        assert all(p.overlap >= 0.5 for p in group.pairs)
+        sharpness = [m.sharpness for m in group.members]
+        assert group.best.sharpness == max(sharpness)
+    in_copies = {m.path for g in report.groups for m in g.members}
+    assert not in_copies & {p for group in expected for p in group}
+    as_json = report.to_json()
+    assert as_json["shot_groups"] == len(as_json["other_shots"]) == 2
+    assert as_json["other_shots"][0]["best"] == report.shots[0].best.path
+    assert report.totals()["shot_groups"] == 2
+    assert report.removable == sum(len(g.members) - 1 for g in report.groups)
+
+
 def _jpeg_features(image: Image.Image):
     import io
 
@@ -155,6 +181,8 @@ def test_second_shots_of_a_scene_are_not_copies_copies_are():
         for _, a, b in second_shots(*skdata.stereo_motorcycle())
     ]
     assert len(shots) >= 20 and not any(s.is_copy for s in shots)
+    # Not just "not a copy": each is called another shot of the scene.
+    assert all(s.kind == "shot" for s in shots), [s for s in shots if s.kind != "shot"]
     # What decides for half of them is the shift alone.
     by_shift = [
         s
@@ -167,8 +195,12 @@ def test_second_shots_of_a_scene_are_not_copies_copies_are():
         original = _jpeg_features(_photo(name))
         for how, make in COPY_MAKERS.items():
             found = geometry.align(original, _jpeg_features(make(_photo(name))))
-            assert found.is_copy, (name, how, found)
+            assert found.is_copy and found.kind == "copy", (name, how, found)
             assert found.shift is not None and found.shift <= geometry.MAX_SHIFT
+    # Unrelated photos are neither (no similarity gets 12 inliers).
+    photos = {name: _jpeg_features(_photo(name)) for name in REAL}
+    for x, y in itertools.combinations(REAL, 2):
+        assert geometry.align(photos[x], photos[y]).kind is None, (x, y)
 
 
 def test_keeper_is_the_largest_then_oldest_and_byte_copies_are_identical(
@@ -236,6 +268,10 @@ def test_cli_prints_totals_and_json(copy_set):
         " images in " in first and " groups; " in first and "could be removed" in first
     )
     assert "keeper (*): largest resolution, then oldest file" in shown.stdout
+    # Other shots of a scene: counted, their best marked, nothing to remove.
+    assert "2 groups of other shots of one scene (not copies" in shown.stdout
+    assert "best (+): sharpest, then best exposed" in shown.stdout
+    assert "  + stereo-left.jpg" in shown.stdout  # sharper than the right camera
     assert "1 tiny; 1 broken files" in shown.stdout
     # The JSON's shape (the geometric check is tested above, and costs seconds).
     as_json = invoke("duplicates", index_dir, "--json", "--criterion", "cosine")
@@ -369,8 +405,11 @@ def _rendered(browser, page) -> dict:
         const first = document.querySelector(".group");
         return {
           totals: document.getElementById("totals").textContent,
-          groups: document.querySelectorAll(".group").length,
-          keepers: text("figure.keeper figcaption"),
+          groups: document.querySelectorAll("#group-list .group").length,
+          keepers: text("#group-list figure.keeper figcaption"),
+          shots: document.querySelectorAll("#shot-list .group").length,
+          best: text("#shot-list figure.keeper figcaption"),
+          shotRule: document.getElementById("shot-rule").textContent,
           pager: document.querySelector(".page-label").textContent,
           outliers: text("#outlier-list figcaption"),
           broken: text("#broken-list td"),
@@ -420,11 +459,22 @@ def test_html_report_opens_in_a_browser(copy_set, browser, tmp_path):
         f"keeper{k}" for k in keepers
     ]
     assert shown["firstLoaded"] and all(shown["firstLoaded"])
+    # Other shots of one scene: their own section, the best of each marked.
+    assert shown["shots"] == report["shot_groups"] == len(report["other_shots"]) == 2
+    best = [g["best"] for g in report["other_shots"]]
+    assert [b.split(".jpg")[0] + ".jpg" for b in shown["best"]] == [
+        f"best{b}" for b in best
+    ]
+    assert shown["shotRule"].startswith("2 groups of photos of one scene")
+    assert report["best_shot_rule"] in shown["shotRule"]
     assert shown["outliers"][0].startswith("noise.jpg")
     assert shown["broken"] == ["broken.jpg", "not an image Pillow can read"]
     assert "tiny: 1 image" in shown["flags"]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "duplicates-report.png"))
+    browser.execute_script("document.getElementById('shots').scrollIntoView()")
+    WebDriverWait(browser, 20).until(lambda b: b.execute_script(_THUMBS_IN_VIEW_LOADED))
+    browser.save_screenshot(str(ARTIFACTS / "duplicates-report-shots.png"))
     browser.execute_script("document.getElementById('outliers').scrollIntoView()")
     WebDriverWait(browser, 20).until(lambda b: b.execute_script(_THUMBS_IN_VIEW_LOADED))
     browser.save_screenshot(str(ARTIFACTS / "duplicates-report-outliers.png"))

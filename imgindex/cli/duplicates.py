@@ -131,7 +131,7 @@ def duplicates(
 
 
 def _print_duplicates(report, show: int) -> None:
-    from imgindex.pipeline.duplicates import KEEPER_RULE
+    from imgindex.pipeline.duplicates import BEST_SHOT_RULE, KEEPER_RULE
 
     click.echo(
         f"{shown(report.index)}: {report.images_in_groups:,} of {report.count:,} "
@@ -153,11 +153,27 @@ def _print_duplicates(report, show: int) -> None:
 
     if report.groups and show:
         click.echo(f"keeper (*): {KEEPER_RULE}")
-    for n, group in enumerate(report.groups[:show], start=1):
-        click.echo(f"group {n}: {len(group.members)} images")
+    _print_groups("group", report.groups, show)
+    if report.shots:
+        click.echo(
+            f"{len(report.shots):,} groups of other shots of one scene (not "
+            "copies: nothing to remove; pick by hand)"
+        )
+        if show:
+            click.echo(f"best (+): {BEST_SHOT_RULE}")
+        _print_groups("shots", report.shots, show, mark="+", many="shot groups")
+    _print_collection_notes(report, show)
+
+
+def _print_groups(
+    label: str, groups, show: int, mark: str = "*", many: str = "groups"
+) -> None:
+    """Groups, each member (the first marked) and the pairs that joined them."""
+    for n, group in enumerate(groups[:show], start=1):
+        click.echo(f"{label} {n}: {len(group.members)} images")
         for i, m in enumerate(group.members):
             size = f"{m.width}x{m.height}" if m.width else "size unknown"
-            click.echo(f"  {'*' if i == 0 else ' '} {shown(m.path)}  ({size})")
+            click.echo(f"  {mark if i == 0 else ' '} {shown(m.path)}  ({size})")
         for p in group.pairs:
             cos = "     " if p.cosine is None else f"{p.cosine:.3f}"
             bits = " " * 7 if p.hash_distance is None else f"{p.hash_distance:2d} bits"
@@ -167,11 +183,8 @@ def _print_duplicates(report, show: int) -> None:
                 f"    {cos} {bits} {corr} {shift} {p.kind:9} "
                 f"{shown(p.a)} ~ {shown(p.b)}"
             )
-    if show and len(report.groups) > show:
-        click.echo(
-            f"... and {len(report.groups) - show:,} more groups (--json lists all)"
-        )
-    _print_collection_notes(report, show)
+    if show and len(groups) > show:
+        click.echo(f"... and {len(groups) - show:,} more {many} (--json lists all)")
 
 
 def _print_collection_notes(report, show: int) -> None:
