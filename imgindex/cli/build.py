@@ -117,32 +117,14 @@ from imgindex.feedback import TerminalFeedback, shown
 def build(
     datasets,
     out,
-    input_format,
-    path_column,
     scheduler,
     scheduler_file,
     no_fallback,
-    model,
-    device,
-    gpu_resource,
     jobqueue,
     jobs,
-    worker_wait,
-    partition_size,
-    batch_size,
-    decode_threads,
-    decoder,
-    precision,
-    runtime,
-    retries,
-    task_timeout,
-    index_type,
-    max_index_memory,
-    recall_target,
-    rebuild,
-    name,
     progress_file,
     as_json,
+    **options,
 ):
     """Embed the images of each DATASET and write OUT/<name>/.
 
@@ -158,29 +140,9 @@ def build(
     from imgindex.pipeline.progress import ProgressFile
 
     with options_as_click_errors():
-        request = check_build(
-            datasets,
-            out,
-            name=name,
-            input_format=input_format,
-            path_column=path_column,
-            model=model,
-            device=device,
-            batch_size=batch_size,
-            decode_threads=decode_threads,
-            decoder=decoder,
-            precision=precision,
-            runtime=runtime,
-            index_type=index_type,
-            max_index_memory=max_index_memory,
-            recall_target=recall_target,
-            partition_size=partition_size,
-            retries=retries,
-            task_timeout=task_timeout,
-            worker_wait=worker_wait,
-            gpu_resource=gpu_resource,
-            rebuild=rebuild,
-        )
+        # Every other flag is an option of the build itself, as the API's
+        # keyword argument of the same name.
+        request = check_build(datasets, out, **options)
     tracker = ProgressFile(progress_file, request.names) if progress_file else None
 
     def start_cluster():
@@ -190,8 +152,8 @@ def build(
             no_fallback,
             jobqueue,
             jobs,
-            gpu_resource,
-            worker_wait,
+            options["gpu_resource"],
+            options["worker_wait"],
             out.resolve(),
         )
 
