@@ -225,32 +225,13 @@ def build(
         If the build could not run at all (a dataset missing, a lock held,
         no cluster).
     """
+    given = locals()
     started = time.perf_counter()
     if isinstance(datasets, str | os.PathLike):
         datasets = [datasets]
     try:
         request = check_build(
-            datasets,
-            out,
-            name=name,
-            input_format=input_format,
-            path_column=path_column,
-            model=model,
-            device=device,
-            batch_size=batch_size,
-            decode_threads=decode_threads,
-            decoder=decoder,
-            precision=precision,
-            runtime=runtime,
-            index_type=index_type,
-            max_index_memory=max_index_memory,
-            recall_target=recall_target,
-            partition_size=partition_size,
-            retries=retries,
-            task_timeout=task_timeout,
-            worker_wait=worker_wait,
-            gpu_resource=gpu_resource,
-            rebuild=rebuild,
+            datasets, out, **{name: given[name] for name in build_options()}
         )
     except OptionError as e:
         raise OptionError(_keyword_message(e), e.option) from None
@@ -264,6 +245,14 @@ def build(
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise BuildError(f"{errors[0]}{more}; see the error's .report", built)
     return built
+
+
+def build_options() -> list[str]:
+    """The keyword arguments :func:`check_build` takes after ``datasets`` and
+    ``out``: :func:`build` takes each of them too, by the same name."""
+    import inspect
+
+    return list(inspect.signature(check_build).parameters)[2:]
 
 
 def _keyword_message(e: OptionError) -> str:

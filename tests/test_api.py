@@ -294,3 +294,21 @@ def test_importing_imgindex_loads_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_build_takes_every_option_the_command_line_build_takes():
+    import inspect
+
+    from imgindex.api import build_options
+    from imgindex.building import check_build
+    from imgindex.cli import cli
+
+    ours = inspect.signature(imgindex.build).parameters
+    checked = inspect.signature(check_build).parameters
+    for name in build_options():
+        assert ours[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert ours[name].default == checked[name].default, name
+    flags = {p.name for p in cli.commands["build"].params}
+    own = {"datasets", "out", "scheduler", "scheduler_file", "no_fallback"}
+    own |= {"jobqueue", "jobs", "progress_file", "as_json"}
+    assert flags - own == set(build_options())
