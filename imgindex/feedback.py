@@ -169,10 +169,13 @@ class NotebookBar:
         self.label = label
         self.stage = "embedding"
         self.drawn = 0.0
+        self.embedded = ""  # "18 images, 1 failed" once the embedding is done
         self.handle = display(HTML(self._row(0, 0, "")), display_id=True)
 
     def update(self, done: int, total: int, failed: int) -> None:
-        self._draw(done, total, f", {failed} failed" if failed else "")
+        more = f", {failed} failed" if failed else ""
+        self.embedded = f" ({done:,} images{more})"
+        self._draw(done, total, more)
 
     def index_step(self, stage: str, done: int, total: int) -> None:
         from imgindex.pipeline.index_build import STEP_NAMES
@@ -188,7 +191,8 @@ class NotebookBar:
                 )
             )
         else:
-            self.handle.update(self._html(f"<b>{html.escape(self.label)}</b>: done"))
+            done = f"<b>{html.escape(self.label)}</b>: done{html.escape(self.embedded)}"
+            self.handle.update(self._html(done))
 
     def _draw(self, done: int, total: int, more: str, force: bool = False) -> None:
         now = time.monotonic()

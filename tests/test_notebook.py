@@ -81,7 +81,7 @@ def test_notebook_runs_and_shows_results_as_thumbnails(executed):
             assert out["output_type"] != "error", out
     build = html_of(cell_showing(executed, "report = imgindex.build("))
     assert "the caller&#x27;s client" in build or "the caller's client" in build
-    assert "<b>photos</b>: done" in build
+    assert "<b>photos</b>: done (18 images)" in build
     assert re.search(r"<td>photos</td><td>18</td><td>0</td>", build)
     search = html_of(cell_showing(executed, "results = idx.search("))
     # Three queries and their four hits each.
