@@ -40,6 +40,7 @@ from imgindex.pipeline.config import config_value
 from imgindex.pipeline.copies import Copies, folder_copies
 from imgindex.pipeline.discover import Failure, ImageRecord
 from imgindex.pipeline.errors import ConfigError, DecodeError, IndexDirError
+from imgindex.pipeline.exposure import Capture, capture_of, same_exposure
 from imgindex.pipeline.index_build import Runner, ShardRows, StepCallback, group_shards
 from imgindex.pipeline.lookup import rows_in_sorted
 from imgindex.pipeline.reindex import stored_selection
@@ -132,6 +133,9 @@ class Pair:
     # covers little of its original; two shots of one scene much of each
     # other); None: not checked
     overlap: float | None = None
+    # by EXIF capture time and camera: True one exposure, False two, None
+    # where a file has no record (pipeline/exposure.py)
+    same_exposure: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -142,6 +146,7 @@ class Pair:
             "correlation": _rounded(self.correlation),
             "shift": _rounded(self.shift),
             "overlap": _rounded(self.overlap),
+            "same_exposure": self.same_exposure,
             "kind": self.kind,
         }
 
@@ -160,6 +165,7 @@ class Edge(NamedTuple):
     correlation: float | None = None
     shift: float | None = None
     overlap: float | None = None
+    exposure: bool | None = None  # one exposure by EXIF (None: not known)
 
 
 @dataclass(frozen=True)
@@ -576,23 +582,46 @@ def file_digests(source: Source | str, paths: Sequence[str]) -> list[str | None]
     return out
 
 
+class Checked(NamedTuple):
+    """What the workers found of a candidate pair."""
+
+    alignment: geometry.Alignment
+    # From their EXIF (pipeline/exposure.py): True one exposure, False two,
+    # None where a record is missing.
+    same_exposure: bool | None
+
+    @property
+    def kind(self) -> str | None:
+        """The geometry's verdict, unless EXIF says otherwise: two capture
+        times are two exposures (a burst from a camera held still aligns to
+        the pixel); one capture time is one photo, however edited."""
+        kind = self.alignment.kind
+        if self.same_exposure is False and kind == "copy":
+            return "shot"
+        if self.same_exposure is True and kind == "shot":
+            return "copy"
+        return kind
+
+
 def verify_pairs(
     source: Source | str, pairs: Sequence[tuple[str, str]]
-) -> list[geometry.Alignment | None]:
-    """The geometric check of each pair of ``source``'s paths (None:
-    undecidable). ``source`` may be a folder's absolute path.
+) -> list[Checked | None]:
+    """The geometric and EXIF check of each pair of ``source``'s paths
+    (None: undecidable). ``source`` may be a folder's absolute path.
 
     ``pairs`` sorted by their first image load it once; features are kept
     for the task's last images (the same image recurs across its pairs).
     """
-    cache: OrderedDict[str, geometry.Features | None] = OrderedDict()
+    cache: OrderedDict[str, tuple[geometry.Features, Capture | None] | None]
+    cache = OrderedDict()
 
-    def features(path: str) -> geometry.Features | None:
+    def features(path: str) -> tuple[geometry.Features, Capture | None] | None:
         if path in cache:
             cache.move_to_end(path)
             return cache[path]
         try:
-            found = geometry.image_features(image_file(source, path, reader))
+            opened = image_file(source, path, reader)
+            found = (geometry.image_features(opened), capture_of(opened))
         except DecodeError:
             found = None  # deleted or changed since the build: nothing to compare
         cache[path] = found
@@ -601,14 +630,15 @@ def verify_pairs(
         return found
 
     source = as_source(source)
-    out: list[geometry.Alignment | None] = []
+    out: list[Checked | None] = []
     with source.reader([p for pair in pairs for p in pair]) as reader:
         for a, b in pairs:
             fa, fb = features(a), features(b)
-            if fa is None or fb is None or not (fa.decidable and fb.decidable):
+            if fa is None or fb is None or not (fa[0].decidable and fb[0].decidable):
                 out.append(None)
             else:
-                out.append(geometry.align(fa, fb))
+                alignment = geometry.align(fa[0], fb[0])
+                out.append(Checked(alignment, same_exposure(fa[1], fb[1])))
     return out
 
 
@@ -645,8 +675,12 @@ def _verified(
                 kept.append(edge)
             continue
         kind = found.kind
+        aligned = found.alignment
         evidence = edge._replace(
-            correlation=found.correlation, shift=found.shift, overlap=found.mutual
+            correlation=aligned.correlation,
+            shift=aligned.shift,
+            overlap=aligned.mutual,
+            exposure=found.same_exposure,
         )
         if kind == "copy":
             kept.append(evidence)
@@ -835,10 +869,10 @@ def _groups(
     paths = {x: records[x].path for x in sets.parent}
     pairs_of: dict[int, list[Pair]] = {}
     copy_kind = "copy" if settings.criterion == "copy" else "similar"
-    for x, y, cos, dist, corr, shift, overlap in edges:
+    for x, y, cos, dist, corr, shift, overlap, exposure in edges:
         kind = "identical" if (x, y) in identical else copy_kind
         pairs_of.setdefault(root(x), []).append(
-            Pair(paths[x], paths[y], cos, dist, corr, kind, shift, overlap)
+            Pair(paths[x], paths[y], cos, dist, corr, kind, shift, overlap, exposure)
         )
     seen = {(e.a, e.b) for e in edges}
     for x, y in identical:
@@ -869,13 +903,14 @@ def _shot_groups(
     id_of = {r.path: i for i, r in records.items()}
     sets = _Sets()
     pairs: list[tuple[str, Pair]] = []
-    for x, y, cos, dist, corr, shift, overlap in edges:
+    for x, y, cos, dist, corr, shift, overlap, exposure in edges:
         a, b = records[x].path, records[y].path
         ka, kb = keeper_of.get(a, a), keeper_of.get(b, b)
         if ka == kb:
             continue
         sets.join(ka, kb)
-        pairs.append((ka, Pair(a, b, cos, dist, corr, "shot", shift, overlap)))
+        shot = Pair(a, b, cos, dist, corr, "shot", shift, overlap, exposure)
+        pairs.append((ka, shot))
     pairs_of: dict[str, list[Pair]] = {}
     for ka, pair in pairs:
         pairs_of.setdefault(sets.root(ka), []).append(pair)

@@ -309,6 +309,9 @@ function figure(path, thumb, caption, keeper, badge) {
   return el("figure", {class: keeper ? "keeper" : "", title: path}, pic, cap);
 }
 function fmt(x, digits) { return x == null ? "" : x.toFixed(digits); }
+function exposure(same) {
+  return same == null ? "" : same ? "one exposure" : "two exposures";
+}
 function drawGroup(group, number, shots) {
   const box = el("div", {class: "group"});
   const removable = group.members.length - 1;
@@ -327,13 +330,15 @@ function drawGroup(group, number, shots) {
   box.append(row);
   const table = el("table", {}, el("tr", {}, el("th", {}, "a"), el("th", {}, "b"),
     el("th", {}, "cosine"), el("th", {}, "hash bits"), el("th", {}, "aligned r"),
-    el("th", {}, "shift px"), el("th", {}, "overlap"), el("th", {}, "kind")));
+    el("th", {}, "shift px"), el("th", {}, "overlap"), el("th", {}, "EXIF"),
+    el("th", {}, "kind")));
   for (const p of group.pairs) {
     table.append(el("tr", {}, el("td", {}, p.a), el("td", {}, p.b),
       el("td", {}, fmt(p.cosine, 3)),
       el("td", {}, p.hash_distance === null ? "" : String(p.hash_distance)),
       el("td", {}, fmt(p.correlation, 3)), el("td", {}, fmt(p.shift, 2)),
-      el("td", {}, fmt(p.overlap, 2)), el("td", {}, p.kind)));
+      el("td", {}, fmt(p.overlap, 2)), el("td", {}, exposure(p.same_exposure)),
+      el("td", {}, p.kind)));
   }
   const count = group.pairs.length;
   const summary = el("summary", {}, `${count} pair${count === 1 ? "" : "s"}`);

@@ -537,3 +537,64 @@ def test_html_report_pages_and_escapes_names(browser, tmp_path):
     )
     assert last == [f"Group {n}" for n in range(51, 61)]
     assert browser.find_element("css selector", ".page-label").text == "page 3 of 3"
+
+
+def _with_capture(image: Image.Image, path, time: str, quality: int = 92) -> None:
+    """Save ``image`` as a camera would: EXIF capture time, make, model, serial."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Imgcam", "X100"
+    detail = exif.get_ifd(0x8769)
+    detail[0x9003], detail[0x9291], detail[0xA431] = time.split(".") + ["SN-4711"]
+    image.save(path, "JPEG", quality=quality, exif=exif.tobytes())
+
+
+def test_exif_capture_records_tell_one_exposure_from_two(tmp_path):
+    from imgindex.pipeline.exposure import capture_of, same_exposure
+
+    photo = _photo("coffee")
+    _with_capture(photo, tmp_path / "a.jpg", "2026:05:01 10:00:00.25")
+    small = photo.resize((200, 133))
+    _with_capture(small, tmp_path / "small.jpg", "2026:05:01 10:00:00.25")
+    _with_capture(photo, tmp_path / "next.jpg", "2026:05:01 10:00:00.50")
+    photo.save(tmp_path / "bare.jpg", quality=92)
+    a = capture_of(str(tmp_path / "a.jpg"))
+    assert a.time == "2026:05:01 10:00:00.25"
+    assert a.camera == ("Imgcam", "X100", "SN-4711")
+    assert same_exposure(a, capture_of(str(tmp_path / "small.jpg"))) is True
+    assert same_exposure(a, capture_of(str(tmp_path / "next.jpg"))) is False
+    assert capture_of(str(tmp_path / "bare.jpg")) is None
+    assert same_exposure(a, None) is None
+    assert capture_of(str(tmp_path / "missing.jpg")) is None
+
+
+def test_a_burst_from_a_held_camera_is_shots_its_edit_a_copy(client, tmp_path):
+    """Pixels alone call a burst from a camera held still a copy: its frames
+    align to the pixel. Their EXIF capture times say two exposures; an
+    edit of one frame keeps its time and stays a copy."""
+    data = tmp_path / "burst"
+    data.mkdir()
+    frame = _photo("chelsea")
+    _with_capture(frame, data / "frame-1.jpg", "2026:05:01 10:00:00.10")
+    _with_capture(frame, data / "frame-2.jpg", "2026:05:01 10:00:00.40", quality=90)
+    _with_capture(
+        frame.resize((225, 150)), data / "frame-1-small.jpg", "2026:05:01 10:00:00.10"
+    )
+    for name in ("astronaut", "rocket", "camera"):
+        _photo(name).save(data / f"{name}.jpg", quality=92)
+    run_build(client, data, tmp_path / "out")
+    report = find_duplicates(tmp_path / "out" / "burst", DuplicateSettings(), client)
+    (copies,) = report.groups
+    assert {m.path for m in copies.members} == {"frame-1.jpg", "frame-1-small.jpg"}
+    assert [p.same_exposure for p in copies.pairs] == [True]
+    # The second frame against the first and its edit: other shots, the
+    # first standing in the group for its copy.
+    (shots,) = report.shots
+    assert {m.path for m in shots.members} == {"frame-1.jpg", "frame-2.jpg"}
+    assert {(p.a, p.b) for p in shots.pairs} == {
+        ("frame-2.jpg", "frame-1.jpg"),
+        ("frame-2.jpg", "frame-1-small.jpg"),
+    }
+    for pair in shots.pairs:
+        assert pair.kind == "shot" and pair.same_exposure is False
+        assert pair.shift is not None and pair.shift <= 0.6  # the pixels say copy
+    assert report.to_json()["other_shots"][0]["pairs"][0]["same_exposure"] is False
