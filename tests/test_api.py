@@ -312,3 +312,14 @@ def test_build_takes_every_option_the_command_line_build_takes():
     own = {"datasets", "out", "scheduler", "scheduler_file", "no_fallback"}
     own |= {"jobqueue", "jobs", "progress_file", "as_json"}
     assert flags - own == set(build_options())
+
+
+def test_a_closed_client_is_refused_in_one_line(client, dataset, tmp_path):
+    from distributed import Client
+
+    other = Client(client.scheduler.address, set_as_default=False)
+    other.close()
+    with pytest.raises(imgindex.ImgindexError, match="^client is closed; pass a"):
+        imgindex.build(dataset, tmp_path / "out", client=other, progress=False)
+    assert not (tmp_path / "out" / "beach").exists()
+    assert client.status == "running"
