@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from imgindex.pipeline.duplicates import DuplicateReport
+    from imgindex.pipeline.index_build import ShardRows
     from imgindex.pipeline.search import Searcher
     from imgindex.results import SearchResults
 
@@ -55,7 +56,7 @@ class Index:
         self.path = Path(path).resolve()
         self.meta = read_meta(self.path)  # one line if it is not an index
         self._searcher: Searcher | None = None
-        self._turns: bool | None = None
+        self._selection: list[ShardRows] | None = None
 
     @property
     def name(self) -> str:
@@ -164,9 +165,10 @@ class Index:
             for label, found in zip(labels, hits, strict=True)
             for h in found
         ]
+        # Only the hits' paths: the index's map holds every image.
         shown = SearchShown(
             searcher.source,
-            dict(searcher.paths),
+            {row["id"]: searcher.paths[row["id"]] for row in rows},
             dict(zip(labels, originals, strict=True)),
         )
         return SearchResults.of(rows, shown)
@@ -210,7 +212,11 @@ class Index:
 
         from imgindex.pipeline.reindex import stored_selection
 
-        selection, _ = stored_selection(self.path, self.meta.count)
+        if self._selection is None:
+            # Read once (the manifest and every shard's record) for both
+            # vectors() and ids(), from the version this Index opened.
+            self._selection, _ = stored_selection(self.path, self.meta.count)
+        selection = self._selection
         load = dask.delayed(_shard_member, pure=True)
         chunks = [
             da.from_delayed(load(rows, member), (rows.count, *shape), dtype=dtype)

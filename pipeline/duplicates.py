@@ -195,32 +195,41 @@ KEEPER_RULE = "largest resolution, then oldest file, then shortest path"
 
 
 @dataclass
-class Group:
-    """Copies of one photo: one to keep, the rest could be removed."""
+class _Photos:
+    """Images grouped by their pairs, the one to keep first."""
 
-    members: list[Member]  # the keeper first
+    ROLE = ""  # what the first member is: "keeper" or "best"
+
+    members: list[Member]
     pairs: list[Pair]
     # Where the members are read from, for the thumbnails of _repr_html_.
     source: Source | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def keeper(self) -> Member:
-        return self.members[0]
+    def to_json(self) -> dict[str, Any]:
+        return {
+            self.ROLE: self.members[0].path,
+            "members": [m.to_json() for m in self.members],
+            "pairs": [p.to_json() for p in self.pairs],
+        }
 
     def _repr_html_(self) -> str | None:
-        """A row of thumbnails in Jupyter, the keeper first."""
+        """A row of thumbnails in Jupyter, the first member first."""
         if self.source is None:
             return None
         from imgindex.pipeline.notebook_html import group_html
 
         return group_html(self, self.source)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "keeper": self.keeper.path,
-            "members": [m.to_json() for m in self.members],
-            "pairs": [p.to_json() for p in self.pairs],
-        }
+
+@dataclass
+class Group(_Photos):
+    """Copies of one photo: one to keep, the rest could be removed."""
+
+    ROLE = "keeper"
+
+    @property
+    def keeper(self) -> Member:
+        return self.members[0]
 
 
 BEST_SHOT_RULE = (
@@ -229,32 +238,15 @@ BEST_SHOT_RULE = (
 
 
 @dataclass
-class ShotGroup:
+class ShotGroup(_Photos):
     """Other shots of one scene (each a photo of its own, or the keeper of its
     copies): none is a copy to remove; the best is suggested to keep."""
 
-    members: list[Member]  # the best first
-    pairs: list[Pair]
-    source: Source | None = field(default=None, repr=False, compare=False)
+    ROLE = "best"
 
     @property
     def best(self) -> Member:
         return self.members[0]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "best": self.best.path,
-            "members": [m.to_json() for m in self.members],
-            "pairs": [p.to_json() for p in self.pairs],
-        }
-
-    def _repr_html_(self) -> str | None:
-        """A row of thumbnails in Jupyter, the best first."""
-        if self.source is None:
-            return None
-        from imgindex.pipeline.notebook_html import group_html
-
-        return group_html(self, self.source)
 
 
 @dataclass(frozen=True)

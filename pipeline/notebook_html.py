@@ -96,7 +96,7 @@ def group_tiles(group: Group | ShotGroup, thumbs: dict[str, str | None]) -> list
     """A group: its keeper (copies) or best shot (other shots) first, each
     member with its size and the pair that joined it to another (kind,
     cosine)."""
-    first = "best: " if hasattr(group, "best") else "keep: "
+    first = "best: " if group.ROLE == "best" else "keep: "
     joined: dict[str, str] = {}
     for p in group.pairs:
         how = p.kind if p.cosine is None else f"{p.kind} {p.cosine:.3f}"
@@ -114,8 +114,8 @@ def group_tiles(group: Group | ShotGroup, thumbs: dict[str, str | None]) -> list
 
 def group_html(group: Group | ShotGroup, source: Source) -> str:
     thumbs = thumbnails(source, [m.path for m in group.members])
-    role = "best" if hasattr(group, "best") else "keeper"
-    head = f"{len(group.members)} images, {role} {short_name(group.members[0].path)}"
+    first = short_name(group.members[0].path)
+    head = f"{len(group.members)} images, {group.ROLE} {first}"
     return rows_html([head], [group_tiles(group, thumbs)], "")
 
 
