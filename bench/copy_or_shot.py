@@ -3,7 +3,7 @@
     python bench/copy_or_shot.py                 # ~2 minutes on 2 cores
     python bench/copy_or_shot.py --json out.json
 
-Two sets of pairs, both of real photographs:
+Pairs of real photographs, from two packages:
 
 - **copies**: scikit-image's photos, each against a copy made every way in
   pipeline.synthetic.COPY_MAKERS (resized, re-encoded, cropped, flipped,
@@ -14,8 +14,21 @@ Two sets of pairs, both of real photographs:
   view shifted by the tile's median disparity (from the pair's disparity
   map), so that the two frame the same part of the scene, as a second shot
   from a slightly moved camera does. Several tile sizes and places give
-  pairs of one scene only: what this set cannot show is a moved subject, a
-  flat textured subject, or a burst with the camera held still.
+  pairs of one scene only;
+- **OpenCV's sample photos** (Debian's ``opencv-doc``, in
+  /usr/share/doc/opencv-doc/examples/data, or ``--opencv DIR``): real second
+  exposures of kinds the stereo tiles lack, each pair as the package ships
+  it: a chessboard held before a fixed camera, seen by two cameras at once
+  (13 pairs) and moved between frames (12 pairs: a moved subject, a flat
+  textured one); two frames of a video of two men throwing a ball (moved
+  subject, camera still); Middlebury's RubberWhale pair (objects moved a few
+  pixels); Middlebury's Aloe stereo pair; a graffiti wall from two
+  viewpoints (flat textured subject); two phone photos of a street taken
+  14 s apart (EXIF); two aerial views; two views of books on a desk. One
+  real edit: a phone photo and its retouched, recropped copy (a sticker
+  added; the same EXIF capture time). Copies are made of 14 of these
+  photos every way, as of scikit-image's, and unrelated pairs taken among
+  them.
 
 Each pair goes through the copy check of ``imgindex duplicates``
 (pipeline/geometry.py: ORB features, a similarity by RANSAC, footprint,
@@ -28,9 +41,21 @@ copy is a similarity of its original, so what is left is interpolation; a
 second shot leaves parallax (near and far things shift against each other)
 and perspective.
 
-Not measured here (issue 33 names them): the correlation of sensor noise
-and JPEG quantisation tables. EXIF capture times decide where both files
-carry one (pipeline/exposure.py), but scikit-image's photos carry none.
+Also measured, not used by the check (printed as ranges):
+
+- ``moved``: patches of one image found a few pixels from where the
+  similarity puts them (:func:`pipeline.geometry.moved_patches`), which the
+  check uses;
+- ``noise``: the correlation of the two images' high frequencies
+  (grey minus its Gaussian blur, sigma 1 px) over their flattest half, at
+  full resolution, for pairs of one size that the rest of the check calls
+  copies: a copy shares its original's sensor noise, a second exposure has
+  its own;
+- ``same_tables``: whether two JPEG files carry the same quantisation
+  tables.
+
+EXIF capture times decide where both files carry one (pipeline/exposure.py):
+``exif_kind`` is the verdict with them, ``decided`` without.
 
 Printed: each signal's range per kind, and for each the threshold that best
 separates the two, with the share of each kind on its side.
@@ -68,6 +93,11 @@ class Pair:
     inliers: int = 0
     overlap: float = 0.0
     decided: str | None = None  # what `imgindex duplicates` calls the pair
+    group: str = ""  # the situation the pair comes from
+    moved: int | None = None
+    noise: float | None = None
+    same_tables: bool | None = None
+    exif_kind: str | None = None  # what it calls the pair with EXIF
 
 
 def jpeg(image: Image.Image, quality: int = 90) -> io.BytesIO:
@@ -88,28 +118,97 @@ def grey_at(buf: io.BytesIO, side: int) -> np.ndarray:
     return np.asarray(grey)
 
 
-def measure(kind: str, name: str, a_buf, b_buf, side: int) -> Pair:
+def measure(kind: str, name: str, a_buf, b_buf, side: int, group: str = "") -> Pair:
     from imgindex.pipeline import geometry as g
+    from imgindex.pipeline.duplicates import Checked
+    from imgindex.pipeline.exposure import capture_of, same_exposure
 
     a = g.features_of(grey_at(a_buf, side))
     b = g.features_of(grey_at(b_buf, side))
     inliers, overlap = matched(a, b)
-    decided = g.align(a, b).kind
+    aligned = g.align(a, b)
+    exposure = same_exposure(capture_of(a_buf), capture_of(b_buf))
     laid = g.lay(a, b)
+    pair = Pair(kind, name, 0.0, 0.0, False, None, inliers, overlap, aligned.kind)
+    pair.group, pair.same_tables = group, same_tables(a_buf, b_buf)
+    pair.exif_kind = Checked(aligned, exposure).kind
     if laid is None:
-        return Pair(kind, name, 0.0, 0.0, False, None, inliers, overlap, decided)
+        return pair
     alignment = laid.alignment
-    pair = Pair(
-        kind,
-        name,
-        round(alignment.correlation, 4),
-        round(alignment.inside, 4),
-        alignment.is_copy,  # the check without the shift
-    )
+    pair.correlation = round(alignment.correlation, 4)
+    pair.inside = round(alignment.inside, 4)
+    pair.is_copy_today = alignment.is_copy  # the check without shift and moves
     # At the check's scale: what `imgindex duplicates` decides on.
     pair.shift_p90 = g.residual_shift(laid.src, laid.dst, laid.matrix)
-    pair.inliers, pair.overlap, pair.decided = inliers, overlap, decided
+    pair.moved = g.moved_patches(laid.src, laid.dst, laid.matrix)
+    if alignment.is_copy:
+        pair.noise = noise_correlation(laid, a_buf, b_buf)
     return pair
+
+
+def same_tables(a_buf, b_buf) -> bool | None:
+    """Whether two JPEG files carry the same quantisation tables (None: not
+    both JPEG)."""
+    tables = []
+    for buf in (a_buf, b_buf):
+        buf.seek(0)
+        with Image.open(buf) as image:
+            if image.format != "JPEG":
+                return None
+            tables.append(image.quantization)
+    return tables[0] == tables[1]
+
+
+def noise_correlation(laid, a_buf, b_buf) -> float | None:
+    """Correlation of the aligned images' finest detail over their flattest
+    half, at full resolution; None unless the two are one size (no
+    resampling then mixes the noise of neighbouring pixels)."""
+    import cv2
+
+    src_buf, dst_buf = (b_buf, a_buf) if laid.b_onto_a else (a_buf, b_buf)
+    sizes = []
+    for buf in (src_buf, dst_buf):
+        buf.seek(0)
+        with Image.open(buf) as image:
+            sizes.append(max(image.size))
+    scale = float(np.sqrt(abs(np.linalg.det(laid.matrix[:, :2]))))
+    if sizes[0] != sizes[1] or abs(scale - 1) > 0.02 or sizes[0] > 2048:
+        return None
+    src, dst = grey_at(src_buf, sizes[0]), grey_at(dst_buf, sizes[1])
+    if laid.alignment.mirrored:  # lay mirrors a, whichever way it lies
+        if laid.b_onto_a:
+            dst = np.ascontiguousarray(dst[:, ::-1])
+        else:
+            src = np.ascontiguousarray(src[:, ::-1])
+    # The check's transform, from its pixels to these (pixel centres).
+    k = [
+        np.array([[x, 0, (x - 1) / 2], [0, y, (y - 1) / 2], [0, 0, 1]])
+        for x, y in (
+            (img.shape[1] / low.shape[1], img.shape[0] / low.shape[0])
+            for img, low in ((src, laid.src), (dst, laid.dst))
+        )
+    ]
+    matrix = (k[1] @ np.vstack([laid.matrix, [0, 0, 1]]) @ np.linalg.inv(k[0]))[:2]
+    h, w = dst.shape
+    placed = cv2.warpAffine(src.astype(np.float32), matrix, (w, h))
+    footprint = cv2.warpAffine(
+        np.ones_like(src), matrix, (w, h), flags=cv2.INTER_NEAREST
+    )
+    target = dst.astype(np.float32)
+    smooth = cv2.GaussianBlur(target, (0, 0), 2.0)
+    gradient = np.hypot(
+        cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1)
+    )
+    inside = cv2.erode(footprint, np.ones((7, 7), np.uint8)) > 0
+    flat = inside & (gradient <= np.percentile(gradient[inside], 50))
+    flat &= (target > 10) & (target < 245)  # clipped pixels have no noise
+    if flat.sum() < 1000:
+        return None
+
+    def detail(x: np.ndarray) -> np.ndarray:
+        return (x - cv2.GaussianBlur(x, (0, 0), 1.0))[flat]
+
+    return round(float(np.corrcoef(detail(placed), detail(target))[0, 1]), 3)
 
 
 def matched(a, b) -> tuple[int, float]:
@@ -143,8 +242,9 @@ def copy_pairs(side: int) -> list[Pair]:
         original = jpeg(image, 92)
         for how, make in COPY_MAKERS.items():
             pairs.append(
-                measure("copy", f"{name} {how}", original, jpeg(make(image)), side)
-            )
+                measure("copy", f"{name} {how}", original, jpeg(make(image)), side,
+                        f"made: {how}")
+            )  # fmt: skip
     return pairs
 
 
@@ -154,7 +254,9 @@ def shot_pairs(side: int) -> list[Pair]:
     from imgindex.pipeline.synthetic import second_shots
 
     return [
-        measure("shot", name, jpeg(a, 92), jpeg(b, 92), side)
+        measure(
+            "shot", name, jpeg(a, 92), jpeg(b, 92), side, "stereo tiles (scikit-image)"
+        )
         for name, a, b in second_shots(*skimage.data.stereo_motorcycle())
     ]
 
@@ -178,6 +280,63 @@ def other_pairs(side: int) -> list[Pair]:
     tiles = list(second_shots(*skimage.data.stereo_motorcycle()))[::4]
     for (tile, a, _), name in zip(tiles, itertools.cycle(PHOTOS)):
         pairs.append(measure("other", f"{name} ~ {tile}", photos[name], jpeg(a), side))
+    return pairs
+
+
+OPENCV = Path("/usr/share/doc/opencv-doc/examples/data")
+# Photos of OpenCV's set that copies are made of.
+OPENCV_PHOTOS = (
+    "graf1.png", "leuvenA.jpg", "left01.jpg", "aloeL.jpg", "rubberwhale1.png",
+    "basketball1.png", "baboon.jpg", "building.jpg", "fruits.jpg",
+    "starry_night.jpg", "messi5.jpg", "home.jpg", "sudoku.png", "smarties.png",
+)  # fmt: skip
+_BOARD = ("01", "02", "03", "04", "05", "06", "07", "08", "09", "11", "12", "13", "14")
+# (situation, pairs of files): real second exposures as the package ships them.
+OPENCV_SHOTS = (
+    ("chessboard, two cameras at once", [(f"left{k}.jpg", f"right{k}.jpg") for k in _BOARD]),
+    ("chessboard moved between frames", [(f"left{a}.jpg", f"left{b}.jpg") for a, b in zip(_BOARD, _BOARD[1:])]),
+    ("video: people moving, camera still", [("basketball1.png", "basketball2.png")]),
+    ("objects moved a few pixels (Middlebury)", [("rubberwhale1.png", "rubberwhale2.png")]),
+    ("stereo pair (Middlebury Aloe)", [("aloeL.jpg", "aloeR.jpg")]),
+    ("graffiti wall, new viewpoint", [("graf1.png", "graf3.png")]),
+    ("phone, street, 14 s apart (EXIF)", [("leuvenA.jpg", "leuvenB.jpg")]),
+    ("aerial, new viewpoint", [("aero1.jpg", "aero3.jpg")]),
+    ("books on a desk, new viewpoint", [("left.jpg", "right.jpg")]),
+)  # fmt: skip
+OPENCV_EDITS = (
+    ("retouched and recropped (EXIF)", [("ela_original.jpg", "ela_modified.jpg")]),
+)
+# Photos of distinct subjects, for unrelated pairs.
+OPENCV_OTHERS = (
+    "baboon.jpg", "fruits.jpg", "building.jpg", "messi5.jpg", "starry_night.jpg",
+    "home.jpg", "stuff.jpg", "orange.jpg", "butterfly.jpg", "board.jpg",
+    "graf1.png", "left01.jpg", "aloeL.jpg", "basketball1.png", "leuvenA.jpg",
+    "aero1.jpg", "smarties.png", "sudoku.png", "squirrel_cls.jpg", "rubberwhale1.png",
+)  # fmt: skip
+
+
+def opencv_pairs(data: Path, side: int) -> list[Pair]:
+    """Copies, real second exposures, a real edit and unrelated pairs of
+    OpenCV's sample photos."""
+    import itertools
+
+    from imgindex.pipeline.synthetic import COPY_MAKERS
+
+    def read(name: str) -> io.BytesIO:
+        return io.BytesIO((data / name).read_bytes())
+
+    pairs = []
+    for name in OPENCV_PHOTOS:
+        image = Image.open(data / name).convert("RGB")
+        for how, make in COPY_MAKERS.items():
+            pairs.append(measure("copy", f"{name} {how}", read(name),
+                                 jpeg(make(image)), side, f"made: {how}"))  # fmt: skip
+    for kind, sets in (("shot", OPENCV_SHOTS), ("copy", OPENCV_EDITS)):
+        for group, files in sets:
+            for a, b in files:
+                pairs.append(measure(kind, f"{a} ~ {b}", read(a), read(b), side, group))
+    for a, b in itertools.combinations(OPENCV_OTHERS, 2):
+        pairs.append(measure("other", f"{a} ~ {b}", read(a), read(b), side, "opencv"))
     return pairs
 
 
@@ -212,59 +371,90 @@ def separation(pairs: list[Pair], signal: str, copies_low: bool) -> dict:
     }
 
 
+def ranges(pairs: list[Pair], signal: str) -> str:
+    values = [getattr(p, signal) for p in pairs if getattr(p, signal) is not None]
+    return f"{min(values)}-{max(values)} ({len(values)})" if values else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--side", type=int, default=384)
+    parser.add_argument("--opencv", type=Path, default=OPENCV,
+                        help="OpenCV's sample data (Debian: opencv-doc)")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     pairs = copy_pairs(args.side) + shot_pairs(args.side) + other_pairs(args.side)
-    n_copy = sum(p.kind == "copy" for p in pairs)
-    n_shot = sum(p.kind == "shot" for p in pairs)
-    today = sum(p.is_copy_today for p in pairs if p.kind == "shot")
-    found = sum(p.is_copy_today for p in pairs if p.kind == "copy")
-    print(f"{n_copy} copy pairs, {n_shot} second-shot pairs")
-    print(f"copy check of today: {found}/{n_copy} copies found, "
-          f"{today}/{n_shot} second shots called copies")  # fmt: skip
-    from imgindex.pipeline.geometry import MAX_SHIFT
-
-    def now(p: Pair) -> bool:
-        return p.is_copy_today and (p.shift_p90 is None or p.shift_p90 <= MAX_SHIFT)
-
-    found = sum(now(p) for p in pairs if p.kind == "copy")
-    called = sum(now(p) for p in pairs if p.kind == "shot")
-    print(f"with the residual shift at most {MAX_SHIFT} px: {found}/{n_copy} copies "
-          f"found, {called}/{n_shot} second shots called copies")  # fmt: skip
-    print()
-    print("| signal | copies | second shots | threshold | copies on their side "
-          "| shots on their side |")  # fmt: skip
-    print("| --- | --- | --- | ---: | ---: | ---: |")
-    for signal, copies_low in (("correlation", False), ("shift_p90", True)):
-        s = separation(pairs, signal, copies_low)
+    if (args.opencv / "graf1.png").exists():
+        pairs += opencv_pairs(args.opencv, args.side)
+    else:
         print(
-            f"| {signal} | {s['copy range'][0]:.3f}-{s['copy range'][1]:.3f} "
-            f"| {s['shot range'][0]:.3f}-{s['shot range'][1]:.3f} "
-            f"| {s['threshold']:.3f} | {s['copies']:.0%} | {s['shots']:.0%} |"
+            f"{args.opencv} not found (apt install opencv-doc): its pairs are left out"
         )
+    print("What `imgindex duplicates` calls each pair, by pixels (with EXIF where both")
+    print("files carry a capture record):")
     print()
-    print("What `imgindex duplicates` calls each pair (pipeline/geometry.py):")
-    print("| pairs | called copy | called shot | neither |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| pairs | situation | called copy | called shot | neither |")
+    print("| --- | --- | ---: | ---: | ---: |")
     for kind in ("copy", "shot", "other"):
         of = [p for p in pairs if p.kind == kind]
-        called = [sum(p.decided == k for p in of) for k in ("copy", "shot", None)]
-        print(f"| {len(of)} {kind} | {called[0]} | {called[1]} | {called[2]} |")
+        groups = sorted(
+            {p.group for p in of}, key=lambda g: [p.group for p in of].index(g)
+        )
+        for group in [None, *groups]:
+            rows = of if group is None else [p for p in of if p.group == group]
+            called = [
+                " ".join(
+                    [str(sum(p.decided == k for p in rows))]
+                    + ([f"({sum(p.exif_kind == k for p in rows)})"]
+                       if any(p.exif_kind != p.decided for p in rows) else [])
+                )
+                for k in ("copy", "shot", None)
+            ]  # fmt: skip
+            label = (
+                f"**all {len(rows)} {kind}**"
+                if group is None
+                else f"{len(rows)} {kind}"
+            )
+            print(f"| {label} | {group or ''} | {' | '.join(called)} |")
     print()
-    print("| kind | pairs | a similarity found (inliers >= 12) | covering >= 0.5 |")
-    print("| --- | ---: | ---: | ---: |")
-    for kind in ("copy", "shot", "other"):
-        of = [p for p in pairs if p.kind == kind]
-        sim = [p for p in of if p.inliers >= 12]
-        over = [p for p in sim if p.overlap >= 0.5]
-        print(f"| {kind} | {len(of)} | {len(sim)} | {len(over)} |")
+    for by in ("decided", "exif_kind"):
+        called = [p for p in pairs if getattr(p, by) == "copy"]
+        copies = [p for p in pairs if p.kind == "copy"]
+        shots = [p for p in pairs if p.kind == "shot"]
+        right = sum(p.kind == "copy" for p in called)
+        print(
+            f"{'by pixels' if by == 'decided' else 'with EXIF'}: copy precision "
+            f"{right / len(called):.3f}, recall {right / len(copies):.3f}; "
+            f"second exposures called shot {sum(getattr(p, by) == 'shot' for p in shots) / len(shots):.3f}, "
+            f"called copy {sum(getattr(p, by) == 'copy' for p in shots)}"
+        )  # fmt: skip
+    print()
+    print(
+        "Signals (min-max (pairs measured)) of pairs the rest of the check calls copies:"
+    )
+    print()
+    print(
+        "| pairs | shift p90 px | moved patches | noise correlation | same JPEG tables |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    for kind in ("copy", "shot"):
+        rows = [p for p in pairs if p.kind == kind and p.is_copy_today]
+        tables = [
+            p.same_tables for p in pairs if p.kind == kind and p.same_tables is not None
+        ]
+        print(
+            f"| {len(rows)} {kind} | {ranges(rows, 'shift_p90')} | {ranges(rows, 'moved')} "
+            f"| {ranges(rows, 'noise')} | {sum(tables)} of {len(tables)} |"
+        )  # fmt: skip
     for p in pairs:
-        if p.kind != "copy":
-            print(f"  {p.kind} {p.name}: inliers {p.inliers}, overlap {p.overlap}, "
-                  f"corr {p.correlation}, shift {p.shift_p90}")  # fmt: skip
+        if (
+            (p.kind == "copy") != (p.exif_kind == "copy")
+            or p.kind == "shot"
+            and p.decided != "shot"
+        ):
+            print(f"  {p.kind} {p.name} ({p.group}): called {p.decided} / {p.exif_kind}; "
+                  f"inliers {p.inliers}, overlap {p.overlap}, corr {p.correlation}, "
+                  f"shift {p.shift_p90}, moved {p.moved}, noise {p.noise}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps([asdict(p) for p in pairs], indent=1))
 

@@ -136,6 +136,9 @@ class Pair:
     # by EXIF capture time and camera: True one exposure, False two, None
     # where a file has no record (pipeline/exposure.py)
     same_exposure: bool | None = None
+    # patches of one image found displaced in the other (a moved subject,
+    # parallax: pipeline.geometry.moved_patches); None: not measured
+    moved: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -147,6 +150,7 @@ class Pair:
             "shift": _rounded(self.shift),
             "overlap": _rounded(self.overlap),
             "same_exposure": self.same_exposure,
+            "moved": self.moved,
             "kind": self.kind,
         }
 
@@ -166,6 +170,22 @@ class Edge(NamedTuple):
     shift: float | None = None
     overlap: float | None = None
     exposure: bool | None = None  # one exposure by EXIF (None: not known)
+    moved: int | None = None
+
+    def pair(self, a: str, b: str, kind: str) -> Pair:
+        """The pair of paths ``a`` and ``b`` with this edge's evidence."""
+        return Pair(
+            a,
+            b,
+            self.cosine,
+            self.hash_distance,
+            self.correlation,
+            kind,
+            self.shift,
+            self.overlap,
+            self.exposure,
+            self.moved,
+        )
 
 
 @dataclass(frozen=True)
@@ -673,6 +693,7 @@ def _verified(
             shift=aligned.shift,
             overlap=aligned.mutual,
             exposure=found.same_exposure,
+            moved=aligned.moved,
         )
         if kind == "copy":
             kept.append(evidence)
@@ -861,11 +882,10 @@ def _groups(
     paths = {x: records[x].path for x in sets.parent}
     pairs_of: dict[int, list[Pair]] = {}
     copy_kind = "copy" if settings.criterion == "copy" else "similar"
-    for x, y, cos, dist, corr, shift, overlap, exposure in edges:
+    for edge in edges:
+        x, y = edge.a, edge.b
         kind = "identical" if (x, y) in identical else copy_kind
-        pairs_of.setdefault(root(x), []).append(
-            Pair(paths[x], paths[y], cos, dist, corr, kind, shift, overlap, exposure)
-        )
+        pairs_of.setdefault(root(x), []).append(edge.pair(paths[x], paths[y], kind))
     seen = {(e.a, e.b) for e in edges}
     for x, y in identical:
         if (x, y) not in seen:
@@ -895,14 +915,13 @@ def _shot_groups(
     id_of = {r.path: i for i, r in records.items()}
     sets = _Sets()
     pairs: list[tuple[str, Pair]] = []
-    for x, y, cos, dist, corr, shift, overlap, exposure in edges:
-        a, b = records[x].path, records[y].path
+    for edge in edges:
+        a, b = records[edge.a].path, records[edge.b].path
         ka, kb = keeper_of.get(a, a), keeper_of.get(b, b)
         if ka == kb:
             continue
         sets.join(ka, kb)
-        shot = Pair(a, b, cos, dist, corr, "shot", shift, overlap, exposure)
-        pairs.append((ka, shot))
+        pairs.append((ka, edge.pair(a, b, "shot")))
     pairs_of: dict[str, list[Pair]] = {}
     for ka, pair in pairs:
         pairs_of.setdefault(sets.root(ka), []).append(pair)

@@ -1,9 +1,10 @@
 """When, and with which camera, a photo was taken: its EXIF capture record.
 
-Two files whose EXIF names the same capture time (to the sub-second where
-the camera writes one) and the same camera are one exposure, whatever was
-done to the pixels since; two files naming different capture times are two
-exposures, however alike their pixels (a burst from a camera held still).
+Two files whose EXIF names the same capture time to the sub-second and the
+same camera are one exposure, whatever was done to the pixels since; two
+files naming different capture times are two exposures, however alike their
+pixels (a burst from a camera held still). A time to the second alone
+cannot say one exposure: a burst takes several frames in one second.
 Editors and converters usually keep EXIF; many web tools strip it, so a
 missing record decides nothing.
 """
@@ -53,12 +54,14 @@ def capture_of(file: str | BinaryIO) -> Capture | None:
 
 
 def same_exposure(a: Capture | None, b: Capture | None) -> bool | None:
-    """True: one exposure; False: two; None: a record is missing, or the
-    cameras differ in a way that leaves it open (one names no serial)."""
+    """True: one exposure; False: two; None: a record is missing, names its
+    time to the second only, or the cameras leave it open (none named)."""
     if a is None or b is None:
         return None
     if a.time != b.time:
         return False
+    if "." not in a.time:  # to the second: a burst's frames share it
+        return None
     known = [(x, y) for x, y in zip(a.camera, b.camera, strict=True) if x and y]
     return all(x == y for x, y in known) if known else None
 

@@ -296,8 +296,19 @@ class Thumbnail(ImageRoute):
         self.finish(data)
 
 
+def _with_ids(groups: list[dict]) -> list[dict]:
+    """``groups`` with each member's image id, for its thumbnail."""
+    return [
+        group
+        | {"members": [m | {"id": str(image_id(m["path"]))} for m in group["members"]]}
+        for group in groups
+    ]
+
+
 class Duplicates(ApiHandler):
-    """``GET /api/indexes/<name>/duplicates?offset=0&limit=50``: a page of groups."""
+    """``GET /api/indexes/<name>/duplicates?offset=0&limit=50``: a page of
+    copy groups (``page``) and the same page of groups of other shots
+    (``shot_page``)."""
 
     route = "duplicates"
 
@@ -320,17 +331,15 @@ class Duplicates(ApiHandler):
                 f"`imgindex duplicates {path} --save`",
             )
         # The report is shared between requests: copy what is changed.
-        groups = report["duplicate_groups"]
-        page = [
-            group
-            | {
-                "members": [
-                    m | {"id": str(image_id(m["path"]))} for m in group["members"]
-                ]
-            }
-            for group in groups[offset : offset + limit]
-        ]
-        report = {k: v for k, v in report.items() if k != "duplicate_groups"}
+        page = _with_ids(report["duplicate_groups"][offset : offset + limit])
+        shots = report.get("other_shots", [])  # absent from reports saved before
+        report = {
+            k: v
+            for k, v in report.items()
+            if k not in ("duplicate_groups", "other_shots")
+        }
+        report["shot_groups"] = len(shots)
+        report["shot_page"] = _with_ids(shots[offset : offset + limit])
         report["outliers"] = [
             o | {"id": str(image_id(o["path"]))}
             for o in report.get("outliers", [])[:LISTED]

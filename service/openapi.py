@@ -194,14 +194,18 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     "Duplicates": {
-        "description": "`imgindex duplicates --json`'s report with one page of groups.",
+        "description": "`imgindex duplicates --json`'s report with one page of "
+        "copy groups (`page`) and the same page of groups of other shots of one "
+        "scene (`shot_page`, in place of `other_shots`).",
         "type": "object",
-        "required": ["groups", "page", "offset", "limit"],
+        "required": ["groups", "page", "shot_groups", "shot_page", "offset", "limit"],
         "properties": {
             "groups": {"type": "integer"},
+            "shot_groups": {"type": "integer"},
             "offset": {"type": "integer"},
             "limit": {"type": "integer"},
             "page": {"type": "array", "items": {"type": "object"}},
+            "shot_page": {"type": "array", "items": {"type": "object"}},
         },
     },
     "ImageInfo": {

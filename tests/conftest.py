@@ -388,6 +388,36 @@ def album(service):
 
 
 @pytest.fixture(scope="session")
+def scenes(service):
+    """Index 'scenes' built through the service: scikit-image's stereo pair
+    (two exposures of one scene), a photo and a copy of it, and an unrelated
+    photo, with its duplicates report saved."""
+    from skimage import data
+
+    from imgindex.pipeline.synthetic import write_copy_set
+    from tests.helpers import invoke
+
+    left, right, _ = data.stereo_motorcycle()
+    folder = service.dataset_root / "scenes"
+    write_copy_set(
+        folder,
+        {},
+        singles={
+            "stereo-left": Image.fromarray(left),
+            "stereo-right": Image.fromarray(right),
+            "rocket": Image.fromarray(data.rocket()),
+            "astronaut": Image.fromarray(data.astronaut()),
+        },
+    )
+    Image.fromarray(data.rocket()).resize((320, 213)).save(folder / "rocket-small.jpg")
+    build = service.wait(service.build("scenes")["id"])
+    assert build["state"] == "finished", build
+    run = invoke("duplicates", service.index_root / "scenes", "--save")
+    assert run.exit_code == 0, run.stderr
+    return folder
+
+
+@pytest.fixture(scope="session")
 def browser():
     """Debian's chromium, headless, driven by chromedriver (nothing downloaded).
 

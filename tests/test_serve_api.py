@@ -344,7 +344,33 @@ def test_duplicates_report_saved_by_the_cli_is_served(service, album):
     assert [m["path"] for m in second["page"][0]["members"]][0].startswith("coffee")
     listed = service.request("GET", "/api/indexes").json()["indexes"]
     assert next(i for i in listed if i["name"] == "album")["duplicates"] is True
-    assert next(i for i in listed if i["name"] != "album")["duplicates"] is False
+    others = [i for i in listed if i["name"] not in ("album", "scenes")]
+    assert not any(i["duplicates"] for i in others)
+
+
+def test_other_shots_of_one_scene_are_served_apart_from_copies(service, scenes):
+    """The stereo pair's two cameras: a group of other shots, its best
+    first, apart from the photo and its copy."""
+    report = service.request("GET", "/api/indexes/scenes/duplicates").json()
+    assert report["groups"] == 1 and report["shot_groups"] == 1
+    assert "other_shots" not in report  # paged as shot_page
+    (copies,) = report["page"]
+    assert {m["path"] for m in copies["members"]} == {"rocket.jpg", "rocket-small.jpg"}
+    (shots,) = report["shot_page"]
+    assert {m["path"] for m in shots["members"]} == {
+        "stereo-left.jpg",
+        "stereo-right.jpg",
+    }
+    assert shots["best"] == shots["members"][0]["path"]
+    assert [p["kind"] for p in shots["pairs"]] == ["shot"]
+    for member in shots["members"]:
+        assert member["id"] == str(image_id(member["path"]))
+        thumb = service.request(
+            "GET", f"/api/indexes/scenes/images/{member['id']}/thumbnail"
+        )
+        assert thumb.status_code == 200
+    later = service.request("GET", "/api/indexes/scenes/duplicates?offset=1").json()
+    assert later["shot_page"] == [] and later["shot_groups"] == 1
 
 
 def test_status_and_prometheus_metrics(beach):

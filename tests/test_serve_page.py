@@ -189,6 +189,37 @@ def test_browse_the_duplicate_groups(service, album, browser):
     _shot(browser, "duplicates")
 
 
+def test_the_duplicates_tab_shows_other_shots_apart_from_copies(
+    service, scenes, browser
+):
+    _open(browser, service)
+    _wait_for_option(browser, "dup-index", "scenes", 20)
+    browser.find_element(By.CSS_SELECTOR, "button.tab[data-tab=duplicates]").click()
+    Select(browser.find_element(By.ID, "dup-index")).select_by_value("scenes")
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "#dup-groups .group.shots")
+    )
+    (copies,) = browser.find_elements(By.CSS_SELECTOR, "#dup-groups .group:not(.shots)")
+    assert "keep: " in copies.find_element(By.CSS_SELECTOR, ".member.keeper").text
+    (shots,) = browser.find_elements(By.CSS_SELECTOR, "#dup-groups .group.shots")
+    best = shots.find_element(By.CSS_SELECTOR, ".member.best").text
+    assert best.startswith("best: stereo-") and "sharpness" in best
+    assert len(shots.find_elements(By.CSS_SELECTOR, ".member")) == 2
+    assert not shots.find_elements(By.CSS_SELECTOR, ".member.keeper")
+    heading = browser.find_element(By.CSS_SELECTOR, "#dup-groups h2").text
+    assert heading.startswith("Other shots of one scene (best first: sharpest")
+    summary = browser.find_element(By.ID, "dup-summary").text
+    assert "1 group of other shots of one scene: nothing to remove" in summary
+    WebDriverWait(browser, 30).until(
+        lambda b: b.execute_script(
+            "return [...document.querySelectorAll('#dup-groups img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
+    )
+    assert not _severe(browser)
+    _shot(browser, "duplicates-shots")
+
+
 def _hits_shown(browser) -> list[dict]:
     return browser.execute_script(
         """return [...document.querySelectorAll('#results > li')].map(li => ({

@@ -450,22 +450,30 @@ async function loadDuplicates(offset) {
     return;
   }
   $("dup-summary").textContent =
-    `${report.images_in_groups} of ${report.images} images in ${report.groups} groups; ` +
-    `${report.removable} could be removed (keeper first: ${report.keeper_rule})`;
-  for (const [n, group] of report.page.entries()) {
-    const members = el("div", { class: "members" });
-    for (const [i, m] of group.members.entries()) {
-      const size = m.width ? `${m.width}×${m.height}` : "size unknown";
-      const card = thumbnailCard(index, m.id, `${i === 0 ? "keep: " : ""}${m.path}`, size, i === 0 ? "keeper" : "");
-      members.append(card);
+    `${report.images_in_groups} of ${report.images} images in ${count(report.groups, "group", "groups")} of copies; ` +
+    `${report.removable} could be removed (keeper first: ${report.keeper_rule}). ` +
+    `${count(report.shot_groups, "group", "groups")} of other shots of one scene: nothing to remove, pick by hand`;
+  const shown = (groups, label, role, first) => {
+    for (const [n, group] of groups.entries()) {
+      const members = el("div", { class: "members" });
+      for (const [i, m] of group.members.entries()) {
+        const size = m.width ? `${m.width}×${m.height}` : "size unknown";
+        const sharp = m.sharpness != null && role === "best" ? `, sharpness ${m.sharpness.toFixed(0)}` : "";
+        members.append(thumbnailCard(index, m.id, `${i === 0 ? first : ""}${m.path}`, size + sharp, i === 0 ? role : ""));
+      }
+      box.append(el("div", { class: `group ${role === "best" ? "shots" : ""}`.trim() },
+        el("div", { text: `${label} ${offset + n + 1}: ${group.members.length} images` }), members));
     }
-    box.append(el("div", { class: "group" },
-      el("div", { text: `group ${offset + n + 1}: ${group.members.length} images` }), members));
+  };
+  shown(report.page, "group", "keeper", "keep: ");
+  if (report.shot_page.length) {
+    box.append(el("h2", { text: "Other shots of one scene (best first: " + report.best_shot_rule + ")" }));
+    shown(report.shot_page, "shots", "best", "best: ");
   }
-  const pages = Math.max(1, Math.ceil(report.groups / PAGE));
+  const pages = Math.max(1, Math.ceil(Math.max(report.groups, report.shot_groups) / PAGE));
   $("dup-page").textContent = `page ${Math.floor(offset / PAGE) + 1} of ${pages}`;
   $("dup-prev").disabled = offset === 0;
-  $("dup-next").disabled = offset + PAGE >= report.groups;
+  $("dup-next").disabled = offset + PAGE >= Math.max(report.groups, report.shot_groups);
   $("dup-prev").onclick = () => loadDuplicates(Math.max(0, offset - PAGE));
   $("dup-next").onclick = () => loadDuplicates(offset + PAGE);
   showReportLists(index, report);
