@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -220,14 +221,13 @@ def matched(a, b) -> tuple[int, float]:
 
     best = (0, 0.0)
     for x in (a, a.mirror()):
-        matrix, inliers = g._similarity(x, b)
-        if matrix is None:
-            continue
-        overlap = min(
-            g._inside(x.grey.shape, b.grey.shape, matrix),
-            g._inside(b.grey.shape, x.grey.shape, cv2.invertAffineTransform(matrix)),
-        )
-        best = max(best, (inliers, round(overlap, 4)))
+        for matrix, inliers in g._similarities(x, b)[:1]:  # RANSAC's first
+            back = cv2.invertAffineTransform(matrix)
+            overlap = min(
+                g._inside(x.grey.shape, b.grey.shape, matrix),
+                g._inside(b.grey.shape, x.grey.shape, back),
+            )
+            best = max(best, (inliers, round(overlap, 4)))
     return best
 
 
@@ -263,7 +263,6 @@ def shot_pairs(side: int) -> list[Pair]:
 
 def other_pairs(side: int) -> list[Pair]:
     """Unrelated photos: every two of PHOTOS, and each against a stereo tile."""
-    import itertools
 
     import skimage.data
 
@@ -293,10 +292,13 @@ OPENCV_PHOTOS = (
 _BOARD = ("01", "02", "03", "04", "05", "06", "07", "08", "09", "11", "12", "13", "14")
 # (situation, pairs of files): real second exposures as the package ships them.
 OPENCV_SHOTS = (
-    ("chessboard, two cameras at once", [(f"left{k}.jpg", f"right{k}.jpg") for k in _BOARD]),
-    ("chessboard moved between frames", [(f"left{a}.jpg", f"left{b}.jpg") for a, b in zip(_BOARD, _BOARD[1:])]),
+    ("chessboard, two cameras at once",
+     [(f"left{k}.jpg", f"right{k}.jpg") for k in _BOARD]),
+    ("chessboard moved between frames",
+     [(f"left{a}.jpg", f"left{b}.jpg") for a, b in itertools.pairwise(_BOARD)]),
     ("video: people moving, camera still", [("basketball1.png", "basketball2.png")]),
-    ("objects moved a few pixels (Middlebury)", [("rubberwhale1.png", "rubberwhale2.png")]),
+    ("objects moved a few pixels (Middlebury)",
+     [("rubberwhale1.png", "rubberwhale2.png")]),
     ("stereo pair (Middlebury Aloe)", [("aloeL.jpg", "aloeR.jpg")]),
     ("graffiti wall, new viewpoint", [("graf1.png", "graf3.png")]),
     ("phone, street, 14 s apart (EXIF)", [("leuvenA.jpg", "leuvenB.jpg")]),
@@ -318,7 +320,6 @@ OPENCV_OTHERS = (
 def opencv_pairs(data: Path, side: int) -> list[Pair]:
     """Copies, real second exposures, a real edit and unrelated pairs of
     OpenCV's sample photos."""
-    import itertools
 
     from imgindex.pipeline.synthetic import COPY_MAKERS
 
@@ -371,9 +372,114 @@ def separation(pairs: list[Pair], signal: str, copies_low: bool) -> dict:
     }
 
 
+def end_to_end(data: Path, work: Path) -> None:
+    """``imgindex build`` and ``imgindex duplicates`` (defaults, a
+    LocalCluster) over every file of the sets above but the stereo tiles
+    (the whole stereo pair instead); what the report groups, pair by pair,
+    against what each pair is."""
+
+    import skimage.data
+    from distributed import Client, LocalCluster
+
+    import imgindex
+    from imgindex.pipeline.synthetic import COPY_MAKERS
+
+    folder = work / "photos"
+    folder.mkdir(parents=True)
+    family: dict[str, str] = {}  # file: the photo it is a copy of (or is)
+    scene: dict[str, str] = {}  # family: the scene it shows
+    for name in PHOTOS:
+        image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        image.save(folder / f"{name}.jpg", quality=92)
+        family[f"{name}.jpg"] = name
+        for how, make in COPY_MAKERS.items():
+            make(image).convert("RGB").save(folder / f"{name}.{how}.jpg", quality=90)
+            family[f"{name}.{how}.jpg"] = name
+    left, right, _ = skimage.data.stereo_motorcycle()
+    shots = [("stereo-left.jpg", "stereo-right.jpg")]
+    for side, view in (("left", left), ("right", right)):
+        Image.fromarray(view).save(folder / f"stereo-{side}.jpg", quality=92)
+        family[f"stereo-{side}.jpg"] = f"stereo-{side}"
+        scene[f"stereo-{side}"] = "motorcycle"
+    originals = {
+        n for _, files in OPENCV_SHOTS + OPENCV_EDITS for p in files for n in p
+    }
+    for name in sorted(originals | set(OPENCV_PHOTOS) | set(OPENCV_OTHERS)):
+        (folder / name).write_bytes((data / name).read_bytes())
+        family[name] = name
+    for name in OPENCV_PHOTOS:
+        image = Image.open(data / name).convert("RGB")
+        stem = name.rsplit(".", 1)[0]
+        for how, make in COPY_MAKERS.items():
+            make(image).convert("RGB").save(folder / f"{stem}.{how}.jpg", quality=90)
+            family[f"{stem}.{how}.jpg"] = name
+    family["ela_modified.jpg"] = "ela_original.jpg"  # the one real edit
+    for group, files in OPENCV_SHOTS:
+        shots += files
+        for a, b in files:
+            # One scene: the chessboard's frames, or each pair's own.
+            where = "chessboard" if group.startswith("chessboard") else a
+            scene[a] = scene[b] = where
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1) as cluster,
+        Client(cluster) as client,
+    ):
+        imgindex.build(folder, work / "out", client=client, progress=False)
+        report = imgindex.open(work / "out" / "photos").duplicates(client=client)
+
+    def same(x: str, y: str, by: dict) -> bool:
+        return by.get(x, x) == by.get(y, y)
+
+    called = [
+        pair for g in report.groups for pair in itertools.combinations(
+            sorted(m.path for m in g.members), 2)
+    ]  # fmt: skip
+    true = [
+        pair for pair in itertools.combinations(sorted(family), 2)
+        if same(*pair, family)
+    ]  # fmt: skip
+    right = [p for p in called if same(*p, family)]
+    found = {frozenset(p) for p in called}
+    print(f"{len(family)} images, {len(report.groups)} copy groups, "
+          f"{len(report.shots)} shot groups")  # fmt: skip
+    recall = sum(frozenset(p) in found for p in true) / len(true)
+    print(f"copy pairs: precision {len(right) / len(called):.3f} "
+          f"({len(called) - len(right)} of {len(called)} wrong), "
+          f"recall {recall:.3f}")  # fmt: skip
+    for p in called:
+        if not same(*p, family):
+            print(f"  grouped as copies: {p[0]} ~ {p[1]}")
+    for p in true:
+        if frozenset(p) not in found:
+            print(f"  copies not grouped: {p[0]} ~ {p[1]}")
+    keeper = {m.path: g.keeper.path for g in report.groups for m in g.members}
+    shot_of = {m.path: i for i, g in enumerate(report.shots) for m in g.members}
+    kinds = []
+    for a, b in shots:
+        ka, kb = keeper.get(a, a), keeper.get(b, b)
+        if ka == kb:
+            kinds.append("copy")
+        elif ka in shot_of and shot_of.get(ka) == shot_of.get(kb):
+            kinds.append("shot")
+        else:
+            kinds.append(None)
+            print(f"  second exposure neither: {a} ~ {b}")
+    print(f"second exposures: {kinds.count('shot')} of {len(shots)} shot, "
+          f"{kinds.count('copy')} copy, {kinds.count(None)} neither")  # fmt: skip
+    wrong = [
+        (x.path, y.path) for g in report.shots
+        for x, y in itertools.combinations(g.members, 2)
+        if not same(family.get(x.path, x.path), family.get(y.path, y.path), scene)
+    ]  # fmt: skip
+    print(f"shot groups joining different scenes: {len(wrong)} pairs {wrong[:5]}")
+
+
 def ranges(pairs: list[Pair], signal: str) -> str:
     values = [getattr(p, signal) for p in pairs if getattr(p, signal) is not None]
-    return f"{min(values)}-{max(values)} ({len(values)})" if values else "-"
+    if not values:
+        return "-"
+    shown = "{:.2f}-{:.2f}" if isinstance(values[0], float) else "{}-{}"
+    return f"{shown.format(min(values), max(values))} ({len(values)})"
 
 
 def main() -> None:
@@ -382,7 +488,15 @@ def main() -> None:
     parser.add_argument("--opencv", type=Path, default=OPENCV,
                         help="OpenCV's sample data (Debian: opencv-doc)")  # fmt: skip
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--end-to-end",
+        type=Path,
+        metavar="DIR",
+        help="build and run `duplicates` over the sets' files in DIR (new) instead",
+    )
     args = parser.parse_args()
+    if args.end_to_end:
+        return end_to_end(args.opencv, args.end_to_end)
     pairs = copy_pairs(args.side) + shot_pairs(args.side) + other_pairs(args.side)
     if (args.opencv / "graf1.png").exists():
         pairs += opencv_pairs(args.opencv, args.side)
@@ -422,20 +536,18 @@ def main() -> None:
         copies = [p for p in pairs if p.kind == "copy"]
         shots = [p for p in pairs if p.kind == "shot"]
         right = sum(p.kind == "copy" for p in called)
+        as_shot = sum(getattr(p, by) == "shot" for p in shots) / len(shots)
         print(
             f"{'by pixels' if by == 'decided' else 'with EXIF'}: copy precision "
             f"{right / len(called):.3f}, recall {right / len(copies):.3f}; "
-            f"second exposures called shot {sum(getattr(p, by) == 'shot' for p in shots) / len(shots):.3f}, "
+            f"second exposures called shot {as_shot:.3f}, "
             f"called copy {sum(getattr(p, by) == 'copy' for p in shots)}"
-        )  # fmt: skip
+        )
     print()
-    print(
-        "Signals (min-max (pairs measured)) of pairs the rest of the check calls copies:"
-    )
+    print("Signals (min-max (pairs measured)) of pairs the rest of the check")
+    print("calls copies; JPEG tables of all pairs of two JPEG files:")
     print()
-    print(
-        "| pairs | shift p90 px | moved patches | noise correlation | same JPEG tables |"
-    )
+    print("| pairs | shift p90 px | moved patches | noise correlation | same tables |")
     print("| --- | --- | --- | --- | --- |")
     for kind in ("copy", "shot"):
         rows = [p for p in pairs if p.kind == kind and p.is_copy_today]
@@ -443,18 +555,20 @@ def main() -> None:
             p.same_tables for p in pairs if p.kind == kind and p.same_tables is not None
         ]
         print(
-            f"| {len(rows)} {kind} | {ranges(rows, 'shift_p90')} | {ranges(rows, 'moved')} "
-            f"| {ranges(rows, 'noise')} | {sum(tables)} of {len(tables)} |"
-        )  # fmt: skip
+            f"| {len(rows)} {kind} | {ranges(rows, 'shift_p90')} "
+            f"| {ranges(rows, 'moved')} | {ranges(rows, 'noise')} "
+            f"| {sum(tables)} of {len(tables)} |"
+        )
     for p in pairs:
         if (
             (p.kind == "copy") != (p.exif_kind == "copy")
             or p.kind == "shot"
             and p.decided != "shot"
         ):
-            print(f"  {p.kind} {p.name} ({p.group}): called {p.decided} / {p.exif_kind}; "
-                  f"inliers {p.inliers}, overlap {p.overlap}, corr {p.correlation}, "
-                  f"shift {p.shift_p90}, moved {p.moved}, noise {p.noise}")  # fmt: skip
+            print(f"  {p.kind} {p.name} ({p.group}): called {p.decided}, "
+                  f"with EXIF {p.exif_kind}; inliers {p.inliers}, overlap "
+                  f"{p.overlap}, corr {p.correlation}, shift {p.shift_p90}, "
+                  f"moved {p.moved}, noise {p.noise}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps([asdict(p) for p in pairs], indent=1))
 

@@ -81,6 +81,7 @@ _MOVED_REACH = 12  # pixels a patch is looked for around its place
 _PATCH = 32  # pixels of a patch of the residual shift field
 _FEATURES = 1000
 _RATIO = 0.8  # Lowe's ratio test for a feature match
+_MODELS = 3  # similarities looked for among a pair's matches
 _BLUR = 1.5  # pixels (sigma): aligned pixels need not agree exactly
 
 
@@ -202,42 +203,50 @@ class Laid:
 
 
 def lay(a: Features, b: Features) -> Laid | None:
-    """:func:`align` without the residual shift, and the transform found
-    (None where no similarity lays MIN_SHOT_OVERLAP of one image inside the
-    other). Of the ways found, one laying MIN_INSIDE of an image inside the
-    other wins, then the best correlated."""
+    """:func:`align` without the residual shift or moved patches, and the
+    transform found (None where no similarity lays MIN_INSIDE of one image
+    inside the other or covers MIN_SHOT_OVERLAP of each with the other).
+
+    Each of the similarities that :func:`_similarities` finds, of ``a`` or
+    its mirror image onto ``b``, is tried either way round. One that could
+    make a copy wins (of those, the one with most inliers), then one under
+    which the two cover each other, then the best correlated.
+    """
+    import cv2
+
     best: Laid | None = None
     for mirrored, x in ((False, a), (True, a.mirror())):
-        matrix, inliers = _similarity(x, b)
-        if matrix is None:
-            continue
-        import cv2
-
-        # x laid onto b (a crop of b, or a resized b), and b laid onto x.
-        ways = (
-            (x, b, matrix, False),
-            (b, x, cv2.invertAffineTransform(matrix), True),
-        )
-        insides = [
-            _inside(src.grey.shape, dst.grey.shape, m) for src, dst, m, _ in ways
-        ]
-        for (src, dst, m, b_onto_a), inside in zip(ways, insides, strict=True):
-            if inside < MIN_SHOT_OVERLAP:
-                continue
-            found = Alignment(
-                _correlation(src.grey, dst.grey, m),
-                inside,
-                inliers,
-                mirrored,
-                mutual=min(insides),
+        for matrix, inliers in _similarities(x, b):
+            # x laid onto b (a crop of b, or a resized b), and b laid onto x.
+            ways = (
+                (x, b, matrix, False),
+                (b, x, cv2.invertAffineTransform(matrix), True),
             )
-            if best is None or _rank(found) > _rank(best.alignment):
-                best = Laid(found, b_onto_a, m, src.grey, dst.grey)
+            insides = [
+                _inside(src.grey.shape, dst.grey.shape, m) for src, dst, m, _ in ways
+            ]
+            mutual = min(insides)
+            for (src, dst, m, b_onto_a), inside in zip(ways, insides, strict=True):
+                if inside < MIN_INSIDE and mutual < MIN_SHOT_OVERLAP:
+                    continue
+                found = Alignment(
+                    _correlation(src.grey, dst.grey, m),
+                    inside,
+                    inliers,
+                    mirrored,
+                    mutual=mutual,
+                )
+                if best is None or _rank(found) > _rank(best.alignment):
+                    best = Laid(found, b_onto_a, m, src.grey, dst.grey)
     return best
 
 
-def _rank(found: Alignment) -> tuple[bool, float]:
-    return (found.inside >= MIN_INSIDE, found.correlation)
+def _rank(found: Alignment) -> tuple[bool, int, bool, float]:
+    could_copy = found.inside >= MIN_INSIDE and found.correlation >= MIN_CORRELATION
+    # Of the ways a copy could lie, the one most features agree on is the
+    # most exact (RANSAC's leftovers can fit the same way a little off).
+    agree = found.inliers if could_copy else 0
+    return (could_copy, agree, found.mutual >= MIN_SHOT_OVERLAP, found.correlation)
 
 
 def residual_shift(
@@ -341,33 +350,48 @@ def moved_patches(src: np.ndarray, dst: np.ndarray, matrix: np.ndarray) -> int:
     return int(moved)
 
 
-def _similarity(x: Features, y: Features) -> tuple[np.ndarray | None, int]:
-    """A similarity taking x's matched features onto y's, and its inlier count."""
+def _similarities(x: Features, y: Features) -> list[tuple[np.ndarray, int]]:
+    """Similarities taking x's matched features onto y's, each with its
+    inlier count (MIN_INLIERS or more), best first.
+
+    RANSAC finds the transform most matches agree on; the matches it leaves
+    are searched again, up to _MODELS times. A scene can hold more than one:
+    a chessboard moved before a still room (the board's repeated corners
+    can outvote the room), a subject moved against its background.
+    """
     import cv2
 
     if not (x.decidable and y.decidable):
-        return None, 0
+        return []
     matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
     good = [
         m[0]
         for m in matcher.knnMatch(x.descriptors, y.descriptors, k=2)
         if len(m) == 2 and m[0].distance < _RATIO * m[1].distance
     ]
-    if len(good) < MIN_INLIERS:
-        return None, 0
     src = x.points[[m.queryIdx for m in good]]
     dst = y.points[[m.trainIdx for m in good]]
-    matrix, mask = cv2.estimateAffinePartial2D(
-        src,
-        dst,
-        method=cv2.RANSAC,
-        ransacReprojThreshold=4.0,
-        maxIters=2000,
-        confidence=0.99,
-    )
-    if matrix is None:
-        return None, 0
-    return matrix, int(mask.sum())
+    # RANSAC draws from OpenCV's random generator (one a thread): seeded, a
+    # pair's verdict does not depend on the pairs checked before it.
+    cv2.setRNGSeed(0)
+    found: list[tuple[np.ndarray, int]] = []
+    while len(found) < _MODELS and len(src) >= MIN_INLIERS:
+        matrix, mask = cv2.estimateAffinePartial2D(
+            src,
+            dst,
+            method=cv2.RANSAC,
+            ransacReprojThreshold=4.0,
+            maxIters=2000,
+            confidence=0.99,
+        )
+        if matrix is None:
+            break
+        agree = mask.ravel().astype(bool)
+        if agree.sum() < MIN_INLIERS:
+            break
+        found.append((matrix, int(agree.sum())))
+        src, dst = src[~agree], dst[~agree]
+    return found
 
 
 def _inside(src_shape: tuple, dst_shape: tuple, matrix: np.ndarray) -> float:

@@ -131,14 +131,15 @@ def test_copies_are_grouped_and_siblings_kept_apart(copy_set, default_report):
 
 
 def test_other_shots_of_a_scene_are_grouped_apart_from_copies(copy_set, default_report):
-    """Panned views of a scene and the stereo pair's two cameras are other
-    shots of one scene: each pair a group of its own, with the evidence that
-    decided it, the sharpest suggested, and nothing to remove. (The tissue's
-    two views match too few features to tell: 2 where 12 are needed.)"""
+    """Panned views of a scene (the generated one, the tissue) and the stereo
+    pair's two cameras are other shots of one scene: each pair a group of its
+    own, with the evidence that decided it, the sharpest suggested, and
+    nothing to remove."""
     report = default_report
     found = {frozenset(m.path for m in g.members) for g in report.shots}
     expected = {
         frozenset({"generated-scene.view-a.jpg", "generated-scene.view-b.jpg"}),
+        frozenset({"tissue.view-a.jpg", "tissue.view-b.jpg"}),
         frozenset({"stereo-left.jpg", "stereo-right.jpg"}),
     }
     assert found == expected
@@ -150,9 +151,9 @@ def test_other_shots_of_a_scene_are_grouped_apart_from_copies(copy_set, default_
     in_copies = {m.path for g in report.groups for m in g.members}
     assert not in_copies & {p for group in expected for p in group}
     as_json = report.to_json()
-    assert as_json["shot_groups"] == len(as_json["other_shots"]) == 2
+    assert as_json["shot_groups"] == len(as_json["other_shots"]) == 3
     assert as_json["other_shots"][0]["best"] == report.shots[0].best.path
-    assert report.totals()["shot_groups"] == 2
+    assert report.totals()["shot_groups"] == 3
     assert report.removable == sum(len(g.members) - 1 for g in report.groups)
 
 
@@ -364,7 +365,7 @@ def test_cli_prints_totals_and_json(copy_set):
     )
     assert "keeper (*): largest resolution, then oldest file" in shown.stdout
     # Other shots of a scene: counted, their best marked, nothing to remove.
-    assert "2 groups of other shots of one scene (not copies" in shown.stdout
+    assert "3 groups of other shots of one scene (not copies" in shown.stdout
     assert "best (+): sharpest, then best exposed" in shown.stdout
     assert "  + stereo-left.jpg" in shown.stdout  # sharper than the right camera
     assert "1 tiny; 1 broken files" in shown.stdout
@@ -555,12 +556,12 @@ def test_html_report_opens_in_a_browser(copy_set, browser, tmp_path):
     ]
     assert shown["firstLoaded"] and all(shown["firstLoaded"])
     # Other shots of one scene: their own section, the best of each marked.
-    assert shown["shots"] == report["shot_groups"] == len(report["other_shots"]) == 2
+    assert shown["shots"] == report["shot_groups"] == len(report["other_shots"]) == 3
     best = [g["best"] for g in report["other_shots"]]
     assert [b.split(".jpg")[0] + ".jpg" for b in shown["best"]] == [
         f"best{b}" for b in best
     ]
-    assert shown["shotRule"].startswith("2 groups of photos of one scene")
+    assert shown["shotRule"].startswith("3 groups of photos of one scene")
     assert report["best_shot_rule"] in shown["shotRule"]
     assert shown["outliers"][0].startswith("noise.jpg")
     assert shown["broken"] == ["broken.jpg", "not an image Pillow can read"]
