@@ -440,8 +440,10 @@ def end_to_end(data: Path, work: Path) -> None:
     ]  # fmt: skip
     right = [p for p in called if same(*p, family)]
     found = {frozenset(p) for p in called}
+    took = report.stage_seconds.get("verify", 0.0)
     print(f"{len(family)} images, {len(report.groups)} copy groups, "
-          f"{len(report.shots)} shot groups")  # fmt: skip
+          f"{len(report.shots)} shot groups; {report.verified} candidate pairs "
+          f"checked in {took:.1f} s on 2 workers")  # fmt: skip
     recall = sum(frozenset(p) in found for p in true) / len(true)
     print(f"copy pairs: precision {len(right) / len(called):.3f} "
           f"({len(called) - len(right)} of {len(called)} wrong), "
