@@ -371,9 +371,6 @@ def _similarities(x: Features, y: Features) -> list[tuple[np.ndarray, int]]:
     ]
     src = x.points[[m.queryIdx for m in good]]
     dst = y.points[[m.trainIdx for m in good]]
-    # RANSAC draws from OpenCV's random generator (one a thread): seeded, a
-    # pair's verdict does not depend on the pairs checked before it.
-    cv2.setRNGSeed(0)
     found: list[tuple[np.ndarray, int]] = []
     while len(found) < _MODELS and len(src) >= MIN_INLIERS:
         matrix, mask = cv2.estimateAffinePartial2D(
