@@ -185,6 +185,7 @@ def test_browse_the_duplicate_groups(service, album, browser):
     )
     summary = browser.find_element(By.ID, "dup-summary").text
     assert summary.startswith(f"{len(album)} of {len(album)} images in 2 groups")
+    assert summary.endswith("No other shots of one scene.")
     assert not _severe(browser)
     _shot(browser, "duplicates")
 

@@ -452,7 +452,9 @@ async function loadDuplicates(offset) {
   $("dup-summary").textContent =
     `${report.images_in_groups} of ${report.images} images in ${count(report.groups, "group", "groups")} of copies; ` +
     `${report.removable} could be removed (keeper first: ${report.keeper_rule}). ` +
-    `${count(report.shot_groups, "group", "groups")} of other shots of one scene: nothing to remove, pick by hand`;
+    (report.shot_groups ?
+      `${count(report.shot_groups, "group", "groups")} of other shots of one scene: nothing to remove, pick by hand` :
+      "No other shots of one scene.");
   const shown = (groups, label, role, first) => {
     for (const [n, group] of groups.entries()) {
       const members = el("div", { class: "members" });
