@@ -325,6 +325,16 @@ def test_images_outside_the_dataset_are_not_served(service, tmp_path):
     assert ok.status_code == 200
 
 
+def _thumbnails_served(service, index: str, members: list[dict]) -> None:
+    """Each member carries its image id, and its thumbnail is served."""
+    for member in members:
+        assert member["id"] == str(image_id(member["path"]))
+        thumb = service.request(
+            "GET", f"/api/indexes/{index}/images/{member['id']}/thumbnail"
+        )
+        assert thumb.status_code == 200
+
+
 def test_duplicates_report_saved_by_the_cli_is_served(service, album):
     r = service.request("GET", "/api/indexes/album/duplicates?limit=1")
     assert r.status_code == 200, r.text
@@ -334,12 +344,7 @@ def test_duplicates_report_saved_by_the_cli_is_served(service, album):
     (group,) = report["page"]
     assert len(group["members"]) == len(album) // 2
     assert {album[m["path"]] for m in group["members"]} == {"chelsea"}
-    for member in group["members"]:
-        assert member["id"] == str(image_id(member["path"]))
-        thumb = service.request(
-            "GET", f"/api/indexes/album/images/{member['id']}/thumbnail"
-        )
-        assert thumb.status_code == 200
+    _thumbnails_served(service, "album", group["members"])
     second = service.request("GET", "/api/indexes/album/duplicates?offset=1").json()
     assert [m["path"] for m in second["page"][0]["members"]][0].startswith("coffee")
     listed = service.request("GET", "/api/indexes").json()["indexes"]
@@ -363,12 +368,7 @@ def test_other_shots_of_one_scene_are_served_apart_from_copies(service, scenes):
     }
     assert shots["best"] == shots["members"][0]["path"]
     assert [p["kind"] for p in shots["pairs"]] == ["shot"]
-    for member in shots["members"]:
-        assert member["id"] == str(image_id(member["path"]))
-        thumb = service.request(
-            "GET", f"/api/indexes/scenes/images/{member['id']}/thumbnail"
-        )
-        assert thumb.status_code == 200
+    _thumbnails_served(service, "scenes", shots["members"])
     later = service.request("GET", "/api/indexes/scenes/duplicates?offset=1").json()
     assert later["shot_page"] == [] and later["shot_groups"] == 1
 
