@@ -80,6 +80,9 @@ _MOVED_PATCH = 16  # pixels of a patch of moved_patches
 _MOVED_REACH = 12  # pixels a patch is looked for around its place
 _PATCH = 32  # pixels of a patch of the residual shift field
 _FEATURES = 1000
+# Features of a second look at a pair the first finds nothing in: a scene's
+# strongest corners (a chessboard's) can crowd out the rest of it.
+_DENSE_FEATURES = 2000
 _RATIO = 0.8  # Lowe's ratio test for a feature match
 _MODELS = 3  # similarities looked for among a pair's matches
 _BLUR = 1.5  # pixels (sigma): aligned pixels need not agree exactly
@@ -92,7 +95,9 @@ class Features:
     grey: np.ndarray  # uint8, longer side SIDE
     points: np.ndarray  # float32 (n, 2)
     descriptors: np.ndarray | None  # uint8 (n, 32); None: no features found
+    wanted: int = _FEATURES  # the most features looked for
     _mirror: Features | None = field(default=None, repr=False)
+    _dense: Features | None = field(default=None, repr=False)
 
     @property
     def decidable(self) -> bool:
@@ -101,8 +106,18 @@ class Features:
 
     def mirror(self) -> Features:
         if self._mirror is None:
-            self._mirror = features_of(np.ascontiguousarray(self.grey[:, ::-1]))
+            self._mirror = features_of(
+                np.ascontiguousarray(self.grey[:, ::-1]), self.wanted
+            )
         return self._mirror
+
+    def dense(self) -> Features:
+        """The same image with up to _DENSE_FEATURES features."""
+        if self.wanted >= _DENSE_FEATURES:
+            return self
+        if self._dense is None:
+            self._dense = features_of(self.grey, _DENSE_FEATURES)
+        return self._dense
 
 
 @dataclass(frozen=True)
@@ -162,16 +177,16 @@ def image_features(path: str | os.PathLike | BinaryIO) -> Features:
     return features_of(np.asarray(image))
 
 
-def features_of(grey: np.ndarray) -> Features:
+def features_of(grey: np.ndarray, wanted: int = _FEATURES) -> Features:
     import cv2
 
     # Dask runs one task per worker thread: OpenCV's own threads would only
     # compete with them.
     cv2.setNumThreads(1)
-    orb = cv2.ORB_create(nfeatures=_FEATURES, fastThreshold=10)
+    orb = cv2.ORB_create(nfeatures=wanted, fastThreshold=10)
     keypoints, descriptors = orb.detectAndCompute(grey, None)
     points = np.float32([k.pt for k in keypoints]).reshape(-1, 2)
-    return Features(grey, points, descriptors)
+    return Features(grey, points, descriptors, wanted)
 
 
 def align(a: Features, b: Features) -> Alignment:
@@ -206,6 +221,24 @@ def lay(a: Features, b: Features) -> Laid | None:
     """:func:`align` without the residual shift or moved patches, and the
     transform found (None where no similarity lays MIN_INSIDE of one image
     inside the other or covers MIN_SHOT_OVERLAP of each with the other).
+
+    Where the features find nothing, a second look with _DENSE_FEATURES:
+    the strongest corners of a scene can all be on one thing (a chessboard
+    moved between two frames), leaving the rest of it unmatched. Only these
+    pairs (unrelated ones, mostly) pay for the second look.
+    """
+    laid = _lay(a, b)
+    if laid is None or laid.alignment.kind is None:
+        again = _lay(a.dense(), b.dense())
+        if again is not None and (
+            laid is None or _rank(again.alignment) > _rank(laid.alignment)
+        ):
+            return again
+    return laid
+
+
+def _lay(a: Features, b: Features) -> Laid | None:
+    """:func:`lay` with ``a``'s and ``b``'s features as they are.
 
     Each of the similarities that :func:`_similarities` finds, of ``a`` or
     its mirror image onto ``b``, is tried either way round. One that could

@@ -181,7 +181,10 @@ def _opencv_features(name: str):
         ("left01.jpg", "right01.jpg"),
         ("left07.jpg", "right07.jpg"),
         ("left13.jpg", "right13.jpg"),
-        # The chessboard moved between two frames.
+        # The chessboard moved between two frames (the first two pairs only
+        # at the second look, with 2,000 features).
+        ("left01.jpg", "left02.jpg"),
+        ("left05.jpg", "left06.jpg"),
         ("left03.jpg", "left04.jpg"),
         ("left12.jpg", "left13.jpg"),
         ("aloeL.jpg", "aloeR.jpg"),  # Middlebury's stereo pair
@@ -198,6 +201,23 @@ def test_real_second_exposures_are_other_shots_not_copies(a, b):
     assert found.kind == "shot", found
     if found.correlation >= geometry.MIN_CORRELATION and found.inside >= 0.9:
         assert found.moved > geometry.MAX_MOVED, found  # the moved subject
+
+
+def test_a_second_look_with_more_features_only_where_the_first_finds_nothing():
+    """The chessboard's corners take all 1,000 features of two frames between
+    which it moved: nothing matches at first; 2,000 find the scene. A copy
+    found at first never pays for the second look."""
+    from imgindex.pipeline import geometry
+
+    a, b = _opencv_features("left01.jpg"), _opencv_features("left02.jpg")
+    assert geometry._lay(a, b) is None or geometry._lay(a, b).alignment.kind is None
+    assert geometry.align(a, b).kind == "shot"
+    assert a._dense is not None and a.dense().wanted == 2000
+    original = _opencv_features("graf1.png")
+    image = Image.open(f"{OPENCV_DATA}/graf1.png").convert("RGB")
+    copy = _jpeg_features(COPY_MAKERS["resized"](image))
+    assert geometry.align(original, copy).kind == "copy"
+    assert original._dense is None and copy._dense is None
 
 
 def test_copies_of_real_photos_of_a_flat_textured_subject_stay_copies():
