@@ -1,7 +1,8 @@
 """Copy or second shot? The signals that could tell them apart, measured (issue 33).
 
-    python bench/copy_or_shot.py                 # ~2 minutes on 2 cores
-    python bench/copy_or_shot.py --json out.json
+    python bench/copy_or_shot.py                 # ~1 minute on 2 cores
+    python bench/copy_or_shot.py --json out.json # each pair's figures too
+    python bench/copy_or_shot.py --end-to-end DIR  # build + duplicates, ~2 min
 
 Pairs of real photographs, from two packages:
 
@@ -41,12 +42,12 @@ copy is a similarity of its original, so what is left is interpolation; a
 second shot leaves parallax (near and far things shift against each other)
 and perspective.
 
-Also measured, not used by the check (printed as ranges):
+Also measured (printed as ranges, where the rest of the check says copy):
 
 - ``moved``: patches of one image found a few pixels from where the
   similarity puts them (:func:`pipeline.geometry.moved_patches`), which the
-  check uses;
-- ``noise``: the correlation of the two images' high frequencies
+  check uses too;
+- not used by the check: ``noise``: the correlation of the two images' high frequencies
   (grey minus its Gaussian blur, sigma 1 px) over their flattest half, at
   full resolution, for pairs of one size that the rest of the check calls
   copies: a copy shares its original's sensor noise, a second exposure has
@@ -57,8 +58,12 @@ Also measured, not used by the check (printed as ranges):
 EXIF capture times decide where both files carry one (pipeline/exposure.py):
 ``exif_kind`` is the verdict with them, ``decided`` without.
 
-Printed: each signal's range per kind, and for each the threshold that best
-separates the two, with the share of each kind on its side.
+Printed: what the check calls each pair, by situation, with copy precision
+and recall and the share of second exposures called shots; each signal's
+range per kind; the pairs it gets wrong. ``--end-to-end`` builds an index of
+the sets' files and runs ``imgindex duplicates`` on it instead: pair
+precision and recall of the copy groups, and where each second exposure
+ends up.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ class Pair:
     name: str
     correlation: float
     inside: float
-    is_copy_today: bool  # by the check without the shift
+    is_copy_today: bool  # by the check without the shift and moved patches
     shift_p90: float | None = None
     # The similarity RANSAC found at all (of either image, or the mirror,
     # onto the other): its inliers and the smaller share of either image the
@@ -339,37 +344,6 @@ def opencv_pairs(data: Path, side: int) -> list[Pair]:
     for a, b in itertools.combinations(OPENCV_OTHERS, 2):
         pairs.append(measure("other", f"{a} ~ {b}", read(a), read(b), side, "opencv"))
     return pairs
-
-
-def separation(pairs: list[Pair], signal: str, copies_low: bool) -> dict:
-    """The threshold on ``signal`` that puts most of each kind on its side."""
-    values = {
-        kind: sorted(getattr(p, signal) for p in pairs if p.kind == kind
-                     and getattr(p, signal) is not None)
-        for kind in ("copy", "shot")
-    }  # fmt: skip
-    candidates = sorted(set(values["copy"]) | set(values["shot"]))
-    best = None
-    for t in candidates:
-        if copies_low:
-            copy_ok = sum(v <= t for v in values["copy"]) / len(values["copy"])
-            shot_ok = sum(v > t for v in values["shot"]) / len(values["shot"])
-        else:
-            copy_ok = sum(v >= t for v in values["copy"]) / len(values["copy"])
-            shot_ok = sum(v < t for v in values["shot"]) / len(values["shot"])
-        score = min(copy_ok, shot_ok)
-        if best is None or score > best["balanced"]:
-            best = {
-                "threshold": t,
-                "copies": copy_ok,
-                "shots": shot_ok,
-                "balanced": score,
-            }
-    return {
-        "copy range": (values["copy"][0], values["copy"][-1]),
-        "shot range": (values["shot"][0], values["shot"][-1]),
-        **(best or {}),
-    }
 
 
 def end_to_end(data: Path, work: Path) -> None:
