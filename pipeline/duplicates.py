@@ -15,8 +15,11 @@ re-encoded, flipped or cropped copy scores as high as a sibling, or lower),
 so with the ``copy`` criterion every candidate pair is checked by ``verify``
 tasks on the workers (pipeline/geometry.py): a pair is a copy when one image,
 or its mirror image, lies inside the other under a similarity transform and
-their aligned pixels agree. Groups are the connected components of the
-kept pairs.
+their aligned pixels agree, in place (no parallax, no moved subject); a pair
+that is no copy is another shot of the scene when the two cover each other
+under a similarity. Groups of copies are the connected components of the
+copy pairs; groups of other shots join the rest, an image with copies
+standing in them for its keeper.
 """
 
 from __future__ import annotations
