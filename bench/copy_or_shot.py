@@ -93,9 +93,8 @@ class Pair:
     inside: float
     is_copy_today: bool  # by the check without the shift and moved patches
     shift_p90: float | None = None
-    # The similarity RANSAC found at all (of either image, or the mirror,
-    # onto the other): its inliers and the smaller share of either image the
-    # other covers under it, whatever the footprint rule of the copy check.
+    # Of all the similarities the check looks at (pipeline.geometry.lay):
+    # the most inliers, and the largest cover of each image by the other.
     inliers: int = 0
     overlap: float = 0.0
     decided: str | None = None  # what `imgindex duplicates` calls the pair
@@ -218,22 +217,25 @@ def noise_correlation(laid, a_buf, b_buf) -> float | None:
 
 
 def matched(a, b) -> tuple[int, float]:
-    """The most inliers of a similarity between ``a`` (or its mirror) and
-    ``b``, and the smaller share of either image the other covers under it."""
+    """The most inliers of any similarity the check looks at between ``a``
+    (or its mirror) and ``b`` (each RANSAC round, at both feature counts),
+    and the largest share of each image the other covers (the smaller of
+    the two ways) under one with MIN_INLIERS or more."""
     import cv2
 
     from imgindex.pipeline import geometry as g
 
-    best = (0, 0.0)
-    for x in (a, a.mirror()):
-        for matrix, inliers in g._similarities(x, b)[:1]:  # RANSAC's first
-            back = cv2.invertAffineTransform(matrix)
-            overlap = min(
-                g._inside(x.grey.shape, b.grey.shape, matrix),
-                g._inside(b.grey.shape, x.grey.shape, back),
-            )
-            best = max(best, (inliers, round(overlap, 4)))
-    return best
+    inliers, cover = 0, 0.0
+    for fa, fb in ((a, b), (a.dense(), b.dense())):
+        for x in (fa, fa.mirror()):
+            for matrix, agree in g._similarities(x, fb):
+                back = cv2.invertAffineTransform(matrix)
+                mutual = min(
+                    g._inside(x.grey.shape, fb.grey.shape, matrix),
+                    g._inside(fb.grey.shape, x.grey.shape, back),
+                )
+                inliers, cover = max(inliers, agree), max(cover, mutual)
+    return inliers, round(cover, 4)
 
 
 def copy_pairs(side: int) -> list[Pair]:
@@ -519,6 +521,11 @@ def main() -> None:
             f"second exposures called shot {as_shot:.3f}, "
             f"called copy {sum(getattr(p, by) == 'copy' for p in shots)}"
         )
+    others = [p for p in pairs if p.kind == "other"]
+    reach = [p for p in others if p.inliers >= 12]
+    print(f"unrelated pairs: {len(reach)} of {len(others)} reach 12 inliers; the "
+          f"largest cover of each by the other under any similarity "
+          f"{max(p.overlap for p in others):.3f}")  # fmt: skip
     print()
     print("Signals (min-max (pairs measured)) of pairs the rest of the check")
     print("calls copies; JPEG tables of all pairs of two JPEG files:")

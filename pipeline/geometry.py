@@ -48,8 +48,11 @@ at least MIN_SHOT_OVERLAP of the other: the same things, seen again from a
 moved camera (parallax), moved, or framed otherwise. (Each way: a similarity
 that shrinks one image to a speck lays all of it inside the other.) On the
 same sets every stereo tile pair qualifies (88-505 inliers, 93-100 %
-covered) while no pair of unrelated photos reaches 12 inliers (8 at most,
-of 21 pairs). A panned view of a photo is another shot too.
+covered). Of 211 pairs of unrelated photos (scikit-image's and OpenCV's),
+9 reach 12 inliers (43 at most: a chessboard's corners), all under
+similarities that shrink one image to a speck: none covers a thousandth of
+the other, where the real second exposures called shots cover 53 % or more.
+A panned view of a photo is another shot too.
 """
 
 from __future__ import annotations
