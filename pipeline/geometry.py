@@ -49,9 +49,8 @@ moved camera (parallax), moved, or framed otherwise. (Each way: a similarity
 that shrinks one image to a speck lays all of it inside the other.) On the
 same sets every stereo tile pair qualifies (88-505 inliers, 93-100 %
 covered). Of 211 pairs of unrelated photos (scikit-image's and OpenCV's),
-9 reach 12 inliers (43 at most: a chessboard's corners), all under
-similarities that shrink one image to a speck: none covers a thousandth of
-the other, where the real second exposures called shots cover 53 % or more.
+9 reach 12 inliers (43 at most: a chessboard's corners), but under none
+of those similarities does one image cover a thousandth of the other, where the real second exposures called shots cover 53 % or more.
 A panned view of a photo is another shot too.
 """
 
