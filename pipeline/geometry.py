@@ -50,8 +50,9 @@ that shrinks one image to a speck lays all of it inside the other.) On the
 same sets every stereo tile pair qualifies (88-505 inliers, 93-100 %
 covered). Of 211 pairs of unrelated photos (scikit-image's and OpenCV's),
 9 reach 12 inliers (43 at most: a chessboard's corners), but under none
-of those similarities does one image cover a thousandth of the other, where the real second exposures called shots cover 53 % or more.
-A panned view of a photo is another shot too.
+of those similarities does one image cover a thousandth of the other,
+where the real second exposures called shots cover 53 % or more. A panned
+view of a photo is another shot too.
 """
 
 from __future__ import annotations
