@@ -303,10 +303,7 @@ def residual_shift(
 
     h, w = dst.shape
     placed = cv2.warpAffine(src.astype(np.float32), matrix, (w, h))
-    footprint = cv2.warpAffine(
-        np.ones_like(src), matrix, (w, h), flags=cv2.INTER_NEAREST
-    )
-    footprint = cv2.erode(footprint, np.ones((5, 5), np.uint8)) > 0
+    footprint = _footprint(src, matrix, (w, h))
     target = dst.astype(np.float32)
     window = cv2.createHanningWindow((_PATCH, _PATCH), cv2.CV_32F)
     found = []  # patch centre x, y and its shift dx, dy
@@ -361,10 +358,7 @@ def moved_patches(src: np.ndarray, dst: np.ndarray, matrix: np.ndarray) -> int:
     placed = cv2.warpAffine(
         cv2.GaussianBlur(src.astype(np.float32), (0, 0), 1.0), matrix, (w, h)
     )
-    footprint = cv2.warpAffine(
-        np.ones_like(src), matrix, (w, h), flags=cv2.INTER_NEAREST
-    )
-    footprint = cv2.erode(footprint, np.ones((5, 5), np.uint8)) > 0
+    footprint = _footprint(src, matrix, (w, h))
     target = cv2.GaussianBlur(dst.astype(np.float32), (0, 0), 1.0)
     moved = 0
     for y in range(reach, h - size - reach + 1, size):
@@ -443,6 +437,18 @@ def _inside(src_shape: tuple, dst_shape: tuple, matrix: np.ndarray) -> float:
     return float(overlap) / area
 
 
+def _footprint(
+    src: np.ndarray, matrix: np.ndarray, size: tuple[int, int]
+) -> np.ndarray:
+    """Where ``src`` lands when ``matrix`` lays it on an image of ``size``
+    (width, height): a boolean mask, less a 2-pixel rim, whose pixels mix in
+    the black border the warp adds."""
+    import cv2
+
+    landed = cv2.warpAffine(np.ones_like(src), matrix, size, flags=cv2.INTER_NEAREST)
+    return cv2.erode(landed, np.ones((5, 5), np.uint8)) > 0
+
+
 def _correlation(src: np.ndarray, dst: np.ndarray, matrix: np.ndarray) -> float:
     """Pearson correlation of the blurred grey levels where src lands on dst."""
     import cv2
@@ -451,11 +457,7 @@ def _correlation(src: np.ndarray, dst: np.ndarray, matrix: np.ndarray) -> float:
     placed = cv2.warpAffine(
         cv2.GaussianBlur(src.astype(np.float32), (0, 0), _BLUR), matrix, (w, h)
     )
-    footprint = cv2.warpAffine(
-        np.ones_like(src), matrix, (w, h), flags=cv2.INTER_NEAREST
-    )
-    # Edge pixels mix in the black border the warp adds.
-    footprint = cv2.erode(footprint, np.ones((5, 5), np.uint8)) > 0
+    footprint = _footprint(src, matrix, (w, h))
     if footprint.sum() < 100:
         return 0.0
     x = placed[footprint]

@@ -160,16 +160,20 @@ def test_other_shots_of_a_scene_are_grouped_apart_from_copies(copy_set, default_
 OPENCV_DATA = "/usr/share/doc/opencv-doc/examples/data"
 
 
-def _opencv_features(name: str):
-    """Features of one of OpenCV's sample photos (Debian's opencv-doc)."""
+def _opencv_photo(name: str) -> str:
+    """The path of one of OpenCV's sample photos (Debian's opencv-doc)."""
     import os
-
-    from imgindex.pipeline.geometry import image_features
 
     path = os.path.join(OPENCV_DATA, name)
     if not os.path.exists(path):
         pytest.skip(f"needs {path} (apt-get install opencv-doc)")
-    return image_features(path)
+    return path
+
+
+def _opencv_features(name: str):
+    from imgindex.pipeline.geometry import image_features
+
+    return image_features(_opencv_photo(name))
 
 
 @pytest.mark.parametrize(
@@ -210,11 +214,12 @@ def test_a_second_look_with_more_features_only_where_the_first_finds_nothing():
     from imgindex.pipeline import geometry
 
     a, b = _opencv_features("left01.jpg"), _opencv_features("left02.jpg")
-    assert geometry._lay(a, b) is None or geometry._lay(a, b).alignment.kind is None
+    first = geometry._lay(a, b)
+    assert first is None or first.alignment.kind is None
     assert geometry.align(a, b).kind == "shot"
     assert a._dense is not None and a.dense().wanted == 2000
     original = _opencv_features("graf1.png")
-    image = Image.open(f"{OPENCV_DATA}/graf1.png").convert("RGB")
+    image = Image.open(_opencv_photo("graf1.png")).convert("RGB")
     copy = _jpeg_features(COPY_MAKERS["resized"](image))
     assert geometry.align(original, copy).kind == "copy"
     assert original._dense is None and copy._dense is None
@@ -227,7 +232,7 @@ def test_copies_of_real_photos_of_a_flat_textured_subject_stay_copies():
 
     for name in ("left01.jpg", "graf1.png", "basketball1.png"):
         original = _opencv_features(name)
-        image = Image.open(f"{OPENCV_DATA}/{name}").convert("RGB")
+        image = Image.open(_opencv_photo(name)).convert("RGB")
         for how, make in COPY_MAKERS.items():
             if how == "cropped-25":
                 continue  # a quarter of a board's squares: too few features
@@ -254,15 +259,10 @@ def test_real_exif_records_tell_two_exposures_and_leave_a_second_open():
     """A phone's two photos of a street, 14 s apart: two exposures. A photo
     and its retouched copy name one capture time, to the second only: that
     cannot tell one exposure from a burst's two frames, so it stays open."""
-    import os
-
     from imgindex.pipeline.exposure import capture_of, same_exposure
 
     def capture(name):
-        path = os.path.join(OPENCV_DATA, name)
-        if not os.path.exists(path):
-            pytest.skip(f"needs {path} (apt-get install opencv-doc)")
-        return capture_of(path)
+        return capture_of(_opencv_photo(name))
 
     street = capture("leuvenA.jpg"), capture("leuvenB.jpg")
     assert street[0].camera[:2] == ("Apple", "iPhone 6")
