@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # bench.*, behind the installed imgindex
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench.processes import peak_rss  # noqa: E402 (after the path)

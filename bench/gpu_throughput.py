@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # bench.*, behind the installed imgindex
 CORES = len(os.sched_getaffinity(0))
 
 
@@ -441,6 +441,10 @@ def main() -> None:
         "sides": [args.min_side, args.max_side],
     }
 
+    def save() -> None:  # after each part: a run cut short keeps what it measured
+        args.report.write_text(json.dumps(report, indent=2))
+
+    save()
     model = Model(args.device, precision)
     reference_run(files[: 2 * batches[0]], batches[0], model)  # warm-up, page cache
     report["decode_only"] = decode_only = reference_run(files, batches[0], None)[
@@ -466,6 +470,7 @@ def main() -> None:
         nvjpeg=jpegs,
         nvjpeg_best=best_jpeg,
     )
+    save()
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -484,6 +489,8 @@ def main() -> None:
                 folder, out, cluster.scheduler_file, args, batch, decoder
             )
             runs.append(run)
+            report["imgindex"] = runs
+            save()
             print(
                 f"imgindex {decoder:6s} {folder.name[:5]} batch {run['batch']}: "
                 f"{_rates(run)}, model waited for decoding "
@@ -492,7 +499,6 @@ def main() -> None:
             )
     finally:
         cluster.close()
-    report["imgindex"] = runs
 
     jpeg_runs = [
         r for r in runs if r["folder"] == photos.name and r["decoder"] == "batch"
@@ -510,7 +516,7 @@ def main() -> None:
     for (what, ratio), bar in zip(targets.items(), wanted, strict=True):
         print(f"{what:40s} {ratio:5.2f}  {'met' if ratio >= bar else 'NOT met'}")
     report["targets"] = targets
-    args.report.write_text(json.dumps(report, indent=2))
+    save()
     print(f"report: {args.report}")
 
 

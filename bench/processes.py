@@ -68,10 +68,12 @@ class DaskProcesses:
         self.folder = folder
         self.scheduler_file = folder / "scheduler.json"
         self.scheduler_file.unlink(missing_ok=True)  # a stale one from a last run
-        dask = str(Path(sys.executable).with_name("dask"))
+        # Not the `dask` script: where packages are unpacked rather than
+        # installed (bench/gpu_session.sh) there is none beside the interpreter.
+        dask = [sys.executable, "-m", "dask"]
         where = ["--scheduler-file", str(self.scheduler_file)]
         local = "--host 127.0.0.1 --port 0 --dashboard-address 127.0.0.1:0".split()
-        self.procs = [self._spawn([dask, "scheduler", *local, *where], "scheduler")]
+        self.procs = [self._spawn([*dask, "scheduler", *local, *where], "scheduler")]
         deadline = time.monotonic() + 60
         while not self.scheduler_file.exists():
             if time.monotonic() > deadline:
@@ -81,7 +83,7 @@ class DaskProcesses:
         worker_env = {**os.environ, **(env or {})}
         self.procs.append(
             self._spawn(
-                [dask, "worker", *where, "--host", "127.0.0.1", *worker_args],
+                [*dask, "worker", *where, "--host", "127.0.0.1", *worker_args],
                 "workers",
                 worker_env,
             )
