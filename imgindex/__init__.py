@@ -15,7 +15,7 @@ line, a ``dask_cli`` entry point, imports this package on every ``dask``
 command.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 from imgindex.api import BuildError, BuildReport, DatasetFailure, build  # noqa: E402
 from imgindex.index import Index, open  # noqa: E402

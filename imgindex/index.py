@@ -89,7 +89,7 @@ class Index:
     def close(self) -> None:
         """Let go of the index file and the model."""
         if self._searcher is not None:
-            self._searcher.stored.close()
+            self._searcher.close()
             self._searcher = None
 
     def info(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from imgindex.pipeline.store import SHARDS_DIR, StoredIndex, read_index_dir
 def describe_index(
     index_dir: str | os.PathLike, stored: StoredIndex | None = None
 ) -> dict[str, Any]:
-    """The ``info --json`` object of ``index_dir`` (or of ``stored``, read already).
+    """The ``info --json`` object of ``index_dir`` (or of ``stored``, read
+    already with ``by_id=True``: the manifest is checked, not parsed).
 
     Raises
     ------
@@ -20,9 +21,10 @@ def describe_index(
         If it is not an index directory, or its index file is damaged.
     """
     own = stored is None
-    stored = stored or read_index_dir(index_dir)
+    stored = stored or read_index_dir(index_dir, by_id=True)
     try:
         stored.check()  # a damaged index.faiss is not reported as healthy
+        stored.lookup()  # nor a manifest out of step with meta.json
     finally:
         if own:
             stored.close()

@@ -4,8 +4,8 @@ The manifest is the images kept from the index in place merged with those
 the new shards hold, each path once. Both are parts (:mod:`pipeline.parts`),
 so the merge splits into path ranges (:mod:`pipeline.ranges`): a task each,
 which writes its range's rows as parts (what the index stage reads) and as
-the manifest file's lines (:func:`pipeline.store.manifest_line`). The client joins the
-ranges' line files as bytes: it parses no row of the manifest.
+the manifest file's lines with their ids (:mod:`pipeline.manifest_ids`). The
+client joins the ranges' files as bytes: it parses no row of the manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgindex.pipeline.manifest_ids import ManifestWriter
 from imgindex.pipeline.parts import (
     Part,
     PartRecords,
@@ -34,7 +35,7 @@ from imgindex.pipeline.ranges import (
     merged_in_range,
     path_ranges,
 )
-from imgindex.pipeline.store import ManifestLines, manifest_line
+from imgindex.pipeline.store import ManifestLines
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,13 @@ def manifest_range(
         indexed = with_meta_of(indexed, merged_in_range(given.metas, within))
     writer = PartWriter(folder)
     lines = Path(folder, f"{uuid.uuid4().hex[:12]}.jsonl")
-    with open(lines, "w", encoding="utf-8") as f:
+    with ManifestWriter(lines) as manifest:
         # The kept row first, as planned (a path is in both only where a
         # resumed run's shard holds it too).
         for row in union_rows(merged_in_range(given.kept, within), indexed):
             writer.add(row)
             meta = None if row[5] is None else json.loads(row[5])
-            f.write(manifest_line(record_of(row), meta))
+            manifest.write(record_of(row), meta)
     return ManifestRange(writer.close(), str(lines))
 
 

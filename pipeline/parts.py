@@ -34,8 +34,8 @@ from imgindex.pipeline.discover import ImageRecord, image_id, tapered
 
 SUFFIX = ".parquet"
 # What a plan's folders hold: parts, and the diff's ids and the manifest's
-# lines beside them (pipeline/diff.py, pipeline/manifest_merge.py).
-OURS = (SUFFIX, ".npy", ".jsonl")
+# lines with their ids beside them (pipeline/diff.py, pipeline/manifest_merge.py).
+OURS = (SUFFIX, ".npy", ".jsonl", ".ids")
 # Rows a writer puts in one part; also how many a listing unit holds at once.
 ROWS_PER_PART = 20_000
 # Rows read from a part at a time while merging, and rows in a row group:

@@ -60,11 +60,20 @@ class Searcher:
         """``few_passes``: the searches will run few forward passes, so ``auto``
         means torch unless ONNX Runtime runs from its cache here."""
         self.turns = turns
-        self.stored: StoredIndex = read_index_dir(index_dir)
+        # Only the hits' rows are read: a million-image manifest is 128 MB.
+        self.stored: StoredIndex = read_index_dir(index_dir, by_id=True)
+        try:
+            self._open(device, runtime, few_passes)
+        except BaseException:
+            self.stored.close()
+            raise
+
+    def _open(self, device: str, runtime: str | None, few_passes: bool) -> None:
         # Read now, from the handles opened with the manifest: a build may swap
         # in a newer version while the model loads. An on-disk index is mapped,
         # not read: only the lists a query probes are paged in.
         self.index = self.stored.index
+        self.paths = self.stored.lookup()
         meta = self.stored.meta
         # Tuned at build time to reach the recall target (meta.quality).
         faiss_index.set_search_params(self.index, meta.search_params)
@@ -82,7 +91,10 @@ class Searcher:
             )
         self.source = source_of(meta)
         self.root = Path(self.source.base)
-        self.paths = self.stored.paths_by_id()
+
+    def close(self) -> None:
+        """Release the version's files (the searcher cannot be used after)."""
+        self.stored.close()
 
     def search_images(
         self, images: Sequence[str | os.PathLike], k: int = 10, batch: int = 64
@@ -149,18 +161,18 @@ class Searcher:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         return [
             [
-                Hit(
-                    rank,
-                    self.source.location(self.paths[int(i)]),
-                    float(s),
-                    int(i),
-                    self.stored.metadata.get(self.paths[int(i)]),
-                )
+                self._hit(rank, float(s), int(i))
                 for rank, (s, i) in enumerate(zip(row_s, row_i, strict=True), start=1)
                 if i >= 0
             ]
             for row_s, row_i in zip(scores, ids, strict=True)
         ]
+
+    def _hit(self, rank: int, score: float, image: int) -> Hit:
+        # Listed: the index's ids were checked against the manifest's on open.
+        row = self.paths.row(image)
+        path = self.source.location(row["path"])
+        return Hit(rank, path, score, image, row.get("meta"))
 
 
 def _merged(

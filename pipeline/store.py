@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,6 +40,15 @@ from imgindex.pipeline.index import (
     write_index,
 )
 from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.manifest_ids import (
+    IDS_FILE,
+    ManifestLookup,
+    ManifestWriter,
+    damaged_manifest,
+    ids_path,
+    jsonl_line,
+    read_rows,
+)
 from imgindex.pipeline.meta import IndexMeta
 from imgindex.pipeline.textspans import lines_in_span
 
@@ -52,7 +61,9 @@ IVFDATA_FILE = "index.ivfdata"  # an on-disk index's inverted lists (mapped)
 SHARDS_DIR = "shards"  # the embeddings, one .npz per partition (pipeline/shards.py)
 # `imgindex duplicates --save`: the report of this version (pipeline/saved_report.py)
 DUPLICATES_FILE = "duplicates.json"
-OPTIONAL = {IVFDATA_FILE, SHARDS_DIR, DUPLICATES_FILE, COPIES_FILE}
+# IDS_FILE: the manifest's ids and line lengths (pipeline/manifest_ids.py);
+# versions before 0.5 wrote none, and are scanned instead.
+OPTIONAL = {IVFDATA_FILE, SHARDS_DIR, DUPLICATES_FILE, COPIES_FILE, IDS_FILE}
 STAGING_MARK = "STAGING"
 
 
@@ -84,6 +95,10 @@ class StoredIndex:
     streamed: bool = False
     # The directory the version was read from (``path`` unless mid-swap).
     version: Path | None = None
+    # by_id: the version's manifest and ids file, kept open for lookup()
+    _manifest_file: BinaryIO | None = None
+    _ids_file: BinaryIO | None = None
+    _lookup: ManifestLookup | None = None
 
     def records(self) -> Iterator[ImageRecord]:
         """The manifest's records: those read, or streamed from the file
@@ -132,9 +147,59 @@ class StoredIndex:
             finally:
                 f.close()
                 self._index_file = None
-                self.close()
-            _check_ids(self.path, self._index, self.records(), self.copies)
+                self._close_index_handles()
+            _check_ids(self.path, self._index, self._listed_ids, self.copies)
         return self._index
+
+    def lookup(self) -> ManifestLookup:
+        """The manifest's rows by id, read from this version's manifest when
+        asked (only for a directory read with ``by_id=True``).
+
+        Raises
+        ------
+        IndexDirError
+            If the manifest or its ids file is malformed or miscounted.
+        """
+        if self._lookup is None:
+            manifest = self._manifest_file
+            assert manifest is not None, "read the index directory with by_id=True"
+            try:
+                label = str(self.path)
+                if self._ids_file is None:  # written before imgindex 0.5
+                    found = ManifestLookup.scanned(manifest, label)
+                else:
+                    found = ManifestLookup.from_ids(manifest, self._ids_file, label)
+            except (ValueError, KeyError, TypeError) as e:
+                raise IndexDirError(damaged_manifest(self.path, e)) from None
+            except OSError as e:
+                raise IndexDirError(_unreadable(self.path, e)) from None
+            finally:
+                self._close_manifest_files()
+            self.check_count(len(found))
+            self._lookup = found
+        return self._lookup
+
+    def _listed_ids(self) -> np.ndarray:
+        """Every id the manifest lists, unsorted."""
+        if self._lookup is not None or self._manifest_file is not None:
+            return self.lookup().ids
+        if not self.streamed:
+            return np.fromiter((r.id for r in self.manifest), np.int64)
+        # A build's, which holds the lock: the files are read by path.
+        try:
+            with (
+                open(self.folder / MANIFEST_FILE, "rb") as manifest,
+                open(self.folder / IDS_FILE, "rb") as ids_file,
+            ):
+                ids = read_rows(manifest, ids_file)["id"]
+        except FileNotFoundError:  # written before imgindex 0.5
+            return np.fromiter((r.id for r in self.records()), np.int64)
+        except ValueError as e:
+            raise IndexDirError(damaged_manifest(self.path, e)) from None
+        except OSError as e:
+            raise IndexDirError(_unreadable(self.path, e)) from None
+        self.check_count(len(ids))
+        return ids
 
     def __enter__(self) -> StoredIndex:
         return self
@@ -144,7 +209,20 @@ class StoredIndex:
 
     def close(self) -> None:
         """Release the handles still open: an unread index file, the directory
-        of an on-disk index (idempotent; the index cannot be read after)."""
+        of an on-disk index, the manifest a lookup reads (idempotent; neither
+        the index nor the lookup can be read after)."""
+        self._close_index_handles()
+        self._close_manifest_files()
+        if self._lookup is not None:
+            self._lookup.close()
+
+    def _close_manifest_files(self) -> None:
+        for f in (self._manifest_file, self._ids_file):
+            if f is not None:
+                f.close()
+        self._manifest_file = self._ids_file = None
+
+    def _close_index_handles(self) -> None:
         if self._index_file is not None:
             self._index_file.close()
             self._index_file = None
@@ -169,9 +247,6 @@ class StoredIndex:
         if self._index_file is None:
             return None
         return index_problem(self._index_file, self.meta, self._dir_fd)
-
-    def paths_by_id(self) -> dict[int, str]:
-        return {r.id: r.path for r in self.records()}
 
 
 def index_problem(
@@ -210,13 +285,13 @@ def _damaged(path: Path, problem: str) -> str:
 
 
 def _check_ids(
-    path: Path, index, manifest: Iterable[ImageRecord], copies: Copies
+    path: Path, index, listed_ids: Callable[[], np.ndarray], copies: Copies
 ) -> None:
     held = index_ids(index)
     if held is None:  # on disk: listing the ids would read the whole file
         return
     held = np.sort(held)
-    listed = np.sort(np.fromiter((r.id for r in manifest), np.int64))
+    listed = np.sort(listed_ids())
     problem = copies.check(held, listed)
     if problem:
         raise IndexDirError(_damaged(path, problem))
@@ -229,6 +304,13 @@ def _check_ids(
             f"({n_missing} listed images missing from the index, {n_extra} vectors "
             "not in the manifest); rebuild it with `imgindex build --rebuild`"
         )
+
+
+def _unreadable(path: Path | str | os.PathLike, e: Exception) -> str:
+    return (
+        f"index directory {str(path)!r} is unreadable: {e}; rebuild it with "
+        "`imgindex build --rebuild`"
+    )
 
 
 def _miscounted(path: Path, counted: int, listed: int) -> str:
@@ -290,7 +372,11 @@ def read_meta(path: str | os.PathLike) -> IndexMeta:
 
 
 def read_index_dir(
-    path: str | os.PathLike, manifest: bool = True, *, streamed: bool = False
+    path: str | os.PathLike,
+    manifest: bool = True,
+    *,
+    streamed: bool = False,
+    by_id: bool = False,
 ) -> StoredIndex:
     """Read an index directory's metadata, manifest and failures (index lazily).
 
@@ -299,6 +385,9 @@ def read_index_dir(
     ``streamed=True`` leaves the manifest unread too, but the index open:
     :meth:`StoredIndex.records` streams it, for a build of millions of
     images that holds the lock and needs it once or twice, in order.
+    ``by_id=True`` leaves it on disk for rows to be found by id
+    (:meth:`StoredIndex.lookup`, for searches): its files are kept open, so
+    the rows are this version's whatever builds swap in meanwhile.
 
     If a build was interrupted while swapping versions, the complete version
     beside it is read (and the swap finished when no build holds the lock).
@@ -319,7 +408,7 @@ def read_index_dir(
                 if p.exists() or (not last and _recently_swapped(p)):
                     raise FileNotFoundError(errno.ENOENT, "swapped", str(p))
                 raise IndexDirError(f"index directory {str(p)!r} does not exist")
-            return _read_version(p, p_read, manifest, streamed)
+            return _read_version(p, p_read, manifest, streamed, by_id)
         except FileNotFoundError as e:
             # A build swapped versions between our looks: read the new one.
             if last or not _recently_swapped(p):
@@ -355,18 +444,28 @@ def _interrupted_version(dest: Path) -> Path | None:
 
 
 def _read_version(
-    label: Path, p: Path, with_manifest: bool = True, streamed: bool = False
+    label: Path,
+    p: Path,
+    with_manifest: bool = True,
+    streamed: bool = False,
+    by_id: bool = False,
 ) -> StoredIndex:
     fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
     handles: dict[str, BinaryIO] = {}
+
+    def opened(name: str) -> None:
+        handles[name] = os.fdopen(os.open(name, os.O_RDONLY, dir_fd=fd), "rb")
+
     try:
         # Open everything first: the handles pin one version of each file.
         for name in INDEX_FILES:
-            handles[name] = os.fdopen(os.open(name, os.O_RDONLY, dir_fd=fd), "rb")
-        try:
-            copies_file = os.fdopen(os.open(COPIES_FILE, os.O_RDONLY, dir_fd=fd), "rb")
-        except FileNotFoundError:
-            copies_file = None
+            opened(name)
+        optional = (COPIES_FILE, IDS_FILE) if by_id else (COPIES_FILE,)
+        for name in optional:
+            try:
+                opened(name)
+            except FileNotFoundError:
+                pass
     except BaseException:
         # A file gone (a build swapped versions between our opens): the caller
         # reads again, and what was opened of this version is closed.
@@ -374,13 +473,15 @@ def _read_version(
             handle.close()
         os.close(fd)
         raise
+    copies_file = handles.get(COPIES_FILE)
+    kept = {INDEX_FILE, MANIFEST_FILE, IDS_FILE} if by_id else {INDEX_FILE}
     try:
         meta = IndexMeta.loads(handles[META_FILE].read(), label / META_FILE)
         copies = _read_copies(label, copies_file, meta) if with_manifest else Copies()
         metadata: dict[str, dict[str, Any]] = {}
         manifest = (
             list(_records(handles[MANIFEST_FILE], metadata))
-            if with_manifest and not streamed
+            if with_manifest and not (streamed or by_id)
             else []
         )
         rows = list(_read_jsonl(handles[FAILURES_FILE]))
@@ -392,22 +493,16 @@ def _read_version(
             for r in rows
             if "size" in r and not r.get("transient", False)
         }
-    except IndexDirError:
-        handles[INDEX_FILE].close()
+    except BaseException as e:
+        for handle in handles.values():
+            handle.close()
         os.close(fd)
+        if isinstance(e, (OSError, ValueError, KeyError, TypeError)):
+            raise IndexDirError(_unreadable(label, e)) from None
         raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        handles[INDEX_FILE].close()
-        os.close(fd)
-        raise IndexDirError(
-            f"index directory {str(label)!r} is unreadable: {e}; rebuild it with "
-            "`imgindex build --rebuild`"
-        ) from None
-    finally:
-        for name in (META_FILE, MANIFEST_FILE, FAILURES_FILE):
-            handles[name].close()
-        if copies_file is not None:
-            copies_file.close()
+    for name, handle in handles.items():
+        if name not in kept:
+            handle.close()
     if not with_manifest:
         handles[INDEX_FILE].close()
         os.close(fd)
@@ -415,8 +510,9 @@ def _read_version(
     if not meta.on_disk:
         os.close(fd)
         fd = None
-    if len(manifest) != meta.count and not streamed:
-        handles[INDEX_FILE].close()
+    if len(manifest) != meta.count and not (streamed or by_id):
+        for name in kept & handles.keys():
+            handles[name].close()
         if fd is not None:
             os.close(fd)
         raise IndexDirError(_miscounted(label, meta.count, len(manifest)))
@@ -431,8 +527,10 @@ def _read_version(
         fd,
         copies,
         metadata,
-        streamed,
+        streamed or by_id,
         p,
+        handles.get(MANIFEST_FILE) if by_id else None,
+        handles.get(IDS_FILE),
     )
 
 
@@ -497,15 +595,15 @@ def write_index_dir(
             write_index(index, tmp / INDEX_FILE)
         if isinstance(manifest, ManifestLines):
             _join_files(tmp / MANIFEST_FILE, manifest.files)
+            _join_files(tmp / IDS_FILE, map(ids_path, manifest.files))
         else:
-            lines = _manifest_lines(manifest, metadata or {})
-            _write_lines(tmp / MANIFEST_FILE, lines)
+            _write_manifest(tmp / MANIFEST_FILE, manifest, metadata or {})
         _write_jsonl(
             tmp / FAILURES_FILE,
             (_failure_row(f, (failed_records or {}).get(f.path)) for f in failures),
         )
         (tmp / META_FILE).write_text(meta.dumps())
-        for name in INDEX_FILES:
+        for name in (*INDEX_FILES, IDS_FILE):
             fsync_path(tmp / name)
         if shards:
             _link_shards(shards, tmp / SHARDS_DIR)
@@ -632,30 +730,22 @@ def _remove_staging(tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _manifest_lines(
+def _write_manifest(
+    path: Path,
     manifest: Iterable[ImageRecord | tuple[ImageRecord, dict[str, Any] | None]],
     metadata: Mapping[str, dict[str, Any]],
-) -> Iterator[str]:
-    for item in manifest:
-        if isinstance(item, ImageRecord):
-            yield manifest_line(item, metadata.get(item.path))
-        else:
-            yield manifest_line(*item)
-
-
-def manifest_line(record: ImageRecord, meta: dict[str, Any] | None = None) -> str:
-    """``record``'s line in the manifest file (with a file list's other
-    columns, ``meta``)."""
-    r = record
-    row = {"id": r.id, "path": r.path, "size": r.size, "mtime_ns": r.mtime_ns}
-    if meta is not None:
-        row["meta"] = meta
-    return _jsonl_line(row)
+) -> None:
+    with ManifestWriter(path) as writer:
+        for item in manifest:
+            if isinstance(item, ImageRecord):
+                writer.write(item, metadata.get(item.path))
+            else:
+                writer.write(*item)
 
 
 @dataclass(frozen=True)
 class ManifestLines:
-    """A manifest written already, as lines (:func:`manifest_line`) in
+    """A manifest written already, as lines (:class:`ManifestWriter`) in
     ``files`` to be joined in order: by workers, a path range each
     (pipeline/manifest_merge.py)."""
 
@@ -676,10 +766,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         with open(where, "rb") as f:
             return {row["path"]: row["meta"] for row in _read_jsonl(f) if "meta" in row}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise IndexDirError(
-            f"index directory {str(path)!r} is unreadable: {e}; rebuild it with "
-            "`imgindex build --rebuild`"
-        ) from None
+        raise IndexDirError(_unreadable(path, e)) from None
 
 
 def iter_manifest(
@@ -703,10 +790,7 @@ def iter_manifest(
         with open(where, "rb") as f:
             yield from _records(f if span is None else lines_in_span(f, *span))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise IndexDirError(
-            f"index directory {str(path)!r} is unreadable: {e}; rebuild it with "
-            "`imgindex build --rebuild`"
-        ) from None
+        raise IndexDirError(_unreadable(path, e)) from None
 
 
 def _records(
@@ -726,12 +810,7 @@ def _read_jsonl(f: Iterable[bytes]) -> Iterator[dict]:
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    _write_lines(path, map(_jsonl_line, rows))
-
-
-def _jsonl_line(row: dict[str, Any]) -> str:
-    # ensure_ascii keeps undecodable file names (surrogate escapes) round-trippable.
-    return json.dumps(row, ensure_ascii=True) + "\n"
+    _write_lines(path, map(jsonl_line, rows))
 
 
 def _write_lines(path: Path, lines: Iterable[str]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from imgindex.pipeline.discover import image_id
 from imgindex.pipeline.errors import IndexDirError
 from imgindex.pipeline.search import Searcher
 from imgindex.pipeline.sources import Source
@@ -35,7 +36,6 @@ class OpenIndex:
     path: Path
     stamp: tuple[int, int]
     searcher: Searcher
-    _ids_by_path: dict[str, int] | None = None
 
     @property
     def root(self) -> Path:
@@ -53,15 +53,13 @@ class OpenIndex:
 
     def id_of(self, relpath: str) -> int:
         """The id of the indexed image at ``relpath`` (404 if none)."""
-        if self._ids_by_path is None:
-            self._ids_by_path = {p: i for i, p in self.searcher.paths.items()}
-        image_id = self._ids_by_path.get(relpath)
-        if image_id is None:
+        found = image_id(relpath)
+        if self.searcher.paths.get(found) != relpath:
             if relpath.startswith("/") or ".." in relpath.split("/"):
                 # Only a file list's manifest may name such paths.
                 raise ApiError(400, f"path {relpath!r} lies outside the dataset root")
             raise ApiError(404, f"index {self.name!r} holds no image {relpath!r}")
-        return image_id
+        return found
 
     def file(self, image_id: int) -> IndexedImage:
         """The image of ``image_id``, which must lie inside the dataset.

@@ -10,15 +10,18 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+
 from imgindex.pipeline import parts, ranges
 from imgindex.pipeline import plan as plan_module
 from imgindex.pipeline.diff import MetadataDigest
 from imgindex.pipeline.discover import Failure, ImageRecord, image_id
+from imgindex.pipeline.manifest_ids import IDS_FILE, ROW, manifest_line
 from imgindex.pipeline.parts import PartWriter
 from imgindex.pipeline.plan import _diff
 from imgindex.pipeline.ranges import PathRange, path_ranges, rows_in_range
 from imgindex.pipeline.sources import parse_source
-from imgindex.pipeline.store import MANIFEST_FILE, manifest_line
+from imgindex.pipeline.store import MANIFEST_FILE
 
 
 def _dataset(tmp_path: Path) -> tuple[Path, list[str]]:
@@ -249,7 +252,12 @@ def test_the_manifest_is_merged_in_path_ranges_on_the_workers(
         summary = run_build(client, parse_source(table, path_column="file"), out)
         assert not summary.failed
         read_index(out / "plates")  # its index agrees with its manifest
-        return (out / "plates" / MANIFEST_FILE).read_bytes()
+        manifest = (out / "plates" / MANIFEST_FILE).read_bytes()
+        # The ranges' ids files joined as their lines were: each line's id, length.
+        lines = manifest.splitlines(keepends=True)
+        ids = np.frombuffer((out / "plates" / IDS_FILE).read_bytes(), ROW)
+        assert ids.tolist() == [(json.loads(x)["id"], len(x)) for x in lines]
+        return manifest
 
     write_table()
     whole = build(tmp_path / "one")

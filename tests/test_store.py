@@ -25,6 +25,7 @@ from imgindex.pipeline.discover import ImageRecord
 from imgindex.pipeline.errors import IndexDirError, IndexLocked
 from imgindex.pipeline.index import build_index
 from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.manifest_ids import IDS_FILE, ROW
 from imgindex.pipeline.meta import IndexMeta
 from imgindex.pipeline.store import (
     INDEX_FILE,
@@ -94,9 +95,14 @@ def test_a_meta_json_alone_is_not_an_index(tmp_path):
 def test_reader_keeps_one_version_while_a_new_one_is_swapped_in(tmp_path):
     dest = write_version(tmp_path / "ds", 5, seed=1)
     stored = read_index_dir(dest)  # handles opened, index not read yet
+    by_id = read_index_dir(dest, by_id=True)  # the manifest left unread
     write_version(dest, 7, seed=2)  # a build replaces it meanwhile
-    assert stored.index.ntotal == 5  # the version its manifest belongs to
-    assert stored.paths_by_id()[int(stored.index.id_map.at(0))].startswith("img1-")
+    assert stored.index.ntotal == by_id.index.ntotal == 5  # the version read
+    first = int(stored.index.id_map.at(0))
+    assert {r.id: r.path for r in stored.manifest}[first].startswith("img1-")
+    assert by_id.lookup()[first] == by_id.lookup().row(first)["path"]
+    assert by_id.lookup()[first].startswith("img1-") and len(by_id.lookup()) == 5
+    by_id.close()
     assert read_index(dest).index.ntotal == 7
 
 
@@ -254,6 +260,63 @@ def test_manifest_out_of_step_with_the_index_is_an_error(tmp_path):
     (dest / MANIFEST_FILE).write_text("\n".join([other, *lines[1:]]) + "\n")
     with pytest.raises(IndexDirError, match="manifest and index.faiss disagree"):
         read_index_dir(dest).index  # noqa: B018
+
+
+def test_manifest_rows_are_found_by_id_without_reading_the_manifest(tmp_path):
+    """``manifest.ids`` gives each line's id and length, so a search reads its
+    hits' rows only; an id the index does not hold finds nothing."""
+    dest = write_version(tmp_path / "ds", 40, seed=3)
+    lines = (dest / MANIFEST_FILE).read_bytes().splitlines(keepends=True)
+    rows = np.frombuffer((dest / IDS_FILE).read_bytes(), ROW)
+    assert rows.tolist() == [(json.loads(x)["id"], len(x)) for x in lines]
+    with read_index_dir(dest, by_id=True) as stored:
+        assert stored.manifest == []  # left on disk
+        lookup = stored.lookup()
+        assert len(lookup) == 40 and stored.index.ntotal == 40
+        for line in lines[::-1]:
+            row = json.loads(line)
+            assert lookup.row(row["id"]) == row and lookup[row["id"]] == row["path"]
+        absent = next(i for i in range(1, 100) if i not in set(lookup.ids))
+        assert lookup.get(absent) is None and lookup.row(absent) is None
+        with pytest.raises(KeyError):
+            lookup[absent]
+
+
+def test_index_written_before_the_ids_file_is_scanned(tmp_path):
+    dest = write_version(tmp_path / "ds", 12, seed=4)
+    lines = (dest / MANIFEST_FILE).read_bytes().splitlines()
+    (dest / IDS_FILE).unlink()  # as imgindex 0.4 wrote it
+    assert is_index_dir(dest)
+    with read_index_dir(dest, by_id=True) as stored:
+        assert stored.index.ntotal == 12  # its ids checked against the manifest's
+        for line in lines:
+            row = json.loads(line)
+            assert stored.lookup().row(row["id"]) == row
+
+
+def test_damaged_ids_file_is_one_clear_error(tmp_path):
+    dest = write_version(tmp_path / "ds", 6, seed=5)
+    good = (dest / IDS_FILE).read_bytes()
+    (dest / IDS_FILE).write_bytes(good[:-3])  # cut short
+    with read_index_dir(dest, by_id=True) as stored:
+        with pytest.raises(
+            IndexDirError, match=r"'.*ds' is damaged: its manifest.ids is trunc"
+        ):
+            stored.lookup()
+    rows = np.frombuffer(good, ROW).copy()
+    rows["length"][[0, 1]] += [1, -1]  # the right total, the lines misplaced
+    (dest / IDS_FILE).write_bytes(rows.tobytes())
+    with read_index_dir(dest, by_id=True) as stored:
+        with pytest.raises(
+            IndexDirError, match="damaged: its manifest.ids does not match its manifest"
+        ):
+            stored.lookup().row(int(rows["id"][1]))
+    rows = np.frombuffer(good, ROW).copy()
+    rows["id"][2] ^= 1  # an id the index does not hold
+    (dest / IDS_FILE).write_bytes(rows.tobytes())
+    with read_index_dir(dest, by_id=True) as stored:
+        with pytest.raises(IndexDirError, match="manifest and index.faiss disagree"):
+            stored.index  # noqa: B018
 
 
 @pytest.mark.parametrize(

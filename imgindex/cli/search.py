@@ -93,7 +93,7 @@ def info(index_dir, as_json):
     from imgindex.pipeline.describe import describe_index
     from imgindex.pipeline.store import read_index_dir
 
-    with read_index_dir(index_dir) as stored:
+    with read_index_dir(index_dir, by_id=True) as stored:
         report = describe_index(index_dir, stored)
     m = stored.meta
     if as_json:
