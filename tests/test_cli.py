@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import dask.config
 import pytest
 
+from imgindex.pipeline.manifest_ids import IDS_FILE
 from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import copy_tree, crop_query, write_bad_files
 from tests.helpers import invoke, one_error_line
@@ -91,6 +93,28 @@ def test_info_json_counts(remote_build):
     assert (info["count"], info["failed"], info["dim"]) == (37, 5, 1280)
     assert info["model"] == "efficientnet-lite0" and info["metric"] == "cosine"
     assert info["imgindex_version"]
+
+
+def test_an_index_without_manifest_ids_searches_alike_until_reindex_writes_them(
+    remote_build, process_cluster, tmp_path
+):
+    """An index written by imgindex 0.4 has no manifest.ids: search and info
+    scan its manifest instead and answer the same; reindex writes the file."""
+    _, roots, out = remote_build
+    old = tmp_path / "old" / "forest"
+    shutil.copytree(out / "forest", old)
+    (old / IDS_FILE).unlink()
+    query = roots["forest"] / "img00003.jpg"
+    now, before = (
+        invoke("search", d, query, "-k", "5", "--json") for d in (out / "forest", old)
+    )
+    assert before.exit_code == 0, before.stderr
+    assert json.loads(before.stdout) == json.loads(now.stdout)
+    assert json.loads(invoke("info", old, "--json").stdout)["count"] == 28
+    address = process_cluster.scheduler_address
+    result = invoke("reindex", old, "--scheduler", address, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert (old / IDS_FILE).read_bytes() == (out / "forest" / IDS_FILE).read_bytes()
 
 
 def test_unreadable_query_is_one_line(remote_build, tmp_path):
