@@ -199,6 +199,14 @@ def _why_not_onnx(model: LoadedModel, precision: str) -> str | None:
         import onnxruntime  # noqa: F401
     except ImportError:
         return f"onnxruntime is not installed here ({INSTALL_HINT})"
+    # torch exports the graph with onnx; a graph exported before needs it not.
+    # Images with onnxruntime and no onnx exist (GPU nodes' stock images).
+    cache = onnx_cache_path(model)
+    if cache is None or not cache.is_file():
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            return f"onnx, which exports the model, is not installed ({INSTALL_HINT})"
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import dask.config
 import numpy as np
@@ -100,6 +101,29 @@ def test_auto_keeps_the_faster_runtime_and_says_which_won():
     )
     with pytest.raises(ModelUnavailable, match="--runtime onnxruntime: ONNX"):
         choose_runtime("onnxruntime", model, "bf16", threads=1)
+
+
+def test_without_onnx_to_export_the_model_auto_keeps_torch(tmp_path, monkeypatch):
+    """ONNX Runtime installed without onnx (a GPU node's stock image): the
+    graph cannot be exported, so auto keeps torch instead of failing every
+    task; a graph exported before still runs."""
+    model = Embedder(ModelSpec.from_config(runtime="torch")).model
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` fails
+    with dask.config.set({"imgindex.runtime-cache": str(tmp_path)}):
+        kept = choose_runtime("auto", model, "fp32", threads=1, timer=lambda *_: 1.0)
+        assert (kept.name, kept.reason) == (
+            "torch",
+            "auto: onnx, which exports the model, is not installed "
+            "(pip install 'imgindex[fast]')",
+        )
+        with pytest.raises(ModelUnavailable, match="--runtime onnxruntime: onnx, w"):
+            choose_runtime("onnxruntime", model, "fp32", threads=1)
+        monkeypatch.delitem(sys.modules, "onnx")
+        choose_runtime("onnxruntime", model, "fp32", threads=1)  # exports it
+        assert onnx_cache_path(model).is_file()
+        monkeypatch.setitem(sys.modules, "onnx", None)
+        cached = choose_runtime("onnxruntime", model, "fp32", threads=1)
+        assert cached.name == "onnxruntime"
 
 
 def test_auto_remembers_its_timing_for_this_cpu_threads_and_packages(tmp_path):
