@@ -3,7 +3,7 @@
 Beside ``manifest.jsonl`` an index directory keeps ``manifest.ids``: for each
 of its lines in order, the image's id and the line's length in bytes (two
 little-endian int64). A search of a million-image index reads those 16 MB and
-then only its hits' lines; parsing the whole manifest took 5 s and 330 MiB
+then only its hits' lines; parsing the whole manifest took 6.5 s and 339 MiB
 there (docs/performance.md). The workers write the two files of their path
 range side by side, so the client joins both as bytes and parses no row.
 

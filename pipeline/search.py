@@ -23,7 +23,7 @@ import numpy as np
 
 from imgindex.pipeline import index as faiss_index
 from imgindex.pipeline.embed import Embedder, ModelSpec, runs_from_cache
-from imgindex.pipeline.errors import DecodeError, ImgindexError
+from imgindex.pipeline.errors import DecodeError, ImgindexError, IndexDirError
 from imgindex.pipeline.sources import source_of
 from imgindex.pipeline.store import StoredIndex, read_index_dir
 
@@ -60,7 +60,7 @@ class Searcher:
         """``few_passes``: the searches will run few forward passes, so ``auto``
         means torch unless ONNX Runtime runs from its cache here."""
         self.turns = turns
-        # Only the hits' rows are read: a million-image manifest is 128 MB.
+        # Only the hits' rows are read: a million images' manifest is 130 MB.
         self.stored: StoredIndex = read_index_dir(index_dir, by_id=True)
         try:
             self._open(device, runtime, few_passes)
@@ -169,8 +169,13 @@ class Searcher:
         ]
 
     def _hit(self, rank: int, score: float, image: int) -> Hit:
-        # Listed: the index's ids were checked against the manifest's on open.
         row = self.paths.row(image)
+        if row is None:  # an on-disk index's ids are not all checked on open
+            raise IndexDirError(
+                f"index {str(self.stored.path)!r} is damaged: it holds image id "
+                f"{image}, which its manifest does not list; rebuild it with "
+                "`imgindex build --rebuild`"
+            )
         path = self.source.location(row["path"])
         return Hit(rank, path, score, image, row.get("meta"))
 

@@ -53,8 +53,11 @@ class OpenIndex:
 
     def id_of(self, relpath: str) -> int:
         """The id of the indexed image at ``relpath`` (404 if none)."""
-        found = image_id(relpath)
-        if self.searcher.paths.get(found) != relpath:
+        try:
+            found = image_id(relpath)
+        except UnicodeEncodeError:  # no file name is this string
+            found = -1
+        if found < 0 or self.searcher.paths.get(found) != relpath:
             if relpath.startswith("/") or ".." in relpath.split("/"):
                 # Only a file list's manifest may name such paths.
                 raise ApiError(400, f"path {relpath!r} lies outside the dataset root")

@@ -200,6 +200,13 @@ def test_bad_requests_get_a_one_line_json_4xx(beach, tmp_path):
             400,
             "outside the dataset root",
         ),
+        (
+            "POST",
+            "/api/indexes/beach/search",
+            {"json": {"path": "\ud800.jpg"}},  # no file name is this string
+            404,
+            "holds no image",
+        ),
         ("POST", "/api/indexes/beach/search", {"json": {"id": "12", "k": 0}}, 400, "k"),
         (
             "POST",
