@@ -10,6 +10,7 @@
 #   .venv/bin/python bench/gpu_site.py          # .whl/site.tar.xz, ~31 MiB
 # and then, from the session:
 #   run(command="OUT=$OUT bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# $OUT/report.md then holds the figures as docs/guide/gpus.md takes them.
 # Rehearse it here first, on the CPU, with only what the GPU machine has:
 #   .venv/bin/python bench/gpu_site.py --python-version 3.11 --out /tmp/site311.tar.xz
 #   SITE=/tmp/site311.tar.xz bash bench/gpu_rehearsal.sh
@@ -58,3 +59,5 @@ step gpu_throughput 420 "$PYTHON" "$REPO/bench/gpu_throughput.py" --device "$DEV
 if [ "$DEVICE" = cuda ]; then
     PYTHON=$PYTHON step gpu_check 180 bash "$REPO/bench/gpu_check.sh"
 fi
+# The figures as docs/guide/gpus.md takes them (from whatever finished).
+"$PYTHON" "$REPO/bench/gpu_report.py" "$OUT" > "$OUT/report.md" && cat "$OUT/report.md"
