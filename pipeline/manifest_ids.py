@@ -30,8 +30,8 @@ _MISMATCH = f"its {IDS_FILE} does not match its manifest"
 
 
 def damaged_manifest(index: str | os.PathLike, problem: object) -> str:
-    """The one-line error for a manifest that its ids file, or meta.json,
-    does not describe."""
+    """The one-line error for an index whose manifest disagrees with its ids
+    file, meta.json or index.faiss."""
     return (
         f"index {str(index)!r} is damaged: {problem}; rebuild it with "
         "`imgindex build --rebuild`"
@@ -197,8 +197,3 @@ class ManifestLookup:
         if path is None:
             raise KeyError(image)
         return path
-
-    def meta(self, image: int) -> dict[str, Any] | None:
-        """A file list's other columns for ``image``, if it has any."""
-        row = self.row(image)
-        return None if row is None else row.get("meta")

@@ -26,6 +26,7 @@ from imgindex.pipeline.store import (
     INDEX_FILE,
     SHARDS_DIR,
     iter_manifest,
+    miscounted,
     read_index_dir,
     read_metadata,
     recover_index_dir,
@@ -122,11 +123,7 @@ def stored_selection(dest: Path, count: int) -> tuple[list[ShardRows], list[Path
     """
     keys = record_keys(iter_manifest(dest))
     if len(keys) != count:
-        raise IndexDirError(
-            f"index {str(dest)!r} is damaged: meta.json counts {count} "
-            f"images, its manifest lists {len(keys)}; rebuild it with "
-            "`imgindex build --rebuild`"
-        )
+        raise IndexDirError(miscounted(dest, count, len(keys)))
     selection, used, covered = select_by_keys(_intact_shards(dest), keys)
     del keys
     if not covered.all():

@@ -24,6 +24,7 @@ import numpy as np
 from imgindex.pipeline import index as faiss_index
 from imgindex.pipeline.embed import Embedder, ModelSpec, runs_from_cache
 from imgindex.pipeline.errors import DecodeError, ImgindexError, IndexDirError
+from imgindex.pipeline.manifest_ids import damaged_manifest
 from imgindex.pipeline.sources import source_of
 from imgindex.pipeline.store import StoredIndex, read_index_dir
 
@@ -171,11 +172,8 @@ class Searcher:
     def _hit(self, rank: int, score: float, image: int) -> Hit:
         row = self.paths.row(image)
         if row is None:  # an on-disk index's ids are not all checked on open
-            raise IndexDirError(
-                f"index {str(self.stored.path)!r} is damaged: it holds image id "
-                f"{image}, which its manifest does not list; rebuild it with "
-                "`imgindex build --rebuild`"
-            )
+            problem = f"it holds image id {image}, which its manifest does not list"
+            raise IndexDirError(damaged_manifest(self.stored.path, problem))
         path = self.source.location(row["path"])
         return Hit(rank, path, score, image, row.get("meta"))
 

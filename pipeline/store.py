@@ -128,7 +128,7 @@ class StoredIndex:
         """Raise IndexDirError unless the manifest's ``count`` rows are
         meta.json's."""
         if count != self.meta.count:
-            raise IndexDirError(_miscounted(self.path, self.meta.count, count))
+            raise IndexDirError(miscounted(self.path, self.meta.count, count))
 
     @property
     def index(self):
@@ -299,11 +299,11 @@ def _check_ids(
     if len(answered) != len(listed) or not np.array_equal(answered, listed):
         n_missing = len(np.setdiff1d(listed, answered))
         n_extra = len(np.setdiff1d(answered, listed))
-        raise IndexDirError(
-            f"index {str(path)!r} is damaged: its manifest and index.faiss disagree "
-            f"({n_missing} listed images missing from the index, {n_extra} vectors "
-            "not in the manifest); rebuild it with `imgindex build --rebuild`"
+        problem = (
+            f"its manifest and index.faiss disagree ({n_missing} listed images "
+            f"missing from the index, {n_extra} vectors not in the manifest)"
         )
+        raise IndexDirError(damaged_manifest(path, problem))
 
 
 def _unreadable(path: Path | str | os.PathLike, e: Exception) -> str:
@@ -313,11 +313,11 @@ def _unreadable(path: Path | str | os.PathLike, e: Exception) -> str:
     )
 
 
-def _miscounted(path: Path, counted: int, listed: int) -> str:
-    return (
-        f"index {str(path)!r} is damaged: meta.json counts {counted} images, its "
-        f"manifest lists {listed}; rebuild it with `imgindex build --rebuild`"
-    )
+def miscounted(path: str | os.PathLike, counted: int, listed: int) -> str:
+    """The one-line error for a manifest that lists another count than
+    meta.json's."""
+    problem = f"meta.json counts {counted} images, its manifest lists {listed}"
+    return damaged_manifest(path, problem)
 
 
 def foreign_entries(path: str | os.PathLike) -> list[str]:
@@ -515,7 +515,7 @@ def _read_version(
             handles[name].close()
         if fd is not None:
             os.close(fd)
-        raise IndexDirError(_miscounted(label, meta.count, len(manifest)))
+        raise IndexDirError(miscounted(label, meta.count, len(manifest)))
     return StoredIndex(
         label,
         meta,
