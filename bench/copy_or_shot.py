@@ -8,7 +8,9 @@ Pairs of real photographs, from two packages:
 
 - **copies**: scikit-image's photos, each against a copy made every way in
   pipeline.synthetic.COPY_MAKERS (resized, re-encoded, cropped, flipped,
-  turned, rotated, brightened, colour-shifted, captioned), saved as JPEGs;
+  turned, rotated, brightened, colour-shifted, captioned) and edited every way
+  in its EDIT_MAKERS (a sticker pasted, a watermark, re-encoded at quality 10,
+  strong contrast, a thumbnail, sharpened), saved as JPEGs;
 - **second shots**: tiles of scikit-image's stereo pair (two exposures of one
   scene from cameras 5 % of the frame apart: real parallax, each its own
   sensor noise). A tile of the left view is paired with the tile of the right
@@ -45,8 +47,10 @@ and perspective.
 Also measured (printed as ranges, where the rest of the check says copy):
 
 - ``moved``: patches of one image found a few pixels from where the
-  similarity puts them (:func:`pipeline.geometry.moved_patches`), which the
-  check uses too;
+  similarity puts them (:func:`pipeline.geometry.moved_patches`), and
+  ``drifted``: the blocks of the largest region that dense optical flow
+  finds 0.6 px or more away (:func:`pipeline.geometry.drifted_region`),
+  which the check uses too;
 - not used by the check: ``noise``: the correlation of the two images' high frequencies
   (grey minus its Gaussian blur, sigma 1 px) over their flattest half, at
   full resolution, for pairs of one size that the rest of the check calls
@@ -73,6 +77,7 @@ import io
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,7 +96,7 @@ class Pair:
     name: str
     correlation: float
     inside: float
-    is_copy_today: bool  # by the check without the shift and moved patches
+    is_copy_today: bool  # by the check without its measures of local motion
     shift_p90: float | None = None
     # Of all the similarities the check looks at (pipeline.geometry.lay):
     # the most inliers, and the largest cover of each image by the other.
@@ -100,6 +105,7 @@ class Pair:
     decided: str | None = None  # what `imgindex duplicates` calls the pair
     group: str = ""  # the situation the pair comes from
     moved: int | None = None
+    drifted: int | None = None
     noise: float | None = None
     same_tables: bool | None = None
     exif_kind: str | None = None  # what it calls the pair with EXIF
@@ -142,10 +148,11 @@ def measure(kind: str, name: str, a_buf, b_buf, side: int, group: str = "") -> P
     alignment = laid.alignment
     pair.correlation = round(alignment.correlation, 4)
     pair.inside = round(alignment.inside, 4)
-    pair.is_copy_today = alignment.is_copy  # the check without shift and moves
+    pair.is_copy_today = alignment.is_copy  # the check without local motion
     # At the check's scale: what `imgindex duplicates` decides on.
     pair.shift_p90 = g.residual_shift(laid.src, laid.dst, laid.matrix)
     pair.moved = g.moved_patches(laid.src, laid.dst, laid.matrix)
+    pair.drifted = g.drifted_region(laid.src, laid.dst, laid.matrix)
     if alignment.is_copy:
         pair.noise = noise_correlation(laid, a_buf, b_buf)
     return pair
@@ -238,19 +245,26 @@ def matched(a, b) -> tuple[int, float]:
     return inliers, round(cover, 4)
 
 
+def copy_makers() -> list[tuple[str, str, Callable[[Image.Image], Image.Image]]]:
+    """(situation, how, maker): the ways copies are made, usual and harder."""
+    from imgindex.pipeline.synthetic import COPY_MAKERS, EDIT_MAKERS
+
+    return [("made", how, make) for how, make in COPY_MAKERS.items()] + [
+        ("edited", how, make) for how, make in EDIT_MAKERS.items()
+    ]
+
+
 def copy_pairs(side: int) -> list[Pair]:
     import skimage.data
-
-    from imgindex.pipeline.synthetic import COPY_MAKERS
 
     pairs = []
     for name in PHOTOS:
         image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
         original = jpeg(image, 92)
-        for how, make in COPY_MAKERS.items():
+        for way, how, make in copy_makers():
             pairs.append(
                 measure("copy", f"{name} {how}", original, jpeg(make(image)), side,
-                        f"made: {how}")
+                        f"{way}: {how}")
             )  # fmt: skip
     return pairs
 
@@ -328,17 +342,15 @@ def opencv_pairs(data: Path, side: int) -> list[Pair]:
     """Copies, real second exposures, a real edit and unrelated pairs of
     OpenCV's sample photos."""
 
-    from imgindex.pipeline.synthetic import COPY_MAKERS
-
     def read(name: str) -> io.BytesIO:
         return io.BytesIO((data / name).read_bytes())
 
     pairs = []
     for name in OPENCV_PHOTOS:
         image = Image.open(data / name).convert("RGB")
-        for how, make in COPY_MAKERS.items():
+        for way, how, make in copy_makers():
             pairs.append(measure("copy", f"{name} {how}", read(name),
-                                 jpeg(make(image)), side, f"made: {how}"))  # fmt: skip
+                                 jpeg(make(image)), side, f"{way}: {how}"))  # fmt: skip
     for kind, sets in (("shot", OPENCV_SHOTS), ("copy", OPENCV_EDITS)):
         for group, files in sets:
             for a, b in files:
@@ -358,7 +370,6 @@ def end_to_end(data: Path, work: Path) -> None:
     from distributed import Client, LocalCluster
 
     import imgindex
-    from imgindex.pipeline.synthetic import COPY_MAKERS
 
     folder = work / "photos"
     folder.mkdir(parents=True)
@@ -368,7 +379,7 @@ def end_to_end(data: Path, work: Path) -> None:
         image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
         image.save(folder / f"{name}.jpg", quality=92)
         family[f"{name}.jpg"] = name
-        for how, make in COPY_MAKERS.items():
+        for _, how, make in copy_makers():
             make(image).convert("RGB").save(folder / f"{name}.{how}.jpg", quality=90)
             family[f"{name}.{how}.jpg"] = name
     left, right, _ = skimage.data.stereo_motorcycle()
@@ -386,7 +397,7 @@ def end_to_end(data: Path, work: Path) -> None:
     for name in OPENCV_PHOTOS:
         image = Image.open(data / name).convert("RGB")
         stem = name.rsplit(".", 1)[0]
-        for how, make in COPY_MAKERS.items():
+        for _, how, make in copy_makers():
             make(image).convert("RGB").save(folder / f"{stem}.{how}.jpg", quality=90)
             family[f"{stem}.{how}.jpg"] = name
     family["ela_modified.jpg"] = "ela_original.jpg"  # the one real edit
@@ -530,8 +541,9 @@ def main() -> None:
     print("Signals (min-max (pairs measured)) of pairs the rest of the check")
     print("calls copies; JPEG tables of all pairs of two JPEG files:")
     print()
-    print("| pairs | shift p90 px | moved patches | noise correlation | same tables |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| pairs | shift p90 px | moved patches | drifted blocks | noise correlation "
+          "| same tables |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
     for kind in ("copy", "shot"):
         rows = [p for p in pairs if p.kind == kind and p.is_copy_today]
         tables = [
@@ -539,7 +551,8 @@ def main() -> None:
         ]
         print(
             f"| {len(rows)} {kind} | {ranges(rows, 'shift_p90')} "
-            f"| {ranges(rows, 'moved')} | {ranges(rows, 'noise')} "
+            f"| {ranges(rows, 'moved')} | {ranges(rows, 'drifted')} "
+            f"| {ranges(rows, 'noise')} "
             f"| {sum(tables)} of {len(tables)} |"
         )
     for p in pairs:
@@ -551,7 +564,7 @@ def main() -> None:
             print(f"  {p.kind} {p.name} ({p.group}): called {p.decided}, "
                   f"with EXIF {p.exif_kind}; inliers {p.inliers}, overlap "
                   f"{p.overlap}, corr {p.correlation}, shift {p.shift_p90}, "
-                  f"moved {p.moved}, noise {p.noise}")  # fmt: skip
+                  f"moved {p.moved}, drifted {p.drifted}, noise {p.noise}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps([asdict(p) for p in pairs], indent=1))
 

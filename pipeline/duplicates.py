@@ -142,6 +142,10 @@ class Pair:
     # patches of one image found displaced in the other (a moved subject,
     # parallax: pipeline.geometry.moved_patches); None: not measured
     moved: int | None = None
+    # blocks of the largest region of one image found drifted as one in the
+    # other (objects moved by a pixel: pipeline.geometry.drifted_region);
+    # None: not measured
+    drifted: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -154,6 +158,7 @@ class Pair:
             "overlap": _rounded(self.overlap),
             "same_exposure": self.same_exposure,
             "moved": self.moved,
+            "drifted": self.drifted,
             "kind": self.kind,
         }
 
@@ -174,6 +179,7 @@ class Edge(NamedTuple):
     overlap: float | None = None
     exposure: bool | None = None  # one exposure by EXIF (None: not known)
     moved: int | None = None
+    drifted: int | None = None
 
     def pair(self, a: str, b: str, kind: str) -> Pair:
         """The pair of paths ``a`` and ``b`` with this edge's evidence."""
@@ -188,6 +194,7 @@ class Edge(NamedTuple):
             self.overlap,
             self.exposure,
             self.moved,
+            self.drifted,
         )
 
 
@@ -697,6 +704,7 @@ def _verified(
             overlap=aligned.mutual,
             exposure=found.same_exposure,
             moved=aligned.moved,
+            drifted=aligned.drifted,
         )
         if kind == "copy":
             kept.append(evidence)

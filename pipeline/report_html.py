@@ -330,14 +330,16 @@ function drawGroup(group, number, shots) {
   box.append(row);
   const table = el("table", {}, el("tr", {}, el("th", {}, "a"), el("th", {}, "b"),
     el("th", {}, "cosine"), el("th", {}, "hash bits"), el("th", {}, "aligned r"),
-    el("th", {}, "shift px"), el("th", {}, "moved patches"), el("th", {}, "overlap"),
-    el("th", {}, "EXIF"), el("th", {}, "kind")));
+    el("th", {}, "shift px"), el("th", {}, "moved patches"),
+    el("th", {}, "drifted blocks"), el("th", {}, "overlap"), el("th", {}, "EXIF"),
+    el("th", {}, "kind")));
   for (const p of group.pairs) {
     table.append(el("tr", {}, el("td", {}, p.a), el("td", {}, p.b),
       el("td", {}, fmt(p.cosine, 3)),
       el("td", {}, p.hash_distance === null ? "" : String(p.hash_distance)),
       el("td", {}, fmt(p.correlation, 3)), el("td", {}, fmt(p.shift, 2)),
       el("td", {}, p.moved == null ? "" : String(p.moved)),
+      el("td", {}, p.drifted == null ? "" : String(p.drifted)),
       el("td", {}, fmt(p.overlap, 2)), el("td", {}, exposure(p.same_exposure)),
       el("td", {}, p.kind)));
   }

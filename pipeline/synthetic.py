@@ -156,6 +156,52 @@ COPY_MAKERS: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 
 
+def _stickered(image: Image.Image) -> Image.Image:
+    """A picture pasted over a ninth of the image (content found nowhere in
+    the original)."""
+    out = image.copy()
+    w, h = out.size
+    sticker = synthetic_photo(np.random.default_rng(33), max(1, w // 3), max(1, h // 3))
+    out.paste(sticker, (w // 2, h // 8))
+    return out
+
+
+def _watermarked(image: Image.Image) -> Image.Image:
+    """Three lines of large half-transparent text across the image."""
+    base = image.convert("RGBA")
+    w, h = base.size
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    font = ImageFont.load_default(size=max(10, h // 5))
+    draw = ImageDraw.Draw(layer)
+    for line in range(3):
+        draw.text(
+            (w * 0.05, h * (0.1 + 0.3 * line)),
+            "(c) STOCK",
+            fill=(255, 255, 255, 90),
+            font=font,
+        )
+    return Image.alpha_composite(base, layer).convert("RGB")
+
+
+def _thumbnail(image: Image.Image, side: int = 160) -> Image.Image:
+    scale = side / max(image.size)
+    size = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+# Copies edited harder than COPY_MAKERS' (bench/copy_or_shot.py): what they
+# add or lose leaves the checks of local motion (pipeline/geometry.py) the
+# most noise to take for a moved subject.
+EDIT_MAKERS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "stickered": _stickered,
+    "watermarked": _watermarked,
+    "reencoded-10": lambda im: _reencoded(im, 10),
+    "contrast": lambda im: ImageEnhance.Contrast(im).enhance(1.6),
+    "thumbnail": _thumbnail,
+    "sharpened": lambda im: im.filter(ImageFilter.UnsharpMask(2, 150, 3)),
+}
+
+
 def sibling_views(image: Image.Image) -> tuple[Image.Image, Image.Image]:
     """Two photos of one scene: the camera panned a quarter, the light changed.
 

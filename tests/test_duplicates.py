@@ -31,7 +31,12 @@ from imgindex.pipeline.duplicates import (
 from imgindex.pipeline.embed import ModelSpec, PartitionResult
 from imgindex.pipeline.shards import read_shard, write_shard
 from imgindex.pipeline.statistics import StatisticsSettings
-from imgindex.pipeline.synthetic import COPY_MAKERS, synthetic_photo, write_copy_set
+from imgindex.pipeline.synthetic import (
+    COPY_MAKERS,
+    EDIT_MAKERS,
+    synthetic_photo,
+    write_copy_set,
+)
 from imgindex.pipeline.traits import TRAITS, hash_distance, image_traits
 from tests.helpers import import_or_skip, invoke, one_error_line
 
@@ -205,6 +210,7 @@ def test_real_second_exposures_are_other_shots_not_copies(a, b):
     assert found.kind == "shot", found
     if found.correlation >= geometry.MIN_CORRELATION and found.inside >= 0.9:
         assert found.moved > geometry.MAX_MOVED, found  # the moved subject
+        assert found.drifted > geometry.MAX_DRIFTED, found
 
 
 def test_a_second_look_with_more_features_only_where_the_first_finds_nothing():
@@ -241,18 +247,37 @@ def test_copies_of_real_photos_of_a_flat_textured_subject_stay_copies():
             assert found.moved is not None and found.moved <= 1, (name, how, found)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Middlebury's RubberWhale: objects move about a pixel at the "
-    "check's 384 px; known limit, bench/copy_or_shot.py",
-)
-def test_objects_moved_a_pixel_are_not_told_from_a_copy():
+def test_objects_moved_a_pixel_are_another_shot():
+    """Middlebury's RubberWhale: objects moved about a pixel at the check's
+    384 px, too little for the shift's 90th percentile and the moved
+    patches; the region that drifted as one tells it from a copy."""
     from imgindex.pipeline import geometry
 
     found = geometry.align(
         _opencv_features("rubberwhale1.png"), _opencv_features("rubberwhale2.png")
     )
-    assert found.kind == "shot"
+    assert found.kind == "shot", found
+    assert found.shift <= geometry.MAX_SHIFT and found.moved <= geometry.MAX_MOVED
+    assert found.drifted > geometry.MAX_DRIFTED, found
+
+
+@pytest.mark.parametrize("how", sorted(EDIT_MAKERS))
+def test_copies_edited_harder_drift_nowhere(how):
+    """Copies of real photos with a sticker, a watermark, heavy re-encoding,
+    strong contrast, as thumbnails or sharpened: what they add or lose is
+    not taken for a region that drifted (a moved subject's holds 49 blocks
+    or more). Only where the rest of the check says copy is it measured."""
+    from imgindex.pipeline import geometry
+
+    make = EDIT_MAKERS[how]
+    drifted = []
+    for name in ("graf1.png", "leuvenA.jpg", "baboon.jpg", "fruits.jpg", "messi5.jpg"):
+        image = Image.open(_opencv_photo(name)).convert("RGB")
+        found = geometry.align(_opencv_features(name), _jpeg_features(make(image)))
+        if found.drifted is not None:
+            drifted.append(found.drifted)
+    assert len(drifted) >= 4, (how, drifted)
+    assert max(drifted) <= geometry.MAX_DRIFTED, (how, drifted)
 
 
 def test_real_exif_records_tell_two_exposures_and_leave_a_second_open():
@@ -588,6 +613,23 @@ def test_html_report_opens_in_a_browser(copy_set, browser, tmp_path):
     assert "tiny: 1 image" in shown["flags"]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "duplicates-report.png"))
+    # A group's pairs, opened: each with the check's evidence, as --json has it.
+    rows = browser.execute_script(
+        """
+        const details = document.querySelector("#group-list .group details");
+        details.open = true;
+        details.scrollIntoView();
+        return [...details.querySelectorAll("tr")].map(
+          r => [...r.children].map(c => c.textContent));"""
+    )
+    pairs = report["duplicate_groups"][0]["pairs"]
+    for name, key in (("moved patches", "moved"), ("drifted blocks", "drifted")):
+        at = rows[0].index(name)
+        assert [r[at] for r in rows[1:]] == [
+            "" if p[key] is None else str(p[key]) for p in pairs
+        ], name
+    assert any(p["drifted"] is not None for p in pairs)
+    browser.save_screenshot(str(ARTIFACTS / "duplicates-report-pairs.png"))
     browser.execute_script("document.getElementById('shots').scrollIntoView()")
     WebDriverWait(browser, 20).until(lambda b: b.execute_script(_THUMBS_IN_VIEW_LOADED))
     browser.save_screenshot(str(ARTIFACTS / "duplicates-report-shots.png"))

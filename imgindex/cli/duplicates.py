@@ -180,9 +180,10 @@ def _print_groups(
             corr = " " * 7 if p.correlation is None else f"r {p.correlation:.3f}"
             shift = " " * 8 if p.shift is None else f"{p.shift:.2f} px"
             moved = " " * 9 if p.moved is None else f"{p.moved:2d} moved"
+            drifted = " " * 11 if p.drifted is None else f"{p.drifted:3d} drifted"
             exif = {None: "", True: " (EXIF: one exposure)", False: " (EXIF: two)"}
             click.echo(
-                f"    {cos} {bits} {corr} {shift} {moved} {p.kind:9} "
+                f"    {cos} {bits} {corr} {shift} {moved} {drifted} {p.kind:9} "
                 f"{shown(p.a)} ~ {shown(p.b)}{exif[p.same_exposure]}"
             )
     if show and len(groups) > show:
