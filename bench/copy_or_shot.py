@@ -47,7 +47,8 @@ and perspective.
 Also measured (printed as ranges, where the rest of the check says copy):
 
 - ``moved``: patches of one image found a few pixels from where the
-  similarity puts them (:func:`pipeline.geometry.moved_patches`), and
+  similarity puts them, where the dense optical flow goes too
+  (:func:`pipeline.geometry.moved_patches`), and
   ``drifted``: the blocks of the largest region that dense optical flow
   finds 0.6 px or more away (:func:`pipeline.geometry.drifted_region`),
   which the check uses too;
@@ -151,8 +152,9 @@ def measure(kind: str, name: str, a_buf, b_buf, side: int, group: str = "") -> P
     pair.is_copy_today = alignment.is_copy  # the check without local motion
     # At the check's scale: what `imgindex duplicates` decides on.
     pair.shift_p90 = g.residual_shift(laid.src, laid.dst, laid.matrix)
-    pair.moved = g.moved_patches(laid.src, laid.dst, laid.matrix)
-    pair.drifted = g.drifted_region(laid.src, laid.dst, laid.matrix)
+    flow = g.dense_flow(laid.src, laid.dst, laid.matrix)
+    pair.moved = g.moved_patches(laid.src, laid.dst, laid.matrix, flow)
+    pair.drifted = g.drifted_region(laid.src, laid.dst, laid.matrix, flow)
     if alignment.is_copy:
         pair.noise = noise_correlation(laid, a_buf, b_buf)
     return pair
