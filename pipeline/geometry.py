@@ -18,9 +18,9 @@ far things shift against each other (parallax). So a pair is a copy when
    camera can frame the scene alike and correlate as well as a copy, but
    leaves parallax and perspective; and
 5. no more than MAX_MOVED patches show what the other image shows a few
-   pixels away (:func:`moved_patches`): a second exposure of a moving
-   subject from a camera held still aligns to the pixel but for the subject;
-   and
+   pixels away, where the dense optical flow finds them too
+   (:func:`moved_patches`): a second exposure of a moving subject from a
+   camera held still aligns to the pixel but for the subject; and
 6. no region of more than MAX_DRIFTED blocks drifted as one by more than
    half a pixel (:func:`drifted_region`): objects moved by about a pixel
    pass steps 4 and 5.
