@@ -18,8 +18,10 @@ or its mirror image, lies inside the other under a similarity transform and
 their aligned pixels agree, in place (no parallax, no moved subject); a pair
 that is no copy is another shot of the scene when the two cover each other
 under a similarity. Groups of copies are the connected components of the
-copy pairs; groups of other shots join the rest, an image with copies
-standing in them for its keeper.
+copy pairs, each image of which is then checked against its group's keeper
+(one pair wrongly called a copy must not join two photos' groups); groups
+of other shots join the rest, an image with copies standing in them for its
+keeper.
 """
 
 from __future__ import annotations
@@ -124,7 +126,9 @@ class DuplicateSettings:
 class Pair:
     a: str
     b: str
-    cosine: float | None  # None: found by hash, not among the nearest neighbours
+    # None: not among each other's nearest neighbours (found by hash, or
+    # checked against its group's keeper)
+    cosine: float | None
     hash_distance: int | None  # bits; None where an image has no traits
     correlation: float | None  # of the aligned pixels; None: not checked
     # "identical" (same bytes), "copy", "shot" (another shot of the scene),
@@ -464,16 +468,22 @@ def find_duplicates(
     }
     undecided = 0
     shot_edges: list[Edge] = []
+    member = _members(ids, traits, has_traits, records)
     if settings.criterion == "copy":
         t_verify = time.perf_counter()
         checked = [e for e in edges if (e.a, e.b) not in identical]
-        edges, shot_edges, undecided = _verified(
+        edges, shot_edges, unsure = _verified(
             runner, source, checked, records, settings
         )
+        edges, more_shots, more_checked, more_unsure = _keeper_checked(
+            runner, source, edges, identical, records, member, settings
+        )
+        shot_edges += more_shots
+        undecided = len(unsure) + more_unsure
+        checked += more_checked
         stage_seconds["verify"] = round(time.perf_counter() - t_verify, 3)
     else:
         checked = []
-    member = _members(ids, traits, has_traits, records)
     groups = _groups(member, records, edges, identical, settings)
     shots = _shot_groups(member, records, shot_edges, groups)
     for group in [*groups, *shots]:
@@ -673,10 +683,10 @@ def _verified(
     edges: list[Edge],
     records: dict[int, ImageRecord],
     settings: DuplicateSettings,
-) -> tuple[list[Edge], list[Edge], int]:
+) -> tuple[list[Edge], list[Edge], list[Edge]]:
     """The ``edges`` the geometric check finds to be copies, those it finds to
-    be other shots of one scene, and how many it could not decide (kept as
-    copies when their cosine reaches UNDECIDED_COSINE)."""
+    be other shots of one scene, and those it could not decide (copies too
+    when their cosine reaches UNDECIDED_COSINE)."""
     edges = sorted(edges, key=lambda e: (records[e.a].path, records[e.b].path))
     step = settings.pairs_per_task
     futures = [
@@ -688,11 +698,11 @@ def _verified(
         )
         for i in range(0, len(edges), step)
     ]
-    kept, shots, undecided = [], [], 0
+    kept, shots, undecided = [], [], []
     alignments = (x for part in runner.gather(futures) for x in part)
     for edge, found in zip(edges, alignments, strict=True):
         if found is None:
-            undecided += 1
+            undecided.append(edge)
             if (edge.cosine or 0.0) >= max(settings.threshold, UNDECIDED_COSINE):
                 kept.append(edge)
             continue
@@ -711,6 +721,62 @@ def _verified(
         elif kind == "shot":
             shots.append(evidence)
     return kept, shots, undecided
+
+
+def _keeper_checked(
+    runner: Runner,
+    source: Source,
+    edges: list[Edge],
+    identical: set[tuple[int, int]],
+    records: dict[int, ImageRecord],
+    member,
+    settings: DuplicateSettings,
+) -> tuple[list[Edge], list[Edge], list[Edge], int]:
+    """The copy ``edges`` once every image of a group is checked against its
+    group's keeper: (copy edges, shot edges, edges checked, undecided).
+
+    A group is a connected component of copy pairs, so one pair wrongly
+    called a copy would join two photos' groups: a crop of a video frame
+    that shows little of what moved is, to the pixels, a copy of the next
+    frame too, and would bring that frame into the first one's group, to be
+    suggested for removal. So an image joined to its keeper only through
+    others is checked against the keeper itself. One found not to be a copy
+    of it leaves the group with the pairs that joined it (another shot of
+    the keeper's scene, where the check says so); what it leaves may form
+    groups of its own, checked the same way, until every image of every
+    group is a copy of its keeper by its own pair (or byte for byte, or
+    undecidable by the check, which tells nothing against it).
+    """
+    decided = {(e.a, e.b) for e in edges} | set(identical)
+    edges_now, shots, checked, undecided = list(edges), [], [], 0
+    while True:
+        sets = _Sets()
+        for edge in edges_now:
+            sets.join(edge.a, edge.b)
+        for x, y in identical:
+            sets.join(x, y)
+        keeper_of, wanted = {}, []
+        for ids in sets.members().values():
+            keeper = min(ids, key=lambda i: _keeper_order(member(i)))
+            for i in ids:
+                keeper_of[i] = keeper
+                pair = (min(i, keeper), max(i, keeper))
+                if i != keeper and pair not in decided:
+                    wanted.append(Edge(*pair, None, None))
+        if not wanted:
+            return edges_now, shots, checked, undecided
+        decided |= {(e.a, e.b) for e in wanted}
+        checked += wanted
+        copies, shot, unsure = _verified(runner, source, wanted, records, settings)
+        undecided += len(unsure)
+        kept = {(e.a, e.b) for e in copies + unsure}
+        left = {
+            e.a if keeper_of[e.a] == e.b else e.b
+            for e in wanted
+            if (e.a, e.b) not in kept
+        }
+        shots += shot
+        edges_now = [e for e in edges_now + copies if (e.a in left) == (e.b in left)]
 
 
 def _index_stamp(dest: Path) -> tuple[int, int, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import shutil
 
 import dask.config
@@ -766,3 +767,50 @@ def test_a_burst_from_a_held_camera_is_shots_its_edit_a_copy(client, tmp_path):
         assert pair.kind == "shot" and pair.same_exposure is False
         assert pair.shift is not None and pair.shift <= 0.6  # the pixels say copy
     assert report.to_json()["other_shots"][0]["pairs"][0]["same_exposure"] is False
+
+
+def test_a_copy_of_two_photos_joins_neither_to_the_other(client, tmp_path):
+    """A strip cut from one video frame between the two men moving in it
+    shows nothing that moved: to the pixels it is a copy of the next frame
+    too. Groups of copies are joined
+    by pairs, so it would bring the next frame into the first one's group,
+    to be suggested for removal; checked against the group's keeper, that
+    frame is another shot of its scene instead."""
+    from imgindex.pipeline import geometry
+
+    data = tmp_path / "frames"
+    data.mkdir()
+    first = Image.open(_opencv_photo("basketball1.png")).convert("RGB")
+    first.save(data / "frame-1.jpg", quality=92)
+    first.crop((150, 0, 450, 480)).save(data / "frame-1-strip.jpg", quality=90)
+    Image.open(_opencv_photo("basketball2.png")).convert("RGB").save(
+        data / "frame-2.jpg", quality=92
+    )
+    for age, name in enumerate(("frame-2.jpg", "frame-1-strip.jpg", "frame-1.jpg")):
+        os.utime(data / name, ns=(10**18 - age * 10**9,) * 2)  # frame 1 the oldest
+    for name in ("astronaut", "rocket", "camera"):
+        _photo(name).save(data / f"{name}.jpg", quality=92)
+
+    def kind(a: str, b: str) -> str | None:
+        from imgindex.pipeline.geometry import image_features
+
+        return geometry.align(
+            image_features(str(data / a)), image_features(str(data / b))
+        ).kind
+
+    # The chain, pair by pair: the strip is a copy of both frames.
+    assert kind("frame-1.jpg", "frame-1-strip.jpg") == "copy"
+    assert kind("frame-2.jpg", "frame-1-strip.jpg") == "copy"
+    assert kind("frame-1.jpg", "frame-2.jpg") == "shot"
+
+    run_build(client, data, tmp_path / "out")
+    report = find_duplicates(tmp_path / "out" / "frames", DuplicateSettings(), client)
+    (copies,) = report.groups
+    assert copies.keeper.path == "frame-1.jpg"
+    assert {m.path for m in copies.members} == {"frame-1.jpg", "frame-1-strip.jpg"}
+    assert all(p.kind == "copy" for p in copies.pairs)
+    (shots,) = report.shots
+    assert {m.path for m in shots.members} == {"frame-1.jpg", "frame-2.jpg"}
+    assert ("frame-1.jpg", "frame-2.jpg") in {(p.a, p.b) for p in shots.pairs} | {
+        (p.b, p.a) for p in shots.pairs
+    }
