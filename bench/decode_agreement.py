@@ -29,6 +29,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # bench.*, behind the installed imgindex
 
 CORES = len(os.sched_getaffinity(0))
+# Issue 29: the batch decoder's vectors against the CPU path's, at the least.
+LOWEST_COSINE = 0.995
+
+
+def summary(agreement: dict) -> str:
+    """:func:`compare_paths`' figures in a sentence (bench/gpu_report.py's too)."""
+    a = agreement
+    return (
+        f"lowest cosine {a['lowest_cosine']:.4f} (target >= {LOWEST_COSINE}) over "
+        f"{len(a['cosine'])} photos of every kind, {a['batch_decoded']} of them "
+        f"batch-decoded; hashes within {a['largest_hash_distance']} bits; content "
+        f"hash and size equal: {a['content_and_size_equal']}"
+    )
 
 
 def compare_paths(folder: Path, names: list[str], device: str) -> dict:
@@ -114,13 +127,7 @@ def main() -> None:
 
     kinds = write_kinds(args.work / "kinds")
     agreement = compare_paths(args.work / "kinds", sorted(kinds), args.device)
-    print(
-        f"{args.device} ({agreement['backend']}): lowest cosine "
-        f"{agreement['lowest_cosine']:.4f} (target >= 0.995) over {len(kinds)} "
-        f"photos of every kind, {agreement['batch_decoded']} of them batch-decoded; "
-        f"hashes within {agreement['largest_hash_distance']} bits; content hash "
-        f"and size equal: {agreement['content_and_size_equal']}"
-    )
+    print(f"{args.device} ({agreement['backend']}): {summary(agreement)}")
     photos = args.work / f"photos-{args.images}"
     ensure_photos(photos, args.images, 500, 1500)
     rates = speeds(photos, args.device, args.batch)
