@@ -46,6 +46,8 @@ and perspective.
 
 Also measured (printed as ranges, where the rest of the check says copy):
 
+- ``differs``: the share of the footprint that the correlation leaves out,
+  a region where the two differ (a sticker; pipeline.geometry._correlation);
 - ``moved``: patches of one image found a few pixels from where the
   similarity puts them, where the dense optical flow goes too
   (:func:`pipeline.geometry.moved_patches`), and
@@ -110,6 +112,8 @@ class Pair:
     noise: float | None = None
     same_tables: bool | None = None
     exif_kind: str | None = None  # what it calls the pair with EXIF
+    # share of the footprint left out of the correlation (a sticker); None: none
+    differs: float | None = None
 
 
 def jpeg(image: Image.Image, quality: int = 90) -> io.BytesIO:
@@ -149,6 +153,7 @@ def measure(kind: str, name: str, a_buf, b_buf, side: int, group: str = "") -> P
     alignment = laid.alignment
     pair.correlation = round(alignment.correlation, 4)
     pair.inside = round(alignment.inside, 4)
+    pair.differs = round(alignment.differs, 4) or None
     pair.is_copy_today = alignment.is_copy  # the check without local motion
     # At the check's scale: what `imgindex duplicates` decides on.
     pair.shift_p90 = g.residual_shift(laid.src, laid.dst, laid.matrix)
@@ -543,16 +548,17 @@ def main() -> None:
     print("Signals (min-max (pairs measured)) of pairs the rest of the check")
     print("calls copies; JPEG tables of all pairs of two JPEG files:")
     print()
-    print("| pairs | shift p90 px | moved patches | drifted blocks | noise correlation "
-          "| same tables |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| pairs | region left out | shift p90 px | moved patches | drifted blocks "
+          "| noise correlation | same tables |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for kind in ("copy", "shot"):
         rows = [p for p in pairs if p.kind == kind and p.is_copy_today]
         tables = [
             p.same_tables for p in pairs if p.kind == kind and p.same_tables is not None
         ]
         print(
-            f"| {len(rows)} {kind} | {ranges(rows, 'shift_p90')} "
+            f"| {len(rows)} {kind} | {ranges(rows, 'differs')} "
+            f"| {ranges(rows, 'shift_p90')} "
             f"| {ranges(rows, 'moved')} | {ranges(rows, 'drifted')} "
             f"| {ranges(rows, 'noise')} "
             f"| {sum(tables)} of {len(tables)} |"

@@ -150,6 +150,9 @@ class Pair:
     # other (objects moved by a pixel: pipeline.geometry.drifted_region);
     # None: not measured
     drifted: int | None = None
+    # the share of the aligned area where the two differ (a sticker, a
+    # retouched spot), left out of the correlation; None: not checked
+    differs: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -163,6 +166,7 @@ class Pair:
             "same_exposure": self.same_exposure,
             "moved": self.moved,
             "drifted": self.drifted,
+            "differs": _rounded(self.differs),
             "kind": self.kind,
         }
 
@@ -184,6 +188,7 @@ class Edge(NamedTuple):
     exposure: bool | None = None  # one exposure by EXIF (None: not known)
     moved: int | None = None
     drifted: int | None = None
+    differs: float | None = None
 
     def pair(self, a: str, b: str, kind: str) -> Pair:
         """The pair of paths ``a`` and ``b`` with this edge's evidence."""
@@ -199,6 +204,7 @@ class Edge(NamedTuple):
             self.exposure,
             self.moved,
             self.drifted,
+            self.differs,
         )
 
 
@@ -715,6 +721,7 @@ def _verified(
             exposure=found.same_exposure,
             moved=aligned.moved,
             drifted=aligned.drifted,
+            differs=aligned.differs,
         )
         if kind == "copy":
             kept.append(evidence)

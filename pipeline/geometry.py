@@ -84,6 +84,12 @@ MIN_INLIERS = 12  # matched features agreeing on the transform
 MIN_INSIDE = 0.9  # share of one image that must land inside the other
 MIN_SHOT_OVERLAP = 0.5  # ... for another shot of the scene (see the docstring)
 MIN_CORRELATION = 0.8  # of the aligned grey levels (see the module docstring)
+# Share of the footprint one region where the images differ (a sticker) may
+# cover and be left out of the correlation: stickers of a ninth of a photo
+# covered 0.10-0.13 of it (bench/copy_or_shot.py).
+MAX_DIFFERING = 0.2
+_DIFFERING = 1.5  # a block's mean squared difference of the scaled grey levels
+_REST_CORRELATION = 0.9  # of the rest, for a region to be left out
 # Pixels (90th percentile over the footprint's patches) that what one image
 # shows may sit away from where the similarity puts it (see the docstring).
 MAX_SHIFT = 0.6
@@ -97,6 +103,9 @@ MAX_DRIFTED = 5
 _DRIFT = 0.6  # pixels a block must drift to count (drifted_region)
 _MOVED_PATCH = 16  # pixels of a patch (moved_patches) or block (drifted_region)
 _MOVED_REACH = 12  # pixels a patch is looked for around its place
+# How much better a moved patch must match the other image than its own
+# image at the same place (moved_patches).
+_DISTINCT = 0.1
 _PATCH = 32  # pixels of a patch of the residual shift field
 _FEATURES = 1000
 # Features of a second look at a pair the first finds nothing in: a scene's
@@ -160,6 +169,9 @@ class Alignment:
     # Blocks of the largest region that drifted as one (drifted_region);
     # None where not measured.
     drifted: int | None = None
+    # The share of the footprint left out of the correlation: a region
+    # where the two differ (a sticker, a retouched spot; _correlation).
+    differs: float = 0.0
 
     @property
     def is_copy(self) -> bool:
@@ -288,12 +300,14 @@ def _lay(a: Features, b: Features) -> Laid | None:
             for (src, dst, m, b_onto_a), inside in zip(ways, insides, strict=True):
                 if inside < MIN_INSIDE and mutual < MIN_SHOT_OVERLAP:
                     continue
+                correlation, differs = _correlation(src.grey, dst.grey, m)
                 found = Alignment(
-                    _correlation(src.grey, dst.grey, m),
+                    correlation,
                     inside,
                     inliers,
                     mirrored,
                     mutual=mutual,
+                    differs=differs,
                 )
                 if best is None or _rank(found) > _rank(best.alignment):
                     best = Laid(found, b_onto_a, m, src.grey, dst.grey)
@@ -424,6 +438,11 @@ def moved_patches(
             _, best, _, (bx, by) = cv2.minMaxLoc(scores)
             dx, dy = bx - reach, by - reach
             if best < 0.85 or np.hypot(dx, dy) < 2:
+                continue
+            # Where its own image shows it there too (a smooth gradient, a
+            # repeated texture), finding it there says nothing of motion.
+            itself = cv2.matchTemplate(placed[around], patch, cv2.TM_CCOEFF_NORMED)
+            if best < itself[by, bx] + _DISTINCT:
                 continue
             fx, fy = np.median(flow[y : y + size, x : x + size].reshape(-1, 2), axis=0)
             moved += np.hypot(fx - dx, fy - dy) <= 2
@@ -572,20 +591,82 @@ def _footprint(
     return cv2.erode(landed, np.ones((5, 5), np.uint8)) > 0
 
 
-def _correlation(src: np.ndarray, dst: np.ndarray, matrix: np.ndarray) -> float:
-    """Pearson correlation of the blurred grey levels where src lands on dst."""
+def _correlation(
+    src: np.ndarray, dst: np.ndarray, matrix: np.ndarray
+) -> tuple[float, float]:
+    """Pearson correlation of the blurred grey levels where src lands on dst,
+    and the share of that footprint left out of it.
+
+    Under MIN_CORRELATION, the largest region of blocks where the two differ
+    (a pasted sticker, a retouched spot) is left out, if it covers at most
+    MAX_DIFFERING of the footprint and the rest correlates at
+    _REST_CORRELATION or more. A sticker of a ninth of a photo took a copy's
+    correlation down to 0.43-0.80, where the rest correlated at 0.99 and more;
+    second shots leave no such region (bench/copy_or_shot.py).
+    """
     import cv2
 
     h, w = dst.shape
-    placed = cv2.warpAffine(
+    x = cv2.warpAffine(
         cv2.GaussianBlur(src.astype(np.float32), (0, 0), _BLUR), matrix, (w, h)
     )
+    y = cv2.GaussianBlur(dst.astype(np.float32), (0, 0), _BLUR)
     footprint = _footprint(src, matrix, (w, h))
     if footprint.sum() < 100:
-        return 0.0
-    x = placed[footprint]
-    y = cv2.GaussianBlur(dst.astype(np.float32), (0, 0), _BLUR)[footprint]
-    x -= x.mean()
-    y -= y.mean()
+        return 0.0, 0.0
+    found = _pearson(x[footprint], y[footprint])
+    if found >= MIN_CORRELATION:
+        return found, 0.0
+    inside = _blocks(footprint).mean(-1) > 0.5
+    kept, share = footprint, 0.0
+    # Twice: a bright sticker inflates the grey levels' spread, which the
+    # second look measures without it.
+    for _ in range(2):
+        region = _differing_region(x, y, kept, footprint, inside)
+        if not region.any() or region.sum() > MAX_DIFFERING * inside.sum():
+            break
+        cover = np.kron(region, np.ones((_MOVED_PATCH, _MOVED_PATCH), np.uint8))
+        cover = cv2.dilate(cover, np.ones((9, 9), np.uint8)) > 0  # its edges
+        left_out = np.zeros_like(footprint)
+        left_out[: cover.shape[0], : cover.shape[1]] = cover
+        if (footprint & ~left_out).sum() < 100:
+            break
+        kept, share = footprint & ~left_out, float(region.sum() / inside.sum())
+    rest = _pearson(x[kept], y[kept]) if share else 0.0
+    # A copy's rest matches nearly exactly (0.99 and more measured); a second
+    # shot's differs all over, and leaving a region out took none over 0.84.
+    return (rest, share) if rest >= _REST_CORRELATION else (found, 0.0)
+
+
+def _differing_region(
+    x: np.ndarray,
+    y: np.ndarray,
+    kept: np.ndarray,
+    footprint: np.ndarray,
+    inside: np.ndarray,
+) -> np.ndarray:
+    """The largest connected region of blocks (of those ``inside`` the
+    footprint) where ``x`` and ``y``, each scaled to zero mean and unit
+    spread over ``kept``, differ by more than _DIFFERING on average (a
+    block's squared difference), its holes closed."""
+    import cv2
+
+    def scaled(image: np.ndarray) -> np.ndarray:
+        return (image - image[kept].mean()) / (image[kept].std() + 1e-6)
+
+    differs = np.where(footprint, (scaled(y) - scaled(x)) ** 2, 0.0)
+    bad = ((_blocks(differs).mean(-1) > _DIFFERING) & inside).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(bad, connectivity=8)
+    if count <= 1:
+        return np.zeros(bad.shape, bool)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    region = (labels == largest).astype(np.uint8)
+    closed = cv2.morphologyEx(region, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+    return (closed > 0) & inside
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x = x - x.mean()
+    y = y - y.mean()
     scale = float(np.linalg.norm(x) * np.linalg.norm(y))
     return float(x @ y) / scale if scale > 0 else 0.0

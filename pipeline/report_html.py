@@ -331,8 +331,8 @@ function drawGroup(group, number, shots) {
   const table = el("table", {}, el("tr", {}, el("th", {}, "a"), el("th", {}, "b"),
     el("th", {}, "cosine"), el("th", {}, "hash bits"), el("th", {}, "aligned r"),
     el("th", {}, "shift px"), el("th", {}, "moved patches"),
-    el("th", {}, "drifted blocks"), el("th", {}, "overlap"), el("th", {}, "EXIF"),
-    el("th", {}, "kind")));
+    el("th", {}, "drifted blocks"), el("th", {}, "differs, not in r"),
+    el("th", {}, "overlap"), el("th", {}, "EXIF"), el("th", {}, "kind")));
   for (const p of group.pairs) {
     table.append(el("tr", {}, el("td", {}, p.a), el("td", {}, p.b),
       el("td", {}, fmt(p.cosine, 3)),
@@ -340,6 +340,7 @@ function drawGroup(group, number, shots) {
       el("td", {}, fmt(p.correlation, 3)), el("td", {}, fmt(p.shift, 2)),
       el("td", {}, p.moved == null ? "" : String(p.moved)),
       el("td", {}, p.drifted == null ? "" : String(p.drifted)),
+      el("td", {}, p.differs ? `${Math.round(p.differs * 100)} %` : ""),
       el("td", {}, fmt(p.overlap, 2)), el("td", {}, exposure(p.same_exposure)),
       el("td", {}, p.kind)));
   }

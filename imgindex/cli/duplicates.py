@@ -182,9 +182,10 @@ def _print_groups(
             moved = " " * 9 if p.moved is None else f"{p.moved:2d} moved"
             drifted = " " * 11 if p.drifted is None else f"{p.drifted:3d} drifted"
             exif = {None: "", True: " (EXIF: one exposure)", False: " (EXIF: two)"}
+            differs = f" ({p.differs:.0%} differs, not in r)" if p.differs else ""
             click.echo(
                 f"    {cos} {bits} {corr} {shift} {moved} {drifted} {p.kind:9} "
-                f"{shown(p.a)} ~ {shown(p.b)}{exif[p.same_exposure]}"
+                f"{shown(p.a)} ~ {shown(p.b)}{exif[p.same_exposure]}{differs}"
             )
     if show and len(groups) > show:
         click.echo(f"... and {len(groups) - show:,} more {many} (--json lists all)")
