@@ -12,15 +12,17 @@ far things shift against each other (parallax). So a pair is a copy when
 2. that transform puts (almost) all of one image inside the other, and
 3. over that footprint the aligned grey levels correlate strongly, which
    brightness, colour shifts and re-encoding do not change and a caption
-   covering part of the image changes only a little; and
+   covering part of the image changes only a little (a pasted sticker,
+   which can change it much, is left out: :func:`_correlation`); and
 4. what one image shows sits where the transform puts it, to a fraction of
    a pixel (:func:`residual_shift`): a second shot from a slightly moved
    camera can frame the scene alike and correlate as well as a copy, but
    leaves parallax and perspective; and
 5. no more than MAX_MOVED patches show what the other image shows a few
-   pixels away, where the dense optical flow finds them too
-   (:func:`moved_patches`): a second exposure of a moving subject from a
-   camera held still aligns to the pixel but for the subject; and
+   pixels away, where the dense optical flow finds them too and their own
+   image does not show them (:func:`moved_patches`): a second exposure of
+   a moving subject from a camera held still aligns to the pixel but for
+   the subject; and
 6. no region of more than MAX_DRIFTED blocks drifted as one by more than
    half a pixel (:func:`drifted_region`): objects moved by about a pixel
    pass steps 4 and 5.
@@ -42,17 +44,18 @@ Middlebury's stereo and moved-objects pairs, a graffiti wall from two
 viewpoints. Over 201 copies of 20 photos and the 13 second exposures that
 pass steps 1-3, step 4 (once the shift field's smooth part, an error of the
 transform, is taken out) leaves copies at 0.55 px at most, shots at
-0.30-1.15. Over 315 copies of 20 photos made 16 ways (harder edits too: a
-sticker, a watermark, quality 10, a thumbnail), step 5 finds at most 2 moved
-patches in a copy (up to 19 in a stickered or watermarked one before the
-patches had to agree with the dense optical flow) and 14 or more in every
-shot but one: Middlebury's RubberWhale, whose objects move about a pixel at
-this scale. Step 6 follows each block of 16 pixels by that flow: it finds
-regions of at most 4 drifted blocks in a copy, here and there; in every
-second exposure that passes steps 1-3, RubberWhale's included, 49 or more;
-and 9 or more between RubberWhale's second frame and a copy of its first
-(re-encoded at quality 10, watermarked, a quarter cropped), which the report
-would otherwise join to the first frame's group of copies.
+0.30-1.15. Over 318 copies of 20 photos made 16 ways (harder edits too: a
+sticker, a watermark, quality 10, a thumbnail), step 5 finds at most 1 moved
+patch in a copy (up to 19 in a stickered or watermarked one before the
+patches had to agree with the dense optical flow, 2 before they had to be
+distinct) and 14 or more in every shot but one: Middlebury's RubberWhale,
+whose objects move about a pixel at this scale. Step 6 follows each block of
+16 pixels by that flow: it finds regions of at most 4 drifted blocks in a
+copy, here and there; in every second exposure that passes steps 1-3,
+RubberWhale's included, 49 or more; and 9 or more between RubberWhale's
+second frame and a copy of its first (re-encoded at quality 10,
+watermarked, a quarter cropped), which the report would otherwise join to
+the first frame's group of copies.
 
 A pair that is no copy is **another shot of the same scene** when step 1
 finds a similarity with MIN_INLIERS inliers under which each image covers
@@ -94,8 +97,9 @@ _REST_CORRELATION = 0.9  # of the rest, for a region to be left out
 # shows may sit away from where the similarity puts it (see the docstring).
 MAX_SHIFT = 0.6
 # Patches of a copy's footprint found moved in the other image (see
-# moved_patches): a copy had at most 2 of the 315 measured, a moved subject
-# 14 and a stereo tile 16 or more (bench/copy_or_shot.py).
+# moved_patches): a copy had at most 1 of the 318 measured, a moved subject
+# 14 and a stereo tile 16 or more (bench/copy_or_shot.py); half a video
+# frame, cropped, shows 3 or 4 against the next frame (an arm moved).
 MAX_MOVED = 2
 # Blocks of one region found drifted (drifted_region): copies had at most 4,
 # second exposures 9 or more (bench/copy_or_shot.py).
@@ -406,10 +410,12 @@ def moved_patches(
     content displaced: the patch matches badly in place (normalised
     correlation < 0.6, so brightness and colour changes do not count) and
     well (>= 0.85) two or more pixels away, where the :func:`dense_flow`
-    goes too (within 2 pixels). Without the flow's word, a watermark's
-    letters or a sticker's smooth texture found a chance match near their
-    place in 4 to 19 patches of a copy; with it, in 3 at most
-    (bench/copy_or_shot.py, tests/test_duplicates.py).
+    goes too (within 2 pixels), and _DISTINCT better than its own image
+    does there. Without the flow's word, a watermark's letters or a
+    sticker's smooth texture found a chance match near their place in 4 to
+    19 patches of a copy; with it, in 3 at most; a smooth gradient shows
+    itself a few pixels away too, and once the match had to be distinct, 1
+    at most (bench/copy_or_shot.py, tests/test_duplicates.py).
     """
     import cv2
 
