@@ -123,15 +123,20 @@ def jpeg(image: Image.Image, quality: int = 90) -> io.BytesIO:
     return buf
 
 
-def grey_at(buf: io.BytesIO, side: int) -> np.ndarray:
-    from imgindex.pipeline.decode import load_rgb
+def grey_at(buf: io.BytesIO, side: int) -> tuple[np.ndarray, float]:
+    """As the check sees the file: grey, ``side`` pixels, and how many times
+    enlarged (pipeline.geometry.upright_grey)."""
+    from imgindex.pipeline.geometry import upright_grey
 
     buf.seek(0)
-    image = load_rgb(buf, side // 2)
-    scale = side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    grey = image.convert("L").resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(grey)
+    return upright_grey(buf, side)
+
+
+def features(buf: io.BytesIO, side: int):
+    from imgindex.pipeline.geometry import features_of
+
+    grey, enlarged = grey_at(buf, side)
+    return features_of(grey, enlarged=enlarged)
 
 
 def measure(kind: str, name: str, a_buf, b_buf, side: int, group: str = "") -> Pair:
@@ -139,8 +144,7 @@ def measure(kind: str, name: str, a_buf, b_buf, side: int, group: str = "") -> P
     from imgindex.pipeline.duplicates import Checked
     from imgindex.pipeline.exposure import capture_of, same_exposure
 
-    a = g.features_of(grey_at(a_buf, side))
-    b = g.features_of(grey_at(b_buf, side))
+    a, b = (features(buf, side) for buf in (a_buf, b_buf))
     inliers, overlap = matched(a, b)
     aligned = g.align(a, b)
     exposure = same_exposure(capture_of(a_buf), capture_of(b_buf))
@@ -156,10 +160,12 @@ def measure(kind: str, name: str, a_buf, b_buf, side: int, group: str = "") -> P
     pair.differs = round(alignment.differs, 4) or None
     pair.is_copy_today = alignment.is_copy  # the check without local motion
     # At the check's scale: what `imgindex duplicates` decides on.
-    pair.shift_p90 = g.residual_shift(laid.src, laid.dst, laid.matrix)
-    flow = g.dense_flow(laid.src, laid.dst, laid.matrix)
-    pair.moved = g.moved_patches(laid.src, laid.dst, laid.matrix, flow)
-    pair.drifted = g.drifted_region(laid.src, laid.dst, laid.matrix, flow)
+    motion = g.local_motion(laid, max(a.enlarged, b.enlarged))
+    pair.shift_p90, pair.moved, pair.drifted = (
+        motion["shift"],
+        motion["moved"],
+        motion["drifted"],
+    )
     if alignment.is_copy:
         pair.noise = noise_correlation(laid, a_buf, b_buf)
     return pair
@@ -193,7 +199,7 @@ def noise_correlation(laid, a_buf, b_buf) -> float | None:
     scale = float(np.sqrt(abs(np.linalg.det(laid.matrix[:, :2]))))
     if sizes[0] != sizes[1] or abs(scale - 1) > 0.02 or sizes[0] > 2048:
         return None
-    src, dst = grey_at(src_buf, sizes[0]), grey_at(dst_buf, sizes[1])
+    src, dst = grey_at(src_buf, sizes[0])[0], grey_at(dst_buf, sizes[1])[0]
     if laid.alignment.mirrored:  # lay mirrors a, whichever way it lies
         if laid.b_onto_a:
             dst = np.ascontiguousarray(dst[:, ::-1])

@@ -198,6 +198,7 @@ EDIT_MAKERS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "reencoded-10": lambda im: _reencoded(im, 10),
     "contrast": lambda im: ImageEnhance.Contrast(im).enhance(1.6),
     "thumbnail": _thumbnail,
+    "thumbnail-96": lambda im: _thumbnail(im, 96),
     "sharpened": lambda im: im.filter(ImageFilter.UnsharpMask(2, 150, 3)),
 }
 

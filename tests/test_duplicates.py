@@ -314,6 +314,32 @@ def test_a_pasted_sticker_is_left_out_of_the_correlation(monkeypatch):
         assert found.kind != "copy" and found.correlation < 0.8, (name, found)
 
 
+def test_a_thumbnail_is_compared_at_its_own_detail(monkeypatch):
+    """A 96-pixel thumbnail, enlarged to the check's 384, holds no detail
+    finer than 4 pixels: against its original's, the interpolation read as
+    drifted blocks (up to 24) or shift (0.91 px). Both compared at the
+    thumbnail's detail, each is a copy with next to no local motion."""
+    from imgindex.pipeline import geometry
+
+    def thumbnails():
+        make = EDIT_MAKERS["thumbnail-96"]
+        for name in ("left01.jpg", "sudoku.png"):
+            image = Image.open(_opencv_photo(name)).convert("RGB")
+            yield name, _opencv_features(name), _jpeg_features(make(image))
+        for name in ("hubble_deep_field", "coffee"):
+            photo = _photo(name)
+            yield name, _jpeg_features(photo), _jpeg_features(make(photo))
+
+    for name, original, thumbnail in thumbnails():
+        assert thumbnail.enlarged == 4.0 and original.enlarged <= 2.0
+        found = geometry.align(original, thumbnail)
+        assert found.kind == "copy", (name, found)
+        assert found.shift <= 0.3 and found.drifted <= 1, (name, found)
+    monkeypatch.setattr(geometry, "_ENLARGED", float("inf"))  # at 384 px as is
+    as_is = [geometry.align(a, b) for _, a, b in thumbnails()]
+    assert not any(found.is_copy for found in as_is), as_is
+
+
 def test_real_exif_records_tell_two_exposures_and_leave_a_second_open():
     """A phone's two photos of a street, 14 s apart: two exposures. A photo
     and its retouched copy name one capture time, to the second only: that
