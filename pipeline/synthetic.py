@@ -193,6 +193,19 @@ def _vignetted(image: Image.Image) -> Image.Image:
     return Image.fromarray((np.asarray(image, np.float32) * gain).astype(np.uint8))
 
 
+def _lettered(image: Image.Image) -> Image.Image:
+    """Two lines of large white lettering outlined in black, at the top and
+    the bottom, as a meme has."""
+    out = image.copy()
+    w, h = out.size
+    font = ImageFont.load_default(size=max(12, h // 8))
+    draw = ImageDraw.Draw(out)
+    for text, top in (("WHEN THE CODE", 0.02), ("FINALLY WORKS", 0.82)):
+        draw.text((w * 0.05, h * top), text, fill="white", font=font,
+                  stroke_width=3, stroke_fill="black")  # fmt: skip
+    return out
+
+
 def _thumbnail(image: Image.Image, side: int = 160) -> Image.Image:
     scale = side / max(image.size)
     size = max(1, round(image.width * scale)), max(1, round(image.height * scale))
@@ -211,6 +224,7 @@ EDIT_MAKERS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "thumbnail-96": lambda im: _thumbnail(im, 96),
     "sharpened": lambda im: im.filter(ImageFilter.UnsharpMask(2, 150, 3)),
     "vignetted": _vignetted,
+    "lettered": _lettered,
 }
 
 
