@@ -16,9 +16,9 @@ far things shift against each other (parallax). So a pair is a copy when
    gain is fitted, and a pasted sticker, which can change it much, left
    out: :func:`_correlation`); and
 4. what one image shows sits where the transform puts it, to a fraction of
-   a pixel (:func:`residual_shift`): a second shot from a slightly moved
-   camera can frame the scene alike and correlate as well as a copy, but
-   leaves parallax and perspective; and
+   a pixel, wherever the other image shows it too (:func:`residual_shift`):
+   a second shot from a slightly moved camera can frame the scene alike and
+   correlate as well as a copy, but leaves parallax and perspective; and
 5. no more than MAX_MOVED patches show what the other image shows a few
    pixels away, where the dense optical flow finds them too and their own
    image does not show them (:func:`moved_patches`): a second exposure of
@@ -370,8 +370,9 @@ def residual_shift(
 ) -> float | None:
     """How far what ``src`` shows sits from where ``matrix`` lays it on
     ``dst``: the 90th percentile, in pixels, of the shifts of its patches
-    (phase correlation, sub-pixel) over the footprint; None where fewer than
-    5 patches have texture enough to tell.
+    (phase correlation, sub-pixel) over the footprint, of those found again
+    in ``dst`` (:func:`_found_there`); None where fewer than 5 patches have
+    texture enough to tell.
 
     A copy is a similarity of its original: what is left is interpolation,
     a tenth of a pixel to half of one (bench/copy_or_shot.py). A second shot
@@ -397,31 +398,48 @@ def residual_shift(
             if p.std() < 4 or q.std() < 4:  # flat: no shift to measure
                 continue
             (dx, dy), response = cv2.phaseCorrelate(p, q, window)
-            if response >= 0.2 and _found_at(p, q, dx, dy):  # a peak, not noise
+            if response >= 0.2:  # a peak, not noise
                 found.append((x + step, y + step, dx, dy))
+    found = np.array(found).reshape(-1, 4)
+    found = found[_found_there(placed, target, found)]
     if len(found) < 5:
         return None
-    return float(np.percentile(_local(np.array(found)), 90))
+    return float(np.percentile(_local(found), 90))
 
 
-def _found_at(p: np.ndarray, q: np.ndarray, dx: float, dy: float) -> bool:
-    """Whether patch ``p``, moved by (dx, dy), shows what ``q`` shows
-    (normalised correlation _FOUND or more, away from the rim the move
-    leaves). Where it does not (a meme's lettering, a sticker), its shift
-    measures nothing: lettering over a copy read as 0.6-1.0 px of shift."""
+def _found_there(
+    placed: np.ndarray, target: np.ndarray, found: np.ndarray
+) -> np.ndarray:
+    """Which patches (rows of centre x, y and shift dx, dy) of ``placed``,
+    moved by their shift, show what ``target`` shows there: normalised
+    correlation _FOUND or more over the patch's central block (of _PATCH / 2
+    pixels: the patches overlap by half, their central blocks do not).
+
+    Where one does not (a meme's lettering, a sticker), its shift measures
+    nothing: lettering over a copy read as 0.6-1.0 px of shift.
+    """
     import cv2
 
-    size = p.shape[0]
-    moved = cv2.warpAffine(
-        p,
-        np.float32([[1, 0, dx], [0, 1, dy]]),
-        (size, size),
-        borderMode=cv2.BORDER_REFLECT,
+    half = _PATCH // 4
+    h, w = target.shape
+    shift_x, shift_y = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+    blocks = []
+    for x, y, dx, dy in found:
+        block = (
+            slice(int(y) - half, int(y) + half),
+            slice(int(x) - half, int(x) + half),
+        )
+        shift_x[block], shift_y[block] = dx, dy
+        blocks.append(block)
+    if not blocks:
+        return np.zeros(0, bool)
+    grid_x, grid_y = np.meshgrid(
+        np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32)
     )
-    inner = slice(4, size - 4)
-    return bool(
-        _correlations(moved[inner, inner].ravel(), q[inner, inner].ravel()) >= _FOUND
-    )
+    moved = cv2.remap(placed, grid_x - shift_x, grid_y - shift_y, cv2.INTER_LINEAR)
+    here = np.stack([moved[b].ravel() for b in blocks])
+    there = np.stack([target[b].ravel() for b in blocks])
+    return _correlations(here, there) >= _FOUND
 
 
 def _local(found: np.ndarray) -> np.ndarray:
