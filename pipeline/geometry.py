@@ -45,8 +45,9 @@ Middlebury's stereo and moved-objects pairs, a graffiti wall from two
 viewpoints. Over 201 copies of 20 photos and the 13 second exposures that
 pass steps 1-3, step 4 (once the shift field's smooth part, an error of the
 transform, is taken out) leaves copies at 0.55 px at most, shots at
-0.30-1.15. Over 318 copies of 20 photos made 16 ways (harder edits too: a
-sticker, a watermark, quality 10, a thumbnail), step 5 finds at most 1 moved
+0.30-0.96 (1.15 before a patch had to be found again). Over 376 copies of 20
+photos made 19 ways (harder edits too: a sticker, a watermark, quality 10,
+thumbnails, a vignette, lettering), step 5 finds at most 1 moved
 patch in a copy (up to 19 in a stickered or watermarked one before the
 patches had to agree with the dense optical flow, 2 before they had to be
 distinct) and 14 or more in every shot but one: Middlebury's RubberWhale,
