@@ -132,7 +132,8 @@ def grey_at(buf: io.BytesIO, side: int) -> tuple[np.ndarray, float]:
     return upright_grey(buf, side)
 
 
-def features(buf: io.BytesIO, side: int):
+def features(buf: io.BytesIO, side: int):  # -> pipeline.geometry.Features
+    """The check's features of the file, as `imgindex duplicates` finds them."""
     from imgindex.pipeline.geometry import features_of
 
     grey, enlarged = grey_at(buf, side)

@@ -91,7 +91,7 @@ MIN_SHOT_OVERLAP = 0.5  # ... for another shot of the scene (see the docstring)
 MIN_CORRELATION = 0.8  # of the aligned grey levels (see the module docstring)
 # Share of the footprint one region where the images differ (a sticker) may
 # cover and be left out of the correlation: stickers of a ninth of a photo
-# covered 0.10-0.13 of it (bench/copy_or_shot.py).
+# covered 0.09-0.13 of it (bench/copy_or_shot.py).
 MAX_DIFFERING = 0.2
 _DIFFERING = 1.5  # a block's mean squared difference of the scaled grey levels
 _REST_CORRELATION = 0.9  # of the rest, for a region to be left out
@@ -99,7 +99,7 @@ _REST_CORRELATION = 0.9  # of the rest, for a region to be left out
 # shows may sit away from where the similarity puts it (see the docstring).
 MAX_SHIFT = 0.6
 # Patches of a copy's footprint found moved in the other image (see
-# moved_patches): a copy had at most 1 of the 318 measured, a moved subject
+# moved_patches): a copy had at most 1 of the 376 measured, a moved subject
 # 14 and a stereo tile 16 or more (bench/copy_or_shot.py); half a video
 # frame, cropped, shows 3 or 4 against the next frame (an arm moved).
 MAX_MOVED = 2
@@ -258,7 +258,7 @@ def align(a: Features, b: Features) -> Alignment:
     laid = lay(a, b)
     if laid is None:
         return NO_ALIGNMENT
-    if not laid.alignment.is_copy:  # no copy already: the rest (55 ms) is moot
+    if not laid.alignment.is_copy:  # no copy already: the rest (60 ms) is moot
         return laid.alignment
     motion = local_motion(laid, max(a.enlarged, b.enlarged))
     return dataclasses.replace(laid.alignment, **motion)
