@@ -266,12 +266,12 @@ def test_objects_moved_a_pixel_are_another_shot():
 def test_copies_edited_harder_are_copies_with_little_moved_and_nothing_drifted(how):
     """Copies of real photos with a sticker, a watermark, heavy re-encoding,
     strong contrast, as thumbnails (160 and 96 px), sharpened, vignetted or
-    lettered as a meme are copies: what they add or
-    lose is not taken for a drifted region (a moved subject's holds 49
-    blocks or more), nor for more than one moved patch (a moved subject
-    makes 14 or more; a watermark's letters made up to 19 until the flow
-    had to agree, a sticker's smooth texture 3 until a patch had to be
-    found where its own image does not show it too)."""
+    lettered as a meme are copies: what they add or lose is not taken for a
+    drifted region (a moved subject's holds 49 blocks or more), nor for more
+    than one moved patch (a moved subject makes 14 or more; a watermark's
+    letters made up to 19 until the flow had to agree, a sticker's smooth
+    texture 3 until a patch had to be found where its own image does not
+    show it too)."""
     from imgindex.pipeline import geometry
 
     make = EDIT_MAKERS[how]
