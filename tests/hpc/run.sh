@@ -51,7 +51,8 @@ MEM=$(( $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) * 8 / 10 ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /run/slurm /var/log/slurm
 chown slurm /var/spool/slurmctld /var/log/slurm
 sed -e "s/HOST/$HOST/g" -e "s/CPUS/$CPUS/g" -e "s/REALMEM/$MEM/" tests/hpc/slurm.conf >/etc/slurm/slurm.conf
-ns slurmctld
+# -c: no job of an earlier run that died (or ran beside this one) is recovered
+ns slurmctld -c
 ns slurmd
 for _ in $(seq 30); do ns sinfo -h -o %T 2>/dev/null | grep -q idle && break; sleep 1; done
 ns sinfo
