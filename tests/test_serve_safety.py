@@ -427,18 +427,25 @@ def test_health_answers_while_fifty_searches_wait(beach, photo_sets):
         )
         finished.append(("search", r.status_code))
 
+    # For each /health: the searches that finished while it was in flight,
+    # and those left to finish when it was sent.
+    waited: list[tuple[int, int]] = []
     with ThreadPoolExecutor(50) as pool:
         searches = [pool.submit(search) for _ in range(50)]
-        while sum(f.done() for f in searches) < 25:  # half still waiting
+        while (before := sum(f.done() for f in searches)) < 25:  # half waiting
             r = beach.request("GET", "/health", auth=False)
             finished.append(("health", r.status_code))
+            waited.append((sum(f.done() for f in searches) - before, 50 - before))
         for f in searches:
             f.result()
     statuses = {status for _, status in finished}
     assert statuses == {200}, finished
-    order = [what for what, _ in finished]
-    # The first /health did not wait for the queue of searches ahead of it.
-    assert order[: order.index("health")].count("search") < 25, order
+    # /health did not wait for the searches queued ahead of it: a blocked
+    # loop would answer each only after (nearly) all of them. Measured here,
+    # 0 or 1 finished while one was in flight, 26-50 left. Any one will do:
+    # counting the searches finished before the first answer (28 once, on a
+    # busy 2-core machine) measured how fast that first round trip was.
+    assert any(done < left / 2 for done, left in waited), waited
 
 
 def _listening_hosts(pid: int, port: int) -> set[str]:
