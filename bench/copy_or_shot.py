@@ -123,21 +123,21 @@ def jpeg(image: Image.Image, quality: int = 90) -> io.BytesIO:
     return buf
 
 
-def grey_at(buf: io.BytesIO, side: int) -> tuple[np.ndarray, float]:
-    """As the check sees the file: grey, ``side`` pixels, and how many times
-    enlarged (pipeline.geometry.upright_grey)."""
+def grey_at(buf: io.BytesIO, side: int) -> np.ndarray:
+    """The file's grey pixels as the check sees them, ``side`` on the longer
+    side (pipeline.geometry.upright_grey)."""
     from imgindex.pipeline.geometry import upright_grey
 
     buf.seek(0)
-    return upright_grey(buf, side)
+    return upright_grey(buf, side)[0]
 
 
 def features(buf: io.BytesIO, side: int):  # -> pipeline.geometry.Features
     """The check's features of the file, as `imgindex duplicates` finds them."""
-    from imgindex.pipeline.geometry import features_of
+    from imgindex.pipeline.geometry import image_features
 
-    grey, enlarged = grey_at(buf, side)
-    return features_of(grey, enlarged=enlarged)
+    buf.seek(0)
+    return image_features(buf, side)
 
 
 def measure(kind: str, name: str, a_buf, b_buf, side: int, group: str = "") -> Pair:
@@ -200,7 +200,7 @@ def noise_correlation(laid, a_buf, b_buf) -> float | None:
     scale = float(np.sqrt(abs(np.linalg.det(laid.matrix[:, :2]))))
     if sizes[0] != sizes[1] or abs(scale - 1) > 0.02 or sizes[0] > 2048:
         return None
-    src, dst = grey_at(src_buf, sizes[0])[0], grey_at(dst_buf, sizes[1])[0]
+    src, dst = grey_at(src_buf, sizes[0]), grey_at(dst_buf, sizes[1])
     if laid.alignment.mirrored:  # lay mirrors a, whichever way it lies
         if laid.b_onto_a:
             dst = np.ascontiguousarray(dst[:, ::-1])

@@ -211,13 +211,13 @@ class Alignment:
 NO_ALIGNMENT = Alignment(0.0, 0.0, 0, False)
 
 
-def image_features(path: str | os.PathLike | BinaryIO) -> Features:
-    """Load ``path`` (or an open image file) upright at SIDE pixels and find
-    its features.
+def image_features(path: str | os.PathLike | BinaryIO, side: int = SIDE) -> Features:
+    """Load ``path`` (or an open image file) upright at ``side`` pixels and
+    find its features.
 
     Raises DecodeError (pipeline.errors) for what is not a usable image.
     """
-    grey, enlarged = upright_grey(path)
+    grey, enlarged = upright_grey(path, side)
     return features_of(grey, enlarged=enlarged)
 
 
@@ -421,8 +421,6 @@ def _found_there(
     Where one does not (a meme's lettering, a sticker), its shift measures
     nothing: lettering over a copy read as 0.6-1.0 px of shift.
     """
-    import cv2
-
     half = _PATCH // 4
     h, w = target.shape
     shift_x, shift_y = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
@@ -436,10 +434,7 @@ def _found_there(
         blocks.append(block)
     if not blocks:
         return np.zeros(0, bool)
-    grid_x, grid_y = np.meshgrid(
-        np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32)
-    )
-    moved = cv2.remap(placed, grid_x - shift_x, grid_y - shift_y, cv2.INTER_LINEAR)
+    moved = _followed(placed, -shift_x, -shift_y)
     here = np.stack([moved[b].ravel() for b in blocks])
     there = np.stack([target[b].ravel() for b in blocks])
     return _correlations(here, there) >= _FOUND
@@ -556,11 +551,8 @@ def drifted_region(
 
     h, w = dst.shape
     placed = cv2.warpAffine(src, matrix, (w, h))
-    x, y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
     # dst's pixels where the flow says placed's went, back in placed's place
-    followed = cv2.remap(
-        dst.astype(np.float32), x + flow[..., 0], y + flow[..., 1], cv2.INTER_LINEAR
-    )
+    followed = _followed(dst.astype(np.float32), flow[..., 0], flow[..., 1])
     here, there = _blocks(placed.astype(np.float32)), _blocks(dst.astype(np.float32))
     usable = (
         _blocks(_footprint(src, matrix, (w, h))).all(-1)
@@ -579,6 +571,16 @@ def drifted_region(
     grid[at[drifted, 0], at[drifted, 1]] = 1
     count, _, stats, _ = cv2.connectedComponentsWithStats(grid, connectivity=8)
     return int(stats[1:, cv2.CC_STAT_AREA].max()) if count > 1 else 0
+
+
+def _followed(image: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """``image`` read at each pixel's place plus (dx, dy): where a field of
+    shifts says each pixel's content is, brought back to that pixel."""
+    import cv2
+
+    h, w = image.shape
+    x, y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    return cv2.remap(image, x + dx, y + dy, cv2.INTER_LINEAR)
 
 
 def _contrast_normalised(grey: np.ndarray) -> np.ndarray:
