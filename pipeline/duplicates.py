@@ -757,13 +757,8 @@ def _keeper_checked(
     decided = {(e.a, e.b) for e in edges} | set(identical)
     edges_now, shots, checked, undecided = list(edges), [], [], 0
     while True:
-        sets = _Sets()
-        for edge in edges_now:
-            sets.join(edge.a, edge.b)
-        for x, y in identical:
-            sets.join(x, y)
         keeper_of, wanted = {}, []
-        for ids in sets.members().values():
+        for ids in _copy_sets(edges_now, identical).members().values():
             keeper = min(ids, key=lambda i: _keeper_order(member(i)))
             for i in ids:
                 keeper_of[i] = keeper
@@ -949,6 +944,16 @@ class _Sets:
         return out
 
 
+def _copy_sets(edges: list[Edge], identical: set[tuple[int, int]]) -> _Sets:
+    """The images joined by copy ``edges`` and byte copies: a group's members."""
+    sets = _Sets()
+    for edge in edges:
+        sets.join(edge.a, edge.b)
+    for x, y in identical:
+        sets.join(x, y)
+    return sets
+
+
 def _groups(
     member,
     records: dict[int, ImageRecord],
@@ -956,11 +961,7 @@ def _groups(
     identical: set[tuple[int, int]],
     settings: DuplicateSettings,
 ) -> list[Group]:
-    sets = _Sets()
-    for edge in edges:
-        sets.join(edge.a, edge.b)
-    for x, y in identical:
-        sets.join(x, y)
+    sets = _copy_sets(edges, identical)
     members_of = sets.members()
     root = sets.root
     paths = {x: records[x].path for x in sets.parent}
