@@ -150,8 +150,10 @@ class Pair:
     # other (objects moved by a pixel: pipeline.geometry.drifted_region);
     # None: not measured
     drifted: int | None = None
-    # the share of the aligned area where the two differ (a sticker, a
-    # retouched spot), left out of the correlation; None: not checked
+    # the share of the aligned area in a region where the two differ (a
+    # sticker, lettering, a retouched spot: one is an edit of the other;
+    # left out of the correlation where it took it under 0.8); None: not
+    # checked
     differs: float | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -231,7 +233,12 @@ class Member:
         }
 
 
-KEEPER_RULE = "largest resolution, then oldest file, then shortest path"
+KEEPER_RULE = (
+    "largest resolution, then oldest file, then shortest path, of the copies "
+    "that are no edit (the fewest that account for every pair differing in a "
+    "region); copies that differ from the keeper in a region (an edit, or it "
+    "is one) are kept too"
+)
 
 
 @dataclass
@@ -263,13 +270,26 @@ class _Photos:
 
 @dataclass
 class Group(_Photos):
-    """Copies of one photo: one to keep, the rest could be removed."""
+    """Copies of one photo: one to keep, the rest could be removed but for
+    the ``edited`` ones."""
 
     ROLE = "keeper"
+
+    # Members that differ from the keeper in a region (a sticker, lettering,
+    # a retouched spot): one of the two is an edit (the keeper is none where
+    # the group's pairs tell, _keeper), so both are kept.
+    edited: list[str] = field(default_factory=list)
 
     @property
     def keeper(self) -> Member:
         return self.members[0]
+
+    @property
+    def removable(self) -> int:
+        return len(self.members) - 1 - len(self.edited)
+
+    def to_json(self) -> dict[str, Any]:
+        return super().to_json() | {"edited": self.edited}
 
 
 BEST_SHOT_RULE = (
@@ -331,7 +351,7 @@ class DuplicateReport:
 
     @property
     def removable(self) -> int:
-        return sum(len(g.members) - 1 for g in self.groups)
+        return sum(g.removable for g in self.groups)
 
     def totals(self) -> dict[str, Any]:
         """The counts, settings and times, without the lists."""
@@ -752,33 +772,86 @@ def _keeper_checked(
     the keeper's scene, where the check says so); what it leaves may form
     groups of its own, checked the same way, until every image of every
     group is a copy of its keeper by its own pair (or byte for byte, or
-    undecidable by the check, which tells nothing against it).
+    undecidable by the check, which tells nothing against it). The keeper
+    (:func:`_keeper`) may change as the pairs checked tell which images are
+    edits; an image that an earlier check found no copy of the new keeper
+    leaves too.
     """
-    decided = {(e.a, e.b) for e in edges} | set(identical)
+    verdict = {(e.a, e.b): True for e in edges} | dict.fromkeys(identical, True)
     edges_now, shots, checked, undecided = list(edges), [], [], 0
     while True:
-        keeper_of, wanted = {}, []
+        keeper_of, wanted, left = {}, [], set()
+        differing = _differing(edges_now)
         for ids in _copy_sets(edges_now, identical).members().values():
-            keeper = min(ids, key=lambda i: _keeper_order(member(i)))
+            keeper = _keeper(ids, differing, member)
             for i in ids:
                 keeper_of[i] = keeper
                 pair = (min(i, keeper), max(i, keeper))
-                if i != keeper and pair not in decided:
+                if i == keeper:
+                    continue
+                if pair not in verdict:
                     wanted.append(Edge(*pair, None, None))
-        if not wanted:
-            return edges_now, shots, checked, undecided
-        decided |= {(e.a, e.b) for e in wanted}
+                elif not verdict[pair]:  # the keeper changed to one it is no copy of
+                    left.add(i)
         checked += wanted
-        copies, shot, unsure = _verified(runner, source, wanted, records, settings)
+        copies, shot, unsure = (
+            _verified(runner, source, wanted, records, settings)
+            if wanted
+            else ([], [], [])
+        )
         undecided += len(unsure)
         kept = {(e.a, e.b) for e in copies + unsure}
-        left = {
-            e.a if keeper_of[e.a] == e.b else e.b
-            for e in wanted
-            if (e.a, e.b) not in kept
-        }
+        for e in wanted:
+            verdict[e.a, e.b] = (e.a, e.b) in kept
+            if (e.a, e.b) not in kept:
+                left.add(e.a if keeper_of[e.a] == e.b else e.b)
         shots += shot
+        before = len(edges_now)
         edges_now = [e for e in edges_now + copies if (e.a in left) == (e.b in left)]
+        # Nothing new checked and nothing left: done (an image joined by
+        # bytes alone to one it left stays, as its byte copy does).
+        if not wanted and len(edges_now) == before:
+            return edges_now, shots, checked, undecided
+
+
+def _differing(edges: list[Edge]) -> dict[int, set[int]]:
+    """Per image, the images its copy pairs say differ from it in a region
+    (Pair.differs: one of the two is an edit of the other)."""
+    differing: dict[int, set[int]] = {}
+    for edge in edges:
+        if edge.differs:
+            differing.setdefault(edge.a, set()).add(edge.b)
+            differing.setdefault(edge.b, set()).add(edge.a)
+    return differing
+
+
+def _keeper(ids: Iterable[int], differing: dict[int, set[int]], member) -> int:
+    """The image of a group of copies (``ids``) to keep: the first by
+    _keeper_order of those that are no edit.
+
+    Each pair that differs in a region holds an edit (no copy made without
+    one showed a region, bench/copy_or_shot.py), but which of the two is
+    one the pair cannot tell, and an edit's pair with one copy may show its
+    region where its pair with another does not. So the edits are taken to
+    be the fewest images that account for every such pair: a sticker
+    differs from every other copy of its photo, the photo and its other
+    copies from the sticker alone. They are picked greedily, the image in
+    the most pairs not yet accounted for first (of equals, the one the
+    keeper rule ranks last: a photo and its edit alone leave the rule's
+    first to keep).
+    """
+    ranked = sorted(ids, key=lambda i: _keeper_order(member(i)))
+    left = {i: differing.get(i, set()) & set(ranked) for i in ranked}
+    edits = set()
+    while True:
+        # Of equals, max keeps the first it meets: the rule's last.
+        edit = max(reversed(ranked), key=lambda i: len(left[i]))
+        if not left[edit]:
+            return next(i for i in ranked if i not in edits)
+        edits.add(edit)
+        for other in left[edit]:
+            left[other].discard(edit)
+        left[edit] = set()
 
 
 def _index_stamp(dest: Path) -> tuple[int, int, int]:
@@ -978,11 +1051,24 @@ def _groups(
                 Pair(paths[x], paths[y], None, None, None, "identical")
             )
 
+    differing = _differing(edges)
+    edge_of = {(e.a, e.b): e for e in edges}
     groups = []
     for top, member_ids in members_of.items():
-        members = sorted((member(i) for i in member_ids), key=_keeper_order)
+        keeper = _keeper(member_ids, differing, member)
+        others = sorted(
+            (i for i in member_ids if i != keeper),
+            key=lambda i: _keeper_order(member(i)),
+        )
+        with_keeper = (edge_of.get((min(i, keeper), max(i, keeper))) for i in others)
+        edited = [
+            paths[i]
+            for i, edge in zip(others, with_keeper, strict=True)
+            if edge is not None and edge.differs
+        ]
+        members = [member(keeper)] + [member(i) for i in others]
         pairs = sorted(pairs_of.get(top, []), key=lambda p: (p.a, p.b))
-        groups.append(Group(members, pairs))
+        groups.append(Group(members, pairs, edited=edited))
     groups.sort(key=lambda g: (-len(g.members), g.keeper.path))
     return groups
 

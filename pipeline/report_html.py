@@ -251,11 +251,13 @@ figure { margin: 0; width: 168px; font-size: 12px; }
 figure img, figure .missing { width: 160px; height: 160px; object-fit: contain;
          background: #eee; border: 3px solid transparent; display: block; }
 figure.keeper img, figure.keeper .missing { border-color: #2a8a2a; }
+figure.edited img, figure.edited .missing { border-color: #c98a1b; }
 figure .missing { display: flex; align-items: center; justify-content: center;
          color: #888; }
 figcaption { word-break: break-all; }
 .badge { display: inline-block; background: #2a8a2a; color: #fff; border-radius: 3px;
          padding: 0 4px; font-size: 11px; margin-right: 4px; }
+figure.edited .badge { background: #c98a1b; }
 details { margin-top: 6px; }
 table { border-collapse: collapse; font-size: 12px; }
 td, th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left; }
@@ -299,14 +301,15 @@ function el(tag, attrs, ...children) {
   for (const c of children) node.append(c);
   return node;
 }
-function figure(path, thumb, caption, keeper, badge) {
+// role: "" or the class that frames it ("keeper", "edited"); badge: its label.
+function figure(path, thumb, caption, role, badge) {
   const pic = thumb ? el("img", {src: thumb, loading: "lazy", alt: path})
                     : el("div", {class: "missing"}, "no thumbnail");
   const cap = el("figcaption", {});
-  if (keeper) cap.append(el("span", {class: "badge"}, badge || "keeper"));
+  if (role) cap.append(el("span", {class: "badge"}, badge || role));
   cap.append(path);
   if (caption) cap.append(el("br"), el("span", {class: "muted"}, caption));
-  return el("figure", {class: keeper ? "keeper" : "", title: path}, pic, cap);
+  return el("figure", {class: role, title: path}, pic, cap);
 }
 function fmt(x, digits) { return x == null ? "" : x.toFixed(digits); }
 function exposure(same) {
@@ -314,7 +317,8 @@ function exposure(same) {
 }
 function drawGroup(group, number, shots) {
   const box = el("div", {class: "group"});
-  const removable = group.members.length - 1;
+  const edited = new Set(group.edited || []);
+  const removable = group.members.length - 1 - edited.size;
   box.append(el("div", {}, el("b", {}, `${shots ? "Shots" : "Group"} ${n(number)}`),
     ` \u2014 ${images(group.members.length)}` + (shots ?
     ", other shots of one scene: nothing to remove, pick by hand" :
@@ -324,14 +328,16 @@ function drawGroup(group, number, shots) {
     const size = m.width ? `${m.width}\u00d7${m.height}` : "size unknown";
     const sharp = shots && m.sharpness != null ?
       `, sharpness ${fmt(m.sharpness, 0)}` : "";
+    const role = i === 0 ? "keeper" : edited.has(m.path) ? "edited" : "";
+    const badge = i === 0 ? (shots ? "best" : "keeper") : "edit, kept";
     row.append(figure(m.path, m.thumb, `${size}, ${n(m.bytes)} bytes${sharp}`,
-                      i === 0, shots ? "best" : "keeper"));
+                      role, badge));
   });
   box.append(row);
   const table = el("table", {}, el("tr", {}, el("th", {}, "a"), el("th", {}, "b"),
     el("th", {}, "cosine"), el("th", {}, "hash bits"), el("th", {}, "aligned r"),
     el("th", {}, "shift px"), el("th", {}, "moved patches"),
-    el("th", {}, "drifted blocks"), el("th", {}, "differs, not in r"),
+    el("th", {}, "drifted blocks"), el("th", {}, "differs"),
     el("th", {}, "overlap"), el("th", {}, "EXIF"), el("th", {}, "kind")));
   for (const p of group.pairs) {
     table.append(el("tr", {}, el("td", {}, p.a), el("td", {}, p.b),

@@ -392,11 +392,12 @@ def album(service):
 @pytest.fixture(scope="session")
 def scenes(service):
     """Index 'scenes' built through the service: scikit-image's stereo pair
-    (two exposures of one scene), a photo and a copy of it, and an unrelated
-    photo, with its duplicates report saved."""
+    (two exposures of one scene), a photo, a copy of it and an edit of it (a
+    sticker pasted), and an unrelated photo, with its duplicates report
+    saved."""
     from skimage import data
 
-    from imgindex.pipeline.synthetic import write_copy_set
+    from imgindex.pipeline.synthetic import EDIT_MAKERS, write_copy_set
     from tests.helpers import invoke
 
     left, right, _ = data.stereo_motorcycle()
@@ -411,7 +412,9 @@ def scenes(service):
             "astronaut": Image.fromarray(data.astronaut()),
         },
     )
-    Image.fromarray(data.rocket()).resize((320, 213)).save(folder / "rocket-small.jpg")
+    rocket = Image.fromarray(data.rocket())
+    rocket.resize((320, 213)).save(folder / "rocket-small.jpg")
+    EDIT_MAKERS["stickered"](rocket).save(folder / "rocket-stickered.jpg")
     build = service.wait(service.build("scenes")["id"])
     assert build["state"] == "finished", build
     run = invoke("duplicates", service.index_root / "scenes", "--save")

@@ -362,12 +362,17 @@ def test_duplicates_report_saved_by_the_cli_is_served(service, album):
 
 def test_other_shots_of_one_scene_are_served_apart_from_copies(service, scenes):
     """The stereo pair's two cameras: a group of other shots, its best
-    first, apart from the photo and its copy."""
+    first, apart from the photo and its copies (one an edit, kept)."""
     report = service.request("GET", "/api/indexes/scenes/duplicates").json()
     assert report["groups"] == 1 and report["shot_groups"] == 1
     assert "other_shots" not in report  # paged as shot_page
     (copies,) = report["page"]
-    assert {m["path"] for m in copies["members"]} == {"rocket.jpg", "rocket-small.jpg"}
+    assert [m["path"] for m in copies["members"]] == [
+        "rocket.jpg",
+        "rocket-stickered.jpg",
+        "rocket-small.jpg",
+    ]
+    assert copies["edited"] == ["rocket-stickered.jpg"] and report["removable"] == 1
     (shots,) = report["shot_page"]
     assert {m["path"] for m in shots["members"]} == {
         "stereo-left.jpg",

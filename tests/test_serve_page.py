@@ -202,6 +202,9 @@ def test_the_duplicates_tab_shows_other_shots_apart_from_copies(
     )
     (copies,) = browser.find_elements(By.CSS_SELECTOR, "#dup-groups .group:not(.shots)")
     assert "keep: " in copies.find_element(By.CSS_SELECTOR, ".member.keeper").text
+    (edit,) = copies.find_elements(By.CSS_SELECTOR, ".member.edited")
+    assert edit.text.startswith("rocket-stickered.jpg")
+    assert "differs from the keeper in a region: kept" in edit.text
     (shots,) = browser.find_elements(By.CSS_SELECTOR, "#dup-groups .group.shots")
     best = shots.find_element(By.CSS_SELECTOR, ".member.best").text
     assert best.startswith("best: stereo-") and "sharpness" in best

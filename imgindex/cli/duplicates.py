@@ -79,7 +79,9 @@ def duplicates(
     """Group INDEX_DIR's near-duplicate images, from its shards; embed nothing.
 
     Each group lists its images, the keeper first (largest resolution, then
-    oldest file, then shortest path), and the pairs that joined them. Byte
+    oldest file, then shortest path, of those that are no edit of the
+    others), and the pairs that joined them; a copy that differs from the
+    keeper in a region (an edit, or the keeper is one) is kept too. Byte
     copies are always grouped. The report also lists outliers, blurry, dark,
     bright and tiny images, and broken files; --html writes it as a page.
     The neighbour searches and checks run on the cluster's workers when they
@@ -171,9 +173,15 @@ def _print_groups(
     """Groups, each member (the first marked) and the pairs that joined them."""
     for n, group in enumerate(groups[:show], start=1):
         click.echo(f"{label} {n}: {len(group.members)} images")
+        edited = set(getattr(group, "edited", ()))  # copies only
         for i, m in enumerate(group.members):
             size = f"{m.width}x{m.height}" if m.width else "size unknown"
-            click.echo(f"  {mark if i == 0 else ' '} {shown(m.path)}  ({size})")
+            kept = (
+                "  kept: differs from the keeper in a region"
+                if m.path in edited
+                else ""
+            )
+            click.echo(f"  {mark if i == 0 else ' '} {shown(m.path)}  ({size}){kept}")
         for p in group.pairs:
             cos = "     " if p.cosine is None else f"{p.cosine:.3f}"
             bits = " " * 7 if p.hash_distance is None else f"{p.hash_distance:2d} bits"
@@ -182,7 +190,7 @@ def _print_groups(
             moved = " " * 9 if p.moved is None else f"{p.moved:2d} moved"
             drifted = " " * 11 if p.drifted is None else f"{p.drifted:3d} drifted"
             exif = {None: "", True: " (EXIF: one exposure)", False: " (EXIF: two)"}
-            differs = f" ({p.differs:.0%} differs, not in r)" if p.differs else ""
+            differs = f" ({p.differs:.0%} differs)" if p.differs else ""
             click.echo(
                 f"    {cos} {bits} {corr} {shift} {moved} {drifted} {p.kind:9} "
                 f"{shown(p.a)} ~ {shown(p.b)}{exif[p.same_exposure]}{differs}"

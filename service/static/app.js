@@ -458,10 +458,14 @@ async function loadDuplicates(offset) {
   const shown = (groups, label, role, first) => {
     for (const [n, group] of groups.entries()) {
       const members = el("div", { class: "members" });
+      // Copies that differ from the keeper in a region (an edit): kept too.
+      const edited = new Set(group.edited || []);
       for (const [i, m] of group.members.entries()) {
         const size = m.width ? `${m.width}×${m.height}` : "size unknown";
         const sharp = m.sharpness != null && role === "best" ? `, sharpness ${m.sharpness.toFixed(0)}` : "";
-        members.append(thumbnailCard(index, m.id, `${i === 0 ? first : ""}${m.path}`, size + sharp, i === 0 ? role : ""));
+        const edit = edited.has(m.path) ? "; differs from the keeper in a region: kept" : "";
+        const kind = i === 0 ? role : edit ? "edited" : "";
+        members.append(thumbnailCard(index, m.id, `${i === 0 ? first : ""}${m.path}`, size + sharp + edit, kind));
       }
       box.append(el("div", { class: `group ${role === "best" ? "shots" : ""}`.trim() },
         el("div", { text: `${label} ${offset + n + 1}: ${group.members.length} images` }), members));
