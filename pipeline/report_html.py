@@ -188,9 +188,8 @@ def _page_data(
         return f"{quote(folder)}/{names[path]}" if path in made else None
 
     def drawn(group) -> dict[str, Any]:
-        return {
+        return group.to_json() | {
             "members": [m.to_json() | {"thumb": thumb(m.path)} for m in group.members],
-            "pairs": [p.to_json() for p in group.pairs],
         }
 
     return report.totals() | {

@@ -700,6 +700,25 @@ def test_html_report_opens_in_a_browser(copy_set, browser, tmp_path):
     assert "tiny: 1 image" in shown["flags"]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "duplicates-report.png"))
+    # Edits kept beside their keeper: framed apart, not counted as removable.
+    groups = report["duplicate_groups"]
+    assert any(g["edited"] for g in groups)  # captions (see the keeper test)
+    edits, heads = browser.execute_script(
+        """
+        const figs = [...document.querySelectorAll("#group-list figure.edited")];
+        figs[0].scrollIntoView();
+        return [figs.map(f => [f.title, f.querySelector(".badge").textContent]),
+                [...document.querySelectorAll("#group-list .group > div:first-child")]
+                  .map(d => d.textContent)];"""
+    )
+    assert sorted(edits) == sorted(
+        [p, "edit, kept"] for g in groups for p in g["edited"]
+    )
+    assert [h.split(", ")[-1] for h in heads] == [
+        f"{len(g['members']) - 1 - len(g['edited'])} could be removed" for g in groups
+    ]
+    WebDriverWait(browser, 20).until(lambda b: b.execute_script(_THUMBS_IN_VIEW_LOADED))
+    browser.save_screenshot(str(ARTIFACTS / "duplicates-report-edited.png"))
     # A group's pairs, opened: each with the check's evidence, as --json has it.
     rows = browser.execute_script(
         """
