@@ -783,7 +783,7 @@ def _keeper_checked(
         keeper_of, wanted, left = {}, [], set()
         differing = _differing(edges_now)
         for ids in _copy_sets(edges_now, identical).members().values():
-            keeper = _keeper(ids, differing, member)
+            keeper = _keeper(_ranked(ids, member), differing)
             for i in ids:
                 keeper_of[i] = keeper
                 pair = (min(i, keeper), max(i, keeper))
@@ -825,9 +825,14 @@ def _differing(edges: list[Edge]) -> dict[int, set[int]]:
     return differing
 
 
-def _keeper(ids: Iterable[int], differing: dict[int, set[int]], member) -> int:
-    """The image of a group of copies (``ids``) to keep: the first by
-    _keeper_order of those that are no edit.
+def _ranked(ids: Iterable[int], member) -> list[int]:
+    """A group's image ids, first by _keeper_order."""
+    return sorted(ids, key=lambda i: _keeper_order(member(i)))
+
+
+def _keeper(ranked: list[int], differing: dict[int, set[int]]) -> int:
+    """The image of a group of copies (``ranked`` by :func:`_ranked`) to
+    keep: the first of those that are no edit.
 
     Each pair that differs in a region holds an edit (no copy made without
     one showed a region, bench/copy_or_shot.py), but which of the two is
@@ -840,8 +845,8 @@ def _keeper(ids: Iterable[int], differing: dict[int, set[int]], member) -> int:
     keeper rule ranks last: a photo and its edit alone leave the rule's
     first to keep).
     """
-    ranked = sorted(ids, key=lambda i: _keeper_order(member(i)))
-    left = {i: differing.get(i, set()) & set(ranked) for i in ranked}
+    group = set(ranked)
+    left = {i: differing.get(i, set()) & group for i in ranked}
     edits = set()
     while True:
         # Of equals, max keeps the first it meets: the rule's last.
@@ -1055,11 +1060,9 @@ def _groups(
     edge_of = {(e.a, e.b): e for e in edges}
     groups = []
     for top, member_ids in members_of.items():
-        keeper = _keeper(member_ids, differing, member)
-        others = sorted(
-            (i for i in member_ids if i != keeper),
-            key=lambda i: _keeper_order(member(i)),
-        )
+        ranked = _ranked(member_ids, member)
+        keeper = _keeper(ranked, differing)
+        others = [i for i in ranked if i != keeper]
         with_keeper = (edge_of.get((min(i, keeper), max(i, keeper))) for i in others)
         edited = [
             paths[i]

@@ -926,7 +926,13 @@ def test_the_keeper_is_no_edit_where_the_pairs_tell_which_are():
     (its region shows in some pairs): both are edits though older and as
     large as the photo, which is kept. A photo and its edit alone: the
     keeper rule decides."""
-    from imgindex.pipeline.duplicates import Edge, Member, _differing, _keeper
+    from imgindex.pipeline.duplicates import (
+        Edge,
+        Member,
+        _differing,
+        _keeper,
+        _ranked,
+    )
 
     sizes = {"photo": 640, "small": 320, "flipped": 640, "sticker": 640, "caption": 640}
     ids = {name: i for i, name in enumerate(sizes)}
@@ -945,13 +951,14 @@ def test_the_keeper_is_no_edit_where_the_pairs_tell_which_are():
     edges += [edge(x, "sticker", 0.1) for x in ("photo", "small", "flipped")]
     edges += [edge("caption", "photo", 0.0), edge("caption", "small", 0.02)]
     edges += [edge("caption", "flipped", 0.03), edge("caption", "sticker", 0.1)]
-    keeper = _keeper(ids.values(), _differing(edges), member)
+    ranked = _ranked(ids.values(), member)
+    keeper = _keeper(ranked, _differing(edges))
     assert member(keeper).path == "photo"
     alone = [edge("photo", "sticker", 0.1)]
-    pair = [ids["photo"], ids["sticker"]]
-    assert member(_keeper(pair, _differing(alone), member)).path == "sticker"
+    pair = _ranked([ids["photo"], ids["sticker"]], member)
+    assert member(_keeper(pair, _differing(alone))).path == "sticker"
     # Without the edits' evidence the rule alone keeps an older edit.
-    assert member(_keeper(ids.values(), {}, member)).path in older
+    assert member(_keeper(ranked, {})).path in older
 
 
 def test_an_edited_copy_is_grouped_and_kept_and_its_photo_kept_over_it(
