@@ -283,7 +283,7 @@ def _lists_tars(text: str) -> bool:
         return first is not None and all(
             r.lower().endswith(TAR_SUFFIXES) for r in itertools.chain([first], rows)
         )
-    except (OSError, UnicodeDecodeError):
+    except (OSError, DatasetError):
         return False  # said properly when the list is read
 
 
@@ -313,11 +313,7 @@ def _tar_source(text: str) -> Source:
     if text.lower().endswith(".txt"):
         _check_file(text, "list of tar shards")
         base = _parent(text)
-        try:
-            shards = tuple(_txt_rows(text))
-        except UnicodeDecodeError:
-            raise DatasetError(f"file list {text!r} is not UTF-8 text") from None
-        return Source("tar", text, base, entries=shards)
+        return Source("tar", text, base, entries=tuple(_txt_rows(text)))
     if text.lower().endswith(TAR_SUFFIXES):
         _check_file(text, "tar shard")
         base = _parent(text)
@@ -494,16 +490,14 @@ def read_txt_span(path: str, start: int, end: int) -> Iterator[str]:
     Raises
     ------
     DatasetError
-        If the list cannot be read, or is not UTF-8.
+        If the list cannot be read, or is not text (see :func:`_list_line`).
     """
     try:
         with _open(path) as f:
             for line in lines_in_span(f, start, end):
-                entry = _txt_entry(line.decode("utf-8"))
+                entry = _txt_entry(_list_line(line, path))
                 if entry:
                     yield entry
-    except UnicodeDecodeError:
-        raise DatasetError(f"file list {path!r} is not UTF-8 text") from None
     except OSError as e:
         raise DatasetError(f"cannot read file list {path!r}: {_one_line(e)}") from None
 
@@ -520,6 +514,10 @@ def stat_entry(source: Source, entry: str) -> ImageRecord | Failure:
     where = source.location(entry)
     try:
         if is_url(where):
+            if _undecoded(where):
+                return Failure(
+                    entry, "not UTF-8, as a URL must be (percent-encode other bytes)"
+                )
             fs, path = _fs(where)
             info = fs.info(path)
             return ImageRecord(entry, int(info.get("size") or 0), _stamp(info))
@@ -529,6 +527,15 @@ def stat_entry(source: Source, entry: str) -> ImageRecord | Failure:
     if not stat.S_ISREG(st.st_mode):
         return Failure(entry, "not a regular file")
     return ImageRecord(entry, st.st_size, st.st_mtime_ns)
+
+
+def _undecoded(text: str) -> bool:
+    """Whether ``text`` holds bytes that were not UTF-8 (surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _http_status(e: BaseException) -> int | None:
@@ -588,11 +595,30 @@ def read_list(source: Source) -> Iterator[tuple[str, dict[str, Any] | None]]:
 
 
 def _txt_rows(path: str) -> Iterator[str]:
-    with _open(path) as f, io.TextIOWrapper(f, encoding="utf-8") as text:
-        for line in text:
-            row = _txt_entry(line)
+    with _open(path) as f:
+        for line in f:
+            row = _txt_entry(_list_line(line, path))
             if row:
                 yield row
+
+
+def _list_line(line: bytes, path: str) -> str:
+    """A ``.txt`` list's line as the file system names files: UTF-8, any
+    other byte kept as ``os.fsdecode`` keeps it. A list that ``find`` wrote
+    over a disk of Latin-1 names then finds those files, as a walk of the
+    folder does, and they get the same ids.
+
+    Raises
+    ------
+    DatasetError
+        On a NUL byte, which no path holds: the list is UTF-16 or no text.
+    """
+    if b"\0" in line:
+        raise DatasetError(
+            f"file list {path!r} is not text: it holds NUL bytes (UTF-16? save "
+            "it as UTF-8)"
+        )
+    return line.decode("utf-8", "surrogateescape")
 
 
 def _txt_entry(line: str) -> str:

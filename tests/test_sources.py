@@ -137,6 +137,33 @@ def test_a_list_names_files_relative_to_itself_or_absolute(tmp_path, photos):
     }
 
 
+def test_a_text_list_of_names_that_are_not_utf8_finds_them_as_a_walk_does(
+    tmp_path, photos
+):
+    """``find`` over a disk of Latin-1 names writes a list that is not UTF-8:
+    its names are the files' bytes, found as a walk of the folder finds them
+    (the same text, so the same ids). A UTF-16 list is no list of paths."""
+    name = os.fsdecode(b"caf\xe9.jpg")
+    (tmp_path / name).write_bytes(photos[0].read_bytes())
+    (tmp_path / "plain.jpg").write_bytes(photos[1].read_bytes())
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b"caf\xe9.jpg\nplain.jpg\nna\xefve.jpg\n")
+    failures: list[Failure] = []
+    records = list(parse_source(listed).records(failures))
+    walked = list(parse_source(tmp_path).records([]))
+    assert [r.path for r in records] == [name, "plain.jpg"]
+    assert {r.path for r in walked} >= {name, "plain.jpg"}
+    assert records[0].size == photos[0].stat().st_size
+    assert [(f.path, f.reason) for f in failures] == [
+        (os.fsdecode(b"na\xefve.jpg"), "file not found")
+    ]
+
+    wide = tmp_path / "wide.txt"
+    wide.write_bytes("caf\u00e9.jpg\n".encode("utf-16"))
+    with pytest.raises(DatasetError, match=r"wide.txt' is not text: it holds NUL"):
+        list(parse_source(wide).records([]))
+
+
 def test_csv_and_parquet_lists_take_the_path_column(tmp_path, photos):
     pa = import_or_skip("pyarrow")
     import pyarrow.parquet as pq
@@ -797,7 +824,8 @@ def test_a_list_of_urls_is_listed_and_read_over_http(http_folder, photos):
     for p in photos[:3]:
         (folder / p.name).write_bytes(p.read_bytes())
     rows = [f"{url}/{p.name}" for p in photos[:3]]
-    (folder / "list.txt").write_text("\n".join([*rows, f"{url}/forbidden.jpg"]))
+    listed = "\n".join([*rows, f"{url}/forbidden.jpg", f"{url}/caf"]).encode()
+    (folder / "list.txt").write_bytes(listed + b"\xe9.jpg\n")
     source = parse_source(f"{url}/list.txt")
     assert (source.kind, source.name) == ("list", "list")
     failures: list[Failure] = []
@@ -807,7 +835,11 @@ def test_a_list_of_urls_is_listed_and_read_over_http(http_folder, photos):
     assert records[0].mtime_ns > 0  # from Last-Modified: a change is seen
     # fsspec reports any status as "not found"; its cause says 403.
     assert [(f.path, f.reason) for f in failures] == [
-        (f"{url}/forbidden.jpg", "file: permission denied (HTTP 403)")
+        (f"{url}/forbidden.jpg", "file: permission denied (HTTP 403)"),
+        (
+            f"{url}/caf\udce9.jpg",
+            "not UTF-8, as a URL must be (percent-encode other bytes)",
+        ),
     ]
     with source.reader(rows) as reader:
         assert bytes(reader.read(rows[1])) == photos[1].read_bytes()
