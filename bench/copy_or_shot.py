@@ -4,6 +4,7 @@
     python bench/copy_or_shot.py --json out.json # each pair's figures too
     python bench/copy_or_shot.py --end-to-end DIR  # build + duplicates, ~4 min
     python bench/copy_or_shot.py --end-to-end DIR --edits-oldest  # the keeper's test
+    python bench/copy_or_shot.py --end-to-end DIR --edit-copies   # edits copied too
 
 Pairs of real photographs, from two packages:
 
@@ -381,7 +382,9 @@ def opencv_pairs(data: Path, side: int) -> list[Pair]:
 EDITS_OF_A_REGION = ("stickered", "lettered", "captioned", "watermarked")
 
 
-def end_to_end(data: Path, work: Path, edits_oldest: bool = False) -> None:
+def end_to_end(
+    data: Path, work: Path, edits_oldest: bool = False, edit_copies: bool = False
+) -> None:
     """``imgindex build`` and ``imgindex duplicates`` (defaults, a
     LocalCluster) over every file of the sets above but the stereo tiles
     (the whole stereo pair instead); what the report groups, pair by pair,
@@ -390,7 +393,10 @@ def end_to_end(data: Path, work: Path, edits_oldest: bool = False) -> None:
     ``edits_oldest``: the copies that add to a region are made older than
     every other file, so that a keeper chosen by size and file date alone
     would be one of them (an archive gathered from several disks has the
-    dates of the copying); else each photo is written before its copies."""
+    dates of the copying); else each photo is written before its copies.
+
+    ``edit_copies``: each of those copies is copied in turn, at half its
+    size (a meme shared on), written after it."""
 
     import skimage.data
     from distributed import Client, LocalCluster
@@ -430,6 +436,15 @@ def end_to_end(data: Path, work: Path, edits_oldest: bool = False) -> None:
     edits = {f for f in family if f.rsplit(".", 2)[-2] in EDITS_OF_A_REGION}
     for name in edits if edits_oldest else ():
         os.utime(folder / name, ns=(10**18, 10**18))
+    copied_edits: dict[str, str] = {}  # a copy of an edit: the edit
+    for name in sorted(edits - {"ela_modified.jpg"}) if edit_copies else ():
+        image = Image.open(folder / name)
+        copy = name.removesuffix(".jpg") + ".half.jpg"
+        image.resize((image.width // 2, image.height // 2)).save(
+            folder / copy, quality=85
+        )
+        family[copy] = family[name]
+        copied_edits[copy] = name
     for group, files in OPENCV_SHOTS:
         shots += files
         for a, b in files:
@@ -506,6 +521,17 @@ def end_to_end(data: Path, work: Path, edits_oldest: bool = False) -> None:
         for m in g.members[1:] if family[m.path] == m.path and m.path not in kept
     ]  # fmt: skip
     print(f"photos suggested for removal while an edit of them is kept: {len(lost)}")
+    if copied_edits:
+        going = {p: of for g in report.groups for p, of in g.edit_copies.items()}
+        grouped = [c for c in copied_edits if c in keeper]
+        print(
+            f"copies of edits: {len(grouped)} of {len(copied_edits)} grouped; "
+            f"{sum(going.get(c) == copied_edits[c] for c in grouped)} could go "
+            f"as a copy of their edit, kept, "
+            f"{sum(c in going and going[c] != copied_edits[c] for c in grouped)} "
+            f"as a copy of another, {sum(c in kept for c in grouped)} kept as "
+            f"edits, {sum(keeper[c] == c for c in grouped)} keepers"
+        )
     for g in report.groups:
         if g.keeper.path in edits or set(g.edited) - edits:
             print(f"  kept: {g.keeper.path} and {g.edited}")
@@ -537,9 +563,16 @@ def main() -> None:
         help="with --end-to-end: make the copies that add to a region (a sticker, "
         "lettering, a caption, a watermark) the oldest files",
     )
+    parser.add_argument(
+        "--edit-copies",
+        action="store_true",
+        help="with --end-to-end: copy each of those copies again, at half size",
+    )
     args = parser.parse_args()
     if args.end_to_end:
-        return end_to_end(args.opencv, args.end_to_end, args.edits_oldest)
+        return end_to_end(
+            args.opencv, args.end_to_end, args.edits_oldest, args.edit_copies
+        )
     pairs = copy_pairs(args.side) + shot_pairs(args.side) + other_pairs(args.side)
     if (args.opencv / "graf1.png").exists():
         pairs += opencv_pairs(args.opencv, args.side)

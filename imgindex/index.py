@@ -287,7 +287,8 @@ class Index:
         -------
         DuplicateReport
             Its groups of copies (``groups``, the keeper first, edits of a
-            region kept too: ``Group.edited``), its groups
+            region kept too: ``Group.edited``, their copies not:
+            ``Group.edit_copies``), its groups
             of other shots of one scene (``shots``, the best first, nothing
             to remove), outliers, flagged and broken images; ``to_json()``
             is ``--json``'s object. In Jupyter it shows each group as a row

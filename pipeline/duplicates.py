@@ -237,7 +237,7 @@ KEEPER_RULE = (
     "largest resolution, then oldest file, then shortest path, of the copies "
     "that are no edit (the fewest that account for every pair differing in a "
     "region); copies that differ from the keeper in a region (an edit, or it "
-    "is one) are kept too"
+    "is one) are kept too, the first of each edit's copies by the same rule"
 )
 
 
@@ -279,6 +279,9 @@ class Group(_Photos):
     # a retouched spot): one of the two is an edit (the keeper is none where
     # the group's pairs tell, _keeper), so both are kept.
     edited: list[str] = field(default_factory=list)
+    # Members that differ from the keeper as an edited one does, but are a
+    # copy of it (no region differs): each could go, its edit being kept.
+    edit_copies: dict[str, str] = field(default_factory=dict)
 
     @property
     def keeper(self) -> Member:
@@ -289,7 +292,10 @@ class Group(_Photos):
         return len(self.members) - 1 - len(self.edited)
 
     def to_json(self) -> dict[str, Any]:
-        return super().to_json() | {"edited": self.edited}
+        return super().to_json() | {
+            "edited": self.edited,
+            "edit_copies": self.edit_copies,
+        }
 
 
 BEST_SHOT_RULE = (
@@ -814,6 +820,19 @@ def _keeper_checked(
             return edges_now, shots, checked, undecided
 
 
+def _same_edit(
+    pair: tuple[int, int],
+    edge_of: dict[tuple[int, int], Edge],
+    identical: set[tuple[int, int]],
+) -> bool:
+    """Whether ``pair`` is the same bytes, or was checked (an undecided pair
+    has no ``differs``) and found a copy where no region differs."""
+    if pair in identical:
+        return True
+    edge = edge_of.get(pair)
+    return edge is not None and edge.differs is not None and not edge.differs
+
+
 def _differing(edges: list[Edge]) -> dict[int, set[int]]:
     """Per image, the images its copy pairs say differ from it in a region
     (Pair.differs: one of the two is an edit of the other)."""
@@ -1063,17 +1082,54 @@ def _groups(
         ranked = _ranked(member_ids, member)
         keeper = _keeper(ranked, differing)
         others = [i for i in ranked if i != keeper]
-        with_keeper = (edge_of.get((min(i, keeper), max(i, keeper))) for i in others)
-        edited = [
-            paths[i]
-            for i, edge in zip(others, with_keeper, strict=True)
-            if edge is not None and edge.differs
-        ]
+        kept, copied = _edits_kept(keeper, others, edge_of, identical)
         members = [member(keeper)] + [member(i) for i in others]
         pairs = sorted(pairs_of.get(top, []), key=lambda p: (p.a, p.b))
-        groups.append(Group(members, pairs, edited=edited))
+        groups.append(
+            Group(
+                members,
+                pairs,
+                edited=[paths[i] for i in kept],
+                edit_copies={paths[i]: paths[of] for i, of in copied.items()},
+            )
+        )
     groups.sort(key=lambda g: (-len(g.members), g.keeper.path))
     return groups
+
+
+def _edits_kept(
+    keeper: int,
+    others: list[int],
+    edge_of: dict[tuple[int, int], Edge],
+    identical: set[tuple[int, int]],
+) -> tuple[list[int], dict[int, int]]:
+    """Of a group's ``others`` (in the keeper rule's order), those kept as
+    edits, and those that could go as copies of one of them.
+
+    A member whose own pair with the keeper differs in a region is, or
+    holds, an edit: kept. But a meme or a stickered photo is copied as
+    often as a photo is, and keeping every copy of an edit would keep them
+    all: so a member whose own pair with an edit kept before it (by the
+    rule: larger, older) is a copy with no such region, or the same bytes,
+    is a copy of that edit, and could go. Only pairs already checked are
+    used: two edits never paired are both kept.
+    """
+
+    def pair(x: int, y: int) -> tuple[int, int]:
+        return (min(x, y), max(x, y))
+
+    kept: list[int] = []
+    copied: dict[int, int] = {}
+    for i in others:
+        with_keeper = edge_of.get(pair(i, keeper))
+        if with_keeper is None or not with_keeper.differs:
+            continue
+        of = next((e for e in kept if _same_edit(pair(i, e), edge_of, identical)), None)
+        if of is None:
+            kept.append(i)
+        else:
+            copied[i] = of
+    return kept, copied
 
 
 def _shot_groups(

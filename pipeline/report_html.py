@@ -254,6 +254,7 @@ figure.edited img, figure.edited .missing { border-color: #c98a1b; }
 figure .missing { display: flex; align-items: center; justify-content: center;
          color: #888; }
 figcaption { word-break: break-all; }
+figcaption .note { word-break: normal; }
 .badge { display: inline-block; background: #2a8a2a; color: #fff; border-radius: 3px;
          padding: 0 4px; font-size: 11px; margin-right: 4px; }
 figure.edited .badge { background: #c98a1b; }
@@ -300,14 +301,16 @@ function el(tag, attrs, ...children) {
   for (const c of children) node.append(c);
   return node;
 }
-// role: "" or the class that frames it ("keeper", "edited"); badge: its label.
-function figure(path, thumb, caption, role, badge) {
+// role: "" or the class that frames it ("keeper", "edited"); badge: its label;
+// note: a line of words under the caption (broken between words, not paths').
+function figure(path, thumb, caption, role, badge, note) {
   const pic = thumb ? el("img", {src: thumb, loading: "lazy", alt: path})
                     : el("div", {class: "missing"}, "no thumbnail");
   const cap = el("figcaption", {});
   if (role) cap.append(el("span", {class: "badge"}, badge || role));
   cap.append(path);
   if (caption) cap.append(el("br"), el("span", {class: "muted"}, caption));
+  if (note) cap.append(el("br"), el("span", {class: "muted note"}, note));
   return el("figure", {class: role, title: path}, pic, cap);
 }
 function fmt(x, digits) { return x == null ? "" : x.toFixed(digits); }
@@ -329,8 +332,10 @@ function drawGroup(group, number, shots) {
       `, sharpness ${fmt(m.sharpness, 0)}` : "";
     const role = i === 0 ? "keeper" : edited.has(m.path) ? "edited" : "";
     const badge = i === 0 ? (shots ? "best" : "keeper") : "edit, kept";
+    const of = (group.edit_copies || {})[m.path];
+    const note = of ? `a copy of ${of}, which is kept` : "";
     row.append(figure(m.path, m.thumb, `${size}, ${n(m.bytes)} bytes${sharp}`,
-                      role, badge));
+                      role, badge, note));
   });
   box.append(row);
   const table = el("table", {}, el("tr", {}, el("th", {}, "a"), el("th", {}, "b"),

@@ -961,8 +961,31 @@ def test_the_keeper_is_no_edit_where_the_pairs_tell_which_are():
     assert member(_keeper(ranked, {})).path in older
 
 
+def test_of_the_edits_each_is_kept_once_and_its_copies_could_go():
+    """A member that differs from the keeper is kept, unless its own pair
+    with an edit kept before it shows no region (or the bytes are the
+    same): a copy of that edit. A pair that differs, or was not decided,
+    or was never checked, keeps both."""
+    from imgindex.pipeline.duplicates import Edge, _edits_kept
+
+    def edge(a: int, b: int, differs: float | None) -> Edge:
+        return Edge(min(a, b), max(a, b), 0.9, 0, 0.95, differs=differs)
+
+    # 0 keeps; 1..6 differ from it; 7 is a plain copy of it.
+    edges = [edge(0, i, 0.1) for i in range(1, 7)] + [edge(0, 7, 0.0)]
+    edges += [edge(1, 2, 0.0)]  # 2: a copy of the edit 1
+    edges += [edge(1, 4, 0.08)]  # 4: another edit
+    edges += [edge(1, 5, None), edge(4, 5, None)]  # 5: not decided
+    edges += [edge(4, 6, 0.0), edge(1, 6, 0.0)]  # 6: of 1, the first kept
+    identical = {(1, 3)}  # 3: the same bytes as 1
+    edge_of = {(e.a, e.b): e for e in edges}
+    kept, copied = _edits_kept(0, list(range(1, 8)), edge_of, identical)
+    assert kept == [1, 4, 5]
+    assert copied == {2: 1, 3: 1, 6: 1}
+
+
 def test_an_edited_copy_is_grouped_and_kept_and_its_photo_kept_over_it(
-    client, tmp_path
+    client, tmp_path, browser
 ):
     """Built and checked end to end. The starfield with a picture pasted over
     a ninth of it joins its original's group of copies, and the report says
@@ -971,7 +994,9 @@ def test_an_edited_copy_is_grouped_and_kept_and_its_photo_kept_over_it(
     of the same size (which the keeper rule alone would keep, suggesting the
     clean photo for removal): it differs from both of the photo's copies,
     the photo from it alone, so the photo is the keeper, and its smaller
-    copy could go. Where a photo and its edit are alone (the rocket), the
+    copies could go. So could the sticker's own smaller copy, which differs
+    from the keeper as the sticker does, but not from the sticker: the
+    sticker is kept. Where a photo and its edit are alone (the rocket), the
     pixels cannot tell which is the edit: both are kept."""
     data = tmp_path / "stars"
     data.mkdir()
@@ -980,8 +1005,11 @@ def test_an_edited_copy_is_grouped_and_kept_and_its_photo_kept_over_it(
     EDIT_MAKERS["stickered"](rocket).save(data / "rocket-stickered.jpg", quality=90)
     stars.save(data / "stars.jpg", quality=92)
     rocket.save(data / "rocket.jpg", quality=92)
-    small = stars.resize((stars.width // 2, stars.height // 2))
-    small.save(data / "stars-small.jpg", quality=90)
+    half = (stars.width // 2, stars.height // 2)
+    stars.resize(half).save(data / "stars-small.jpg", quality=90)
+    stars.resize((half[0] // 2, half[1] // 2)).save(data / "stars-quarter.jpg")
+    sticker = Image.open(data / "stars-stickered.jpg")
+    sticker.resize(half).save(data / "stars-stickered-small.jpg", quality=85)
     for name in ("stars-stickered.jpg", "rocket-stickered.jpg"):
         os.utime(data / name, ns=(10**18, 10**18))  # the oldest files
     for name in ("astronaut", "camera"):
@@ -997,9 +1025,14 @@ def test_an_edited_copy_is_grouped_and_kept_and_its_photo_kept_over_it(
         "stars.jpg",
         "stars-stickered.jpg",
         "stars-small.jpg",
+        "stars-stickered-small.jpg",
+        "stars-quarter.jpg",
     ]
     assert stars_group["keeper"] == "stars.jpg"
     assert stars_group["edited"] == ["stars-stickered.jpg"]
+    assert stars_group["edit_copies"] == {
+        "stars-stickered-small.jpg": "stars-stickered.jpg"
+    }
     pairs = {(p["a"], p["b"]): p for p in stars_group["pairs"]}
     pair = (
         pairs.get(("stars-stickered.jpg", "stars.jpg"))
@@ -1007,15 +1040,22 @@ def test_an_edited_copy_is_grouped_and_kept_and_its_photo_kept_over_it(
     )
     assert pair["kind"] == "copy" and pair["correlation"] >= 0.99, pair
     assert 0.05 <= pair["differs"] <= 0.2, pair
-    clean = [p for p in pairs.values() if "stars-stickered.jpg" not in (p["a"], p["b"])]
+    stickered = ("stars-stickered.jpg", "stars-stickered-small.jpg")
+    clean = [p for p in pairs.values() if not {p["a"], p["b"]} & set(stickered)]
     assert clean and all(not p["differs"] for p in clean), clean
+    assert not pairs.get(stickered, pairs.get(stickered[::-1]))["differs"]
     assert rocket_group["keeper"] == "rocket-stickered.jpg"  # the older file
     assert rocket_group["edited"] == ["rocket.jpg"]
-    assert report["removable"] == 1  # stars-small.jpg
+    assert report["removable"] == 3  # the small, quarter and stickered small
 
     shown = invoke("duplicates", index_dir)
     assert f"({pair['differs']:.0%} differs)" in shown.stdout, shown.stdout
-    assert "1 could be removed" in shown.stdout.splitlines()[0]
+    assert "3 could be removed" in shown.stdout.splitlines()[0]
+    assert any(
+        x.strip().startswith("stars-stickered-small.jpg")
+        and x.endswith("a copy of stars-stickered.jpg, which is kept")
+        for x in shown.stdout.splitlines()
+    ), shown.stdout
     lines = shown.stdout.splitlines()
     for edit in ("stars-stickered.jpg", "rocket.jpg"):
         assert any(
@@ -1023,3 +1063,29 @@ def test_an_edited_copy_is_grouped_and_kept_and_its_photo_kept_over_it(
             and x.endswith("kept: differs from the keeper in a region")
             for x in lines
         ), (edit, shown.stdout)
+
+    # The page: the edit framed, its copy saying which it copies.
+    from tests.conftest import ARTIFACTS
+
+    page = tmp_path / "report.html"
+    assert invoke("duplicates", index_dir, "--html", page).exit_code == 0
+    _rendered(browser, page)
+    assert not _browser_errors(browser)
+    figures = browser.execute_script(
+        """const group = document.querySelector("#group-list .group");
+        return [...group.querySelectorAll("figure")].map(f => [f.className,
+          f.title, (f.querySelector(".note") || {}).textContent || ""]);"""
+    )
+    assert figures == [
+        ["keeper", "stars.jpg", ""],
+        ["edited", "stars-stickered.jpg", ""],
+        ["", "stars-small.jpg", ""],
+        [
+            "",
+            "stars-stickered-small.jpg",
+            "a copy of stars-stickered.jpg, which is kept",
+        ],
+        ["", "stars-quarter.jpg", ""],
+    ]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "duplicates-report-edit-copies.png"))

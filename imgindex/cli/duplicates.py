@@ -174,11 +174,14 @@ def _print_groups(
     for n, group in enumerate(groups[:show], start=1):
         click.echo(f"{label} {n}: {len(group.members)} images")
         edited = set(getattr(group, "edited", ()))  # copies only
+        edit_copies = getattr(group, "edit_copies", {})
         for i, m in enumerate(group.members):
             size = f"{m.width}x{m.height}" if m.width else "size unknown"
             kept = (
                 "  kept: differs from the keeper in a region"
                 if m.path in edited
+                else f"  a copy of {shown(edit_copies[m.path])}, which is kept"
+                if m.path in edit_copies
                 else ""
             )
             click.echo(f"  {mark if i == 0 else ' '} {shown(m.path)}  ({size}){kept}")
