@@ -150,7 +150,7 @@ def report_html(report: DuplicateReport, source: Source) -> str:
         f"copies; {report.removable:,} could be removed; "
         f"{_count(len(report.shots), 'group')} of other shots of one scene; "
         f"{_count(len(report.outliers), 'outlier')}, "
-        f"{_count(len(report.broken), 'broken file')}</p>"
+        f"{len(report.broken):,} not indexed</p>"
     )
     return summary + rows_html(heads, rows, more)
 

@@ -272,7 +272,7 @@ td, th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left; }
 <nav><a href="#groups">Duplicate groups</a><a href="#shots">Other shots</a>
 <a href="#outliers">Outliers</a>
 <a href="#flagged">Blurry, dark, bright, tiny</a>
-<a href="#broken">Broken files</a></nav>
+<a href="#broken">Not indexed</a></nav>
 <h2 id="groups">Duplicate groups</h2>
 <div class="muted" id="keeper-rule"></div>
 <div class="pager" id="pager-top"></div>
@@ -286,7 +286,7 @@ td, th { padding: 2px 8px; border-bottom: 1px solid #eee; text-align: left; }
 <div class="row" id="outlier-list"></div>
 <h2 id="flagged">Blurry, dark, bright, tiny</h2>
 <div id="flag-list"></div>
-<h2 id="broken">Broken files</h2>
+<h2 id="broken">Not indexed</h2>
 <div id="broken-list"></div>
 <script type="application/json" id="report-data">@DATA@</script>
 <script>

@@ -500,7 +500,7 @@ def test_cli_prints_totals_and_json(copy_set):
     assert "3 groups of other shots of one scene (not copies" in shown.stdout
     assert "best (+): sharpest, then best exposed" in shown.stdout
     assert "  + stereo-left.jpg" in shown.stdout  # sharper than the right camera
-    assert "1 tiny; 1 broken files" in shown.stdout
+    assert "1 tiny; 1 not indexed" in shown.stdout
     # The JSON's shape (the geometric check is tested above, and costs seconds).
     as_json = invoke("duplicates", index_dir, "--json", "--criterion", "cosine")
     report = json.loads(as_json.stdout)

@@ -382,7 +382,7 @@ def test_the_duplicates_tab_lists_outliers_flagged_and_broken_images(service, br
     tiny = browser.find_element(By.CSS_SELECTOR, ".flagged[data-flag=tiny]").text
     assert "tiny: 1 image" in tiny and "icon.jpg" in tiny
     broken = browser.find_element(By.ID, "dup-broken").text
-    assert "broken.jpg" in broken and "Broken: 1 file not indexed" in broken
+    assert "broken.jpg" in broken and "Not indexed: 1 file" in broken
     assert browser.find_elements(By.CSS_SELECTOR, "#dup-outliers .member img")
     WebDriverWait(browser, 30).until(
         lambda b: b.execute_script(

@@ -83,7 +83,7 @@ def duplicates(
     others), and the pairs that joined them; a copy that differs from the
     keeper in a region (an edit, or the keeper is one) is kept too. Byte
     copies are always grouped. The report also lists outliers, blurry, dark,
-    bright and tiny images, and broken files; --html writes it as a page.
+    bright and tiny images, and files not indexed; --html writes it as a page.
     The neighbour searches and checks run on the cluster's workers when they
     see INDEX_DIR, else here.
     """
@@ -203,12 +203,13 @@ def _print_groups(
 
 
 def _print_collection_notes(report, show: int) -> None:
-    """The outliers, flagged images and broken files of a duplicates report."""
+    """The outliers, flagged images and files not indexed of a duplicates
+    report (broken, and the build's other failures: a row listed twice)."""
     meanings = report.statistics.describe()
     counts = ", ".join(
         f"{len(report.flagged.get(name, [])):,} {name}" for name in meanings
     )
-    click.echo(f"images: {counts}; {len(report.broken):,} broken files")
+    click.echo(f"images: {counts}; {len(report.broken):,} not indexed")
     for name, meaning in meanings.items():
         paths = report.flagged.get(name, [])
         if paths and show:
@@ -217,7 +218,7 @@ def _print_collection_notes(report, show: int) -> None:
             more = f" and {hidden:,} more" if hidden > 0 else ""
             click.echo(f"  {name} ({meaning}): {listed}{more}")
     for failure in report.broken[: min(show, 5)]:
-        click.echo(f"  broken: {shown(failure.path)}: {shown(failure.reason)}")
+        click.echo(f"  not indexed: {shown(failure.path)}: {shown(failure.reason)}")
     if report.outliers and show:
         click.echo(
             f"outliers (the {report.statistics.outliers:.0%} of images farthest "

@@ -514,7 +514,7 @@ function showReportLists(index, report) {
     const list = el("ul", { class: "failures" });
     for (const b of broken) list.append(el("li", {}, el("span", { class: "path", text: b.path }), el("span", { class: "muted", text: ` ${b.reason}` })));
     more.append(el("section", { class: "group", id: "dup-broken" },
-      el("h2", { text: `Broken: ${count(broken.length, "file", "files")} not indexed` }), list));
+      el("h2", { text: `Not indexed: ${count(broken.length, "file", "files")}` }), list));
   }
 }
 $("dup-index").addEventListener("change", () => loadDuplicates(0));
