@@ -792,7 +792,7 @@ def _keeper_checked(
             keeper = _keeper(_ranked(ids, member), differing)
             for i in ids:
                 keeper_of[i] = keeper
-                pair = (min(i, keeper), max(i, keeper))
+                pair = _pair(i, keeper)
                 if i == keeper:
                     continue
                 if pair not in verdict:
@@ -818,6 +818,11 @@ def _keeper_checked(
         # bytes alone to one it left stays, as its byte copy does).
         if not wanted and len(edges_now) == before:
             return edges_now, shots, checked, undecided
+
+
+def _pair(x: int, y: int) -> tuple[int, int]:
+    """The key of the unordered pair of ids ``x`` and ``y``, as edges hold it."""
+    return (min(x, y), max(x, y))
 
 
 def _same_edit(
@@ -917,7 +922,7 @@ def _hash_edges(
         dist = hash_distance(traits[first], traits[rows[1:]])
         for r, d in zip(rows[1:], dist, strict=True):
             x, y = int(ids[rows[0]]), int(ids[r])
-            edges.append(Edge(min(x, y), max(x, y), None, int(d)))
+            edges.append(Edge(*_pair(x, y), None, int(d)))
     return edges
 
 
@@ -964,7 +969,7 @@ def _identical_edges(
                 continue
             if digest in by_hash:
                 first = by_hash[digest]
-                edges.add((min(first, member), max(first, member)))
+                edges.add(_pair(first, member))
             else:
                 by_hash[digest] = member
     return edges
@@ -1114,17 +1119,15 @@ def _edits_kept(
     is a copy of that edit, and could go. Only pairs already checked are
     used: two edits never paired are both kept.
     """
-
-    def pair(x: int, y: int) -> tuple[int, int]:
-        return (min(x, y), max(x, y))
-
     kept: list[int] = []
     copied: dict[int, int] = {}
     for i in others:
-        with_keeper = edge_of.get(pair(i, keeper))
+        with_keeper = edge_of.get(_pair(i, keeper))
         if with_keeper is None or not with_keeper.differs:
             continue
-        of = next((e for e in kept if _same_edit(pair(i, e), edge_of, identical)), None)
+        of = next(
+            (e for e in kept if _same_edit(_pair(i, e), edge_of, identical)), None
+        )
         if of is None:
             kept.append(i)
         else:
