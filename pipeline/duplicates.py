@@ -295,6 +295,7 @@ class Group(_Photos):
         return super().to_json() | {
             "edited": self.edited,
             "edit_copies": self.edit_copies,
+            "removable": self.removable,
         }
 
 

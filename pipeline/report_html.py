@@ -320,11 +320,10 @@ function exposure(same) {
 function drawGroup(group, number, shots) {
   const box = el("div", {class: "group"});
   const edited = new Set(group.edited || []);
-  const removable = group.members.length - 1 - edited.size;
   box.append(el("div", {}, el("b", {}, `${shots ? "Shots" : "Group"} ${n(number)}`),
     ` \u2014 ${images(group.members.length)}` + (shots ?
     ", other shots of one scene: nothing to remove, pick by hand" :
-    `, ${removable} could be removed`)));
+    `, ${group.removable} could be removed`)));
   const row = el("div", {class: "row"});
   group.members.forEach((m, i) => {
     const size = m.width ? `${m.width}\u00d7${m.height}` : "size unknown";
