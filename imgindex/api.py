@@ -161,6 +161,7 @@ def build(
     worker_wait: float | str | None = None,
     gpu_resource: bool | None = None,
     rebuild: bool = False,
+    moved: bool = False,
 ) -> BuildReport:
     """Embed the images of each dataset and write ``out/<name>/``.
 
@@ -205,6 +206,10 @@ def build(
         How the work is cut into tasks and how long it may take.
     rebuild
         Ignore existing indexes and unfinished work; embed everything.
+    moved
+        A dataset whose index under ``out`` names another place holds that
+        dataset, moved here (``--moved``): only its new and changed images
+        are embedded, and the index names the new place from then on.
 
     Every option left as None takes its ``imgindex.*`` setting (see
     Configuration), as a flag left out does.

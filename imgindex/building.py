@@ -59,6 +59,7 @@ class BuildRequest:
     spec: ModelSpec
     index: IndexRequest
     rebuild: bool = False
+    moved: bool = False
     partition_size: int | None = None
     retries: int | None = None
     task_timeout: float | str | None = None
@@ -92,6 +93,7 @@ def check_build(
     worker_wait: float | str | None = None,
     gpu_resource: bool | None = None,
     rebuild: bool = False,
+    moved: bool = False,
 ) -> BuildRequest:
     """Check a build's options before any cluster starts or image is read.
 
@@ -135,6 +137,7 @@ def check_build(
         spec,
         request,
         rebuild=rebuild,
+        moved=moved,
         partition_size=partition_size,
         retries=retries,
         task_timeout=task_timeout,
@@ -334,6 +337,7 @@ def run_build(
                 out,
                 spec=request.spec,
                 rebuild=request.rebuild,
+                moved=request.moved,
                 index=request.index,
                 cluster=cluster_ready,
             )

@@ -11,7 +11,7 @@ import uuid
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -74,7 +74,7 @@ from imgindex.pipeline.shards import (
     write_shard,
     write_vectors,
 )
-from imgindex.pipeline.sources import Source, parse_source
+from imgindex.pipeline.sources import Source, parse_source, source_fields
 from imgindex.pipeline.spans import BuildSpan
 from imgindex.pipeline.store import (
     INDEX_FILE,
@@ -83,6 +83,7 @@ from imgindex.pipeline.store import (
     StoredIndex,
     recover_index_dir,
     write_index_dir,
+    write_meta_version,
 )
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ class BuildSummary:
     quality: dict[str, Any] = field(default_factory=dict)  # recall, latency, bytes
     copies: int = 0  # images whose vector is another's, stored once (graph index)
     kept: str = ""  # why the index in place was kept as it was ("": written now)
+    moved_from: str = ""  # where the index said its dataset was, if moved (--moved)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,6 +187,7 @@ def plan_dataset(
     rebuild: bool = False,
     index: IndexRequest | None = None,
     cluster: Any = None,
+    moved: bool = False,
 ) -> PlannedBuild:
     """Lock ``out/<name>``, discover ``dataset`` and diff it against the index
     there (see :func:`build_steps` for the arguments); no cluster is needed,
@@ -214,7 +217,7 @@ def plan_dataset(
             logger.warning("%s: %s", dest, recovered)
         stages = StageTimer()
         with stages("discover"):
-            plan = plan_build(source, dest, spec, rebuild, cluster)
+            plan = plan_build(source, dest, spec, rebuild, cluster, moved)
         held.callback(clear_plan, plan_dir(dest))
         held.callback(lambda: plan.previous and plan.previous.close())
         reusable = intact(plan.previous)
@@ -275,6 +278,7 @@ def build_steps(
     ranks: Iterator[int] | None = None,
     model: ModelCard | None = None,
     planned: PlannedBuild | None = None,
+    moved: bool = False,
 ) -> Generator[None, None, BuildSummary]:
     """Embed ``dataset`` on ``client``'s cluster and write ``out/<name>/``, in two
     steps: the first locks the index, plans and submits every partition, then
@@ -302,6 +306,10 @@ def build_steps(
         Model, device and decode settings sent to workers with every task.
     rebuild
         Ignore an existing index and its unfinished shards; embed everything.
+    moved
+        An index in place that names another dataset of this kind holds
+        this one, moved here: its images are matched by their paths within
+        the dataset, and it names this one from now on.
     gpu_resource
         Run tasks only on workers started with ``--resources GPU=1``.
     progress
@@ -367,6 +375,7 @@ def build_steps(
         rebuild=rebuild,
         index=index,
         cluster=client,
+        moved=moved,
     )
     with planned:
         started, stages, plan = planned.started, planned.stages, planned.plan
@@ -379,10 +388,11 @@ def build_steps(
         summary = BuildSummary(name=name, source=source.spec, index=str(dest))
         summary.added, summary.updated = plan.added, plan.updated
         summary.removed, summary.unchanged = plan.removed, plan.unchanged
+        summary.moved_from = plan.moved_from
         if planned.kept:
             clear_staging(staging_dir(dest))  # only shards no image needs now
             yield
-            return _kept(summary, plan, planned.kept, started)
+            return _kept(summary, plan, planned.kept, started, source)
 
         model = model or model_card(client, spec)
         summary.vectors = (
@@ -552,9 +562,7 @@ def build_steps(
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             meta = IndexMeta(
                 name=name,
-                source=source.spec,
-                source_kind=source.kind,
-                source_base=source.base if source.base != source.spec else "",
+                **source_fields(source),
                 metadata_columns=plan.metadata_columns,
                 metadata_digest=plan.metadata_digest,
                 model=spec.name,
@@ -697,12 +705,17 @@ def _failure_rows(failures: Iterable[Failure]) -> list[dict[str, str]]:
 
 
 def _kept(
-    summary: BuildSummary, plan: Plan, reason: str, started: float
+    summary: BuildSummary, plan: Plan, reason: str, started: float, source: Source
 ) -> BuildSummary:
-    """The summary of a build that kept the index in place as it was."""
+    """The summary of a build that kept the index in place as it was (but
+    for the dataset's place, where it moved)."""
     assert plan.previous is not None
     meta = plan.previous.meta
     plan.previous.close()
+    if plan.moved_from:
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        meta = replace(meta, **source_fields(source), updated=now)
+        write_meta_version(plan.previous.path, meta)
     summary.kept = reason
     summary.indexed = meta.count
     summary.failed = _failure_rows(plan.previous.failures)

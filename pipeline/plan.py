@@ -28,7 +28,7 @@ from imgindex.pipeline.parts import (
     write_part,
 )
 from imgindex.pipeline.ranges import TOKEN_FILE, compact_parts, label, map_ranges
-from imgindex.pipeline.sources import Source, split_member
+from imgindex.pipeline.sources import Source, is_url, split_member
 from imgindex.pipeline.store import (
     MANIFEST_FILE,
     StoredIndex,
@@ -71,6 +71,9 @@ class Plan:
     # The listing's token: workers that see the plan's folder hold it
     # (pipeline.ranges.sees_folder).
     token: str = ""
+    # Where the index in place says its dataset was, if it has moved here
+    # since (--moved); "" if not.
+    moved_from: str = ""
 
 
 def plan_dir(dest: Path) -> Path:
@@ -95,12 +98,19 @@ INDEXED, MANIFEST = "indexed", "manifest"
 
 
 def plan_build(
-    source: Source, dest: Path, spec: ModelSpec, rebuild: bool, cluster: Any = None
+    source: Source,
+    dest: Path,
+    spec: ModelSpec,
+    rebuild: bool,
+    cluster: Any = None,
+    moved: bool = False,
 ) -> Plan:
     """List ``source`` and diff it against the index at ``dest``; the listing
     goes to ``cluster``'s workers once it is at hand (a Client, or a Future
     of one: :class:`pipeline.listing.Lister`). The plan's parts stay in
-    :func:`plan_dir` until :func:`clear_plan`.
+    :func:`plan_dir` until :func:`clear_plan`. ``moved``: an index in place
+    that names another dataset of the same kind is this one's, moved here;
+    its images are matched by their paths within the dataset.
 
     Raises
     ------
@@ -129,8 +139,9 @@ def plan_build(
             previous = read_index_dir(dest, streamed=True)
     work = plan_dir(dest)
     try:
+        moved_from = ""
         if previous is not None:
-            _check_compatible(previous, dest, source, spec)
+            moved_from = _check_compatible(previous, dest, source, spec, moved)
         clear_plan(work)  # an interrupted build's
         listing = source.listing(work / LISTING, cluster)
         if not listing.count and not listing.failures:
@@ -139,8 +150,10 @@ def plan_build(
             shards = [record_of(row) for row in listing.items()]
             plan = _plan_shards(shards, listing.failures, previous, work)
             plan.token = listing.token
-            return plan
-        return _diff(listing, previous, work, cluster, source.name)
+        else:
+            plan = _diff(listing, previous, work, cluster, source.name)
+        plan.moved_from = moved_from
+        return plan
     except BaseException:
         if previous is not None:
             previous.close()  # its index file stays open until read or closed
@@ -253,21 +266,48 @@ def _span_part(folder: str, span: tuple[int, int], out: str) -> Part:
 
 
 def _check_compatible(
-    previous: StoredIndex, dest: Path, source: Source, spec: ModelSpec
-) -> None:
-    held = previous.meta.source
+    previous: StoredIndex, dest: Path, source: Source, spec: ModelSpec, moved: bool
+) -> str:
+    """Where the index in place says its dataset was, if not at ``source``
+    but ``moved`` allows it ("" if it is ``source``'s).
+
+    Raises
+    ------
+    IndexDirError
+        If the index in place is another dataset's (unless ``moved``) or
+        another model's.
+    """
+    held, held_kind = previous.meta.source, previous.meta.source_kind or "folder"
+    moved_from = ""
     if held != source.spec and Path(held) != Path(source.spec):
-        raise IndexDirError(
-            f"index {str(dest)!r} holds another dataset ({held!r}), not "
-            f"{source.spec!r}; give this one another name with --name, or pass "
-            "--rebuild to replace that index"
-        )
+        if not moved:
+            # A shard pattern names no one file to look for.
+            missing = held_kind != "tar" and not (is_url(held) or os.path.lexists(held))
+            gone = ", now gone" if missing else ""
+            raise IndexDirError(
+                f"index {str(dest)!r} holds another dataset ({held!r}{gone}), not "
+                f"{source.spec!r}; pass --moved if it is that dataset moved here "
+                "(only new and changed images are embedded), --name to give this "
+                "one another name, or --rebuild to replace that index"
+            )
+        if held_kind != source.kind:
+            raise IndexDirError(
+                f"index {str(dest)!r} holds a {_KIND_NAMES[held_kind]} ({held!r}), "
+                f"not a {_KIND_NAMES[source.kind]} like {source.spec!r}: --moved "
+                "keeps an index only for a dataset of its kind; give this one "
+                "another name with --name, or pass --rebuild to replace that index"
+            )
+        moved_from = held
     model = previous.meta.model
     if model != spec.name:
         raise IndexDirError(
             f"index {str(dest)!r} was built with model {model!r}, not {spec.name!r}; "
             "pass --rebuild to replace it, or choose another --out"
         )
+    return moved_from
+
+
+_KIND_NAMES = {"folder": "folder", "list": "file list", "tar": "set of tar shards"}
 
 
 def _plan_shards(

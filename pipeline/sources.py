@@ -206,6 +206,16 @@ def source_of(meta) -> Source:
     return Source(kind, meta.source, base)
 
 
+def source_fields(source: Source) -> dict[str, str]:
+    """What an index's meta.json records of ``source``: the fields
+    :func:`source_of` reads back."""
+    return {
+        "source": source.spec,
+        "source_kind": source.kind,
+        "source_base": source.base if source.base != source.spec else "",
+    }
+
+
 def is_url(text: str) -> bool:
     return "://" in text and not text.startswith("file://")
 

@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -624,6 +625,46 @@ def write_index_dir(
     return dest
 
 
+def write_meta_version(dest: str | os.PathLike, meta: IndexMeta) -> Path:
+    """A new version of the index at ``dest`` that differs from the one in
+    place only in its meta.json, swapped in whole as :func:`write_index_dir`
+    does. Its other files are hard-linked (copied where the file system has
+    no hard links); a saved duplicates report is left out, since it names
+    the images as they were. The caller holds the lock.
+
+    Raises
+    ------
+    IndexDirError
+        If it cannot be written (the index in place is untouched then).
+    """
+    dest = Path(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        (tmp / STAGING_MARK).write_bytes(b"")
+        for name in sorted({*INDEX_FILES, *OPTIONAL} - {META_FILE, DUPLICATES_FILE}):
+            if name == SHARDS_DIR and (dest / name).is_dir():
+                _link_shards(sorted((dest / name).iterdir()), tmp / name)
+            elif (dest / name).is_file():
+                _link_file(dest / name, tmp / name)
+        (tmp / META_FILE).write_text(meta.dumps())
+        fsync_path(tmp / META_FILE)
+        (tmp / STAGING_MARK).unlink()
+        os.chmod(tmp, stat.S_IMODE(os.stat(dest).st_mode))
+        new = staging_path(dest, "new")
+        os.rename(tmp, new)
+    except OSError as e:
+        _remove_staging(tmp)
+        raise IndexDirError(
+            f"could not write the index {str(dest)!r}: {e.strerror or e}; the old "
+            "index is untouched"
+        ) from None
+    except BaseException:
+        _remove_staging(tmp)
+        raise
+    _swap_into_place(new, dest)
+    return dest
+
+
 def _move_index_files(built: Path, tmp: Path) -> None:
     for name in (INDEX_FILE, IVFDATA_FILE, COPIES_FILE):
         if (built / name).exists():
@@ -637,11 +678,19 @@ def _link_shards(shards: Sequence[Path], folder: Path) -> None:
         target = folder / shard.name
         if target.exists():
             continue  # the same content (names are content hashes)
-        try:
-            os.link(shard, target)
-        except OSError:  # no hard links here (some FUSE/object stores)
-            shutil.copy2(shard, target)
+        _link_file(shard, target)
     fsync_path(folder)
+
+
+def _link_file(path: Path, target: Path) -> None:
+    """``path`` at ``target`` too: a hard link, else a copy (some FUSE and
+    object stores have no hard links). An index version's files are never
+    written again once in place, so versions may share them."""
+    try:
+        os.link(path, target)
+    except OSError:
+        shutil.copy2(path, target)
+        fsync_path(target)
 
 
 def _failure_row(failure: Failure, record: ImageRecord | None) -> dict:

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import imgindex
 from imgindex import __version__
 from imgindex.pipeline.assemble import IndexRequest
 from imgindex.pipeline.build import run_build
 from imgindex.pipeline.errors import DatasetError, IndexDirError, IndexLocked
 from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.saved_report import load_report, save_report
 from imgindex.pipeline.search import Searcher
 from imgindex.pipeline.shards import staging_dir
 from imgindex.pipeline.store import INDEX_FILE, SHARDS_DIR, read_meta
@@ -171,6 +173,58 @@ def test_incremental_rebuild_embeds_only_changes(client, dataset, tmp_path):
 def vector_of(stored, path: str) -> np.ndarray:
     (rec,) = [r for r in stored.manifest if r.path == path]
     return stored.index.reconstruct(rec.id)
+
+
+def test_a_moved_dataset_keeps_its_index_and_embeds_only_what_changed(
+    client, dataset, tmp_path
+):
+    out, index_dir = tmp_path / "out", tmp_path / "out" / "beach"
+    first = run_build(client, dataset, out)
+    before = read_index(index_dir)
+    save_report(index_dir, {"duplicate_groups": []}, before.meta.updated)
+    moved = tmp_path / "scratch" / "beach"
+    moved.parent.mkdir()
+    os.rename(dataset, moved)  # as mv does: the files keep their times
+
+    with pytest.raises(IndexDirError, match=r"\('.*beach', now gone\).*--moved"):
+        run_build(client, moved, out)
+    again = run_build(client, moved, out, moved=True)
+    assert again.moved_from == str(dataset)
+    assert (again.embedded, again.indexed, again.added) == (0, first.indexed, 0)
+    assert again.kept.startswith("nothing added, changed or removed")
+    after = read_index(index_dir)
+    assert after.meta.source == str(moved) and after.meta.count == first.indexed
+    for record in before.manifest:
+        np.testing.assert_array_equal(
+            after.index.reconstruct(record.id), before.index.reconstruct(record.id)
+        )
+    # The saved report named the images where they were: it is gone with them.
+    assert load_report(index_dir) is None
+    query = moved / before.manifest[3].path
+    hits = imgindex.open(index_dir).search([query], k=1)
+    assert hits["path"].tolist() == [str(query)]
+
+    # Copied on, keeping times, with one image changed: only that one is
+    # embedded, and the index reads the copy from then on.
+    copied = tmp_path / "project" / "beach"
+    shutil.copytree(moved, copied)  # copy2: times kept
+    (copied / "img00002.jpg").write_bytes((copied / "img00003.jpg").read_bytes())
+    third = run_build(client, copied, out, moved=True)
+    assert third.moved_from == str(moved) and not third.kept
+    assert (third.embedded, third.updated, third.indexed) == (1, 1, first.indexed)
+    assert read_meta(index_dir).source == str(copied)
+    assert run_build(client, copied, out).kept  # its own place now
+
+
+def test_moved_keeps_an_index_only_for_a_dataset_of_its_kind(client, dataset, tmp_path):
+    out = tmp_path / "out"
+    run_build(client, dataset, out)
+    listed = tmp_path / "lists" / "beach.txt"
+    listed.parent.mkdir()
+    listed.write_text("".join(f"{p}\n" for p in sorted(dataset.iterdir())))
+    with pytest.raises(IndexDirError, match="holds a folder .* not a file list"):
+        run_build(client, listed, out, moved=True)
+    assert read_meta(out / "beach").source == str(dataset)
 
 
 def test_empty_and_missing_datasets_are_errors(client, tmp_path):

@@ -72,6 +72,7 @@ def test_item4_same_folder_name_from_another_place_is_refused(build, few, tmp_pa
     assert result.exit_code == 1
     line = one_error_line(result.stderr)
     assert "holds another dataset" in line and "--name" in line
+    assert "--moved" in line and "now gone" not in line  # it is still there
     assert read_meta(out / "good").count == 8  # untouched
     result = build(other, "--out", out, "--name", "good-b", "--json")
     assert result.exit_code == 0, result.stderr

@@ -6,6 +6,7 @@ same items through the command line are in test_hardening.py.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -28,6 +29,7 @@ from imgindex.pipeline.lock import lock_index
 from imgindex.pipeline.manifest_ids import IDS_FILE, ROW
 from imgindex.pipeline.meta import IndexMeta
 from imgindex.pipeline.store import (
+    DUPLICATES_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
     META_FILE,
@@ -36,6 +38,7 @@ from imgindex.pipeline.store import (
     recover_index_dir,
     staging_path,
     write_index_dir,
+    write_meta_version,
 )
 from tests.helpers import read_index
 
@@ -132,6 +135,23 @@ def test_reads_never_fail_while_builds_replace_the_index(tmp_path):
         stop.set()
         writer.join()
     assert not errors
+
+
+def test_a_new_meta_version_shares_the_other_files_and_drops_the_report(tmp_path):
+    dest = write_version(tmp_path / "ds", 5, seed=1)
+    os.chmod(dest, 0o2750)  # as its owner left it
+    (dest / DUPLICATES_FILE).write_text('{"duplicate_groups": []}')
+    stored = read_index_dir(dest)  # a reader of the version in place
+    before = {name: (dest / name).stat().st_ino for name in (INDEX_FILE, IDS_FILE)}
+    moved = dataclasses.replace(stored.meta, source="/scratch/ds")
+    write_meta_version(dest, moved)
+    assert read_index(dest).meta.source == "/scratch/ds"
+    assert stored.index.ntotal == 5 and stored.meta.source == "/data/ds"
+    assert {n: (dest / n).stat().st_ino for n in before} == before  # linked
+    assert read_index(dest).index.ntotal == 5
+    assert not (dest / DUPLICATES_FILE).exists()
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o2750
+    assert is_index_dir(dest) and sorted(os.listdir(tmp_path)) == ["ds"]
 
 
 def test_group_umask_and_setgid_folder_are_honoured(tmp_path):

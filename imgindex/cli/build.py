@@ -100,6 +100,13 @@ from imgindex.feedback import TerminalFeedback, shown
     help="Ignore existing indexes and unfinished work; embed everything.",
 )
 @click.option(
+    "--moved",
+    is_flag=True,
+    help="A DATASET whose index under OUT names another place is that "
+    "dataset, moved or copied here: embed only its new and changed images "
+    "(copies must keep modification times: cp -p, rsync -a).",
+)
+@click.option(
     "--name",
     default=None,
     help="Name of the index under OUT (one DATASET only; default: its folder name).",
@@ -188,6 +195,8 @@ def _print_build_report(report: dict) -> None:
             f"{d['images_per_second']:.1f} images/s -> {shown(d['index'])}"
         )
         print_index_lines(d)
+        if d["moved_from"]:
+            click.echo(f"  dataset moved here from {shown(d['moved_from'])}")
         if d["kept"]:
             click.echo(f"  index kept as it was: {shown(d['kept'])}")
         for runtime, images in d["runtimes"].items():
