@@ -220,8 +220,8 @@ class Service:
             }
         return report
 
-    def start_build(self, datasets: list[str], rebuild: bool) -> Build:
-        return self.builds.start(datasets, rebuild)
+    def start_build(self, datasets: list[str], rebuild: bool, moved: bool) -> Build:
+        return self.builds.start(datasets, rebuild, moved)
 
     def status(self) -> dict[str, Any]:
         """What the page's header shows (the token's holders only)."""

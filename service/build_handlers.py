@@ -35,8 +35,7 @@ class BuildList(ApiHandler):
             isinstance(d, str) for d in datasets
         ):
             raise ApiError(400, "'datasets' must be a list of folder names or paths")
-        rebuild = flag_argument(body.get("rebuild"), "rebuild") or False
-        build = await self.start(datasets, rebuild)
+        build = await self.start(datasets, body)
         self.send_json(build.to_json(), status=202)
 
     def json_request(self, what: str) -> dict[str, Any]:
@@ -48,8 +47,14 @@ class BuildList(ApiHandler):
             raise ApiError(415, f"send {what} as application/json")
         return self.json_body()
 
-    async def start(self, datasets: list[str], rebuild: bool) -> Build:
-        build = await self.in_thread(self.service.start_build, datasets, rebuild)
+    async def start(self, datasets: list[str], body: dict[str, Any]) -> Build:
+        """Start a build of ``datasets`` with the flags the request ``body``
+        gives (``rebuild``, ``moved``: as ``imgindex build`` takes them)."""
+        rebuild, moved = (
+            flag_argument(body.get(flag), flag) or False
+            for flag in ("rebuild", "moved")
+        )
+        build = await self.in_thread(self.service.start_build, datasets, rebuild, moved)
         self.set_header("Location", f"/api/builds/{build.id}")
         return build
 
@@ -71,8 +76,7 @@ class LegacyBuild(BuildList):
         # Every build runs on the Dask cluster: the old service's choice of a
         # distributed build or one in its own process has no meaning here.
         flag_argument(body.get("distributed"), "distributed")
-        rebuild = flag_argument(body.get("rebuild"), "rebuild") or False
-        build = await self.start(names, rebuild)
+        build = await self.start(names, body)
         # Its clients read "build_id"; the rest is what /api/builds/ID answers.
         self.send_json(build.to_json() | {"build_id": build.id}, status=202)
 

@@ -44,6 +44,7 @@ class Build:
     jobs: list[tuple[Path, str]]
     rebuild: bool
     progress: ProgressFile
+    moved: bool = False
     cancel: Cancel = field(default_factory=Cancel)
     summaries: list[dict[str, Any]] = field(default_factory=list)
     thread: threading.Thread | None = None
@@ -60,6 +61,7 @@ class Build:
             | {
                 "id": self.id,
                 "rebuild": self.rebuild,
+                "moved": self.moved,
                 "summaries": [_numbered_workers(s) for s in self.summaries],
             }
         )
@@ -188,8 +190,11 @@ class Builds:
                 return path
         raise ApiError(404, f"no dataset folder {dataset!r} under the dataset roots")
 
-    def start(self, datasets: Sequence[str], rebuild: bool = False) -> Build:
-        """Start building ``datasets`` (names or paths, see :meth:`resolve`).
+    def start(
+        self, datasets: Sequence[str], rebuild: bool = False, moved: bool = False
+    ) -> Build:
+        """Start building ``datasets`` (names or paths, see :meth:`resolve`);
+        ``rebuild`` and ``moved`` as ``imgindex build`` takes them.
 
         Raises
         ------
@@ -223,6 +228,7 @@ class Builds:
                 jobs=list(zip(roots, names, strict=True)),
                 rebuild=rebuild,
                 progress=ProgressFile(None, names),
+                moved=moved,
             )
             build.thread = threading.Thread(
                 target=self._run, args=(build,), name=f"build-{build.id}", daemon=True
@@ -294,7 +300,12 @@ class Builds:
             if running is not None and running.client.status == "running":
                 at_hand = running.client
             planned = plan_datasets(
-                build.jobs, self.out, spec=spec, rebuild=build.rebuild, cluster=at_hand
+                build.jobs,
+                self.out,
+                spec=spec,
+                rebuild=build.rebuild,
+                moved=build.moved,
+                cluster=at_hand,
             )
             client, blind = None, []
             if needs_cluster(planned):

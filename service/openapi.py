@@ -258,6 +258,12 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "Folder names under a dataset root, or paths in one.",
             },
             "rebuild": {"type": "boolean"},
+            "moved": {
+                "type": "boolean",
+                "description": "A dataset whose index names another place is "
+                "that dataset, moved here: keep its index (`imgindex build "
+                "--moved`).",
+            },
         },
     },
     "Build": {

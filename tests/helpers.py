@@ -234,11 +234,11 @@ class RunningService:
             kwargs["headers"] = {**self.auth(), **kwargs.get("headers", {})}
         return requests.request(method, self.url + path, **kwargs)
 
-    def build(self, *datasets: str, rebuild: bool = False) -> dict:
+    def build(self, *datasets: str, rebuild: bool = False, moved: bool = False) -> dict:
         r = self.request(
             "POST",
             "/api/builds",
-            json={"datasets": list(datasets), "rebuild": rebuild},
+            json={"datasets": list(datasets), "rebuild": rebuild, "moved": moved},
         )
         assert r.status_code == 202, r.text
         return r.json()

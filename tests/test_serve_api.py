@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 
 import pytest
 import requests
@@ -12,6 +13,7 @@ from PIL import Image
 from imgindex.pipeline.discover import image_id
 from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import copy_tree, crop_query
+from tests.helpers import invoke
 
 pytestmark = pytest.mark.slow
 
@@ -129,6 +131,30 @@ def test_two_builds_at_once_then_a_rebuild_is_seen(service, tmp_path_factory):
     assert unchanged["state"] == "finished"
     assert unchanged["cluster"]["kind"] == "none", unchanged["cluster"]
     assert unchanged["summaries"][0]["kept"].startswith("nothing added")
+
+
+def test_a_dataset_moved_under_the_root_keeps_its_index(service, tmp_path_factory):
+    before = tmp_path_factory.mktemp("old-place") / "trip"
+    write_photos(before, 6, seed=41, max_side=320)
+    first = invoke("build", before, "--out", service.index_root)
+    assert first.exit_code == 0, first.stderr
+    shutil.copytree(before, service.dataset_root / "trip")  # copy2: times kept
+
+    refused = service.wait(service.build("trip")["id"])
+    assert refused["state"] == "failed", refused
+    error = refused["datasets"][0]["error"]
+    assert "holds another dataset" in error and "--moved" in error
+    kept = service.wait(service.build("trip", moved=True)["id"])
+    assert kept["state"] == "finished" and kept["moved"] is True, kept
+    (summary,) = kept["summaries"]
+    assert summary["moved_from"] == str(before) and summary["embedded"] == 0
+    assert kept["cluster"]["kind"] == "none", kept["cluster"]
+    info = service.request("GET", "/api/indexes/trip").json()
+    assert info["source"] == str(service.dataset_root / "trip"), info
+    hit = service.request(
+        "POST", "/api/indexes/trip/search", json={"path": "img00002.jpg", "k": 1}
+    ).json()["hits"][0]
+    assert hit["path"] == str(service.dataset_root / "trip" / "img00002.jpg"), hit
 
 
 def test_a_build_of_an_index_being_built_is_refused(service):

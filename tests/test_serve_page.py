@@ -6,6 +6,7 @@ Screenshots go to test-artifacts/ (serve-*.png): look at them.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 
 from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import ARTIFACTS, crop_query
+from tests.helpers import invoke
 
 try:
     from selenium.common.exceptions import StaleElementReferenceException
@@ -355,6 +357,51 @@ def test_a_build_says_which_files_failed_and_a_rerun_that_nothing_changed(
     before = fetched(browser)
     time.sleep(3)
     assert fetched(browser) == before
+    assert not _severe(browser)
+
+
+def test_a_moved_dataset_is_refused_then_kept_with_the_moved_box_ticked(
+    service, browser, tmp_path
+):
+    before = tmp_path / "porch"
+    write_photos(before, 4, seed=93, max_side=320)
+    assert invoke("build", before, "--out", service.index_root).exit_code == 0
+    shutil.copytree(before, service.dataset_root / "porch")  # copy2: times kept
+    _open(browser, service)
+    browser.find_element(By.CSS_SELECTOR, "button.tab[data-tab=builds]").click()
+
+    def start(moved: bool) -> None:
+        box = WebDriverWait(browser, 20).until(
+            lambda b: b.find_element(
+                By.CSS_SELECTOR, "#build-datasets input[data-name=porch]"
+            )
+        )
+        if not box.is_selected():
+            box.click()
+        moved_box = browser.find_element(By.ID, "build-moved")
+        if moved_box.is_selected() != moved:
+            moved_box.click()
+        browser.find_element(By.ID, "build-start").click()
+
+    def shown(b) -> str:
+        return b.execute_script(
+            """const bar = document.querySelector('.bar[data-dataset=porch]');
+               const o = document.querySelector('.build .outcome[data-dataset=porch]');
+               return (bar ? bar.parentElement.textContent : '') + '|'
+                 + (o ? o.textContent : '')"""
+        )
+
+    start(moved=False)
+    # A dataset that fails is drawn with its error (the page once stopped
+    # at "starting", failing to draw the failed dataset's summary).
+    WebDriverWait(browser, 60).until(lambda b: "porch: not built: " in shown(b))
+    assert "holds another dataset" in shown(browser) and "--moved" in shown(browser)
+    _shot(browser, "build-moved-refused")
+    start(moved=True)
+    WebDriverWait(browser, 60).until(lambda b: "Moved here from" in shown(b))
+    assert f"Moved here from {before}" in shown(browser)
+    assert "nothing changed; the index was kept as it was (4 images)" in shown(browser)
+    _shot(browser, "build-moved-kept")
     assert not _severe(browser)
 
 

@@ -307,7 +307,11 @@ $("build-start").addEventListener("click", async () => {
     const build = await api("/api/builds", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ datasets, rebuild: $("build-rebuild").checked }),
+      body: JSON.stringify({
+        datasets,
+        rebuild: $("build-rebuild").checked,
+        moved: $("build-moved").checked,
+      }),
     });
     watched.add(build.id);
     await refreshBuilds();
@@ -327,7 +331,8 @@ async function cancelBuild(id) {
   }
 }
 
-function datasetLine(d) {
+// ``showError``: false where the dataset's summary shows its error instead.
+function datasetLine(d, showError = true) {
   const total = d.total || 0;
   let share = total ? d.done / total : (d.state === "done" ? 1 : 0);
   let words = `${d.name}: ${d.state}`;
@@ -335,7 +340,7 @@ function datasetLine(d) {
   if (d.failed) words += `, ${d.failed} failed`;
   if (d.images_per_second) words += `, ${d.images_per_second} images/s`;
   if (d.step) words += `; index: ${d.step.name} ${d.step.done}/${d.step.total}`;
-  if (d.error) words += `: ${d.error}`;
+  if (d.error && showError) words += `: ${d.error}`;
   if (d.state === "done") share = 1;
   const percent = Math.round(share * 100);
   const fill = el("div");
@@ -350,10 +355,18 @@ const LISTED_FAILURES = 20;
 // What a finished dataset's summary says a person should know.
 function outcome(summary) {
   const box = el("div", { class: "outcome", "data-dataset": summary.name });
+  if (summary.error) {
+    // A dataset that could not be built: its summary is the one-line error.
+    box.append(el("div", { class: "error", text: `${summary.name}: not built: ${summary.error}` }));
+    return box;
+  }
   if (summary.kept) {
     box.append(el("div", { class: "kept", text: `${summary.name}: nothing changed; the index was kept as it was (${summary.indexed} images).` }));
   } else {
     box.append(el("div", { text: `${summary.name}: ${count(summary.indexed, "image", "images")} indexed, ${summary.embedded} embedded now.` }));
+  }
+  if (summary.moved_from) {
+    box.append(el("div", { class: "moved", text: `Moved here from ${summary.moved_from}: the index now reads its images here.` }));
   }
   const failed = summary.failed || [];
   if (failed.length) {
@@ -392,8 +405,10 @@ function buildItem(build) {
     stop.addEventListener("click", () => cancelBuild(build.id));
     item.querySelector(".head").append(stop);
   }
-  for (const d of build.datasets) item.append(datasetLine(d));
-  for (const s of build.summaries || []) item.append(outcome(s));
+  const summaries = build.summaries || [];
+  const explained = new Set(summaries.filter((s) => s.error).map((s) => s.name));
+  for (const d of build.datasets) item.append(datasetLine(d, !explained.has(d.name)));
+  for (const s of summaries) item.append(outcome(s));
   if (build.error) item.append(el("div", { class: "error", text: build.error }));
   return item;
 }
