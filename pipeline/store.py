@@ -14,6 +14,7 @@ index lock, and readers use whichever complete version is there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
@@ -587,9 +588,8 @@ def write_index_dir(
             "replace it: choose another --out or --name"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        (tmp / STAGING_MARK).write_bytes(b"")
+    untouched = "the old index (if any) is untouched, and re-running resumes"
+    with _new_version(dest, shared_dir_mode(dest.parent), untouched) as tmp:
         if isinstance(index, Path):
             _move_index_files(index, tmp)
         else:
@@ -608,20 +608,6 @@ def write_index_dir(
             fsync_path(tmp / name)
         if shards:
             _link_shards(shards, tmp / SHARDS_DIR)
-        (tmp / STAGING_MARK).unlink()
-        os.chmod(tmp, shared_dir_mode(dest.parent))
-        new = staging_path(dest, "new")
-        os.rename(tmp, new)
-    except OSError as e:
-        _remove_staging(tmp)
-        raise IndexDirError(
-            f"could not write the index {str(dest)!r}: {e.strerror or e}; the old "
-            "index (if any) is untouched, and re-running resumes"
-        ) from None
-    except BaseException:
-        _remove_staging(tmp)
-        raise
-    _swap_into_place(new, dest)
     return dest
 
 
@@ -638,9 +624,8 @@ def write_meta_version(dest: str | os.PathLike, meta: IndexMeta) -> Path:
         If it cannot be written (the index in place is untouched then).
     """
     dest = Path(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        (tmp / STAGING_MARK).write_bytes(b"")
+    mode = stat.S_IMODE(os.stat(dest).st_mode)
+    with _new_version(dest, mode, "the old index is untouched") as tmp:
         for name in sorted({*INDEX_FILES, *OPTIONAL} - {META_FILE, DUPLICATES_FILE}):
             if name == SHARDS_DIR and (dest / name).is_dir():
                 _link_shards(sorted((dest / name).iterdir()), tmp / name)
@@ -648,21 +633,32 @@ def write_meta_version(dest: str | os.PathLike, meta: IndexMeta) -> Path:
                 _link_file(dest / name, tmp / name)
         (tmp / META_FILE).write_text(meta.dumps())
         fsync_path(tmp / META_FILE)
+    return dest
+
+
+@contextlib.contextmanager
+def _new_version(dest: Path, mode: int, untouched: str) -> Iterator[Path]:
+    """A staging folder beside ``dest`` to write a whole version of the
+    index into; once written it gets ``mode`` and is swapped in for the
+    version in place (see the module docstring), else it is removed and an
+    OSError becomes one line that ends in ``untouched``."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        (tmp / STAGING_MARK).write_bytes(b"")
+        yield tmp
         (tmp / STAGING_MARK).unlink()
-        os.chmod(tmp, stat.S_IMODE(os.stat(dest).st_mode))
+        os.chmod(tmp, mode)
         new = staging_path(dest, "new")
         os.rename(tmp, new)
     except OSError as e:
         _remove_staging(tmp)
         raise IndexDirError(
-            f"could not write the index {str(dest)!r}: {e.strerror or e}; the old "
-            "index is untouched"
+            f"could not write the index {str(dest)!r}: {e.strerror or e}; {untouched}"
         ) from None
     except BaseException:
         _remove_staging(tmp)
         raise
     _swap_into_place(new, dest)
-    return dest
 
 
 def _move_index_files(built: Path, tmp: Path) -> None:
