@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from imgindex.pipeline.shards import shard_stats
+from imgindex.pipeline.sources import place_gone, source_of
 from imgindex.pipeline.store import SHARDS_DIR, StoredIndex, read_index_dir
 
 
@@ -33,6 +34,8 @@ def describe_index(
         "name": m.name,
         "source": m.source,
         "source_kind": m.source_kind,
+        # False where its local folder is gone: moved, or not mounted here.
+        "source_found": not place_gone(source_of(m)),
         "metadata_columns": m.metadata_columns,
         "model": m.model,
         "dim": m.dim,

@@ -54,6 +54,8 @@ from imgindex.pipeline.sources import (
     as_source,
     content_digest,
     image_file,
+    moved_hint,
+    place_gone,
     source_of,
 )
 from imgindex.pipeline.statistics import StatisticsSettings, flag_rows, outlier_rows
@@ -440,6 +442,13 @@ def find_duplicates(
     dest = Path(index_dir).resolve()
     stored = read_index_dir(dest, manifest=False)
     meta = stored.meta
+    if place_gone(source_of(meta)):
+        logger.warning(
+            "%s: %s; until then no image can be read: pairs are judged by their "
+            "embeddings alone, and no thumbnails are made",
+            meta.name,
+            moved_hint(source_of(meta), dest),
+        )
     selection, _ = stored_selection(dest, meta.count)
     stamp = _index_stamp(dest)
     runner = Runner(client, meta.name, on_step=on_step, prefix="duplicates")

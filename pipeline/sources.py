@@ -216,6 +216,23 @@ def source_fields(source: Source) -> dict[str, str]:
     }
 
 
+def place_gone(source: Source) -> bool:
+    """Whether the local folder that ``source``'s images are read from is
+    no longer there (the dataset moved, or its disk is not mounted); a
+    remote source is not looked at."""
+    return not source.remote and not os.path.isdir(source.base)
+
+
+def moved_hint(source: Source, index_dir: str | os.PathLike) -> str:
+    """What to tell a user whose index ``index_dir`` reads a dataset whose
+    place is gone (:func:`place_gone`)."""
+    root = os.path.dirname(os.path.abspath(index_dir))
+    return (
+        f"its dataset {source.spec!r} is not there; if it moved, `imgindex build "
+        f"NEW_PLACE --out {root} --moved` points the index at it"
+    )
+
+
 def is_url(text: str) -> bool:
     return "://" in text and not text.startswith("file://")
 

@@ -20,7 +20,7 @@ import numpy as np
 from imgindex.pipeline.discover import image_id
 from imgindex.pipeline.errors import IndexDirError
 from imgindex.pipeline.search import Searcher
-from imgindex.pipeline.sources import Source
+from imgindex.pipeline.sources import Source, place_gone, source_of
 from imgindex.pipeline.store import DUPLICATES_FILE, META_FILE, is_index_dir, read_meta
 from imgindex.service.errors import ApiError
 from imgindex.service.images import IndexedImage
@@ -144,6 +144,7 @@ class Catalog:
             "index_key": m.index_key,
             "index_kind": m.index_kind,
             "source": m.source,
+            "source_found": not place_gone(source_of(m)),
             "updated": m.updated or m.created,
             "duplicates": (path / DUPLICATES_FILE).is_file(),
         }

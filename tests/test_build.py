@@ -14,6 +14,7 @@ import imgindex
 from imgindex import __version__
 from imgindex.pipeline.assemble import IndexRequest
 from imgindex.pipeline.build import run_build
+from imgindex.pipeline.describe import describe_index
 from imgindex.pipeline.errors import DatasetError, IndexDirError, IndexLocked
 from imgindex.pipeline.lock import lock_index
 from imgindex.pipeline.saved_report import load_report, save_report
@@ -22,7 +23,7 @@ from imgindex.pipeline.shards import staging_dir
 from imgindex.pipeline.store import INDEX_FILE, SHARDS_DIR, read_meta
 from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import copy_tree, crop_query, write_bad_files
-from tests.helpers import read_index
+from tests.helpers import invoke, read_index
 
 
 @pytest.fixture(scope="module")
@@ -188,12 +189,16 @@ def test_a_moved_dataset_keeps_its_index_and_embeds_only_what_changed(
 
     with pytest.raises(IndexDirError, match=r"\('.*beach', now gone\).*--moved"):
         run_build(client, moved, out)
+    assert describe_index(index_dir)["source_found"] is False
+    shown = invoke("info", index_dir)
+    assert "(not found: its dataset" in shown.stdout and "--moved" in shown.stdout
     again = run_build(client, moved, out, moved=True)
     assert again.moved_from == str(dataset)
     assert (again.embedded, again.indexed, again.added) == (0, first.indexed, 0)
     assert again.kept.startswith("nothing added, changed or removed")
     after = read_index(index_dir)
     assert after.meta.source == str(moved) and after.meta.count == first.indexed
+    assert describe_index(index_dir)["source_found"] is True
     for record in before.manifest:
         np.testing.assert_array_equal(
             after.index.reconstruct(record.id), before.index.reconstruct(record.id)

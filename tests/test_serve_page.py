@@ -366,8 +366,16 @@ def test_a_moved_dataset_is_refused_then_kept_with_the_moved_box_ticked(
     before = tmp_path / "porch"
     write_photos(before, 4, seed=93, max_side=320)
     assert invoke("build", before, "--out", service.index_root).exit_code == 0
-    shutil.copytree(before, service.dataset_root / "porch")  # copy2: times kept
+    shutil.move(before, service.dataset_root / "porch")  # a rename: times kept
     _open(browser, service)
+
+    def info() -> str:
+        Select(browser.find_element(By.ID, "index-select")).select_by_value("porch")
+        return browser.find_element(By.ID, "index-info").text
+
+    _wait_for_option(browser, "index-select", "porch", 20)
+    assert f"its images are not at {before} (moved?" in info()
+    _shot(browser, "index-not-found")
     browser.find_element(By.CSS_SELECTOR, "button.tab[data-tab=builds]").click()
 
     def start(moved: bool) -> None:
@@ -402,6 +410,9 @@ def test_a_moved_dataset_is_refused_then_kept_with_the_moved_box_ticked(
     assert f"Moved here from {before}" in shown(browser)
     assert "nothing changed; the index was kept as it was (4 images)" in shown(browser)
     _shot(browser, "build-moved-kept")
+    browser.find_element(By.CSS_SELECTOR, "button.tab[data-tab=search]").click()
+    WebDriverWait(browser, 20).until(lambda b: "not at" not in info())
+    assert info().startswith("4 images · exact search")
     assert not _severe(browser)
 
 

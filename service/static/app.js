@@ -141,7 +141,10 @@ function describeIndex() {
     return;
   }
   const kind = SEARCH_KIND[index.index_kind] || `FAISS ${index.index_key}`;
-  $("index-info").textContent = [count(index.count, "image", "images"), kind, `updated ${ago(index.updated)}`].join(" · ");
+  const facts = [count(index.count, "image", "images"), kind, `updated ${ago(index.updated)}`];
+  // Searching works without the images, but none can be shown.
+  if (index.source_found === false) facts.push(`its images are not at ${index.source} (moved? build it from its new place with "moved here" ticked)`);
+  $("index-info").textContent = facts.join(" · ");
   $("index-info").title = `${index.model}, ${index.dim}-d vectors, FAISS ${index.index_key}, from ${index.source}`;
 }
 
