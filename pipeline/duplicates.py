@@ -32,7 +32,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -261,6 +261,12 @@ class _Photos:
             "pairs": [p.to_json() for p in self.pairs],
         }
 
+    def note(self, path: str, name: Callable[[str], str] = str) -> str:
+        """What a member's label says beside its size, as the report, its
+        page, ``serve`` and the notebook show it ("" for none); ``name``
+        shortens the paths it names."""
+        return ""
+
     def _repr_html_(self) -> str | None:
         """A row of thumbnails in Jupyter, the first member first."""
         if self.source is None:
@@ -294,11 +300,20 @@ class Group(_Photos):
         return len(self.members) - 1 - len(self.edited)
 
     def to_json(self) -> dict[str, Any]:
+        notes = {m.path: self.note(m.path) for m in self.members}
         return super().to_json() | {
             "edited": self.edited,
             "edit_copies": self.edit_copies,
             "removable": self.removable,
+            "notes": {path: note for path, note in notes.items() if note},
         }
+
+    def note(self, path: str, name: Callable[[str], str] = str) -> str:
+        if path in self.edited:
+            return "differs from the keeper in a region: kept"
+        if path in self.edit_copies:
+            return f"a copy of {name(self.edit_copies[path])}, which is kept"
+        return ""
 
 
 BEST_SHOT_RULE = (

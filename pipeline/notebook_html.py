@@ -106,12 +106,9 @@ def group_tiles(group: Group | ShotGroup, thumbs: dict[str, str | None]) -> list
     for i, m in enumerate(group.members):
         size = f"{m.width}x{m.height}" if m.width else "size unknown"
         lines = [(first if i == 0 else "") + short_name(m.path), size]
-        if m.path in getattr(group, "edited", ()):
-            lines.append("an edit of the keeper, or it of this: kept")
-        elif m.path in getattr(group, "edit_copies", {}):
-            lines.append(
-                f"a copy of {short_name(group.edit_copies[m.path])}, which is kept"
-            )
+        note = group.note(m.path, short_name)
+        if note:
+            lines.append(note)
         elif m.path in joined:
             lines.append(joined[m.path])
         tiles.append(tile(thumbs.get(m.path), lines, m.path, query=i == 0))

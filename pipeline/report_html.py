@@ -331,8 +331,8 @@ function drawGroup(group, number, shots) {
       `, sharpness ${fmt(m.sharpness, 0)}` : "";
     const role = i === 0 ? "keeper" : edited.has(m.path) ? "edited" : "";
     const badge = i === 0 ? (shots ? "best" : "keeper") : "edit, kept";
-    const of = (group.edit_copies || {})[m.path];
-    const note = of ? `a copy of ${of}, which is kept` : "";
+    // An edit's badge says why it is kept; other notes name what it copies.
+    const note = edited.has(m.path) ? "" : (group.notes || {})[m.path] || "";
     row.append(figure(m.path, m.thumb, `${size}, ${n(m.bytes)} bytes${sharp}`,
                       role, badge, note));
   });

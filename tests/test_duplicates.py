@@ -1060,7 +1060,7 @@ def test_an_edited_copy_is_grouped_and_kept_and_its_photo_kept_over_it(
     for edit in ("stars-stickered.jpg", "rocket.jpg"):
         assert any(
             x.strip().startswith(edit)
-            and x.endswith("kept: differs from the keeper in a region")
+            and x.endswith("differs from the keeper in a region: kept")
             for x in lines
         ), (edit, shown.stdout)
 

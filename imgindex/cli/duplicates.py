@@ -173,18 +173,11 @@ def _print_groups(
     """Groups, each member (the first marked) and the pairs that joined them."""
     for n, group in enumerate(groups[:show], start=1):
         click.echo(f"{label} {n}: {len(group.members)} images")
-        edited = set(getattr(group, "edited", ()))  # copies only
-        edit_copies = getattr(group, "edit_copies", {})
         for i, m in enumerate(group.members):
             size = f"{m.width}x{m.height}" if m.width else "size unknown"
-            kept = (
-                "  kept: differs from the keeper in a region"
-                if m.path in edited
-                else f"  a copy of {shown(edit_copies[m.path])}, which is kept"
-                if m.path in edit_copies
-                else ""
-            )
-            click.echo(f"  {mark if i == 0 else ' '} {shown(m.path)}  ({size}){kept}")
+            note = group.note(m.path, shown)
+            note = f"  {note}" if note else ""
+            click.echo(f"  {mark if i == 0 else ' '} {shown(m.path)}  ({size}){note}")
         for p in group.pairs:
             cos = "     " if p.cosine is None else f"{p.cosine:.3f}"
             bits = " " * 7 if p.hash_distance is None else f"{p.hash_distance:2d} bits"

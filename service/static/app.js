@@ -481,9 +481,8 @@ async function loadDuplicates(offset) {
       for (const [i, m] of group.members.entries()) {
         const size = m.width ? `${m.width}×${m.height}` : "size unknown";
         const sharp = m.sharpness != null && role === "best" ? `, sharpness ${m.sharpness.toFixed(0)}` : "";
-        const of = (group.edit_copies || {})[m.path];
-        const edit = edited.has(m.path) ? "; differs from the keeper in a region: kept" :
-          of ? `; a copy of ${of}, which is kept` : "";
+        const note = (group.notes || {})[m.path];
+        const edit = note ? `; ${note}` : "";
         const kind = i === 0 ? role : edited.has(m.path) ? "edited" : "";
         members.append(thumbnailCard(index, m.id, `${i === 0 ? first : ""}${m.path}`, size + sharp + edit, kind));
       }
