@@ -237,6 +237,7 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "Accepted and ignored: every build runs on Dask.",
             },
             "rebuild": {"type": "boolean"},
+            "moved": {"type": "boolean", "description": "As /api/builds takes it."},
         },
     },
     "Datasets": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -190,6 +191,18 @@ def test_a_moved_dataset_keeps_its_index_and_embeds_only_what_changed(
     with pytest.raises(IndexDirError, match=r"\('.*beach', now gone\).*--moved"):
         run_build(client, moved, out)
     assert describe_index(index_dir)["source_found"] is False
+    warned: list[logging.LogRecord] = []
+    logger = logging.getLogger("imgindex.index")
+    handler = logging.Handler()
+    handler.emit = warned.append
+    logger.addHandler(handler)
+    try:
+        imgindex.open(index_dir).close()
+    finally:
+        logger.removeHandler(handler)
+    assert ["--moved` points the index at it" in r.getMessage() for r in warned] == [
+        True
+    ]
     shown = invoke("info", index_dir)
     assert "(not found: its dataset" in shown.stdout and "--moved" in shown.stdout
     again = run_build(client, moved, out, moved=True)
