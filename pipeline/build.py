@@ -12,7 +12,6 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,7 +46,7 @@ from imgindex.pipeline.index_build import Runner, StepCallback
 from imgindex.pipeline.lock import lock_index
 from imgindex.pipeline.lookup import rows_in_sorted
 from imgindex.pipeline.manifest_merge import ManifestInput, merge_manifest
-from imgindex.pipeline.meta import IndexMeta
+from imgindex.pipeline.meta import IndexMeta, now_stamp
 from imgindex.pipeline.models import ModelCard, get_model
 from imgindex.pipeline.parts import PartRecords, PartWriter, row_of
 from imgindex.pipeline.plan import (
@@ -559,7 +558,7 @@ def build_steps(
                     "images; run the same command again"
                 )
         with stages("write"):
-            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            now = now_stamp()
             meta = IndexMeta(
                 name=name,
                 **source_fields(source),
@@ -713,8 +712,7 @@ def _kept(
     meta = plan.previous.meta
     plan.previous.close()
     if plan.moved_from:
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        meta = replace(meta, **source_fields(source), updated=now)
+        meta = replace(meta, **source_fields(source), updated=now_stamp())
         write_meta_version(plan.previous.path, meta)
     summary.kept = reason
     summary.indexed = meta.count

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,12 @@ class IndexMeta:
                 raise IndexDirError(_malformed(where, f.name, repr(value)[:40]))
             values[f.name] = value
         return cls(**values)
+
+
+def now_stamp() -> str:
+    """The time now as meta.json (``created``, ``updated``) and progress
+    files record times: ISO 8601, UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _malformed(where: str, key: str, what: str) -> str:

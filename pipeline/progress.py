@@ -8,20 +8,16 @@ import os
 import socket
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from imgindex.pipeline.atomic import atomic_file
 from imgindex.pipeline.errors import ImgindexError
+from imgindex.pipeline.meta import now_stamp
 
 WRITE_INTERVAL = (
     0.5  # seconds between writes while counting; state changes always write
 )
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class ProgressFile:
@@ -46,8 +42,8 @@ class ProgressFile:
         self._lock = threading.RLock()
         self.data: dict[str, Any] = {
             "state": "starting",
-            "started": _now(),
-            "updated": _now(),
+            "started": now_stamp(),
+            "updated": now_stamp(),
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "cluster": None,
@@ -133,7 +129,7 @@ class ProgressFile:
         if not force and now - self._last_write < WRITE_INTERVAL:
             return
         self._last_write = now
-        self.data["updated"] = _now()
+        self.data["updated"] = now_stamp()
         if self.path is None:
             return
         try:

@@ -7,7 +7,6 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from imgindex.pipeline.assemble import (
 from imgindex.pipeline.errors import IndexDirError
 from imgindex.pipeline.index_build import Runner, ShardRows, StepCallback
 from imgindex.pipeline.lock import lock_index
+from imgindex.pipeline.meta import now_stamp
 from imgindex.pipeline.shards import Shard, clear_staging, iter_shards, staging_dir
 from imgindex.pipeline.store import (
     INDEX_FILE,
@@ -77,8 +77,9 @@ def reindex(
         built = run_index_build(
             runner, selection, meta.dim, choice, staging, request, trained
         )
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        meta = dataclasses.replace(meta, **built.meta_fields(trained_for), updated=now)
+        meta = dataclasses.replace(
+            meta, **built.meta_fields(trained_for), updated=now_stamp()
+        )
         write_index_dir(
             dest,
             built.folder,
