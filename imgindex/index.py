@@ -51,17 +51,17 @@ class Index:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from imgindex.pipeline.sources import moved_hint, place_gone, source_of
+        from imgindex.pipeline.sources import moved_hint
         from imgindex.pipeline.store import read_meta
 
         self.path = Path(path).resolve()
         self.meta = read_meta(self.path)  # one line if it is not an index
-        source = source_of(self.meta)
-        if place_gone(source):
+        hint = moved_hint(self.meta, self.path)
+        if hint:
             logger.warning(
                 "%s: %s; searches work, but no image or thumbnail can be read",
                 self.name,
-                moved_hint(source, self.path),
+                hint,
             )
         self._searcher: Searcher | None = None
         self._selection: list[ShardRows] | None = None

@@ -55,7 +55,6 @@ from imgindex.pipeline.sources import (
     content_digest,
     image_file,
     moved_hint,
-    place_gone,
     source_of,
 )
 from imgindex.pipeline.statistics import StatisticsSettings, flag_rows, outlier_rows
@@ -457,12 +456,13 @@ def find_duplicates(
     dest = Path(index_dir).resolve()
     stored = read_index_dir(dest, manifest=False)
     meta = stored.meta
-    if place_gone(source_of(meta)):
+    hint = moved_hint(meta, dest)
+    if hint:
         logger.warning(
             "%s: %s; until then no image can be read: pairs are judged by their "
             "embeddings alone, and no thumbnails are made",
             meta.name,
-            moved_hint(source_of(meta), dest),
+            hint,
         )
     selection, _ = stored_selection(dest, meta.count)
     stamp = _index_stamp(dest)

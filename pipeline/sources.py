@@ -223,9 +223,13 @@ def place_gone(source: Source) -> bool:
     return not source.remote and not os.path.isdir(source.base)
 
 
-def moved_hint(source: Source, index_dir: str | os.PathLike) -> str:
-    """What to tell a user whose index ``index_dir`` reads a dataset whose
-    place is gone (:func:`place_gone`)."""
+def moved_hint(meta, index_dir: str | os.PathLike) -> str:
+    """What to tell a user of the index ``index_dir`` (``meta`` its
+    meta.json) whose dataset's place is gone (:func:`place_gone`); "" where
+    it is there."""
+    source = source_of(meta)
+    if not place_gone(source):
+        return ""
     root = os.path.dirname(os.path.abspath(index_dir))
     return (
         f"its dataset {source.spec!r} is not there; if it moved, `imgindex build "

@@ -91,7 +91,7 @@ def search(index_dir, images, queries_from, k, turns, as_json):
 def info(index_dir, as_json):
     """Describe the index in INDEX_DIR: model, size, shards, failures."""
     from imgindex.pipeline.describe import describe_index
-    from imgindex.pipeline.sources import moved_hint, source_of
+    from imgindex.pipeline.sources import moved_hint
     from imgindex.pipeline.store import read_index_dir
 
     with read_index_dir(index_dir, by_id=True) as stored:
@@ -117,7 +117,7 @@ def info(index_dir, as_json):
     ):
         click.echo(f"{key:17} {shown(str(report[key]))}")
         if key == "source" and not report["source_found"]:
-            hint = moved_hint(source_of(m), index_dir)
+            hint = moved_hint(m, index_dir)
             click.echo(f"{'':17} (not found: {shown(hint)})")
     if m.metadata_columns:
         click.echo(f"{'metadata':17} {shown(', '.join(m.metadata_columns))}")
