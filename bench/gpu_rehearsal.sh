@@ -18,7 +18,7 @@ for name in torch torchgen functorch numpy PIL pillow cv2 opencv_python_headless
     sortedcontainers urllib3 requests certifi idna charset_normalizer \
     click yaml _yaml pyyaml psutil msgpack cloudpickle toolz tlz fsspec jinja2 markupsafe \
     filelock typing_extensions sympy mpmath networkx flatbuffers google protobuf \
-    importlib_metadata zipp lazy_importer; do  # (dask needs these below Python 3.12 only)
+    importlib_metadata zipp lazy_importer xxhash; do  # (dask needs these below Python 3.12 only)
     for path in "$VENV_SITE/$name" "$VENV_SITE/$name".* "$VENV_SITE/$name"-*.dist-info; do
         ln -sfn "$path" "$HAS/"
     done

@@ -45,9 +45,10 @@ from imgindex.pipeline.resample import (
 from imgindex.pipeline.sources import Reader, Source, as_source, read_file
 from imgindex.pipeline.traits import (
     TRAITS,
+    FileHashes,
+    file_hashes_of,
     grey_input,
     laplacian_variance,
-    sample_hash_of,
     traits_rows,
 )
 
@@ -85,7 +86,7 @@ class _Item:
     path: str
     data: bytearray | None = None
     header: JpegHeader | None = None
-    content: int = 0  # pipeline.traits.sample_hash of the bytes read
+    hashes: FileHashes = FileHashes()  # of the bytes read
     read_error: bool = False
     failure: str | None = None  # why it could not be read, where that is final
 
@@ -173,7 +174,7 @@ class BatchDecoder:
             else:
                 item.data = (reader or source.reader([rel])).read(rel)
             item.header = read_header(item.data)
-            item.content = sample_hash_of(item.data)  # here, off the batch's thread
+            item.hashes = file_hashes_of(item.data)  # here, off the batch's thread
         except OSError:
             item.data = None
             item.read_error = True  # the CPU path opens it again and says why
@@ -274,7 +275,7 @@ class BatchDecoder:
                 source.name = item.path
             image = load_rgb(source, self.resize, self.max_pixels)
             decoded = time.perf_counter()
-            content = item.path if item.data is None else item.content
+            content = item.path if item.data is None else item.hashes
             return input_and_traits(image, content, self.resize, self.crop)
         except DecodeError as e:
             return Failure(item.rel, e.reason)
@@ -351,7 +352,8 @@ class BatchDecoder:
             originals,
             torch.cat(sharpness).cpu()[back].numpy(),
         )
-        rows["content"] = [item.content for item in items]
+        rows["content"] = [item.hashes.content for item in items]
+        rows["digest"] = [item.hashes.digest for item in items]
         return torch.cat(crops)[back.to(self.device)], rows
 
     def _prepare_canvas(self, images: list[torch.Tensor]):

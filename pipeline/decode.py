@@ -10,6 +10,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from imgindex.pipeline.traits import FileHashes
+
 # Our own header-based check (below) replaces Pillow's global bomb limit: it is
 # per call, configurable, and never emits a warning that tests or workers would
 # have to filter from several threads at once.
@@ -105,28 +107,27 @@ def load_rgb(
 
 def input_and_traits(
     image: Image.Image,
-    content: str | int,
+    content: str | FileHashes,
     resize: int = 256,
     crop: int = 224,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model input of an image from :func:`load_rgb`, and its
-    :data:`pipeline.traits.TRAITS` row, content hash included.
+    :data:`pipeline.traits.TRAITS` row, the file's hashes included.
 
-    ``content`` is the content hash where the file's bytes were hashed
-    already, else the file's path to take it from; a file deleted since it
-    was decoded gets content hash 0, which matches nothing.
+    ``content`` is the file's hashes where its bytes were hashed already,
+    else the file's path to take them from; a file deleted since it was
+    decoded gets hashes 0, which match nothing.
     """
-    from imgindex.pipeline.traits import image_traits, sample_hash
+    from imgindex.pipeline.traits import file_hashes, image_traits
 
     pixels = center_crop(image, resize, crop)
     row = image_traits(image, image.info.get(ORIGINAL_SIZE), pixels)
     if isinstance(content, str):
         try:
-            row["content"] = sample_hash(content)
+            content = file_hashes(content)
         except OSError:
-            pass
-    else:
-        row["content"] = content
+            content = FileHashes()
+    row["content"], row["digest"] = content
     return pixels, row
 
 

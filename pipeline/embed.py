@@ -29,7 +29,7 @@ from imgindex.pipeline.sources import (
     as_source,
     image_file,
 )
-from imgindex.pipeline.traits import TRAITS, sample_hash_of
+from imgindex.pipeline.traits import TRAITS, file_hashes_of
 
 logger = logging.getLogger(__name__)
 
@@ -539,7 +539,7 @@ def _embed(
                 content = (
                     opened
                     if isinstance(opened, str)
-                    else sample_hash_of(opened.getbuffer())
+                    else file_hashes_of(opened.getbuffer())
                 )
             t1 = time.perf_counter()
             with meter("preprocess"):

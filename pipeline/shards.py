@@ -46,7 +46,7 @@ from imgindex.pipeline.atomic import save_array_file
 from imgindex.pipeline.copies import COPIES_FILE
 from imgindex.pipeline.discover import Failure, ImageRecord
 from imgindex.pipeline.errors import BuildFailed
-from imgindex.pipeline.traits import TRAITS
+from imgindex.pipeline.traits import TRAITS, current_traits
 
 if TYPE_CHECKING:
     from imgindex.pipeline.embed import ModelSpec, PartitionResult
@@ -147,8 +147,7 @@ def traits_member(data: np.lib.npyio.NpzFile) -> np.ndarray | None:
     """The traits of an opened shard; None if it has none, or another version's."""
     if "traits" not in data.files:
         return None
-    traits = data["traits"]
-    return traits if traits.dtype == TRAITS else None
+    return current_traits(data["traits"])
 
 
 def write_shard(

@@ -5,6 +5,12 @@ One row of :data:`TRAITS` per indexed image, stored in its shard:
 - ``content``: a hash of the file's size and its first and last 64 KiB, which
   differs between files unless they are (almost surely) byte copies;
   ``imgindex duplicates`` confirms equal ones with a hash of the whole file;
+- ``digest``: XXH3-64 of the whole file (0: not taken, as in shards written
+  before imgindex kept it), so that a build keeps the vector of a file whose
+  modification time changed but whose bytes did not (pipeline/touched.py).
+  Measured on 300 photos of 190 KB: 0.009 ms a file, against 0.14 for
+  ``content`` and 0.11 for SHA-256: it leaves the GPU path's host work where
+  it was;
 - ``width``, ``height``: the upright image's size in pixels (EXIF applied);
 - ``hashes``: eight 63-bit perceptual hashes (DCT of a 32x32 grey thumbnail,
   each bit "this low frequency is above their median"), one for each way the
@@ -29,8 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import NamedTuple
 
 import numpy as np
+import xxhash
 from PIL import Image
 
 TRAITS = np.dtype(
@@ -42,8 +50,11 @@ TRAITS = np.dtype(
         ("brightness", "<f4"),
         ("contrast", "<f4"),
         ("sharpness", "<f4"),
+        ("digest", "<u8"),
     ]
 )
+# The rows of shards written before ``digest`` was: read as TRAITS, digest 0.
+_BEFORE_DIGEST = np.dtype([(n, TRAITS.fields[n][0]) for n in TRAITS.names[:-1]])
 HASH_BITS = 63
 _THUMB = 32
 _LOW = 8  # the 8x8 lowest frequencies of the thumbnail's DCT
@@ -137,26 +148,59 @@ def laplacian_variance(pixels):
     return (centred * centred).mean(axis=(-2, -1))
 
 
-def sample_hash(path: str | os.PathLike) -> int:
-    """Hash of a file's size, head and tail: equal for byte copies, cheap to read.
+class FileHashes(NamedTuple):
+    """A file's ``content`` and ``digest`` traits, taken in one read."""
+
+    content: int = 0
+    digest: int = 0
+
+
+def file_hashes(path: str | os.PathLike) -> FileHashes:
+    """:class:`FileHashes` of the file at ``path``, read once in 1 MiB blocks.
 
     Raises
     ------
     OSError
         If the file cannot be read.
     """
+    digest = xxhash.xxh3_64()
+    head, previous, block, size = b"", b"", b"", 0
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(_SAMPLE)
-        tail = b""
-        if size > _SAMPLE:
-            f.seek(max(_SAMPLE, size - _SAMPLE))
-            tail = f.read(_SAMPLE)
-    return _sample_digest(size, head, tail)
+        while more := f.read(1 << 20):
+            digest.update(more)
+            head = head or more[:_SAMPLE]
+            previous, block = block, more
+            size += len(more)
+    # The last two blocks hold the tail's 64 KiB whatever the split.
+    recent = previous + block
+    tail = recent[len(recent) - (size - max(_SAMPLE, size - _SAMPLE)) :]
+    return FileHashes(
+        _sample_digest(size, head, tail if size > _SAMPLE else b""),
+        digest.intdigest(),
+    )
+
+
+def file_hashes_of(data: bytes | memoryview) -> FileHashes:
+    """:class:`FileHashes` of a file whose whole content is ``data``."""
+    return FileHashes(sample_hash_of(data), xxhash.xxh3_64_intdigest(data))
+
+
+def current_traits(traits: np.ndarray) -> np.ndarray | None:
+    """``traits`` as :data:`TRAITS` rows (those of shards written before the
+    ``digest`` field get 0 there); None for any other layout."""
+    if traits.dtype == TRAITS:
+        return traits
+    if traits.dtype != _BEFORE_DIGEST:
+        return None
+    rows = np.zeros(len(traits), TRAITS)
+    for name in _BEFORE_DIGEST.names:
+        rows[name] = traits[name]
+    return rows
 
 
 def sample_hash_of(data: bytes | memoryview) -> int:
-    """:func:`sample_hash` of a file whose whole content is ``data``."""
+    """The ``content`` trait (its size, first and last 64 KiB) of a file
+    whose whole content is ``data``."""
     tail = data[max(_SAMPLE, len(data) - _SAMPLE) :] if len(data) > _SAMPLE else b""
     return _sample_digest(len(data), data[:_SAMPLE], tail)
 

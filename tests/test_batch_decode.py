@@ -130,7 +130,7 @@ def test_every_kind_gives_the_cpu_paths_input_and_traits(kinds):
     on_cpu = [i for i, n in enumerate(names) if n not in plain]
     assert np.array_equal(batch.pixels.numpy()[on_cpu], pixels[on_cpu])
 
-    for field in ("content", "width", "height"):
+    for field in ("content", "digest", "width", "height"):
         assert np.array_equal(batch.traits[field], traits[field]), field
     assert hash_distance(batch.traits, traits).max() <= 4
     np.testing.assert_allclose(batch.traits["brightness"], traits["brightness"], atol=1)
@@ -229,7 +229,9 @@ def test_a_build_with_the_batch_decoder_matches_the_cpu_path(tmp_path, kinds):
     assert set(batch_vectors) == set(cpu_vectors) == set(kinds)
     for path in kinds:
         assert float(batch_vectors[path] @ cpu_vectors[path]) >= 0.995, path
-        assert batch_traits[path]["content"] == cpu_traits[path]["content"]
+        for field in ("content", "digest"):
+            assert batch_traits[path][field] == cpu_traits[path][field], path
+        assert cpu_traits[path]["digest"] != 0, path
     embedder = Embedder(ModelSpec(device="cpu"))
     direct = embedder.embed_pixels([embedder.decode(str(kinds["cmyk.jpg"]))])[0]
     np.testing.assert_allclose(batch_vectors["cmyk.jpg"], direct, atol=1e-4)

@@ -212,3 +212,41 @@ def test_a_shard_made_by_another_copy_of_the_model_is_refused(tmp_path):
         r"with preprocessing .*'crop': 256.*, expected .*'crop': 224",
     ):
         sink.add(*shard_from(Preprocess(resize=288, crop=256), "tcp://10.0.0.2:1"))
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 65_535, 65_536, 65_537, 131_073, (1 << 20) + 1, 3 * (1 << 20) + 5]
+)
+def test_a_files_hashes_read_in_blocks_equal_those_of_its_bytes(size, tmp_path):
+    """The CPU path hashes a file by path, in blocks; the batch path and
+    tar members hash bytes: they must agree at every size around the 64 KiB
+    samples and the 1 MiB blocks, or a touched file would look changed."""
+    from imgindex.pipeline.traits import file_hashes, file_hashes_of
+
+    data = np.random.default_rng(size).integers(0, 256, size, np.uint8).tobytes()
+    path = tmp_path / "file.bin"
+    path.write_bytes(data)
+    hashes = file_hashes(path)
+    assert hashes == file_hashes_of(data)
+    assert hashes.digest != 0
+    if size > 2 * 65_536:  # a byte between the samples: only the digest sees it
+        middle = bytearray(data)
+        middle[size // 2] ^= 1
+        edited = file_hashes_of(bytes(middle))
+        assert edited.content == hashes.content and edited.digest != hashes.digest
+
+
+def test_traits_of_shards_from_before_the_digest_read_with_digest_0(tmp_path):
+    from imgindex.pipeline.shards import load_traits
+    from imgindex.pipeline.traits import _BEFORE_DIGEST, TRAITS
+
+    old = np.zeros(3, _BEFORE_DIGEST)
+    old["content"], old["width"], old["sharpness"] = [7, 8, 9], 640, 1.5
+    old["hashes"][:, 2] = 11
+    np.savez(tmp_path / "old.npz", traits=old)
+    read = load_traits(tmp_path / "old.npz")
+    assert read.dtype == TRAITS and read["digest"].tolist() == [0, 0, 0]
+    for name in _BEFORE_DIGEST.names:
+        np.testing.assert_array_equal(read[name], old[name])
+    np.savez(tmp_path / "other.npz", traits=np.zeros(3, [("content", "<u8")]))
+    assert load_traits(tmp_path / "other.npz") is None
