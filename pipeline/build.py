@@ -84,6 +84,7 @@ from imgindex.pipeline.store import (
     write_index_dir,
     write_meta_version,
 )
+from imgindex.pipeline.touched import RESTAMPED, TouchedInput, restamp_touched
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -130,6 +131,9 @@ class BuildSummary:
     copies: int = 0  # images whose vector is another's, stored once (graph index)
     kept: str = ""  # why the index in place was kept as it was ("": written now)
     moved_from: str = ""  # where the index said its dataset was, if moved (--moved)
+    # Of ``unchanged``, images whose mtime changed but not their bytes
+    # (pipeline/touched.py): their vectors were kept.
+    touched: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -406,12 +410,21 @@ def build_steps(
             if planned.rebuild:
                 clear_staging(staging)
             sink = _ShardSink(plan, model, plan_dir(dest))
+            checked = _Progress(progress, len(plan.to_embed), 0)
+            _restamp(plan, source, spec, sink.preprocess, dest, client, name, checked)
             remaining, summary.damaged_shards = _resume(sink, staging, spec, plan, dest)
-            done_images = summary.resumed_images = sink.resumed_images
-            summary.resumed_partitions = len(sink.shards)
-            if sink.shards:
+            summary.resumed_images = sink.resumed_images
+            summary.resumed_partitions = len(sink.shards) - sink.touched_shards
+            # Touched, unchanged: not embedded, and counted as unchanged.
+            summary.touched = sink.touched_images
+            summary.updated -= summary.touched
+            summary.unchanged += summary.touched
+            done_images = sink.resumed_images + sink.touched_images
+            if sink.resumed_images:
                 logger.info(
-                    "%s: resuming; %d images embedded before", name, done_images
+                    "%s: resuming; %d images embedded before",
+                    name,
+                    sink.resumed_images,
                 )
 
         with stages("embed"), embed_span.entered():
@@ -619,6 +632,35 @@ def build_steps(
         ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()),
     )
     return summary
+
+
+def _restamp(
+    plan: Plan,
+    source: Source,
+    spec: ModelSpec,
+    preprocess: dict,
+    dest: Path,
+    client: Client | None,
+    name: str,
+    tracker: _Progress,
+) -> None:
+    """Write shards into the staging folder for the plan's touched images
+    whose bytes did not change (:mod:`pipeline.touched`), on ``client``'s
+    workers: :func:`_resume` takes them as it takes an interrupted run's.
+    ``tracker`` counts them done as they come."""
+    if not plan.touched:
+        return
+    given = TouchedInput(tuple(plan.touched), source.for_tasks(), spec, preprocess)
+    seen = (str(plan_dir(dest) / LISTING), plan.token)
+    restamp_touched(
+        given,
+        dest / SHARDS_DIR,
+        staging_dir(dest),
+        seen,
+        client,
+        label("touched", name),
+        lambda n: tracker.advance(n, 0),
+    )
 
 
 def _resume(
@@ -978,6 +1020,8 @@ class _ShardSink:
         self.task_seconds: Counter = Counter()
         self.shards: list[Path] = []  # this run's, and the resumed ones
         self.resumed_images = 0
+        # Of the resumed shards, those of touched, unchanged images.
+        self.touched_shards = self.touched_images = 0
         self.work = work  # the plan's folder
         self._indexed = PartWriter(work / INDEXED)  # the shards' images, as rows
         # The failed images' file records, where their shards tell them.
@@ -1011,7 +1055,11 @@ class _ShardSink:
         shard.arrays()  # read once, here, so a damaged one is embedded again
         self._add_shard(shard)
         self.failures.extend(shard.failures)
-        self.resumed_images += len(shard.info["records"])
+        if shard.info["worker"] == RESTAMPED:
+            self.touched_shards += 1
+            self.touched_images += len(shard.info["records"])
+        else:
+            self.resumed_images += len(shard.info["records"])
 
     def _add_shard(self, shard: Shard) -> None:
         width = shard.info.get("dim")

@@ -41,6 +41,7 @@ from imgindex.pipeline.ranges import (
     merged_in_range,
     path_ranges,
 )
+from imgindex.pipeline.touched import TOUCHED, write_touched
 
 # The plan's folders this writes: what to embed, what is kept, the ranges'
 # ids.
@@ -92,6 +93,10 @@ class RangeDiff:
     metadata: MetadataDigest = field(default_factory=MetadataDigest)
     ids: str = ""  # the .npy file of the range's ids, sorted
     twice: list[int] = field(default_factory=list)  # ids twice in the range
+    # The .npy file of the range's images of unchanged size and another
+    # mtime (pipeline.touched); "" for none.
+    touched: str = ""
+    n_touched: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ def diff_range(given: RangeInput, within: PathRange, work: str) -> RangeDiff:
     found = RangeDiff()
     embed, kept = PartWriter(Path(work, EMBED)), PartWriter(Path(work, KEPT))
     ids = array("q")  # 8 bytes an image
+    touched = array("q")  # id, recorded mtime: 16 bytes a touched image
     old_rows = _Counted(merged_in_range(given.previous, within))
     old = next(old_rows, None)
     listed = merged_in_range(given.listing, within)
@@ -141,6 +147,8 @@ def diff_range(given: RangeInput, within: PathRange, work: str) -> RangeDiff:
         else:
             embed.add(row)
             found.updated += before is not None or bad is not None
+            if before is not None and before[2] == row[2]:
+                touched.extend((row[4], before[3]))
     found.old = old_rows.count + sum(1 for _ in old_rows)
     found.embed, found.kept = embed.close(), kept.close()
     ordered = np.sort(np.frombuffer(ids, np.int64))
@@ -149,6 +157,8 @@ def diff_range(given: RangeInput, within: PathRange, work: str) -> RangeDiff:
     folder.mkdir(exist_ok=True)
     found.ids = str(folder / f"{uuid.uuid4().hex[:12]}.npy")
     np.save(found.ids, ordered)
+    found.touched = write_touched(touched, Path(work, TOUCHED))
+    found.n_touched = len(touched) // 2
     return found
 
 
@@ -198,6 +208,8 @@ class Diff:
     metadata: MetadataDigest = field(default_factory=MetadataDigest)
     twice: set[int] = field(default_factory=set)  # ids of two paths or more
     id_files: list[str] = field(default_factory=list)  # a range's ids each
+    touched: list[str] = field(default_factory=list)  # ranges' touched images
+    n_touched: int = 0
 
     def add(self, found: RangeDiff) -> None:
         self.embed += found.embed
@@ -211,6 +223,9 @@ class Diff:
         self.metadata.merge(found.metadata)
         self.twice.update(found.twice)
         self.id_files.append(found.ids)
+        if found.touched:
+            self.touched.append(found.touched)
+        self.n_touched += found.n_touched
 
 
 def diff_listing(

@@ -39,6 +39,7 @@ from imgindex.pipeline.store import (
     read_index_dir,
 )
 from imgindex.pipeline.textspans import spans
+from imgindex.pipeline.touched import TOUCHED
 
 
 @dataclass
@@ -74,6 +75,11 @@ class Plan:
     # Where the index in place says its dataset was, if it has moved here
     # since (--moved); "" if not.
     moved_from: str = ""
+    # Files of the images to embed whose size is as the index in place
+    # recorded but not their mtime: their bytes may be the same
+    # (pipeline.touched), and how many images they name.
+    touched: list[str] = field(default_factory=list)
+    n_touched: int = 0
 
 
 def plan_dir(dest: Path) -> Path:
@@ -84,7 +90,17 @@ def plan_dir(dest: Path) -> Path:
 def clear_plan(work: Path) -> None:
     """Remove a plan's parts (and the folder, where nothing else is in it)."""
     (work / LISTING / TOKEN_FILE).unlink(missing_ok=True)
-    for sub in (LISTING, PREVIOUS, EMBED, KEPT, IDS, REMAINING, INDEXED, MANIFEST):
+    for sub in (
+        LISTING,
+        PREVIOUS,
+        EMBED,
+        KEPT,
+        IDS,
+        TOUCHED,
+        REMAINING,
+        INDEXED,
+        MANIFEST,
+    ):
         remove_parts(work / sub)
     remove_parts(work)
 
@@ -214,6 +230,8 @@ def _diff(
         metadata_columns=sorted(found.metadata.columns),
         metadata_digest=found.metadata.hexdigest(),
         token=listing.token,
+        touched=found.touched,
+        n_touched=found.n_touched,
     )
 
 

@@ -94,9 +94,12 @@ def test_incremental_build_over_shards_then_reindex(client, dataset, tmp_path):
     run_build(client, dataset, out, partition_size=8)
     (dataset / "img00001.jpg").unlink()  # removed
     shutil.copy(dataset / "img00002.jpg", dataset / "new.jpg")  # added
-    os.utime(dataset / "img00003.jpg", ns=(1, 1))  # "changed"
+    changed = dataset / "img00003.jpg"
+    changed.write_bytes((dataset / "img00004.jpg").read_bytes())
+    os.utime(dataset / "img00005.jpg", ns=(1, 1))  # touched: the same bytes
     summary = run_build(client, dataset, out, partition_size=8)
     assert (summary.added, summary.updated, summary.removed) == (1, 1, 1)
+    assert (summary.touched, summary.unchanged) == (1, 34)
     assert summary.embedded == 2
     built = vectors_by_id(out / "beach")
     assert len(built) == 36

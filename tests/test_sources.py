@@ -664,6 +664,7 @@ def test_object_store_folders_lists_and_shards_build_with_the_cli(
     environment, and the credentials appear in no file it writes."""
     import json
     import subprocess
+    import time
 
     from tests.helpers import imgindex_cmd, read_index
 
@@ -727,6 +728,22 @@ def test_object_store_folders_lists_and_shards_build_with_the_cli(
     )
     assert search.returncode == 0, search.stderr
     assert json.loads(search.stdout)[0][0]["path"] == f"s3://lab/photos/{beach[2].name}"
+
+    # Uploaded again, the same bytes: a new LastModified, each object read
+    # and its vector kept.
+    time.sleep(1.1)  # LastModified counts whole seconds
+    for p in beach:
+        s3.put_object(Bucket="lab", Key=f"photos/{p.name}", Body=p.read_bytes())
+    again = subprocess.run(
+        imgindex_cmd("build", "s3://lab/photos/", "--out", out, "--json"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert again.returncode == 0, again.stderr
+    (photos,) = json.loads(again.stdout)["datasets"]
+    assert (photos["touched"], photos["embedded"], photos["indexed"]) == (6, 0, 6)
 
     written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     assert b"lab-very-secret" not in written and b"lab-key-id" not in written

@@ -197,6 +197,11 @@ def _print_build_report(report: dict) -> None:
         print_index_lines(d)
         if d["moved_from"]:
             click.echo(f"  dataset moved here from {shown(d['moved_from'])}")
+        if d["touched"]:
+            click.echo(
+                f"  {d['touched']} unchanged images had a new modification time "
+                "(same bytes, checked): their vectors were kept"
+            )
         if d["kept"]:
             click.echo(f"  index kept as it was: {shown(d['kept'])}")
         for runtime, images in d["runtimes"].items():
