@@ -5,6 +5,7 @@ Screenshots go to test-artifacts/ (serve-*.png): look at them.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -410,6 +411,15 @@ def test_a_moved_dataset_is_refused_then_kept_with_the_moved_box_ticked(
     assert f"Moved here from {before}" in shown(browser)
     assert "nothing changed; the index was kept as it was (4 images)" in shown(browser)
     _shot(browser, "build-moved-kept")
+    for photo in (service.dataset_root / "porch").iterdir():
+        os.utime(photo)  # now, as a copy that dropped the times would have them
+    start(moved=False)
+    WebDriverWait(browser, 60).until(lambda b: "new modification time" in shown(b))
+    assert "4 images indexed, 0 embedded now." in shown(browser)
+    assert "4 unchanged images had a new modification time (same bytes" in shown(
+        browser
+    )
+    _shot(browser, "build-touched")
     browser.find_element(By.CSS_SELECTOR, "button.tab[data-tab=search]").click()
     WebDriverWait(browser, 20).until(lambda b: "not at" not in info())
     assert info().startswith("4 images · exact search")

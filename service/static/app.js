@@ -371,6 +371,10 @@ function outcome(summary) {
   if (summary.moved_from) {
     box.append(el("div", { class: "moved", text: `Moved here from ${summary.moved_from}: the index now reads its images here.` }));
   }
+  if (summary.touched) {
+    // Copied without their times, restored, touched: read, not embedded.
+    box.append(el("div", { class: "touched", text: `${count(summary.touched, "unchanged image", "unchanged images")} had a new modification time (same bytes, checked): their vectors were kept.` }));
+  }
   const failed = summary.failed || [];
   if (failed.length) {
     const list = el("ul", { class: "failures" });
