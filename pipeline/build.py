@@ -650,6 +650,11 @@ def _restamp(
     ``tracker`` counts them done as they come."""
     if not plan.touched:
         return
+    logger.info(
+        "%s: %d images have a new time but their recorded size: reading them",
+        name,
+        plan.n_touched,
+    )
     given = TouchedInput(tuple(plan.touched), source.for_tasks(), spec, preprocess)
     seen = (str(plan_dir(dest) / LISTING), plan.token)
     restamp_touched(
