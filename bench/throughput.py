@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -186,10 +187,15 @@ def reference_sweep(files, batches) -> list[dict]:
 
 
 def cli_build(
-    data: Path, out: Path, rebuild: bool = True, env: dict[str, str] | None = None
+    data: Path,
+    out: Path,
+    rebuild: bool = True,
+    env: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
 ) -> tuple[float, dict]:
-    """The real command, default settings; returns (wall seconds, --json report)
-    (wall: until its stdout and stderr close, as a caller capturing them sees)."""
+    """The real command, default settings (but ``extra`` options); returns
+    (wall seconds, --json report) (wall: until its stdout and stderr close,
+    as a caller capturing them sees)."""
     cmd = [
         sys.executable,
         "-m",
@@ -200,6 +206,7 @@ def cli_build(
         str(out),
         "--json",
         *(["--rebuild"] if rebuild else []),
+        *extra,
     ]
     started = time.perf_counter()
     proc = subprocess.run(
