@@ -241,15 +241,18 @@ def test_a_files_hashes_read_in_blocks_equal_those_of_its_bytes(size, tmp_path):
 
 def test_traits_of_shards_from_before_the_digest_read_with_digest_0(tmp_path):
     from imgindex.pipeline.shards import load_traits
-    from imgindex.pipeline.traits import _BEFORE_DIGEST, TRAITS
+    from imgindex.pipeline.traits import TRAITS
 
-    old = np.zeros(3, _BEFORE_DIGEST)
+    # The layout as imgindex wrote it before the digest, spelled out.
+    before = [("content", "<u8"), ("width", "<u4"), ("height", "<u4")]
+    before += [("hashes", "<u8", (8,)), ("brightness", "<f4"), ("contrast", "<f4")]
+    old = np.zeros(3, np.dtype([*before, ("sharpness", "<f4")]))
     old["content"], old["width"], old["sharpness"] = [7, 8, 9], 640, 1.5
     old["hashes"][:, 2] = 11
     np.savez(tmp_path / "old.npz", traits=old)
     read = load_traits(tmp_path / "old.npz")
     assert read.dtype == TRAITS and read["digest"].tolist() == [0, 0, 0]
-    for name in _BEFORE_DIGEST.names:
+    for name in old.dtype.names:
         np.testing.assert_array_equal(read[name], old[name])
     np.savez(tmp_path / "other.npz", traits=np.zeros(3, [("content", "<u8")]))
     assert load_traits(tmp_path / "other.npz") is None
