@@ -5,8 +5,9 @@
 
 1. Agreement, on photos of every kind (pipeline.synthetic.write_kinds): the
    lowest cosine between the two paths' vectors (target >= 0.995, the model
-   on ``--device``), the largest perceptual-hash distance, and whether content
-   hashes and sizes are equal; which images each path decoded.
+   on ``--device``), the largest perceptual-hash distance, and whether the
+   file hashes (content sample and whole-file digest) and sizes are equal;
+   which images each path decoded.
 2. Speed, on ``--images`` JPEGs of 500-1,500 px: images/s of the batch
    decoder (read, decode, reduce, crop, traits) with one thread a core, in
    batches of ``--batch``, against the CPU path on the same threads.
@@ -39,8 +40,8 @@ def summary(agreement: dict) -> str:
     return (
         f"lowest cosine {a['lowest_cosine']:.4f} (target >= {LOWEST_COSINE}) over "
         f"{len(a['cosine'])} photos of every kind, {a['batch_decoded']} of them "
-        f"batch-decoded; hashes within {a['largest_hash_distance']} bits; content "
-        f"hash and size equal: {a['content_and_size_equal']}"
+        f"batch-decoded; hashes within {a['largest_hash_distance']} bits; file "
+        f"hashes and size equal: {a['file_hashes_and_size_equal']}"
     )
 
 
@@ -66,9 +67,9 @@ def compare_paths(folder: Path, names: list[str], device: str) -> dict:
         "cosine": dict(zip(names, np.round(cosine, 5).tolist(), strict=True)),
         "batch_decoded": batch.n_batched,
         "largest_hash_distance": int(hash_distance(batch.traits, traits).max()),
-        "content_and_size_equal": all(
+        "file_hashes_and_size_equal": all(
             np.array_equal(batch.traits[f], traits[f])
-            for f in ("content", "width", "height")
+            for f in ("content", "digest", "width", "height")
         ),
     }
 
