@@ -198,8 +198,9 @@ def _print_build_report(report: dict) -> None:
         if d["moved_from"]:
             click.echo(f"  dataset moved here from {shown(d['moved_from'])}")
         if d["touched"]:
+            images = "image" if d["touched"] == 1 else "images"
             click.echo(
-                f"  {d['touched']} unchanged images had a new modification time "
+                f"  {d['touched']} unchanged {images} had a new modification time "
                 "(same bytes, checked): their vectors were kept"
             )
         if d["kept"]:
