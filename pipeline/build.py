@@ -84,7 +84,7 @@ from imgindex.pipeline.store import (
     write_index_dir,
     write_meta_version,
 )
-from imgindex.pipeline.touched import RESTAMPED, TouchedInput, restamp_touched
+from imgindex.pipeline.touched import TouchedInput, restamp_touched, without_ids
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -411,8 +411,10 @@ def build_steps(
                 clear_staging(staging)
             sink = _ShardSink(plan, model, plan_dir(dest))
             checked = _Progress(progress, len(plan.to_embed), 0)
-            _restamp(plan, source, spec, sink.preprocess, dest, client, name, checked)
-            remaining, summary.damaged_shards = _resume(sink, staging, spec, plan, dest)
+            to_embed = _restamp(sink, plan, source, spec, dest, client, name, checked)
+            remaining, summary.damaged_shards = _resume(
+                sink, staging, spec, to_embed, dest
+            )
             summary.resumed_images = sink.resumed_images
             summary.resumed_partitions = len(sink.shards) - sink.touched_shards
             # Touched, unchanged: not embedded, and counted as unchanged.
@@ -635,41 +637,56 @@ def build_steps(
 
 
 def _restamp(
+    sink: _ShardSink,
     plan: Plan,
     source: Source,
     spec: ModelSpec,
-    preprocess: dict,
     dest: Path,
     client: Client | None,
     name: str,
     tracker: _Progress,
-) -> None:
-    """Write shards into the staging folder for the plan's touched images
-    whose bytes did not change (:mod:`pipeline.touched`), on ``client``'s
-    workers: :func:`_resume` takes them as it takes an interrupted run's.
-    ``tracker`` counts them done as they come."""
+) -> Sequence[ImageRecord]:
+    """Keep the vectors of the plan's touched images whose bytes did not
+    change (:mod:`pipeline.touched`, on ``client``'s workers): their shards
+    go to ``sink`` (``tracker`` counts them done as they come), and the rest
+    of ``plan.to_embed`` is what is left to embed."""
     if not plan.touched:
-        return
+        return plan.to_embed
     logger.info(
         "%s: %d images have a new time but their recorded size: reading them",
         name,
         plan.n_touched,
     )
-    given = TouchedInput(tuple(plan.touched), source.for_tasks(), spec, preprocess)
+    given = TouchedInput(tuple(plan.touched), source.for_tasks(), spec, sink.preprocess)
     seen = (str(plan_dir(dest) / LISTING), plan.token)
-    restamp_touched(
+    kept = [np.zeros(0, np.int64)]
+    written = restamp_touched(
         given,
         dest / SHARDS_DIR,
         staging_dir(dest),
         seen,
         client,
         label("touched", name),
-        lambda n: tracker.advance(n, 0),
     )
+    for path, ids in written:
+        try:
+            sink.add_touched(read_shard(path))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            logger.warning("ignoring shard %s (%s): embedding its images", path, e)
+            continue
+        kept.append(ids)
+        tracker.advance(len(ids), 0)
+    logger.info("%s: %d touched images kept their vectors", name, sink.touched_images)
+    ids = np.sort(np.concatenate(kept))
+    return without_ids(plan.to_embed, ids, plan_dir(dest) / REMAINING)
 
 
 def _resume(
-    sink: _ShardSink, staging: Path, spec: ModelSpec, plan: Plan, dest: Path
+    sink: _ShardSink,
+    staging: Path,
+    spec: ModelSpec,
+    to_embed: Sequence[ImageRecord],
+    dest: Path,
 ) -> tuple[Sequence[ImageRecord], list[str]]:
     """Take the shards an interrupted run left in ``staging`` into ``sink``:
     (what is left to embed, the names of the damaged shards skipped). The
@@ -677,9 +694,7 @@ def _resume(
     generator would keep them to its end)."""
     # Read once: which records to look up depends on what they hold.
     staged = list(iter_shards(staging))
-    resumed, damaged = usable_shards(
-        staged, spec, _resumable(staged, spec, plan.to_embed)
-    )
+    resumed, damaged = usable_shards(staged, spec, _resumable(staged, spec, to_embed))
     del staged
     done: set[str] = set()
     for shard in resumed:
@@ -690,7 +705,7 @@ def _resume(
             damaged.append(shard.path)
         else:
             done.update(r.path for r in shard.units)
-    return _remaining(plan.to_embed, done, dest), [p.name for p in damaged]
+    return _remaining(to_embed, done, dest), [p.name for p in damaged]
 
 
 def _resumable(
@@ -1025,7 +1040,7 @@ class _ShardSink:
         self.task_seconds: Counter = Counter()
         self.shards: list[Path] = []  # this run's, and the resumed ones
         self.resumed_images = 0
-        # Of the resumed shards, those of touched, unchanged images.
+        # Shards of touched, unchanged images, and the images they hold.
         self.touched_shards = self.touched_images = 0
         self.work = work  # the plan's folder
         self._indexed = PartWriter(work / INDEXED)  # the shards' images, as rows
@@ -1060,11 +1075,13 @@ class _ShardSink:
         shard.arrays()  # read once, here, so a damaged one is embedded again
         self._add_shard(shard)
         self.failures.extend(shard.failures)
-        if shard.info["worker"] == RESTAMPED:
-            self.touched_shards += 1
-            self.touched_images += len(shard.info["records"])
-        else:
-            self.resumed_images += len(shard.info["records"])
+        self.resumed_images += len(shard.info["records"])
+
+    def add_touched(self, shard: Shard) -> None:
+        """A shard of touched, unchanged images (pipeline/touched.py)."""
+        self._add_shard(shard)
+        self.touched_shards += 1
+        self.touched_images += len(shard.info["records"])
 
     def _add_shard(self, shard: Shard) -> None:
         width = shard.info.get("dim")

@@ -119,7 +119,7 @@ def diff_range(given: RangeInput, within: PathRange, work: str) -> RangeDiff:
     found = RangeDiff()
     embed, kept = PartWriter(Path(work, EMBED)), PartWriter(Path(work, KEPT))
     ids = array("q")  # 8 bytes an image
-    touched = array("q")  # id, recorded mtime: 16 bytes a touched image
+    touched = array("q")  # id, recorded and listed mtime: 24 bytes an image
     old_rows = _Counted(merged_in_range(given.previous, within))
     old = next(old_rows, None)
     listed = merged_in_range(given.listing, within)
@@ -148,7 +148,7 @@ def diff_range(given: RangeInput, within: PathRange, work: str) -> RangeDiff:
             embed.add(row)
             found.updated += before is not None or bad is not None
             if before is not None and before[2] == row[2]:
-                touched.extend((row[4], before[3]))
+                touched.extend((row[4], before[3], row[3]))
     found.old = old_rows.count + sum(1 for _ in old_rows)
     found.embed, found.kept = embed.close(), kept.close()
     ordered = np.sort(np.frombuffer(ids, np.int64))
@@ -158,7 +158,7 @@ def diff_range(given: RangeInput, within: PathRange, work: str) -> RangeDiff:
     found.ids = str(folder / f"{uuid.uuid4().hex[:12]}.npy")
     np.save(found.ids, ordered)
     found.touched = write_touched(touched, Path(work, TOUCHED))
-    found.n_touched = len(touched) // 2
+    found.n_touched = len(touched) // 3
     return found
 
 

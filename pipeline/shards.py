@@ -321,6 +321,8 @@ def staging_dir(index_dest: str | os.PathLike) -> Path:
 
 
 INDEX_WORK = "index"  # in the staging folder: index files being built
+# In the staging folder: shards of touched, unchanged images (pipeline/touched.py)
+TOUCHED_WORK = "touched"
 
 
 def clear_index_work(work: Path) -> None:
@@ -343,11 +345,19 @@ def clear_staging(folder: Path) -> None:
     if not folder.is_dir():
         return
     clear_index_work(folder / INDEX_WORK)
+    clear_shard_files(folder / TOUCHED_WORK)
+    for path in folder.glob(".probe-*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+    clear_shard_files(folder)
+
+
+def clear_shard_files(folder: Path) -> None:
+    """Remove the shards and temporary files in ``folder``, and it if then empty."""
+    if not folder.is_dir():
+        return
     for path in folder.iterdir():
-        name = path.name
-        if path.is_file() and (
-            name.endswith(SUFFIX) or ".tmp-" in name or name.startswith(".probe-")
-        ):
+        if path.is_file() and (path.name.endswith(SUFFIX) or ".tmp-" in path.name):
             path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # something not ours is left: keep it
         folder.rmdir()

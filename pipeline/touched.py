@@ -4,15 +4,17 @@ A file whose size is what the index in place recorded but whose modification
 time is not may hold the same bytes: a dataset copied without its times
 (``cp -r``, most uploads to an object store), restored from a backup, or
 touched by a sync tool. The diff (:mod:`pipeline.diff`) writes such images'
-ids, with the time the index recorded, to files sorted by id. Here each shard
-of the index in place that holds one of them reads their files as they are now
-and, where the whole file's digest (``digest``, :mod:`pipeline.traits`) is the
-one it stored, writes those images' vectors and traits again as a shard of
-this build, stamped with the files' new times. The build takes such shards as
-it takes an interrupted run's (``pipeline.build._resume``): their images are
-not embedded. A file whose digest differs, that changed again since the
-listing, or whose shard stored no digest (written before imgindex kept
-one) is embedded, as any changed file is.
+ids, with the time the index recorded and the time listed now, to files
+sorted by id. Here each shard of the index in place that holds one of them
+reads their files as they are now and, where a file is as listed and the
+whole file's digest (``digest``, :mod:`pipeline.traits`) is the one the shard
+stored, writes those images' vectors and traits again as a shard of this
+build (in the staging folder's :data:`pipeline.shards.TOUCHED_WORK`), stamped
+with the files' new times. The build adds those shards to its own and leaves
+their images out of what it embeds: the client holds their ids (8 bytes an
+image), never their records. A file whose digest differs, that changed again
+since the listing, or whose shard stored no digest (written before imgindex
+kept one) is embedded, as any changed file is.
 
 Tar shards are not looked at: one touched is read again whole.
 """
@@ -24,8 +26,8 @@ import os
 import uuid
 import zipfile
 from array import array
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,17 @@ import numpy as np
 from imgindex.pipeline.discover import ImageRecord
 from imgindex.pipeline.embed import ModelSpec, PartitionResult
 from imgindex.pipeline.errors import DecodeError
+from imgindex.pipeline.parts import PartRecords, PartWriter, iter_part
 from imgindex.pipeline.ranges import map_ranges
-from imgindex.pipeline.shards import SUFFIX, open_npz, read_shard, spec_key, write_shard
+from imgindex.pipeline.shards import (
+    SUFFIX,
+    TOUCHED_WORK,
+    clear_shard_files,
+    open_npz,
+    read_shard,
+    spec_key,
+    write_shard,
+)
 from imgindex.pipeline.sources import Source, holder_stat, image_file
 from imgindex.pipeline.traits import file_hashes, file_hashes_of
 
@@ -42,21 +53,22 @@ logger = logging.getLogger(__name__)
 
 # In the plan's folder: the diff's files of touched images, a range each.
 TOUCHED = "touched"
-# A row of those files: the image's id, and its mtime as the index recorded it.
-TOUCHED_ROW = np.dtype([("id", "<i8"), ("mtime_ns", "<i8")])
-# The ``worker`` of the shards written here, which tells them from an
-# interrupted run's.
+# A row of those files: the image's id, its mtime as the index recorded it,
+# and as the listing found it.
+TOUCHED_ROW = np.dtype([("id", "<i8"), ("recorded", "<i8"), ("listed", "<i8")])
+# The ``worker`` of the shards written here.
 RESTAMPED = "touched, unchanged"
 
 
-def write_touched(pairs: array, folder: str | os.PathLike) -> str:
-    """Write ``pairs`` (id, recorded mtime, flattened) to a new file in
-    ``folder``, sorted by id; its path ("" for none)."""
-    if not pairs:
+def write_touched(rows: array, folder: str | os.PathLike) -> str:
+    """Write ``rows`` (id, recorded mtime, listed mtime: flattened) to a new
+    file in ``folder``, sorted by id; its path ("" for none)."""
+    if not rows:
         return ""
-    rows = np.frombuffer(pairs, np.int64).reshape(-1, 2)
-    table = np.zeros(len(rows), TOUCHED_ROW)
-    table["id"], table["mtime_ns"] = rows[:, 0], rows[:, 1]
+    columns = np.frombuffer(rows, np.int64).reshape(-1, 3)
+    table = np.zeros(len(columns), TOUCHED_ROW)
+    for k, name in enumerate(TOUCHED_ROW.names):
+        table[name] = columns[:, k]
     table.sort(order="id")
     Path(folder).mkdir(exist_ok=True)
     path = Path(folder, f"{uuid.uuid4().hex[:12]}.npy")
@@ -76,6 +88,15 @@ class TouchedInput:
     preprocess: dict | None
 
 
+@dataclass(frozen=True)
+class Restamped:
+    """What a shard's task wrote: a shard (its file name, "" for none) and
+    its images' ids."""
+
+    shard: str = ""
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
 def restamp_touched(
     given: TouchedInput,
     shards_dir: Path,
@@ -83,50 +104,61 @@ def restamp_touched(
     seen: tuple[str, str],
     cluster: object = None,
     name: str = "restamp",
-    on_done: Callable[[int], None] | None = None,
-) -> int:
-    """Write this build's shards, into ``staging``, for the touched images
-    of ``given`` whose bytes did not change, from the shards in
-    ``shards_dir`` (a task each, on ``cluster``'s workers where it is at
-    hand): how many images they hold. ``on_done(n)`` as each task's ``n``
-    come back."""
-    if not given.files:
-        return 0
+) -> Iterator[tuple[Path, np.ndarray]]:
+    """Write this build's shards, into ``staging``'s
+    :data:`~pipeline.shards.TOUCHED_WORK`, for the touched images of
+    ``given`` whose bytes did not change, from the shards in ``shards_dir``
+    (a task each, on ``cluster``'s workers where it is at hand): each shard
+    written, with its images' ids, as its task comes back."""
+    folder = staging / TOUCHED_WORK
+    clear_shard_files(folder)  # an interrupted run's: written again now
     shards = [str(p) for p in sorted(shards_dir.glob(f"*{SUFFIX}"))]
-    if not shards:
-        return 0
+    if not given.files or not shards:
+        return
     found = map_ranges(
-        restamp_shard, [given] * len(shards), shards, staging, seen, cluster, name
+        restamp_shard, [given] * len(shards), shards, folder, seen, cluster, name
     )
-    total = 0
-    for n in found:
-        total += n
-        if on_done is not None and n:
-            on_done(n)
-    logger.info("%s: %d touched images kept (same bytes, new time)", name, total)
-    return total
+    for one in found:
+        if one.shard:
+            yield folder / one.shard, one.ids
 
 
-def restamp_shard(given: TouchedInput, shard_path: str, staging: str) -> int:
+def without_ids(
+    records: PartRecords, ids: np.ndarray, folder: str | os.PathLike
+) -> PartRecords:
+    """``records`` but those whose id is in ``ids`` (sorted), as parts written
+    to ``folder``: a part at a time, never all of them at once."""
+    if not len(ids):
+        return records
+    writer = PartWriter(folder)
+    for part in records.parts:
+        rows = list(iter_part(part))
+        theirs = np.fromiter((row[4] for row in rows), np.int64, len(rows))
+        out = np.isin(theirs, ids, assume_unique=True)
+        writer.extend(row for row, drop in zip(rows, out, strict=True) if not drop)
+    return PartRecords(writer.close())
+
+
+def restamp_shard(given: TouchedInput, shard_path: str, folder: str) -> Restamped:
     """The shard of this build for the touched, unchanged images of the
-    shard at ``shard_path``, written into ``staging``; how many it holds."""
+    shard at ``shard_path``, written into ``folder``."""
     try:
         shard = read_shard(shard_path)
         if not _made_alike(shard.info, given) or not shard.info["paths"]:
-            return 0
+            return Restamped()
         with open_npz(shard_path) as data:
             ids = data["ids"]
-        touched, recorded = _recorded_mtimes(ids, given.files)
+        touched, recorded, listed = _touched_rows(ids, given.files)
         rows = np.flatnonzero(touched)
         if not len(rows):
-            return 0
+            return Restamped()
         traits = shard.traits()
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         # The build reports damaged shards where it reads them for the index.
         logger.warning("not reusing shard %s (%s)", shard_path, e)
-        return 0
+        return Restamped()
     if traits is None:
-        return 0
+        return Restamped()
     paths = shard.info["paths"]
     held = {paths[i] for i in rows}
     # The shard's record of each: the one the index in place holds only if
@@ -139,17 +171,17 @@ def restamp_shard(given: TouchedInput, shard_path: str, staging: str) -> int:
         digest = int(traits["digest"][i])
         if mtime != recorded[i] or not digest:
             continue
-        now = _unchanged(given.source, paths[i], size, digest)
-        if now is not None:
+        now = ImageRecord(paths[i], size, int(listed[i]))
+        if _unchanged(given.source, now, digest):
             same.append(int(i))
             records.append(now)
     if not same:
-        return 0
+        return Restamped()
     try:
         _, vectors = shard.arrays()
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         logger.warning("not reusing shard %s (%s)", shard_path, e)
-        return 0
+        return Restamped()
     result = PartitionResult(
         ids[same],
         [r.path for r in records],
@@ -160,11 +192,11 @@ def restamp_shard(given: TouchedInput, shard_path: str, staging: str) -> int:
         preprocess=shard.info.get("preprocess"),
     )
     try:
-        write_shard(staging, given.spec, records, result)
+        name = write_shard(folder, given.spec, records, result)
     except OSError as e:  # embedded instead, where the build says what is wrong
-        logger.warning("could not write a shard into %s (%s)", staging, e)
-        return 0
-    return len(same)
+        logger.warning("could not write a shard into %s (%s)", folder, e)
+        return Restamped()
+    return Restamped(name, np.asarray(ids[same], np.int64))
 
 
 def _made_alike(info: dict, given: TouchedInput) -> bool:
@@ -181,13 +213,15 @@ def _made_alike(info: dict, given: TouchedInput) -> bool:
     )
 
 
-def _recorded_mtimes(
+def _touched_rows(
     ids: np.ndarray, files: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Which of ``ids`` are touched images', and the mtime recorded for each
-    of those (a search in each of ``files``, memory-mapped)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which of ``ids`` are touched images', and for each of those the mtime
+    recorded and the one listed (a search in each of ``files``,
+    memory-mapped)."""
     touched = np.zeros(len(ids), bool)
     recorded = np.zeros(len(ids), np.int64)
+    listed = np.zeros(len(ids), np.int64)
     for file in files:
         table = np.load(file, mmap_mode="r")
         if not len(table):
@@ -195,25 +229,23 @@ def _recorded_mtimes(
         at = np.minimum(np.searchsorted(table["id"], ids), len(table) - 1)
         hit = np.asarray(table["id"][at]) == ids
         touched |= hit
-        recorded[hit] = np.asarray(table["mtime_ns"][at])[hit]
-    return touched, recorded
+        recorded[hit] = np.asarray(table["recorded"][at])[hit]
+        listed[hit] = np.asarray(table["listed"][at])[hit]
+    return touched, recorded, listed
 
 
-def _unchanged(source: Source, rel: str, size: int, digest: int) -> ImageRecord | None:
-    """The file record of ``rel`` as it is now, if its bytes are the ones
-    hashed to ``digest`` (``size`` of them); else None. A file that changes
-    while it is read gives None, or a record the build will not match."""
+def _unchanged(source: Source, listed: ImageRecord, digest: int) -> bool:
+    """Whether the file of ``listed`` is as listed, before and after it is
+    read, and its bytes are the ones hashed to ``digest``."""
     try:
-        before = holder_stat(source, rel)
-        if before[0] != size:
-            return None
-        opened = image_file(source, rel)
+        if holder_stat(source, listed.path) != (listed.size, listed.mtime_ns):
+            return False
+        opened = image_file(source, listed.path)
         if isinstance(opened, str):
             now = file_hashes(opened).digest
         else:
             now = file_hashes_of(opened.getbuffer()).digest
-        if now != digest or holder_stat(source, rel) != before:
-            return None
+        stamp = holder_stat(source, listed.path)
     except (OSError, DecodeError):
-        return None
-    return ImageRecord(rel, *before)
+        return False
+    return now == digest and stamp == (listed.size, listed.mtime_ns)

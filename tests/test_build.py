@@ -263,6 +263,7 @@ def test_a_copy_without_its_times_keeps_every_vector_but_an_edited_files(
     again = run_build(client, copied, out, moved=True, partition_size=10)
     assert (again.embedded, again.touched, again.updated) == (1, 36, 1)
     assert (again.unchanged, again.indexed, again.resumed_images) == (36, 37, 0)
+    assert not staging_dir(index_dir).exists()  # the touched shards' folder too
     after = read_index(index_dir)
     for record in before.manifest:
         if record.path != "scan.bmp":
