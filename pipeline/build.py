@@ -84,7 +84,12 @@ from imgindex.pipeline.store import (
     write_index_dir,
     write_meta_version,
 )
-from imgindex.pipeline.touched import TouchedInput, restamp_touched, without_ids
+from imgindex.pipeline.touched import (
+    TouchedInput,
+    claimed_once,
+    restamp_touched,
+    without_ids,
+)
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -659,23 +664,29 @@ def _restamp(
     )
     given = TouchedInput(tuple(plan.touched), source.for_tasks(), spec, sink.preprocess)
     seen = (str(plan_dir(dest) / LISTING), plan.token)
-    kept = [np.zeros(0, np.int64)]
-    written = restamp_touched(
+    written = []
+    for path, ids in restamp_touched(
         given,
         dest / SHARDS_DIR,
         staging_dir(dest),
         seen,
         client,
         label("touched", name),
-    )
-    for path, ids in written:
+    ):
+        written.append((path, ids))
+        tracker.advance(len(ids), 0)
+    use, drop = claimed_once(written)
+    kept = [np.zeros(0, np.int64)]
+    for path, ids in use:
         try:
             sink.add_touched(read_shard(path))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             logger.warning("ignoring shard %s (%s): embedding its images", path, e)
-            continue
-        kept.append(ids)
-        tracker.advance(len(ids), 0)
+            drop.append((path, ids))
+        else:
+            kept.append(ids)
+    for _, ids in drop:  # counted done as they came: embedded after all
+        tracker.advance(-len(ids), 0)
     logger.info("%s: %d touched images kept their vectors", name, sink.touched_images)
     ids = np.sort(np.concatenate(kept))
     return without_ids(plan.to_embed, ids, plan_dir(dest) / REMAINING)

@@ -123,6 +123,30 @@ def restamp_touched(
             yield folder / one.shard, one.ids
 
 
+def claimed_once(
+    written: Sequence[tuple[Path, np.ndarray]],
+) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[Path, np.ndarray]]]:
+    """(those of ``written`` to use, those to drop): a shard that holds an
+    image an earlier one holds is dropped whole, and its images embedded, as
+    :func:`pipeline.shards.usable_shards` does (two shards of the index in
+    place with one file's record: about never)."""
+    every = np.concatenate([np.zeros(0, np.int64), *(ids for _, ids in written)])
+    ordered = np.sort(every)
+    twice = set(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]).tolist())
+    if not twice:
+        return list(written), []
+    use, drop = [], []
+    claimed: set[int] = set()
+    for path, ids in written:
+        shared = twice.intersection(ids.tolist())
+        if shared & claimed:
+            drop.append((path, ids))
+        else:
+            claimed |= shared
+            use.append((path, ids))
+    return use, drop
+
+
 def without_ids(
     records: PartRecords, ids: np.ndarray, folder: str | os.PathLike
 ) -> PartRecords:

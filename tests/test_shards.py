@@ -256,3 +256,13 @@ def test_traits_of_shards_from_before_the_digest_read_with_digest_0(tmp_path):
         np.testing.assert_array_equal(read[name], old[name])
     np.savez(tmp_path / "other.npz", traits=np.zeros(3, [("content", "<u8")]))
     assert load_traits(tmp_path / "other.npz") is None
+
+
+def test_touched_shards_claim_each_image_once():
+    from imgindex.pipeline.touched import claimed_once
+
+    a, b, c = Path("a.npz"), Path("b.npz"), Path("c.npz")
+    written = [(a, np.array([5, 9])), (b, np.array([3])), (c, np.array([9, 4]))]
+    use, drop = claimed_once(written)
+    assert [p for p, _ in use] == [a, b] and [p for p, _ in drop] == [c]
+    assert claimed_once(written[:2]) == (written[:2], [])
