@@ -626,7 +626,10 @@ def build_steps(
     }
     summary.shards = len(shards)
     summary.seconds = round(time.perf_counter() - started, 3)
+    # Touched, unchanged images were read, not embedded: like the kept ones,
+    # they are not part of the rate.
     attempted = tracker.total if source.by_shard else len(plan.to_embed)
+    attempted -= summary.touched
     if attempted:
         summary.images_per_second = round(attempted / summary.seconds, 2)
     logger.info(

@@ -264,6 +264,7 @@ def test_a_copy_without_its_times_keeps_every_vector_but_an_edited_files(
     assert (again.embedded, again.touched, again.updated) == (1, 36, 1)
     assert (again.unchanged, again.indexed, again.resumed_images) == (36, 37, 0)
     assert not staging_dir(index_dir).exists()  # the touched shards' folder too
+    assert again.images_per_second == round(1 / again.seconds, 2)  # the BMP alone
     after = read_index(index_dir)
     for record in before.manifest:
         if record.path != "scan.bmp":
