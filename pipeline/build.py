@@ -415,8 +415,7 @@ def build_steps(
             if planned.rebuild:
                 clear_staging(staging)
             sink = _ShardSink(plan, model, plan_dir(dest))
-            checked = _Progress(progress, len(plan.to_embed), 0)
-            to_embed = _restamp(sink, plan, source, spec, dest, client, name, checked)
+            to_embed = _restamp(sink, plan, source, spec, dest, client, name, progress)
             remaining, summary.damaged_shards = _resume(
                 sink, staging, spec, to_embed, dest
             )
@@ -519,6 +518,7 @@ def build_steps(
                 summary.added, summary.updated, summary.removed = _image_changes(
                     plan, sink.found, manifest, failures
                 )
+                summary.updated -= summary.touched  # found again, not changed
             # This run's shards first: a re-embedded image's new row wins.
             candidates = ShardFiles(sink.shards + _live_shards(dest, plan))
             selection, shards, missing = select_rows(candidates, manifest)
@@ -652,23 +652,34 @@ def _restamp(
     dest: Path,
     client: Client | None,
     name: str,
-    tracker: _Progress,
+    progress: ProgressCallback | None,
 ) -> Sequence[ImageRecord]:
     """Keep the vectors of the plan's touched images whose bytes did not
     change (:mod:`pipeline.touched`, on ``client``'s workers): their shards
-    go to ``sink`` (``tracker`` counts them done as they come), and the rest
-    of ``plan.to_embed`` is what is left to embed."""
-    if not plan.touched:
+    go to ``sink`` (``progress`` counts them done as they come), and the
+    rest of ``plan.to_embed`` is what is left to embed."""
+    if not (plan.touched or plan.touched_units):
         return plan.to_embed
     logger.info(
         "%s: %d images have a new time but their recorded size: reading them",
         name,
         plan.n_touched,
     )
-    given = TouchedInput(tuple(plan.touched), source.for_tasks(), spec, sink.preprocess)
+    given = TouchedInput(
+        tuple(plan.touched),
+        source.for_tasks(),
+        spec,
+        sink.preprocess,
+        tuple(plan.touched_units),
+    )
+    if plan.by_shard:  # its images are counted as read: estimated from bytes
+        total = sum(r.size for r in plan.to_embed)
+        tracker = _Progress(progress, 0, 0, total_bytes=total)
+    else:
+        tracker = _Progress(progress, len(plan.to_embed), 0)
     seen = (str(plan_dir(dest) / LISTING), plan.token)
     written = []
-    for path, ids in restamp_touched(
+    for path, one in restamp_touched(
         given,
         dest / SHARDS_DIR,
         staging_dir(dest),
@@ -676,21 +687,27 @@ def _restamp(
         client,
         label("touched", name),
     ):
-        written.append((path, ids))
-        tracker.advance(len(ids), 0)
+        written.append((path, one))
+        tracker.advance(len(one.ids), 0, one.nbytes)
     use, drop = claimed_once(written)
     kept = [np.zeros(0, np.int64)]
-    for path, ids in use:
+    units: set[str] = set()
+    for path, one in use:
         try:
-            sink.add_touched(read_shard(path))
+            shard = read_shard(path)
+            sink.add_touched(shard)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             logger.warning("ignoring shard %s (%s): embedding its images", path, e)
-            drop.append((path, ids))
+            drop.append((path, one))
         else:
-            kept.append(ids)
-    for _, ids in drop:  # counted done as they came: embedded after all
-        tracker.advance(-len(ids), 0)
+            kept.append(one.ids)
+            if plan.by_shard:
+                units.update(r.path for r in shard.units)
+    for _, one in drop:  # counted done as they came: embedded after all
+        tracker.advance(-len(one.ids), 0, -one.nbytes)
     logger.info("%s: %d touched images kept their vectors", name, sink.touched_images)
+    if plan.by_shard:
+        return [r for r in plan.to_embed if r.path not in units]
     ids = np.sort(np.concatenate(kept))
     return without_ids(plan.to_embed, ids, plan_dir(dest) / REMAINING)
 

@@ -28,7 +28,7 @@ from imgindex.pipeline.parts import (
     write_part,
 )
 from imgindex.pipeline.ranges import TOKEN_FILE, compact_parts, label, map_ranges
-from imgindex.pipeline.sources import Source, is_url, split_member
+from imgindex.pipeline.sources import Source, is_url, shard_of
 from imgindex.pipeline.store import (
     MANIFEST_FILE,
     StoredIndex,
@@ -80,6 +80,9 @@ class Plan:
     # (pipeline.touched), and how many images they name.
     touched: list[str] = field(default_factory=list)
     n_touched: int = 0
+    # Tar shards: those to embed read at one time and listed at another
+    # (path, recorded mtime, listed size and mtime).
+    touched_units: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
 def plan_dir(dest: Path) -> Path:
@@ -348,7 +351,7 @@ def _plan_shards(
     same = PartWriter(work / KEPT)  # images of a shard with its mtime unchanged
     if previous is not None:
         for r in previous.records():
-            shard = _shard_path(r.path)
+            shard = shard_of(r.path)
             held[shard] += 1
             stamps.setdefault(shard, set()).add(r.mtime_ns)
             if now.get(shard) == r.mtime_ns:
@@ -356,7 +359,7 @@ def _plan_shards(
         for f in previous.failures:
             record = previous.failed_records.get(f.path)
             if record is not None:  # transient ones are tried again
-                shard = _shard_path(f.path)
+                shard = shard_of(f.path)
                 bad.setdefault(shard, []).append(f)
                 stamps.setdefault(shard, set()).add(record.mtime_ns)
     unchanged = {p for p, mtime in now.items() if stamps.get(p) == {mtime}}
@@ -369,11 +372,12 @@ def _plan_shards(
     mixed = {p for p, at in stamps.items() if now.get(p) in at} - unchanged
     if mixed:
         kept = kept.where(
-            lambda row: _shard_path(os.fsdecode(row[0])) not in mixed, work / KEPT
+            lambda row: shard_of(os.fsdecode(row[0])) not in mixed, work / KEPT
         )
     known_bad: list[Failure] = []
     known_records: list[ImageRecord] = []
     to_embed: list[ImageRecord] = []
+    touched: list[tuple[str, int, int, int]] = []
     updated = 0
     for shard in shards:
         if shard.path in unchanged:
@@ -383,6 +387,11 @@ def _plan_shards(
         else:
             to_embed.append(shard)
             updated += held[shard.path]
+            # Read at one time, another now: its bytes may be the same
+            # (pipeline.touched reads it, and compares its members').
+            at = stamps.get(shard.path, set())
+            if len(at) == 1 and shard.mtime_ns not in at and not bad.get(shard.path):
+                touched.append((shard.path, *at, shard.size, shard.mtime_ns))
     removed = sum(n for p, n in held.items() if p not in now)
     return Plan(
         kept=kept,
@@ -395,15 +404,9 @@ def _plan_shards(
         previous=previous,
         by_shard=True,
         known_records=known_records,
+        touched_units=touched,
+        n_touched=sum(held[path] for path, *_ in touched),
     )
-
-
-def _shard_path(path: str) -> str:
-    """The tar shard of a member's path (a shard's own path: itself)."""
-    try:
-        return split_member(path)[0]
-    except ValueError:
-        return path
 
 
 def _id_collisions(

@@ -251,6 +251,14 @@ def split_member(rel: str) -> tuple[str, str]:
     raise ValueError(f"{rel!r} is not a tar member's path")
 
 
+def shard_of(path: str) -> str:
+    """The tar shard of a member's path (a shard's own path: itself)."""
+    try:
+        return split_member(path)[0]
+    except ValueError:
+        return path
+
+
 def parse_source(
     dataset: str | os.PathLike,
     input_format: str = "auto",
@@ -1031,7 +1039,18 @@ def holder_stat(source: Source, rel: str) -> tuple[int, int]:
     OSError
     """
     holder = split_member(rel)[0] if source.kind == "tar" else rel
-    where = source.location(holder)
+    return file_stat(source, holder)
+
+
+def file_stat(source: Source, rel: str) -> tuple[int, int]:
+    """(bytes, mtime in ns) of the file ``rel`` of ``source`` (an image's
+    own, or a tar shard), as :func:`holder_stat` gives them.
+
+    Raises
+    ------
+    OSError
+    """
+    where = source.location(rel)
     if not is_url(where):
         st = os.stat(where)
         return st.st_size, st.st_mtime_ns

@@ -16,7 +16,9 @@ image), never their records. A file whose digest differs, that changed again
 since the listing, or whose shard stored no digest (written before imgindex
 kept one) is embedded, as any changed file is.
 
-Tar shards are not looked at: one touched is read again whole.
+A tar shard touched is read whole on a worker, without decoding: its shard
+of the index in place moves to this build's if its members are those it held,
+each with the digest stored, and none of them failed.
 """
 
 from __future__ import annotations
@@ -40,13 +42,21 @@ from imgindex.pipeline.ranges import map_ranges
 from imgindex.pipeline.shards import (
     SUFFIX,
     TOUCHED_WORK,
+    Shard,
     clear_shard_files,
     open_npz,
     read_shard,
     spec_key,
     write_shard,
 )
-from imgindex.pipeline.sources import Source, holder_stat, image_file
+from imgindex.pipeline.sources import (
+    ShardStream,
+    Source,
+    file_stat,
+    holder_stat,
+    image_file,
+    shard_of,
+)
 from imgindex.pipeline.traits import file_hashes, file_hashes_of
 
 logger = logging.getLogger(__name__)
@@ -86,15 +96,19 @@ class TouchedInput:
     source: Source
     spec: ModelSpec
     preprocess: dict | None
+    # Tar shards touched: (path, its members' recorded mtime, size and mtime
+    # listed now). A shard is read whole, each member's digest checked.
+    units: tuple[tuple[str, int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
 class Restamped:
-    """What a shard's task wrote: a shard (its file name, "" for none) and
-    its images' ids."""
+    """What a shard's task wrote: a shard (its file name, "" for none), its
+    images' ids, and the bytes of the tar shards it took (0 for files)."""
 
     shard: str = ""
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    nbytes: int = 0
 
 
 def restamp_touched(
@@ -104,46 +118,46 @@ def restamp_touched(
     seen: tuple[str, str],
     cluster: object = None,
     name: str = "restamp",
-) -> Iterator[tuple[Path, np.ndarray]]:
+) -> Iterator[tuple[Path, Restamped]]:
     """Write this build's shards, into ``staging``'s
     :data:`~pipeline.shards.TOUCHED_WORK`, for the touched images of
     ``given`` whose bytes did not change, from the shards in ``shards_dir``
     (a task each, on ``cluster``'s workers where it is at hand): each shard
-    written, with its images' ids, as its task comes back."""
+    written, with what its task says of it, as the task comes back."""
     folder = staging / TOUCHED_WORK
     clear_shard_files(folder)  # an interrupted run's: written again now
     shards = [str(p) for p in sorted(shards_dir.glob(f"*{SUFFIX}"))]
-    if not given.files or not shards:
+    if not (given.files or given.units) or not shards:
         return
     found = map_ranges(
         restamp_shard, [given] * len(shards), shards, folder, seen, cluster, name
     )
     for one in found:
         if one.shard:
-            yield folder / one.shard, one.ids
+            yield folder / one.shard, one
 
 
 def claimed_once(
-    written: Sequence[tuple[Path, np.ndarray]],
-) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[Path, np.ndarray]]]:
+    written: Sequence[tuple[Path, Restamped]],
+) -> tuple[list[tuple[Path, Restamped]], list[tuple[Path, Restamped]]]:
     """(those of ``written`` to use, those to drop): a shard that holds an
     image an earlier one holds is dropped whole, and its images embedded, as
     :func:`pipeline.shards.usable_shards` does (two shards of the index in
     place with one file's record: about never)."""
-    every = np.concatenate([np.zeros(0, np.int64), *(ids for _, ids in written)])
+    every = np.concatenate([np.zeros(0, np.int64), *(w.ids for _, w in written)])
     ordered = np.sort(every)
     twice = set(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]).tolist())
     if not twice:
         return list(written), []
     use, drop = [], []
     claimed: set[int] = set()
-    for path, ids in written:
-        shared = twice.intersection(ids.tolist())
+    for path, one in written:
+        shared = twice.intersection(one.ids.tolist())
         if shared & claimed:
-            drop.append((path, ids))
+            drop.append((path, one))
         else:
             claimed |= shared
-            use.append((path, ids))
+            use.append((path, one))
     return use, drop
 
 
@@ -170,6 +184,8 @@ def restamp_shard(given: TouchedInput, shard_path: str, folder: str) -> Restampe
         shard = read_shard(shard_path)
         if not _made_alike(shard.info, given) or not shard.info["paths"]:
             return Restamped()
+        if "units" in shard.info:
+            return _restamp_units(given, shard, folder)
         with open_npz(shard_path) as data:
             ids = data["ids"]
         touched, recorded, listed = _touched_rows(ids, given.files)
@@ -223,17 +239,102 @@ def restamp_shard(given: TouchedInput, shard_path: str, folder: str) -> Restampe
     return Restamped(name, np.asarray(ids[same], np.int64))
 
 
+def _restamp_units(given: TouchedInput, shard: Shard, folder: str) -> Restamped:
+    """:func:`restamp_shard` for a partition of tar shards: those of its
+    shards that are touched, hold no failed member and read now member for
+    member as they were (names, sizes, digests) move to this build's shard,
+    stamped with their new time.
+
+    Raises
+    ------
+    OSError, ValueError, zipfile.BadZipFile
+        If the shard is damaged.
+    """
+    touched = {path: rest for path, *rest in given.units}
+    failed = {shard_of(f[0]) for f in shard.info["failures"]}
+    candidates = [
+        ImageRecord(path, size, touched[path][2])
+        for path, size, mtime in shard.info["units"]
+        if path in touched
+        and path not in failed
+        and touched[path][0] == mtime
+        and touched[path][1] == size
+    ]
+    if not candidates:
+        return Restamped()
+    traits = shard.traits()
+    if traits is None:
+        return Restamped()
+    row_at = {p: i for i, p in enumerate(shard.info["paths"])}
+    sizes = {p: size for p, size, _ in shard.info["records"]}
+    units, rows, records = [], [], []
+    for unit in candidates:
+        held = [p for p in sizes if shard_of(p) == unit.path]
+        found = _same_members(given.source, unit, held, sizes, row_at, traits)
+        if found is not None:
+            units.append(unit)
+            rows += [row_at[r.path] for r in found]
+            records += found
+    if not rows:
+        return Restamped()
+    ids, vectors = shard.arrays()
+    result = PartitionResult(
+        ids[rows],
+        [r.path for r in records],
+        vectors[rows],
+        [],
+        RESTAMPED,
+        traits=traits[rows],
+        preprocess=shard.info.get("preprocess"),
+        records=records,
+    )
+    try:
+        name = write_shard(folder, given.spec, units, result)
+    except OSError as e:  # embedded instead, where the build says what is wrong
+        logger.warning("could not write a shard into %s (%s)", folder, e)
+        return Restamped()
+    nbytes = sum(u.size for u in units)
+    return Restamped(name, np.asarray(ids[rows], np.int64), nbytes)
+
+
+def _same_members(
+    source: Source,
+    unit: ImageRecord,
+    held: list[str],
+    sizes: dict[str, int],
+    row_at: dict[str, int],
+    traits: np.ndarray,
+) -> list[ImageRecord] | None:
+    """The member records of the tar shard ``unit`` (as listed now), if it
+    is as listed before and after it is read and its image members are
+    ``held``, each of its recorded size and digest; else None."""
+    stamp = (unit.size, unit.mtime_ns)
+    try:
+        if file_stat(source, unit.path) != stamp:
+            return None
+        stream = ShardStream(source, [unit])
+        for rel, data in stream:
+            row = row_at.get(rel)
+            digest = int(traits["digest"][row]) if row is not None else 0
+            if not digest or file_hashes_of(data).digest != digest:
+                return None
+        if file_stat(source, unit.path) != stamp:
+            return None
+    except (OSError, DecodeError):
+        return None
+    found = stream.records
+    if stream.failures or sorted(r.path for r in found) != sorted(held):
+        return None
+    if any(sizes[r.path] != r.size for r in found):
+        return None
+    return found
+
+
 def _made_alike(info: dict, given: TouchedInput) -> bool:
     """Whether a shard's vectors are what this build would make."""
     made_with = info.get("preprocess")
-    return (
-        info.get("spec") == spec_key(given.spec)
-        and "units" not in info  # tar shards' members
-        and (
-            made_with is None
-            or given.preprocess is None
-            or made_with == given.preprocess
-        )
+    return info.get("spec") == spec_key(given.spec) and (
+        made_with is None or given.preprocess is None or made_with == given.preprocess
     )
 
 

@@ -259,10 +259,14 @@ def test_traits_of_shards_from_before_the_digest_read_with_digest_0(tmp_path):
 
 
 def test_touched_shards_claim_each_image_once():
-    from imgindex.pipeline.touched import claimed_once
+    from imgindex.pipeline.touched import Restamped, claimed_once
 
     a, b, c = Path("a.npz"), Path("b.npz"), Path("c.npz")
-    written = [(a, np.array([5, 9])), (b, np.array([3])), (c, np.array([9, 4]))]
+    written = [
+        (a, Restamped(a.name, np.array([5, 9]))),
+        (b, Restamped(b.name, np.array([3]))),
+        (c, Restamped(c.name, np.array([9, 4]))),
+    ]
     use, drop = claimed_once(written)
     assert [p for p, _ in use] == [a, b] and [p for p, _ in drop] == [c]
     assert claimed_once(written[:2]) == (written[:2], [])

@@ -803,6 +803,58 @@ def test_a_tar_build_resumes_shard_by_shard(client, photo_sets, tmp_path):
     assert summary.images_per_second > 0
 
 
+def test_tar_shards_touched_keep_their_vectors_and_one_edited_is_read_again(
+    client, tmp_path
+):
+    """A tar shard whose time changed is read whole on a worker, its members'
+    digests compared with those stored: 00000.tar, touched, keeps its
+    vectors; 00001.tar, written again with a BMP edited in its middle (the
+    same sizes, the same tar size), is embedded again."""
+    from PIL import Image
+
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.shards import staging_dir
+    from tests.helpers import read_index
+
+    rng = np.random.default_rng(7)
+    scans = [rng.integers(0, 256, (120, 160, 3), np.uint8) for _ in range(9)]
+
+    def bmp(pixels: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "BMP")
+        return out.getvalue()
+
+    def pack(n: int) -> Path:
+        members = {f"scan{k}.bmp": bmp(scans[k]) for k in range(3 * n, 3 * n + 3)}
+        return write_shard(tmp_path / "shards" / f"{n:05d}.tar", members)
+
+    tars = [pack(n) for n in range(3)]
+    pattern = f"{tmp_path}/shards/{{00000..00002}}.tar"
+    out = tmp_path / "out"
+    assert run_build(client, pattern, out).indexed == 9
+    before = read_index(out / "shards")
+
+    os.utime(tars[0], ns=(10**18, 10**18))  # the same bytes, another time
+    size = tars[1].stat().st_size
+    scans[4][50:70] = 255 - scans[4][50:70]
+    pack(1)
+    assert tars[1].stat().st_size == size
+    again = run_build(client, pattern, out)
+    assert (again.touched, again.embedded, again.indexed) == (3, 3, 9)
+    assert (again.updated, again.unchanged, again.added) == (3, 6, 0)
+    assert not staging_dir(out / "shards").exists()
+    after = read_index(out / "shards")
+    vectors = {r.path: after.index.reconstruct(r.id) for r in after.manifest}
+    old = {r.path: before.index.reconstruct(r.id) for r in before.manifest}
+    for k in (0, 1, 2, 6, 7, 8):  # touched, and unchanged
+        path = f"{k // 3:05d}.tar/scan{k}.bmp"
+        np.testing.assert_array_equal(vectors[path], old[path])
+    assert np.abs(vectors["00001.tar/scan4.bmp"] - old["00001.tar/scan4.bmp"]).max() > 0
+    stamps = {r.path: r.mtime_ns for r in after.manifest}
+    assert stamps["00000.tar/scan0.bmp"] == 10**18
+    assert run_build(client, pattern, out).kept
+
+
 @pytest.fixture
 def http_folder(tmp_path):
     """A folder served over HTTP on 127.0.0.1; names with "forbidden" get 403."""
