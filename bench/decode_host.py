@@ -25,7 +25,6 @@ second it can feed the GPU. Measured here in process CPU time on one thread:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -38,7 +37,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # bench.*, behind the installed imgindex
 
-from bench.throughput import ensure_photos  # noqa: E402 (after the path)
+from bench.throughput import (  # noqa: E402 (after the path)
+    ensure_photos,
+    photo_bench_args,
+)
 
 CORES = os.cpu_count() or 1
 HOST_TARGET_MS = 0.3
@@ -144,13 +146,7 @@ def other_kinds(files: list[Path], folder: Path) -> dict[str, list[Path]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1000, help="photos of 500-1,500 px")
-    parser.add_argument("--quick", action="store_true", help="300 photos")
-    parser.add_argument("--data", type=Path, default=ROOT / "bench-data")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    n = 300 if args.quick else args.n
+    args, n = photo_bench_args(__doc__, 1000, 300)
     photos = ensure_photos(args.data / f"host-{n}", n, 500, 1500, seed=29)
     files = sorted(photos.glob("*.jpg"))
 

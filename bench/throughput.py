@@ -66,6 +66,18 @@ def ensure_photos(
 # -- 1. the reference: a plain loop ------------------------------------------------
 
 
+def photo_bench_args(doc: str, n: int, quick: int) -> tuple[argparse.Namespace, int]:
+    """The options of a bench over generated photos (``--n``, ``--quick``,
+    ``--data``, ``--json``), and how many photos they ask for."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--n", type=int, default=n, help="photos of 500-1,500 px")
+    parser.add_argument("--quick", action="store_true", help=f"{quick} photos")
+    parser.add_argument("--data", type=Path, default=ROOT / "bench-data")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    return args, quick if args.quick else args.n
+
+
 def plain_pixels(path: Path) -> np.ndarray:
     """Decode + preprocess the way a plain script would (with JPEG draft mode)."""
     from PIL import Image

@@ -14,7 +14,6 @@ would be embedded) take at most 0.1 of the first's, and it embeds nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -24,7 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # bench.*, behind the installed imgindex
 
-from bench.throughput import cli_build, ensure_photos  # noqa: E402 (after the path)
+from bench.throughput import (  # noqa: E402 (after the path)
+    cli_build,
+    ensure_photos,
+    photo_bench_args,
+)
 
 TARGET = 0.1  # second build's prepare + embed seconds, of the first's
 
@@ -36,13 +39,7 @@ def work_seconds(report: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=600, help="photos of 500-1,500 px")
-    parser.add_argument("--quick", action="store_true", help="200 photos")
-    parser.add_argument("--data", type=Path, default=ROOT / "bench-data")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    n = 200 if args.quick else args.n
+    args, n = photo_bench_args(__doc__, 600, 200)
     photos = ensure_photos(args.data / f"touched-{n}", n, 500, 1500, seed=11)
     with tempfile.TemporaryDirectory(prefix="imgindex-touched-") as tmp:
         out, copied = Path(tmp, "out"), Path(tmp, "copy", photos.name)

@@ -218,25 +218,50 @@ def restamp_shard(given: TouchedInput, shard_path: str, folder: str) -> Restampe
     if not same:
         return Restamped()
     try:
-        _, vectors = shard.arrays()
+        return _moved(shard, same, traits, records, given, folder)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         logger.warning("not reusing shard %s (%s)", shard_path, e)
         return Restamped()
+
+
+def _moved(
+    shard: Shard,
+    rows: list[int],
+    traits: np.ndarray,
+    records: list[ImageRecord],
+    given: TouchedInput,
+    folder: str,
+    units: list[ImageRecord] | None = None,
+) -> Restamped:
+    """A shard of this build in ``folder`` holding ``shard``'s ``rows``,
+    their files as listed now ``records`` (members of the tar shards
+    ``units``, for a tar source).
+
+    Raises
+    ------
+    OSError, ValueError, zipfile.BadZipFile
+        If ``shard`` is damaged.
+    """
+    ids, vectors = shard.arrays()
     result = PartitionResult(
-        ids[same],
+        ids[rows],
         [r.path for r in records],
-        vectors[same],
+        vectors[rows],
         [],
         RESTAMPED,
-        traits=traits[same],
+        traits=traits[rows],
         preprocess=shard.info.get("preprocess"),
+        records=None if units is None else records,
     )
     try:
-        name = write_shard(folder, given.spec, records, result)
+        name = write_shard(
+            folder, given.spec, records if units is None else units, result
+        )
     except OSError as e:  # embedded instead, where the build says what is wrong
         logger.warning("could not write a shard into %s (%s)", folder, e)
         return Restamped()
-    return Restamped(name, np.asarray(ids[same], np.int64))
+    nbytes = sum(u.size for u in units or ())
+    return Restamped(name, np.asarray(ids[rows], np.int64), nbytes)
 
 
 def _restamp_units(given: TouchedInput, shard: Shard, folder: str) -> Restamped:
@@ -277,24 +302,7 @@ def _restamp_units(given: TouchedInput, shard: Shard, folder: str) -> Restamped:
             records += found
     if not rows:
         return Restamped()
-    ids, vectors = shard.arrays()
-    result = PartitionResult(
-        ids[rows],
-        [r.path for r in records],
-        vectors[rows],
-        [],
-        RESTAMPED,
-        traits=traits[rows],
-        preprocess=shard.info.get("preprocess"),
-        records=records,
-    )
-    try:
-        name = write_shard(folder, given.spec, units, result)
-    except OSError as e:  # embedded instead, where the build says what is wrong
-        logger.warning("could not write a shard into %s (%s)", folder, e)
-        return Restamped()
-    nbytes = sum(u.size for u in units)
-    return Restamped(name, np.asarray(ids[rows], np.int64), nbytes)
+    return _moved(shard, rows, traits, records, given, folder, units)
 
 
 def _same_members(
