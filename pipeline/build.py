@@ -415,7 +415,8 @@ def build_steps(
             if planned.rebuild:
                 clear_staging(staging)
             sink = _ShardSink(plan, model, plan_dir(dest))
-            to_embed = _restamp(sink, plan, source, spec, dest, client, name, progress)
+            tracker = _progress_of(plan, progress)
+            to_embed = _restamp(sink, plan, source, spec, dest, client, name, tracker)
             remaining, summary.damaged_shards = _resume(
                 sink, staging, spec, to_embed, dest
             )
@@ -425,29 +426,21 @@ def build_steps(
             summary.touched = sink.touched_images
             summary.updated -= summary.touched
             summary.unchanged += summary.touched
-            done_images = sink.resumed_images + sink.touched_images
             if sink.resumed_images:
                 logger.info(
                     "%s: resuming; %d images embedded before",
                     name,
                     sink.resumed_images,
                 )
+            tracker.failed = len(sink.failures) - len(plan.known_failures)
+            resumed_bytes = 0
+            if plan.by_shard:  # the tar shards resumed are read whole
+                resumed_bytes = sum(r.size for r in to_embed)
+                resumed_bytes -= sum(r.size for r in remaining)
+            if sink.resumed_images or resumed_bytes:
+                tracker.advance(sink.resumed_images, 0, resumed_bytes)
 
         with stages("embed"), embed_span.entered():
-            if source.by_shard:
-                # How many images the shards hold is known as they are read:
-                # the total is estimated from the bytes read so far.
-                total_bytes = sum(r.size for r in plan.to_embed)
-                tracker = _Progress(
-                    progress,
-                    0,
-                    done_images,
-                    total_bytes=total_bytes,
-                    done_bytes=total_bytes - sum(r.size for r in remaining),
-                )
-            else:
-                tracker = _Progress(progress, len(plan.to_embed), done_images)
-            tracker.failed = len(sink.failures) - len(plan.known_failures)
 
             def on_result(part, result) -> None:
                 try:
@@ -652,11 +645,11 @@ def _restamp(
     dest: Path,
     client: Client | None,
     name: str,
-    progress: ProgressCallback | None,
+    tracker: _Progress,
 ) -> Sequence[ImageRecord]:
     """Keep the vectors of the plan's touched images whose bytes did not
     change (:mod:`pipeline.touched`, on ``client``'s workers): their shards
-    go to ``sink`` (``progress`` counts them done as they come), and the
+    go to ``sink`` (``tracker`` counts them done as they come), and the
     rest of ``plan.to_embed`` is what is left to embed."""
     if not (plan.touched or plan.touched_units):
         return plan.to_embed
@@ -672,11 +665,6 @@ def _restamp(
         sink.preprocess,
         tuple(plan.touched_units),
     )
-    if plan.by_shard:  # its images are counted as read: estimated from bytes
-        total = sum(r.size for r in plan.to_embed)
-        tracker = _Progress(progress, 0, 0, total_bytes=total)
-    else:
-        tracker = _Progress(progress, len(plan.to_embed), 0)
     seen = (str(plan_dir(dest) / LISTING), plan.token)
     written = []
     for path, one in restamp_touched(
@@ -710,6 +698,16 @@ def _restamp(
         return [r for r in plan.to_embed if r.path not in units]
     ids = np.sort(np.concatenate(kept))
     return without_ids(plan.to_embed, ids, plan_dir(dest) / REMAINING)
+
+
+def _progress_of(plan: Plan, progress: ProgressCallback | None) -> _Progress:
+    """Images done of those the plan has to embed, none yet."""
+    if plan.by_shard:
+        # How many images the shards hold is known as they are read: the
+        # total is estimated from the bytes read so far.
+        total_bytes = sum(r.size for r in plan.to_embed)
+        return _Progress(progress, 0, 0, total_bytes=total_bytes)
+    return _Progress(progress, len(plan.to_embed), 0)
 
 
 def _resume(
