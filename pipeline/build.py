@@ -511,7 +511,6 @@ def build_steps(
                 summary.added, summary.updated, summary.removed = _image_changes(
                     plan, sink.found, manifest, failures
                 )
-                summary.updated -= summary.touched  # found again, not changed
             # This run's shards first: a re-embedded image's new row wins.
             candidates = ShardFiles(sink.shards + _live_shards(dest, plan))
             selection, shards, missing = select_rows(candidates, manifest)
@@ -1107,12 +1106,13 @@ class _ShardSink:
         self.resumed_images += len(shard.info["records"])
 
     def add_touched(self, shard: Shard) -> None:
-        """A shard of touched, unchanged images (pipeline/touched.py)."""
-        self._add_shard(shard)
+        """A shard of touched, unchanged images (pipeline/touched.py): tar
+        shards of it are read again, but none of their images changed."""
+        self._add_shard(shard, changed=False)
         self.touched_shards += 1
         self.touched_images += len(shard.info["records"])
 
-    def _add_shard(self, shard: Shard) -> None:
+    def _add_shard(self, shard: Shard, changed: bool = True) -> None:
         width = shard.info.get("dim")
         if shard.info["paths"] and width is not None and width != self.dim:
             raise BuildFailed(
@@ -1135,13 +1135,14 @@ class _ShardSink:
             else:
                 self._failed[record.path] = record
         self.shards.append(shard.path)
-        if "units" in shard.info:
+        if "units" in shard.info and changed:
             ids = [image_id(p) for p, _, _ in shard.info["records"]]
             self._found.append(np.array(ids, np.int64))
 
     @property
     def found(self) -> np.ndarray:
-        """The ids of the images this run's tar shards held (indexed or not)."""
+        """The ids of the images this run's tar shards held (indexed or not),
+        but those of touched, unchanged ones."""
         return np.concatenate([np.zeros(0, np.int64), *self._found])
 
     def finish(
