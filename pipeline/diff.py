@@ -33,6 +33,7 @@ import numpy as np
 
 from imgindex.pipeline.discover import Failure, ImageRecord
 from imgindex.pipeline.listing import ListedAgain, distinct_rows
+from imgindex.pipeline.lookup import repeated
 from imgindex.pipeline.parts import Part, PartWriter, Row, record_of
 from imgindex.pipeline.ranges import (
     PathRange,
@@ -152,7 +153,7 @@ def diff_range(given: RangeInput, within: PathRange, work: str) -> RangeDiff:
     found.old = old_rows.count + sum(1 for _ in old_rows)
     found.embed, found.kept = embed.close(), kept.close()
     ordered = np.sort(np.frombuffer(ids, np.int64))
-    found.twice = _repeated(ordered)
+    found.twice = repeated(ordered)
     folder = Path(work, IDS)
     folder.mkdir(exist_ok=True)
     found.ids = str(folder / f"{uuid.uuid4().hex[:12]}.npy")
@@ -185,12 +186,7 @@ def ids_twice(files: Sequence[str], span: tuple[int, int], work: str) -> list[in
         a, b = np.searchsorted(ids, [lo, hi])
         slices.append(np.asarray(ids[a:b]))
     ordered = np.sort(np.concatenate(slices)) if slices else np.empty(0, np.int64)
-    return _repeated(ordered)
-
-
-def _repeated(ordered: np.ndarray) -> list[int]:
-    """The values found more than once in the sorted array ``ordered``."""
-    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]]).tolist()
+    return repeated(ordered)
 
 
 @dataclass

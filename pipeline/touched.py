@@ -37,6 +37,7 @@ import numpy as np
 from imgindex.pipeline.discover import ImageRecord
 from imgindex.pipeline.embed import ModelSpec, PartitionResult
 from imgindex.pipeline.errors import DecodeError
+from imgindex.pipeline.lookup import repeated, rows_in_sorted
 from imgindex.pipeline.parts import PartRecords, PartWriter, iter_part
 from imgindex.pipeline.ranges import map_ranges
 from imgindex.pipeline.shards import (
@@ -145,8 +146,7 @@ def claimed_once(
     :func:`pipeline.shards.usable_shards` does (two shards of the index in
     place with one file's record: about never)."""
     every = np.concatenate([np.zeros(0, np.int64), *(w.ids for _, w in written)])
-    ordered = np.sort(every)
-    twice = set(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]).tolist())
+    twice = set(repeated(np.sort(every)))
     if not twice:
         return list(written), []
     use, drop = [], []
@@ -357,13 +357,11 @@ def _touched_rows(
     listed = np.zeros(len(ids), np.int64)
     for file in files:
         table = np.load(file, mmap_mode="r")
-        if not len(table):
-            continue
-        at = np.minimum(np.searchsorted(table["id"], ids), len(table) - 1)
-        hit = np.asarray(table["id"][at]) == ids
+        at = rows_in_sorted(table["id"], ids)
+        hit = at >= 0
         touched |= hit
-        recorded[hit] = np.asarray(table["recorded"][at])[hit]
-        listed[hit] = np.asarray(table["listed"][at])[hit]
+        recorded[hit] = table["recorded"][at[hit]]
+        listed[hit] = table["listed"][at[hit]]
     return touched, recorded, listed
 
 
