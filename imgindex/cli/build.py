@@ -104,7 +104,7 @@ from imgindex.feedback import TerminalFeedback, shown
     is_flag=True,
     help="A DATASET whose index under OUT names another place is that "
     "dataset, moved or copied here: embed only its new and changed images "
-    "(copies must keep modification times: cp -p, rsync -a).",
+    "(a copy that dropped the times is read, not embedded again).",
 )
 @click.option(
     "--name",
