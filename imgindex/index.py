@@ -325,18 +325,13 @@ def _shard_member(rows, member: int) -> np.ndarray:
 
 def _queries(queries: Query | Sequence[Query]) -> Iterator[tuple[str, Query]]:
     """(label, query) for each query; a folder gives each image under it."""
-    from imgindex.pipeline.discover import check_dataset, discover_images
+    from imgindex.pipeline.search import query_files
 
     if _is_one(queries):
         queries = [queries]
     for n, query in enumerate(queries):
         if isinstance(query, str | os.PathLike):
-            path = Path(query)
-            if path.is_dir():
-                root = check_dataset(path).resolve()
-                for record in discover_images(root, []):
-                    yield str(root / record.path), root / record.path
-            else:
+            for path in query_files(query):
                 yield str(path), path
         else:
             yield f"<image {n}>", query

@@ -203,6 +203,29 @@ def _merged(
     return out_s, out_i
 
 
+def query_files(query: str | os.PathLike) -> list[Path]:
+    """The image files a query path names: itself, or every image under a
+    folder (walked as a dataset is).
+
+    Raises
+    ------
+    DecodeError
+        Where nothing is at the path: before any query is embedded, and
+        without the build's hint that a discovered file was deleted since.
+    DatasetError
+        For a folder that holds no images.
+    """
+    from imgindex.pipeline.discover import check_dataset, discover_images
+
+    path = Path(query)
+    if path.is_dir():
+        root = check_dataset(path).resolve()
+        return [root / record.path for record in discover_images(root, [])]
+    if not os.path.lexists(path):
+        raise DecodeError(str(path), "no such file or folder")
+    return [path]
+
+
 def search_images(
     index_dir: str | os.PathLike,
     images: list[str | os.PathLike],
@@ -213,4 +236,4 @@ def search_images(
     return Searcher(index_dir, turns=turns).search_images(images, k)
 
 
-__all__ = ["DecodeError", "Hit", "Searcher", "search_images"]
+__all__ = ["DecodeError", "Hit", "Searcher", "query_files", "search_images"]

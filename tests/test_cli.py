@@ -86,6 +86,22 @@ def test_search_text_output(remote_build):
     assert str(roots["forest"] / "img00002.jpg") in result.stdout.splitlines()[1]
 
 
+def test_a_missing_query_is_named_before_any_query_is_searched(remote_build, tmp_path):
+    _, roots, out = remote_build
+    listed = tmp_path / "queries.txt"
+    listed.write_text(f"{roots['forest'] / 'img00002.jpg'}\n{tmp_path / 'gone.jpg'}\n")
+    result = invoke(
+        "search", out / "forest", roots["forest"] / "img00003.jpg",
+        "--queries-from", listed,
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stdout == ""  # not the first queries' hits, then an error
+    # Not the build's "deleted after discovery?": nothing discovered it.
+    assert one_error_line(result.stderr) == (
+        f"Error: {tmp_path / 'gone.jpg'}: no such file or folder"
+    )
+
+
 def test_info_json_counts(remote_build):
     _, _, out = remote_build
     result = invoke("info", out / "beach", "--json")

@@ -182,6 +182,10 @@ def build(
         raise click.ClickException(shown(errors[0]) + more)
 
 
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _print_build_report(report: dict) -> None:
     for d in report["datasets"]:
         if "error" in d:
@@ -198,17 +202,18 @@ def _print_build_report(report: dict) -> None:
         if d["moved_from"]:
             click.echo(f"  dataset moved here from {shown(d['moved_from'])}")
         if d["touched"]:
-            images = "image" if d["touched"] == 1 else "images"
+            one = d["touched"] == 1
             click.echo(
-                f"  {d['touched']} unchanged {images} had a new modification time "
-                "(same bytes, checked): their vectors were kept"
+                f"  {_counted(d['touched'], 'unchanged image')} had a new "
+                "modification time (same bytes, checked): "
+                + ("its vector was kept" if one else "their vectors were kept")
             )
         if d["kept"]:
             click.echo(f"  index kept as it was: {shown(d['kept'])}")
         for runtime, images in d["runtimes"].items():
             why = d["runtime_reasons"].get(runtime)
             click.echo(
-                f"  model run by {runtime} for {images} images"
+                f"  model run by {runtime} for {_counted(images, 'image')}"
                 + (f" ({shown(why)})" if why else "")
             )
         if d["resumed_partitions"]:

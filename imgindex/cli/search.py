@@ -18,18 +18,14 @@ FEW_FORWARD_PASSES = 64  # fewer: torch, unless ONNX Runtime runs from its cache
 
 def _query_images(images, queries_from) -> list[Path]:
     """Query files: each IMAGE a file or a folder (walked), plus a list file."""
-    from imgindex.pipeline.discover import check_dataset, discover_images
+    from imgindex.pipeline.search import query_files
 
     listed: list[Path] = []
     if queries_from is not None:
         listed = [Path(line) for line in queries_from.read().splitlines() if line]
     paths: list[Path] = []
     for image in [*images, *listed]:
-        if image.is_dir():
-            root = check_dataset(image).resolve()
-            paths.extend(root / r.path for r in discover_images(root, []))
-        else:
-            paths.append(image)
+        paths.extend(query_files(image))
     if not paths:
         raise click.UsageError("no query images (give IMAGE files or folders)")
     return paths

@@ -373,7 +373,7 @@ function outcome(summary) {
   }
   if (summary.touched) {
     // Copied without their times, restored, touched: read, not embedded.
-    box.append(el("div", { class: "touched", text: `${count(summary.touched, "unchanged image", "unchanged images")} had a new modification time (same bytes, checked): their vectors were kept.` }));
+    box.append(el("div", { class: "touched", text: `${count(summary.touched, "unchanged image", "unchanged images")} had a new modification time (same bytes, checked): ${summary.touched === 1 ? "its vector was" : "their vectors were"} kept.` }));
   }
   const failed = summary.failed || [];
   if (failed.length) {
