@@ -67,12 +67,13 @@ def main() -> None:
     print(
         f"  first build      {first_wall:6.1f} s end to end, "
         f"{work_seconds(first):6.2f} s preparing and embedding, "
-        f"{built['embedded']} embedded"
+        f"{built['embedded']} embedded, index {built['stage_seconds']['index']:.2f} s"
     )
     print(
         f"  copied, no times {again_wall:6.1f} s end to end, "
         f"{work_seconds(again):6.2f} s preparing and embedding, "
-        f"{kept['embedded']} embedded, {kept['touched']} read and kept"
+        f"{kept['embedded']} embedded, {kept['touched']} read and kept, "
+        f"index {kept['stage_seconds']['index']:.2f} s"
     )
     met = ratio <= TARGET and kept["embedded"] == 0 and kept["touched"] == n
     print(

@@ -17,7 +17,7 @@ import numpy as np
 
 from imgindex import __version__
 from imgindex.pipeline.config import config_value
-from imgindex.pipeline.discover import ImageRecord
+from imgindex.pipeline.discover import Failure, ImageRecord
 from imgindex.pipeline.errors import BuildFailed, IndexDirError
 from imgindex.pipeline.index_build import (
     Append,
@@ -33,7 +33,7 @@ from imgindex.pipeline.lookup import rows_in_sorted
 from imgindex.pipeline.meta import IndexMeta
 from imgindex.pipeline.plan import Plan
 from imgindex.pipeline.shards import INDEX_WORK, Shard, clear_index_work
-from imgindex.pipeline.store import INDEX_FILE, StoredIndex
+from imgindex.pipeline.store import INDEX_FILE, StoredIndex, link_index_files
 
 logger = logging.getLogger(__name__)
 
@@ -173,29 +173,94 @@ def index_in_place(
     previous = reusable
     if previous is None or plan.to_embed or plan.removed:
         return None
+    if not _as_this_build_would(plan, previous, request, plan.known_failures):
+        return None
+    return f"nothing added, changed or removed since {previous.meta.updated}"
+
+
+def holds_every_vector(
+    plan: Plan,
+    reusable: StoredIndex | None,
+    request: IndexRequest,
+    manifest: Sequence[ImageRecord],
+    failures: Iterable[Failure],
+    restamped: np.ndarray,
+) -> bool:
+    """Whether the index in place answers for ``manifest`` with the vectors it
+    holds, as this build would write it: its images are the index's, each
+    unchanged or ``restamped`` (keys of images with a new time and the same
+    bytes, :mod:`pipeline.touched`), the same files failed, and the settings
+    ask for the same index (:func:`index_in_place`).
+
+    Then its file is kept in the new version rather than built again: an
+    HNSW graph of 300,000 images took 176 s to build (docs/performance.md),
+    and a copy made without its files' times restamps every image.
+    """
+    if reusable is None or not len(restamped) or plan.removed:
+        return False
+    if len(manifest) != reusable.meta.count:
+        return False
+    if not _as_this_build_would(plan, reusable, request, failures):
+        return False
+    known = np.concatenate([record_keys(reusable.records()), restamped])
+    return bool(np.isin(record_keys(manifest), known).all())
+
+
+def _as_this_build_would(
+    plan: Plan,
+    previous: StoredIndex,
+    request: IndexRequest,
+    failures: Iterable[Failure],
+) -> bool:
+    """The index in place was written by this version of imgindex with these
+    ``failures``, and the settings would choose and tune the same index."""
     meta = previous.meta
     if meta.imgindex_version != __version__:
-        return None
-    failures = {(f.path, f.reason) for f in plan.known_failures}
-    if failures != {(f.path, f.reason) for f in previous.failures}:
-        return None
+        return False
+    failed = {(f.path, f.reason) for f in failures}
+    if failed != {(f.path, f.reason) for f in previous.failures}:
+        return False
     if plan.metadata_digest != meta.metadata_digest:
-        return None  # a list's other columns were edited: the manifest is new
+        return False  # a list's other columns were edited: the manifest is new
     # The model was checked against the plan's (pipeline.plan), so its dim
     # is the index's.
     choice, _, _ = decide(
         request, meta.count, meta.dim, meta, previous.path / INDEX_FILE
     )
     if (choice.key, choice.on_disk) != (meta.index_key, meta.on_disk):
-        return None
+        return False
     measured, settings = meta.quality, request.settings
     # A collection smaller than recall-k was measured at k = its size.
     k = min(settings.recall_k, meta.count - meta.copies)
-    if measured.get("queries") and (
-        measured.get("target") != settings.recall_target or measured.get("k") != k
-    ):
-        return None
-    return f"nothing added, changed or removed since {meta.updated}"
+    return not measured.get("queries") or (
+        measured.get("target") == settings.recall_target and measured.get("k") == k
+    )
+
+
+def kept_index(stored: StoredIndex, staging: Path) -> BuiltIndex:
+    """The index in place as a build into ``staging`` would have written it
+    (:func:`holds_every_vector`): its files linked into the work folder."""
+    meta = stored.meta
+    folder = staging / INDEX_WORK
+    clear_index_work(folder)
+    link_index_files(stored.path, folder)
+    choice = IndexChoice(
+        key=meta.index_key,
+        kind=meta.index_kind,
+        reason=meta.index_reason,
+        bytes_estimate=0,
+        train_size=0,
+        on_disk=meta.on_disk,
+    )
+    return BuiltIndex(
+        folder,
+        choice,
+        count=meta.count,
+        trained_on=0,
+        search_params=dict(meta.search_params),
+        quality=dict(meta.quality),
+        copies=meta.copies,
+    )
 
 
 def intact(stored: StoredIndex | None) -> StoredIndex | None:
@@ -218,15 +283,18 @@ def plan_append(
     choice: IndexChoice,
     trained: Path | None,
     stored: StoredIndex | None,
-    manifest: Iterable[ImageRecord],
+    manifest: Sequence[ImageRecord],
     shards: Iterable[Shard],
+    restamped: np.ndarray | None = None,
 ) -> tuple[IndexChoice, Append | None]:
     """Grow the previous index when its quantizer is kept (see :func:`decide`),
     or when it is a graph of the same kind and images were only added.
 
-    Its entries for images unchanged since are kept as they are; only new and
-    changed images are encoded; removed and changed images' entries dropped
-    (IVF; a graph cannot drop a node, so it is built again then).
+    Its entries for images unchanged since, or ``restamped`` (keys of images
+    with a new time and the same bytes, :mod:`pipeline.touched`), are kept
+    as they are; only new and changed images are encoded; removed and
+    changed images' entries dropped (IVF; a graph cannot drop a node, so it
+    is built again then).
     Returns the choice with a reason that says so, and the plan (None: refill).
     """
     if stored is None or stored.meta.on_disk != choice.on_disk:
@@ -236,11 +304,17 @@ def plan_append(
         return choice, None
     before, now = record_keys(stored.records()), record_keys(manifest)
     kept = np.isin(now, before)  # the same path, size and mtime in both
+    gone = ~np.isin(before, now)
+    if restamped is not None and len(restamped):
+        # A restamped image's old record is gone, but its entry is its vector.
+        again = np.isin(now, restamped) & ~kept
+        kept |= again
+        ids = np.fromiter((r.id for r in stored.records()), np.int64, len(before))
+        gone &= ~np.isin(ids, _ids_of(manifest, again))
     changed = [r for r, same in zip(manifest, kept, strict=True) if not same]
     rows, _, missing = select_rows(shards, changed)
     if missing:
         return choice, None  # cannot happen after select_rows on all; refill
-    gone = ~np.isin(before, now)
     drop = np.array(
         [r.id for r, out in zip(stored.records(), gone, strict=True) if out],
         np.int64,
@@ -261,6 +335,12 @@ def plan_append(
         f"{len(drop):,} without training"
     )
     return dataclasses.replace(choice, reason=reason), Append(trained, rows, drop)
+
+
+def _ids_of(records: Sequence[ImageRecord], which: np.ndarray) -> np.ndarray:
+    return np.fromiter(
+        (r.id for r, this in zip(records, which, strict=True) if this), np.int64
+    )
 
 
 def select_rows(

@@ -21,8 +21,10 @@ from imgindex import __version__
 from imgindex.pipeline.assemble import (
     IndexRequest,
     decide,
+    holds_every_vector,
     index_in_place,
     intact,
+    kept_index,
     plan_append,
     record_keys,
     run_index_build,
@@ -524,46 +526,54 @@ def build_steps(
                     f"{missing[0].path!r}); run the build again with --rebuild"
                 )
             previous = plan.previous.meta if plan.previous else None
-            choice, trained, trained_for = decide(
-                index,
-                len(manifest),
-                int(model.dim),
-                previous,
-                dest / INDEX_FILE if reusable else None,
-            )
-            choice, append = plan_append(
-                choice, trained, reusable, manifest, candidates
-            )
+            restamped = sink.restamped
+            if holds_every_vector(plan, reusable, index, manifest, failures, restamped):
+                # Only times changed: the index holds every vector as it is.
+                assert reusable is not None and previous is not None
+                built, trained_for = kept_index(reusable, staging), previous.trained_for
+                choice = built.choice
+                logger.info("%s: only times changed: index file kept", name)
+            else:
+                choice, trained, trained_for = decide(
+                    index,
+                    len(manifest),
+                    int(model.dim),
+                    previous,
+                    dest / INDEX_FILE if reusable else None,
+                )
+                choice, append = plan_append(
+                    choice, trained, reusable, manifest, candidates, restamped
+                )
 
-            def on_step(stage: str, done: int, total: int) -> None:
-                cancel.check()
-                if on_index_step is not None:
-                    on_index_step(stage, done, total)
+                def on_step(stage: str, done: int, total: int) -> None:
+                    cancel.check()
+                    if on_index_step is not None:
+                        on_index_step(stage, done, total)
 
-            runner = Runner(
-                client if workers_write else None,
-                name,
-                settings.retries,
-                on_step=on_step,
-            )
-            with cancel.hook(runner.cancel_running):
-                try:
-                    built = run_index_build(
-                        runner,
-                        selection,
-                        int(model.dim),
-                        choice,
-                        staging,
-                        index,
-                        trained,
-                        append,
-                    )
-                except BaseException:
-                    # Leave no index tasks on the cluster (unless it is gone).
-                    with contextlib.suppress(Exception):
-                        runner.cancel_running()
-                    cancel.check()  # a cancelled task's error: say why it was
-                    raise
+                runner = Runner(
+                    client if workers_write else None,
+                    name,
+                    settings.retries,
+                    on_step=on_step,
+                )
+                with cancel.hook(runner.cancel_running):
+                    try:
+                        built = run_index_build(
+                            runner,
+                            selection,
+                            int(model.dim),
+                            choice,
+                            staging,
+                            index,
+                            trained,
+                            append,
+                        )
+                    except BaseException:
+                        # Leave no index tasks on the cluster (unless it is gone).
+                        with contextlib.suppress(Exception):
+                            runner.cancel_running()
+                        cancel.check()  # a cancelled task's error: say why it was
+                        raise
             if built.count != len(manifest):
                 raise BuildFailed(
                     f"the index holds {built.count} vectors for {len(manifest)} "
@@ -1068,8 +1078,10 @@ class _ShardSink:
         self.task_seconds: Counter = Counter()
         self.shards: list[Path] = []  # this run's, and the resumed ones
         self.resumed_images = 0
-        # Shards of touched, unchanged images, and the images they hold.
+        # Shards of touched, unchanged images, the images they hold, and
+        # their record_keys: the index in place holds their vectors.
         self.touched_shards = self.touched_images = 0
+        self._restamped: list[np.ndarray] = []
         self.work = work  # the plan's folder
         self._indexed = PartWriter(work / INDEXED)  # the shards' images, as rows
         # The failed images' file records, where their shards tell them.
@@ -1111,6 +1123,14 @@ class _ShardSink:
         self._add_shard(shard, changed=False)
         self.touched_shards += 1
         self.touched_images += len(shard.info["records"])
+        indexed = set(shard.info["paths"])
+        kept = (r for r in shard.records if r.path in indexed)
+        self._restamped.append(record_keys(kept))
+
+    @property
+    def restamped(self) -> np.ndarray:
+        """The record keys of the touched images whose vectors were kept."""
+        return np.concatenate([np.zeros(0, np.int64), *self._restamped])
 
     def _add_shard(self, shard: Shard, changed: bool = True) -> None:
         width = shard.info.get("dim")

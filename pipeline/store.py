@@ -661,8 +661,21 @@ def _new_version(dest: Path, mode: int, untouched: str) -> Iterator[Path]:
     _swap_into_place(new, dest)
 
 
+# What an index build writes, beside the manifest, shards and meta.json.
+BUILT_FILES = (INDEX_FILE, IVFDATA_FILE, COPIES_FILE)
+
+
+def link_index_files(dest: Path, folder: Path) -> None:
+    """The index files of the version in place at ``dest`` in ``folder``
+    too (hard links, else copies), for a new version to keep them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in BUILT_FILES:
+        if (dest / name).is_file():
+            _link_file(dest / name, folder / name)
+
+
 def _move_index_files(built: Path, tmp: Path) -> None:
-    for name in (INDEX_FILE, IVFDATA_FILE, COPIES_FILE):
+    for name in BUILT_FILES:
         if (built / name).exists():
             os.replace(built / name, tmp / name)  # the same file system: beside dest
             fsync_path(tmp / name)

@@ -8,6 +8,7 @@ end-to-end tests embed real images with the real model on a real cluster.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -588,9 +589,13 @@ def test_incremental_ivf_appends_without_training_and_removes(
         p.unlink()
     changed = sorted(data.glob("img*"))[-1]
     changed.write_bytes(photo_sets["forest"][-1].read_bytes())
+    for p in sorted(data.glob("img*"))[:2]:  # a new time, the same bytes
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
     second = run_build(client, data, out, partition_size=8, index=req)
     assert (second.added, second.removed, second.updated) == (10, 4, 1)
-    # Only the new and the changed images are encoded; the rest are copied.
+    assert second.touched == 2
+    # Only the new and the changed images are encoded; the rest, the
+    # touched ones too, are copied.
     assert "kept 31 vectors as they were, encoding 11 new or changed and " in (
         second.index_reason
     )
@@ -681,6 +686,49 @@ def test_a_graph_grows_by_added_images_and_is_built_again_after_a_removal(
     assert "adding" not in rebuilt.index_reason
     assert (rebuilt.indexed, rebuilt.copies) == (43, 3)
     assert read_index(out / "beach").index.ntotal == 40
+
+
+def test_new_times_alone_keep_the_index_file_and_a_graph_grows_past_them(
+    client, tmp_path, dataset, photo_sets
+):
+    """A touch or a copy without times changes no vector (pipeline/touched.py):
+    the index file is kept as it is, and a graph is not built again for it."""
+    out, hnsw = tmp_path / "out", request(type="hnsw")
+    first = run_build(client, dataset, out, index=hnsw)
+    index_file = out / "beach" / INDEX_FILE
+    inode = index_file.stat().st_ino
+
+    def touch(paths):
+        for p in paths:
+            os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+        return {p.name: p.stat().st_mtime_ns for p in paths}
+
+    photos = sorted(dataset.glob("*.jpg"))
+    stamps = touch(photos[:3])
+    steps = []
+    again = run_build(
+        client, dataset, out, index=hnsw, on_index_step=lambda *s: steps.append(s)
+    )
+    assert (again.touched, again.embedded, again.indexed) == (3, 0, first.indexed)
+    assert not again.kept  # a new version: its manifest holds the new times
+    assert index_file.stat().st_ino == inode and steps == []
+    measured = json.loads(json.dumps(first.quality))  # as meta.json holds it
+    assert (again.index_reason, again.quality) == (first.index_reason, measured)
+    stored = read_index(out / "beach")
+    assert {r.path: r.mtime_ns for r in stored.manifest if r.path in stamps} == stamps
+    assert stored.meta.quality == measured
+    (hits,) = search_images(out / "beach", [photos[0]], k=1, turns=False)
+    assert hits[0].path == str(photos[0]) and hits[0].score > 0.999
+
+    touch(photos[3:5])
+    added = photo_sets["forest"][0]
+    shutil.copyfile(added, dataset / f"f-{added.name}")
+    grown = run_build(client, dataset, out, index=hnsw)
+    assert (grown.touched, grown.embedded) == (2, 1)
+    assert f"kept {first.indexed} vectors as they were, adding 1 new to the graph" in (
+        grown.index_reason
+    )
+    assert read_index(out / "beach").index.ntotal == first.indexed + 1
 
 
 def test_batched_search_of_a_folder_and_a_list(client, tmp_path, photo_sets):
