@@ -15,7 +15,7 @@ costs four embeddings a query instead of one (``turns=False``).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -98,13 +98,18 @@ class Searcher:
         self.stored.close()
 
     def search_images(
-        self, images: Sequence[str | os.PathLike], k: int = 10, batch: int = 64
+        self,
+        images: Sequence[str | os.PathLike],
+        k: int = 10,
+        batch: int = 64,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[list[Hit]]:
         """Top-``k`` hits for each query image file, in order.
 
         Queries are decoded, embedded and searched ``batch`` images (a query
         and its turns) at a time, so thousands of them need the memory of one
-        batch (plus the results).
+        batch (plus the results). ``progress(done, total)`` is called with
+        the queries searched after each batch.
 
         Raises
         ------
@@ -112,12 +117,17 @@ class Searcher:
             Naming the query file that could not be read.
         """
         hits: list[list[Hit]] = []
-        step = max(1, batch // 4) if self.turns else batch
-        for start in range(0, len(images), step):
-            chunk = images[start : start + step]
+        for start in range(0, len(images), self.queries_per_batch(batch)):
+            chunk = images[start : start + self.queries_per_batch(batch)]
             pixels = [self.embedder.decode(os.fspath(p)) for p in chunk]
             hits.extend(self.search_pixels(pixels, k))
+            if progress is not None:
+                progress(len(hits), len(images))
         return hits
+
+    def queries_per_batch(self, batch: int = 64) -> int:
+        """Queries in a batch of ``batch`` images: with turns, four a query."""
+        return max(1, batch // 4) if self.turns else batch
 
     def search_pixels(
         self, pixels: Sequence[np.ndarray], k: int = 10, turns: bool | None = None

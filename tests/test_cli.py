@@ -86,6 +86,25 @@ def test_search_text_output(remote_build):
     assert str(roots["forest"] / "img00002.jpg") in result.stdout.splitlines()[1]
 
 
+def test_many_queries_show_their_progress_on_stderr(remote_build):
+    from imgindex.pipeline.search import Searcher
+
+    _, roots, out = remote_build
+    result = invoke("search", out / "forest", roots["forest"], "-k", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    lists = json.loads(result.stdout)  # the bar is on stderr only
+    assert [hits[0]["path"] for hits in lists] == [
+        str(p) for p in sorted(roots["forest"].iterdir())
+    ]
+    assert "forest: searching" in result.stderr  # a bar, on a terminal
+    calls = []
+    searcher = Searcher(out / "forest", turns=True)
+    searcher.search_images(
+        sorted(roots["forest"].iterdir()), 1, progress=lambda *a: calls.append(a)
+    )
+    assert calls == [(16, 28), (28, 28)]  # a query and its 3 turns: 16 a batch
+
+
 def test_a_missing_query_is_named_before_any_query_is_searched(remote_build, tmp_path):
     _, roots, out = remote_build
     listed = tmp_path / "queries.txt"

@@ -11,7 +11,7 @@ from imgindex.cli.group import cli
 from imgindex.cli.options import (
     quality_line,
 )
-from imgindex.feedback import shown
+from imgindex.feedback import ProgressBars, shown
 
 FEW_FORWARD_PASSES = 64  # fewer: torch, unless ONNX Runtime runs from its cache
 
@@ -69,7 +69,17 @@ def search(index_dir, images, queries_from, k, turns, as_json):
     turns = bool(config_value(turns, "imgindex.search.turns"))
     few = len(images) * (4 if turns else 1) < FEW_FORWARD_PASSES
     searcher = Searcher(index_dir, turns=turns, few_passes=few)
-    results = searcher.search_images(images, k)
+    if len(images) > searcher.queries_per_batch():
+        # Thousands of queries take minutes on this machine's CPU.
+        bar = ProgressBars(f"{shown(index_dir.name)}: searching")
+        try:
+            results = searcher.search_images(
+                images, k, progress=lambda done, total: bar.update(done, total, 0)
+            )
+        finally:
+            bar.close()
+    else:
+        results = searcher.search_images(images, k)
     if as_json:
         click.echo(
             json.dumps([[h.to_json() for h in hits] for hits in results], indent=2)
