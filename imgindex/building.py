@@ -251,6 +251,8 @@ def check_datasets(
 
 
 def check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ImgindexError(f"output folder {str(out)!r} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".imgindex-write-test-{os.getpid()}"

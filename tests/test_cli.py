@@ -278,6 +278,12 @@ def test_unwritable_out_is_one_line(dataset, tmp_path):
     result = invoke("build", dataset, "--out", blocker / "sub")
     assert result.exit_code == 1
     assert "is not writable" in one_error_line(result.stderr)
+    result = invoke("build", dataset, "--out", blocker)
+    assert result.exit_code == 1
+    assert one_error_line(result.stderr) == (
+        f"Error: output folder {str(blocker)!r} is a file, not a folder"
+    )
+    assert blocker.read_text() == "a file, not a folder"
 
 
 @pytest.mark.parametrize("address", ["tcp//node1", "node1:notaport", "http://x:1"])
