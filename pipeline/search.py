@@ -117,8 +117,9 @@ class Searcher:
             Naming the query file that could not be read.
         """
         hits: list[list[Hit]] = []
-        for start in range(0, len(images), self.queries_per_batch(batch)):
-            chunk = images[start : start + self.queries_per_batch(batch)]
+        step = self.queries_per_batch(batch)
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
             pixels = [self.embedder.decode(os.fspath(p)) for p in chunk]
             hits.extend(self.search_pixels(pixels, k))
             if progress is not None:
