@@ -173,7 +173,7 @@ def index_in_place(
     previous = reusable
     if previous is None or plan.to_embed or plan.removed:
         return None
-    if not _as_this_build_would(plan, previous, request, plan.known_failures):
+    if not as_this_build_would(plan, previous, request, plan.known_failures):
         return None
     return f"nothing added, changed or removed since {previous.meta.updated}"
 
@@ -200,13 +200,13 @@ def holds_every_vector(
         return False
     if len(manifest) != reusable.meta.count:
         return False
-    if not _as_this_build_would(plan, reusable, request, failures):
+    if not as_this_build_would(plan, reusable, request, failures):
         return False
     known = np.concatenate([record_keys(reusable.records()), restamped])
     return bool(np.isin(record_keys(manifest), known).all())
 
 
-def _as_this_build_would(
+def as_this_build_would(
     plan: Plan,
     previous: StoredIndex,
     request: IndexRequest,

@@ -20,6 +20,7 @@ import numpy as np
 from imgindex import __version__
 from imgindex.pipeline.assemble import (
     IndexRequest,
+    as_this_build_would,
     decide,
     holds_every_vector,
     index_in_place,
@@ -49,7 +50,7 @@ from imgindex.pipeline.lock import lock_index
 from imgindex.pipeline.lookup import rows_in_sorted
 from imgindex.pipeline.manifest_merge import ManifestInput, merge_manifest
 from imgindex.pipeline.meta import IndexMeta, now_stamp
-from imgindex.pipeline.models import ModelCard, get_model
+from imgindex.pipeline.models import ModelCard, Preprocess, get_model
 from imgindex.pipeline.parts import PartRecords, PartWriter, row_of
 from imgindex.pipeline.plan import (
     INDEXED,
@@ -63,8 +64,10 @@ from imgindex.pipeline.plan import (
 )
 from imgindex.pipeline.ranges import compact_parts, label
 from imgindex.pipeline.shards import (
+    TOUCHED_WORK,
     Shard,
     ShardFiles,
+    clear_shard_files,
     clear_staging,
     iter_shards,
     read_shard,
@@ -87,6 +90,7 @@ from imgindex.pipeline.store import (
     write_meta_version,
 )
 from imgindex.pipeline.touched import (
+    Restamped,
     TouchedInput,
     claimed_once,
     restamp_touched,
@@ -176,6 +180,14 @@ class PlannedBuild:
     started: float
     stages: StageTimer
     _held: contextlib.ExitStack
+    # Where its only change was a few files with a new time, checked here
+    # while planning and all of the same bytes: their shards, restamped.
+    restamped: list[tuple[Path, Restamped]] | None = None
+
+    @property
+    def needs_workers(self) -> bool:
+        """Whether it has images to embed (or may have: not checked yet)."""
+        return not self.kept and self.restamped is None
 
     def close(self) -> None:
         """Release the lock and the previous index's handles (idempotent)."""
@@ -232,12 +244,70 @@ def plan_dataset(
         held.callback(lambda: plan.previous and plan.previous.close())
         reusable = intact(plan.previous)
         kept = index_in_place(plan, reusable, index)
+        restamped = None
+        if kept is None and _touched_only(plan, reusable, index):
+            with stages("prepare"):
+                restamped = _restamp_here(plan, source, spec, dest, reusable)
     except BaseException:
         held.close()
         raise
     return PlannedBuild(
-        source, name, dest, plan, reusable, kept, rebuild, started, stages, held
+        source,
+        name,
+        dest,
+        plan,
+        reusable,
+        kept,
+        rebuild,
+        started,
+        stages,
+        held,
+        restamped,
     )
+
+
+# A build whose only change is a few files with a new time checks their bytes
+# while it plans, here, and starts no cluster if none changed: a `touch`
+# should not wait for workers (with --jobqueue, for a batch job).
+TOUCHED_HERE_IMAGES = 1_000
+TOUCHED_HERE_BYTES = 256 * 2**20
+
+
+def _touched_only(
+    plan: Plan, reusable: StoredIndex | None, index: IndexRequest
+) -> bool:
+    """Whether all ``plan`` embeds is a few touched files (not tar shards),
+    whose index would be kept as it is were they all unchanged."""
+    if reusable is None or plan.by_shard or plan.removed or not plan.n_touched:
+        return False
+    if plan.n_touched != len(plan.to_embed) or plan.n_touched > TOUCHED_HERE_IMAGES:
+        return False
+    if sum(r.size for r in plan.to_embed) > TOUCHED_HERE_BYTES:
+        return False
+    return as_this_build_would(plan, reusable, index, plan.known_failures)
+
+
+def _restamp_here(
+    plan: Plan, source: Source, spec: ModelSpec, dest: Path, reusable: StoredIndex
+) -> list[tuple[Path, Restamped]] | None:
+    """The touched images' shards, restamped in this process, if every one of
+    them has the bytes it had; else None, and nothing written is left: the
+    build restamps them on its workers, beside embedding the changed ones."""
+    given = TouchedInput(
+        tuple(plan.touched), source.for_tasks(), spec, reusable.meta.preprocess
+    )
+    staging = staging_dir(dest)
+    written = list(restamp_touched(given, dest / SHARDS_DIR, staging, None))
+    use, drop = claimed_once(written)
+    if not drop and sum(len(one.ids) for _, one in use) == plan.n_touched:
+        logger.info(
+            "%s: %d touched images checked here: unchanged", dest.name, plan.n_touched
+        )
+        return use
+    clear_shard_files(staging / TOUCHED_WORK)
+    with contextlib.suppress(OSError):
+        staging.rmdir()  # made for them, if it holds nothing else
+    return None
 
 
 def model_card(client: Client, spec: ModelSpec) -> ModelCard:
@@ -404,10 +474,15 @@ def build_steps(
             yield
             return _kept(summary, plan, planned.kept, started, source)
 
-        model = model or model_card(client, spec)
-        summary.vectors = (
-            "written by workers" if workers_write else "streamed to client"
-        )
+        if client is None:
+            if planned.needs_workers:
+                raise BuildFailed(f"{name}: images to embed, and no cluster given")
+            model = model or _index_card(plan)  # restamped while planning
+        else:
+            model = model or model_card(client, spec)
+            summary.vectors = (
+                "written by workers" if workers_write else "streamed to client"
+            )
         build_span = BuildSpan(
             f"imgindex build {build_id or uuid.uuid4().hex[:6]}", name
         )
@@ -418,7 +493,12 @@ def build_steps(
                 clear_staging(staging)
             sink = _ShardSink(plan, model, plan_dir(dest))
             tracker = _progress_of(plan, progress)
-            to_embed = _restamp(sink, plan, source, spec, dest, client, name, tracker)
+            # With a cluster after all (planning took long, or another
+            # dataset needs one), its workers' model card rules: read again.
+            here = planned.restamped if client is None else None
+            to_embed = _restamp(
+                sink, plan, source, spec, dest, client, name, tracker, here
+            )
             remaining, summary.damaged_shards = _resume(
                 sink, staging, spec, to_embed, dest
             )
@@ -478,16 +558,25 @@ def build_steps(
                     tracker.advance(len(part), len(result.failures))
                 sink.add(result, shard)
 
-            dispatcher = PartitionDispatcher(
-                client,
-                name,
-                source,
-                spec,
-                settings,
-                on_result,
-                shard_dir=str(staging) if workers_write else None,
-                cancel=cancel,
-                ranks=ranks,
+            if client is None and len(remaining):
+                raise BuildFailed(
+                    f"{len(remaining)} images changed since this build was "
+                    "planned; run the same command again"
+                )
+            dispatcher = (
+                PartitionDispatcher(
+                    client,
+                    name,
+                    source,
+                    spec,
+                    settings,
+                    on_result,
+                    shard_dir=str(staging) if workers_write else None,
+                    cancel=cancel,
+                    ranks=ranks,
+                )
+                if client is not None
+                else _NothingToDispatch()
             )
             size = dispatcher.partition_size(len(remaining), partition_size)
             partitions = source.partitions(remaining, size, dispatcher.threads())
@@ -655,13 +744,19 @@ def _restamp(
     client: Client | None,
     name: str,
     tracker: _Progress,
+    here: list[tuple[Path, Restamped]] | None = None,
 ) -> Sequence[ImageRecord]:
     """Keep the vectors of the plan's touched images whose bytes did not
-    change (:mod:`pipeline.touched`, on ``client``'s workers): their shards
-    go to ``sink`` (``tracker`` counts them done as they come), and the
-    rest of ``plan.to_embed`` is what is left to embed."""
+    change (:mod:`pipeline.touched`, on ``client``'s workers, or ``here``
+    while planning): their shards go to ``sink`` (``tracker`` counts them
+    done as they come), and the rest of ``plan.to_embed`` is what is left
+    to embed."""
     if not (plan.touched or plan.touched_units):
         return plan.to_embed
+    if here is not None:
+        for _, one in here:
+            tracker.advance(len(one.ids), 0, one.nbytes)
+        return _kept_restamped(sink, plan, dest, tracker, here)
     logger.info(
         "%s: %d images have a new time but their recorded size: reading them",
         name,
@@ -686,6 +781,17 @@ def _restamp(
     ):
         written.append((path, one))
         tracker.advance(len(one.ids), 0, one.nbytes)
+    return _kept_restamped(sink, plan, dest, tracker, written)
+
+
+def _kept_restamped(
+    sink: _ShardSink,
+    plan: Plan,
+    dest: Path,
+    tracker: _Progress,
+    written: list[tuple[Path, Restamped]],
+) -> Sequence[ImageRecord]:
+    """:func:`_restamp`'s shards, ``written``, to ``sink``; what is left to embed."""
     use, drop = claimed_once(written)
     kept = [np.zeros(0, np.int64)]
     units: set[str] = set()
@@ -702,11 +808,48 @@ def _restamp(
                 units.update(r.path for r in shard.units)
     for _, one in drop:  # counted done as they came: embedded after all
         tracker.advance(-len(one.ids), 0, -one.nbytes)
-    logger.info("%s: %d touched images kept their vectors", name, sink.touched_images)
+    logger.info(
+        "%s: %d touched images kept their vectors", dest.name, sink.touched_images
+    )
     if plan.by_shard:
         return [r for r in plan.to_embed if r.path not in units]
     ids = np.sort(np.concatenate(kept))
     return without_ids(plan.to_embed, ids, plan_dir(dest) / REMAINING)
+
+
+def _index_card(plan: Plan) -> ModelCard:
+    """The model card the index in place recorded (the plan checked that its
+    model is the one asked for): a build with nothing to embed has no worker
+    to ask."""
+    assert plan.previous is not None
+    meta = plan.previous.meta
+    given = meta.preprocess
+    return ModelCard(
+        meta.model,
+        meta.dim,
+        Preprocess(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+        ),
+    )
+
+
+class _NothingToDispatch:
+    """The dispatcher of a build with nothing to embed, and no cluster."""
+
+    def partition_size(self, n_images: int, largest: int = 0) -> int:
+        return 1
+
+    def threads(self) -> int:
+        return 1
+
+    def start(self, partitions: Sequence[object]) -> None:
+        assert not partitions
+
+    def collect(self) -> int:
+        return 0
+
+    def abandon(self) -> None:
+        pass
 
 
 def _progress_of(plan: Plan, progress: ProgressCallback | None) -> _Progress:
@@ -898,7 +1041,7 @@ def run_builds(
             if isinstance(this, ImgindexError):
                 failed(i, watch, this)
                 continue
-            if card_error is not None and not (this and this.kept):
+            if card_error is not None and (not this or this.needs_workers):
                 if this:
                     this.close()
                 failed(i, watch, card_error)
@@ -973,17 +1116,23 @@ def plan_datasets(
 
 
 def needs_cluster(planned: Sequence[PlannedBuild | ImgindexError | None]) -> bool:
-    """Whether a dataset of ``planned`` has images to embed or an index to
-    write (or is not planned yet): those that keep their index, or cannot be
-    built at all, need no worker."""
+    """Whether a dataset of ``planned`` has images to embed (or is not
+    planned yet): those that keep their index, only record new times of
+    files checked while planning, or cannot be built at all, need no worker."""
     return any(
-        p is None or (isinstance(p, PlannedBuild) and not p.kept) for p in planned
+        p is None or (isinstance(p, PlannedBuild) and p.needs_workers) for p in planned
     )
 
 
 def no_cluster(planned: Sequence[PlannedBuild | ImgindexError]) -> dict[str, Any]:
     """``build --json``'s cluster where :func:`needs_cluster` said none was."""
-    if any(isinstance(p, PlannedBuild) for p in planned):
+    builds = [p for p in planned if isinstance(p, PlannedBuild)]
+    if any(p.restamped is not None for p in builds):
+        reason = (
+            "none started: nothing to embed (files with only a new time were "
+            "read here: the same bytes)"
+        )
+    elif builds:
         reason = (
             "none started: every index is current (nothing added, changed or removed)"
         )

@@ -116,7 +116,7 @@ def restamp_touched(
     given: TouchedInput,
     shards_dir: Path,
     staging: Path,
-    seen: tuple[str, str],
+    seen: tuple[str, str] | None,
     cluster: object = None,
     name: str = "restamp",
 ) -> Iterator[tuple[Path, Restamped]]:

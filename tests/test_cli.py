@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import dask.config
 import pytest
 
 from imgindex.pipeline.manifest_ids import IDS_FILE
+from imgindex.pipeline.shards import TOUCHED_WORK, staging_dir
+from imgindex.pipeline.store import INDEX_FILE
 from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import copy_tree, crop_query, write_bad_files
-from tests.helpers import invoke, one_error_line
+from tests.helpers import invoke, one_error_line, read_index
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +242,39 @@ def test_a_rerun_that_finds_nothing_to_do_starts_no_cluster(
     assert (summary["indexed"], summary["embedded"]) == (6, 0)
     assert "cluster: none started" in again.stderr
     assert list(report["stage_seconds"]) == ["checks", "plan", "builds", "close"]
+
+    # Files with only a new time are read here, while planning: no cluster.
+    index_file = out / "few" / INDEX_FILE
+    inode = index_file.stat().st_ino
+    photos = sorted(folder.iterdir())
+    for p in photos[:2]:
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    touched = invoke("build", folder, *offline, "--json")
+    assert touched.exit_code == 0, touched.stderr
+    report = json.loads(touched.stdout)
+    assert (report["cluster"]["kind"], report["cluster"]["reason"]) == (
+        "none",
+        "none started: nothing to embed (files with only a new time were read "
+        "here: the same bytes)",
+    )
+    (summary,) = report["datasets"]
+    assert (summary["touched"], summary["embedded"], summary["indexed"]) == (2, 0, 6)
+    assert not summary["kept"] and index_file.stat().st_ino == inode
+    stamps = {r.path: r.mtime_ns for r in read_index(out / "few").manifest}
+    assert all(stamps[p.name] == p.stat().st_mtime_ns for p in photos)
+    assert not staging_dir(out / "few").exists()
+
+    # An edit that keeps the file's size is found while planning: embedding
+    # it needs the cluster, and nothing read here is left behind.
+    edited = photos[3]
+    data = bytearray(edited.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    edited.write_bytes(bytes(data))
+    os.utime(photos[4], ns=(0, photos[4].stat().st_mtime_ns + 10**9))
+    changed = invoke("build", folder, *offline)
+    assert changed.exit_code == 1
+    assert "--no-fallback" in one_error_line(changed.stderr)
+    assert not (staging_dir(out / "few") / TOUCHED_WORK).exists()
 
     write_photos(folder, 1, seed=35, max_side=320, prefix="new")
     changed = invoke("build", folder, *offline)
