@@ -99,7 +99,7 @@ def test_many_queries_show_their_progress_on_stderr(remote_build):
     assert [hits[0]["path"] for hits in lists] == [
         str(p) for p in sorted(roots["forest"].iterdir())
     ]
-    assert "forest: searching" in result.stderr  # a bar, on a terminal
+    assert "forest: searching" in result.stderr  # its label; a terminal draws a bar
     calls = []
     searcher = Searcher(out / "forest", turns=True)
     searcher.search_images(
