@@ -823,14 +823,7 @@ def _index_card(plan: Plan) -> ModelCard:
     to ask."""
     assert plan.previous is not None
     meta = plan.previous.meta
-    given = meta.preprocess
-    return ModelCard(
-        meta.model,
-        meta.dim,
-        Preprocess(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-        ),
-    )
+    return ModelCard(meta.model, meta.dim, Preprocess.from_json(meta.preprocess))
 
 
 class _NothingToDispatch:

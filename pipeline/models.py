@@ -28,6 +28,23 @@ class Preprocess:
     mean: tuple[float, float, float] = (127.0, 127.0, 127.0)  # in 0-255 units
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)
 
+    @classmethod
+    def from_json(cls, given: dict[str, Any]) -> Preprocess:
+        """The preprocessing that ``asdict`` wrote as JSON (a model card,
+        meta.json).
+
+        Raises
+        ------
+        KeyError, ValueError, TypeError
+            If ``given`` lacks a field or holds one of another type.
+        """
+        return cls(
+            int(given["resize"]),
+            int(given["crop"]),
+            tuple(float(v) for v in given["mean"]),
+            tuple(float(v) for v in given["std"]),
+        )
+
 
 @dataclass
 class LoadedModel:

@@ -377,17 +377,10 @@ def _read_card(name: str) -> tuple[LoadedModel, Path] | None:
     path = _card_path(name)
     try:
         saved = json.loads(path.read_text())
-        pre = saved["preprocess"]
-        preprocess = Preprocess(
-            int(pre["resize"]),
-            int(pre["crop"]),
-            tuple(float(v) for v in pre["mean"]),
-            tuple(float(v) for v in pre["std"]),
-        )
         model = LoadedModel(
             name,
             forward=None,
-            preprocess=preprocess,
+            preprocess=Preprocess.from_json(saved["preprocess"]),
             device="cpu",
             dim=int(saved["dim"]),
         )
