@@ -293,9 +293,7 @@ def _restamp_here(
     """The touched images' shards, restamped in this process, if every one of
     them has the bytes it had; else None, and nothing written is left: the
     build restamps them on its workers, beside embedding the changed ones."""
-    given = TouchedInput(
-        tuple(plan.touched), source.for_tasks(), spec, reusable.meta.preprocess
-    )
+    given = _touched_input(plan, source, spec, reusable.meta.preprocess)
     staging = staging_dir(dest)
     written = list(restamp_touched(given, dest / SHARDS_DIR, staging, None))
     use, drop = claimed_once(written)
@@ -753,45 +751,25 @@ def _restamp(
     to embed."""
     if not (plan.touched or plan.touched_units):
         return plan.to_embed
-    if here is not None:
-        for _, one in here:
-            tracker.advance(len(one.ids), 0, one.nbytes)
-        return _kept_restamped(sink, plan, dest, tracker, here)
-    logger.info(
-        "%s: %d images have a new time but their recorded size: reading them",
-        name,
-        plan.n_touched,
-    )
-    given = TouchedInput(
-        tuple(plan.touched),
-        source.for_tasks(),
-        spec,
-        sink.preprocess,
-        tuple(plan.touched_units),
-    )
-    seen = (str(plan_dir(dest) / LISTING), plan.token)
+    found: Iterable[tuple[Path, Restamped]] | None = here
+    if found is None:
+        logger.info(
+            "%s: %d images have a new time but their recorded size: reading them",
+            name,
+            plan.n_touched,
+        )
+        found = restamp_touched(
+            _touched_input(plan, source, spec, sink.preprocess),
+            dest / SHARDS_DIR,
+            staging_dir(dest),
+            (str(plan_dir(dest) / LISTING), plan.token),
+            client,
+            label("touched", name),
+        )
     written = []
-    for path, one in restamp_touched(
-        given,
-        dest / SHARDS_DIR,
-        staging_dir(dest),
-        seen,
-        client,
-        label("touched", name),
-    ):
+    for path, one in found:
         written.append((path, one))
         tracker.advance(len(one.ids), 0, one.nbytes)
-    return _kept_restamped(sink, plan, dest, tracker, written)
-
-
-def _kept_restamped(
-    sink: _ShardSink,
-    plan: Plan,
-    dest: Path,
-    tracker: _Progress,
-    written: list[tuple[Path, Restamped]],
-) -> Sequence[ImageRecord]:
-    """:func:`_restamp`'s shards, ``written``, to ``sink``; what is left to embed."""
     use, drop = claimed_once(written)
     kept = [np.zeros(0, np.int64)]
     units: set[str] = set()
@@ -808,13 +786,24 @@ def _kept_restamped(
                 units.update(r.path for r in shard.units)
     for _, one in drop:  # counted done as they came: embedded after all
         tracker.advance(-len(one.ids), 0, -one.nbytes)
-    logger.info(
-        "%s: %d touched images kept their vectors", dest.name, sink.touched_images
-    )
+    logger.info("%s: %d touched images kept their vectors", name, sink.touched_images)
     if plan.by_shard:
         return [r for r in plan.to_embed if r.path not in units]
     ids = np.sort(np.concatenate(kept))
     return without_ids(plan.to_embed, ids, plan_dir(dest) / REMAINING)
+
+
+def _touched_input(
+    plan: Plan, source: Source, spec: ModelSpec, preprocess: dict | None
+) -> TouchedInput:
+    """What each task of :func:`pipeline.touched.restamp_touched` reads."""
+    return TouchedInput(
+        tuple(plan.touched),
+        source.for_tasks(),
+        spec,
+        preprocess,
+        tuple(plan.touched_units),
+    )
 
 
 def _index_card(plan: Plan) -> ModelCard:
