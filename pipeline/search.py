@@ -103,6 +103,7 @@ class Searcher:
         k: int = 10,
         batch: int = 64,
         progress: Callable[[int, int], None] | None = None,
+        unreadable: Callable[[int, DecodeError], None] | None = None,
     ) -> list[list[Hit]]:
         """Top-``k`` hits for each query image file, in order.
 
@@ -110,6 +111,10 @@ class Searcher:
         and its turns) at a time, so thousands of them need the memory of one
         batch (plus the results). ``progress(done, total)`` is called with
         the queries searched after each batch.
+
+        Given ``unreadable``, a query that cannot be read is passed to it
+        (its position and the error) and gets no hits, and the others are
+        searched; without it, the first such query raises.
 
         Raises
         ------
@@ -119,9 +124,19 @@ class Searcher:
         hits: list[list[Hit]] = []
         step = self.queries_per_batch(batch)
         for start in range(0, len(images), step):
-            chunk = images[start : start + step]
-            pixels = [self.embedder.decode(os.fspath(p)) for p in chunk]
-            hits.extend(self.search_pixels(pixels, k))
+            read: dict[int, np.ndarray] = {}
+            for n, path in enumerate(images[start : start + step], start=start):
+                try:
+                    read[n] = self.embedder.decode(os.fspath(path))
+                except DecodeError as e:
+                    if unreadable is None:
+                        raise
+                    unreadable(n, e)
+            found = iter(self.search_pixels(list(read.values()), k) if read else [])
+            hits.extend(
+                next(found) if n in read else []
+                for n in range(start, min(start + step, len(images)))
+            )
             if progress is not None:
                 progress(len(hits), len(images))
         return hits

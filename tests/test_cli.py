@@ -161,7 +161,46 @@ def test_unreadable_query_is_one_line(remote_build, tmp_path):
     bad.write_text("nope")
     result = invoke("search", out / "forest", bad)
     assert result.exit_code == 1
-    assert str(bad) in one_error_line(result.stderr)
+    assert result.stdout == ""
+    assert (
+        one_error_line(result.stderr) == f"Error: {bad}: not an image Pillow can read"
+    )
+
+
+def test_an_unreadable_query_among_others_loses_only_its_own_results(
+    remote_build, tmp_path
+):
+    _, roots, out = remote_build
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for name in ("a.jpg", "c.jpg"):
+        shutil.copy(roots["forest"] / "img00004.jpg", queries / name)
+    (queries / "b.jpg").write_bytes(b"not a jpeg")
+    result = invoke("search", out / "forest", queries, "-k", "1", "--json")
+    assert result.exit_code == 1
+    lists = json.loads(result.stdout)  # one list per query, in their order
+    assert [[h["path"] for h in hits] for hits in lists] == [
+        [str(roots["forest"] / "img00004.jpg")],
+        [],
+        [str(roots["forest"] / "img00004.jpg")],
+    ]
+    assert result.stderr.splitlines() == [
+        f"not searched: {queries / 'b.jpg'}: not an image Pillow can read",
+        "Error: 1 of 3 queries could not be read (named above); the others were "
+        "searched",
+    ]
+    text = invoke("search", out / "forest", queries, "-k", "1").stdout.splitlines()
+    assert text[2:4] == [
+        f"{queries / 'b.jpg'}:",
+        "  not searched: not an image Pillow can read",
+    ]
+    (queries / "a.jpg").write_bytes(b"")
+    (queries / "c.jpg").unlink()
+    result = invoke("search", out / "forest", queries, "--json")
+    assert (result.exit_code, result.stdout) == (1, "")  # nothing to print
+    assert result.stderr.splitlines()[-1] == (
+        "Error: none of the 2 queries could be read (named above)"
+    )
 
 
 def test_info_on_a_non_index_is_one_line(tmp_path):

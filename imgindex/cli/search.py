@@ -60,33 +60,61 @@ def search(index_dir, images, queries_from, k, turns, as_json):
     """Find the images in INDEX_DIR most similar to each query IMAGE.
 
     An IMAGE may be a folder: every image under it is a query. Queries are
-    embedded and searched in batches.
+    embedded and searched in batches. A query that cannot be read as an
+    image is named on stderr and gets no results (an empty list with
+    --json); the others are searched, and the exit status is 1.
     """
     from imgindex.pipeline.config import config_value
+    from imgindex.pipeline.errors import DecodeError, ImgindexError
     from imgindex.pipeline.search import Searcher
 
     images = _query_images(images, queries_from)
     turns = bool(config_value(turns, "imgindex.search.turns"))
     few = len(images) * (4 if turns else 1) < FEW_FORWARD_PASSES
     searcher = Searcher(index_dir, turns=turns, few_passes=few)
+    unreadable: dict[int, DecodeError] = {}
     if len(images) > searcher.queries_per_batch():
         # Thousands of queries take minutes on this machine's CPU.
         bar = ProgressBars(f"{shown(index_dir.name)}: searching")
         try:
             results = searcher.search_images(
-                images, k, progress=lambda done, total: bar.update(done, total, 0)
+                images,
+                k,
+                progress=lambda done, total: bar.update(done, total, len(unreadable)),
+                unreadable=unreadable.__setitem__,
             )
         finally:
             bar.close()
     else:
-        results = searcher.search_images(images, k)
+        results = searcher.search_images(images, k, unreadable=unreadable.__setitem__)
+    if len(unreadable) == len(images) == 1:
+        raise unreadable[0]
+    for error in unreadable.values():
+        click.echo(f"not searched: {shown(str(error))}", err=True)
+    if len(unreadable) == len(images):
+        raise ImgindexError(
+            f"none of the {len(images)} queries could be read (named above)"
+        )
+    _print_results(images, results, unreadable, as_json)
+    if unreadable:
+        # grep's way: every result that could be found, and a failing status.
+        raise ImgindexError(
+            f"{len(unreadable)} of {len(images)} queries could not be read "
+            "(named above); the others were searched"
+        )
+
+
+def _print_results(images, results, unreadable, as_json: bool) -> None:
     if as_json:
+        # An unreadable query's list is empty: the lists stay one per query.
         click.echo(
             json.dumps([[h.to_json() for h in hits] for hits in results], indent=2)
         )
         return
-    for query, hits in zip(images, results, strict=True):
+    for n, (query, hits) in enumerate(zip(images, results, strict=True)):
         click.echo(f"{shown(str(query))}:")
+        if n in unreadable:
+            click.echo(f"  not searched: {shown(unreadable[n].reason)}")
         for h in hits:
             click.echo(f"  {h.rank:3d}  {h.score:.4f}  {shown(h.path)}")
 
