@@ -170,6 +170,8 @@ class RunningService:
 
         self.index_root = index_root
         self.dataset_root = dataset_root
+        if dataset_root is None:  # no build could make it: it must be there
+            index_root.mkdir(parents=True, exist_ok=True)
         flags: list[str | Path] = ["--index-root", index_root]
         if dataset_root is not None:
             flags += ["--dataset-root", dataset_root]

@@ -311,6 +311,29 @@ def test_a_token_is_made_when_none_is_given_and_env_gives_one(tmp_path):
         assert given.stop() == 0
 
 
+def test_a_missing_index_root_is_made_only_where_builds_can_fill_it(service, tmp_path):
+    from tests.helpers import invoke, one_error_line
+
+    # The session's service was given a dataset root and a new index folder.
+    ready = next(line for line in service.log if line.startswith("imgindex serve: "))
+    assert f"indexes under {service.index_root} (created); builds of" in ready
+    typo = tmp_path / "indxes"
+    run = invoke("serve", "--index-root", typo, "--port", "0")
+    assert run.exit_code == 2
+    assert one_error_line(run.stderr) == (
+        f"Error: Invalid value for --index-root: {typo} does not exist, and with "
+        "no --dataset-root no build could make indexes there (mkdir it to serve "
+        "indexes built into it later)"
+    )
+    deeper = tmp_path / "lab" / "indexes"
+    run = invoke("serve", "--index-root", deeper, "--dataset-root", tmp_path)
+    assert run.exit_code == 2
+    assert one_error_line(run.stderr).endswith(
+        f"{deeper}: its parent folder does not exist"
+    )
+    assert sorted(tmp_path.iterdir()) == []  # nothing made
+
+
 def test_no_token_is_an_explicit_logged_choice(tmp_path):
     (tmp_path / "indexes").mkdir()
     open_service = RunningService(tmp_path / "indexes", None, None, "--no-token")

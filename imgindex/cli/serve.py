@@ -100,15 +100,12 @@ def serve(
     from imgindex.service.app import serve as run_service
 
     check_scheduler_options(scheduler, scheduler_file)
-    if index_root.exists() and not index_root.is_dir():
-        raise click.BadParameter("is not a folder", param_hint="--index-root")
     if unix_socket is not None and (host is not None or port is not None):
         raise click.BadParameter(
             "listen on a Unix socket or on --host/--port, not both",
             param_hint="--unix-socket",
         )
     token = _service_token(token_file, no_token)
-    index_root.mkdir(parents=True, exist_ok=True)
     try:
         settings = ServiceSettings.from_config(
             index_root,
@@ -121,13 +118,16 @@ def serve(
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    created = _index_root_made(index_root, builds=bool(settings.dataset_roots))
     service = Service(
         settings, lambda: connect_cluster(scheduler, scheduler_file, no_fallback)
     )
 
     def ready(url: str) -> None:
         where = (
-            f"indexes under {shown(str(index_root))}; builds of folders in: "
+            f"indexes under {shown(str(index_root))}"
+            + (" (created)" if created else "")
+            + "; builds of folders in: "
             f"{shown(', '.join(map(str, settings.dataset_roots)) or 'off')}"
         )
         from urllib.parse import quote
@@ -178,3 +178,25 @@ def _service_token(token_file: Path | None, no_token: bool) -> str | None:
     if not token:
         raise click.BadParameter("the file is empty", param_hint="--token-file")
     return token
+
+
+def _index_root_made(index_root: Path, builds: bool) -> bool:
+    """Whether ``index_root`` had to be made: only where builds can fill it,
+    and only its last folder, so that a mistyped path is an error rather
+    than an empty service (and a stray folder)."""
+    if index_root.is_dir():
+        return False
+    if not builds:
+        raise click.BadParameter(
+            f"{shown(str(index_root))} does not exist, and with no --dataset-root "
+            "no build could make indexes there (mkdir it to serve indexes "
+            "built into it later)",
+            param_hint="--index-root",
+        )
+    if not index_root.parent.is_dir():
+        raise click.BadParameter(
+            f"{shown(str(index_root))}: its parent folder does not exist",
+            param_hint="--index-root",
+        )
+    index_root.mkdir()
+    return True
