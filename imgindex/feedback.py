@@ -65,22 +65,36 @@ class ProgressBars:
     """Bars on stderr (embedding, then each index stage) and the progress file."""
 
     def __init__(self, label: str, tracker: ProgressFile | None = None):
-        from imgindex.pipeline.progress import DatasetProgress
+        from imgindex.pipeline.progress import DatasetProgress, Throughput
 
         self.label = label
         self.tracker = DatasetProgress(tracker, label) if tracker else None
         self.bar = None
         self.shown = 0
         self.stage: str | None = None
+        self.rate = Throughput()
 
     def update(self, done: int, total: int, failed: int) -> None:
         if self.bar is None:
-            self._open(self.label, total)
+            self._open(self.label, total, own_eta=True)
         self.bar.length = max(total, 1)  # tar shards: an estimate that improves
-        self.bar.update(done - self.shown)
+        self.rate.add(done)
+        self.bar.update(done - self.shown, self._rate_words(total))
         self.shown = done
         if self.tracker:
             self.tracker.update(done, total, failed)
+
+    def _rate_words(self, total: int) -> str:
+        """Click's ETA is the time per image since the start: skewed for good
+        by files kept as they were, or partitions a resume found done."""
+        from imgindex.pipeline.progress import duration
+
+        per_second = self.rate.per_second()
+        if per_second is None:
+            return ""
+        return (
+            f"{per_second:.1f} images/s, ETA {duration(self.rate.eta_seconds(total))}"
+        )
 
     def index_step(self, stage: str, done: int, total: int) -> None:
         """One bar per index stage: training can take minutes after the last image."""
@@ -101,13 +115,14 @@ class ProgressBars:
         if self.tracker:
             self.tracker.close(error)
 
-    def _open(self, label: str, total: int) -> None:
+    def _open(self, label: str, total: int, own_eta: bool = False) -> None:
         self.bar = click.progressbar(
             length=max(total, 1),
             label=label,
             file=sys.stderr,
             show_pos=True,
-            show_eta=True,
+            show_eta=not own_eta,
+            item_show_func=(lambda words: words) if own_eta else None,
         )
         self.bar.__enter__()
         self.shown = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -18,6 +19,45 @@ from imgindex.pipeline.meta import now_stamp
 WRITE_INTERVAL = (
     0.5  # seconds between writes while counting; state changes always write
 )
+
+
+RATE_WINDOW = 60.0  # seconds of progress a rate is measured over
+
+
+class Throughput:
+    """Images a second over the last ``window`` seconds of progress, and the
+    time left at that rate.
+
+    Over a window rather than since the start: images that go fast (files
+    with only a new time, read and kept; the partitions a resumed build
+    finds done) or workers that join or leave would otherwise skew the rate
+    and the ETA for the rest of the build.
+    """
+
+    def __init__(self, window: float = RATE_WINDOW):
+        self.window = window
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def add(self, done: int, now: float | None = None) -> None:
+        """Count ``done`` images done at ``now`` (default: the monotonic clock)."""
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, done))
+        # The oldest sample kept is the last at or before the window's start.
+        while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
+            self._samples.popleft()
+
+    def per_second(self) -> float | None:
+        """None until two samples apart in time and count are known."""
+        if len(self._samples) < 2:
+            return None
+        (t0, done0), (t1, done1) = self._samples[0], self._samples[-1]
+        if t1 <= t0 or done1 <= done0:
+            return None
+        return (done1 - done0) / (t1 - t0)
+
+    def eta_seconds(self, total: int) -> float | None:
+        rate = self.per_second()
+        return None if rate is None else max(0, total - self._samples[-1][1]) / rate
 
 
 class ProgressFile:
@@ -61,7 +101,7 @@ class ProgressFile:
                 for n in datasets
             ],
         }
-        self._t0: dict[str, tuple[float, int]] = {}
+        self._rates: dict[str, Throughput] = {}
         self._last_write = 0.0
         self.write()
 
@@ -80,14 +120,12 @@ class ProgressFile:
             started = d["state"] == "pending"
             if started:
                 d["state"] = "running"
-                self._t0[name] = (time.monotonic(), done)
-            t0, done0 = self._t0[name]
+            rate = self._rates.setdefault(name, Throughput())
+            rate.add(done)
             d.update(total=total, done=done, failed=failed)
-            elapsed = time.monotonic() - t0
-            if elapsed > 0 and done > done0:
-                rate = (done - done0) / elapsed
-                d["images_per_second"] = round(rate, 2)
-                d["eta_seconds"] = round((total - done) / rate, 1)
+            if rate.per_second() is not None:
+                d["images_per_second"] = round(rate.per_second(), 2)
+                d["eta_seconds"] = round(rate.eta_seconds(total), 1)
             self.write(force=started or done >= total)
 
     def step(self, name: str, step: str, done: int, total: int) -> None:
@@ -218,7 +256,7 @@ def _why_stale(data: dict[str, Any], path: Path) -> str | None:
             pass
     age = time.time() - path.stat().st_mtime
     if age > STALE_AFTER:
-        return f"not updated for {_duration(age)}"
+        return f"not updated for {duration(age)}"
     return None
 
 
@@ -250,7 +288,7 @@ def format_progress(data: dict[str, Any]) -> list[str]:
         )
         eta = ""
         if d["state"] == "running" and d.get("eta_seconds") is not None:
-            eta = f", ETA {_duration(d['eta_seconds'])}"
+            eta = f", ETA {duration(d['eta_seconds'])}"
         line = (
             f"  {d['name']}: {d['state']} {share}{pct}, "
             f"{d.get('failed', 0)} failed{rate}{eta}"
@@ -266,7 +304,8 @@ def format_progress(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``seconds`` as a person reads a time left: 45s, 12m05s, 3h20m."""
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)

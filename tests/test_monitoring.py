@@ -14,7 +14,12 @@ from click.testing import CliRunner
 
 from imgindex.cli import cli
 from imgindex.pipeline.build import run_build
-from imgindex.pipeline.progress import ProgressFile, format_progress, read_progress
+from imgindex.pipeline.progress import (
+    ProgressFile,
+    Throughput,
+    format_progress,
+    read_progress,
+)
 
 DASK = str(Path(sys.executable).parent / "dask")
 
@@ -49,6 +54,28 @@ def test_progress_file_tracks_a_build(tmp_path):
     assert dogs["state"] == "failed" and "no image files" in dogs["error"]
     assert data["cluster"]["dashboard"] == "http://x:8787/status"
     assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
+
+
+def test_the_rate_and_eta_follow_the_last_minute_not_a_fast_start():
+    """900 files with only a new time are read and kept in a second, then
+    the other 100 are embedded at 1 a second: since the start the rate
+    would say 900 images/s and an ETA of a second for the last 90."""
+    rate = Throughput(window=60)
+    assert rate.per_second() is None
+    rate.add(0, now=0.0)
+    assert rate.per_second() is None  # one sample: no rate yet
+    rate.add(900, now=1.0)
+    assert rate.per_second() == 900
+    for t in range(2, 72):
+        rate.add(900 + (t - 1) // 7, now=float(t))  # a partition of 1 every 7 s
+    assert rate.per_second() == pytest.approx(1 / 7, rel=0.15)
+    assert rate.eta_seconds(1000) == pytest.approx((1000 - 910) * 7, rel=0.15)
+    # Updates further apart than the window still give a rate: from the last.
+    sparse = Throughput(window=60)
+    sparse.add(10, now=0.0)
+    sparse.add(20, now=100.0)
+    sparse.add(30, now=300.0)
+    assert sparse.per_second() == 10 / 200
 
 
 def test_status_renders_a_running_build(tmp_path):
