@@ -86,7 +86,7 @@ class ProgressBars:
 
     def _rate_words(self, total: int) -> str:
         """Click's ETA is the time per image since the start: skewed for good
-        by files kept as they were, or partitions a resume found done."""
+        by files kept as they were (read, not embedded)."""
         from imgindex.pipeline.progress import duration
 
         per_second = self.rate.per_second()

@@ -29,9 +29,9 @@ class Throughput:
     time left at that rate.
 
     Over a window rather than since the start: images that go fast (files
-    with only a new time, read and kept; the partitions a resumed build
-    finds done) or workers that join or leave would otherwise skew the rate
-    and the ETA for the rest of the build.
+    with only a new time, read and kept), a slow start, or workers that
+    join or leave would otherwise skew the rate and the ETA for the rest of
+    the build.
     """
 
     def __init__(self, window: float = RATE_WINDOW):
