@@ -15,7 +15,7 @@ costs four embeddings a query instead of one (``turns=False``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -105,12 +105,25 @@ class Searcher:
         progress: Callable[[int, int], None] | None = None,
         unreadable: Callable[[int, DecodeError], None] | None = None,
     ) -> list[list[Hit]]:
-        """Top-``k`` hits for each query image file, in order.
+        """Top-``k`` hits for each query image file, in order (see
+        :meth:`iter_hits`)."""
+        return list(self.iter_hits(images, k, batch, progress, unreadable))
+
+    def iter_hits(
+        self,
+        images: Sequence[str | os.PathLike],
+        k: int = 10,
+        batch: int = 64,
+        progress: Callable[[int, int], None] | None = None,
+        unreadable: Callable[[int, DecodeError], None] | None = None,
+    ) -> Iterator[list[Hit]]:
+        """Top-``k`` hits for each query image file, in order, as each batch
+        is searched.
 
         Queries are decoded, embedded and searched ``batch`` images (a query
         and its turns) at a time, so thousands of them need the memory of one
-        batch (plus the results). ``progress(done, total)`` is called with
-        the queries searched after each batch.
+        batch. ``progress(done, total)`` is called with the queries searched
+        after each batch.
 
         Given ``unreadable``, a query that cannot be read is passed to it
         (its position and the error) and gets no hits, and the others are
@@ -121,7 +134,6 @@ class Searcher:
         DecodeError
             Naming the query file that could not be read.
         """
-        hits: list[list[Hit]] = []
         step = self.queries_per_batch(batch)
         for start in range(0, len(images), step):
             read: dict[int, np.ndarray] = {}
@@ -133,13 +145,11 @@ class Searcher:
                         raise
                     unreadable(n, e)
             found = iter(self.search_pixels(list(read.values()), k) if read else [])
-            hits.extend(
-                next(found) if n in read else []
-                for n in range(start, min(start + step, len(images)))
-            )
+            end = min(start + step, len(images))
             if progress is not None:
-                progress(len(hits), len(images))
-        return hits
+                progress(end, len(images))
+            for n in range(start, end):
+                yield next(found) if n in read else []
 
     def queries_per_batch(self, batch: int = 64) -> int:
         """Queries in a batch of ``batch`` images: with turns, four a query."""

@@ -99,6 +99,12 @@ def test_many_queries_show_their_progress_on_stderr(remote_build):
     assert [hits[0]["path"] for hits in lists] == [
         str(p) for p in sorted(roots["forest"].iterdir())
     ]
+    lines = invoke("search", out / "forest", roots["forest"], "-k", "1", "--jsonl")
+    assert lines.exit_code == 0, lines.stderr
+    assert [json.loads(line) for line in lines.stdout.splitlines()] == [
+        {"query": str(p), "hits": hits}
+        for p, hits in zip(sorted(roots["forest"].iterdir()), lists, strict=True)
+    ]
     assert "forest: searching" in result.stderr  # its label; a terminal draws a bar
     calls = []
     searcher = Searcher(out / "forest", turns=True)
@@ -106,6 +112,13 @@ def test_many_queries_show_their_progress_on_stderr(remote_build):
         sorted(roots["forest"].iterdir()), 1, progress=lambda *a: calls.append(a)
     )
     assert calls == [(16, 28), (28, 28)]  # a query and its 3 turns: 16 a batch
+    # --jsonl prints each batch's lines before the next batch is read.
+    calls.clear()
+    found = searcher.iter_hits(
+        sorted(roots["forest"].iterdir()), 1, progress=lambda *a: calls.append(a)
+    )
+    first = next(found)
+    assert (first[0].path, calls) == (str(roots["forest"] / "img00000.jpg"), [(16, 28)])
 
 
 def test_a_missing_query_is_named_before_any_query_is_searched(remote_build, tmp_path):
@@ -188,6 +201,13 @@ def test_an_unreadable_query_among_others_loses_only_its_own_results(
         f"not searched: {queries / 'b.jpg'}: not an image Pillow can read",
         "Error: 1 of 3 queries could not be read (named above); the others were "
         "searched",
+    ]
+    lines = invoke("search", out / "forest", queries, "-k", "1", "--jsonl")
+    assert lines.exit_code == 1
+    assert [json.loads(line) for line in lines.stdout.splitlines()] == [
+        {"query": str(queries / "a.jpg"), "hits": lists[0]},
+        {"query": str(queries / "b.jpg"), "error": "not an image Pillow can read"},
+        {"query": str(queries / "c.jpg"), "hits": lists[2]},
     ]
     text = invoke("search", out / "forest", queries, "-k", "1").stdout.splitlines()
     assert text[2:4] == [

@@ -56,7 +56,14 @@ def _query_images(images, queries_from) -> list[Path]:
     "turns: on].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list per query.")
-def search(index_dir, images, queries_from, k, turns, as_json):
+@click.option(
+    "--jsonl",
+    "as_lines",
+    is_flag=True,
+    help="Print a JSON object per query, one a line, as each batch is searched: "
+    '{"query", "hits"}, or {"query", "error"} for one that could not be read.',
+)
+def search(index_dir, images, queries_from, k, turns, as_json, as_lines):
     """Find the images in INDEX_DIR most similar to each query IMAGE.
 
     An IMAGE may be a folder: every image under it is a query. Queries are
@@ -68,25 +75,31 @@ def search(index_dir, images, queries_from, k, turns, as_json):
     from imgindex.pipeline.errors import DecodeError, ImgindexError
     from imgindex.pipeline.search import Searcher
 
+    if as_json and as_lines:
+        raise click.UsageError("give --json or --jsonl, not both")
     images = _query_images(images, queries_from)
     turns = bool(config_value(turns, "imgindex.search.turns"))
     few = len(images) * (4 if turns else 1) < FEW_FORWARD_PASSES
     searcher = Searcher(index_dir, turns=turns, few_passes=few)
     unreadable: dict[int, DecodeError] = {}
+    bar = None
     if len(images) > searcher.queries_per_batch():
         # Thousands of queries take minutes on this machine's CPU.
         bar = ProgressBars(f"{shown(index_dir.name)}: searching")
-        try:
-            results = searcher.search_images(
-                images,
-                k,
-                progress=lambda done, total: bar.update(done, total, len(unreadable)),
-                unreadable=unreadable.__setitem__,
-            )
-        finally:
+    found = searcher.iter_hits(
+        images,
+        k,
+        progress=bar and (lambda done, total: bar.update(done, total, len(unreadable))),
+        unreadable=unreadable.__setitem__,
+    )
+    try:
+        if as_lines:
+            _print_lines(images, found, unreadable)
+        else:
+            results = list(found)
+    finally:
+        if bar is not None:
             bar.close()
-    else:
-        results = searcher.search_images(images, k, unreadable=unreadable.__setitem__)
     if len(unreadable) == len(images) == 1:
         raise unreadable[0]
     for error in unreadable.values():
@@ -95,13 +108,26 @@ def search(index_dir, images, queries_from, k, turns, as_json):
         raise ImgindexError(
             f"none of the {len(images)} queries could be read (named above)"
         )
-    _print_results(images, results, unreadable, as_json)
+    if not as_lines:
+        _print_results(images, results, unreadable, as_json)
     if unreadable:
         # grep's way: every result that could be found, and a failing status.
         raise ImgindexError(
             f"{len(unreadable)} of {len(images)} queries could not be read "
             "(named above); the others were searched"
         )
+
+
+def _print_lines(images, found, unreadable) -> None:
+    """A line per query as its batch is searched: thousands of queries need
+    neither their results held nor their order known to read them."""
+    for n, hits in enumerate(found):
+        line: dict = {"query": str(images[n])}
+        if n in unreadable:
+            line["error"] = unreadable[n].reason
+        else:
+            line["hits"] = [h.to_json() for h in hits]
+        click.echo(json.dumps(line))
 
 
 def _print_results(images, results, unreadable, as_json: bool) -> None:
