@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from imgindex.pipeline.errors import DecodeError, ImgindexError
 
@@ -112,6 +112,7 @@ class Index:
         k: int = 10,
         *,
         turns: bool | None = None,
+        unreadable: Literal["raise", "skip"] = "raise",
     ) -> SearchResults:
         """The ``k`` images most similar to each query.
 
@@ -126,6 +127,11 @@ class Index:
         turns
             Also search each query turned by 90, 180 and 270 degrees (copies
             whose orientation was lost); default ``imgindex.search.turns``.
+        unreadable
+            ``"skip"``: a query that cannot be read as an image is logged,
+            gets no rows and is listed in the results' ``unreadable``, and
+            the others are searched (a folder of thousands with one bad
+            file); ``"raise"``: it raises :class:`DecodeError`.
 
         Returns
         -------
@@ -134,7 +140,8 @@ class Index:
             else ``<image N>``), ``rank``, ``path``, ``score`` (cosine,
             higher is more similar), ``id``; plus ``meta`` where the dataset
             was a file list with more columns. In Jupyter it shows each query
-            and its hits as a row of thumbnails.
+            and its hits as a row of thumbnails. Its ``unreadable`` maps each
+            query skipped to why.
 
         Raises
         ------
@@ -146,20 +153,30 @@ class Index:
 
         if k < 1:
             raise ValueError(f"k: {k} is not a number of results (1 or more)")
+        if unreadable not in ("raise", "skip"):
+            raise ValueError(f"unreadable: {unreadable!r} is not 'raise' or 'skip'")
         turns = bool(config_value(turns, "imgindex.search.turns"))
         searcher = self._searcher_for(turns)
         labels, originals, pixels = [], [], []
         hits = []
+        skipped: dict[str, str] = {}
         for label, query in _queries(queries):
+            try:
+                pixels.append(_decoded(searcher, label, query))
+            except DecodeError as e:
+                if unreadable == "raise":
+                    raise
+                logger.warning("not searched: %s", e)
+                skipped[label] = e.reason
+                continue
             labels.append(label)
             originals.append(query)
-            pixels.append(_decoded(searcher, label, query))
             if len(pixels) == QUERIES_PER_BATCH:
                 hits.extend(searcher.search_pixels(pixels, k))
                 pixels = []
         if pixels:
             hits.extend(searcher.search_pixels(pixels, k))
-        if not labels:
+        if not labels and not skipped:
             raise ValueError("queries: no query images given")
         rows = [
             {
@@ -178,6 +195,7 @@ class Index:
             searcher.source,
             {row["id"]: searcher.paths[row["id"]] for row in rows},
             dict(zip(labels, originals, strict=True)),
+            skipped,
         )
         return SearchResults.of(rows, shown)
 

@@ -22,6 +22,7 @@ class SearchShown:
     source: Source
     relpaths: dict[int, str]
     queries: dict[str, Any]  # label -> the query as given (a path, pixels ...)
+    unreadable: dict[str, str]  # label -> why it was not searched
 
 
 class SearchResults(pd.DataFrame):
@@ -37,6 +38,13 @@ class SearchResults(pd.DataFrame):
     @property
     def _constructor(self):
         return SearchResults
+
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """The queries skipped as unreadable (``search(unreadable="skip")``),
+        each with why."""
+        shown = getattr(self, "_shown", None)
+        return dict(shown.unreadable) if shown is not None else {}
 
     @classmethod
     def of(cls, rows: list[dict[str, Any]], shown: SearchShown) -> SearchResults:
@@ -74,8 +82,9 @@ class SearchResults(pd.DataFrame):
                 )
             rows.append(tiles)
         hidden = len(queries) - len(drawn)
-        more = f"... and {hidden:,} more queries" if hidden > 0 else ""
-        return nb.rows_html(drawn, rows, more)
+        more = [f"... and {hidden:,} more queries"] if hidden > 0 else []
+        more += [f"not searched: {q}: {why}" for q, why in shown.unreadable.items()]
+        return nb.rows_html(drawn, rows, "\n".join(more))
 
 
 def _query_uri(query: Any) -> str | None:

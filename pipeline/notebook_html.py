@@ -77,13 +77,14 @@ def tile(uri: str | None, lines: Sequence[str], title: str, query: bool = False)
 
 
 def rows_html(heads: Sequence[str], rows: Sequence[Sequence[str]], more: str) -> str:
-    """Rows of tiles, each under its heading (escaped here), then ``more``."""
+    """Rows of tiles, each under its heading (escaped here), then ``more``'s
+    lines."""
     body = "".join(
         f'<div style="{_HEAD}">{html.escape(head)}</div>'
         f'<div class="imgindex-row" style="{_ROW}">{"".join(tiles)}</div>'
         for head, tiles in zip(heads, rows, strict=True)
     )
-    tail = f"<div>{html.escape(more)}</div>" if more else ""
+    tail = "".join(f"<div>{html.escape(line)}</div>" for line in more.splitlines())
     return f'<div class="imgindex">{body}{tail}</div>'
 
 

@@ -197,6 +197,42 @@ def test_a_query_that_is_no_image_is_named(built, tmp_path):
         idx.search(bad, k=0)
 
 
+def test_unreadable_queries_can_be_skipped_and_are_listed(built, tmp_path, caplog):
+    _, data, dest = built
+    photos = sorted(data.iterdir())
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    for name, photo in (("a.jpg", photos[2]), ("c.jpg", photos[8])):
+        (folder / name).write_bytes(photo.read_bytes())
+    (folder / "b.jpg").write_text("not a picture")
+    idx = imgindex.open(dest)
+    with pytest.raises(DecodeError, match="b.jpg"):
+        idx.search(folder)  # "raise" is the default
+    results = idx.search(
+        [folder, np.zeros((4, 4, 7), np.uint8)], k=2, unreadable="skip"
+    )
+    folder = folder.resolve()
+    assert list(dict.fromkeys(results["query"])) == [
+        str(folder / "a.jpg"),
+        str(folder / "c.jpg"),
+    ]
+    top = results[results["rank"] == 1]
+    assert [os.path.basename(p) for p in top["path"]] == [
+        photos[2].name,
+        photos[8].name,
+    ]
+    assert list(results.unreadable) == [str(folder / "b.jpg"), "<image 1>"]
+    assert results.unreadable[str(folder / "b.jpg")] == "not an image Pillow can read"
+    assert f"not searched: {folder / 'b.jpg'}: not an image Pillow can read" in (
+        caplog.text
+    )
+    page = results._repr_html_()
+    assert len(DATA_URI.findall(page)) == 2 + 2 * 2
+    assert f"<div>not searched: {folder / 'b.jpg'}: not an image" in page
+    with pytest.raises(ValueError, match="unreadable: 'ignore'"):
+        idx.search(folder, unreadable="ignore")
+
+
 def test_search_results_show_thumbnails_in_jupyter(built, tmp_path):
     _, data, dest = built
     photos = sorted(data.iterdir())
