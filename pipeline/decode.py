@@ -10,6 +10,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from imgindex.pipeline.discover import HEIF_EXTENSIONS
 from imgindex.pipeline.traits import FileHashes
 
 # Our own header-based check (below) replaces Pillow's global bomb limit: it is
@@ -17,6 +18,17 @@ from imgindex.pipeline.traits import FileHashes
 # have to filter from several threads at once.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+try:  # HEIF/HEIC, phone cameras' format: the `heif` extra (libheif's wheel)
+    from pillow_heif import register_heif_opener
+except ImportError:
+    HEIF_READER = False
+else:
+    # HDR photos (10-bit) become 8-bit, as every other image here; the
+    # rotation a HEIF stores is applied on opening, and its EXIF orientation
+    # reset, so exif_transpose below does not turn it twice.
+    register_heif_opener()
+    HEIF_READER = True
 
 _WHITE = (255, 255, 255)
 _ORIENTATION = 0x0112  # EXIF tag
@@ -97,9 +109,7 @@ def load_rgb(
     except IsADirectoryError:
         raise DecodeError(spath, "is a directory, not an image file") from None
     except UnidentifiedImageError:
-        size = _size_or_none(path)
-        reason = "empty file (0 bytes)" if size == 0 else "not an image Pillow can read"
-        raise DecodeError(spath, reason) from None
+        raise DecodeError(spath, _unreadable_reason(path, spath)) from None
     except (OSError, ValueError, SyntaxError, MemoryError, EOFError) as e:
         raise DecodeError(spath, _one_line(e)) from None
     return rgb
@@ -168,6 +178,17 @@ def _range(arr: np.ndarray) -> tuple[float, float]:
     if arr.size == 0:
         return 0.0, 1.0
     return float(arr.min()), float(arr.max())
+
+
+def _unreadable_reason(path: str | os.PathLike | BinaryIO, label: str) -> str:
+    if _size_or_none(path) == 0:
+        return "empty file (0 bytes)"
+    if not HEIF_READER and os.path.splitext(label)[1].lower() in HEIF_EXTENSIONS:
+        return (
+            "a HEIF image, and pillow-heif is not installed where it was read: "
+            "pip install 'imgindex[heif]' on the workers"
+        )
+    return "not an image Pillow can read"
 
 
 def _label(source: str | os.PathLike | BinaryIO) -> str:

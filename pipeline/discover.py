@@ -13,8 +13,13 @@ from pathlib import Path
 
 from imgindex.pipeline.errors import DatasetError
 
+# HEIF is what phone cameras write (pipeline.decode reads it with pillow-heif,
+# the `heif` extra); AVIF Pillow reads itself (11.2 and later).
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+    | {".avif"}
+    | HEIF_EXTENSIONS
 )
 _ID_MASK = (1 << 63) - 1
 

@@ -16,6 +16,8 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
+import imgindex.pipeline.decode  # noqa: F401  (its HEIF reader, where installed)
+
 _EXIF_IFD = 0x8769
 _MAKE, _MODEL, _DATETIME = 0x010F, 0x0110, 0x0132
 _ORIGINAL, _SUBSEC_ORIGINAL, _SERIAL = 0x9003, 0x9291, 0xA431

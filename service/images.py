@@ -30,6 +30,7 @@ WEB_TYPES = {
     "GIF": "image/gif",
     "WEBP": "image/webp",
     "BMP": "image/bmp",
+    "AVIF": "image/avif",
 }
 REENCODED_SIDE = 4096  # longest side of a re-encoded preview
 

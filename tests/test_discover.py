@@ -12,7 +12,8 @@ from imgindex.pipeline.errors import DatasetError
 
 
 def test_recursive_case_insensitive_sorted(tmp_path: Path):
-    for rel in ["b/2.JPG", "a.png", "b/1.jpeg", "c/d/e.WebP", "notes.txt", "x.jpg.bak"]:
+    names = ["b/2.JPG", "a.png", "b/1.jpeg", "c/d/e.WebP", "notes.txt", "x.jpg.bak"]
+    for rel in [*names, "phone/IMG_0001.HEIC", "phone/IMG_0002.heif", "web.avif"]:
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x")
@@ -25,6 +26,9 @@ def test_recursive_case_insensitive_sorted(tmp_path: Path):
         "b/2.JPG",
         "c/d/e.WebP",
         "folder.jpg/inside.jpg",
+        "phone/IMG_0001.HEIC",
+        "phone/IMG_0002.heif",
+        "web.avif",
     ]
 
 
