@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,16 +99,11 @@ class Searcher:
         self.stored.close()
 
     def search_images(
-        self,
-        images: Sequence[str | os.PathLike],
-        k: int = 10,
-        batch: int = 64,
-        progress: Callable[[int, int], None] | None = None,
-        unreadable: Callable[[int, DecodeError], None] | None = None,
+        self, images: Sequence[str | os.PathLike], k: int = 10, **options: Any
     ) -> list[list[Hit]]:
-        """Top-``k`` hits for each query image file, in order (see
-        :meth:`iter_hits`)."""
-        return list(self.iter_hits(images, k, batch, progress, unreadable))
+        """Top-``k`` hits for each query image file, in order; ``options``
+        are :meth:`iter_hits`'s."""
+        return list(self.iter_hits(images, k, **options))
 
     def iter_hits(
         self,
