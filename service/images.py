@@ -33,6 +33,9 @@ WEB_TYPES = {
     "AVIF": "image/avif",
 }
 REENCODED_SIDE = 4096  # longest side of a re-encoded preview
+# Lossy formats browsers do not show: re-encoded as JPEG, as a PNG of a
+# 12-megapixel phone photo is tens of MB; the others as PNG, losslessly.
+LOSSY_TYPES = {"HEIF"}
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ class IndexedImage:
 
 
 def read_image_file(image: IndexedImage, max_pixels: int) -> ImageFile:
-    """``image``'s bytes if they are an image a browser shows, else a PNG of it.
+    """``image``'s bytes if they are an image a browser shows, else a JPEG
+    (:data:`LOSSY_TYPES`) or PNG of it.
 
     Raises
     ------
@@ -121,6 +125,11 @@ def read_image_file(image: IndexedImage, max_pixels: int) -> ImageFile:
         ) from None
     im.thumbnail((REENCODED_SIDE, REENCODED_SIDE))
     buffer = io.BytesIO()
+    if kind in LOSSY_TYPES:
+        im.save(buffer, "JPEG", quality=92)
+        return ImageFile(
+            buffer.getvalue(), "image/jpeg", Path(image.name).stem + ".jpg"
+        )
     im.save(buffer, "PNG")
     return ImageFile(buffer.getvalue(), "image/png", Path(image.name).stem + ".png")
 

@@ -8,6 +8,7 @@ import io
 import json
 import re
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -173,6 +174,7 @@ def test_a_dataset_file_replaced_by_a_page_is_never_served_as_one(
     photos = write_photos(folder, 4, seed=61, max_side=320)
     with Image.open(photos[0]) as im:
         im.save(folder / "scan.tif")  # a format browsers do not show
+        im.save(folder / "phone.heic", "HEIF")  # nor this, lossy already
         im.save(folder / "really-a-jpeg.png", "JPEG")  # the name lies
     assert service.wait(service.build("swapped")["id"])["state"] == "finished"
     # After the build: one file becomes a link to a page in the dataset, one
@@ -203,6 +205,13 @@ def test_a_dataset_file_replaced_by_a_page_is_never_served_as_one(
     with Image.open(io.BytesIO(tif.content)) as im, Image.open(photos[0]) as first:
         assert im.format == "PNG"
         assert im.size == first.size
+    heic = image("phone.heic")
+    assert heic.headers["Content-Type"] == "image/jpeg", heic.text[:200]
+    assert "filename*=UTF-8''phone.jpg" in heic.headers["Content-Disposition"]
+    with Image.open(io.BytesIO(heic.content)) as im, Image.open(photos[0]) as first:
+        assert (im.format, im.size) == ("JPEG", first.size)
+        jpeg_pixels = np.asarray(im.convert("RGB"), np.float32)
+        assert np.abs(jpeg_pixels - np.asarray(first.convert("RGB"))).mean() < 4
     lying = image("really-a-jpeg.png")
     assert lying.headers["Content-Type"] == "image/jpeg"
     assert lying.content == (folder / "really-a-jpeg.png").read_bytes()
