@@ -101,6 +101,26 @@ def test_upload_a_query_and_see_its_source_first(beach, browser, photo_sets, tmp
     assert "'notes.jpg' is not a usable image" in error
     _shot(browser, "search-error")
 
+    # A phone's HEIC, which the browser cannot show: its name stands for it.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    heic = tmp_path / "IMG_0007.heic"
+    with Image.open(source) as photo:
+        photo.save(heic, "HEIF", quality=90)
+    browser.find_element(By.ID, "query-file").send_keys(str(heic))
+    WebDriverWait(browser, 60).until(
+        lambda b: (
+            b.find_element(By.ID, "error").get_attribute("hidden")
+            and b.find_element(By.ID, "query-label").text == "IMG_0007.heic"
+            and "12 hits in" in b.find_element(By.ID, "search-status").text
+        )
+    )
+    assert not browser.find_element(By.ID, "query-preview").is_displayed()
+    first = browser.find_element(By.CSS_SELECTOR, "#results li.hit")
+    assert first.get_attribute("data-path") == source.name
+    _shot(browser, "search-heic")
+
 
 def test_start_a_build_and_watch_it_reach_100_percent(service, browser):
     write_photos(service.dataset_root / "garden", 60, seed=51, max_side=320)

@@ -157,6 +157,12 @@ function setQueryFile(file) {
   query = { file };
   const preview = $("query-preview");
   if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+  // A format this browser does not show (HEIC, TIFF): its name instead.
+  preview.onerror = () => {
+    preview.hidden = true;
+    $("query-label").textContent = file.name;
+    $("query-label").hidden = false;
+  };
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
   $("query-label").hidden = true;
@@ -169,6 +175,7 @@ function setQueryIndexed(index, id, name) {
   $("index-select").value = index;
   const preview = $("query-preview");
   if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+  preview.onerror = null;
   preview.src = `${imageBase(index, id)}/thumbnail?side=320`;
   preview.hidden = false;
   $("query-label").textContent = `more like ${name}`;
