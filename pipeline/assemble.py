@@ -303,22 +303,20 @@ def plan_append(
     if trained is None and not grows_graph:
         return choice, None
     before, now = record_keys(stored.records()), record_keys(manifest)
+    # The old ids, read once: a streamed manifest is read from its file.
+    ids = np.fromiter((r.id for r in stored.records()), np.int64, len(before))
     kept = np.isin(now, before)  # the same path, size and mtime in both
     gone = ~np.isin(before, now)
     if restamped is not None and len(restamped):
         # A restamped image's old record is gone, but its entry is its vector.
         again = np.isin(now, restamped) & ~kept
         kept |= again
-        ids = np.fromiter((r.id for r in stored.records()), np.int64, len(before))
         gone &= ~np.isin(ids, _ids_of(manifest, again))
     changed = [r for r, same in zip(manifest, kept, strict=True) if not same]
     rows, _, missing = select_rows(shards, changed)
     if missing:
         return choice, None  # cannot happen after select_rows on all; refill
-    drop = np.array(
-        [r.id for r, out in zip(stored.records(), gone, strict=True) if out],
-        np.int64,
-    )
+    drop = ids[gone]
     if trained is None:  # the graph
         if len(drop):
             return choice, None
