@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 # A query: an image file (or a folder of them), encoded image bytes, a PIL
 # image, or an array of pixels (height x width, x 3 or 4 channels).
 Query = Any
-QUERIES_PER_BATCH = 16  # with its three turns, 64 images a forward pass
 
 
 def open(path: str | os.PathLike) -> Index:  # noqa: A001 (imgindex.open, as zarr.open)
@@ -157,27 +156,21 @@ class Index:
             raise ValueError(f"unreadable: {unreadable!r} is not 'raise' or 'skip'")
         turns = bool(config_value(turns, "imgindex.search.turns"))
         searcher = self._searcher_for(turns)
-        labels, originals, pixels = [], [], []
-        hits = []
-        skipped: dict[str, str] = {}
-        for label, query in _queries(queries):
-            try:
-                pixels.append(_decoded(searcher, label, query))
-            except DecodeError as e:
-                if unreadable == "raise":
-                    raise
-                logger.warning("not searched: %s", e)
-                skipped[label] = e.reason
-                continue
-            labels.append(label)
-            originals.append(query)
-            if len(pixels) == QUERIES_PER_BATCH:
-                hits.extend(searcher.search_pixels(pixels, k))
-                pixels = []
-        if pixels:
-            hits.extend(searcher.search_pixels(pixels, k))
-        if not labels and not skipped:
+        given = list(_queries(queries))
+        if not given:
             raise ValueError("queries: no query images given")
+        skipped: dict[int, DecodeError] = {}
+
+        def skip(n: int, error: DecodeError) -> None:
+            logger.warning("not searched: %s", error)
+            skipped[n] = error
+
+        hits = searcher.search_images(
+            given,
+            k,
+            unreadable=skip if unreadable == "skip" else None,
+            decode=lambda one: _decoded(searcher, *one),
+        )
         rows = [
             {
                 "query": label,
@@ -187,15 +180,19 @@ class Index:
                 "id": h.id,
                 **({"meta": h.meta} if h.meta is not None else {}),
             }
-            for label, found in zip(labels, hits, strict=True)
-            for h in found
+            for (label, _), found in zip(given, hits, strict=True)
+            for h in found  # none for a query skipped
         ]
         # Only the hits' paths: the index's map holds every image.
         shown = SearchShown(
             searcher.source,
             {row["id"]: searcher.paths[row["id"]] for row in rows},
-            dict(zip(labels, originals, strict=True)),
-            skipped,
+            {
+                label: query
+                for n, (label, query) in enumerate(given)
+                if n not in skipped
+            },
+            {given[n][0]: e.reason for n, e in skipped.items()},
         )
         return SearchResults.of(rows, shown)
 

@@ -107,11 +107,12 @@ class Searcher:
 
     def iter_hits(
         self,
-        images: Sequence[str | os.PathLike],
+        images: Sequence[Any],
         k: int = 10,
         batch: int = 64,
         progress: Callable[[int, int], None] | None = None,
         unreadable: Callable[[int, DecodeError], None] | None = None,
+        decode: Callable[[Any], np.ndarray] | None = None,
     ) -> Iterator[list[Hit]]:
         """Top-``k`` hits for each query image file, in order, as each batch
         is searched.
@@ -119,7 +120,8 @@ class Searcher:
         Queries are decoded, embedded and searched ``batch`` images (a query
         and its turns) at a time, so thousands of them need the memory of one
         batch. ``progress(done, total)`` is called with the queries searched
-        after each batch.
+        after each batch. ``decode(query)`` gives a query's crop (default: a
+        file's, :meth:`Embedder.decode`), for queries that are not files.
 
         Given ``unreadable``, a query that cannot be read is passed to it
         (its position and the error) and gets no hits, and the others are
@@ -128,14 +130,16 @@ class Searcher:
         Raises
         ------
         DecodeError
-            Naming the query file that could not be read.
+            Naming the query that could not be read.
         """
+        if decode is None:
+            decode = self._decode_file
         step = self.queries_per_batch(batch)
         for start in range(0, len(images), step):
             read: dict[int, np.ndarray] = {}
-            for n, path in enumerate(images[start : start + step], start=start):
+            for n, query in enumerate(images[start : start + step], start=start):
                 try:
-                    read[n] = self.embedder.decode(os.fspath(path))
+                    read[n] = decode(query)
                 except DecodeError as e:
                     if unreadable is None:
                         raise
@@ -146,6 +150,9 @@ class Searcher:
                 progress(end, len(images))
             for n in range(start, end):
                 yield next(found) if n in read else []
+
+    def _decode_file(self, path: str | os.PathLike) -> np.ndarray:
+        return self.embedder.decode(os.fspath(path))
 
     def queries_per_batch(self, batch: int = 64) -> int:
         """Queries in a batch of ``batch`` images: with turns, four a query."""
