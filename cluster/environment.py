@@ -22,7 +22,14 @@ OTHER = (
     "faiss-cpu",
     "efficientnet-lite-pytorch",
     "opencv-python-headless",  # the duplicates' geometric check
+    "pillow-heif",  # an extra: without it, HEIC photos are listed as failed
 )
+# What a worker that lacks one of these cannot do, said beside the warning.
+WITHOUT = {
+    "pillow-heif": (
+        "it lists HEIC/HEIF images as failed; pip install 'imgindex[heif]' there"
+    ),
+}
 
 
 def _versions_fn():
@@ -48,6 +55,7 @@ def _versions_fn():
             "faiss-cpu",
             "efficientnet-lite-pytorch",
             "opencv-python-headless",
+            "pillow-heif",
         ):
             try:
                 out[dist] = version(dist)
@@ -110,12 +118,18 @@ def problems(found: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
             continue
         for pkg in CRITICAL + OTHER:
             if _release(theirs.get(pkg)) != _release(mine.get(pkg)):
-                text = (
-                    f"worker {address} has {pkg} {theirs.get(pkg)}, "
-                    f"the client {mine.get(pkg)}"
-                )
+                text = _differs(address, pkg, theirs.get(pkg), mine.get(pkg))
                 (errors if pkg in CRITICAL else warnings).append(text)
     return errors, warnings
+
+
+def _differs(address: str, pkg: str, theirs: str | None, mine: str | None) -> str:
+    if theirs is None:
+        text = f"worker {address} lacks {pkg}, which the client has ({mine})"
+        return f"{text}: {WITHOUT[pkg]}" if pkg in WITHOUT else text
+    if mine is None:
+        return f"worker {address} has {pkg} {theirs}, which the client lacks"
+    return f"worker {address} has {pkg} {theirs}, the client {mine}"
 
 
 def _release(version: str | None) -> str | None:

@@ -236,6 +236,27 @@ def test_doctor_takes_builds_of_one_release_as_the_same_package():
     ]
 
 
+def test_doctor_names_a_worker_that_cannot_read_heic():
+    """pillow-heif on the client but not on a worker: that worker's HEIC photos
+    would be listed as failed, so doctor says so and how to mend it."""
+    from imgindex.cluster.environment import problems
+
+    client = {"imgindex": "0.3.0", "python": "3.11", "pillow-heif": "1.9.0"}
+    errors, warnings = problems(
+        {
+            "client": client,
+            "tcp://bare:1": {**client, "executable": "x", "pillow-heif": None},
+            "tcp://more:1": {**client, "executable": "x", "torch": "2.13.0"},
+        }
+    )
+    assert errors == []
+    assert warnings == [
+        "worker tcp://bare:1 lacks pillow-heif, which the client has (1.9.0): it "
+        "lists HEIC/HEIF images as failed; pip install 'imgindex[heif]' there",
+        "worker tcp://more:1 has torch 2.13.0, which the client lacks",
+    ]
+
+
 def _run_script(tmp_path: Path, source: str) -> str:
     """Run ``source`` in a fresh interpreter (no scheduler configured, this
     checkout importable); its stdout."""
