@@ -112,6 +112,7 @@ class Index:
         *,
         turns: bool | None = None,
         unreadable: Literal["raise", "skip"] = "raise",
+        copies: bool = False,
     ) -> SearchResults:
         """The ``k`` images most similar to each query.
 
@@ -131,16 +132,24 @@ class Index:
             gets no rows and is listed in the results' ``unreadable``, and
             the others are searched (a folder of thousands with one bad
             file); ``"raise"``: it raises :class:`DecodeError`.
+        copies
+            Tell each hit what it is to its query, as :meth:`duplicates`
+            does: a ``kind`` column of ``identical`` (the query's bytes),
+            ``copy`` (the same photo, however resized, cropped, turned or
+            re-encoded), ``shot`` (another shot of its scene), ``neither``,
+            or ``undecided`` (a file that cannot be read now, or too flat to
+            match). Each hit's file is read:
+            about 0.15 s a copy on one core, less for the rest.
 
         Returns
         -------
         SearchResults
             A pandas DataFrame, one row per hit: ``query`` (the file's path,
             else ``<image N>``), ``rank``, ``path``, ``score`` (cosine,
-            higher is more similar), ``id``; plus ``meta`` where the dataset
-            was a file list with more columns. In Jupyter it shows each query
-            and its hits as a row of thumbnails. Its ``unreadable`` maps each
-            query skipped to why.
+            higher is more similar), ``id``; plus ``kind`` with ``copies``,
+            and ``meta`` where the dataset was a file list with more columns.
+            In Jupyter it shows each query and its hits as a row of
+            thumbnails. Its ``unreadable`` maps each query skipped to why.
 
         Raises
         ------
@@ -169,7 +178,8 @@ class Index:
             given,
             k,
             unreadable=skip if unreadable == "skip" else None,
-            decode=lambda one: _decoded(searcher, *one),
+            opened=lambda one: _opened(*one),
+            copies=copies,
         )
         rows = [
             {
@@ -178,6 +188,7 @@ class Index:
                 "path": h.path,
                 "score": h.score,
                 "id": h.id,
+                **({"kind": h.kind} if copies else {}),
                 **({"meta": h.meta} if h.meta is not None else {}),
             }
             for (label, _), found in zip(given, hits, strict=True)
@@ -194,7 +205,7 @@ class Index:
             },
             {given[n][0]: e.reason for n, e in skipped.items()},
         )
-        return SearchResults.of(rows, shown)
+        return SearchResults.of(rows, shown, ["kind"] if copies else [])
 
     def _searcher_for(self, turns: bool) -> Searcher:
         from imgindex.pipeline.search import Searcher
@@ -361,15 +372,15 @@ def _is_one(queries) -> bool:
     return ndim is not None and ndim in (2, 3)
 
 
-def _decoded(searcher: Searcher, label: str, query: Query) -> np.ndarray:
-    """A query decoded and cropped exactly as the index's images were."""
+def _opened(label: str, query: Query) -> str | io.BytesIO:
+    """What Pillow opens for a query: its path, or its bytes."""
     import numpy as np
     from PIL import Image
 
     if isinstance(query, Path):
-        return searcher.embedder.decode(os.fspath(query))
+        return os.fspath(query)
     if isinstance(query, bytes):
-        return searcher.embedder.decode(io.BytesIO(query))
+        return io.BytesIO(query)
     if isinstance(query, np.ndarray):
         try:
             query = Image.fromarray(_pixels(query))
@@ -385,7 +396,7 @@ def _decoded(searcher: Searcher, label: str, query: Query) -> np.ndarray:
     buffer = io.BytesIO()
     query.save(buffer, "PNG")
     buffer.seek(0)
-    return searcher.embedder.decode(buffer)
+    return buffer
 
 
 def _pixels(array: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ class SearchShown:
 
 
 class SearchResults(pd.DataFrame):
-    """One row per hit: ``query``, ``rank``, ``path``, ``score``, ``id``.
+    """One row per hit: ``query``, ``rank``, ``path``, ``score``, ``id`` (and
+    ``kind``, ``meta`` where asked or given).
 
     A DataFrame in every way (filter, sort, ``to_csv``); in Jupyter each
     query and its hits show as a row of thumbnails with their scores. A
@@ -47,10 +49,12 @@ class SearchResults(pd.DataFrame):
         return dict(shown.unreadable) if shown is not None else {}
 
     @classmethod
-    def of(cls, rows: list[dict[str, Any]], shown: SearchShown) -> SearchResults:
-        frame = cls(rows, columns=None if rows and "meta" in rows[0] else COLUMNS)
-        if not rows:
-            frame = cls(columns=COLUMNS)
+    def of(
+        cls, rows: list[dict[str, Any]], shown: SearchShown, more: Sequence[str] = ()
+    ) -> SearchResults:
+        """``rows`` of COLUMNS, ``more`` columns and any ``meta``."""
+        meta = ["meta"] if rows and "meta" in rows[0] else []
+        frame = cls(rows, columns=[*COLUMNS, *more, *meta])
         frame = frame.astype({"rank": "int64", "score": "float32", "id": "int64"})
         frame._shown = shown
         return frame
@@ -73,10 +77,12 @@ class SearchResults(pd.DataFrame):
                 nb.tile(_query_uri(shown.queries.get(label)), ["query"], label, True)
             ]
             for hit in hits[hits["query"] == label].itertuples():
+                # A copy of the query, another shot of its scene ... (copies=True)
+                kind = f" {hit.kind}" if "kind" in self.columns else ""
                 tiles.append(
                     nb.tile(
                         thumbs.get(shown.relpaths[int(hit.id)]),
-                        [f"{hit.rank}. {hit.score:.3f}", nb.short_name(hit.path)],
+                        [f"{hit.rank}. {hit.score:.3f}{kind}", nb.short_name(hit.path)],
                         hit.path,
                     )
                 )

@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -692,6 +692,27 @@ class Checked(NamedTuple):
         return kind
 
 
+# What the check needs of one image: its features and its EXIF capture record.
+Seen = tuple[geometry.Features, Capture | None]
+
+
+def seen(opened: str | os.PathLike | BinaryIO) -> Seen | None:
+    """What :func:`check_pair` needs of an image Pillow can open (None: it
+    cannot be read now, as a file deleted or changed since the build)."""
+    try:
+        return geometry.image_features(opened), capture_of(opened)
+    except DecodeError:
+        return None
+
+
+def check_pair(a: Seen | None, b: Seen | None) -> Checked | None:
+    """The geometric and EXIF check of two images (None: undecidable, where
+    one is unreadable or too flat to hold features)."""
+    if a is None or b is None or not (a[0].decidable and b[0].decidable):
+        return None
+    return Checked(geometry.align(a[0], b[0]), same_exposure(a[1], b[1]))
+
+
 def verify_pairs(
     source: Source | str, pairs: Sequence[tuple[str, str]]
 ) -> list[Checked | None]:
@@ -701,34 +722,24 @@ def verify_pairs(
     ``pairs`` sorted by their first image load it once; features are kept
     for the task's last images (the same image recurs across its pairs).
     """
-    cache: OrderedDict[str, tuple[geometry.Features, Capture | None] | None]
-    cache = OrderedDict()
+    cache: OrderedDict[str, Seen | None] = OrderedDict()
 
-    def features(path: str) -> tuple[geometry.Features, Capture | None] | None:
+    def features(path: str) -> Seen | None:
         if path in cache:
             cache.move_to_end(path)
             return cache[path]
         try:
-            opened = image_file(source, path, reader)
-            found = (geometry.image_features(opened), capture_of(opened))
+            found = seen(image_file(source, path, reader))
         except DecodeError:
-            found = None  # deleted or changed since the build: nothing to compare
+            found = None  # deleted since the build: nothing to compare
         cache[path] = found
         if len(cache) > _CACHED_FEATURES:
             cache.popitem(last=False)
         return found
 
     source = as_source(source)
-    out: list[Checked | None] = []
     with source.reader([p for pair in pairs for p in pair]) as reader:
-        for a, b in pairs:
-            fa, fb = features(a), features(b)
-            if fa is None or fb is None or not (fa[0].decidable and fb[0].decidable):
-                out.append(None)
-            else:
-                alignment = geometry.align(fa[0], fb[0])
-                out.append(Checked(alignment, same_exposure(fa[1], fb[1])))
-    return out
+        return [check_pair(features(a), features(b)) for a, b in pairs]
 
 
 # -- on the client ----------------------------------------------------------------

@@ -14,11 +14,12 @@ costs four embeddings a query instead of one (``turns=False``).
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from imgindex.pipeline import index as faiss_index
 from imgindex.pipeline.embed import Embedder, ModelSpec, runs_from_cache
 from imgindex.pipeline.errors import DecodeError, ImgindexError, IndexDirError
 from imgindex.pipeline.manifest_ids import damaged_manifest
-from imgindex.pipeline.sources import source_of
+from imgindex.pipeline.sources import image_file, opened_digest, source_of
 from imgindex.pipeline.store import StoredIndex, read_index_dir
 
 
@@ -37,12 +38,23 @@ class Hit:
     score: float  # cosine similarity, higher = more similar
     id: int = -1  # the image's id in the index
     meta: dict | None = None  # its file list's other columns, if it had any
+    # Against the query, where asked (Searcher.iter_hits' copies): one of KINDS.
+    kind: str | None = None
 
     def to_json(self) -> dict:
         row = {"rank": self.rank, "path": self.path, "score": round(self.score, 6)}
+        if self.kind is not None:
+            row["kind"] = self.kind
         if self.meta is not None:
             row["meta"] = self.meta
         return row
+
+
+# What the check of `imgindex duplicates` makes of a hit against its query:
+# the same bytes, a copy of it, another shot of its scene, neither, or
+# undecided (one of the two cannot be read now, or is too flat to hold the
+# features the check matches).
+KINDS = ("identical", "copy", "shot", "neither", "undecided")
 
 
 TURN_PENALTY = 0.06
@@ -112,7 +124,8 @@ class Searcher:
         batch: int = 64,
         progress: Callable[[int, int], None] | None = None,
         unreadable: Callable[[int, DecodeError], None] | None = None,
-        decode: Callable[[Any], np.ndarray] | None = None,
+        opened: Callable[[Any], str | os.PathLike | BinaryIO] | None = None,
+        copies: bool = False,
     ) -> Iterator[list[Hit]]:
         """Top-``k`` hits for each query image file, in order, as each batch
         is searched.
@@ -120,39 +133,90 @@ class Searcher:
         Queries are decoded, embedded and searched ``batch`` images (a query
         and its turns) at a time, so thousands of them need the memory of one
         batch. ``progress(done, total)`` is called with the queries searched
-        after each batch. ``decode(query)`` gives a query's crop (default: a
-        file's, :meth:`Embedder.decode`), for queries that are not files.
+        after each batch. ``opened(query)`` gives what Pillow opens for a
+        query that is no file (default: the query itself, a path).
 
         Given ``unreadable``, a query that cannot be read is passed to it
         (its position and the error) and gets no hits, and the others are
         searched; without it, the first such query raises.
+
+        With ``copies``, each hit's ``kind`` says what the geometric check of
+        `imgindex duplicates` makes of it against its query (:data:`KINDS`):
+        each hit's file is read: about 0.15 s a copy on one core, less for
+        the rest.
 
         Raises
         ------
         DecodeError
             Naming the query that could not be read.
         """
-        if decode is None:
-            decode = self._decode_file
+        if opened is None:
+            opened = os.fspath
         step = self.queries_per_batch(batch)
         for start in range(0, len(images), step):
             read: dict[int, np.ndarray] = {}
             for n, query in enumerate(images[start : start + step], start=start):
                 try:
-                    read[n] = decode(query)
+                    read[n] = self.embedder.decode(opened(query))
                 except DecodeError as e:
                     if unreadable is None:
                         raise
                     unreadable(n, e)
-            found = iter(self.search_pixels(list(read.values()), k) if read else [])
+            searched = self.search_pixels(list(read.values()), k) if read else []
+            found = dict(zip(read, searched, strict=True))
+            if copies:
+                found = self._with_kinds({n: opened(images[n]) for n in read}, found)
             end = min(start + step, len(images))
             if progress is not None:
                 progress(end, len(images))
             for n in range(start, end):
-                yield next(found) if n in read else []
+                yield found.get(n, [])
 
-    def _decode_file(self, path: str | os.PathLike) -> np.ndarray:
-        return self.embedder.decode(os.fspath(path))
+    def _with_kinds(
+        self, queries: dict[int, str | BinaryIO], found: dict[int, list[Hit]]
+    ) -> dict[int, list[Hit]]:
+        """``found``'s hits, each with its kind against its query (KINDS):
+        checked in threads, as OpenCV lets go of the GIL."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from imgindex.pipeline.duplicates import check_pair, seen
+
+        # The manifest's rows are read here, not in the threads.
+        rows = {n: [self.paths.row(hit.id) for hit in found[n]] for n in queries}
+
+        def query_seen(n: int):
+            opened = queries[n]
+            try:
+                size = _size(opened)
+                same = any(row.get("size") == size for row in rows[n])
+                digest = opened_digest(opened) if same else None
+            except OSError:  # gone since it was searched
+                size = digest = None
+            return seen(opened), size, digest
+
+        def kind(query, hit: Hit, row: dict) -> Hit:
+            features, size, digest = query
+            try:
+                opened = image_file(self.source, row["path"])
+                if digest is not None and row.get("size") == size:
+                    if opened_digest(opened) == digest:
+                        return replace(hit, kind="identical")
+            except (OSError, DecodeError):  # gone since the build
+                return replace(hit, kind="undecided")
+            checked = check_pair(features, seen(opened))
+            words = "undecided" if checked is None else checked.kind or "neither"
+            return replace(hit, kind=words)
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            mine = dict(zip(queries, pool.map(query_seen, queries), strict=True))
+            checks = {
+                n: [
+                    pool.submit(kind, mine[n], hit, row)
+                    for hit, row in zip(found[n], rows[n], strict=True)
+                ]
+                for n in queries
+            }
+            return {n: [c.result() for c in checked] for n, checked in checks.items()}
 
     def queries_per_batch(self, batch: int = 64) -> int:
         """Queries in a batch of ``batch`` images: with turns, four a query."""
@@ -215,6 +279,12 @@ class Searcher:
             raise IndexDirError(damaged_manifest(self.stored.path, problem))
         path = self.source.location(row["path"])
         return Hit(rank, path, score, image, row.get("meta"))
+
+
+def _size(opened: str | os.PathLike | BinaryIO) -> int:
+    if isinstance(opened, io.BytesIO):
+        return len(opened.getbuffer())
+    return os.path.getsize(opened)
 
 
 def _merged(

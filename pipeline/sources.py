@@ -1068,14 +1068,25 @@ def content_digest(source: Source, rel: str, reader: Reader | None = None) -> st
     OSError, DecodeError
         If it cannot be read.
     """
+    return opened_digest(image_file(source, rel, reader))
+
+
+def opened_digest(opened: str | os.PathLike | io.BytesIO) -> str:
+    """:func:`content_digest` of what :func:`image_file` gives (or of any
+    file or bytes).
+
+    Raises
+    ------
+    OSError
+        If a file cannot be read.
+    """
     import hashlib
 
     from imgindex.pipeline.traits import file_hash
 
-    opened = image_file(source, rel, reader)
-    if isinstance(opened, str):
-        return file_hash(opened)
-    return hashlib.blake2b(opened.getbuffer(), digest_size=16).hexdigest()
+    if isinstance(opened, io.BytesIO):
+        return hashlib.blake2b(opened.getbuffer(), digest_size=16).hexdigest()
+    return file_hash(os.fspath(opened))
 
 
 # File systems.

@@ -1,0 +1,130 @@
+"""`search --copies`: each hit told a copy of its query, another shot of its
+scene, or neither, by the geometric check of `imgindex duplicates`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import skimage.data as skdata
+from PIL import Image
+
+import imgindex
+from imgindex.pipeline.search import KINDS
+from imgindex.pipeline.synthetic import write_copy_set
+from tests.helpers import invoke
+
+
+@pytest.fixture(scope="module")
+def archive(client, tmp_path_factory):
+    """An index of two photos with their copies, two views of a scene, one
+    view of a stereo pair and a flat grey image; (index dir, folder, family
+    of each file, queries folder)."""
+    tmp = tmp_path_factory.mktemp("search-copies")
+    folder = tmp / "archive"
+    left, right, _ = skdata.stereo_motorcycle()
+    families = write_copy_set(
+        folder,
+        {"chelsea": Image.fromarray(skdata.chelsea())},
+        {"tissue": Image.fromarray(skdata.immunohistochemistry())},
+        {
+            "stereo-left": Image.fromarray(left),
+            "flat": Image.new("RGB", (300, 200), (120, 120, 120)),
+        },
+    )
+    imgindex.build(folder, tmp / "out", client=client, progress=False)
+    queries = tmp / "queries"
+    queries.mkdir()
+    # Not in the index: a crop of the photo, turned and re-encoded harder.
+    crop = Image.fromarray(skdata.chelsea()).crop((20, 10, 400, 280))
+    crop.rotate(90, expand=True).save(queries / "chelsea-crop.jpg", quality=70)
+    Image.fromarray(right).save(queries / "stereo-right.jpg", quality=90)
+    shutil.copyfile(folder / "tissue.view-a.jpg", queries / "tissue-a.jpg")
+    return tmp / "out" / "archive", folder, families, queries
+
+
+def _truth(query: str, hit: str, families: dict[str, str]) -> str:
+    """What each hit is to each query of the archive fixture."""
+    if query == "tissue-a.jpg":
+        return {"tissue.view-a.jpg": "identical", "tissue.view-b.jpg": "shot"}.get(
+            hit, "undecided" if hit == "flat.jpg" else "neither"
+        )
+    if query == "stereo-right.jpg" and hit == "stereo-left.jpg":
+        return "shot"
+    if query == "chelsea-crop.jpg" and families[hit] == "chelsea":
+        return "copy"
+    return "undecided" if hit == "flat.jpg" else "neither"
+
+
+def test_search_copies_tells_copies_shots_and_the_same_bytes_from_the_rest(archive):
+    index_dir, folder, families, queries = archive
+    names = ["chelsea-crop.jpg", "stereo-right.jpg", "tissue-a.jpg"]
+    k = len(families)  # every image of the index, against every query
+    result = invoke(
+        "search", index_dir, *(queries / n for n in names), "-k", k, "--copies",
+        "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lists = json.loads(result.stdout)
+    assert [len(hits) for hits in lists] == [k] * 3
+    for name, hits in zip(names, lists, strict=True):
+        told = {h["path"].rsplit("/", 1)[1]: h["kind"] for h in hits}
+        assert set(told.values()) <= set(KINDS)
+        expected = {hit: _truth(name, hit, families) for hit in told}
+        assert told == expected, name
+    # The crop finds all 11 files of its photo as copies, above the rest.
+    crop_hits = [h["kind"] for h in lists[0]]
+    assert crop_hits[:11] == ["copy"] * 11
+
+    text = invoke("search", index_dir, queries / "stereo-right.jpg", "-k", 2,
+                  "--copies").stdout  # fmt: skip
+    first = text.splitlines()[1].split()
+    assert first[:3] == ["1", first[1], "shot"] and first[3].endswith("stereo-left.jpg")
+
+    # Without the flag nothing is read and the JSON is as it always was.
+    plain = json.loads(
+        invoke("search", index_dir, queries / "tissue-a.jpg", "-k", 2, "--json").stdout
+    )
+    assert [sorted(h) for h in plain[0]] == [["path", "rank", "score"]] * 2
+
+
+def test_a_hit_whose_file_is_gone_is_undecided_and_the_others_are_told(
+    archive, tmp_path
+):
+    index_dir, folder, families, queries = archive
+    gone = folder / "chelsea.flipped.jpg"
+    kept = tmp_path / "flipped.jpg"
+    shutil.move(gone, kept)
+    try:
+        result = invoke("search", index_dir, queries / "chelsea-crop.jpg", "-k", 11,
+                        "--copies", "--jsonl")  # fmt: skip
+    finally:
+        shutil.move(kept, gone)
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(x) for x in result.stdout.splitlines()]
+    told = {h["path"].rsplit("/", 1)[1]: h["kind"] for h in line["hits"]}
+    assert told.pop("chelsea.flipped.jpg") == "undecided"
+    assert set(told.values()) == {"copy"} and len(told) == 10
+
+
+def test_python_search_with_copies_adds_a_kind_column_and_shows_it(archive):
+    index_dir, folder, families, queries = archive
+    pixels = np.asarray(Image.open(queries / "chelsea-crop.jpg"))
+    with imgindex.open(index_dir) as idx:
+        results = idx.search(
+            [queries / "stereo-right.jpg", pixels, (folder / "flat.jpg").read_bytes()],
+            k=2,
+            copies=True,
+        )
+        plain = idx.search(queries / "stereo-right.jpg", k=2)
+    assert "kind" not in plain.columns
+    top = results[results["rank"] == 1].set_index("query")
+    assert top["kind"].tolist() == ["shot", "copy", "identical"]
+    assert top["path"].str.rsplit("/", n=1).str[1].tolist() == [
+        "stereo-left.jpg",
+        "chelsea.turned-90.jpg",
+        "flat.jpg",
+    ]
+    assert "1. " in results._repr_html_() and " shot<" in results._repr_html_()
