@@ -24,7 +24,12 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from imgindex.pipeline import index as faiss_index
-from imgindex.pipeline.embed import Embedder, ModelSpec, runs_from_cache
+from imgindex.pipeline.embed import (
+    Embedder,
+    ModelSpec,
+    model_threads,
+    runs_from_cache,
+)
 from imgindex.pipeline.errors import DecodeError, ImgindexError, IndexDirError
 from imgindex.pipeline.manifest_ids import damaged_manifest
 from imgindex.pipeline.sources import image_file, opened_digest, source_of
@@ -207,7 +212,9 @@ class Searcher:
             words = "undecided" if checked is None else checked.kind or "neither"
             return replace(hit, kind=words)
 
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        # As many as the model's forward pass uses here (OMP_NUM_THREADS on a
+        # shared login node, else the cores this process may use).
+        with ThreadPoolExecutor(model_threads()) as pool:
             mine = dict(zip(queries, pool.map(query_seen, queries), strict=True))
             checks = {
                 n: [
