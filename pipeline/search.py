@@ -177,6 +177,11 @@ class Searcher:
             for n in range(start, end):
                 yield found.get(n, [])
 
+    def told(self, query: str | os.PathLike | BinaryIO, hits: list[Hit]) -> list[Hit]:
+        """``hits`` each with its ``kind`` (:data:`KINDS`) against ``query``,
+        what Pillow opens for it: its path or bytes."""
+        return self._with_kinds({0: query}, {0: hits})[0]
+
     def _with_kinds(
         self, queries: dict[int, str | BinaryIO], found: dict[int, list[Hit]]
     ) -> dict[int, list[Hit]]:

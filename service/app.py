@@ -11,6 +11,7 @@ pool whose size bounds how many forward passes share the cores.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import socket
@@ -156,27 +157,37 @@ class Service:
         searcher = opened.searcher
         if query.relpath is not None:
             query.image_id = opened.id_of(query.relpath)
+        hits = None
         if query.image_id is not None:
             vector = await loop.run_in_executor(
                 self.io_pool, opened.vector, query.image_id
             )
             if vector is not None:
-                return (
-                    await loop.run_in_executor(
-                        self.model_pool, searcher.search_vectors, vector, query.k
-                    )
-                )[0]
-            image = opened.file(query.image_id)
-            query.upload = await loop.run_in_executor(self.io_pool, image.read)
-            query.filename = image.location
-        pixels = await loop.run_in_executor(
-            self.io_pool, query.decode, searcher.embedder
-        )
-        turns = self.settings.turns if query.turns is None else query.turns
-        hits = await loop.run_in_executor(
-            self.model_pool, searcher.search_pixels, [pixels], query.k, turns
-        )
-        return hits[0]
+                (hits,) = await loop.run_in_executor(
+                    self.model_pool, searcher.search_vectors, vector, query.k
+                )
+            if hits is None or query.copies:
+                image = opened.file(query.image_id)
+                try:
+                    query.upload = await loop.run_in_executor(self.io_pool, image.read)
+                except ApiError:
+                    if hits is None:
+                        raise
+                    # Its vector was searched: its hits are undecided.
+                query.filename = image.location
+        if hits is None:
+            pixels = await loop.run_in_executor(
+                self.io_pool, query.decode, searcher.embedder
+            )
+            turns = self.settings.turns if query.turns is None else query.turns
+            (hits,) = await loop.run_in_executor(
+                self.model_pool, searcher.search_pixels, [pixels], query.k, turns
+            )
+        if query.copies:
+            # Each hit's file is read and checked against the query (~0.15 s).
+            upload = io.BytesIO(query.upload or b"")
+            hits = await loop.run_in_executor(self.io_pool, searcher.told, upload, hits)
+        return hits
 
     def thumbnail(self, image: IndexedImage, side: int) -> bytes | None:
         """A JPEG of ``image`` fitting ``side`` pixels (None: unreadable now)."""

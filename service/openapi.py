@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from imgindex import __version__
+from imgindex.pipeline.search import KINDS
 
 
 def _error(text: str) -> dict[str, Any]:
@@ -151,6 +152,11 @@ _SCHEMAS: dict[str, Any] = {
             },
             "k": {"type": "integer", "minimum": 1, "maximum": 100},
             "turns": {"type": "boolean"},
+            "copies": {
+                "type": "boolean",
+                "description": "tell each hit's kind against the query "
+                "(reads each hit's file)",
+            },
         },
     },
     "SearchUpload": {
@@ -160,6 +166,11 @@ _SCHEMAS: dict[str, Any] = {
             "image": {"type": "string", "format": "binary"},
             "k": {"type": "integer", "minimum": 1, "maximum": 100},
             "turns": {"type": "boolean"},
+            "copies": {
+                "type": "boolean",
+                "description": "tell each hit's kind against the query "
+                "(reads each hit's file)",
+            },
         },
     },
     "SearchResult": {
@@ -183,6 +194,12 @@ _SCHEMAS: dict[str, Any] = {
                         "relpath": {"type": "string"},
                         "image": {"type": "string"},
                         "thumbnail": {"type": "string"},
+                        "kind": {
+                            "type": "string",
+                            "enum": list(KINDS),
+                            "description": "with copies: what the hit is to "
+                            "the query, as `imgindex duplicates` tells",
+                        },
                         "meta": {
                             "type": "object",
                             "description": "the other columns of the image's "

@@ -103,6 +103,7 @@ class Search(ApiHandler):
             return Query(
                 k=count_argument(fields.get("k"), "k", max_k),
                 turns=flag_argument(fields.get("turns"), "turns"),
+                copies=bool(flag_argument(fields.get("copies"), "copies")),
                 upload=data,
                 filename=uploads[0].filename or "uploaded image",
             )
@@ -110,10 +111,13 @@ class Search(ApiHandler):
             body = self.json_body(bytes(self.body))
             k = count_argument(body.get("k"), "k", max_k)
             turns = flag_argument(body.get("turns"), "turns")
+            copies = bool(flag_argument(body.get("copies"), "copies"))
             if "id" in body:
-                return Query(k=k, turns=turns, image_id=image_id_argument(body["id"]))
+                image_id = image_id_argument(body["id"])
+                return Query(k=k, turns=turns, copies=copies, image_id=image_id)
             if "path" in body:
-                return Query(k=k, turns=turns, relpath=_relpath(body["path"]))
+                relpath = _relpath(body["path"])
+                return Query(k=k, turns=turns, copies=copies, relpath=relpath)
             raise ApiError(400, "give 'id' or 'path' of an indexed image")
         raise ApiError(
             415,
@@ -133,9 +137,11 @@ class Query:
         filename: str = "",
         image_id: int | None = None,
         relpath: str | None = None,
+        copies: bool = False,
     ):
         self.k = k
         self.turns = turns
+        self.copies = copies  # tell each hit's kind against the query
         self.upload = upload
         self.filename = filename
         self.image_id = image_id

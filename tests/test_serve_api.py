@@ -418,6 +418,57 @@ def test_other_shots_of_one_scene_are_served_apart_from_copies(service, scenes):
     assert later["shot_page"] == [] and later["shot_groups"] == 1
 
 
+def test_search_with_copies_tells_each_hit_by_path_id_and_upload(
+    service, scenes, tmp_path
+):
+    """The scenes index: the stereo pair's two cameras, a photo with a copy
+    and an edit of it, an unrelated photo. Each hit says what it is."""
+    url = "/api/indexes/scenes/search"
+    by_path = service.request(
+        "POST", url, json={"path": "stereo-left.jpg", "k": 6, "copies": True}
+    )
+    assert by_path.status_code == 200, by_path.text
+    told = {h["relpath"]: h["kind"] for h in by_path.json()["hits"]}
+    assert told == {
+        "stereo-left.jpg": "identical",
+        "stereo-right.jpg": "shot",
+        "rocket.jpg": "neither",
+        "rocket-small.jpg": "neither",
+        "rocket-stickered.jpg": "neither",
+        "astronaut.jpg": "neither",
+    }
+    rocket_id = str(image_id("rocket.jpg"))
+    by_id = service.request("POST", url, json={"id": rocket_id, "k": 3, "copies": "1"})
+    assert {h["relpath"]: h["kind"] for h in by_id.json()["hits"]} == {
+        "rocket.jpg": "identical",
+        "rocket-small.jpg": "copy",
+        "rocket-stickered.jpg": "copy",
+    }
+    # An upload: a crop of the photo, turned, that the index does not hold.
+    query = tmp_path / "rocket-crop.jpg"
+    with Image.open(service.dataset_root / "scenes" / "rocket.jpg") as im:
+        im.crop((40, 20, 400, 300)).rotate(90, expand=True).save(query, quality=80)
+    with query.open("rb") as f:
+        upload = service.request(
+            "POST", url, files={"image": ("rocket-crop.jpg", f, "image/jpeg")},
+            data={"k": "4", "copies": "true"},
+        )  # fmt: skip
+    assert upload.status_code == 200, upload.text
+    kinds = [(h["relpath"], h["kind"]) for h in upload.json()["hits"]]
+    assert sorted(kinds[:3]) == [
+        ("rocket-small.jpg", "copy"),
+        ("rocket-stickered.jpg", "copy"),
+        ("rocket.jpg", "copy"),
+    ]
+    assert kinds[3][1] == "neither"
+    # Without it no hit carries a kind; a bad value is a one-line 400.
+    plain = service.request("POST", url, json={"id": rocket_id, "k": 3})
+    assert all("kind" not in h for h in plain.json()["hits"])
+    bad = service.request("POST", url, json={"id": rocket_id, "copies": "maybe"})
+    assert bad.status_code == 400
+    assert bad.json()["error"] == "copies 'maybe' is not true or false"
+
+
 def test_status_and_prometheus_metrics(beach):
     status = beach.request("GET", "/api/status").json()
     assert status["status"] == "ok" and status["token_required"] is True

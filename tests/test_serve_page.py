@@ -247,6 +247,62 @@ def test_the_duplicates_tab_shows_other_shots_apart_from_copies(
     _shot(browser, "duplicates-shots")
 
 
+def test_the_copies_box_labels_each_hit_a_copy_another_shot_or_not(
+    service, scenes, browser, tmp_path
+):
+    folder = service.dataset_root / "scenes"
+    query = tmp_path / "rocket-crop.jpg"
+    with Image.open(folder / "rocket.jpg") as im:
+        im.crop((40, 20, 400, 300)).rotate(90, expand=True).save(query, quality=80)
+    _open(browser, service)
+    _wait_for_option(browser, "index-select", "scenes", 20)
+    Select(browser.find_element(By.ID, "index-select")).select_by_value("scenes")
+    browser.find_element(By.ID, "k").clear()
+    browser.find_element(By.ID, "k").send_keys("6")
+    browser.find_element(By.ID, "copies").click()
+
+    def told(expected_status: str) -> list[tuple[str, str, str]]:
+        WebDriverWait(browser, 60).until(
+            lambda b: expected_status in b.find_element(By.ID, "search-status").text
+        )
+        return [
+            (
+                li.get_attribute("data-path"),
+                li.get_attribute("data-kind"),
+                li.find_element(By.CSS_SELECTOR, ".kind").text,
+            )
+            for li in browser.find_elements(By.CSS_SELECTOR, "#results li.hit")
+        ]
+
+    browser.find_element(By.ID, "query-file").send_keys(str(query))
+    hits = told("3 copies of the query, 0 other shots of its scene")
+    assert sorted(hits[:3]) == [
+        ("rocket-small.jpg", "copy", "a copy"),
+        ("rocket-stickered.jpg", "copy", "a copy"),
+        ("rocket.jpg", "copy", "a copy"),
+    ]
+    assert {kind for _, kind, _ in hits[3:]} == {"neither"} and len(hits) == 6
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results li.cut")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results li.faint")) == 3
+    WebDriverWait(browser, 30).until(
+        lambda b: b.execute_script(
+            "return [...document.querySelectorAll('#results img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
+    )
+    _shot(browser, "search-copies")
+
+    # The stereo pair's left view: itself, and the other camera's view.
+    browser.find_element(By.ID, "query-file").send_keys(str(folder / "stereo-left.jpg"))
+    hits = told("1 copy of the query, 1 other shot of its scene")
+    assert hits[:2] == [
+        ("stereo-left.jpg", "identical", "the same file"),
+        ("stereo-right.jpg", "shot", "another shot of the scene"),
+    ]
+    assert not _severe(browser)
+    _shot(browser, "search-shots")
+
+
 def _hits_shown(browser) -> list[dict]:
     return browser.execute_script(
         """return [...document.querySelectorAll('#results > li')].map(li => ({

@@ -215,12 +215,15 @@ async function search() {
     form.append("image", query.file, query.file.name);
     form.append("k", $("k").value);
     form.append("turns", $("turns").checked ? "true" : "false");
+    form.append("copies", $("copies").checked ? "true" : "false");
     options = { method: "POST", body: form };
   } else {
     options = {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ id: query.id, k: Number($("k").value), turns: $("turns").checked }),
+      body: JSON.stringify({
+        id: query.id, k: Number($("k").value), turns: $("turns").checked, copies: $("copies").checked,
+      }),
     };
   }
   $("search-status").textContent = "searching…";
@@ -228,10 +231,8 @@ async function search() {
   try {
     const result = await api(`/api/indexes/${encodeURIComponent(index)}/search`, options);
     showHits(index, result);
-    const same = result.hits.filter((h) => h.score >= sameImage()).length;
     $("search-status").textContent =
-      `${result.hits.length} hits in ${(result.seconds * 1000).toFixed(0)} ms; ` +
-      `${same} at ${sameImage().toFixed(2)} or more: likely the same image`;
+      `${result.hits.length} hits in ${(result.seconds * 1000).toFixed(0)} ms; ` + hitsSummary(result.hits);
   } catch (e) {
     $("results").textContent = "";
     $("search-status").textContent = "";
@@ -243,13 +244,32 @@ async function search() {
 // (the duplicates threshold, imgindex.duplicates.threshold).
 const sameImage = () => (status && status.same_image) || 0.5;
 
+// What a hit is to the query, where it was checked (the "copies" box).
+const KIND_WORDS = {
+  identical: "the same file", copy: "a copy", shot: "another shot of the scene",
+  neither: "not a copy", undecided: "undecided",
+};
+
+function hitsSummary(hits) {
+  if (!hits.some((h) => h.kind)) {
+    const same = hits.filter((h) => h.score >= sameImage()).length;
+    return `${same} at ${sameImage().toFixed(2)} or more: likely the same image`;
+  }
+  const copies = hits.filter((h) => ["identical", "copy"].includes(h.kind)).length;
+  const shots = hits.filter((h) => h.kind === "shot").length;
+  return `${copies} ${copies === 1 ? "copy" : "copies"} of the query, ` +
+    `${shots} other ${shots === 1 ? "shot" : "shots"} of its scene`;
+}
+
 function showHits(index, result) {
   const list = $("results");
   list.textContent = "";
-  let cut = false;
+  const checked = result.hits.some((h) => h.kind);
+  let cut = checked;  // checked hits say what they are: no line by score
   for (const hit of result.hits) {
     const name = hit.relpath || hit.path;
-    const same = hit.score >= sameImage();
+    const same = checked ? ["identical", "copy"].includes(hit.kind) : hit.score >= sameImage();
+    const faint = checked ? ["neither", "undecided"].includes(hit.kind) : !same;
     if (!same && !cut) {
       cut = true;
       list.append(el("li", { class: "cut", text: `Below ${sameImage().toFixed(2)}: other images that look alike, not the same image` }));
@@ -259,11 +279,13 @@ function showHits(index, result) {
     open.addEventListener("click", () => showPreview(index, hit.id, name));
     const like = el("button", { class: "like", text: "More like this" });
     like.addEventListener("click", () => setQueryIndexed(index, hit.id, name));
-    list.append(el("li", { class: same ? "hit same" : "hit faint", "data-rank": hit.rank, "data-path": name, "data-id": hit.id },
+    const kind = hit.kind ? [el("span", { class: `kind kind-${hit.kind}`, text: ` ${KIND_WORDS[hit.kind] || hit.kind}` })] : [];
+    list.append(el("li", { class: same ? "hit same" : faint ? "hit faint" : "hit", "data-rank": hit.rank, "data-path": name, "data-id": hit.id, "data-kind": hit.kind || "" },
       open,
       el("div", {},
         el("span", { class: "rank", text: `#${hit.rank} ` }),
-        el("span", { class: "score", text: hit.score.toFixed(4) })),
+        el("span", { class: "score", text: hit.score.toFixed(4) }),
+        ...kind),
       el("div", { class: "path", text: name }),
       like));
   }
