@@ -142,6 +142,9 @@ class Service:
         # One forward pass at a time: torch spreads each over every core, and
         # two at once only slow each other down.
         self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="imgindex-model")
+        # Hits checked against their query one search at a time, each over the
+        # cores (Searcher.told): thumbnails and reads keep the io pool.
+        self.check_pool = ThreadPoolExecutor(1, thread_name_prefix="imgindex-copies")
         # A Unix socket is reached through a tunnel to a loopback port.
         self.allowed_hosts = _loopback_names(
             "localhost" if settings.unix_socket else settings.host
@@ -186,7 +189,9 @@ class Service:
         if query.copies:
             # Each hit's file is read and checked against the query (~0.15 s).
             upload = io.BytesIO(query.upload or b"")
-            hits = await loop.run_in_executor(self.io_pool, searcher.told, upload, hits)
+            hits = await loop.run_in_executor(
+                self.check_pool, searcher.told, upload, hits
+            )
         return hits
 
     def thumbnail(self, image: IndexedImage, side: int) -> bytes | None:
@@ -253,6 +258,7 @@ class Service:
         self.builds.close()
         self.io_pool.shutdown(wait=False, cancel_futures=True)
         self.model_pool.shutdown(wait=False, cancel_futures=True)
+        self.check_pool.shutdown(wait=False, cancel_futures=True)
 
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
