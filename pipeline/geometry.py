@@ -9,7 +9,8 @@ far things shift against each other (parallax). So a pair is a copy when
 
 1. ORB features of the two images match under one similarity transform
    (RANSAC), of one image or its mirror image onto the other;
-2. that transform puts (almost) all of one image inside the other, and
+2. that transform puts (almost) all of one image inside the other, where
+   it covers at least MIN_COPY_COVER of it (not a speck), and
 3. over that footprint the aligned grey levels correlate strongly, which
    brightness, colour shifts and re-encoding do not change and a caption
    covering part of the image changes only a little (a vignette's smooth
@@ -93,6 +94,14 @@ SIDE = 384  # pixels on the longer side the check works at (any image)
 MIN_INLIERS = 12  # matched features agreeing on the transform
 MIN_INSIDE = 0.9  # share of one image that must land inside the other
 MIN_SHOT_OVERLAP = 0.5  # ... for another shot of the scene (see the docstring)
+# Share of the larger image a copy must cover. A crop keeping a quarter of a
+# photo covers 0.25 (0.248 the least measured, bench/copy_or_shot.py). Laid
+# as a speck inside the other, an image lies wholly inside it and its few
+# blurred pixels correlate at anything up to 1.0: repeated texture (stripes, a
+# page of text) let 17-38 features agree on such similarities, covering
+# 0.002-0.004, between unrelated images of low cosine, which `duplicates`
+# never checks and `search --copies` does (bench/search_kinds.py).
+MIN_COPY_COVER = 0.05
 MIN_CORRELATION = 0.8  # of the aligned grey levels (see the module docstring)
 # Share of the footprint one region where the images differ (a sticker) may
 # cover and be left out of the correlation: stickers of a ninth of a photo
@@ -198,11 +207,20 @@ class Alignment:
     differs: float = 0.0
 
     @property
+    def could_copy(self) -> bool:
+        """Whether the alignment lays one image as a copy would, before its
+        local motion is measured."""
+        return (
+            self.inside >= MIN_INSIDE
+            and self.mutual >= MIN_COPY_COVER
+            and self.correlation >= MIN_CORRELATION
+        )
+
+    @property
     def is_copy(self) -> bool:
         return (
             self.inliers >= MIN_INLIERS
-            and self.inside >= MIN_INSIDE
-            and self.correlation >= MIN_CORRELATION
+            and self.could_copy
             and (self.shift is None or self.shift <= MAX_SHIFT)
             and (self.moved is None or self.moved <= MAX_MOVED)
             and (self.drifted is None or self.drifted <= MAX_DRIFTED)
@@ -357,11 +375,10 @@ def _lay(a: Features, b: Features) -> Laid | None:
             ]
             mutual = min(insides)
             for (src, dst, m, b_onto_a), inside in zip(ways, insides, strict=True):
-                if inside < MIN_INSIDE and mutual < MIN_SHOT_OVERLAP:
-                    continue
-                correlation, differs = _correlation(
-                    src.grey, dst.grey, m, inside >= MIN_INSIDE
-                )
+                copy_like = inside >= MIN_INSIDE and mutual >= MIN_COPY_COVER
+                if not copy_like and mutual < MIN_SHOT_OVERLAP:
+                    continue  # neither a copy nor another shot: a speck, say
+                correlation, differs = _correlation(src.grey, dst.grey, m, copy_like)
                 found = Alignment(
                     correlation,
                     inside,
@@ -376,7 +393,7 @@ def _lay(a: Features, b: Features) -> Laid | None:
 
 
 def _rank(found: Alignment) -> tuple[bool, int, bool, float]:
-    could_copy = found.inside >= MIN_INSIDE and found.correlation >= MIN_CORRELATION
+    could_copy = found.could_copy
     # Of the ways a copy could lie, the one most features agree on is the
     # most exact (RANSAC's leftovers can fit the same way a little off).
     agree = found.inliers if could_copy else 0

@@ -37,6 +37,7 @@ from imgindex.pipeline.synthetic import (
     EDIT_MAKERS,
     synthetic_photo,
     write_copy_set,
+    write_photos,
 )
 from imgindex.pipeline.traits import TRAITS, hash_distance, image_traits
 from tests.helpers import import_or_skip, invoke, one_error_line
@@ -367,6 +368,29 @@ def test_real_exif_records_tell_two_exposures_and_leave_a_second_open():
     edit = capture("ela_original.jpg"), capture("ela_modified.jpg")
     assert edit[0].time == edit[1].time == "2018:06:06 22:20:11"
     assert same_exposure(*edit) is None
+
+
+def test_an_image_laid_as_a_speck_inside_another_is_no_copy(tmp_path, monkeypatch):
+    """A striped generated photo lets 37 features of a page of text agree on a
+    similarity that shrinks the page to a speck (0.2 % of the photo) inside
+    it, where its few blurred pixels correlate at 1.0. `duplicates` never
+    checks such a pair (cosine 0.1); `search --copies` checks every hit."""
+    from imgindex.pipeline import geometry
+
+    striped = write_photos(tmp_path, 27, seed=5, max_side=640)[26]
+    page = COPY_MAKERS["captioned"](Image.fromarray(skdata.page()).convert("RGB"))
+    page.save(tmp_path / "page.jpg", quality=90)  # as bench/search_kinds.py does
+
+    def aligned():
+        return geometry.align(
+            *map(geometry.image_features, (tmp_path / "page.jpg", striped))
+        )
+
+    found = aligned()
+    assert found.kind is None, found
+    monkeypatch.setattr(geometry, "MIN_COPY_COVER", 0.0)
+    speck = aligned()
+    assert speck.kind == "copy" and speck.mutual < 0.01, speck
 
 
 def _jpeg_features(image: Image.Image):
