@@ -86,6 +86,10 @@ def test_notebook_runs_and_shows_results_as_thumbnails(executed):
     search = html_of(cell_showing(executed, "results = idx.search("))
     # Three queries and their four hits each.
     assert len(DATA_URI.findall(search)) == 3 + 3 * 4
+    # Each crop's own photo told a copy, the unrelated photos after it neither.
+    told = html_of(cell_showing(executed, "told = idx.search("))
+    assert len(re.findall(r"1\. 0\.\d{3} copy<br>", told)) == 3, told
+    assert len(re.findall(r"3\. 0\.\d{3} neither<br>", told)) == 3, told
     duplicates = html_of(cell_showing(executed, "duplicates = idx.duplicates("))
     assert len(DATA_URI.findall(duplicates)) == 2
     assert "keep: chelsea.jpg" in duplicates and "chelsea-small.jpg" in duplicates
