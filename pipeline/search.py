@@ -207,7 +207,7 @@ class Searcher:
         def kind(query, hit: Hit, row: dict) -> Hit:
             features, size, digest = query
             try:
-                opened = image_file(self.source, row["path"])
+                opened = image_file(self.source, row["path"], reader)
                 if digest is not None and row.get("size") == size:
                     if opened_digest(opened) == digest:
                         return replace(hit, kind="identical")
@@ -218,8 +218,13 @@ class Searcher:
             return replace(hit, kind=words)
 
         # As many as the model's forward pass uses here (OMP_NUM_THREADS on a
-        # shared login node, else the cores this process may use).
-        with ThreadPoolExecutor(model_threads()) as pool:
+        # shared login node, else the cores this process may use). The reader
+        # takes each tar shard in one pass, not one for each hit in it.
+        hit_paths = [row["path"] for n in queries for row in rows[n]]
+        with (
+            self.source.reader(hit_paths) as reader,
+            ThreadPoolExecutor(model_threads()) as pool,
+        ):
             mine = dict(zip(queries, pool.map(query_seen, queries), strict=True))
             checks = {
                 n: [

@@ -128,3 +128,38 @@ def test_python_search_with_copies_adds_a_kind_column_and_shows_it(archive):
         "flat.jpg",
     ]
     assert "1. " in results._repr_html_() and " shot<" in results._repr_html_()
+
+
+def test_hits_in_tar_shards_are_told_from_one_pass_over_each_shard(
+    archive, client, tmp_path, monkeypatch
+):
+    """A tar member is found by reading its shard up to it: each hit read on
+    its own would read a shard once for every hit in it."""
+    import tarfile
+
+    from imgindex.pipeline import sources
+
+    index_dir, folder, families, queries = archive
+    names = sorted(families)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for n in range(2):
+        with tarfile.open(shards / f"{n:05d}.tar", "w") as tar:
+            for name in names[n::2]:
+                tar.add(folder / name, arcname=name)
+    imgindex.build(shards, tmp_path / "out", client=client, progress=False)
+
+    passes = []
+    opened = sources._TarPass.__init__
+
+    def counted(self, source, shard, wanted):
+        passes.append(shard)
+        opened(self, source, shard, wanted)
+
+    monkeypatch.setattr(sources._TarPass, "__init__", counted)
+    with imgindex.open(tmp_path / "out" / "shards") as idx:
+        found = idx.search(queries / "chelsea-crop.jpg", k=len(names), copies=True)
+    names_found = found["path"].str.rsplit("/", n=1).str[1]
+    told = dict(zip(names_found, found["kind"], strict=True))
+    assert told == {hit: _truth("chelsea-crop.jpg", hit, families) for hit in names}
+    assert sorted(passes) == ["00000.tar", "00001.tar"]
