@@ -185,55 +185,74 @@ class Searcher:
     def _with_kinds(
         self, queries: dict[int, str | BinaryIO], found: dict[int, list[Hit]]
     ) -> dict[int, list[Hit]]:
-        """``found``'s hits, each with its kind against its query (KINDS):
-        checked in threads, as OpenCV lets go of the GIL."""
+        """``found``'s hits, each with its kind against its query (KINDS).
+
+        Each image is read and its features found once, however many of the
+        batch's queries it is a hit of (copies of one photo share their
+        hits); all of it in threads, as OpenCV lets go of the GIL.
+        """
         from concurrent.futures import ThreadPoolExecutor
 
         from imgindex.pipeline.duplicates import check_pair, seen
 
         # The manifest's rows are read here, not in the threads.
         rows = {n: [self.paths.row(hit.id) for hit in found[n]] for n in queries}
+        sizes = {row["path"]: row.get("size") for n in queries for row in rows[n]}
 
-        def query_seen(n: int):
-            opened = queries[n]
+        def query_seen(opened: str | BinaryIO):
             try:
                 size = _size(opened)
-                same = any(row.get("size") == size for row in rows[n])
-                digest = opened_digest(opened) if same else None
+                digest = opened_digest(opened) if size in sizes.values() else None
             except OSError:  # gone since it was searched
                 size = digest = None
             return seen(opened), size, digest
 
-        def kind(query, hit: Hit, row: dict) -> Hit:
-            features, size, digest = query
+        def hit_seen(path: str, query_sizes: set[int]):
             try:
-                opened = image_file(self.source, row["path"], reader)
-                if digest is not None and row.get("size") == size:
-                    if opened_digest(opened) == digest:
-                        return replace(hit, kind="identical")
+                opened = image_file(self.source, path, reader)
+                same = sizes[path] in query_sizes
+                return seen(opened), opened_digest(opened) if same else None
             except (OSError, DecodeError):  # gone since the build
-                return replace(hit, kind="undecided")
-            checked = check_pair(features, seen(opened))
-            words = "undecided" if checked is None else checked.kind or "neither"
-            return replace(hit, kind=words)
+                return None, None
+
+        def kind(query, hit) -> str:
+            (features, _, digest), (theirs, their_digest) = query, hit
+            if digest is not None and digest == their_digest:
+                return "identical"
+            checked = check_pair(features, theirs)
+            return "undecided" if checked is None else checked.kind or "neither"
 
         # As many as the model's forward pass uses here (OMP_NUM_THREADS on a
         # shared login node, else the cores this process may use). The reader
         # takes each tar shard in one pass, not one for each hit in it.
-        hit_paths = [row["path"] for n in queries for row in rows[n]]
         with (
-            self.source.reader(hit_paths) as reader,
+            self.source.reader(list(sizes)) as reader,
             ThreadPoolExecutor(model_threads()) as pool,
         ):
-            mine = dict(zip(queries, pool.map(query_seen, queries), strict=True))
-            checks = {
+            mine = dict(
+                zip(queries, pool.map(query_seen, queries.values()), strict=True)
+            )
+            query_sizes = {size for _, size, _ in mine.values()}
+            theirs = dict(
+                zip(
+                    sizes,
+                    pool.map(hit_seen, sizes, [query_sizes] * len(sizes)),
+                    strict=True,
+                )
+            )
+            told = {
+                n: pool.map(
+                    kind, [mine[n]] * len(rows[n]), [theirs[r["path"]] for r in rows[n]]
+                )
+                for n in queries
+            }
+            return {
                 n: [
-                    pool.submit(kind, mine[n], hit, row)
-                    for hit, row in zip(found[n], rows[n], strict=True)
+                    replace(hit, kind=k)
+                    for hit, k in zip(found[n], told[n], strict=True)
                 ]
                 for n in queries
             }
-            return {n: [c.result() for c in checked] for n, checked in checks.items()}
 
     def queries_per_batch(self, batch: int = 64) -> int:
         """Queries in a batch of ``batch`` images: with turns, four a query."""
