@@ -160,7 +160,7 @@ class Service:
         searcher = opened.searcher
         if query.relpath is not None:
             query.image_id = opened.id_of(query.relpath)
-        hits = None
+        hits, query_bytes = None, query.upload
         if query.image_id is not None:
             vector = await loop.run_in_executor(
                 self.io_pool, opened.vector, query.image_id
@@ -172,12 +172,13 @@ class Service:
             if hits is None or query.copies:
                 image = opened.file(query.image_id)
                 try:
-                    query.upload = await loop.run_in_executor(self.io_pool, image.read)
+                    query_bytes = await loop.run_in_executor(self.io_pool, image.read)
                 except ApiError:
                     if hits is None:
                         raise
                     # Its vector was searched: its hits are undecided.
-                query.filename = image.location
+            if hits is None:  # no vector to search by: embed the file
+                query.upload, query.filename = query_bytes, image.location
         if hits is None:
             pixels = await loop.run_in_executor(
                 self.io_pool, query.decode, searcher.embedder
@@ -188,9 +189,9 @@ class Service:
             )
         if query.copies:
             # Each hit's file is read and checked against the query (~0.15 s).
-            upload = io.BytesIO(query.upload or b"")
+            told = io.BytesIO(query_bytes or b"")
             hits = await loop.run_in_executor(
-                self.check_pool, searcher.told, upload, hits
+                self.check_pool, searcher.told, told, hits
             )
         return hits
 

@@ -439,6 +439,7 @@ def test_search_with_copies_tells_each_hit_by_path_id_and_upload(
     }
     rocket_id = str(image_id("rocket.jpg"))
     by_id = service.request("POST", url, json={"id": rocket_id, "k": 3, "copies": "1"})
+    assert by_id.json()["query"] == {"id": rocket_id}  # its file read, not uploaded
     assert {h["relpath"]: h["kind"] for h in by_id.json()["hits"]} == {
         "rocket.jpg": "identical",
         "rocket-small.jpg": "copy",
