@@ -211,8 +211,7 @@ class Alignment:
         """Whether the alignment lays one image as a copy would, before its
         local motion is measured."""
         return (
-            self.inside >= MIN_INSIDE
-            and self.mutual >= MIN_COPY_COVER
+            _lies_as_copy(self.inside, self.mutual)
             and self.correlation >= MIN_CORRELATION
         )
 
@@ -238,6 +237,12 @@ class Alignment:
 
 
 NO_ALIGNMENT = Alignment(0.0, 0.0, 0, False)
+
+
+def _lies_as_copy(inside: float, mutual: float) -> bool:
+    """Whether one image lies in the other as a copy would: (almost) all of
+    it inside, covering more than a speck."""
+    return inside >= MIN_INSIDE and mutual >= MIN_COPY_COVER
 
 
 def image_features(path: str | os.PathLike | BinaryIO, side: int = SIDE) -> Features:
@@ -375,7 +380,7 @@ def _lay(a: Features, b: Features) -> Laid | None:
             ]
             mutual = min(insides)
             for (src, dst, m, b_onto_a), inside in zip(ways, insides, strict=True):
-                copy_like = inside >= MIN_INSIDE and mutual >= MIN_COPY_COVER
+                copy_like = _lies_as_copy(inside, mutual)
                 if not copy_like and mutual < MIN_SHOT_OVERLAP:
                     continue  # neither a copy nor another shot: a speck, say
                 correlation, differs = _correlation(src.grey, dst.grey, m, copy_like)

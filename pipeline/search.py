@@ -63,6 +63,7 @@ KINDS = ("identical", "copy", "shot", "neither", "undecided")
 
 
 TURN_PENALTY = 0.06
+BATCH = 64  # images (a query and its turns) embedded at a time
 
 
 class Searcher:
@@ -126,7 +127,7 @@ class Searcher:
         self,
         images: Sequence[Any],
         k: int = 10,
-        batch: int = 64,
+        batch: int = BATCH,
         progress: Callable[[int, int], None] | None = None,
         unreadable: Callable[[int, DecodeError], None] | None = None,
         opened: Callable[[Any], str | os.PathLike | BinaryIO] | None = None,
@@ -207,7 +208,7 @@ class Searcher:
                 size = digest = None
             return seen(opened), size, digest
 
-        def hit_seen(path: str, query_sizes: set[int]):
+        def hit_seen(path: str):
             try:
                 opened = image_file(self.source, path, reader)
                 same = sizes[path] in query_sizes
@@ -232,11 +233,12 @@ class Searcher:
             mine = dict(
                 zip(queries, pool.map(query_seen, queries.values()), strict=True)
             )
+            # hit_seen digests only hits of a query's size.
             query_sizes = {size for _, size, _ in mine.values()}
             theirs = dict(
                 zip(
                     sizes,
-                    pool.map(hit_seen, sizes, [query_sizes] * len(sizes)),
+                    pool.map(hit_seen, sizes),
                     strict=True,
                 )
             )
@@ -254,7 +256,7 @@ class Searcher:
                 for n in queries
             }
 
-    def queries_per_batch(self, batch: int = 64) -> int:
+    def queries_per_batch(self, batch: int = BATCH) -> int:
         """Queries in a batch of ``batch`` images: with turns, four a query."""
         return max(1, batch // 4) if self.turns else batch
 

@@ -11,6 +11,12 @@ from typing import Any
 from imgindex import __version__
 from imgindex.pipeline.search import KINDS
 
+# A search's `copies` flag, by JSON or in the form.
+_COPIES = {
+    "type": "boolean",
+    "description": "tell each hit's kind against the query (reads each hit's file)",
+}
+
 
 def _error(text: str) -> dict[str, Any]:
     return {
@@ -152,11 +158,7 @@ _SCHEMAS: dict[str, Any] = {
             },
             "k": {"type": "integer", "minimum": 1, "maximum": 100},
             "turns": {"type": "boolean"},
-            "copies": {
-                "type": "boolean",
-                "description": "tell each hit's kind against the query "
-                "(reads each hit's file)",
-            },
+            "copies": _COPIES,
         },
     },
     "SearchUpload": {
@@ -166,11 +168,7 @@ _SCHEMAS: dict[str, Any] = {
             "image": {"type": "string", "format": "binary"},
             "k": {"type": "integer", "minimum": 1, "maximum": 100},
             "turns": {"type": "boolean"},
-            "copies": {
-                "type": "boolean",
-                "description": "tell each hit's kind against the query "
-                "(reads each hit's file)",
-            },
+            "copies": _COPIES,
         },
     },
     "SearchResult": {

@@ -14,8 +14,7 @@ from imgindex.cli.options import (
 from imgindex.feedback import ProgressBars, shown
 
 FEW_FORWARD_PASSES = 64  # fewer: torch, unless ONNX Runtime runs from its cache
-BATCH = 64  # images (a query and its turns) embedded at a time
-BATCH_CHECKED = 16  # ... with --copies
+BATCH_CHECKED = 16  # images (a query and its turns) embedded at a time with --copies
 
 
 def _query_images(images, queries_from) -> list[Path]:
@@ -82,7 +81,7 @@ def search(index_dir, images, queries_from, k, turns, copies, as_json, as_lines)
     """
     from imgindex.pipeline.config import config_value
     from imgindex.pipeline.errors import DecodeError, ImgindexError
-    from imgindex.pipeline.search import Searcher
+    from imgindex.pipeline.search import BATCH, Searcher
 
     if as_json and as_lines:
         raise click.UsageError("give --json or --jsonl, not both")
