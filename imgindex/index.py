@@ -63,6 +63,7 @@ class Index:
                 hint,
             )
         self._searcher: Searcher | None = None
+        self._remote: Searcher | None = None  # the last client's
         self._selection: list[ShardRows] | None = None
 
     @property
@@ -95,9 +96,10 @@ class Index:
 
     def close(self) -> None:
         """Let go of the index file and the model."""
-        if self._searcher is not None:
-            self._searcher.close()
-            self._searcher = None
+        for searcher in (self._searcher, self._remote):
+            if searcher is not None:
+                searcher.close()
+        self._searcher = self._remote = None
 
     def info(self) -> dict[str, Any]:
         """What ``imgindex info --json`` prints: model, size, shards, failures."""
@@ -113,6 +115,7 @@ class Index:
         turns: bool | None = None,
         unreadable: Literal["raise", "skip"] = "raise",
         copies: bool = False,
+        client: Client | None = None,
     ) -> SearchResults:
         """The ``k`` images most similar to each query.
 
@@ -140,6 +143,13 @@ class Index:
             or ``undecided`` (a file that cannot be read now, or too flat to
             match). Each hit's file is read:
             about 0.15 s a copy on one core, less for the rest.
+        client
+            Embed the queries, and check the hits with ``copies``, on this
+            ``distributed.Client``'s workers (which load the model; those
+            that cannot see the images' folder leave the checks here); this
+            process reads the queries and searches the index. Thousands of
+            queries are minutes of work for one machine; a few are quicker
+            here, so no default client is taken.
 
         Returns
         -------
@@ -164,7 +174,7 @@ class Index:
         if unreadable not in ("raise", "skip"):
             raise ValueError(f"unreadable: {unreadable!r} is not 'raise' or 'skip'")
         turns = bool(config_value(turns, "imgindex.search.turns"))
-        searcher = self._searcher_for(turns)
+        searcher = self._searcher_for(turns, client)
         given = list(_queries(queries))
         if not given:
             raise ValueError("queries: no query images given")
@@ -207,9 +217,20 @@ class Index:
         )
         return SearchResults.of(rows, shown, ["kind"] if copies else [])
 
-    def _searcher_for(self, turns: bool) -> Searcher:
+    def _searcher_for(self, turns: bool, client: Client | None = None) -> Searcher:
         from imgindex.pipeline.search import Searcher
 
+        if client is not None:
+            from imgindex.cluster.connect import use_client
+
+            use_client(client)  # one line for a closed client or none at work
+            if self._remote is None or self._remote.runner.client is not client:
+                if self._remote is not None:
+                    self._remote.close()
+                    self._remote = None
+                self._remote = Searcher(self.path, turns=turns, client=client)
+            self._remote.turns = turns
+            return self._remote
         if self._searcher is None:
             # The model is loaded once; a query or two need no ONNX export.
             self._searcher = Searcher(self.path, turns=turns, few_passes=True)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import errno
 import io
 import os
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from imgindex.pipeline.discover import HEIF_EXTENSIONS
 from imgindex.pipeline.traits import FileHashes
+
+if TYPE_CHECKING:
+    from imgindex.pipeline.errors import DecodeError
 
 # Our own header-based check (below) replaces Pillow's global bomb limit: it is
 # per call, configurable, and never emits a warning that tests or workers would
@@ -102,17 +105,25 @@ def load_rgb(
             rgb.info[ORIGINAL_SIZE] = (w, h)
     except DecodeError:
         raise
-    except FileNotFoundError:
-        raise DecodeError(spath, "file not found (deleted after discovery?)") from None
-    except PermissionError:
-        raise DecodeError(spath, "permission denied") from None
-    except IsADirectoryError:
-        raise DecodeError(spath, "is a directory, not an image file") from None
     except UnidentifiedImageError:
         raise DecodeError(spath, _unreadable_reason(path, spath)) from None
     except (OSError, ValueError, SyntaxError, MemoryError, EOFError) as e:
-        raise DecodeError(spath, _one_line(e)) from None
+        raise read_error(spath, e) from None
     return rgb
+
+
+def read_error(spath: str, e: BaseException) -> DecodeError:
+    """The DecodeError, with its one-line reason, of ``spath`` that could not
+    be read or decoded."""
+    from imgindex.pipeline.errors import DecodeError
+
+    if isinstance(e, FileNotFoundError):
+        return DecodeError(spath, "file not found (deleted after discovery?)")
+    if isinstance(e, PermissionError):
+        return DecodeError(spath, "permission denied")
+    if isinstance(e, IsADirectoryError):
+        return DecodeError(spath, "is a directory, not an image file")
+    return DecodeError(spath, _one_line(e))
 
 
 def input_and_traits(

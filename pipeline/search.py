@@ -15,6 +15,7 @@ costs four embeddings a query instead of one (``turns=False``).
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -32,8 +33,10 @@ from imgindex.pipeline.embed import (
 )
 from imgindex.pipeline.errors import DecodeError, ImgindexError, IndexDirError
 from imgindex.pipeline.manifest_ids import damaged_manifest
-from imgindex.pipeline.sources import image_file, opened_digest, source_of
+from imgindex.pipeline.sources import Source, image_file, opened_digest, source_of
 from imgindex.pipeline.store import StoredIndex, read_index_dir
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,14 @@ BATCH = 64  # images (a query and its turns) embedded at a time
 
 
 class Searcher:
-    """An index directory opened for repeated queries (model loaded once)."""
+    """An index directory opened for repeated queries (model loaded once).
+
+    With a ``client`` (a ``distributed.Client``), :meth:`iter_hits` embeds the
+    queries and checks the hits on its workers (pipeline/search_remote.py),
+    which load the model; the client only reads the queries' bytes and
+    searches the index. Workers that cannot see a folder dataset leave the
+    checks to this process.
+    """
 
     def __init__(
         self,
@@ -76,19 +86,25 @@ class Searcher:
         turns: bool = True,
         runtime: str | None = None,
         few_passes: bool = False,
+        client: Any = None,
     ):
         """``few_passes``: the searches will run few forward passes, so ``auto``
         means torch unless ONNX Runtime runs from its cache here."""
         self.turns = turns
         # Only the hits' rows are read: a million images' manifest is 130 MB.
         self.stored: StoredIndex = read_index_dir(index_dir, by_id=True)
+        self.runner = None
+        self._embedder: Embedder | None = None
+        self._checks_on_workers: bool | None = None
         try:
-            self._open(device, runtime, few_passes)
+            self._open(device, runtime, few_passes, client)
         except BaseException:
             self.stored.close()
             raise
 
-    def _open(self, device: str, runtime: str | None, few_passes: bool) -> None:
+    def _open(
+        self, device: str, runtime: str | None, few_passes: bool, client: Any
+    ) -> None:
         # Read now, from the handles opened with the manifest: a build may swap
         # in a newer version while the model loads. An on-disk index is mapped,
         # not read: only the lists a query probes are paged in.
@@ -97,20 +113,61 @@ class Searcher:
         meta = self.stored.meta
         # Tuned at build time to reach the recall target (meta.quality).
         faiss_index.set_search_params(self.index, meta.search_params)
+        self.source = source_of(meta)
+        self.root = Path(self.source.base)
+        if client is not None:
+            from imgindex.cluster.worker import setup_workers
+            from imgindex.pipeline.index_build import Runner
+
+            # The workers' own device (a GPU worker's GPU), as in a build.
+            self.spec = ModelSpec.from_config(meta.model, runtime=runtime)
+            setup_workers(client, self.spec)
+            self.runner = Runner(client, meta.name, prefix="search")
+            return
         spec = ModelSpec.from_config(meta.model, device, runtime=runtime)
         if few_passes and spec.runtime == "auto" and not runs_from_cache(spec):
             # Exporting the graph or timing the runtimes costs about a second
             # and ONNX Runtime saves ~20 ms a pass (docs/guide/models.md).
             spec = replace(spec, runtime="torch")
-        self.embedder = Embedder(spec)
-        if self.embedder.dim != meta.dim:
+        self.spec = spec
+        self.check_dim(self.embedder.dim)
+
+    @property
+    def embedder(self) -> Embedder:
+        """The model, here (loaded on first use with a client)."""
+        if self._embedder is None:
+            spec = self.spec
+            if self.runner is not None:
+                spec = replace(spec, device="cpu")
+            self._embedder = Embedder(spec)
+        return self._embedder
+
+    def check_dim(self, dim: int) -> None:
+        """Raises ImgindexError where the model's vectors do not fit the index."""
+        meta = self.stored.meta
+        if dim != meta.dim:
             raise ImgindexError(
-                f"model {meta.model!r} gives {self.embedder.dim}-d vectors but the "
+                f"model {meta.model!r} gives {dim}-d vectors but the "
                 f"index holds {meta.dim}-d ones; rebuild it with "
                 "`imgindex build --rebuild`"
             )
-        self.source = source_of(meta)
-        self.root = Path(self.source.base)
+
+    def checks_on_workers(self) -> bool:
+        """Whether the workers can read the hits' files (a dataset in an
+        object store, or a folder they see), asked once."""
+        if self._checks_on_workers is None:
+            from imgindex.pipeline.search_remote import workers_seeing
+
+            client = self.runner.client
+            self._checks_on_workers = self.source.remote or workers_seeing(
+                client, self.source.base
+            )
+            if not self._checks_on_workers:
+                logger.warning(
+                    "some workers cannot see %s: the hits are checked here",
+                    self.source.base,
+                )
+        return self._checks_on_workers
 
     def close(self) -> None:
         """Release the version's files (the searcher cannot be used after)."""
@@ -159,6 +216,13 @@ class Searcher:
         if opened is None:
             opened = os.fspath
         step = self.queries_per_batch(batch)
+        if self.runner is not None:
+            from imgindex.pipeline.search_remote import iter_remote_hits
+
+            yield from iter_remote_hits(
+                self, images, k, step, progress, unreadable, opened, copies
+            )
+            return
         for start in range(0, len(images), step):
             read: dict[int, np.ndarray] = {}
             for n, query in enumerate(images[start : start + step], start=start):
@@ -186,75 +250,19 @@ class Searcher:
     def _with_kinds(
         self, queries: dict[int, str | BinaryIO], found: dict[int, list[Hit]]
     ) -> dict[int, list[Hit]]:
-        """``found``'s hits, each with its kind against its query (KINDS).
+        """``found``'s hits, each with its kind against its query (KINDS)."""
+        # As many threads as the model's forward pass uses here
+        # (OMP_NUM_THREADS on a shared login node, else the cores this
+        # process may use).
+        kinds = tell_kinds(self.source, queries, self.hit_rows(found), model_threads())
+        return with_kinds(found, kinds)
 
-        Each image is read and its features found once, however many of the
-        batch's queries it is a hit of (copies of one photo share their
-        hits); all of it in threads, as OpenCV lets go of the GIL.
-        """
-        from concurrent.futures import ThreadPoolExecutor
-
-        from imgindex.pipeline.duplicates import check_pair, seen
-
-        # The manifest's rows are read here, not in the threads.
-        rows = {n: [self.paths.row(hit.id) for hit in found[n]] for n in queries}
-        sizes = {row["path"]: row.get("size") for n in queries for row in rows[n]}
-
-        def query_seen(opened: str | BinaryIO):
-            try:
-                size = _size(opened)
-                digest = opened_digest(opened) if size in sizes.values() else None
-            except OSError:  # gone since it was searched
-                size = digest = None
-            return seen(opened), size, digest
-
-        def hit_seen(path: str):
-            try:
-                opened = image_file(self.source, path, reader)
-                same = sizes[path] in query_sizes
-                return seen(opened), opened_digest(opened) if same else None
-            except (OSError, DecodeError):  # gone since the build
-                return None, None
-
-        def kind(query, hit) -> str:
-            (features, _, digest), (theirs, their_digest) = query, hit
-            if digest is not None and digest == their_digest:
-                return "identical"
-            checked = check_pair(features, theirs)
-            return "undecided" if checked is None else checked.kind or "neither"
-
-        # As many as the model's forward pass uses here (OMP_NUM_THREADS on a
-        # shared login node, else the cores this process may use). The reader
-        # takes each tar shard in one pass, not one for each hit in it.
-        with (
-            self.source.reader(list(sizes)) as reader,
-            ThreadPoolExecutor(model_threads()) as pool,
-        ):
-            mine = dict(
-                zip(queries, pool.map(query_seen, queries.values()), strict=True)
-            )
-            # hit_seen digests only hits of a query's size.
-            query_sizes = {size for _, size, _ in mine.values()}
-            theirs = dict(
-                zip(
-                    sizes,
-                    pool.map(hit_seen, sizes),
-                    strict=True,
-                )
-            )
-            told = {
-                n: pool.map(
-                    kind, [mine[n]] * len(rows[n]), [theirs[r["path"]] for r in rows[n]]
-                )
-                for n in queries
-            }
-            return {
-                n: [
-                    replace(hit, kind=k)
-                    for hit, k in zip(found[n], told[n], strict=True)
-                ]
-                for n in queries
-            }
+    def hit_rows(self, found: dict[int, list[Hit]]) -> dict[int, list[dict]]:
+        """Each query's hits' manifest rows, what :func:`tell_kinds` reads."""
+        return {
+            n: [_path_and_size(self.paths.row(hit.id)) for hit in hits]
+            for n, hits in found.items()
+        }
 
     def queries_per_batch(self, batch: int = BATCH) -> int:
         """Queries in a batch of ``batch`` images: with turns, four a query."""
@@ -269,14 +277,15 @@ class Searcher:
         batch: one forward pass instead of four.
         """
         turns = self.turns if turns is None else turns
-        # The centre square turned is the turned image's centre square.
-        batch = list(pixels)
-        if turns:
-            batch += [
-                np.ascontiguousarray(np.rot90(x, t)) for t in (1, 2, 3) for x in pixels
-            ]
-        vectors = self.embedder.embed_pixels(batch)
-        n = len(pixels)
+        vectors = self.embedder.embed_pixels(with_turns(pixels, turns))
+        return self.search_embedded(vectors, k, turns)
+
+    def search_embedded(
+        self, vectors: np.ndarray, k: int = 10, turns: bool | None = None
+    ) -> list[list[Hit]]:
+        """Top-``k`` hits for the vectors of :func:`with_turns`' batch."""
+        turns = self.turns if turns is None else turns
+        n = len(vectors) // 4 if turns else len(vectors)
         scores, ids = self._search(vectors[:n], k)
         if turns:
             for t in range(1, 4):
@@ -319,10 +328,154 @@ class Searcher:
         return Hit(rank, path, score, image, row.get("meta"))
 
 
+def with_turns(pixels: Sequence[np.ndarray], turns: bool) -> list[np.ndarray]:
+    """The crops, then, with ``turns``, each of them turned by 90, 180 and
+    270 degrees: the model's batch for :meth:`Searcher.search_embedded`."""
+    # The centre square turned is the turned image's centre square.
+    batch = list(pixels)
+    if turns:
+        batch += [
+            np.ascontiguousarray(np.rot90(x, t)) for t in (1, 2, 3) for x in pixels
+        ]
+    return batch
+
+
+@dataclass(frozen=True)
+class EmbeddedQueries:
+    """A batch of queries as a worker embedded them (:func:`embed_queries`)."""
+
+    positions: list[int]  # of the queries decoded, in order
+    vectors: np.ndarray  # their :func:`with_turns` batch's vectors
+    unreadable: list[tuple[int, str]]  # (position, reason) of the others
+
+
+def embed_queries(
+    spec: ModelSpec, queries: list[tuple[int, io.BytesIO]], turns: bool
+) -> EmbeddedQueries:
+    """Decode and embed a batch of queries (a worker's task): each is its
+    position and its bytes, named as the query (:func:`read_query`)."""
+    embedder = Embedder(spec)  # loaded once per process
+    positions, pixels, unreadable = [], [], []
+    for n, data in queries:
+        try:
+            pixels.append(embedder.decode(data))
+            positions.append(n)
+        except DecodeError as e:
+            unreadable.append((n, e.reason))
+    vectors = (
+        embedder.embed_pixels(with_turns(pixels, turns))
+        if pixels
+        else np.zeros((0, embedder.dim), np.float32)
+    )
+    return EmbeddedQueries(positions, vectors, unreadable)
+
+
+def read_query(opened: str | os.PathLike | BinaryIO) -> io.BytesIO:
+    """A query's bytes, to be sent to a worker, named as the query (errors
+    name it).
+
+    Raises
+    ------
+    DecodeError
+        Where the file cannot be read.
+    """
+    from imgindex.pipeline.decode import read_error
+
+    if isinstance(opened, io.IOBase):
+        name = getattr(opened, "name", None)
+        opened.seek(0)
+        data = io.BytesIO(opened.read())
+    else:
+        name = os.fspath(opened)
+        try:
+            with open(name, "rb") as f:
+                data = io.BytesIO(f.read())
+        except OSError as e:
+            raise read_error(name, e) from None
+    if isinstance(name, str):
+        data.name = name
+    return data
+
+
 def _size(opened: str | os.PathLike | BinaryIO) -> int:
     if isinstance(opened, io.BytesIO):
         return len(opened.getbuffer())
     return os.path.getsize(opened)
+
+
+def with_kinds(
+    found: dict[int, list[Hit]], kinds: dict[int, list[str]]
+) -> dict[int, list[Hit]]:
+    return {
+        n: [replace(hit, kind=k) for hit, k in zip(hits, kinds[n], strict=True)]
+        for n, hits in found.items()
+    }
+
+
+def _path_and_size(row: dict) -> dict:
+    return {"path": row["path"], "size": row.get("size")}
+
+
+def tell_kinds(
+    source: Source,
+    queries: dict[int, str | os.PathLike | BinaryIO],
+    rows: dict[int, list[dict]],
+    threads: int,
+) -> dict[int, list[str]]:
+    """The kind (:data:`KINDS`) of each query's hits against it: ``rows[n]``
+    are query ``n``'s hits' manifest rows (path and size), ``queries[n]`` what
+    Pillow opens for it. Runs here or as a worker's task.
+
+    Each image is read and its features found once, however many of the
+    batch's queries it is a hit of (copies of one photo share their hits);
+    all of it in ``threads`` threads, as OpenCV lets go of the GIL.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgindex.pipeline.duplicates import check_pair, seen
+
+    sizes = {row["path"]: row.get("size") for n in queries for row in rows[n]}
+
+    def query_seen(opened: str | BinaryIO):
+        try:
+            size = _size(opened)
+            digest = opened_digest(opened) if size in sizes.values() else None
+        except OSError:  # gone since it was searched
+            size = digest = None
+        return seen(opened), size, digest
+
+    def hit_seen(path: str):
+        try:
+            opened = image_file(source, path, reader)
+            same = sizes[path] in query_sizes
+            return seen(opened), opened_digest(opened) if same else None
+        except (OSError, DecodeError):  # gone since the build
+            return None, None
+
+    def kind(query, hit) -> str:
+        (features, _, digest), (theirs, their_digest) = query, hit
+        if digest is not None and digest == their_digest:
+            return "identical"
+        checked = check_pair(features, theirs)
+        return "undecided" if checked is None else checked.kind or "neither"
+
+    # The reader takes each tar shard in one pass, not one for each hit in it.
+    with (
+        source.reader(list(sizes)) as reader,
+        ThreadPoolExecutor(max(1, threads)) as pool,
+    ):
+        mine = dict(zip(queries, pool.map(query_seen, queries.values()), strict=True))
+        # hit_seen digests only hits of a query's size.
+        query_sizes = {size for _, size, _ in mine.values()}
+        theirs = dict(zip(sizes, pool.map(hit_seen, sizes), strict=True))
+        return {
+            n: list(
+                pool.map(
+                    kind, [mine[n]] * len(rows[n]), [theirs[r["path"]] for r in rows[n]]
+                )
+            )
+            for n in queries
+        }
 
 
 def _merged(

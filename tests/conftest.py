@@ -468,3 +468,39 @@ def _addresses(client) -> dict[str, str]:
     """Worker name -> address, as the scheduler knows them now."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     return {w["name"]: a for a, w in workers.items()}
+
+
+@pytest.fixture(scope="session")
+def copies_archive(client, tmp_path_factory):
+    """An index of two photos with their copies, two views of a scene, one
+    view of a stereo pair and a flat grey image; (index dir, folder, family
+    of each file, queries folder); what each hit is to each query:
+    :func:`tests.helpers.copies_truth`."""
+    import shutil
+
+    import skimage.data as skdata
+
+    import imgindex
+    from imgindex.pipeline.synthetic import write_copy_set
+
+    tmp = tmp_path_factory.mktemp("search-copies")
+    folder = tmp / "archive"
+    left, right, _ = skdata.stereo_motorcycle()
+    families = write_copy_set(
+        folder,
+        {"chelsea": Image.fromarray(skdata.chelsea())},
+        {"tissue": Image.fromarray(skdata.immunohistochemistry())},
+        {
+            "stereo-left": Image.fromarray(left),
+            "flat": Image.new("RGB", (300, 200), (120, 120, 120)),
+        },
+    )
+    imgindex.build(folder, tmp / "out", client=client, progress=False)
+    queries = tmp / "queries"
+    queries.mkdir()
+    # Not in the index: a crop of the photo, turned and re-encoded harder.
+    crop = Image.fromarray(skdata.chelsea()).crop((20, 10, 400, 280))
+    crop.rotate(90, expand=True).save(queries / "chelsea-crop.jpg", quality=70)
+    Image.fromarray(right).save(queries / "stereo-right.jpg", quality=90)
+    shutil.copyfile(folder / "tissue.view-a.jpg", queries / "tissue-a.jpg")
+    return tmp / "out" / "archive", folder, families, queries

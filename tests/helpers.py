@@ -269,3 +269,16 @@ class RunningService:
             for pipe in (self.process.stdout, self.process.stderr):
                 if pipe is not None:
                     pipe.close()
+
+
+def copies_truth(query: str, hit: str, families: dict[str, str]) -> str:
+    """What each hit is to each query of the copies_archive fixture."""
+    if query == "tissue-a.jpg":
+        return {"tissue.view-a.jpg": "identical", "tissue.view-b.jpg": "shot"}.get(
+            hit, "undecided" if hit == "flat.jpg" else "neither"
+        )
+    if query == "stereo-right.jpg" and hit == "stereo-left.jpg":
+        return "shot"
+    if query == "chelsea-crop.jpg" and families[hit] == "chelsea":
+        return "copy"
+    return "undecided" if hit == "flat.jpg" else "neither"

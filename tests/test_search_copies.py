@@ -7,59 +7,17 @@ import json
 import shutil
 
 import numpy as np
-import pytest
-import skimage.data as skdata
 from PIL import Image
 
 import imgindex
 from imgindex.pipeline.search import KINDS
-from imgindex.pipeline.synthetic import write_copy_set
-from tests.helpers import invoke
+from tests.helpers import copies_truth, invoke
 
 
-@pytest.fixture(scope="module")
-def archive(client, tmp_path_factory):
-    """An index of two photos with their copies, two views of a scene, one
-    view of a stereo pair and a flat grey image; (index dir, folder, family
-    of each file, queries folder)."""
-    tmp = tmp_path_factory.mktemp("search-copies")
-    folder = tmp / "archive"
-    left, right, _ = skdata.stereo_motorcycle()
-    families = write_copy_set(
-        folder,
-        {"chelsea": Image.fromarray(skdata.chelsea())},
-        {"tissue": Image.fromarray(skdata.immunohistochemistry())},
-        {
-            "stereo-left": Image.fromarray(left),
-            "flat": Image.new("RGB", (300, 200), (120, 120, 120)),
-        },
-    )
-    imgindex.build(folder, tmp / "out", client=client, progress=False)
-    queries = tmp / "queries"
-    queries.mkdir()
-    # Not in the index: a crop of the photo, turned and re-encoded harder.
-    crop = Image.fromarray(skdata.chelsea()).crop((20, 10, 400, 280))
-    crop.rotate(90, expand=True).save(queries / "chelsea-crop.jpg", quality=70)
-    Image.fromarray(right).save(queries / "stereo-right.jpg", quality=90)
-    shutil.copyfile(folder / "tissue.view-a.jpg", queries / "tissue-a.jpg")
-    return tmp / "out" / "archive", folder, families, queries
-
-
-def _truth(query: str, hit: str, families: dict[str, str]) -> str:
-    """What each hit is to each query of the archive fixture."""
-    if query == "tissue-a.jpg":
-        return {"tissue.view-a.jpg": "identical", "tissue.view-b.jpg": "shot"}.get(
-            hit, "undecided" if hit == "flat.jpg" else "neither"
-        )
-    if query == "stereo-right.jpg" and hit == "stereo-left.jpg":
-        return "shot"
-    if query == "chelsea-crop.jpg" and families[hit] == "chelsea":
-        return "copy"
-    return "undecided" if hit == "flat.jpg" else "neither"
-
-
-def test_search_copies_tells_copies_shots_and_the_same_bytes_from_the_rest(archive):
-    index_dir, folder, families, queries = archive
+def test_search_copies_tells_copies_shots_and_the_same_bytes_from_the_rest(
+    copies_archive,
+):
+    index_dir, folder, families, queries = copies_archive
     names = ["chelsea-crop.jpg", "stereo-right.jpg", "tissue-a.jpg"]
     k = len(families)  # every image of the index, against every query
     result = invoke(
@@ -72,7 +30,7 @@ def test_search_copies_tells_copies_shots_and_the_same_bytes_from_the_rest(archi
     for name, hits in zip(names, lists, strict=True):
         told = {h["path"].rsplit("/", 1)[1]: h["kind"] for h in hits}
         assert set(told.values()) <= set(KINDS)
-        expected = {hit: _truth(name, hit, families) for hit in told}
+        expected = {hit: copies_truth(name, hit, families) for hit in told}
         assert told == expected, name
     # The crop finds all 11 files of its photo as copies, above the rest.
     crop_hits = [h["kind"] for h in lists[0]]
@@ -91,9 +49,9 @@ def test_search_copies_tells_copies_shots_and_the_same_bytes_from_the_rest(archi
 
 
 def test_a_hit_whose_file_is_gone_is_undecided_and_the_others_are_told(
-    archive, tmp_path
+    copies_archive, tmp_path
 ):
-    index_dir, folder, families, queries = archive
+    index_dir, folder, families, queries = copies_archive
     gone = folder / "chelsea.flipped.jpg"
     kept = tmp_path / "flipped.jpg"
     shutil.move(gone, kept)
@@ -109,8 +67,8 @@ def test_a_hit_whose_file_is_gone_is_undecided_and_the_others_are_told(
     assert set(told.values()) == {"copy"} and len(told) == 10
 
 
-def test_python_search_with_copies_adds_a_kind_column_and_shows_it(archive):
-    index_dir, folder, families, queries = archive
+def test_python_search_with_copies_adds_a_kind_column_and_shows_it(copies_archive):
+    index_dir, folder, families, queries = copies_archive
     pixels = np.asarray(Image.open(queries / "chelsea-crop.jpg"))
     with imgindex.open(index_dir) as idx:
         results = idx.search(
@@ -131,7 +89,7 @@ def test_python_search_with_copies_adds_a_kind_column_and_shows_it(archive):
 
 
 def test_hits_in_tar_shards_are_told_from_one_pass_over_each_shard(
-    archive, client, tmp_path, monkeypatch
+    copies_archive, client, tmp_path, monkeypatch
 ):
     """A tar member is found by reading its shard up to it: each hit read on
     its own would read a shard once for every hit in it."""
@@ -139,7 +97,7 @@ def test_hits_in_tar_shards_are_told_from_one_pass_over_each_shard(
 
     from imgindex.pipeline import sources
 
-    index_dir, folder, families, queries = archive
+    index_dir, folder, families, queries = copies_archive
     names = sorted(families)
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -161,5 +119,7 @@ def test_hits_in_tar_shards_are_told_from_one_pass_over_each_shard(
         found = idx.search(queries / "chelsea-crop.jpg", k=len(names), copies=True)
     names_found = found["path"].str.rsplit("/", n=1).str[1]
     told = dict(zip(names_found, found["kind"], strict=True))
-    assert told == {hit: _truth("chelsea-crop.jpg", hit, families) for hit in names}
+    assert told == {
+        hit: copies_truth("chelsea-crop.jpg", hit, families) for hit in names
+    }
     assert sorted(passes) == ["00000.tar", "00001.tar"]

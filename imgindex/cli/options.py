@@ -12,13 +12,14 @@ from imgindex.cli.group import shorten_distributed_logs
 from imgindex.feedback import shown
 
 
-def scheduler_options(f):
+def scheduler_options(f, instead: str = "starting a LocalCluster"):
+    """--scheduler, --scheduler-file and --no-fallback; ``instead``: what the
+    command does where the scheduler cannot be used."""
     f = click.option(
         "--no-fallback",
         is_flag=True,
         default=None,
-        help="Fail instead of starting a LocalCluster when the scheduler "
-        "cannot be used.",
+        help=f"Fail instead of {instead} when the scheduler cannot be used.",
     )(f)
     f = click.option(
         "--scheduler-file",

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import click
 
 from imgindex.cli.group import cli
 from imgindex.cli.options import (
+    check_scheduler_options,
     quality_line,
+    scheduler_options,
 )
 from imgindex.feedback import ProgressBars, shown
 
@@ -71,24 +74,80 @@ def _query_images(images, queries_from) -> list[Path]:
     help="Print a JSON object per query, one a line, as each batch is searched: "
     '{"query", "hits"}, or {"query", "error"} for one that could not be read.',
 )
-def search(index_dir, images, queries_from, k, turns, copies, as_json, as_lines):
+@partial(scheduler_options, instead="searching here")
+def search(
+    index_dir,
+    images,
+    queries_from,
+    k,
+    turns,
+    copies,
+    as_json,
+    as_lines,
+    scheduler,
+    scheduler_file,
+    no_fallback,
+):
     """Find the images in INDEX_DIR most similar to each query IMAGE.
 
     An IMAGE may be a folder: every image under it is a query. Queries are
     embedded and searched in batches. A query that cannot be read as an
     image is named on stderr and gets no results (an empty list with
     --json); the others are searched, and the exit status is 1.
+
+    Where a scheduler is named (as for `build`), the workers embed the
+    queries and check the hits of --copies; this process reads the queries
+    and searches the index. With none, all of it runs here.
     """
+    if as_json and as_lines:
+        raise click.UsageError("give --json or --jsonl, not both")
+    check_scheduler_options(scheduler, scheduler_file)
+    images = _query_images(images, queries_from)
+    conn = _cluster(scheduler, scheduler_file, no_fallback)
+    try:
+        _search(index_dir, images, k, turns, copies, as_json, as_lines, conn)
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def _cluster(scheduler, scheduler_file, no_fallback):
+    """The named scheduler's connection, or None (search here): none is
+    named, or it cannot be used and falling back is allowed."""
+    from imgindex.cli.group import shorten_distributed_logs
+    from imgindex.cluster.connect import connect, resolve_target
+    from imgindex.pipeline.config import config_value
+    from imgindex.pipeline.errors import SchedulerUnreachable
+
+    target = resolve_target(scheduler, scheduler_file)
+    if target.address is None and target.scheduler_file is None:
+        return None
+    shorten_distributed_logs()
+    try:
+        conn = connect(
+            scheduler,
+            scheduler_file,
+            fallback=False,
+            strict_by_user=bool(no_fallback),
+        )
+    except SchedulerUnreachable as e:
+        if no_fallback or not config_value(None, "imgindex.fallback"):
+            raise
+        click.echo(f"cluster: {shown(str(e))}; searching here", err=True)
+        return None
+    click.echo(f"cluster: {shown(conn.reason)}", err=True)
+    return conn
+
+
+def _search(index_dir, images, k, turns, copies, as_json, as_lines, conn) -> None:
     from imgindex.pipeline.config import config_value
     from imgindex.pipeline.errors import DecodeError, ImgindexError
     from imgindex.pipeline.search import BATCH, Searcher
 
-    if as_json and as_lines:
-        raise click.UsageError("give --json or --jsonl, not both")
-    images = _query_images(images, queries_from)
     turns = bool(config_value(turns, "imgindex.search.turns"))
     few = len(images) * (4 if turns else 1) < FEW_FORWARD_PASSES
-    searcher = Searcher(index_dir, turns=turns, few_passes=few)
+    client = conn.client if conn is not None else None
+    searcher = Searcher(index_dir, turns=turns, few_passes=few, client=client)
     unreadable: dict[int, DecodeError] = {}
     # Checking hits reads each one's file (~0.14 s for a copy): smaller
     # batches, so that the bar moves every few seconds.

@@ -1,0 +1,173 @@
+"""Queries embedded, and their hits told copies or not, on a cluster's workers.
+
+Thousands of queries are minutes of a model's forward passes and of the
+geometric check of `--copies`: on an HPC login node shared with hundreds of
+users that is not the client's work. Here the client reads each query's
+bytes (I/O only) and sends them to the workers in batches; each batch's
+vectors come back and the client searches its index with them (FAISS on
+the client, where the index is open and mapped: the workers need not see
+it); with ``copies`` the hits go back out to be checked against their
+queries by workers that read the dataset, as at build time. Batches stay in
+flight, a few for each worker thread, so that the cluster is kept busy while
+the client searches and yields the results in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from imgindex.pipeline.errors import DecodeError
+from imgindex.pipeline.search import (
+    EmbeddedQueries,
+    Hit,
+    embed_queries,
+    read_query,
+    tell_kinds,
+    with_kinds,
+)
+
+if TYPE_CHECKING:
+    from imgindex.pipeline.search import Searcher
+
+logger = logging.getLogger(__name__)
+
+BATCHES_PER_THREAD = 2  # in flight: one running, one waiting to
+# ... and no more queries' bytes than this held for them by the client.
+BYTES_IN_FLIGHT = 512 << 20
+
+
+def workers_seeing(client: Any, base: str) -> bool:
+    """Whether every worker sees the dataset folder ``base`` (read-only: a
+    search writes nothing)."""
+    from imgindex.cluster.calls import run_on_each
+
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    answers = run_on_each(client, _sees_fn(), workers, None, (base,))
+    return all(answer is True for answer in answers.values())
+
+
+def _sees_fn():
+    """Runs on each worker; a closure, so cloudpickle sends it by value."""
+
+    def sees(base: str, dask_worker=None) -> bool:
+        import os
+
+        return os.path.isdir(base)
+
+    return sees
+
+
+def iter_remote_hits(
+    searcher: Searcher,
+    images: Sequence[Any],
+    k: int,
+    step: int,
+    progress: Callable[[int, int], None] | None,
+    unreadable: Callable[[int, DecodeError], None] | None,
+    opened: Callable[[Any], str | os.PathLike | BinaryIO],
+    copies: bool,
+) -> Iterator[list[Hit]]:
+    """:meth:`Searcher.iter_hits` on ``searcher.runner``'s cluster: ``step``
+    queries a task."""
+    from distributed import as_completed
+
+    runner = searcher.runner
+    starts = iter(range(0, len(images), step))
+    # Each task in flight: its batch's start, and, for a check, the hits it
+    # tells the kinds of (None for an embedding).
+    running: dict[Any, tuple[int, dict[int, list[Hit]] | None]] = {}
+    finished = as_completed(loop=runner.client.loop)
+    ready: dict[int, dict[int, list[Hit]]] = {}
+    sent: dict[int, dict[int, Any]] = {}  # batch start -> its queries' bytes
+    held = [0]  # bytes of the queries sent, not yet searched and checked
+    window = BATCHES_PER_THREAD * runner.threads
+    check_here = copies and not searcher.checks_on_workers()
+
+    def failed(n: int, error: DecodeError) -> None:
+        if unreadable is None:
+            raise error
+        unreadable(n, error)
+
+    def submit(start, found, stage: str, fn: Callable, *args: Any) -> None:
+        future = runner.submit(stage, fn, *args)
+        running[future] = (start, found)
+        finished.add(future)
+
+    def send() -> bool:
+        in_flight = len(running)
+        if in_flight >= window or (in_flight >= 2 and held[0] > BYTES_IN_FLIGHT):
+            return False
+        start = next(starts, None)
+        if start is None:
+            return False
+        batch = {}
+        for n, query in enumerate(images[start : start + step], start=start):
+            try:
+                batch[n] = read_query(opened(query))
+            except DecodeError as e:
+                failed(n, e)
+        held[0] += sum(len(data.getbuffer()) for data in batch.values())
+        sent[start] = batch
+        submit(
+            start,
+            None,
+            "embed",
+            embed_queries,
+            searcher.spec,
+            list(batch.items()),
+            searcher.turns,
+        )
+        return True
+
+    def searched(start: int, got: EmbeddedQueries) -> None:
+        batch = sent[start]
+        for n, reason in got.unreadable:
+            failed(n, DecodeError(getattr(batch[n], "name", "uploaded image"), reason))
+        searcher.check_dim(got.vectors.shape[1])
+        found = dict(
+            zip(got.positions, searcher.search_embedded(got.vectors, k), strict=True)
+        )
+        if not (copies and found):
+            done(start, found)
+            return
+        queries = {n: batch[n] for n in found}
+        rows = searcher.hit_rows(found)
+        if check_here:
+            from imgindex.pipeline.embed import model_threads
+
+            kinds = tell_kinds(searcher.source, queries, rows, model_threads())
+            done(start, with_kinds(found, kinds))
+            return
+        # One thread: the worker's other threads run the other batches.
+        submit(start, found, "check", tell_kinds, searcher.source, queries, rows, 1)
+
+    def done(start: int, found: dict[int, list[Hit]]) -> None:
+        batch = sent.pop(start)
+        held[0] -= sum(len(data.getbuffer()) for data in batch.values())
+        ready[start] = found
+
+    try:
+        while send():
+            pass
+        for start in range(0, len(images), step):
+            while start not in ready:
+                future = next(finished)
+                at, found = running.pop(future)
+                result = runner.gather([future])[0]
+                if found is None:
+                    searched(at, result)
+                else:
+                    done(at, with_kinds(found, result))
+                while send():
+                    pass
+            found = ready.pop(start)
+            end = min(start + step, len(images))
+            if progress is not None:
+                progress(end, len(images))
+            for n in range(start, end):
+                yield found.get(n, [])
+    finally:
+        runner.cancel_running()

@@ -1,0 +1,161 @@
+"""`search --scheduler` and ``Index.search(client=...)``: the queries embedded,
+and the hits of --copies checked, by a cluster's worker processes; the client
+only reads the queries and searches its index."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imgindex
+from imgindex.pipeline import search as search_module
+from imgindex.pipeline import search_remote
+from tests.helpers import copies_truth, invoke
+
+
+@pytest.fixture
+def no_model_here(monkeypatch):
+    """Loading the model in this process fails the test: the worker
+    processes import their own, untouched module."""
+
+    def refused(spec):
+        raise AssertionError("the model was loaded on the client")
+
+    monkeypatch.setattr(search_module, "Embedder", refused)
+
+
+def _task_prefixes(client) -> set[str]:
+    """Every task prefix the scheduler has seen (kept after tasks are gone)."""
+    prefixes = client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.task_prefixes)
+    )
+    return set(prefixes)
+
+
+def _without_scores(lists: list[list[dict]]) -> list[list[dict]]:
+    return [[{**h, "score": None} for h in hits] for hits in lists]
+
+
+def test_search_on_worker_processes_finds_and_tells_what_a_search_here_does(
+    copies_archive, process_cluster, tmp_path, monkeypatch
+):
+    from distributed import Client
+
+    index_dir, folder, families, queries = copies_archive
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    args = ["search", index_dir, queries, bad, folder / "chelsea.jpg", "-k", 5,
+            "--copies", "--json"]  # fmt: skip
+    here = invoke(*args)
+    assert here.exit_code == 1
+
+    def refused(spec):
+        raise AssertionError("the model was loaded on the client")
+
+    monkeypatch.setattr(search_module, "Embedder", refused)
+    address = process_cluster.scheduler_address
+    there = invoke(*args, "--scheduler", address)
+    assert there.exit_code == 1, there.output
+    assert f"cluster: remote {address}: 2 workers" in there.stderr
+    assert f"not searched: {bad}: not an image Pillow can read" in there.stderr
+    remote, local = json.loads(there.stdout), json.loads(here.stdout)
+    assert _without_scores(remote) == _without_scores(local)
+    assert np.allclose(
+        [h["score"] for hits in remote for h in hits],
+        [h["score"] for hits in local for h in hits],
+        atol=1e-4,
+    )
+    # The truth, not only agreement: each query's hits told as they are.
+    names = sorted(p.name for p in queries.iterdir())
+    for name, hits in zip(names, remote, strict=False):
+        for h in hits:
+            hit = h["path"].rsplit("/", 1)[1]
+            assert h["kind"] == copies_truth(name, hit, families), (name, hit)
+    assert remote[len(names)] == []  # the bad file's list, empty
+    with Client(address, set_as_default=False) as c:
+        prefixes = _task_prefixes(c)
+    assert {"search.embed[archive]", "search.check[archive]"} <= prefixes
+
+
+def test_many_queries_come_back_in_order_from_batches_in_flight(
+    copies_archive, process_cluster, no_model_here
+):
+    """A query a batch (its turns make it four images), a few batches in
+    flight on two workers: they finish out of order and come back in order;
+    bytes and pixels travel as paths do."""
+    from distributed import Client
+
+    from imgindex.pipeline.search import Searcher
+
+    index_dir, folder, families, queries = copies_archive
+    files = sorted(folder.iterdir()) * 3
+    with Client(process_cluster, set_as_default=False) as c:
+        searcher = Searcher(index_dir, client=c)
+        try:
+            done = []
+            found = list(
+                searcher.iter_hits(
+                    files, k=1, batch=4, progress=lambda n, total: done.append(n)
+                )
+            )
+        finally:
+            searcher.close()
+        with imgindex.open(index_dir) as idx:
+            given = [files[0].read_bytes(), np.asarray(Image.open(files[1]))]
+            sent = idx.search(given, k=1, client=c)
+    assert done == list(range(1, len(files) + 1))
+    # Each file finds itself, or a byte-identical file, first.
+    top = [hits[0].path.rsplit("/", 1)[1] for hits in found]
+    assert [families[name] for name in top] == [families[f.name] for f in files]
+    assert [families[p.rsplit("/", 1)[1]] for p in sent["path"]] == [
+        families[files[0].name],
+        families[files[1].name],
+    ]
+
+
+def test_workers_that_cannot_see_the_images_leave_the_checks_here(
+    copies_archive, process_cluster, monkeypatch, caplog
+):
+    from distributed import Client
+
+    index_dir, folder, families, queries = copies_archive
+    with Client(process_cluster, set_as_default=False) as c:
+        # The answer of workers on another file system (the probe itself is
+        # proved by the next lines).
+        assert search_remote.workers_seeing(c, str(folder))
+        assert not search_remote.workers_seeing(c, str(folder / "not-here"))
+        monkeypatch.setattr(search_remote, "workers_seeing", lambda *a: False)
+        before = _task_prefixes(c)
+        with imgindex.open(index_dir) as idx:
+            found = idx.search(
+                queries / "stereo-right.jpg", k=len(families), copies=True, client=c
+            )
+        assert "search.check[archive]" not in _task_prefixes(c) - before
+    assert f"some workers cannot see {folder}: the hits are checked here" in caplog.text
+    told = dict(
+        zip(found["path"].str.rsplit("/", n=1).str[1], found["kind"], strict=True)
+    )
+    assert told == {
+        hit: copies_truth("stereo-right.jpg", hit, families) for hit in told
+    }
+    assert len(told) == len(families)
+
+
+def test_an_unreachable_scheduler_leaves_the_search_here_unless_told_not_to(
+    copies_archive, refused_address
+):
+    index_dir, folder, families, queries = copies_archive
+    query = queries / "tissue-a.jpg"
+    here = invoke("search", index_dir, query, "-k", 1, "--scheduler", refused_address)
+    assert here.exit_code == 0, here.output
+    assert "searching here" in here.stderr and refused_address in here.stderr
+    assert here.stdout.splitlines()[1].split()[2].endswith("tissue.view-a.jpg")
+
+    strict = invoke("search", index_dir, query, "--scheduler", refused_address,
+                    "--no-fallback")  # fmt: skip
+    assert strict.exit_code == 1 and strict.stdout == ""
+    (line,) = strict.stderr.splitlines()
+    assert line.startswith("Error: cannot use the scheduler from --scheduler")
