@@ -478,6 +478,15 @@ def tell_kinds(
         }
 
 
+def check_queries(
+    source: Source, queries: list[tuple[int, io.BytesIO]], rows: dict[int, list[dict]]
+) -> dict[int, list[str]]:
+    """:func:`tell_kinds` as a worker's task, of the batch's queries that
+    have hits (``rows``), from the bytes :func:`embed_queries` had."""
+    # One thread: the worker's other threads check the other batches.
+    return tell_kinds(source, {n: q for n, q in queries if n in rows}, rows, 1)
+
+
 def _merged(
     found: tuple[np.ndarray, np.ndarray],
     more: tuple[np.ndarray, np.ndarray],

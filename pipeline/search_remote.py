@@ -19,10 +19,11 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from imgindex.pipeline.errors import DecodeError
+from imgindex.pipeline.errors import DecodeError, ImgindexError
 from imgindex.pipeline.search import (
     EmbeddedQueries,
     Hit,
+    check_queries,
     embed_queries,
     read_query,
     tell_kinds,
@@ -81,7 +82,8 @@ def iter_remote_hits(
     running: dict[Any, tuple[int, dict[int, list[Hit]] | None]] = {}
     finished = as_completed(loop=runner.client.loop)
     ready: dict[int, dict[int, list[Hit]]] = {}
-    sent: dict[int, dict[int, Any]] = {}  # batch start -> its queries' bytes
+    # batch start -> its queries' bytes, here and scattered to the workers
+    sent: dict[int, tuple[dict[int, Any], Any]] = {}
     held = [0]  # bytes of the queries sent, not yet searched and checked
     window = BATCHES_PER_THREAD * runner.threads
     check_here = copies and not searcher.checks_on_workers()
@@ -110,20 +112,25 @@ def iter_remote_hits(
             except DecodeError as e:
                 failed(n, e)
         held[0] += sum(len(data.getbuffer()) for data in batch.values())
-        sent[start] = batch
+        # Scattered, not task arguments: a batch of photos is tens of MB (a
+        # task graph that big is slow, and warned of), and with ``copies``
+        # its check reads the same bytes again on the workers.
+        # One object (a list inside the list scattered), on one worker.
+        [on_workers] = runner.client.scatter([list(batch.items())], hash=False)
+        sent[start] = batch, on_workers
         submit(
             start,
             None,
             "embed",
             embed_queries,
             searcher.spec,
-            list(batch.items()),
+            on_workers,
             searcher.turns,
         )
         return True
 
     def searched(start: int, got: EmbeddedQueries) -> None:
-        batch = sent[start]
+        batch, scattered = sent[start]
         for n, reason in got.unreadable:
             failed(n, DecodeError(getattr(batch[n], "name", "uploaded image"), reason))
         searcher.check_dim(got.vectors.shape[1])
@@ -133,19 +140,18 @@ def iter_remote_hits(
         if not (copies and found):
             done(start, found)
             return
-        queries = {n: batch[n] for n in found}
         rows = searcher.hit_rows(found)
         if check_here:
             from imgindex.pipeline.embed import model_threads
 
+            queries = {n: batch[n] for n in found}
             kinds = tell_kinds(searcher.source, queries, rows, model_threads())
             done(start, with_kinds(found, kinds))
             return
-        # One thread: the worker's other threads run the other batches.
-        submit(start, found, "check", tell_kinds, searcher.source, queries, rows, 1)
+        submit(start, found, "check", check_queries, searcher.source, scattered, rows)
 
     def done(start: int, found: dict[int, list[Hit]]) -> None:
-        batch = sent.pop(start)
+        batch, _ = sent.pop(start)  # the scattered bytes are let go
         held[0] -= sum(len(data.getbuffer()) for data in batch.values())
         ready[start] = found
 
@@ -156,7 +162,7 @@ def iter_remote_hits(
             while start not in ready:
                 future = next(finished)
                 at, found = running.pop(future)
-                result = runner.gather([future])[0]
+                result = _result(runner, future, "check" if found else "embed")
                 if found is None:
                     searched(at, result)
                 else:
@@ -171,3 +177,20 @@ def iter_remote_hits(
                 yield found.get(n, [])
     finally:
         runner.cancel_running()
+
+
+def _result(runner: Any, future: Any, stage: str) -> Any:
+    """A task's result; its failure on the cluster as one line (an
+    environment that differs from the client's, a worker's missing package)."""
+    try:
+        return runner.gather([future])[0]
+    except ImgindexError:
+        raise
+    except Exception as e:
+        cause = e.__cause__ or e.__context__
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+        if cause is not None:
+            why += " (" + " ".join(f"{type(cause).__name__}: {cause}".split()) + ")"
+        raise ImgindexError(
+            f"a search's {stage} task failed on the cluster: {why}"
+        ) from e

@@ -159,3 +159,25 @@ def test_an_unreachable_scheduler_leaves_the_search_here_unless_told_not_to(
     assert strict.exit_code == 1 and strict.stdout == ""
     (line,) = strict.stderr.splitlines()
     assert line.startswith("Error: cannot use the scheduler from --scheduler")
+
+
+def test_a_task_that_fails_on_the_cluster_is_one_error_line(
+    copies_archive, client, monkeypatch
+):
+    """A worker's failure (here: the in-process workers run this test's
+    function) comes back as one line, with its cause."""
+
+    def broken(spec, queries, turns):
+        raise RuntimeError("the workers' environment\ndiffers") from KeyError("spec")
+
+    monkeypatch.setattr(search_remote, "embed_queries", broken)
+    index_dir, folder, families, queries = copies_archive
+    with (
+        imgindex.open(index_dir) as idx,
+        pytest.raises(imgindex.ImgindexError) as failed,
+    ):
+        idx.search(queries / "tissue-a.jpg", client=client)
+    assert str(failed.value) == (
+        "a search's embed task failed on the cluster: RuntimeError: the workers' "
+        "environment differs (KeyError: 'spec')"
+    )
