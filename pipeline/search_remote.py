@@ -3,7 +3,7 @@
 Thousands of queries are minutes of a model's forward passes and of the
 geometric check of `--copies`: on an HPC login node shared with hundreds of
 users that is not the client's work. Here the client reads each query's
-bytes (I/O only) and sends them to the workers in batches; each batch's
+bytes (I/O only) and scatters them to the workers in batches; each batch's
 vectors come back and the client searches its index with them (FAISS on
 the client, where the index is open and mapped: the workers need not see
 it); with ``copies`` the hits go back out to be checked against their
@@ -14,7 +14,6 @@ the client searches and yields the results in order.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -32,8 +31,6 @@ from imgindex.pipeline.search import (
 
 if TYPE_CHECKING:
     from imgindex.pipeline.search import Searcher
-
-logger = logging.getLogger(__name__)
 
 BATCHES_PER_THREAD = 2  # in flight: one running, one waiting to
 # ... and no more queries' bytes than this held for them by the client.
@@ -114,8 +111,8 @@ def iter_remote_hits(
         held[0] += sum(len(data.getbuffer()) for data in batch.values())
         # Scattered, not task arguments: a batch of photos is tens of MB (a
         # task graph that big is slow, and warned of), and with ``copies``
-        # its check reads the same bytes again on the workers.
-        # One object (a list inside the list scattered), on one worker.
+        # its check reads the same bytes again on the workers. One object
+        # (the list inside the list scattered), kept whole on one worker.
         [on_workers] = runner.client.scatter([list(batch.items())], hash=False)
         sent[start] = batch, on_workers
         submit(
