@@ -1,7 +1,7 @@
 """`imgindex search --scheduler-file`: what a search on the cluster spares the
 client (an HPC login node), against the same search run there, same queries.
 
-    python bench/search_cluster.py --work /tmp/search-cluster   # ~1.5 minutes on 2 cores
+    python bench/search_cluster.py --work /tmp/search-cluster  # 1.5 min on 2 cores
 
 The index: 400 generated photos (pipeline.synthetic.write_photos). The
 queries: 200 of them resized to two thirds and re-encoded at quality 80,

@@ -427,9 +427,50 @@ def tell_kinds(
     Pillow opens for it. Runs here or as a worker's task.
 
     Each image is read and its features found once, however many of the
-    batch's queries it is a hit of (copies of one photo share their hits);
-    all of it in ``threads`` threads, as OpenCV lets go of the GIL.
+    batch's queries it is a hit of (copies of one photo share their hits),
+    for at most :data:`HELD_FEATURES` hits at a time; all of it in
+    ``threads`` threads, as OpenCV lets go of the GIL.
     """
+    kinds: dict[int, list[str]] = {n: [] for n in queries}
+    for part in _parts(queries, rows, HELD_FEATURES):
+        told = _tell_part(source, {n: queries[n] for n in part}, part, threads)
+        for n, more in told.items():
+            kinds[n].extend(more)
+    return kinds
+
+
+# The hits' features held at once by tell_kinds: about 150 KB each, so a
+# batch of 16 queries at -k 100 takes 38 MB, not 240.
+HELD_FEATURES = 256
+
+
+def _parts(
+    queries: dict[int, Any], rows: dict[int, list[dict]], most: int
+) -> Iterator[dict[int, list[dict]]]:
+    """The queries' hits in parts of at most ``most`` files, each query's in
+    order (a query of more hits spans parts)."""
+    part: dict[int, list[dict]] = {}
+    paths: set[str] = set()
+    for n in queries:
+        for i in range(0, len(rows[n]), most):
+            chunk = rows[n][i : i + most]
+            new = {row["path"] for row in chunk} - paths
+            if part and len(paths) + len(new) > most:
+                yield part
+                part, paths = {}, set()
+                new = {row["path"] for row in chunk}
+            part.setdefault(n, []).extend(chunk)
+            paths |= new
+    if part:
+        yield part
+
+
+def _tell_part(
+    source: Source,
+    queries: dict[int, str | os.PathLike | BinaryIO],
+    rows: dict[int, list[dict]],
+    threads: int,
+) -> dict[int, list[str]]:
     from concurrent.futures import ThreadPoolExecutor
 
     from imgindex.pipeline.duplicates import check_pair, seen

@@ -123,3 +123,32 @@ def test_hits_in_tar_shards_are_told_from_one_pass_over_each_shard(
         hit: copies_truth("chelsea-crop.jpg", hit, families) for hit in names
     }
     assert sorted(passes) == ["00000.tar", "00001.tar"]
+
+
+def test_hits_past_the_features_held_at_once_are_told_the_same_in_parts(
+    copies_archive, monkeypatch
+):
+    """A hit's features are ~150 KB: at -k 100 a batch's would be 240 MB."""
+    from imgindex.pipeline import search as search_module
+    from imgindex.pipeline.sources import Source
+
+    index_dir, folder, families, queries = copies_archive
+    names = ["chelsea-crop.jpg", "stereo-right.jpg", "tissue-a.jpg"]
+    k = len(families)
+    args = ["search", index_dir, *(queries / n for n in names), "-k", k,
+            "--copies", "--json"]  # fmt: skip
+    whole = invoke(*args)
+    read: list[int] = []
+    reader = Source.reader
+
+    def counted(self, rels):
+        read.append(len(rels))
+        return reader(self, rels)
+
+    monkeypatch.setattr(search_module, "HELD_FEATURES", 4)
+    monkeypatch.setattr(Source, "reader", counted)
+    parts = invoke(*args)
+    assert parts.exit_code == whole.exit_code == 0, parts.output
+    assert parts.stdout == whole.stdout
+    # Each query's hits are every file, four at a time.
+    assert max(read) == 4 and sum(read) == len(names) * k
