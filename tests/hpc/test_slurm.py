@@ -94,6 +94,13 @@ def test_guide_sbatch_script_runs_as_written(traps, tmp_path):
     script = guide_sbatch_script()
     script = script.replace("/shared/traps", str(traps))
     script = script.replace("/shared/indexes", str(out))
+    # Then the search the guide's next paragraph runs on the job's workers:
+    # every photo as a query, each its own first hit, told identical there.
+    found = tmp_path / "search.jsonl"
+    script += (
+        f"imgindex search {out}/traps {traps} -k 2 --copies --jsonl "
+        f'--scheduler-file "$SCHED" --no-fallback > {found}\n'
+    )
     path = tmp_path / "imgindex.sbatch"
     path.write_text(script)
     # The guide asks for 4 nodes x 32 CPUs; this cluster has one node, so the
@@ -115,6 +122,12 @@ def test_guide_sbatch_script_runs_as_written(traps, tmp_path):
     assert read_index(out / "traps").index.ntotal == N_IMAGES
     progress = json.loads((tmp_path / "shared" / "traps-progress.json").read_text())
     assert progress["state"] == "finished"
+    assert "cluster: remote tcp://" in log
+    lines = [json.loads(line) for line in found.read_text().splitlines()]
+    assert len(lines) == N_IMAGES
+    for line in lines:
+        first = line["hits"][0]
+        assert (first["path"], first["kind"]) == (line["query"], "identical")
 
 
 # As the job ends, SLURM stops the scheduler and worker steps at once, and
