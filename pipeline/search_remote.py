@@ -14,6 +14,7 @@ the client searches and yields the results in order.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -32,9 +33,13 @@ from imgindex.pipeline.search import (
 if TYPE_CHECKING:
     from imgindex.pipeline.search import Searcher
 
+logger = logging.getLogger(__name__)
+
 BATCHES_PER_THREAD = 2  # in flight: one running, one waiting to
 # ... and no more queries' bytes than this held for them by the client.
 BYTES_IN_FLIGHT = 512 << 20
+# Times a batch is sent again after its worker died, before the search fails.
+RESENDS = 3
 
 
 def workers_seeing(client: Any, base: str) -> bool:
@@ -83,6 +88,7 @@ def iter_remote_hits(
     sent: dict[int, tuple[dict[int, Any], Any]] = {}
     held = [0]  # bytes of the queries sent, not yet searched and checked
     window = BATCHES_PER_THREAD * runner.threads
+    tries: dict[int, int] = {}  # batch start -> times sent again
     check_here = copies and not searcher.checks_on_workers()
 
     def failed(n: int, error: DecodeError) -> None:
@@ -109,25 +115,53 @@ def iter_remote_hits(
             except DecodeError as e:
                 failed(n, e)
         held[0] += sum(len(data.getbuffer()) for data in batch.values())
+        sent[start] = batch, scatter(batch)
+        embed(start)
+        return True
+
+    def scatter(batch: dict[int, Any]) -> Any:
         # Scattered, not task arguments: a batch of photos is tens of MB (a
         # task graph that big is slow, and warned of), and with ``copies``
         # its check reads the same bytes again on the workers. One object
         # (the list inside the list scattered), kept whole on one worker.
         [on_workers] = runner.client.scatter([list(batch.items())], hash=False)
-        sent[start] = batch, on_workers
-        submit(
-            start,
-            None,
-            "embed",
-            embed_queries,
-            searcher.spec,
-            on_workers,
-            searcher.turns,
+        return on_workers
+
+    def embed(start: int) -> None:
+        spec, turns = searcher.spec, searcher.turns
+        submit(start, None, "embed", embed_queries, spec, sent[start][1], turns)
+
+    def check(start: int, found: dict[int, list[Hit]]) -> None:
+        rows = searcher.hit_rows(found)
+        on_workers = sent[start][1]
+        submit(start, found, "check", check_queries, searcher.source, on_workers, rows)
+
+    def resend(start: int, found: dict[int, list[Hit]] | None, lost: str) -> None:
+        """A batch's task again, its bytes scattered again: they, or the
+        task, went with a worker that died (a node lost mid-search)."""
+        tries[start] = tries.get(start, 0) + 1
+        stage = "embed" if found is None else "check"
+        if tries[start] > RESENDS:
+            raise ImgindexError(
+                f"a search's {stage} task was lost {tries[start]} times with "
+                f"its worker: {lost}"
+            )
+        logger.warning(
+            "queries %d-%d: their %s task was lost with a worker (%s); sent again",
+            start + 1,
+            min(start + step, len(images)),
+            stage,
+            lost,
         )
-        return True
+        batch, _ = sent[start]
+        sent[start] = batch, scatter(batch)
+        if found is None:
+            embed(start)
+        else:
+            check(start, found)
 
     def searched(start: int, got: EmbeddedQueries) -> None:
-        batch, scattered = sent[start]
+        batch, _ = sent[start]
         for n, reason in got.unreadable:
             failed(n, DecodeError(getattr(batch[n], "name", "uploaded image"), reason))
         searcher.check_dim(got.vectors.shape[1])
@@ -137,15 +171,15 @@ def iter_remote_hits(
         if not (copies and found):
             done(start, found)
             return
-        rows = searcher.hit_rows(found)
         if check_here:
             from imgindex.pipeline.embed import model_threads
 
             queries = {n: batch[n] for n in found}
+            rows = searcher.hit_rows(found)
             kinds = tell_kinds(searcher.source, queries, rows, model_threads())
             done(start, with_kinds(found, kinds))
             return
-        submit(start, found, "check", check_queries, searcher.source, scattered, rows)
+        check(start, found)
 
     def done(start: int, found: dict[int, list[Hit]]) -> None:
         batch, _ = sent.pop(start)  # the scattered bytes are let go
@@ -159,7 +193,11 @@ def iter_remote_hits(
             while start not in ready:
                 future = next(finished)
                 at, found = running.pop(future)
-                result = _result(runner, future, "check" if found else "embed")
+                try:
+                    result = _result(runner, future, "check" if found else "embed")
+                except _Lost as lost:
+                    resend(at, found, str(lost))
+                    continue
                 if found is None:
                     searched(at, result)
                 else:
@@ -176,13 +214,30 @@ def iter_remote_hits(
         runner.cancel_running()
 
 
+class _Lost(Exception):
+    """A task, or the bytes it reads, went with a worker that died."""
+
+
 def _result(runner: Any, future: Any, stage: str) -> Any:
     """A task's result; its failure on the cluster as one line (an
-    environment that differs from the client's, a worker's missing package)."""
+    environment that differs from the client's, a worker's missing package).
+
+    Raises
+    ------
+    _Lost
+        Where the task or its scattered bytes were lost with a worker.
+    """
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
     try:
         return runner.gather([future])[0]
     except ImgindexError:
         raise
+    except (FutureCancelledError, KilledWorker) as e:
+        # The first is a BaseException (asyncio's CancelledError), not an
+        # Exception: caught here by name.
+        raise _Lost(" ".join(str(e).split())) from e
     except Exception as e:
         cause = e.__cause__ or e.__context__
         why = " ".join(f"{type(e).__name__}: {e}".split())

@@ -181,3 +181,52 @@ def test_a_task_that_fails_on_the_cluster_is_one_error_line(
         "a search's embed task failed on the cluster: RuntimeError: the workers' "
         "environment differs (KeyError: 'spec')"
     )
+
+
+def test_a_worker_killed_mid_search_costs_no_query(
+    copies_archive, dask_processes, no_model_here, caplog
+):
+    """Every batch's bytes are put on worker a until it is killed (SIGKILL,
+    no nanny to bring it back) as the first results come in: the batches in
+    flight lose their bytes or their task, and are sent again to b."""
+    import os
+    import signal
+
+    from imgindex.pipeline.search import Searcher
+
+    dask_processes.start_scheduler()
+    dask_processes.start_worker("a", extra=("--no-nanny",))
+    dask_processes.start_worker("b")
+    addresses = dask_processes.wait_for_workers(2)
+    doomed = dask_processes.worker_pids()["a"]
+    index_dir, folder, families, queries = copies_archive
+    files = sorted(folder.iterdir()) * 2
+    killed = []
+    with dask_processes.client() as c:
+        scatter = c.scatter
+
+        def on_a_while_it_lives(data, **options):
+            if not killed:
+                options["workers"] = [addresses["a"]]
+            return scatter(data, **options)
+
+        def kill_a(done, total):
+            if not killed:
+                os.kill(doomed, signal.SIGKILL)
+                killed.append(done)
+
+        c.scatter = on_a_while_it_lives
+        searcher = Searcher(index_dir, client=c)
+        try:
+            found = list(
+                searcher.iter_hits(files, k=2, batch=4, progress=kill_a, copies=True)
+            )
+        finally:
+            searcher.close()
+    assert killed == [1]
+    assert "task was lost with a worker" in caplog.text
+    top = [hits[0] for hits in found]
+    assert [families[hit.path.rsplit("/", 1)[1]] for hit in top] == [
+        families[f.name] for f in files
+    ]
+    assert {hit.kind for hit in top} == {"identical"}
