@@ -231,7 +231,7 @@ class PartitionDispatcher:
         self._queue = list(reversed(partitions))
         self._in_flight: dict[str, tuple[Partition, object]] = {}  # key -> part, fut
         self._ac = as_completed(loop=self.client.loop)
-        self._watchdog = _Watchdog(self.client, self.settings, self._in_flight)
+        self._watchdog = Watchdog(self.client, self.settings, self._in_flight)
         self._window_size = self._window(len(partitions))
         # Single images whose worker died while they were queued or running
         # beside another task: Dask cannot tell which of them killed it, so
@@ -459,11 +459,14 @@ class PartitionDispatcher:
         return pack_records(part)
 
 
-class _Watchdog(threading.Thread):
+class Watchdog(threading.Thread):
     """Cancel partitions running past the limit; drop workers that went silent.
 
     Dask cannot interrupt a running thread; restarting the worker process is
-    the only way to get its slot back.
+    the only way to get its slot back. ``in_flight`` maps each key of ours
+    (a task's, or data scattered for one) to (anything, its future); a search
+    (pipeline/search_remote.py) uses it with no time limit, to drop frozen
+    workers only.
     """
 
     def __init__(self, client, settings: DispatchSettings, in_flight: dict):

@@ -19,6 +19,8 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from imgindex.pipeline.config import seconds_value
+from imgindex.pipeline.dispatch import DispatchSettings, Watchdog
 from imgindex.pipeline.errors import DecodeError, ImgindexError
 from imgindex.pipeline.search import (
     EmbeddedQueries,
@@ -99,6 +101,7 @@ def iter_remote_hits(
     def submit(start, found, stage: str, fn: Callable, *args: Any) -> None:
         future = runner.submit(stage, fn, *args)
         running[future] = (start, found)
+        ours[future.key] = (start, future)
         finished.add(future)
 
     def send() -> bool:
@@ -125,6 +128,7 @@ def iter_remote_hits(
         # its check reads the same bytes again on the workers. One object
         # (the list inside the list scattered), kept whole on one worker.
         [on_workers] = runner.client.scatter([list(batch.items())], hash=False)
+        ours[on_workers.key] = (None, on_workers)
         return on_workers
 
     def embed(start: int) -> None:
@@ -153,7 +157,8 @@ def iter_remote_hits(
             stage,
             lost,
         )
-        batch, _ = sent[start]
+        batch, lost_bytes = sent[start]
+        ours.pop(lost_bytes.key, None)
         sent[start] = batch, scatter(batch)
         if found is None:
             embed(start)
@@ -182,10 +187,24 @@ def iter_remote_hits(
         check(start, found)
 
     def done(start: int, found: dict[int, list[Hit]]) -> None:
-        batch, _ = sent.pop(start)  # the scattered bytes are let go
+        batch, on_workers = sent.pop(start)  # the scattered bytes are let go
+        ours.pop(on_workers.key, None)
         held[0] -= sum(len(data.getbuffer()) for data in batch.values())
         ready[start] = found
 
+    # A frozen worker (SIGSTOP, a dead NFS mount) keeps its connection and
+    # would hold its batches until Dask's worker-ttl: the build's watchdog
+    # drops it after imgindex.worker-unresponsive, and its batches are sent
+    # again (resend).
+    ours: dict[Any, tuple[int | None, Any]] = {}
+    watchdog = Watchdog(
+        runner.client,
+        DispatchSettings(
+            timeout=0, unresponsive=seconds_value(None, "imgindex.worker-unresponsive")
+        ),
+        ours,
+    )
+    watchdog.start()
     try:
         while send():
             pass
@@ -193,6 +212,7 @@ def iter_remote_hits(
             while start not in ready:
                 future = next(finished)
                 at, found = running.pop(future)
+                ours.pop(future.key, None)
                 try:
                     result = _result(runner, future, "check" if found else "embed")
                 except _Lost as lost:
@@ -211,6 +231,7 @@ def iter_remote_hits(
             for n in range(start, end):
                 yield found.get(n, [])
     finally:
+        watchdog.stop()
         runner.cancel_running()
 
 

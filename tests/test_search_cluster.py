@@ -230,3 +230,58 @@ def test_a_worker_killed_mid_search_costs_no_query(
         families[f.name] for f in files
     ]
     assert {hit.kind for hit in top} == {"identical"}
+
+
+def test_a_worker_frozen_mid_search_is_dropped_and_costs_no_query(
+    copies_archive, dask_processes, no_model_here, caplog
+):
+    """SIGSTOP (`scontrol suspend`, a dead NFS mount) keeps the connection:
+    Dask would wait for worker a for 5 minutes. The build's watchdog drops
+    it after imgindex.worker-unresponsive, and its batches are sent again."""
+    import os
+    import signal
+    import time
+
+    import dask.config
+
+    from imgindex.pipeline.search import Searcher
+
+    dask_processes.start_scheduler()
+    dask_processes.start_worker("a", extra=("--no-nanny",))
+    dask_processes.start_worker("b")
+    addresses = dask_processes.wait_for_workers(2)
+    frozen = dask_processes.worker_pids()["a"]
+    index_dir, folder, families, queries = copies_archive
+    files = sorted(folder.iterdir())
+    stopped = []
+    try:
+        with (
+            dask_processes.client() as c,
+            dask.config.set({"imgindex.worker-unresponsive": "3s"}),
+        ):
+            scatter = c.scatter
+
+            def on_a_while_it_runs(data, **options):
+                if not stopped:
+                    options["workers"] = [addresses["a"]]
+                return scatter(data, **options)
+
+            def freeze_a(done, total):
+                if not stopped:
+                    os.kill(frozen, signal.SIGSTOP)
+                    stopped.append(time.monotonic())
+
+            c.scatter = on_a_while_it_runs
+            searcher = Searcher(index_dir, client=c)
+            try:
+                found = list(searcher.iter_hits(files, k=1, batch=4, progress=freeze_a))
+            finally:
+                searcher.close()
+            took = time.monotonic() - stopped[0]
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert f"worker {addresses['a']} has been unresponsive" in caplog.text
+    assert "task was lost with a worker" in caplog.text
+    assert took < 60  # not Dask's 5 minutes
+    top = [hits[0].path.rsplit("/", 1)[1] for hits in found]
+    assert [families[name] for name in top] == [families[f.name] for f in files]
