@@ -183,14 +183,15 @@ def test_a_task_that_fails_on_the_cluster_is_one_error_line(
     )
 
 
-def test_a_worker_killed_mid_search_costs_no_query(
-    copies_archive, dask_processes, no_model_here, caplog
-):
-    """Every batch's bytes are put on worker a until it is killed (SIGKILL,
-    no nanny to bring it back) as the first results come in: the batches in
-    flight lose their bytes or their task, and are sent again to b."""
+def _search_hit_on_a(dask_processes, index_dir, files, signum, **options):
+    """Search ``files`` on two worker processes, a (no nanny to bring it
+    back) and b. Every batch's bytes are put on a until, as the first results
+    come in, a is sent ``signum``: the batches then in flight lose their
+    bytes or their task. (The hits, the workers' addresses, the seconds the
+    search took after the signal.)"""
     import os
     import signal
+    import time
 
     from imgindex.pipeline.search import Searcher
 
@@ -198,32 +199,47 @@ def test_a_worker_killed_mid_search_costs_no_query(
     dask_processes.start_worker("a", extra=("--no-nanny",))
     dask_processes.start_worker("b")
     addresses = dask_processes.wait_for_workers(2)
-    doomed = dask_processes.worker_pids()["a"]
+    hit = dask_processes.worker_pids()["a"]
+    signalled: list[float] = []
+    try:
+        with dask_processes.client() as c:
+            scatter = c.scatter
+
+            def on_a_until_signalled(data, **kwargs):
+                if not signalled:
+                    kwargs["workers"] = [addresses["a"]]
+                return scatter(data, **kwargs)
+
+            def signal_a(done, total):
+                if not signalled:
+                    os.kill(hit, signum)
+                    signalled.append(time.monotonic())
+
+            c.scatter = on_a_until_signalled
+            searcher = Searcher(index_dir, client=c)
+            try:
+                found = list(
+                    searcher.iter_hits(files, batch=4, progress=signal_a, **options)
+                )
+            finally:
+                searcher.close()
+    finally:
+        if signum == signal.SIGSTOP:
+            os.kill(hit, signal.SIGCONT)
+    return found, addresses, time.monotonic() - signalled[0]
+
+
+def test_a_worker_killed_mid_search_costs_no_query(
+    copies_archive, dask_processes, no_model_here, caplog
+):
+    """SIGKILL: the batches on worker a are sent again to b."""
+    import signal
+
     index_dir, folder, families, queries = copies_archive
     files = sorted(folder.iterdir()) * 2
-    killed = []
-    with dask_processes.client() as c:
-        scatter = c.scatter
-
-        def on_a_while_it_lives(data, **options):
-            if not killed:
-                options["workers"] = [addresses["a"]]
-            return scatter(data, **options)
-
-        def kill_a(done, total):
-            if not killed:
-                os.kill(doomed, signal.SIGKILL)
-                killed.append(done)
-
-        c.scatter = on_a_while_it_lives
-        searcher = Searcher(index_dir, client=c)
-        try:
-            found = list(
-                searcher.iter_hits(files, k=2, batch=4, progress=kill_a, copies=True)
-            )
-        finally:
-            searcher.close()
-    assert killed == [1]
+    found, _, _ = _search_hit_on_a(
+        dask_processes, index_dir, files, signal.SIGKILL, k=2, copies=True
+    )
     assert "task was lost with a worker" in caplog.text
     top = [hits[0] for hits in found]
     assert [families[hit.path.rsplit("/", 1)[1]] for hit in top] == [
@@ -238,48 +254,16 @@ def test_a_worker_frozen_mid_search_is_dropped_and_costs_no_query(
     """SIGSTOP (`scontrol suspend`, a dead NFS mount) keeps the connection:
     Dask would wait for worker a for 5 minutes. The build's watchdog drops
     it after imgindex.worker-unresponsive, and its batches are sent again."""
-    import os
     import signal
-    import time
 
     import dask.config
 
-    from imgindex.pipeline.search import Searcher
-
-    dask_processes.start_scheduler()
-    dask_processes.start_worker("a", extra=("--no-nanny",))
-    dask_processes.start_worker("b")
-    addresses = dask_processes.wait_for_workers(2)
-    frozen = dask_processes.worker_pids()["a"]
     index_dir, folder, families, queries = copies_archive
     files = sorted(folder.iterdir())
-    stopped = []
-    try:
-        with (
-            dask_processes.client() as c,
-            dask.config.set({"imgindex.worker-unresponsive": "3s"}),
-        ):
-            scatter = c.scatter
-
-            def on_a_while_it_runs(data, **options):
-                if not stopped:
-                    options["workers"] = [addresses["a"]]
-                return scatter(data, **options)
-
-            def freeze_a(done, total):
-                if not stopped:
-                    os.kill(frozen, signal.SIGSTOP)
-                    stopped.append(time.monotonic())
-
-            c.scatter = on_a_while_it_runs
-            searcher = Searcher(index_dir, client=c)
-            try:
-                found = list(searcher.iter_hits(files, k=1, batch=4, progress=freeze_a))
-            finally:
-                searcher.close()
-            took = time.monotonic() - stopped[0]
-    finally:
-        os.kill(frozen, signal.SIGCONT)
+    with dask.config.set({"imgindex.worker-unresponsive": "3s"}):
+        found, addresses, took = _search_hit_on_a(
+            dask_processes, index_dir, files, signal.SIGSTOP, k=1
+        )
     assert f"worker {addresses['a']} has been unresponsive" in caplog.text
     assert "task was lost with a worker" in caplog.text
     assert took < 60  # not Dask's 5 minutes
