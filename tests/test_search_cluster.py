@@ -269,3 +269,27 @@ def test_a_worker_frozen_mid_search_is_dropped_and_costs_no_query(
     assert took < 60  # not Dask's 5 minutes
     top = [hits[0].path.rsplit("/", 1)[1] for hits in found]
     assert [families[name] for name in top] == [families[f.name] for f in files]
+
+
+def test_workers_without_imgindex_leave_the_search_here_unless_told_not_to(
+    copies_archive, dask_processes
+):
+    """A DASK_SCHEDULER_ADDRESS set for some other cluster: its workers
+    cannot run a search, and a search here loses nothing."""
+    from tests.conftest import DaskProcesses
+
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker("bare", prelude=DaskProcesses.HIDE_IMGINDEX)
+    dask_processes.wait_for_workers(1)
+    index_dir, folder, families, queries = copies_archive
+    query = queries / "tissue-a.jpg"
+    env = {"DASK_SCHEDULER_ADDRESS": address}
+    here = invoke("search", index_dir, query, "-k", 1, "--json", env=env)
+    assert here.exit_code == 0, here.output
+    (line,) = [x for x in here.stderr.splitlines() if "searching here" in x]
+    assert line.startswith("cluster: worker") and "imgindex" in line
+    assert json.loads(here.stdout)[0][0]["path"].endswith("tissue.view-a.jpg")
+
+    strict = invoke("search", index_dir, query, "--no-fallback", env=env)
+    assert strict.exit_code == 1 and strict.stdout == ""
+    assert strict.stderr.splitlines()[-1].startswith("Error: worker")

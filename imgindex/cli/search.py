@@ -15,6 +15,7 @@ from imgindex.cli.options import (
     scheduler_options,
 )
 from imgindex.feedback import ProgressBars, shown
+from imgindex.pipeline.errors import WorkerEnvironmentError
 
 FEW_FORWARD_PASSES = 64  # fewer: torch, unless ONNX Runtime runs from its cache
 BATCH_CHECKED = 16  # images (a query and its turns) embedded at a time with --copies
@@ -106,9 +107,24 @@ def search(
     conn = _cluster(scheduler, scheduler_file, no_fallback)
     try:
         _search(index_dir, images, k, turns, copies, as_json, as_lines, conn)
+    except WorkerEnvironmentError as e:
+        # Workers that cannot run imgindex (a DASK_SCHEDULER_ADDRESS set for
+        # some other cluster): nothing was searched yet.
+        if no_fallback or not _falls_back():
+            raise
+        click.echo(f"cluster: {shown(str(e))}; searching here", err=True)
+        conn.close()
+        conn = None
+        _search(index_dir, images, k, turns, copies, as_json, as_lines, None)
     finally:
         if conn is not None:
             conn.close()
+
+
+def _falls_back() -> bool:
+    from imgindex.pipeline.config import config_value
+
+    return bool(config_value(None, "imgindex.fallback"))
 
 
 def _cluster(scheduler, scheduler_file, no_fallback):
@@ -116,7 +132,6 @@ def _cluster(scheduler, scheduler_file, no_fallback):
     named, or it cannot be used and falling back is allowed."""
     from imgindex.cli.group import shorten_distributed_logs
     from imgindex.cluster.connect import connect, resolve_target
-    from imgindex.pipeline.config import config_value
     from imgindex.pipeline.errors import SchedulerUnreachable
 
     target = resolve_target(scheduler, scheduler_file)
@@ -131,7 +146,7 @@ def _cluster(scheduler, scheduler_file, no_fallback):
             strict_by_user=bool(no_fallback),
         )
     except SchedulerUnreachable as e:
-        if no_fallback or not config_value(None, "imgindex.fallback"):
+        if no_fallback or not _falls_back():
             raise
         click.echo(f"cluster: {shown(str(e))}; searching here", err=True)
         return None
