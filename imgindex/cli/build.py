@@ -13,6 +13,7 @@ from imgindex.cli.options import (
     check_scheduler_options,
     connect_cluster,
     index_options,
+    jobqueue_options,
     model_options,
     options_as_click_errors,
     print_index_lines,
@@ -55,19 +56,7 @@ from imgindex.feedback import TerminalFeedback, shown
     help="Send embedding tasks only to workers started with --resources GPU=1 "
     "[imgindex.gpu-resource].",
 )
-@click.option(
-    "--jobqueue",
-    type=click.Choice(["slurm", "pbs", "sge", "lsf", "htcondor", "oar", "moab"]),
-    default=None,
-    help="Request worker nodes from this batch system with dask-jobqueue "
-    "[imgindex.jobqueue.system].",
-)
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Batch jobs to submit with --jobqueue [imgindex.jobqueue.jobs].",
-)
+@jobqueue_options
 @click.option(
     "--worker-wait",
     default=None,

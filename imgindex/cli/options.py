@@ -37,6 +37,23 @@ def scheduler_options(f, instead: str = "starting a LocalCluster"):
     return f
 
 
+def jobqueue_options(f, config: str = " [imgindex.jobqueue.system]"):
+    """--jobqueue and --jobs; ``config``: where --jobqueue's default comes
+    from, in its help."""
+    f = click.option(
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Batch jobs to submit with --jobqueue [imgindex.jobqueue.jobs].",
+    )(f)
+    return click.option(
+        "--jobqueue",
+        type=click.Choice(["slurm", "pbs", "sge", "lsf", "htcondor", "oar", "moab"]),
+        default=None,
+        help=f"Request worker nodes from this batch system with dask-jobqueue{config}.",
+    )(f)
+
+
 def index_options(f):
     """--index-type, --max-index-memory, --recall-target (build and reindex)."""
     f = click.option(

@@ -11,6 +11,7 @@ import click
 from imgindex.cli.group import cli
 from imgindex.cli.options import (
     check_scheduler_options,
+    jobqueue_options,
     quality_line,
     scheduler_options,
 )
@@ -76,6 +77,11 @@ def _query_images(images, queries_from) -> list[Path]:
     '{"query", "hits"}, or {"query", "error"} for one that could not be read.',
 )
 @partial(scheduler_options, instead="searching here")
+@partial(
+    jobqueue_options,
+    config=" for this search (never from imgindex.jobqueue.system: a few "
+    "queries need not wait in a queue)",
+)
 def search(
     index_dir,
     images,
@@ -88,6 +94,8 @@ def search(
     scheduler,
     scheduler_file,
     no_fallback,
+    jobqueue,
+    jobs,
 ):
     """Find the images in INDEX_DIR most similar to each query IMAGE.
 
@@ -96,15 +104,24 @@ def search(
     image is named on stderr and gets no results (an empty list with
     --json); the others are searched, and the exit status is 1.
 
-    Where a scheduler is named (as for `build`), the workers embed the
-    queries and check the hits of --copies; this process reads the queries
-    and searches the index. With none, all of it runs here.
+    Where a scheduler is named (as for `build`), or --jobqueue asks for
+    batch jobs, the workers embed the queries and check the hits of
+    --copies; this process reads the queries and searches the index. With
+    neither, all of it runs here.
     """
     if as_json and as_lines:
         raise click.UsageError("give --json or --jsonl, not both")
     check_scheduler_options(scheduler, scheduler_file)
     images = _query_images(images, queries_from)
-    conn = _cluster(scheduler, scheduler_file, no_fallback)
+    if jobqueue and not (scheduler or scheduler_file):
+        from imgindex.cluster.jobqueue import start_jobqueue
+
+        # Job logs beside the index, where its builds keep theirs.
+        logs = index_dir.resolve().parent / ".imgindex-jobs"
+        conn = start_jobqueue(jobqueue, jobs, log_directory=logs)
+        click.echo(f"cluster: {shown(conn.reason)}", err=True)
+    else:
+        conn = _cluster(scheduler, scheduler_file, no_fallback)
     try:
         _search(index_dir, images, k, turns, copies, as_json, as_lines, conn)
     except WorkerEnvironmentError as e:

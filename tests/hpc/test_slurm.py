@@ -168,6 +168,22 @@ def test_jobqueue_build_keeps_job_logs_under_out(traps, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("slurm-*.out"))
     assert report["cluster"]["workers"] == CPUS
 
+    # The index searched by a job of its own, its log beside the build's.
+    before = set(logs.iterdir())
+    found = run(
+        *imgindex_cmd("search", tmp_path / "out" / "traps", traps, "-k", 1,
+                      "--jsonl", "--jobqueue", "slurm", "--jobs", 1),
+        env={**os.environ, **JOBQUEUE}, timeout=600,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert "cluster: " in found.stderr and "slurm" in found.stderr
+    lines = [json.loads(line) for line in found.stdout.splitlines()]
+    assert len(lines) == N_IMAGES
+    assert all(line["hits"][0]["path"] == line["query"] for line in lines)
+    assert set(logs.iterdir()) > before
+    assert not list(tmp_path.glob("slurm-*.out"))
+    wait_until_queue_empty()  # its job cancelled as the search ended
+
 
 def test_busy_queue_is_waited_for_and_explained(traps, tmp_path):
     sleeper = run(
