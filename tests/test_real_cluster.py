@@ -262,7 +262,10 @@ def test_dashboard_shows_the_whole_build(
     partition of every dataset; the Fine Performance Metrics page can pick
     the build's span. Screenshots: test-artifacts/dashboard-*.png."""
     from distributed import Client
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import (
+        ElementNotInteractableException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -340,12 +343,21 @@ def test_dashboard_shows_the_whole_build(
                     "/status", "/individual-fine-performance-metrics"
                 )
             )
-            # The first of the page's two pickers filters by span tag.
-            field = WebDriverWait(browser, 30).until(
-                lambda b: b.execute_script(DEEP, "input.choices__input--cloned")
-            )[0]
-            field.click()
-            field.send_keys("imgindex build")
+
+            def type_span(b) -> bool:
+                # The first of the page's two pickers filters by span tag. Found
+                # and typed into in one go: the page may redraw it in between
+                # ("element not interactable", seen once in CI).
+                fields = b.execute_script(DEEP, "input.choices__input--cloned")
+                if not fields:
+                    return False
+                fields[0].click()
+                fields[0].clear()
+                fields[0].send_keys("imgindex build")
+                return True
+
+            redrawn = (StaleElementReferenceException, ElementNotInteractableException)
+            WebDriverWait(browser, 30, ignored_exceptions=redrawn).until(type_span)
 
             def pick(b) -> bool:
                 # Found and clicked in one go: the list is redrawn every 500 ms.

@@ -40,7 +40,7 @@ def _without_scores(lists: list[list[dict]]) -> list[list[dict]]:
 
 
 def test_search_on_worker_processes_finds_and_tells_what_a_search_here_does(
-    copies_archive, process_cluster, tmp_path, monkeypatch
+    copies_archive, process_cluster, tmp_path, request
 ):
     from distributed import Client
 
@@ -51,11 +51,7 @@ def test_search_on_worker_processes_finds_and_tells_what_a_search_here_does(
             "--copies", "--json"]  # fmt: skip
     here = invoke(*args)
     assert here.exit_code == 1
-
-    def refused(spec):
-        raise AssertionError("the model was loaded on the client")
-
-    monkeypatch.setattr(search_module, "Embedder", refused)
+    request.getfixturevalue("no_model_here")  # from here on
     address = process_cluster.scheduler_address
     there = invoke(*args, "--scheduler", address)
     assert there.exit_code == 1, there.output
