@@ -235,7 +235,9 @@ class Searcher:
             searched = self.search_pixels(list(read.values()), k) if read else []
             found = dict(zip(read, searched, strict=True))
             if copies:
-                found = self._with_kinds({n: opened(images[n]) for n in read}, found)
+                found = self.with_kinds_here(
+                    {n: opened(images[n]) for n in read}, found
+                )
             end = min(start + step, len(images))
             if progress is not None:
                 progress(end, len(images))
@@ -245,9 +247,9 @@ class Searcher:
     def told(self, query: str | os.PathLike | BinaryIO, hits: list[Hit]) -> list[Hit]:
         """``hits`` each with its ``kind`` (:data:`KINDS`) against ``query``,
         what Pillow opens for it: its path or bytes."""
-        return self._with_kinds({0: query}, {0: hits})[0]
+        return self.with_kinds_here({0: query}, {0: hits})[0]
 
-    def _with_kinds(
+    def with_kinds_here(
         self, queries: dict[int, str | BinaryIO], found: dict[int, list[Hit]]
     ) -> dict[int, list[Hit]]:
         """``found``'s hits, each with its kind against its query (KINDS)."""

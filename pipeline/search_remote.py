@@ -28,7 +28,6 @@ from imgindex.pipeline.search import (
     check_queries,
     embed_queries,
     read_query,
-    tell_kinds,
     with_kinds,
 )
 
@@ -117,7 +116,7 @@ def iter_remote_hits(
                 batch[n] = read_query(opened(query))
             except DecodeError as e:
                 failed(n, e)
-        held[0] += sum(len(data.getbuffer()) for data in batch.values())
+        held[0] += _nbytes(batch)
         sent[start] = batch, scatter(batch)
         embed(start)
         return True
@@ -177,19 +176,14 @@ def iter_remote_hits(
             done(start, found)
             return
         if check_here:
-            from imgindex.pipeline.embed import model_threads
-
-            queries = {n: batch[n] for n in found}
-            rows = searcher.hit_rows(found)
-            kinds = tell_kinds(searcher.source, queries, rows, model_threads())
-            done(start, with_kinds(found, kinds))
+            done(start, searcher.with_kinds_here({n: batch[n] for n in found}, found))
             return
         check(start, found)
 
     def done(start: int, found: dict[int, list[Hit]]) -> None:
         batch, on_workers = sent.pop(start)  # the scattered bytes are let go
         ours.pop(on_workers.key, None)
-        held[0] -= sum(len(data.getbuffer()) for data in batch.values())
+        held[0] -= _nbytes(batch)
         ready[start] = found
 
     # A frozen worker (SIGSTOP, a dead NFS mount) keeps its connection and
@@ -233,6 +227,10 @@ def iter_remote_hits(
     finally:
         watchdog.stop()
         runner.cancel_running()
+
+
+def _nbytes(batch: dict[int, Any]) -> int:
+    return sum(len(data.getbuffer()) for data in batch.values())
 
 
 class _Lost(Exception):
