@@ -98,14 +98,17 @@ class WorkerSetup(WorkerPlugin):
         loaded.set_result(loaded_card(self.spec.name))
 
 
-async def card_when_loaded(spec: ModelSpec, seconds: float) -> ModelCard | None:
+async def card_when_loaded(
+    spec: ModelSpec, seconds: float
+) -> ModelCard | None | bool:
     """This worker's card of ``spec``'s model once its set-up has loaded it
     (the load's error raised here), or None if that takes over ``seconds``;
-    without a set-up, the card of a model loaded otherwise, or None. Runs in
-    the worker's event loop: it polls the load, never blocks on it."""
+    without a set-up, the card of a model loaded otherwise, or False: none
+    is coming, and asking again is no use. Runs in the worker's event loop:
+    it polls the load, never blocks on it."""
     loading = _LOADS.get(spec)
     if loading is None:
-        return loaded_card(spec.name)
+        return loaded_card(spec.name) or False
     deadline = time.monotonic() + seconds
     while not loading.done() and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
@@ -181,7 +184,8 @@ def card_from_workers(client: Any, spec: ModelSpec) -> ModelCard | None:
     # Rounds in which each worker answers within CARD_ROUND_SECONDS (a call
     # the client gave up on would be cancelled mid-way on the scheduler,
     # which logs that as an error); one that does not answer at all, frozen
-    # or gone, is not asked again.
+    # or gone, or that is not loading the model (no set-up), is not asked
+    # again.
     while True:
         answers = run_on_each(
             client,

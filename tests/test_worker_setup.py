@@ -59,6 +59,31 @@ def test_the_client_takes_the_first_card_not_the_slowest_workers(process_cluster
         _set(client, {first: "done", second: "done"})  # as the next test expects
 
 
+@pytest.mark.slow  # starts a cluster or a process
+def test_workers_not_loading_the_model_are_asked_once(process_cluster):
+    """Workers without a set-up for the model (a build through
+    pipeline.build.run_build, or a set-up that timed out) say at once that
+    no card is coming: the client loads its own copy instead of asking them
+    again and again until imgindex.call-timeout."""
+    import dask.config
+    from distributed import Client
+
+    asked: list[str] = []
+    with (
+        Client(process_cluster, set_as_default=False) as client,
+        dask.config.set({"imgindex.call-timeout": "60s"}),
+    ):
+        run = client._run
+
+        def counted(function, *args, **kwargs):
+            asked.append(function.__name__)
+            return run(function, *args, **kwargs)
+
+        client._run = counted
+        assert card_from_workers(client, ModelSpec(name="never-set-up")) is None
+    assert asked == ["card_when_loaded"] * 2  # one round, each worker once
+
+
 def _same_load_still_running(spec: ModelSpec) -> bool:
     from imgindex.cluster import worker
 
