@@ -98,9 +98,7 @@ class WorkerSetup(WorkerPlugin):
         loaded.set_result(loaded_card(self.spec.name))
 
 
-async def card_when_loaded(
-    spec: ModelSpec, seconds: float
-) -> ModelCard | None | bool:
+async def card_when_loaded(spec: ModelSpec, seconds: float) -> ModelCard | None | bool:
     """This worker's card of ``spec``'s model once its set-up has loaded it
     (the load's error raised here), or None if that takes over ``seconds``;
     without a set-up, the card of a model loaded otherwise, or False: none
