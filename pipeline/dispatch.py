@@ -464,9 +464,9 @@ class Watchdog(threading.Thread):
 
     Dask cannot interrupt a running thread; restarting the worker process is
     the only way to get its slot back. ``in_flight`` maps each key of ours
-    (a task's, or data scattered for one) to (anything, its future); a search
-    (pipeline/search_remote.py) uses it with no time limit, to drop frozen
-    workers only.
+    (a task's, or data scattered for one) to (anything, its future).
+    ``limits`` holds a key's own time limit, where it is not
+    ``settings.timeout`` (a search's check task is given more for more hits).
     """
 
     def __init__(self, client, settings: DispatchSettings, in_flight: dict):
@@ -475,6 +475,7 @@ class Watchdog(threading.Thread):
         self.limit = settings.timeout
         self.unresponsive = settings.unresponsive
         self.in_flight = in_flight
+        self.limits: dict[str, float] = {}
         self.timed_out: set[str] = set()
         # (key, worker) -> first seen running there, on our clock: a task
         # rescheduled elsewhere (its worker dropped) starts a new count.
@@ -487,6 +488,7 @@ class Watchdog(threading.Thread):
         self._poll = min(2.0, max(0.2, shortest / 4))
         self._state = _scheduler_state_fn(self.unresponsive)
         self._remove = _remove_worker_fn()
+        self._restart = _restart_worker_fn()
 
     def wait_restarted(self, key: str, timeout: float = 120.0) -> None:
         event = self._restarted.get(key)
@@ -527,17 +529,18 @@ class Watchdog(threading.Thread):
             ):
                 self._drop(address, seconds)
         for key, address in state["executing"].items():
-            if key not in self.in_flight or self.limit <= 0:
+            limit = self.limits.get(key, self.limit)
+            if key not in self.in_flight or limit <= 0:
                 continue
             started = self._first_seen.setdefault((key, address), now)
-            if silent.get(address, 0.0) > min(10.0, self.limit):
+            if silent.get(address, 0.0) > min(10.0, limit):
                 continue  # a frozen worker, not a stuck image: dropped above
             # A task seen running long after it was cancelled (the cancel
             # raced the restart and it was rescheduled) is expired again.
-            if now - started > self.limit and (
-                now - self._expired_at.get(key, -1e9) > self.limit
+            if now - started > limit and (
+                now - self._expired_at.get(key, -1e9) > limit
             ):
-                self._expire(key, address, now - started)
+                self._expire(key, address, now - started, limit)
 
     def _drop(self, address: str, seconds: float) -> None:
         logger.warning(
@@ -557,13 +560,13 @@ class Watchdog(threading.Thread):
         except Exception as e:
             logger.warning("could not remove worker %s: %s", address, e)
 
-    def _expire(self, key: str, address: str, seconds: float) -> None:
+    def _expire(self, key: str, address: str, seconds: float, limit: float) -> None:
         logger.warning(
             "task %s ran %.0f s (limit %g s) on %s; cancelling it and restarting "
             "that worker",
             key,
             seconds,
-            self.limit,
+            limit,
             address,
         )
         self._restarted[key] = threading.Event()
@@ -574,8 +577,15 @@ class Watchdog(threading.Thread):
             # through our own future, so that as_completed hands it back.
             _, future = self.in_flight[key]
             future.cancel(force=True)
-            self.client.restart_workers([address], raise_for_error=False)
-        except Exception as e:  # e.g. an in-process worker, which has no nanny
+            outcome = self.client.sync(
+                self.client._run_on_scheduler,
+                self._restart,
+                address,
+                callback_timeout=60,
+            )
+            if outcome not in ("OK", "gone"):
+                logger.warning("could not restart worker %s: %s", address, outcome)
+        except Exception as e:
             logger.warning("could not restart worker %s: %s", address, e)
         finally:
             self._restarted[key].set()
@@ -617,6 +627,32 @@ def _worker_saturation_fn():
         return float(dask_scheduler.WORKER_SATURATION)
 
     return saturation
+
+
+def _restart_worker_fn():
+    """Restart a worker through its nanny, once its process is gone; its
+    return is not waited for (Client.restart_workers waits up to 2 minutes,
+    which a worker that does not come back, or is long in coming, would
+    cost the watchdog and the tasks waiting to be sent again)."""
+
+    async def restart(address: str, dask_scheduler=None) -> str:
+        from time import time
+
+        worker = dask_scheduler.workers.get(address)
+        if worker is None:
+            return "gone"
+        if worker.nanny is None:  # an in-process or --no-nanny worker
+            return "it has no nanny"
+        out = await dask_scheduler.restart_workers(
+            [address],
+            timeout=30,
+            wait_for_workers=False,
+            on_error="return",
+            stimulus_id=f"imgindex-task-timeout-{time()}",
+        )
+        return out[address]
+
+    return restart
 
 
 def _remove_worker_fn():

@@ -9,18 +9,21 @@ the client, where the index is open and mapped: the workers need not see
 it); with ``copies`` the hits go back out to be checked against their
 queries by workers that read the dataset, as at build time. Batches stay in
 flight, a few for each worker thread, so that the cluster is kept busy while
-the client searches and yields the results in order.
+the client searches and yields the results in order. A worker lost, frozen
+or stuck past its time limit costs no query but the one that stuck it.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from imgindex.pipeline.config import seconds_value
-from imgindex.pipeline.dispatch import DispatchSettings, Watchdog
+from imgindex.pipeline.dispatch import CPU_PARTITION_SIZE, DispatchSettings, Watchdog
 from imgindex.pipeline.errors import DecodeError, ImgindexError
 from imgindex.pipeline.search import (
     EmbeddedQueries,
@@ -76,157 +79,290 @@ def iter_remote_hits(
 ) -> Iterator[list[Hit]]:
     """:meth:`Searcher.iter_hits` on ``searcher.runner``'s cluster: ``step``
     queries a task."""
-    from distributed import as_completed
+    search = _RemoteSearch(searcher, images, k, step, unreadable, opened, copies)
+    yield from search.run(progress)
 
-    runner = searcher.runner
-    starts = iter(range(0, len(images), step))
-    # Each task in flight: its batch's start, and, for a check, the hits it
-    # tells the kinds of (None for an embedding).
-    running: dict[Any, tuple[int, dict[int, list[Hit]] | None]] = {}
-    finished = as_completed(loop=runner.client.loop)
-    ready: dict[int, dict[int, list[Hit]]] = {}
-    # batch start -> its queries' bytes, here and scattered to the workers
-    sent: dict[int, tuple[dict[int, Any], Any]] = {}
-    held = [0]  # bytes of the queries sent, not yet searched and checked
-    window = BATCHES_PER_THREAD * runner.threads
-    tries: dict[int, int] = {}  # batch start -> times sent again
-    check_here = copies and not searcher.checks_on_workers()
 
-    def failed(n: int, error: DecodeError) -> None:
-        if unreadable is None:
+@dataclass
+class _Task:
+    """A task in flight: the queries it carries, of one batch."""
+
+    start: int  # its batch's first query
+    queries: tuple[int, ...]
+    on_workers: Any  # their bytes, scattered
+    found: dict[int, list[Hit]] | None  # the hits it checks; None: it embeds
+
+    @property
+    def stage(self) -> str:
+        return "embed" if self.found is None else "check"
+
+
+@dataclass
+class _Batch:
+    queries: dict[int, io.BytesIO]  # the bytes of those that could be read
+    tasks: int = 0  # in flight
+    found: dict[int, list[Hit]] = field(default_factory=dict)
+    scattered: list[Any] = field(default_factory=list)  # let go when done
+
+
+class _RemoteSearch:
+    """One search's batches, from the queries' bytes to their hits."""
+
+    def __init__(
+        self,
+        searcher: Searcher,
+        images: Sequence[Any],
+        k: int,
+        step: int,
+        unreadable: Callable[[int, DecodeError], None] | None,
+        opened: Callable[[Any], str | os.PathLike | BinaryIO],
+        copies: bool,
+    ):
+        from distributed import as_completed
+
+        self.searcher, self.runner = searcher, searcher.runner
+        self.images, self.k, self.step = images, k, step
+        self.unreadable, self.opened = unreadable, opened
+        self.copies = copies
+        self.check_here = copies and not searcher.checks_on_workers()
+        self.starts = iter(range(0, len(images), step))
+        self.batches: dict[int, _Batch] = {}  # by first query, until searched
+        self.ready: dict[int, dict[int, list[Hit]]] = {}
+        self.running: dict[Any, _Task] = {}  # by future
+        self.finished = as_completed(loop=self.runner.client.loop)
+        self.held = 0  # bytes of the queries sent, not yet searched and checked
+        self.window = BATCHES_PER_THREAD * self.runner.threads
+        self.resent: dict[tuple[str, tuple[int, ...]], int] = {}
+        self.limit = seconds_value(None, "imgindex.task-timeout")
+        # Our keys (tasks and scattered bytes), for the build's watchdog: it
+        # drops a frozen worker (SIGSTOP, a dead NFS mount), which keeps its
+        # connection and would hold its batches until Dask's worker-ttl, and
+        # cancels a task running past its limit (a hit's file on a hung
+        # mount) and restarts its worker. Either way the task is sent again.
+        self.ours: dict[Any, tuple[Any, Any]] = {}
+        unresponsive = seconds_value(None, "imgindex.worker-unresponsive")
+        self.watchdog = Watchdog(
+            self.runner.client,
+            DispatchSettings(timeout=self.limit, unresponsive=unresponsive),
+            self.ours,
+        )
+
+    def run(self, progress: Callable[[int, int], None] | None) -> Iterator[list[Hit]]:
+        self.watchdog.start()
+        try:
+            self.send_all()
+            total = len(self.images)
+            for start in range(0, total, self.step):
+                while start not in self.ready:
+                    self.take(next(self.finished))
+                    self.send_all()
+                found = self.ready.pop(start)
+                end = min(start + self.step, total)
+                if progress is not None:
+                    progress(end, total)
+                for n in range(start, end):
+                    yield found.get(n, [])
+        finally:
+            self.watchdog.stop()
+            self.runner.cancel_running()
+
+    def failed(self, n: int, error: DecodeError) -> None:
+        if self.unreadable is None:
             raise error
-        unreadable(n, error)
+        self.unreadable(n, error)
 
-    def submit(start, found, stage: str, fn: Callable, *args: Any) -> None:
-        future = runner.submit(stage, fn, *args)
-        running[future] = (start, found)
-        ours[future.key] = (start, future)
-        finished.add(future)
+    def send_all(self) -> None:
+        while self.send():
+            pass
 
-    def send() -> bool:
-        in_flight = len(running)
-        if in_flight >= window or (in_flight >= 2 and held[0] > BYTES_IN_FLIGHT):
+    def send(self) -> bool:
+        """Read a batch's queries and send them to be embedded, unless enough
+        are in flight."""
+        in_flight = len(self.running)
+        if in_flight >= self.window or (in_flight >= 2 and self.held > BYTES_IN_FLIGHT):
             return False
-        start = next(starts, None)
+        start = next(self.starts, None)
         if start is None:
             return False
-        batch = {}
-        for n, query in enumerate(images[start : start + step], start=start):
+        batch = self.batches[start] = _Batch({})
+        end = start + self.step
+        for n, query in enumerate(self.images[start:end], start=start):
             try:
-                batch[n] = read_query(opened(query))
+                batch.queries[n] = read_query(self.opened(query))
             except DecodeError as e:
-                failed(n, e)
-        held[0] += _nbytes(batch)
-        sent[start] = batch, scatter(batch)
-        embed(start)
+                self.failed(n, e)
+        self.held += _nbytes(batch.queries)
+        self.submit(start, tuple(batch.queries), None)
         return True
 
-    def scatter(batch: dict[int, Any]) -> Any:
+    def submit(
+        self,
+        start: int,
+        queries: tuple[int, ...],
+        found: dict[int, list[Hit]] | None,
+        on_workers: Any = None,
+    ) -> None:
+        """A task for ``queries`` of batch ``start``: their embedding, or
+        with ``found`` the check of their hits; their bytes scattered, unless
+        ``on_workers`` has them there already."""
+        batch = self.batches[start]
+        if on_workers is None:
+            on_workers = self.scatter(batch, queries)
+        task = _Task(start, queries, on_workers, found)
+        if found is None:
+            spec, turns = self.searcher.spec, self.searcher.turns
+            future = self.runner.submit("embed", embed_queries, spec, on_workers, turns)
+        else:
+            rows = self.searcher.hit_rows(found)
+            future = self.runner.submit(
+                "check", check_queries, self.searcher.source, on_workers, rows
+            )
+            # As a build's partition of as many images is given the limit.
+            hits = sum(len(r) for r in rows.values())
+            self.watchdog.limits[future.key] = self.limit * max(
+                1.0, hits / CPU_PARTITION_SIZE
+            )
+        batch.tasks += 1
+        self.running[future] = task
+        self.ours[future.key] = (task, future)
+        self.finished.add(future)
+
+    def scatter(self, batch: _Batch, queries: tuple[int, ...]) -> Any:
         # Scattered, not task arguments: a batch of photos is tens of MB (a
         # task graph that big is slow, and warned of), and with ``copies``
         # its check reads the same bytes again on the workers. One object
         # (the list inside the list scattered), kept whole on one worker.
-        [on_workers] = runner.client.scatter([list(batch.items())], hash=False)
-        ours[on_workers.key] = (None, on_workers)
+        items = [(n, batch.queries[n]) for n in queries]
+        [on_workers] = self.runner.client.scatter([items], hash=False)
+        self.ours[on_workers.key] = (None, on_workers)
+        batch.scattered.append(on_workers)
         return on_workers
 
-    def embed(start: int) -> None:
-        spec, turns = searcher.spec, searcher.turns
-        submit(start, None, "embed", embed_queries, spec, sent[start][1], turns)
+    def take(self, future: Any) -> None:
+        """A finished task's result, or what to do about its failure."""
+        task = self.running.pop(future)
+        self.ours.pop(future.key, None)
+        limit = self.watchdog.limits.pop(future.key, self.limit)
+        self.batches[task.start].tasks -= 1
+        try:
+            result = _result(self.runner, future, task.stage)
+        except _Lost as lost:
+            if future.key in self.watchdog.timed_out:
+                self.watchdog.wait_restarted(future.key)
+                self.timed_out(task, limit)
+            else:
+                self.resend(task, str(lost))
+            return
+        if task.found is None:
+            self.embedded(task, result)
+        else:
+            self.done(task.start, with_kinds(task.found, result))
 
-    def check(start: int, found: dict[int, list[Hit]]) -> None:
-        rows = searcher.hit_rows(found)
-        on_workers = sent[start][1]
-        submit(start, found, "check", check_queries, searcher.source, on_workers, rows)
-
-    def resend(start: int, found: dict[int, list[Hit]] | None, lost: str) -> None:
-        """A batch's task again, its bytes scattered again: they, or the
-        task, went with a worker that died (a node lost mid-search)."""
-        tries[start] = tries.get(start, 0) + 1
-        stage = "embed" if found is None else "check"
-        if tries[start] > RESENDS:
+    def resend(self, task: _Task, lost: str) -> None:
+        """A task again, its bytes scattered again: they, or the task, went
+        with a worker that died (a node lost mid-search)."""
+        tried = (task.stage, task.queries)
+        self.resent[tried] = self.resent.get(tried, 0) + 1
+        if self.resent[tried] > RESENDS:
             raise ImgindexError(
-                f"a search's {stage} task was lost {tries[start]} times with "
-                f"its worker: {lost}"
+                f"a search's {task.stage} task was lost {self.resent[tried]} "
+                f"times with its worker: {lost}"
             )
         logger.warning(
-            "queries %d-%d: their %s task was lost with a worker (%s); sent again",
-            start + 1,
-            min(start + step, len(images)),
-            stage,
+            "%s: their %s task was lost with a worker (%s); sent again",
+            self.named(task.queries),
+            task.stage,
             lost,
         )
-        batch, lost_bytes = sent[start]
-        ours.pop(lost_bytes.key, None)
-        sent[start] = batch, scatter(batch)
-        if found is None:
-            embed(start)
-        else:
-            check(start, found)
+        batch = self.batches[task.start]
+        self.ours.pop(task.on_workers.key, None)
+        if task.on_workers in batch.scattered:
+            batch.scattered.remove(task.on_workers)
+        self.submit(task.start, task.queries, task.found)
 
-    def searched(start: int, got: EmbeddedQueries) -> None:
-        batch, _ = sent[start]
-        for n, reason in got.unreadable:
-            failed(n, DecodeError(getattr(batch[n], "name", "uploaded image"), reason))
-        searcher.check_dim(got.vectors.shape[1])
-        found = dict(
-            zip(got.positions, searcher.search_embedded(got.vectors, k), strict=True)
+    def timed_out(self, task: _Task, limit: float) -> None:
+        """A task ran past its limit, and its worker was restarted: its
+        queries are sent again one a task, so that one query whose image
+        hangs the decoder, or whose hit's file hangs its reader, costs that
+        query alone: it is reported unreadable, or its hits undecided."""
+        if len(task.queries) > 1:
+            logger.warning(
+                "%s: their %s task ran past its time limit "
+                "(imgindex.task-timeout); sent again one query a task",
+                self.named(task.queries),
+                task.stage,
+            )
+            for n in task.queries:
+                found = None if task.found is None else _only(task.found, n)
+                if task.found is None or found:
+                    self.submit(task.start, (n,), found)
+            self.done(task.start, {})  # in case none had hits to check
+            return
+        [n] = task.queries
+        if task.found is None:
+            self.failed(
+                n,
+                DecodeError(
+                    self.name(n),
+                    f"timed out after {limit:g} s (imgindex.task-timeout) "
+                    "while decoding or embedding this query",
+                ),
+            )
+            self.done(task.start, {})
+            return
+        logger.warning(
+            "%s: checking its hits timed out after %g s (imgindex.task-timeout): "
+            "they are left undecided",
+            self.name(n),
+            limit,
         )
-        if not (copies and found):
-            done(start, found)
-            return
-        if check_here:
-            done(start, searcher.with_kinds_here({n: batch[n] for n in found}, found))
-            return
-        check(start, found)
+        kinds = {n: ["undecided"] * len(task.found[n])}
+        self.done(task.start, with_kinds(task.found, kinds))
 
-    def done(start: int, found: dict[int, list[Hit]]) -> None:
-        batch, on_workers = sent.pop(start)  # the scattered bytes are let go
-        ours.pop(on_workers.key, None)
-        held[0] -= _nbytes(batch)
-        ready[start] = found
+    def embedded(self, task: _Task, got: EmbeddedQueries) -> None:
+        """Search the index with a batch's vectors; check the hits, or done."""
+        batch = self.batches[task.start]
+        for n, reason in got.unreadable:
+            self.failed(n, DecodeError(self.name(n), reason))
+        self.searcher.check_dim(got.vectors.shape[1])
+        found = dict(
+            zip(
+                got.positions,
+                self.searcher.search_embedded(got.vectors, self.k),
+                strict=True,
+            )
+        )
+        if not (self.copies and found):
+            self.done(task.start, found)
+        elif self.check_here:
+            queries = {n: batch.queries[n] for n in found}
+            self.done(task.start, self.searcher.with_kinds_here(queries, found))
+        else:
+            self.submit(task.start, task.queries, found, task.on_workers)
 
-    # A frozen worker (SIGSTOP, a dead NFS mount) keeps its connection and
-    # would hold its batches until Dask's worker-ttl: the build's watchdog
-    # drops it after imgindex.worker-unresponsive, and its batches are sent
-    # again (resend).
-    ours: dict[Any, tuple[int | None, Any]] = {}
-    watchdog = Watchdog(
-        runner.client,
-        DispatchSettings(
-            timeout=0, unresponsive=seconds_value(None, "imgindex.worker-unresponsive")
-        ),
-        ours,
-    )
-    watchdog.start()
-    try:
-        while send():
-            pass
-        for start in range(0, len(images), step):
-            while start not in ready:
-                future = next(finished)
-                at, found = running.pop(future)
-                ours.pop(future.key, None)
-                try:
-                    result = _result(runner, future, "check" if found else "embed")
-                except _Lost as lost:
-                    resend(at, found, str(lost))
-                    continue
-                if found is None:
-                    searched(at, result)
-                else:
-                    done(at, with_kinds(found, result))
-                while send():
-                    pass
-            found = ready.pop(start)
-            end = min(start + step, len(images))
-            if progress is not None:
-                progress(end, len(images))
-            for n in range(start, end):
-                yield found.get(n, [])
-    finally:
-        watchdog.stop()
-        runner.cancel_running()
+    def done(self, start: int, found: dict[int, list[Hit]]) -> None:
+        """A task's last word on its queries; the batch's, after its last."""
+        batch = self.batches[start]
+        batch.found.update(found)
+        if batch.tasks:
+            return
+        del self.batches[start]
+        for on_workers in batch.scattered:  # the bytes are let go
+            self.ours.pop(on_workers.key, None)
+        self.held -= _nbytes(batch.queries)
+        self.ready[start] = batch.found
+
+    def name(self, n: int) -> str:
+        query = self.batches[n - n % self.step].queries[n]
+        return getattr(query, "name", "uploaded image")
+
+    def named(self, queries: tuple[int, ...]) -> str:
+        first, last = min(queries) + 1, max(queries) + 1
+        return f"query {first}" if first == last else f"queries {first}-{last}"
+
+
+def _only(found: dict[int, list[Hit]], n: int) -> dict[int, list[Hit]]:
+    return {n: found[n]} if n in found else {}
 
 
 def _nbytes(batch: dict[int, Any]) -> int:

@@ -267,6 +267,70 @@ def test_a_worker_frozen_mid_search_is_dropped_and_costs_no_query(
     assert [families[name] for name in top] == [families[f.name] for f in files]
 
 
+@pytest.mark.slow
+def test_a_query_whose_task_hangs_costs_that_query_alone(tmp_path, caplog):
+    """A task running past imgindex.task-timeout is cancelled and its worker
+    restarted (the build's watchdog), and its queries go again one a task:
+    the query whose image hangs the model is reported, the one whose hit's
+    file hangs its reader (a FIFO: a hung mount) has its hit left undecided,
+    and the other is answered as it would be."""
+    import os
+    import shutil
+
+    import dask.config
+    from distributed import Client, LocalCluster
+
+    import tests.fault_models  # noqa: F401  (the client needs the model's name)
+    from imgindex.pipeline.build import run_build
+    from imgindex.pipeline.embed import ModelSpec
+    from imgindex.pipeline.search import Searcher
+    from imgindex.pipeline.synthetic import write_photos
+    from tests.fault_models import RegisterFaultModels
+
+    photos = write_photos(tmp_path / "photos", 4, seed=3, max_side=300)
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    white = queries / "white.png"  # the model hangs on it
+    Image.new("RGB", (320, 240), (255, 255, 255)).save(white)
+    same = [shutil.copy(p, queries / p.name) for p in photos[:2]]
+    unreadable: list[tuple[int, str]] = []
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        c.register_plugin(RegisterFaultModels(), name="fault-models")
+        spec = ModelSpec(name="test-hang", device="cpu")
+        run_build(c, tmp_path / "photos", tmp_path / "out", spec=spec)
+        photos[1].unlink()
+        os.mkfifo(photos[1])  # opening it to read waits for a writer
+        searcher = Searcher(tmp_path / "out" / "photos", client=c)
+        try:
+            with dask.config.set({"imgindex.task-timeout": "2s"}):
+                found = list(
+                    searcher.iter_hits(
+                        [same[0], white, same[1]],
+                        k=1,
+                        copies=True,
+                        unreadable=lambda n, e: unreadable.append((n, e.reason)),
+                    )
+                )
+        finally:
+            searcher.close()
+    assert unreadable == [
+        (1, "timed out after 2 s (imgindex.task-timeout) while decoding or "
+            "embedding this query")
+    ]  # fmt: skip
+    assert [[(h.path, h.kind) for h in hits] for hits in found] == [
+        [(str(photos[0]), "identical")],
+        [],
+        [(str(photos[1]), "undecided")],
+    ]
+    assert "queries 1-3: their embed task ran past its time limit" in caplog.text
+    assert f"{same[1]}: checking its hits timed out after 2 s" in caplog.text
+
+
 def test_workers_without_imgindex_leave_the_search_here_unless_told_not_to(
     copies_archive, dask_processes
 ):
