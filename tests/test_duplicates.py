@@ -252,15 +252,18 @@ def test_copies_of_real_photos_of_a_flat_textured_subject_stay_copies():
 
 def test_objects_moved_a_pixel_are_another_shot():
     """Middlebury's RubberWhale: objects moved about a pixel at the check's
-    384 px, too little for the shift's 90th percentile and the moved
-    patches; the region that drifted as one tells it from a copy."""
+    384 px, too little for the moved patches; the shift's 90th percentile
+    (0.89 px, the least of any second exposure measured, against a copy's
+    0.60 at most) and the region that drifted as one each tell it from a
+    copy."""
     from imgindex.pipeline import geometry
 
     found = geometry.align(
         _opencv_features("rubberwhale1.png"), _opencv_features("rubberwhale2.png")
     )
     assert found.kind == "shot", found
-    assert found.shift <= geometry.MAX_SHIFT and found.moved <= geometry.MAX_MOVED
+    assert found.moved <= geometry.MAX_MOVED
+    assert found.shift > geometry.MAX_SHIFT, found
     assert found.drifted > geometry.MAX_DRIFTED, found
 
 
@@ -347,7 +350,8 @@ def test_a_thumbnail_is_compared_at_its_own_detail(monkeypatch):
         assert thumbnail.enlarged == 4.0 and original.enlarged <= 2.0
         found = geometry.align(original, thumbnail)
         assert found.kind == "copy", (name, found)
-        assert found.shift <= 0.3 and found.drifted <= 1, (name, found)
+        # 0.24-0.41 px measured, a copy's interpolation (MAX_SHIFT 0.75)
+        assert found.shift <= 0.5 and found.drifted <= 1, (name, found)
     monkeypatch.setattr(geometry, "_ENLARGED", float("inf"))  # at 384 px as is
     as_is = [geometry.align(a, b) for _, a, b in thumbnails()]
     assert not any(found.is_copy for found in as_is), as_is
@@ -420,17 +424,17 @@ def test_second_shots_of_a_scene_are_not_copies_copies_are():
     assert len(shots) >= 20 and not any(s.is_copy for s in shots)
     # Not just "not a copy": each is called another shot of the scene.
     assert all(s.kind == "shot" for s in shots), [s for s in shots if s.kind != "shot"]
-    # Half of them pass the correlation: the shift alone decides for all
-    # those but one (0.59 px, its parallax measured only where each patch is
-    # found again), which the moved patches and the drifted region decide.
+    # Half of them pass the correlation: the shift alone decides for all of
+    # those, and the moved patches and the drifted region would too. Their
+    # parallax measures 2.2 px and more; 0.59-1.14 px while the phase
+    # correlation windowed the images in place, its patches overlapping.
     by_shift = [
         s
         for s in shots
         if s.correlation >= geometry.MIN_CORRELATION and s.inside >= 0.9
     ]
     assert len(by_shift) >= 8
-    under = [s for s in by_shift if s.shift <= geometry.MAX_SHIFT]
-    assert len(under) <= 1, under
+    assert min(s.shift for s in by_shift) > 2 * geometry.MAX_SHIFT, by_shift
     assert all(
         s.moved > geometry.MAX_MOVED and s.drifted > geometry.MAX_DRIFTED
         for s in by_shift
