@@ -9,9 +9,11 @@ in a process's workers. Worker processes learn them through
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -66,6 +68,22 @@ class RegisterFaultModels(WorkerPlugin):
 
     def setup(self, worker) -> None:
         pass
+
+
+@contextlib.contextmanager
+def fault_cluster() -> Iterator:
+    """A client of two worker processes of one thread each (a restart or a
+    death costs one task's slot), which know these models."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        client.register_plugin(RegisterFaultModels(), name="fault-models")
+        yield client
 
 
 @loader("test-overflow")

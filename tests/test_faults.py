@@ -24,7 +24,7 @@ from imgindex.pipeline.lock import lock_index
 from imgindex.pipeline.shards import staging_dir
 from imgindex.pipeline.synthetic import write_photos
 from tests.conftest import copy_tree
-from tests.fault_models import RegisterFaultModels
+from tests.fault_models import RegisterFaultModels, fault_cluster
 from tests.helpers import one_error_line, read_index
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,22 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def fragile_cluster():
     """Worker processes that give up on a task after one worker death."""
-    from distributed import Client, LocalCluster
-
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        with (
-            LocalCluster(
-                n_workers=2,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=":0",
-            ) as cluster,
-            Client(cluster, set_as_default=False) as client,
-        ):
-            import tests.fault_models  # noqa: F401  (the client loads models for their dim)
-
-            client.register_plugin(RegisterFaultModels(), name="fault-models")
-            yield client
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        fault_cluster() as client,
+    ):
+        yield client
 
 
 def dataset_with_trigger(folder: Path, n_good: int) -> Path:
@@ -121,21 +110,11 @@ def test_an_image_queued_beside_the_killer_is_not_blamed(fragile_cluster, tmp_pa
 
 @pytest.mark.slow
 def test_hung_partition_times_out_and_the_rest_is_indexed(tmp_path):
-    from distributed import Client, LocalCluster
-
-    import tests.fault_models  # noqa: F401
-
     data = dataset_with_trigger(tmp_path / "hang", 5)
     spec = ModelSpec(name="test-hang", device="cpu")
 
     started = time.monotonic()
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster, set_as_default=False) as client,
-    ):
-        client.register_plugin(RegisterFaultModels(), name="fault-models")
+    with fault_cluster() as client:
         summary = run_build(
             client, data, tmp_path / "out", spec=spec, partition_size=6, task_timeout=2
         )

@@ -278,14 +278,12 @@ def test_a_query_whose_task_hangs_costs_that_query_alone(tmp_path, caplog):
     import shutil
 
     import dask.config
-    from distributed import Client, LocalCluster
 
-    import tests.fault_models  # noqa: F401  (the client needs the model's name)
     from imgindex.pipeline.build import run_build
     from imgindex.pipeline.embed import ModelSpec
     from imgindex.pipeline.search import Searcher
     from imgindex.pipeline.synthetic import write_photos
-    from tests.fault_models import RegisterFaultModels
+    from tests.fault_models import fault_cluster
 
     photos = write_photos(tmp_path / "photos", 4, seed=3, max_side=300)
     queries = tmp_path / "queries"
@@ -294,13 +292,7 @@ def test_a_query_whose_task_hangs_costs_that_query_alone(tmp_path, caplog):
     Image.new("RGB", (320, 240), (255, 255, 255)).save(white)
     same = [shutil.copy(p, queries / p.name) for p in photos[:2]]
     unreadable: list[tuple[int, str]] = []
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster, set_as_default=False) as c,
-    ):
-        c.register_plugin(RegisterFaultModels(), name="fault-models")
+    with fault_cluster() as c:
         spec = ModelSpec(name="test-hang", device="cpu")
         run_build(c, tmp_path / "photos", tmp_path / "out", spec=spec)
         photos[1].unlink()
