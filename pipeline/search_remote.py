@@ -303,7 +303,7 @@ class _RemoteSearch:
             self.failed(
                 n,
                 DecodeError(
-                    self.name(n),
+                    self.name(task.start, n),
                     f"timed out after {limit:g} s (imgindex.task-timeout) "
                     "while decoding or embedding this query",
                 ),
@@ -313,7 +313,7 @@ class _RemoteSearch:
         logger.warning(
             "%s: checking its hits timed out after %g s (imgindex.task-timeout): "
             "they are left undecided",
-            self.name(n),
+            self.name(task.start, n),
             limit,
         )
         kinds = {n: ["undecided"] * len(task.found[n])}
@@ -323,7 +323,7 @@ class _RemoteSearch:
         """Search the index with a batch's vectors; check the hits, or done."""
         batch = self.batches[task.start]
         for n, reason in got.unreadable:
-            self.failed(n, DecodeError(self.name(n), reason))
+            self.failed(n, DecodeError(self.name(task.start, n), reason))
         self.searcher.check_dim(got.vectors.shape[1])
         found = dict(
             zip(
@@ -352,9 +352,9 @@ class _RemoteSearch:
         self.held -= _nbytes(batch.queries)
         self.ready[start] = batch.found
 
-    def name(self, n: int) -> str:
-        query = self.batches[n - n % self.step].queries[n]
-        return getattr(query, "name", "uploaded image")
+    def name(self, start: int, n: int) -> str:
+        """Query ``n``'s name, of batch ``start``."""
+        return getattr(self.batches[start].queries[n], "name", "uploaded image")
 
     def named(self, queries: tuple[int, ...]) -> str:
         first, last = min(queries) + 1, max(queries) + 1
