@@ -83,6 +83,16 @@ def image_id(relpath: str) -> int:
     return int.from_bytes(digest, "little") & _ID_MASK
 
 
+# The file that marks a folder of thumbnails written by `imgindex duplicates
+# --html` (pipeline/report_html.py): a report saved inside its dataset must
+# not have its thumbnails indexed as copies of the photos on the next build.
+THUMBNAILS_MARKER = ".imgindex-thumbnails"
+THUMBNAILS_SKIPPED = (
+    f"thumbnails of an imgindex duplicates report (it holds {THUMBNAILS_MARKER}); "
+    "not indexed"
+)
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -172,6 +182,9 @@ def walk_folder(
         except OSError as e:
             if failures is not None and rel:
                 failures.append(Failure(rel, f"folder not readable: {e.strerror}"))
+            return
+        if rel and any(e.name == THUMBNAILS_MARKER for e in entries):
+            report(rel, THUMBNAILS_SKIPPED)
             return
         stack.append(iter(entries))
         rels.append(rel)

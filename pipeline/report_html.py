@@ -29,13 +29,13 @@ from urllib.parse import quote
 
 from imgindex.pipeline.atomic import atomic_file, shared_dir_mode
 from imgindex.pipeline.decode import load_rgb
+from imgindex.pipeline.discover import THUMBNAILS_MARKER
 from imgindex.pipeline.duplicates import DuplicateReport
 from imgindex.pipeline.errors import DecodeError, IndexDirError
 from imgindex.pipeline.index_build import Runner, StepCallback
 from imgindex.pipeline.sources import Source, as_source, image_file, source_of
 
 GENERATOR = '<meta name="generator" content="imgindex duplicates">'
-MARKER = ".imgindex-thumbnails"
 THUMB_SIDE = 160
 THUMBS_PER_TASK = 200
 LISTED = 500  # outliers and images per flag shown (the JSON report has all)
@@ -94,7 +94,9 @@ def write_html_report(
         ) from None
     try:
         os.chmod(staging, shared_dir_mode(page.parent))
-        (staging / MARKER).write_text("written by imgindex duplicates --html\n")
+        (staging / THUMBNAILS_MARKER).write_text(
+            "written by imgindex duplicates --html\n"
+        )
         made = set()
         thumbs = (t for part in runner.gather(futures) for t in part)
         for path, data in zip(paths, thumbs, strict=True):
@@ -152,7 +154,7 @@ def check_report_paths(page: Path) -> Path:
                 f"{str(page)!r} exists and was not written by imgindex; "
                 "choose another --html path"
             )
-    if folder.exists() and not (folder / MARKER).is_file():
+    if folder.exists() and not (folder / THUMBNAILS_MARKER).is_file():
         raise IndexDirError(
             f"{str(folder)!r} exists and was not written by imgindex; choose "
             "another --html path (its thumbnails would go there)"

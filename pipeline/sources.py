@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgindex.pipeline.discover import (
+    THUMBNAILS_MARKER,
+    THUMBNAILS_SKIPPED,
     Failure,
     ImageRecord,
     is_image_name,
@@ -405,15 +407,25 @@ def _folder_listing(source: Source, lister: Lister) -> SourceListing:
         # One listing call of the store gives every key under the folder.
         fs, root = _fs(source.base)
         found = fs.find(root, detail=True)
+        rels = {full[len(root) :].lstrip("/"): info for full, info in found.items()}
+        thumbnails = sorted(
+            rel[: -len(THUMBNAILS_MARKER)]
+            for rel in rels
+            if rel.endswith("/" + THUMBNAILS_MARKER)
+        )
         writer = PartWriter(lister.folder)
-        for full in sorted(found):
-            info = found[full]
-            rel = full[len(root) :].lstrip("/")
-            if info.get("type") == "file" and is_image_name(rel):
+        for rel in sorted(rels):
+            info = rels[rel]
+            if (
+                info.get("type") == "file"
+                and is_image_name(rel)
+                and not rel.startswith(tuple(thumbnails))
+            ):
                 writer.add(
                     row_of(ImageRecord(rel, int(info.get("size") or 0), _stamp(info)))
                 )
-        return SourceListing(writer.close(), [])
+        skipped = [Failure(t.rstrip("/"), THUMBNAILS_SKIPPED) for t in thumbnails]
+        return SourceListing(writer.close(), skipped)
     here, units = folder_units(source.base, lister.folder)
     listings: list[Listing] = [here, *lister.run(source, units)]
     dropped, failures = walk_conflicts(listings)

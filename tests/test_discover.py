@@ -135,3 +135,28 @@ def test_packed_records_come_back_as_they_were():
     packed = pack_records(records)
     assert isinstance(packed, bytes)
     assert unpack_records(packed) == records
+
+
+def test_a_duplicates_reports_thumbnails_are_reported_not_indexed(tmp_path: Path):
+    """`imgindex duplicates --html` marks its thumbnail folder: a report kept
+    inside its dataset must not have its thumbnails indexed as copies of the
+    photos. Walked whole, or from the folder (as a listing task walks one)."""
+    from imgindex.pipeline.discover import (
+        THUMBNAILS_MARKER,
+        THUMBNAILS_SKIPPED,
+        walk_folder,
+    )
+
+    for rel in ("a.jpg", "trip/b.jpg", "trip/report_thumbs/0001.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "trip/report_thumbs" / THUMBNAILS_MARKER).write_text("")
+    (tmp_path / "thumbs.jpg").write_bytes(b"x")
+    failures: list[Failure] = []
+    paths = [r.path for r in discover_images(tmp_path, failures)]
+    assert paths == ["a.jpg", "thumbs.jpg", "trip/b.jpg"]
+    assert failures == [Failure("trip/report_thumbs", THUMBNAILS_SKIPPED)]
+    failures.clear()
+    walked = walk_folder(str(tmp_path), failures, start="trip/report_thumbs")
+    assert list(walked) == []
+    assert failures == [Failure("trip/report_thumbs", THUMBNAILS_SKIPPED)]

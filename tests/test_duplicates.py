@@ -23,7 +23,7 @@ from PIL import Image, ImageFilter
 
 from imgindex.pipeline.build import run_build
 from imgindex.pipeline.decode import ORIGINAL_SIZE, load_rgb
-from imgindex.pipeline.discover import ImageRecord
+from imgindex.pipeline.discover import THUMBNAILS_SKIPPED, ImageRecord
 from imgindex.pipeline.duplicates import (
     DuplicateReport,
     DuplicateSettings,
@@ -1042,7 +1042,7 @@ def test_an_edited_copy_is_grouped_and_kept_and_its_photo_kept_over_it(
         os.utime(data / name, ns=(10**18, 10**18))  # the oldest files
     for name in ("astronaut", "camera"):
         _photo(name).save(data / f"{name}.jpg", quality=92)
-    run_build(client, data, tmp_path / "out")
+    summary = run_build(client, data, tmp_path / "out")
     index_dir = tmp_path / "out" / "stars"
 
     as_json = invoke("duplicates", index_dir, "--json")
@@ -1095,8 +1095,14 @@ def test_an_edited_copy_is_grouped_and_kept_and_its_photo_kept_over_it(
     # The page: the edit framed, its copy saying which it copies.
     from tests.conftest import ARTIFACTS
 
-    page = tmp_path / "report.html"
+    # Saved inside the dataset, as a user may: the next build indexes no
+    # thumbnail as a copy of its photo, and says why it left them out.
+    page = data / "report.html"
     assert invoke("duplicates", index_dir, "--html", page).exit_code == 0
+    assert any((data / "report_thumbs").glob("*.jpg"))
+    again = run_build(client, data, tmp_path / "out")
+    assert (again.indexed, again.embedded) == (summary.indexed, 0)
+    assert again.failed == [{"path": "report_thumbs", "reason": THUMBNAILS_SKIPPED}]
     _rendered(browser, page)
     assert not _browser_errors(browser)
     figures = browser.execute_script(

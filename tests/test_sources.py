@@ -16,7 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgindex.pipeline.discover import Failure, ImageRecord
+from imgindex.pipeline.discover import (
+    THUMBNAILS_MARKER,
+    THUMBNAILS_SKIPPED,
+    Failure,
+    ImageRecord,
+)
 from imgindex.pipeline.embed import ModelSpec, embed_partition
 from imgindex.pipeline.errors import DatasetError, DecodeError
 from imgindex.pipeline.sources import (
@@ -674,6 +679,10 @@ def test_object_store_folders_lists_and_shards_build_with_the_cli(
     for p in beach:
         s3.put_object(Bucket="lab", Key=f"photos/{p.name}", Body=p.read_bytes())
     s3.put_object(Bucket="lab", Key="photos/bad.jpg", Body=b"not a photo")
+    # A duplicates report's thumbnails, synced up with the photos.
+    thumbs = "photos/report_thumbs/"
+    s3.put_object(Bucket="lab", Key=thumbs + THUMBNAILS_MARKER, Body=b"")
+    s3.put_object(Bucket="lab", Key=thumbs + "1.jpg", Body=beach[0].read_bytes())
     shard = write_shard(tmp_path / "00000.tar", {p.name: p.read_bytes() for p in beach})
     s3.put_object(Bucket="lab", Key="shards/00000.tar", Body=shard.read_bytes())
     rows = "\n".join(
@@ -708,7 +717,8 @@ def test_object_store_folders_lists_and_shards_build_with_the_cli(
     datasets = {d["name"]: d for d in json.loads(run.stdout)["datasets"]}
     assert datasets["photos"]["indexed"] == 6
     assert datasets["photos"]["failed"] == [
-        {"path": "bad.jpg", "reason": "not an image Pillow can read"}
+        {"path": "bad.jpg", "reason": "not an image Pillow can read"},
+        {"path": "report_thumbs", "reason": THUMBNAILS_SKIPPED},
     ]
     assert datasets["shards"]["indexed"] == 6
     assert datasets["some"]["indexed"] == 3
