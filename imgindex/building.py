@@ -194,10 +194,15 @@ def index_request(index_type=None, max_index_memory=None, recall_target=None):
 
 def check_index_type(request: IndexRequest, dim: int) -> None:
     """A factory string FAISS cannot build is refused before any work is done."""
+    from imgindex.pipeline.index_policy import KINDS
+
     try:
         request.choose(1_000_000, dim)
     except ValueError as e:
-        raise OptionError(str(e), "--index-type") from None
+        raise OptionError(
+            f"{e}; give a factory string FAISS can build or one of {', '.join(KINDS)}",
+            "--index-type",
+        ) from None
 
 
 def check_duration(value, option: str, key: str) -> None:

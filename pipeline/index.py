@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import sys
 from collections.abc import Iterable, Iterator
@@ -53,8 +54,15 @@ def new_index(key: str, dim: int):
 
 
 def faiss_reason(e: Exception) -> str:
-    """The useful last words of a FAISS RuntimeError (which spans lines)."""
-    return str(e).strip().splitlines()[-1].split("Error: ")[-1][:160]
+    """The useful last words of a FAISS RuntimeError, which may span lines and
+    begins with the C++ function and source line that threw it, then the
+    assertion that failed: "could not parse index string IVF" of
+    "Error in std::unique_ptr<faiss::Index> faiss::...(int, ...) at
+    /project/faiss/index_factory.cpp:1228: could not parse index string IVF"."""
+    last = str(e).strip().splitlines()[-1]
+    last = re.sub(r"^Error in .*? at \S+:\d+: ", "", last)
+    last = re.sub(r"^Error: '.*?' failed: ", "", last)
+    return last[:160]
 
 
 def build_index(ids: np.ndarray, vectors: np.ndarray, key: str = "IDMap2,Flat"):

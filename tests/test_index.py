@@ -149,6 +149,17 @@ def test_a_factory_string_is_used_as_given_or_refused_in_one_line():
     assert choose_index(1000, DIM, "HNSW16").key == "IDMap2,HNSW16"  # ids kept
     with pytest.raises(ValueError, match="FAISS cannot build 'IDMap2,Nonsense7'"):
         request(type="Nonsense7").choose(1000, DIM)
+    # FAISS's own words, without the C++ function and source line they name.
+    for key, built, reason in [
+        ("IVF", "IVF", "could not parse index string IVF"),
+        ("IVF16,Foo", "IVF16,Foo", "could not parse code description Foo in IVF16,Foo"),
+        ("PQ7", "IDMap2,PQ7", "The dimension of the vector (d) should be a multiple"),
+    ]:
+        with pytest.raises(ValueError) as refused:
+            request(type=key).choose(1000, DIM)
+        message = str(refused.value)
+        assert message.startswith(f"FAISS cannot build {built!r} for {DIM}-d vectors (")
+        assert reason in message and "faiss::" not in message, message
 
 
 # --- the reduction on a real LocalCluster -----------------------------------
@@ -551,7 +562,11 @@ def test_index_stages_are_reported_as_their_tasks_finish(client, tmp_path, monke
 def test_bad_index_options_are_one_line_before_any_work(tmp_path, dataset):
     out = tmp_path / "out"
     for args, words in [
-        (["--index-type", "IVF7,Nonsense"], "FAISS cannot build"),
+        (
+            ["--index-type", "IVF"],
+            "FAISS cannot build 'IVF' for 1280-d vectors (could not parse index "
+            "string IVF); give a factory string FAISS can build or one of auto, flat",
+        ),
         (["--max-index-memory", "lots"], "--max-index-memory 'lots' is not a size"),
         (["--recall-target", "1.5"], "--recall-target"),
     ]:
