@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from imgindex.pipeline.config import config_value, seconds_value
+from imgindex.pipeline.config import config_value, seconds_value, whole_number
 from imgindex.pipeline.errors import (
     ConfigError,
     InvalidSchedulerAddress,
@@ -391,19 +391,17 @@ def start_local(reason: str) -> Connection:
     from imgindex.cluster.credentials import temporary_security
     from imgindex.cluster.dashboard import LazyDashboard
 
-    n_workers = config_value(None, "imgindex.local.n-workers") or os.cpu_count() or 1
+    n_workers, threads, memory_limit = _local_sizes()
     dashboard_address = config_value(None, "imgindex.local.dashboard-address")
     settings = dict(config_value(None, "imgindex.local.dask-config") or {})
     settings["distributed.worker.multiprocessing-method"] = method
     # The Nanny hands the config of its start to its worker process.
     with dask.config.set(settings):
         cluster = LocalCluster(
-            n_workers=int(n_workers),
-            threads_per_worker=int(
-                config_value(None, "imgindex.local.threads-per-worker")
-            ),
+            n_workers=n_workers,
+            threads_per_worker=threads,
             processes=True,
-            memory_limit=config_value(None, "imgindex.local.memory-limit"),
+            memory_limit=memory_limit,
             dashboard_address=dashboard_address,
             # Loaded when first opened (cluster/dashboard.py): most small
             # builds end unwatched, and loading it delays their first task.
@@ -414,7 +412,7 @@ def start_local(reason: str) -> Connection:
     if dashboard_address is not None:
         LazyDashboard(cluster.scheduler).install()
     client = Client(cluster, set_as_default=False)
-    logger.info("using %s (%d workers)", reason, int(n_workers))
+    logger.info("using %s (%d workers)", reason, n_workers)
     return Connection(
         client,
         "local",
@@ -423,3 +421,35 @@ def start_local(reason: str) -> Connection:
         client.dashboard_link or "",
         cluster,
     )
+
+
+# A memory limit below this is a number given without its unit ("8" for 8 GiB
+# reads as 8 bytes, and every worker would pause at once).
+LEAST_MEMORY_LIMIT = 256 * 2**20
+
+
+def _local_sizes() -> tuple[int, int, Any]:
+    """The LocalCluster's workers, threads each and memory limit each, from
+    ``imgindex.local.*``; ConfigError naming the key for a value LocalCluster
+    would take and then wait forever on (no workers) or fail on."""
+    import logging
+
+    from distributed.worker_memory import parse_memory_limit
+
+    n_workers = whole_number("imgindex.local.n-workers") or os.cpu_count() or 1
+    threads = whole_number("imgindex.local.threads-per-worker") or 1
+    key = "imgindex.local.memory-limit"
+    memory_limit = config_value(None, key)
+    try:
+        limit = parse_memory_limit(
+            memory_limit, threads, n_workers * threads, logger=logging.getLogger()
+        )
+    except (TypeError, ValueError):
+        limit = -1
+    if limit is not None and limit < LEAST_MEMORY_LIMIT:
+        raise ConfigError(
+            f"{key} {memory_limit!r} is not a memory size of at least 256 MiB per "
+            "worker; give a unit (e.g. 8GiB), a fraction of this machine's, "
+            "auto, or null for none"
+        )
+    return n_workers, threads, memory_limit

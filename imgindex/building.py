@@ -207,14 +207,17 @@ def check_index_type(request: IndexRequest, dim: int) -> None:
 
 def check_duration(value, option: str, key: str) -> None:
     """Reject a malformed duration before any cluster is started."""
-    from imgindex.pipeline.config import seconds_value
+    from imgindex.pipeline.config import config_value, seconds_value
 
     try:
         seconds_value(value, key)
     except (ValueError, KeyError, TypeError):
+        # A value from the configuration is named by its key, not the flag.
+        named = "" if value is not None else f"{key} "
         raise OptionError(
-            f"{value!r} is not a duration; give seconds or a unit, e.g. 300s or 5m",
-            option,
+            f"{named}{config_value(value, key)!r} is not a duration; give seconds "
+            "or a unit, e.g. 300s or 5m",
+            option if value is not None else None,
         ) from None
 
 

@@ -44,6 +44,8 @@ def count_or_auto(value: int | str | None, key: str) -> int:
     ConfigError
         Naming the flag, for anything else.
     """
+    # A value from the configuration is named by its key, not the flag.
+    named = f"--{key.rsplit('.', 1)[-1]}" if value is not None else key
     value = config_value(value, key)
     if str(value).lower() == "auto":
         return 0
@@ -52,6 +54,25 @@ def count_or_auto(value: int | str | None, key: str) -> int:
     except ValueError:
         count = 0
     if count < 1:
-        flag = key.rsplit(".", 1)[-1]
-        raise ConfigError(f"--{flag} {value!r} is not auto or a whole number >= 1")
+        raise ConfigError(f"{named} {value!r} is not auto or a whole number >= 1")
     return count
+
+
+def whole_number(key: str, least: int = 1) -> int | None:
+    """The config value at ``key``: a whole number >= ``least``, or None.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, for anything else.
+    """
+    value = dask.config.get(key)
+    if value is None:
+        return None
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = least - 1
+    if number < least or isinstance(value, float) and value != number:
+        raise ConfigError(f"{key} {value!r} is not a whole number >= {least}")
+    return number

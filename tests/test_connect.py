@@ -186,6 +186,32 @@ def test_local_workers_fork_from_a_server_that_imported_their_modules(
             connect()
 
 
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("n-workers", -1, "imgindex.local.n-workers -1 is not a whole number >= 1"),
+        ("n-workers", "two", "n-workers 'two' is not a whole number >= 1"),
+        ("threads-per-worker", 0, "threads-per-worker 0 is not a whole number"),
+        ("memory-limit", "lots", "memory-limit 'lots' is not a memory size"),
+        ("memory-limit", 8, "memory-limit 8 is not a memory size of at least 256"),
+    ],
+)
+def test_a_local_cluster_size_it_would_hang_or_fail_on_is_one_line(
+    monkeypatch, key, value, words
+):
+    """No workers (the build would wait for them forever), no threads, a
+    memory limit LocalCluster cannot read or a number without its unit (8
+    bytes: every worker paused): each refused by name before any starts."""
+    from imgindex.pipeline.errors import ConfigError
+
+    monkeypatch.delenv("IMGINDEX_SCHEDULER", raising=False)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    with dask.config.set({f"imgindex.local.{key}": value}):
+        with pytest.raises(ConfigError, match=words) as refused:
+            connect()
+    assert "\n" not in str(refused.value)
+
+
 def test_doctor_does_not_advise_dropping_a_flag_nobody_passed(tmp_path):
     # Issue 8, item 25: doctor is strict by itself; --no-fallback is the user's.
     from tests.helpers import invoke

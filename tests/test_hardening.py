@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask.config
 import pytest
 
 from imgindex.pipeline.store import (
@@ -124,6 +125,14 @@ def test_item13_bad_values_fail_before_any_cluster_starts(few, tmp_path):
     assert result.exit_code == 2
     assert "--task-timeout" in result.stderr and "'10x' is not a duration" in (
         result.stderr
+    )
+    assert "cluster:" not in result.stderr
+    # The same value from the configuration: named by its key, as it was set.
+    with dask.config.set({"imgindex.task-timeout": "soon"}):
+        result = invoke("build", few, "--out", tmp_path / "o")
+    assert one_error_line(result.stderr) == (
+        "Error: imgindex.task-timeout 'soon' is not a duration; give seconds or "
+        "a unit, e.g. 300s or 5m"
     )
     assert "cluster:" not in result.stderr
     (tmp_path / "plain").write_text("x")
