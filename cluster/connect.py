@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from imgindex.pipeline.config import config_value, seconds_value, whole_number
+from imgindex.pipeline.config import config_value, seconds_value
 from imgindex.pipeline.errors import (
     ConfigError,
     InvalidSchedulerAddress,
@@ -436,8 +436,12 @@ def _local_sizes() -> tuple[int, int, Any]:
 
     from distributed.worker_memory import parse_memory_limit
 
-    n_workers = whole_number("imgindex.local.n-workers") or os.cpu_count() or 1
-    threads = whole_number("imgindex.local.threads-per-worker") or 1
+    from imgindex.pipeline.config_check import check_config
+
+    workers, threads = "imgindex.local.n-workers", "imgindex.local.threads-per-worker"
+    check_config(workers, threads)
+    n_workers = int(config_value(None, workers) or os.cpu_count() or 1)
+    threads = int(config_value(None, threads))
     key = "imgindex.local.memory-limit"
     memory_limit = config_value(None, key)
     try:

@@ -105,8 +105,10 @@ def check_build(
         If a dataset is unusable or ``out`` is not writable.
     """
     from imgindex.pipeline.config import count_or_auto
+    from imgindex.pipeline.config_check import check_config
     from imgindex.pipeline.models import check_model_name, get_model
 
+    check_config()
     if not datasets:
         raise OptionError("give at least one dataset", "DATASETS")
     check_duration(task_timeout, "--task-timeout", "imgindex.task-timeout")
@@ -207,17 +209,16 @@ def check_index_type(request: IndexRequest, dim: int) -> None:
 
 def check_duration(value, option: str, key: str) -> None:
     """Reject a malformed duration before any cluster is started."""
-    from imgindex.pipeline.config import config_value, seconds_value
+    from imgindex.pipeline.config import seconds_value
 
+    if value is None:
+        return  # the configuration's: pipeline/config_check.py checked it
     try:
         seconds_value(value, key)
     except (ValueError, KeyError, TypeError):
-        # A value from the configuration is named by its key, not the flag.
-        named = "" if value is not None else f"{key} "
         raise OptionError(
-            f"{named}{config_value(value, key)!r} is not a duration; give seconds "
-            "or a unit, e.g. 300s or 5m",
-            option if value is not None else None,
+            f"{value!r} is not a duration; give seconds or a unit, e.g. 300s or 5m",
+            option,
         ) from None
 
 

@@ -36,7 +36,12 @@ def open(path: str | os.PathLike) -> Index:  # noqa: A001 (imgindex.open, as zar
     ------
     IndexDirError
         If ``path`` is not a readable imgindex index directory.
+    ConfigError
+        If an ``imgindex.*`` setting holds a value it does not take.
     """
+    from imgindex.pipeline.config_check import check_config
+
+    check_config()
     return Index(path)
 
 

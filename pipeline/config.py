@@ -56,23 +56,3 @@ def count_or_auto(value: int | str | None, key: str) -> int:
     if count < 1:
         raise ConfigError(f"{named} {value!r} is not auto or a whole number >= 1")
     return count
-
-
-def whole_number(key: str, least: int = 1) -> int | None:
-    """The config value at ``key``: a whole number >= ``least``, or None.
-
-    Raises
-    ------
-    ConfigError
-        Naming the key, for anything else.
-    """
-    value = dask.config.get(key)
-    if value is None:
-        return None
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        number = least - 1
-    if number < least or isinstance(value, float) and value != number:
-        raise ConfigError(f"{key} {value!r} is not a whole number >= {least}")
-    return number

@@ -112,7 +112,7 @@ class ServiceSettings:
         unix_socket = flags.get("unix_socket")
         return cls(
             index_root=Path(index_root).resolve(),
-            dataset_roots=tuple(Path(r).resolve() for r in roots or ()),
+            dataset_roots=tuple(Path(r).expanduser().resolve() for r in roots or ()),
             token=flags.get("token"),
             unix_socket=Path(unix_socket).absolute() if unix_socket else None,
             same_image=float(config_value(None, "imgindex.duplicates.threshold")),

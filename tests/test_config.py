@@ -94,3 +94,74 @@ def test_durations_parse():
     assert seconds_value(None, "imgindex.task-timeout") == 300
     assert seconds_value("2 minutes", "imgindex.task-timeout") == 120
     assert seconds_value(1.5, "imgindex.connect-timeout") == 1.5
+
+
+def test_every_key_is_checked_in_the_table_or_where_it_is_read():
+    from imgindex.pipeline.config_check import CHECKED_WHERE_READ, CHECKS
+
+    # storage-options: an empty mapping, which flatten() walks into.
+    keys = {f"imgindex.{key}" for key in KEYS} | {"imgindex.storage-options"}
+    assert keys == set(CHECKS) | set(CHECKED_WHERE_READ)
+    assert not set(CHECKS) & set(CHECKED_WHERE_READ)
+
+
+def test_the_packaged_defaults_pass_their_checks():
+    from imgindex.pipeline.config_check import check_config
+
+    check_config()
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        # The string "no" from DASK_IMGINDEX__FALLBACK=no is true to Python.
+        ("fallback", "no", "imgindex.fallback 'no' is not true or false"),
+        ("connect-timeout", "zzz", "connect-timeout 'zzz' is not a duration; give"),
+        ("call-timeout", -5, "call-timeout -5 is not a duration"),
+        ("torch-threads", "zzz", "torch-threads 'zzz' is not a whole number >= 1"),
+        ("retries", -1, "retries -1 is not a whole number >= 0"),
+        ("index.recall-queries", -5, "recall-queries -5 is not a whole number >= 1"),
+        ("index.retrain-growth", 0.5, "retrain-growth 0.5 is not a number > 1"),
+        ("index.on-disk", "sometimes", "on-disk 'sometimes' is not one of auto, true"),
+        ("model", -5, "imgindex.model -5 is not a name"),
+        ("device", "gpu", "imgindex.device 'gpu' is not one of auto, cpu, cuda"),
+        ("local.dashboard-address", "anywhere", "is not HOST:PORT"),
+        ("duplicates.threshold", 2, "threshold 2 is not a number >= 0 and <= 1"),
+        ("statistics.dark", 300, "dark 300 is not a number >= 0 and <= 255"),
+        # A string where YAML wants a list: not each of its letters a folder.
+        ("serve.dataset-roots", "/data", "'/data' is not a list of folders"),
+    ],
+)
+def test_a_setting_it_does_not_take_is_one_line_before_any_work(
+    tmp_path, key, value, words
+):
+    """Every command, and the Python API, refuses it naming the key; `--help`
+    still works."""
+    import imgindex
+    from imgindex.pipeline.errors import ConfigError
+    from tests.helpers import invoke, one_error_line
+
+    with dask.config.set({f"imgindex.{key}": value}):
+        result = invoke("info", tmp_path / "no-index")
+        assert result.exit_code == 1
+        assert words in one_error_line(result.stderr)
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            imgindex.open(tmp_path / "no-index")
+        assert invoke("build", "--help").exit_code == 0
+
+
+def test_settings_it_takes_in_every_form_pass():
+    from imgindex.pipeline.config_check import check_config
+
+    for key, value in [
+        ("local.dashboard-address", ":8787"),
+        ("local.dashboard-address", None),
+        ("local.n-workers", 4),
+        ("max-image-pixels", 1e9),  # DASK_IMGINDEX__MAX_IMAGE_PIXELS=1e9
+        ("index.on-disk", True),
+        ("task-timeout", "10 minutes"),
+        ("task-timeout", 0),
+        ("serve.dataset-roots", [str(ROOT)]),
+    ]:
+        with dask.config.set({f"imgindex.{key}": value}):
+            check_config()

@@ -13,8 +13,21 @@ import click
 from imgindex.feedback import shown
 
 
+class _ImgindexCommand(click.Command):
+    """A command that checks the ``imgindex.*`` settings before it runs (once
+    its arguments are parsed: ``--help`` works whatever they hold)."""
+
+    def invoke(self, ctx):
+        from imgindex.pipeline.config_check import check_config
+
+        check_config()
+        return super().invoke(ctx)
+
+
 class _ImgindexGroup(click.Group):
     """Turn library errors into one ``Error: ...`` line instead of a traceback."""
+
+    command_class = _ImgindexCommand
 
     def invoke(self, ctx):
         from imgindex.pipeline.errors import ImgindexError
