@@ -57,6 +57,23 @@ _ID = {
     "description": "An indexed image's id (decimal; ids are 63-bit).",
     "schema": {"type": "string"},
 }
+# k, turns and copies may come in the URL as well as in the body (not both
+# with two values).
+_SEARCH_URL_ARGUMENTS = [
+    {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": f"As the body's {name!r}, which it must agree with if both "
+        "are given.",
+        "schema": schema,
+    }
+    for name, schema in (
+        ("k", {"type": "integer", "minimum": 1}),
+        ("turns", {"type": "boolean"}),
+        ("copies", _COPIES),
+    )
+]
 _BUILD_ID = {
     "name": "build_id",
     "in": "path",
@@ -431,7 +448,7 @@ def _description() -> dict[str, Any]:
                 "post": {
                     "summary": "The top-k images like an uploaded one, or like an "
                     "indexed image given by id or path.",
-                    "parameters": [_NAME],
+                    "parameters": [_NAME, *_SEARCH_URL_ARGUMENTS],
                     "requestBody": {
                         "required": True,
                         "content": {

@@ -99,7 +99,9 @@ class Search(ApiHandler):
             data = uploads[0].body
             if len(data) > self.limit:
                 raise self._over_limit()
-            fields = {k: v[0].decode("utf-8", "replace") for k, v in args.items()}
+            fields = self._with_url_arguments(
+                {k: v[0].decode("utf-8", "replace") for k, v in args.items()}
+            )
             return Query(
                 k=count_argument(fields.get("k"), "k", max_k),
                 turns=flag_argument(fields.get("turns"), "turns"),
@@ -108,7 +110,7 @@ class Search(ApiHandler):
                 filename=uploads[0].filename or "uploaded image",
             )
         if ctype.startswith("application/json"):
-            body = self.json_body(bytes(self.body))
+            body = self._with_url_arguments(self.json_body(bytes(self.body)))
             k = count_argument(body.get("k"), "k", max_k)
             turns = flag_argument(body.get("turns"), "turns")
             copies = bool(flag_argument(body.get("copies"), "copies"))
@@ -124,6 +126,29 @@ class Search(ApiHandler):
             "send the query image as multipart/form-data (field 'image'), or JSON "
             "with the 'id' or 'path' of an indexed image",
         )
+
+    def _with_url_arguments(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` and the URL's ``k``, ``turns`` and ``copies`` (``POST
+        .../search?k=5`` is common in HTTP clients: not to be ignored); one
+        given both ways with two values is a 400."""
+        fields = dict(fields)
+        for name in URL_ARGUMENTS:
+            given = self.get_query_arguments(name)
+            if not given:
+                continue
+            value = given[-1]
+            if name in fields and str(fields[name]).lower() != value.lower():
+                raise ApiError(
+                    400,
+                    f"{name} is given twice, {value!r} in the URL and "
+                    f"{fields[name]!r} in the body",
+                )
+            fields.setdefault(name, value)
+        return fields
+
+
+# What a search takes in its URL as well as in its body.
+URL_ARGUMENTS = ("k", "turns", "copies")
 
 
 class Query:

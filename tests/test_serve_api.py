@@ -66,6 +66,34 @@ def test_build_then_search_a_cropped_copy(beach, photo_sets, tmp_path):
         assert max(im.size) == 64
 
 
+def test_search_arguments_in_the_url_are_taken_not_ignored(beach, photo_sets):
+    """`POST .../search?k=3`, as HTTP clients often send it, asks for 3 hits,
+    by upload or by id; given twice with two values, it is a 400."""
+    source = photo_sets["beach"][2]
+    search = "/api/indexes/beach/search"
+    upload = beach.request(
+        "POST", search + "?k=3", files={"image": (source.name, source.read_bytes())}
+    )
+    assert upload.status_code == 200, upload.text
+    assert upload.json()["k"] == 3 and len(upload.json()["hits"]) == 3
+    assert upload.json()["hits"][0]["relpath"] == source.name
+    by_id = beach.request(
+        "POST", search + "?k=2&copies=true", json={"id": str(image_id(source.name))}
+    )
+    assert by_id.status_code == 200, by_id.text
+    hits = by_id.json()["hits"]
+    assert len(hits) == 2 and hits[0]["kind"] == "identical"
+    agreeing = beach.request(
+        "POST", search + "?k=2", json={"path": source.name, "k": 2}
+    )
+    assert [h["id"] for h in agreeing.json()["hits"]] == [h["id"] for h in hits]
+    twice = beach.request("POST", search + "?k=2", json={"path": source.name, "k": 4})
+    assert twice.status_code == 400
+    assert twice.json()["error"] == (
+        "k is given twice, '2' in the URL and 4 in the body"
+    )
+
+
 def test_search_by_id_and_by_path(beach, photo_sets):
     name = photo_sets["beach"][3].name
     by_id = beach.request(
