@@ -261,11 +261,19 @@ def build_options() -> list[str]:
 
 
 def _keyword_message(e: OptionError) -> str:
-    """An option's error as the API names it: ``index_type: ...``."""
-    if not e.option:
-        return str(e)
-    keyword = e.option.lstrip("-").replace("-", "_").lower()
-    return f"{keyword}: {e}"
+    """An option's error as the API names it: ``index_type: ...``, also
+    where the message begins with the flag (``--partition-size 'x' is ...``)."""
+    import re
+
+    message = str(e)
+    option = e.option
+    if not option:
+        flag = re.match(r"(--[a-z][a-z-]*) ", message)
+        if flag is None:
+            return message
+        option, message = flag[1], message[flag.end() :]
+    keyword = option.lstrip("-").replace("-", "_").lower()
+    return f"{keyword}: {message}"
 
 
 def _connection(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -174,6 +175,8 @@ class Index:
         from imgindex.pipeline.config import config_value
         from imgindex.results import SearchResults, SearchShown
 
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"k: {k!r} is not a whole number of results")
         if k < 1:
             raise ValueError(f"k: {k} is not a number of results (1 or more)")
         if unreadable not in ("raise", "skip"):

@@ -97,8 +97,12 @@ def test_bad_options_name_the_keyword(tmp_path, dataset):
         imgindex.build([dataset, dataset], tmp_path / "out", name="both")
     with pytest.raises(ValueError, match=r"^task_timeout: .*not a duration"):
         imgindex.build(dataset, tmp_path / "out", task_timeout="soon")
-    with pytest.raises(ValueError, match="partition-size"):
+    with pytest.raises(
+        ValueError, match=r"^partition_size: 0 is not auto or a whole number >= 1$"
+    ):
         imgindex.build(dataset, tmp_path / "out", partition_size=0)
+    with pytest.raises(ValueError, match=r"^batch_size: 'many' is not auto"):
+        imgindex.build(dataset, tmp_path / "out", batch_size="many")
     assert not (tmp_path / "out" / "beach").exists()
 
 
@@ -195,6 +199,8 @@ def test_a_query_that_is_no_image_is_named(built, tmp_path):
         idx.search([{}])
     with pytest.raises(ValueError, match="k: 0"):
         idx.search(bad, k=0)
+    with pytest.raises(TypeError, match="k: '5' is not a whole number"):
+        idx.search(bad, k="5")
 
 
 def test_unreadable_queries_can_be_skipped_and_are_listed(built, tmp_path, caplog):
