@@ -546,7 +546,7 @@ def read_txt_span(path: str, start: int, end: int) -> Iterator[str]:
     try:
         with _open(path) as f:
             for line in lines_in_span(f, start, end):
-                entry = _txt_entry(_list_line(line, path))
+                entry = list_entry(_list_line(line, path))
                 if entry:
                     yield entry
     except OSError as e:
@@ -648,7 +648,7 @@ def read_list(source: Source) -> Iterator[tuple[str, dict[str, Any] | None]]:
 def _txt_rows(path: str) -> Iterator[str]:
     with _open(path) as f:
         for line in f:
-            row = _txt_entry(_list_line(line, path))
+            row = list_entry(_list_line(line, path))
             if row:
                 yield row
 
@@ -672,14 +672,25 @@ def _list_line(line: bytes, path: str) -> str:
     return line.decode("utf-8", "surrogateescape")
 
 
-def _txt_entry(line: str) -> str:
-    """A ``.txt`` list's entry on ``line`` ("" for a blank or ``#`` line)."""
-    entry = line.strip()
+def list_entry(line: str) -> str:
+    """A ``.txt`` list's entry on ``line`` ("" for a blank or ``#`` line).
+
+    A byte-order mark is dropped: Windows editors and Excel begin UTF-8 text
+    with one, which would otherwise begin the first path."""
+    entry = line.lstrip(BOM).strip()
     return "" if entry.startswith("#") else entry
 
 
+BOM = "\ufeff"
+
+
 def _csv_rows(path: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with _open(path) as f, io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
+    # utf-8-sig: Excel's "CSV UTF-8" begins with a byte-order mark, which
+    # would otherwise begin the first column's name.
+    with (
+        _open(path) as f,
+        io.TextIOWrapper(f, encoding="utf-8-sig", newline="") as text,
+    ):
         reader = csv.DictReader(text)
         if column not in (reader.fieldnames or ()):
             raise DatasetError(_no_column(path, column, reader.fieldnames or ()))

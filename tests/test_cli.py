@@ -137,6 +137,22 @@ def test_a_missing_query_is_named_before_any_query_is_searched(remote_build, tmp
     )
 
 
+def test_a_query_list_is_read_as_a_dataset_list_is(remote_build, tmp_path):
+    """--queries-from: a byte-order mark, blank lines, # comments and the
+    spaces around a path are no part of any query."""
+    _, roots, out = remote_build
+    first, second = (roots["forest"] / f"img0000{i}.jpg" for i in (2, 3))
+    listed = tmp_path / "queries.txt"
+    listed.write_bytes(f"\ufeff{first}\n\n# the rest\n  {second}  \n".encode())
+    result = invoke(
+        "search", out / "forest", "--queries-from", listed, "-k", "1", "--jsonl"
+    )
+    assert result.exit_code == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["query"] for line in lines] == [str(first), str(second)]
+    assert [line["hits"][0]["path"] for line in lines] == [str(first), str(second)]
+
+
 def test_info_json_counts(remote_build):
     _, _, out = remote_build
     result = invoke("info", out / "beach", "--json")

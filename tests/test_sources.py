@@ -169,6 +169,23 @@ def test_a_text_list_of_names_that_are_not_utf8_finds_them_as_a_walk_does(
         list(parse_source(wide).records([]))
 
 
+def test_lists_saved_with_a_byte_order_mark_are_read_as_written(tmp_path, photos):
+    """Excel's "CSV UTF-8" and Windows editors begin the file with one: it is
+    no part of the first column's name, nor of the first path."""
+    table = tmp_path / "excel.csv"
+    table.write_bytes(
+        "\ufeffpath,label\n".encode()
+        + "".join(f"{p},x{i}\n" for i, p in enumerate(photos[:2])).encode()
+    )
+    text = tmp_path / "notepad.txt"
+    text.write_bytes("\ufeff".encode() + f"{photos[2]}\n{photos[3]}\n".encode())
+    for listed, expected in ((table, photos[:2]), (text, photos[2:4])):
+        failures: list[Failure] = []
+        records = list(parse_source(listed).records(failures))
+        assert [r.path for r in records] == [str(p) for p in expected], listed
+        assert failures == []
+
+
 def test_csv_and_parquet_lists_take_the_path_column(tmp_path, photos):
     pa = import_or_skip("pyarrow")
     import pyarrow.parquet as pq

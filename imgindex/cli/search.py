@@ -25,10 +25,13 @@ BATCH_CHECKED = 16  # images (a query and its turns) embedded at a time with --c
 def _query_images(images, queries_from) -> list[Path]:
     """Query files: each IMAGE a file or a folder (walked), plus a list file."""
     from imgindex.pipeline.search import query_files
+    from imgindex.pipeline.sources import list_entry
 
     listed: list[Path] = []
     if queries_from is not None:
-        listed = [Path(line) for line in queries_from.read().splitlines() if line]
+        # Read as a dataset's .txt list is: blank lines and # comments left out.
+        entries = map(list_entry, queries_from.read().splitlines())
+        listed = [Path(entry) for entry in entries if entry]
     paths: list[Path] = []
     for image in [*images, *listed]:
         paths.extend(query_files(image))
