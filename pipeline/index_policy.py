@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from imgindex.pipeline.words import counted
+
 KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
 
 # The FAISS wiki's guidance: train k-means on 30*nlist to 256*nlist vectors;
@@ -172,13 +174,13 @@ def _auto_kind(n: int, dim: int, budget: int | None, t: Thresholds) -> tuple[str
     fits = _fits(budget)
     if n <= t.flat_max and fits(flat):
         return "flat", (
-            f"{n:,} vectors <= imgindex.index.flat-max ({t.flat_max:,}), "
+            f"{counted(n, 'vector')} <= imgindex.index.flat-max ({t.flat_max:,}), "
             f"{_size(flat)} fits the memory budget{_of(budget)}"
         )
     hnsw = _hnsw_bytes(n, dim)
     if n <= t.hnsw_max and fits(hnsw):
         return "hnsw", (
-            f"{n:,} vectors <= imgindex.index.hnsw-max ({t.hnsw_max:,}), "
+            f"{counted(n, 'vector')} <= imgindex.index.hnsw-max ({t.hnsw_max:,}), "
             f"{_size(hnsw)} fits the memory budget{_of(budget)}"
         )
     ivf_flat = n * (4 * dim + 8)

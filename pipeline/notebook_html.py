@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from imgindex.pipeline.sources import Source
+from imgindex.pipeline.words import counted
 
 if TYPE_CHECKING:
     from imgindex.pipeline.duplicates import DuplicateReport, Group, ShotGroup
@@ -144,14 +145,10 @@ def report_html(report: DuplicateReport, source: Source) -> str:
     )
     summary = (
         f"<p><b>{html.escape(report.index)}</b>: {report.images_in_groups:,} of "
-        f"{report.count:,} images in {_count(len(report.groups), 'group')} of "
+        f"{report.count:,} images in {counted(len(report.groups), 'group')} of "
         f"copies; {report.removable:,} could be removed; "
-        f"{_count(len(report.shots), 'group')} of other shots of one scene; "
-        f"{_count(len(report.outliers), 'outlier')}, "
+        f"{counted(len(report.shots), 'group')} of other shots of one scene; "
+        f"{counted(len(report.outliers), 'outlier')}, "
         f"{len(report.broken):,} not indexed</p>"
     )
     return summary + rows_html(heads, rows, more)
-
-
-def _count(n: int, thing: str) -> str:
-    return f"{n:,} {thing}{'' if n == 1 else 's'}"

@@ -20,6 +20,7 @@ from imgindex.cli.options import (
     scheduler_options,
 )
 from imgindex.feedback import TerminalFeedback, shown
+from imgindex.pipeline.words import counted
 
 
 @cli.command()
@@ -171,10 +172,6 @@ def build(
         raise click.ClickException(shown(errors[0]) + more)
 
 
-def _counted(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _print_build_report(report: dict) -> None:
     for d in report["datasets"]:
         if "error" in d:
@@ -193,7 +190,7 @@ def _print_build_report(report: dict) -> None:
         if d["touched"]:
             one = d["touched"] == 1
             click.echo(
-                f"  {_counted(d['touched'], 'unchanged image')} had a new "
+                f"  {counted(d['touched'], 'unchanged image')} had a new "
                 "modification time (same bytes, checked): "
                 + ("its vector was kept" if one else "their vectors were kept")
             )
@@ -202,7 +199,7 @@ def _print_build_report(report: dict) -> None:
         for runtime, images in d["runtimes"].items():
             why = d["runtime_reasons"].get(runtime)
             click.echo(
-                f"  model run by {runtime} for {_counted(images, 'image')}"
+                f"  model run by {runtime} for {counted(images, 'image')}"
                 + (f" ({shown(why)})" if why else "")
             )
         if d["resumed_partitions"]:

@@ -10,6 +10,7 @@ import click
 
 from imgindex.cli.group import shorten_distributed_logs
 from imgindex.feedback import shown
+from imgindex.pipeline.words import counted
 
 
 def scheduler_options(f, instead: str = "starting a LocalCluster"):
@@ -211,8 +212,9 @@ def quality_line(q: dict, params: dict) -> str:
     return (
         f"recall@{q['k']} {q['recall_at_k']:.3f}"
         + (f" ({setting})" if setting else "")
-        + f"{below} on {q['queries']} queries; one query p50 {q['p50_ms']:.2f} ms, "
-        f"p99 {q['p99_ms']:.2f} ms; {q['bytes'] / 2**20:.1f} MiB"
+        + f"{below} on {counted(q['queries'], 'query', 'queries')}; "
+        f"one query p50 {q['p50_ms']:.2f} ms, p99 {q['p99_ms']:.2f} ms; "
+        f"{q['bytes'] / 2**20:.1f} MiB"
     )
 
 
