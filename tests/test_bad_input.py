@@ -102,6 +102,33 @@ def test_build_skips_bad_files_and_indexes_the_rest(client, corpus, tmp_path):
     assert stored.index.ntotal == len(good)
 
 
+def test_a_dataset_of_bad_files_alone_gives_an_empty_index_that_says_so(
+    client, tmp_path
+):
+    """Every file failed: the index holds none, its failures are listed, and
+    a search says so rather than print bare query names."""
+    import json
+
+    from tests.helpers import invoke
+
+    root = tmp_path / "bad"
+    failing = write_bad_files(root)
+    (root / "good_ref.jpg").unlink()
+    summary = run_build(client, root, tmp_path / "out")
+    assert summary.indexed == 0 and len(summary.failed) == len(failing)
+    index_dir = tmp_path / "out" / "bad"
+    query = tmp_path / "query.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(query)
+    shown = invoke("search", index_dir, query)
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stdout.splitlines() == [f"{query}:", "  no hits"]
+    assert "the index holds no images" in shown.stderr
+    as_json = invoke("search", index_dir, query, "--json")
+    assert json.loads(as_json.stdout) == [[]]
+    info = invoke("info", index_dir, "--json")
+    assert json.loads(info.stdout)["count"] == 0
+
+
 def embed(path: Path) -> np.ndarray:
     e = Embedder(ModelSpec(device="cpu"))
     return e.embed_pixels([e.decode(str(path))])[0]

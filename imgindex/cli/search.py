@@ -183,6 +183,12 @@ def _search(index_dir, images, k, turns, copies, as_json, as_lines, conn) -> Non
     few = len(images) * (4 if turns else 1) < FEW_FORWARD_PASSES
     client = conn.client if conn is not None else None
     searcher = Searcher(index_dir, turns=turns, few_passes=few, client=client)
+    if searcher.index.ntotal == 0:
+        click.echo(
+            f"{shown(str(index_dir))}: the index holds no images (its build "
+            "indexed none: `imgindex info` lists why); no query has hits",
+            err=True,
+        )
     unreadable: dict[int, DecodeError] = {}
     # Checking hits reads each one's file (~0.14 s for a copy): smaller
     # batches, so that the bar moves every few seconds.
@@ -248,6 +254,8 @@ def _print_results(images, results, unreadable, as_json: bool) -> None:
         click.echo(f"{shown(str(query))}:")
         if n in unreadable:
             click.echo(f"  not searched: {shown(unreadable[n].reason)}")
+        elif not hits:
+            click.echo("  no hits")
         for h in hits:
             kind = f"{h.kind:9}  " if h.kind is not None else ""
             click.echo(f"  {h.rank:3d}  {h.score:.4f}  {kind}{shown(h.path)}")
