@@ -331,7 +331,8 @@ def _cache_folder() -> Path:
     if folder is None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         folder = os.path.join(base, "imgindex", "onnx")
-    return Path(folder)
+    # "~/..." in a YAML file is the user's home, as a shell would read it.
+    return Path(folder).expanduser()
 
 
 def _safe_name(name: str) -> str:

@@ -126,6 +126,15 @@ def test_without_onnx_to_export_the_model_auto_keeps_torch(tmp_path, monkeypatch
         assert cached.name == "onnxruntime"
 
 
+def test_a_runtime_cache_under_home_is_the_users_home(tmp_path, monkeypatch):
+    """`runtime-cache: ~/onnx` in a YAML file: the home folder, not a folder
+    named ~ wherever the worker was started."""
+    model = Embedder(ModelSpec.from_config(runtime="torch")).model
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with dask.config.set({"imgindex.runtime-cache": "~/onnx"}):
+        assert onnx_cache_path(model).parent == tmp_path / "onnx"
+
+
 def test_auto_remembers_its_timing_for_this_cpu_threads_and_packages(tmp_path):
     model = Embedder(ModelSpec.from_config(runtime="torch")).model
     with dask.config.set({"imgindex.runtime-cache": str(tmp_path)}):
