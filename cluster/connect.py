@@ -188,8 +188,10 @@ def _tls_hint(address: str, problem: str) -> str:
 
 
 def read_scheduler_file(path: str) -> str | None:
+    """The address in a `dask scheduler --scheduler-file` file (None: none
+    there). ``~`` is the home folder, as in ``scheduler-file: ~/sched.json``."""
     try:
-        with open(path) as f:
+        with open(os.path.expanduser(path)) as f:
             return json.load(f)["address"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

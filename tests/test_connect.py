@@ -87,11 +87,16 @@ def test_remote_scheduler_is_used_and_described(process_cluster):
         assert conn.dashboard.startswith("http://")
 
 
-def test_scheduler_file_is_read(process_cluster, tmp_path):
+def test_scheduler_file_is_read(process_cluster, tmp_path, monkeypatch):
     sf = tmp_path / "scheduler.json"
     sf.write_text(json.dumps({"address": process_cluster.scheduler_address}))
     with connect(scheduler_file=str(sf), timeout=3) as conn:
         assert conn.kind == "remote"
+    # `scheduler-file: ~/scheduler.json` in a YAML file: under the home folder.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with dask.config.set({"imgindex.scheduler-file": "~/scheduler.json"}):
+        with connect(timeout=3, fallback=False) as conn:
+            assert conn.kind == "remote"
 
 
 @pytest.mark.slow
