@@ -36,6 +36,24 @@ def seconds_value(value: float | str | None, key: str) -> float:
     return float(parse_timedelta(config_value(value, key), default="seconds"))
 
 
+def config_number(value: Any, key: str, kind: type = float) -> Any:
+    """Like :func:`config_value` for a number, ``kind`` float or int.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, for what is no such number (text, true, 2.5 for int).
+    """
+    value = config_value(value, key)
+    try:
+        if isinstance(value, bool) or kind is int and float(value) != int(value):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        words = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{key} {value!r} is not {words}") from None
+
+
 def count_or_auto(value: int | str | None, key: str) -> int:
     """A count >= 1 from a flag or the config ``key``; "auto" is 0.
 

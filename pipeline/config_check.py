@@ -123,16 +123,6 @@ CHECKS: dict[str, Check] = {
     "imgindex.search.turns": FLAG,
     "imgindex.serve.turns": FLAG,
     "imgindex.serve.dataset-roots": FOLDERS,
-    "imgindex.duplicates.threshold": _number(0, 1),
-    "imgindex.duplicates.criterion": _one_of("copy", "cosine"),
-    "imgindex.duplicates.neighbours": _whole(1),
-    "imgindex.duplicates.rows-per-task": _whole(1),
-    "imgindex.duplicates.pairs-per-task": _whole(1),
-    "imgindex.statistics.blurry": _number(0),
-    "imgindex.statistics.dark": _number(0, 255),
-    "imgindex.statistics.bright": _number(0, 255),
-    "imgindex.statistics.tiny": _number(0),
-    "imgindex.statistics.outliers": _number(0, 1),
 }
 
 
@@ -158,6 +148,17 @@ CHECKED_WHERE_READ: dict[str, str] = {
     "imgindex.serve.max-upload": "service/app.py: ServiceSettings.from_config",
     "imgindex.serve.max-k": "service/app.py: ServiceSettings.from_config",
     "imgindex.serve.max-builds": "service/app.py: ServiceSettings.from_config",
+    **{
+        f"imgindex.duplicates.{key}": "pipeline/duplicates.py: "
+        "DuplicateSettings.from_config"
+        for key in ("threshold", "criterion", "neighbours")
+        + ("rows-per-task", "pairs-per-task")
+    },
+    **{
+        f"imgindex.statistics.{key}": "pipeline/statistics.py: "
+        "StatisticsSettings.from_config"
+        for key in ("blurry", "dark", "bright", "tiny", "outliers")
+    },
 }
 
 

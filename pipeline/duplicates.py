@@ -41,7 +41,7 @@ import numpy as np
 
 from imgindex.pipeline import geometry
 from imgindex.pipeline import index as fx
-from imgindex.pipeline.config import config_value
+from imgindex.pipeline.config import config_number, config_value
 from imgindex.pipeline.copies import Copies, folder_copies
 from imgindex.pipeline.discover import Failure, ImageRecord
 from imgindex.pipeline.errors import ConfigError, DecodeError, IndexDirError
@@ -95,14 +95,13 @@ class DuplicateSettings:
     ) -> DuplicateSettings:
         """Settings from flags, falling back to config; bad values raise ConfigError."""
 
+        number = config_number
         settings = cls(
-            threshold=float(config_value(threshold, "imgindex.duplicates.threshold")),
-            neighbours=int(config_value(neighbours, "imgindex.duplicates.neighbours")),
+            threshold=number(threshold, "imgindex.duplicates.threshold"),
+            neighbours=number(neighbours, "imgindex.duplicates.neighbours", int),
             criterion=str(config_value(criterion, "imgindex.duplicates.criterion")),
-            rows_per_task=int(config_value(None, "imgindex.duplicates.rows-per-task")),
-            pairs_per_task=int(
-                config_value(None, "imgindex.duplicates.pairs-per-task")
-            ),
+            rows_per_task=number(None, "imgindex.duplicates.rows-per-task", int),
+            pairs_per_task=number(None, "imgindex.duplicates.pairs-per-task", int),
         )
         if not -1.0 <= settings.threshold <= 1.0:
             raise ConfigError(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imgindex.pipeline.config import config_value
+from imgindex.pipeline.config import config_number
 from imgindex.pipeline.errors import ConfigError
 
 
@@ -30,16 +30,13 @@ class StatisticsSettings:
     @classmethod
     def from_config(cls) -> StatisticsSettings:
         """Settings from ``imgindex.statistics.*``; bad values raise ConfigError."""
-        try:
-            settings = cls(
-                blurry=float(config_value(None, "imgindex.statistics.blurry")),
-                dark=float(config_value(None, "imgindex.statistics.dark")),
-                bright=float(config_value(None, "imgindex.statistics.bright")),
-                tiny=int(config_value(None, "imgindex.statistics.tiny")),
-                outliers=float(config_value(None, "imgindex.statistics.outliers")),
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"imgindex.statistics: {e}") from None
+        settings = cls(
+            blurry=config_number(None, "imgindex.statistics.blurry"),
+            dark=config_number(None, "imgindex.statistics.dark"),
+            bright=config_number(None, "imgindex.statistics.bright"),
+            tiny=config_number(None, "imgindex.statistics.tiny", int),
+            outliers=config_number(None, "imgindex.statistics.outliers"),
+        )
         if not 0 <= settings.outliers <= 1:
             raise ConfigError(
                 f"imgindex.statistics.outliers {settings.outliers} is not a share "

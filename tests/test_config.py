@@ -126,8 +126,6 @@ def test_the_packaged_defaults_pass_their_checks():
         ("model", -5, "imgindex.model -5 is not a name"),
         ("device", "gpu", "imgindex.device 'gpu' is not one of auto, cpu, cuda"),
         ("local.dashboard-address", "anywhere", "is not HOST:PORT"),
-        ("duplicates.threshold", 2, "threshold 2 is not a number >= 0 and <= 1"),
-        ("statistics.dark", 300, "dark 300 is not a number >= 0 and <= 255"),
         # A string where YAML wants a list: not each of its letters a folder.
         ("serve.dataset-roots", "/data", "'/data' is not a list of folders"),
     ],

@@ -543,6 +543,17 @@ def test_cli_rejects_bad_options_in_one_line(copy_set, tmp_path):
     bad = invoke("duplicates", index_dir, "--threshold", "1.5")
     assert bad.exit_code == 2
     assert "threshold 1.5 is not a cosine" in bad.stderr
+    # The configuration's values: named by their key, before any work.
+    for key, value, words in [
+        ("duplicates.threshold", "high", "threshold 'high' is not a number"),
+        ("duplicates.neighbours", 2.5, "neighbours 2.5 is not a whole number"),
+        ("statistics.tiny", "zz", "imgindex.statistics.tiny 'zz' is not a whole"),
+    ]:
+        with dask.config.set({f"imgindex.{key}": value}):
+            refused = invoke("duplicates", index_dir)
+        assert refused.exit_code == 2
+        assert words in one_error_line(refused.stderr), refused.stderr
+        assert "searching" not in refused.stderr
     missing = invoke("duplicates", tmp_path / "nothing")
     assert missing.exit_code == 1
     assert "does not exist" in one_error_line(missing.stderr)

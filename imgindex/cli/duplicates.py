@@ -89,10 +89,12 @@ def duplicates(
     """
     from imgindex.pipeline.duplicates import DuplicateSettings, find_duplicates
     from imgindex.pipeline.errors import ConfigError
+    from imgindex.pipeline.statistics import StatisticsSettings
     from imgindex.pipeline.store import read_meta
 
     try:
         settings = DuplicateSettings.from_config(threshold, criterion, neighbours)
+        statistics = StatisticsSettings.from_config()
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     meta = read_meta(index_dir)  # one line if it is not an index
@@ -106,7 +108,9 @@ def duplicates(
         bar = ProgressBars(meta.name)
         try:
             with span("imgindex duplicates", meta.name):
-                report = find_duplicates(where, settings, client, bar.index_step)
+                report = find_duplicates(
+                    where, settings, client, bar.index_step, statistics=statistics
+                )
                 if html_page is not None:
                     html = write_html_report(
                         report, html_page, client, on_step=bar.index_step
