@@ -57,10 +57,36 @@ def lock_index(dest: str | os.PathLike) -> Iterator[None]:
             raise
         os.ftruncate(fd, 0)
         os.write(fd, holder_text().encode())
-        yield
+        try:
+            yield
+        finally:
+            # Still held: the file names its holder only while it holds it
+            # (last_writer), though this process goes on (a service, a
+            # notebook).
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def last_writer(dest: str | os.PathLike) -> str | None:
+    """Who holds, or last held, the lock on the index at ``dest`` ("pid N on
+    HOST"), where that process may still run (None: nobody, or a process of
+    this host that has ended). Reads only: takes no lock, so a build that
+    starts meanwhile is never refused."""
+    dest = Path(dest)
+    lock_path = dest.parent / f".{dest.name}.lock"
+    for path in (lock_path.with_name(lock_path.name + ".held"), lock_path):
+        holder = _read_path(path).strip()
+        if holder and _is_holder(holder) and not _is_stale(holder):
+            return holder
+    return None
+
+
+def _is_holder(text: str) -> bool:
+    parts = text.split()
+    return len(parts) == 4 and parts[0] == "pid" and parts[2] == "on"
 
 
 def _locked_message(holder: str, dest: Path) -> str:

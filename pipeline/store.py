@@ -373,6 +373,21 @@ def read_meta(path: str | os.PathLike) -> IndexMeta:
     return stored.meta
 
 
+def _being_built(path: Path) -> str:
+    """Why an index may not exist yet: its first build runs (a build writes
+    the directory whole when it finishes)."""
+    import socket
+
+    from imgindex.pipeline.lock import last_writer
+
+    writer = last_writer(path)
+    if writer is None:
+        return ""
+    # Another host's build cannot be seen to run from here.
+    verb = "is" if writer.endswith(f" on {socket.gethostname()}") else "may be"
+    return f" yet: a build ({writer}) {verb} writing it; it appears when that finishes"
+
+
 def read_index_dir(
     path: str | os.PathLike,
     manifest: bool = True,
@@ -409,7 +424,9 @@ def read_index_dir(
                     raise IndexDirError(f"{str(p)!r} is a file, not an index directory")
                 if p.exists() or (not last and _recently_swapped(p)):
                     raise FileNotFoundError(errno.ENOENT, "swapped", str(p))
-                raise IndexDirError(f"index directory {str(p)!r} does not exist")
+                raise IndexDirError(
+                    f"index directory {str(p)!r} does not exist" + _being_built(p)
+                )
             return _read_version(p, p_read, manifest, streamed, by_id)
         except FileNotFoundError as e:
             # A build swapped versions between our looks: read the new one.

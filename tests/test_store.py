@@ -360,6 +360,31 @@ def test_index_path_that_is_a_file(tmp_path):
         read_index_dir(tmp_path / "ds")
 
 
+def test_an_index_not_there_yet_names_the_build_writing_it(tmp_path):
+    """Searched while its first build runs: said so, not just 'does not
+    exist'; once that build has ended, or for a path nobody builds, not."""
+    dest = tmp_path / "ds"
+    with lock_index(dest):
+        with pytest.raises(IndexDirError) as during:
+            read_index_dir(dest)
+    assert str(during.value) == (
+        f"index directory {str(dest)!r} does not exist yet: a build (pid "
+        f"{os.getpid()} on {os.uname().nodename}) is writing it; it appears when "
+        "that finishes"
+    )
+    with pytest.raises(IndexDirError, match=r"does not exist$"):
+        read_index_dir(dest)  # that build ended, this process goes on
+    lock = tmp_path / ".ds.lock"
+    lock.write_text(f"pid 999999999 on {os.uname().nodename}")  # ended here
+    with pytest.raises(IndexDirError, match=r"does not exist$"):
+        read_index_dir(dest)
+    lock.write_text("pid 12 on another-node")  # cannot be seen from here
+    with pytest.raises(IndexDirError, match=r"12 on another-node\) may be writing"):
+        read_index_dir(dest)
+    with pytest.raises(IndexDirError, match=r"does not exist$"):
+        read_index_dir(tmp_path / "other")
+
+
 def test_lock_without_flock_uses_an_exclusive_file(tmp_path, monkeypatch):
     # Lustre mounted without -o flock answers ENOLCK; simulated here, since no
     # such file system is at hand. The fallback itself is real.
