@@ -238,17 +238,18 @@ def check_datasets(
             raise OptionError(
                 "--name names one index; build the datasets one at a time", "--name"
             )
-        if not name or name in (".", "..") or "/" in name or name.startswith("."):
+        if not _usable_name(name):
             raise OptionError(f"{name!r} cannot be a folder name under --out", "--name")
 
     sources = [parse_source(d, input_format, path_column) for d in datasets]
-    for source in sources:
-        if source.kind == "folder" and not source.remote:
-            if not has_images(source.base):
-                raise ImgindexError(
-                    f"dataset folder {source.spec!r} contains no image files"
-                )
     names = [s.name for s in sources]
+    for source, derived in zip(sources, names, strict=True):
+        if name is None and not _usable_name(derived):
+            raise OptionError(
+                f"dataset {source.spec!r} gives no folder name for its index "
+                f"({derived!r}); give it one with --name",
+                "DATASETS",
+            )
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise OptionError(
@@ -256,7 +257,19 @@ def check_datasets(
             "would collide under --out; build them one at a time with --name",
             "DATASETS",
         )
+    for source in sources:
+        if source.kind == "folder" and not source.remote:
+            if not has_images(source.base):
+                raise ImgindexError(
+                    f"dataset folder {source.spec!r} contains no image files"
+                )
     return sources
+
+
+def _usable_name(name: str) -> bool:
+    """Whether ``name`` can be an index's folder under --out: one visible
+    folder name (a dot-folder would be hidden, or out itself)."""
+    return bool(name) and "/" not in name and not name.startswith(".")
 
 
 def check_writable(out: Path) -> None:

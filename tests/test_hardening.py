@@ -82,6 +82,23 @@ def test_item4_same_folder_name_from_another_place_is_refused(build, few, tmp_pa
     assert read_meta(out / "good").count == 8
 
 
+def test_a_dataset_whose_folder_gives_no_index_name_needs_one(few, tmp_path):
+    """`imgindex build /` would write its index into --out itself, and a
+    dot-folder's would be hidden: both are refused before any work, asking
+    for --name."""
+    hidden = copy_tree(sorted(few.iterdir())[:1], tmp_path / ".camera")
+    out = tmp_path / "out"
+    for dataset, name in (("/", ""), (hidden, ".camera")):
+        result = invoke("build", dataset, "--out", out)
+        assert result.exit_code == 2
+        assert one_error_line(result.stderr) == (
+            f"Error: Invalid value for DATASETS: dataset {str(dataset)!r} gives no "
+            f"folder name for its index ({name!r}); give it one with --name"
+        )
+        assert "cluster:" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_item7_folders_whose_names_are_not_utf8(build, few, tmp_path):
     odd = os.fsdecode(b"caf\xe9")  # Latin-1 names, as old archives have
     data = tmp_path / odd
