@@ -18,7 +18,9 @@ from imgindex.pipeline.errors import DatasetError
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-    | {".avif"}
+    # .jfif: JPEGs as browsers on Windows save them; .jp2: JPEG 2000, as
+    # archives and slide scanners keep them (Pillow reads it with OpenJPEG).
+    | {".avif", ".jfif", ".jp2"}
     | HEIF_EXTENSIONS
 )
 _ID_MASK = (1 << 63) - 1

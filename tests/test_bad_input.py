@@ -69,6 +69,8 @@ def corpus(tmp_path) -> tuple[Path, dict[str, str], list[str]]:
     (root / "folder.jpg").mkdir()
     base.save(root / "folder.jpg" / "inside.jpg")
     base.save(root / os.fsdecode(b"caf\xe9-latin1.jpg"))
+    base.save(root / "saved.jfif", "JPEG", quality=95)  # as Windows browsers name them
+    base.save(root / "slide.jp2", quality_mode="dB", quality_layers=[45])
     header_only_png(root / "bomb.png", 30000, 30000)
     failing["bomb.png"] = "over the limit"
     os.mkfifo(root / "pipe.jpg")
@@ -84,6 +86,8 @@ def corpus(tmp_path) -> tuple[Path, dict[str, str], list[str]]:
         "rotated.jpg",
         "folder.jpg/inside.jpg",
         os.fsdecode(b"caf\xe9-latin1.jpg"),
+        "saved.jfif",
+        "slide.jp2",
     ]
     return root, failing, good
 
@@ -142,6 +146,8 @@ def test_unusual_modes_embed_like_the_plain_image(corpus, tmp_path):
     plain = embed(root / "plain.jpg")
     assert float(embed(root / "cmyk.jpg") @ plain) > 0.9
     assert float(embed(root / "rotated.jpg") @ plain) > 0.98  # indexed upright
+    assert float(embed(root / "saved.jfif") @ plain) > 0.999
+    assert float(embed(root / "slide.jp2") @ plain) > 0.98  # JPEG 2000, lossy
 
 
 def test_rotation_is_really_applied(corpus, tmp_path):

@@ -13,7 +13,9 @@ from imgindex.pipeline.errors import DatasetError
 
 def test_recursive_case_insensitive_sorted(tmp_path: Path):
     names = ["b/2.JPG", "a.png", "b/1.jpeg", "c/d/e.WebP", "notes.txt", "x.jpg.bak"]
-    for rel in [*names, "phone/IMG_0001.HEIC", "phone/IMG_0002.heif", "web.avif"]:
+    more = ["phone/IMG_0001.HEIC", "phone/IMG_0002.heif", "web.avif"]
+    more += ["saved.JFIF", "slide.jp2"]
+    for rel in [*names, *more]:
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x")
@@ -28,6 +30,8 @@ def test_recursive_case_insensitive_sorted(tmp_path: Path):
         "folder.jpg/inside.jpg",
         "phone/IMG_0001.HEIC",
         "phone/IMG_0002.heif",
+        "saved.JFIF",
+        "slide.jp2",
         "web.avif",
     ]
 
