@@ -2,12 +2,10 @@
 
 A value set in a YAML file or a ``DASK_IMGINDEX__*`` variable reaches code
 that would otherwise fail on it much later, as a traceback or on a worker
-(``DASK_IMGINDEX__RECALL_QUERIES=-5`` failed in numpy after the whole build),
-or be taken for something else (``fallback: no`` is the string "no", which
-is true). Settings with a command-line flag are checked where the flag is
-read, naming the flag or the key (:func:`pipeline.config.count_or_auto`);
-the serve settings by ``imgindex serve``; the LocalCluster's memory limit
-where it starts (cluster/connect.py).
+(``DASK_IMGINDEX__INDEX__RECALL_QUERIES=-5`` failed in numpy after the whole
+build), or be taken for something else (``fallback: no`` is the string "no",
+which is true). The rest are checked where they are read
+(:data:`CHECKED_WHERE_READ` says where), naming the flag or the key.
 """
 
 from __future__ import annotations

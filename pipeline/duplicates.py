@@ -95,13 +95,14 @@ class DuplicateSettings:
     ) -> DuplicateSettings:
         """Settings from flags, falling back to config; bad values raise ConfigError."""
 
-        number = config_number
         settings = cls(
-            threshold=number(threshold, "imgindex.duplicates.threshold"),
-            neighbours=number(neighbours, "imgindex.duplicates.neighbours", int),
+            threshold=config_number(threshold, "imgindex.duplicates.threshold"),
+            neighbours=config_number(neighbours, "imgindex.duplicates.neighbours", int),
             criterion=str(config_value(criterion, "imgindex.duplicates.criterion")),
-            rows_per_task=number(None, "imgindex.duplicates.rows-per-task", int),
-            pairs_per_task=number(None, "imgindex.duplicates.pairs-per-task", int),
+            rows_per_task=config_number(None, "imgindex.duplicates.rows-per-task", int),
+            pairs_per_task=config_number(
+                None, "imgindex.duplicates.pairs-per-task", int
+            ),
         )
         if not -1.0 <= settings.threshold <= 1.0:
             raise ConfigError(

@@ -672,6 +672,9 @@ def _list_line(line: bytes, path: str) -> str:
     return line.decode("utf-8", "surrogateescape")
 
 
+BOM = "\ufeff"
+
+
 def list_entry(line: str) -> str:
     """A ``.txt`` list's entry on ``line`` ("" for a blank or ``#`` line).
 
@@ -679,9 +682,6 @@ def list_entry(line: str) -> str:
     with one, which would otherwise begin the first path."""
     entry = line.lstrip(BOM).strip()
     return "" if entry.startswith("#") else entry
-
-
-BOM = "\ufeff"
 
 
 def _csv_rows(path: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
