@@ -146,6 +146,9 @@ def probe_scheduler(address: str, timeout: float) -> dict | str:
     """
     from distributed.comm import connect
 
+    refused = _refused(address, timeout)
+    if refused is not None:
+        return refused
     # The same TLS settings as distributed.Client (distributed.comm.tls.*):
     # without them a tls:// scheduler looks unreachable.
     connection_args = cluster_security().get_connection_args("client")
@@ -168,6 +171,32 @@ def probe_scheduler(address: str, timeout: float) -> dict | str:
     if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
         return "answered, but is not a Dask scheduler"
     return ident
+
+
+def _refused(address: str, timeout: float) -> str | None:
+    """Why nothing can be reached at a tcp:// or tls:// ``address`` at once,
+    where its host refuses the port or does not resolve: distributed retries
+    a refused connection until its timeout ends, and then says it timed out
+    (a scheduler file left by a stopped scheduler). None: try it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname:
+        return None
+    try:
+        port = parts.port
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return None
+    except ConnectionRefusedError:
+        return (
+            "connection refused: nothing listens on that port (has the "
+            "scheduler stopped?)"
+        )
+    except socket.gaierror as e:
+        return f"not reachable (host {parts.hostname!r}: {e.strerror})"
+    except (OSError, ValueError):
+        return None  # a timeout or else: the probe says what it finds
 
 
 def cluster_security():
