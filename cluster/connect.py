@@ -146,9 +146,6 @@ def probe_scheduler(address: str, timeout: float) -> dict | str:
     """
     from distributed.comm import connect
 
-    refused = _refused(address, timeout)
-    if refused is not None:
-        return refused
     # The same TLS settings as distributed.Client (distributed.comm.tls.*):
     # without them a tls:// scheduler looks unreachable.
     connection_args = cluster_security().get_connection_args("client")
@@ -164,20 +161,23 @@ def probe_scheduler(address: str, timeout: float) -> dict | str:
     try:
         ident = asyncio.run(asyncio.wait_for(identity(), timeout))
     except (TimeoutError, asyncio.TimeoutError):
-        return f"timed out after {timeout:g} s"
+        return _refused(address) or f"timed out after {timeout:g} s"
     except (OSError, MemoryError, ValueError, TypeError) as e:
         text = " ".join(str(e).split()) or type(e).__name__
-        return f"not reachable ({text[:200]})"
+        return _refused(address) or f"not reachable ({text[:200]})"
     if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
         return "answered, but is not a Dask scheduler"
     return ident
 
 
-def _refused(address: str, timeout: float) -> str | None:
-    """Why nothing can be reached at a tcp:// or tls:// ``address`` at once,
-    where its host refuses the port or does not resolve: distributed retries
-    a refused connection until its timeout ends, and then says it timed out
-    (a scheduler file left by a stopped scheduler). None: try it."""
+def _refused(address: str, timeout: float = 1.0) -> str | None:
+    """Why a tcp:// or tls:// ``address`` the probe could not reach is not
+    there, where its host refuses the port or does not resolve: distributed
+    retries a refused connection until its timeout ends, then says it timed
+    out (a scheduler file left by a stopped scheduler). None: it is there,
+    or nothing more is known. Asked only after the probe failed: a bare
+    connection to a live scheduler is logged there as closed before its
+    handshake."""
     import socket
     from urllib.parse import urlsplit
 

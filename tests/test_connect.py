@@ -71,12 +71,10 @@ def test_probe_gives_up_on_a_silent_listener_within_the_timeout(silent_listener)
 
 
 def test_probe_reports_a_closed_port(refused_address):
-    """At once, not after the timeout distributed spends retrying it (a
-    scheduler file left by a scheduler that has stopped)."""
-    started = time.monotonic()
-    result = probe_scheduler(refused_address, 3.0)
+    """As refused (a scheduler file left by a scheduler that has stopped),
+    not as the time-out distributed reports after retrying it."""
+    result = probe_scheduler(refused_address, 1.0)
     assert result.startswith("connection refused: nothing listens on that port")
-    assert time.monotonic() - started < 1.5
 
 
 def test_probe_identifies_a_real_scheduler(process_cluster):
