@@ -17,10 +17,10 @@ from imgindex.cli import cli
 from imgindex.pipeline.store import StoredIndex, read_index_dir
 
 
-def invoke(*args, env: dict | None = None):
+def invoke(*args, env: dict | None = None, stdin: bytes | None = None):
     """``imgindex ARGS`` in this process; stdout and stderr kept apart."""
     return CliRunner(env=env).invoke(
-        cli, [str(a) for a in args], catch_exceptions=False
+        cli, [str(a) for a in args], input=stdin, catch_exceptions=False
     )
 
 

@@ -153,6 +153,33 @@ def test_a_query_list_is_read_as_a_dataset_list_is(remote_build, tmp_path):
     assert [line["hits"][0]["path"] for line in lines] == [str(first), str(second)]
 
 
+def test_a_query_image_read_from_stdin_is_searched_here_and_on_workers(
+    remote_build, process_cluster
+):
+    """`curl URL | imgindex search INDEX -`: the bytes are the query, named
+    `-`, searched here or by the workers alike, checked with --copies."""
+    _, roots, out = remote_build
+    photo = (roots["forest"] / "img00004.jpg").read_bytes()
+    here = invoke("search", out / "forest", "-", "-k", "2", "--copies", "--jsonl",
+                  stdin=photo)  # fmt: skip
+    assert here.exit_code == 0, here.stderr
+    (line,) = [json.loads(x) for x in here.stdout.splitlines()]
+    assert line["query"] == "-"
+    assert line["hits"][0]["path"] == str(roots["forest"] / "img00004.jpg")
+    assert line["hits"][0]["kind"] == "identical"
+    there = invoke(
+        "search", out / "forest", "-", "-k", "2", "--copies", "--jsonl",
+        "--scheduler", process_cluster.scheduler_address, stdin=photo,
+    )  # fmt: skip
+    assert there.exit_code == 0, there.stderr
+    assert json.loads(there.stdout) == line
+    empty = invoke("search", out / "forest", "-", stdin=b"")
+    assert one_error_line(empty.stderr) == "Error: -: empty file (0 bytes)"
+    both = invoke("search", out / "forest", "-", "--queries-from", "-", stdin=photo)
+    assert both.exit_code == 2
+    assert "standard input holds one thing" in one_error_line(both.stderr)
+
+
 def test_info_json_counts(remote_build):
     _, _, out = remote_build
     result = invoke("info", out / "beach", "--json")

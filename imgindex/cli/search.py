@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -22,8 +25,29 @@ FEW_FORWARD_PASSES = 64  # fewer: torch, unless ONNX Runtime runs from its cache
 BATCH_CHECKED = 16  # images (a query and its turns) embedded at a time with --copies
 
 
-def _query_images(images, queries_from) -> list[Path]:
-    """Query files: each IMAGE a file or a folder (walked), plus a list file."""
+class StdinQuery:
+    """The query image read from standard input (IMAGE ``-``): its bytes,
+    opened afresh each time the search reads them."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __str__(self) -> str:
+        return "-"
+
+    def opened(self) -> io.BytesIO:
+        opened = io.BytesIO(self.data)
+        opened.name = "-"  # errors name the query as given
+        return opened
+
+
+def _opened(query: Path | StdinQuery) -> str | io.BytesIO:
+    return query.opened() if isinstance(query, StdinQuery) else os.fspath(query)
+
+
+def _query_images(images, queries_from) -> list[Path | StdinQuery]:
+    """Query files: each IMAGE a file or a folder (walked), ``-`` an image
+    read from standard input, plus a list file."""
     from imgindex.pipeline.search import query_files
     from imgindex.pipeline.sources import list_entry
 
@@ -32,8 +56,23 @@ def _query_images(images, queries_from) -> list[Path]:
         # Read as a dataset's .txt list is: blank lines and # comments left out.
         entries = map(list_entry, queries_from.read().splitlines())
         listed = [Path(entry) for entry in entries if entry]
-    paths: list[Path] = []
-    for image in [*images, *listed]:
+    paths: list[Path | StdinQuery] = []
+    for image in images:
+        if str(image) != "-":
+            paths.extend(query_files(image))
+        elif any(isinstance(p, StdinQuery) for p in paths) or (
+            # A list file opened from a path has its name; stdin has none
+            # of its own ("<stdin>", or none under click's test runner).
+            queries_from is not None
+            and getattr(queries_from, "name", "<stdin>") == "<stdin>"
+        ):
+            raise click.UsageError(
+                "standard input holds one thing: the query image (IMAGE -, "
+                "once) or the list of queries (--queries-from -)"
+            )
+        else:
+            paths.append(StdinQuery(sys.stdin.buffer.read()))
+    for image in listed:
         paths.extend(query_files(image))
     if not paths:
         raise click.UsageError("no query images (give IMAGE files or folders)")
@@ -102,7 +141,8 @@ def search(
 ):
     """Find the images in INDEX_DIR most similar to each query IMAGE.
 
-    An IMAGE may be a folder: every image under it is a query. Queries are
+    An IMAGE may be a folder: every image under it is a query; `-` is an
+    image read from standard input (`curl URL | imgindex search DIR -`). Queries are
     embedded and searched in batches. A query that cannot be read as an
     image is named on stderr and gets no results (an empty list with
     --json); the others are searched, and the exit status is 1.
@@ -203,6 +243,7 @@ def _search(index_dir, images, k, turns, copies, as_json, as_lines, conn) -> Non
         batch=batch,
         progress=bar and (lambda done, total: bar.update(done, total, len(unreadable))),
         unreadable=unreadable.__setitem__,
+        opened=_opened,
         copies=copies,
     )
     try:
