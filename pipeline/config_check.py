@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from imgindex.pipeline.config import config_value
+from imgindex.pipeline.config import config_number, config_value
 from imgindex.pipeline.errors import ConfigError
 
 # (whether a value is one the setting takes, what it takes, in words)
@@ -27,13 +27,9 @@ def _whole(least: int, none: str | None = None) -> Check:
     def ok(value: Any) -> bool:
         if value is None:
             return none is not None
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # 1e3 in a DASK_ variable
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            return False
-        try:
-            return int(str(value).strip()) >= least
-        except ValueError:
+        try:  # 1e3 in a DASK_ variable is a float, and whole
+            return config_number(value, "", int) >= least
+        except ConfigError:
             return False
 
     words = f"a whole number >= {least}"

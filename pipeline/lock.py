@@ -70,23 +70,26 @@ def lock_index(dest: str | os.PathLike) -> Iterator[None]:
             os.close(fd)
 
 
-def last_writer(dest: str | os.PathLike) -> str | None:
-    """Who holds, or last held, the lock on the index at ``dest`` ("pid N on
-    HOST"), where that process may still run (None: nobody, or a process of
-    this host that has ended). Reads only: takes no lock, so a build that
-    starts meanwhile is never refused."""
+def last_writer(dest: str | os.PathLike) -> tuple[str, bool] | None:
+    """Who holds the lock on the index at ``dest`` ("pid N on HOST"), and
+    whether that is known (a process of this host, seen running) or only
+    may be (another host's); None: nobody, or a process of this host that
+    has ended. Reads only: takes no lock, so a build that starts meanwhile
+    is never refused."""
     dest = Path(dest)
     lock_path = dest.parent / f".{dest.name}.lock"
     for path in (lock_path.with_name(lock_path.name + ".held"), lock_path):
         holder = _read_path(path).strip()
-        if holder and _is_holder(holder) and not _is_stale(holder):
-            return holder
+        parts = holder.split()
+        whole = len(parts) == 4 and parts[0] == "pid" and parts[2] == "on"
+        if whole and not _is_stale(holder):
+            return holder, _here(parts)
     return None
 
 
-def _is_holder(text: str) -> bool:
-    parts = text.split()
-    return len(parts) == 4 and parts[0] == "pid" and parts[2] == "on"
+def _here(parts: list[str]) -> bool:
+    """Whether the holder "pid N on HOST", split, is of this host."""
+    return parts[3] == socket.gethostname()
 
 
 def _locked_message(holder: str, dest: Path) -> str:
@@ -123,7 +126,7 @@ def _exclusive_file(path: Path, dest: Path) -> Iterator[None]:
 def _is_stale(holder: str) -> bool:
     """A lock left by a process of this host that no longer runs."""
     parts = holder.split()
-    if len(parts) != 4 or parts[0] != "pid" or parts[3] != socket.gethostname():
+    if len(parts) != 4 or parts[0] != "pid" or not _here(parts):
         return False
     try:
         os.kill(int(parts[1]), 0)

@@ -376,15 +376,13 @@ def read_meta(path: str | os.PathLike) -> IndexMeta:
 def _being_built(path: Path) -> str:
     """Why an index may not exist yet: its first build runs (a build writes
     the directory whole when it finishes)."""
-    import socket
-
     from imgindex.pipeline.lock import last_writer
 
-    writer = last_writer(path)
-    if writer is None:
+    found = last_writer(path)
+    if found is None:
         return ""
-    # Another host's build cannot be seen to run from here.
-    verb = "is" if writer.endswith(f" on {socket.gethostname()}") else "may be"
+    writer, seen = found
+    verb = "is" if seen else "may be"  # another host's cannot be seen from here
     return f" yet: a build ({writer}) {verb} writing it; it appears when that finishes"
 
 
