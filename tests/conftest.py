@@ -423,7 +423,7 @@ def scenes(service):
 
 
 @pytest.fixture(scope="session")
-def browser():
+def browser(tmp_path_factory):
     """Debian's chromium, headless, driven by chromedriver (nothing downloaded).
 
     Skipped where it is not installed (a failure where IMGINDEX_REQUIRE_ALL
@@ -457,7 +457,11 @@ def browser():
     ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    # Chromium leaves a folder for its singleton socket in TMPDIR at each
+    # start; here it is pytest's to clear.
+    scratch = tmp_path_factory.mktemp("chromium")
+    service = Service(driver, env={**os.environ, "TMPDIR": str(scratch)})
+    chrome = webdriver.Chrome(service=service, options=options)
     try:
         yield chrome
     finally:

@@ -3,6 +3,7 @@ of its own, and its results show their thumbnails in a real browser."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -59,13 +60,19 @@ def executed(tmp_path_factory):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     target = ARTIFACTS / "quickstart-executed.ipynb"
     sockets = tmp_path_factory.mktemp("kernel") / "ipc"
+    # The kernel's temporary files (its connection file, the notebook's own
+    # folder) go here, where a failed run leaves them to pytest to clear.
+    scratch = tmp_path_factory.mktemp("tmpdir")
     run = subprocess.run(
         [sys.executable, "-c", RUN, str(NOTEBOOK), str(sockets), str(target)],
         capture_output=True,
         text=True,
         timeout=900,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    # Its last cell removes the photos and indexes it wrote (12 MB a run).
+    assert not list(scratch.glob("imgindex-quickstart-*"))
     return nbformat.read(target, as_version=4)
 
 
