@@ -33,7 +33,11 @@ Pairs of real photographs, from two packages:
   real edit: a phone photo and its retouched, recropped copy (a sticker
   added; the same EXIF capture time). Copies are made of 14 of these
   photos every way, as of scikit-image's, and unrelated pairs taken among
-  them.
+  them;
+- **generated photos** (pipeline.synthetic.write_photos: shapes on striped
+  grounds), every ordered pair of 40 as unrelated pairs: a few corners alike
+  in two of them can agree on a similarity under which each covers half of
+  the other.
 
 Each pair goes through the copy check of ``imgindex duplicates``
 (pipeline/geometry.py: ORB features, a similarity by RANSAC, footprint,
@@ -118,6 +122,10 @@ class Pair:
     exif_kind: str | None = None  # what it calls the pair with EXIF
     # share of the footprint in a region where the two differ (an edit); None: none
     differs: float | None = None
+    # Of the check's alignment: distinct features among its inliers (up to
+    # 12) and the places they lie in (pipeline.geometry._evidence).
+    distinct: int = 0
+    places: int = 0
 
 
 def jpeg(image: Image.Image, quality: int = 90) -> io.BytesIO:
@@ -160,6 +168,7 @@ def measure(kind: str, name: str, a_buf, b_buf, side: int, group: str = "") -> P
     if laid is None:
         return pair
     alignment = laid.alignment
+    pair.distinct, pair.places = alignment.distinct, alignment.places
     pair.correlation = round(alignment.correlation, 4)
     pair.inside = round(alignment.inside, 4)
     pair.differs = round(aligned.differs, 4) or None
@@ -253,7 +262,7 @@ def matched(a, b) -> tuple[int, float]:
     inliers, cover = 0, 0.0
     for fa, fb in ((a, b), (a.dense(), b.dense())):
         for x in (fa, fa.mirror()):
-            for matrix, agree in g._similarities(x, fb):
+            for matrix, agree, _ in g._similarities(x, fb):
                 back = cv2.invertAffineTransform(matrix)
                 mutual = min(
                     g._inside(x.grey.shape, fb.grey.shape, matrix),
@@ -319,6 +328,24 @@ def other_pairs(side: int) -> list[Pair]:
     for (tile, a, _), name in zip(tiles, itertools.cycle(PHOTOS)):
         pairs.append(measure("other", f"{name} ~ {tile}", photos[name], jpeg(a), side))
     return pairs
+
+
+def generated_pairs(side: int) -> list[Pair]:
+    """Unrelated generated photos (pipeline.synthetic.write_photos): shapes on
+    striped grounds, whose few alike corners can agree on a similarity."""
+    import tempfile
+
+    from imgindex.pipeline.synthetic import write_photos
+
+    with tempfile.TemporaryDirectory() as folder:
+        files = [
+            io.BytesIO(p.read_bytes())
+            for p in write_photos(folder, 40, seed=2, max_side=600)
+        ]
+    return [
+        measure("other", f"generated {i} ~ {j}", files[i], files[j], side, "generated")
+        for i, j in itertools.permutations(range(len(files)), 2)
+    ]
 
 
 OPENCV = Path("/usr/share/doc/opencv-doc/examples/data")
@@ -574,6 +601,7 @@ def main() -> None:
             args.opencv, args.end_to_end, args.edits_oldest, args.edit_copies
         )
     pairs = copy_pairs(args.side) + shot_pairs(args.side) + other_pairs(args.side)
+    pairs += generated_pairs(args.side)
     if (args.opencv / "graf1.png").exists():
         pairs += opencv_pairs(args.opencv, args.side)
     else:
@@ -620,10 +648,21 @@ def main() -> None:
             f"called copy {sum(getattr(p, by) == 'copy' for p in shots)}"
         )
     others = [p for p in pairs if p.kind == "other"]
-    reach = [p for p in others if p.inliers >= 12]
-    print(f"unrelated pairs: {len(reach)} of {len(others)} reach 12 inliers; the "
-          f"largest cover of each by the other under any similarity "
-          f"{max(p.overlap for p in others):.3f}")  # fmt: skip
+    for group in sorted({p.group for p in others}):
+        of = [p for p in others if p.group == group]
+        reach = [p for p in of if p.inliers >= 12]
+        cover = [p for p in reach if p.overlap >= 0.5]
+        print(f"unrelated pairs ({group or 'scikit-image'}): {len(reach)} of {len(of)} "
+              f"reach 12 inliers; the largest cover of each by the other under any "
+              f"similarity {max(p.overlap for p in of):.3f}"
+              + (f"; {len(cover)} cover half of each other, their inliers "
+                 f"{ranges(cover, 'distinct')} distinct features in "
+                 f"{ranges(cover, 'places')} places" if cover else ""))  # fmt: skip
+    called = [p for p in pairs if p.kind == "shot" and p.decided == "shot"]
+    print(
+        f"second exposures called shots: inliers in {ranges(called, 'places')} "
+        "places (another shot needs 12 distinct features in 5)"
+    )
     print()
     print("Signals (min-max (pairs measured)) of pairs the rest of the check")
     print("calls copies; JPEG tables of all pairs of two JPEG files:")

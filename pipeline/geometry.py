@@ -68,16 +68,25 @@ a caption, a retouched spot) is an edit of it, or it of the copy: its pair's
 both.
 
 A pair that is no copy is **another shot of the same scene** when step 1
-finds a similarity with MIN_INLIERS inliers under which each image covers
-at least MIN_SHOT_OVERLAP of the other: the same things, seen again from a
-moved camera (parallax), moved, or framed otherwise. (Each way: a similarity
-that shrinks one image to a speck lays all of it inside the other.) On the
-same sets every stereo tile pair qualifies (88-505 inliers, 93-100 %
-covered). Of 211 pairs of unrelated photos (scikit-image's and OpenCV's),
-9 reach 12 inliers (43 at most: a chessboard's corners), but under none
-of those similarities does one image cover a thousandth of the other,
-where the real second exposures called shots cover 53 % or more. A panned
-view of a photo is another shot too.
+finds a similarity under which each image covers at least MIN_SHOT_OVERLAP
+of the other, and which MIN_INLIERS distinct features agree on, lying in
+MIN_PLACES places (cells of _PLACE pixels) of each image: the same things,
+seen again from a moved camera (parallax), moved, or framed otherwise.
+(Each way: a similarity that shrinks one image to a speck lays all of it
+inside the other.) On the same sets every stereo tile pair qualifies
+(88-505 inliers, 93-100 % covered). Of 211 pairs of unrelated photos
+(scikit-image's and OpenCV's), 9 reach 12 inliers (43 at most: a
+chessboard's corners), but under none of those similarities does one image
+cover a thousandth of the other, where the real second exposures called
+shots cover 53 % or more. Generated photos (shapes on striped grounds) do:
+of 2,900, 57 pairs of unrelated ones that `duplicates` checked had 12-22
+inliers under a similarity covering half of each or more, all in one small
+patch of each image (a shape's corner on the stripes, found again at
+several scales of ORB's pyramid), which fits almost any similarity: 2-12
+distinct features (closer than _SAME_FEATURE pixels counting once) in 2-6
+places. The real second exposures agree in 13 or more distinct features,
+in 6 or more places (bench/copy_or_shot.py). A panned view of a photo is
+another shot too.
 """
 
 from __future__ import annotations
@@ -96,6 +105,13 @@ SIDE = 384  # pixels on the longer side the check works at (any image)
 MIN_INLIERS = 12  # matched features agreeing on the transform
 MIN_INSIDE = 0.9  # share of one image that must land inside the other
 MIN_SHOT_OVERLAP = 0.5  # ... for another shot of the scene (see the docstring)
+# Inliers closer than this (pixels at SIDE) are one feature: ORB finds a
+# corner again at several scales of its pyramid.
+_SAME_FEATURE = 3.0
+# Places (cells of _PLACE pixels at SIDE) the inliers of another shot must
+# lie in, in each image (see the docstring).
+MIN_PLACES = 5
+_PLACE = 32
 # Share of the larger image a copy must cover. A crop keeping a quarter of a
 # photo covers 0.25 (0.248 the least measured, bench/copy_or_shot.py). Laid
 # as a speck inside the other, an image lies wholly inside it and its few
@@ -201,6 +217,11 @@ class Alignment:
     # Blocks of the largest region that drifted as one (drifted_region);
     # None where not measured.
     drifted: int | None = None
+    # Distinct features among the inliers (counted up to MIN_INLIERS, all
+    # the rule for another shot needs) and the places they lie in: the
+    # fewer of either image's (_evidence).
+    distinct: int = 0
+    places: int = 0
     # The share of the footprint in the largest region where the two
     # differ (a sticker, lettering, a retouched spot: one is an edit of the
     # other): left out of the correlation where it took it under
@@ -233,9 +254,19 @@ class Alignment:
         as far as the pixels tell)."""
         if self.is_copy:
             return "copy"
-        if self.inliers >= MIN_INLIERS and self.mutual >= MIN_SHOT_OVERLAP:
+        if self.could_be_shot:
             return "shot"
         return None
+
+    @property
+    def could_be_shot(self) -> bool:
+        """Whether the two cover each other under a similarity that enough
+        distinct features, spread over the images, agree on."""
+        return (
+            self.distinct >= MIN_INLIERS
+            and self.places >= MIN_PLACES
+            and self.mutual >= MIN_SHOT_OVERLAP
+        )
 
 
 NO_ALIGNMENT = Alignment(0.0, 0.0, 0, False)
@@ -371,7 +402,7 @@ def _lay(a: Features, b: Features) -> Laid | None:
 
     best: Laid | None = None
     for mirrored, x in ((False, a), (True, a.mirror())):
-        for matrix, inliers in _similarities(x, b):
+        for matrix, inliers, (distinct, places) in _similarities(x, b):
             # x laid onto b (a crop of b, or a resized b), and b laid onto x.
             ways = (
                 (x, b, matrix, False),
@@ -393,6 +424,8 @@ def _lay(a: Features, b: Features) -> Laid | None:
                     mirrored,
                     mutual=mutual,
                     differs=differs,
+                    distinct=distinct,
+                    places=places,
                 )
                 if best is None or _rank(found) > _rank(best.alignment):
                     best = Laid(found, b_onto_a, m, src.grey, dst.grey)
@@ -404,7 +437,7 @@ def _rank(found: Alignment) -> tuple[bool, int, bool, float]:
     # Of the ways a copy could lie, the one most features agree on is the
     # most exact (RANSAC's leftovers can fit the same way a little off).
     agree = found.inliers if could_copy else 0
-    return (could_copy, agree, found.mutual >= MIN_SHOT_OVERLAP, found.correlation)
+    return (could_copy, agree, found.could_be_shot, found.correlation)
 
 
 def residual_shift(
@@ -700,9 +733,11 @@ def _correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1) + 1e-6)
 
 
-def _similarities(x: Features, y: Features) -> list[tuple[np.ndarray, int]]:
+def _similarities(
+    x: Features, y: Features
+) -> list[tuple[np.ndarray, int, tuple[int, int]]]:
     """Similarities taking x's matched features onto y's, each with its
-    inlier count (MIN_INLIERS or more), best first.
+    inlier count (MIN_INLIERS or more) and :func:`_evidence`, best first.
 
     RANSAC finds the transform most matches agree on; the matches it leaves
     are searched again, up to _MODELS times. A scene can hold more than one:
@@ -721,7 +756,7 @@ def _similarities(x: Features, y: Features) -> list[tuple[np.ndarray, int]]:
     ]
     src = x.points[[m.queryIdx for m in good]]
     dst = y.points[[m.trainIdx for m in good]]
-    found: list[tuple[np.ndarray, int]] = []
+    found: list[tuple[np.ndarray, int, tuple[int, int]]] = []
     while len(found) < _MODELS and len(src) >= MIN_INLIERS:
         matrix, mask = cv2.estimateAffinePartial2D(
             src,
@@ -736,9 +771,37 @@ def _similarities(x: Features, y: Features) -> list[tuple[np.ndarray, int]]:
         agree = mask.ravel().astype(bool)
         if agree.sum() < MIN_INLIERS:
             break
-        found.append((matrix, int(agree.sum())))
+        found.append((matrix, int(agree.sum()), _evidence(src[agree], dst[agree])))
         src, dst = src[~agree], dst[~agree]
     return found
+
+
+def _evidence(src: np.ndarray, dst: np.ndarray) -> tuple[int, int]:
+    """How many distinct features the inliers ``src`` (matched to ``dst``)
+    are, counted up to MIN_INLIERS, and in how many places they lie: the
+    fewer of either image's.
+
+    A few corners alike in two unrelated images (a shape's corner on a
+    striped ground) give a dozen inliers, each found at several scales, in
+    one small patch, where almost any similarity fits them.
+    """
+    distinct = min(_distinct(points, MIN_INLIERS) for points in (src, dst))
+    places = min(
+        len(np.unique((points // _PLACE).astype(np.int64), axis=0))
+        for points in (src, dst)
+    )
+    return distinct, places
+
+
+def _distinct(points: np.ndarray, enough: int) -> int:
+    """Points more than _SAME_FEATURE apart, counted up to ``enough``."""
+    kept = np.empty((0, 2), np.float32)
+    for point in points:
+        if not len(kept) or np.hypot(*(kept - point).T).min() > _SAME_FEATURE:
+            kept = np.vstack([kept, point])
+            if len(kept) >= enough:
+                break
+    return len(kept)
 
 
 def _inside(src_shape: tuple, dst_shape: tuple, matrix: np.ndarray) -> float:

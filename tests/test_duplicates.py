@@ -397,6 +397,29 @@ def test_an_image_laid_as_a_speck_inside_another_is_no_copy(tmp_path, monkeypatc
     assert speck.kind == "copy" and speck.mutual < 0.01, speck
 
 
+def test_a_few_alike_corners_do_not_make_unrelated_photos_other_shots(tmp_path):
+    """Of 40 generated photos (shapes on striped grounds), some pairs have 12
+    or more inliers under a similarity that covers half of each: a shape's
+    corner found again at several scales, in one small patch, where almost
+    any similarity fits. None of them is another shot of the other."""
+    from imgindex.pipeline import geometry
+
+    features = [
+        geometry.image_features(p)
+        for p in write_photos(tmp_path, 40, seed=2, max_side=600)
+    ]
+    found = [geometry.align(a, b) for a, b in itertools.permutations(features, 2)]
+    covering = [
+        f for f in found if f.inliers >= geometry.MIN_INLIERS and f.mutual >= 0.5
+    ]
+    assert len(covering) >= 2, covering  # what was once called another shot
+    assert all(
+        f.distinct < geometry.MIN_INLIERS or f.places < geometry.MIN_PLACES
+        for f in covering
+    ), covering
+    assert not [f for f in found if f.kind is not None]
+
+
 def _jpeg_features(image: Image.Image):
     import io
 
