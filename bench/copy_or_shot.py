@@ -262,7 +262,7 @@ def matched(a, b) -> tuple[int, float]:
     inliers, cover = 0, 0.0
     for fa, fb in ((a, b), (a.dense(), b.dense())):
         for x in (fa, fa.mirror()):
-            for matrix, agree, _ in g._similarities(x, fb):
+            for matrix, agree, _ in g._similarities(x, fb)[0]:
                 back = cv2.invertAffineTransform(matrix)
                 mutual = min(
                     g._inside(x.grey.shape, fb.grey.shape, matrix),

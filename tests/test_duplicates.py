@@ -218,13 +218,15 @@ def test_real_second_exposures_are_other_shots_not_copies(a, b):
 
 def test_a_second_look_with_more_features_only_where_the_first_finds_nothing():
     """The chessboard's corners take all 1,000 features of two frames between
-    which it moved: nothing matches at first; 2,000 find the scene. A copy
-    found at first never pays for the second look."""
+    which it moved: they match each other, but nothing agrees at first;
+    2,000 find the scene. A copy found at first never pays for the second
+    look, nor do unrelated photos, whose features match little."""
     from imgindex.pipeline import geometry
 
     a, b = _opencv_features("left01.jpg"), _opencv_features("left02.jpg")
-    first = geometry._lay(a, b)
+    first, matched = geometry._lay(a, b)
     assert first is None or first.alignment.kind is None
+    assert matched >= geometry._SECOND_LOOK_MATCHES
     assert geometry.align(a, b).kind == "shot"
     assert a._dense is not None and a.dense().wanted == 2000
     original = _opencv_features("graf1.png")
@@ -232,6 +234,10 @@ def test_a_second_look_with_more_features_only_where_the_first_finds_nothing():
     copy = _jpeg_features(COPY_MAKERS["resized"](image))
     assert geometry.align(original, copy).kind == "copy"
     assert original._dense is None and copy._dense is None
+    fruit, baboon = _opencv_features("fruits.jpg"), _opencv_features("baboon.jpg")
+    assert geometry.align(fruit, baboon).kind is None
+    assert geometry._lay(fruit, baboon)[1] < geometry._SECOND_LOOK_MATCHES
+    assert fruit._dense is None and baboon._dense is None
 
 
 def test_copies_of_real_photos_of_a_flat_textured_subject_stay_copies():
