@@ -70,8 +70,9 @@ both.
 A pair that is no copy is **another shot of the same scene** when step 1
 finds a similarity under which each image covers at least MIN_SHOT_OVERLAP
 of the other, and which MIN_INLIERS distinct features agree on, lying in
-MIN_PLACES places (cells of _PLACE pixels) of each image: the same things,
-seen again from a moved camera (parallax), moved, or framed otherwise.
+MIN_PLACES places (cells of _PLACE pixels) of each image, or under which
+they correlate as a copy would (step 3): the same things, seen again from a
+moved camera (parallax), moved, or framed otherwise.
 (Each way: a similarity that shrinks one image to a speck lays all of it
 inside the other.) On the same sets every stereo tile pair qualifies
 (88-505 inliers, 93-100 % covered). Of 211 pairs of unrelated photos
@@ -270,11 +271,14 @@ class Alignment:
     @property
     def could_be_shot(self) -> bool:
         """Whether the two cover each other under a similarity that enough
-        distinct features, spread over the images, agree on."""
+        distinct features, spread over the images, agree on, or under which
+        they correlate as a copy would (a plain picture's copy, with few
+        features, that its local motion takes for no copy)."""
+        spread = self.distinct >= MIN_INLIERS and self.places >= MIN_PLACES
         return (
-            self.distinct >= MIN_INLIERS
-            and self.places >= MIN_PLACES
+            self.inliers >= MIN_INLIERS
             and self.mutual >= MIN_SHOT_OVERLAP
+            and (spread or self.could_copy)
         )
 
 
