@@ -240,6 +240,30 @@ def test_a_second_look_with_more_features_only_where_the_first_finds_nothing():
     assert fruit._dense is None and baboon._dense is None
 
 
+@pytest.mark.parametrize(
+    ("a", "b"), [("left01.jpg", "right01.jpg"), ("fruits.jpg", "baboon.jpg")]
+)
+def test_feature_matches_are_those_of_opencvs_brute_force_matcher(a, b):
+    """The check's matches (FAISS's binary index, 4 times as fast) are the
+    ones OpenCV's brute-force matcher gives under Lowe's ratio test, both
+    ways, for a pair of one scene and an unrelated pair."""
+    import cv2
+
+    from imgindex.pipeline import geometry
+
+    for x, y in itertools.permutations((_opencv_features(a), _opencv_features(b))):
+        expected = [
+            (m[0].queryIdx, m[0].trainIdx)
+            for m in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(
+                x.descriptors, y.descriptors, k=2
+            )
+            if len(m) == 2 and m[0].distance < geometry._RATIO * m[1].distance
+        ]
+        good, theirs = geometry._matches(x.descriptors, y.descriptors)
+        assert list(zip(good.tolist(), theirs.tolist(), strict=True)) == expected
+        assert len(expected) >= 10
+
+
 def test_copies_of_real_photos_of_a_flat_textured_subject_stay_copies():
     """Copies of the chessboard and the graffiti wall, made every way: the
     moved-patch test finds none moved (their content sits in its place)."""
