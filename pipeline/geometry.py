@@ -801,12 +801,17 @@ def _matches(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     import faiss
 
-    # This thread's setting (OpenMP's are per thread): no team of threads
-    # beside the worker's other tasks, whatever an index build set here.
+    # No team of threads beside a worker's other tasks, whatever an index
+    # build set here; OpenMP's setting is this thread's, and is given back
+    # (a search without a cluster runs in the caller's thread).
+    threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
-    index = faiss.IndexBinaryFlat(8 * y.shape[1])
-    index.add(y)
-    distance, nearest = index.search(x, 2)
+    try:
+        index = faiss.IndexBinaryFlat(8 * y.shape[1])
+        index.add(y)
+        distance, nearest = index.search(x, 2)
+    finally:
+        faiss.omp_set_num_threads(threads)
     good = np.flatnonzero(
         (nearest[:, 1] >= 0) & (distance[:, 0] < _RATIO * distance[:, 1])
     )

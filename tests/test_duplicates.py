@@ -246,11 +246,20 @@ def test_a_second_look_with_more_features_only_where_the_first_finds_nothing():
 def test_feature_matches_are_those_of_opencvs_brute_force_matcher(a, b):
     """The check's matches (FAISS's binary index, 4 times as fast) are the
     ones OpenCV's brute-force matcher gives under Lowe's ratio test, both
-    ways, for a pair of one scene and an unrelated pair."""
+    ways, for a pair of one scene and an unrelated pair. The caller's thread
+    keeps its FAISS threads (the search it may run next uses them)."""
     import cv2
+    import faiss
 
     from imgindex.pipeline import geometry
 
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    try:
+        geometry._matches(*(_opencv_features(a).descriptors for _ in range(2)))
+        assert faiss.omp_get_max_threads() == 3
+    finally:
+        faiss.omp_set_num_threads(threads)
     for x, y in itertools.permutations((_opencv_features(a), _opencv_features(b))):
         expected = [
             (m[0].queryIdx, m[0].trainIdx)
