@@ -80,11 +80,17 @@ def last_writer(dest: str | os.PathLike) -> tuple[str, bool] | None:
     lock_path = dest.parent / f".{dest.name}.lock"
     for path in (lock_path.with_name(lock_path.name + ".held"), lock_path):
         holder = _read_path(path).strip()
-        parts = holder.split()
-        whole = len(parts) == 4 and parts[0] == "pid" and parts[2] == "on"
-        if whole and not _is_stale(holder):
+        parts = _holder_parts(holder)
+        if parts and not _is_stale(holder):
             return holder, _here(parts)
     return None
+
+
+def _holder_parts(holder: str) -> list[str] | None:
+    """``holder`` split, where it reads "pid N on HOST" as holder_text writes."""
+    parts = holder.split()
+    whole = len(parts) == 4 and parts[0] == "pid" and parts[2] == "on"
+    return parts if whole else None
 
 
 def _here(parts: list[str]) -> bool:
@@ -125,8 +131,8 @@ def _exclusive_file(path: Path, dest: Path) -> Iterator[None]:
 
 def _is_stale(holder: str) -> bool:
     """A lock left by a process of this host that no longer runs."""
-    parts = holder.split()
-    if len(parts) != 4 or parts[0] != "pid" or not _here(parts):
+    parts = _holder_parts(holder)
+    if parts is None or not _here(parts):
         return False
     try:
         os.kill(int(parts[1]), 0)
