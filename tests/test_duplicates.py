@@ -253,14 +253,15 @@ def test_feature_matches_are_those_of_opencvs_brute_force_matcher(a, b):
 
     from imgindex.pipeline import geometry
 
+    features = (_opencv_features(a), _opencv_features(b))
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(3)
     try:
-        geometry._matches(*(_opencv_features(a).descriptors for _ in range(2)))
+        geometry._matches(features[0].descriptors, features[1].descriptors)
         assert faiss.omp_get_max_threads() == 3
     finally:
         faiss.omp_set_num_threads(threads)
-    for x, y in itertools.permutations((_opencv_features(a), _opencv_features(b))):
+    for x, y in itertools.permutations(features):
         expected = [
             (m[0].queryIdx, m[0].trainIdx)
             for m in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(
