@@ -30,10 +30,12 @@ import logging
 import os
 import threading
 import time
+import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
@@ -51,6 +53,7 @@ from imgindex.pipeline.lookup import rows_in_sorted
 from imgindex.pipeline.pair_order import local_order
 from imgindex.pipeline.reindex import stored_selection
 from imgindex.pipeline.sources import (
+    Reader,
     Source,
     as_source,
     content_digest,
@@ -85,7 +88,7 @@ class DuplicateSettings:
     neighbours: int = 16
     criterion: str = "copy"
     rows_per_task: int = 20_000
-    pairs_per_task: int = 500
+    pairs_per_task: int = 4000
 
     @classmethod
     def from_config(
@@ -596,7 +599,20 @@ class NeighbourPairs:
 
 
 _INDEXES: dict[tuple, tuple[Any, Copies]] = {}
-_CACHED_FEATURES = 256  # images' features a verify task keeps (~150 KiB each)
+# A verify task keeps the features of the last _KEPT_FEATURES images it read
+# (up to 80 KiB each: ORB's and its mirror image's) and, of the last
+# _KEPT_PIXELS of them, the grey pixels too (110-150 KiB, as many again for
+# the mirror image), which only pairs whose features agree use; those that
+# shed them read the file again for them. Tasks of up to 4,000 pairs with
+# 1,024 images' features read 2 to 3 times fewer images than tasks of 500
+# with 256 whole (bench/pair_order.py), in about the memory.
+_KEPT_FEATURES = 1024
+_KEPT_PIXELS = 64
+# Verify tasks: as many as keep every thread at work to the end, of at least
+# _FEWEST_PAIRS (imgindex.duplicates.pairs-per-task is the most).
+_TASKS_PER_THREAD = 4
+_FEWEST_PAIRS = 250
+_TAR_PAIRS = 500  # the most for images in tar shards
 _INDEXES_LOCK = threading.Lock()
 
 
@@ -720,27 +736,79 @@ def verify_pairs(
     """The geometric and EXIF check of each pair of ``source``'s paths
     (None: undecidable). ``source`` may be a folder's absolute path.
 
-    Features are kept for the task's last _CACHED_FEATURES images read: the
-    same image recurs across its pairs (pipeline.pair_order).
+    The same image recurs across a task's pairs (pipeline.pair_order): the
+    features of the last _KEPT_FEATURES images read are kept, and the grey
+    pixels of the last _KEPT_PIXELS.
     """
-    cache: OrderedDict[str, Seen | None] = OrderedDict()
+    cache: OrderedDict[str, Seen | None] = OrderedDict()  # the latest last
+    whole: OrderedDict[str, geometry.Features] = OrderedDict()  # with pixels
+    # The check finds the mirror image's features of a pair's first image:
+    # one that will be first again is given them before its pixels go.
+    last_first = {a: i for i, (a, _) in enumerate(pairs)}
+    now = 0  # the pair being checked
 
     def features(path: str) -> Seen | None:
         if path in cache:
             cache.move_to_end(path)
-            return cache[path]
-        try:
-            found = seen(image_file(source, path, reader))
-        except DecodeError:
-            found = None  # deleted since the build: nothing to compare
-        cache[path] = found
-        if len(cache) > _CACHED_FEATURES:
-            cache.popitem(last=False)
+            found = cache[path]
+        else:
+            try:
+                found = seen(image_file(source, path, reader))
+            except DecodeError:
+                found = None  # deleted since the build: nothing to compare
+            if found is not None:
+                found[0].load = partial(
+                    _grey_again, source, path, reader, _crc(found[0].grey)
+                )
+            cache[path] = found
+            if len(cache) > _KEPT_FEATURES:
+                cache.popitem(last=False)
+        if found is not None:
+            whole[path] = found[0]
+            whole.move_to_end(path)
+            if len(whole) > _KEPT_PIXELS:
+                oldest, shed = whole.popitem(last=False)
+                if last_first.get(oldest, -1) >= now and shed.decidable:
+                    shed.mirror()
+                shed.shed_pixels()
         return found
 
+    def checked(a: str, b: str) -> Checked | None:
+        try:
+            return check_pair(features(a), features(b))
+        except DecodeError:
+            return None  # read again for its pixels, and gone or changed since
+
     source = as_source(source)
+    found = []
     with source.reader([p for pair in pairs for p in pair]) as reader:
-        return [check_pair(features(a), features(b)) for a, b in pairs]
+        for now, (a, b) in enumerate(pairs):  # noqa: B007 (features reads it)
+            found.append(checked(a, b))
+    return found
+
+
+def _grey_again(source: Source, path: str, reader: Reader, crc: int) -> np.ndarray:
+    """An image's grey pixels for :class:`geometry.Features`, read again:
+    those of its first read (their CRC-32), or DecodeError."""
+    grey, _ = geometry.upright_grey(image_file(source, path, reader))
+    if _crc(grey) != crc:
+        raise DecodeError(source.location(path), "changed while being checked")
+    return grey
+
+
+def _crc(grey: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(grey), zlib.crc32(repr(grey.shape).encode()))
+
+
+def verify_task_size(pairs: int, threads: int, most: int) -> int:
+    """How many of ``pairs`` candidate pairs a verify task checks, on
+    ``threads`` threads: the most that keep every thread at work to the end
+    (tasks of one size, as many for each thread, _TASKS_PER_THREAD or more),
+    up to ``most``. The more, the fewer reads: a task reads an image once
+    for all of its pairs that have it."""
+    tasks = max(_TASKS_PER_THREAD * threads, -(-pairs // most))
+    tasks = -(-tasks // threads) * threads
+    return max(1, min(most, max(_FEWEST_PAIRS, -(-pairs // tasks))))
 
 
 # -- on the client ----------------------------------------------------------------
@@ -766,7 +834,12 @@ def _verified(
             np.fromiter((e.b for e in edges), np.int64, len(edges)),
         )
     ]
-    step = settings.pairs_per_task
+    most = settings.pairs_per_task
+    if source.kind == "tar":
+        # A shard is read in forward passes that hold the members a task
+        # wants until it asks for them: a larger task would hold more.
+        most = min(most, _TAR_PAIRS)
+    step = verify_task_size(len(edges), runner.threads, most)
     futures = [
         runner.submit(
             "verify",

@@ -94,6 +94,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -173,9 +175,14 @@ _ENLARGED = 2.0
 
 @dataclass
 class Features:
-    """One image's grey pixels and ORB features, and those of its mirror image."""
+    """One image's grey pixels and ORB features, and those of its mirror image.
 
-    grey: np.ndarray  # uint8, longer side SIDE
+    Given a ``load`` that makes its grey pixels again, it can let go of them
+    (:meth:`shed_pixels`): most of its memory, and needed only where a
+    pair's features agree on a transform (:func:`align`).
+    """
+
+    _grey: np.ndarray | None  # uint8, longer side SIDE (``grey``)
     points: np.ndarray  # float32 (n, 2)
     descriptors: np.ndarray | None  # uint8 (n, 32); None: no features found
     wanted: int = _FEATURES  # the most features looked for
@@ -184,6 +191,19 @@ class Features:
     enlarged: float = 1.0
     _mirror: Features | None = field(default=None, repr=False)
     _dense: Features | None = field(default=None, repr=False)
+    load: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    shape: tuple[int, ...] = field(init=False)  # of ``grey``, kept when shed
+
+    def __post_init__(self) -> None:
+        self.shape = () if self._grey is None else self._grey.shape
+
+    @property
+    def grey(self) -> np.ndarray:
+        if self._grey is None:
+            if self.load is None:
+                raise ValueError("these features were given no grey pixels")
+            self._grey = self.load()
+        return self._grey
 
     @property
     def decidable(self) -> bool:
@@ -195,6 +215,8 @@ class Features:
             self._mirror = features_of(
                 np.ascontiguousarray(self.grey[:, ::-1]), self.wanted, self.enlarged
             )
+            of = weakref.ref(self)  # not a cycle: freed as soon as let go
+            self._mirror.load = lambda: np.ascontiguousarray(of().grey[:, ::-1])
         return self._mirror
 
     def dense(self) -> Features:
@@ -203,7 +225,19 @@ class Features:
             return self
         if self._dense is None:
             self._dense = features_of(self.grey, _DENSE_FEATURES, self.enlarged)
+            of = weakref.ref(self)
+            self._dense.load = lambda: of().grey
         return self._dense
+
+    def shed_pixels(self) -> None:
+        """Let go of the grey pixels, its mirror image's and its denser
+        features', where ``load`` can make them again; the features stay."""
+        if self.load is None:
+            return
+        self._grey = None
+        for other in (self._mirror, self._dense):
+            if other is not None:
+                other.shed_pixels()
 
 
 @dataclass(frozen=True)
@@ -428,9 +462,7 @@ def _lay(a: Features, b: Features) -> tuple[Laid | None, int]:
                 (x, b, matrix, False),
                 (b, x, cv2.invertAffineTransform(matrix), True),
             )
-            insides = [
-                _inside(src.grey.shape, dst.grey.shape, m) for src, dst, m, _ in ways
-            ]
+            insides = [_inside(src.shape, dst.shape, m) for src, dst, m, _ in ways]
             mutual = min(insides)
             for (src, dst, m, b_onto_a), inside in zip(ways, insides, strict=True):
                 copy_like = _lies_as_copy(inside, mutual)

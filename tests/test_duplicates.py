@@ -1270,3 +1270,118 @@ def test_pairs_are_checked_in_an_order_that_rereads_fewer_images():
     walked = [(int(a[i]), int(b[i])) for i in local_order(a, b)]
     assert walked == [(1, 5), (1, 9), (3, 9), (20, 21), (21, 22)]
     assert len(local_order(np.zeros(0), np.zeros(0))) == 0
+
+
+def test_a_verify_task_reads_an_image_once_and_its_pixels_again_for_agreeing_pairs(
+    tmp_path, monkeypatch
+):
+    """A task keeps every image's features but the grey pixels of only the
+    last two read (the pair at hand): each image is read once; its pixels
+    are read again only where a pair's features agree on a transform (copies
+    here), never for unrelated photos (whose features match too little to
+    take the second look either); and the verdicts are those of a task that
+    kept all.
+    A file changed before its pixels are read again leaves its pair
+    undecided, and the task goes on."""
+    from imgindex.pipeline import duplicates
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "rocket", "camera"):
+        _photo(name).save(folder / f"other-{name}.jpg", quality=92)
+    photo = _photo("chelsea")
+    photo.save(folder / "chelsea.jpg", quality=92)
+    for how in ("resized", "flipped", "cropped-50"):
+        COPY_MAKERS[how](photo).save(folder / f"chelsea-{how}.jpg", quality=92)
+    names = sorted(p.name for p in folder.iterdir())
+    copies = [n for n in names if n.startswith("chelsea")]
+    pairs = list(itertools.combinations(names, 2))
+
+    reads, again = [], []
+    seen, grey_again = duplicates.seen, duplicates._grey_again
+    monkeypatch.setattr(duplicates, "seen", lambda f: reads.append(f) or seen(f))
+    monkeypatch.setattr(
+        duplicates, "_grey_again", lambda *a: again.append(a[1]) or grey_again(*a)
+    )
+    whole = duplicates.verify_pairs(str(folder), pairs)
+    assert len(reads) == len(names) and not again
+    kinds = [None if c is None else c.kind for c in whole]
+    assert {p for p, k in zip(pairs, kinds, strict=True) if k == "copy"} == set(
+        itertools.combinations(copies, 2)
+    )
+
+    reads.clear()
+    monkeypatch.setattr(duplicates, "_KEPT_PIXELS", 2)
+    shed = duplicates.verify_pairs(str(folder), pairs)
+    assert len(reads) == len(names)
+    assert [None if c is None else c.kind for c in shed] == kinds
+    assert [c.alignment for c in shed if c] == [c.alignment for c in whole if c]
+    assert again and set(again) <= set(copies)
+
+    # Read, then the file replaced by another image of its size before its
+    # pixels are read again: its later copy pairs are undecided, the first
+    # (checked as it was read) and the rest as before.
+    changed_name = "chelsea-resized.jpg"
+
+    def changing(opened):
+        found = seen(opened)
+        if str(opened).endswith(changed_name):
+            with Image.open(opened) as image:
+                size = image.size
+            _photo("coffee").resize(size).save(opened, quality=92)
+        return found
+
+    monkeypatch.setattr(duplicates, "seen", changing)
+    changed = duplicates.verify_pairs(str(folder), pairs)
+    later = [changed_name in pair for pair in pairs]
+    later[later.index(True)] = False
+    for pair, before, after, undecided in zip(pairs, shed, changed, later, strict=True):
+        if undecided and before and before.kind == "copy":
+            assert after is None, pair
+        else:
+            assert (after and after.kind) == (before and before.kind), pair
+    assert changed.count(None) == shed.count(None) + 2
+
+
+def test_shed_pixels_are_made_again_alike_and_features_stay():
+    """Features let go of their pixels and their mirror image's and denser
+    features' where they can make them again, keep the rest, and hold no
+    reference cycle (which would keep evicted features until a collection)."""
+    import gc
+    import weakref
+
+    from imgindex.pipeline import geometry
+
+    features = _jpeg_features(_photo("coffee"))
+    grey, mirror, dense = features.grey, features.mirror(), features.dense()
+    mirror_grey, descriptors = mirror.grey, mirror.descriptors
+    features.load = lambda: grey.copy()
+    features.shed_pixels()
+    assert features._grey is None and mirror._grey is None and dense._grey is None
+    assert mirror.descriptors is descriptors and features.shape == grey.shape
+    assert (mirror.grey == mirror_grey).all() and (features.grey == grey).all()
+    assert dense.grey is features.grey
+
+    gone = weakref.ref(features)
+    gc.disable()
+    try:
+        del features, mirror, dense
+        assert gone() is None
+    finally:
+        gc.enable()
+    unloadable = geometry.features_of(grey)
+    unloadable.shed_pixels()  # no load: it keeps them
+    assert unloadable.grey is not None
+    with pytest.raises(ValueError):
+        _ = geometry.Features(None, np.zeros((0, 2), np.float32), None).grey
+
+
+def test_verify_tasks_keep_every_thread_busy_and_are_as_large_as_that_allows():
+    from imgindex.pipeline.duplicates import verify_task_size
+
+    assert verify_task_size(36_496, 2, 4000) == 3650  # 10 alike, 5 a thread
+    assert verify_task_size(36_496, 3, 4000) == 3042  # 12 alike, not 10
+    assert verify_task_size(3_982, 2, 4000) == 498  # 8: 4 a thread
+    assert verify_task_size(100_000, 64, 4000) == 391
+    assert verify_task_size(100, 8, 4000) == 250  # one task: too few to split
+    assert verify_task_size(10_000, 1, 100) == 100  # the configured most
