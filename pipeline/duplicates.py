@@ -599,21 +599,22 @@ class NeighbourPairs:
 
 
 _INDEXES: dict[tuple, tuple[Any, Copies]] = {}
+_INDEXES_LOCK = threading.Lock()
 # A verify task keeps the features of the last _KEPT_FEATURES images it read
-# (up to 80 KiB each: ORB's and its mirror image's) and, of the last
-# _KEPT_PIXELS of them, the grey pixels too (110-150 KiB, as many again for
-# the mirror image), which only pairs whose features agree use; those that
-# shed them read the file again for them. Tasks of up to 4,000 pairs with
-# 1,024 images' features read 2 to 3 times fewer images than tasks of 500
-# with 256 whole (bench/pair_order.py), in about the memory.
+# (up to 80 KiB each, its mirror image's included; as much again for one given
+# the second look's 2,000 features) and the grey pixels of the last
+# _KEPT_PIXELS (110-150 KiB, as much again for the mirror image), which only a
+# pair whose features agree, or that takes the second look, uses; an image
+# that shed them is read again for them. Tasks of up to 4,000 pairs so kept
+# read 2 to 3 times fewer images than tasks of 500 keeping 256 images whole,
+# in less memory (bench/pair_order.py).
 _KEPT_FEATURES = 1024
 _KEPT_PIXELS = 64
-# Verify tasks: as many as keep every thread at work to the end, of at least
-# _FEWEST_PAIRS (imgindex.duplicates.pairs-per-task is the most).
+# Verify tasks: of one size, as many as keep every thread at work to the end,
+# of at least _FEWEST_PAIRS (imgindex.duplicates.pairs-per-task is the most).
 _TASKS_PER_THREAD = 4
 _FEWEST_PAIRS = 250
 _TAR_PAIRS = 500  # the most for images in tar shards
-_INDEXES_LOCK = threading.Lock()
 
 
 def neighbour_pairs(
