@@ -746,9 +746,9 @@ def verify_pairs(
     # The check finds the mirror image's features of a pair's first image:
     # one that will be first again is given them before its pixels go.
     last_first = {a: i for i, (a, _) in enumerate(pairs)}
-    now = 0  # the pair being checked
 
-    def features(path: str) -> Seen | None:
+    def features(path: str, now: int) -> Seen | None:
+        """``path``'s features, for the ``now``-th pair."""
         if path in cache:
             cache.move_to_end(path)
             found = cache[path]
@@ -774,18 +774,15 @@ def verify_pairs(
                 shed.shed_pixels()
         return found
 
-    def checked(a: str, b: str) -> Checked | None:
+    def checked(now: int, a: str, b: str) -> Checked | None:
         try:
-            return check_pair(features(a), features(b))
+            return check_pair(features(a, now), features(b, now))
         except DecodeError:
             return None  # read again for its pixels, and gone or changed since
 
     source = as_source(source)
-    found = []
     with source.reader([p for pair in pairs for p in pair]) as reader:
-        for now, (a, b) in enumerate(pairs):  # noqa: B007 (features reads it)
-            found.append(checked(a, b))
-    return found
+        return [checked(now, a, b) for now, (a, b) in enumerate(pairs)]
 
 
 def _grey_again(source: Source, path: str, reader: Reader, crc: int) -> np.ndarray:
@@ -809,7 +806,7 @@ def verify_task_size(pairs: int, threads: int, most: int) -> int:
     for all of its pairs that have it."""
     tasks = max(_TASKS_PER_THREAD * threads, -(-pairs // most))
     tasks = -(-tasks // threads) * threads
-    return max(1, min(most, max(_FEWEST_PAIRS, -(-pairs // tasks))))
+    return min(most, max(_FEWEST_PAIRS, -(-pairs // tasks)))
 
 
 # -- on the client ----------------------------------------------------------------

@@ -179,7 +179,8 @@ class Features:
 
     Given a ``load`` that makes its grey pixels again, it can let go of them
     (:meth:`shed_pixels`): most of its memory, and needed only where a
-    pair's features agree on a transform (:func:`align`).
+    pair's features agree on a transform or call for the second look
+    (:func:`align`).
     """
 
     _grey: np.ndarray | None  # uint8, longer side SIDE (``grey``)

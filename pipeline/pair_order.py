@@ -1,14 +1,14 @@
 """An order of candidate pairs in which consecutive pairs share their images.
 
 The geometric check of `imgindex duplicates` reads each image of a pair and
-finds its features (2-4 ms, about half an unrelated pair's cost); a task of
-consecutive pairs keeps the features of the last images it read. Pairs
-sorted by path put an image's pairs together where it comes first, but its
-neighbours' other pairs anywhere: the 36,432 candidate pairs of 2,900
-generated photos read 34,290 images in tasks of 500 pairs. Breadth first
-over the graph of pairs, each pair placed when its later image is reached,
-keeps a neighbourhood's pairs together: 22,679 reads, 0.87 x the time
-(bench/pair_order.py).
+finds its features (8-12 ms on this project's VM, most of an unrelated
+pair's cost); a task of consecutive pairs keeps the features of the last
+images it read. Pairs sorted by path put an image's pairs together where it
+comes first, but its neighbours' other pairs anywhere: the 36,496 candidate
+pairs of 2,900 generated photos read 34,417 images in tasks of 500 pairs
+keeping 256 images. Breadth first over the graph of pairs, each pair placed
+when its later image is reached, keeps a neighbourhood's pairs together:
+22,783 reads in the same tasks, 0.84 x the time (bench/pair_order.py).
 """
 
 from __future__ import annotations
