@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -204,6 +205,47 @@ def test_interrupted_build_says_so_in_one_line_and_resumes(
     (summary,) = json.loads(result.stdout)["datasets"]
     assert summary["resumed_images"] >= 16
     assert summary["indexed"] == 160
+
+
+_SIGNAL_IN_A_FINALIZER = """
+import os, signal, sys, time
+from imgindex.cli.group import sigterm_as_interrupt
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        time.sleep(0.5)  # the signal's exception is raised in here
+
+@sigterm_as_interrupt
+def command(then):
+    Finalized()  # collected at once: its __del__ runs here
+    if then == "works on":
+        for _ in range(200):
+            time.sleep(0.05)
+    return "ran to the end"
+
+try:
+    print(command(sys.argv[2]))
+except KeyboardInterrupt as e:
+    print("interrupted by", e)
+"""
+
+
+@pytest.mark.parametrize("then", ["works on", "returns"])
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_swallowed_by_a_finalizer_still_interrupts(signame, then):
+    """Raised inside a ``__del__`` (distributed's Future has one), a signal's
+    KeyboardInterrupt is only printed as "Exception ignored": a scancel'd build
+    once ran to its end and exited 0. It is raised again after the finalizer,
+    or when the command returns, whichever comes first."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_IN_A_FINALIZER, signame, then],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.stdout == f"interrupted by {signame}\n", result.stderr
+    assert time.monotonic() - started < 8  # not after the 10 s of work
+    assert "Exception ignored" not in result.stderr, result.stderr
 
 
 def test_status_notices_a_build_that_was_killed(process_cluster, photos, tmp_path):

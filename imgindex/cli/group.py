@@ -3,6 +3,7 @@ interrupted. Each command (group) has a module of its own beside this one."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -60,26 +61,77 @@ class Interrupted(click.ClickException):
 
 
 def sigterm_as_interrupt(command):
-    """SLURM's walltime and scancel send SIGTERM: treat it like Ctrl-C."""
+    """SLURM's walltime and scancel send SIGTERM: treat it like Ctrl-C, and
+    make sure either one stops the command (see `_interrupts_delivered`)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        import signal
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             return command(*args, **kwargs)
-
-        def interrupt(signum, frame):
-            raise KeyboardInterrupt(signal.Signals(signum).name)
-
-        previous = signal.signal(signal.SIGTERM, interrupt)
-        try:
+        with _interrupts_delivered():
             return command(*args, **kwargs)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+class _SignalInterrupt(KeyboardInterrupt):
+    """The KeyboardInterrupt a signal raised, named after it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _interrupts_delivered():
+    """SIGTERM and SIGINT raise KeyboardInterrupt, raised again if Python
+    swallowed it.
+
+    A signal's exception is raised wherever the main thread is; inside a
+    finalizer (distributed's ``Future.__del__`` runs all the time) Python only
+    prints "Exception ignored in" and carries on, and a scancel'd build ran to
+    its end and exited 0. Such an interrupt reaches ``sys.unraisablehook``:
+    it is sent to the main thread again, from another thread so that it is
+    raised after the finalizer, not inside the hook.
+    """
+    import _thread
+    import signal
+    import threading
+
+    swallowed: list[int] = []
+    resent: list[threading.Timer] = []
+
+    def interrupt(signum, frame):
+        swallowed.clear()
+        raise _SignalInterrupt(signum)
+
+    def unraisable(hook_args) -> None:
+        if not isinstance(hook_args.exc_value, _SignalInterrupt):
+            previous_hook(hook_args)
+            return
+        swallowed.append(hook_args.exc_value.signum)
+        resent.append(threading.Timer(0.01, _thread.interrupt_main, (swallowed[-1],)))
+        resent[-1].start()
+
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)
+    previous = {sig: signal.signal(sig, interrupt) for sig in handled}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        yield
+        if swallowed:  # the command returned before it was sent again
+            raise _SignalInterrupt(swallowed[-1])
+    finally:
+        for timer in resent:
+            timer.cancel()
+        sys.unraisablehook = previous_hook
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @click.group(
