@@ -233,7 +233,21 @@ class _RemoteSearch:
         # its check reads the same bytes again on the workers. One object
         # (the list inside the list scattered), kept whole on one worker.
         items = [(n, batch.queries[n]) for n in queries]
-        [on_workers] = self.runner.client.scatter([items], hash=False)
+        for tried in range(1, RESENDS + 2):
+            try:
+                [on_workers] = self.runner.client.scatter([items], hash=False)
+                break
+            except OSError as e:
+                # The worker chosen froze (the watchdog drops it: its
+                # connection closes) or died while the bytes were on their
+                # way; not a lost scheduler, which no second try mends.
+                if tried > RESENDS or self.runner.client.status != "running":
+                    raise
+                logger.warning(
+                    "could not send a batch of queries to the workers (%s); "
+                    "sending it again",
+                    " ".join(str(e).split())[:200],
+                )
         self.ours[on_workers.key] = (None, on_workers)
         batch.scattered.append(on_workers)
         return on_workers

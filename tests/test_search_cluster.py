@@ -179,12 +179,15 @@ def test_a_task_that_fails_on_the_cluster_is_one_error_line(
     )
 
 
-def _search_hit_on_a(dask_processes, index_dir, files, signum, **options):
+def _search_hit_on_a(
+    dask_processes, index_dir, files, signum, mid_scatter=False, **options
+):
     """Search ``files`` on two worker processes, a (no nanny to bring it
     back) and b. Every batch's bytes are put on a until, as the first results
     come in, a is sent ``signum``: the batches then in flight lose their
-    bytes or their task. (The hits, the workers' addresses, the seconds the
-    search took after the signal.)"""
+    bytes or their task. With ``mid_scatter`` it is sent as the third
+    batch's bytes are sent to it. (The hits, the workers' addresses, the
+    seconds the search took after the signal.)"""
     import os
     import signal
     import time
@@ -201,13 +204,19 @@ def _search_hit_on_a(dask_processes, index_dir, files, signum, **options):
         with dask_processes.client() as c:
             scatter = c.scatter
 
+            scattered: list[int] = []
+
             def on_a_until_signalled(data, **kwargs):
                 if not signalled:
                     kwargs["workers"] = [addresses["a"]]
+                    scattered.append(1)
+                    if mid_scatter and len(scattered) == 3:
+                        os.kill(hit, signum)
+                        signalled.append(time.monotonic())
                 return scatter(data, **kwargs)
 
             def signal_a(done, total):
-                if not signalled:
+                if not signalled and not mid_scatter:
                     os.kill(hit, signum)
                     signalled.append(time.monotonic())
 
@@ -258,9 +267,11 @@ def test_a_worker_frozen_mid_search_is_dropped_and_costs_no_query(
     files = sorted(folder.iterdir())
     with dask.config.set({"imgindex.worker-unresponsive": "3s"}):
         found, addresses, took = _search_hit_on_a(
-            dask_processes, index_dir, files, signal.SIGSTOP, k=1
+            dask_processes, index_dir, files, signal.SIGSTOP, k=1, mid_scatter=True
         )
     assert f"worker {addresses['a']} has been unresponsive" in caplog.text
+    # The bytes being sent to a as it froze wait until it is dropped, and go again.
+    assert "could not send a batch of queries to the workers" in caplog.text
     assert "task was lost with a worker" in caplog.text
     assert took < 60  # not Dask's 5 minutes
     top = [hits[0].path.rsplit("/", 1)[1] for hits in found]
