@@ -177,6 +177,35 @@ def test_lost_scheduler_is_one_line_that_says_rerun_resumes(
     assert json.loads(progress.read_text())["state"] == "failed"
 
 
+def test_lost_scheduler_mid_search_is_one_line_after_the_answers_so_far(
+    dask_processes, photos, tmp_path
+):
+    address = dask_processes.start_scheduler()
+    dask_processes.start_worker("w")
+    dask_processes.wait_for_workers(1)
+    out = tmp_path / "out"
+    built = invoke("build", photos, "--out", out, "--scheduler", address)
+    assert built.exit_code == 0, built.stderr
+    search = start_imgindex(
+        "search", out / photos.name, photos, "--jsonl", "--scheduler", address,
+        env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+    )  # fmt: skip
+    first = search.stdout.readline()
+    dask_processes.procs[0].kill()  # the scheduler
+    # Read through the pipes' buffers (communicate would skip what
+    # readline buffered); stderr is a few lines.
+    rest, err = search.stdout.read(), search.stderr.read()
+    assert search.wait(timeout=180) == 1, err
+    line = one_error_line(err)
+    assert line.startswith(f"Error: lost the scheduler {address} mid-search"), err
+    # Not told that the lost tasks were sent again: they cannot be.
+    assert "sent again" not in err, err
+    answered = [json.loads(x) for x in (first + rest).splitlines()]
+    assert 0 < len(answered) < 160
+    assert answered[0]["query"] == str(sorted(photos.iterdir())[0])
+    assert answered[0]["hits"][0]["path"].endswith(answered[0]["query"])
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_interrupted_build_says_so_in_one_line_and_resumes(
     process_cluster, photos, tmp_path, signame
