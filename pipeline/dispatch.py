@@ -545,7 +545,7 @@ class Watchdog(threading.Thread):
     def _drop(self, address: str, seconds: float) -> None:
         logger.warning(
             "worker %s has been unresponsive for %.0f s (frozen or suspended?); "
-            "removing it from the cluster so its partitions run elsewhere",
+            "removing it from the cluster so that its tasks run elsewhere",
             address,
             seconds,
         )

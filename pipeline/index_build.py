@@ -24,13 +24,14 @@ task functions run in this process.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,11 @@ class Runner:
     stage of each dataset is its own group, and so stays in its own span.
     ``on_step(stage, done, total)`` is called in this thread as each task
     finishes, so a command line or progress file can follow a long build.
+
+    While it gathers, the build's watchdog drops a worker that froze holding
+    one of its tasks or their results (SIGSTOP, a dead NFS mount), so that
+    they run elsewhere instead of waiting for Dask's worker-ttl (5 minutes);
+    ``watch=False`` where the caller keeps a watchdog of its own.
     """
 
     def __init__(
@@ -206,6 +212,7 @@ class Runner:
         retries: int = 1,
         on_step: StepCallback | None = None,
         prefix: str = "index",
+        watch: bool = True,
     ):
         from imgindex.pipeline.spans import task_label
 
@@ -219,6 +226,12 @@ class Runner:
         self._counts: dict[str, list[int]] = {}  # stage -> [done, submitted]
         self._running: dict[Any, str] = {}  # future -> stage
         self._last_step: tuple[str, int, int] | None = None
+        # Every key submitted, for the watchdog: a finished task's result on a
+        # frozen worker holds up the tasks that take it (no futures kept here,
+        # which would keep the results on the cluster).
+        self._keys: dict[str, tuple[str, None]] | None = (
+            {} if watch and client is not None else None
+        )
 
     @property
     def threads(self) -> int:
@@ -243,6 +256,8 @@ class Runner:
             retries=self.retries,
         )
         self._running[future] = stage
+        if self._keys is not None:
+            self._keys[future.key] = (stage, None)
         self._report(stage, 0)
         return future
 
@@ -252,15 +267,35 @@ class Runner:
         from distributed import as_completed
 
         wanted = list(futures)
-        # Every submitted task counts, not only those gathered: the add tasks
-        # finish long before the merge that depends on them.
-        if self._running and not all(f.done() for f in wanted):
-            for future in as_completed(list(self._running), loop=self.client.loop):
-                self._report(self._running.pop(future), 1)
-                if all(f.done() for f in wanted):
-                    break
-        self._count_finished()
-        return self.client.gather(wanted)
+        with self._watched():
+            # Every submitted task counts, not only those gathered: the add
+            # tasks finish long before the merge that depends on them.
+            if self._running and not all(f.done() for f in wanted):
+                running = as_completed(list(self._running), loop=self.client.loop)
+                for future in running:
+                    self._report(self._running.pop(future), 1)
+                    if all(f.done() for f in wanted):
+                        break
+            self._count_finished()
+            return self.client.gather(wanted)
+
+    @contextlib.contextmanager
+    def _watched(self) -> Iterator[None]:
+        if self._keys is None:
+            yield
+            return
+        from imgindex.pipeline.config import seconds_value
+        from imgindex.pipeline.dispatch import DispatchSettings, Watchdog
+
+        unresponsive = seconds_value(None, "imgindex.worker-unresponsive")
+        # No time limit: an index's train or merge task may rightly take hours.
+        settings = DispatchSettings(timeout=0, unresponsive=unresponsive)
+        watchdog = Watchdog(self.client, settings, self._keys)
+        watchdog.start()
+        try:
+            yield
+        finally:
+            watchdog.stop()
 
     def cancel_running(self) -> None:
         """Cancel the tasks submitted and not yet finished (from any thread)."""

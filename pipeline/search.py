@@ -122,7 +122,8 @@ class Searcher:
             # The workers' own device (a GPU worker's GPU), as in a build.
             self.spec = ModelSpec.from_config(meta.model, runtime=runtime)
             setup_workers(client, self.spec)
-            self.runner = Runner(client, meta.name, prefix="search")
+            # The remote search keeps its own watchdog (with time limits).
+            self.runner = Runner(client, meta.name, prefix="search", watch=False)
             return
         spec = ModelSpec.from_config(meta.model, device, runtime=runtime)
         if few_passes and spec.runtime == "auto" and not runs_from_cache(spec):
