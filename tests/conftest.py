@@ -27,6 +27,21 @@ def onnx_cache(tmp_path_factory):
         yield folder
 
 
+@pytest.fixture(autouse=True)
+def imgindex_logger_put_back():
+    """A command run in this process (``invoke``) sets the imgindex logger up
+    for a terminal: a handler of its own, its records kept from the root
+    logger, which is where caplog listens. Put back after each test, so that
+    what a test's caplog sees does not depend on the tests run before it."""
+    import logging
+
+    log = logging.getLogger("imgindex")
+    level, handlers, propagate = log.level, list(log.handlers), log.propagate
+    yield
+    log.setLevel(level)
+    log.handlers, log.propagate = handlers, propagate
+
+
 @pytest.fixture(scope="session")
 def client():
     """In-process cluster: fast, shares the test's model cache."""

@@ -186,16 +186,16 @@ def test_lost_scheduler_mid_search_is_one_line_after_the_answers_so_far(
     out = tmp_path / "out"
     built = invoke("build", photos, "--out", out, "--scheduler", address)
     assert built.exit_code == 0, built.stderr
-    search = start_imgindex(
+    with start_imgindex(
         "search", out / photos.name, photos, "--jsonl", "--scheduler", address,
         env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
-    )  # fmt: skip
-    first = search.stdout.readline()
-    dask_processes.procs[0].kill()  # the scheduler
-    # Read through the pipes' buffers (communicate would skip what
-    # readline buffered); stderr is a few lines.
-    rest, err = search.stdout.read(), search.stderr.read()
-    assert search.wait(timeout=180) == 1, err
+    ) as search:  # fmt: skip
+        first = search.stdout.readline()
+        dask_processes.procs[0].kill()  # the scheduler
+        # Read through the pipes' buffers (communicate would skip what
+        # readline buffered); stderr is a few lines.
+        rest, err = search.stdout.read(), search.stderr.read()
+    assert search.returncode == 1, err
     line = one_error_line(err)
     assert line.startswith(f"Error: lost the scheduler {address} mid-search"), err
     # Not told that the lost tasks were sent again: they cannot be.
@@ -275,6 +275,59 @@ def test_a_signal_swallowed_by_a_finalizer_still_interrupts(signame, then):
     assert result.stdout == f"interrupted by {signame}\n", result.stderr
     assert time.monotonic() - started < 8  # not after the 10 s of work
     assert "Exception ignored" not in result.stderr, result.stderr
+
+
+def test_worker_frozen_mid_duplicates_is_dropped_and_changes_nothing(
+    dask_processes, photos, tmp_path, caplog
+):
+    """The duplicate search's tasks, like a build's, are watched: a worker
+    frozen while it holds them is dropped after imgindex.worker-unresponsive,
+    not waited on for Dask's 5 minutes, and the report is the one made here."""
+    from dataclasses import replace
+
+    import imgindex
+    from imgindex.pipeline.duplicates import DuplicateSettings, find_duplicates
+
+    folder = tmp_path / "photos"
+    copy_tree(sorted(photos.iterdir())[:48], folder)
+    for n in range(0, 48, 6):  # byte-for-byte copies, each its own group
+        shutil.copy(folder / f"img{n:05d}.jpg", folder / f"copy{n:05d}.jpg")
+    out = tmp_path / "out"
+    dask_processes.start_scheduler()
+    dask_processes.start_worker("a", extra=("--no-nanny",))
+    dask_processes.start_worker("b")
+    addresses = dask_processes.wait_for_workers(2)
+    frozen = dask_processes.worker_pids()["a"]
+    with dask_processes.client() as c:
+        imgindex.build(folder, out, client=c, partition_size=4, progress=False)
+    # A task for each shard's rows, so that worker a holds some of them.
+    settings = replace(DuplicateSettings.from_config(), rows_per_task=4)
+    here = find_duplicates(out / "photos", settings)
+    assert len(here.groups) == 8
+
+    signalled: list[float] = []
+
+    def freeze_a(stage: str, done: int, total: int) -> None:
+        if done and not signalled:
+            os.kill(frozen, signal.SIGSTOP)
+            signalled.append(time.monotonic())
+
+    try:
+        with (
+            dask.config.set({"imgindex.worker-unresponsive": "3s"}),
+            dask_processes.client() as c,
+        ):
+            there = find_duplicates(out / "photos", settings, c, on_step=freeze_a)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert signalled
+    assert time.monotonic() - signalled[0] < 60  # not Dask's 5 minutes
+    assert f"worker {addresses['a']} has been unresponsive" in caplog.text
+    timings = {"seconds", "stage_seconds"}
+    assert {k: v for k, v in there.totals().items() if k not in timings} == {
+        k: v for k, v in here.totals().items() if k not in timings
+    }
+    assert [g.to_json() for g in there.groups] == [g.to_json() for g in here.groups]
 
 
 def test_status_notices_a_build_that_was_killed(process_cluster, photos, tmp_path):
