@@ -215,6 +215,14 @@ class DaskProcesses:
         self.procs.append(proc)
         return proc
 
+    def start_cluster(self, *workers: str) -> str:
+        """A scheduler and the named workers, once they are all up: its address."""
+        address = self.start_scheduler()
+        for name in workers:
+            self.start_worker(name)
+        self.wait_for_workers(len(workers))
+        return address
+
     def start_scheduler(self, *extra: str) -> str:
         """Start `dask scheduler` (``extra``: more of its flags, e.g. TLS) and
         return its address once the scheduler file is whole."""

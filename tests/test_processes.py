@@ -159,9 +159,7 @@ def test_doctor_names_a_frozen_worker_instead_of_hanging(dask_processes):
 def test_lost_scheduler_is_one_line_that_says_rerun_resumes(
     dask_processes, photos, tmp_path
 ):
-    address = dask_processes.start_scheduler()
-    dask_processes.start_worker("w")
-    dask_processes.wait_for_workers(1)
+    address = dask_processes.start_cluster("w")
     progress = tmp_path / "progress.json"
     build = start_imgindex(
         "build", photos, "--out", tmp_path / "out", "--scheduler", address,
@@ -180,9 +178,7 @@ def test_lost_scheduler_is_one_line_that_says_rerun_resumes(
 def test_lost_scheduler_mid_search_is_one_line_after_the_answers_so_far(
     dask_processes, photos, tmp_path
 ):
-    address = dask_processes.start_scheduler()
-    dask_processes.start_worker("w")
-    dask_processes.wait_for_workers(1)
+    address = dask_processes.start_cluster("w")
     out = tmp_path / "out"
     built = invoke("build", photos, "--out", out, "--scheduler", address)
     assert built.exit_code == 0, built.stderr
