@@ -42,6 +42,7 @@ from imgindex.pipeline import index as fx
 from imgindex.pipeline.atomic import atomic_file, atomic_path, fsync_path
 from imgindex.pipeline.cancel import cancel_futures
 from imgindex.pipeline.copies import COPIES_FILE, Copies, DistinctAdder, folder_copies
+from imgindex.pipeline.errors import ImgindexError
 from imgindex.pipeline.index_policy import IndexChoice
 from imgindex.pipeline.shards import open_npz, traits_member
 
@@ -187,6 +188,14 @@ class Append:
     copies: np.ndarray | None = None  # a graph's copies table so far
 
 
+# What a Runner's tasks do, by their keys' prefix, for its error lines.
+_DOING = {
+    "index": "building the index",
+    "duplicates": "looking for duplicates",
+    "search": "searching",
+}
+
+
 class Runner:
     """Runs index tasks on a Dask cluster, or here when there is none.
 
@@ -265,19 +274,34 @@ class Runner:
         if self.client is None:
             return [f.result() for f in futures]
         from distributed import as_completed
+        from distributed.client import FutureCancelledError
 
         wanted = list(futures)
         with self._watched():
-            # Every submitted task counts, not only those gathered: the add
-            # tasks finish long before the merge that depends on them.
-            if self._running and not all(f.done() for f in wanted):
-                running = as_completed(list(self._running), loop=self.client.loop)
-                for future in running:
-                    self._report(self._running.pop(future), 1)
-                    if all(f.done() for f in wanted):
-                        break
-            self._count_finished()
-            return self.client.gather(wanted)
+            try:
+                # Every submitted task counts, not only those gathered: the
+                # add tasks finish long before the merge that depends on them.
+                if self._running and not all(f.done() for f in wanted):
+                    running = as_completed(list(self._running), loop=self.client.loop)
+                    for future in running:
+                        self._report(self._running.pop(future), 1)
+                        if all(f.done() for f in wanted):
+                            break
+                self._count_finished()
+                return self.client.gather(wanted)
+            except (FutureCancelledError, OSError) as e:
+                # The first is a BaseException: a traceback, were it let out.
+                if self.client.status != "running":
+                    raise self.lost_scheduler() from e
+                raise
+
+    def lost_scheduler(self) -> ImgindexError:
+        """The one line for a scheduler lost while this ran its tasks."""
+        doing = _DOING.get(self.prefix, f"running {self.prefix} tasks")
+        return ImgindexError(
+            f"lost the scheduler {self.client.scheduler.address} while {doing} "
+            f"({self.label}); once the cluster is back, run the same command again"
+        )
 
     @contextlib.contextmanager
     def _watched(self) -> Iterator[None]:

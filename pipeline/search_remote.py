@@ -241,7 +241,7 @@ class _RemoteSearch:
                 # The worker chosen froze (the watchdog drops it: its
                 # connection closes) or died while the bytes were on their way.
                 if self.runner.client.status != "running":
-                    raise self.lost_scheduler() from e
+                    raise self.runner.lost_scheduler() from e
                 if tried > RESENDS:
                     raise
                 logger.warning(
@@ -263,7 +263,7 @@ class _RemoteSearch:
             result = _result(self.runner, future, task.stage)
         except _Lost as lost:
             if self.runner.client.status != "running":
-                raise self.lost_scheduler() from lost
+                raise self.runner.lost_scheduler() from lost
             if future.key in self.watchdog.timed_out:
                 self.watchdog.wait_restarted(future.key)
                 self.timed_out(task, limit)
@@ -274,12 +274,6 @@ class _RemoteSearch:
             self.embedded(task, result)
         else:
             self.done(task.start, with_kinds(task.found, result))
-
-    def lost_scheduler(self) -> ImgindexError:
-        return ImgindexError(
-            f"lost the scheduler {self.runner.client.scheduler.address} "
-            "mid-search; once the cluster is back, search again"
-        )
 
     def resend(self, task: _Task, lost: str) -> None:
         """A task again, its bytes scattered again: they, or the task, went

@@ -193,7 +193,7 @@ def test_lost_scheduler_mid_search_is_one_line_after_the_answers_so_far(
         rest, err = search.stdout.read(), search.stderr.read()
     assert search.returncode == 1, err
     line = one_error_line(err)
-    assert line.startswith(f"Error: lost the scheduler {address} mid-search"), err
+    assert line.startswith(f"Error: lost the scheduler {address} while searching")
     # Not told that the lost tasks were sent again: they cannot be.
     assert "sent again" not in err, err
     answered = [json.loads(x) for x in (first + rest).splitlines()]
@@ -271,6 +271,35 @@ def test_a_signal_swallowed_by_a_finalizer_still_interrupts(signame, then):
     assert result.stdout == f"interrupted by {signame}\n", result.stderr
     assert time.monotonic() - started < 8  # not after the 10 s of work
     assert "Exception ignored" not in result.stderr, result.stderr
+
+
+def test_lost_scheduler_mid_duplicates_is_one_error_not_a_traceback(
+    dask_processes, photos, tmp_path
+):
+    """Dask cancels every future when its client loses the scheduler: a
+    BaseException, which the command line would have shown as a traceback."""
+    import imgindex
+    from imgindex.pipeline.duplicates import find_duplicates
+    from imgindex.pipeline.errors import ImgindexError
+
+    address = dask_processes.start_cluster("w")
+    with (
+        dask.config.set({"distributed.comm.timeouts.connect": "3s"}),
+        dask_processes.client() as c,
+    ):
+        imgindex.build(photos, tmp_path / "out", client=c, progress=False)
+
+        def kill_scheduler(stage: str, done: int, total: int) -> None:
+            if stage == "neighbours" and done == 0:
+                dask_processes.procs[0].kill()
+
+        with pytest.raises(ImgindexError) as caught:
+            find_duplicates(
+                tmp_path / "out" / photos.name, client=c, on_step=kill_scheduler
+            )
+    assert str(caught.value).startswith(
+        f"lost the scheduler {address} while looking for duplicates (photos); "
+    )
 
 
 def test_worker_frozen_mid_duplicates_is_dropped_and_changes_nothing(
