@@ -446,12 +446,18 @@ def test_an_upload_claiming_billions_of_pixels_is_refused_unread(beach):
 def test_health_answers_while_fifty_searches_wait(beach, photo_sets):
     """The loop is never blocked: /health is answered while many searches
     (each an embedding in the one model thread) are still waiting."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     upload = photo_sets["beach"][3].read_bytes()
     finished: list[tuple[str, int]] = []  # (what, status) in the order answered
+    # All 50 sent at once, as the first /health is: on a fast machine half
+    # of them once finished while the pool was still starting the rest, and
+    # no /health was sent at all.
+    together = threading.Barrier(51, timeout=60)
 
     def search() -> None:
+        together.wait()
         r = beach.request(
             "POST",
             "/api/indexes/beach/search",
@@ -464,7 +470,10 @@ def test_health_answers_while_fifty_searches_wait(beach, photo_sets):
     waited: list[tuple[int, int]] = []
     with ThreadPoolExecutor(50) as pool:
         searches = [pool.submit(search) for _ in range(50)]
-        while (before := sum(f.done() for f in searches)) < 25:  # half waiting
+        together.wait()
+        before = 0
+        while before < 25:  # while half of them wait, and at least once
+            before = sum(f.done() for f in searches)
             r = beach.request("GET", "/health", auth=False)
             finished.append(("health", r.status_code))
             waited.append((sum(f.done() for f in searches) - before, 50 - before))
