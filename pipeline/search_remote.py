@@ -262,8 +262,6 @@ class _RemoteSearch:
         try:
             result = _result(self.runner, future, task.stage)
         except _Lost as lost:
-            if self.runner.client.status != "running":
-                raise self.runner.lost_scheduler() from lost
             if future.key in self.watchdog.timed_out:
                 self.watchdog.wait_restarted(future.key)
                 self.timed_out(task, limit)
