@@ -54,9 +54,9 @@ class Build:
         return self.thread is not None and self.thread.is_alive()
 
     def to_json(self) -> dict[str, Any]:
-        """The progress file's JSON, plus the build's id and summaries, with
-        no address of the cluster in it (see :func:`withhold_addresses`)."""
-        return withhold_addresses(
+        """The progress file's JSON, plus the build's id and summaries,
+        worded for the service's clients (see :func:`for_clients`)."""
+        return for_clients(
             self.progress.snapshot()
             | {
                 "id": self.id,
@@ -68,24 +68,31 @@ class Build:
 
 
 _ADDRESS = re.compile(r"\b(?:tcp|tls|ucx|inproc|ws|wss)://[^\s'\",;)\]]+")
+# The pipeline words its advice for the command line; a build the API
+# started is started again through the API.
+_AGAIN = re.compile(r"\brun the same command again\b")
 
 
-def withhold_addresses(data: Any) -> Any:
-    """``data`` with every Dask address in its texts replaced: the service's
-    clients are shown what a build did, never where its cluster listens."""
+def for_clients(data: Any) -> Any:
+    """``data`` as the service's clients see it: every Dask address in its
+    texts withheld (they are shown what a build did, never where its cluster
+    listens), and "run the same command again" said as "start the same
+    build again"."""
     if isinstance(data, str):
-        return _ADDRESS.sub("<address withheld>", data)
+        return _AGAIN.sub(
+            "start the same build again", _ADDRESS.sub("<address withheld>", data)
+        )
     if isinstance(data, dict):
-        return {withhold_addresses(k): withhold_addresses(v) for k, v in data.items()}
+        return {for_clients(k): for_clients(v) for k, v in data.items()}
     if isinstance(data, list | tuple):
-        return [withhold_addresses(v) for v in data]
+        return [for_clients(v) for v in data]
     return data
 
 
 def public_cluster(conn: Any) -> dict[str, Any]:
     """The connection's ``build --json`` cluster, as the service's clients
     see it: no ``address`` key, and no address in its texts."""
-    report = withhold_addresses(conn.to_json())
+    report = for_clients(conn.to_json())
     del report["address"]
     return report
 

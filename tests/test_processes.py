@@ -202,6 +202,51 @@ def test_lost_scheduler_mid_search_is_one_line_after_the_answers_so_far(
     assert answered[0]["hits"][0]["path"].endswith(answered[0]["query"])
 
 
+def test_a_service_outlives_its_lost_scheduler_and_builds_on_its_return(
+    dask_processes, photos, tmp_path
+):
+    from tests.helpers import RunningService
+
+    address = dask_processes.start_cluster("w")
+    datasets = tmp_path / "datasets"
+    copy_tree(sorted(photos.iterdir()), datasets / "photos")
+    service = RunningService(
+        tmp_path / "indexes", datasets, "t0ken", "--scheduler", address,
+        env={"DASK_IMGINDEX__PARTITION_SIZE": "8",
+             "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+    )  # fmt: skip
+    try:
+        first = service.build("photos")
+        service.wait(first["id"], until=lambda s: s["datasets"][0]["done"] >= 16)
+        dask_processes.procs[0].kill()  # the scheduler
+        lost = service.wait(first["id"], timeout=120)
+        assert lost["state"] == "failed", lost
+        assert service.process.poll() is None
+        assert service.request("GET", "/health").status_code == 200
+        # One line, for the API's clients: no traceback, no address.
+        (dataset,) = lost["datasets"]
+        error = dataset["error"]
+        assert error.startswith("lost the scheduler <address withheld> while"), error
+        assert "start the same build again to resume" in error, error
+        assert "command" not in error and lost["summaries"][0]["error"] == error
+        assert "\n" not in error and "Traceback" not in "".join(service.log)
+        # The cluster comes back where it was: the next build uses it, and
+        # resumes from the partitions the first one saved.
+        dask_processes.scheduler_file.unlink()  # left by the killed scheduler
+        dask_processes.start_scheduler("--port", address.rsplit(":", 1)[1])
+        dask_processes.start_worker("w2")
+        dask_processes.wait_for_workers(1)
+        again = service.wait(service.build("photos")["id"])
+        assert again["state"] == "finished", again
+        (summary,) = again["summaries"]
+        assert summary["indexed"] == 160 and summary["failed"] == []
+        assert 0 < summary["resumed_images"] < 160, summary
+        stored = read_index(tmp_path / "indexes" / "photos")
+        assert len({r.path for r in stored.manifest}) == stored.index.ntotal == 160
+    finally:
+        service.stop()
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_interrupted_build_says_so_in_one_line_and_resumes(
     process_cluster, photos, tmp_path, signame
