@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -204,7 +205,6 @@ class DaskProcesses:
         return tails
 
     def _spawn(self, args: list[str], name: str):
-        import subprocess
 
         env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "info"}
         # The child writes to its own copy of the descriptor: ours is closed.
@@ -322,10 +322,13 @@ class DaskProcesses:
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
+        # One deadline for all: they close in about a second, but a worker
+        # that was frozen and dropped ignores SIGTERM (each once cost 15 s).
+        deadline = time.monotonic() + 5
         for proc in self.procs:
             try:
-                proc.wait(timeout=15)
-            except Exception:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
 
