@@ -205,7 +205,6 @@ class DaskProcesses:
         return tails
 
     def _spawn(self, args: list[str], name: str):
-
         env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "info"}
         # The child writes to its own copy of the descriptor: ours is closed.
         with open(self.folder / f"{name}.log", "wb") as log:
