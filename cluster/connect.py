@@ -32,6 +32,9 @@ class Connection:
     job_logs: str = ""  # where batch jobs write their logs (--jobqueue)
     most_workers: int = 0
     owned: bool = True  # False: the caller's client, left open
+    # A LocalCluster started because the configured scheduler could not be
+    # used (a long-lived caller, the service, tries that scheduler again).
+    fell_back: bool = False
 
     def close(self) -> None:
         if not self.owned:
@@ -365,7 +368,9 @@ def _fall_back(
     logger.warning(
         "falling back to a LocalCluster (%s from %s)", problem, target.source
     )
-    return start_local(reason)
+    conn = start_local(reason)
+    conn.fell_back = True
+    return conn
 
 
 def start_local_early(

@@ -124,7 +124,7 @@ class ServiceSettings:
 class Service:
     """What the handlers share: the indexes, the builds, the metrics, the pools."""
 
-    def __init__(self, settings: ServiceSettings, connect: Callable[[], Any]):
+    def __init__(self, settings: ServiceSettings, connect: Callable[[bool], Any]):
         self.settings = settings
         self.access = Access(settings.token)
         self.catalog = Catalog(settings.index_root, settings.device)

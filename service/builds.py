@@ -48,6 +48,7 @@ class Build:
     cancel: Cancel = field(default_factory=Cancel)
     summaries: list[dict[str, Any]] = field(default_factory=list)
     thread: threading.Thread | None = None
+    conn: Any = None  # the cluster's connection while it runs on one
 
     @property
     def running(self) -> bool:
@@ -109,13 +110,18 @@ def _numbered_workers(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 class Builds:
-    """Starts, lists and cancels builds of folders under ``dataset_roots``."""
+    """Starts, lists and cancels builds of folders under ``dataset_roots``.
+
+    ``connect(fallback)`` obtains the cluster as `imgindex build` does; with
+    ``fallback`` False it raises SchedulerUnreachable rather than start a
+    LocalCluster.
+    """
 
     def __init__(
         self,
         out: Path,
         dataset_roots: Sequence[Path],
-        connect: Callable[[], Any],
+        connect: Callable[[bool], Any],
         max_running: int = 4,
         on_state: Callable[[str], None] | None = None,
     ):
@@ -127,6 +133,7 @@ class Builds:
         self._builds: dict[str, Build] = {}
         self._lock = threading.Lock()
         self._conn: Any = None
+        self._let_go: list[Any] = []  # connections replaced, builds still on them
         self._conn_lock = threading.Lock()
 
     @property
@@ -275,20 +282,58 @@ class Builds:
         for build in self.list():
             if build.thread is not None:
                 build.thread.join(max(0.0, deadline - time.monotonic()))
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in [*self._let_go, self._conn]:
+            if conn is not None:
+                conn.close()
+        self._conn, self._let_go = None, []
 
     def _forget_old(self) -> None:
         finished = [k for k, b in self._builds.items() if not b.running]
         for key in finished[: max(0, len(finished) - KEPT_FINISHED)]:
             del self._builds[key]
 
-    def _connection(self) -> Any:
+    def _connection(self, build: Build) -> Any:
+        """The cluster for ``build``: the one held, unless it is lost, or a
+        LocalCluster fallen back to while the configured scheduler can be
+        used again (else the service would build on this machine for the
+        rest of its life after one outage). One let go is closed once the
+        last build on it ends."""
+        from imgindex.pipeline.errors import SchedulerUnreachable
+
         with self._conn_lock:
-            if self._conn is None or self._conn.client.status != "running":
-                self._conn = self._connect()
-            return self._conn
+            held = self._conn
+            if held is not None and held.client.status == "running":
+                if not held.fell_back:
+                    build.conn = held
+                    return held
+                try:
+                    fresh = self._connect(False)
+                except SchedulerUnreachable:
+                    build.conn = held  # still unreachable
+                    return held
+                logger.warning(
+                    "the configured scheduler can be used again: builds run on "
+                    "it from now on, not on the LocalCluster fallen back to"
+                )
+            else:
+                fresh = self._connect(True)
+            if held is not None:
+                self._let_go.append(held)
+            self._conn = build.conn = fresh
+        return fresh
+
+    def _release(self, build: Build) -> None:
+        """``build`` is over: close the clusters let go that no build uses."""
+        with self._conn_lock:
+            build.conn = None
+            used = {id(b.conn) for b in self.list() if b.conn is not None}
+            unused = [c for c in self._let_go if id(c) not in used]
+            self._let_go = [c for c in self._let_go if id(c) in used]
+        for conn in unused:
+            try:
+                conn.close()
+            except Exception as e:  # a lost scheduler's client closes noisily
+                logger.info("closing a cluster let go: %s", e)
 
     def _run(self, build: Build) -> None:
         from imgindex.cluster.shared import workers_without
@@ -316,7 +361,7 @@ class Builds:
             )
             client, blind = None, []
             if needs_cluster(planned):
-                conn = self._connection()
+                conn = self._connection(build)
                 progress.set_cluster(public_cluster(conn))
                 build.cancel.check()
                 setup_workers(conn.client, spec)
@@ -349,6 +394,7 @@ class Builds:
             for p in planned:  # the locks of those it did not reach
                 if isinstance(p, PlannedBuild):
                     p.close()
+            self._release(build)
         state = progress.snapshot()["state"]
         self._on_state(state)
         logger.info("build %s %s", build.id, state)

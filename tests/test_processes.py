@@ -247,6 +247,67 @@ def test_a_service_outlives_its_lost_scheduler_and_builds_on_its_return(
         service.stop()
 
 
+def test_a_service_that_fell_back_returns_to_its_scheduler_once_it_is_up(
+    dask_processes, photos, tmp_path
+):
+    """A LocalCluster fallen back to while the scheduler was down serves the
+    builds of that outage only, not the rest of the service's life."""
+    import socket
+
+    import psutil
+
+    from tests.helpers import RunningService
+
+    def alive(procs: list) -> list:
+        return [
+            p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
+
+    with socket.socket() as s:  # a port nothing listens on (yet)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    datasets = tmp_path / "datasets"
+    copy_tree(sorted(photos.iterdir())[:12], datasets / "photos")
+    service = RunningService(
+        tmp_path / "indexes", datasets, "t0ken", "--scheduler", f"tcp://127.0.0.1:{port}",
+    )  # fmt: skip
+
+    def build_one_more(n: int) -> dict:
+        (datasets / "photos" / f"new{n}.jpg").write_bytes(
+            (photos / f"img{100 + n:05d}.jpg").read_bytes()
+        )
+        done = service.wait(service.build("photos")["id"])
+        assert done["state"] == "finished", done
+        assert done["summaries"][0]["added"] == 1, done
+        return done["cluster"]
+
+    try:
+        down = service.wait(service.build("photos")["id"])
+        assert down["state"] == "finished", down
+        assert down["cluster"]["kind"] == "local"
+        assert "connection refused" in down["cluster"]["reason"]
+        local = alive(psutil.Process(service.process.pid).children(recursive=True))
+        assert len(local) >= 2  # its two workers, and what started them
+        # Still down: the next build stays on the LocalCluster it has.
+        assert build_one_more(1)["kind"] == "local"
+        assert "".join(service.log).count("falling back to a LocalCluster") == 1
+        dask_processes.start_scheduler("--port", str(port))
+        dask_processes.start_worker("w")
+        dask_processes.wait_for_workers(1)
+        up = build_one_more(2)
+        assert up["kind"] == "remote" and up["workers"] == 1, up
+        assert "can be used again" in "".join(service.log)
+        status = service.request("GET", "/api/status").json()
+        assert status["cluster"]["kind"] == "remote"
+        # The LocalCluster, no longer used, was closed: its workers are gone.
+        deadline = time.monotonic() + 30
+        while len(alive(local)) > len(local) - 2:
+            assert time.monotonic() < deadline, f"still running: {alive(local)}"
+            time.sleep(0.2)
+    finally:
+        service.stop()
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_interrupted_build_says_so_in_one_line_and_resumes(
     process_cluster, photos, tmp_path, signame

@@ -120,7 +120,11 @@ def serve(
         raise click.UsageError(str(e)) from None
     created = _index_root_made(index_root, builds=bool(settings.dataset_roots))
     service = Service(
-        settings, lambda: connect_cluster(scheduler, scheduler_file, no_fallback)
+        settings,
+        # connect(False): the configured scheduler or an error, never a fallback
+        lambda fallback: connect_cluster(
+            scheduler, scheduler_file, no_fallback or not fallback
+        ),
     )
 
     def ready(url: str) -> None:
