@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -434,15 +435,14 @@ def build_steps(
     index = index or IndexRequest.from_config()
     # 0 (auto): the dispatcher sizes tasks for the workers' devices.
     partition_size = count_or_auto(partition_size, "imgindex.partition-size")
-    settings = DispatchSettings(
+    settings = dataclasses.replace(
+        DispatchSettings.watching(seconds_value(task_timeout, "imgindex.task-timeout")),
         retries=int(config_value(retries, "imgindex.retries")),
-        timeout=seconds_value(task_timeout, "imgindex.task-timeout"),
         tasks_per_thread=int(
             config_value(tasks_per_thread, "imgindex.tasks-per-thread")
         ),
         max_queued=int(config_value(None, "imgindex.max-queued-partitions")),
         gpu_resource=bool(config_value(gpu_resource, "imgindex.gpu-resource")),
-        unresponsive=seconds_value(None, "imgindex.worker-unresponsive"),
     )
 
     planned = planned or plan_dataset(

@@ -92,6 +92,7 @@ CHECKS: dict[str, Check] = {
     "imgindex.fallback": FLAG,
     "imgindex.call-timeout": DURATION,
     "imgindex.worker-unresponsive": DURATION,
+    "imgindex.no-workers-timeout": DURATION,
     "imgindex.jobqueue.jobs": _whole(1),
     "imgindex.jobqueue.queue-wait": DURATION,
     "imgindex.local.n-workers": _whole(1, none="one per core"),

@@ -35,6 +35,11 @@ What can go wrong, and what happens:
   watchdog removes a worker silent for ``imgindex.worker-unresponsive`` while
   it holds our tasks (running, queued there, or finished and not yet
   collected), and Dask reschedules them; nothing is split or failed;
+- every worker leaves (their batch jobs reached their walltime, someone
+  stopped them): Dask would hold the tasks for ever, and the build would
+  wait without a word. The watchdog says so once none has been there for
+  _NO_WORKERS_GRACE, and the build stops with one line after
+  ``imgindex.no-workers-timeout``, unless a worker joins first;
 - the scheduler is lost: the build stops with one line; re-running resumes.
 """
 
@@ -96,6 +101,20 @@ class DispatchSettings:
     max_queued: int = 200_000
     gpu_resource: bool = False  # tasks need the worker resource GPU=1
     unresponsive: float = 60.0  # seconds without a heartbeat: a worker is dropped
+    # seconds our tasks may wait on a cluster with no worker; <= 0: for ever
+    no_workers: float = 600.0
+
+    @classmethod
+    def watching(cls, timeout: float) -> DispatchSettings:
+        """The watchdog's settings as configured, with tasks limited to
+        ``timeout`` seconds (<= 0: no limit)."""
+        from imgindex.pipeline.config import seconds_value
+
+        return cls(
+            timeout=timeout,
+            unresponsive=seconds_value(None, "imgindex.worker-unresponsive"),
+            no_workers=seconds_value(None, "imgindex.no-workers-timeout"),
+        )
 
 
 class PartitionDispatcher:
@@ -231,7 +250,9 @@ class PartitionDispatcher:
         self._queue = list(reversed(partitions))
         self._in_flight: dict[str, tuple[Partition, object]] = {}  # key -> part, fut
         self._ac = as_completed(loop=self.client.loop)
-        self._watchdog = Watchdog(self.client, self.settings, self._in_flight)
+        self._watchdog = Watchdog(
+            self.client, self.settings, self._in_flight, self._cancel_in_flight
+        )
         self._window_size = self._window(len(partitions))
         # Single images whose worker died while they were queued or running
         # beside another task: Dask cannot tell which of them killed it, so
@@ -266,6 +287,8 @@ class PartitionDispatcher:
                 self.cancel.check()
                 for fut in self._ac:
                     self.cancel.check()
+                    if self._watchdog.no_workers_for is not None:
+                        raise self._no_workers(self._watchdog.no_workers_for)
                     # Kept in flight while its result is fetched: should its
                     # worker freeze now, the watchdog sees it holds ours.
                     part, _ = self._in_flight[fut.key]
@@ -288,13 +311,16 @@ class PartitionDispatcher:
 
     def abandon(self) -> None:
         """Cancel every partition submitted and not yet collected (any thread)."""
+        self._cancel_in_flight()
+        self._watchdog.stop()
+
+    def _cancel_in_flight(self) -> None:
         # list() of a dict's values runs without giving up the GIL, so the
         # loop in collect() cannot change _in_flight halfway through it.
         futures = [f for _, f in list(self._in_flight.values())]
         with contextlib.suppress(Exception):
             if self.client.status == "running":
                 cancel_futures(self.client, futures)
-        self._watchdog.stop()
 
     def _abandoned(self, e: BaseException) -> BaseException:
         """What to raise for ``e``, once no task of ours is left on the cluster.
@@ -382,6 +408,14 @@ class PartitionDispatcher:
             "the cluster is back, run the same command again to resume"
         )
 
+    def _no_workers(self, seconds: float) -> BuildFailed:
+        return BuildFailed(
+            f"no worker has been on the cluster for {seconds:.0f} s "
+            f"(imgindex.no-workers-timeout) while embedding {self.label}; "
+            "finished partitions were saved: once workers are back, run the "
+            "same command again to resume"
+        )
+
     def _failed(self, part: Partition, reason: str) -> PartitionResult:
         return PartitionResult(
             ids=np.zeros(0, np.int64),
@@ -459,8 +493,15 @@ class PartitionDispatcher:
         return pack_records(part)
 
 
+# Seconds without a worker before the watchdog says so: a lone worker that
+# it restarts (a task past its limit) is away for a few.
+_NO_WORKERS_GRACE = 10.0
+
+
 class Watchdog(threading.Thread):
-    """Cancel partitions running past the limit; drop workers that went silent.
+    """Cancel partitions running past the limit; drop workers that went silent;
+    give up on a cluster left with no worker (``on_no_workers`` is called
+    once, to cancel what waits, and ``no_workers_for`` says how long).
 
     Dask cannot interrupt a running thread; restarting the worker process is
     the only way to get its slot back. ``in_flight`` maps each key of ours
@@ -469,11 +510,23 @@ class Watchdog(threading.Thread):
     ``settings.timeout`` (a search's check task is given more for more hits).
     """
 
-    def __init__(self, client, settings: DispatchSettings, in_flight: dict):
+    def __init__(
+        self,
+        client,
+        settings: DispatchSettings,
+        in_flight: dict,
+        on_no_workers: Callable[[], None] | None = None,
+    ):
         super().__init__(name="imgindex-watchdog", daemon=True)
         self.client = client
         self.limit = settings.timeout
         self.unresponsive = settings.unresponsive
+        self.no_workers = settings.no_workers
+        self.on_no_workers = on_no_workers
+        # The seconds without a worker after which this gave up; else None.
+        self.no_workers_for: float | None = None
+        self._none_since: float | None = None
+        self._said_none = False
         self.in_flight = in_flight
         self.limits: dict[str, float] = {}
         self.timed_out: set[str] = set()
@@ -514,6 +567,7 @@ class Watchdog(threading.Thread):
             self.check(state, time.monotonic())
 
     def check(self, state: dict, now: float) -> None:
+        self._check_workers_left(state["workers"], now)
         silent: dict[str, float] = state["silent"]
         processing, holding = state["processing"], state["holding"]
         for address, seconds in silent.items():
@@ -541,6 +595,28 @@ class Watchdog(threading.Thread):
                 now - self._expired_at.get(key, -1e9) > limit
             ):
                 self._expire(key, address, now - started, limit)
+
+    def _check_workers_left(self, workers: int, now: float) -> None:
+        if workers or not self.in_flight:
+            if self._said_none:
+                logger.warning("a worker joined the cluster; going on")
+            self._none_since, self._said_none = None, False
+            return
+        if self._none_since is None:
+            self._none_since = now
+        gone = now - self._none_since
+        if gone >= _NO_WORKERS_GRACE and not self._said_none:
+            self._said_none = True
+            logger.warning(
+                "no worker is left on the cluster (batch jobs ended? workers "
+                "stopped?); waiting %s for one to join "
+                "(imgindex.no-workers-timeout)",
+                f"up to {self.no_workers:g} s" if self.no_workers > 0 else "for ever",
+            )
+        if 0 < self.no_workers <= gone and self.no_workers_for is None:
+            self.no_workers_for = self.no_workers  # as configured: the message's
+            if self.on_no_workers is not None:
+                self.on_no_workers()
 
     def _drop(self, address: str, seconds: float) -> None:
         logger.warning(
@@ -605,6 +681,7 @@ def _scheduler_state_fn(hold_after: float):
         t = now()
         workers = dask_scheduler.workers.values()
         return {
+            "workers": len(workers),
             # Which tasks run where; the durations beside them come from
             # heartbeats, so the watchdog keeps its own clock instead.
             "executing": {ts.key: ws.address for ws in workers for ts in ws.executing},

@@ -241,6 +241,7 @@ class Runner:
         self._keys: dict[str, tuple[str, None]] | None = (
             {} if watch and client is not None else None
         )
+        self._watchdog: Any = None  # while gathering, where watched
 
     @property
     def threads(self) -> int:
@@ -277,7 +278,7 @@ class Runner:
         from distributed.client import FutureCancelledError
 
         wanted = list(futures)
-        with self._watched():
+        with self._watched(wanted):
             try:
                 # Every submitted task counts, not only those gathered: the
                 # add tasks finish long before the merge that depends on them.
@@ -293,6 +294,8 @@ class Runner:
                 # The first is a BaseException: a traceback, were it let out.
                 if self.client.status != "running":
                     raise self.lost_scheduler() from e
+                if self._watchdog is not None and self._watchdog.no_workers_for:
+                    raise self.no_workers(self._watchdog.no_workers_for) from e
                 raise
 
     def lost_scheduler(self) -> ImgindexError:
@@ -303,23 +306,39 @@ class Runner:
             f"({self.label}); once the cluster is back, run the same command again"
         )
 
+    def no_workers(self, seconds: float) -> ImgindexError:
+        """The one line for tasks that waited ``seconds`` on a cluster left
+        with no worker (imgindex.no-workers-timeout)."""
+        doing = _DOING.get(self.prefix, f"running {self.prefix} tasks")
+        return ImgindexError(
+            f"no worker has been on the cluster for {seconds:.0f} s "
+            f"(imgindex.no-workers-timeout) while {doing} ({self.label}); once "
+            "workers are back, run the same command again"
+        )
+
     @contextlib.contextmanager
-    def _watched(self) -> Iterator[None]:
+    def _watched(self, wanted: list) -> Iterator[None]:
         if self._keys is None:
             yield
             return
-        from imgindex.pipeline.config import seconds_value
         from imgindex.pipeline.dispatch import DispatchSettings, Watchdog
 
-        unresponsive = seconds_value(None, "imgindex.worker-unresponsive")
         # No time limit: an index's train or merge task may rightly take hours.
-        settings = DispatchSettings(timeout=0, unresponsive=unresponsive)
-        watchdog = Watchdog(self.client, settings, self._keys)
-        watchdog.start()
+        settings = DispatchSettings.watching(timeout=0)
+        # Given up on, with no worker left, the tasks wanted go too: a
+        # finished one's result went with its worker, to be made again.
+        self._watchdog = Watchdog(
+            self.client,
+            settings,
+            self._keys,
+            lambda: cancel_futures(self.client, [*wanted, *self._running]),
+        )
+        self._watchdog.start()
         try:
             yield
         finally:
-            watchdog.stop()
+            self._watchdog.stop()
+            self._watchdog = None
 
     def cancel_running(self) -> None:
         """Cancel the tasks submitted and not yet finished (from any thread)."""

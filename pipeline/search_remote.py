@@ -140,11 +140,11 @@ class _RemoteSearch:
         # cancels a task running past its limit (a hit's file on a hung
         # mount) and restarts its worker. Either way the task is sent again.
         self.ours: dict[Any, tuple[Any, Any]] = {}
-        unresponsive = seconds_value(None, "imgindex.worker-unresponsive")
         self.watchdog = Watchdog(
             self.runner.client,
-            DispatchSettings(timeout=self.limit, unresponsive=unresponsive),
+            DispatchSettings.watching(self.limit),
             self.ours,
+            self.runner.cancel_running,
         )
 
     def run(self, progress: Callable[[int, int], None] | None) -> Iterator[list[Hit]]:
@@ -259,6 +259,8 @@ class _RemoteSearch:
         self.ours.pop(future.key, None)
         limit = self.watchdog.limits.pop(future.key, self.limit)
         self.batches[task.start].tasks -= 1
+        if self.watchdog.no_workers_for is not None:
+            raise self.runner.no_workers(self.watchdog.no_workers_for)
         try:
             result = _result(self.runner, future, task.stage)
         except _Lost as lost:

@@ -175,6 +175,53 @@ def test_lost_scheduler_is_one_line_that_says_rerun_resumes(
     assert json.loads(progress.read_text())["state"] == "failed"
 
 
+def test_a_build_left_with_no_worker_waits_for_one_then_stops_in_one_line(
+    dask_processes, photos, tmp_path
+):
+    """Every worker gone (batch jobs past their walltime): the build says so
+    and waits; one that joins gets the work; left alone past
+    imgindex.no-workers-timeout, the build stops and a re-run resumes."""
+    address = dask_processes.start_scheduler()
+    first = dask_processes.start_worker("first")
+    dask_processes.wait_for_workers(1)
+    progress = tmp_path / "progress.json"
+    args = ["build", photos, "--out", tmp_path / "out", "--scheduler", address,
+            "--partition-size", "8", "--progress-file", progress]  # fmt: skip
+    build = start_imgindex(*args, env={"DASK_IMGINDEX__NO_WORKERS_TIMEOUT": "30s"})
+    try:
+        wait_for_progress(progress, 16, build)
+        first.terminate()
+        first.wait(30)
+        time.sleep(12)  # past the 10 s after which the build says so
+        done = json.loads(progress.read_text())["datasets"][0]["done"]
+        second = dask_processes.start_worker("second")
+        wait_for_progress(progress, done + 8, build)
+        second.terminate()
+        second.wait(30)
+        _, err = build.communicate(timeout=120)
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.communicate()
+    assert build.returncode == 1, err
+    assert err.count("no worker is left on the cluster") == 2, err
+    assert "waiting up to 30 s for one to join" in err
+    assert err.count("a worker joined the cluster; going on") == 1, err
+    line = one_error_line(err)
+    assert line.startswith("Error: no worker has been on the cluster for 30 s"), line
+    assert "while embedding photos" in line and "run the same command again" in line
+    state = json.loads(progress.read_text())
+    assert state["state"] == "failed" and 16 <= state["datasets"][0]["done"] < 160
+    dask_processes.start_worker("third")
+    dask_processes.wait_for_workers(1)
+    again = subprocess.run(
+        imgindex_cmd(*args[:-2], "--json"), capture_output=True, text=True, timeout=240
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["datasets"][0]["resumed_images"] >= 24
+    assert_each_photo_indexed_once(again.stdout, tmp_path / "out" / "photos")
+
+
 def test_lost_scheduler_mid_search_is_one_line_after_the_answers_so_far(
     dask_processes, photos, tmp_path
 ):
@@ -459,6 +506,46 @@ def test_worker_frozen_mid_duplicates_is_dropped_and_changes_nothing(
         k: v for k, v in here.totals().items() if k not in timings
     }
     assert [g.to_json() for g in there.groups] == [g.to_json() for g in here.groups]
+
+
+def test_duplicates_left_with_no_worker_stop_in_one_line(
+    dask_processes, photos, tmp_path, caplog
+):
+    """The index's, the search's and the duplicate search's tasks are
+    watched as a build's are: a cluster left with no worker is given up on
+    after imgindex.no-workers-timeout, in one line, not waited on for ever."""
+    from dataclasses import replace
+
+    import imgindex
+    from imgindex.pipeline.duplicates import DuplicateSettings, find_duplicates
+    from imgindex.pipeline.errors import ImgindexError
+
+    folder = copy_tree(sorted(photos.iterdir())[:24], tmp_path / "photos")
+    out = tmp_path / "out"
+    dask_processes.start_scheduler()
+    only = dask_processes.start_worker("only")
+    dask_processes.wait_for_workers(1)
+    with dask_processes.client() as c:
+        imgindex.build(folder, out, client=c, partition_size=4, progress=False)
+    settings = replace(DuplicateSettings.from_config(), rows_per_task=4)
+
+    def stop_the_worker(stage: str, done: int, total: int) -> None:
+        if done and only.poll() is None:
+            only.terminate()
+            only.wait(30)
+
+    with (
+        dask.config.set({"imgindex.no-workers-timeout": "12s"}),
+        dask_processes.client() as c,
+        pytest.raises(ImgindexError) as raised,
+    ):
+        find_duplicates(out / "photos", settings, c, on_step=stop_the_worker)
+    assert only.poll() is not None
+    assert str(raised.value).startswith(
+        "no worker has been on the cluster for 12 s (imgindex.no-workers-timeout) "
+        "while looking for duplicates (photos); once workers are back"
+    ), raised.value
+    assert "no worker is left on the cluster" in caplog.text
 
 
 def test_status_notices_a_build_that_was_killed(process_cluster, photos, tmp_path):
