@@ -233,15 +233,22 @@ class _RemoteSearch:
         # its check reads the same bytes again on the workers. One object
         # (the list inside the list scattered), kept whole on one worker.
         items = [(n, batch.queries[n]) for n in queries]
+        # With no worker on the cluster, the scheduler holds the bytes back
+        # until one joins, as long as the watchdog waits for one.
+        wait = self.watchdog.no_workers if self.watchdog.no_workers > 0 else 1e9
         for tried in range(1, RESENDS + 2):
             try:
-                [on_workers] = self.runner.client.scatter([items], hash=False)
+                [on_workers] = self.runner.client.scatter(
+                    [items], hash=False, timeout=wait
+                )
                 break
             except OSError as e:
                 # The worker chosen froze (the watchdog drops it: its
                 # connection closes) or died while the bytes were on their way.
                 if self.runner.client.status != "running":
                     raise self.runner.lost_scheduler() from e
+                if "No valid workers found" in str(e):  # distributed's words
+                    raise self.runner.no_workers(self.watchdog.no_workers) from e
                 if tried > RESENDS:
                     raise
                 logger.warning(

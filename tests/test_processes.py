@@ -355,6 +355,33 @@ def test_a_service_that_fell_back_returns_to_its_scheduler_once_it_is_up(
         service.stop()
 
 
+def test_a_search_left_with_no_worker_stops_in_one_line_after_its_answers(
+    dask_processes, photos, tmp_path
+):
+    address = dask_processes.start_scheduler()
+    only = dask_processes.start_worker("only")
+    dask_processes.wait_for_workers(1)
+    out = tmp_path / "out"
+    built = invoke("build", photos, "--out", out, "--scheduler", address)
+    assert built.exit_code == 0, built.stderr
+    with start_imgindex(
+        "search", out / photos.name, photos, "--jsonl", "--scheduler", address,
+        env={"DASK_IMGINDEX__NO_WORKERS_TIMEOUT": "12s"},
+    ) as search:  # fmt: skip
+        first = search.stdout.readline()
+        only.terminate()
+        rest, err = search.stdout.read(), search.stderr.read()
+    assert search.returncode == 1, err
+    assert "no worker is left on the cluster" in err
+    line = one_error_line(err)
+    assert line.startswith(
+        "Error: no worker has been on the cluster for 12 s "
+        f"(imgindex.no-workers-timeout) while searching ({photos.name})"
+    ), line
+    answered = [json.loads(x) for x in (first + rest).splitlines()]
+    assert 0 < len(answered) < 160
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_interrupted_build_says_so_in_one_line_and_resumes(
     process_cluster, photos, tmp_path, signame
