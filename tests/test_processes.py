@@ -222,28 +222,40 @@ def test_a_build_left_with_no_worker_waits_for_one_then_stops_in_one_line(
     assert_each_photo_indexed_once(again.stdout, tmp_path / "out" / "photos")
 
 
-def test_lost_scheduler_mid_search_is_one_line_after_the_answers_so_far(
-    dask_processes, photos, tmp_path
-):
-    address = dask_processes.start_cluster("w")
+def _search_hit_by(
+    address: str, photos: Path, tmp_path: Path, env: dict, fault
+) -> tuple[subprocess.Popen, list[dict], str]:
+    """Index ``photos`` on the cluster, search them all with ``--jsonl`` and
+    call ``fault()`` once the first answer is out: the search, its answers
+    and its stderr."""
     out = tmp_path / "out"
     built = invoke("build", photos, "--out", out, "--scheduler", address)
     assert built.exit_code == 0, built.stderr
     with start_imgindex(
         "search", out / photos.name, photos, "--jsonl", "--scheduler", address,
-        env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+        env=env,
     ) as search:  # fmt: skip
         first = search.stdout.readline()
-        dask_processes.procs[0].kill()  # the scheduler
+        fault()
         # Read through the pipes' buffers (communicate would skip what
         # readline buffered); stderr is a few lines.
         rest, err = search.stdout.read(), search.stderr.read()
+    return search, [json.loads(x) for x in (first + rest).splitlines()], err
+
+
+def test_lost_scheduler_mid_search_is_one_line_after_the_answers_so_far(
+    dask_processes, photos, tmp_path
+):
+    address = dask_processes.start_cluster("w")
+    search, answered, err = _search_hit_by(
+        address, photos, tmp_path, {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"},
+        dask_processes.procs[0].kill,  # the scheduler
+    )  # fmt: skip
     assert search.returncode == 1, err
     line = one_error_line(err)
     assert line.startswith(f"Error: lost the scheduler {address} while searching")
     # Not told that the lost tasks were sent again: they cannot be.
     assert "sent again" not in err, err
-    answered = [json.loads(x) for x in (first + rest).splitlines()]
     assert 0 < len(answered) < 160
     assert answered[0]["query"] == str(sorted(photos.iterdir())[0])
     assert answered[0]["hits"][0]["path"].endswith(answered[0]["query"])
@@ -361,16 +373,10 @@ def test_a_search_left_with_no_worker_stops_in_one_line_after_its_answers(
     address = dask_processes.start_scheduler()
     only = dask_processes.start_worker("only")
     dask_processes.wait_for_workers(1)
-    out = tmp_path / "out"
-    built = invoke("build", photos, "--out", out, "--scheduler", address)
-    assert built.exit_code == 0, built.stderr
-    with start_imgindex(
-        "search", out / photos.name, photos, "--jsonl", "--scheduler", address,
-        env={"DASK_IMGINDEX__NO_WORKERS_TIMEOUT": "12s"},
-    ) as search:  # fmt: skip
-        first = search.stdout.readline()
-        only.terminate()
-        rest, err = search.stdout.read(), search.stderr.read()
+    search, answered, err = _search_hit_by(
+        address, photos, tmp_path, {"DASK_IMGINDEX__NO_WORKERS_TIMEOUT": "12s"},
+        only.terminate,
+    )  # fmt: skip
     assert search.returncode == 1, err
     assert "no worker is left on the cluster" in err
     line = one_error_line(err)
@@ -378,7 +384,6 @@ def test_a_search_left_with_no_worker_stops_in_one_line_after_its_answers(
         "Error: no worker has been on the cluster for 12 s "
         f"(imgindex.no-workers-timeout) while searching ({photos.name})"
     ), line
-    answered = [json.loads(x) for x in (first + rest).splitlines()]
     assert 0 < len(answered) < 160
 
 
